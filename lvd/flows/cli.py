@@ -1,0 +1,45 @@
+"""The `lvd` command line.
+
+Each sub-command lives in its own module under `lvd.flows.commands`; a module exposes
+`register(subparsers)` which adds its parser and sets `func` (a callable taking the parsed
+`argparse.Namespace` and returning an exit code). Heavy imports (torch, ray, prefect) happen
+inside `func`, so `lvd --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Order is the order shown in `lvd --help`.
+COMMAND_MODULES = (
+    "demo",
+    "curate",
+    "verify",
+    "pretrain",
+    "eval",
+    "export",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lvd",
+        description="Curate web-scraped image dumps LVD-142M-style and pretrain DINOv2 on them.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(f"lvd.flows.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
