@@ -1,0 +1,245 @@
+"""Map a stage function over partitions with Ray tasks; done-markers make stages resumable.
+
+This is the only curation module that imports Ray. A stage function is a plain picklable
+callable `fn(partition) -> dict[str, pa.Table]`; each returned table is written beside the
+partition as `part-NNNNNN.parquet` (key "") or `part-NNNNNN.<key>.parquet`. The Ray task
+writes its outputs itself (temp name, then rename) so image bytes never travel back to the
+driver, and writes the partition's done-marker JSON last, atomically. A marker is the only
+proof a partition is done: a worker killed mid-write leaves at most orphaned temp files.
+
+Worker deaths (a killed process, a lost node) are retried by Ray through `max_retries`;
+exceptions raised by the stage function are not retried (they are bugs or bad config,
+and per-item problems are already rows with a reason, never exceptions).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+MARKER_SUFFIX = ".done.json"
+TMP_TAG = ".tmp-"
+
+
+class PartitionLike(Protocol):
+    """What the runner needs of a partition (see `sources.Partition`)."""
+
+    index: int
+    fingerprint: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class WholeStage:
+    """The single unit of a global stage (dedup): its outputs are named `<stem>.parquet`."""
+
+    fingerprint: str
+    stem: str
+    index: int = 0
+
+
+StageFn = Callable[[Any], dict[str, pa.Table]]
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunnerConfig:
+    """How stage work is spread over Ray.
+
+    max_retries: Ray retries of a task whose worker process or node died (not exceptions).
+    max_in_flight: tasks submitted but not finished at once; bounds driver and object-store
+        memory on big dumps. None means twice the cluster's CPUs.
+    num_cpus: CPUs reserved per task.
+    """
+
+    max_retries: int = 3
+    max_in_flight: int | None = None
+    num_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries={self.max_retries}: use 0 (no retries) or more")
+        if self.max_in_flight is not None and self.max_in_flight < 1:
+            raise ValueError(f"max_in_flight={self.max_in_flight}: use None or at least 1")
+        if self.num_cpus <= 0:
+            raise ValueError(f"num_cpus={self.num_cpus}: reserve a positive number of CPUs")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageReport:
+    """What one stage run did: partitions run now vs found done, and their markers."""
+
+    stage_dir: Path
+    ran: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    markers: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return len(self.ran) + len(self.skipped)
+
+
+def config_hash(*configs: Any) -> str:
+    """A stable short hash of dataclass configs (or JSON-able values)."""
+    payload = [asdict(c) if is_dataclass(c) else c for c in configs]
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS) if given, else start a local Ray; no-op if running."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        ray.init(address=address, log_to_driver=False)
+        return
+    # A local Ray sized to the machine (at least 1) without the dashboard keeps a
+    # 2-core laptop responsive.
+    num_cpus = num_cpus or max(1, os.cpu_count() or 1)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:06d}"
+
+
+def stem_of(partition: PartitionLike) -> str:
+    return getattr(partition, "stem", None) or part_name(partition.index)
+
+
+def marker_path(stage_dir: Path, stem: str) -> Path:
+    return stage_dir / f"{stem}{MARKER_SUFFIX}"
+
+
+def output_path(stage_dir: Path, stem: str, key: str) -> Path:
+    suffix = f".{key}.parquet" if key else ".parquet"
+    return stage_dir / f"{stem}{suffix}"
+
+
+def read_marker(stage_dir: Path, stem: str) -> dict | None:
+    try:
+        return json.loads(marker_path(stage_dir, stem).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_done(stage_dir: Path, partition: PartitionLike, cfg_hash: str) -> bool:
+    """Done = marker matching this input and config, and every output it lists present."""
+    marker = read_marker(stage_dir, stem_of(partition))
+    if marker is None:
+        return False
+    if marker.get("fingerprint") != partition.fingerprint or marker.get("config_hash") != cfg_hash:
+        return False
+    return all((stage_dir / name).exists() for name in marker.get("outputs", {}).values())
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f"{path.name}{TMP_TAG}{uuid.uuid4().hex}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_table(table: pa.Table, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}{TMP_TAG}{uuid.uuid4().hex}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def run_one(fn: StageFn, partition: PartitionLike, stage_dir: str, cfg_hash: str) -> dict:
+    """Run `fn` on one partition, write its outputs, then its marker; return the marker."""
+    out_dir = Path(stage_dir)
+    stem = stem_of(partition)
+    tables = fn(partition)
+    outputs, rows = {}, {}
+    for key, table in sorted(tables.items()):
+        path = output_path(out_dir, stem, key)
+        _write_table(table, path)
+        outputs[key or "main"] = path.name
+        rows[key or "main"] = table.num_rows
+    marker = {
+        "index": partition.index,
+        "fingerprint": partition.fingerprint,
+        "config_hash": cfg_hash,
+        "outputs": outputs,
+        "rows": rows,
+    }
+    _atomic_write_bytes(marker_path(out_dir, stem), json.dumps(marker, indent=1).encode())
+    return marker
+
+
+def remove_stale_temps(stage_dir: Path) -> int:
+    """Delete temp files left by workers killed mid-write; returns how many."""
+    stale = [p for p in stage_dir.iterdir() if TMP_TAG in p.name]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def map_partitions(
+    fn: StageFn,
+    partitions: Sequence[PartitionLike],
+    stage_dir: Path,
+    *,
+    cfg_hash: str,
+    runner: RunnerConfig = RunnerConfig(),
+    progress: ProgressFn | None = None,
+) -> StageReport:
+    """Run `fn` over every partition not already done, at most `max_in_flight` at once."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(stage_dir)
+    indices = [p.index for p in partitions]
+    if len(set(indices)) != len(indices):
+        raise ValueError("partition indices must be unique within a stage")
+    report = StageReport(stage_dir=stage_dir)
+    todo = []
+    for p in partitions:
+        if is_done(stage_dir, p, cfg_hash):
+            report.skipped.append(p.index)
+            report.markers[p.index] = read_marker(stage_dir, stem_of(p))
+        else:
+            todo.append(p)
+    done_count = len(report.skipped)
+    if progress:
+        progress(done_count, len(partitions))
+    for marker in _run_bounded(fn, todo, stage_dir, cfg_hash, runner):
+        report.ran.append(marker["index"])
+        report.markers[marker["index"]] = marker
+        done_count += 1
+        if progress:
+            progress(done_count, len(partitions))
+    report.ran.sort()
+    report.skipped.sort()
+    return report
+
+
+def _run_bounded(
+    fn: StageFn, todo: Iterable[PartitionLike], stage_dir: Path, cfg_hash: str, runner: RunnerConfig
+):
+    """Yield markers as Ray tasks finish, keeping at most `max_in_flight` submitted."""
+    remote = ray.remote(run_one).options(
+        max_retries=runner.max_retries, retry_exceptions=False, num_cpus=runner.num_cpus
+    )
+    limit = runner.max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    fn_ref = ray.put(fn)  # ship the (possibly large) stage closure once, not per task
+    pending = []
+    for partition in todo:
+        if len(pending) >= limit:
+            ready, pending = ray.wait(pending, num_returns=1)
+            yield from ray.get(ready)
+        pending.append(remote.remote(fn_ref, partition, str(stage_dir), cfg_hash))
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        yield from ray.get(ready)
