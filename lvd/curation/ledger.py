@@ -1,0 +1,219 @@
+"""Build `RUN/ledger.parquet` from the stage manifests and check the accounting invariant.
+
+The ledger has one row per input (loose file, tar member, Parquet row), sorted by `source`:
+every input is in exactly one status with its reason. Statuses so far are `accepted`,
+`duplicate` and `rejected`; later stages turn `accepted` rows into `decontaminated`,
+`unselected` or `sharded`: add them to `STATUSES` and their checks to `CHECKS`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+STATUSES = ("accepted", "duplicate", "rejected")
+LEDGER_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("uid", pa.string()),
+        ("duplicate_of", pa.string()),
+        ("distance", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+    ]
+)
+INGEST_COLUMNS = ["source", "status", "reason", "uid", "width", "height"]
+
+
+def ingest_manifests(run_dir: Path) -> list[Path]:
+    """The record files of every done ingest partition, in partition order."""
+    paths = []
+    for marker in sorted((run_dir / "ingest").glob("part-*.done.json")):
+        paths.append(run_dir / "ingest" / json.loads(marker.read_text())["outputs"]["main"])
+    return paths
+
+
+def read_ingest(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """All ingest records of a run, concatenated in partition order."""
+    paths = ingest_manifests(run_dir)
+    if not paths:
+        raise FileNotFoundError(f"no done ingest partitions under {run_dir / 'ingest'}")
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
+
+
+def read_duplicates(run_dir: Path) -> dict[str, tuple[str, str, float]]:
+    """uid -> (representative uid, method, distance) from the dedup stage."""
+    path = run_dir / "dedup" / "duplicates.parquet"
+    if not path.exists():
+        return {}
+    t = pq.read_table(path).to_pydict()
+    return {
+        u: (rep, m, float(d))
+        for u, rep, m, d in zip(t["uid"], t["duplicate_of"], t["method"], t["distance"])
+    }
+
+
+def build_ledger(run_dir: Path) -> pa.Table:
+    """One row per ingest record: near-duplicates first, then exact copies by source order."""
+    rec = read_ingest(run_dir, INGEST_COLUMNS)
+    rec = rec.sort_by([("source", "ascending")]).to_pydict()
+    near = read_duplicates(run_dir)
+    n = len(rec["source"])
+    status, reason = list(rec["status"]), list(rec["reason"])
+    dup_of: list[str | None] = [None] * n
+    distance: list[float | None] = [None] * n
+    first_of_uid: dict[str, str] = {}
+    for i in range(n):
+        if status[i] != "accepted":
+            continue
+        uid = rec["uid"][i]
+        if uid in near:  # every copy of a non-representative uid points at the representative
+            dup_of[i], reason[i], distance[i] = near[uid]
+            status[i] = "duplicate"
+        elif uid in first_of_uid:  # rows are in source order, so the first copy stays
+            status[i], reason[i], dup_of[i], distance[i] = "duplicate", "exact", uid, 0.0
+        else:
+            first_of_uid[uid] = rec["source"][i]
+    cols = dict(rec, status=status, reason=reason, duplicate_of=dup_of, distance=distance)
+    return pa.Table.from_pydict({f.name: cols[f.name] for f in LEDGER_SCHEMA}, schema=LEDGER_SCHEMA)
+
+
+def write_ledger(run_dir: Path) -> pa.Table:
+    """Build and atomically write `RUN/ledger.parquet`; returns the table."""
+    table = build_ledger(run_dir)
+    path = run_dir / "ledger.parquet"
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+    return table
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifyReport:
+    """Counts per status and reason, and every broken invariant in words."""
+
+    run_dir: Path
+    inputs: int = 0
+    by_status: dict[str, int] = field(default_factory=dict)
+    by_reason: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+@dataclass(frozen=True)
+class _Run:
+    ingest: dict[str, list]
+    ledger: dict[str, list]
+
+
+Check = Callable[[_Run], list[str]]
+
+
+def _few(items) -> str:
+    items = sorted(set(items))
+    more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+    return ", ".join(map(str, items[:3])) + more
+
+
+def check_sources(run: _Run) -> list[str]:
+    """Every ingest record appears exactly once in the ledger, and nothing else does."""
+    want, have = Counter(run.ingest["source"]), Counter(run.ledger["source"])
+    problems = []
+    if missing := want - have:
+        problems.append(f"{sum(missing.values())} inputs missing from the ledger: {_few(missing)}")
+    if extra := have - want:
+        problems.append(f"{sum(extra.values())} ledger rows match no input: {_few(extra)}")
+    if twice := [s for s, c in have.items() if c > 1]:
+        problems.append(f"{len(twice)} sources counted more than once: {_few(twice)}")
+    return problems
+
+
+def _rejection(status: str, reason: str | None) -> str | None:
+    return reason if status == "rejected" else None
+
+
+def check_statuses(run: _Run) -> list[str]:
+    """Known statuses only; rejections and their reasons agree with ingest."""
+    led = run.ledger
+    bad = [s for s in led["status"] if s not in STATUSES]
+    problems = [f"{len(bad)} rows with unknown status: {_few(bad)}"] if bad else []
+    ingest = dict(zip(run.ingest["source"], zip(run.ingest["status"], run.ingest["reason"])))
+    wrong = [
+        s
+        for s, st, r in zip(led["source"], led["status"], led["reason"])
+        if s in ingest and _rejection(st, r) != _rejection(*ingest[s])
+    ]
+    if wrong:
+        problems.append(f"{len(wrong)} rows whose rejection disagrees with ingest: {_few(wrong)}")
+    return problems
+
+
+def check_duplicates(run: _Run) -> list[str]:
+    """Each duplicate names an accepted uid and has a reason; accepted uids are unique."""
+    led = run.ledger
+    accepted = [u for u, st in zip(led["uid"], led["status"]) if st == "accepted"]
+    accepted_set = set(accepted)
+    problems = []
+    if twice := [u for u, c in Counter(accepted).items() if c > 1]:
+        problems.append(f"{len(twice)} uids accepted more than once: {_few(twice)}")
+    dangling = [
+        s
+        for s, st, d, r in zip(led["source"], led["status"], led["duplicate_of"], led["reason"])
+        if st == "duplicate" and (d not in accepted_set or not r)
+    ]
+    if dangling:
+        problems.append(f"{len(dangling)} duplicates not pointing at an accepted uid: {_few(dangling)}")
+    return problems
+
+
+# Later stages add their checks here (e.g. shard checksums against RUN/shards/manifest.parquet).
+CHECKS: list[Check] = [check_sources, check_statuses, check_duplicates]
+
+
+def verify_run(run_dir: Path | str) -> VerifyReport:
+    """Check the accounting invariant of a run: inputs = accepted + duplicate + rejected."""
+    run_dir = Path(run_dir)
+    path = run_dir / "ledger.parquet"
+    try:
+        ledger = pq.read_table(path).to_pydict()
+        ingest = read_ingest(run_dir, INGEST_COLUMNS).to_pydict()
+    except (FileNotFoundError, pa.ArrowInvalid) as e:
+        return VerifyReport(run_dir=run_dir, problems=[f"cannot read run: {e}"])
+    run = _Run(ingest=ingest, ledger=ledger)
+    problems = [p for check in CHECKS for p in check(run)]
+    by_status = Counter(ledger["status"])
+    if sum(by_status.values()) != len(ingest["source"]):
+        problems.append(
+            f"{len(ingest['source'])} inputs but {sum(by_status.values())} ledger rows"
+        )
+    by_reason = Counter(f"{st}:{r}" for st, r in zip(ledger["status"], ledger["reason"]) if r)
+    return VerifyReport(
+        run_dir=run_dir,
+        inputs=len(ingest["source"]),
+        by_status=dict(sorted(by_status.items())),
+        by_reason=dict(sorted(by_reason.items())),
+        problems=problems,
+    )
+
+
+def format_report(report: VerifyReport) -> str:
+    """A short human summary: counts per status and reason, then problems."""
+    lines = [f"run {report.run_dir}: {report.inputs} inputs"]
+    lines += [f"  {status:<10} {n}" for status, n in report.by_status.items()]
+    lines += [f"    {key:<28} {n}" for key, n in report.by_reason.items()]
+    if report.ok:
+        lines.append("OK: every input is accounted for exactly once")
+    else:
+        lines += ["BROKEN:"] + [f"  - {p}" for p in report.problems]
+    return "\n".join(lines)
