@@ -180,9 +180,15 @@ def run_one(fn: StageFn, partition: PartitionLike, stage_dir: str, cfg_hash: str
     return marker
 
 
-def remove_stale_temps(stage_dir: Path) -> int:
-    """Delete temp files left by workers killed mid-write; returns how many."""
-    stale = [p for p in stage_dir.iterdir() if TMP_TAG in p.name]
+def remove_stale(stage_dir: Path, partitions: Sequence[PartitionLike]) -> int:
+    """Delete temp files of workers killed mid-write, and markers of partitions no longer
+    planned (the input set shrank), so readers that trust markers see only this plan."""
+    current = {marker_path(stage_dir, stem_of(p)).name for p in partitions}
+    stale = [
+        p
+        for p in stage_dir.iterdir()
+        if TMP_TAG in p.name or (p.name.endswith(MARKER_SUFFIX) and p.name not in current)
+    ]
     for p in stale:
         p.unlink(missing_ok=True)
     return len(stale)
@@ -199,7 +205,7 @@ def map_partitions(
 ) -> StageReport:
     """Run `fn` over every partition not already done, at most `max_in_flight` at once."""
     stage_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(stage_dir)
+    remove_stale(stage_dir, partitions)
     indices = [p.index for p in partitions]
     if len(set(indices)) != len(indices):
         raise ValueError("partition indices must be unique within a stage")

@@ -80,6 +80,8 @@ def test_changes_rerun_only_affected_partitions(ray_local, tmp_path):
     )
     assert rep.ran == [1, 2, 3] and rep.skipped == [0]
     assert seen == [1, 2, 3, 4]
+    rn.map_partitions(squares, changed[:3], tmp_path, cfg_hash="c1")  # input set shrank
+    assert not (tmp_path / "part-000003.done.json").exists()
     assert json.loads((tmp_path / "part-000001.done.json").read_text())["fingerprint"] == "fp1-new"
     assert not (tmp_path / "part-000000.parquet.tmp-dead").exists()
     rep = rn.map_partitions(squares, changed, tmp_path, cfg_hash="c2")  # config changed
