@@ -32,13 +32,16 @@ class BackboneConfig:
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
-    def build(self):
+    def build(self, *, img_size: int = 224):
+        """The student backbone; `img_size` sets the native position-embedding grid."""
         from lvd.pretrain.models.vit import ARCHITECTURES
 
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCHITECTURES)}")
         return ARCHITECTURES[self.arch](
+            img_size=img_size,
             patch_size=self.patch_size,
+            drop_path_uniform=True,  # DINOv2 default: the same rate in every block
             num_register_tokens=self.num_register_tokens,
             drop_path_rate=self.drop_path_rate,
             layerscale_init=self.layerscale_init,
