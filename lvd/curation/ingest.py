@@ -1,0 +1,234 @@
+"""Ingest: decode, validate and hash every raw item of a partition; one record per input.
+
+Checks run cheapest first: `empty` -> `not_image` (Pillow cannot identify it among
+`IngestConfig.formats`; bytes that start with a known image signature but fail to parse are
+`corrupt` instead) -> `too_large` (pixel count from the header, before any decoding; Pillow's
+own DecompressionBombError counts too) -> `too_small` (shorter side after EXIF orientation)
+-> `unsupported_mode` -> `corrupt` (any decode failure, truncation included: Pillow's
+LOAD_TRUNCATED_IMAGES must stay False, which `ingest_item` asserts).
+
+Speed: JPEGs are decoded with Pillow's draft mode straight to a small grayscale image
+(libjpeg's DCT scaling, 1/2..1/8 size). libjpeg still entropy-decodes every scan, so a
+truncated file still fails. Other formats are decoded fully, converted to RGB (alpha composited
+on white, 16-bit scaled to 8 bits) and reduced. pHash and dHash are then computed by imagehash
+on that small image: the hash of the grayscale image that `to_rgb` would give, within a few bits
+of hashing the full-size decode.
+
+Hash bit order: imagehash's boolean array flattened row-major, first bit most significant, so
+`phash == int(str(imagehash.phash(img)), 16)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from dataclasses import dataclass
+
+import imagehash
+import numpy as np
+import pyarrow as pa
+from PIL import Image, ImageFile, ImageOps
+
+from lvd.curation.sources import Partition, RawItem, iter_items
+
+INGEST_SCHEMA = pa.schema(
+    [
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("reason", pa.string()),
+        pa.field("uid", pa.string()),
+        pa.field("format", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("nbytes", pa.int64()),
+        pa.field("phash", pa.uint64()),
+        pa.field("dhash", pa.uint64()),
+        pa.field("meta", pa.string()),
+    ]
+)
+BLOB_SCHEMA = pa.schema([pa.field("uid", pa.string(), nullable=False), pa.field("data", pa.binary(), nullable=False)])
+
+WEB_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")  # JPEG also opens MPO
+# Modes `to_rgb` knows how to turn into RGB faithfully. LAB/HSV need a colour-managed
+# conversion Pillow does not do (its LAB->RGB just relabels channels), so they are rejected.
+SUPPORTED_MODES = frozenset(
+    ["1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "RGBA", "RGBa", "LA", "La", "PA", "I", "F"]
+    + ["I;16", "I;16L", "I;16B", "I;16N"]
+)
+# File signatures: bytes starting like this are an image that failed to parse -> `corrupt`.
+_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+_ORIENTATION_TAG = 0x0112
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestConfig:
+    min_side: int = 32  # shorter side below this -> too_small
+    max_pixels: int = 89_478_485  # width*height above this -> too_large (Pillow's default bomb limit)
+    hash_size: int = 8  # imagehash hash_size; hash_size**2 bits must fit the uint64 columns
+    formats: tuple[str, ...] = WEB_FORMATS  # Pillow format ids tried when identifying bytes
+
+    def __post_init__(self) -> None:
+        if self.min_side < 1:
+            raise ValueError(f"min_side={self.min_side}: set min_side >= 1")
+        if self.max_pixels < self.min_side**2:
+            raise ValueError(f"max_pixels={self.max_pixels} is below min_side**2: raise max_pixels")
+        hard = Image.MAX_IMAGE_PIXELS
+        if hard is not None and self.max_pixels > 2 * hard:
+            raise ValueError(
+                f"max_pixels={self.max_pixels} exceeds Pillow's hard limit 2*Image.MAX_IMAGE_PIXELS="
+                f"{2 * hard}: lower max_pixels or raise PIL.Image.MAX_IMAGE_PIXELS first"
+            )
+        if not 2 <= self.hash_size <= 8:
+            raise ValueError(f"hash_size={self.hash_size}: use 2..8 so hash_size**2 bits fit in uint64")
+        Image.init()
+        unknown = [f for f in self.formats if f not in Image.ID]
+        if unknown:
+            raise ValueError(f"formats {unknown} are not Pillow format ids; choose from {sorted(Image.ID)}")
+
+
+@dataclass
+class IngestOutput:
+    records: pa.Table  # INGEST_SCHEMA, one row per input of the partition
+    blobs: pa.Table  # BLOB_SCHEMA, raw bytes of accepted images, one row per uid
+
+
+class _Reject(Exception):
+    def __init__(self, reason: str, **fields) -> None:
+        super().__init__(reason)
+        self.reason, self.fields = reason, fields
+
+
+def ingest_partition(partition: Partition, cfg: IngestConfig) -> IngestOutput:
+    records, blobs = [], {}
+    for item in iter_items(partition):
+        record, data = ingest_item(item, cfg)
+        records.append(record)
+        if data is not None:
+            blobs.setdefault(record["uid"], data)
+    blob_table = pa.table({"uid": list(blobs), "data": list(blobs.values())}, schema=BLOB_SCHEMA)
+    return IngestOutput(records=pa.Table.from_pylist(records, schema=INGEST_SCHEMA), blobs=blob_table)
+
+
+def ingest_item(item: RawItem, cfg: IngestConfig) -> tuple[dict, bytes | None]:
+    """(record in INGEST_SCHEMA, bytes to keep or None when rejected)."""
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES, "Pillow's LOAD_TRUNCATED_IMAGES would accept truncated files"
+    data = item.data
+    record = dict(
+        source=item.source, status="rejected", reason=item.error, format=None, width=None, height=None,
+        uid=hashlib.sha256(data).hexdigest() if data is not None else None,
+        nbytes=len(data) if data is not None else None, phash=None, dhash=None,
+        meta=json.dumps(item.meta, sort_keys=True, default=str),
+    )  # fmt: skip
+    if item.error is not None:
+        return record, None
+    try:
+        record.update(_decode_and_hash(data, cfg))
+    except _Reject as rej:
+        record.update(reason=rej.reason, **rej.fields)
+        return record, None
+    record.update(status="accepted", reason=None)
+    return record, data
+
+
+def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
+    if not data:
+        raise _Reject("empty")
+    img = _open(data, cfg)
+    info = dict(format=img.format)
+    width, height = img.size
+    info.update(width=width, height=height)
+    if width * height > cfg.max_pixels:
+        raise _Reject("too_large", **info)
+    orientation = _orientation(img)
+    if orientation in _SWAPPING_ORIENTATIONS:
+        width, height = height, width
+        info.update(width=width, height=height)
+    if min(width, height) < cfg.min_side:
+        raise _Reject("too_small", **info)
+    if img.mode not in SUPPORTED_MODES:
+        raise _Reject("unsupported_mode", **info)
+    small = _small_gray(img, cfg.hash_size * 4)
+    small = _apply_orientation(small, orientation)
+    return dict(info, phash=_to_uint(imagehash.phash(small, cfg.hash_size)), dhash=_to_uint(imagehash.dhash(small, cfg.hash_size)))
+
+
+def _open(data: bytes, cfg: IngestConfig) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # our own max_pixels check replaces Pillow's warning-level bomb check
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            return Image.open(io.BytesIO(data), formats=cfg.formats)
+    except Image.DecompressionBombError:
+        raise _Reject("too_large") from None
+    except Exception:  # Pillow raises many types for unparsable headers
+        is_image = data.startswith(_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
+        raise _Reject("corrupt" if is_image else "not_image") from None
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_ORIENTATION_TAG, 1))
+    except Exception:  # a broken EXIF block is not a broken image: ignore orientation
+        return 1
+
+
+def _apply_orientation(img: Image.Image, orientation: int) -> Image.Image:
+    """ImageOps.exif_transpose for an image whose EXIF is gone (we already read the tag)."""
+    method = {
+        2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+        4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+        6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
+    }.get(orientation)  # fmt: skip
+    return img.transpose(method) if method is not None else img
+
+
+def _small_gray(img: Image.Image, side: int) -> Image.Image:
+    """Decode the whole image (validating it) into a grayscale image with both sides >= `side`."""
+    if img.format in ("JPEG", "MPO"):
+        img.draft("L", (side, side))  # DCT-domain downscale; YCbCr->RGB skipped (CMYK: scale only)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img.load()
+        small = img if img.mode == "L" else to_rgb(img).convert("L")
+    except Image.DecompressionBombError:
+        raise _Reject("too_large", format=img.format) from None
+    except Exception:
+        raise _Reject("corrupt", format=img.format) from None
+    factor = min(small.size) // (2 * side)
+    return small.reduce(factor) if factor >= 2 else small  # box filter: cheap, keeps the hash stable
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB view of a loaded image: alpha composited on white, 16-bit/float scaled to 8 bits."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if (mode == "P" and "transparency" in img.info) or mode in ("PA", "LA", "La", "RGBa"):
+        img, mode = img.convert("RGBA"), "RGBA"
+    if mode == "RGBA":
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, img).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return Image.fromarray(_to_uint8(np.asarray(img))).convert("RGB")
+    return img.convert("RGB")
+
+
+def _to_uint8(x: np.ndarray) -> np.ndarray:
+    """Scale integer/float pixels to 0..255: 16-bit ranges by /257, floats in [0,1] by *255."""
+    is_float = np.issubdtype(x.dtype, np.floating)
+    x = x.astype(np.float64)
+    peak = float(x.max()) if x.size else 0.0
+    if is_float and peak <= 1.0:
+        x = x * 255.0
+    elif peak > 255.0:
+        x = x * (255.0 / (65535.0 if peak <= 65535.0 else peak))
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+def _to_uint(h: imagehash.ImageHash) -> int:
+    bits = h.hash.flatten()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big") >> ((8 - bits.size % 8) % 8)

@@ -1,0 +1,342 @@
+"""Turn `--input` paths/URIs into deterministic partitions and iterate their raw items.
+
+A DUMP is a folder tree of images, a tar archive (img2dataset / WebDataset layout), a folder
+holding tars, or a Parquet file with an image-bytes or image-path column. Paths may be local
+or fsspec URIs. Every input becomes exactly one `RawItem`, carrying bytes or an error string,
+so ingest can account for it; sidecar metadata (`.json`/`.txt`/`.cls`) is not an input.
+
+Partitions:
+- "files": `uri` is the dump root, `items` the file paths (up to `files_per_partition`).
+- "tar": one per archive, `items` is empty (members are discovered when iterating).
+- "parquet": `rows` is the half-open row range `(start, stop)` of the file, `items` is empty.
+
+`fingerprint` hashes the kind, uri, rows and every item's name, size and mtime (for tar and
+parquet partitions the archive's own size and mtime), so a changed input changes it.
+
+Tar safety: members are only ever read into memory via `extractfile`; nothing is written.
+A truncated or corrupt archive yields the members read so far, then one record with source
+`TARPATH::<corrupt>` and error `corrupt` that stands for the unreadable rest.
+
+Folder walks are sorted, never follow directory symlinks (loops), and read symlinked files as
+data. In a folder, `NAME.parquet` and `NAME_stats.json` beside a tar or folder `NAME` are
+img2dataset bookkeeping and are skipped; other `.parquet` files become parquet partitions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import tarfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import fsspec
+
+from lvd.curation import parquet_source
+
+SIDECAR_SUFFIXES = (".json", ".txt")
+TAR_SIDECAR_SUFFIXES = (".json", ".txt", ".cls")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+CORRUPT_TAR_MEMBER = "<corrupt>"
+
+
+@dataclass(frozen=True)
+class Partition:
+    index: int
+    kind: Literal["files", "tar", "parquet"]
+    uri: str
+    items: tuple[str, ...] = ()
+    rows: tuple[int, int] | None = None
+    fingerprint: str = ""
+
+
+@dataclass
+class RawItem:
+    source: str
+    data: bytes | None
+    error: str | None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Found:
+    """What one input expands to before indexes are assigned."""
+
+    files: list[tuple[str, tuple[int, float]]] = field(default_factory=list)
+    tars: list[str] = field(default_factory=list)
+    parquets: list[str] = field(default_factory=list)
+
+
+def plan_partitions(
+    inputs: Sequence[str], *, files_per_partition: int = 256, parquet_rows_per_partition: int = 1024
+) -> list[Partition]:
+    """Deterministic partitions over `inputs` (in the order given; walks sorted), indexed 0..n-1."""
+    if files_per_partition < 1 or parquet_rows_per_partition < 1:
+        raise ValueError("files_per_partition and parquet_rows_per_partition must be >= 1")
+    specs: list[dict] = []
+    for uri in inputs:
+        fs, root = fsspec.core.url_to_fs(uri)
+        found = _discover(fs, root, uri)
+        for start in range(0, len(found.files), files_per_partition):
+            chunk = found.files[start : start + files_per_partition]
+            specs.append(dict(kind="files", uri=_display(fs, root), items=chunk))
+        for tar in found.tars:
+            specs.append(dict(kind="tar", uri=tar, items=[(tar, _stat(fs, tar))]))
+        for pq_uri in found.parquets:
+            n_rows = parquet_source.count_rows(pq_uri)
+            for start in range(0, n_rows, parquet_rows_per_partition):
+                rows = (start, min(start + parquet_rows_per_partition, n_rows))
+                specs.append(dict(kind="parquet", uri=pq_uri, rows=rows, items=[(pq_uri, _stat(fs, pq_uri))]))
+    return [_make_partition(i, **spec) for i, spec in enumerate(specs)]
+
+
+def _make_partition(index: int, *, kind: str, uri: str, items: list, rows=None) -> Partition:
+    digest = hashlib.sha256(json.dumps([kind, uri, rows]).encode())
+    for name, (size, mtime) in items:
+        digest.update(f"\0{name}\0{size}\0{mtime!r}".encode())
+    names = tuple(name for name, _ in items) if kind == "files" else ()
+    return Partition(index=index, kind=kind, uri=uri, items=names, rows=rows, fingerprint=digest.hexdigest())
+
+
+def _display(fs, path: str) -> str:
+    """The string users see for `path`: absolute local path, or the URI with its protocol."""
+    return path if _is_local(fs) else fs.unstrip_protocol(path)
+
+
+def _is_local(fs) -> bool:
+    return "file" in _protocols(fs)
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def _stat(fs, uri: str) -> tuple[int, float]:
+    info = fs.info(uri)
+    return int(info.get("size") or 0), float(info.get("mtime") or info.get("LastModified", 0) or 0)
+
+
+def _discover(fs, root: str, uri: str) -> _Found:
+    if not fs.exists(root):
+        raise ValueError(f"input {uri!r} does not exist: pass an existing folder, tar or parquet file")
+    found = _Found()
+    if not fs.isdir(root):
+        _classify_single(fs, root, uri, found)
+        return found
+    entries = _walk_local(root) if _is_local(fs) else _walk_remote(fs, root)
+    _split_folder(fs, entries, found)
+    return found
+
+
+def _classify_single(fs, root: str, uri: str, found: _Found) -> None:
+    name = root.lower()
+    if name.endswith(TAR_SUFFIXES):
+        found.tars.append(_display(fs, root))
+    elif name.endswith(".parquet"):
+        found.parquets.append(_display(fs, root))
+    else:  # a single image file is a one-item dump
+        found.files.append((_display(fs, root), _stat(fs, root)))
+
+
+def _walk_local(root: str) -> list[tuple[str, tuple[int, float]]]:
+    """Sorted (path, (size, mtime)) of regular files and file symlinks; dir symlinks are skipped."""
+    out, stack = [], [root]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        for entry in reversed(entries):  # reversed + stack pop keeps sorted depth-first order
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+        for entry in entries:
+            if entry.is_dir():  # real dirs are walked above; symlinked dirs are never followed
+                continue
+            try:
+                st = entry.stat()  # follows file symlinks: the target's size/mtime
+            except OSError:  # broken symlink: still an input, reading it gives read_error
+                st = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):  # fifos/sockets are not files
+                out.append((entry.path, (st.st_size, st.st_mtime)))
+    return sorted(out, key=lambda x: x[0])
+
+
+def _walk_remote(fs, root: str) -> list[tuple[str, tuple[int, float]]]:
+    infos = fs.find(root, detail=True)
+    out = []
+    for path, info in sorted(infos.items()):
+        if info.get("type") == "file":
+            out.append((fs.unstrip_protocol(path), (int(info.get("size") or 0), float(info.get("mtime") or 0))))
+    return out
+
+
+def _split_folder(fs, entries, found: _Found) -> None:
+    """Sort a folder's files into image inputs, tars, parquets; drop sidecars and bookkeeping."""
+    paths = {p for p, _ in entries}
+    folders = {os.path.dirname(p) for p in paths}
+    by_stem: dict[str, int] = {}
+    for p in paths:
+        if not p.lower().endswith(SIDECAR_SUFFIXES):
+            by_stem[_stem(p)] = by_stem.get(_stem(p), 0) + 1
+    tar_stems = {_strip_tar_suffix(p) for p in paths if p.lower().endswith(TAR_SUFFIXES)}
+    bookkeeping = tar_stems | folders
+    for path, st in entries:
+        low = path.lower()
+        if low.endswith(TAR_SUFFIXES):
+            found.tars.append(path)
+        elif low.endswith(".parquet") and path[: -len(".parquet")] in bookkeeping:
+            continue
+        elif low.endswith("_stats.json") and path[: -len("_stats.json")] in bookkeeping:
+            continue
+        elif low.endswith(".parquet"):
+            found.parquets.append(path)
+        elif low.endswith(SIDECAR_SUFFIXES) and by_stem.get(_stem(path)):
+            continue
+        else:
+            found.files.append((path, st))
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(path)[0]
+
+
+def _strip_tar_suffix(path: str) -> str:
+    low = path.lower()
+    for suffix in TAR_SUFFIXES:
+        if low.endswith(suffix):
+            return path[: -len(suffix)]
+    return path
+
+
+# ---------------------------------------------------------------- iteration
+
+
+def iter_items(partition: Partition) -> Iterator[RawItem]:
+    """Every input of `partition` as a `RawItem`, in a deterministic order."""
+    if partition.kind == "files":
+        yield from _iter_files(partition.items)
+    elif partition.kind == "tar":
+        yield from _iter_tar(partition.uri)
+    elif partition.kind == "parquet":
+        start, stop = partition.rows
+        yield from (RawItem(**kw) for kw in parquet_source.iter_rows(partition.uri, start, stop))
+    else:
+        raise ValueError(f"unknown partition kind {partition.kind!r}: expected files, tar or parquet")
+
+
+def _read(uri: str) -> bytes:
+    if os.path.isabs(uri) and not stat.S_ISREG(os.stat(uri).st_mode):
+        raise OSError(f"{uri} is not a regular file")  # a fifo would block the worker forever
+    with fsspec.open(uri, "rb") as f:
+        return f.read()
+
+
+def _iter_files(paths: Sequence[str]) -> Iterator[RawItem]:
+    for path in paths:
+        try:
+            data, error = _read(path), None
+        except OSError:
+            data, error = None, "read_error"
+        yield RawItem(source=path, data=data, error=error, meta=_folder_sidecars(path))
+
+
+def _folder_sidecars(path: str) -> dict:
+    meta = {}
+    for suffix in SIDECAR_SUFFIXES:
+        try:
+            meta[suffix[1:]] = _parse_sidecar(suffix, _read(_stem(path) + suffix))
+        except (OSError, ValueError):
+            continue  # no sidecar (or unreadable): metadata is optional
+    return meta
+
+
+def _parse_sidecar(suffix: str, raw: bytes):
+    text = raw.decode("utf-8", errors="replace")
+    if suffix == ".json":
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text  # keep malformed JSON as text rather than losing it
+    return text.strip()
+
+
+def _tar_key(name: str) -> str:
+    """WebDataset sample key: the member path up to the first dot of its basename."""
+    folder, base = os.path.split(name)
+    return os.path.join(folder, base.split(".", 1)[0]) if folder else base.split(".", 1)[0]
+
+
+_TAR_DATA_ERRORS = (tarfile.TarError, EOFError, zlib.error)
+
+
+def _iter_tar(uri: str) -> Iterator[RawItem]:
+    try:
+        with fsspec.open(uri, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tf:
+            members, complete = _scan_members(tf)
+            yield from _tar_records(uri, tf, members)
+    except _TAR_DATA_ERRORS:
+        complete, members = False, None
+    except OSError:
+        yield RawItem(source=f"{uri}::{CORRUPT_TAR_MEMBER}", data=None, error="read_error")
+        return
+    if not complete:
+        yield RawItem(source=f"{uri}::{CORRUPT_TAR_MEMBER}", data=None, error="corrupt")
+
+
+def _scan_members(tf: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], bool]:
+    """Headers only; stops at the first unreadable header and says whether the scan finished."""
+    members = []
+    while True:
+        try:
+            info = tf.next()
+        except _TAR_DATA_ERRORS:
+            return members, False
+        if info is None:
+            return members, True
+        members.append(info)
+
+
+def _tar_records(uri: str, tf: tarfile.TarFile, members: list[tarfile.TarInfo]) -> Iterator[RawItem]:
+    regular_keys = {_tar_key(m.name) for m in members if m.isreg() and not _is_tar_sidecar(m.name)}
+    sidecars: dict[str, dict] = {}
+    for m in members:
+        if m.isreg() and _is_tar_sidecar(m.name) and _tar_key(m.name) in regular_keys:
+            suffix = os.path.splitext(m.name)[1].lower()
+            try:
+                sidecars.setdefault(_tar_key(m.name), {})[suffix[1:]] = _parse_sidecar(suffix, _member_bytes(tf, m))
+            except (*_TAR_DATA_ERRORS, OSError):
+                continue  # metadata is optional; the sample itself still gets its record
+    for m in members:
+        if m.isdir() or (m.isreg() and _is_tar_sidecar(m.name) and _tar_key(m.name) in regular_keys):
+            continue
+        yield _tar_member_item(uri, tf, m, sidecars.get(_tar_key(m.name), {}))
+
+
+def _is_tar_sidecar(name: str) -> bool:
+    return name.lower().endswith(TAR_SIDECAR_SUFFIXES)
+
+
+def _tar_member_item(uri: str, tf: tarfile.TarFile, m: tarfile.TarInfo, meta: dict) -> RawItem:
+    source = f"{uri}::{m.name}"
+    if m.issym() or m.islnk():
+        return RawItem(source=source, data=None, error="tar_link", meta=meta)
+    if not m.isreg():
+        return RawItem(source=source, data=None, error="tar_special", meta=meta)
+    try:
+        return RawItem(source=source, data=_member_bytes(tf, m), error=None, meta=meta)
+    except _TAR_DATA_ERRORS:
+        return RawItem(source=source, data=None, error="corrupt", meta=meta)
+    except OSError:
+        return RawItem(source=source, data=None, error="read_error", meta=meta)
+
+
+def _member_bytes(tf: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
+    f = tf.extractfile(m)  # a file object over the archive bytes; never touches the filesystem
+    data = f.read()
+    if len(data) != m.size:
+        raise tarfile.ReadError(f"member {m.name!r} is truncated")
+    return data
