@@ -1,0 +1,161 @@
+"""DINOv2 student / EMA teacher and one training step's forward, split in three parts.
+
+`teacher_targets` (no grad: centred or Sinkhorn teacher probabilities for the CLS and masked
+patch tokens), `student_outputs` (head logits of all crops), `loss_terms` (DINO over crop
+pairs, iBOT on masked patches of the global crops, KoLeo on the backbone CLS of each global
+crop). The loop owns backward, optimizer and parallelism; this module stays plain torch.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lvd.pretrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from lvd.pretrain.recipes import Recipe
+
+N_GLOBAL = 2  # global crops per image, fixed by DINOv2's multi-crop
+
+
+@dataclass(frozen=True)
+class TeacherTargets:
+    dino_probs_GBK: torch.Tensor
+    ibot_probs_MK: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class StudentOutputs:
+    global_logits_GBK: torch.Tensor
+    local_logits_LBK: torch.Tensor | None
+    ibot_logits_MK: torch.Tensor | None
+    global_cls_GBD: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    total: torch.Tensor
+    dino: torch.Tensor
+    ibot: torch.Tensor
+    koleo: torch.Tensor
+
+    def as_floats(self) -> dict[str, float]:
+        return {"loss": float(self.total), "dino_loss": float(self.dino),
+                "ibot_loss": float(self.ibot), "koleo_loss": float(self.koleo)}
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    losses: LossTerms
+    entropy: float  # mean teacher CLS distribution entropy (nats); collapse -> 0 or log K
+    proto_usage: float  # fraction of prototypes that are some teacher crop's argmax
+
+
+def _heads(recipe: Recipe, embed_dim: int) -> dict[str, nn.Module]:
+    heads = {"dino_head": recipe.dino_head.build(embed_dim)}
+    if recipe.loss.separate_ibot_head:
+        heads["ibot_head"] = recipe.ibot_head.build(embed_dim)
+    return heads
+
+
+class MetaArch(nn.Module):
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__()
+        self.recipe = recipe
+        backbone = recipe.backbone.build(img_size=recipe.crops.global_size)
+        self.student = nn.ModuleDict({"backbone": backbone, **_heads(recipe, backbone.embed_dim)})
+        # The teacher starts as an exact copy and only ever moves by EMA; eval mode keeps
+        # stochastic depth off in it.
+        self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
+        lc = recipe.loss
+        self.dino_loss = DINOLoss(recipe.dino_head.n_prototypes, student_temp=lc.student_temp,
+                                  center_momentum=lc.center_momentum)
+        ibot_k = (recipe.ibot_head if lc.separate_ibot_head else recipe.dino_head).n_prototypes
+        self.ibot_loss = iBOTPatchLoss(ibot_k, student_temp=lc.student_temp,
+                                       center_momentum=lc.center_momentum)
+        self.koleo_loss = KoLeoLoss()
+
+    def train(self, mode: bool = True) -> "MetaArch":
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    @staticmethod
+    def _ibot_head(model: nn.ModuleDict) -> nn.Module:
+        return model["ibot_head"] if "ibot_head" in model else model["dino_head"]
+
+    def _teacher_probs(self, loss: DINOLoss | iBOTPatchLoss, logits_NK: torch.Tensor,
+                       temp: float) -> torch.Tensor:
+        if self.recipe.loss.centering == "sinkhorn_knopp":
+            return loss.sinkhorn_knopp_teacher(logits_NK, temp)
+        probs = loss.softmax_center_teacher(logits_NK, temp)
+        loss.update_center(logits_NK)
+        return probs
+
+    @torch.no_grad()
+    def teacher_targets(self, batch, teacher_temp: float) -> TeacherTargets:
+        out = self.teacher["backbone"](batch.global_crops)
+        logits_NK = self.teacher["dino_head"](out.cls_BD)
+        dino_probs = self._teacher_probs(self.dino_loss, logits_NK, teacher_temp)
+        ibot_probs = None
+        if batch.mask_indices.numel():
+            masked_MD = out.patches_BND.flatten(0, 1)[batch.mask_indices]
+            ibot_logits = self._ibot_head(self.teacher)(masked_MD)
+            ibot_probs = self._teacher_probs(self.ibot_loss, ibot_logits, teacher_temp)
+        return TeacherTargets(dino_probs.unflatten(0, (N_GLOBAL, -1)), ibot_probs)
+
+    def student_outputs(self, batch) -> StudentOutputs:
+        backbone, head = self.student["backbone"], self.student["dino_head"]
+        glob = backbone(batch.global_crops, masks_BN=batch.masks)
+        local_logits = None
+        if batch.local_crops is not None and batch.local_crops.numel():
+            local_cls = backbone(batch.local_crops).cls_BD
+            local_logits = head(local_cls).unflatten(0, (-1, glob.cls_BD.shape[0] // N_GLOBAL))
+        ibot_logits = None
+        if batch.mask_indices.numel():
+            masked_MD = glob.patches_BND.flatten(0, 1)[batch.mask_indices]
+            ibot_logits = self._ibot_head(self.student)(masked_MD)
+        return StudentOutputs(
+            global_logits_GBK=head(glob.cls_BD).unflatten(0, (N_GLOBAL, -1)),
+            local_logits_LBK=local_logits,
+            ibot_logits_MK=ibot_logits,
+            global_cls_GBD=glob.cls_BD.unflatten(0, (N_GLOBAL, -1)),
+        )
+
+    def loss_terms(self, student: StudentOutputs, teacher: TeacherTargets, batch) -> LossTerms:
+        lc = self.recipe.loss
+        dino = self.dino_loss(student.global_logits_GBK, student.local_logits_LBK,
+                              teacher.dino_probs_GBK)
+        ibot = student.global_logits_GBK.new_zeros((), dtype=torch.float32)
+        if student.ibot_logits_MK is not None:
+            ibot = self.ibot_loss(student.ibot_logits_MK, teacher.ibot_probs_MK,
+                                  batch.mask_weights, n_crops=batch.global_crops.shape[0])
+        # KoLeo per global crop, so two views of one image are never nearest neighbours
+        koleo = sum(self.koleo_loss(cls_BD) for cls_BD in student.global_cls_GBD)
+        total = lc.dino_weight * dino + lc.ibot_weight * ibot + lc.koleo_weight * koleo
+        return LossTerms(total=total, dino=dino, ibot=ibot, koleo=koleo)
+
+    def step(self, batch, *, teacher_temp: float) -> StepOutput:
+        """Forward of one training step; the caller runs `out.losses.total.backward()`."""
+        teacher = self.teacher_targets(batch, teacher_temp)
+        losses = self.loss_terms(self.student_outputs(batch), teacher, batch)
+        return StepOutput(losses, **collapse_monitors(teacher.dino_probs_GBK))
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """teacher <- m * teacher + (1 - m) * student, with foreach kernels."""
+        t = [p.data for p in self.teacher.parameters()]
+        s = [p.data for p in self.student.parameters()]
+        torch._foreach_mul_(t, momentum)
+        torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+
+@torch.no_grad()
+def collapse_monitors(probs_GBK: torch.Tensor) -> dict[str, float]:
+    probs_NK = probs_GBK.flatten(0, 1).float()
+    entropy = -(probs_NK * probs_NK.clamp_min(1e-12).log()).sum(-1).mean()
+    used = torch.zeros(probs_NK.shape[1], dtype=torch.bool, device=probs_NK.device)
+    used[probs_NK.argmax(-1)] = True
+    return {"entropy": float(entropy), "proto_usage": float(used.float().mean())}
