@@ -247,6 +247,8 @@ def _iter_files(paths: Sequence[str]) -> Iterator[RawItem]:
 def _folder_sidecars(path: str) -> dict:
     meta = {}
     for suffix in SIDECAR_SUFFIXES:
+        if path.endswith(suffix):  # a lone notes.txt is an input, not its own sidecar
+            continue
         try:
             meta[suffix[1:]] = _parse_sidecar(suffix, _read(_stem(path) + suffix))
         except (OSError, ValueError):
