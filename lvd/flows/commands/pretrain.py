@@ -1,0 +1,68 @@
+"""`lvd pretrain`: train DINOv2 on curation shards (one process; CPU, or a GPU when present)."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pretrain", help="pretrain a DINOv2 ViT on WebDataset shards written by `lvd curate`"
+    )
+    p.add_argument("--shards", required=True, nargs="+", metavar="SHARDS",
+                   help="shard folder (e.g. RUN/shards), tar files, or glob patterns")
+    p.add_argument("--recipe", default="vits14",
+                   help="named recipe: tiny, vits14, vitb14, vitl14, vitg14 (default: vits14)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="output folder: config.json, metrics.jsonl, checkpoints/, pictures/")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps (schedules still follow the recipe's length)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per step and process (default: the recipe's)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest complete checkpoint in --out, if any")
+    p.add_argument("--num-workers", type=int, default=2,
+                   help="data-loading worker processes (0: load in the main process)")
+    p.add_argument("--seed", type=int, default=0, help="seed for model init, crops and masks")
+    p.add_argument("--device", default=None,
+                   help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="use deterministic torch algorithms (bit-exact resume on CPU; slower)")
+    p.set_defaults(func=main)
+
+
+def expand_shards(specs: list[str]) -> tuple[str, ...]:
+    """Folders become their shard-*.tar files; globs are expanded; order is sorted."""
+    found: list[str] = []
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            found += sorted(str(p) for p in path.glob("*.tar"))
+        else:
+            found += sorted(glob.glob(spec)) or [spec]
+    missing = [s for s in found if not Path(s).exists()]
+    if missing or not found:
+        raise SystemExit(f"lvd pretrain: no shards found at {missing or specs}")
+    return tuple(found)
+
+
+def main(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from lvd.pretrain.recipes import get_recipe
+    from lvd.pretrain.train import TrainConfig, train
+
+    recipe = get_recipe(args.recipe)
+    if args.batch_size is not None:
+        recipe = replace(recipe, batch_size=args.batch_size)
+    result = train(TrainConfig(
+        shards=expand_shards(args.shards), recipe=recipe, out=args.out,
+        max_steps=args.max_steps, resume=args.resume, num_workers=args.num_workers,
+        seed=args.seed, device=args.device, deterministic=args.deterministic,
+    ))
+    last = result.losses[-1]["loss"] if result.losses else float("nan")
+    print(f"trained steps {result.start_step}..{result.end_step} of recipe {recipe.name}; "
+          f"last loss {last:.4f}; checkpoint {result.last_checkpoint}")
+    return 0

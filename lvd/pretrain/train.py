@@ -1,0 +1,219 @@
+"""The DINOv2 training loop: `train(TrainConfig) -> TrainResult`.
+
+Per step: schedules -> forward (teacher targets, student outputs, losses) -> finite check ->
+backward -> freeze prototypes / clip -> AdamW -> EMA teacher -> log -> checkpoint.
+Outputs under OUT: `config.json` (the recipe), `metrics.jsonl` (one JSON line per logged
+step), `checkpoints/step_NNNNNNN/` (DCP, see checkpoint.py), `pictures/step_NNNNNNN.png`.
+A resumed run restores models, optimizer, centres, RNG and data position, and continues
+with exactly the losses an uninterrupted run would have had (deterministic mode, CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from lvd.pretrain import checkpoint as ckpt
+from lvd.pretrain.meta_arch import MetaArch, StepOutput
+from lvd.pretrain.optim import (
+    apply_schedules, build_adamw, clip_gradients, param_groups, zero_last_layer_grads,
+)
+from lvd.pretrain.parallel import Runtime, parallelize, setup_runtime
+from lvd.pretrain.pictures import write_pictures
+from lvd.pretrain.recipes import Recipe
+from lvd.pretrain.schedules import ScheduleValues, build_schedules
+
+N_PICTURE_IMAGES = 4
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the step and every term."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    shards: tuple[str, ...]
+    recipe: Recipe
+    out: Path
+    max_steps: int | None = None  # stop early; schedules still span the recipe's length
+    resume: bool = False
+    num_workers: int = 0
+    seed: int = 0
+    device: str | None = None  # default: cuda if available, else cpu
+    deterministic: bool = False  # torch deterministic algorithms (exact resume on CPU)
+    pictures: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.shards:
+            raise ValueError("no shards given; pass --shards RUN/shards (curation output)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
+
+    @property
+    def end_step(self) -> int:
+        total = self.recipe.total_iters
+        return total if self.max_steps is None else min(self.max_steps, total)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    out: Path
+    start_step: int
+    end_step: int
+    last_checkpoint: Path | None
+    losses: list[dict[str, float]] = field(default_factory=list)  # one per step of this call
+
+
+def _make_loader(cfg: TrainConfig, rt: Runtime, start_batch: int) -> Iterator:
+    from lvd.pretrain.data import MaskingConfig, MultiCropConfig, make_dataloader
+
+    r = cfg.recipe
+    crops = MultiCropConfig(global_size=r.crops.global_size, local_size=r.crops.local_size,
+                            n_local=r.crops.n_local, global_scale=r.crops.global_scale,
+                            local_scale=r.crops.local_scale)
+    masking = MaskingConfig(sample_probability=r.masks.sample_probability,
+                            ratio_min=r.masks.ratio_min, ratio_max=r.masks.ratio_max,
+                            patch_size=r.backbone.patch_size)
+    return iter(make_dataloader(
+        list(cfg.shards), batch_size=r.batch_size, rank=rt.rank, world_size=rt.world_size,
+        num_workers=cfg.num_workers, seed=cfg.seed, crops=crops, masking=masking,
+        start_batch=start_batch,
+    ))
+
+
+def _to_device(batch, device: torch.device):
+    moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
+             for k, v in moved.items()}
+    return dataclasses.replace(batch, **moved)
+
+
+def _state(meta: MetaArch, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    student_sd, optim_sd = get_state_dict(meta.student, optimizer)
+    return {"student": student_sd, "teacher": meta.teacher.state_dict(), "optimizer": optim_sd,
+            "dino_loss": meta.dino_loss.state_dict(), "ibot_loss": meta.ibot_loss.state_dict()}
+
+
+def _restore(meta: MetaArch, optimizer: torch.optim.Optimizer, path: Path) -> ckpt.CheckpointMeta:
+    state = _state(meta, optimizer)
+    info = ckpt.load_checkpoint(path, state)
+    set_state_dict(meta.student, optimizer, model_state_dict=state["student"],
+                   optim_state_dict=state["optimizer"])
+    meta.teacher.load_state_dict(state["teacher"])
+    meta.dino_loss.load_state_dict(state["dino_loss"])
+    meta.ibot_loss.load_state_dict(state["ibot_loss"])
+    return info
+
+
+def check_finite(out: StepOutput, step: int) -> None:
+    terms = out.losses.as_floats()
+    if not all(math.isfinite(v) for v in terms.values()):
+        shown = ", ".join(f"{k}={v}" for k, v in terms.items())
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step}: {shown}; lower the learning rate or check the "
+            "data (a diverging teacher temperature or an empty batch can also cause this)"
+        )
+
+
+class MetricsLog:
+    """OUT/metrics.jsonl; on resume, lines from steps at or after the resume step are dropped."""
+
+    def __init__(self, path: Path, *, resume_step: int) -> None:
+        self.path = path
+        kept = []
+        if path.exists():
+            kept = [ln for ln in path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln)["step"] < resume_step]
+        path.write_text("".join(ln + "\n" for ln in kept))
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def _train_step(meta: MetaArch, optimizer, batch, v: ScheduleValues, step: int,
+                rt: Runtime) -> StepOutput:
+    apply_schedules(optimizer, lr=v.lr, weight_decay=v.weight_decay,
+                    last_layer_lr=v.last_layer_lr)
+    with rt.autocast():
+        out = meta.step(batch, teacher_temp=v.teacher_temp)
+    check_finite(out, step)
+    optimizer.zero_grad(set_to_none=True)
+    out.losses.total.backward()
+    zero_last_layer_grads(optimizer)
+    clip_gradients(dict(meta.student.items()), meta.recipe.optim.clip_grad)
+    optimizer.step()
+    meta.update_teacher(v.momentum)
+    return out
+
+
+def _save(cfg: TrainConfig, meta: MetaArch, optimizer, step: int, rt: Runtime,
+          picture_x: torch.Tensor | None) -> Path:
+    info = ckpt.CheckpointMeta(step=step, data_batches=step, world_size=rt.world_size,
+                               recipe=cfg.recipe.to_dict())
+    path = ckpt.save_checkpoint(cfg.out, _state(meta, optimizer), info,
+                                keep=cfg.recipe.keep_checkpoints)
+    if cfg.pictures and picture_x is not None and rt.rank == 0:
+        write_pictures(meta.teacher["backbone"], picture_x, cfg.out / "pictures",
+                       f"step_{step:07d}")
+    return path
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    rt = setup_runtime(cfg.device)
+    torch.manual_seed(cfg.seed + rt.rank)
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    recipe = cfg.recipe
+    meta = parallelize(MetaArch(recipe), rt)
+    optimizer = build_adamw(
+        param_groups(dict(meta.student.items()), depth=len(meta.student["backbone"].blocks),
+                     layerwise_decay=recipe.optim.layerwise_decay,
+                     patch_embed_lr_mult=recipe.optim.patch_embed_lr_mult),
+        beta1=recipe.optim.beta1, beta2=recipe.optim.beta2,
+    )
+    schedules = build_schedules(recipe.schedule_config(world_size=rt.world_size))
+
+    start, last = 0, None
+    if cfg.resume and (last := ckpt.latest_checkpoint(cfg.out)) is not None:
+        saved = Recipe.from_dict(ckpt.read_meta(last).recipe)
+        if saved != recipe:
+            raise ValueError(f"{last} was trained with recipe {saved.name!r} and other "
+                             "settings; resume with the same --recipe and --batch-size")
+        start = _restore(meta, optimizer, last).step
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "config.json").write_text(recipe.to_json())
+    metrics = MetricsLog(cfg.out / "metrics.jsonl", resume_step=start)
+
+    meta.train()
+    loader = _make_loader(cfg, rt, start_batch=start)
+    losses, picture_x, window, tick = [], None, 0, time.perf_counter()
+    for step in range(start, cfg.end_step):
+        batch = _to_device(next(loader), rt.device)
+        if picture_x is None:
+            picture_x = batch.global_crops[:N_PICTURE_IMAGES].detach().clone()
+        v = schedules.at(step)
+        out = _train_step(meta, optimizer, batch, v, step, rt)
+        losses.append(out.losses.as_floats())
+        done, window = step + 1, window + 1
+        if done % recipe.log_every == 0 or done == cfg.end_step:
+            seconds, tick = time.perf_counter() - tick, time.perf_counter()
+            metrics.write({
+                "step": step, **losses[-1], "lr": v.lr, "wd": v.weight_decay,
+                "momentum": v.momentum, "teacher_temp": v.teacher_temp,
+                "entropy": out.entropy, "proto_usage": out.proto_usage,
+                "images_per_s": window * recipe.batch_size * rt.world_size / seconds,
+                "corrupt_samples": int(batch.corrupt_samples),
+            })
+            window = 0
+        if done % recipe.checkpoint_every == 0 or done == cfg.end_step:
+            last = _save(cfg, meta, optimizer, done, rt, picture_x)
+    return TrainResult(out=cfg.out, start_step=start, end_step=cfg.end_step,
+                       last_checkpoint=last, losses=losses)
