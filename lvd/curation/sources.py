@@ -13,9 +13,8 @@ Partitions:
 `fingerprint` hashes the kind, uri, rows and every item's name, size and mtime (for tar and
 parquet partitions the archive's own size and mtime), so a changed input changes it.
 
-Tar safety: members are only ever read into memory via `extractfile`; nothing is written.
-A truncated or corrupt archive yields the members read so far, then one record with source
-`TARPATH::<corrupt>` and error `corrupt` that stands for the unreadable rest.
+Tars are read by `tar_source` (data only, never extracted; a truncated archive ends with a
+`TARPATH::<corrupt>` record), parquet by `parquet_source` (column auto-detection).
 
 Folder walks are sorted, never follow directory symlinks (loops), and read symlinked files as
 data. In a folder, `NAME.parquet` and `NAME_stats.json` beside a tar or folder `NAME` are
@@ -28,20 +27,19 @@ import hashlib
 import json
 import os
 import stat
-import tarfile
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 import fsspec
 
-from lvd.curation import parquet_source
+from lvd.curation import parquet_source, tar_source
+from lvd.curation.raw import CORRUPT_TAR_MEMBER, RawItem, parse_sidecar
+
+__all__ = ["CORRUPT_TAR_MEMBER", "Partition", "RawItem", "iter_items", "plan_partitions"]
 
 SIDECAR_SUFFIXES = (".json", ".txt")
-TAR_SIDECAR_SUFFIXES = (".json", ".txt", ".cls")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-CORRUPT_TAR_MEMBER = "<corrupt>"
 
 
 @dataclass(frozen=True)
@@ -52,14 +50,6 @@ class Partition:
     items: tuple[str, ...] = ()
     rows: tuple[int, int] | None = None
     fingerprint: str = ""
-
-
-@dataclass
-class RawItem:
-    source: str
-    data: bytes | None
-    error: str | None
-    meta: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -220,7 +210,7 @@ def iter_items(partition: Partition) -> Iterator[RawItem]:
     if partition.kind == "files":
         yield from _iter_files(partition.items)
     elif partition.kind == "tar":
-        yield from _iter_tar(partition.uri)
+        yield from tar_source.iter_tar(partition.uri)
     elif partition.kind == "parquet":
         start, stop = partition.rows
         yield from (RawItem(**kw) for kw in parquet_source.iter_rows(partition.uri, start, stop))
@@ -250,95 +240,9 @@ def _folder_sidecars(path: str) -> dict:
         if path.endswith(suffix):  # a lone notes.txt is an input, not its own sidecar
             continue
         try:
-            meta[suffix[1:]] = _parse_sidecar(suffix, _read(_stem(path) + suffix))
+            meta[suffix[1:]] = parse_sidecar(suffix, _read(_stem(path) + suffix))
         except (OSError, ValueError):
             continue  # no sidecar (or unreadable): metadata is optional
     return meta
 
 
-def _parse_sidecar(suffix: str, raw: bytes):
-    text = raw.decode("utf-8", errors="replace")
-    if suffix == ".json":
-        try:
-            return json.loads(text)
-        except ValueError:
-            return text  # keep malformed JSON as text rather than losing it
-    return text.strip()
-
-
-def _tar_key(name: str) -> str:
-    """WebDataset sample key: the member path up to the first dot of its basename."""
-    folder, base = os.path.split(name)
-    return os.path.join(folder, base.split(".", 1)[0]) if folder else base.split(".", 1)[0]
-
-
-_TAR_DATA_ERRORS = (tarfile.TarError, EOFError, zlib.error)
-
-
-def _iter_tar(uri: str) -> Iterator[RawItem]:
-    try:
-        with fsspec.open(uri, "rb") as raw, tarfile.open(fileobj=raw, mode="r:*") as tf:
-            members, complete = _scan_members(tf)
-            yield from _tar_records(uri, tf, members)
-    except _TAR_DATA_ERRORS:
-        complete, members = False, None
-    except OSError:
-        yield RawItem(source=f"{uri}::{CORRUPT_TAR_MEMBER}", data=None, error="read_error")
-        return
-    if not complete:
-        yield RawItem(source=f"{uri}::{CORRUPT_TAR_MEMBER}", data=None, error="corrupt")
-
-
-def _scan_members(tf: tarfile.TarFile) -> tuple[list[tarfile.TarInfo], bool]:
-    """Headers only; stops at the first unreadable header and says whether the scan finished."""
-    members = []
-    while True:
-        try:
-            info = tf.next()
-        except _TAR_DATA_ERRORS:
-            return members, False
-        if info is None:
-            return members, True
-        members.append(info)
-
-
-def _tar_records(uri: str, tf: tarfile.TarFile, members: list[tarfile.TarInfo]) -> Iterator[RawItem]:
-    regular_keys = {_tar_key(m.name) for m in members if m.isreg() and not _is_tar_sidecar(m.name)}
-    sidecars: dict[str, dict] = {}
-    for m in members:
-        if m.isreg() and _is_tar_sidecar(m.name) and _tar_key(m.name) in regular_keys:
-            suffix = os.path.splitext(m.name)[1].lower()
-            try:
-                sidecars.setdefault(_tar_key(m.name), {})[suffix[1:]] = _parse_sidecar(suffix, _member_bytes(tf, m))
-            except (*_TAR_DATA_ERRORS, OSError):
-                continue  # metadata is optional; the sample itself still gets its record
-    for m in members:
-        if m.isdir() or (m.isreg() and _is_tar_sidecar(m.name) and _tar_key(m.name) in regular_keys):
-            continue
-        yield _tar_member_item(uri, tf, m, sidecars.get(_tar_key(m.name), {}))
-
-
-def _is_tar_sidecar(name: str) -> bool:
-    return name.lower().endswith(TAR_SIDECAR_SUFFIXES)
-
-
-def _tar_member_item(uri: str, tf: tarfile.TarFile, m: tarfile.TarInfo, meta: dict) -> RawItem:
-    source = f"{uri}::{m.name}"
-    if m.issym() or m.islnk():
-        return RawItem(source=source, data=None, error="tar_link", meta=meta)
-    if not m.isreg():
-        return RawItem(source=source, data=None, error="tar_special", meta=meta)
-    try:
-        return RawItem(source=source, data=_member_bytes(tf, m), error=None, meta=meta)
-    except _TAR_DATA_ERRORS:
-        return RawItem(source=source, data=None, error="corrupt", meta=meta)
-    except OSError:
-        return RawItem(source=source, data=None, error="read_error", meta=meta)
-
-
-def _member_bytes(tf: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
-    f = tf.extractfile(m)  # a file object over the archive bytes; never touches the filesystem
-    data = f.read()
-    if len(data) != m.size:
-        raise tarfile.ReadError(f"member {m.name!r} is truncated")
-    return data
