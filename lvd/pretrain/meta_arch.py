@@ -17,8 +17,6 @@ from torch import nn
 from lvd.pretrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from lvd.pretrain.recipes import Recipe
 
-N_GLOBAL = 2  # global crops per image, fixed by DINOv2's multi-crop
-
 
 @dataclass(frozen=True)
 class TeacherTargets:
@@ -42,8 +40,8 @@ class LossTerms:
     koleo: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {"loss": float(self.total), "dino_loss": float(self.dino),
-                "ibot_loss": float(self.ibot), "koleo_loss": float(self.koleo)}
+        return {"loss": float(self.total.detach()), "dino_loss": float(self.dino.detach()),
+                "ibot_loss": float(self.ibot.detach()), "koleo_loss": float(self.koleo.detach())}
 
 
 @dataclass(frozen=True)
@@ -104,24 +102,24 @@ class MetaArch(nn.Module):
             masked_MD = out.patches_BND.flatten(0, 1)[batch.mask_indices]
             ibot_logits = self._ibot_head(self.teacher)(masked_MD)
             ibot_probs = self._teacher_probs(self.ibot_loss, ibot_logits, teacher_temp)
-        return TeacherTargets(dino_probs.unflatten(0, (N_GLOBAL, -1)), ibot_probs)
+        return TeacherTargets(dino_probs.unflatten(0, (batch.n_global, -1)), ibot_probs)
 
     def student_outputs(self, batch) -> StudentOutputs:
         backbone, head = self.student["backbone"], self.student["dino_head"]
         glob = backbone(batch.global_crops, masks_BN=batch.masks)
         local_logits = None
-        if batch.local_crops is not None and batch.local_crops.numel():
+        if batch.n_local:
             local_cls = backbone(batch.local_crops).cls_BD
-            local_logits = head(local_cls).unflatten(0, (-1, glob.cls_BD.shape[0] // N_GLOBAL))
+            local_logits = head(local_cls).unflatten(0, (batch.n_local, batch.n_images))
         ibot_logits = None
         if batch.mask_indices.numel():
             masked_MD = glob.patches_BND.flatten(0, 1)[batch.mask_indices]
             ibot_logits = self._ibot_head(self.student)(masked_MD)
         return StudentOutputs(
-            global_logits_GBK=head(glob.cls_BD).unflatten(0, (N_GLOBAL, -1)),
+            global_logits_GBK=head(glob.cls_BD).unflatten(0, (batch.n_global, batch.n_images)),
             local_logits_LBK=local_logits,
             ibot_logits_MK=ibot_logits,
-            global_cls_GBD=glob.cls_BD.unflatten(0, (N_GLOBAL, -1)),
+            global_cls_GBD=glob.cls_BD.unflatten(0, (batch.n_global, batch.n_images)),
         )
 
     def loss_terms(self, student: StudentOutputs, teacher: TeacherTargets, batch) -> LossTerms:

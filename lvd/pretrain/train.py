@@ -10,7 +10,6 @@ with exactly the losses an uninterrupted run would have had (deterministic mode,
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -87,13 +86,6 @@ def _make_loader(cfg: TrainConfig, rt: Runtime, start_batch: int) -> Iterator:
         num_workers=cfg.num_workers, seed=cfg.seed, crops=crops, masking=masking,
         start_batch=start_batch,
     ))
-
-
-def _to_device(batch, device: torch.device):
-    moved = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v
-             for k, v in moved.items()}
-    return dataclasses.replace(batch, **moved)
 
 
 def _state(meta: MetaArch, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -194,15 +186,15 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     meta.train()
     loader = _make_loader(cfg, rt, start_batch=start)
-    losses, picture_x, window, tick = [], None, 0, time.perf_counter()
+    losses, picture_x, window, corrupt, tick = [], None, 0, 0, time.perf_counter()
     for step in range(start, cfg.end_step):
-        batch = _to_device(next(loader), rt.device)
+        batch = next(loader).to(rt.device)
         if picture_x is None:
             picture_x = batch.global_crops[:N_PICTURE_IMAGES].detach().clone()
         v = schedules.at(step)
         out = _train_step(meta, optimizer, batch, v, step, rt)
         losses.append(out.losses.as_floats())
-        done, window = step + 1, window + 1
+        done, window, corrupt = step + 1, window + 1, corrupt + batch.n_corrupt
         if done % recipe.log_every == 0 or done == cfg.end_step:
             seconds, tick = time.perf_counter() - tick, time.perf_counter()
             metrics.write({
@@ -210,9 +202,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 "momentum": v.momentum, "teacher_temp": v.teacher_temp,
                 "entropy": out.entropy, "proto_usage": out.proto_usage,
                 "images_per_s": window * recipe.batch_size * rt.world_size / seconds,
-                "corrupt_samples": int(batch.corrupt_samples),
+                "corrupt_samples": corrupt,  # replaced undecodable samples since the last line
             })
-            window = 0
+            window = corrupt = 0
         if done % recipe.checkpoint_every == 0 or done == cfg.end_step:
             last = _save(cfg, meta, optimizer, done, rt, picture_x)
     return TrainResult(out=cfg.out, start_step=start, end_step=cfg.end_step,
