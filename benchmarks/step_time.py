@@ -1,0 +1,78 @@
+"""CPU forward+backward time of our ViT-S/14 against timm's `vit_small_patch14_dinov2`.
+
+Both models are built without weights at 224 px (same width, depth, heads, LayerScale, fused
+qkv) and timed in the same process on the same input, alternating so that machine load hits
+both alike. Prints medians and the ratio timm / ours (>= 1.0 means we are at least as fast).
+
+    .venv/bin/python benchmarks/step_time.py --batch 4 --repeats 9
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lvd.pretrain.models import vit_small
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4, help="images per step")
+    parser.add_argument("--repeats", type=int, default=9, help="timed steps per model (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per model first")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    return parser.parse_args()
+
+
+def build_timm() -> torch.nn.Module:
+    import timm
+
+    return timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, num_classes=0)
+
+
+def step_seconds(model: torch.nn.Module, x_BCHW: torch.Tensor, forward) -> float:
+    model.zero_grad(set_to_none=True)
+    start = time.perf_counter()
+    forward(model, x_BCHW).float().sum().backward()
+    return time.perf_counter() - start
+
+
+def ours_forward(model, x_BCHW):
+    out = model(x_BCHW)
+    return out.cls_BD.sum() + out.patches_BND.sum()
+
+
+def timm_forward(model, x_BCHW):
+    tokens_BTD = model.forward_features(x_BCHW)  # already after timm's final norm
+    return tokens_BTD[:, 0].sum() + tokens_BTD[:, 1:].sum()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    ours, theirs = vit_small().train(), build_timm().train()
+    n_ours = sum(p.numel() for p in ours.parameters())
+    n_theirs = sum(p.numel() for p in theirs.parameters())
+    x_BCHW = torch.randn(args.batch, 3, 224, 224)
+    for _ in range(args.warmup):
+        step_seconds(ours, x_BCHW, ours_forward)
+        step_seconds(theirs, x_BCHW, timm_forward)
+    ours_s, theirs_s = [], []
+    for _ in range(args.repeats):  # alternate so load spikes hit both
+        ours_s.append(step_seconds(ours, x_BCHW, ours_forward))
+        theirs_s.append(step_seconds(theirs, x_BCHW, timm_forward))
+    ours_med, theirs_med = statistics.median(ours_s), statistics.median(theirs_s)
+    print(f"threads={torch.get_num_threads()} batch={args.batch} repeats={args.repeats}")
+    print(f"params: ours {n_ours / 1e6:.2f}M  timm {n_theirs / 1e6:.2f}M")
+    print(f"ours  fwd+bwd median {ours_med * 1e3:8.1f} ms  (min {min(ours_s) * 1e3:.1f})")
+    print(f"timm  fwd+bwd median {theirs_med * 1e3:8.1f} ms  (min {min(theirs_s) * 1e3:.1f})")
+    print(f"ratio timm/ours = {theirs_med / ours_med:.3f}")
+
+
+if __name__ == "__main__":
+    main()
