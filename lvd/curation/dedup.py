@@ -1,0 +1,255 @@
+"""Near-duplicate detection over perceptual hashes, and resolution of duplicate groups.
+
+Two images are near-duplicates when their pHashes are within `phash_radius` bits AND their
+dHashes within `dhash_radius` bits AND their aspect ratios agree (`max_aspect_ratio`). One hash
+alone merges distinct objects shot on flat backgrounds (Fashion-MNIST: different bags share a
+pHash); requiring both, with tight radii, is what keeps false merges rare (numbers in
+benchmarks/dedup_quality.py).
+
+Candidates come from a Faiss `IndexBinaryMultiHash` range search on the pHash: the 64 bits are
+split into `nhash` disjoint chunks and each query probes every bucket within `nflip` bit flips of
+its chunk, so by pigeonhole every pair within `nhash * (nflip + 1) - 1` bits is found exactly;
+the cost per query does not grow with the pool (see `_multihash_params`). Rows with identical
+(pHash, dHash, aspect bucket) are collapsed first and chained, so a pool with thousands of blank
+images does not produce millions of pairs.
+
+Edges from every method (pHash now, embedding copy detection later) are `EdgeSet`s over row
+positions of one table; `resolve` unions them and names, for each dropped image, its group's
+representative (most pixels, then smallest uid), the method that linked it and a distance.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from lvd.curation.unionfind import UnionFind, components, representative_rank
+
+DUPLICATES_SCHEMA = pa.schema(
+    [("uid", pa.string()), ("duplicate_of", pa.string()), ("method", pa.string()), ("distance", pa.float64())]
+)
+HASH_BITS = 64
+_QUERY_BATCH = 1 << 16  # bounds the size of one RangeSearchResult
+
+
+@dataclass(frozen=True, kw_only=True)
+class DedupConfig:
+    phash_radius: int = 4  # max pHash Hamming distance (inclusive) of a near-duplicate pair
+    dhash_radius: int | None = 4  # max dHash distance; None lets pHash decide alone (not advised)
+    max_aspect_ratio: float | None = 1.1  # max ratio of the two aspect ratios (w/h); None: ignore
+
+    def __post_init__(self):
+        if not 0 <= self.phash_radius < HASH_BITS // 2:
+            raise ValueError(f"phash_radius={self.phash_radius}: use 0..31 (random hashes differ in ~32 bits)")
+        if self.dhash_radius is not None and not 0 <= self.dhash_radius < HASH_BITS // 2:
+            raise ValueError(f"dhash_radius={self.dhash_radius}: use 0..31, or None to ignore dHash")
+        if self.max_aspect_ratio is not None and not self.max_aspect_ratio >= 1.0:
+            raise ValueError(f"max_aspect_ratio={self.max_aspect_ratio}: use a ratio >= 1.0, or None")
+
+
+@dataclass(frozen=True)
+class EdgeSet:
+    """Undirected edges between row positions of one table, all found by one `method`.
+
+    `distance` is the method's own distance (pHash bits for `phash`, 1 - cosine for
+    `embedding`); smaller means more alike.
+    """
+
+    method: str
+    a: np.ndarray  # int64 [E]
+    b: np.ndarray  # int64 [E]
+    distance: np.ndarray  # float64 [E]
+
+    def __post_init__(self):
+        for name in ("a", "b", "distance"):
+            arr = np.asarray(getattr(self, name), dtype=np.float64 if name == "distance" else np.int64)
+            object.__setattr__(self, name, arr)
+        if not (self.a.ndim == 1 and self.a.shape == self.b.shape == self.distance.shape):
+            raise ValueError(f"a, b, distance must be 1-D of one length: {self.a.shape}, {self.b.shape}, {self.distance.shape}")
+        if not self.method:
+            raise ValueError("method must name how the edges were found, e.g. 'phash'")
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def keep(self, mask: np.ndarray) -> EdgeSet:
+        """The edges where `mask` is True (e.g. after a verification step)."""
+        return EdgeSet(self.method, self.a[mask], self.b[mask], self.distance[mask])
+
+
+def near_duplicate_edges(
+    phash: np.ndarray, dhash: np.ndarray, cfg: DedupConfig, *, aspect: np.ndarray | None = None
+) -> EdgeSet:
+    """All pairs (a < b) of rows that are near-duplicates under `cfg`; distance = pHash bits.
+
+    `aspect` (width / height per row) is needed when `cfg.max_aspect_ratio` is set.
+    """
+    phash, dhash = np.asarray(phash, dtype=np.uint64), np.asarray(dhash, dtype=np.uint64)
+    if phash.shape != dhash.shape or phash.ndim != 1:
+        raise ValueError(f"phash {phash.shape} and dhash {dhash.shape} must be 1-D of one length")
+    log_aspect = _log_aspect(aspect, len(phash), cfg)
+    rep_rows, chain = _collapse_identical(phash, dhash, log_aspect, cfg)
+    a, b = _candidate_pairs(phash[rep_rows], cfg.phash_radius)
+    a, b = rep_rows[a], rep_rows[b]
+    ok = _agree(a, b, dhash, log_aspect, cfg)
+    a, b = a[ok], b[ok]
+    a, b = np.concatenate([chain[0], a]), np.concatenate([chain[1], b])
+    dist = np.bitwise_count(phash[a] ^ phash[b]).astype(np.float64)
+    return EdgeSet("phash", np.minimum(a, b), np.maximum(a, b), dist)
+
+
+def _log_aspect(aspect: np.ndarray | None, n: int, cfg: DedupConfig) -> np.ndarray | None:
+    if cfg.max_aspect_ratio is None:
+        return None
+    if aspect is None:
+        raise ValueError("cfg.max_aspect_ratio is set: pass aspect=width/height, or set max_aspect_ratio=None")
+    aspect = np.asarray(aspect, dtype=np.float64)
+    if aspect.shape != (n,) or not np.all(aspect > 0):
+        raise ValueError(f"aspect must be positive with one value per row ({n},), got shape {aspect.shape}")
+    return np.log(aspect)
+
+
+def _collapse_identical(phash, dhash, log_aspect, cfg):
+    """Group rows with equal (pHash, dHash, aspect bucket); chain each group to its first row.
+
+    Returns (first row of each group, (chain_a, chain_b)). Equal hashes are
+    distance 0, and the aspect bucket is narrower than the tolerance, so chained rows are
+    near-duplicates by definition; only one row per group goes into the index.
+    """
+    bucket = np.zeros(len(phash), np.int64)
+    if log_aspect is not None and cfg.max_aspect_ratio > 1.0:
+        bucket = np.floor(log_aspect / math.log(cfg.max_aspect_ratio)).astype(np.int64)
+    order = np.lexsort((bucket, dhash, phash))
+    p, d, k = phash[order], dhash[order], bucket[order]
+    new = np.ones(len(order), dtype=bool)
+    new[1:] = (p[1:] != p[:-1]) | (d[1:] != d[:-1]) | (k[1:] != k[:-1])
+    group = np.cumsum(new) - 1
+    first = order[new]
+    chained = ~new
+    return first, (first[group[chained]], order[chained])
+
+
+def _candidate_pairs(codes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) of `codes` (uint64) within `radius` bits, via IndexBinaryMultiHash."""
+    n = len(codes)
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    nhash, b, nflip = _multihash_params(radius, n)
+    index = faiss.IndexBinaryMultiHash(HASH_BITS, nhash, b)
+    index.nflip = nflip
+    as_bytes = codes.view(np.uint8).reshape(n, HASH_BITS // 8)  # byte order only permutes bits
+    index.add(as_bytes)
+    parts_a, parts_b = [], []
+    for start in range(0, n, _QUERY_BATCH):
+        lims, _, ids = index.range_search(as_bytes[start : start + _QUERY_BATCH], radius + 1)  # strict <
+        q = start + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
+        keep = q < ids
+        parts_a.append(q[keep])
+        parts_b.append(ids[keep].astype(np.int64))
+    return np.concatenate(parts_a), np.concatenate(parts_b)
+
+
+def _multihash_params(radius: int, n: int) -> tuple[int, int, int]:
+    """(nhash, bits per hash, nflip) covering `radius` exactly, at least estimated cost.
+
+    Exact when nhash * (nflip + 1) > radius (pigeonhole over disjoint chunks). Cost per query
+    ~ probes * (1 + expected bucket occupancy n / 2**b): few long chunks probe many buckets,
+    many short chunks return crowded buckets.
+    """
+    best = None
+    for nhash in range(1, radius + 2):
+        nflip = math.ceil((radius + 1) / nhash) - 1
+        b = min(HASH_BITS // nhash, 32)
+        probes = nhash * sum(math.comb(b, k) for k in range(nflip + 1))
+        cost = probes * (1.0 + n / 2.0**b)
+        if best is None or cost < best[0]:
+            best = (cost, nhash, b, nflip)
+    return best[1:]
+
+
+def _agree(a, b, dhash, log_aspect, cfg: DedupConfig) -> np.ndarray:
+    ok = np.ones(len(a), dtype=bool)
+    if cfg.dhash_radius is not None:
+        ok &= np.bitwise_count(dhash[a] ^ dhash[b]) <= cfg.dhash_radius
+    if log_aspect is not None:
+        ok &= np.abs(log_aspect[a] - log_aspect[b]) <= math.log(cfg.max_aspect_ratio) + 1e-12
+    return ok
+
+
+def resolve(uids, pixels, edge_sets: list[EdgeSet]) -> pa.Table:
+    """Union all edges; one row per non-representative image of every group (DUPLICATES_SCHEMA).
+
+    Rows: `duplicate_of` is the group's representative (most pixels, then smallest uid).
+    `method` is the first method, in `edge_sets` order, among the image's own edges, and
+    `distance` the smallest distance among its edges of that method: how close the image is to
+    the group member that tied it in (not necessarily the representative). Output is sorted by
+    uid and independent of row order. uids must be unique.
+    """
+    uids = np.asarray(uids, dtype=object)
+    pixels = np.asarray(pixels, dtype=np.int64)
+    if uids.shape != pixels.shape or uids.ndim != 1:
+        raise ValueError(f"uids {uids.shape} and pixels {pixels.shape} must be 1-D of one length")
+    for es in edge_sets:
+        if len(es) and (min(es.a.min(), es.b.min()) < 0 or max(es.a.max(), es.b.max()) >= len(uids)):
+            raise ValueError(f"edge set '{es.method}' has row positions outside 0..{len(uids) - 1}")
+    ends = [np.concatenate([es.a, es.b]) for es in edge_sets]
+    touched = np.unique(np.concatenate(ends)) if ends else np.zeros(0, np.int64)
+    if len(touched) == 0:
+        return DUPLICATES_SCHEMA.empty_table()
+    local = [(np.searchsorted(touched, es.a), np.searchsorted(touched, es.b)) for es in edge_sets]
+    uf = UnionFind(len(touched))
+    for la, lb in local:
+        uf.union_edges(la, lb)
+    t_uids = uids[touched]
+    if len(set(t_uids.tolist())) != len(t_uids):
+        raise ValueError("uids must be unique (exact copies are resolved by the ledger)")
+    comps = components(uf, representative_rank(pixels[touched], t_uids))
+    rep = comps.representative_of()
+    method_idx, distance = _linking_edge(local, edge_sets, len(touched))
+    members = np.flatnonzero(rep != np.arange(len(touched)))
+    methods = np.array([es.method for es in edge_sets], dtype=object)
+    table = pa.table(
+        {
+            "uid": pa.array(t_uids[members].tolist(), pa.string()),
+            "duplicate_of": pa.array(t_uids[rep[members]].tolist(), pa.string()),
+            "method": pa.array(methods[method_idx[members]].tolist(), pa.string()),
+            "distance": pa.array(distance[members], pa.float64()),
+        },
+        schema=DUPLICATES_SCHEMA,
+    )
+    return table.sort_by([("uid", "ascending")])
+
+
+def _linking_edge(local, edge_sets, n) -> tuple[np.ndarray, np.ndarray]:
+    """Per node: (index of the first method among its edges, smallest distance of that method)."""
+    node = np.concatenate([np.concatenate([la, lb]) for la, lb in local])
+    prio = np.concatenate([np.full(2 * len(es), i) for i, es in enumerate(edge_sets)])
+    dist = np.concatenate([np.concatenate([es.distance, es.distance]) for es in edge_sets])
+    order = np.lexsort((dist, prio, node))
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = node[order][1:] != node[order][:-1]
+    pick = order[first]
+    method_idx, distance = np.zeros(n, np.int64), np.zeros(n, np.float64)
+    method_idx[node[pick]], distance[node[pick]] = prio[pick], dist[pick]
+    return method_idx, distance
+
+
+def find_near_duplicates(table: pa.Table, cfg: DedupConfig) -> pa.Table:
+    """pHash near-duplicates of a table with uid, width, height, phash, dhash (unique uids)."""
+    missing = {"uid", "width", "height", "phash", "dhash"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"dedup needs columns {sorted(missing)} (from the ingest manifest)")
+    cols = {c: table[c] for c in ("uid", "width", "height", "phash", "dhash")}
+    nulls = [c for c, col in cols.items() if col.null_count]
+    if nulls:
+        raise ValueError(f"columns {nulls} have nulls: pass accepted records only")
+    width = cols["width"].to_numpy().astype(np.int64)
+    height = cols["height"].to_numpy().astype(np.int64)
+    edges = near_duplicate_edges(
+        cols["phash"].to_numpy(), cols["dhash"].to_numpy(), cfg, aspect=width / np.maximum(height, 1)
+    )
+    return resolve(cols["uid"].to_numpy(zero_copy_only=False), width * height, [edges])
