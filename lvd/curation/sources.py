@@ -219,9 +219,12 @@ def iter_items(partition: Partition) -> Iterator[RawItem]:
 
 
 def _read(uri: str) -> bytes:
-    if os.path.isabs(uri) and not stat.S_ISREG(os.stat(uri).st_mode):
-        raise OSError(f"{uri} is not a regular file")  # a fifo would block the worker forever
-    with fsspec.open(uri, "rb") as f:
+    if not os.path.isabs(uri):  # a URI: fsspec (local paths skip its per-call overhead)
+        with fsspec.open(uri, "rb") as f:
+            return f.read()
+    if not stat.S_ISREG(os.stat(uri).st_mode):  # before open(): opening a fifo blocks forever
+        raise OSError(f"{uri} is not a regular file")
+    with open(uri, "rb") as f:
         return f.read()
 
 

@@ -204,3 +204,12 @@ def test_parquet_without_image_column_names_the_file(tmp_path):
     _parquet(path, pa.table({"caption": ["a"], "width": [3]}))
     with pytest.raises(ValueError, match="captions_only.parquet"):
         plan_partitions([str(path)])
+
+
+def test_file_replaced_by_fifo_after_planning_is_a_read_error(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (part,) = plan_partitions([str(tmp_path)])
+    (tmp_path / "a.jpg").unlink()
+    os.mkfifo(tmp_path / "a.jpg")  # opening it for reading would block with no writer
+    (item,) = iter_items(part)
+    assert item.error == "read_error" and item.data is None
