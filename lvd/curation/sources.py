@@ -56,7 +56,7 @@ class Partition:
 class _Found:
     """What one input expands to before indexes are assigned."""
 
-    files: list[tuple[str, tuple[int, float]]] = field(default_factory=list)
+    files: list[tuple[str, tuple[int, object]]] = field(default_factory=list)
     tars: list[str] = field(default_factory=list)
     parquets: list[str] = field(default_factory=list)
 
@@ -106,9 +106,16 @@ def _protocols(fs) -> tuple[str, ...]:
     return (proto,) if isinstance(proto, str) else tuple(proto)
 
 
-def _stat(fs, uri: str) -> tuple[int, float]:
-    info = fs.info(uri)
-    return int(info.get("size") or 0), float(info.get("mtime") or info.get("LastModified", 0) or 0)
+def _stat(fs, uri: str) -> tuple[int, object]:
+    return _size_stamp(fs.info(uri))
+
+
+def _size_stamp(info: dict) -> tuple[int, object]:
+    """Size and a change stamp; backends name it differently (local mtime, s3 LastModified...)."""
+    for key in ("mtime", "LastModified", "last_modified", "updated", "created", "ETag", "etag"):
+        if info.get(key) is not None:
+            return int(info.get("size") or 0), str(info[key])
+    return int(info.get("size") or 0), ""
 
 
 def _discover(fs, root: str, uri: str) -> _Found:
@@ -133,7 +140,7 @@ def _classify_single(fs, root: str, uri: str, found: _Found) -> None:
         found.files.append((_display(fs, root), _stat(fs, root)))
 
 
-def _walk_local(root: str) -> list[tuple[str, tuple[int, float]]]:
+def _walk_local(root: str) -> list[tuple[str, tuple[int, object]]]:
     """Sorted (path, (size, mtime)) of regular files and file symlinks; dir symlinks are skipped."""
     out, stack = [], [root]
     while stack:
@@ -155,12 +162,12 @@ def _walk_local(root: str) -> list[tuple[str, tuple[int, float]]]:
     return sorted(out, key=lambda x: x[0])
 
 
-def _walk_remote(fs, root: str) -> list[tuple[str, tuple[int, float]]]:
+def _walk_remote(fs, root: str) -> list[tuple[str, tuple[int, object]]]:
     infos = fs.find(root, detail=True)
     out = []
     for path, info in sorted(infos.items()):
         if info.get("type") == "file":
-            out.append((fs.unstrip_protocol(path), (int(info.get("size") or 0), float(info.get("mtime") or 0))))
+            out.append((fs.unstrip_protocol(path), _size_stamp(info)))
     return out
 
 

@@ -213,3 +213,23 @@ def test_file_replaced_by_fifo_after_planning_is_a_read_error(tmp_path):
     os.mkfifo(tmp_path / "a.jpg")  # opening it for reading would block with no writer
     (item,) = iter_items(part)
     assert item.error == "read_error" and item.data is None
+
+
+def test_fsspec_uri_folder_and_tar():
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        info = tarfile.TarInfo("k.jpg")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"K"))
+    fs.pipe({"/lvd-test/a.jpg": b"A", "/lvd-test/a.json": b'{"k": 1}', "/lvd-test/s/b.png": b"B", "/lvd-test/t.tar": buf.getvalue()})
+    try:
+        parts = plan_partitions(["memory://lvd-test"])
+        assert [(p.kind, p.uri) for p in parts] == [("files", "memory:///lvd-test"), ("tar", "memory:///lvd-test/t.tar")]
+        got = [(i.source, i.data, i.meta) for p in parts for i in iter_items(p)]
+        assert got == [("memory:///lvd-test/a.jpg", b"A", {"json": {"k": 1}}), ("memory:///lvd-test/s/b.png", b"B", {}),
+                       ("memory:///lvd-test/t.tar::k.jpg", b"K", {})]  # fmt: skip
+    finally:
+        fs.rm("/lvd-test", recursive=True)
