@@ -5,7 +5,9 @@ Checks run cheapest first: `empty` -> `not_image` (Pillow cannot identify it amo
 `corrupt` instead) -> `too_large` (pixel count from the header, before any decoding; Pillow's
 own DecompressionBombError counts too) -> `too_small` (shorter side after EXIF orientation)
 -> `unsupported_mode` -> `corrupt` (any decode failure, truncation included: Pillow's
-LOAD_TRUNCATED_IMAGES must stay False, which `ingest_item` asserts).
+LOAD_TRUNCATED_IMAGES must stay False, which `ingest_item` asserts). Only the data the first
+frame needs is validated: a GIF cut inside a later frame, or a PNG missing only its IEND
+chunk, is accepted, since the image it shows is complete.
 
 Speed: JPEGs are decoded with Pillow's draft mode straight to a small grayscale image
 (libjpeg's DCT scaling, 1/2..1/8 size). libjpeg still entropy-decodes every scan, so a
@@ -125,7 +127,11 @@ def ingest_item(item: RawItem, cfg: IngestConfig) -> tuple[dict, bytes | None]:
     if item.error is not None:
         return record, None
     try:
-        record.update(_decode_and_hash(data, cfg))
+        with warnings.catch_warnings():
+            # Pillow warns about corrupt EXIF / truncated TIFF strips (classified here anyway)
+            # and about large images (our own max_pixels check replaces that warning)
+            warnings.simplefilter("ignore")
+            record.update(_decode_and_hash(data, cfg))
     except _Reject as rej:
         record.update(reason=rej.reason, **rej.fields)
         return record, None
@@ -157,10 +163,7 @@ def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
 
 def _open(data: bytes, cfg: IngestConfig) -> Image.Image:
     try:
-        with warnings.catch_warnings():
-            # our own max_pixels check replaces Pillow's warning-level bomb check
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(io.BytesIO(data), formats=cfg.formats)
+        return Image.open(io.BytesIO(data), formats=cfg.formats)
     except Image.DecompressionBombError:
         raise _Reject("too_large") from None
     except Exception:  # Pillow raises many types for unparsable headers
@@ -190,9 +193,7 @@ def _small_gray(img: Image.Image, side: int) -> Image.Image:
     if img.format in ("JPEG", "MPO"):
         img.draft("L", (side, side))  # DCT-domain downscale; YCbCr->RGB skipped (CMYK: scale only)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img.load()
+        img.load()
         small = img if img.mode == "L" else to_rgb(img).convert("L")
     except Image.DecompressionBombError:
         raise _Reject("too_large", format=img.format) from None

@@ -193,3 +193,11 @@ def test_ingest_imports_neither_ray_nor_prefect():
     code = "import sys, lvd.curation.ingest; print(sorted({m for m in ('ray', 'prefect') if m in sys.modules}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_truncated_odd_encodings_are_corrupt(odd):
+    _, images = odd
+    for name in ("cmyk.jpg", "gray16.png", "rgba.png", "photo.webp", "photo.bmp", "photo.tif", "progressive.jpg"):
+        data = images[name][0]
+        record, kept = ingest_item(RawItem(source=name, data=data[: len(data) * 6 // 10], error=None, meta={}), CFG)
+        assert (record["reason"], kept) == ("corrupt", None), name
