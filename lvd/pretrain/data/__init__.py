@@ -1,0 +1,19 @@
+"""Pretraining data: multi-crop augmentations, iBOT masks, typed batches, shard reader."""
+
+from lvd.pretrain.data.augmentations import Crops, MultiCrop, MultiCropConfig
+from lvd.pretrain.data.collate import Batch, collate
+from lvd.pretrain.data.masking import BlockMaskGenerator, MaskConfig
+from lvd.pretrain.data.shards import ShardDataConfig, expand_shards, make_dataloader
+
+__all__ = [
+    "Batch",
+    "BlockMaskGenerator",
+    "Crops",
+    "MaskConfig",
+    "MultiCrop",
+    "MultiCropConfig",
+    "ShardDataConfig",
+    "collate",
+    "expand_shards",
+    "make_dataloader",
+]

@@ -1,0 +1,140 @@
+"""Shard reader: real JPEG shards written with webdataset.TarWriter, including corrupt samples."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+from skimage import data
+
+from lvd.pretrain.data.augmentations import MultiCropConfig
+from lvd.pretrain.data.masking import MaskConfig
+from lvd.pretrain.data.shards import ShardDataConfig, expand_shards, make_dataloader, slot_shards
+
+N_SHARDS, PER_SHARD = 4, 6
+CORRUPT = {"000007": "jpg", "000016": "json"}  # key -> which member is broken
+PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochemistry"]
+
+
+def _jpeg(index: int) -> bytes:
+    arr = getattr(data, PHOTOS[index % len(PHOTOS)])()
+    img = Image.fromarray(arr).convert("RGB").resize((48 + index, 40 + index))  # every sample distinct
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Per-image transforms on one thread, as in DataLoader workers (the reader sets this in
+    each worker); with num_workers=0 intra-op threads only contend on a small machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    for s in range(N_SHARDS):
+        with wds.TarWriter(str(out / f"shard-{s:06d}.tar")) as writer:
+            for j in range(PER_SHARD):
+                key = f"{s * PER_SHARD + j:06d}"
+                jpg, meta = _jpeg(s * PER_SHARD + j), json.dumps({"uid": f"uid-{key}", "source": key}).encode()
+                if CORRUPT.get(key) == "jpg":
+                    jpg = jpg[:200]  # truncated JPEG
+                if CORRUPT.get(key) == "json":
+                    meta = b"{not json"
+                writer.write({"__key__": key, "jpg": jpg, "json": meta})
+    return out
+
+
+GOOD_UIDS = {f"uid-{i:06d}" for i in range(N_SHARDS * PER_SHARD) if f"{i:06d}" not in CORRUPT}
+
+
+def cfg(**kw) -> ShardDataConfig:
+    base = dict(
+        batch_size=4,
+        num_workers=0,
+        seed=0,
+        shuffle_buffer=8,
+        multicrop=MultiCropConfig(global_size=28, local_size=14, n_local=1),
+        mask=MaskConfig(patch_size=14),
+    )
+    return ShardDataConfig(**{**base, **kw})
+
+
+def take(loader, n):
+    return list(itertools.islice(iter(loader), n))
+
+
+def test_expand_shards_patterns_directories_and_errors(shard_dir, tmp_path):
+    all_tars = sorted(str(p) for p in shard_dir.glob("shard-*.tar"))
+    assert expand_shards(str(shard_dir)) == all_tars
+    assert expand_shards([str(shard_dir / "shard-{000000..000003}.tar")]) == all_tars
+    with pytest.raises(FileNotFoundError, match="shard-000009.tar"):
+        expand_shards(str(shard_dir / "shard-{000000..000009}.tar"))
+    with pytest.raises(FileNotFoundError, match="without shard"):
+        expand_shards([str(tmp_path)])
+    with pytest.raises(ValueError, match="no shards"):
+        expand_shards([])
+
+
+def test_slots_partition_the_shards_each_epoch_in_a_seeded_order():
+    orders = []
+    for epoch in range(3):
+        slots = [slot_shards(10, seed=1, epoch=epoch, slot=s, n_slots=4) for s in range(4)]
+        assert sorted(sum(slots, [])) == list(range(10))
+        orders.append(slots)
+    assert orders[0] != orders[1]
+    assert orders[0] == [slot_shards(10, seed=1, epoch=0, slot=s, n_slots=4) for s in range(4)]
+    # fewer shards than slots: every slot still gets one
+    assert all(len(slot_shards(2, seed=0, epoch=0, slot=s, n_slots=5)) == 1 for s in range(5))
+
+
+def test_one_epoch_without_shuffle_counts_and_replaces_corrupt_samples(shard_dir):
+    batches = take(make_dataloader(shard_dir, cfg(shuffle_buffer=0)), N_SHARDS * PER_SHARD // 4)
+    assert all(b.n_images == 4 and b.global_crops.shape == (8, 3, 28, 28) for b in batches)
+    assert sum(b.n_corrupt for b in batches) == len(CORRUPT)
+    uids = [u for b in batches for u in b.uids]
+    assert set(uids) == GOOD_UIDS  # every good sample once in the epoch, corrupt ones replaced
+    assert len(uids) == N_SHARDS * PER_SHARD
+    assert [b.batch_index for b in batches] == list(range(6))
+
+
+def test_same_seed_same_stream_other_seed_other_stream(shard_dir):
+    a = take(make_dataloader(shard_dir, cfg(seed=3)), 8)  # 32 images: crosses into the next epoch
+    b = take(make_dataloader(shard_dir, cfg(seed=3)), 8)
+    c = take(make_dataloader(shard_dir, cfg(seed=4)), 8)
+    assert [x.uids for x in a] == [x.uids for x in b]
+    assert all(torch.equal(x.global_crops, y.global_crops) and torch.equal(x.masks, y.masks) for x, y in zip(a, b))
+    assert [x.uids for x in a] != [x.uids for x in c]
+    assert set(u for x in a for u in x.uids) == GOOD_UIDS
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_resume_from_start_batch_matches_uninterrupted_stream(shard_dir, num_workers):
+    fresh = take(make_dataloader(shard_dir, cfg(num_workers=num_workers)), 9)
+    resumed = take(make_dataloader(shard_dir, cfg(num_workers=num_workers), start_batch=5), 4)
+    assert [b.batch_index for b in resumed] == [5, 6, 7, 8]
+    for x, y in zip(fresh[5:], resumed):
+        assert x.uids == y.uids
+        assert torch.equal(x.global_crops, y.global_crops) and torch.equal(x.local_crops, y.local_crops)
+        assert torch.equal(x.masks, y.masks)
+
+
+def test_ranks_read_disjoint_shards(shard_dir):
+    r0 = take(make_dataloader(shard_dir, cfg(shuffle_buffer=0), rank=0, world_size=2), 3)
+    r1 = take(make_dataloader(shard_dir, cfg(shuffle_buffer=0), rank=1, world_size=2), 3)
+    shard_of = lambda uid: int(uid.split("-")[1]) // PER_SHARD  # noqa: E731
+    s0 = {shard_of(u) for b in r0 for u in b.uids}
+    s1 = {shard_of(u) for b in r1 for u in b.uids}
+    assert len(s0) == len(s1) == 2 and not s0 & s1
