@@ -158,7 +158,8 @@ def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
         raise _Reject("unsupported_mode", **info)
     small = _small_gray(img, cfg.hash_size * 4)
     small = _apply_orientation(small, orientation)
-    return dict(info, phash=_to_uint(imagehash.phash(small, cfg.hash_size)), dhash=_to_uint(imagehash.dhash(small, cfg.hash_size)))
+    phash, dhash = imagehash.phash(small, cfg.hash_size), imagehash.dhash(small, cfg.hash_size)
+    return dict(info, phash=_to_uint(phash), dhash=_to_uint(dhash))
 
 
 def _open(data: bytes, cfg: IngestConfig) -> Image.Image:
