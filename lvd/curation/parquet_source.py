@@ -5,7 +5,8 @@ The image column is auto-detected, first match wins:
 2. a struct column with a binary `bytes` field (what Hugging Face `datasets` writes for
    `Image()` features; its `path` field is used when `bytes` is null);
 3. a string column named `path`, `image_path` or `url` holding paths, resolved relative to
-   the Parquet file's folder (absolute paths and fsspec URIs are used as they are).
+   the Parquet file's folder (absolute paths and fsspec URIs are used as they are; web URLs
+   are never fetched: downloading is img2dataset's job, so they give `read_error`).
 Every other column of the row goes into `meta`. A null image cell gives error `empty`
 (no bytes, so no uid); a path that cannot be read gives `read_error`.
 """
@@ -103,6 +104,8 @@ def _cell_bytes(cell, column: ImageColumn, uri: str) -> tuple[bytes | None, str 
 def _path_bytes(path: str | None, parquet_uri: str) -> tuple[bytes | None, str | None]:
     if not path:
         return None, "empty"
+    if path.lower().startswith(("http://", "https://")):
+        return None, "read_error"
     try:
         with fsspec.open(_resolve(path, parquet_uri), "rb") as f:
             return f.read(), None

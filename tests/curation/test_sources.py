@@ -194,9 +194,10 @@ def test_parquet_hf_struct_and_path_columns(tmp_path):
     _parquet(hf, pa.table({"image": struct, "label": [1, 2]}))
     assert [(i.data, i.meta) for i in _items([hf])] == [(b"inline", {"label": 1}), (b"file-a", {"label": 2, "path": "imgs/a.jpg"})]
     paths = tmp_path / "paths.parquet"
-    _parquet(paths, pa.table({"image_path": ["imgs/a.jpg", str(tmp_path / "imgs" / "a.jpg"), "imgs/missing.jpg"]}))
+    rel_abs_missing_web = ["imgs/a.jpg", str(tmp_path / "imgs" / "a.jpg"), "imgs/missing.jpg", "https://x.invalid/a.jpg"]
+    _parquet(paths, pa.table({"url": rel_abs_missing_web}))
     got = [(i.data, i.error) for i in _items([paths])]
-    assert got == [(b"file-a", None), (b"file-a", None), (None, "read_error")]
+    assert got == [(b"file-a", None), (b"file-a", None), (None, "read_error"), (None, "read_error")]
 
 
 def test_parquet_without_image_column_names_the_file(tmp_path):
