@@ -201,3 +201,14 @@ def test_truncated_odd_encodings_are_corrupt(odd):
         data = images[name][0]
         record, kept = ingest_item(RawItem(source=name, data=data[: len(data) * 6 // 10], error=None, meta={}), CFG)
         assert (record["reason"], kept) == ("corrupt", None), name
+
+
+def test_ray_task_gives_the_same_records(ray_local, tmp_path):
+    testdata.write_photo_jpegs(tmp_path / "p", 6, side=96)
+    testdata.write_bad_inputs(tmp_path / "p" / "bad")
+    parts = plan_partitions([str(tmp_path / "p")], files_per_partition=7)
+    remote = ray_local.remote(ingest_partition)
+    outs = ray_local.get([remote.remote(p, CFG) for p in parts])
+    for part, out in zip(parts, outs):
+        local = ingest_partition(part, CFG)
+        assert out.records.equals(local.records) and out.blobs.equals(local.blobs)
