@@ -16,7 +16,8 @@ from skimage import data
 
 from lvd.pretrain.data.augmentations import MultiCropConfig
 from lvd.pretrain.data.masking import MaskConfig
-from lvd.pretrain.data.shards import ShardDataConfig, expand_shards, make_dataloader, slot_shards
+from lvd.pretrain.data.shard_stream import count_samples, expand_shards, read_shard, slot_shards
+from lvd.pretrain.data.shards import ShardDataConfig, make_dataloader
 
 N_SHARDS, PER_SHARD = 4, 6
 CORRUPT = {"000007": "jpg", "000016": "json"}  # key -> which member is broken
@@ -120,10 +121,17 @@ def test_same_seed_same_stream_other_seed_other_stream(shard_dir):
     assert set(u for x in a for u in x.uids) == GOOD_UIDS
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_from_start_batch_matches_uninterrupted_stream(shard_dir, num_workers):
-    fresh = take(make_dataloader(shard_dir, cfg(num_workers=num_workers)), 9)
-    resumed = take(make_dataloader(shard_dir, cfg(num_workers=num_workers), start_batch=5), 4)
+def test_header_counts_match_samples_read(shard_dir):
+    for path in sorted(shard_dir.glob("shard-*.tar")):
+        assert count_samples(str(path)) == len(list(read_shard(str(path)))) == PER_SHARD
+
+
+# shuffle_shards=1: resume passes whole shards by header counts; 4: replays inside a group
+@pytest.mark.parametrize("num_workers, shuffle_shards", [(0, 1), (0, 4), (2, 1)])
+def test_resume_from_start_batch_matches_uninterrupted_stream(shard_dir, num_workers, shuffle_shards):
+    c = cfg(num_workers=num_workers, shuffle_shards=shuffle_shards)
+    fresh = take(make_dataloader(shard_dir, c), 9)
+    resumed = take(make_dataloader(shard_dir, c, start_batch=5), 4)
     assert [b.batch_index for b in resumed] == [5, 6, 7, 8]
     for x, y in zip(fresh[5:], resumed):
         assert x.uids == y.uids

@@ -3,7 +3,8 @@
 from lvd.pretrain.data.augmentations import Crops, MultiCrop, MultiCropConfig
 from lvd.pretrain.data.collate import Batch, collate
 from lvd.pretrain.data.masking import BlockMaskGenerator, MaskConfig
-from lvd.pretrain.data.shards import ShardDataConfig, expand_shards, make_dataloader
+from lvd.pretrain.data.shard_stream import expand_shards
+from lvd.pretrain.data.shards import ShardDataConfig, make_dataloader
 
 __all__ = [
     "Batch",

@@ -2,19 +2,19 @@
 
 Layout (docs/architecture.md): `shard-NNNNNN.tar` holding `KEY.jpg` + `KEY.json` (`uid`, ...).
 
-Stream. Each rank's DataLoader workers are "slots" `rank * W + w` of `S = world * W`.
-Epoch e permutes the shard list with (seed, e); slot s reads shards `perm[s::S]` (the list
-is repeated when there are fewer shards than slots) through a seeded shuffle buffer. The
-worker turns every `batch_size` raw samples into one Batch, so global batch k of a rank
-is local batch k // W of logical worker k % W. The stream is a pure function of (shards,
-seed, world_size, num_workers, batch_size); changing any of those changes it.
+Stream. Each rank's DataLoader workers are reader slots (see `shard_stream`: per-epoch
+seeded shard order, disjoint shards per slot, interleaved groups of shards through a
+seeded shuffle buffer). A worker turns every `batch_size` raw samples into one Batch, so
+global batch k of a rank is local batch k // W of logical worker k % W. The stream is a
+pure function of (shards, seed, world_size, num_workers, batch_size, shuffle settings).
 
 Augmentation and masks. Crops of image i of batch k on rank r are drawn with seed
 (seed, r, k, i); masks with (seed, r, k). So a resumed stream reproduces crops exactly.
 
 Resume. `start_batch=k` makes worker w play logical worker (w + k) % W (DataLoader polls
-workers round robin from 0) and skip its first (k + w) // W * batch_size raw samples
-*without decoding them*: the skipped tar members are still read (I/O), not decoded.
+workers round robin from 0) and skip the (k + w) // W * batch_size raw samples its
+earlier batches used, without decoding them: whole shard groups are passed using counts
+from the tar headers; only the group holding the resume point is re-read (not decoded).
 
 Corrupt samples (bad JPEG, bad JSON, missing member) are replaced by another sample of
 the same batch, re-augmented with their own seed, so every batch has `batch_size` images
@@ -30,18 +30,16 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import braceexpand
 import numpy as np
 import torch
-import webdataset as wds
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lvd.pretrain.data.augmentations import Crops, MultiCrop, MultiCropConfig
 from lvd.pretrain.data.collate import Batch, collate
 from lvd.pretrain.data.masking import MaskConfig
+from lvd.pretrain.data.shard_stream import RawSample, SlotSpec, expand_shards, raw_stream
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +49,8 @@ class ShardDataConfig:
     batch_size: int  # images per rank per step
     num_workers: int = 4
     seed: int = 0
-    shuffle_buffer: int = 1000  # raw samples; 0 or 1 disables shuffling inside shards
+    shuffle_buffer: int = 1000  # raw samples; 0 or 1: no shuffling beyond the shard order
+    shuffle_shards: int = 4  # shards read interleaved and shuffled together
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
     mask: MaskConfig = field(default_factory=MaskConfig)
     pin_memory: bool = True
@@ -62,88 +61,14 @@ class ShardDataConfig:
             raise ValueError(f"batch_size={self.batch_size}: need at least 1 image per rank")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("num_workers and shuffle_buffer must be >= 0")
-
-
-@dataclass
-class RawSample:
-    key: str
-    shard: str
-    files: dict[str, bytes]
+        if self.shuffle_shards < 1:
+            raise ValueError(f"shuffle_shards={self.shuffle_shards}: mix at least 1 shard at a time")
 
 
 @dataclass
 class DecodedSample:
     uid: str
     image: Image.Image
-
-
-def expand_shards(shards: Sequence[str | os.PathLike] | str | os.PathLike) -> list[str]:
-    """Brace patterns and directories (their `shard-*.tar`) to a list of existing tar paths."""
-    specs = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
-    if not specs:
-        raise ValueError("no shards given: pass shard paths, a {000000..000009} pattern or a shard directory")
-    paths, missing = [], []
-    for spec in specs:
-        for path in braceexpand.braceexpand(os.fspath(spec)):
-            if os.path.isdir(path):
-                found = sorted(str(p) for p in Path(path).glob("shard-*.tar"))
-                paths += found
-                missing += [] if found else [f"{path} (directory without shard-*.tar)"]
-            elif os.path.isfile(path) and os.access(path, os.R_OK):
-                paths.append(path)
-            else:
-                missing.append(path)
-    if missing:
-        raise FileNotFoundError(f"unreadable or missing shards: {', '.join(missing[:10])}" + (" ..." if len(missing) > 10 else ""))
-    return paths
-
-
-def _warn_and_continue(exn: Exception) -> bool:
-    log.warning("skipping unreadable tar content: %r", exn)
-    return True
-
-
-def read_shard(path: str) -> Iterator[RawSample]:
-    """Raw samples of one tar in file order, grouped by key (webdataset's tar iterators)."""
-    with open(path, "rb") as stream:
-        files = wds.tariterators.tar_file_expander([{"url": path, "stream": stream}], handler=_warn_and_continue)
-        for sample in wds.tariterators.group_by_keys(files, handler=_warn_and_continue):
-            payload = {k: v for k, v in sample.items() if not k.startswith("__")}
-            yield RawSample(key=sample["__key__"], shard=path, files=payload)
-
-
-def slot_shards(n_shards: int, *, seed: int, epoch: int, slot: int, n_slots: int) -> list[int]:
-    """Shard indices read by one slot in one epoch (seed-dependent order, disjoint slots)."""
-    perm = np.random.default_rng([seed, epoch]).permutation(n_shards)
-    return np.resize(perm, max(n_shards, n_slots))[slot::n_slots].tolist()
-
-
-def raw_stream(shards: list[str], *, seed: int, slot: int, n_slots: int, buffer: int) -> Iterator[RawSample]:
-    """Endless slot stream: shards epoch after epoch, through a seeded shuffle buffer."""
-    rng = np.random.default_rng([seed, slot, 7])
-
-    def unshuffled() -> Iterator[RawSample]:
-        epoch = 0
-        while True:
-            n_read = 0
-            for i in slot_shards(len(shards), seed=seed, epoch=epoch, slot=slot, n_slots=n_slots):
-                for sample in read_shard(shards[i]):
-                    n_read += 1
-                    yield sample
-            if n_read == 0:  # an endless loop over empty or broken tars would hang training
-                raise RuntimeError(f"slot {slot} read no samples in epoch {epoch} from {len(shards)} shards")
-            epoch += 1
-
-    pool: list[RawSample] = []
-    for sample in unshuffled():
-        if buffer <= 1:
-            yield sample
-            continue
-        pool.append(sample)
-        if len(pool) >= buffer:
-            j = int(rng.integers(len(pool)))
-            pool[j], pool[-1] = pool[-1], pool[j]
-            yield pool.pop()
 
 
 def decode(raw: RawSample) -> DecodedSample:
@@ -175,15 +100,15 @@ class ShardStream(IterableDataset):
             torch.set_num_threads(1)  # one core per worker; parallelism comes from workers
         logical = (worker + self.start_batch) % n_workers
         first_batch = self.start_batch + worker  # the first global batch index this worker owns
-        stream = raw_stream(
-            self.shards,
+        spec = SlotSpec(
             seed=self.cfg.seed,
             slot=self.rank * n_workers + logical,
             n_slots=self.world_size * n_workers,
             buffer=self.cfg.shuffle_buffer,
+            group=self.cfg.shuffle_shards,
         )
-        for _ in range(first_batch // n_workers * self.cfg.batch_size):
-            next(stream)  # resume: skip without decoding
+        # resume: this worker's earlier batches took batch_size raw samples each
+        stream = raw_stream(self.shards, spec, skip=first_batch // n_workers * self.cfg.batch_size)
         batch_index = first_batch
         while True:
             raws = [next(stream) for _ in range(self.cfg.batch_size)]
