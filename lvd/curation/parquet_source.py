@@ -35,7 +35,10 @@ class ImageColumn:
 
 def count_rows(uri: str) -> int:
     with fsspec.open(uri, "rb") as f:
-        pf = pq.ParquetFile(f)
+        try:
+            pf = pq.ParquetFile(f)
+        except (pa.ArrowException, OSError) as err:
+            raise ValueError(f"parquet {uri!r} cannot be read ({err}): fix or remove it") from err
         find_image_column(pf.schema_arrow, uri)  # fail at planning time, not inside a worker
         return pf.metadata.num_rows
 

@@ -44,6 +44,8 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 @dataclass(frozen=True)
 class Partition:
+    """One unit of work, retry and resume (fields described in the module docstring)."""
+
     index: int
     kind: Literal["files", "tar", "parquet"]
     uri: str
@@ -126,7 +128,7 @@ def _discover(fs, root: str, uri: str) -> _Found:
         _classify_single(fs, root, uri, found)
         return found
     entries = _walk_local(root) if _is_local(fs) else _walk_remote(fs, root)
-    _split_folder(fs, entries, found)
+    _split_folder(entries, found)
     return found
 
 
@@ -171,7 +173,7 @@ def _walk_remote(fs, root: str) -> list[tuple[str, tuple[int, object]]]:
     return out
 
 
-def _split_folder(fs, entries, found: _Found) -> None:
+def _split_folder(entries, found: _Found) -> None:
     """Sort a folder's files into image inputs, tars, parquets; drop sidecars and bookkeeping."""
     paths = {p for p, _ in entries}
     folders = {os.path.dirname(p) for p in paths}

@@ -205,6 +205,10 @@ def test_parquet_without_image_column_names_the_file(tmp_path):
     _parquet(path, pa.table({"caption": ["a"], "width": [3]}))
     with pytest.raises(ValueError, match="captions_only.parquet"):
         plan_partitions([str(path)])
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 but not really")
+    with pytest.raises(ValueError, match="broken.parquet"):
+        plan_partitions([str(broken)])
 
 
 def test_file_replaced_by_fifo_after_planning_is_a_read_error(tmp_path):
