@@ -216,7 +216,7 @@ def store_image(data: bytes, cfg: ShardConfig) -> StoredImage:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ingest bounded pixels
         with Image.open(io.BytesIO(data)) as img:
-            width, height = _oriented_size(img)
+            width, height = oriented_size(img)
             too_big = cfg.max_side is not None and max(width, height) > cfg.max_side
             if cfg.keep_original_jpeg and img.format == "JPEG" and img.mode in _KEEPABLE_JPEG_MODES and not too_big:
                 return StoredImage(data=data, width=width, height=height, original=True)
@@ -307,7 +307,7 @@ class _HashingWriter:
         return self.n
 
 
-def _oriented_size(img: Image.Image) -> tuple[int, int]:
+def oriented_size(img: Image.Image) -> tuple[int, int]:
     try:
         orientation = int(img.getexif().get(0x0112, 1))
     except Exception:  # broken EXIF: readers ignore it too
