@@ -132,16 +132,17 @@ def _check_tar(path: Path, shard: _Listed, decode: bool) -> tuple[int, list[str]
         problems.append(f"{size} bytes, manifest says {shard.bytes}")
     if sha != shard.sha256:
         problems.append(f"sha256 {sha[:16]}... differs from the manifest's {shard.sha256[:16]}... (changed after writing)")
+    uid_of, found = dict(zip(shard.keys, shard.uids)), []
     try:
-        samples = dict(_read_samples(path, problems))
+        for key, files in _read_samples(path, problems):  # one sample in memory at a time
+            found.append(key)
+            if key in uid_of:
+                problems += [f"{key}: {p}" for p in _check_sample(files, uid_of[key], decode)]
     except (tarfile.TarError, OSError, EOFError) as e:
-        return 0, problems + [f"unreadable tar: {e}"]
-    if list(samples) != shard.keys:
-        problems.append(_key_mismatch(list(samples), shard.keys))
-    for key, uid in zip(shard.keys, shard.uids):
-        if key in samples:
-            problems += [f"{key}: {p}" for p in _check_sample(samples[key], uid, decode)]
-    return len(samples), problems
+        return len(found), problems + [f"unreadable tar after {len(found)} samples: {e}"]
+    if found != shard.keys:
+        problems.append(_key_mismatch(found, shard.keys))
+    return len(found), problems
 
 
 def _read_samples(path: Path, problems: list[str]) -> Iterator[tuple[str, dict[str, bytes]]]:

@@ -122,8 +122,8 @@ def test_wrong_uid_missing_member_and_stray_member(shards):
 
     _rewrite_tar(shards, "shard-000001.tar", edit)
     problems = _only_problems(shards)
-    assert problems[0] == "shard-000001.tar: notes.txt: unexpected member (samples hold KEY.jpg and KEY.json only)"
-    assert problems[1].startswith("shard-000001.tar: 000000002: json uid '0000") and "!= manifest uid" in problems[1]
+    assert problems[0].startswith("shard-000001.tar: 000000002: json uid '0000") and "!= manifest uid" in problems[0]
+    assert problems[1] == "shard-000001.tar: notes.txt: unexpected member (samples hold KEY.jpg and KEY.json only)"
     assert problems[2] == "shard-000001.tar: 000000003: missing .json"
     assert len(problems) == 3
 
@@ -141,6 +141,15 @@ def test_manifest_row_missing(shards):
     assert problems[0] == "manifest: shard-000001.tar should hold 2 samples but 1 rows list it (a row was removed or added)"
     assert problems[1] == "shard-000001.tar: 1 samples listed, 2 in tar; missing keys [], unlisted keys ['000000003']"
     assert len(problems) == 2
+
+
+def test_truncated_tar(shards):
+    path = shards / "shard-000000.tar"
+    path.write_bytes(path.read_bytes()[:2000])  # cut inside the first JPEG
+    problems = _only_problems(shards)
+    assert problems[0].startswith("shard-000000.tar: ") and "bytes, manifest says" in problems[0]
+    assert "sha256" in problems[1] and "unreadable tar after 0 samples" in problems[2]
+    assert len(problems) == 3
 
 
 def test_unreadable_manifest(shards):
