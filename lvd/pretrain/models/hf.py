@@ -92,7 +92,10 @@ def to_hf_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
                 for name, part in zip(("query", "key", "value"), sd.pop(f"{ours}attn.qkv.{suffix}").chunk(3)):
                     out[f"{hf}attention.attention.{name}.{suffix}"] = part.contiguous()
         for k in [k for k in sd if k.startswith(ours)]:
-            out[hf + _rename_block_key(k[len(ours) :], _BLOCK)] = sd.pop(k)
+            renamed = _rename_block_key(k[len(ours) :], _BLOCK)
+            if renamed is None:
+                raise StateDictMismatch(f"no Hugging Face name for block parameter {k!r}")
+            out[hf + renamed] = sd.pop(k)
         if model.config.layerscale_init is None:  # HF always has LayerScale: ones is the identity
             out[f"{hf}layer_scale1.lambda1"] = torch.ones(model.embed_dim)
             out[f"{hf}layer_scale2.lambda1"] = torch.ones(model.embed_dim)
@@ -100,11 +103,11 @@ def to_hf_state_dict(model: VisionTransformer) -> dict[str, torch.Tensor]:
     return out
 
 
-def _rename_block_key(key: str, table: dict[str, str]) -> str:
+def _rename_block_key(key: str, table: dict[str, str]) -> str | None:
     for src, dst in table.items():
         if key == src or key.startswith(src + "."):
             return dst + key[len(src) :]
-    raise StateDictMismatch(f"no Hugging Face name for block parameter {key!r}")
+    return None
 
 
 def export_hf(model: VisionTransformer, out_dir: str | Path) -> Path:
@@ -166,8 +169,10 @@ def from_hf_state_dict(hf_sd: dict[str, torch.Tensor], depth: int) -> dict[str, 
                 out[f"{ours}attn.qkv.{suffix}"] = torch.cat(parts)
         inverse = {v: k for k, v in _BLOCK.items()}
         for k in [k for k in hf_sd if k.startswith(hf)]:
-            out[ours + _rename_block_key(k[len(hf) :], inverse)] = hf_sd.pop(k)
-    out.update({f"unmapped.{k}": v for k, v in hf_sd.items()})  # strict loading reports these
+            renamed = _rename_block_key(k[len(hf) :], inverse)
+            if renamed is not None:  # unknown names stay behind and are reported below
+                out[ours + renamed] = hf_sd.pop(k)
+    out.update({f"hf:{k}": v for k, v in hf_sd.items()})  # strict loading reports these by HF name
     return out
 
 
