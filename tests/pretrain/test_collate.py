@@ -9,7 +9,7 @@ import torch
 
 from lvd.pretrain.data.augmentations import Crops
 from lvd.pretrain.data.collate import Batch, collate
-from lvd.pretrain.data.masking import MaskConfig
+from lvd.pretrain.data.masking import MaskingConfig
 from lvd.pretrain.losses import iBOTPatchLoss
 
 
@@ -22,7 +22,7 @@ def fake_crops(image_id: int, n_global: int = 2, n_local: int = 3) -> Crops:
 
 
 def test_crop_major_order_and_shapes():
-    batch = collate([fake_crops(i) for i in range(4)], MaskConfig(), np.random.default_rng(0))
+    batch = collate([fake_crops(i) for i in range(4)], MaskingConfig(), np.random.default_rng(0))
     assert batch.global_crops.shape == (8, 3, 28, 28) and batch.local_crops.shape == (12, 3, 14, 14)
     # row r = crop r // B of image r % B
     assert batch.global_crops[:, 0, 0, 0].tolist() == [0, 10, 20, 30, 1, 11, 21, 31]
@@ -31,7 +31,7 @@ def test_crop_major_order_and_shapes():
 
 
 def test_masks_indices_and_weights_are_consistent():
-    cfg = MaskConfig(patch_size=14)
+    cfg = MaskingConfig(patch_size=14)
     batch = collate([fake_crops(i, n_global=2) for i in range(16)], cfg, np.random.default_rng(1))
     assert batch.masks.shape == (32, 4)  # 28 px crops, patch 14: a 2x2 grid
     # a 224 px crop gives the 16x16 grid of ViT-*/14
@@ -52,7 +52,7 @@ def test_masks_indices_and_weights_are_consistent():
 def test_ibot_loss_with_collated_weights_is_mean_over_masked_crops():
     """Uniform student, one-hot teacher: every masked token costs log K; loss = log K * masked/total."""
     big = [Crops(global_crops=[torch.zeros(3, 224, 224)] * 2, local_crops=[]) for _ in range(4)]
-    batch = collate(big, MaskConfig(), np.random.default_rng(3))
+    batch = collate(big, MaskingConfig(), np.random.default_rng(3))
     K = 5
     teacher = torch.nn.functional.one_hot(torch.arange(batch.n_masked) % K, K).float()
     loss = iBOTPatchLoss(K)(torch.zeros(batch.n_masked, K), teacher, batch.mask_weights, n_crops=8)
@@ -60,7 +60,7 @@ def test_ibot_loss_with_collated_weights_is_mean_over_masked_crops():
 
 
 def test_to_and_pin_memory_keep_the_dataclass():
-    batch = collate([fake_crops(i) for i in range(2)], MaskConfig(), np.random.default_rng(0), uids=("a", "b"))
+    batch = collate([fake_crops(i) for i in range(2)], MaskingConfig(), np.random.default_rng(0), uids=("a", "b"))
     moved = batch.to("cpu")
     assert isinstance(moved, Batch) and moved.uids == ("a", "b")
     assert torch.equal(moved.global_crops, batch.global_crops)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lvd.pretrain.data.masking import BlockMaskGenerator, MaskConfig
+from lvd.pretrain.data.masking import BlockMaskGenerator, MaskingConfig
 
 
 def test_mask_never_exceeds_target_and_reaches_it_nearly():
@@ -57,7 +57,7 @@ def test_sample_masks_are_reproducible_for_a_seed():
 
 
 def test_mask_config_validation():
-    with pytest.raises(ValueError, match="ratio_range"):
-        MaskConfig(ratio_range=(0.5, 0.1))
-    with pytest.raises(ValueError, match="masked_fraction"):
-        MaskConfig(masked_fraction=1.5)
+    with pytest.raises(ValueError, match="ratio_min"):
+        MaskingConfig(ratio_min=0.5, ratio_max=0.1)
+    with pytest.raises(ValueError, match="sample_probability"):
+        MaskingConfig(sample_probability=1.5)

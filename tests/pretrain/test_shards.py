@@ -15,7 +15,7 @@ from PIL import Image
 from skimage import data
 
 from lvd.pretrain.data.augmentations import MultiCropConfig
-from lvd.pretrain.data.masking import MaskConfig
+from lvd.pretrain.data.masking import MaskingConfig
 from lvd.pretrain.data.shard_stream import count_samples, expand_shards, read_shard, slot_shards
 from lvd.pretrain.data.shards import ShardDataConfig, make_dataloader
 
@@ -61,16 +61,17 @@ def shard_dir(tmp_path_factory) -> Path:
 GOOD_UIDS = {f"uid-{i:06d}" for i in range(N_SHARDS * PER_SHARD) if f"{i:06d}" not in CORRUPT}
 
 
-def cfg(**kw) -> ShardDataConfig:
+def cfg(**kw) -> dict:
+    """make_dataloader keyword arguments for small, fast batches."""
     base = dict(
         batch_size=4,
         num_workers=0,
         seed=0,
         shuffle_buffer=8,
-        multicrop=MultiCropConfig(global_size=28, local_size=14, n_local=1),
-        mask=MaskConfig(patch_size=14),
+        crops=MultiCropConfig(global_size=28, local_size=14, n_local=1),
+        masking=MaskingConfig(patch_size=14),
     )
-    return ShardDataConfig(**{**base, **kw})
+    return {**base, **kw}
 
 
 def take(loader, n):
@@ -102,7 +103,7 @@ def test_slots_partition_the_shards_each_epoch_in_a_seeded_order():
 
 
 def test_one_epoch_without_shuffle_counts_and_replaces_corrupt_samples(shard_dir):
-    batches = take(make_dataloader(shard_dir, cfg(shuffle_buffer=0)), N_SHARDS * PER_SHARD // 4)
+    batches = take(make_dataloader(shard_dir, **cfg(shuffle_buffer=0)), N_SHARDS * PER_SHARD // 4)
     assert all(b.n_images == 4 and b.global_crops.shape == (8, 3, 28, 28) for b in batches)
     assert sum(b.n_corrupt for b in batches) == len(CORRUPT)
     uids = [u for b in batches for u in b.uids]
@@ -112,9 +113,9 @@ def test_one_epoch_without_shuffle_counts_and_replaces_corrupt_samples(shard_dir
 
 
 def test_same_seed_same_stream_other_seed_other_stream(shard_dir):
-    a = take(make_dataloader(shard_dir, cfg(seed=3)), 8)  # 32 images: crosses into the next epoch
-    b = take(make_dataloader(shard_dir, cfg(seed=3)), 8)
-    c = take(make_dataloader(shard_dir, cfg(seed=4)), 8)
+    a = take(make_dataloader(shard_dir, **cfg(seed=3)), 8)  # 32 images: crosses into the next epoch
+    b = take(make_dataloader(shard_dir, **cfg(seed=3)), 8)
+    c = take(make_dataloader(shard_dir, **cfg(seed=4)), 8)
     assert [x.uids for x in a] == [x.uids for x in b]
     assert all(torch.equal(x.global_crops, y.global_crops) and torch.equal(x.masks, y.masks) for x, y in zip(a, b))
     assert [x.uids for x in a] != [x.uids for x in c]
@@ -130,8 +131,8 @@ def test_header_counts_match_samples_read(shard_dir):
 @pytest.mark.parametrize("num_workers, shuffle_shards", [(0, 1), (0, 4), (2, 1)])
 def test_resume_from_start_batch_matches_uninterrupted_stream(shard_dir, num_workers, shuffle_shards):
     c = cfg(num_workers=num_workers, shuffle_shards=shuffle_shards)
-    fresh = take(make_dataloader(shard_dir, c), 9)
-    resumed = take(make_dataloader(shard_dir, c, start_batch=5), 4)
+    fresh = take(make_dataloader(shard_dir, **c), 9)
+    resumed = take(make_dataloader(shard_dir, **c, start_batch=5), 4)
     assert [b.batch_index for b in resumed] == [5, 6, 7, 8]
     for x, y in zip(fresh[5:], resumed):
         assert x.uids == y.uids
@@ -140,9 +141,18 @@ def test_resume_from_start_batch_matches_uninterrupted_stream(shard_dir, num_wor
 
 
 def test_ranks_read_disjoint_shards(shard_dir):
-    r0 = take(make_dataloader(shard_dir, cfg(shuffle_buffer=0), rank=0, world_size=2), 3)
-    r1 = take(make_dataloader(shard_dir, cfg(shuffle_buffer=0), rank=1, world_size=2), 3)
+    r0 = take(make_dataloader(shard_dir, **cfg(shuffle_buffer=0), rank=0, world_size=2), 3)
+    r1 = take(make_dataloader(shard_dir, **cfg(shuffle_buffer=0), rank=1, world_size=2), 3)
     shard_of = lambda uid: int(uid.split("-")[1]) // PER_SHARD  # noqa: E731
     s0 = {shard_of(u) for b in r0 for u in b.uids}
     s1 = {shard_of(u) for b in r1 for u in b.uids}
     assert len(s0) == len(s1) == 2 and not s0 & s1
+
+
+def test_config_errors_name_the_fix(shard_dir):
+    with pytest.raises(ValueError, match="batch_size=0"):
+        ShardDataConfig(batch_size=0)
+    with pytest.raises(ValueError, match="rank=2"):
+        make_dataloader(shard_dir, batch_size=2, rank=2, world_size=2)
+    with pytest.raises(FileNotFoundError, match="nowhere.tar"):
+        make_dataloader(["/nowhere.tar"], batch_size=2)

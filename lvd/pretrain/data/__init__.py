@@ -2,7 +2,7 @@
 
 from lvd.pretrain.data.augmentations import Crops, MultiCrop, MultiCropConfig
 from lvd.pretrain.data.collate import Batch, collate
-from lvd.pretrain.data.masking import BlockMaskGenerator, MaskConfig
+from lvd.pretrain.data.masking import BlockMaskGenerator, MaskingConfig
 from lvd.pretrain.data.shard_stream import expand_shards
 from lvd.pretrain.data.shards import ShardDataConfig, make_dataloader
 
@@ -10,7 +10,7 @@ __all__ = [
     "Batch",
     "BlockMaskGenerator",
     "Crops",
-    "MaskConfig",
+    "MaskingConfig",
     "MultiCrop",
     "MultiCropConfig",
     "ShardDataConfig",

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from lvd.pretrain.data.augmentations import Crops
-from lvd.pretrain.data.masking import BlockMaskGenerator, MaskConfig
+from lvd.pretrain.data.masking import BlockMaskGenerator, MaskingConfig
 
 
 @dataclass
@@ -56,7 +56,7 @@ def _stack_crop_major(per_image: list[list[torch.Tensor]]) -> torch.Tensor:
 
 def collate(
     samples: list[Crops],
-    mask_cfg: MaskConfig,
+    mask_cfg: MaskingConfig,
     rng: np.random.Generator,
     *,
     uids: tuple[str, ...] = (),
@@ -73,7 +73,10 @@ def collate(
     n_crops = global_crops.shape[0]
     masks = torch.from_numpy(
         BlockMaskGenerator.from_config(grid, mask_cfg).sample_masks(
-            n_crops, ratio_range=mask_cfg.ratio_range, masked_fraction=mask_cfg.masked_fraction, rng=rng
+            n_crops,
+            ratio_range=(mask_cfg.ratio_min, mask_cfg.ratio_max),
+            masked_fraction=mask_cfg.sample_probability,
+            rng=rng,
         )
     )
     n_masked_per_crop = masks.sum(dim=1, keepdim=True).clamp(min=1).float()
@@ -94,8 +97,8 @@ def collate(
     )
 
 
-def _upperbound(n_crops: int, n_tokens: int, cfg: MaskConfig) -> int:
+def _upperbound(n_crops: int, n_tokens: int, cfg: MaskingConfig) -> int:
     """Most masked tokens any batch can have: each stratum's target is below its top edge."""
-    n_masked = int(n_crops * cfg.masked_fraction)
-    bounds = np.linspace(*cfg.ratio_range, n_masked + 1)
+    n_masked = int(n_crops * cfg.sample_probability)
+    bounds = np.linspace(cfg.ratio_min, cfg.ratio_max, n_masked + 1)
     return int(sum(int(n_tokens * b) for b in bounds[1:]))

@@ -5,8 +5,8 @@ and area in [min_num_patches, remaining]; a rectangle is kept only if it adds be
 and `remaining` new patches, so the mask never exceeds its target (it may fall short
 when 10 tries in a row fail, as in the official generator).
 
-Per batch, `masked_fraction` of the crops are masked; their target ratios are drawn one
-per stratum of `linspace(ratio_min, ratio_max, n_masked + 1)` so the batch covers the
+Per batch, a share `masked_fraction` (config: `sample_probability`) of the crops is
+masked; their target ratios are drawn one per stratum of `linspace(ratio_min, ratio_max, n_masked + 1)` so the batch covers the
 whole range, and the masks are shuffled across crops (official collate).
 All randomness comes from the numpy Generator passed in, so masks are reproducible.
 """
@@ -20,10 +20,11 @@ import numpy as np
 
 
 @dataclass(frozen=True, kw_only=True)
-class MaskConfig:
+class MaskingConfig:
     patch_size: int = 14  # the mask grid is global_size // patch_size on each side
-    ratio_range: tuple[float, float] = (0.1, 0.5)
-    masked_fraction: float = 0.5  # of the global crops in a batch
+    sample_probability: float = 0.5  # share of a batch's global crops that get masked
+    ratio_min: float = 0.1  # masked share of a masked crop's patches, stratified in [min, max]
+    ratio_max: float = 0.5
     min_num_patches: int = 4
     min_aspect: float = 0.3
     max_aspect: float | None = None  # None: 1 / min_aspect
@@ -32,11 +33,10 @@ class MaskConfig:
     def __post_init__(self) -> None:
         if self.patch_size < 1:
             raise ValueError(f"patch_size={self.patch_size}: must match the ViT's patch size")
-        lo, hi = self.ratio_range
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"ratio_range={self.ratio_range}: need 0 <= min <= max <= 1")
-        if not 0.0 <= self.masked_fraction <= 1.0:
-            raise ValueError(f"masked_fraction={self.masked_fraction}: must be in [0, 1] (DINOv2: 0.5)")
+        if not 0.0 <= self.ratio_min <= self.ratio_max <= 1.0:
+            raise ValueError(f"ratio_min={self.ratio_min}, ratio_max={self.ratio_max}: need 0 <= min <= max <= 1")
+        if not 0.0 <= self.sample_probability <= 1.0:
+            raise ValueError(f"sample_probability={self.sample_probability}: must be in [0, 1] (DINOv2: 0.5)")
         if self.min_num_patches < 1 or self.min_aspect <= 0:
             raise ValueError("min_num_patches must be >= 1 and min_aspect > 0")
         if not 0.0 < self.max_block_fraction <= 1.0:
@@ -61,7 +61,7 @@ class BlockMaskGenerator:
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
 
     @classmethod
-    def from_config(cls, grid: tuple[int, int], cfg: MaskConfig) -> BlockMaskGenerator:
+    def from_config(cls, grid: tuple[int, int], cfg: MaskingConfig) -> BlockMaskGenerator:
         return cls(
             grid,
             min_num_patches=cfg.min_num_patches,

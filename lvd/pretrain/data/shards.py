@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from lvd.pretrain.data.augmentations import Crops, MultiCrop, MultiCropConfig
 from lvd.pretrain.data.collate import Batch, collate
-from lvd.pretrain.data.masking import MaskConfig
+from lvd.pretrain.data.masking import MaskingConfig
 from lvd.pretrain.data.shard_stream import RawSample, SlotSpec, expand_shards, raw_stream
 
 log = logging.getLogger(__name__)
@@ -51,8 +51,8 @@ class ShardDataConfig:
     seed: int = 0
     shuffle_buffer: int = 1000  # raw samples; 0 or 1: no shuffling beyond the shard order
     shuffle_shards: int = 4  # shards read interleaved and shuffled together
-    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
+    crops: MultiCropConfig = field(default_factory=MultiCropConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
     pin_memory: bool = True
     prefetch_factor: int = 2
 
@@ -91,7 +91,7 @@ class ShardStream(IterableDataset):
         super().__init__()
         self.shards, self.cfg = shards, cfg
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
-        self.multicrop = MultiCrop(cfg.multicrop)
+        self.multicrop = MultiCrop(cfg.crops)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -138,11 +138,37 @@ class ShardStream(IterableDataset):
             uids.append(source.uid)
         mask_rng = np.random.default_rng([self.cfg.seed, self.rank, batch_index, 1 << 20])
         return collate(
-            crops, self.cfg.mask, mask_rng, uids=tuple(uids), n_corrupt=len(raws) - len(good), batch_index=batch_index
+            crops, self.cfg.masking, mask_rng, uids=tuple(uids), n_corrupt=len(raws) - len(good), batch_index=batch_index
         )
 
 
 def make_dataloader(
+    shards: Sequence[str | os.PathLike] | str | os.PathLike,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 4,
+    seed: int = 0,
+    crops: MultiCropConfig | None = None,
+    masking: MaskingConfig | None = None,
+    start_batch: int = 0,
+    **options,  # other ShardDataConfig fields: shuffle_buffer, shuffle_shards, pin_memory, ...
+) -> DataLoader:
+    """Endless DataLoader of `Batch` for one rank; its first batch is batch `start_batch`
+    of the uninterrupted stream."""
+    cfg = ShardDataConfig(
+        batch_size=batch_size,
+        num_workers=num_workers,
+        seed=seed,
+        crops=crops or MultiCropConfig(),
+        masking=masking or MaskingConfig(),
+        **options,
+    )
+    return loader_from_config(shards, cfg, rank=rank, world_size=world_size, start_batch=start_batch)
+
+
+def loader_from_config(
     shards: Sequence[str | os.PathLike] | str | os.PathLike,
     cfg: ShardDataConfig,
     *,
@@ -150,8 +176,6 @@ def make_dataloader(
     world_size: int = 1,
     start_batch: int = 0,
 ) -> DataLoader:
-    """Endless DataLoader of `Batch` for one rank; batch k of the stream comes k-th
-    (k counted from `start_batch`)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     if start_batch < 0:
