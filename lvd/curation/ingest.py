@@ -5,7 +5,7 @@ Checks run cheapest first: `empty` -> `not_image` (Pillow cannot identify it amo
 `corrupt` instead) -> `too_large` (pixel count from the header, before any decoding; Pillow's
 own DecompressionBombError counts too) -> `too_small` (shorter side after EXIF orientation)
 -> `unsupported_mode` -> `corrupt` (any decode failure, truncation included: Pillow's
-LOAD_TRUNCATED_IMAGES must stay False, which `ingest_item` asserts). Only the data the first
+LOAD_TRUNCATED_IMAGES must stay False; `ingest_item` refuses to run otherwise). Only the data the first
 frame needs is validated: a GIF cut inside a later frame, or a PNG missing only its IEND
 chunk, is accepted, since the image it shows is complete.
 
@@ -116,7 +116,8 @@ def ingest_partition(partition: Partition, cfg: IngestConfig) -> IngestOutput:
 
 def ingest_item(item: RawItem, cfg: IngestConfig) -> tuple[dict, bytes | None]:
     """(record in INGEST_SCHEMA, bytes to keep or None when rejected)."""
-    assert not ImageFile.LOAD_TRUNCATED_IMAGES, "Pillow's LOAD_TRUNCATED_IMAGES would accept truncated files"
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # process-global Pillow switch; someone else may flip it
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True: set it False, or truncated files pass")
     data = item.data
     record = dict(
         source=item.source, status="rejected", reason=item.error, format=None, width=None, height=None,

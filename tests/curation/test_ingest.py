@@ -212,3 +212,11 @@ def test_ray_task_gives_the_same_records(ray_local, tmp_path):
     for part, out in zip(parts, outs):
         local = ingest_partition(part, CFG)
         assert out.records.equals(local.records) and out.blobs.equals(local.blobs)
+
+
+def test_refuses_to_run_with_truncated_loading_enabled(monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
+        ingest_item(RawItem(source="x", data=b"x", error=None, meta={}), CFG)
