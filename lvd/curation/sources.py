@@ -177,10 +177,8 @@ def _split_folder(entries, found: _Found) -> None:
     """Sort a folder's files into image inputs, tars, parquets; drop sidecars and bookkeeping."""
     paths = {p for p, _ in entries}
     folders = {os.path.dirname(p) for p in paths}
-    by_stem: dict[str, int] = {}
-    for p in paths:
-        if not p.lower().endswith(SIDECAR_SUFFIXES):
-            by_stem[_stem(p)] = by_stem.get(_stem(p), 0) + 1
+    not_images = SIDECAR_SUFFIXES + TAR_SUFFIXES + (".parquet",)
+    image_stems = {_stem(p) for p in paths if not p.lower().endswith(not_images)}
     tar_stems = {_strip_tar_suffix(p) for p in paths if p.lower().endswith(TAR_SUFFIXES)}
     bookkeeping = tar_stems | folders
     for path, st in entries:
@@ -193,7 +191,7 @@ def _split_folder(entries, found: _Found) -> None:
             continue
         elif low.endswith(".parquet"):
             found.parquets.append(path)
-        elif low.endswith(SIDECAR_SUFFIXES) and by_stem.get(_stem(path)):
+        elif low.endswith(SIDECAR_SUFFIXES) and _stem(path) in image_stems:
             continue
         else:
             found.files.append((path, st))

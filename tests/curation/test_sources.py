@@ -126,8 +126,10 @@ def test_folder_of_tars_gives_one_partition_each(tmp_path):
     for k in (1, 0):
         _write_tar(tmp_path / f"{k:05d}.tar", {f"{k}.jpg": b"x"})
         (tmp_path / f"{k:05d}.parquet").write_bytes(b"img2dataset bookkeeping")
+    (tmp_path / "00000.json").write_text("{}")  # shares a tar's stem, but tars take no sidecars
     parts = plan_partitions([str(tmp_path)])
-    assert [(p.index, p.kind, Path(p.uri).name) for p in parts] == [(0, "tar", "00000.tar"), (1, "tar", "00001.tar")]
+    got = [(p.index, p.kind, Path(p.uri).name, [Path(i).name for i in p.items]) for p in parts]
+    assert got == [(0, "files", tmp_path.name, ["00000.json"]), (1, "tar", "00000.tar", []), (2, "tar", "00001.tar", [])]
 
 
 def test_hostile_tar_writes_nothing(tmp_path, monkeypatch):
