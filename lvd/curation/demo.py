@@ -39,14 +39,15 @@ def _write(path: Path, data: bytes) -> str:
 
 
 def _photos_and_copies(folder: Path, dump: DemoDump, n_photos: int | None) -> list[tuple[str, bytes]]:
-    """Originals in photos/, and one copy of each kind (`copies.COPY_KINDS`) in copies/."""
+    """Originals in photos/, one copy of each kind (`copies.COPY_KINDS`) in reposts/ (sorting
+    after photos/, so the original of exact copies is the one the ledger keeps)."""
     originals = []
     for i, (name, img) in enumerate(copies.real_photos()[:n_photos]):
         data = copies.encode_original(img)
         original = _write(folder / "photos" / f"{name}.jpg", data)
         near = []
         for kind, blob in sorted(copies.make_copies(img, seed=i).items()):
-            source = _write(folder / "copies" / f"{name}__{kind}{_ext(blob)}", blob)
+            source = _write(folder / "reposts" / f"{name}__{kind}{_ext(blob)}", blob)
             if kind == "exact":
                 dump.exact_copies[source] = original
             else:

@@ -1,0 +1,138 @@
+"""The Prefect flow `curate` end to end on the demo dump (folder + hostile tar + parquet + bad
+files + copies of real photos), against the session's Prefect harness and local Ray."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from lvd.curation import ledger as lg
+from lvd.curation.demo import build_demo_dump
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory):
+    return build_demo_dump(tmp_path_factory.mktemp("demo") / "dump", n_photos=8)
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, prefect_harness, dump, tmp_path_factory):
+    from lvd.flows.curate import curate
+
+    out = tmp_path_factory.mktemp("run")
+    summary = curate(inputs=dump.inputs, out=str(out), partition_size=16)
+    return summary, out
+
+
+def rows_by_source(out) -> dict[str, dict]:
+    return {r["source"]: r for r in pq.read_table(out / "ledger.parquet").to_pylist()}
+
+
+def root(row: dict) -> str:
+    """The uid an input ends up represented by."""
+    return row["duplicate_of"] if row["status"] == "duplicate" else row["uid"]
+
+
+def test_every_input_accounted_for(run):
+    summary, out = run
+    assert summary.ok, summary.problems
+    assert summary.partitions >= 4 and summary.ingest_ran == summary.partitions
+    report = lg.verify_run(out)
+    assert report.ok and report.inputs == len(rows_by_source(out))
+    assert report.by_status == summary.by_status
+    assert set(report.by_status) == {"accepted", "duplicate", "rejected"}
+
+
+def test_bad_inputs_rejected_with_their_reason(run, dump):
+    _, out = run
+    rows = rows_by_source(out)
+    got = {s: (rows[s]["status"], rows[s]["reason"]) for s in dump.rejections}
+    assert got == {s: ("rejected", r) for s, r in dump.rejections.items()}
+    # Nothing else is rejected: photos, copies, odd encodings and tar images all decode.
+    assert {s for s, r in rows.items() if r["status"] == "rejected"} == set(dump.rejections)
+
+
+def test_odd_encodings_accepted(run, dump):
+    _, out = run
+    ingest = lg.read_ingest(out, ["source", "status"]).to_pydict()
+    status = dict(zip(ingest["source"], ingest["status"]))
+    assert [s for s in dump.odd_valid if status[s] != "accepted"] == []
+    rows = rows_by_source(out)
+    assert all(rows[s]["status"] in ("accepted", "duplicate") for s in dump.odd_valid)
+
+
+def test_exact_copies_all_found(run, dump):
+    _, out = run
+    rows = rows_by_source(out)
+    groups: dict[str, list[str]] = {}
+    for copy, original in dump.exact_copies.items():
+        groups.setdefault(original, [original]).append(copy)
+    assert len(dump.exact_copies) >= 10
+    for sources in groups.values():
+        first, *later = sorted(sources)  # the first by source order stays
+        assert len({rows[s]["uid"] for s in sources}) == 1
+        assert len({root(rows[s]) for s in sources}) == 1
+        for s in later:
+            assert rows[s]["status"] == "duplicate", s
+            if rows[first]["status"] == "accepted":
+                uid = rows[first]["uid"]
+                assert (rows[s]["reason"], rows[s]["duplicate_of"], rows[s]["distance"]) == ("exact", uid, 0.0)
+
+
+def within_dedup_radii(a: dict, b: dict, cfg) -> bool:
+    """The pair rule of docs/architecture.md's dedup, computed by hand from ingest hashes."""
+    bits = lambda x, y: bin(x ^ y).count("1")  # noqa: E731
+    aspect = (a["width"] / a["height"]) / (b["width"] / b["height"])
+    return (
+        bits(a["phash"], b["phash"]) <= cfg.phash_radius
+        and (cfg.dhash_radius is None or bits(a["dhash"], b["dhash"]) <= cfg.dhash_radius)
+        and (cfg.max_aspect_ratio is None or max(aspect, 1 / aspect) <= cfg.max_aspect_ratio + 1e-9)
+    )
+
+
+def test_near_copies_grouped_with_their_original(run, dump):
+    from lvd.curation.dedup import DedupConfig
+
+    _, out = run
+    rows = rows_by_source(out)
+    ingest = {r["source"]: r for r in lg.read_ingest(out, ["source", "width", "height", "phash", "dhash"]).to_pylist()}
+    grouped = 0
+    for original, near in dump.near_copies.items():
+        for copy in near:
+            if within_dedup_radii(ingest[original], ingest[copy], DedupConfig()):
+                assert root(rows[copy]) == root(rows[original]), copy
+                assert rows[copy]["status"] == "duplicate" or rows[original]["status"] == "duplicate"
+                grouped += 1
+    # Several copy kinds keep their hashes within the radii on these photos.
+    assert grouped >= 2 * len(dump.near_copies)
+
+
+def test_rerun_skips_done_work_and_gives_same_ledger(run, dump):
+    from lvd.flows.curate import curate
+
+    summary, out = run
+    before = pq.read_table(out / "ledger.parquet")
+    again = curate(inputs=dump.inputs, out=str(out), partition_size=16)
+    assert again.ingest_ran == 0 and again.ingest_skipped == summary.partitions
+    assert pq.read_table(out / "ledger.parquet").equals(before)
+
+
+def test_stage_artifacts_reported(run):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = [
+        "curate-ingest-progress", "curate-ingest-counts", "curate-dedup-progress",
+        "curate-dedup-counts", "curate-dedup-groups", "curate-ledger-progress",
+        "curate-ledger-counts",
+    ]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    latest = {}
+    for a in sorted(arts, key=lambda a: a.created):
+        latest[a.key] = a
+    assert set(latest) == set(keys)
+    assert float(latest["curate-ingest-progress"].data) == 100.0
+    gallery = latest["curate-dedup-groups"].data
+    assert gallery.count("](data:image/png;base64,") >= 2 and len(gallery) < 200_000
+    assert "rejected" in latest["curate-ledger-counts"].data
