@@ -106,21 +106,32 @@ def near_duplicate_edges(
     """All pairs (a < b) of rows that are near-duplicates under `cfg`; distance = pHash bits.
 
     `aspect` (width / height per row) is needed when `cfg.max_aspect_ratio` is set; `verify`
-    (uint8 [n, 32], the 256-bit pHash) when `cfg.verify_radius` is set.
+    (uint8 [n, 32], the 256-bit pHash) when `cfg.verify_radius` is set. With `verify`, the
+    index is built on the 256-bit codes (radius `verify_radius`): longer codes make finer
+    buckets, so fewer probes than the 64-bit pHash at radius 8.
     """
     phash, dhash = np.asarray(phash, dtype=np.uint64), np.asarray(dhash, dtype=np.uint64)
     if phash.shape != dhash.shape or phash.ndim != 1:
         raise ValueError(f"phash {phash.shape} and dhash {dhash.shape} must be 1-D of one length")
-    log_aspect = _log_aspect(aspect, len(phash), cfg)
-    rep_rows, chain = _collapse_identical(phash, dhash, log_aspect, cfg)
-    a, b = _candidate_pairs(phash[rep_rows], cfg.phash_radius)
-    a, b = rep_rows[a], rep_rows[b]
-    ok = _agree(a, b, dhash, log_aspect, cfg)
+    rows = _Rows(phash, dhash, _log_aspect(aspect, len(phash), cfg), _verify_words(verify, len(phash), cfg))
+    first, chain = _collapse_identical(rows, cfg)
+    if rows.verify is None:
+        a, b = _candidate_pairs(phash[first][:, None], cfg.phash_radius)
+    else:
+        a, b = _candidate_pairs(rows.verify[first], cfg.verify_radius)
+    a, b = first[a], first[b]
+    ok = _agree(a, b, rows, cfg)
     a, b = np.concatenate([chain[0], a[ok]]), np.concatenate([chain[1], b[ok]])
-    if cfg.verify_radius is not None:
-        a, b = _verified(a, b, verify, len(phash), cfg.verify_radius)
     dist = np.bitwise_count(phash[a] ^ phash[b]).astype(np.float64)
     return EdgeSet("phash", np.minimum(a, b), np.maximum(a, b), dist)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    phash: np.ndarray  # uint64 [n]
+    dhash: np.ndarray  # uint64 [n]
+    log_aspect: np.ndarray | None  # float64 [n]
+    verify: np.ndarray | None  # uint64 [n, 4]: the 256-bit pHash as words
 
 
 def _log_aspect(aspect: np.ndarray | None, n: int, cfg: DedupConfig) -> np.ndarray | None:
@@ -134,39 +145,54 @@ def _log_aspect(aspect: np.ndarray | None, n: int, cfg: DedupConfig) -> np.ndarr
     return np.log(aspect)
 
 
-def _collapse_identical(phash, dhash, log_aspect, cfg):
-    """Group rows with equal (pHash, dHash, aspect bucket); chain each group to its first row.
+def _verify_words(verify: np.ndarray | None, n: int, cfg: DedupConfig) -> np.ndarray | None:
+    if cfg.verify_radius is None:
+        return None
+    if verify is None:
+        raise ValueError(f"cfg.verify_radius is set: pass the {VERIFY_BITS}-bit pHash (verify=), or set verify_radius=None")
+    verify = np.ascontiguousarray(verify, dtype=np.uint8)
+    if verify.shape != (n, VERIFY_BITS // 8):
+        raise ValueError(f"verify must be uint8 [{n}, {VERIFY_BITS // 8}], got {verify.shape}")
+    return verify.view(np.uint64)
 
-    Returns (first row of each group, (chain_a, chain_b)). Equal hashes are
-    distance 0, and the aspect bucket is narrower than the tolerance, so chained rows are
-    near-duplicates by definition; only one row per group goes into the index.
+
+def _collapse_identical(rows: _Rows, cfg: DedupConfig):
+    """Group rows equal in every compared field; chain each group to its first row.
+
+    Returns (first row of each group, (chain_a, chain_b)). Equal hashes are distance 0 and the
+    aspect bucket is narrower than the tolerance, so chained rows are near-duplicates, and any
+    other row matches a member iff it matches the first: only first rows go into the index.
     """
-    bucket = np.zeros(len(phash), np.int64)
-    if log_aspect is not None and cfg.max_aspect_ratio > 1.0:
-        bucket = np.floor(log_aspect / math.log(cfg.max_aspect_ratio)).astype(np.int64)
-    order = np.lexsort((bucket, dhash, phash))
-    p, d, k = phash[order], dhash[order], bucket[order]
-    new = np.ones(len(order), dtype=bool)
-    new[1:] = (p[1:] != p[:-1]) | (d[1:] != d[:-1]) | (k[1:] != k[:-1])
+    keys = [rows.phash, rows.dhash]
+    if rows.log_aspect is not None and cfg.max_aspect_ratio > 1.0:
+        keys.append(np.floor(rows.log_aspect / math.log(cfg.max_aspect_ratio)).astype(np.int64))
+    if rows.verify is not None:
+        keys += list(rows.verify.T)
+    order = np.lexsort(keys[::-1])
+    new = np.zeros(len(order), dtype=bool)
+    new[:1] = True
+    for key in keys:
+        k = key[order]
+        new[1:] |= k[1:] != k[:-1]
     group = np.cumsum(new) - 1
     first = order[new]
     chained = ~new
     return first, (first[group[chained]], order[chained])
 
 
-def _candidate_pairs(codes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i < j) of `codes` (uint64) within `radius` bits, via IndexBinaryMultiHash."""
-    n = len(codes)
+def _candidate_pairs(words: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i < j) of codes (uint64 [n, w]) within `radius` bits, via IndexBinaryMultiHash."""
+    n, nbits = len(words), 64 * words.shape[1]
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    nhash, b, nflip = _multihash_params(radius, n)
-    index = faiss.IndexBinaryMultiHash(HASH_BITS, nhash, b)
+    nhash, b, nflip = _multihash_params(radius, n, nbits)
+    index = faiss.IndexBinaryMultiHash(nbits, nhash, b)
     index.nflip = nflip
-    as_bytes = codes.view(np.uint8).reshape(n, HASH_BITS // 8)  # byte order only permutes bits
-    index.add(as_bytes)
+    codes = np.ascontiguousarray(words).view(np.uint8).reshape(n, nbits // 8)  # byte order only permutes bits
+    index.add(codes)
     parts_a, parts_b = [], []
     for start in range(0, n, _QUERY_BATCH):
-        lims, _, ids = index.range_search(as_bytes[start : start + _QUERY_BATCH], radius + 1)  # strict <
+        lims, _, ids = index.range_search(codes[start : start + _QUERY_BATCH], radius + 1)  # strict <
         q = start + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
         keep = q < ids
         parts_a.append(q[keep])
@@ -174,17 +200,17 @@ def _candidate_pairs(codes: np.ndarray, radius: int) -> tuple[np.ndarray, np.nda
     return np.concatenate(parts_a), np.concatenate(parts_b)
 
 
-def _multihash_params(radius: int, n: int) -> tuple[int, int, int]:
+def _multihash_params(radius: int, n: int, nbits: int) -> tuple[int, int, int]:
     """(nhash, bits per hash, nflip) covering `radius` exactly, at least estimated cost.
 
     Exact when nhash * (nflip + 1) > radius (pigeonhole over disjoint chunks). Cost per query
     ~ probes * (1 + expected bucket occupancy n / 2**b): few long chunks probe many buckets,
-    many short chunks return crowded buckets.
+    many short chunks return crowded buckets. b <= 32 keeps faiss's bucket keys in range.
     """
     best = None
-    for nhash in range(1, radius + 2):
+    for nhash in range(1, min(radius + 1, nbits) + 1):
         nflip = math.ceil((radius + 1) / nhash) - 1
-        b = min(HASH_BITS // nhash, 32)
+        b = min(nbits // nhash, 32)
         probes = nhash * sum(math.comb(b, k) for k in range(nflip + 1))
         cost = probes * (1.0 + n / 2.0**b)
         if best is None or cost < best[0]:
@@ -192,25 +218,15 @@ def _multihash_params(radius: int, n: int) -> tuple[int, int, int]:
     return best[1:]
 
 
-def _verified(a, b, verify, n: int, radius: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keep pairs whose 256-bit pHashes are within `radius` (chained equal 64-bit hashes too:
-    the longer hash tells apart products that collide at 64 bits)."""
-    if verify is None:
-        raise ValueError(f"cfg.verify_radius is set: pass the {VERIFY_BITS}-bit pHash (verify=), or set verify_radius=None")
-    verify = np.ascontiguousarray(verify, dtype=np.uint8)
-    if verify.shape != (n, VERIFY_BITS // 8):
-        raise ValueError(f"verify must be uint8 [{n}, {VERIFY_BITS // 8}], got {verify.shape}")
-    words = verify.view(np.uint64)
-    ok = np.bitwise_count(words[a] ^ words[b]).sum(axis=1) <= radius
-    return a[ok], b[ok]
-
-
-def _agree(a, b, dhash, log_aspect, cfg: DedupConfig) -> np.ndarray:
-    ok = np.ones(len(a), dtype=bool)
+def _agree(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
+    """Every criterion of `cfg` on candidate pairs (the index checked only one of them)."""
+    ok = np.bitwise_count(rows.phash[a] ^ rows.phash[b]) <= cfg.phash_radius
     if cfg.dhash_radius is not None:
-        ok &= np.bitwise_count(dhash[a] ^ dhash[b]) <= cfg.dhash_radius
-    if log_aspect is not None:
-        ok &= np.abs(log_aspect[a] - log_aspect[b]) <= math.log(cfg.max_aspect_ratio) + 1e-12
+        ok &= np.bitwise_count(rows.dhash[a] ^ rows.dhash[b]) <= cfg.dhash_radius
+    if rows.log_aspect is not None:
+        ok &= np.abs(rows.log_aspect[a] - rows.log_aspect[b]) <= math.log(cfg.max_aspect_ratio) + 1e-12
+    if rows.verify is not None:
+        ok &= np.bitwise_count(rows.verify[a] ^ rows.verify[b]).sum(axis=1) <= cfg.verify_radius
     return ok
 
 

@@ -62,6 +62,32 @@ def test_edges_equal_brute_force_at_and_beyond_radius(r1, r2):
     assert np.array_equal(es.distance, np.bitwise_count(p[es.a] ^ p[es.b]).astype(float))
 
 
+def test_verified_edges_equal_brute_force_and_ignore_row_order():
+    rng = np.random.default_rng(11)
+    n, cfg = 1500, DedupConfig(phash_radius=8, dhash_radius=8, verify_radius=16, **NOASPECT)
+    p, d = _planted(n, seed=11, dists=[(8, 8)] * 6 + [(0, 0)] * 6)
+    v = rng.integers(0, 256, (len(p), 32), dtype=np.uint8)
+    for i in range(12):  # partners: 6 within 16 bits of the 256-bit code, 6 just outside
+        flips = rng.choice(256, size=16 if i < 6 else 17, replace=False)
+        bits = np.unpackbits(v[i])
+        bits[flips] ^= 1
+        v[n + i] = np.packbits(bits)
+    p[20:23], d[20:23] = p[19], d[19]  # equal 64-bit hashes, distinct 256-bit codes
+    v[21] = v[19]
+    words = v.view(np.uint64)
+    want = _brute_force(p, d, cfg) & {
+        (a, b) for a, b in _brute_force(p, d, DedupConfig(phash_radius=30, dhash_radius=None))
+        if np.bitwise_count(words[a] ^ words[b]).sum() <= 16
+    }
+    es = near_duplicate_edges(p, d, cfg, verify=v)
+    got = set(zip(es.a.tolist(), es.b.tolist()))
+    assert got == want and (19, 21) in got and (19, 20) not in got
+    assert {(i, n + i) for i in range(6)} <= got and not {(i, n + i) for i in range(6, 12)} & got
+    perm = rng.permutation(len(p))
+    es2 = near_duplicate_edges(p[perm], d[perm], cfg, verify=v[perm])
+    assert {tuple(sorted((perm[a], perm[b]))) for a, b in zip(es2.a.tolist(), es2.b.tolist())} == got
+
+
 def test_identical_hashes_are_chained_not_all_pairs():
     p = np.full(500, 12345, np.uint64)
     d = np.full(500, 678, np.uint64)
