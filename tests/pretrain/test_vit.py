@@ -179,3 +179,17 @@ def test_config_errors_say_what_to_change():
         vit_tiny(ffn="geglu")
     with pytest.raises(ValueError, match="multiple of patch_size"):
         vit_tiny(img_size=100)
+
+
+def test_gpu_step_benchmark_smoke_runs_on_cpu():
+    """benchmarks/gpu_step.py is run by hand on a GPU; its --smoke mode keeps it runnable here."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_step.py"
+    done = subprocess.run([sys.executable, str(script), "--smoke"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split() for line in done.stdout.splitlines() if line.startswith(("single", "multicrop"))]
+    assert [r[:2] for r in rows] == [["single", "2"], ["multicrop", "2"]]
+    assert all(float(r[2]) > 0 for r in rows)  # images/s
