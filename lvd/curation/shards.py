@@ -7,16 +7,15 @@ output does not depend on the order the caller found them in) or keeps the calle
 `f"{i:09d}"` and goes to `shard-{i // shard_size:06d}.tar`. Keys are digits only: no dots, so
 WebDataset splits `KEY.jpg` / `KEY.json` correctly, and lexical order is sample order.
 
-Images. `KEY.jpg` is the original bytes when the source is a baseline RGB or grayscale JPEG
-that needs no resize (`keep_original_jpeg`); EXIF stays in it and readers apply its orientation.
-Anything else (PNG, WebP, CMYK JPEG, ...) is decoded, EXIF-transposed, made RGB (alpha on white,
-see `ingest.to_rgb`), shrunk so its longer side is at most `max_side`, and saved as JPEG at
-`jpeg_quality` with its ICC profile. `KEY.json` holds uid, source, width, height (as ingest
-recorded them), cluster_ids, retrieval and jpg_width / jpg_height: the size a reader sees after
-applying EXIF orientation to `KEY.jpg`.
+Images (`shard_image.store_image`). `KEY.jpg` is the original bytes when the source is an RGB or
+grayscale JPEG needing no resize (`keep_original_jpeg`), else an RGB JPEG re-encode at
+`jpeg_quality`, longer side at most `max_side`. `KEY.json` holds uid, source, width, height (as
+ingest recorded them), cluster_ids, retrieval and jpg_width / jpg_height: the size a reader
+sees after applying EXIF orientation to `KEY.jpg`.
 
 Determinism and atomicity. Tar headers are fixed (mtime 0, uid/gid 0, no user/group names,
-mode 0444, ustar format) and JSON is sorted and compact, so same input -> same sha256. Each tar
+mode 0444, ustar format) and JSON is sorted and compact, so same input -> same sha256 (for
+re-encoded images, with the same Pillow/libjpeg build). Each tar
 is written to a hidden temp file in `out_dir` and `os.replace`d into its final name; a failure
 removes the temp file, so a `shard-*.tar` on disk is always complete. Shards are independent:
 `plan_shards` + `write_shard` let a runner write them as parallel tasks and `write_manifest`
@@ -35,7 +34,6 @@ import json
 import os
 import tarfile
 import tempfile
-import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,9 +42,8 @@ from typing import Any, Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
 
-from lvd.curation.ingest import to_rgb
+from lvd.curation.shard_image import StoredImage, store_image
 
 MANIFEST = "manifest.parquet"
 KEY_DIGITS = 9
@@ -61,8 +58,6 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("shard_bytes", pa.int64(), nullable=False),
     ]
 )
-_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
-_KEEPABLE_JPEG_MODES = ("RGB", "L")  # CMYK/YCCK JPEGs decode inconsistently across readers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -122,14 +117,6 @@ class ShardManifest:
         return sum(info.n_samples for info in self.shards)
 
 
-@dataclass(frozen=True)
-class StoredImage:
-    data: bytes
-    width: int  # as seen after EXIF orientation
-    height: int
-    original: bool  # the source bytes, untouched
-
-
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.tar"
 
@@ -165,7 +152,9 @@ def write_shards(samples: Iterable[ShardSample], out_dir: str | os.PathLike, cfg
     return write_manifest(infos, out_dir, cfg)
 
 
-def write_shard(shard_index: int, samples: Sequence[ShardSample], out_dir: str | os.PathLike, cfg: ShardConfig) -> ShardInfo:
+def write_shard(
+    shard_index: int, samples: Sequence[ShardSample], out_dir: str | os.PathLike, cfg: ShardConfig
+) -> ShardInfo:
     """Write `shard-{shard_index}.tar` atomically; `samples` is that shard's slice of the order."""
     if not 0 < len(samples) <= cfg.shard_size:
         raise ValueError(f"shard {shard_index} got {len(samples)} samples; plan_shards gives 1..{cfg.shard_size}")
@@ -192,7 +181,9 @@ def write_shard(shard_index: int, samples: Sequence[ShardSample], out_dir: str |
     )  # fmt: skip
 
 
-def write_manifest(infos: Iterable[ShardInfo], out_dir: str | os.PathLike, cfg: ShardConfig | None = None) -> ShardManifest:
+def write_manifest(
+    infos: Iterable[ShardInfo], out_dir: str | os.PathLike, cfg: ShardConfig | None = None
+) -> ShardManifest:
     """Write `out_dir/manifest.parquet` atomically (rows in key order); the config goes in its metadata."""
     infos = sorted(infos, key=lambda info: info.name)
     rows: dict[str, list] = {f.name: [] for f in MANIFEST_SCHEMA}
@@ -200,7 +191,8 @@ def write_manifest(infos: Iterable[ShardInfo], out_dir: str | os.PathLike, cfg: 
         rows["key"] += info.keys
         rows["uid"] += info.uids
         rows["source"] += info.sources
-        for col, value in (("shard", info.name), ("shard_sha256", info.sha256), ("shard_samples", info.n_samples), ("shard_bytes", info.bytes)):
+        per_shard = dict(shard=info.name, shard_sha256=info.sha256, shard_samples=info.n_samples, shard_bytes=info.bytes)
+        for col, value in per_shard.items():
             rows[col] += [value] * info.n_samples
     meta = {b"lvd.shard_config": json.dumps(asdict(cfg), sort_keys=True).encode()} if cfg else None
     table = pa.Table.from_pydict(rows, schema=MANIFEST_SCHEMA.with_metadata(meta))
@@ -209,27 +201,6 @@ def write_manifest(infos: Iterable[ShardInfo], out_dir: str | os.PathLike, cfg: 
     pq.write_table(table, tmp)
     os.replace(tmp, path)
     return ShardManifest(path=path, shards=tuple(infos))
-
-
-def store_image(data: bytes, cfg: ShardConfig) -> StoredImage:
-    """The JPEG bytes to store for one source image (see module doc); raises on undecodable bytes."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ingest bounded pixels
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = oriented_size(img)
-            too_big = cfg.max_side is not None and max(width, height) > cfg.max_side
-            if cfg.keep_original_jpeg and img.format == "JPEG" and img.mode in _KEEPABLE_JPEG_MODES and not too_big:
-                return StoredImage(data=data, width=width, height=height, original=True)
-            target = _fit(width, height, cfg.max_side) if too_big else (width, height)
-            if img.format == "JPEG" and too_big:  # let libjpeg downscale in the DCT first: much faster
-                img.draft("RGB", target if (width, height) == img.size else target[::-1])
-            icc = img.info.get("icc_profile")
-            rgb = to_rgb(ImageOps.exif_transpose(img))
-    if rgb.size != target:
-        rgb = rgb.resize(target, Image.Resampling.LANCZOS)
-    out = io.BytesIO()
-    rgb.save(out, format="JPEG", quality=cfg.jpeg_quality, icc_profile=icc)
-    return StoredImage(data=out.getvalue(), width=target[0], height=target[1], original=False)
 
 
 def samples_from_table(table: pa.Table) -> list[ShardSample]:
@@ -258,8 +229,8 @@ def read_blobs(ingest_dir: str | os.PathLike, uids: Iterable[str]) -> dict[str, 
     for path in sorted(Path(ingest_dir).glob("part-*.blobs.parquet")):
         t = pq.read_table(path, filters=pc.field("uid").isin(wanted))
         found.update(zip(t.column("uid").to_pylist(), t.column("data").to_pylist()))
-    if missing := len(wanted) - len(found):
-        raise KeyError(f"{missing} uids have no blob under {ingest_dir}, e.g. {sorted(set(wanted.to_pylist()) - set(found))[:3]}")
+    if missing := sorted(set(wanted.to_pylist()) - set(found)):
+        raise KeyError(f"{len(missing)} uids have no blob under {ingest_dir}, e.g. {missing[:3]}")
     return found
 
 
@@ -277,7 +248,9 @@ def sample_json(sample: ShardSample, stored: StoredImage) -> bytes:
 
 def _add_sample(tar: tarfile.TarFile, key: str, sample: ShardSample, cfg: ShardConfig) -> None:
     try:
-        stored = store_image(sample.data, cfg)
+        stored = store_image(
+            sample.data, max_side=cfg.max_side, quality=cfg.jpeg_quality, keep_original=cfg.keep_original_jpeg
+        )
     except Exception as e:
         raise ValueError(f"sample {sample.uid} ({sample.source}) cannot be stored as JPEG: {e!r}") from e
     _add_member(tar, f"{key}.jpg", stored.data)
@@ -305,17 +278,3 @@ class _HashingWriter:
 
     def tell(self) -> int:
         return self.n
-
-
-def oriented_size(img: Image.Image) -> tuple[int, int]:
-    try:
-        orientation = int(img.getexif().get(0x0112, 1))
-    except Exception:  # broken EXIF: readers ignore it too
-        orientation = 1
-    w, h = img.size
-    return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
-
-
-def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:
-    scale = max_side / max(width, height)
-    return max(1, round(width * scale)), max(1, round(height * scale))
