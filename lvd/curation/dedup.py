@@ -164,8 +164,9 @@ def _collapse_identical(rows: _Rows, cfg: DedupConfig):
     other row matches a member iff it matches the first: only first rows go into the index.
     """
     keys = [rows.phash, rows.dhash]
-    if rows.log_aspect is not None and cfg.max_aspect_ratio > 1.0:
-        keys.append(np.floor(rows.log_aspect / math.log(cfg.max_aspect_ratio)).astype(np.int64))
+    if rows.log_aspect is not None:  # ratio 1.0: only equal aspects may chain
+        width = math.log(cfg.max_aspect_ratio)
+        keys.append(np.floor(rows.log_aspect / width).astype(np.int64) if width > 0 else rows.log_aspect.view(np.int64))
     if rows.verify is not None:
         keys += list(rows.verify.T)
     order = np.lexsort(keys[::-1])

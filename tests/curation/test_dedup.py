@@ -103,6 +103,8 @@ def test_aspect_ratio_guard():
     aspect = np.array([1.0, 1.05, 2.0])
     es = near_duplicate_edges(p, d, DedupConfig(max_aspect_ratio=1.1), aspect=aspect)
     assert set(zip(es.a.tolist(), es.b.tolist())) == {(0, 1)}
+    strict = near_duplicate_edges(p, d, DedupConfig(max_aspect_ratio=1.0), aspect=np.array([1.0, 1.05, 1.0]))
+    assert set(zip(strict.a.tolist(), strict.b.tolist())) == {(0, 2)}
     with pytest.raises(ValueError, match="aspect"):
         near_duplicate_edges(p, d, DedupConfig())
 
