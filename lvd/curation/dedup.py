@@ -11,12 +11,13 @@ radii 8 / 8 find every resized, recompressed, re-encoded and brightened copy of 
 photos with zero false merges. 2-5% crops need embedding copy detection (a later EdgeSet).
 Numbers: benchmarks/dedup_quality.py.
 
-Candidates come from a Faiss `IndexBinaryMultiHash` range search on the pHash: the 64 bits are
-split into `nhash` disjoint chunks and each query probes every bucket within `nflip` bit flips of
-its chunk, so by pigeonhole every pair within `nhash * (nflip + 1) - 1` bits is found exactly;
-the cost per query does not grow with the pool (see `_multihash_params`). Rows with identical
-(pHash, dHash, aspect bucket) are collapsed first and chained, so a pool with thousands of blank
-images does not produce millions of pairs.
+Candidates come from a Faiss `IndexBinaryMultiHash` range search (never all pairs) on the
+pHash, or on the 256-bit code when verifying (finer buckets, fewer probes): the bits are split
+into `nhash` disjoint chunks and each query probes every bucket within `nflip` bit flips of its
+chunk, so by pigeonhole every pair within `nhash * (nflip + 1) - 1` bits is found exactly; the
+pool size enters the cost per query only through bucket occupancy (see `_multihash_params`).
+Rows equal in every compared field are collapsed first and chained, so a pool with thousands
+of blank images does not produce millions of pairs.
 
 Edges from every method (pHash now, embedding copy detection later) are `EdgeSet`s over row
 positions of one table; `resolve` unions them and names, for each dropped image, its group's
