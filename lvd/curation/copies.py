@@ -15,12 +15,13 @@ background, the classic case where different images get close perceptual hashes.
 
 from __future__ import annotations
 
-import gzip
 import io
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageEnhance
+
+from lvd.datasets import load_fashion_mnist
 
 # name -> zero-argument loader returning an HxW or HxWx3 uint8 array
 _SKIMAGE_PHOTOS = (
@@ -30,7 +31,6 @@ _SKIMAGE_PHOTOS = (
 )  # fmt: skip
 _CROPPED = ("hubble_deep_field", "retina")
 COPY_KINDS = ("exact", "resized", "recompressed", "reencoded", "brightened", "cropped")
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 ORIGINAL_QUALITY = 95  # JPEG quality of `encode_original` and of lossless-intent copies
 
 
@@ -92,14 +92,10 @@ def fashion_mnist(n: int, *, size: int = 64, seed: int = 0, split: str = "train"
     RGB with bicubic filtering (the pool rejects sides < 32 px)."""
     if size < 32:
         raise ValueError(f"size={size}: ingest rejects sides < 32 px; use size >= 32")
-    prefix = "train" if split == "train" else "t10k"
-    with gzip.open(FASHION_MNIST / f"{prefix}-images-idx3-ubyte.gz", "rb") as f:
-        raw = f.read()
-    count, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
-    pixels = np.frombuffer(raw, np.uint8, offset=16).reshape(count, rows, cols)
-    if not 0 < n <= count:
-        raise ValueError(f"n={n}: Fashion-MNIST {split} has {count} images")
-    pick = np.sort(np.random.default_rng(seed).choice(count, size=n, replace=False))
+    pixels, _ = load_fashion_mnist(split)
+    if not 0 < n <= len(pixels):
+        raise ValueError(f"n={n}: Fashion-MNIST {split} has {len(pixels)} images")
+    pick = np.sort(np.random.default_rng(seed).choice(len(pixels), size=n, replace=False))
     return [Image.fromarray(pixels[i]).resize((size, size), Image.Resampling.BICUBIC).convert("RGB") for i in pick]
 
 
