@@ -24,9 +24,11 @@ from lvd.curation.shards import (
     MANIFEST_SCHEMA,
     ShardConfig,
     ShardSample,
+    order_samples,
     plan_shards,
     read_blobs,
     samples_from_table,
+    write_manifest,
     write_shard,
     write_shards,
 )
@@ -193,6 +195,18 @@ def test_byte_deterministic(samples, written, tmp_path):
     for info in manifest.shards:
         assert (tmp_path / info.name).read_bytes() == (out / info.name).read_bytes()
     assert pq.read_table(tmp_path / "manifest.parquet").equals(pq.read_table(out / "manifest.parquet"))
+
+
+def test_shards_written_independently_match_write_shards(samples, written, tmp_path):
+    """What a runner does with one task per shard, finishing in any order."""
+    out, manifest = written
+    cfg = ShardConfig(shard_size=3)
+    ordered = order_samples(reversed(samples), cfg)
+    plan = plan_shards(len(ordered), cfg.shard_size)
+    infos = [write_shard(i, ordered[r.start : r.stop], tmp_path, cfg) for i, r in reversed(list(enumerate(plan)))]
+    assert write_manifest(infos, tmp_path, cfg).shards == manifest.shards
+    for name in ["manifest.parquet"] + [i.name for i in manifest.shards]:
+        assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
 
 
 def test_failed_shard_leaves_no_final_file_and_keeps_old_one(samples, tmp_path):
