@@ -88,9 +88,12 @@ def main() -> None:
         remote = ray.remote(num_cpus=1, max_retries=0)(ingest_partition)
         t_cold = timed(ray_pass, remote, partitions, cfg)  # workers import lvd/PIL/imagehash here
         times: dict[str, list[float]] = {"base": [], "single": [], "ray": []}
+        cpu: dict[str, list[float]] = {"base": [], "single": []}
         for _ in range(args.repeat):  # interleaved, so load from other processes hits all three
-            times["base"].append(timed(baseline, paths))
-            times["single"].append(timed(single_process, partitions, cfg))
+            for key, fn, fargs in (("base", baseline, (paths,)), ("single", single_process, (partitions, cfg))):
+                c0 = time.process_time()
+                times[key].append(timed(fn, *fargs))
+                cpu[key].append(time.process_time() - c0)
             times["ray"].append(timed(ray_pass, remote, partitions, cfg))
         ray.shutdown()
         n, best = len(paths), {k: min(v) for k, v in times.items()}
@@ -101,6 +104,9 @@ def main() -> None:
                            ("ray", f"(3) Ray, {args.cpus} CPUs, warm workers")):  # fmt: skip
             print(f"{label:42s}: {n / best[key]:7.1f} / {n / med[key]:7.1f} img/s  "
                   f"{best['base'] / best[key]:.2f}x ({med['base'] / med[key]:.2f}x)")  # fmt: skip
+        cpu_ms = {k: 1000 * min(v) / n for k, v in cpu.items()}
+        print(f"    CPU time per image (immune to other processes' load): baseline {cpu_ms['base']:.2f} ms, "
+              f"ingest {cpu_ms['single']:.2f} ms, {cpu_ms['base'] / cpu_ms['single']:.2f}x")
         print(f"    ray.init(num_cpus={args.cpus}) start-up: {startup:.2f} s; first (cold-worker) pass "
               f"{n / t_cold:.1f} img/s, {best['base'] / t_cold:.2f}x; neither counted above")
         print("\ncProfile of (2), by own time:")
