@@ -9,6 +9,11 @@ effectively blurs global crop 1 with p=0.0, global crop 2 with p=0.9 and locals 
 p=0.5. We implement the probabilities the paper states (p=1.0 / 0.1 / 0.5) and pass
 them to RandomApply unchanged.
 
+Speed: colour jitter and grayscale run on the PIL crop (Pillow's C kernels beat the tensor
+HSV round trip for hue), then blur and solarize run on the uint8 tensor; the blur is
+torchvision's Gaussian (same kernel, reflect padding, sigma draw) applied as two 1-D
+convolutions (2*9 instead of 81 multiply-adds per pixel). See benchmarks/multicrop.py.
+
 Determinism: all v2 transforms draw from torch's global RNG, so `MultiCrop(img, seed=s)`
 runs under `torch.random.fork_rng` seeded with `s`: the crops are a pure function of
 (image, seed) and the caller's RNG state is left untouched.
@@ -19,7 +24,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 from torchvision.transforms import v2
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -65,16 +72,39 @@ class Crops:
     local_crops: list[torch.Tensor]
 
 
+class SeparableGaussianBlur(nn.Module):
+    """torchvision's GaussianBlur on a [C, H, W] tensor, computed as two 1-D convolutions."""
+
+    def __init__(self, kernel_size: int = 9, sigma: tuple[float, float] = (0.1, 2.0)) -> None:
+        super().__init__()
+        if kernel_size % 2 == 0 or kernel_size < 1:
+            raise ValueError(f"kernel_size={kernel_size}: must be odd and positive")
+        self.kernel_size, self.sigma = kernel_size, sigma
+
+    def forward(self, img_CHW: torch.Tensor) -> torch.Tensor:
+        sigma = torch.empty(1).uniform_(*self.sigma).item()  # the same draw as v2.GaussianBlur
+        r = self.kernel_size // 2
+        offsets = torch.arange(-r, r + 1, dtype=torch.float32)
+        k = torch.softmax(-(offsets**2) / (2 * sigma**2), dim=0)
+        n_ch = img_CHW.shape[0]
+        x = F.pad(img_CHW.float().unsqueeze(0), (r, r, r, r), mode="reflect")
+        x = F.conv2d(x, k.view(1, 1, 1, -1).expand(n_ch, 1, 1, -1), groups=n_ch)
+        x = F.conv2d(x, k.view(1, 1, -1, 1).expand(n_ch, 1, -1, 1), groups=n_ch)[0]
+        if img_CHW.is_floating_point():
+            return x.to(img_CHW.dtype)
+        return x.round_().clamp_(0, 255).to(img_CHW.dtype)
+
+
 def _crop_transform(size: int, scale: tuple[float, float], cfg: MultiCropConfig, *, blur_p: float, solarize_p: float) -> v2.Compose:
     steps: list[torch.nn.Module] = [
         # geometric on the PIL image: a bicubic resize of a crop of the full-resolution image
         v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.RandomHorizontalFlip(p=0.5),
-        v2.PILToTensor(),
         v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
         v2.RandomGrayscale(p=0.2),
+        v2.PILToTensor(),
         # kernel 9, sigma 0.1-2.0 as the official GaussianBlur; p is the probability of blurring
-        v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=blur_p),
+        v2.RandomApply([SeparableGaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=blur_p),
     ]
     if solarize_p > 0:
         steps.append(v2.RandomSolarize(threshold=128, p=solarize_p))  # on uint8 pixels
