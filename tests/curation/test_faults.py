@@ -1,0 +1,196 @@
+"""Faults: a SIGKILLed flow, a dead Ray worker process, a removed Ray node.
+
+Each leaves a complete run whose ledger equals an uninterrupted run's. Everything is real:
+the CLI in a subprocess killed with SIGKILL, a worker that `os._exit`s, and a
+`ray.cluster_utils.Cluster` node removed mid-stage (in a subprocess, since the session's
+Ray is already initialised in this process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from ray import cloudpickle
+
+from lvd.curation import ledger, runner, stages, testdata
+from lvd.curation.dedup import DedupConfig
+from lvd.curation.ingest import IngestConfig
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+ICFG, DCFG = IngestConfig(), DedupConfig()
+
+
+@pytest.fixture(scope="module")
+def small_dump(tmp_path_factory) -> Path:
+    """~40 inputs: photos, exact copies, broken files."""
+    root = tmp_path_factory.mktemp("small-dump")
+    names = testdata.write_photo_jpegs(root / "photos", 16, side=160)
+    for name in names[:6]:
+        shutil.copyfile(root / "photos" / name, root / "photos" / f"copy_{name}")
+    testdata.write_bad_inputs(root / "bad")
+    return root
+
+
+@pytest.fixture(scope="module")
+def big_dump(tmp_path_factory) -> Path:
+    """1,200 files (24 distinct photos, many byte copies) so ingest takes a few seconds."""
+    root = tmp_path_factory.mktemp("big-dump")
+    names = testdata.write_photo_jpegs(root / "src", 24, side=320)
+    (root / "dump").mkdir()
+    for k in range(1200):
+        shutil.copyfile(root / "src" / names[k % 24], root / "dump" / f"{k:05d}.jpg")
+    testdata.write_bad_inputs(root / "dump" / "bad")
+    return root / "dump"
+
+
+def reference_ledger(dump: Path, out: Path, partition_size: int):
+    return stages.curate_without_prefect(
+        [str(dump)], out, partition_size=partition_size, ingest_cfg=ICFG, dedup_cfg=DCFG
+    )
+
+
+def markers(stage_dir: Path) -> dict[str, tuple[int, str]]:
+    return {
+        p.name: (p.stat().st_mtime_ns, p.read_text())
+        for p in stage_dir.glob(f"part-*{runner.MARKER_SUFFIX}")
+    }
+
+
+def test_sigkill_mid_ingest_then_rerun_resumes(ray_local, prefect_harness, big_dump, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    from lvd.flows.commands.curate import run_curate
+
+    want = reference_ledger(big_dump, tmp_path / "reference", 40)
+    total = len(stages.plan([str(big_dump)], 40))
+    out = tmp_path / "run"
+    env = dict(
+        os.environ,
+        PREFECT_API_URL=PREFECT_API_URL.value(),
+        RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
+    )
+    code = "import sys; from lvd.flows.commands.curate import run_curate; " \
+           "sys.exit(run_curate(sys.argv[1:2], sys.argv[2], partition_size=40))"
+    with open(tmp_path / "child.log", "wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code, str(big_dump), str(out)], env=env, stdout=log, stderr=log
+        )
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not markers(out / "ingest") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "child.log").read_text()[-3000:]
+    time.sleep(2.0)  # let Ray reap the dead driver's tasks before taking the snapshot
+    before = markers(out / "ingest")
+    assert 0 < len(before) < total, f"kill landed outside ingest: {len(before)}/{total} done"
+    assert not (out / "ledger.parquet").exists()
+
+    assert run_curate([str(big_dump)], str(out), partition_size=40) == 0
+    after = markers(out / "ingest")
+    assert len(after) == total
+    assert {k: after[k] for k in before} == before  # done partitions were not redone
+    assert pq.read_table(out / "ledger.parquet").equals(want)
+
+
+@dataclass(frozen=True)
+class DieOnce:
+    """Ingest, except the worker process dies on partition `index` while `flag` exists."""
+
+    inner: stages.IngestFn
+    flag: str
+    index: int
+
+    def __call__(self, partition):
+        if partition.index == self.index and os.path.exists(self.flag):
+            os.unlink(self.flag)
+            os._exit(1)
+        return self.inner(partition)
+
+
+def test_worker_process_death_is_retried(ray_local, small_dump, tmp_path):
+    want = reference_ledger(small_dump, tmp_path / "reference", 8)
+    out, flag = tmp_path / "run", tmp_path / "die"
+    flag.touch()
+    parts = stages.plan([str(small_dump)], 8)
+    assert len(parts) >= 3
+    rep = runner.map_partitions(
+        DieOnce(stages.IngestFn(ICFG), str(flag), 1), parts, out / "ingest",
+        cfg_hash=runner.config_hash(ICFG), runner=runner.RunnerConfig(max_retries=2),
+    )
+    assert not flag.exists()  # the worker really died once
+    assert rep.ran == [p.index for p in parts]
+    stages.run_dedup(out, DCFG)
+    assert ledger.write_ledger(out).equals(want)
+    assert ledger.verify_run(out).ok
+
+
+NODE_REMOVAL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import ray
+    from ray.cluster_utils import Cluster
+    from lvd.curation import ledger, runner, stages
+    from lvd.curation.dedup import DedupConfig
+    from lvd.curation.ingest import IngestConfig
+
+    dump, out = sys.argv[1], Path(sys.argv[2])
+    # The head has no CPUs, so every stage task runs on the worker node.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    worker = cluster.add_node(num_cpus=2)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        seen = {}
+
+        def remove_worker_after_first(done, total):
+            if done >= 1 and "removed" not in seen:
+                seen["removed"] = (done, total)
+                cluster.remove_node(worker)         # in-flight tasks die with the node
+                cluster.add_node(num_cpus=2)        # replacement capacity for the retries
+                cluster.wait_for_nodes()
+
+        parts = stages.plan([dump], 8)
+        cfg = IngestConfig()
+        rep = stages.run_ingest(parts, out, cfg, runner.RunnerConfig(max_retries=3),
+                                progress=remove_worker_after_first)
+        stages.run_dedup(out, DedupConfig())
+        ledger.write_ledger(out)
+        print("RESULT " + json.dumps({"removed_at": seen["removed"], "ran": len(rep.ran)}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    """
+)
+
+
+def test_node_removed_mid_stage(ray_local, small_dump, tmp_path):
+    want = reference_ledger(small_dump, tmp_path / "reference", 8)
+    total = len(stages.plan([str(small_dump)], 8))
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run(
+        [sys.executable, "-c", NODE_REMOVAL_SCRIPT, str(small_dump), str(out)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert res.returncode == 0 and lines, res.stderr[-4000:]
+    result = json.loads(lines[0][len("RESULT "):])
+    done_at_removal, seen_total = result["removed_at"]
+    assert seen_total == total and done_at_removal < total  # removed mid-stage
+    assert result["ran"] == total
+    assert pq.read_table(out / "ledger.parquet").equals(want)
+    assert ledger.verify_run(out).ok
