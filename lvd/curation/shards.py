@@ -197,6 +197,7 @@ def write_manifest(
     meta = {b"lvd.shard_config": json.dumps(asdict(cfg), sort_keys=True).encode()} if cfg else None
     table = pa.Table.from_pydict(rows, schema=MANIFEST_SCHEMA.with_metadata(meta))
     path = Path(out_dir) / MANIFEST
+    path.parent.mkdir(parents=True, exist_ok=True)  # a run that selected nothing has no shards
     tmp = path.with_name(f".{MANIFEST}.tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, path)

@@ -85,6 +85,13 @@ def test_good_output_passes(shards):
     assert "OK" in format_shard_report(report)
 
 
+def test_empty_selection(tmp_path):
+    manifest = write_shards([], tmp_path / "none", ShardConfig())
+    assert manifest.shards == () and manifest.path.exists()
+    report = check_shards(tmp_path / "none")
+    assert report.ok and (report.n_shards, report.n_samples) == (0, 0)
+
+
 def test_changed_byte_is_a_sha_mismatch(shards):
     path = shards / "shard-000001.tar"
     raw = bytearray(path.read_bytes())
