@@ -221,7 +221,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def _to_uint8(x: np.ndarray) -> np.ndarray:
-    """Scale integer/float pixels to 0..255: 16-bit ranges by /257, floats in [0,1] by *255."""
+    """Pixels to 0..255: floats in [0,1] times 255; values above 255 from the 16-bit range (or
+    from their max when larger); anything else is already 8-bit and only clipped."""
     is_float = np.issubdtype(x.dtype, np.floating)
     x = x.astype(np.float64)
     peak = float(x.max()) if x.size else 0.0
