@@ -34,6 +34,7 @@ import json
 import os
 import tarfile
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -128,10 +129,8 @@ def sample_key(index: int) -> str:
 def order_samples(samples: Iterable[ShardSample], cfg: ShardConfig) -> list[ShardSample]:
     """The run's sample order (see module doc); rejects a uid given twice."""
     samples = list(samples)
-    uids = [s.uid for s in samples]
-    if len(set(uids)) != len(uids):
-        twice = sorted({u for u in uids if uids.count(u) > 1})[:3]
-        raise ValueError(f"uids given more than once (dedup them before sharding): {twice}")
+    if twice := sorted(u for u, n in Counter(s.uid for s in samples).items() if n > 1):
+        raise ValueError(f"{len(twice)} uids given more than once (dedup them before sharding): {twice[:3]}")
     return sorted(samples, key=lambda s: s.uid) if cfg.order == "uid" else samples
 
 
