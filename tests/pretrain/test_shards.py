@@ -152,7 +152,22 @@ def test_ranks_read_disjoint_shards(shard_dir):
 def test_config_errors_name_the_fix(shard_dir):
     with pytest.raises(ValueError, match="batch_size=0"):
         ShardDataConfig(batch_size=0)
+    with pytest.raises(ValueError, match="not a multiple of patch_size 16"):
+        ShardDataConfig(batch_size=2, masking=MaskingConfig(patch_size=16))
     with pytest.raises(ValueError, match="rank=2"):
         make_dataloader(shard_dir, batch_size=2, rank=2, world_size=2)
     with pytest.raises(FileNotFoundError, match="nowhere.tar"):
         make_dataloader(["/nowhere.tar"], batch_size=2)
+
+
+def test_truncated_shard_is_read_up_to_the_damage(shard_dir, tmp_path):
+    raw = (shard_dir / "shard-000000.tar").read_bytes()
+    cut = tmp_path / "shard-000000.tar"
+    cut.write_bytes(raw[: len(raw) // 2])  # ends inside a member
+    n = count_samples(str(cut))
+    read = list(read_shard(str(cut)))
+    assert 0 < n == len(read) < PER_SHARD  # header counts agree with what reading yields
+    batches = take(make_dataloader([str(cut)], **cfg(shuffle_buffer=0, batch_size=n)), 2)
+    # the last sample of the cut may have lost its json: it is replaced and counted, not fatal
+    assert all(b.n_images == n for b in batches)
+    assert sum(b.n_corrupt for b in batches) == 2 * sum("json" not in r.files or "jpg" not in r.files for r in read)

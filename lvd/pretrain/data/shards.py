@@ -63,6 +63,11 @@ class ShardDataConfig:
             raise ValueError("num_workers and shuffle_buffer must be >= 0")
         if self.shuffle_shards < 1:
             raise ValueError(f"shuffle_shards={self.shuffle_shards}: mix at least 1 shard at a time")
+        if self.crops.global_size % self.masking.patch_size:
+            raise ValueError(
+                f"global crop size {self.crops.global_size} is not a multiple of patch_size "
+                f"{self.masking.patch_size}: the iBOT mask grid would not match the ViT's patches"
+            )
 
 
 @dataclass
