@@ -152,8 +152,8 @@ def test_ranks_read_disjoint_shards(shard_dir):
 def test_config_errors_name_the_fix(shard_dir):
     with pytest.raises(ValueError, match="batch_size=0"):
         ShardDataConfig(batch_size=0)
-    with pytest.raises(ValueError, match="not a multiple of patch_size 16"):
-        ShardDataConfig(batch_size=2, masking=MaskingConfig(patch_size=16))
+    with pytest.raises(ValueError, match="not a multiple of patch_size 15"):
+        ShardDataConfig(batch_size=2, masking=MaskingConfig(patch_size=15))
     with pytest.raises(ValueError, match="rank=2"):
         make_dataloader(shard_dir, batch_size=2, rank=2, world_size=2)
     with pytest.raises(FileNotFoundError, match="nowhere.tar"):
