@@ -4,7 +4,7 @@ from lvd.pretrain.data.augmentations import Crops, MultiCrop, MultiCropConfig
 from lvd.pretrain.data.collate import Batch, collate
 from lvd.pretrain.data.masking import BlockMaskGenerator, MaskingConfig
 from lvd.pretrain.data.shard_stream import expand_shards
-from lvd.pretrain.data.shards import ShardDataConfig, make_dataloader
+from lvd.pretrain.data.shards import ShardDataConfig, loader_from_config, make_dataloader
 
 __all__ = [
     "Batch",
@@ -16,5 +16,6 @@ __all__ = [
     "ShardDataConfig",
     "collate",
     "expand_shards",
+    "loader_from_config",
     "make_dataloader",
 ]

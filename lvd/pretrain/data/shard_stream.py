@@ -23,7 +23,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import braceexpand
 import numpy as np
 import webdataset as wds
 
@@ -40,13 +39,15 @@ class RawSample:
 
 
 def expand_shards(shards: Sequence[str | os.PathLike] | str | os.PathLike) -> list[str]:
-    """Brace patterns and directories (their `shard-*.tar`) to a list of existing tar paths."""
+    """Brace patterns and directories (their `shard-*.tar`) to a list of existing tar paths.
+
+    Patterns go through webdataset's own expansion (braces, `::`-separated lists)."""
     specs = [shards] if isinstance(shards, (str, os.PathLike)) else list(shards)
     if not specs:
         raise ValueError("no shards given: pass shard paths, a {000000..000009} pattern or a shard directory")
     paths, missing = [], []
     for spec in specs:
-        for path in braceexpand.braceexpand(os.fspath(spec)):
+        for path in wds.shardlists.expand_urls(os.fspath(spec)):
             if os.path.isdir(path):
                 found = sorted(str(p) for p in Path(path).glob("shard-*.tar"))
                 paths += found

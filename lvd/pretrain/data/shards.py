@@ -59,6 +59,8 @@ class ShardDataConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: need at least 1 image per rank")
+        if self.seed < 0:
+            raise ValueError(f"seed={self.seed}: use a non-negative seed")
         if self.num_workers < 0 or self.shuffle_buffer < 0:
             raise ValueError("num_workers and shuffle_buffer must be >= 0")
         if self.shuffle_shards < 1:
