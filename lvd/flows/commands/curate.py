@@ -22,6 +22,9 @@ def prepare_prefect_env() -> str:
         return f"Prefect server: {os.environ['PREFECT_API_URL']}"
     home = os.environ.setdefault("PREFECT_HOME", str(DEFAULT_PREFECT_HOME.expanduser()))
     Path(home).mkdir(parents=True, exist_ok=True)
+    # The temporary server migrates a new database on first start: on a busy 2-core machine
+    # that takes longer than Prefect's 20 s default wait.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     return (
         f"Prefect runs are stored in {home}; to browse them run:\n"
         f"  PREFECT_HOME={home} prefect server start   # then open http://127.0.0.1:4200"
