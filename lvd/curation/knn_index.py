@@ -15,7 +15,7 @@ Memory (float32 vectors of dimension D, exclusive of Faiss's small fixed overhea
 - `IndexIVFFlat`: 4*D + 8 bytes per vector (vector plus its int64 id in the inverted list), plus
   4*D*nlist for the centroids. D=384: 1544 B, 1.54 GB per million; D=768: 3.08 GB per million.
 Search allocates 12*k bytes per query (float32 sims + int64 ids); queries go in batches of
-`query_batch` so that stays bounded.
+`search(..., query_batch=)` so that stays bounded.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ class IndexConfig:
     train_points_per_list: int = 64  # IVF quantizer trained on nlist * this many sampled vectors
     seed: int = 0  # sample of IVF training vectors and k-means init
     use_gpu: bool | None = None  # None: GPU when faiss.get_num_gpus() > 0
-    query_batch: int = 16_384  # queries per Faiss call
 
     def __post_init__(self):
         if self.exact_below < 0:
@@ -49,8 +48,6 @@ class IndexConfig:
             raise ValueError(f"nprobe={self.nprobe}: use at least 1 list per query")
         if self.train_points_per_list < 1:
             raise ValueError(f"train_points_per_list={self.train_points_per_list}: use at least 1 (Faiss advises 39+)")
-        if self.query_batch < 1:
-            raise ValueError(f"query_batch={self.query_batch}: use a positive batch size")
 
     def lists_for(self, n: int) -> int:
         """Number of IVF lists for a pool of `n` vectors (never more than `n`)."""
@@ -120,7 +117,7 @@ def _trained_ivf(x: np.ndarray, cfg: IndexConfig) -> faiss.Index:
     rows = np.sort(np.random.default_rng(cfg.seed).choice(n, size=n_train, replace=False))
     index.cp.seed = cfg.seed
     index.cp.spherical = True  # unit centroids: list assignment by cosine, like the queries
-    index.cp.max_points_per_centroid = max(cfg.train_points_per_list, 1)
+    index.cp.max_points_per_centroid = cfg.train_points_per_list
     index.train(x[rows])
     return index
 
