@@ -68,29 +68,44 @@ def test_center_is_ema_of_mean_teacher_logits_and_centres_softmax():
 
 
 # ---------------------------------------------------------------- Sinkhorn-Knopp
-def test_sinkhorn_matches_official_algorithm_and_marginals():
+@pytest.mark.parametrize("log_space", [False, True])
+def test_sinkhorn_matches_official_algorithm_and_marginals(log_space):
     torch.manual_seed(0)
     logits = torch.randn(32, 16) * 0.1
-    q = sinkhorn_knopp(logits, temp=0.05, n_iterations=3)
+    q = sinkhorn_knopp(logits, temp=0.05, n_iterations=3, log_space=log_space)
     assert torch.allclose(q.double(), official_sinkhorn_float64(logits, 0.05, 3), atol=1e-5)
     assert torch.allclose(q.sum(dim=1), torch.ones(32), atol=1e-5)  # each sample: a distribution
     # prototypes: approximately B/K after 3 iterations, exactly after many
-    q_many = sinkhorn_knopp(logits, temp=0.05, n_iterations=200)
+    q_many = sinkhorn_knopp(logits, temp=0.05, n_iterations=200, log_space=log_space)
     assert torch.allclose(q_many.sum(dim=0), torch.full((16,), 32 / 16), atol=1e-4)
 
 
-def test_sinkhorn_is_stable_for_large_logits():
+@pytest.mark.parametrize("log_space", [False, True])
+def test_sinkhorn_is_stable_for_large_logits(log_space):
     # logits 10 at temperature 0.04: exp(250) overflows float32 in the official version
     logits = torch.zeros(8, 4)
     logits[:, 0] = 10.0
     logits[::2, 1] = 10.0
     assert not torch.isfinite(torch.exp(logits / 0.04)).all()
-    q = sinkhorn_knopp(logits, temp=0.04, n_iterations=3)
+    q = sinkhorn_knopp(logits, temp=0.04, n_iterations=3, log_space=log_space)
     assert torch.isfinite(q).all()
     assert torch.allclose(q.double(), official_sinkhorn_float64(logits, 0.04, 3), atol=1e-5)
     assert torch.allclose(q.sum(dim=1), torch.ones(8), atol=1e-5)
-    q_many = sinkhorn_knopp(logits, temp=0.04, n_iterations=500)
+    q_many = sinkhorn_knopp(logits, temp=0.04, n_iterations=500, log_space=log_space)
     assert torch.allclose(q_many.sum(dim=0), torch.full((4,), 2.0), atol=1e-3)
+
+
+def test_sinkhorn_falls_back_to_log_space_when_a_row_underflows():
+    # row 1 is 250 below the column maxima everywhere: exp underflows to 0 for the whole row
+    logits = torch.tensor([[10.0, 10.0, 9.0], [0.0, 0.0, 0.0], [10.0, 9.0, 10.0]])
+    q = sinkhorn_knopp(logits, temp=0.04)
+    assert torch.isfinite(q).all()
+    assert torch.equal(q, sinkhorn_knopp(logits, temp=0.04, log_space=True))
+    assert torch.allclose(q.double(), official_sinkhorn_float64(logits, 0.04, 3), atol=1e-5)
+    # by hand, one iteration: column sums are ~(2, 1, 1) e^250, so row 1 is
+    # (1/2, 1, 1) e^0 normalised = (0.2, 0.4, 0.4) (corrections are below e^-25)
+    q1 = sinkhorn_knopp(logits, temp=0.04, n_iterations=1)
+    assert torch.allclose(q1[1], torch.tensor([0.2, 0.4, 0.4]), atol=1e-6)
 
 
 def test_sinkhorn_hand_example_equal_logits_are_uniform():
@@ -165,9 +180,10 @@ def _two_rank_worker(rank: int, port: int, logits: torch.Tensor, out: dict) -> N
     try:
         rows = logits.chunk(2)[rank]
         q = sinkhorn_knopp(rows, temp=0.04, n_iterations=3)
+        q_log = sinkhorn_knopp(rows, temp=0.04, n_iterations=3, log_space=True)
         loss = DINOLoss(logits.shape[1])
         loss.update_center(rows)
-        out[rank] = (q, loss.center.clone())
+        out[rank] = (q, q_log, loss.center.clone())
     finally:
         dist.destroy_process_group()
 
@@ -180,7 +196,9 @@ def test_sinkhorn_and_center_across_two_ranks_equal_single_process():
         out = manager.dict()
         mp.spawn(_two_rank_worker, args=(port, logits, out), nprocs=2, join=True)
         q = torch.cat([out[0][0], out[1][0]])
-        centers = [out[0][1], out[1][1]]
+        q_log = torch.cat([out[0][1], out[1][1]])
+        centers = [out[0][2], out[1][2]]
     assert torch.allclose(q, sinkhorn_knopp(logits, temp=0.04, n_iterations=3), atol=1e-6)
+    assert torch.allclose(q_log, q, atol=1e-6)
     for c in centers:
         assert torch.allclose(c, 0.1 * logits.mean(0, keepdim=True), atol=1e-6)
