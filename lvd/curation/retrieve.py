@@ -11,6 +11,8 @@ Three ways to pick pool images, each returning a `Retrieval` with provenance per
   independent of any seeds.
 Seeds may also be kept as-is (`include_seeds`): their rows are listed in `seeds_included`;
 shipping them is the shard stage's job, since seeds are not pool images.
+`union` merges the retrievals of several seed sets over one pool into a `Selection` with one
+provenance row per image.
 All inputs are L2-normalised embeddings; indices are row positions of the pool / seed matrices.
 """
 
@@ -211,3 +213,43 @@ def balanced(h: Hierarchy, cfg: BalancedConfig) -> Retrieval:
 
 def _seed_rows(n_seeds: int, include: bool) -> np.ndarray:
     return np.arange(n_seeds if include else 0, dtype=np.int64)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The union of several retrievals (e.g. one per seed set), one row per pool image.
+
+    An image chosen by several retrievals is credited to the first in the given order:
+    `source` is its position in that list, and `method` / `seed_idx` / `cluster_id` /
+    `similarity` are copied from it (`seed_idx` indexes that retrieval's own seed set).
+    """
+
+    pool_idx: np.ndarray  # int64 [M] ascending, unique
+    source: np.ndarray  # int64 [M]
+    method: np.ndarray  # str [M]
+    seed_idx: np.ndarray  # int64 [M]
+    cluster_id: np.ndarray  # int64 [M]
+    similarity: np.ndarray  # float32 [M]
+    n_overlaps: int  # images chosen by more than one retrieval
+
+
+def union(results: list[Retrieval]) -> Selection:
+    """Merge retrievals over one pool into a `Selection` (first retrieval wins provenance)."""
+    cat = lambda field: np.concatenate([getattr(r, field) for r in results]) if results else np.zeros(0)  # noqa: E731
+    pool = cat("pool_idx").astype(np.int64)
+    source = np.concatenate([np.full(len(r.pool_idx), i, dtype=np.int64) for i, r in enumerate(results)]) if results else pool
+    order = np.lexsort((source, pool))  # per image, the earliest retrieval first
+    pool, source = pool[order], source[order]
+    first = np.r_[True, pool[1:] != pool[:-1]] if len(pool) else np.zeros(0, dtype=bool)
+    repeats = np.diff(np.r_[np.flatnonzero(first), len(pool)])
+    pick = order[first]
+    methods = np.concatenate([np.full(len(r.pool_idx), r.method) for r in results]) if results else np.zeros(0, dtype=str)
+    return Selection(
+        pool_idx=pool[first],
+        source=source[first],
+        method=methods[pick],
+        seed_idx=cat("seed_idx").astype(np.int64)[pick],
+        cluster_id=cat("cluster_id").astype(np.int64)[pick],
+        similarity=cat("similarity").astype(np.float32)[pick],
+        n_overlaps=int((repeats > 1).sum()),
+    )

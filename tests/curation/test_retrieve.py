@@ -17,6 +17,7 @@ from lvd.curation.retrieve import (
     balanced,
     cluster_based,
     sample_based,
+    union,
 )
 
 
@@ -152,3 +153,25 @@ def test_config_errors_name_the_fix():
         ClusterRetrievalConfig(order="nearest")
     with pytest.raises(ValueError, match="target"):
         BalancedConfig(target=-1)
+
+
+def test_union_keeps_each_image_once_with_the_first_retrievals_provenance(planted):
+    pool, seeds, rows = planted
+    index = build_index(pool)
+    near = sample_based(index, seeds, SampleRetrievalConfig(k=1))  # the 10 planted rows
+    wide = sample_based(index, seeds[:3], SampleRetrievalConfig(k=4))  # 12 rows, 3 of them planted
+    sel = union([near, wide])
+    expected = np.union1d(near.pool_idx, wide.pool_idx)
+    np.testing.assert_array_equal(sel.pool_idx, expected)
+    assert sel.n_overlaps == 3 and len(expected) == 10 + 12 - 3
+    planted_rows = np.isin(sel.pool_idx, rows)
+    assert (sel.source[planted_rows] == 0).all() and (sel.source[~planted_rows] == 1).all()
+    assert set(sel.method) == {"sample"}
+    np.testing.assert_allclose(sel.similarity, np.einsum("nd,nd->n", pool[sel.pool_idx], seeds[sel.seed_idx]), atol=1e-5)
+    clusters = kmeans(pool, KMeansConfig(k=10, seed=0))
+    by_cluster = cluster_based(clusters, seeds[:1], ClusterRetrievalConfig(min_seeds=1, per_cluster=5))
+    mixed = union([by_cluster, near])
+    assert list(mixed.method[mixed.source == 0]) == ["cluster"] * 5
+    assert list(mixed.method[mixed.source == 1]) == ["sample"] * (len(mixed.pool_idx) - 5)
+    np.testing.assert_array_equal(np.sort(mixed.pool_idx[mixed.source == 0]), by_cluster.pool_idx)
+    assert len(union([]).pool_idx) == 0
