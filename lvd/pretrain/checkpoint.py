@@ -120,11 +120,32 @@ def read_meta(ckpt: str | Path) -> CheckpointMeta:
     return CheckpointMeta(**json.loads((Path(ckpt) / META_FILE).read_text()))
 
 
-def load_checkpoint(ckpt: str | Path, state: dict[str, Any]) -> CheckpointMeta:
-    """Load in place into `state` (same structure as saved) and restore this rank's RNG."""
+def _drop_unsaved(tree: dict[str, Any], saved: set[str], prefix: str) -> dict[str, Any]:
+    """`tree` without the entries under `prefix` that the checkpoint does not hold."""
+    out = {}
+    for key, value in tree.items():
+        flat = f"{prefix}.{key}"
+        if flat in saved or any(k.startswith(flat + ".") for k in saved):
+            out[key] = _drop_unsaved(value, saved, flat) if isinstance(value, dict) else value
+    return out
+
+
+def load_checkpoint(
+    ckpt: str | Path, state: dict[str, Any], *, optional: tuple[str, ...] = ("optimizer",),
+) -> CheckpointMeta:
+    """Load in place into `state` (same structure as saved) and restore this rank's RNG.
+
+    Under the `optional` top-level keys, entries missing from the checkpoint are dropped
+    from `state` instead of failing: AdamW has no state for a parameter that never had a
+    gradient (the prototypes while frozen), yet the pre-allocated optimizer state has one.
+    Everything else (weights, centres) must be present.
+    """
     ckpt = Path(ckpt)
     if not is_complete(ckpt):
         raise FileNotFoundError(f"{ckpt} is not a complete checkpoint (no .metadata/{META_FILE})")
+    saved = set(dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata)
+    for key in optional:
+        state[key] = _drop_unsaved(state[key], saved, key)
     dcp.load(state, checkpoint_id=ckpt)
     rng = ckpt / f"rng-rank{_rank()}.pt"
     if rng.exists():

@@ -18,7 +18,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
 
 from lvd.pretrain import checkpoint as ckpt
 from lvd.pretrain.meta_arch import MetaArch, StepOutput
@@ -97,8 +99,16 @@ def _state(meta: MetaArch, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
 def _restore(meta: MetaArch, optimizer: torch.optim.Optimizer, path: Path) -> ckpt.CheckpointMeta:
     state = _state(meta, optimizer)
     info = ckpt.load_checkpoint(path, state)
-    set_state_dict(meta.student, optimizer, model_state_dict=state["student"],
-                   optim_state_dict=state["optimizer"])
+    set_model_state_dict(meta.student, state["student"])
+    # Not strict: a parameter that had no AdamW state when saved (the frozen prototypes)
+    # has none in the checkpoint; drop the placeholder state get_state_dict created for it
+    # so the resumed optimizer matches the saved one exactly.
+    set_optimizer_state_dict(meta.student, optimizer, state["optimizer"],
+                             options=StateDictOptions(strict=False))
+    saved = set(state["optimizer"]["state"])
+    for name, p in meta.student.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(p, None)
     meta.teacher.load_state_dict(state["teacher"])
     meta.dino_loss.load_state_dict(state["dino_loss"])
     meta.ibot_loss.load_state_dict(state["ibot_loss"])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import glob
 from pathlib import Path
 
 
@@ -12,7 +11,7 @@ def register(subparsers) -> None:
         "pretrain", help="pretrain a DINOv2 ViT on WebDataset shards written by `lvd curate`"
     )
     p.add_argument("--shards", required=True, nargs="+", metavar="SHARDS",
-                   help="shard folder (e.g. RUN/shards), tar files, or glob patterns")
+                   help="shard folder (e.g. RUN/shards), tar files, or {000000..000009} brace patterns")
     p.add_argument("--recipe", default="vits14",
                    help="named recipe: tiny, vits14, vitb14, vitl14, vitg14 (default: vits14)")
     p.add_argument("--out", required=True, type=Path,
@@ -33,32 +32,22 @@ def register(subparsers) -> None:
     p.set_defaults(func=main)
 
 
-def expand_shards(specs: list[str]) -> tuple[str, ...]:
-    """Folders become their shard-*.tar files; globs are expanded; order is sorted."""
-    found: list[str] = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            found += sorted(str(p) for p in path.glob("*.tar"))
-        else:
-            found += sorted(glob.glob(spec)) or [spec]
-    missing = [s for s in found if not Path(s).exists()]
-    if missing or not found:
-        raise SystemExit(f"lvd pretrain: no shards found at {missing or specs}")
-    return tuple(found)
-
-
 def main(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from lvd.pretrain.data import expand_shards
     from lvd.pretrain.recipes import get_recipe
     from lvd.pretrain.train import TrainConfig, train
 
+    try:
+        shards = tuple(expand_shards(args.shards))
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"lvd pretrain: {e}") from None
     recipe = get_recipe(args.recipe)
     if args.batch_size is not None:
         recipe = replace(recipe, batch_size=args.batch_size)
     result = train(TrainConfig(
-        shards=expand_shards(args.shards), recipe=recipe, out=args.out,
+        shards=shards, recipe=recipe, out=args.out,
         max_steps=args.max_steps, resume=args.resume, num_workers=args.num_workers,
         seed=args.seed, device=args.device, deterministic=args.deterministic,
     ))
