@@ -58,7 +58,9 @@ class MultiCropConfig:
                 raise ValueError(f"{name}={(lo, hi)}: need 0 < min <= max <= 1 (fractions of the image area)")
         for name in ("global_blur_p", "global_solarize_p"):
             if len(getattr(self, name)) != self.n_global:
-                raise ValueError(f"{name} has {len(getattr(self, name))} entries: give one per global crop ({self.n_global})")
+                raise ValueError(
+                    f"{name} has {len(getattr(self, name))} entries: give one per global crop ({self.n_global})"
+                )
         probs = (*self.global_blur_p, *self.global_solarize_p, self.local_blur_p)
         if not all(0.0 <= p <= 1.0 for p in probs):
             raise ValueError(f"augmentation probabilities must be in [0, 1], got {probs}")
@@ -95,7 +97,9 @@ class SeparableGaussianBlur(nn.Module):
         return x.round_().clamp_(0, 255).to(img_CHW.dtype)
 
 
-def _crop_transform(size: int, scale: tuple[float, float], cfg: MultiCropConfig, *, blur_p: float, solarize_p: float) -> v2.Compose:
+def _crop_transform(
+    size: int, scale: tuple[float, float], cfg: MultiCropConfig, *, blur_p: float, solarize_p: float
+) -> v2.Compose:
     steps: list[torch.nn.Module] = [
         # geometric on the PIL image: a bicubic resize of a crop of the full-resolution image
         v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
@@ -119,7 +123,9 @@ class MultiCrop:
             _crop_transform(cfg.global_size, cfg.global_scale, cfg, blur_p=b, solarize_p=s)
             for b, s in zip(cfg.global_blur_p, cfg.global_solarize_p)
         ]
-        self.local_transform = _crop_transform(cfg.local_size, cfg.local_scale, cfg, blur_p=cfg.local_blur_p, solarize_p=0.0)
+        self.local_transform = _crop_transform(
+            cfg.local_size, cfg.local_scale, cfg, blur_p=cfg.local_blur_p, solarize_p=0.0
+        )
 
     def __call__(self, img: Image.Image, *, seed: int | None = None) -> Crops:
         if img.mode != "RGB":

@@ -36,7 +36,8 @@ class Batch:
         return int(self.mask_indices.numel())
 
     def _map_tensors(self, fn) -> Batch:
-        changes = {f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        changes = {name: fn(v) for name, v in values.items() if isinstance(v, torch.Tensor)}
         return dataclasses.replace(self, **changes)
 
     def to(self, device: torch.device | str, *, non_blocking: bool = True) -> Batch:

@@ -6,8 +6,9 @@ and `remaining` new patches, so the mask never exceeds its target (it may fall s
 when 10 tries in a row fail, as in the official generator).
 
 Per batch, a share `masked_fraction` (config: `sample_probability`) of the crops is
-masked; their target ratios are drawn one per stratum of `linspace(ratio_min, ratio_max, n_masked + 1)` so the batch covers the
-whole range, and the masks are shuffled across crops (official collate).
+masked; their target ratios are drawn one per stratum of
+`linspace(ratio_min, ratio_max, n_masked + 1)` so the batch covers the whole range, and
+the masks are shuffled across crops (official collate).
 All randomness comes from the numpy Generator passed in, so masks are reproducible.
 """
 

@@ -94,7 +94,9 @@ def sample_seed(seed: int, rank: int, batch_index: int, i: int) -> int:
 class ShardStream(IterableDataset):
     """Yields ready `Batch`es of one rank; use with DataLoader(batch_size=None)."""
 
-    def __init__(self, shards: list[str], cfg: ShardDataConfig, *, rank: int, world_size: int, start_batch: int) -> None:
+    def __init__(
+        self, shards: list[str], cfg: ShardDataConfig, *, rank: int, world_size: int, start_batch: int
+    ) -> None:
         super().__init__()
         self.shards, self.cfg = shards, cfg
         self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
@@ -144,8 +146,9 @@ class ShardStream(IterableDataset):
             crops.append(self.multicrop(source.image, seed=sample_seed(self.cfg.seed, self.rank, batch_index, i)))
             uids.append(source.uid)
         mask_rng = np.random.default_rng([self.cfg.seed, self.rank, batch_index, 1 << 20])
+        n_corrupt = len(raws) - len(good)
         return collate(
-            crops, self.cfg.masking, mask_rng, uids=tuple(uids), n_corrupt=len(raws) - len(good), batch_index=batch_index
+            crops, self.cfg.masking, mask_rng, uids=tuple(uids), n_corrupt=n_corrupt, batch_index=batch_index
         )
 
 
