@@ -71,21 +71,18 @@ def markers(stage_dir: Path) -> dict[str, tuple[int, str]]:
 def test_sigkill_mid_ingest_then_rerun_resumes(ray_local, prefect_harness, big_dump, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
-    from lvd.flows.commands.curate import run_curate
+    from lvd.flows import cli
 
     want = reference_ledger(big_dump, tmp_path / "reference", 40)
     total = len(stages.plan([str(big_dump)], 40))
     out = tmp_path / "run"
-    env = dict(
-        os.environ,
-        PREFECT_API_URL=PREFECT_API_URL.value(),
-        RAY_ADDRESS=ray_local.get_runtime_context().gcs_address,
-    )
-    code = "import sys; from lvd.flows.commands.curate import run_curate; " \
-           "sys.exit(run_curate(sys.argv[1:2], sys.argv[2], partition_size=40))"
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
+    address = ray_local.get_runtime_context().gcs_address
+    argv = ["curate", "--input", str(big_dump), "--out", str(out), "--partition-size", "40"]
     with open(tmp_path / "child.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-c", code, str(big_dump), str(out)], env=env, stdout=log, stderr=log
+            [sys.executable, "-m", "lvd.flows.cli", *argv, "--ray-address", address],
+            env=env, stdout=log, stderr=log,
         )
         deadline = time.monotonic() + 120
         while proc.poll() is None and not markers(out / "ingest") and time.monotonic() < deadline:
@@ -98,7 +95,7 @@ def test_sigkill_mid_ingest_then_rerun_resumes(ray_local, prefect_harness, big_d
     assert 0 < len(before) < total, f"kill landed outside ingest: {len(before)}/{total} done"
     assert not (out / "ledger.parquet").exists()
 
-    assert run_curate([str(big_dump)], str(out), partition_size=40) == 0
+    assert cli.main(argv) == 0  # started again, in this process
     after = markers(out / "ingest")
     assert len(after) == total
     assert {k: after[k] for k in before} == before  # done partitions were not redone

@@ -3,8 +3,12 @@ files + copies of real photos), against the session's Prefect harness and local 
 
 from __future__ import annotations
 
+import base64
+import io
+
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from lvd.curation import ledger as lg
 from lvd.curation.demo import build_demo_dump
@@ -112,8 +116,10 @@ def test_rerun_skips_done_work_and_gives_same_ledger(run, dump):
 
     summary, out = run
     before = pq.read_table(out / "ledger.parquet")
+    dedup_marker = (out / "dedup" / "duplicates.done.json").stat().st_mtime_ns
     again = curate(inputs=dump.inputs, out=str(out), partition_size=16)
     assert again.ingest_ran == 0 and again.ingest_skipped == summary.partitions
+    assert (out / "dedup" / "duplicates.done.json").stat().st_mtime_ns == dedup_marker
     assert pq.read_table(out / "ledger.parquet").equals(before)
 
 
@@ -136,3 +142,14 @@ def test_stage_artifacts_reported(run):
     gallery = latest["curate-dedup-groups"].data
     assert gallery.count("](data:image/png;base64,") >= 2 and len(gallery) < 200_000
     assert "rejected" in latest["curate-ledger-counts"].data
+
+
+def test_thumbnails_are_upright_and_small():
+    from lvd.curation.testdata import odd_valid_images
+    from lvd.flows.artifacts import thumbnail_png
+
+    data, (w, h) = odd_valid_images()["exif6.jpg"]  # stored sideways, EXIF turns it upright
+    thumb = Image.open(io.BytesIO(base64.b64decode(thumbnail_png(data))))
+    assert thumb.size == (64, round(64 * h / w)) and w > h
+    assert len(thumbnail_png(data)) < 8_000
+    assert thumbnail_png(b"not a picture") is None
