@@ -137,7 +137,8 @@ def test_load_hf_is_strict(tmp_path):
     sd.pop("encoder.layer.1.norm2.bias")
     sd["encoder.layer.0.extra.weight"] = torch.zeros(1)
     save_file(sd, tmp_path / "model.safetensors")
-    with pytest.raises(StateDictMismatch, match=r"missing keys: \[.blocks.1.norm2.bias.\]; unexpected keys: \[.hf:encoder.layer.0.extra.weight.\]"):
+    expected = r"missing keys: \[.blocks.1.norm2.bias.\]; unexpected keys: \[.hf:encoder.layer.0.extra.weight.\]"
+    with pytest.raises(StateDictMismatch, match=expected):
         load_hf(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "model_type": "vit"}))

@@ -132,7 +132,8 @@ def test_block_chunked_training_layout_loads_like_the_flat_one():
     [
         (lambda sd: sd.pop("blocks.1.ls2.gamma"), r"missing keys: \['blocks.1.ls2.gamma'\]"),
         (lambda sd: sd.__setitem__("blocks.0.attn.q_norm.weight", torch.ones(D)), "unexpected keys: .*q_norm"),
-        (lambda sd: sd.__setitem__("blocks.2.mlp.fc1.bias", torch.zeros(3)), r"wrong shapes: .*blocks.2.mlp.fc1.bias: file \(3,\)"),
+        (lambda sd: sd.__setitem__("blocks.2.mlp.fc1.bias", torch.zeros(3)),
+         r"wrong shapes: .*blocks.2.mlp.fc1.bias: file \(3,\)"),
     ],
 )
 def test_loading_is_strict(damage, expected):

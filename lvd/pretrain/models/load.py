@@ -17,12 +17,13 @@ from lvd.pretrain.models.official import build_official, is_official_layout
 from lvd.pretrain.models.vit import VisionTransformer
 
 TORCH_SUFFIXES = (".pth", ".pt")
+WANT = "pass an HF Dinov2 folder, an official DINOv2 .pth/.pt, or an lvd checkpoint dir / run --out folder"
 
 
 def load_backbone(spec: str | Path) -> VisionTransformer:
     path = Path(spec).expanduser()
     if not path.exists():
-        raise FileNotFoundError(f"backbone {spec!s} does not exist (want an HF folder, an official .pth or an lvd checkpoint)")
+        raise FileNotFoundError(f"backbone {spec!s} does not exist; {WANT}")
     if path.is_dir() and (path / "config.json").is_file():
         return load_hf(path).eval()
     if path.is_dir():
@@ -31,7 +32,7 @@ def load_backbone(spec: str | Path) -> VisionTransformer:
 
         return load_teacher_backbone(path).eval()
     if path.suffix not in TORCH_SUFFIXES:
-        raise ValueError(f"{path}: not a backbone; want an official .pth/.pt, an HF folder or an lvd checkpoint dir")
+        raise ValueError(f"{path}: not a backbone; {WANT}")
     state_dict = _unwrap(torch.load(path, map_location="cpu", weights_only=True))
     if not isinstance(state_dict, dict) or not is_official_layout(state_dict):
         keys = sorted(state_dict)[:8] if isinstance(state_dict, dict) else type(state_dict).__name__

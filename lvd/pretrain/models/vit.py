@@ -160,7 +160,8 @@ class VisionTransformer(nn.Module):
             size_kw = {"scale_factor": ((h + offset) / M, (w + offset) / M)}
         else:
             size_kw = {"size": (h, w)}
-        grid_1Dhw = F.interpolate(grid_1DMM, mode="bicubic", antialias=self.config.interpolate_antialias, **size_kw)
+        antialias = self.config.interpolate_antialias
+        grid_1Dhw = F.interpolate(grid_1DMM, mode="bicubic", antialias=antialias, **size_kw)
         assert grid_1Dhw.shape[-2:] == (h, w), f"interpolated to {tuple(grid_1Dhw.shape[-2:])}, wanted {(h, w)}"
         patches_1ND = grid_1Dhw.flatten(2).transpose(1, 2)
         return torch.cat([pos_1TD[:, :1], patches_1ND], dim=1).to(self.pos_embed.dtype)
@@ -173,7 +174,8 @@ class VisionTransformer(nn.Module):
         B, N, _ = x_BND.shape
         if masks_BN is not None:
             if masks_BN.shape != (B, N) or masks_BN.dtype != torch.bool:
-                raise ValueError(f"masks_BN must be bool of shape {(B, N)}, got {masks_BN.dtype} {tuple(masks_BN.shape)}")
+                got = f"{masks_BN.dtype} {tuple(masks_BN.shape)}"
+                raise ValueError(f"masks_BN must be bool of shape {(B, N)} (one flag per patch), got {got}")
             x_BND = torch.where(masks_BN.unsqueeze(-1), self.mask_token.to(x_BND.dtype), x_BND)
         x_BTD = torch.cat([self.cls_token.expand(B, -1, -1), x_BND], dim=1)
         x_BTD = x_BTD + self.interpolate_pos_embed(h, w)
