@@ -53,6 +53,12 @@ def test_curate_then_verify_then_tamper(ray_local, prefect_harness, small_dump, 
     assert "BROKEN" in printed and "missing from the ledger" in printed and dropped in printed
 
 
+def test_same_input_twice_is_refused(tmp_path, capsys):
+    argv = ["curate", "--input", str(tmp_path), "--input", str(tmp_path), "--out", str(tmp_path / "r")]
+    assert cli.main(argv) == 2
+    assert "more than once" in capsys.readouterr().err
+
+
 def test_verify_without_a_run_fails(tmp_path, capsys):
     assert cli.main(["verify", str(tmp_path)]) == 1
     assert "cannot read run" in capsys.readouterr().out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 DEFAULT_PREFECT_HOME = Path("~/.lvd/prefect")
@@ -72,11 +73,16 @@ def flow_kwargs(args: argparse.Namespace) -> dict:
 
 def run_curate(inputs: list[str], out: str, **kwargs) -> int:
     """Run the flow and print the accounting; 0 when every input is accounted for."""
+    inputs = [str(i) for i in inputs]
+    if twice := sorted({i for i in inputs if inputs.count(i) > 1}):
+        print(f"error: --input given more than once (each input must count once): {', '.join(twice)}",
+              file=sys.stderr)
+        return 2
     where = prepare_prefect_env()
     from lvd.curation.ledger import format_report, verify_run
     from lvd.flows.curate import curate
 
-    curate(inputs=[str(i) for i in inputs], out=str(out), **kwargs)
+    curate(inputs=inputs, out=str(out), **kwargs)
     report = verify_run(Path(out))
     print(format_report(report))
     print(where)
