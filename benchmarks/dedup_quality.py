@@ -42,6 +42,7 @@ SETTINGS = {
     "both <=8/<=8": DedupConfig(phash_radius=8, dhash_radius=8),
     "both <=14/<=12": DedupConfig(phash_radius=14, dhash_radius=12),
     "8/8 + verify16": DedupConfig(phash_radius=8, dhash_radius=8, verify_radius=16),
+    "8/8 + verify12": DedupConfig(phash_radius=8, dhash_radius=8, verify_radius=12),
     "14/12 + verify16": DedupConfig(phash_radius=14, dhash_radius=12, verify_radius=16),
     "14/12 + verify24": DedupConfig(phash_radius=14, dhash_radius=12, verify_radius=24),
 }
