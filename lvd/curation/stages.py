@@ -50,8 +50,8 @@ class DedupFn:
 
 def unique_accepted(run_dir: Path) -> pa.Table:
     """One row per accepted uid (its first input by source order): what dedup compares."""
-    t = ledger.read_ingest(run_dir)
-    t = t.drop_columns([c for c in t.column_names if c in NOT_FOR_DEDUP])
+    names = pq.read_schema(ledger.ingest_manifests(run_dir)[0]).names
+    t = ledger.read_ingest(run_dir, [c for c in names if c not in NOT_FOR_DEDUP])
     t = t.filter(pc.equal(t["status"], "accepted")).sort_by([("source", "ascending")])
     seen: set[str] = set()
     keep = [not (u in seen or seen.add(u)) for u in t["uid"].to_pylist()]

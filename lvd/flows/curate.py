@@ -48,6 +48,8 @@ def ingest_task(inputs: list[str], run_dir: Path, partition_size: int, cfg: Inge
                 rcfg: runner.RunnerConfig) -> runner.StageReport:
     log = get_run_logger()
     partitions = stages.plan(inputs, partition_size)
+    if not partitions:
+        raise ValueError(f"no files, tar members or parquet rows found in {inputs}: nothing to curate")
     log.info("ingest: %d partitions from %d inputs", len(partitions), len(inputs))
     progress = artifacts.Progress("curate-ingest-progress", "ingest: partitions done")
     rep = stages.run_ingest(partitions, run_dir, cfg, rcfg, progress)
