@@ -64,27 +64,31 @@ def ingest_task(inputs: list[str], run_dir: Path, partition_size: int, cfg: Inge
 
 @task(name="dedup", cache_policy=NO_CACHE)  # done-markers are the cache
 def dedup_task(run_dir: Path, cfg: DedupConfig, rcfg: runner.RunnerConfig) -> runner.StageReport:
-    log = get_run_logger()
     progress = artifacts.Progress("curate-dedup-progress", "dedup: global near-duplicate search")
-    rep = stages.run_dedup(run_dir, cfg, rcfg)
+    stage = stages.run_dedup(run_dir, cfg, rcfg)
     progress(1, 1)
+    _report_duplicates(run_dir)
+    return stage
+
+
+def _report_duplicates(run_dir: Path) -> None:
+    """Counts per method, and the largest groups as pictures."""
     dups = pq.read_table(run_dir / "dedup" / "duplicates.parquet").to_pydict()
     groups: dict[str, list] = defaultdict(list)
-    for u, rep_uid, m, d in zip(dups["uid"], dups["duplicate_of"], dups["method"], dups["distance"]):
-        groups[rep_uid].append((u, m, float(d)))
-    log.info("dedup: %d near-duplicate uids in %d groups", len(dups["uid"]), len(groups))
+    for uid, kept, method, dist in zip(dups["uid"], dups["duplicate_of"], dups["method"], dups["distance"]):
+        groups[kept].append((uid, method, float(dist)))
+    get_run_logger().info("dedup: %d near-duplicate uids in %d groups", len(dups["uid"]), len(groups))
     artifacts.count_table(
         "curate-dedup-counts", "dedup: near-duplicate uids per method",
         [{"method": m, "duplicates": n} for m, n in sorted(Counter(dups["method"]).items())]
         + [{"method": "groups", "duplicates": len(groups)}],
     )
     shown = sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))[: artifacts.MAX_GROUPS]
-    uids = {r for r, _ in shown} | {u for _, ds in shown for u, _, _ in ds[: artifacts.MAX_PER_GROUP]}
+    uids = {kept for kept, _ in shown} | {u for _, ds in shown for u, _, _ in ds[: artifacts.MAX_PER_GROUP]}
     artifacts.gallery_artifact(
         "curate-dedup-groups",
         artifacts.duplicate_gallery_markdown(shown, stages.read_blobs(run_dir, uids)),
     )
-    return rep
 
 
 @task(name="ledger", cache_policy=NO_CACHE)  # done-markers are the cache
