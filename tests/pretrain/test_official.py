@@ -175,3 +175,19 @@ def test_load_backbone_reads_an_official_pth(tmp_path):
         load_backbone(tmp_path / "notes.txt")
     with pytest.raises(FileNotFoundError):
         load_backbone(tmp_path / "missing.pth")
+
+
+def test_load_backbone_takes_the_teacher_of_an_official_training_checkpoint(tmp_path):
+    """Official training checkpoints: {"model": {"teacher.backbone.blocks.C.N...": ...}} with
+    block chunks, beside the student and the heads."""
+    teacher, student = official_state_dict(chunks=DEPTH, seed=1), official_state_dict(chunks=DEPTH, seed=2)
+    model = {f"teacher.backbone.{k}": v for k, v in teacher.items()}
+    model |= {f"student.backbone.{k}": v for k, v in student.items()}
+    model["teacher.dino_head.mlp.0.weight"] = torch.zeros(4, D)
+    torch.save({"model": model, "iteration": 7}, tmp_path / "model_0000007.pth")
+    loaded = load_backbone(tmp_path / "model_0000007.pth")
+    assert torch.equal(loaded.blocks[2].attn.qkv.weight, teacher["blocks.2.2.attn.qkv.weight"])
+    eval_file = {"teacher": {f"backbone.{k}": v for k, v in teacher.items()} | {"dino_head.w": torch.zeros(1)}}
+    torch.save(eval_file, tmp_path / "teacher_checkpoint.pth")
+    loaded = load_backbone(tmp_path / "teacher_checkpoint.pth")
+    assert torch.equal(loaded.blocks[1].mlp.fc1.weight, teacher["blocks.1.1.mlp.fc1.weight"])

@@ -1,7 +1,8 @@
 """`load_backbone(spec)`: one entry point for every kind of backbone weights we accept.
 
 - a Hugging Face Dinov2 folder (has `config.json`)        -> `hf.load_hf`
-- a `.pth` / `.pt` file in the official DINOv2 hub layout  -> `official.build_official`
+- an official DINOv2 `.pth` / `.pt` (hub file, or the teacher  -> `official.build_official`
+  of a training / eval checkpoint)
 - an lvd checkpoint dir (`step_NNNNNNN`) or a run's `--out`  -> `checkpoint.load_teacher_backbone`
 The model comes back in eval mode on the CPU.
 """
@@ -17,6 +18,7 @@ from lvd.pretrain.models.official import build_official, is_official_layout
 from lvd.pretrain.models.vit import VisionTransformer
 
 TORCH_SUFFIXES = (".pth", ".pt")
+TEACHER_PREFIX = "teacher.backbone."
 WANT = "pass an HF Dinov2 folder, an official DINOv2 .pth/.pt, or an lvd checkpoint dir / run --out folder"
 
 
@@ -44,9 +46,15 @@ def load_backbone(spec: str | Path) -> VisionTransformer:
 
 
 def _unwrap(obj):
-    """Official hub files are a bare state dict; tolerate one {"model": ...} / {"state_dict": ...} level."""
-    if isinstance(obj, dict):
-        for key in ("model", "state_dict"):
-            if key in obj and isinstance(obj[key], dict) and not is_official_layout(obj):
-                return obj[key]
-    return obj
+    """Hub files are a bare backbone state dict. Official training runs wrap it: `model_*.pth`
+    as {"model": {"teacher.backbone.<key>": ...}} beside the student and heads, and the eval
+    `teacher_checkpoint.pth` as {"teacher": {"backbone.<key>": ...}}. We take the teacher."""
+    if not isinstance(obj, dict) or is_official_layout(obj):
+        return obj
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(obj.get(key), dict):
+            obj = {("teacher." if key == "teacher" else "") + k: v for k, v in obj[key].items()}
+            break
+    if not any(k.startswith(TEACHER_PREFIX) for k in obj):
+        return obj
+    return {k[len(TEACHER_PREFIX) :]: v for k, v in obj.items() if k.startswith(TEACHER_PREFIX)}
