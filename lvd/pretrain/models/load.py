@@ -1,8 +1,8 @@
 """`load_backbone(spec)`: one entry point for every kind of backbone weights we accept.
 
-- a Hugging Face Dinov2 folder (has `config.json`)        -> `hf.load_hf`
-- an official DINOv2 `.pth` / `.pt` (hub file, or the teacher  -> `official.build_official`
-  of a training / eval checkpoint)
+- a Hugging Face Dinov2 folder (has `config.json`)         -> `hf.load_hf`
+- an official DINOv2 `.pth` / `.pt`: a hub file, or the
+  teacher of an official training / eval checkpoint         -> `official.build_official`
 - an lvd checkpoint dir (`step_NNNNNNN`) or a run's `--out`  -> `checkpoint.load_teacher_backbone`
 The model comes back in eval mode on the CPU.
 """
