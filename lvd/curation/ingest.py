@@ -52,7 +52,9 @@ INGEST_SCHEMA = pa.schema(
 )
 BLOB_SCHEMA = pa.schema([pa.field("uid", pa.string(), nullable=False), pa.field("data", pa.binary(), nullable=False)])
 
-WEB_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF")  # JPEG also opens MPO
+Image.init()  # registers every plugin, so Image.ID lists what this Pillow build can open
+# AVIF only exists in newer Pillow builds; JPEG also opens MPO (multi-picture camera files).
+WEB_FORMATS = tuple(f for f in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "AVIF") if f in Image.ID)
 # Modes `to_rgb` knows how to turn into RGB faithfully. LAB/HSV need a colour-managed
 # conversion Pillow does not do (its LAB->RGB just relabels channels), so they are rejected.
 SUPPORTED_MODES = frozenset(
@@ -85,7 +87,6 @@ class IngestConfig:
             )
         if not 2 <= self.hash_size <= 8:
             raise ValueError(f"hash_size={self.hash_size}: use 2..8 so hash_size**2 bits fit in uint64")
-        Image.init()
         unknown = [f for f in self.formats if f not in Image.ID]
         if unknown:
             raise ValueError(f"formats {unknown} are not Pillow format ids; choose from {sorted(Image.ID)}")
