@@ -110,12 +110,14 @@ def main() -> None:
     p.add_argument("--backbone", help="lvd checkpoint/run folder, official .pth or HF folder (default: random --arch)")
     p.add_argument("--arch", default="vit_small", help="random architecture when no --backbone")
     p.add_argument("--fashion", type=int, default=300, help="Fashion-MNIST hard negatives (0: none)")
+    p.add_argument("--skip-calibration", action="store_true", help="only the throughput run")
     p.add_argument("--throughput", type=int, default=128, help="images for the throughput run (0: skip)")
     p.add_argument("--batch-size", type=int, default=32, help="embedding batch size")
     p.add_argument("--device", default="auto", help="torch device, or auto")
     args = p.parse_args()
     emb = Embedder(backbone(args), EmbedConfig(batch_size=args.batch_size, device=args.device))
-    calibrate(emb, args.fashion)
+    if not args.skip_calibration:
+        calibrate(emb, args.fashion)
     if args.throughput:
         throughput(emb, args.throughput)
 

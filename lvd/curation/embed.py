@@ -103,11 +103,26 @@ class Embedder:
         if len(names) != len(blobs):
             raise ValueError(f"{len(names)} names for {len(blobs)} images")
         out = np.zeros((len(blobs), self.dim), np.float16)
-        bs = self.cfg.batch_size
-        for s in range(0, len(blobs), bs):
-            x_BCHW = self.preprocess(blobs[s : s + bs], names[s : s + bs])
-            out[s : s + len(x_BCHW)] = self.embed_pixels(x_BCHW)
+        start = 0
+        for x_BCHW in self._prefetched(blobs, names):
+            out[start : start + len(x_BCHW)] = self.embed_pixels(x_BCHW)
+            start += len(x_BCHW)
         return out
+
+    def _prefetched(self, blobs: list[bytes], names: list[str]):
+        """Preprocessed batches in order. Batch i+1 is decoded on a helper thread while the
+        caller runs the model on batch i (Pillow and torch release the GIL), so a GPU does not
+        wait for the CPU between batches."""
+        bs = self.cfg.batch_size
+        chunks = [(blobs[s : s + bs], names[s : s + bs]) for s in range(0, len(blobs), bs)]
+        if not chunks:
+            return
+        with ThreadPoolExecutor(1) as prefetch:
+            pending = prefetch.submit(self.preprocess, *chunks[0])
+            for nxt in chunks[1:] + [None]:
+                x_BCHW = pending.result()
+                pending = prefetch.submit(self.preprocess, *nxt) if nxt else None
+                yield x_BCHW
 
     def embed_blobs(self, table: pa.Table) -> Embedded:
         """(uids, float16 [N, D]) for a table with `uid` and `data` (an ingest blobs file)."""

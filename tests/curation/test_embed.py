@@ -104,9 +104,12 @@ def test_embed_blobs_keeps_uids_and_names_an_undecodable_one(weights, photos):
     uids, vecs = emb.embed_blobs(table)
     assert uids.tolist() == ["u2", "u0", "u1"]
     np.testing.assert_array_equal(vecs, emb.embed_images(blobs))
-    broken = pa.table({"uid": ["ok", "bad"], "data": pa.array([blobs[0], blobs[1][:200]], pa.binary())})
+    # the bad blob sits in the second batch (decoded ahead on the prefetch thread)
+    datas = blobs + [blobs[0], blobs[1][:200]]
+    broken = pa.table({"uid": ["a", "b", "c", "d", "bad"], "data": pa.array(datas, pa.binary())})
     with pytest.raises(EmbedDecodeError, match="cannot decode image bad"):
         emb.embed_blobs(broken)
+    assert emb.embed_images([]).shape == (0, 192)
     with pytest.raises(ValueError, match=r"\['data'\]"):
         emb.embed_blobs(table.select(["uid"]))
 
