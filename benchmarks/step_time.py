@@ -2,8 +2,9 @@
 
 Both models are built without weights at 224 px (same width, depth, heads, LayerScale, fused
 qkv) and timed in the same process on the same input, alternating so that machine load hits
-both alike. Prints medians and the ratio timm / ours (>= 1.0 means we are at least as fast): of the
-medians, of the minima, and the median of per-pair ratios (robust when the machine is shared).
+both alike. Prints, for wall time and for process CPU time, medians and the ratio timm / ours (>= 1.0
+means we are at least as fast): of the medians, of the minima, and the median of per-pair
+ratios. On a shared machine trust the CPU-time row and the paired ratios most.
 
     .venv/bin/python benchmarks/step_time.py --batch 4 --repeats 9
 """
@@ -34,11 +35,13 @@ def build_timm() -> torch.nn.Module:
     return timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=224, num_classes=0)
 
 
-def step_seconds(model: torch.nn.Module, x_BCHW: torch.Tensor, forward) -> float:
+def step_seconds(model: torch.nn.Module, x_BCHW: torch.Tensor, forward) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one forward+backward. On a shared machine the CPU
+    time barely moves when other jobs steal the cores; the wall time does."""
     model.zero_grad(set_to_none=True)
-    start = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     forward(model, x_BCHW).float().sum().backward()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def ours_forward(model, x_BCHW):
@@ -68,14 +71,17 @@ def main() -> None:
         pair = [(ours, ours_forward, ours_s), (theirs, timm_forward, theirs_s)]
         for model, forward, times in pair if i % 2 == 0 else pair[::-1]:
             times.append(step_seconds(model, x_BCHW, forward))
-    ours_med, theirs_med = statistics.median(ours_s), statistics.median(theirs_s)
-    paired = statistics.median(t / o for o, t in zip(ours_s, theirs_s))
     print(f"threads={torch.get_num_threads()} batch={args.batch} repeats={args.repeats}")
     print(f"params: ours {n_ours / 1e6:.2f}M  timm {n_theirs / 1e6:.2f}M")
-    print(f"ours  fwd+bwd median {ours_med * 1e3:8.1f} ms  (min {min(ours_s) * 1e3:.1f})")
-    print(f"timm  fwd+bwd median {theirs_med * 1e3:8.1f} ms  (min {min(theirs_s) * 1e3:.1f})")
-    print(f"ratio timm/ours: medians {theirs_med / ours_med:.3f}  mins {min(theirs_s) / min(ours_s):.3f}  "
-          f"median of paired steps {paired:.3f}")
+    for label, column in (("wall", 0), ("cpu ", 1)):
+        o = [t[column] for t in ours_s]
+        t = [t[column] for t in theirs_s]
+        paired = statistics.median(b / a for a, b in zip(o, t))
+        print(f"{label} ms  ours median {statistics.median(o) * 1e3:8.1f} min {min(o) * 1e3:8.1f} | "
+              f"timm median {statistics.median(t) * 1e3:8.1f} min {min(t) * 1e3:8.1f} | "
+              f"timm/ours: medians {statistics.median(t) / statistics.median(o):.3f} "
+              f"mins {min(t) / min(o):.3f} paired {paired:.3f}")
+
 
 if __name__ == "__main__":
     main()
