@@ -28,12 +28,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from lvd.curation.ingest import to_rgb
-from lvd.curation.vectors import Embedded
+from lvd.curation.vectors import Embedded, write_vectors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,6 +164,20 @@ class Embedder:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+
+
+def embed_part(embedder: Embedder, blobs_path: str | Path, out_dir: str | Path, part_index: int, *, read_rows: int = 1024) -> int:
+    """Embed one ingest blobs file (`RUN/ingest/part-NNNNNN.blobs.parquet`) into the vector store
+    part `part_index` of `out_dir`; returns the number of vectors. The per-partition call of an
+    embed actor: blobs are read `read_rows` at a time, so only vectors accumulate in memory."""
+    uids, vecs = [], []
+    for batch in pq.ParquetFile(blobs_path).iter_batches(batch_size=read_rows, columns=["uid", "data"]):
+        got = embedder.embed_blobs(pa.Table.from_batches([batch]))
+        uids.append(got.uids)
+        vecs.append(got.vecs_ND)
+    vecs_ND = np.concatenate(vecs) if vecs else np.zeros((0, embedder.dim), np.float16)
+    write_vectors(out_dir, part_index, np.concatenate(uids) if uids else [], vecs_ND)
+    return len(vecs_ND)
 
 
 def decode_rgb(data: bytes, min_side: int) -> Image.Image:

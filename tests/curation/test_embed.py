@@ -114,6 +114,24 @@ def test_embed_blobs_keeps_uids_and_names_an_undecodable_one(weights, photos):
         emb.embed_blobs(table.select(["uid"]))
 
 
+def test_embed_part_writes_a_vector_store_part(weights, photos, tmp_path):
+    import pyarrow.parquet as pq
+
+    from lvd.curation.embed import embed_part
+    from lvd.curation.vectors import open_vectors
+
+    model, _ = weights
+    emb = Embedder(model, CFG)
+    blobs = [encode(a, "JPEG", quality=90) for _, a in photos]
+    uids = [f"uid{i}" for i in range(len(blobs))]
+    pq.write_table(pa.table({"uid": uids, "data": pa.array(blobs, pa.binary())}), tmp_path / "part-000007.blobs.parquet",
+                   row_group_size=2)
+    n = embed_part(emb, tmp_path / "part-000007.blobs.parquet", tmp_path / "vectors", 7, read_rows=2)
+    store = open_vectors(tmp_path / "vectors")
+    assert n == len(blobs) and store.part_indices == [7] and store.uids.tolist() == uids
+    np.testing.assert_array_equal(store.load().vecs_ND, emb.embed_images(blobs))
+
+
 def test_exif_orientation_and_modes_are_handled(weights, photos):
     model, _ = weights
     emb = Embedder(model, CFG)
