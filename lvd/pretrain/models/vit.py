@@ -198,7 +198,10 @@ class VisionTransformer(nn.Module):
 
     @torch.no_grad()
     def last_self_attention(self, x_BCHW: torch.Tensor) -> torch.Tensor:
-        """Attention weights (B, heads, T, T) of the last block; tokens are [CLS, registers, patches]."""
+        """Attention weights (B, heads, T, T) of the last block; tokens are [CLS, registers, patches].
+
+        Not `forward`, so FSDP hooks do not run: call it on an unsharded model (e.g. the
+        teacher from `load_backbone`), as the picture writers do."""
         x_BTD = self.prepare_tokens(x_BCHW)
         for block in self.blocks[:-1]:
             x_BTD = block(x_BTD)
