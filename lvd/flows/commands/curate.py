@@ -1,10 +1,15 @@
 """`lvd curate`: run the Prefect flow `curate` (ingest, dedup, ledger) over input dumps.
 
-Where it runs: Ray joins `--ray-address` or `RAY_ADDRESS` when given, else starts locally
-with every CPU. Prefect talks to `PREFECT_API_URL` when set; otherwise Prefect 3 starts a
-temporary local server on a database in `PREFECT_HOME`, which lvd defaults to
-`~/.lvd/prefect` (one place for every run, so `PREFECT_HOME=~/.lvd/prefect prefect server
-start` shows them all afterwards).
+Where it runs: Ray joins `--ray-address` or `RAY_ADDRESS` when given, else starts
+locally with every CPU. On a cluster every node must see the inputs and the run folder at
+the same paths (a shared filesystem): Ray tasks read inputs and write partition files.
+
+Prefect talks to `PREFECT_API_URL` when set; otherwise Prefect 3 starts a temporary local
+server on a database in `PREFECT_HOME`, which lvd defaults to `~/.lvd/prefect` (one place
+for every run, so `PREFECT_HOME=~/.lvd/prefect prefect server start` shows them all).
+
+A run folder is resumable: run the same command again after a crash or kill and done
+partitions (those with a done-marker matching input and config) are skipped.
 """
 
 from __future__ import annotations
