@@ -74,7 +74,11 @@ class EmbedDecodeError(ValueError):
 
 
 class Embedder:
-    """One backbone, loaded once; `embed_images` / `embed_blobs` turn bytes into unit vectors."""
+    """One backbone, loaded once; `embed_images` / `embed_blobs` turn bytes into unit vectors.
+
+    `spec` is anything `load_backbone` accepts, or a backbone module (which is then put in eval
+    mode, frozen and moved to the device in place).
+    """
 
     def __init__(self, spec: str | Path | torch.nn.Module, cfg: EmbedConfig | None = None):
         self.cfg = cfg or EmbedConfig()
@@ -86,7 +90,7 @@ class Embedder:
             model = load_backbone(spec)
         patch = model.patch_embed.proj.kernel_size[0]
         if self.cfg.crop % patch:
-            raise ValueError(f"crop={self.cfg.crop} is not a multiple of the backbone's patch size {patch}: use e.g. {self.cfg.crop // patch * patch}")
+            raise ValueError(f"crop={self.cfg.crop} is not a multiple of the backbone's patch size {patch}: use e.g. {max(patch, self.cfg.crop // patch * patch)}")
         self.device = torch.device(_device(self.cfg.device))
         self.dtype = _dtype(self.cfg.dtype, self.device)
         self.model = model.eval().requires_grad_(False).to(self.device)
@@ -216,6 +220,8 @@ def resize_crop(img: Image.Image, resize: int, crop: int) -> np.ndarray:
 def _device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but torch sees no GPU: use device='auto' or 'cpu'")
     return name
 
 

@@ -151,6 +151,9 @@ def test_config_checks():
     _, model = random_backbone()
     with pytest.raises(ValueError, match="multiple of the backbone's patch size 14"):
         Embedder(model, EmbedConfig(resize=128, crop=120))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no GPU"):
+            Embedder(model, EmbedConfig(device="cuda"))
     with pytest.raises(ValueError, match="crop <= resize"):
         EmbedConfig(resize=200, crop=224)
     with pytest.raises(ValueError, match="dtype"):
