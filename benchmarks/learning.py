@@ -7,8 +7,8 @@ training images written as WebDataset shards (labels unused), then compares k-NN
 Prints a markdown table; the trained teacher must clearly beat random init.
 
 Needs /usr/share/datasets/fashion-mnist (`apt-get install dataset-fashion-mnist`).
-Run: .venv/bin/python benchmarks/learning.py [--steps 2000] [--out /tmp/lvd-learning]
-(about 12 minutes on 2 CPU cores with the defaults; --steps 300 gives a quick look).
+Run: .venv/bin/python benchmarks/learning.py [--steps 600] [--out /tmp/lvd-learning]
+(about 15 minutes on 2 busy CPU cores with the defaults; --steps 100 gives a quick look).
 """
 
 from __future__ import annotations
@@ -30,28 +30,29 @@ from lvd.pretrain.train import TrainConfig, train
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=2000, help="training steps (batch 32)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (batch 32)")
     p.add_argument("--train-images", type=int, default=20000,
                    help="Fashion-MNIST training images written as pretraining shards")
     p.add_argument("--knn-train", type=int, default=10000, help="labelled k-NN train subset")
     p.add_argument("--knn-val", type=int, default=2000, help="labelled k-NN val subset")
     p.add_argument("--num-workers", type=int, default=1, help="data-loading workers")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (1 is fastest on a busy 2-core machine)")
     p.add_argument("--out", type=Path, default=Path("/tmp/lvd-learning"), help="work folder")
     return p.parse_args()
 
 
 def prepare(args: argparse.Namespace) -> tuple[tuple[str, ...], Path, Path]:
-    x_train, _ = load_fashion_mnist("train")
+    x_train, y_train = load_fashion_mnist("train")
     x_test, y_test = load_fashion_mnist("test")
-    x_lab, y_lab = load_fashion_mnist("train")
     shard_dir, train_dir, val_dir = (args.out / n for n in ("shards", "knn-train", "knn-val"))
     if not (shard_dir / "manifest.parquet").exists():
         write_shards(x_train[: args.train_images], shard_dir, samples_per_shard=1000, size=56)
     if not train_dir.exists():
         # k-NN "train" images are the last ones of the training split, disjoint from shards
         # only when train_images + knn_train <= 60000 (labels are never used in training)
-        write_labelled_folder(x_lab[-args.knn_train :], y_lab[-args.knn_train :], train_dir,
-                              size=56)
+        write_labelled_folder(x_train[-args.knn_train :], y_train[-args.knn_train :],
+                              train_dir, size=56)
         write_labelled_folder(x_test[: args.knn_val], y_test[: args.knn_val], val_dir, size=56)
     return tuple(sorted(str(p) for p in shard_dir.glob("*.tar"))), train_dir, val_dir
 
@@ -68,7 +69,7 @@ def raw_pixel_top1(args: argparse.Namespace) -> float:
 
 def main() -> None:
     args = parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     shards, train_dir, val_dir = prepare(args)
     base = tiny()
     recipe = replace(base, epochs=max(1, args.steps // base.epoch_length),

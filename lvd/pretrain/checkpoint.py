@@ -9,11 +9,13 @@ DCP works in one process without a process group, and with FSDP2 DTensors unchan
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -35,12 +37,24 @@ class CheckpointMeta:
     recipe: dict[str, Any]
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
 def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist.get_rank() if _distributed() else 0
+
+
+@contextlib.contextmanager
+def _quiet_single_process():
+    """DCP warns on every single-process call even with no_dist=True; that is our intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
 
 
@@ -98,7 +112,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)  # left by a crash mid-save
         tmp.mkdir(parents=True)
     _barrier()
-    dcp.save(state, checkpoint_id=tmp)
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=tmp, no_dist=not _distributed())
     torch.save(rng_state(), tmp / f"rng-rank{_rank()}.pt")
     _barrier()
     if _rank() == 0:
@@ -146,7 +161,8 @@ def load_checkpoint(
     saved = set(dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata)
     for key in optional:
         state[key] = _drop_unsaved(state[key], saved, key)
-    dcp.load(state, checkpoint_id=ckpt)
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=ckpt, no_dist=not _distributed())
     rng = ckpt / f"rng-rank{_rank()}.pt"
     if rng.exists():
         # our own file, holding numpy/python RNG tuples that weights_only cannot represent
@@ -172,6 +188,8 @@ def load_teacher_backbone(path: str | Path) -> torch.nn.Module:
     backbone = recipe.backbone.build(img_size=recipe.crops.global_size)
     sd = backbone.state_dict()
     # DCP loads only the keys asked for: the teacher backbone, not student or optimizer.
-    dcp.load({"teacher": {f"backbone.{k}": v for k, v in sd.items()}}, checkpoint_id=ckpt)
+    with _quiet_single_process():
+        dcp.load({"teacher": {f"backbone.{k}": v for k, v in sd.items()}}, checkpoint_id=ckpt,
+                 no_dist=not _distributed())
     backbone.load_state_dict(sd)
     return backbone.eval()
