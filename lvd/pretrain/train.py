@@ -169,11 +169,7 @@ def _save(cfg: TrainConfig, meta: MetaArch, optimizer, step: int, rt: Runtime,
     return path
 
 
-def train(cfg: TrainConfig) -> TrainResult:
-    rt = setup_runtime(cfg.device)
-    torch.manual_seed(cfg.seed + rt.rank)
-    torch.use_deterministic_algorithms(cfg.deterministic)
-    recipe = cfg.recipe
+def _build(recipe: Recipe, rt: Runtime):
     meta = parallelize(MetaArch(recipe), rt)
     optimizer = build_adamw(
         param_groups(dict(meta.student.items()), depth=len(meta.student["backbone"].blocks),
@@ -181,15 +177,29 @@ def train(cfg: TrainConfig) -> TrainResult:
                      patch_embed_lr_mult=recipe.optim.patch_embed_lr_mult),
         beta1=recipe.optim.beta1, beta2=recipe.optim.beta2,
     )
-    schedules = build_schedules(recipe.schedule_config(world_size=rt.world_size))
+    return meta, optimizer
 
-    start, last = 0, None
-    if cfg.resume and (last := ckpt.latest_checkpoint(cfg.out)) is not None:
-        saved = Recipe.from_dict(ckpt.read_meta(last).recipe)
-        if saved != recipe:
-            raise ValueError(f"{last} was trained with recipe {saved.name!r} and other "
-                             "settings; resume with the same --recipe and --batch-size")
-        start = _restore(meta, optimizer, last).step
+
+def _maybe_resume(cfg: TrainConfig, meta: MetaArch, optimizer) -> tuple[int, Path | None]:
+    """(first step to run, checkpoint resumed from) — (0, None) for a fresh run."""
+    last = ckpt.latest_checkpoint(cfg.out) if cfg.resume else None
+    if last is None:
+        return 0, None
+    saved = Recipe.from_dict(ckpt.read_meta(last).recipe)
+    if saved != cfg.recipe:
+        raise ValueError(f"{last} was trained with recipe {saved.name!r} and other settings; "
+                         "resume with the same --recipe and --batch-size")
+    return _restore(meta, optimizer, last).step, last
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    rt = setup_runtime(cfg.device)
+    torch.manual_seed(cfg.seed + rt.rank)
+    torch.use_deterministic_algorithms(cfg.deterministic)
+    recipe = cfg.recipe
+    meta, optimizer = _build(recipe, rt)
+    schedules = build_schedules(recipe.schedule_config(world_size=rt.world_size))
+    start, last = _maybe_resume(cfg, meta, optimizer)
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "config.json").write_text(recipe.to_json())
     metrics = MetricsLog(cfg.out / "metrics.jsonl", resume_step=start)
