@@ -5,6 +5,9 @@ Values follow facebookresearch/dinov2 (`configs/ssl_default_config.yaml`, `train
 65536 prototypes, KoLeo 0.1, 2 global crops at 224 and 8 local at 98 (patch 14). The large
 runs (L, g) use the long-schedule settings: 131072 prototypes with a 384-d bottleneck, a
 separate iBOT head, Sinkhorn-Knopp centering, base lr 2e-4, no layer-wise decay, 500 epochs.
+ViT-L keeps the plain MLP of the released ViT-L/14 (the official vitl14.yaml sets SwiGLU);
+ViT-g uses SwiGLU through its architecture. Drop path: S 0.1, B 0.3, L/g 0.4. All use 4
+registers. Batch sizes are per GPU (S/B 64, L 32, g 12), as in the official configs.
 `tiny` is ours: a ViT-Tiny on 56/28 px crops with a 1024-prototype head, trainable on 2 CPUs.
 """
 
