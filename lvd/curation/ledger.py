@@ -1,9 +1,14 @@
 """Build `RUN/ledger.parquet` from the stage manifests and check the accounting invariant.
 
 The ledger has one row per input (loose file, tar member, Parquet row), sorted by `source`:
-every input is in exactly one status with its reason. Statuses so far are `accepted`,
-`duplicate` and `rejected`; later stages turn `accepted` rows into `decontaminated`,
-`unselected` or `sharded`: add them to `STATUSES` and their checks to `CHECKS`.
+every input is in exactly one status with its reason. Precedence: `rejected` (ingest),
+`duplicate` (exact copy, pHash or embedding group; reason says which), `decontaminated`
+(its duplicate component touches an eval-set image: reason = the eval set's name,
+`duplicate_of` = the uid of the eval image it matched (in RUN/eval/<name>), `distance` =
+1 - cosine; the column is reused rather than adding one, so the schema stays part 1's), then, once shards are written, `sharded`
+(in RUN/shards/manifest.parquet) or `unselected` (kept by dedup but not picked by retrieval).
+`accepted` remains only for runs stopped before the shard stage. Duplicates of a
+decontaminated image keep status `duplicate`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-STATUSES = ("accepted", "duplicate", "rejected")
+STATUSES = ("accepted", "duplicate", "rejected", "decontaminated", "unselected", "sharded")
+KEPT = ("accepted", "decontaminated", "unselected", "sharded")  # the first row of a uid dedup kept
 LEDGER_SCHEMA = pa.schema(
     [
         ("source", pa.string()),
@@ -51,7 +57,9 @@ def read_ingest(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
 
 def read_duplicates(run_dir: Path) -> dict[str, tuple[str, str, float]]:
     """uid -> (representative uid, method, distance) from the dedup stage."""
-    path = run_dir / "dedup" / "duplicates.parquet"
+    path = run_dir / "copydetect" / "duplicates.parquet"  # pHash + embedding, when it ran
+    if not path.exists():
+        path = run_dir / "dedup" / "duplicates.parquet"
     if not path.exists():
         return {}
     t = pq.read_table(path).to_pydict()
@@ -61,11 +69,37 @@ def read_duplicates(run_dir: Path) -> dict[str, tuple[str, str, float]]:
     }
 
 
+def read_decontaminated(run_dir: Path) -> dict[str, tuple[str, str, float]]:
+    """uid -> (eval set, matched eval uid, distance = 1 - cosine) from the decontam stage."""
+    path = run_dir / "decontam" / "decontaminated.parquet"
+    if not path.exists():
+        return {}
+    t = pq.read_table(path).to_pydict()
+    return {u: (e, m, 1.0 - float(c)) for u, e, m, c in zip(t["uid"], t["eval_set"], t["matched_eval_uid"], t["similarity"])}
+
+
+def read_shipped(run_dir: Path) -> set[str] | None:
+    """uids in RUN/shards/manifest.parquet; None when no manifest (shard stage not done)."""
+    path = run_dir / "shards" / "manifest.parquet"
+    return set(pq.read_table(path, columns=["uid"])["uid"].to_pylist()) if path.exists() else None
+
+
+def _final_status(uid: str, dec: dict, shipped: set[str] | None) -> tuple[str, str | None, str | None, float | None]:
+    """(status, reason, duplicate_of, distance) of the kept row of a uid (see module doc)."""
+    if uid in dec:
+        name, matched, dist = dec[uid]
+        return "decontaminated", name, matched, dist
+    if shipped is None:
+        return "accepted", None, None, None
+    return ("sharded" if uid in shipped else "unselected"), None, None, None
+
+
 def build_ledger(run_dir: Path) -> pa.Table:
     """One row per ingest record: near-duplicates first, then exact copies by source order."""
     rec = read_ingest(run_dir, INGEST_COLUMNS)
     rec = rec.sort_by([("source", "ascending")]).to_pydict()
     near = read_duplicates(run_dir)
+    dec, shipped = read_decontaminated(run_dir), read_shipped(run_dir)
     n = len(rec["source"])
     status, reason = list(rec["status"]), list(rec["reason"])
     dup_of: list[str | None] = [None] * n
@@ -82,6 +116,7 @@ def build_ledger(run_dir: Path) -> pa.Table:
             status[i], reason[i], dup_of[i], distance[i] = "duplicate", "exact", uid, 0.0
         else:
             first_of_uid[uid] = rec["source"][i]
+            status[i], reason[i], dup_of[i], distance[i] = _final_status(uid, dec, shipped)
     cols = dict(rec, status=status, reason=reason, duplicate_of=dup_of, distance=distance)
     return pa.Table.from_pydict({f.name: cols[f.name] for f in LEDGER_SCHEMA}, schema=LEDGER_SCHEMA)
 
@@ -115,6 +150,7 @@ class VerifyReport:
 class _Run:
     ingest: dict[str, list]
     ledger: dict[str, list]
+    manifest: list[str] | None = None  # uids of RUN/shards/manifest.parquet, rows in order
 
 
 Check = Callable[[_Run], list[str]]
@@ -160,9 +196,9 @@ def check_statuses(run: _Run) -> list[str]:
 
 
 def check_duplicates(run: _Run) -> list[str]:
-    """Each duplicate names an accepted uid and has a reason; accepted uids are unique."""
+    """Each duplicate names a kept uid and has a reason; kept uids are unique."""
     led = run.ledger
-    accepted = [u for u, st in zip(led["uid"], led["status"]) if st == "accepted"]
+    accepted = [u for u, st in zip(led["uid"], led["status"]) if st in KEPT]
     accepted_set = set(accepted)
     problems = []
     if twice := [u for u, c in Counter(accepted).items() if c > 1]:
@@ -177,8 +213,28 @@ def check_duplicates(run: _Run) -> list[str]:
     return problems
 
 
-# Later stages add their checks here (e.g. shard checksums against RUN/shards/manifest.parquet).
-CHECKS: list[Check] = [check_sources, check_statuses, check_duplicates]
+def check_shipped(run: _Run) -> list[str]:
+    """Sharded uids and manifest uids are the same set, each once; nothing removed ships."""
+    led = run.ledger
+    sharded = [u for u, st in zip(led["uid"], led["status"]) if st == "sharded"]
+    if run.manifest is None:
+        return [f"{len(sharded)} rows are sharded but there is no shards/manifest.parquet"] if sharded else []
+    problems = []
+    if twice := [u for u, c in Counter(run.manifest).items() if c > 1]:
+        problems.append(f"{len(twice)} uids appear more than once in the manifest: {_few(twice)}")
+    if missing := set(sharded) - set(run.manifest):
+        problems.append(f"{len(missing)} sharded uids are not in the manifest: {_few(missing)}")
+    kept = {u for u, st in zip(led["uid"], led["status"]) if st in KEPT}
+    removed = {u for u, st in zip(led["uid"], led["status"]) if st in ("duplicate", "decontaminated", "rejected")} - kept
+    removed |= {u for u, st in zip(led["uid"], led["status"]) if st == "decontaminated"}
+    if bad := removed & set(run.manifest):
+        problems.append(f"{len(bad)} duplicate, decontaminated or rejected uids are in the shards: {_few(bad)}")
+    if extra := set(run.manifest) - set(sharded) - bad:
+        problems.append(f"{len(extra)} manifest uids are not sharded in the ledger: {_few(extra)}")
+    return problems
+
+
+CHECKS: list[Check] = [check_sources, check_statuses, check_duplicates, check_shipped]
 
 
 def verify_run(run_dir: Path | str) -> VerifyReport:
@@ -190,8 +246,18 @@ def verify_run(run_dir: Path | str) -> VerifyReport:
         ingest = read_ingest(run_dir, INGEST_COLUMNS).to_pydict()
     except (FileNotFoundError, pa.ArrowInvalid) as e:
         return VerifyReport(run_dir=run_dir, problems=[f"cannot read run: {e}"])
-    run = _Run(ingest=ingest, ledger=ledger)
+    manifest = run_dir / "shards" / "manifest.parquet"
+    try:
+        uids = pq.read_table(manifest, columns=["uid"])["uid"].to_pylist() if manifest.exists() else None
+    except (OSError, pa.ArrowException) as e:
+        return VerifyReport(run_dir=run_dir, problems=[f"cannot read {manifest}: {e}"])
+    run = _Run(ingest=ingest, ledger=ledger, manifest=uids)
     problems = [p for check in CHECKS for p in check(run)]
+    if uids is not None:  # every tar against the manifest: checksums, keys, uids, decodable images
+        from lvd.curation.shard_check import check_shards
+
+        problems += check_shards(run_dir / "shards").problems
+    problems += _sub_runs(run_dir)
     by_status = Counter(ledger["status"])
     if sum(by_status.values()) != len(ingest["source"]):
         problems.append(
@@ -207,13 +273,22 @@ def verify_run(run_dir: Path | str) -> VerifyReport:
     )
 
 
+def _sub_runs(run_dir: Path) -> list[str]:
+    """Seed and eval-set runs (RUN/seeds/<name>, RUN/eval/<name>) have their own ledgers."""
+    problems = []
+    for sub in sorted([*run_dir.glob("seeds/*/ledger.parquet"), *run_dir.glob("eval/*/ledger.parquet")]):
+        rel = sub.parent.relative_to(run_dir)
+        problems += [f"{rel}: {p}" for p in verify_run(sub.parent).problems]
+    return problems
+
+
 def format_report(report: VerifyReport) -> str:
     """A short human summary: counts per status and reason, then problems."""
     lines = [f"run {report.run_dir}: {report.inputs} inputs"]
     lines += [f"  {status:<10} {n}" for status, n in report.by_status.items()]
     lines += [f"    {key:<28} {n}" for key, n in report.by_reason.items()]
     if report.ok:
-        lines.append("OK: every input is accounted for exactly once")
+        lines.append("OK: every input is accounted for exactly once (and every shard matches)")
     else:
         lines += ["BROKEN:"] + [f"  - {p}" for p in report.problems]
     return "\n".join(lines)

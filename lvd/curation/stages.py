@@ -77,6 +77,15 @@ def run_ingest(
     )
 
 
+def ingest_markers(run_dir: Path) -> dict[int, dict]:
+    """Partition index -> done-marker of every done ingest partition."""
+    markers = {}
+    for path in sorted((run_dir / "ingest").glob(f"part-*{runner.MARKER_SUFFIX}")):
+        m = json.loads(path.read_text())
+        markers[m["index"]] = m
+    return markers
+
+
 def ingest_fingerprint(run_dir: Path) -> str:
     """Digest of every done ingest partition's input and config: dedup's input identity."""
     digest = hashlib.sha256()

@@ -1,4 +1,10 @@
-"""The Prefect flow `curate`: ingest -> dedup -> ledger, one Prefect task per stage.
+"""The Prefect flow `curate`: ingest -> dedup -> [embed -> copy detection -> decontaminate ->
+cluster -> retrieve] -> shard -> ledger, one Prefect task per stage (part-2 tasks in
+`lvd.flows.curate_part2`).
+
+The bracketed stages need an embedder (`embedder`: lvd checkpoint, official DINOv2 `.pth` or
+HF Dinov2 folder). Without one, seeds, eval sets and a target size are refused with a clear
+error, and the run ships every image dedup kept (ingest, dedup, shard, ledger).
 
 Each task fans its stage out as Ray tasks over partitions (`lvd.curation.stages`), never one
 Prefect task per image (about 0.2 s each through Prefect vs about 1 ms through Ray). Resume
@@ -23,7 +29,20 @@ from prefect.cache_policies import NO_CACHE
 from lvd.curation import ledger, runner, stages
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
-from lvd.flows import artifacts
+from lvd.curation import actor_runner
+from lvd.curation.copydetect import CopyDetectConfig
+from lvd.curation.decontam import DEFAULT_THRESHOLD
+from lvd.curation.embed import EmbedConfig
+from lvd.curation.shards import ShardConfig
+from lvd.curation.stages_retrieve import RetrieveConfig
+from lvd.curation.stages_select import ClusterConfig
+from lvd.flows import artifacts, curate_part2 as p2
+
+NO_EMBEDDER = (
+    "{what} need(s) image embeddings: pass --embedder (an lvd checkpoint, an official DINOv2 "
+    ".pth file or a local Hugging Face Dinov2 folder). Training a bootstrap embedder inside lvd "
+    "comes in a later release."
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,11 +136,31 @@ def curate(
     dedup: dict | None = None,
     max_retries: int = 3,
     ray_address: str | None = None,
+    seeds: list[str] | None = None,
+    eval_sets: list[str] | None = None,
+    embedder: str | None = None,
+    retrieval: str = "sample",
+    target_size: int | None = None,
+    shard_size: int = 1000,
+    embed: dict | None = None,
+    copydetect: dict | None = None,
+    decontam_threshold: float = DEFAULT_THRESHOLD,
+    cluster: dict | None = None,
+    retrieve: dict | None = None,
+    shard: dict | None = None,
 ) -> CurateSummary:
-    """Curate `inputs` into the run folder `out` (ingest, dedup, ledger)."""
+    """Curate `inputs` into the run folder `out` (see the module doc for the stages)."""
     if partition_size < 1:
         raise ValueError(f"partition_size={partition_size}: use at least 1 input per partition")
+    seeds, eval_sets = list(seeds or []), list(eval_sets or [])
+    needs = [w for w, on in (("--seeds", seeds), ("--eval-sets", eval_sets), ("--target-size", target_size is not None)) if on]
+    if needs and not embedder:
+        raise ValueError(NO_EMBEDDER.format(what=", ".join(needs)))
     ingest_cfg, dedup_cfg = IngestConfig(**(ingest or {})), DedupConfig(**(dedup or {}))
+    shard_cfg = ShardConfig(**{"shard_size": shard_size, **(shard or {})})
+    retrieve_cfg = RetrieveConfig(**{"method": retrieval, "target": target_size, **(retrieve or {})})
+    cluster_cfg = ClusterConfig(**{"hierarchical": retrieval == "hierarchical", **(cluster or {})})
+    embed_cfg, copy_cfg = EmbedConfig(**(embed or {})), CopyDetectConfig(**(copydetect or {}))
     rcfg = runner.RunnerConfig(max_retries=max_retries)
     run_dir = Path(out).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +168,22 @@ def curate(
     get_run_logger().info("curate: %d inputs -> %s", len(inputs), run_dir)
     ing = ingest_task(inputs, run_dir, partition_size, ingest_cfg, rcfg)
     dedup_task(run_dir, dedup_cfg, rcfg)
+    if embedder:
+        acfg = actor_runner.ActorConfig()
+        p2.embed_task(run_dir, "pool", embedder, embed_cfg, acfg)
+        subs = {}
+        for kind, paths in (("seeds", seeds), ("eval", eval_sets)):
+            for name, path in p2.sub_run_names(paths).items():
+                sub = subs.setdefault(kind, {})[name] = run_dir / kind / name
+                p2.sub_run_task([path], sub, partition_size, ingest_cfg, dedup_cfg, rcfg)
+                p2.embed_task(sub, f"{kind} {name}", embedder, embed_cfg, acfg)
+        p2.copydetect_task(run_dir, copy_cfg, rcfg)
+        if eval_sets:
+            p2.decontam_task(run_dir, subs["eval"], decontam_threshold, rcfg)
+        p2.cluster_task(run_dir, cluster_cfg, rcfg)
+        if seeds or target_size is not None:
+            p2.retrieve_task(run_dir, subs.get("seeds", {}), retrieve_cfg, rcfg)
+    p2.shard_task(run_dir, shard_cfg, rcfg)
     report = ledger_task(run_dir)
     return CurateSummary(
         run_dir=str(run_dir), partitions=ing.total, ingest_ran=len(ing.ran),

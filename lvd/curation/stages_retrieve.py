@@ -1,0 +1,107 @@
+"""The retrieve stage: pick pool candidates near seed sets, or a balanced sample of the pool.
+
+Methods (`RetrieveConfig.method`):
+- `sample`: the k nearest candidates of every seed image of every seed set (paper: k=4);
+- `cluster`: candidates of the pool's k-means clusters holding >= `min_seeds` seeds of a set;
+- `hierarchical`: balanced sampling of the cluster tree to `target` images (seeds unused).
+With seeds, `target` (when given) caps each seed set's retrieval (`max_images`); with no seeds
+and a target, balanced sampling is used whatever the method. Seed sets are unioned in name
+order (first set wins an image's provenance); collisions (images found by several seeds of a
+set) and overlaps (found by several sets) are counted.
+Seeds are ingested, deduped and embedded as their own runs (RUN/seeds/<name>); their unique,
+non-duplicate accepted images are the queries. Seeds themselves are not shipped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from lvd.curation import runner, stages, stages_embed
+from lvd.curation.knn_index import build_index
+from lvd.curation.retrieve import (
+    BalancedConfig, ClusterRetrievalConfig, Retrieval, SampleRetrievalConfig, balanced, cluster_based, sample_based, union,
+)  # fmt: skip
+from lvd.curation.stages_select import flat_kmeans, read_clusters
+from lvd.curation.vectors import open_vectors
+
+METHODS = ("sample", "cluster", "hierarchical")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrieveConfig:
+    method: str = "sample"
+    target: int | None = None  # images to select (balanced) or cap per seed set (seeds)
+    k: int = 4  # neighbours per seed (sample)
+    min_seeds: int = 4  # seeds a cluster needs (cluster; paper: more than 3)
+    per_cluster: int = 10_000  # images per qualifying cluster (cluster)
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}: use one of {METHODS}")
+        if self.target is not None and self.target < 0:
+            raise ValueError(f"target={self.target}: use a non-negative number of images, or None")
+
+
+@dataclass(frozen=True)
+class RetrieveFn:
+    run_dir: str
+    seed_dirs: dict[str, str]
+    cfg: RetrieveConfig
+
+    def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
+        run = Path(self.run_dir)
+        uids = np.asarray(stages_embed.candidates(run), dtype=object)
+        clusters = read_clusters(run)
+        if not self.seed_dirs or self.cfg.method == "hierarchical":
+            results, names, seed_uids = [balanced(clusters[1], BalancedConfig(target=self._target(len(uids)), seed=self.cfg.seed))], ["*"], [[]]
+        else:
+            names = sorted(self.seed_dirs)
+            pool = open_vectors(run / "vectors").get(uids)
+            index = build_index(pool) if self.cfg.method == "sample" else None
+            results, seed_uids = [], []
+            for name in names:
+                s_uids, s_vecs = seed_vectors(Path(self.seed_dirs[name]))
+                seed_uids.append(s_uids)
+                results.append(self._retrieve(index, clusters, s_vecs))
+        sel = union(results)
+        table = pa.table({
+            "uid": pa.array(uids[sel.pool_idx].tolist(), pa.string()),
+            "method": pa.array(sel.method.tolist(), pa.string()),
+            "seed_set": pa.array([names[s] for s in sel.source.tolist()], pa.string()),
+            "seed_uid": pa.array([seed_uids[s][i] if i >= 0 else None for s, i in zip(sel.source.tolist(), sel.seed_idx.tolist())], pa.string()),
+            "cluster_id": pa.array(sel.cluster_id, pa.int64()),
+            "similarity": pa.array(np.round(sel.similarity.astype(np.float64), 6), pa.float64()),
+        }).sort_by([("uid", "ascending")])
+        counts = [dict(seed_set=n, overlaps=sel.n_overlaps, **asdict(r.counts)) for n, r in zip(names, results)]
+        return {"": table, "counts": pa.Table.from_pylist(counts)}
+
+    def _target(self, n: int) -> int:
+        if self.cfg.target is None:
+            raise ValueError("hierarchical retrieval needs a target size (--target-size N)")
+        return self.cfg.target
+
+    def _retrieve(self, index, clusters, seeds_SD: np.ndarray) -> Retrieval:
+        if self.cfg.method == "sample":
+            return sample_based(index, seeds_SD, SampleRetrievalConfig(k=self.cfg.k, max_images=self.cfg.target))
+        cfg = ClusterRetrievalConfig(min_seeds=self.cfg.min_seeds, per_cluster=self.cfg.per_cluster,
+                                     max_images=self.cfg.target, seed=self.cfg.seed)
+        return cluster_based(flat_kmeans(*clusters), seeds_SD, cfg)
+
+
+def seed_vectors(seed_dir: Path) -> tuple[list[str], np.ndarray]:
+    """A seed set's queries: its accepted images that are not duplicates, sorted by uid."""
+    uids = sorted(set(stages.unique_accepted(seed_dir)["uid"].to_pylist()) - set(stages_embed.duplicates(seed_dir)["uid"].to_pylist()))
+    return uids, open_vectors(seed_dir / "vectors").get(uids)
+
+
+def run_retrieve(run_dir: Path, seed_dirs: dict[str, Path], cfg: RetrieveConfig,
+                 rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
+    dirs = [run_dir / "cluster", run_dir / "embed"] + [seed_dirs[n] / s for n in sorted(seed_dirs) for s in ("dedup", "embed")]
+    unit = runner.WholeStage(fingerprint=stages_embed.digest(*dirs), stem="selection")
+    fn = RetrieveFn(str(run_dir), {k: str(v) for k, v in seed_dirs.items()}, cfg)
+    return runner.map_partitions(fn, [unit], run_dir / "retrieve", cfg_hash=runner.config_hash(cfg, sorted(seed_dirs)), runner=rcfg)

@@ -1,0 +1,202 @@
+"""Part-2 stages that choose what ships: cluster, retrieve, shard.
+
+- `RUN/cluster/clusters.parquet`: one row per candidate (`stages_embed.candidates`, sorted by
+  uid): `uid`, `leaf` (level-1 cluster), `score` (cosine to its centroid), `cluster_ids` (one
+  id per level, coarsest first, as the shard JSON wants); `clusters.tree.parquet`: `level`
+  (0 = finest), `cluster`, `parent` (cluster one level up, -1 at the top), `centroid`. Flat
+  spherical k-means is a one-level tree; `hierarchical=True` builds Vo et al.'s tree.
+- `RUN/retrieve/selection.parquet`: the selected uids with provenance (`method`, `seed_set`,
+  `seed_uid`, `cluster_id`, `similarity`); `selection.counts.parquet`: one row per seed set
+  (or `*` for balanced sampling) with `retrieve.RetrievalCounts`, collisions included.
+- `RUN/shards/shard-NNNNNN.tar` + `manifest.parquet` (`lvd.curation.shards`), one Ray task per
+  shard (markers in `RUN/shard_parts/`, so the shards folder holds only the contract files);
+  the manifest is written last, from the per-shard markers' rows.
+What is sharded: the retrieval's selection when the retrieve stage ran (seeds, or a target
+size); otherwise every candidate (all images that are neither rejected, duplicate nor
+decontaminated) — so a run without an embedder still ships everything dedup kept.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lvd.curation import ledger, runner, stages
+from lvd.curation.hierarchical import HierarchicalConfig, Hierarchy, Level, hierarchical_kmeans
+from lvd.curation.kmeans import KMeansConfig, KMeansResult, kmeans
+from lvd.curation.shards import MANIFEST_SCHEMA, ShardConfig, ShardInfo, ShardSample, plan_shards, shard_name, write_manifest, write_shard
+from lvd.curation.stages_embed import candidates, digest
+from lvd.curation.vectors import open_vectors
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClusterConfig:
+    k: int | None = None  # level-1 clusters; None: round(sqrt(candidates))
+    hierarchical: bool = False  # Vo et al. tree (each level ~sqrt of the one below) instead of flat k-means
+    levels: int = 3  # most levels of the tree
+    niter: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k={self.k}: use at least one cluster, or None for sqrt(#images)")
+        if self.levels < 1:
+            raise ValueError(f"levels={self.levels}: use at least one level")
+
+    def ks(self, n: int) -> tuple[int, ...]:
+        ks = [max(1, min(n, self.k or round(math.sqrt(n))))]
+        while self.hierarchical and len(ks) < self.levels and ks[-1] > 1:
+            ks.append(max(1, round(math.sqrt(ks[-1]))))
+        return tuple(ks)
+
+
+@dataclass(frozen=True)
+class ClusterFn:
+    run_dir: str
+    cfg: ClusterConfig
+
+    def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
+        run = Path(self.run_dir)
+        uids = candidates(run)
+        if not uids:
+            return {"": _clusters_table([], np.zeros(0, np.int64), np.zeros(0), []), "tree": _tree_table(())}
+        x = open_vectors(run / "vectors").get(uids)
+        ks = self.cfg.ks(len(uids))
+        if self.cfg.hierarchical and len(ks) > 1:
+            h = hierarchical_kmeans(x, HierarchicalConfig(ks=ks, niter=self.cfg.niter, seed=self.cfg.seed))
+        else:
+            km = kmeans(x, KMeansConfig(k=ks[0], niter=self.cfg.niter, seed=self.cfg.seed))
+            h = Hierarchy(levels=(Level(km.centroids_KD, km.assign_N, 0),), score_N=km.score_N)
+        ids = [h.labels(lvl).tolist() for lvl in range(len(h.levels), 0, -1)]
+        return {"": _clusters_table(uids, h.levels[0].assign, h.score_N, [list(c) for c in zip(*ids)]),
+                "tree": _tree_table(h.levels)}
+
+
+def _clusters_table(uids, leaf, score, cluster_ids) -> pa.Table:
+    return pa.table({
+        "uid": pa.array(uids, pa.string()), "leaf": pa.array(np.asarray(leaf, np.int64)),
+        "score": pa.array(np.asarray(score, np.float32)), "cluster_ids": pa.array(cluster_ids, pa.list_(pa.int64())),
+    })
+
+
+def _tree_table(levels) -> pa.Table:
+    rows = {"level": [], "cluster": [], "parent": [], "centroid": []}
+    for depth, lvl in enumerate(levels):
+        parents = levels[depth + 1].assign if depth + 1 < len(levels) else np.full(len(lvl.centroids_KD), -1)
+        for c, (vec, parent) in enumerate(zip(lvl.centroids_KD, parents)):
+            rows["level"].append(depth), rows["cluster"].append(c)
+            rows["parent"].append(int(parent)), rows["centroid"].append(vec.tolist())
+    return pa.table({"level": pa.array(rows["level"], pa.int32()), "cluster": pa.array(rows["cluster"], pa.int64()),
+                     "parent": pa.array(rows["parent"], pa.int64()), "centroid": pa.array(rows["centroid"], pa.list_(pa.float32()))})
+
+
+def run_cluster(run_dir: Path, cfg: ClusterConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
+    unit = runner.WholeStage(fingerprint=digest(*_upstream(run_dir)), stem="clusters")
+    return runner.map_partitions(ClusterFn(str(run_dir), cfg), [unit], run_dir / "cluster",
+                                 cfg_hash=runner.config_hash(cfg), runner=rcfg)
+
+
+def _upstream(run_dir: Path) -> list[Path]:
+    return [run_dir / s for s in ("dedup", "embed", "copydetect", "decontam")]
+
+
+def read_clusters(run_dir: Path) -> tuple[pa.Table, Hierarchy] | None:
+    """The cluster stage's table and its tree rebuilt (None when it did not run)."""
+    path = run_dir / "cluster" / "clusters.parquet"
+    if not path.exists():
+        return None
+    t, tree = pq.read_table(path), pq.read_table(run_dir / "cluster" / "clusters.tree.parquet").to_pydict()
+    levels = []
+    for depth in sorted(set(tree["level"])):
+        rows = [i for i, lv in enumerate(tree["level"]) if lv == depth]
+        cents = np.array([tree["centroid"][i] for i in rows], np.float32)
+        assign = t["leaf"].to_numpy() if depth == 0 else np.array([tree["parent"][i] for i, lv in enumerate(tree["level"]) if lv == depth - 1])
+        levels.append(Level(cents, np.asarray(assign, np.int64), 0))
+    return t, Hierarchy(levels=tuple(levels), score_N=t["score"].to_numpy())
+
+
+def flat_kmeans(t: pa.Table, h: Hierarchy) -> KMeansResult:
+    lvl = h.levels[0]
+    return KMeansResult(lvl.centroids_KD, lvl.assign, h.score_N, math.nan, math.nan, True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardUnit:
+    index: int
+    fingerprint: str
+    rows: tuple[dict, ...]  # uid, source, width, height, cluster_ids, retrieval (no bytes)
+
+
+@dataclass(frozen=True)
+class ShardFn:
+    run_dir: str
+    cfg: ShardConfig
+
+    def __call__(self, unit: ShardUnit) -> dict[str, pa.Table]:
+        run = Path(self.run_dir)
+        blobs = stages.read_blobs(run, {r["uid"] for r in unit.rows})
+        samples = [ShardSample(data=blobs[r["uid"]], **r) for r in unit.rows]
+        info = write_shard(unit.index, samples, run / "shards", self.cfg)
+        n = info.n_samples
+        return {"": pa.table({"key": info.keys, "uid": info.uids, "source": info.sources, "shard": [info.name] * n,
+                              "shard_sha256": [info.sha256] * n, "shard_samples": [n] * n, "shard_bytes": [info.bytes] * n},
+                             schema=MANIFEST_SCHEMA)}
+
+
+def shard_rows(run_dir: Path) -> list[dict]:
+    """What ships, in shard order (by uid), with its metadata."""
+    sel_path = run_dir / "retrieve" / "selection.parquet"
+    retrieval = {}
+    if sel_path.exists():
+        sel = pq.read_table(sel_path).to_pylist()
+        retrieval = {r.pop("uid"): r for r in sel}
+        uids = sorted(retrieval)
+    else:
+        uids = candidates(run_dir)
+    clusters = read_clusters(run_dir)
+    cids = dict(zip(clusters[0]["uid"].to_pylist(), clusters[0]["cluster_ids"].to_pylist())) if clusters else {}
+    rec = ledger.read_ingest(run_dir, ["source", "status", "uid", "width", "height"]).sort_by([("source", "ascending")])
+    first: dict[str, dict] = {}
+    for r in rec.to_pylist():
+        if r["status"] == "accepted":
+            first.setdefault(r["uid"], r)
+    return [dict(uid=u, source=first[u]["source"], width=first[u]["width"], height=first[u]["height"],
+                 cluster_ids=tuple(cids.get(u, ())), retrieval=retrieval.get(u, {})) for u in uids]
+
+
+def run_shards(run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig(),
+               progress: runner.ProgressFn | None = None) -> runner.StageReport:
+    """Write one tar per Ray task (resumable per shard), then the manifest."""
+    rows = shard_rows(run_dir)
+    cfg_hash = runner.config_hash(cfg)
+    units = []
+    for i, r in enumerate(plan_shards(len(rows), cfg.shard_size)):
+        part = tuple(rows[r.start:r.stop])
+        fp = runner.config_hash(json.dumps(part, sort_keys=True, default=list))
+        units.append(ShardUnit(index=i, fingerprint=fp, rows=part))
+    shards_dir = run_dir / "shards"
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    for old in shards_dir.glob("shard-*.tar"):  # the selection shrank: these are no longer planned
+        if old.name not in {shard_name(u.index) for u in units}:
+            old.unlink()
+    (shards_dir / "manifest.parquet").unlink(missing_ok=True)  # written last, only when all shards are
+    for u in units:  # a marker vouches for its tar only while the tar is there
+        if not (shards_dir / shard_name(u.index)).exists():
+            runner.marker_path(run_dir / "shard_parts", runner.stem_of(u)).unlink(missing_ok=True)
+    rep = runner.map_partitions(ShardFn(str(run_dir), cfg), units, run_dir / "shard_parts", cfg_hash=cfg_hash,
+                                runner=rcfg, progress=progress)
+    infos = [_info(pq.read_table(run_dir / "shard_parts" / rep.markers[u.index]["outputs"]["main"])) for u in units]
+    write_manifest(infos, shards_dir, cfg)
+    return rep
+
+
+def _info(t: pa.Table) -> ShardInfo:
+    d = t.to_pydict()
+    return ShardInfo(name=d["shard"][0], n_samples=len(d["key"]), sha256=d["shard_sha256"][0], bytes=d["shard_bytes"][0],
+                     keys=tuple(d["key"]), uids=tuple(d["uid"]), sources=tuple(d["source"]))

@@ -1,0 +1,152 @@
+"""Prefect tasks of curation part 2: sub-runs (seeds, eval sets), embed, copy detection,
+decontamination, cluster, retrieve, shard. One Prefect task per stage; each fans out as Ray
+work (`lvd.curation.stages_*`), reports progress and a counts table, and a few stages a picture.
+Done-markers are the cache (NO_CACHE): a rerun skips what is done and redoes nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from lvd.curation import actor_runner, ledger, runner, stages, stages_embed, stages_select
+from lvd.curation.copydetect import CopyDetectConfig
+from lvd.curation.dedup import DedupConfig
+from lvd.curation.embed import EmbedConfig
+from lvd.curation.ingest import IngestConfig
+from lvd.curation.shards import ShardConfig
+from lvd.curation.stages_retrieve import RetrieveConfig, run_retrieve
+from lvd.flows import artifacts, pictures
+
+
+def sub_run_names(paths: list[str]) -> dict[str, str]:
+    """A folder name per seed / eval input (its file or folder name, made unique)."""
+    names: dict[str, str] = {}
+    for p in paths:
+        base = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(p).name.split(".")[0]) or "set"
+        name, i = base, 1
+        while name in names:
+            i += 1
+            name = f"{base}-{i}"
+        names[name] = p
+    return names
+
+
+@task(name="embed", cache_policy=NO_CACHE)
+def embed_task(run_dir: Path, label: str, spec: str, cfg: EmbedConfig, acfg: actor_runner.ActorConfig) -> runner.StageReport:
+    progress = artifacts.Progress(f"curate-embed-{_key(label)}-progress", f"embed {label}: partitions done")
+    rep = stages_embed.run_embed(run_dir, spec, cfg, acfg, progress)
+    n = sum(pq.read_table(run_dir / "embed" / m["outputs"]["main"])["vectors"][0].as_py() for m in rep.markers.values())
+    get_run_logger().info("embed %s: %d vectors, %d partitions ran, %d done before", label, n, len(rep.ran), len(rep.skipped))
+    artifacts.count_table(f"curate-embed-{_key(label)}-counts", f"embed {label}", [
+        {"what": "vectors", "count": n}, {"what": "partitions run", "count": len(rep.ran)},
+        {"what": "partitions already done", "count": len(rep.skipped)}])
+    return rep
+
+
+def _key(label: str) -> str:
+    return re.sub(r"[^a-z0-9-]", "-", label.lower())
+
+
+@task(name="sub-run", cache_policy=NO_CACHE)
+def sub_run_task(inputs: list[str], run_dir: Path, partition_size: int, icfg: IngestConfig, dcfg: DedupConfig,
+                 rcfg: runner.RunnerConfig) -> dict[str, int]:
+    """Ingest + dedup + ledger of a seed set or eval set in its own run folder."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    partitions = stages.plan(inputs, partition_size)
+    if not partitions:
+        raise ValueError(f"no images found in {inputs} (seed set or eval set)")
+    stages.run_ingest(partitions, run_dir, icfg, rcfg)
+    stages.run_dedup(run_dir, dcfg, rcfg)
+    table = ledger.write_ledger(run_dir)
+    return dict(Counter(table["status"].to_pylist()))
+
+
+@task(name="copy-detection", cache_policy=NO_CACHE)
+def copydetect_task(run_dir: Path, cfg: CopyDetectConfig, rcfg: runner.RunnerConfig) -> None:
+    progress = artifacts.Progress("curate-copydetect-progress", "copy detection: k-NN above a cosine threshold")
+    stages_embed.run_copydetect(run_dir, cfg, rcfg)
+    progress(1, 1)
+    d = pq.read_table(run_dir / "copydetect" / "duplicates.parquet")
+    counts = Counter(d["method"].to_pylist())
+    get_run_logger().info("copy detection: %s", dict(counts))
+    artifacts.count_table("curate-copydetect-counts", "duplicates per linking method (pHash + embedding)",
+                          [{"method": m, "duplicates": n} for m, n in sorted(counts.items())])
+
+
+@task(name="decontaminate", cache_policy=NO_CACHE)
+def decontam_task(run_dir: Path, eval_dirs: dict[str, Path], threshold: float, rcfg: runner.RunnerConfig) -> None:
+    progress = artifacts.Progress("curate-decontam-progress", "decontamination against eval sets")
+    stages_embed.run_decontam(run_dir, eval_dirs, threshold, rcfg)
+    progress(1, 1)
+    t = stages_embed.decontaminated(run_dir)
+    counts = Counter(t["eval_set"].to_pylist())
+    get_run_logger().info("decontaminate: %d pool images removed %s", t.num_rows, dict(counts))
+    artifacts.count_table("curate-decontam-counts", "pool images removed per eval set",
+                          [{"eval_set": n, "removed": counts.get(n, 0)} for n in sorted(eval_dirs)])
+
+
+@task(name="cluster", cache_policy=NO_CACHE)
+def cluster_task(run_dir: Path, cfg: stages_select.ClusterConfig, rcfg: runner.RunnerConfig) -> None:
+    progress = artifacts.Progress("curate-cluster-progress", "cluster: spherical k-means")
+    stages_select.run_cluster(run_dir, cfg, rcfg)
+    progress(1, 1)
+    t, h = stages_select.read_clusters(run_dir)
+    rows = [{"level": lvl, "clusters": len(h.levels[lvl - 1].centroids_KD),
+             "largest": int(h.sizes(lvl).max(initial=0)), "images": t.num_rows} for lvl in range(1, len(h.levels) + 1)]
+    artifacts.count_table("curate-cluster-counts", "clusters per level (1 = finest)", rows)
+    members: dict[int, list[str]] = defaultdict(list)
+    for u, c in zip(t["uid"].to_pylist(), t["leaf"].to_pylist()):
+        members[c].append(u)
+    shown = dict(sorted(members.items(), key=lambda kv: (-len(kv[1]), kv[0]))[: pictures.MAX_ROWS])
+    uids = {u for us in shown.values() for u in us[: pictures.PER_ROW]}
+    artifacts.gallery_artifact("curate-cluster-montage", pictures.cluster_montage_markdown(shown, stages.read_blobs(run_dir, uids)))
+
+
+@task(name="retrieve", cache_policy=NO_CACHE)
+def retrieve_task(run_dir: Path, seed_dirs: dict[str, Path], cfg: RetrieveConfig, rcfg: runner.RunnerConfig) -> None:
+    progress = artifacts.Progress("curate-retrieve-progress", "retrieve: seeds / balanced sampling")
+    run_retrieve(run_dir, seed_dirs, cfg, rcfg)
+    progress(1, 1)
+    sel = pq.read_table(run_dir / "retrieve" / "selection.parquet")
+    counts = pq.read_table(run_dir / "retrieve" / "selection.counts.parquet").to_pylist()
+    get_run_logger().info("retrieve: %d images selected %s", sel.num_rows, counts)
+    artifacts.count_table("curate-retrieve-counts", "retrieval per seed set (collisions, caps)", counts)
+    _retrieval_pictures(run_dir, sel, seed_dirs)
+
+
+def _retrieval_pictures(run_dir: Path, sel, seed_dirs: dict[str, Path]) -> None:
+    t, h = stages_select.read_clusters(run_dir)
+    leaf = dict(zip(t["uid"].to_pylist(), t["leaf"].to_pylist()))
+    k = len(h.levels[0].centroids_KD)
+    before = np.bincount(t["leaf"].to_numpy(), minlength=k)
+    after = np.bincount([leaf[u] for u in sel["uid"].to_pylist()], minlength=k)
+    artifacts.gallery_artifact("curate-retrieve-histogram", pictures.histogram_markdown(before, after))
+    pairs: dict[str, list] = defaultdict(list)
+    for r in sel.to_pylist():
+        if r["seed_uid"]:
+            pairs[(r["seed_set"], r["seed_uid"])].append((r["uid"], r["similarity"]))
+    shown = dict(sorted(pairs.items())[: pictures.MAX_ROWS])
+    blobs = stages.read_blobs(run_dir, {u for got in shown.values() for u, _ in got[: pictures.PER_ROW]})
+    for (name, seed) in shown:
+        blobs.update(stages.read_blobs(seed_dirs[name], {seed}))
+    md = pictures.retrieval_markdown({seed: got for (_, seed), got in shown.items()}, blobs)
+    artifacts.gallery_artifact("curate-retrieve-pairs", md)
+
+
+@task(name="shard", cache_policy=NO_CACHE)
+def shard_task(run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig) -> None:
+    progress = artifacts.Progress("curate-shard-progress", "shard: WebDataset tars written")
+    rep = stages_select.run_shards(run_dir, cfg, rcfg, progress)
+    m = pq.read_table(run_dir / "shards" / "manifest.parquet", columns=["shard", "shard_bytes"]).to_pydict()
+    get_run_logger().info("shard: %d samples in %d tars (%d written now)", len(m["shard"]), len(set(m["shard"])), len(rep.ran))
+    artifacts.count_table("curate-shard-counts", "shards", [
+        {"what": "samples", "count": len(m["shard"])}, {"what": "tars", "count": len(set(m["shard"]))},
+        {"what": "tars written now", "count": len(rep.ran)}, {"what": "tars already done", "count": len(rep.skipped)},
+        {"what": "bytes", "count": int(sum(dict(zip(m["shard"], m["shard_bytes"])).values()))}])
