@@ -3,7 +3,7 @@
 Builds a few hundred ~384 px JPEG photos (random crops of the scikit-image / scikit-learn
 photos), then times, on the same files:
   (1) baseline: single-process loop of Pillow full decode to RGB + imagehash.phash;
-  (2) `ingest_partition` in this process (validation, EXIF, sha256, pHash + dHash);
+  (2) `ingest_partition` in this process (validation, EXIF, sha256, pHash, dHash, pHash-256);
   (3) Ray with `--cpus` CPUs mapping `ingest_partition` over partitions (`ray.remote`
       directly; `ray.init` start-up and the cold-worker first pass reported separately).
 The three are timed in interleaved rounds, so load from other processes on a shared machine
@@ -72,13 +72,14 @@ def main() -> None:
     ap.add_argument("--per-partition", type=int, default=25, help="files per partition")
     ap.add_argument("--top", type=int, default=18, help="cProfile rows to print")
     ap.add_argument("--repeat", type=int, default=3, help="interleaved timing rounds")
+    ap.add_argument("--draft-side", type=int, default=IngestConfig().draft_side, help="IngestConfig.draft_side")
     args = ap.parse_args()
-    cfg = IngestConfig()
+    cfg = IngestConfig(draft_side=args.draft_side)
     with tempfile.TemporaryDirectory() as tmp:
         names = write_photo_jpegs(tmp, args.n, side=args.side)
         paths = [Path(tmp) / n for n in names]
         partitions = plan_partitions([tmp], files_per_partition=args.per_partition)
-        print(f"{len(paths)} JPEGs of {args.side}px, {len(partitions)} partitions, os.cpu_count()={os.cpu_count()}")
+        print(f"draft_side={cfg.draft_side}: {len(paths)} JPEGs of {args.side}px, {len(partitions)} partitions, os.cpu_count()={os.cpu_count()}")
         baseline(paths[:20]), single_process(partitions[:1], cfg)  # warm the page cache and imports
         import ray
 

@@ -10,25 +10,27 @@ frame needs is validated: a GIF cut inside a later frame, or a PNG missing only 
 chunk, is accepted, since the image it shows is complete.
 
 Speed: JPEGs are decoded with Pillow's draft mode straight to a small grayscale image
-(libjpeg's DCT scaling, 1/2..1/8 size). libjpeg still entropy-decodes every scan, so a
-truncated file still fails. Other formats are decoded fully, converted to RGB (alpha composited
-on white, 16-bit scaled to 8 bits) and reduced. pHash and dHash are then computed by imagehash
-on that small image: the hash of the grayscale image that `to_rgb` would give, within a few bits
-of hashing the full-size decode.
+(libjpeg's DCT scaling, 1/2..1/8 size, shorter side kept >= `IngestConfig.draft_side`).
+libjpeg still entropy-decodes every scan, so a truncated file still fails. Other formats are
+decoded fully, converted to RGB (alpha composited on white, 16-bit scaled to 8 bits) and
+reduced. The hashes are then imagehash's pHash and dHash of that small image, plus the 256-bit
+pHash (`phash256`, hash_size=16, which dedup uses to verify candidates), computed as matrix
+products (`hash_bits`): within a few bits of hashing the full-size decode.
 
 Hash bit order: imagehash's boolean array flattened row-major, first bit most significant, so
-`phash == int(str(imagehash.phash(img)), 16)`.
+`phash == int(str(imagehash.phash(img)), 16)` and `phash256 == np.packbits(
+imagehash.phash(img, 16).hash.ravel()).tobytes()`, up to a bit or two of rounding.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
 import warnings
 from dataclasses import dataclass
 
-import imagehash
 import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile, ImageOps
@@ -47,6 +49,7 @@ INGEST_SCHEMA = pa.schema(
         pa.field("nbytes", pa.int64()),
         pa.field("phash", pa.uint64()),
         pa.field("dhash", pa.uint64()),
+        pa.field("phash256", pa.binary(32)),
         pa.field("meta", pa.string()),
     ]
 )
@@ -63,6 +66,7 @@ SUPPORTED_MODES = frozenset(
 )
 # File signatures: bytes starting like this are an image that failed to parse -> `corrupt`.
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+PHASH256_SIZE = 16  # imagehash hash_size of the `phash256` column: 16x16 = 256 bits
 _ORIENTATION_TAG = 0x0112
 _SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
@@ -72,6 +76,10 @@ class IngestConfig:
     min_side: int = 32  # shorter side below this -> too_small
     max_pixels: int = 89_478_485  # width*height above this -> too_large (Pillow's default bomb limit)
     hash_size: int = 8  # imagehash hash_size; hash_size**2 bits must fit the uint64 columns
+    # Shorter side the reduced decode keeps (JPEG draft target; box reduction stops at 2x this).
+    # pHash-256 reads a 64x64 squash, so below 64 it would hash upsampled pixels. Hashing is
+    # matmuls, so 64 vs 128 is decode cost only (benchmarks/ingest.py --draft-side).
+    draft_side: int = 64
     formats: tuple[str, ...] = WEB_FORMATS  # Pillow format ids tried when identifying bytes
 
     def __post_init__(self) -> None:
@@ -87,6 +95,8 @@ class IngestConfig:
             )
         if not 2 <= self.hash_size <= 8:
             raise ValueError(f"hash_size={self.hash_size}: use 2..8 so hash_size**2 bits fit in uint64")
+        if self.draft_side < 4 * PHASH256_SIZE:
+            raise ValueError(f"draft_side={self.draft_side}: use >= {4 * PHASH256_SIZE} (the 256-bit pHash reads 64x64 pixels)")
         unknown = [f for f in self.formats if f not in Image.ID]
         if unknown:
             raise ValueError(f"formats {unknown} are not Pillow format ids; choose from {sorted(Image.ID)}")
@@ -123,7 +133,7 @@ def ingest_item(item: RawItem, cfg: IngestConfig) -> tuple[dict, bytes | None]:
     record = dict(
         source=item.source, status="rejected", reason=item.error, format=None, width=None, height=None,
         uid=hashlib.sha256(data).hexdigest() if data is not None else None,
-        nbytes=len(data) if data is not None else None, phash=None, dhash=None,
+        nbytes=len(data) if data is not None else None, phash=None, dhash=None, phash256=None,
         meta=json.dumps(item.meta, sort_keys=True, default=str),
     )  # fmt: skip
     if item.error is not None:
@@ -158,10 +168,60 @@ def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
         raise _Reject("too_small", **info)
     if img.mode not in SUPPORTED_MODES:
         raise _Reject("unsupported_mode", **info)
-    small = _small_gray(img, cfg.hash_size * 4)
+    small = _small_gray(img, max(cfg.draft_side, cfg.hash_size * 4))
     small = _apply_orientation(small, orientation)
-    phash, dhash = imagehash.phash(small, cfg.hash_size), imagehash.dhash(small, cfg.hash_size)
-    return dict(info, phash=_to_uint(phash), dhash=_to_uint(dhash))
+    phash, dhash, phash256 = hash_bits(small, cfg.hash_size)
+    return dict(info, phash=_to_uint(phash), dhash=_to_uint(dhash), phash256=np.packbits(phash256).tobytes())
+
+
+def hash_bits(gray: Image.Image, hash_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pHash, dHash, 256-bit pHash) bits of a grayscale image: bool [hash_size**2] x2, [256].
+
+    imagehash's recipes (Lanczos squash to 4*hash_size square then DCT-II low block > median;
+    Lanczos to (hash_size+1) x hash_size then neighbour differences) with each resize and DCT
+    folded into one cached [k, side] matrix per axis, so a hash is two small matmuls instead
+    of Pillow resizes, which cost more than the draft decode saves. Same as imagehash on
+    `gray` up to Pillow's 8-bit rounding inside its resize (a bit or two near the median).
+    """
+    x_HW = np.asarray(gray, dtype=np.float64)
+    h, w = x_HW.shape
+    return (
+        _phash(x_HW, hash_size),
+        _dhash(x_HW, hash_size),
+        _phash(x_HW, PHASH256_SIZE),
+    )
+
+
+def _phash(x_HW: np.ndarray, hash_size: int) -> np.ndarray:
+    low = _dct_lanczos(hash_size, x_HW.shape[0]) @ x_HW @ _dct_lanczos(hash_size, x_HW.shape[1]).T
+    low = np.round(low, 6)  # float noise of a flat image's zero coefficients must tie, not flip
+    return (low > np.median(low)).ravel()
+
+
+def _dhash(x_HW: np.ndarray, hash_size: int) -> np.ndarray:
+    # Pillow resizes horizontally then vertically, clipping and rounding to 8 bits after each
+    # pass; doing the same makes flat neighbours tie (bit 0) as in imagehash, not flip on ringing
+    rows_Hw = np.clip(np.rint(x_HW @ _lanczos_rows(hash_size + 1, x_HW.shape[1]).T), 0, 255)
+    grid = np.clip(np.rint(_lanczos_rows(hash_size, x_HW.shape[0]) @ rows_Hw), 0, 255)
+    return (grid[:, 1:] > grid[:, :-1]).ravel()
+
+
+@functools.lru_cache(maxsize=4096)
+def _dct_lanczos(k: int, n: int) -> np.ndarray:
+    """[k, n]: Lanczos resample n -> 4k samples, then the first k rows of the DCT-II."""
+    side = 4 * k
+    dct = np.cos(np.pi * np.arange(k)[:, None] * (2 * np.arange(side)[None] + 1) / (2 * side))
+    return dct @ _lanczos_rows(side, n)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lanczos_rows(m: int, n: int) -> np.ndarray:
+    """[m, n] weights of Pillow's Lanczos (a=3) downscale of n samples to m, in float."""
+    scale = n / m  # < 1 upsamples (tiny images): the kernel keeps its unit width then
+    center = (np.arange(m)[:, None] + 0.5) * scale
+    t = (np.arange(n)[None] + 0.5 - center) / max(scale, 1.0)
+    w = np.where(np.abs(t) < 3.0, np.sinc(t) * np.sinc(t / 3.0), 0.0)
+    return w / w.sum(axis=1, keepdims=True)
 
 
 def _open(data: bytes, cfg: IngestConfig) -> Image.Image:
@@ -234,6 +294,6 @@ def _to_uint8(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-def _to_uint(h: imagehash.ImageHash) -> int:
-    bits = h.hash.flatten()
+def _to_uint(bits: np.ndarray) -> int:
+    bits = bits.ravel()
     return int.from_bytes(np.packbits(bits).tobytes(), "big") >> ((8 - bits.size % 8) % 8)

@@ -59,7 +59,7 @@ def test_every_file_reachable_rejection_reason(bad):
     assert {name: r["reason"] for name, r in records.items()} == expected
     assert set(expected.values()) == {"empty", "not_image", "corrupt", "too_small", "too_large", "unsupported_mode"}
     for name, r in records.items():
-        assert r["status"] == "rejected" and r["phash"] is None
+        assert r["status"] == "rejected" and r["phash"] is None and r["phash256"] is None
         assert r["uid"] == hashlib.sha256((folder / name).read_bytes()).hexdigest()
         assert r["nbytes"] == (folder / name).stat().st_size
     assert (records["narrow.png"]["width"], records["narrow.png"]["height"]) == (20, 500)
@@ -170,7 +170,7 @@ def test_limits_are_configurable(odd):
 
 @pytest.mark.parametrize(
     "kwargs, hint",
-    [({"min_side": 0}, "min_side"), ({"hash_size": 16}, "hash_size"), ({"max_pixels": 10}, "max_pixels"),
+    [({"min_side": 0}, "min_side"), ({"draft_side": 32}, "draft_side"), ({"hash_size": 16}, "hash_size"), ({"max_pixels": 10}, "max_pixels"),
      ({"max_pixels": 10**12}, "MAX_IMAGE_PIXELS"), ({"formats": ("JPEG", "NOPE")}, "NOPE")],
 )  # fmt: skip
 def test_config_validation_says_what_to_change(kwargs, hint):
@@ -187,6 +187,33 @@ def test_hash_bit_order_is_imagehash_hex():
     assert _hamming(record["phash"], int(str(ref), 16)) <= 4
     reversed_order = int("".join("1" if b else "0" for b in np.asarray(ref.hash).flatten()[::-1]), 2)
     assert _hamming(record["phash"], reversed_order) >= 16  # LSB-first would be far off
+
+
+def test_phash256_is_imagehash_16_packed_msb_first():
+    """phash256 = np.packbits(imagehash.phash(img, 16)) of the reduced decode; hash_bits matches
+    imagehash on the very same image within float-vs-8-bit rounding."""
+    from lvd.curation.ingest import hash_bits
+
+    dists = []
+    for name in ("chelsea", "astronaut", "coffee", "rocket"):
+        img = Image.fromarray(testdata.photo(name))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=95)
+        record, _ = ingest_item(RawItem(source=name, data=buf.getvalue(), error=None, meta={}), CFG)
+        got = np.unpackbits(np.frombuffer(record["phash256"], np.uint8))
+        ref = imagehash.phash(img.convert("L"), hash_size=16).hash.ravel()
+        dists.append(int((got != ref).sum()))
+        assert (got != ref[::-1]).sum() >= 64  # reversed bit order would be far off
+        small = img.convert("L").resize((96, 80))
+        p, d, p256 = hash_bits(small, 8)
+        assert (p != imagehash.phash(small).hash.ravel()).sum() <= 2
+        assert (d != imagehash.dhash(small).hash.ravel()).sum() <= 1
+        assert (p256 != imagehash.phash(small, 16).hash.ravel()).sum() <= 4
+    assert max(dists) <= 16 and np.mean(dists) <= 8, dists  # vs the full-size decode
+    flat_img = Image.new("L", (100, 70), 90)
+    flat, _, flat256 = hash_bits(flat_img, 8)  # only DC is above the median, as in imagehash
+    assert flat.sum() == flat256.sum() == 1 and flat[0] and flat256[0]
+    assert np.array_equal(flat256, imagehash.phash(flat_img, 16).hash.ravel())
 
 
 def test_ingest_imports_neither_ray_nor_prefect():
