@@ -40,7 +40,7 @@ def test_curate_then_verify_then_tamper(ray_local, prefect_harness, small_dump, 
     assert len(rows) == n_files + n_tar
     small = [r for s, r in rows.items() if "/small/" in s]
     assert [(r["status"], r["reason"]) for r in small] == [("rejected", "too_small")] * 2  # --min-side
-    assert sum(r["status"] == "accepted" for s, r in rows.items() if "/big/" in s) == 5
+    assert sum(r["status"] == "sharded" for s, r in rows.items() if "/big/" in s) == 5
 
     assert cli.main(["verify", str(run)]) == 0
     assert "OK" in capsys.readouterr().out
@@ -71,4 +71,4 @@ def test_demo_runs_end_to_end(ray_local, prefect_harness, tmp_path, capsys):
     assert "prefect server start" in printed and str(tmp_path / "demo" / "run") in printed
     ledger = pq.read_table(tmp_path / "demo" / "run" / "ledger.parquet")
     statuses = set(ledger["status"].to_pylist())
-    assert statuses == {"accepted", "duplicate", "rejected"}
+    assert statuses == {"sharded", "duplicate", "rejected"}  # no seeds, no target: all kept images ship

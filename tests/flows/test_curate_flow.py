@@ -44,7 +44,8 @@ def test_every_input_accounted_for(run):
     report = lg.verify_run(out)
     assert report.ok and report.inputs == len(rows_by_source(out))
     assert report.by_status == summary.by_status
-    assert set(report.by_status) == {"accepted", "duplicate", "rejected"}
+    # part 2: with no seeds and no target size, every image dedup kept is sharded
+    assert set(report.by_status) == {"sharded", "duplicate", "rejected"}
 
 
 def test_bad_inputs_rejected_with_their_reason(run, dump):
@@ -62,7 +63,7 @@ def test_odd_encodings_accepted(run, dump):
     status = dict(zip(ingest["source"], ingest["status"]))
     assert [s for s in dump.odd_valid if status[s] != "accepted"] == []
     rows = rows_by_source(out)
-    assert all(rows[s]["status"] in ("accepted", "duplicate") for s in dump.odd_valid)
+    assert all(rows[s]["status"] in ("sharded", "duplicate") for s in dump.odd_valid)
 
 
 def test_exact_copies_all_found(run, dump):
@@ -78,7 +79,7 @@ def test_exact_copies_all_found(run, dump):
         assert len({root(rows[s]) for s in sources}) == 1
         for s in later:
             assert rows[s]["status"] == "duplicate", s
-            if rows[first]["status"] == "accepted":
+            if rows[first]["status"] == "sharded":
                 uid = rows[first]["uid"]
                 assert (rows[s]["reason"], rows[s]["duplicate_of"], rows[s]["distance"]) == ("exact", uid, 0.0)
 

@@ -1,4 +1,10 @@
-"""`lvd curate`: run the Prefect flow `curate` (ingest, dedup, ledger) over input dumps.
+"""`lvd curate`: run the Prefect flow `curate` over input dumps.
+
+Stages: ingest, dedup, then with --embedder: embed, copy detection, decontamination (with
+--eval-sets), clustering and retrieval (with --seeds or --target-size); then WebDataset
+shards (RUN/shards) and the ledger. Without --seeds and --target-size every image that is not
+rejected, a duplicate or decontaminated is sharded; without --embedder only ingest, dedup,
+shard and ledger run (seeds, eval sets and a target size need an embedder).
 
 Where it runs: Ray joins `--ray-address` or `RAY_ADDRESS` when given, else starts
 locally with every CPU. On a cluster every node must see the inputs and the run folder at
@@ -51,6 +57,9 @@ def add_curate_options(p: argparse.ArgumentParser) -> None:
                    help="max pHash Hamming distance of near-duplicates (default: dedup's)")
     p.add_argument("--max-retries", type=int, default=3,
                    help="Ray retries of a partition whose worker process or node died")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per WebDataset tar")
+    p.add_argument("--embedder", default=None, metavar="SPEC",
+                   help="lvd checkpoint, official DINOv2 .pth or local HF Dinov2 folder")
 
 
 def register(subparsers) -> None:
@@ -61,6 +70,19 @@ def register(subparsers) -> None:
     p.add_argument("--input", action="append", required=True, metavar="DUMP",
                    help="folder of images, tar archive, parquet file or folder of them; repeatable")
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (reused to resume)")
+    p.add_argument("--seeds", action="append", default=[], metavar="DIR_OR_DUMP",
+                   help="seed set to retrieve pool images near; repeatable (needs --embedder)")
+    p.add_argument("--eval-sets", action="append", default=[], metavar="DIR",
+                   help="evaluation set to decontaminate against; repeatable (needs --embedder)")
+    p.add_argument("--retrieval", choices=["sample", "cluster", "hierarchical"], default="sample",
+                   help="sample: k=4 nearest per seed; cluster: clusters holding >3 seeds; "
+                        "hierarchical: balanced sampling of a cluster tree to --target-size")
+    p.add_argument("--target-size", type=int, default=None, metavar="N",
+                   help="images to select (balanced sampling), or a cap per seed set with --seeds")
+    p.add_argument("--copy-threshold", type=float, default=None,
+                   help="cosine above which a neighbour is a copy (default 0.6; calibrate per backbone)")
+    p.add_argument("--decontam-threshold", type=float, default=0.45,
+                   help="cosine to an eval image above which a pool component is removed")
     add_curate_options(p)
     p.set_defaults(func=main)
 
@@ -73,7 +95,15 @@ def flow_kwargs(args: argparse.Namespace) -> dict:
         dedup=dedup,
         max_retries=args.max_retries,
         ray_address=args.ray_address,
+        embedder=args.embedder,
+        shard_size=args.shard_size,
     )
+
+
+def part2_kwargs(args: argparse.Namespace) -> dict:
+    copy = {} if args.copy_threshold is None else {"threshold": args.copy_threshold}
+    return dict(seeds=args.seeds, eval_sets=args.eval_sets, retrieval=args.retrieval, target_size=args.target_size,
+                copydetect=copy, decontam_threshold=args.decontam_threshold)
 
 
 def run_curate(inputs: list[str], out: str, **kwargs) -> int:
@@ -87,7 +117,11 @@ def run_curate(inputs: list[str], out: str, **kwargs) -> int:
     from lvd.curation.ledger import format_report, verify_run
     from lvd.flows.curate import curate
 
-    curate(inputs=inputs, out=str(out), **kwargs)
+    try:
+        curate(inputs=inputs, out=str(out), **kwargs)
+    except ValueError as e:  # a config the flow refused (e.g. seeds without --embedder)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     report = verify_run(Path(out))
     print(format_report(report))
     print(where)
@@ -95,4 +129,4 @@ def run_curate(inputs: list[str], out: str, **kwargs) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    return run_curate(args.input, args.out, **flow_kwargs(args))
+    return run_curate(args.input, args.out, **flow_kwargs(args), **part2_kwargs(args))

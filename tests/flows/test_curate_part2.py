@@ -1,0 +1,154 @@
+"""Curation part 2 end to end through the Prefect flow: real photos + copies (demo dump) as the
+pool, a seed set and an eval set, a small random ViT exported as a Hugging Face folder as the
+embedder. A random backbone maps photos close together (distinct photos reach cosine 0.995,
+byte copies 1.0), so copy-detection and decontamination thresholds are set to 0.998 here."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from lvd.curation import copies, ledger as lg
+from lvd.curation.demo import build_demo_dump
+from lvd.curation.shard_check import check_shards
+
+OPTS = dict(
+    partition_size=16, shard_size=4,
+    embed={"resize": 128, "crop": 112, "batch_size": 16, "decode_threads": 1},
+    copydetect={"k": 8, "threshold": 0.998}, decontam_threshold=0.998,
+)
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory):
+    from lvd.pretrain.models.hf import export_hf
+    from lvd.pretrain.models.vit import vit_tiny
+
+    torch.manual_seed(0)
+    model = vit_tiny(img_size=112, depth=2)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(0.3)
+    return str(export_hf(model, tmp_path_factory.mktemp("weights") / "hf"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("part2")
+    dump = build_demo_dump(root / "dump", n_photos=6)
+    photos = copies.real_photos()[:6]
+    seeds = root / "seeds"
+    seeds.mkdir()
+    for name, img in photos[2:4]:  # new bytes of pool photos: retrieval should find them
+        (seeds / f"{name}.jpg").write_bytes(copies.make_copies(img, seed=99)["brightened"])
+    evalset = root / "evalset"
+    evalset.mkdir()
+    contaminant = sorted(dump.near_copies)[0]  # a pool original, byte for byte in the eval set
+    eval_bytes = open(contaminant, "rb").read()
+    (evalset / "test.jpg").write_bytes(eval_bytes)
+    return dump, str(seeds), str(evalset), contaminant, hashlib.sha256(eval_bytes).hexdigest()
+
+
+def shard_digests(out) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "shards").glob("shard-*.tar"))}
+
+
+@pytest.fixture(scope="module")
+def run(ray_local, prefect_harness, data, embedder, tmp_path_factory):
+    from lvd.flows.curate import curate
+
+    dump, seeds, evalset, _, _ = data
+    out = tmp_path_factory.mktemp("run")
+    summary = curate(inputs=dump.inputs, out=str(out), seeds=[seeds], eval_sets=[evalset], embedder=embedder, **OPTS)
+    first = (shard_digests(out), pq.read_table(out / "ledger.parquet"))
+    again = curate(inputs=dump.inputs, out=str(out), seeds=[seeds], eval_sets=[evalset], embedder=embedder, **OPTS)
+    return summary, again, out, first
+
+
+def rows(out) -> list[dict]:
+    return pq.read_table(out / "ledger.parquet").to_pylist()
+
+
+def test_verify_passes_and_every_input_accounted(run, data):
+    summary, _, out, _ = run
+    assert summary.ok, summary.problems
+    report = lg.verify_run(out)
+    assert report.ok, report.problems
+    n_inputs = lg.read_ingest(out, ["source"]).num_rows
+    assert report.inputs == n_inputs == len(rows(out))
+    assert {"sharded", "unselected", "decontaminated", "duplicate", "rejected"} <= set(report.by_status)
+    assert "accepted" not in report.by_status  # the shard stage decided every kept image
+    assert lg.verify_run(out / "seeds" / "seeds").ok and lg.verify_run(out / "eval" / "evalset").ok
+
+
+def test_contaminated_component_removed_whole(run, data):
+    _, _, out, _ = run
+    _, _, _, contaminant, eval_uid = data
+    led = {r["source"]: r for r in rows(out)}
+    row = led[contaminant]
+    root = row["duplicate_of"] if row["status"] == "duplicate" else row["uid"]
+    kept = [r for r in led.values() if r["uid"] == root and r["status"] != "duplicate"]
+    assert [(r["status"], r["reason"], r["duplicate_of"]) for r in kept] == [("decontaminated", "evalset", eval_uid)]
+    component = {r["uid"] for r in led.values() if r["uid"] == root or r["duplicate_of"] == root}
+    shipped = set(pq.read_table(out / "shards" / "manifest.parquet")["uid"].to_pylist())
+    assert len(component) >= 3 and not component & shipped
+
+
+def test_shards_hold_exactly_the_selection(run):
+    _, _, out, _ = run
+    led = rows(out)
+    sharded = sorted(r["uid"] for r in led if r["status"] == "sharded")
+    manifest = pq.read_table(out / "shards" / "manifest.parquet").to_pydict()
+    assert sorted(manifest["uid"]) == sharded and len(set(sharded)) == len(sharded)
+    sel = pq.read_table(out / "retrieve" / "selection.parquet").to_pydict()
+    assert sorted(sel["uid"]) == sharded
+    assert set(sel["seed_set"]) == {"seeds"} and all(s is not None for s in sel["seed_uid"])
+    removed = {r["uid"] for r in led if r["status"] in ("duplicate", "decontaminated") and r["duplicate_of"] != r["uid"]}
+    removed -= {r["uid"] for r in led if r["status"] == "sharded"}  # exact copies share the shipped uid
+    assert not removed & set(sharded)
+    assert check_shards(out / "shards").ok
+    for tar_path in sorted((out / "shards").glob("shard-*.tar")):
+        with tarfile.open(tar_path) as tar:
+            names = tar.getnames()
+            for name in names:
+                payload = tar.extractfile(name).read()
+                if name.endswith(".json"):
+                    meta = json.loads(payload)
+                    assert meta["uid"] in sharded and meta["retrieval"]["seed_set"] == "seeds"
+                    assert len(meta["cluster_ids"]) == 1
+                else:
+                    Image.open(io.BytesIO(payload)).load()
+        assert len(names) <= 2 * OPTS["shard_size"]
+
+
+def test_rerun_is_byte_identical(run):
+    _, again, out, (digests, ledger_before) = run
+    assert again.ok and again.ingest_ran == 0
+    assert digests and shard_digests(out) == digests
+    assert pq.read_table(out / "ledger.parquet").equals(ledger_before)
+
+
+def test_tampered_shard_fails_verify(run, tmp_path):
+    import shutil
+
+    from lvd.flows.cli import main
+
+    _, _, out, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    assert main(["verify", str(copy)]) == 0
+    tar = sorted((copy / "shards").glob("shard-*.tar"))[0]
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF  # inside the first member's payload
+    tar.write_bytes(bytes(data))
+    report = lg.verify_run(copy)
+    assert not report.ok and any(tar.name in p for p in report.problems)
+    assert main(["verify", str(copy)]) == 1
