@@ -51,8 +51,9 @@ class ClusterConfig:
 
     def ks(self, n: int) -> tuple[int, ...]:
         ks = [max(1, min(n, self.k or round(math.sqrt(n))))]
-        while self.hierarchical and len(ks) < self.levels and ks[-1] > 1:
-            ks.append(max(1, round(math.sqrt(ks[-1]))))
+        # each level ~sqrt of the one below; a one-cluster top level would say nothing
+        while self.hierarchical and len(ks) < self.levels and (nxt := round(math.sqrt(ks[-1]))) >= 2 and nxt < ks[-1]:
+            ks.append(nxt)
         return tuple(ks)
 
 

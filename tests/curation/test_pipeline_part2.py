@@ -1,0 +1,158 @@
+"""Part-2 stages without Prefect, on the session's local Ray: shard everything with no
+embedder, hierarchical balanced retrieval and cluster-based retrieval with a small random ViT,
+and verify's shard-vs-ledger checks against hand-made breakages."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from lvd.curation import copies, ledger as lg, stages, stages_embed, stages_select
+from lvd.curation.copydetect import CopyDetectConfig
+from lvd.curation.dedup import DedupConfig
+from lvd.curation.embed import EmbedConfig
+from lvd.curation.ingest import IngestConfig
+from lvd.curation.shards import ShardConfig
+from lvd.curation.stages_retrieve import RetrieveConfig, run_retrieve
+
+EMBED = EmbedConfig(resize=128, crop=112, batch_size=16, decode_threads=1)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    """8 real photos, each with 5 transformed copies (48 files)."""
+    root = tmp_path_factory.mktemp("pool")
+    for i, (name, img) in enumerate(copies.real_photos()[:8]):
+        (root / f"{name}.jpg").write_bytes(copies.encode_original(img))
+        for kind, blob in copies.make_copies(img, seed=i).items():
+            if kind != "exact":
+                (root / f"{name}__{kind}.img").write_bytes(blob)
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def embedder(tmp_path_factory):
+    from lvd.pretrain.models.hf import export_hf
+    from lvd.pretrain.models.vit import vit_tiny
+
+    torch.manual_seed(1)
+    model = vit_tiny(img_size=112, depth=2)
+    with torch.no_grad():  # default layer scales are tiny: photos would all embed alike
+        for name, p in model.named_parameters():
+            if name.endswith("gamma"):
+                p.fill_(0.3)
+    return str(export_hf(model, tmp_path_factory.mktemp("w") / "hf"))
+
+
+def ingest_dedup(inputs, run):
+    stages.run_ingest(stages.plan(inputs, 16), run, IngestConfig())
+    stages.run_dedup(run, DedupConfig())
+
+
+@pytest.fixture(scope="module")
+def plain_run(ray_local, pool, tmp_path_factory):
+    """No embedder: ingest, dedup, shard everything, ledger."""
+    run = tmp_path_factory.mktemp("plain")
+    ingest_dedup([pool], run)
+    stages_select.run_shards(run, ShardConfig(shard_size=5))
+    lg.write_ledger(run)
+    return run
+
+
+def test_without_embedder_every_kept_image_is_sharded(plain_run):
+    led = pq.read_table(plain_run / "ledger.parquet").to_pylist()
+    kept = sorted(r["uid"] for r in led if r["status"] not in ("duplicate", "rejected"))
+    assert {r["status"] for r in led} <= {"sharded", "duplicate"}
+    manifest = pq.read_table(plain_run / "shards" / "manifest.parquet").to_pydict()
+    assert manifest["uid"] == kept  # uid order, each once
+    n = len(kept)
+    assert len(list((plain_run / "shards").glob("shard-*.tar"))) == -(-n // 5)
+    assert lg.verify_run(plain_run).ok
+
+
+@pytest.mark.parametrize("breakage", ["unselect", "extra_tar", "missing_tar"])
+def test_verify_catches_shard_ledger_mismatch(plain_run, tmp_path, breakage):
+    run = tmp_path / "run"
+    shutil.copytree(plain_run, run)
+    if breakage == "unselect":  # the ledger says one shipped image was not selected
+        t = pq.read_table(run / "ledger.parquet").to_pydict()
+        i = t["status"].index("sharded")
+        t["status"][i] = "unselected"
+        pq.write_table(pq.read_table(run / "ledger.parquet").from_pydict(t, schema=lg.LEDGER_SCHEMA), run / "ledger.parquet")
+        want = "manifest uids are not sharded"
+    elif breakage == "extra_tar":
+        shutil.copy(run / "shards" / "shard-000000.tar", run / "shards" / "shard-000099.tar")
+        want = "not in the manifest"
+    else:
+        (run / "shards" / "shard-000001.tar").unlink()
+        want = "missing"
+    report = lg.verify_run(run)
+    assert not report.ok and any(want in p for p in report.problems), report.problems
+
+
+def test_hierarchical_balanced_retrieval_to_target(ray_local, pool, embedder, tmp_path):
+    run = tmp_path / "run"
+    ingest_dedup([pool], run)
+    stages_embed.run_embed(run, embedder, EMBED)
+    stages_embed.run_copydetect(run, CopyDetectConfig(k=8, threshold=0.999))
+    cands = stages_embed.candidates(run)
+    stages_select.run_cluster(run, stages_select.ClusterConfig(k=4, hierarchical=True))
+    run_retrieve(run, {}, RetrieveConfig(method="hierarchical", target=6))
+    rep = stages_select.run_shards(run, ShardConfig(shard_size=4))
+    led = lg.write_ledger(run).to_pylist()
+    statuses = [r["status"] for r in led]
+    assert statuses.count("sharded") == 6 and statuses.count("unselected") == len(cands) - 6
+    clusters, tree = stages_select.read_clusters(run)
+    assert len(tree.levels) == 2 and clusters["uid"].to_pylist() == cands  # ks (4, 2)
+    assert all(len(c) == 2 for c in clusters["cluster_ids"].to_pylist())
+    # balanced: 6 over 2 top clusters -> 3 each, or all of a smaller one
+    top = dict(zip(cands, tree.labels(2).tolist()))
+    sel = pq.read_table(run / "retrieve" / "selection.parquet")["uid"].to_pylist()
+    per_top = [sum(top[u] == c for u in sel) for c in (0, 1)]
+    sizes = tree.sizes(2).tolist()
+    assert sorted(per_top) == sorted([3, 3]) or min(sizes) < 3 and min(per_top) == min(sizes)
+    assert lg.verify_run(run).ok and len(rep.ran) == 2
+    # rerun: nothing is redone
+    again = stages_select.run_shards(run, ShardConfig(shard_size=4))
+    assert again.ran == [] and again.skipped == [0, 1]
+
+
+def test_cluster_based_retrieval_takes_seeded_clusters(ray_local, pool, embedder, tmp_path):
+    run = tmp_path / "run"
+    ingest_dedup([pool], run)
+    seeds_dir = tmp_path / "seedset"
+    seeds_dir.mkdir()
+    name, img = copies.real_photos()[0]
+    (seeds_dir / "s.png").write_bytes(copies.make_copies(img, seed=5)["brightened"])
+    seed_run = run / "seeds" / "s"
+    ingest_dedup([str(seeds_dir)], seed_run)
+    for r in (run, seed_run):
+        stages_embed.run_embed(r, embedder, EMBED)
+    stages_embed.run_copydetect(run, CopyDetectConfig(k=8, threshold=0.999))
+    stages_select.run_cluster(run, stages_select.ClusterConfig(k=3))
+    run_retrieve(run, {"s": seed_run}, RetrieveConfig(method="cluster", min_seeds=1))
+    clusters, tree = stages_select.read_clusters(run)
+    (seed_uid,), seed_vec = stages_embed_seed(seed_run)
+    from lvd.curation.kmeans import assign_to_centroids
+
+    (c,), _ = assign_to_centroids(seed_vec, tree.levels[0].centroids_KD)
+    want = sorted(u for u, leaf in zip(clusters["uid"].to_pylist(), clusters["leaf"].to_pylist()) if leaf == c)
+    sel = pq.read_table(run / "retrieve" / "selection.parquet").to_pydict()
+    assert sel["uid"] == want and set(sel["cluster_id"]) == {c} and set(sel["method"]) == {"cluster"}
+
+
+def stages_embed_seed(seed_run):
+    from lvd.curation.stages_retrieve import seed_vectors
+
+    return seed_vectors(seed_run)
+
+
+def test_part2_without_embedder_is_refused(ray_local, prefect_harness, pool, tmp_path):
+    from lvd.flows.curate import curate
+
+    with pytest.raises(ValueError, match="pass --embedder"):
+        curate(inputs=[pool], out=str(tmp_path / "r"), seeds=[pool])
+    assert not (tmp_path / "r").exists()
