@@ -30,9 +30,10 @@ from PIL import Image
 
 from lvd.curation.copies import COPY_KINDS, encode_original, fashion_mnist, make_copies, real_photos
 from lvd.curation.dedup import DedupConfig, find_near_duplicates
-from lvd.curation.ingest import IngestConfig, ingest_item
+from lvd.curation.ingest import INGEST_SCHEMA, IngestConfig, ingest_item
 from lvd.curation.sources import RawItem
 
+COLUMNS = ("uid", "width", "height", "phash", "dhash", "phash256", "thumb16")  # what dedup reads
 SETTINGS = {
     "default": DedupConfig(),
     "pHash<=4 only": DedupConfig(phash_radius=4, dhash_radius=None, max_aspect_ratio=None),
@@ -48,12 +49,6 @@ SETTINGS = {
 }
 
 
-def phash256(data: bytes) -> bytes:
-    """The proposed `phash256` column: imagehash pHash, hash_size=16, of the grayscale decode."""
-    bits = imagehash.phash(Image.open(io.BytesIO(data)).convert("L"), hash_size=16).hash.ravel()
-    return np.packbits(bits).tobytes()
-
-
 def build_pool(n_fashion: int) -> tuple[pa.Table, dict[str, str], dict[str, str]]:
     """(ingest-like table, copy uid -> original uid, copy uid -> kind); originals end in ':orig'."""
     cfg = IngestConfig()
@@ -62,8 +57,7 @@ def build_pool(n_fashion: int) -> tuple[pa.Table, dict[str, str], dict[str, str]
     def add(uid: str, data: bytes) -> None:
         rec, _ = ingest_item(RawItem(uid, data, None), cfg)
         assert rec["status"] == "accepted", (uid, rec["reason"])
-        rows.append(dict(uid=uid, width=rec["width"], height=rec["height"], phash=rec["phash"],
-                         dhash=rec["dhash"], phash256=phash256(data)))  # fmt: skip
+        rows.append({k: rec[k] for k in COLUMNS[1:]} | {"uid": uid})
 
     for seed, (name, img) in enumerate(real_photos(crops=True)):
         add(f"{name}:orig", encode_original(img))
@@ -74,8 +68,7 @@ def build_pool(n_fashion: int) -> tuple[pa.Table, dict[str, str], dict[str, str]
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         add(f"fashion{i:05d}:orig", buf.getvalue())
-    schema = pa.schema([("uid", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-                        ("phash", pa.uint64()), ("dhash", pa.uint64()), ("phash256", pa.binary(32))])  # fmt: skip
+    schema = pa.schema([INGEST_SCHEMA.field(c) for c in COLUMNS])
     return pa.Table.from_pylist(rows, schema=schema), original_of, kind_of
 
 

@@ -42,19 +42,25 @@ DUPLICATES_SCHEMA = pa.schema(
 HASH_BITS = 64
 VERIFY_BITS = 256
 VERIFY_COLUMN = "phash256"
+THUMB_COLUMN = "thumb16"
+THUMB_CELLS = 256  # 16x16 uint8 cell means (ingest.thumbnail)
 _QUERY_BATCH = 1 << 16  # bounds the size of one RangeSearchResult
 
 
 @dataclass(frozen=True, kw_only=True)
 class DedupConfig:
-    # Defaults measured in benchmarks/dedup_quality.py: the loosest 64-bit radii with zero false
-    # merges among 6,000 Fashion-MNIST products (pHash 2 / dHash 0 already merges two).
-    phash_radius: int = 0  # max pHash Hamming distance (inclusive) of a near-duplicate pair
-    dhash_radius: int | None = 4  # max dHash distance; None lets pHash decide alone (not advised)
+    # Defaults measured in benchmarks/dedup_quality.py (module doc): every check below is needed
+    # for zero false merges among 20,000 Fashion-MNIST products at >= 95% recall of each kind.
+    phash_radius: int = 8  # max pHash Hamming distance (inclusive) of a near-duplicate pair
+    dhash_radius: int | None = 8  # max dHash distance; None lets pHash decide alone (not advised)
     max_aspect_ratio: float | None = 1.1  # max ratio of the two aspect ratios (w/h); None: ignore
-    # Verification of candidate pairs with a 256-bit pHash (imagehash hash_size=16), column
-    # `phash256` (32 bytes); None: no verification. With it, radii of 8/8 are safe (see module doc).
-    verify_radius: int | None = None
+    # Max distance of the 256-bit pHashes (ingest column `phash256`); None: not checked (then
+    # 64-bit radii above 0/4 merge distinct products).
+    verify_radius: int | None = 16
+    # Max gray-level residual of the 16x16 thumbnails (`thumb16`) after a least-squares
+    # brightness/contrast fit, either way round; None: not checked. Copies stay below ~22,
+    # products differing by a pocket or a print reach ~39.
+    max_thumb_residual: float | None = 30.0
 
     def __post_init__(self):
         if not 0 <= self.phash_radius < HASH_BITS // 2:
@@ -65,6 +71,8 @@ class DedupConfig:
             raise ValueError(f"max_aspect_ratio={self.max_aspect_ratio}: use a ratio >= 1.0, or None")
         if self.verify_radius is not None and not 0 <= self.verify_radius < VERIFY_BITS // 2:
             raise ValueError(f"verify_radius={self.verify_radius}: use 0..127 bits of the 256-bit pHash, or None")
+        if self.max_thumb_residual is not None and not 0 <= self.max_thumb_residual <= 255:
+            raise ValueError(f"max_thumb_residual={self.max_thumb_residual}: use 0..255 gray levels, or None")
 
 
 @dataclass(frozen=True)
@@ -104,18 +112,21 @@ def near_duplicate_edges(
     *,
     aspect: np.ndarray | None = None,
     verify: np.ndarray | None = None,
+    thumb: np.ndarray | None = None,
 ) -> EdgeSet:
     """All pairs (a < b) of rows that are near-duplicates under `cfg`; distance = pHash bits.
 
     `aspect` (width / height per row) is needed when `cfg.max_aspect_ratio` is set; `verify`
-    (uint8 [n, 32], the 256-bit pHash) when `cfg.verify_radius` is set. With `verify`, the
+    (uint8 [n, 32], the 256-bit pHash) when `cfg.verify_radius` is set; `thumb` (uint8 [n, 256])
+    when `cfg.max_thumb_residual` is set. With `verify`, the
     index is built on the 256-bit codes (radius `verify_radius`): longer codes make finer
     buckets, so fewer probes than the 64-bit pHash at radius 8.
     """
     phash, dhash = np.asarray(phash, dtype=np.uint64), np.asarray(dhash, dtype=np.uint64)
     if phash.shape != dhash.shape or phash.ndim != 1:
         raise ValueError(f"phash {phash.shape} and dhash {dhash.shape} must be 1-D of one length")
-    rows = _Rows(phash, dhash, _log_aspect(aspect, len(phash), cfg), _verify_words(verify, len(phash), cfg))
+    n = len(phash)
+    rows = _Rows(phash, dhash, _log_aspect(aspect, n, cfg), _verify_words(verify, n, cfg), _thumbs(thumb, n, cfg))
     first, chain = _collapse_identical(rows, cfg)
     if rows.verify is None:
         a, b = _candidate_pairs(phash[first][:, None], cfg.phash_radius)
@@ -134,6 +145,7 @@ class _Rows:
     dhash: np.ndarray  # uint64 [n]
     log_aspect: np.ndarray | None  # float64 [n]
     verify: np.ndarray | None  # uint64 [n, 4]: the 256-bit pHash as words
+    thumb: np.ndarray | None  # uint8 [n, 256]: 16x16 cell means
 
 
 def _log_aspect(aspect: np.ndarray | None, n: int, cfg: DedupConfig) -> np.ndarray | None:
@@ -158,6 +170,17 @@ def _verify_words(verify: np.ndarray | None, n: int, cfg: DedupConfig) -> np.nda
     return verify.view(np.uint64)
 
 
+def _thumbs(thumb: np.ndarray | None, n: int, cfg: DedupConfig) -> np.ndarray | None:
+    if cfg.max_thumb_residual is None:
+        return None
+    if thumb is None:
+        raise ValueError("cfg.max_thumb_residual is set: pass the 16x16 thumbnails (thumb=), or set it to None")
+    thumb = np.ascontiguousarray(thumb, dtype=np.uint8)
+    if thumb.shape != (n, THUMB_CELLS):
+        raise ValueError(f"thumb must be uint8 [{n}, {THUMB_CELLS}], got {thumb.shape}")
+    return thumb
+
+
 def _collapse_identical(rows: _Rows, cfg: DedupConfig):
     """Group rows equal in every compared field; chain each group to its first row.
 
@@ -171,6 +194,8 @@ def _collapse_identical(rows: _Rows, cfg: DedupConfig):
         keys.append(np.floor(rows.log_aspect / width).astype(np.int64) if width > 0 else rows.log_aspect.view(np.int64))
     if rows.verify is not None:
         keys += list(rows.verify.T)
+    if rows.thumb is not None:
+        keys += list(rows.thumb.view(np.uint64).T)
     order = np.lexsort(keys[::-1])
     new = np.zeros(len(order), dtype=bool)
     new[:1] = True
@@ -230,7 +255,27 @@ def _agree(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
         ok &= np.abs(rows.log_aspect[a] - rows.log_aspect[b]) <= math.log(cfg.max_aspect_ratio) + 1e-12
     if rows.verify is not None:
         ok &= np.bitwise_count(rows.verify[a] ^ rows.verify[b]).sum(axis=1) <= cfg.verify_radius
+    if rows.thumb is not None:  # last: costs 256 cells per pair, so only on survivors
+        idx = np.flatnonzero(ok)
+        for start in range(0, len(idx), _QUERY_BATCH):
+            i = idx[start : start + _QUERY_BATCH]
+            ok[i] = thumb_residual(rows.thumb[a[i]], rows.thumb[b[i]]) <= cfg.max_thumb_residual
     return ok
+
+
+def thumb_residual(ta: np.ndarray, tb: np.ndarray) -> np.ndarray:
+    """float [E]: max |residual| (gray levels) of the least-squares fit of one thumbnail by the
+    other (scale and offset: brightness and contrast changes fit away), worse of both ways."""
+    xa, xb = ta.astype(np.float32), tb.astype(np.float32)
+    xa -= xa.mean(axis=1, keepdims=True)
+    xb -= xb.mean(axis=1, keepdims=True)
+    return np.maximum(_fit_residual(xa, xb), _fit_residual(xb, xa))
+
+
+def _fit_residual(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    var = (x * x).sum(axis=1)
+    slope = (x * y).sum(axis=1) / np.maximum(var, 1e-6)
+    return np.abs(y - slope[:, None] * x).max(axis=1)
 
 
 def resolve(uids, pixels, edge_sets: list[EdgeSet]) -> pa.Table:
@@ -302,12 +347,27 @@ def find_near_duplicates(table: pa.Table, cfg: DedupConfig) -> pa.Table:
         raise ValueError(f"columns {nulls} have nulls: pass accepted records only")
     width = cols["width"].to_numpy().astype(np.int64)
     height = cols["height"].to_numpy().astype(np.int64)
-    verify = None
-    if cfg.verify_radius is not None:
-        if VERIFY_COLUMN not in table.column_names:
-            raise ValueError(f"cfg.verify_radius is set but the table has no '{VERIFY_COLUMN}' column")
-        verify = np.frombuffer(b"".join(table[VERIFY_COLUMN].to_pylist()), np.uint8).reshape(table.num_rows, -1)
+    verify = _fixed_width(table, VERIFY_COLUMN, 32) if cfg.verify_radius is not None else None
+    thumb = _fixed_width(table, THUMB_COLUMN, THUMB_CELLS) if cfg.max_thumb_residual is not None else None
     edges = near_duplicate_edges(
-        cols["phash"].to_numpy(), cols["dhash"].to_numpy(), cfg, aspect=width / np.maximum(height, 1), verify=verify
-    )
+        cols["phash"].to_numpy(), cols["dhash"].to_numpy(), cfg,
+        aspect=width / np.maximum(height, 1), verify=verify, thumb=thumb,
+    )  # fmt: skip
     return resolve(cols["uid"].to_numpy(zero_copy_only=False), width * height, [edges])
+
+
+def _fixed_width(table: pa.Table, name: str, nbytes: int) -> np.ndarray:
+    """uint8 [n, nbytes] from a binary column written by ingest."""
+    what = {VERIFY_COLUMN: "verify_radius=None", THUMB_COLUMN: "max_thumb_residual=None"}[name]
+    if name not in table.column_names:
+        raise ValueError(
+            f"dedup needs the ingest column '{name}' (added to INGEST_SCHEMA with it): re-run ingest "
+            f"with this lvd version, pass the column through, or set {what} (fewer copies found)"
+        )
+    col = table[name]
+    if col.null_count:
+        raise ValueError(f"column '{name}' has nulls: pass accepted records only")
+    data = b"".join(col.to_pylist())
+    if len(data) != table.num_rows * nbytes:
+        raise ValueError(f"column '{name}' must hold {nbytes} bytes per row")
+    return np.frombuffer(data, np.uint8).reshape(table.num_rows, nbytes)

@@ -14,8 +14,9 @@ Speed: JPEGs are decoded with Pillow's draft mode straight to a small grayscale 
 libjpeg still entropy-decodes every scan, so a truncated file still fails. Other formats are
 decoded fully, converted to RGB (alpha composited on white, 16-bit scaled to 8 bits) and
 reduced. The hashes are then imagehash's pHash and dHash of that small image, plus the 256-bit
-pHash (`phash256`, hash_size=16, which dedup uses to verify candidates), computed as matrix
-products (`hash_bits`): within a few bits of hashing the full-size decode.
+pHash (`phash256`, hash_size=16) and a 16x16 grid of cell means (`thumb16`), which dedup uses
+to verify candidates; all computed as matrix products (`hash_bits`, `thumbnail`): within a
+few bits of hashing the full-size decode.
 
 Hash bit order: imagehash's boolean array flattened row-major, first bit most significant, so
 `phash == int(str(imagehash.phash(img)), 16)` and `phash256 == np.packbits(
@@ -37,6 +38,7 @@ from PIL import Image, ImageFile, ImageOps
 
 from lvd.curation.sources import Partition, RawItem, iter_items
 
+THUMB_SIDE = 16  # `thumb16`: 16x16 grayscale cell means, uint8 row-major (256 bytes)
 INGEST_SCHEMA = pa.schema(
     [
         pa.field("source", pa.string(), nullable=False),
@@ -50,6 +52,7 @@ INGEST_SCHEMA = pa.schema(
         pa.field("phash", pa.uint64()),
         pa.field("dhash", pa.uint64()),
         pa.field("phash256", pa.binary(32)),
+        pa.field("thumb16", pa.binary(THUMB_SIDE**2)),
         pa.field("meta", pa.string()),
     ]
 )
@@ -133,7 +136,7 @@ def ingest_item(item: RawItem, cfg: IngestConfig) -> tuple[dict, bytes | None]:
     record = dict(
         source=item.source, status="rejected", reason=item.error, format=None, width=None, height=None,
         uid=hashlib.sha256(data).hexdigest() if data is not None else None,
-        nbytes=len(data) if data is not None else None, phash=None, dhash=None, phash256=None,
+        nbytes=len(data) if data is not None else None, phash=None, dhash=None, phash256=None, thumb16=None,
         meta=json.dumps(item.meta, sort_keys=True, default=str),
     )  # fmt: skip
     if item.error is not None:
@@ -171,7 +174,28 @@ def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
     small = _small_gray(img, max(cfg.draft_side, cfg.hash_size * 4))
     small = _apply_orientation(small, orientation)
     phash, dhash, phash256 = hash_bits(small, cfg.hash_size)
-    return dict(info, phash=_to_uint(phash), dhash=_to_uint(dhash), phash256=np.packbits(phash256).tobytes())
+    return dict(
+        info, phash=_to_uint(phash), dhash=_to_uint(dhash), phash256=np.packbits(phash256).tobytes(),
+        thumb16=thumbnail(small).tobytes(),
+    )  # fmt: skip
+
+
+def thumbnail(gray: Image.Image) -> np.ndarray:
+    """uint8 [16, 16]: mean gray level of each cell of a 16x16 grid (fractional overlaps).
+
+    Dedup's last check: global hashes cannot see a pocket or a print on an otherwise identical
+    product shot, these cell means can (benchmarks/dedup_quality.py)."""
+    x_HW = np.asarray(gray, dtype=np.float64)
+    cells = _area_rows(THUMB_SIDE, x_HW.shape[0]) @ x_HW @ _area_rows(THUMB_SIDE, x_HW.shape[1]).T
+    return np.clip(np.rint(cells), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=4096)
+def _area_rows(m: int, n: int) -> np.ndarray:
+    """[m, n] weights averaging n samples into m equal cells (fractional overlaps)."""
+    lo = np.arange(m)[:, None] * (n / m)
+    j = np.arange(n)[None]
+    return np.clip(np.minimum(lo + n / m, j + 1) - np.maximum(lo, j), 0.0, None) / (n / m)
 
 
 def hash_bits(gray: Image.Image, hash_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import io
 
-import imagehash
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image
 
 from lvd.curation.copies import COPY_KINDS, encode_original, fashion_mnist, make_copies, real_photos
-from lvd.curation.dedup import DedupConfig, EdgeSet, find_near_duplicates, near_duplicate_edges, resolve
-from lvd.curation.ingest import IngestConfig, ingest_item
+from lvd.curation.dedup import (
+    THUMB_CELLS, DedupConfig, EdgeSet, find_near_duplicates, near_duplicate_edges, resolve, thumb_residual,
+)  # fmt: skip
+from lvd.curation.ingest import INGEST_SCHEMA, IngestConfig, ingest_item
 from lvd.curation.sources import RawItem
 
-NOASPECT = dict(max_aspect_ratio=None)
+HASH64 = dict(verify_radius=None, max_thumb_residual=None)  # 64-bit hashes only (synthetic tests)
+NOASPECT = dict(max_aspect_ratio=None, **HASH64)
 
 
 def _flip(x: np.uint64, nbits: int, rng) -> np.uint64:
@@ -64,7 +65,7 @@ def test_edges_equal_brute_force_at_and_beyond_radius(r1, r2):
 
 def test_verified_edges_equal_brute_force_and_ignore_row_order():
     rng = np.random.default_rng(11)
-    n, cfg = 1500, DedupConfig(phash_radius=8, dhash_radius=8, verify_radius=16, **NOASPECT)
+    n, cfg = 1500, DedupConfig(phash_radius=8, dhash_radius=8, verify_radius=16, max_aspect_ratio=None, max_thumb_residual=None)
     p, d = _planted(n, seed=11, dists=[(8, 8)] * 6 + [(0, 0)] * 6)
     v = rng.integers(0, 256, (len(p), 32), dtype=np.uint8)
     for i in range(12):  # partners: 6 within 16 bits of the 256-bit code, 6 just outside
@@ -90,7 +91,7 @@ def test_identical_hashes_are_chained_not_all_pairs():
     d = np.full(500, 678, np.uint64)
     es = near_duplicate_edges(p, d, DedupConfig(**NOASPECT))
     assert len(es) == 499 and np.all(es.distance == 0)
-    t = find_near_duplicates(_table([f"u{i:03d}" for i in range(500)], p, d, w=[10] * 500, h=[10] * 500), DedupConfig())
+    t = find_near_duplicates(_table([f"u{i:03d}" for i in range(500)], p, d, w=[10] * 500, h=[10] * 500), DedupConfig(**HASH64))
     assert t.num_rows == 499 and set(t["duplicate_of"].to_pylist()) == {"u000"}
 
 
@@ -98,12 +99,12 @@ def test_aspect_ratio_guard():
     p = np.array([1, 1, 1], np.uint64)
     d = np.array([2, 2, 2], np.uint64)
     aspect = np.array([1.0, 1.05, 2.0])
-    es = near_duplicate_edges(p, d, DedupConfig(max_aspect_ratio=1.1), aspect=aspect)
+    es = near_duplicate_edges(p, d, DedupConfig(max_aspect_ratio=1.1, **HASH64), aspect=aspect)
     assert set(zip(es.a.tolist(), es.b.tolist())) == {(0, 1)}
-    strict = near_duplicate_edges(p, d, DedupConfig(max_aspect_ratio=1.0), aspect=np.array([1.0, 1.05, 1.0]))
+    strict = near_duplicate_edges(p, d, DedupConfig(max_aspect_ratio=1.0, **HASH64), aspect=np.array([1.0, 1.05, 1.0]))
     assert set(zip(strict.a.tolist(), strict.b.tolist())) == {(0, 2)}
     with pytest.raises(ValueError, match="aspect"):
-        near_duplicate_edges(p, d, DedupConfig())
+        near_duplicate_edges(p, d, DedupConfig(**HASH64))
 
 
 def _table(uids, p, d, *, w, h, **extra) -> pa.Table:
@@ -138,11 +139,59 @@ def test_find_near_duplicates_is_order_independent():
     uids = [f"{i:05d}" for i in rng.permutation(n)]
     w = rng.integers(64, 80, n).tolist()
     t = _table(uids, p, d, w=w, h=w)
-    base = find_near_duplicates(t, DedupConfig())
+    cfg = DedupConfig(phash_radius=0, dhash_radius=4, **HASH64)
+    base = find_near_duplicates(t, cfg)
     assert base.num_rows >= 30
     for seed in range(3):
         perm = np.random.default_rng(seed).permutation(n)
-        assert find_near_duplicates(t.take(perm), DedupConfig()).equals(base)
+        assert find_near_duplicates(t.take(perm), cfg).equals(base)
+
+
+def _reference_residual(ta, tb) -> float:
+    """Trusted reference: lstsq fit of each thumbnail by the other, worst cell, worse way."""
+    worst = 0.0
+    for x, y in ((ta, tb), (tb, ta)):
+        design = np.stack([x.astype(float), np.ones(len(x))], axis=1)
+        coef, *_ = np.linalg.lstsq(design, y.astype(float), rcond=None)
+        worst = max(worst, float(np.abs(design @ coef - y).max()))
+    return worst
+
+
+def test_thumb_residual_fits_brightness_and_contrast_away():
+    rng = np.random.default_rng(3)
+    a = rng.integers(20, 120, (4, THUMB_CELLS)).astype(np.uint8)
+    b = (2 * a.astype(int) + 10).astype(np.uint8)  # contrast x2, brightness +10: fits exactly
+    assert np.allclose(thumb_residual(a, b), 0, atol=1e-3)
+    c = a.copy()
+    c[:, 0] += 40  # one cell (a pocket) brighter by 40 levels
+    got = thumb_residual(a, c)
+    want = [_reference_residual(a[i], c[i]) for i in range(4)]
+    assert np.allclose(got, want, atol=1e-2) and np.all(got > 35)
+    assert np.allclose(thumb_residual(a, c), thumb_residual(c, a))  # symmetric
+
+
+def test_verified_edges_with_thumbs_equal_brute_force():
+    rng = np.random.default_rng(4)
+    n, cfg = 400, DedupConfig(phash_radius=6, dhash_radius=6, verify_radius=12, max_thumb_residual=20.0)
+    p, d = _planted(n, seed=4, dists=[(2, 2)] * 20)
+    v = rng.integers(0, 256, (len(p), 32), dtype=np.uint8)
+    v[n:] = v[:20]  # partners: equal 256-bit pHash
+    thumbs = rng.integers(0, 200, (len(p), THUMB_CELLS)).astype(np.uint8)
+    thumbs[n:] = thumbs[:20] + rng.integers(0, 3, (20, THUMB_CELLS)).astype(np.uint8)  # small noise
+    thumbs[n:n + 10, :8] += np.arange(10, dtype=np.uint8)[:, None] * 8  # local change 0..72 levels
+    p[[7, 8]], d[[7, 8]], v[[7, 8]] = p[6], d[6], v[6]  # equal hashes, distinct thumbs: no chaining
+    aspect = np.ones(len(p))
+    es = near_duplicate_edges(p, d, cfg, aspect=aspect, verify=v, thumb=thumbs)
+    words = v.view(np.uint64)
+    want = {
+        (i, j) for i, j in _brute_force(p, d, cfg)
+        if np.bitwise_count(words[i] ^ words[j]).sum() <= 12 and _reference_residual(thumbs[i], thumbs[j]) <= 20.0
+    }  # fmt: skip
+    got = set(zip(es.a.tolist(), es.b.tolist()))
+    assert got == want
+    assert {(i, n + i) for i in range(10, 20)} <= got  # noise only: kept
+    assert not {(i, n + i) for i in range(3, 10)} & got  # local change >= 24 levels: refused
+    assert (6, 7) not in got and (6, 8) not in got
 
 
 def test_config_validation_messages():
@@ -150,26 +199,28 @@ def test_config_validation_messages():
         DedupConfig(phash_radius=40)
     with pytest.raises(ValueError, match="max_aspect_ratio"):
         DedupConfig(max_aspect_ratio=0.5)
-    with pytest.raises(ValueError, match="phash256"):
-        find_near_duplicates(_table(["a"], [1], [1], w=[1], h=[1]), DedupConfig(verify_radius=8))
+    with pytest.raises(ValueError, match="max_thumb_residual=300"):
+        DedupConfig(max_thumb_residual=300)
+    with pytest.raises(ValueError, match="'phash256'.*re-run ingest"):
+        find_near_duplicates(_table(["a"], [1], [1], w=[1], h=[1]), DedupConfig())
+    no_thumb = _table(["a"], [1], [1], w=[1], h=[1], phash256=pa.array([bytes(32)], pa.binary(32)))
+    with pytest.raises(ValueError, match="'thumb16'.*max_thumb_residual=None"):
+        find_near_duplicates(no_thumb, DedupConfig())
 
 
 # ---- real images through the real ingest -------------------------------------------------
 
 
-def _phash256(data: bytes) -> bytes:
-    bits = imagehash.phash(Image.open(io.BytesIO(data)).convert("L"), hash_size=16).hash.ravel()
-    return np.packbits(bits).tobytes()
-
-
 def _pool(items: list[tuple[str, bytes]]) -> pa.Table:
+    """The columns dedup reads, exactly as the real ingest writes them."""
     rows = []
     for uid, data in items:
         rec, _ = ingest_item(RawItem(uid, data, None), IngestConfig())
         assert rec["status"] == "accepted", (uid, rec["reason"])
-        rows.append(dict(uid=uid, w=rec["width"], h=rec["height"], p=rec["phash"], d=rec["dhash"], v=_phash256(data)))
-    col = lambda k: [r[k] for r in rows]  # noqa: E731
-    return _table(col("uid"), col("p"), col("d"), w=col("w"), h=col("h"), phash256=pa.array(col("v"), pa.binary(32)))
+        rows.append(rec)
+    return pa.Table.from_pylist(rows, schema=INGEST_SCHEMA).drop_columns(["uid"]).add_column(
+        0, "uid", pa.array([uid for uid, _ in items], pa.string())
+    )
 
 
 @pytest.fixture(scope="module")
@@ -187,33 +238,49 @@ def _groups(table: pa.Table, dups: pa.Table) -> dict[str, str]:
     return rep
 
 
-@pytest.mark.parametrize(
-    "cfg,kinds",
-    [
-        (DedupConfig(), ["exact"]),
-        (DedupConfig(phash_radius=8, dhash_radius=8, verify_radius=16), [k for k in COPY_KINDS if k != "cropped"]),
-        (DedupConfig(phash_radius=14, dhash_radius=12), list(COPY_KINDS)),
-    ],
-    ids=["default", "verified", "wide"],
-)
-def test_real_copies_grouped_and_distinct_photos_kept(photo_pool, cfg, kinds):
-    rep = _groups(photo_pool, find_near_duplicates(photo_pool, cfg))
-    for uid in rep:
-        name, kind = uid.split(":")
-        if kind in kinds:
-            assert rep[uid] == rep[f"{name}:orig"], uid
+HASH_KINDS = [k for k in COPY_KINDS if k != "cropped"]  # crops need embedding copy detection
+
+
+def _recall(rep: dict[str, str], kind: str) -> tuple[float, list[str]]:
+    copies = [u for u in rep if u.split(":")[1] == kind]
+    missed = [u for u in copies if rep[u] != rep[u.split(":")[0] + ":orig"]]
+    return 1 - len(missed) / len(copies), missed
+
+
+def _no_originals_merged(rep: dict[str, str]) -> None:
     originals = [u for u in rep if u.endswith(":orig")]
-    assert len({rep[u] for u in originals}) == len(originals)  # no two distinct photos merged
+    assert len({rep[u] for u in originals}) == len(originals)
+
+
+def test_defaults_group_real_copies_and_keep_distinct_photos(photo_pool):
+    """The issue's bar on the real photos through real ingest: exact copies all found, every
+    other hash-detectable kind >= 95%, no two distinct photos merged. Measured: one resized
+    copy (of 29) is missed; a second miss in any kind would fail here."""
+    rep = _groups(photo_pool, find_near_duplicates(photo_pool, DedupConfig()))
+    assert _recall(rep, "exact") == (1.0, [])
+    for kind in HASH_KINDS:
+        recall, missed = _recall(rep, kind)
+        assert recall >= 0.95 and len(missed) <= 1, (kind, missed)
+    for kind in ("recompressed", "reencoded", "brightened"):
+        assert _recall(rep, kind)[1] == [], kind
+    _no_originals_merged(rep)
+
+
+def test_strict_64bit_setting_finds_exact_copies_only_reliably(photo_pool):
+    rep = _groups(photo_pool, find_near_duplicates(photo_pool, DedupConfig(phash_radius=0, dhash_radius=4, **HASH64)))
+    assert _recall(rep, "exact") == (1.0, [])
+    assert _recall(rep, "resized")[0] < 0.95  # why the verified defaults exist
+    _no_originals_merged(rep)
 
 
 def test_fashion_mnist_no_false_merges_with_defaults():
     items = []
-    for i, img in enumerate(fashion_mnist(3000, seed=1)):
+    for i, img in enumerate(fashion_mnist(5000, seed=1)):
         buf = io.BytesIO()
         img.save(buf, format="PNG")
         items.append((f"f{i:05d}", buf.getvalue()))
     pool = _pool(items)
     assert find_near_duplicates(pool, DedupConfig()).num_rows == 0
-    # the guard matters: pHash alone at a radius that finds most resized copies merges products
-    assert find_near_duplicates(pool, DedupConfig(phash_radius=4, dhash_radius=None)).num_rows > 50
-    assert find_near_duplicates(pool, DedupConfig(phash_radius=8, dhash_radius=8, verify_radius=16)).num_rows == 0
+    # the guards matter: pHash alone at a radius that finds most resized copies merges products
+    assert find_near_duplicates(pool, DedupConfig(phash_radius=4, dhash_radius=None, **HASH64)).num_rows > 50
+    assert find_near_duplicates(pool, DedupConfig(phash_radius=8, dhash_radius=8, **HASH64)).num_rows > 0
