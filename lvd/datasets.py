@@ -2,8 +2,9 @@
 
 Fashion-MNIST comes from the Debian package `dataset-fashion-mnist`
 (/usr/share/datasets/fashion-mnist/*-idx?-ubyte.gz); nothing is downloaded.
-`write_shards` writes the curation -> pretraining WebDataset layout (docs/architecture.md):
-`shard-NNNNNN.tar` with `KEY.jpg` + `KEY.json`, and `manifest.parquet`.
+`write_shards` writes the curation -> pretraining WebDataset layout (docs/architecture.md,
+"Shards"): `shard-NNNNNN.tar` with `KEY.jpg` + `KEY.json`, and `manifest.parquet` — a
+stand-in for `lvd curate` output in tests and benchmarks (no cluster/retrieval data).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def write_labelled_folder(
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: same bytes each run
+    info.size, info.mtime, info.mode = len(data), 0, 0o444  # fixed metadata: same bytes each run
     tar.addfile(info, io.BytesIO(data))
 
 
@@ -103,13 +104,18 @@ def write_shards(
                 uid = hashlib.sha256(data).hexdigest()
                 key = f"{i:09d}"
                 meta = {"uid": uid, "source": f"array::{i}", "width": img.width,
-                        "height": img.height}
+                        "height": img.height, "cluster_ids": [], "retrieval": {},
+                        "jpg_width": img.width, "jpg_height": img.height}
                 _add_member(tar, f"{key}.jpg", data)
-                _add_member(tar, f"{key}.json", json.dumps(meta).encode())
-                shard_rows.append({"key": key, "uid": uid, "shard": path.name})
+                _add_member(tar, f"{key}.json",
+                            json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+                shard_rows.append({"key": key, "uid": uid, "source": meta["source"],
+                                   "shard": path.name})
         os.replace(tmp, path)
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        rows += [{**r, "shard_sha256": digest} for r in shard_rows]
+        blob = path.read_bytes()
+        shard_info = {"shard_sha256": hashlib.sha256(blob).hexdigest(),
+                      "shard_samples": len(shard_rows), "shard_bytes": len(blob)}
+        rows += [{**r, **shard_info} for r in shard_rows]
         shards.append(path)
     pq.write_table(pa.Table.from_pylist(rows), out / "manifest.parquet")
     return shards
