@@ -78,9 +78,16 @@ def read_decontaminated(run_dir: Path) -> dict[str, tuple[str, str, float]]:
     return {u: (e, m, 1.0 - float(c)) for u, e, m, c in zip(t["uid"], t["eval_set"], t["matched_eval_uid"], t["similarity"])}
 
 
+def manifest_path(run_dir: Path) -> Path:
+    """RUN/shards/manifest.parquet; a seed run (RUN/seeds/<name>) ships into its parent's."""
+    if run_dir.parent.name == "seeds" and not (run_dir / "shards").exists():
+        return run_dir.parent.parent / "shards" / "manifest.parquet"
+    return run_dir / "shards" / "manifest.parquet"
+
+
 def read_shipped(run_dir: Path) -> set[str] | None:
-    """uids in RUN/shards/manifest.parquet; None when no manifest (shard stage not done)."""
-    path = run_dir / "shards" / "manifest.parquet"
+    """uids in the run's manifest; None when there is none (shard stage not done)."""
+    path = manifest_path(run_dir)
     return set(pq.read_table(path, columns=["uid"])["uid"].to_pylist()) if path.exists() else None
 
 
@@ -237,22 +244,33 @@ def check_shipped(run: _Run) -> list[str]:
 CHECKS: list[Check] = [check_sources, check_statuses, check_duplicates, check_shipped]
 
 
-def verify_run(run_dir: Path | str) -> VerifyReport:
-    """Check the accounting invariant of a run: inputs = accepted + duplicate + rejected."""
+def verify_run(run_dir: Path | str, *, sub_run: bool | None = None) -> VerifyReport:
+    """Check a run: every input once in one status; shards against manifest and ledger.
+
+    `sub_run`: a seed / eval-set run inside a top run (default: detected from its place,
+    RUN/seeds/<name> or RUN/eval/<name>); its shipping is checked by the top run."""
     run_dir = Path(run_dir)
+    if sub_run is None:
+        sub_run = run_dir.parent.name in ("seeds", "eval") and (run_dir.parent.parent / "ledger.parquet").exists()
     path = run_dir / "ledger.parquet"
     try:
         ledger = pq.read_table(path).to_pydict()
         ingest = read_ingest(run_dir, INGEST_COLUMNS).to_pydict()
     except (FileNotFoundError, pa.ArrowInvalid) as e:
         return VerifyReport(run_dir=run_dir, problems=[f"cannot read run: {e}"])
+    if sub_run:  # a seed / eval run: its own accounting; shipping is checked from the top run
+        problems = [p for check in CHECKS if check is not check_shipped for p in check(_Run(ingest=ingest, ledger=ledger))]
+        return VerifyReport(run_dir=run_dir, inputs=len(ingest["source"]), problems=problems,
+                            by_status=dict(sorted(Counter(ledger["status"]).items())))
     manifest = run_dir / "shards" / "manifest.parquet"
     try:
         uids = pq.read_table(manifest, columns=["uid"])["uid"].to_pylist() if manifest.exists() else None
     except (OSError, pa.ArrowException) as e:
         return VerifyReport(run_dir=run_dir, problems=[f"cannot read {manifest}: {e}"])
-    run = _Run(ingest=ingest, ledger=ledger, manifest=uids)
-    problems = [p for check in CHECKS for p in check(run)]
+    seed_ledgers = [pq.read_table(p).to_pydict() for p in sorted(run_dir.glob("seeds/*/ledger.parquet"))]
+    both = {c: ledger[c] + [v for sl in seed_ledgers for v in sl[c]] for c in ("uid", "status")}
+    problems = [p for check in CHECKS if check is not check_shipped for p in check(_Run(ingest=ingest, ledger=ledger))]
+    problems += check_shipped(_Run(ingest=ingest, ledger=both, manifest=uids))  # pool and shipped seeds
     if uids is not None:  # every tar against the manifest: checksums, keys, uids, decodable images
         from lvd.curation.shard_check import check_shards
 
@@ -278,7 +296,7 @@ def _sub_runs(run_dir: Path) -> list[str]:
     problems = []
     for sub in sorted([*run_dir.glob("seeds/*/ledger.parquet"), *run_dir.glob("eval/*/ledger.parquet")]):
         rel = sub.parent.relative_to(run_dir)
-        problems += [f"{rel}: {p}" for p in verify_run(sub.parent).problems]
+        problems += [f"{rel}: {p}" for p in verify_run(sub.parent, sub_run=True).problems]
     return problems
 
 

@@ -9,7 +9,10 @@ and a target, balanced sampling is used whatever the method. Seed sets are union
 order (first set wins an image's provenance); collisions (images found by several seeds of a
 set) and overlaps (found by several sets) are counted.
 Seeds are ingested, deduped and embedded as their own runs (RUN/seeds/<name>); their unique,
-non-duplicate accepted images are the queries. Seeds themselves are not shipped.
+non-duplicate accepted images are the queries. With `include_seeds` (sample / cluster) those
+queries ship too (`selection.seeds.parquet`: `uid`, `seed_set`, `run`), except a seed whose
+bytes are also in the pool: the pool's own decision (duplicate, decontaminated, selected or
+not) stands for it. The seed runs' ledgers then mark shipped seeds `sharded`.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lvd.curation import runner, stages, stages_embed
+from lvd.curation import ledger, runner, stages, stages_embed
 from lvd.curation.knn_index import build_index
 from lvd.curation.retrieve import (
     BalancedConfig, ClusterRetrievalConfig, Retrieval, SampleRetrievalConfig, balanced, cluster_based, sample_based, union,
@@ -38,6 +41,7 @@ class RetrieveConfig:
     k: int = 4  # neighbours per seed (sample)
     min_seeds: int = 4  # seeds a cluster needs (cluster; paper: more than 3)
     per_cluster: int = 10_000  # images per qualifying cluster (cluster)
+    include_seeds: bool = False  # ship the seed images themselves too
     seed: int = 0
 
     def __post_init__(self):
@@ -78,7 +82,19 @@ class RetrieveFn:
             "similarity": pa.array(np.round(sel.similarity.astype(np.float64), 6), pa.float64()),
         }).sort_by([("uid", "ascending")])
         counts = [dict(seed_set=n, overlaps=sel.n_overlaps, **asdict(r.counts)) for n, r in zip(names, results)]
-        return {"": table, "counts": pa.Table.from_pylist(counts)}
+        return {"": table, "counts": pa.Table.from_pylist(counts), "seeds": self._seeds(run, names, seed_uids, results)}
+
+    def _seeds(self, run: Path, names, seed_uids, results) -> pa.Table:
+        """Seed images to ship: first set (by name) wins; none whose bytes are in the pool."""
+        pool_uids = set(ledger.read_ingest(run, ["uid"])["uid"].to_pylist())
+        rows: dict[str, tuple[str, str]] = {}
+        for name, uids, r in zip(names, seed_uids, results):
+            for i in r.seeds_included.tolist():
+                if uids[i] not in pool_uids:
+                    rows.setdefault(uids[i], (name, self.seed_dirs[name]))
+        return pa.table({"uid": pa.array(sorted(rows), pa.string()),
+                         "seed_set": pa.array([rows[u][0] for u in sorted(rows)], pa.string()),
+                         "run": pa.array([rows[u][1] for u in sorted(rows)], pa.string())})
 
     def _target(self, n: int) -> int:
         if self.cfg.target is None:
@@ -87,9 +103,10 @@ class RetrieveFn:
 
     def _retrieve(self, index, clusters, seeds_SD: np.ndarray) -> Retrieval:
         if self.cfg.method == "sample":
-            return sample_based(index, seeds_SD, SampleRetrievalConfig(k=self.cfg.k, max_images=self.cfg.target))
+            return sample_based(index, seeds_SD, SampleRetrievalConfig(
+                k=self.cfg.k, max_images=self.cfg.target, include_seeds=self.cfg.include_seeds))
         cfg = ClusterRetrievalConfig(min_seeds=self.cfg.min_seeds, per_cluster=self.cfg.per_cluster,
-                                     max_images=self.cfg.target, seed=self.cfg.seed)
+                                     max_images=self.cfg.target, seed=self.cfg.seed, include_seeds=self.cfg.include_seeds)
         return cluster_based(flat_kmeans(*clusters), seeds_SD, cfg)
 
 

@@ -12,7 +12,7 @@
   shard (markers in `RUN/shard_parts/`, so the shards folder holds only the contract files);
   the manifest is written last, from the per-shard markers' rows.
 What is sharded: the retrieval's selection when the retrieve stage ran (seeds, or a target
-size); otherwise every candidate (all images that are neither rejected, duplicate nor
+size), plus included seed images; otherwise every candidate (all images that are neither rejected, duplicate nor
 decontaminated) — so a run without an embedder still ships everything dedup kept.
 """
 
@@ -141,8 +141,10 @@ class ShardFn:
 
     def __call__(self, unit: ShardUnit) -> dict[str, pa.Table]:
         run = Path(self.run_dir)
-        blobs = stages.read_blobs(run, {r["uid"] for r in unit.rows})
-        samples = [ShardSample(data=blobs[r["uid"]], **r) for r in unit.rows]
+        blobs: dict[str, bytes] = {}
+        for blob_run in sorted({r["blob_run"] for r in unit.rows}):
+            blobs.update(stages.read_blobs(Path(blob_run), {r["uid"] for r in unit.rows if r["blob_run"] == blob_run}))
+        samples = [ShardSample(data=blobs[r["uid"]], **{k: v for k, v in r.items() if k != "blob_run"}) for r in unit.rows]
         info = write_shard(unit.index, samples, run / "shards", self.cfg)
         n = info.n_samples
         return {"": pa.table({"key": info.keys, "uid": info.uids, "source": info.sources, "shard": [info.name] * n,
@@ -151,24 +153,37 @@ class ShardFn:
 
 
 def shard_rows(run_dir: Path) -> list[dict]:
-    """What ships, in shard order (by uid), with its metadata."""
+    """What ships, in shard order (by uid), with its metadata and `blob_run` (where its bytes are)."""
     sel_path = run_dir / "retrieve" / "selection.parquet"
-    retrieval = {}
+    retrieval, seeds = {}, {}
     if sel_path.exists():
-        sel = pq.read_table(sel_path).to_pylist()
-        retrieval = {r.pop("uid"): r for r in sel}
-        uids = sorted(retrieval)
+        retrieval = {r.pop("uid"): r for r in pq.read_table(sel_path).to_pylist()}
+        uids = list(retrieval)
+        if (seeds_path := run_dir / "retrieve" / "selection.seeds.parquet").exists():
+            seeds = {r["uid"]: r for r in pq.read_table(seeds_path).to_pylist()}
     else:
         uids = candidates(run_dir)
     clusters = read_clusters(run_dir)
     cids = dict(zip(clusters[0]["uid"].to_pylist(), clusters[0]["cluster_ids"].to_pylist())) if clusters else {}
+    first = _first_records(run_dir)
+    rows = [dict(uid=u, source=first[u]["source"], width=first[u]["width"], height=first[u]["height"],
+                 cluster_ids=tuple(cids.get(u, ())), retrieval=retrieval.get(u, {}), blob_run=str(run_dir)) for u in uids]
+    for seed_run in sorted({s["run"] for s in seeds.values()}):
+        rec = _first_records(Path(seed_run))
+        rows += [dict(uid=u, source=rec[u]["source"], width=rec[u]["width"], height=rec[u]["height"], cluster_ids=(),
+                      retrieval={"method": "seed", "seed_set": s["seed_set"]}, blob_run=seed_run)
+                 for u, s in seeds.items() if s["run"] == seed_run]
+    return sorted(rows, key=lambda r: r["uid"])
+
+
+def _first_records(run_dir: Path) -> dict[str, dict]:
+    """uid -> its first accepted ingest record by source order (the one the ledger keeps)."""
     rec = ledger.read_ingest(run_dir, ["source", "status", "uid", "width", "height"]).sort_by([("source", "ascending")])
     first: dict[str, dict] = {}
     for r in rec.to_pylist():
         if r["status"] == "accepted":
             first.setdefault(r["uid"], r)
-    return [dict(uid=u, source=first[u]["source"], width=first[u]["width"], height=first[u]["height"],
-                 cluster_ids=tuple(cids.get(u, ())), retrieval=retrieval.get(u, {})) for u in uids]
+    return first
 
 
 def run_shards(run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig(),

@@ -114,6 +114,8 @@ def _report_duplicates(run_dir: Path) -> None:
 def ledger_task(run_dir: Path) -> ledger.VerifyReport:
     log = get_run_logger()
     progress = artifacts.Progress("curate-ledger-progress", "ledger: accounting of every input")
+    for seed_run in sorted(p.parent for p in run_dir.glob("seeds/*/ledger.parquet")):
+        ledger.write_ledger(seed_run)  # shipped seeds (include_seeds) become `sharded` there
     table = ledger.write_ledger(run_dir)
     report = ledger.verify_run(run_dir)
     progress(1, 1)
@@ -168,6 +170,8 @@ def curate(
     get_run_logger().info("curate: %d inputs -> %s", len(inputs), run_dir)
     ing = ingest_task(inputs, run_dir, partition_size, ingest_cfg, rcfg)
     dedup_task(run_dir, dedup_cfg, rcfg)
+    p2.drop_stale_stages(run_dir, embedder=bool(embedder), eval_sets=bool(eval_sets),
+                         retrieve=bool(seeds) or target_size is not None)
     if embedder:
         acfg = actor_runner.ActorConfig()
         p2.embed_task(run_dir, "pool", embedder, embed_cfg, acfg)

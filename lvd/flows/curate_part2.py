@@ -7,6 +7,7 @@ Done-markers are the cache (NO_CACHE): a rerun skips what is done and redoes not
 from __future__ import annotations
 
 import re
+import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -36,6 +37,17 @@ def sub_run_names(paths: list[str]) -> dict[str, str]:
             name = f"{base}-{i}"
         names[name] = p
     return names
+
+
+def drop_stale_stages(run_dir: Path, *, embedder: bool, eval_sets: bool, retrieve: bool) -> None:
+    """Remove outputs of stages this run will not run (an earlier run with other options
+    wrote them): the ledger and the shard stage would otherwise still read them. Vectors stay
+    (costly, and keyed by uid and embedder config)."""
+    stale = {"copydetect": not embedder, "cluster": not embedder, "decontam": not (embedder and eval_sets),
+             "retrieve": not (embedder and retrieve)}
+    for stage, drop in stale.items():
+        if drop:
+            shutil.rmtree(run_dir / stage, ignore_errors=True)
 
 
 @task(name="embed", cache_policy=NO_CACHE)

@@ -22,7 +22,7 @@ from lvd.curation.shard_check import check_shards
 OPTS = dict(
     partition_size=16, shard_size=4,
     embed={"resize": 128, "crop": 112, "batch_size": 16, "decode_threads": 1},
-    copydetect={"k": 8, "threshold": 0.998}, decontam_threshold=0.998,
+    copydetect={"k": 8, "threshold": 0.998}, decontam_threshold=0.998, retrieve={"include_seeds": True},
 )
 
 
@@ -105,15 +105,18 @@ def test_contaminated_component_removed_whole(run, data):
 def test_shards_hold_exactly_the_selection(run):
     _, _, out, _ = run
     led = rows(out)
+    seed_led = pq.read_table(out / "seeds" / "seeds" / "ledger.parquet").to_pylist()
+    seeds_shipped = sorted(r["uid"] for r in seed_led if r["status"] == "sharded")
+    assert len(seeds_shipped) == 2  # --include-seeds: both seed photos (new bytes) ship
     sharded = sorted(r["uid"] for r in led if r["status"] == "sharded")
     manifest = pq.read_table(out / "shards" / "manifest.parquet").to_pydict()
-    assert sorted(manifest["uid"]) == sharded and len(set(sharded)) == len(sharded)
+    assert sorted(manifest["uid"]) == sorted(sharded + seeds_shipped) and len(set(manifest["uid"])) == len(manifest["uid"])
     sel = pq.read_table(out / "retrieve" / "selection.parquet").to_pydict()
-    assert sorted(sel["uid"]) == sharded
-    assert set(sel["seed_set"]) == {"seeds"} and all(s is not None for s in sel["seed_uid"])
+    assert sorted(sel["uid"]) == sharded and 0 < len(sharded) <= 2 * 4  # k=4 per seed, collisions kept once
+    assert set(sel["seed_set"]) == {"seeds"} and set(sel["seed_uid"]) <= set(seeds_shipped)
     removed = {r["uid"] for r in led if r["status"] in ("duplicate", "decontaminated") and r["duplicate_of"] != r["uid"]}
     removed -= {r["uid"] for r in led if r["status"] == "sharded"}  # exact copies share the shipped uid
-    assert not removed & set(sharded)
+    assert not removed & set(manifest["uid"])
     assert check_shards(out / "shards").ok
     for tar_path in sorted((out / "shards").glob("shard-*.tar")):
         with tarfile.open(tar_path) as tar:
@@ -122,8 +125,11 @@ def test_shards_hold_exactly_the_selection(run):
                 payload = tar.extractfile(name).read()
                 if name.endswith(".json"):
                     meta = json.loads(payload)
-                    assert meta["uid"] in sharded and meta["retrieval"]["seed_set"] == "seeds"
-                    assert len(meta["cluster_ids"]) == 1
+                    assert meta["retrieval"]["seed_set"] == "seeds"
+                    if meta["uid"] in seeds_shipped:
+                        assert meta["retrieval"]["method"] == "seed" and meta["cluster_ids"] == []
+                    else:
+                        assert meta["uid"] in sharded and len(meta["cluster_ids"]) == 1
                 else:
                     Image.open(io.BytesIO(payload)).load()
         assert len(names) <= 2 * OPTS["shard_size"]

@@ -79,6 +79,8 @@ def register(subparsers) -> None:
                         "hierarchical: balanced sampling of a cluster tree to --target-size")
     p.add_argument("--target-size", type=int, default=None, metavar="N",
                    help="images to select (balanced sampling), or a cap per seed set with --seeds")
+    p.add_argument("--include-seeds", action="store_true",
+                   help="ship the seed images too (sample / cluster retrieval)")
     p.add_argument("--copy-threshold", type=float, default=None,
                    help="cosine above which a neighbour is a copy (default 0.6; calibrate per backbone)")
     p.add_argument("--decontam-threshold", type=float, default=0.45,
@@ -103,7 +105,8 @@ def flow_kwargs(args: argparse.Namespace) -> dict:
 def part2_kwargs(args: argparse.Namespace) -> dict:
     copy = {} if args.copy_threshold is None else {"threshold": args.copy_threshold}
     return dict(seeds=args.seeds, eval_sets=args.eval_sets, retrieval=args.retrieval, target_size=args.target_size,
-                copydetect=copy, decontam_threshold=args.decontam_threshold)
+                copydetect=copy, decontam_threshold=args.decontam_threshold,
+                retrieve={"include_seeds": True} if args.include_seeds else {})
 
 
 def run_curate(inputs: list[str], out: str, **kwargs) -> int:
