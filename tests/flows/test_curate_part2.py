@@ -158,3 +158,28 @@ def test_tampered_shard_fails_verify(run, tmp_path):
     report = lg.verify_run(copy)
     assert not report.ok and any(tar.name in p for p in report.problems)
     assert main(["verify", str(copy)]) == 1
+
+
+def test_part2_artifacts_reported(run):
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    keys = [
+        "curate-embed-pool-progress", "curate-embed-pool-counts", "curate-copydetect-counts",
+        "curate-decontam-counts", "curate-cluster-counts", "curate-cluster-montage",
+        "curate-retrieve-counts", "curate-retrieve-histogram", "curate-retrieve-pairs",
+        "curate-shard-progress", "curate-shard-counts",
+    ]
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    latest = {a.key: a for a in sorted(arts, key=lambda a: a.created)}
+    assert set(latest) == set(keys)
+    assert float(latest["curate-shard-progress"].data) == 100.0
+    assert "evalset" in latest["curate-decontam-counts"].data
+    assert "n_collisions" in latest["curate-retrieve-counts"].data
+    for key in ("curate-cluster-montage", "curate-retrieve-pairs", "curate-retrieve-histogram"):
+        md = latest[key].data
+        assert "](data:image/png;base64," in md and len(md) < 200_000, key
+    png = latest["curate-retrieve-histogram"].data.split("base64,")[1].rstrip(")")
+    img = Image.open(io.BytesIO(__import__("base64").b64decode(png)))
+    assert img.format == "PNG" and img.size == (320, 120)
