@@ -119,9 +119,16 @@ def read_blobs(run_dir: Path, uids: set[str]) -> dict[str, bytes]:
 
 def curate_without_prefect(
     inputs: list[str], run_dir: Path, *, partition_size: int, ingest_cfg: IngestConfig,
-    dedup_cfg: DedupConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig(),
+    dedup_cfg: DedupConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig(), shard_cfg=None,
+    shard: bool = False,
 ) -> pa.Table:
-    """ingest -> dedup -> ledger on the current Ray, no reporting; returns the ledger."""
+    """ingest -> dedup -> [shard everything] -> ledger on the current Ray, no reporting; with
+    `shard=True` this is what `lvd curate` does without an embedder. Returns the ledger."""
+    from lvd.curation.shards import ShardConfig
+    from lvd.curation.stages_select import run_shards  # imports this module
+
     run_ingest(plan(inputs, partition_size), run_dir, ingest_cfg, rcfg)
     run_dedup(run_dir, dedup_cfg, rcfg)
+    if shard:
+        run_shards(run_dir, shard_cfg or ShardConfig(), rcfg)
     return ledger.write_ledger(run_dir)
