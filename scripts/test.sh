@@ -4,5 +4,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
+# Fashion-MNIST (real product photos on flat backgrounds) is test data for dedup and
+# learning checks; Debian ships it. Install it when missing and we may (root + apt).
+if [[ ! -d /usr/share/datasets/fashion-mnist ]] && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
+    (apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }) >/dev/null \
+        || echo "warning: could not install dataset-fashion-mnist; tests that need it will fail" >&2
+fi
 export RAY_USAGE_STATS_ENABLED=0 PREFECT_SERVER_ANALYTICS_ENABLED=false
 exec .venv/bin/python -m pytest -m "not slow" "$@"
