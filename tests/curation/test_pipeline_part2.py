@@ -150,9 +150,11 @@ def stages_embed_seed(seed_run):
     return seed_vectors(seed_run)
 
 
-def test_part2_without_embedder_is_refused(ray_local, prefect_harness, pool, tmp_path):
-    from lvd.flows.curate import curate
+def test_part2_without_embedder_is_refused(ray_local, prefect_harness, pool, tmp_path, capsys):
+    from lvd.flows import cli
 
-    with pytest.raises(ValueError, match="pass --embedder"):
-        curate(inputs=[pool], out=str(tmp_path / "r"), seeds=[pool])
-    assert not (tmp_path / "r").exists()
+    argv = ["curate", "--input", pool, "--out", str(tmp_path / "r"), "--seeds", pool, "--target-size", "5"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--seeds, --target-size" in err and "pass --embedder" in err
+    assert not (tmp_path / "r").exists()  # refused before any work

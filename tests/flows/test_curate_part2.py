@@ -57,6 +57,11 @@ def data(tmp_path_factory):
     return dump, str(seeds), str(evalset), contaminant, hashlib.sha256(eval_bytes).hexdigest()
 
 
+def stage_markers(out) -> dict[str, int]:
+    """Every done-marker of every stage (pool, seed and eval runs) with its mtime."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in out.rglob("*.done.json")}
+
+
 def shard_digests(out) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "shards").glob("shard-*.tar"))}
 
@@ -68,7 +73,7 @@ def run(ray_local, prefect_harness, data, embedder, tmp_path_factory):
     dump, seeds, evalset, _, _ = data
     out = tmp_path_factory.mktemp("run")
     summary = curate(inputs=dump.inputs, out=str(out), seeds=[seeds], eval_sets=[evalset], embedder=embedder, **OPTS)
-    first = (shard_digests(out), pq.read_table(out / "ledger.parquet"))
+    first = (shard_digests(out), pq.read_table(out / "ledger.parquet"), stage_markers(out))
     again = curate(inputs=dump.inputs, out=str(out), seeds=[seeds], eval_sets=[evalset], embedder=embedder, **OPTS)
     return summary, again, out, first
 
@@ -100,6 +105,7 @@ def test_contaminated_component_removed_whole(run, data):
     component = {r["uid"] for r in led.values() if r["uid"] == root or r["duplicate_of"] == root}
     shipped = set(pq.read_table(out / "shards" / "manifest.parquet")["uid"].to_pylist())
     assert len(component) >= 3 and not component & shipped
+    assert {"phash", "exact", "embedding"} <= {r["reason"] for r in led.values() if r["status"] == "duplicate"}
 
 
 def test_shards_hold_exactly_the_selection(run):
@@ -136,8 +142,11 @@ def test_shards_hold_exactly_the_selection(run):
 
 
 def test_rerun_is_byte_identical(run):
-    _, again, out, (digests, ledger_before) = run
+    _, again, out, (digests, ledger_before, markers_before) = run
     assert again.ok and again.ingest_ran == 0
+    stages_done = {k.split("/")[-2] for k in markers_before}
+    assert {"ingest", "dedup", "embed", "copydetect", "decontam", "cluster", "retrieve", "shard_parts"} <= stages_done
+    assert stage_markers(out) == markers_before  # every stage resumed from its markers: nothing redone
     assert digests and shard_digests(out) == digests
     assert pq.read_table(out / "ledger.parquet").equals(ledger_before)
 
