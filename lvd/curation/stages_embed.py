@@ -16,7 +16,7 @@ it reads, so a changed input or config upstream reruns it and nothing else does.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

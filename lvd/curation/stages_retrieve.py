@@ -62,7 +62,8 @@ class RetrieveFn:
         uids = np.asarray(stages_embed.candidates(run), dtype=object)
         clusters = read_clusters(run)
         if not self.seed_dirs or self.cfg.method == "hierarchical":
-            results, names, seed_uids = [balanced(clusters[1], BalancedConfig(target=self._target(len(uids)), seed=self.cfg.seed))], ["*"], [[]]
+            names, seed_uids = ["*"], [[]]
+            results = [balanced(clusters[1], BalancedConfig(target=self._target(), seed=self.cfg.seed))]
         else:
             names = sorted(self.seed_dirs)
             pool = open_vectors(run / "vectors").get(uids)
@@ -77,7 +78,8 @@ class RetrieveFn:
             "uid": pa.array(uids[sel.pool_idx].tolist(), pa.string()),
             "method": pa.array(sel.method.tolist(), pa.string()),
             "seed_set": pa.array([names[s] for s in sel.source.tolist()], pa.string()),
-            "seed_uid": pa.array([seed_uids[s][i] if i >= 0 else None for s, i in zip(sel.source.tolist(), sel.seed_idx.tolist())], pa.string()),
+            "seed_uid": pa.array([seed_uids[s][i] if i >= 0 else None
+                                  for s, i in zip(sel.source.tolist(), sel.seed_idx.tolist())], pa.string()),
             "cluster_id": pa.array(sel.cluster_id, pa.int64()),
             "similarity": pa.array(np.round(sel.similarity.astype(np.float64), 6), pa.float64()),
         }).sort_by([("uid", "ascending")])
@@ -96,7 +98,7 @@ class RetrieveFn:
                          "seed_set": pa.array([rows[u][0] for u in sorted(rows)], pa.string()),
                          "run": pa.array([rows[u][1] for u in sorted(rows)], pa.string())})
 
-    def _target(self, n: int) -> int:
+    def _target(self) -> int:
         if self.cfg.target is None:
             raise ValueError("hierarchical retrieval needs a target size (--target-size N)")
         return self.cfg.target
@@ -107,12 +109,13 @@ class RetrieveFn:
                 k=self.cfg.k, max_images=self.cfg.target, include_seeds=self.cfg.include_seeds))
         cfg = ClusterRetrievalConfig(min_seeds=self.cfg.min_seeds, per_cluster=self.cfg.per_cluster,
                                      max_images=self.cfg.target, seed=self.cfg.seed, include_seeds=self.cfg.include_seeds)
-        return cluster_based(flat_kmeans(*clusters), seeds_SD, cfg)
+        return cluster_based(flat_kmeans(clusters[1]), seeds_SD, cfg)
 
 
 def seed_vectors(seed_dir: Path) -> tuple[list[str], np.ndarray]:
     """A seed set's queries: its accepted images that are not duplicates, sorted by uid."""
-    uids = sorted(set(stages.unique_accepted(seed_dir)["uid"].to_pylist()) - set(stages_embed.duplicates(seed_dir)["uid"].to_pylist()))
+    dups = set(stages_embed.duplicates(seed_dir)["uid"].to_pylist())
+    uids = sorted(set(stages.unique_accepted(seed_dir)["uid"].to_pylist()) - dups)
     return uids, open_vectors(seed_dir / "vectors").get(uids)
 
 
@@ -121,4 +124,5 @@ def run_retrieve(run_dir: Path, seed_dirs: dict[str, Path], cfg: RetrieveConfig,
     dirs = [run_dir / "cluster", run_dir / "embed"] + [seed_dirs[n] / s for n in sorted(seed_dirs) for s in ("dedup", "embed")]
     unit = runner.WholeStage(fingerprint=stages_embed.digest(*dirs), stem="selection")
     fn = RetrieveFn(str(run_dir), {k: str(v) for k, v in seed_dirs.items()}, cfg)
-    return runner.map_partitions(fn, [unit], run_dir / "retrieve", cfg_hash=runner.config_hash(cfg, sorted(seed_dirs)), runner=rcfg)
+    return runner.map_partitions(fn, [unit], run_dir / "retrieve",
+                                 cfg_hash=runner.config_hash(cfg, sorted(seed_dirs)), runner=rcfg)

@@ -30,7 +30,9 @@ import pyarrow.parquet as pq
 from lvd.curation import ledger, runner, stages
 from lvd.curation.hierarchical import HierarchicalConfig, Hierarchy, Level, hierarchical_kmeans
 from lvd.curation.kmeans import KMeansConfig, KMeansResult, kmeans
-from lvd.curation.shards import MANIFEST_SCHEMA, ShardConfig, ShardInfo, ShardSample, plan_shards, shard_name, write_manifest, write_shard
+from lvd.curation.shards import (
+    MANIFEST_SCHEMA, ShardConfig, ShardInfo, ShardSample, plan_shards, shard_name, write_manifest, write_shard,
+)  # fmt: skip
 from lvd.curation.stages_embed import candidates, digest
 from lvd.curation.vectors import open_vectors
 
@@ -94,7 +96,8 @@ def _tree_table(levels) -> pa.Table:
             rows["level"].append(depth), rows["cluster"].append(c)
             rows["parent"].append(int(parent)), rows["centroid"].append(vec.tolist())
     return pa.table({"level": pa.array(rows["level"], pa.int32()), "cluster": pa.array(rows["cluster"], pa.int64()),
-                     "parent": pa.array(rows["parent"], pa.int64()), "centroid": pa.array(rows["centroid"], pa.list_(pa.float32()))})
+                     "parent": pa.array(rows["parent"], pa.int64()),
+                     "centroid": pa.array(rows["centroid"], pa.list_(pa.float32()))})
 
 
 def run_cluster(run_dir: Path, cfg: ClusterConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
@@ -117,12 +120,14 @@ def read_clusters(run_dir: Path) -> tuple[pa.Table, Hierarchy] | None:
     for depth in sorted(set(tree["level"])):
         rows = [i for i, lv in enumerate(tree["level"]) if lv == depth]
         cents = np.array([tree["centroid"][i] for i in rows], np.float32)
-        assign = t["leaf"].to_numpy() if depth == 0 else np.array([tree["parent"][i] for i, lv in enumerate(tree["level"]) if lv == depth - 1])
+        below = [tree["parent"][i] for i, lv in enumerate(tree["level"]) if lv == depth - 1]
+        assign = t["leaf"].to_numpy() if depth == 0 else np.array(below)
         levels.append(Level(cents, np.asarray(assign, np.int64), 0))
     return t, Hierarchy(levels=tuple(levels), score_N=t["score"].to_numpy())
 
 
-def flat_kmeans(t: pa.Table, h: Hierarchy) -> KMeansResult:
+def flat_kmeans(h: Hierarchy) -> KMeansResult:
+    """The tree's finest level as the flat k-means result cluster-based retrieval reads."""
     lvl = h.levels[0]
     return KMeansResult(lvl.centroids_KD, lvl.assign, h.score_N, math.nan, math.nan, True)
 

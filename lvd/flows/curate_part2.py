@@ -118,7 +118,8 @@ def cluster_task(run_dir: Path, cfg: stages_select.ClusterConfig, rcfg: runner.R
         members[c].append(u)
     shown = dict(sorted(members.items(), key=lambda kv: (-len(kv[1]), kv[0]))[: pictures.MAX_ROWS])
     uids = {u for us in shown.values() for u in us[: pictures.PER_ROW]}
-    artifacts.gallery_artifact("curate-cluster-montage", pictures.cluster_montage_markdown(shown, stages.read_blobs(run_dir, uids)))
+    md = pictures.cluster_montage_markdown(shown, stages.read_blobs(run_dir, uids))
+    artifacts.gallery_artifact("curate-cluster-montage", md)
 
 
 @task(name="retrieve", cache_policy=NO_CACHE)
