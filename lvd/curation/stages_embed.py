@@ -79,6 +79,14 @@ def embed_units(run_dir: Path) -> list[EmbedUnit]:
     return units
 
 
+def spec_fingerprint(spec: str | Path) -> str:
+    """Path, size and mtime of the weight files behind `spec`: new weights at the same path
+    re-embed everything (reading the bytes to hash them would cost a model load each run)."""
+    path = Path(spec)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return runner.config_hash([(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files if f.exists()])
+
+
 def run_embed(
     run_dir: Path, spec: str, cfg: EmbedConfig, acfg: actor_runner.ActorConfig = actor_runner.ActorConfig(),
     progress: runner.ProgressFn | None = None,
@@ -86,7 +94,7 @@ def run_embed(
     """Embed every accepted blob of `run_dir` into `run_dir/vectors` (one part per partition)."""
     return actor_runner.map_with_actors(
         MakeEmbedder(str(spec), cfg), EmbedFn(str(run_dir / "vectors")), embed_units(run_dir),
-        run_dir / "embed", cfg_hash=runner.config_hash(str(spec), cfg), acfg=acfg, progress=progress,
+        run_dir / "embed", cfg_hash=runner.config_hash(str(spec), spec_fingerprint(spec), cfg), acfg=acfg, progress=progress,
     )
 
 

@@ -79,6 +79,8 @@ def register(subparsers) -> None:
                         "hierarchical: balanced sampling of a cluster tree to --target-size")
     p.add_argument("--target-size", type=int, default=None, metavar="N",
                    help="images to select (balanced sampling), or a cap per seed set with --seeds")
+    p.add_argument("--clusters", type=int, default=None, metavar="K",
+                   help="k-means clusters (finest level); default sqrt(#images)")
     p.add_argument("--include-seeds", action="store_true",
                    help="ship the seed images too (sample / cluster retrieval)")
     p.add_argument("--copy-threshold", type=float, default=None,
@@ -106,7 +108,8 @@ def part2_kwargs(args: argparse.Namespace) -> dict:
     copy = {} if args.copy_threshold is None else {"threshold": args.copy_threshold}
     return dict(seeds=args.seeds, eval_sets=args.eval_sets, retrieval=args.retrieval, target_size=args.target_size,
                 copydetect=copy, decontam_threshold=args.decontam_threshold,
-                retrieve={"include_seeds": True} if args.include_seeds else {})
+                retrieve={"include_seeds": True} if args.include_seeds else {},
+                cluster={} if args.clusters is None else {"k": args.clusters})
 
 
 def run_curate(inputs: list[str], out: str, **kwargs) -> int:
