@@ -8,8 +8,8 @@ negatives: flat background, similar silhouettes). Every image goes through the r
 - recall[kind]: fraction of copies whose group representative is their original's
 - merged originals: distinct originals (photos + Fashion-MNIST) that share a group with another
   original: every one of them is a false merge
-- "+ verifyR": candidates also need their 256-bit pHashes (imagehash hash_size=16 of the full
-  grayscale decode; the proposed `phash256` ingest column) within R bits
+- settings: the default (64-bit pHash/dHash <= 8, 256-bit pHash `phash256` <= 16, 16x16
+  thumbnail `thumb16` residual <= 30 gray levels) and ablations; all columns come from ingest
 
 Exact copies have the original's bytes, hence its uid; the ledger merges them before dedup.
 Here they get their own uid so that the hash path is exercised too.
@@ -34,18 +34,19 @@ from lvd.curation.ingest import INGEST_SCHEMA, IngestConfig, ingest_item
 from lvd.curation.sources import RawItem
 
 COLUMNS = ("uid", "width", "height", "phash", "dhash", "phash256", "thumb16")  # what dedup reads
+H64 = dict(verify_radius=None, max_thumb_residual=None)  # 64-bit hashes only
 SETTINGS = {
-    "default": DedupConfig(),
-    "pHash<=4 only": DedupConfig(phash_radius=4, dhash_radius=None, max_aspect_ratio=None),
-    "pHash<=8 only": DedupConfig(phash_radius=8, dhash_radius=None, max_aspect_ratio=None),
-    "both <=2/<=2": DedupConfig(phash_radius=2, dhash_radius=2),
-    "both <=6/<=6": DedupConfig(phash_radius=6, dhash_radius=6),
-    "both <=8/<=8": DedupConfig(phash_radius=8, dhash_radius=8),
-    "both <=14/<=12": DedupConfig(phash_radius=14, dhash_radius=12),
-    "8/8 + verify16": DedupConfig(phash_radius=8, dhash_radius=8, verify_radius=16),
-    "8/8 + verify12": DedupConfig(phash_radius=8, dhash_radius=8, verify_radius=12),
-    "14/12 + verify16": DedupConfig(phash_radius=14, dhash_radius=12, verify_radius=16),
-    "14/12 + verify24": DedupConfig(phash_radius=14, dhash_radius=12, verify_radius=24),
+    "default": DedupConfig(),  # 8/8 + pHash-256 <= 16 + thumbnail residual <= 30
+    "no thumbnail": DedupConfig(max_thumb_residual=None),
+    "verify12 no thumb": DedupConfig(verify_radius=12, max_thumb_residual=None),
+    "verify20": DedupConfig(verify_radius=20),
+    "verify20 thumb22": DedupConfig(verify_radius=20, max_thumb_residual=22.0),
+    "thumb24": DedupConfig(max_thumb_residual=24.0),
+    "thumb36": DedupConfig(max_thumb_residual=36.0),
+    "64bit 0/4": DedupConfig(phash_radius=0, dhash_radius=4, **H64),
+    "64bit pHash<=4": DedupConfig(phash_radius=4, dhash_radius=None, max_aspect_ratio=None, **H64),
+    "64bit 8/8": DedupConfig(phash_radius=8, dhash_radius=8, **H64),
+    "64bit 14/12": DedupConfig(phash_radius=14, dhash_radius=12, **H64),
 }
 
 
@@ -90,14 +91,14 @@ def score(table: pa.Table, dups: pa.Table, original_of: dict, kind_of: dict) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fashion", type=int, default=3000, help="distinct Fashion-MNIST images in the pool")
+    parser.add_argument("--fashion", type=int, default=20000, help="distinct Fashion-MNIST images in the pool")
     args = parser.parse_args()
     t0 = time.perf_counter()
     table, original_of, kind_of = build_pool(args.fashion)
     n_orig = sum(u.endswith(":orig") for u in table["uid"].to_pylist())
     print(f"pool: {table.num_rows} images ({n_orig} distinct originals, {len(kind_of)} copies), "
           f"hashed in {time.perf_counter() - t0:.1f}s")  # fmt: skip
-    header = f"{'setting':16s} " + " ".join(f"{k[:9]:>9s}" for k in COPY_KINDS) + "  merged(fashion)  time"
+    header = f"{'setting':18s} " + " ".join(f"{k[:9]:>9s}" for k in COPY_KINDS) + "  merged(fashion)  time"
     print(header)
     for name, cfg in SETTINGS.items():
         t = time.perf_counter()
@@ -105,7 +106,7 @@ def main() -> None:
         elapsed = time.perf_counter() - t
         s = score(table, dups, original_of, kind_of)
         cells = " ".join(f"{s['recall'][k]:9.2f}" for k in COPY_KINDS)
-        print(f"{name:16s} {cells}  {s['merged']:6d} ({s['merged_fashion']:4d})  {elapsed:5.2f}s")
+        print(f"{name:18s} {cells}  {s['merged']:6d} ({s['merged_fashion']:4d})  {elapsed:5.2f}s")
 
 
 if __name__ == "__main__":

@@ -1,19 +1,24 @@
 """Near-duplicate detection over perceptual hashes, and resolution of duplicate groups.
 
-Two images are near-duplicates when their pHashes are within `phash_radius` bits AND their
-dHashes within `dhash_radius` bits AND their aspect ratios agree (`max_aspect_ratio`). 64-bit
-hashes cannot tell apart distinct objects shot on flat backgrounds: among 6,000 Fashion-MNIST
-products, pHash <= 4 alone merges 814 of them, both hashes <= 2 still merge 12, and only
-pHash 0 / dHash <= 6 merges none. The defaults (0 / 4) are therefore strict, catching exact,
-most recompressed and about half the re-encoded/brightened copies (and still merging 12 of
-20,000 products). Candidate pairs can be verified with a 256-bit pHash (`verify_radius`,
-proposed ingest column `phash256`); with it, radii 8 / 8 find every resized, recompressed,
-re-encoded and brightened copy of the real test photos, merging 0 of 6,000 and 4 of 20,000
-products. 2-5% crops need embedding copy detection (a later EdgeSet).
-Numbers: benchmarks/dedup_quality.py.
+Two images are near-duplicates when their 64-bit pHashes AND dHashes are within radii, their
+256-bit pHashes within `verify_radius`, their aspect ratios agree (`max_aspect_ratio`), and
+their 16x16 thumbnails agree cell by cell after a brightness/contrast fit
+(`max_thumb_residual`). Each check is there because the others miss something, measured with
+every image hashed by the real ingest (benchmarks/dedup_quality.py, 29 real photos with one
+copy per kind, 20,000 Fashion-MNIST products upscaled to 64 px):
+- 64-bit hashes alone cannot tell products on flat backgrounds apart: radii that find 95% of
+  resized copies merge thousands of products (pHash<=4: 4,221); 0/4 finds 55% and merges 6.
+- pHash<=8, dHash<=8 and pHash-256<=16 find every recompressed / re-encoded / brightened copy
+  and 28/29 resized ones, but still merge 4 products: a tee with and without a pocket or a
+  print is within 10-14 bits of pHash-256, closer than resized copies of textured photos
+  (brick, star fields: up to 24 bits). pHash-256 <= 8 merges none but finds 76% of resized.
+- the thumbnail residual separates them: copies stay <= ~22 gray levels, those products >= 39;
+  with 30 nothing merges. Pairs closer still (sleeve detail, pHash-256 18) are kept apart by
+  verify_radius 16.
+2-5% crops need embedding copy detection (a later EdgeSet).
 
 Candidates come from a Faiss `IndexBinaryMultiHash` range search (never all pairs) on the
-pHash, or on the 256-bit code when verifying (finer buckets, fewer probes): the bits are split
+256-bit code, or on the pHash when verification is off: the bits are split
 into `nhash` disjoint chunks and each query probes every bucket within `nflip` bit flips of its
 chunk, so by pigeonhole every pair within `nhash * (nflip + 1) - 1` bits is found exactly; the
 pool size enters the cost per query only through bucket occupancy (see `_multihash_params`).

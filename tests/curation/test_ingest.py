@@ -192,7 +192,7 @@ def test_hash_bit_order_is_imagehash_hex():
 def test_phash256_is_imagehash_16_packed_msb_first():
     """phash256 = np.packbits(imagehash.phash(img, 16)) of the reduced decode; hash_bits matches
     imagehash on the very same image within float-vs-8-bit rounding."""
-    from lvd.curation.ingest import hash_bits
+    from lvd.curation.phash import hash_bits
 
     dists = []
     for name in ("chelsea", "astronaut", "coffee", "rocket"):

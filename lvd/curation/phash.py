@@ -1,0 +1,93 @@
+"""Perceptual hashes and thumbnails of a small grayscale image, as cached matrix products.
+
+imagehash's pHash (Lanczos squash to 4*hash_size square, DCT-II, low block > median) and dHash
+(Lanczos to (hash_size+1) x hash_size, neighbour differences), plus a 16x16 grid of cell means.
+Each resize and DCT is folded into one [k, side] matrix per axis, cached per image side, so a
+hash costs two small matmuls instead of Pillow resizes (which cost more than ingest's draft
+decode saves: benchmarks/ingest.py). Bits match imagehash on the same image up to Pillow's
+8-bit rounding inside its resize (a bit or two near the median).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from PIL import Image
+
+PHASH256_SIZE = 16  # imagehash hash_size of ingest's `phash256` column: 16x16 = 256 bits
+THUMB_SIDE = 16  # ingest's `thumb16`: 16x16 grayscale cell means, uint8 row-major (256 bytes)
+
+
+def hash_bits(gray: Image.Image, hash_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(pHash, dHash, 256-bit pHash) bits of a grayscale image: bool [hash_size**2] x2, [256].
+
+    imagehash's recipes (Lanczos squash to 4*hash_size square then DCT-II low block > median;
+    Lanczos to (hash_size+1) x hash_size then neighbour differences) with each resize and DCT
+    folded into one cached [k, side] matrix per axis, so a hash is two small matmuls instead
+    of Pillow resizes, which cost more than the draft decode saves. Same as imagehash on
+    `gray` up to Pillow's 8-bit rounding inside its resize (a bit or two near the median).
+    """
+    x_HW = np.asarray(gray, dtype=np.float64)
+    h, w = x_HW.shape
+    return (
+        _phash(x_HW, hash_size),
+        _dhash(x_HW, hash_size),
+        _phash(x_HW, PHASH256_SIZE),
+    )
+
+
+def _phash(x_HW: np.ndarray, hash_size: int) -> np.ndarray:
+    low = _dct_lanczos(hash_size, x_HW.shape[0]) @ x_HW @ _dct_lanczos(hash_size, x_HW.shape[1]).T
+    low = np.round(low, 6)  # float noise of a flat image's zero coefficients must tie, not flip
+    return (low > np.median(low)).ravel()
+
+
+def _dhash(x_HW: np.ndarray, hash_size: int) -> np.ndarray:
+    # Pillow resizes horizontally then vertically, clipping and rounding to 8 bits after each
+    # pass; doing the same makes flat neighbours tie (bit 0) as in imagehash, not flip on ringing
+    rows_Hw = np.clip(np.rint(x_HW @ _lanczos_rows(hash_size + 1, x_HW.shape[1]).T), 0, 255)
+    grid = np.clip(np.rint(_lanczos_rows(hash_size, x_HW.shape[0]) @ rows_Hw), 0, 255)
+    return (grid[:, 1:] > grid[:, :-1]).ravel()
+
+
+@functools.lru_cache(maxsize=4096)
+def _dct_lanczos(k: int, n: int) -> np.ndarray:
+    """[k, n]: Lanczos resample n -> 4k samples, then the first k rows of the DCT-II."""
+    side = 4 * k
+    dct = np.cos(np.pi * np.arange(k)[:, None] * (2 * np.arange(side)[None] + 1) / (2 * side))
+    return dct @ _lanczos_rows(side, n)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lanczos_rows(m: int, n: int) -> np.ndarray:
+    """[m, n] weights of Pillow's Lanczos (a=3) downscale of n samples to m, in float."""
+    scale = n / m  # < 1 upsamples (tiny images): the kernel keeps its unit width then
+    center = (np.arange(m)[:, None] + 0.5) * scale
+    t = (np.arange(n)[None] + 0.5 - center) / max(scale, 1.0)
+    w = np.where(np.abs(t) < 3.0, np.sinc(t) * np.sinc(t / 3.0), 0.0)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def thumbnail(gray: Image.Image) -> np.ndarray:
+    """uint8 [16, 16]: mean gray level of each cell of a 16x16 grid (fractional overlaps).
+
+    Dedup's last check: global hashes cannot see a pocket or a print on an otherwise identical
+    product shot, these cell means can (benchmarks/dedup_quality.py)."""
+    x_HW = np.asarray(gray, dtype=np.float64)
+    cells = _area_rows(THUMB_SIDE, x_HW.shape[0]) @ x_HW @ _area_rows(THUMB_SIDE, x_HW.shape[1]).T
+    return np.clip(np.rint(cells), 0, 255).astype(np.uint8)
+
+
+@functools.lru_cache(maxsize=4096)
+def _area_rows(m: int, n: int) -> np.ndarray:
+    """[m, n] weights averaging n samples into m equal cells (fractional overlaps)."""
+    lo = np.arange(m)[:, None] * (n / m)
+    j = np.arange(n)[None]
+    return np.clip(np.minimum(lo + n / m, j + 1) - np.maximum(lo, j), 0.0, None) / (n / m)
+
+
+def to_uint(bits: np.ndarray) -> int:
+    """Bits (first most significant) as an unsigned int, as imagehash's hex reads."""
+    bits = bits.ravel()
+    return int.from_bytes(np.packbits(bits).tobytes(), "big") >> ((8 - bits.size % 8) % 8)
