@@ -143,6 +143,17 @@ def test_cluster_based_retrieval_takes_seeded_clusters(ray_local, pool, embedder
     sel = pq.read_table(run / "retrieve" / "selection.parquet").to_pydict()
     assert sel["uid"] == want and set(sel["cluster_id"]) == {c} and set(sel["method"]) == {"cluster"}
 
+    # a threshold every pair passes: copy detection joins the whole pool into one group, and
+    # the images without any pHash edge are marked `embedding`
+    pd = pq.read_table(run / "dedup" / "duplicates.parquet").to_pydict()
+    phash = set(pd["uid"]) | set(pd["duplicate_of"])  # images with a pHash edge (members and representatives)
+    stages_embed.run_copydetect(run, CopyDetectConfig(k=64, threshold=-0.99))
+    assert len(stages_embed.candidates(run)) == 1
+    d = pq.read_table(run / "copydetect" / "duplicates.parquet").to_pydict()
+    assert {m for u, m in zip(d["uid"], d["method"]) if u not in phash} == {"embedding"}
+    led = lg.write_ledger(run).to_pylist()
+    assert sum(r["reason"] == "embedding" for r in led) == sum(m == "embedding" for m in d["method"]) > 0
+
 
 def stages_embed_seed(seed_run):
     from lvd.curation.stages_retrieve import seed_vectors

@@ -105,7 +105,11 @@ def test_contaminated_component_removed_whole(run, data):
     component = {r["uid"] for r in led.values() if r["uid"] == root or r["duplicate_of"] == root}
     shipped = set(pq.read_table(out / "shards" / "manifest.parquet")["uid"].to_pylist())
     assert len(component) >= 3 and not component & shipped
-    assert {"phash", "exact", "embedding"} <= {r["reason"] for r in led.values() if r["status"] == "duplicate"}
+    # the ledger's duplicate reasons are copy detection's methods (pHash groups kept, embedding added)
+    cd = pq.read_table(out / "copydetect" / "duplicates.parquet").to_pydict()
+    assert set(pq.read_table(out / "dedup" / "duplicates.parquet")["uid"].to_pylist()) <= set(cd["uid"])
+    by_uid = {r["uid"]: r["reason"] for r in led.values() if r["status"] == "duplicate" and r["reason"] != "exact"}
+    assert by_uid == dict(zip(cd["uid"], cd["method"]))
 
 
 def test_shards_hold_exactly_the_selection(run):
