@@ -158,6 +158,8 @@ def curate(
     needs = [w for w, on in (("--seeds", seeds), ("--eval-sets", eval_sets), ("--target-size", target_size is not None)) if on]
     if needs and not embedder:
         raise ValueError(NO_EMBEDDER.format(what=", ".join(needs)))
+    if retrieval == "hierarchical" and target_size is None:
+        raise ValueError("--retrieval hierarchical samples the pool to a size: pass --target-size N")
     ingest_cfg, dedup_cfg = IngestConfig(**(ingest or {})), DedupConfig(**(dedup or {}))
     shard_cfg = ShardConfig(**{"shard_size": shard_size, **(shard or {})})
     retrieve_cfg = RetrieveConfig(**{"method": retrieval, "target": target_size, **(retrieve or {})})
