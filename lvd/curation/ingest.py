@@ -171,10 +171,11 @@ def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
         raise _Reject("unsupported_mode", **info)
     small = _small_gray(img, max(cfg.draft_side, cfg.hash_size * 4))
     small = _apply_orientation(small, orientation)
-    phash, dhash, phash256 = hash_bits(small, cfg.hash_size)
+    x_HW = np.asarray(small, dtype=np.float64)  # one conversion for all hashes
+    phash, dhash, phash256 = hash_bits(x_HW, cfg.hash_size)
     return dict(
         info, phash=to_uint(phash), dhash=to_uint(dhash), phash256=np.packbits(phash256).tobytes(),
-        thumb16=thumbnail(small).tobytes(),
+        thumb16=thumbnail(x_HW).tobytes(),
     )  # fmt: skip
 
 

@@ -19,7 +19,7 @@ PHASH256_SIZE = 16  # imagehash hash_size of ingest's `phash256` column: 16x16 =
 THUMB_SIDE = 16  # ingest's `thumb16`: 16x16 grayscale cell means, uint8 row-major (256 bytes)
 
 
-def hash_bits(gray: Image.Image, hash_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def hash_bits(gray: Image.Image | np.ndarray, hash_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(pHash, dHash, 256-bit pHash) bits of a grayscale image: bool [hash_size**2] x2, [256].
 
     imagehash's recipes (Lanczos squash to 4*hash_size square then DCT-II low block > median;
@@ -39,8 +39,10 @@ def hash_bits(gray: Image.Image, hash_size: int) -> tuple[np.ndarray, np.ndarray
 
 def _phash(x_HW: np.ndarray, hash_size: int) -> np.ndarray:
     low = _dct_lanczos(hash_size, x_HW.shape[0]) @ x_HW @ _dct_lanczos(hash_size, x_HW.shape[1]).T
-    low = np.round(low, 6)  # float noise of a flat image's zero coefficients must tie, not flip
-    return (low > np.median(low)).ravel()
+    low = np.round(low, 6).ravel()  # float noise of a flat image's zero coefficients must tie, not flip
+    ordered, half = np.sort(low), len(low) // 2  # np.median without its overhead
+    mid = ordered[half] if len(low) % 2 else (ordered[half - 1] + ordered[half]) / 2
+    return low > mid
 
 
 def _dhash(x_HW: np.ndarray, hash_size: int) -> np.ndarray:
@@ -69,7 +71,7 @@ def _lanczos_rows(m: int, n: int) -> np.ndarray:
     return w / w.sum(axis=1, keepdims=True)
 
 
-def thumbnail(gray: Image.Image) -> np.ndarray:
+def thumbnail(gray: Image.Image | np.ndarray) -> np.ndarray:
     """uint8 [16, 16]: mean gray level of each cell of a 16x16 grid (fractional overlaps).
 
     Dedup's last check: global hashes cannot see a pocket or a print on an otherwise identical
