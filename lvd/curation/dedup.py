@@ -17,8 +17,10 @@ copy per kind, 20,000 Fashion-MNIST products upscaled to 64 px):
   verify_radius 16.
 2-5% crops need embedding copy detection (a later EdgeSet).
 
-Candidates come from a Faiss `IndexBinaryMultiHash` range search (never all pairs) on the
-256-bit code, or on the pHash when verification is off: the bits are split
+Candidates (never all pairs) come, with verification on, from sorted chunk keys of the 256-bit
+code (`_sorted_chunk_pairs`: n log n, 14 s CPU at 1e6 rows vs 58 s for Faiss's hash probes,
+benchmarks/dedup_scale.py); with it off, from a Faiss `IndexBinaryMultiHash` range search on
+the pHash: the bits are split
 into `nhash` disjoint chunks and each query probes every bucket within `nflip` bit flips of its
 chunk, so by pigeonhole every pair within `nhash * (nflip + 1) - 1` bits is found exactly; the
 pool size enters the cost per query only through bucket occupancy (see `_multihash_params`).
@@ -50,6 +52,7 @@ VERIFY_COLUMN = "phash256"
 THUMB_COLUMN = "thumb16"
 THUMB_CELLS = 256  # 16x16 uint8 cell means (ingest.thumbnail)
 _QUERY_BATCH = 1 << 16  # bounds the size of one RangeSearchResult
+_SORT_CHUNK_BITS = 24  # chunks at least this wide: sort-based candidates (equal runs are rare)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +216,9 @@ def _candidate_pairs(words: np.ndarray, radius: int) -> tuple[np.ndarray, np.nda
     n, nbits = len(words), 64 * words.shape[1]
     if n < 2:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    nhash = (radius + 2) // 2
+    if nbits // nhash >= _SORT_CHUNK_BITS:
+        return _sorted_chunk_pairs(words, radius, nhash)
     nhash, b, nflip = _multihash_params(radius, n, nbits)
     index = faiss.IndexBinaryMultiHash(nbits, nhash, b)
     index.nflip = nflip
@@ -226,6 +232,50 @@ def _candidate_pairs(words: np.ndarray, radius: int) -> tuple[np.ndarray, np.nda
         parts_a.append(q[keep])
         parts_b.append(ids[keep].astype(np.int64))
     return np.concatenate(parts_a), np.concatenate(parts_b)
+
+
+def _sorted_chunk_pairs(words: np.ndarray, radius: int, nhash: int) -> tuple[np.ndarray, np.ndarray]:
+    """Superset of the pairs within `radius` bits (i < j, unique), by sorting instead of hashing.
+
+    Pigeonhole over `nhash` = ceil((radius+1)/2) disjoint chunks: a pair within radius differs
+    in <= 1 bit of some chunk, i.e. agrees on that chunk with one bit position (any, for equal
+    chunks) forced to 1. Each (chunk, bit) is one sort of n keys and a scan for equal runs:
+    sequential memory, n log n, where Faiss's hash probes (29 per chunk) miss the cache once
+    tables outgrow it. Needs wide chunks (rare equal runs); callers check the radius after.
+    """
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")  # [n, nbits], any fixed order
+    width = min(bits.shape[1] // nhash, 32)
+    parts_a, parts_b = [], []
+    for c in range(nhash):
+        packed = np.zeros((len(words), 8), np.uint8)
+        packed[:, : (width + 7) // 8] = np.packbits(bits[:, c * width : (c + 1) * width], axis=1, bitorder="little")
+        key = packed.view(np.uint64).ravel()
+        for k in range(width):
+            a, b = _equal_runs(key | np.uint64(1 << k))
+            parts_a.append(a)
+            parts_b.append(b)
+    a, b = np.concatenate(parts_a), np.concatenate(parts_b)
+    lo, hi = np.minimum(a, b), np.maximum(a, b)
+    pair = np.unique(lo * len(words) + hi)
+    return pair // len(words), pair % len(words)
+
+
+def _equal_runs(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """All pairs of row indices with equal keys (each pair once, unordered)."""
+    order = np.argsort(key)
+    k = key[order]
+    parts_a, parts_b = [], []
+    pos = np.flatnonzero(k[1:] == k[:-1])  # positions whose next element is equal
+    step = 1
+    while len(pos):
+        parts_a.append(order[pos])
+        parts_b.append(order[pos + step])
+        step += 1
+        pos = pos[pos + step < len(k)]
+        pos = pos[k[pos + step] == k[pos]]
+    if not parts_a:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(parts_a).astype(np.int64), np.concatenate(parts_b).astype(np.int64)
 
 
 def _multihash_params(radius: int, n: int, nbits: int) -> tuple[int, int, int]:
