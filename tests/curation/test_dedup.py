@@ -284,3 +284,11 @@ def test_fashion_mnist_no_false_merges_with_defaults():
     # the guards matter: pHash alone at a radius that finds most resized copies merges products
     assert find_near_duplicates(pool, DedupConfig(phash_radius=4, dhash_radius=None, **HASH64)).num_rows > 50
     assert find_near_duplicates(pool, DedupConfig(phash_radius=8, dhash_radius=8, **HASH64)).num_rows > 0
+
+
+def test_equal_runs_gives_every_pair_of_equal_keys_once():
+    from lvd.curation.dedup import _equal_runs
+
+    a, b = _equal_runs(np.array([5, 5, 5, 2, 5, 7, 2], np.uint64))
+    got = {tuple(sorted(p)) for p in zip(a.tolist(), b.tolist())}
+    assert got == {(0, 1), (0, 2), (0, 4), (1, 2), (1, 4), (2, 4), (3, 6)} and len(a) == 7
