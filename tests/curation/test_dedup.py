@@ -287,7 +287,7 @@ def test_fashion_mnist_no_false_merges_with_defaults():
 
 
 def test_equal_runs_gives_every_pair_of_equal_keys_once():
-    from lvd.curation.dedup import _equal_runs
+    from lvd.curation.hamming_pairs import _equal_runs
 
     a, b = _equal_runs(np.array([5, 5, 5, 2, 5, 7, 2], np.uint64))
     got = {tuple(sorted(p)) for p in zip(a.tolist(), b.tolist())}
