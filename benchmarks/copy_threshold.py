@@ -1,0 +1,105 @@
+"""Copy-detection threshold of a learned lvd backbone, calibrated on real-image copies.
+
+Copy pairs: (original, copy) for every real photo of `lvd.curation.copies.real_photos(crops=True)`
+and for `--fashion` Fashion-MNIST products (upscaled to 64 px: in-domain for the `tiny` recipe),
+one copy per kind of `make_copies` (exact, resized, recompressed, reencoded, brightened, cropped).
+Distinct pairs: all pairs of distinct photos, and all pairs of the distinct products (hard
+negatives: flat background, same framing). Both through `Embedder.embed_images` at the
+checkpoint's native size. Prints, per embedding (the checkpoint and a random-init twin of the
+same architecture), the min / median copy cosine per kind and domain, the distinct tail, and
+`copydetect.calibrate_threshold` with recall / false-link rates at it and at the paper's 0.6.
+Unlike benchmarks/embed.py (DINOv2 eval transform 256 -> 224) this embeds at the size the
+checkpoint was trained at, and reads an lvd run folder.
+
+Run: .venv/bin/python benchmarks/copy_threshold.py [--embedder /tmp/lvd-learning/run-600]
+     [--fashion 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from lvd.curation.copies import COPY_KINDS, encode_original, fashion_mnist, make_copies, real_photos
+from lvd.curation.copydetect import calibrate_threshold, separation
+from lvd.curation.embed import EmbedConfig, Embedder
+
+DEFAULT_EMBEDDER = "/tmp/lvd-learning/run-600"
+
+
+def png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def pair_cosines(emb: Embedder, images: list[Image.Image], original) -> tuple[dict, np.ndarray]:
+    """(kind -> cosine of each image with its copy, cosines of all distinct image pairs)."""
+    v = emb.embed_images([original(img) for img in images]).astype(np.float32)
+    copies = [make_copies(img, seed=i) for i, img in enumerate(images)]
+    sims = {}
+    for kind in COPY_KINDS:
+        c = emb.embed_images([cp[kind] for cp in copies]).astype(np.float32)
+        sims[kind] = np.sum(c * v, axis=1)
+    return sims, (v @ v.T)[np.triu_indices(len(v), 1)]
+
+
+def report(name: str, emb: Embedder, n_fashion: int) -> dict:
+    photos = [img for _, img in real_photos(crops=True)]
+    products = fashion_mnist(n_fashion, size=64, seed=1)
+    p_copy, p_dist = pair_cosines(emb, photos, encode_original)
+    f_copy, f_dist = pair_cosines(emb, products, png)
+    print(f"\n## {name}: {len(photos)} photos, {len(products)} Fashion-MNIST products\n")
+    print("| copy kind | photos min | photos median | products min | products median |")
+    print("|---|---:|---:|---:|---:|")
+    for k in COPY_KINDS:
+        print(f"| {k} | {p_copy[k].min():.4f} | {np.median(p_copy[k]):.4f} | {f_copy[k].min():.4f} | {np.median(f_copy[k]):.4f} |")
+    for label, d in (("photo pairs", p_dist), ("product pairs", f_dist)):
+        q = np.quantile(d, [0.5, 0.99])
+        print(f"| distinct {label} ({len(d)}) | median {q[0]:.4f} | p99 {q[1]:.4f} | max {d.max():.4f} | |")
+    copy = np.concatenate([*p_copy.values(), *f_copy.values()])
+    distinct = np.concatenate([p_dist, f_dist])
+    out = {}
+    for rate in (0.0, 0.001, 0.01):
+        try:
+            t = calibrate_threshold(copy, distinct, max_false_rate=rate)
+        except ValueError as e:
+            print(f"\nmax_false_rate={rate}: {e}")
+            continue
+        rec, false = separation(copy, distinct, t)
+        out[rate] = t
+        print(f"\nmax_false_rate={rate}: threshold {t:.4f} -> copies linked {rec:.3f}, distinct linked {false:.5f}")
+    for t in (0.6,):
+        rec, false = separation(copy, distinct, t)
+        print(f"paper {t}: copies linked {rec:.3f}, distinct linked {false:.5f}")
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--embedder", type=Path, default=Path(DEFAULT_EMBEDDER), help="lvd run folder or checkpoint dir")
+    p.add_argument("--fashion", type=int, default=300, help="Fashion-MNIST products (copies and hard negatives)")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    recipe = json.loads((args.embedder / "config.json").read_text())
+    size = int(recipe["crops"]["global_size"])
+    # load_teacher_backbone, not load_backbone: a run folder's config.json (the recipe) would be
+    # taken for a Hugging Face folder.
+    from lvd.pretrain.checkpoint import load_teacher_backbone
+    from lvd.pretrain.recipes import Recipe
+
+    cfg = EmbedConfig(resize=size, crop=size, batch_size=128, device="cpu", decode_threads=2)
+    report(f"trained {args.embedder} at {size} px", Embedder(load_teacher_backbone(args.embedder), cfg), args.fashion)
+    torch.manual_seed(0)
+    twin = Recipe.from_dict(recipe).backbone.build(img_size=size)
+    report(f"random-init twin at {size} px", Embedder(twin, cfg), args.fashion)
+
+
+if __name__ == "__main__":
+    main()
