@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import io
 
+from pathlib import Path
+
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -84,32 +86,38 @@ def test_exact_copies_all_found(run, dump):
                 assert (rows[s]["reason"], rows[s]["duplicate_of"], rows[s]["distance"]) == ("exact", uid, 0.0)
 
 
-def within_dedup_radii(a: dict, b: dict, cfg) -> bool:
-    """The pair rule of docs/architecture.md's dedup, computed by hand from ingest hashes."""
-    bits = lambda x, y: bin(x ^ y).count("1")  # noqa: E731
-    aspect = (a["width"] / a["height"]) / (b["width"] / b["height"])
-    return (
-        bits(a["phash"], b["phash"]) <= cfg.phash_radius
-        and (cfg.dhash_radius is None or bits(a["dhash"], b["dhash"]) <= cfg.dhash_radius)
-        and (cfg.max_aspect_ratio is None or max(aspect, 1 / aspect) <= cfg.max_aspect_ratio + 1e-9)
-    )
+# The issue's bar for near copies found by `lvd curate` (crops are left to embedding copy
+# detection, see docs/architecture.md's dedup paragraph).
+MIN_RECALL = {"resized": 0.95, "recompressed": 0.95, "reencoded": 0.95, "brightened": 0.95}
+
+
+def copy_kind(source: str) -> str:
+    """`.../astronaut__resized.jpg` -> `resized` (the demo's naming of generated copies)."""
+    return Path(source).stem.rsplit("__", 1)[-1]
 
 
 def test_near_copies_grouped_with_their_original(run, dump):
-    from lvd.curation.dedup import DedupConfig
-
     _, out = run
     rows = rows_by_source(out)
-    ingest = {r["source"]: r for r in lg.read_ingest(out, ["source", "width", "height", "phash", "dhash"]).to_pylist()}
-    grouped = 0
+    found: dict[str, list[bool]] = {}
     for original, near in dump.near_copies.items():
         for copy in near:
-            if within_dedup_radii(ingest[original], ingest[copy], DedupConfig()):
-                assert root(rows[copy]) == root(rows[original]), copy
+            same = root(rows[copy]) == root(rows[original])
+            found.setdefault(copy_kind(copy), []).append(same)
+            if same:
                 assert rows[copy]["status"] == "duplicate" or rows[original]["status"] == "duplicate"
-                grouped += 1
-    # Several copy kinds keep their hashes within the radii on these photos.
-    assert grouped >= 2 * len(dump.near_copies)
+    assert set(MIN_RECALL) <= set(found), sorted(found)
+    for kind, bar in MIN_RECALL.items():
+        recall = sum(found[kind]) / len(found[kind])
+        # With few photos in the demo, 95% means every copy but at most one in twenty.
+        assert recall >= bar or len(found[kind]) - sum(found[kind]) <= len(found[kind]) // 20, (kind, found[kind])
+
+
+def test_distinct_originals_never_merged(run, dump):
+    _, out = run
+    rows = rows_by_source(out)
+    roots = [root(rows[original]) for original in dump.near_copies]
+    assert len(set(roots)) == len(roots)
 
 
 def test_rerun_skips_done_work_and_gives_same_ledger(run, dump):
