@@ -7,7 +7,8 @@ For every embedding (the trained lvd checkpoint `--embedder`, a random-init ViT 
 architecture and size, and raw 28x28 pixels L2-normalised) the real library functions run:
 `retrieve.sample_based` over `knn_index.build_index` (k=4 and k=32 per seed) and
 `retrieve.cluster_based` over spherical `kmeans.kmeans` of the pool (`--clusters` clusters,
-paper rule: clusters holding >= 4 seeds, `per_cluster` = all their images).
+paper rule: clusters holding >= 4 seeds, `per_cluster` = all their images; a seed set whose
+seeds spread over many clusters gets none: "retrieved 0").
 Reported: the share of retrieved pool images whose class is one of the seed set's classes,
 against random sampling of the same size (expected share = the pool's prior of those classes).
 
@@ -88,7 +89,7 @@ def evaluate(name: str, pool_ND, seeds_by_set, y_pool, n_clusters: int) -> list[
             ("cluster", cluster_based(km, seeds_SD, ClusterRetrievalConfig(min_seeds=4, per_cluster=len(y_pool)))),
         ):
             hit = float(np.isin(y_pool[r.pool_idx], classes).mean()) if len(r.pool_idx) else float("nan")
-            rows.append((name, set_name, label, len(r.pool_idx), hit, prior))
+            rows.append((name, set_name, label, r.counts.n_clusters, len(r.pool_idx), hit, prior))
     return rows
 
 
@@ -127,11 +128,13 @@ def main() -> None:
         print(f"# {name}: {time.perf_counter() - t0:.1f} s (embed + index + k-means)")
     print(f"\npool {args.pool} Fashion-MNIST test images at {size} px, {args.seeds} train seeds per set, "
           f"{args.clusters} k-means clusters; embedder {args.embedder}\n")
-    print("| embedding | seed set (classes) | method | retrieved | in seed classes | random (prior) | lift |")
-    print("|---|---|---|---:|---:|---:|---:|")
+    print("| embedding | seed set (classes) | method | clusters used | retrieved | in seed classes | random (prior) | lift |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     names = dict((n, "+".join(FASHION_MNIST_CLASSES[i] for i in c)) for n, c in SEED_SETS)
-    for emb_name, set_name, method, n, hit, prior in table:
-        print(f"| {emb_name} | {names[set_name]} | {method} | {n} | {hit:.1%} | {prior:.1%} | {hit / prior:.2f}x |")
+    for emb_name, set_name, method, n_cl, n, hit, prior in table:
+        share, lift = (f"{hit:.1%}", f"{hit / prior:.2f}x") if n else ("-", "-")
+        clusters = str(n_cl) if method == "cluster" else ""
+        print(f"| {emb_name} | {names[set_name]} | {method} | {clusters} | {n} | {share} | {prior:.1%} | {lift} |")
 
 
 if __name__ == "__main__":
