@@ -23,10 +23,8 @@ import argparse
 import io
 import time
 
-import imagehash
 import numpy as np
 import pyarrow as pa
-from PIL import Image
 
 from lvd.curation.copies import COPY_KINDS, encode_original, fashion_mnist, make_copies, real_photos
 from lvd.curation.dedup import DedupConfig, find_near_duplicates

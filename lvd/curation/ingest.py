@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 
 from lvd.curation.phash import PHASH256_SIZE, THUMB_SIDE, hash_bits, thumbnail, to_uint
 from lvd.curation.sources import Partition, RawItem, iter_items

@@ -3,7 +3,6 @@ skewed mixture compared with random sampling."""
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 
@@ -14,15 +13,6 @@ from lvd.curation.hierarchical import (
     take_per_group,
     water_fill,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # Two shared cores: OpenMP spin-waiting across 2 threads is several times slower here.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def unit(x: np.ndarray) -> np.ndarray:

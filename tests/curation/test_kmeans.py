@@ -3,22 +3,12 @@ and Euclidean mode against scikit-learn."""
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
 from lvd.curation.kmeans import KMeansConfig, assign_to_centroids, kmeans
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # Two shared cores: OpenMP spin-waiting across 2 threads is several times slower here.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def unit(x: np.ndarray) -> np.ndarray:

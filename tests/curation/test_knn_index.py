@@ -9,15 +9,6 @@ import pytest
 from lvd.curation.knn_index import IndexConfig, build_index, search, similar_pairs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # Two shared cores: OpenMP spin-waiting across 2 threads is several times slower here.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
-
-
 def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 

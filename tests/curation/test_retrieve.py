@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 import pytest
 
@@ -19,15 +18,6 @@ from lvd.curation.retrieve import (
     sample_based,
     union,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_faiss_thread():
-    # Two shared cores: OpenMP spin-waiting across 2 threads is several times slower here.
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
 
 
 def unit(x: np.ndarray) -> np.ndarray:

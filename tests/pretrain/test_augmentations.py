@@ -11,16 +11,6 @@ from torchvision.transforms import v2
 from lvd.pretrain.data.augmentations import MultiCrop, MultiCropConfig, SeparableGaussianBlur
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Per-image transforms on one thread, as in DataLoader workers (the reader sets this in
-    each worker); with num_workers=0 intra-op threads only contend on a small machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def astronaut() -> Image.Image:
     return Image.fromarray(data.astronaut()).resize((96, 96), Image.BICUBIC)

@@ -11,16 +11,6 @@ from lvd.flows.cli import main
 from lvd.pretrain.checkpoint import load_teacher_backbone
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core machine, 2 intra-op threads spin against other processes and make
-    # these small steps ~7x slower than one thread; restore the setting afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")

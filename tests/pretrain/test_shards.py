@@ -7,7 +7,6 @@ import itertools
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import webdataset as wds
@@ -30,16 +29,6 @@ def _jpeg(index: int) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="JPEG", quality=85)
     return buf.getvalue()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Per-image transforms on one thread, as in DataLoader workers (the reader sets this in
-    each worker); with num_workers=0 intra-op threads only contend on a small machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -17,16 +17,6 @@ METRIC_KEYS = {"step", "loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "wd
                "teacher_temp", "entropy", "proto_usage", "images_per_s", "corrupt_samples"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # On a shared 2-core machine, 2 intra-op threads spin against other processes and make
-    # these small steps ~7x slower than one thread; restore the setting afterwards.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     images, _ = load_fashion_mnist("test")
