@@ -26,7 +26,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lvd.curation.copies import COPY_KINDS, encode_original, fashion_mnist, make_copies, real_photos
+from lvd.curation.copies import (
+    COPY_KINDS,
+    encode_original,
+    fashion_mnist,
+    make_copies,
+    real_photos,
+)
 from lvd.curation.copydetect import calibrate_threshold, separation
 from lvd.curation.embed import EmbedConfig, Embedder
 

@@ -21,7 +21,6 @@ Run: .venv/bin/python benchmarks/curate_scale.py [--n 3000] [--copies 150] [--si
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import resource
 import tempfile
@@ -34,13 +33,13 @@ import pyarrow.compute as pc
 import torch
 from PIL import Image
 
+from lvd.curation.copies import encode_original, real_photos
 from lvd.curation.copydetect import CopyDetectConfig, embedding_edges
 from lvd.curation.dedup import DedupConfig, find_near_duplicates
 from lvd.curation.embed import EmbedConfig, Embedder
-from lvd.curation.copies import encode_original, real_photos
 from lvd.curation.ingest import IngestConfig, ingest_item, ingest_partition
-from lvd.curation.raw import RawItem
 from lvd.curation.kmeans import KMeansConfig, kmeans
+from lvd.curation.raw import RawItem
 from lvd.curation.shards import ShardConfig, ShardSample, write_shards
 from lvd.curation.stages import plan
 from lvd.datasets import load_fashion_mnist

@@ -31,7 +31,12 @@ from PIL import Image
 from lvd.curation.embed import EmbedConfig, Embedder
 from lvd.curation.kmeans import KMeansConfig, kmeans
 from lvd.curation.knn_index import build_index
-from lvd.curation.retrieve import ClusterRetrievalConfig, SampleRetrievalConfig, cluster_based, sample_based
+from lvd.curation.retrieve import (
+    ClusterRetrievalConfig,
+    SampleRetrievalConfig,
+    cluster_based,
+    sample_based,
+)
 from lvd.datasets import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 DEFAULT_EMBEDDER = "/tmp/lvd-learning/run-600"
@@ -130,7 +135,7 @@ def main() -> None:
           f"{args.clusters} k-means clusters; embedder {args.embedder}\n")
     print("| embedding | seed set (classes) | method | clusters used | retrieved | in seed classes | random (prior) | lift |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
-    names = dict((n, "+".join(FASHION_MNIST_CLASSES[i] for i in c)) for n, c in SEED_SETS)
+    names = {n: "+".join(FASHION_MNIST_CLASSES[i] for i in c) for n, c in SEED_SETS}
     for emb_name, set_name, method, n_cl, n, hit, prior in table:
         share, lift = (f"{hit:.1%}", f"{hit / prior:.2f}x") if n else ("-", "-")
         clusters = str(n_cl) if method == "cluster" else ""
