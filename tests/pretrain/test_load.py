@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -22,6 +24,8 @@ def test_lvd_run_folder_gives_the_teacher_backbone(tmp_path):
     }
     meta = CheckpointMeta(step=3, data_batches=3, world_size=1, recipe=recipe.to_dict())
     ckpt = save_checkpoint(tmp_path, state, meta, keep=1)
+    # A real run's --out folder also holds its recipe as config.json (not an HF config).
+    (tmp_path / "config.json").write_text(json.dumps(recipe.to_dict()))
     for spec in (tmp_path, ckpt, str(ckpt)):  # run --out folder, checkpoint dir, string
         loaded = load_backbone(spec)
         assert not loaded.training

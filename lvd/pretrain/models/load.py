@@ -9,6 +9,7 @@ The model comes back in eval mode on the CPU.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -26,7 +27,7 @@ def load_backbone(spec: str | Path) -> VisionTransformer:
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(f"backbone {spec!s} does not exist; {WANT}")
-    if path.is_dir() and (path / "config.json").is_file():
+    if path.is_dir() and _is_hf_folder(path):
         return load_hf(path).eval()
     if path.is_dir():
         # Imported here: the trainer's checkpoint module pulls in torch.distributed.checkpoint.
@@ -43,6 +44,18 @@ def load_backbone(spec: str | Path) -> VisionTransformer:
             "lvd checkpoints are directories: pass the step_NNNNNNN dir or the run's --out folder"
         )
     return build_official(state_dict).eval()
+
+
+def _is_hf_folder(path: Path) -> bool:
+    """An HF model folder has a config.json naming a `model_type`; an lvd run's --out folder
+    also has a config.json (its recipe), which names none."""
+    config = path / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return "model_type" in json.loads(config.read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _unwrap(obj):
