@@ -183,6 +183,13 @@ def curate(
                 sub = subs.setdefault(kind, {})[name] = run_dir / kind / name
                 p2.sub_run_task([path], sub, partition_size, ingest_cfg, dedup_cfg, rcfg)
                 p2.embed_task(sub, f"{kind} {name}", embedder, embed_cfg, acfg)
+        if "threshold" not in (copydetect or {}):
+            # 0.6 is the paper's threshold for SSCD copy descriptors, not for DINOv2-style
+            # backbones (docs/measurements.md, section 2): say so where the user will see it.
+            get_run_logger().warning(
+                "copy detection uses the default cosine threshold %.2f (the paper's, for SSCD "
+                "descriptors); calibrate it for this backbone with benchmarks/copy_threshold.py "
+                "and pass --copy-threshold", copy_cfg.threshold)
         p2.copydetect_task(run_dir, copy_cfg, rcfg)
         if eval_sets:
             p2.decontam_task(run_dir, subs["eval"], decontam_threshold, rcfg)
