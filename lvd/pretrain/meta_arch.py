@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lvd.pretrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from lvd.pretrain.parallel import local_tensors, reshard
 from lvd.pretrain.recipes import Recipe
 
 
@@ -102,6 +103,7 @@ class MetaArch(nn.Module):
             masked_MD = out.patches_BND.flatten(0, 1)[batch.mask_indices]
             ibot_logits = self._ibot_head(self.teacher)(masked_MD)
             ibot_probs = self._teacher_probs(self.ibot_loss, ibot_logits, teacher_temp)
+        reshard(self.teacher)  # see parallel.reshard; frees the teacher during backward
         return TeacherTargets(dino_probs.unflatten(0, (batch.n_global, -1)), ibot_probs)
 
     def student_outputs(self, batch) -> StudentOutputs:
@@ -143,9 +145,14 @@ class MetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher <- m * teacher + (1 - m) * student, with foreach kernels."""
-        t = [p.data for p in self.teacher.parameters()]
-        s = [p.data for p in self.student.parameters()]
+        """teacher <- m * teacher + (1 - m) * student, with foreach kernels.
+
+        Under FSDP2 both are sharded the same way, so each rank updates its local shards
+        (no communication); in one process `local_tensors` returns the parameters as is.
+        """
+        reshard(self.teacher)
+        t = local_tensors(p.data for p in self.teacher.parameters())
+        s = local_tensors(p.data for p in self.student.parameters())
         torch._foreach_mul_(t, momentum)
         torch._foreach_add_(t, s, alpha=1.0 - momentum)
 

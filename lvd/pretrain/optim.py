@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from lvd.pretrain.parallel import full_tensor
+
 _BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 _TOKENS = ("pos_embed", "cls_token", "register_tokens", "mask_token")
 _EMBED = ("pos_embed", "cls_token", "register_tokens", "mask_token", "patch_embed")
@@ -104,5 +106,6 @@ def clip_gradients(modules: dict[str, nn.Module], max_norm: float) -> dict[str, 
     for name, module in modules.items():
         params = [p for p in module.parameters() if p.grad is not None]
         if params:
-            norms[name] = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+            # DTensor grads (FSDP2): the norm is over the whole gradient; read it in full
+            norms[name] = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
     return norms

@@ -1,8 +1,20 @@
 """Where the training process runs: device, rank, precision, and how the model is wrapped.
 
 The loop in `train.py` only sees a `Runtime` and calls `parallelize(model, runtime)`; this
-is the one place that will apply FSDP2 `fully_shard` per block when several ranks train
-(part 2). Single-process training needs no process group and leaves the model as is.
+is the one place that applies FSDP2 `fully_shard` (per transformer block, then per model:
+student backbone, each student head, and the teacher the same way) when several ranks
+train. Single-process training needs no process group and leaves the model as is.
+
+What is global and what is per rank under FSDP2 (each rank sees its own slice of the batch):
+- gradients: FSDP2 reduce-scatters the mean over ranks, so the update equals the update of
+  one process on the concatenated batch (the DINO and iBOT losses are per-rank means over
+  equal-sized slices, and the mean of the means is the global mean);
+- teacher centring: Sinkhorn-Knopp sums and the softmax centres are all-reduced in the
+  losses, so the teacher targets are those of the global batch;
+- KoLeo is per rank, as in the official code: its nearest neighbours are searched in the
+  rank's own slice only (an all-gather of the CLS tokens would cost memory and time for a
+  regulariser), so it differs from one process on the global batch;
+- the logged losses are rank 0's per-rank values, like the official trainer.
 """
 
 from __future__ import annotations
@@ -13,6 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 
 @dataclass(frozen=True)
@@ -40,10 +55,55 @@ def setup_runtime(device: str | None = None) -> Runtime:
     return Runtime(dev, rank, world, torch.bfloat16 if dev.type == "cuda" else None)
 
 
+def _mp_policy(runtime: Runtime) -> MixedPrecisionPolicy:
+    # bf16 compute weights with fp32 gradient reduction on GPU; CPU stays fp32 throughout.
+    if runtime.device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def _shard_model(model: nn.Module, mesh, policy: MixedPrecisionPolicy) -> None:
+    """One FSDP unit per transformer block (so only one block is gathered at a time), then
+    the model itself for what is left (embeddings, final norm, head MLP, prototypes)."""
+    for block in getattr(model, "blocks", ()):
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+
+
 def parallelize(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """Move the model to its device; multi-rank sharding is not implemented yet."""
-    if runtime.world_size > 1:
-        raise NotImplementedError(
-            "multi-rank pretraining (FSDP2) is not available yet; run a single process"
-        )
-    return model.to(runtime.device)
+    """Move a `MetaArch` to its device and, with several ranks, shard student and teacher.
+
+    Every rank must build the model from the same seed first: `fully_shard` keeps each
+    rank's own slice of its local weights and does not broadcast.
+    """
+    model = model.to(runtime.device)
+    if runtime.world_size == 1:
+        return model
+    mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+    policy = _mp_policy(runtime)
+    for part in (model.student, model.teacher):
+        for module in part.values():
+            _shard_model(module, mesh, policy)
+    return model
+
+
+def reshard(module: nn.Module) -> None:
+    """Free the gathered weights of every FSDP2 unit in `module` (no-op without FSDP2).
+
+    FSDP2 keeps a root module's weights gathered after forward, expecting a backward that
+    the no-grad teacher never runs; until resharded its parameters are the full tensors,
+    not the shards the EMA update pairs with the student's.
+    """
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def local_tensors(params) -> list[torch.Tensor]:
+    """The rank's own shards of (possibly DTensor) parameters, for foreach updates in place."""
+    return [p.to_local() if isinstance(p, DTensor) else p for p in params]
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor as the whole tensor (a collective: every rank must call it)."""
+    return t.full_tensor() if isinstance(t, DTensor) else t

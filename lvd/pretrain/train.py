@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lvd.pretrain import checkpoint as ckpt
+from lvd.pretrain.distributed import init_distributed
 from lvd.pretrain.meta_arch import MetaArch, StepOutput
 from lvd.pretrain.optim import (
     apply_schedules, build_adamw, clip_gradients, param_groups, zero_last_layer_grads,
@@ -163,7 +164,8 @@ def _save(cfg: TrainConfig, meta: MetaArch, optimizer, step: int, rt: Runtime,
                                recipe=cfg.recipe.to_dict())
     path = ckpt.save_checkpoint(cfg.out, _state(meta, optimizer), info,
                                 keep=cfg.recipe.keep_checkpoints)
-    if cfg.pictures and picture_x is not None and rt.rank == 0:
+    # Multi-rank: the sharded teacher cannot run on rank 0 alone; no pictures yet.
+    if cfg.pictures and picture_x is not None and rt.world_size == 1:
         write_pictures(meta.teacher["backbone"], picture_x, cfg.out / "pictures",
                        f"step_{step:07d}")
     return path
@@ -193,11 +195,12 @@ def _maybe_resume(cfg: TrainConfig, meta: MetaArch, optimizer) -> tuple[int, Pat
 
 
 def train(cfg: TrainConfig) -> TrainResult:
-    rt = setup_runtime(cfg.device)
-    torch.manual_seed(cfg.seed + rt.rank)
+    rt = setup_runtime(init_distributed(cfg.device))
     torch.use_deterministic_algorithms(cfg.deterministic)
     recipe = cfg.recipe
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 needs it)
     meta, optimizer = _build(recipe, rt)
+    torch.manual_seed(cfg.seed + rt.rank)  # then each rank its own stream
     schedules = build_schedules(recipe.schedule_config(world_size=rt.world_size))
     start, last = _maybe_resume(cfg, meta, optimizer)
     cfg.out.mkdir(parents=True, exist_ok=True)
