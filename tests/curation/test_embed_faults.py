@@ -1,0 +1,89 @@
+"""A killed embedding actor does not change the result.
+
+The embed stage keeps one model per Ray actor (`actor_runner`); here the actor process dies
+(`os._exit`, a real death, not an exception) while embedding one partition. Ray restarts the
+actor (`max_restarts`) and resubmits the unit (`max_task_retries`); the vectors written must be
+byte-identical to an undisturbed run, and every partition must carry its done-marker.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import torch
+from ray import cloudpickle
+
+from lvd.curation import actor_runner, copies, runner, stages
+from lvd.curation.embed import EmbedConfig, Embedder
+from lvd.curation.ingest import IngestConfig
+from lvd.curation.stages_embed import EmbedFn, MakeEmbedder, embed_units, run_embed
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+EMBED = EmbedConfig(resize=128, crop=112, batch_size=4, decode_threads=1)
+
+
+@dataclass(frozen=True)
+class DieOnce:
+    """EmbedFn that kills its actor process the first time it meets partition `victim`."""
+
+    inner: EmbedFn
+    victim: int
+    flag: str
+
+    def __call__(self, embedder: Embedder, unit) -> dict[str, pa.Table]:
+        if unit.index == self.victim and os.path.exists(self.flag):
+            os.unlink(self.flag)
+            os._exit(1)
+        return self.inner(embedder, unit)
+
+
+@pytest.fixture(scope="module")
+def ingested(ray_local, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("photos")
+    for name, img in copies.real_photos()[:6]:
+        (root / f"{name}.jpg").write_bytes(copies.encode_original(img))
+    run = tmp_path_factory.mktemp("run")
+    stages.run_ingest(stages.plan([str(root)], 2), run, IngestConfig())
+    return run
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory) -> str:
+    from lvd.pretrain.models.hf import export_hf
+    from lvd.pretrain.models.vit import vit_tiny
+
+    torch.manual_seed(0)
+    return str(export_hf(vit_tiny(img_size=112, depth=2), tmp_path_factory.mktemp("w") / "hf"))
+
+
+def test_killed_embedding_actor_gives_identical_vectors(ingested, backbone, tmp_path):
+    reference = tmp_path / "reference"
+    shutil.copytree(ingested, reference)
+    run_embed(reference, backbone, EMBED)
+
+    disturbed = tmp_path / "disturbed"
+    shutil.copytree(ingested, disturbed)
+    flag = tmp_path / "die"
+    flag.touch()
+    units = embed_units(disturbed)
+    assert len(units) == 3
+    fn = DieOnce(EmbedFn(str(disturbed / "vectors")), victim=1, flag=str(flag))
+    report = actor_runner.map_with_actors(
+        MakeEmbedder(backbone, EMBED), fn, units, disturbed / "embed", cfg_hash="h",
+        acfg=actor_runner.ActorConfig(n_actors=1, max_restarts=2),
+    )
+    assert not flag.exists(), "the actor never reached the victim partition"
+    assert report.ran == [0, 1, 2]
+    for u in units:
+        assert runner.is_done(disturbed / "embed", u, "h")
+    ref_files = sorted(p.name for p in (reference / "vectors").iterdir())
+    assert ref_files == sorted(p.name for p in (disturbed / "vectors").iterdir())
+    for name in ref_files:
+        assert (reference / "vectors" / name).read_bytes() == (disturbed / "vectors" / name).read_bytes(), name
