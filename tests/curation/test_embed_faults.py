@@ -1,4 +1,4 @@
-"""A killed embedding actor does not change the result.
+"""A killed embedding actor or a removed Ray node does not change the embeddings.
 
 The embed stage keeps one model per Ray actor (`actor_runner`); here the actor process dies
 (`os._exit`, a real death, not an exception) while embedding one partition. Ray restarts the
@@ -8,9 +8,12 @@ byte-identical to an undisturbed run, and every partition must carry its done-ma
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,3 +90,57 @@ def test_killed_embedding_actor_gives_identical_vectors(ingested, backbone, tmp_
     assert ref_files == sorted(p.name for p in (disturbed / "vectors").iterdir())
     for name in ref_files:
         assert (reference / "vectors" / name).read_bytes() == (disturbed / "vectors" / name).read_bytes(), name
+
+
+NODE_REMOVAL_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import ray
+    from ray.cluster_utils import Cluster
+    from lvd.curation.embed import EmbedConfig
+    from lvd.curation.stages_embed import run_embed
+
+    run, backbone = Path(sys.argv[1]), sys.argv[2]
+    cfg = EmbedConfig(resize=128, crop=112, batch_size=4, decode_threads=1)
+    # The head has no CPUs, so the embedding actor lives on the worker node.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    worker = cluster.add_node(num_cpus=2)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        seen = {}
+
+        def remove_worker_after_first(done, total):
+            if done >= 1 and "removed" not in seen:
+                seen["removed"] = (done, total)
+                cluster.remove_node(worker)   # the actor and its in-flight unit die with it
+                cluster.add_node(num_cpus=2)  # where Ray restarts the actor
+                cluster.wait_for_nodes()
+
+        rep = run_embed(run, backbone, cfg, progress=remove_worker_after_first)
+        print("RESULT " + json.dumps({"removed_at": seen["removed"], "ran": rep.ran}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    """
+)
+
+
+def test_node_removed_mid_embed_gives_identical_vectors(ingested, backbone, tmp_path):
+    reference = tmp_path / "reference"
+    shutil.copytree(ingested, reference)
+    run_embed(reference, backbone, EMBED)
+    run = tmp_path / "run"
+    shutil.copytree(ingested, run)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run([sys.executable, "-c", NODE_REMOVAL_SCRIPT, str(run), backbone],
+                         env=env, capture_output=True, text=True, timeout=400)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert res.returncode == 0 and lines, res.stderr[-4000:]
+    result = json.loads(lines[0][len("RESULT "):])
+    done_at_removal, total = result["removed_at"]
+    assert done_at_removal < total == 3  # removed mid-stage
+    assert result["ran"] == [0, 1, 2]
+    for name in sorted(p.name for p in (reference / "vectors").iterdir()):
+        assert (reference / "vectors" / name).read_bytes() == (run / "vectors" / name).read_bytes(), name
