@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
@@ -97,6 +99,21 @@ def reshard(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, FSDPModule):
             m.reshard()
+
+
+def unsharded_copy(module: nn.Module, build: Callable[[], nn.Module],
+                   runtime: Runtime) -> nn.Module | None:
+    """A plain (unsharded) copy of `module` on rank 0 and None elsewhere; every rank must
+    call it (the weights are gathered). In one process, `module` itself."""
+    if runtime.world_size == 1:
+        return module
+    sd = get_model_state_dict(
+        module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if runtime.rank != 0:
+        return None
+    copy = build()
+    copy.load_state_dict(sd)
+    return copy.to(runtime.device).eval()
 
 
 def local_tensors(params) -> list[torch.Tensor]:

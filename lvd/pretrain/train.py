@@ -28,7 +28,7 @@ from lvd.pretrain.meta_arch import MetaArch, StepOutput
 from lvd.pretrain.optim import (
     apply_schedules, build_adamw, clip_gradients, param_groups, zero_last_layer_grads,
 )
-from lvd.pretrain.parallel import Runtime, parallelize, setup_runtime
+from lvd.pretrain.parallel import Runtime, parallelize, setup_runtime, unsharded_copy
 from lvd.pretrain.pictures import write_pictures
 from lvd.pretrain.recipes import Recipe
 from lvd.pretrain.schedules import ScheduleValues, build_schedules
@@ -164,10 +164,12 @@ def _save(cfg: TrainConfig, meta: MetaArch, optimizer, step: int, rt: Runtime,
                                recipe=cfg.recipe.to_dict())
     path = ckpt.save_checkpoint(cfg.out, _state(meta, optimizer), info,
                                 keep=cfg.recipe.keep_checkpoints)
-    # Multi-rank: the sharded teacher cannot run on rank 0 alone; no pictures yet.
-    if cfg.pictures and picture_x is not None and rt.world_size == 1:
-        write_pictures(meta.teacher["backbone"], picture_x, cfg.out / "pictures",
-                       f"step_{step:07d}")
+    if cfg.pictures and picture_x is not None:
+        # a sharded teacher cannot run on rank 0 alone: gather a plain copy there
+        backbone = unsharded_copy(meta.teacher["backbone"], lambda: cfg.recipe.backbone.build(
+            img_size=cfg.recipe.crops.global_size), rt)
+        if rt.rank == 0:
+            write_pictures(backbone, picture_x, cfg.out / "pictures", f"step_{step:07d}")
     return path
 
 

@@ -47,6 +47,7 @@ def test_two_rank_resume_is_exact(shards, tmp_path):
     # the ranks saw different images, so their per-rank losses differ
     assert _losses(a, 0, 0) != _losses(a, 1, 0)
     assert ckpt.read_meta(ckpt.latest_checkpoint(a)).world_size == 2
+    assert (a / "pictures" / "step_0000004.png").is_file()  # drawn from the gathered teacher
     # a sharded checkpoint loads in one process; both runs end with the same teacher
     ta, tb = ckpt.load_teacher_backbone(a), ckpt.load_teacher_backbone(b)
     for (name, pa), pb in zip(ta.state_dict().items(), tb.state_dict().values()):
@@ -58,8 +59,9 @@ def test_two_rank_resume_is_exact(shards, tmp_path):
 def test_global_batch_on_one_and_two_ranks(tmp_path):
     torchrun(1, "equal_batch.py", tmp_path / "one.json")
     torchrun(2, "equal_batch.py", tmp_path / "two.json")
-    one = json.loads((tmp_path / "one.json").read_text())
-    two = json.loads((tmp_path / "two.json").read_text())
+    one_run = json.loads((tmp_path / "one.json").read_text())
+    two_run = json.loads((tmp_path / "two.json").read_text())
+    one, two = one_run["losses"], two_run["losses"]
     assert len(one) == len(two) == 4
     # training moved the model: the compared losses are not those of a frozen start
     assert one[3]["dino_loss"] != one[0]["dino_loss"]
@@ -69,3 +71,9 @@ def test_global_batch_on_one_and_two_ranks(tmp_path):
             assert abs(x[term] - y[term]) < 1e-5, (step, term, x[term], y[term])
         # KoLeo is per rank (nearest neighbours within each rank's 4 images), so it differs
         assert abs(x["koleo_loss"] - y["koleo_loss"]) > 1e-3, (step, x, y)
+    # clip_grad_norm_ over FSDP2 DTensor grads gives the norm of the whole (rank-averaged)
+    # gradient, equal to the one-process norm (a rank-local shard norm would be smaller)
+    assert set(one_run["grad_norms"]) == set(two_run["grad_norms"]) == {"backbone", "dino_head"}
+    for name, norm in one_run["grad_norms"].items():
+        assert norm > 0
+        assert abs(two_run["grad_norms"][name] - norm) < 1e-4 * norm, (name, two_run, norm)

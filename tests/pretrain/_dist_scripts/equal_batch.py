@@ -2,7 +2,8 @@
 
 Every rank builds the same global batch (multi-crop with a seed per image, masks from a seed
 per step) and keeps its contiguous slice of images, so N ranks see together exactly what
-one process sees. Rank 0 writes, per step, the mean over ranks of each loss term.
+one process sees. Rank 0 writes, per step, the mean over ranks of each loss term, and then the gradient
+norms per student module of one more step.
 
 Usage: python -m torch.distributed.run --standalone --nproc-per-node N equal_batch.py OUT.json
 """
@@ -19,6 +20,7 @@ from PIL import Image
 from lvd.datasets import load_fashion_mnist
 from lvd.pretrain.data import MaskingConfig, MultiCrop, MultiCropConfig, collate
 from lvd.pretrain.distributed import all_ranks_mean, close_distributed, init_distributed
+from lvd.pretrain.optim import clip_gradients
 from lvd.pretrain.parallel import setup_runtime
 from lvd.pretrain.recipes import tiny
 from lvd.pretrain.schedules import build_schedules
@@ -72,8 +74,12 @@ def main() -> None:
         batch = rank_slice(batch, rt.rank, rt.world_size)
         out = _train_step(meta, optimizer, batch, schedules.at(step), step, rt)
         rows.append({k: all_ranks_mean(v, rt.device) for k, v in out.losses.as_floats().items()})
+    # One more backward: the gradient norms clip_gradients sees (global over DTensor shards)
+    optimizer.zero_grad(set_to_none=True)
+    meta.step(batch, teacher_temp=schedules.at(STEPS).teacher_temp).losses.total.backward()
+    norms = clip_gradients(dict(meta.student.items()), float("inf"))
     if rt.rank == 0:
-        Path(sys.argv[1]).write_text(json.dumps(rows))
+        Path(sys.argv[1]).write_text(json.dumps({"losses": rows, "grad_norms": norms}))
     close_distributed()
 
 

@@ -23,7 +23,7 @@ def main() -> None:
                      checkpoint_every=2, keep_checkpoints=2)
     result = train(TrainConfig(shards=tuple(shards), recipe=recipe, out=Path(out),
                                max_steps=int(max_steps), resume=resume == "1", num_workers=0,
-                               seed=0, deterministic=True, pictures=False))
+                               seed=0, deterministic=True, pictures=True))
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     (Path(out) / f"losses-rank{rank}-from{result.start_step}.json").write_text(
         json.dumps(result.losses))
