@@ -95,3 +95,52 @@ def build_demo_dump(root: Path | str, *, n_photos: int | None = None) -> DemoDum
             dump.rejections[source] = want
     _parquet(table, originals, dump)
     return dump
+
+
+KNN_PHOTO_CLASSES = ("astronaut", "coffee", "chelsea")  # fallback classes without Fashion-MNIST
+
+
+def build_knn_folders(root: Path | str, *, per_class_train: int = 20, per_class_val: int = 10,
+                      size: int = 56) -> tuple[Path, Path]:
+    """Labelled folders ROOT/{train,val}/<class>/*.png for the demo's k-NN evaluation.
+
+    Fashion-MNIST (10 classes) when the Debian dataset is installed; otherwise random crops
+    of three scikit-image photos, one class per photo (an easy task: it checks the plumbing,
+    not the features). Replaces ROOT.
+    """
+    import numpy as np
+
+    from lvd import datasets
+
+    root = Path(root).resolve()
+    if root.exists():
+        shutil.rmtree(root)
+    train, val = root / "train", root / "val"
+    try:
+        x, y = datasets.load_fashion_mnist("test")
+    except FileNotFoundError:
+        _photo_crop_folders(train, val, per_class_train, per_class_val, size)
+        return train, val
+    picks = np.concatenate([np.flatnonzero(y == c)[: per_class_train + per_class_val]
+                            for c in range(len(datasets.FASHION_MNIST_CLASSES))])
+    is_train = np.concatenate([np.arange(len(np.flatnonzero(y == c)[: per_class_train + per_class_val]))
+                               < per_class_train for c in range(len(datasets.FASHION_MNIST_CLASSES))])
+    datasets.write_labelled_folder(x[picks[is_train]], y[picks[is_train]], train, size=size)
+    datasets.write_labelled_folder(x[picks[~is_train]], y[picks[~is_train]], val, size=size)
+    return train, val
+
+
+def _photo_crop_folders(train: Path, val: Path, n_train: int, n_val: int, size: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    photos = dict(copies.real_photos())
+    for name in KNN_PHOTO_CLASSES:
+        img = photos[name].convert("RGB")
+        side = min(img.size) // 3
+        for i in range(n_train + n_val):
+            left = int(rng.integers(0, img.width - side))
+            top = int(rng.integers(0, img.height - side))
+            d = (train if i < n_train else val) / name
+            d.mkdir(parents=True, exist_ok=True)
+            img.crop((left, top, left + side, top + side)).resize((size, size)).save(d / f"{i:04d}.png")

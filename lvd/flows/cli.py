@@ -15,6 +15,7 @@ import sys
 # Order is the order shown in `lvd --help`.
 COMMAND_MODULES = (
     "demo",
+    "pipeline",
     "curate",
     "verify",
     "pretrain",

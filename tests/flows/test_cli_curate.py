@@ -22,7 +22,7 @@ def small_dump(tmp_path):
 
 def test_help_lists_commands():
     text = cli.build_parser().format_help()
-    assert all(name in text for name in ("curate", "verify", "demo"))
+    assert all(name in text for name in ("curate", "verify", "demo", "pipeline"))
 
 
 def test_curate_then_verify_then_tamper(ray_local, prefect_harness, small_dump, tmp_path, capsys):
@@ -65,10 +65,13 @@ def test_verify_without_a_run_fails(tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end(ray_local, prefect_harness, tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path / "demo")]) == 0
+    # The demo's 30 training steps cut to 2: the test checks the plumbing, not the features.
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--max-steps", "2", "--batch-size", "4"]) == 0
     printed = capsys.readouterr().out
     assert "OK: every input is accounted for" in printed
     assert "prefect server start" in printed and str(tmp_path / "demo" / "run") in printed
+    assert "k-NN top-1 of the teacher:" in printed and "steps 0..2" in printed
+    assert (tmp_path / "demo" / "hf" / "config.json").is_file()
     ledger = pq.read_table(tmp_path / "demo" / "run" / "ledger.parquet")
     statuses = set(ledger["status"].to_pylist())
     assert statuses == {"sharded", "duplicate", "rejected"}  # no seeds, no target: all kept images ship

@@ -1,8 +1,11 @@
-"""`lvd demo`: curate a small built-in sample dump end to end, on CPU, with no setup.
+"""`lvd demo`: the whole pipeline on a small built-in sample dump, on CPU, with no setup.
 
 The dump (real photos shipped with scikit-image / scikit-learn, copies of them, broken files,
 odd encodings, a hostile tar and a Parquet file) is written under OUT/dump and curated into
-OUT/run; then the run is verified and its accounting printed.
+OUT/run (then verified and its accounting printed); a `tiny` ViT is pretrained briefly on
+OUT/run/shards into OUT/pretrain, evaluated by k-NN on a small labelled folder
+(Fashion-MNIST when installed, else crops of three photos) and exported to OUT/hf.
+A few minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -10,31 +13,33 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lvd.flows.commands.curate import add_curate_options, flow_kwargs, run_curate
+from lvd.flows.commands.curate import add_curate_options
+from lvd.flows.commands.pipeline import add_training_options, run_pipeline
+
+DEMO_STEPS = 30
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="curate a built-in sample dump end to end (CPU, offline)",
+        "demo", help="run the whole pipeline on a built-in sample dump (CPU, offline)",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="lvd-demo", metavar="DIR",
                    help="folder for the sample dump and the run (default: ./lvd-demo)")
+    add_training_options(p, max_steps=DEMO_STEPS)
     add_curate_options(p)
-    p.set_defaults(func=main, partition_size=32)
+    p.set_defaults(func=main, partition_size=32, batch_size=16)
 
 
 def main(args: argparse.Namespace) -> int:
-    from lvd.curation.demo import build_demo_dump
+    from lvd.curation.demo import build_demo_dump, build_knn_folders
 
     out = Path(args.out).resolve()
-    print(f"[1/2] building the sample dump under {out / 'dump'} ...", flush=True)
+    print(f"[1/3] building the sample dump under {out / 'dump'} ...", flush=True)
     dump = build_demo_dump(out / "dump")
     print(f"      inputs: {', '.join(dump.inputs)}", flush=True)
-    print(f"[2/2] curating into {out / 'run'} (Prefect flow `curate` over Ray) ...", flush=True)
-    code = run_curate(dump.inputs, str(out / "run"), **flow_kwargs(args))
-    # Later: [3/3] pretrain a small ViT on OUT/run/shards (lvd pretrain) once curation
-    # writes shards; keep the steps above unchanged and append it here.
-    print(f"run folder: {out / 'run'}  (ledger: {out / 'run' / 'ledger.parquet'})")
-    print(f"check it again any time with: lvd verify {out / 'run'}")
-    return code
+    print(f"[2/3] building labelled k-NN folders under {out / 'knn'} ...", flush=True)
+    train, val = build_knn_folders(out / "knn")
+    print(f"[3/3] Prefect flow `pipeline`: curate into {out / 'run'} -> pretrain `{args.recipe}` "
+          f"for {args.max_steps} steps -> k-NN eval -> export to {out / 'hf'} ...", flush=True)
+    return run_pipeline(args, inputs=dump.inputs, out=out, knn_train=str(train), knn_val=str(val))

@@ -1,0 +1,103 @@
+"""`lvd pipeline`: curate dumps, pretrain DINOv2 on the shards, evaluate and export, in one
+Prefect flow (`pipeline`, with `curate` and `pretrain` as subflows).
+
+Output under --out: run/ (curation run folder: ledger.parquet, shards/), pretrain/
+(config.json, metrics.jsonl, checkpoints/, pictures/), hf/ (the teacher backbone as a
+Hugging Face Dinov2 folder, loadable with transformers' AutoModel).
+
+Seeds and eval sets need an embedder; without --embedder a small `tiny` model is first
+trained on the seed images (or the pool) under --out/bootstrap and used as the embedder.
+Parameters are all checked before any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from lvd.flows.commands.curate import (
+    add_curate_options,
+    flow_kwargs,
+    prepare_prefect_env,
+)
+
+
+def add_training_options(p: argparse.ArgumentParser, *, max_steps: int | None) -> None:
+    """Options shared by `lvd pipeline` and `lvd demo`."""
+    p.add_argument("--recipe", default="tiny",
+                   help="pretraining recipe: tiny, vits14, vitb14, vitl14, vitg14 (default: tiny)")
+    p.add_argument("--max-steps", type=int, default=max_steps, metavar="N",
+                   help="stop pretraining after N steps (default: "
+                        + ("the recipe's full length)" if max_steps is None else f"{max_steps})"))
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per training step (default: the recipe's)")
+    p.add_argument("--num-workers", type=int, default=0,
+                   help="data-loading worker processes for training (0: in the training thread)")
+    p.add_argument("--knn-k", type=int, default=20, help="neighbours that vote in k-NN eval")
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "pipeline", help="curate -> pretrain -> k-NN eval -> export, as one Prefect flow",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--input", action="append", required=True, metavar="DUMP",
+                   help="folder of images, tar archive, parquet file or folder of them; repeatable")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: run/, pretrain/, hf/ (reused to resume curation)")
+    p.add_argument("--seeds", action="append", default=[], metavar="DIR_OR_DUMP",
+                   help="seed set to retrieve pool images near; repeatable")
+    p.add_argument("--eval-sets", action="append", default=[], metavar="DIR",
+                   help="evaluation set to decontaminate the pool against; repeatable")
+    p.add_argument("--bootstrap-steps", type=int, default=100, metavar="N",
+                   help="training steps of the bootstrap embedder (seeds/eval sets without --embedder)")
+    p.add_argument("--knn-train", default=None, metavar="DIR",
+                   help="labelled training images DIR/<class>/*.png for k-NN eval (with --knn-val)")
+    p.add_argument("--knn-val", default=None, metavar="DIR",
+                   help="labelled validation images DIR/<class>/*.png for k-NN eval (with --knn-train)")
+    add_training_options(p, max_steps=None)
+    add_curate_options(p)
+    p.set_defaults(func=main)
+
+
+def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
+                 knn_train: str | None, knn_val: str | None, seeds=(), eval_sets=(),
+                 bootstrap_steps: int = 100) -> int:
+    """Run the flow, print the accounting and results; 0 when everything holds."""
+    where = prepare_prefect_env()
+    from lvd.curation.ledger import format_report, verify_run
+    from lvd.flows.pipeline import pipeline
+
+    curate_kw = flow_kwargs(args)
+    embedder = curate_kw.pop("embedder")
+    try:
+        s = pipeline(inputs=[str(i) for i in inputs], out=str(out), recipe=args.recipe,
+                     max_steps=args.max_steps, batch_size=args.batch_size,
+                     num_workers=args.num_workers, seeds=list(seeds), eval_sets=list(eval_sets),
+                     embedder=embedder, bootstrap_steps=bootstrap_steps, knn_train=knn_train,
+                     knn_val=knn_val, knn_k=args.knn_k, curate_options=curate_kw)
+    except ValueError as e:  # refused parameters: nothing was run
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:  # a stage found nothing to go on with (e.g. no shards)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    report = verify_run(Path(s.curate.run_dir))
+    print(format_report(report))
+    p = s.pretrain
+    print(f"pretrained `{p.recipe}` steps {p.start_step}..{p.end_step}, last loss "
+          f"{'-' if p.last_loss is None else f'{p.last_loss:.4f}'}; checkpoint {p.checkpoint}")
+    if p.knn_top1 is not None:
+        print(f"k-NN top-1 of the teacher: {100 * p.knn_top1:.2f}%")
+    print(f"Hugging Face model folder: {s.hf_dir}")
+    print(f"run folder: {s.curate.run_dir}  (ledger: {Path(s.curate.run_dir) / 'ledger.parquet'})")
+    print(f"check it again any time with: lvd verify {s.curate.run_dir}")
+    print(where)
+    return 0 if report.ok else 1
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_pipeline(args, inputs=args.input, out=Path(args.out).resolve(),
+                        knn_train=args.knn_train, knn_val=args.knn_val, seeds=args.seeds,
+                        eval_sets=args.eval_sets, bootstrap_steps=args.bootstrap_steps)

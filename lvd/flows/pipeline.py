@@ -1,0 +1,177 @@
+"""The Prefect flow `pipeline`: curate -> pretrain -> k-NN eval -> export, as one run.
+
+Layout under OUT: `run/` (curation run folder: ledger, shards), `pretrain/` (training
+output: metrics, checkpoints, pictures), `hf/` (the teacher backbone as a Hugging Face
+Dinov2 folder). `curate` and `pretrain` run as subflows, so the Prefect UI shows each with
+its own tasks and artifacts under the pipeline run.
+
+Every parameter is checked before any work starts (nothing is created under OUT when a
+check fails), and all problems are reported at once.
+
+Bootstrap: seeds, eval sets and a target size need an embedder. When none is given, a
+`tiny` model is first trained on the seed images (or, with eval sets only, on the pool):
+they are curated alone into `OUT/bootstrap/run` (no embedder needed for that), trained for
+`bootstrap_steps` into `OUT/bootstrap/pretrain`, and that run folder becomes the embedder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+
+from lvd.flows.curate import CurateSummary, curate
+from lvd.flows.pretrain_flow import PretrainSummary, pretrain
+
+BOOTSTRAP_RECIPE = "tiny"
+# Curate options the bootstrap curation (no embedder) accepts; retrieval settings are not.
+BASE_CURATE_KEYS = ("partition_size", "ingest", "dedup", "max_retries", "ray_address", "shard_size")
+
+
+@dataclass(frozen=True, kw_only=True)
+class PipelineSummary:
+    """What `pipeline` returns: the sub-run summaries and where the exported model is."""
+
+    out: str
+    curate: CurateSummary
+    pretrain: PretrainSummary
+    hf_dir: str
+    embedder: str | None
+    bootstrapped: bool
+
+
+def _missing(paths: list[str] | None, flag: str) -> list[str]:
+    return [f"{flag} {p}: no such file or folder" for p in paths or [] if not Path(p).exists()]
+
+
+def validate(*, inputs: list[str], out: str, recipe: str, max_steps: int | None,
+             batch_size: int | None, seeds: list[str], eval_sets: list[str],
+             embedder: str | None, knn_train: str | None, knn_val: str | None,
+             bootstrap_steps: int) -> None:
+    """Raise ValueError listing every problem with the parameters (before any work)."""
+    from lvd.pretrain.recipes import RECIPES
+
+    problems = [] if inputs else ["no --input given: pass at least one dump to curate"]
+    problems += _missing(inputs, "--input") + _missing(seeds, "--seeds")
+    problems += _missing(eval_sets, "--eval-sets")
+    if twice := sorted({i for i in inputs if inputs.count(i) > 1}):
+        problems.append(f"--input given more than once (each input must count once): {', '.join(twice)}")
+    if recipe not in RECIPES:
+        problems.append(f"unknown recipe {recipe!r}: use one of {', '.join(sorted(RECIPES))}")
+    for name, value in (("--max-steps", max_steps), ("--batch-size", batch_size),
+                        ("--bootstrap-steps", bootstrap_steps)):
+        if value is not None and value < 1:
+            problems.append(f"{name} {value}: use at least 1")
+    if embedder is not None:
+        problems += _missing([embedder], "--embedder")
+    if (knn_train is None) != (knn_val is None):
+        problems.append("k-NN evaluation needs both --knn-train and --knn-val (labelled DIR/<class>/*.png)")
+    for flag, d in (("--knn-train", knn_train), ("--knn-val", knn_val)):
+        if d is not None and not Path(d).is_dir():
+            problems.append(f"{flag} {d}: not a folder of class sub-folders")
+    if Path(out).exists() and not Path(out).is_dir():
+        problems.append(f"--out {out}: exists and is not a folder")
+    if problems:
+        raise ValueError("pipeline parameters refused:\n  - " + "\n  - ".join(problems))
+
+
+def _shards(run_dir: str) -> list[str]:
+    found = sorted(str(p) for p in (Path(run_dir) / "shards").glob("shard-*.tar"))
+    if not found:
+        raise RuntimeError(f"curation of {run_dir} shipped no images (no shards): nothing to "
+                           "pretrain on; check the ledger with `lvd verify`")
+    return found
+
+
+def _curated(summary: CurateSummary) -> CurateSummary:
+    if summary.problems:
+        raise RuntimeError("curation accounting is broken, not training on it:\n  "
+                           + "\n  ".join(summary.problems))
+    return summary
+
+
+def _bootstrap(root: Path, data: list[str], steps: int, batch_size: int | None,
+               curate_kw: dict) -> str:
+    """Curate `data` alone and train a tiny model on it; returns its run folder (the embedder)."""
+    log = get_run_logger()
+    log.warning("no --embedder: bootstrapping one: curating %d seed input(s) and training a "
+                "`%s` model for %d steps on them; it embeds the pool for retrieval and "
+                "decontamination", len(data), BOOTSTRAP_RECIPE, steps)
+    base = {k: v for k, v in curate_kw.items() if k in BASE_CURATE_KEYS}
+    boot = _curated(curate(inputs=data, out=str(root / "run"), **base))
+    pretrain(shards=_shards(boot.run_dir), out=str(root / "pretrain"), recipe=BOOTSTRAP_RECIPE,
+             max_steps=steps, batch_size=batch_size)
+    log.info("bootstrap embedder ready: %s", root / "pretrain")
+    return str(root / "pretrain")
+
+
+@task(name="export-hf", cache_policy=NO_CACHE)
+def export_task(checkpoint: str, hf_dir: Path) -> Path:
+    from lvd.pretrain.checkpoint import load_teacher_backbone
+    from lvd.pretrain.models.hf import export_hf
+
+    path = export_hf(load_teacher_backbone(checkpoint), hf_dir)
+    get_run_logger().info("export: teacher backbone of %s -> %s (Hugging Face Dinov2)", checkpoint, path)
+    return path
+
+
+def _summary_markdown(s: PipelineSummary) -> str:
+    knn = s.pretrain.knn_top1
+    return "\n".join([
+        "# Pipeline summary", "",
+        "| | |", "|---|---|",
+        f"| curation run | `{s.curate.run_dir}` |",
+        f"| inputs by status | {', '.join(f'{k}: {v}' for k, v in sorted(s.curate.by_status.items()))} |",
+        f"| embedder | {'bootstrapped ' if s.bootstrapped else ''}`{s.embedder}` |",
+        f"| pretraining | `{s.pretrain.recipe}`, steps {s.pretrain.start_step} -> {s.pretrain.end_step} |",
+        f"| k-NN top-1 | {'-' if knn is None else f'{100 * knn:.2f}%'} |",
+        f"| Hugging Face folder | `{s.hf_dir}` |",
+    ])
+
+
+@flow(name="pipeline")
+def pipeline(
+    inputs: list[str],
+    out: str,
+    recipe: str = "tiny",
+    max_steps: int | None = None,
+    batch_size: int | None = None,
+    num_workers: int = 0,
+    seeds: list[str] | None = None,
+    eval_sets: list[str] | None = None,
+    embedder: str | None = None,
+    bootstrap_steps: int = 100,
+    knn_train: str | None = None,
+    knn_val: str | None = None,
+    knn_k: int = 20,
+    curate_options: dict | None = None,
+) -> PipelineSummary:
+    """Curate `inputs`, pretrain `recipe` on the shards, evaluate, export (module doc)."""
+    inputs, seeds, eval_sets = [str(i) for i in inputs], list(seeds or []), list(eval_sets or [])
+    validate(inputs=inputs, out=out, recipe=recipe, max_steps=max_steps, batch_size=batch_size,
+             seeds=seeds, eval_sets=eval_sets, embedder=embedder, knn_train=knn_train,
+             knn_val=knn_val, bootstrap_steps=bootstrap_steps)
+    root, log = Path(out).resolve(), get_run_logger()
+    curate_kw = dict(curate_options or {})
+    bootstrapped = embedder is None and bool(seeds or eval_sets)
+    if bootstrapped:
+        embedder = _bootstrap(root / "bootstrap", seeds or inputs, bootstrap_steps, batch_size, curate_kw)
+    log.info("pipeline [1/4] curate %d input(s) -> %s", len(inputs), root / "run")
+    cur = _curated(curate(inputs=inputs, out=str(root / "run"), seeds=seeds, eval_sets=eval_sets,
+                          embedder=embedder, **curate_kw))
+    log.info("pipeline [2/4] pretrain %s on %s", recipe, root / "run" / "shards")
+    pre = pretrain(shards=_shards(cur.run_dir), out=str(root / "pretrain"), recipe=recipe,
+                   max_steps=max_steps, batch_size=batch_size, num_workers=num_workers,
+                   knn_train=knn_train, knn_val=knn_val, knn_k=knn_k)
+    log.info("pipeline [3/4] k-NN top-1: %s", "skipped (no --knn-train/--knn-val)"
+             if pre.knn_top1 is None else f"{100 * pre.knn_top1:.2f}%")
+    log.info("pipeline [4/4] export the teacher backbone -> %s", root / "hf")
+    hf = export_task(pre.checkpoint, root / "hf")
+    summary = PipelineSummary(out=str(root), curate=cur, pretrain=pre, hf_dir=str(hf),
+                              embedder=embedder, bootstrapped=bootstrapped)
+    create_markdown_artifact(markdown=_summary_markdown(summary), key="pipeline-summary",
+                             description="curate -> pretrain -> k-NN -> export")
+    return summary
