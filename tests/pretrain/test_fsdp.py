@@ -1,6 +1,7 @@
 """FSDP2 across 2 processes on CPU (torchrun + gloo): exact resume from sharded DCP
 checkpoints, and one global batch on 1 rank vs split over 2 ranks giving the same losses."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ import torch
 
 from lvd.datasets import load_fashion_mnist, write_shards
 from lvd.pretrain import checkpoint as ckpt
+from lvd.pretrain.distributed import train_on_ranks
+from lvd.pretrain.train import TrainConfig
 
 SCRIPTS = Path(__file__).parent / "_dist_scripts"
 
@@ -54,6 +57,15 @@ def test_two_rank_resume_is_exact(shards, tmp_path):
         torch.testing.assert_close(pa, pb, rtol=0, atol=0, msg=name)
     t2 = ckpt.load_teacher_backbone(a / "checkpoints" / "step_0000002")
     assert not torch.equal(t2.blocks[0].attn.qkv.weight, ta.blocks[0].attn.qkv.weight)
+
+    # the same run started from Python through the elastic launcher (`--nproc-per-node`)
+    spec = importlib.util.spec_from_file_location("run_train", SCRIPTS / "run_train.py")
+    run_train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run_train)
+    cfg = TrainConfig(shards=tuple(shards), recipe=run_train.test_recipe(), out=tmp_path / "c",
+                      max_steps=2, num_workers=0, seed=0, deterministic=True, pictures=False)
+    result = train_on_ranks(cfg, 2)
+    assert result.losses == _losses(a, 0, 0)[:2]
 
 
 def test_global_batch_on_one_and_two_ranks(tmp_path):

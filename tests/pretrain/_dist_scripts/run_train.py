@@ -16,11 +16,15 @@ from lvd.pretrain.recipes import tiny
 from lvd.pretrain.train import TrainConfig, train
 
 
+def test_recipe():
+    return replace(tiny(), batch_size=4, epochs=4, epoch_length=2, log_every=1,
+                   checkpoint_every=2, keep_checkpoints=2)
+
+
 def main() -> None:
     out, max_steps, resume, *shards = sys.argv[1:]
     torch.set_num_threads(1)
-    recipe = replace(tiny(), batch_size=4, epochs=4, epoch_length=2, log_every=1,
-                     checkpoint_every=2, keep_checkpoints=2)
+    recipe = test_recipe()
     result = train(TrainConfig(shards=tuple(shards), recipe=recipe, out=Path(out),
                                max_steps=int(max_steps), resume=resume == "1", num_workers=0,
                                seed=0, deterministic=True, pictures=True))
