@@ -36,7 +36,10 @@ def _client():
 
 
 def test_subflows_complete_and_outputs_exist(pipeline_run):
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterParentFlowRunId,
+    )
 
     root, state = pipeline_run
     assert state.is_completed()
@@ -64,7 +67,7 @@ def test_exported_folder_is_the_teacher(pipeline_run):
     from lvd.pretrain.checkpoint import load_teacher_backbone
     from lvd.pretrain.models.load import load_backbone
 
-    root, state = pipeline_run
+    _, state = pipeline_run
     summary = state.result()
     hf = load_backbone(summary.hf_dir)
     teacher = load_teacher_backbone(summary.pretrain.checkpoint)
@@ -133,3 +136,21 @@ def test_pictures_markdown_embeds_newest_first(tmp_path):
         (tmp_path / f"step_{step:07d}.png").write_bytes(b"\x89PNG" + bytes([step]))
     md = pictures_markdown(tmp_path)
     assert md.index("step_0000030") < md.index("step_0000020") and "step_0000010" not in md
+
+
+def test_bootstrap_embedder_without_embedder(ray_local, prefect_harness, tmp_path):
+    """Seeds without --embedder: a tiny model is trained on the seeds first and embeds the pool."""
+    from lvd.flows.pipeline import pipeline
+
+    testdata.write_photo_jpegs(tmp_path / "pool", 12, side=96)
+    testdata.write_photo_jpegs(tmp_path / "seeds", 4, side=96, seed=3)
+    out = tmp_path / "out"
+    s = pipeline(inputs=[str(tmp_path / "pool")], out=str(out), max_steps=1, batch_size=4,
+                 seeds=[str(tmp_path / "seeds")], bootstrap_steps=1,
+                 curate_options={"partition_size": 4})
+    assert s.bootstrapped and s.embedder == str(out / "bootstrap" / "pretrain")
+    assert verify_run(out / "bootstrap" / "run").by_status == {"sharded": 4}  # the seeds alone
+    assert (out / "bootstrap" / "pretrain" / "checkpoints" / "step_0000001").is_dir()
+    report = verify_run(out / "run")
+    assert report.ok and report.inputs == 12 and (out / "run" / "retrieve" / "selection.parquet").is_file()
+    assert (out / "run" / "embed").is_dir() and s.curate.by_status.get("sharded", 0) >= 1
