@@ -9,7 +9,7 @@ Every parameter is checked before any work starts (nothing is created under OUT 
 check fails), and all problems are reported at once.
 
 Bootstrap: seeds, eval sets and a target size need an embedder. When none is given, a
-`tiny` model is first trained on the seed images (or, with eval sets only, on the pool):
+`tiny` model is first trained on the seed images (or, without seeds, on the pool):
 they are curated alone into `OUT/bootstrap/run` (no embedder needed for that), trained for
 `bootstrap_steps` into `OUT/bootstrap/pretrain`, and that run folder becomes the embedder.
 """
@@ -50,7 +50,7 @@ def _missing(paths: list[str] | None, flag: str) -> list[str]:
 def validate(*, inputs: list[str], out: str, recipe: str, max_steps: int | None,
              batch_size: int | None, seeds: list[str], eval_sets: list[str],
              embedder: str | None, knn_train: str | None, knn_val: str | None,
-             bootstrap_steps: int) -> None:
+             bootstrap_steps: int, curate_options: dict) -> None:
     """Raise ValueError listing every problem with the parameters (before any work)."""
     from lvd.pretrain.recipes import RECIPES
 
@@ -72,6 +72,10 @@ def validate(*, inputs: list[str], out: str, recipe: str, max_steps: int | None,
     for flag, d in (("--knn-train", knn_train), ("--knn-val", knn_val)):
         if d is not None and not Path(d).is_dir():
             problems.append(f"{flag} {d}: not a folder of class sub-folders")
+    if curate_options.get("retrieval") == "hierarchical" and curate_options.get("target_size") is None:
+        problems.append("--retrieval hierarchical samples the pool to a size: pass --target-size N")
+    if clash := sorted({"inputs", "out", "seeds", "eval_sets", "embedder"} & set(curate_options)):
+        problems.append(f"curate_options must not set {', '.join(clash)}: they are pipeline parameters")
     if Path(out).exists() and not Path(out).is_dir():
         problems.append(f"--out {out}: exists and is not a folder")
     if problems:
@@ -105,6 +109,9 @@ def _bootstrap(root: Path, data: list[str], steps: int, batch_size: int | None,
     pretrain(shards=_shards(boot.run_dir), out=str(root / "pretrain"), recipe=BOOTSTRAP_RECIPE,
              max_steps=steps, batch_size=batch_size)
     log.info("bootstrap embedder ready: %s", root / "pretrain")
+    log.warning("a briefly trained embedder puts unrelated images close together: calibrate "
+                "--copy-threshold / --decontam-threshold for it (benchmarks/copy_threshold.py) "
+                "or the defaults may drop most of the pool as copies or contamination")
     return str(root / "pretrain")
 
 
@@ -153,10 +160,10 @@ def pipeline(
     inputs, seeds, eval_sets = [str(i) for i in inputs], list(seeds or []), list(eval_sets or [])
     validate(inputs=inputs, out=out, recipe=recipe, max_steps=max_steps, batch_size=batch_size,
              seeds=seeds, eval_sets=eval_sets, embedder=embedder, knn_train=knn_train,
-             knn_val=knn_val, bootstrap_steps=bootstrap_steps)
+             knn_val=knn_val, bootstrap_steps=bootstrap_steps, curate_options=curate_options or {})
     root, log = Path(out).resolve(), get_run_logger()
     curate_kw = dict(curate_options or {})
-    bootstrapped = embedder is None and bool(seeds or eval_sets)
+    bootstrapped = embedder is None and bool(seeds or eval_sets or curate_kw.get("target_size"))
     if bootstrapped:
         embedder = _bootstrap(root / "bootstrap", seeds or inputs, bootstrap_steps, batch_size, curate_kw)
     log.info("pipeline [1/4] curate %d input(s) -> %s", len(inputs), root / "run")

@@ -109,9 +109,11 @@ def test_parameters_refused_before_any_work(prefect_harness, tmp_path):
 
 def test_cli_refuses_with_exit_code_2(prefect_harness, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["pipeline", "--input", str(tmp_path / "nothing"), "--out", str(out), "--recipe", "tiny"]
+    argv = ["pipeline", "--input", str(tmp_path / "nothing"), "--out", str(out), "--recipe", "tiny",
+            "--retrieval", "hierarchical"]
     assert cli.main(argv) == 2
-    assert "--input" in capsys.readouterr().err and not out.exists()
+    err = capsys.readouterr().err
+    assert "--input" in err and "pass --target-size N" in err and not out.exists()
 
 
 def test_help_documents_every_flag():
