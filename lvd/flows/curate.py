@@ -40,8 +40,8 @@ from lvd.flows import artifacts, curate_part2 as p2
 
 NO_EMBEDDER = (
     "{what} need(s) image embeddings: pass --embedder (an lvd checkpoint, an official DINOv2 "
-    ".pth file or a local Hugging Face Dinov2 folder). Training a bootstrap embedder inside lvd "
-    "comes in a later release."
+    ".pth file or a local Hugging Face Dinov2 folder), or run `lvd pipeline`, which pretrains a "
+    "small bootstrap embedder on the seeds when none is given."
 )
 
 

@@ -136,6 +136,8 @@ def retrieve_task(run_dir: Path, seed_dirs: dict[str, Path], cfg: RetrieveConfig
 
 def _retrieval_pictures(run_dir: Path, sel, seed_dirs: dict[str, Path]) -> None:
     t, h = stages_select.read_clusters(run_dir)
+    if t.num_rows == 0 or not h.levels:  # nothing left to cluster (e.g. all decontaminated)
+        return
     leaf = dict(zip(t["uid"].to_pylist(), t["leaf"].to_pylist()))
     k = len(h.levels[0].centroids_KD)
     before = np.bincount(t["leaf"].to_numpy(), minlength=k)

@@ -196,3 +196,19 @@ def test_part2_artifacts_reported(run):
     png = latest["curate-retrieve-histogram"].data.split("base64,")[1].rstrip(")")
     img = Image.open(io.BytesIO(__import__("base64").b64decode(png)))
     assert img.format == "PNG" and img.size == (320, 120)
+
+
+def test_everything_decontaminated_still_completes(ray_local, prefect_harness, data, embedder, tmp_path):
+    """An embedder that sees every image alike (e.g. a barely trained bootstrap) with a loose
+    threshold removes the whole pool: retrieval has nothing to cluster, and the run must still
+    finish with an empty selection and a consistent ledger."""
+    from lvd.flows.curate import curate
+
+    dump, seeds, evalset, _, _ = data
+    opts = {**OPTS, "decontam_threshold": -1.0}  # every pool image "matches" an eval image
+    summary = curate(inputs=dump.inputs, out=str(tmp_path), seeds=[seeds], eval_sets=[evalset],
+                     embedder=embedder, **opts)
+    assert summary.ok
+    statuses = {r["status"] for r in rows(tmp_path)}
+    assert "sharded" not in statuses and "decontaminated" in statuses
+    assert lg.verify_run(tmp_path).ok
