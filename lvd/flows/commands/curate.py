@@ -74,6 +74,13 @@ def register(subparsers) -> None:
                    help="seed set to retrieve pool images near; repeatable (needs --embedder)")
     p.add_argument("--eval-sets", action="append", default=[], metavar="DIR",
                    help="evaluation set to decontaminate against; repeatable (needs --embedder)")
+    add_selection_options(p)
+    add_curate_options(p)
+    p.set_defaults(func=main)
+
+
+def add_selection_options(p: argparse.ArgumentParser) -> None:
+    """The embedding-based options of `lvd curate` and `lvd pipeline` (they need an embedder)."""
     p.add_argument("--retrieval", choices=["sample", "cluster", "hierarchical"], default="sample",
                    help="sample: k=4 nearest per seed; cluster: clusters holding >3 seeds; "
                         "hierarchical: balanced sampling of a cluster tree to --target-size")
@@ -84,11 +91,10 @@ def register(subparsers) -> None:
     p.add_argument("--include-seeds", action="store_true",
                    help="ship the seed images too (sample / cluster retrieval)")
     p.add_argument("--copy-threshold", type=float, default=None,
-                   help="cosine above which a neighbour is a copy (default 0.6; calibrate per backbone)")
+                   help="cosine above which a neighbour is a copy (default 0.6; calibrate per "
+                        "backbone: a briefly trained bootstrap embedder needs a higher one)")
     p.add_argument("--decontam-threshold", type=float, default=0.45,
                    help="cosine to an eval image above which a pool component is removed")
-    add_curate_options(p)
-    p.set_defaults(func=main)
 
 
 def flow_kwargs(args: argparse.Namespace) -> dict:

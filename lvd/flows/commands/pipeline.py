@@ -18,6 +18,7 @@ from pathlib import Path
 
 from lvd.flows.commands.curate import (
     add_curate_options,
+    add_selection_options,
     flow_kwargs,
     part2_kwargs,
     prepare_prefect_env,
@@ -57,28 +58,10 @@ def register(subparsers) -> None:
                    help="labelled training images DIR/<class>/*.png for k-NN eval (with --knn-val)")
     p.add_argument("--knn-val", default=None, metavar="DIR",
                    help="labelled validation images DIR/<class>/*.png for k-NN eval (with --knn-train)")
-    _add_selection_options(p)
+    add_selection_options(p)
     add_training_options(p, max_steps=None)
     add_curate_options(p)
     p.set_defaults(func=main)
-
-
-def _add_selection_options(p: argparse.ArgumentParser) -> None:
-    """`lvd curate`'s embedding-based options (they need --embedder or the bootstrap)."""
-    p.add_argument("--retrieval", choices=["sample", "cluster", "hierarchical"], default="sample",
-                   help="sample: k=4 nearest per seed; cluster: clusters holding >3 seeds; "
-                        "hierarchical: balanced sampling of a cluster tree to --target-size")
-    p.add_argument("--target-size", type=int, default=None, metavar="N",
-                   help="images to select (balanced sampling), or a cap per seed set with --seeds")
-    p.add_argument("--clusters", type=int, default=None, metavar="K",
-                   help="k-means clusters (finest level); default sqrt(#images)")
-    p.add_argument("--include-seeds", action="store_true",
-                   help="ship the seed images too (sample / cluster retrieval)")
-    p.add_argument("--copy-threshold", type=float, default=None,
-                   help="cosine above which a neighbour is a copy (default 0.6; calibrate per "
-                        "backbone: a briefly trained bootstrap embedder needs a higher one)")
-    p.add_argument("--decontam-threshold", type=float, default=0.45,
-                   help="cosine to an eval image above which a pool component is removed")
 
 
 def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
