@@ -55,3 +55,18 @@ def test_pretrain_reports_missing_shards(tmp_path):
     with pytest.raises(SystemExit, match="missing shards"):
         main(["pretrain", "--shards", str(tmp_path / "none"), "--recipe", "tiny",
               "--out", str(tmp_path / "o")])
+
+
+def test_pretrain_on_two_ranks_then_resume(data, capsys):
+    """`--nproc-per-node 2`: two gloo ranks with FSDP2 write one sharded checkpoint that a
+    single process reads, and a 2-rank `--resume` continues from it."""
+    out = data / "run2"
+    args = ["pretrain", "--shards", str(data / "shards"), "--recipe", "tiny", "--out", str(out),
+            "--batch-size", "4", "--num-workers", "0", "--nproc-per-node", "2"]
+    assert main([*args, "--max-steps", "2"]) == 0
+    assert "trained steps 0..2 of recipe tiny" in capsys.readouterr().out
+    meta = json.loads((out / "checkpoints" / "step_0000002" / "meta.json").read_text())
+    assert meta["world_size"] == 2
+    assert main([*args, "--max-steps", "3", "--resume"]) == 0
+    assert "trained steps 2..3 of recipe tiny" in capsys.readouterr().out
+    assert load_teacher_backbone(out).cls_token.shape[-1] == 192

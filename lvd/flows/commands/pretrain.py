@@ -1,4 +1,11 @@
-"""`lvd pretrain`: train DINOv2 on curation shards (one process; CPU, or a GPU when present)."""
+"""`lvd pretrain`: train DINOv2 on curation shards.
+
+One process by default (CPU, or a GPU when present); `--nproc-per-node N` starts N ranks on
+this machine through torch.distributed's elastic launcher (what `torchrun --standalone` does)
+and shards the model with FSDP2. For several machines, start the same command under torchrun
+yourself (`torchrun --nnodes M --nproc-per-node N --rdzv-endpoint HOST:PORT -m lvd.flows.cli
+pretrain ...`): training joins the process group torchrun sets up.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for model init, crops and masks")
     p.add_argument("--device", default=None,
                    help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="ranks to start on this machine (FSDP2; gloo on CPU, NCCL on GPUs); "
+                        "--batch-size is then per rank")
     p.add_argument("--deterministic", action="store_true",
                    help="use deterministic torch algorithms (bit-exact resume on CPU; slower)")
     p.set_defaults(func=main)
@@ -46,11 +56,19 @@ def main(args: argparse.Namespace) -> int:
     recipe = get_recipe(args.recipe)
     if args.batch_size is not None:
         recipe = replace(recipe, batch_size=args.batch_size)
-    result = train(TrainConfig(
+    if args.nproc_per_node < 1:
+        raise SystemExit(f"lvd pretrain: --nproc-per-node {args.nproc_per_node}: use 1 or more")
+    cfg = TrainConfig(
         shards=shards, recipe=recipe, out=args.out,
         max_steps=args.max_steps, resume=args.resume, num_workers=args.num_workers,
         seed=args.seed, device=args.device, deterministic=args.deterministic,
-    ))
+    )
+    if args.nproc_per_node > 1:
+        from lvd.pretrain.distributed import train_on_ranks
+
+        result = train_on_ranks(cfg, args.nproc_per_node)
+    else:
+        result = train(cfg)
     last = result.losses[-1]["loss"] if result.losses else float("nan")
     print(f"trained steps {result.start_step}..{result.end_step} of recipe {recipe.name}; "
           f"last loss {last:.4f}; checkpoint {result.last_checkpoint}")
