@@ -13,6 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from lvd.pretrain.losses.sinkhorn import sinkhorn_knopp
+
 
 @torch.no_grad()
 def global_mean(x_NK: torch.Tensor) -> torch.Tensor:
@@ -26,14 +28,26 @@ def global_mean(x_NK: torch.Tensor) -> torch.Tensor:
 
 
 class CenteredTeacher(nn.Module):
-    """Holds the `center` buffer [1, K] (saved in state_dict for exact resume)."""
+    """What the DINO and iBOT losses share: the student temperature, the `center` buffer
+    [1, K] (saved in state_dict for exact resume) and the two ways of centring the teacher."""
 
-    def __init__(self, out_dim: int, *, center_momentum: float) -> None:
+    def __init__(self, out_dim: int, *, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
         super().__init__()
+        if student_temp <= 0:
+            raise ValueError(f"student_temp={student_temp}: must be positive (DINOv2 uses 0.1)")
         if not 0.0 <= center_momentum <= 1.0:
             raise ValueError(f"center_momentum={center_momentum}: must be in [0, 1] (DINOv2 uses 0.9)")
+        self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    @torch.no_grad()
+    def sinkhorn_knopp_teacher(
+        self, teacher_logits_NK: torch.Tensor, teacher_temp: float, n_iterations: int = 3
+    ) -> torch.Tensor:
+        """Sinkhorn-Knopp teacher probabilities [N, K] over the rows of all ranks (all ranks
+        call it together)."""
+        return sinkhorn_knopp(teacher_logits_NK, teacher_temp, n_iterations)
 
     @torch.no_grad()
     def softmax_center_teacher(self, teacher_logits_NK: torch.Tensor, teacher_temp: float) -> torch.Tensor:

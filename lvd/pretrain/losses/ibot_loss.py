@@ -17,23 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from lvd.pretrain.losses.centering import CenteredTeacher
-from lvd.pretrain.losses.sinkhorn import sinkhorn_knopp
 
 
 class iBOTPatchLoss(CenteredTeacher):  # noqa: N801 (the paper's spelling)
-    def __init__(self, out_dim: int, *, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__(out_dim, center_momentum=center_momentum)
-        if student_temp <= 0:
-            raise ValueError(f"student_temp={student_temp}: must be positive (DINOv2 uses 0.1)")
-        self.student_temp = student_temp
-
-    @torch.no_grad()
-    def sinkhorn_knopp_teacher(
-        self, teacher_logits_MK: torch.Tensor, teacher_temp: float, n_iterations: int = 3
-    ) -> torch.Tensor:
-        """Sinkhorn-Knopp probabilities [M, K] over the masked tokens of all ranks."""
-        return sinkhorn_knopp(teacher_logits_MK, teacher_temp, n_iterations)
-
     def forward(
         self,
         student_logits_MK: torch.Tensor,
