@@ -2,8 +2,12 @@
 
 Per step: schedules -> forward (teacher targets, student outputs, losses) -> finite check ->
 backward -> freeze prototypes / clip -> AdamW -> EMA teacher -> log -> checkpoint.
-Outputs under OUT: `config.json` (the recipe), `metrics.jsonl` (one JSON line per logged
-step), `checkpoints/step_NNNNNNN/` (DCP, see checkpoint.py), `pictures/step_NNNNNNN.png`.
+Outputs under OUT: `config.json` (the recipe), `metrics.jsonl` (rank 0 writes a JSON line
+per logged step: its losses, and the corrupt samples of all ranks), `checkpoints/step_NNNNNNN/`
+(DCP, see checkpoint.py), `pictures/step_NNNNNNN.png`, `ranks/rankR.pid` (pid and host of
+each rank while it trains; a file left behind names a rank that died). Shards and a resume's
+checkpoint (recipe, world size) are checked before the model is built, so bad inputs fail in
+seconds; failures.py holds those checks and the out-of-memory message.
 A resumed run restores models, optimizer, centres, RNG and data position, and continues
 with exactly the losses an uninterrupted run would have had (deterministic mode, CPU).
 """
@@ -12,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lvd.pretrain import checkpoint as ckpt
-from lvd.pretrain.distributed import init_distributed
+from lvd.pretrain.distributed import all_ranks_mean, init_distributed
+from lvd.pretrain.failures import check_recipe, check_shard_files, check_world_size, oom_message
 from lvd.pretrain.meta_arch import MetaArch, StepOutput
 from lvd.pretrain.optim import (
     apply_schedules, build_adamw, clip_gradients, param_groups, zero_last_layer_grads,
@@ -184,30 +191,50 @@ def _build(recipe: Recipe, rt: Runtime):
     return meta, optimizer
 
 
-def _maybe_resume(cfg: TrainConfig, meta: MetaArch, optimizer) -> tuple[int, Path | None]:
-    """(first step to run, checkpoint resumed from) — (0, None) for a fresh run."""
+def _resume_point(cfg: TrainConfig, rt: Runtime) -> Path | None:
+    """The checkpoint to resume from, checked against this run; None for a fresh run."""
     last = ckpt.latest_checkpoint(cfg.out) if cfg.resume else None
-    if last is None:
-        return 0, None
-    saved = Recipe.from_dict(ckpt.read_meta(last).recipe)
-    if saved != cfg.recipe:
-        raise ValueError(f"{last} was trained with recipe {saved.name!r} and other settings; "
-                         "resume with the same --recipe and --batch-size")
-    return _restore(meta, optimizer, last).step, last
+    if last is not None:
+        saved = ckpt.read_meta(last)
+        check_world_size(last, saved.world_size, rt.world_size)
+        check_recipe(last, Recipe.from_dict(saved.recipe), cfg.recipe)
+    return last
+
+
+def _write_pid(out: Path, rank: int) -> Path:
+    path = out / "ranks" / f"rank{rank}.pid"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{os.getpid()}\n{socket.gethostname()}\n")
+    return path
+
+
+def _step_or_explain(meta: MetaArch, optimizer, batch, v: ScheduleValues, step: int,
+                     rt: Runtime) -> StepOutput:
+    try:
+        return _train_step(meta, optimizer, batch, v, step, rt)
+    except torch.OutOfMemoryError as e:
+        raise torch.OutOfMemoryError(oom_message(
+            meta.recipe, world_size=rt.world_size, step=step,
+            bf16=rt.autocast_dtype == torch.bfloat16, device=rt.device)) from e
 
 
 def train(cfg: TrainConfig) -> TrainResult:
     rt = setup_runtime(init_distributed(cfg.device))
+    check_shard_files(cfg.shards)
+    last = _resume_point(cfg, rt)
+    pid_file = _write_pid(cfg.out, rt.rank)
     torch.use_deterministic_algorithms(cfg.deterministic)
     recipe = cfg.recipe
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 needs it)
     meta, optimizer = _build(recipe, rt)
     torch.manual_seed(cfg.seed + rt.rank)  # then each rank its own stream
     schedules = build_schedules(recipe.schedule_config(world_size=rt.world_size))
-    start, last = _maybe_resume(cfg, meta, optimizer)
-    cfg.out.mkdir(parents=True, exist_ok=True)
-    (cfg.out / "config.json").write_text(recipe.to_json())
-    metrics = MetricsLog(cfg.out / "metrics.jsonl", resume_step=start)
+    start = 0 if last is None else _restore(meta, optimizer, last).step
+    # one writer: every rank appending its own lines made the log ambiguous
+    metrics = None
+    if rt.rank == 0:
+        (cfg.out / "config.json").write_text(recipe.to_json())
+        metrics = MetricsLog(cfg.out / "metrics.jsonl", resume_step=start)
 
     meta.train()
     loader = _make_loader(cfg, rt, start_batch=start)
@@ -217,20 +244,24 @@ def train(cfg: TrainConfig) -> TrainResult:
         if picture_x is None:
             picture_x = batch.global_crops[:N_PICTURE_IMAGES].detach().clone()
         v = schedules.at(step)
-        out = _train_step(meta, optimizer, batch, v, step, rt)
+        out = _step_or_explain(meta, optimizer, batch, v, step, rt)
         losses.append(out.losses.as_floats())
         done, window, corrupt = step + 1, window + 1, corrupt + batch.n_corrupt
         if done % recipe.log_every == 0 or done == cfg.end_step:
             seconds, tick = time.perf_counter() - tick, time.perf_counter()
-            metrics.write({
-                "step": step, **losses[-1], "lr": v.lr, "wd": v.weight_decay,
-                "momentum": v.momentum, "teacher_temp": v.teacher_temp,
-                "entropy": out.entropy, "proto_usage": out.proto_usage,
-                "images_per_s": window * recipe.batch_size * rt.world_size / seconds,
-                "corrupt_samples": corrupt,  # replaced undecodable samples since the last line
-            })
+            corrupt = round(all_ranks_mean(corrupt, rt.device) * rt.world_size)  # a collective
+            if metrics is not None:
+                metrics.write({
+                    "step": step, **losses[-1], "lr": v.lr, "wd": v.weight_decay,
+                    "momentum": v.momentum, "teacher_temp": v.teacher_temp,
+                    "entropy": out.entropy, "proto_usage": out.proto_usage,
+                    "images_per_s": window * recipe.batch_size * rt.world_size / seconds,
+                    # undecodable samples replaced since the last line, all ranks together
+                    "corrupt_samples": corrupt,
+                })
             window = corrupt = 0
         if done % recipe.checkpoint_every == 0 or done == cfg.end_step:
             last = _save(cfg, meta, optimizer, done, rt, picture_x)
+    pid_file.unlink(missing_ok=True)  # a pid file left behind names a rank that died
     return TrainResult(out=cfg.out, start_step=start, end_step=cfg.end_step,
                        last_checkpoint=last, losses=losses)

@@ -1,0 +1,91 @@
+"""Fail-fast checks and messages of the training loop: each says what went wrong and what to change.
+
+- shards that are empty or not tar files, found before any model is built (missing and
+  unreadable paths are refused earlier, by `data.expand_shards`);
+- a resume whose checkpoint was written by another number of ranks;
+- a CUDA out-of-memory in a step, re-raised naming the settings that lower memory.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Sequence
+
+import torch
+
+from lvd.pretrain.recipes import Recipe
+
+TAR_BLOCK = 512
+MAX_NAMED = 10
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint to resume from cannot continue under the current settings."""
+
+
+def _first_block_problem(path: str) -> str | None:
+    """Why this shard holds no samples, from its first 512-byte tar header; None if it may."""
+    try:
+        with open(path, "rb") as f:
+            block = f.read(TAR_BLOCK)
+    except OSError as e:
+        return f"unreadable: {e.strerror}"
+    if len(block) == 0:
+        return "empty file"
+    if len(block) < TAR_BLOCK or block.count(0) == TAR_BLOCK:
+        return "no samples (empty tar)"  # a tar with no members is all zero blocks
+    try:
+        tarfile.TarInfo.frombuf(block, tarfile.ENCODING, "surrogateescape")
+    except tarfile.HeaderError:
+        return "not a tar file"
+    return None
+
+
+def check_shard_files(shards: Sequence[str]) -> None:
+    """Raise naming every shard that is empty, unreadable or not a tar (one read each)."""
+    bad = [(p, why) for p in shards if (why := _first_block_problem(p)) is not None]
+    if bad:
+        more = f" (and {len(bad) - MAX_NAMED} more)" if len(bad) > MAX_NAMED else ""
+        named = ", ".join(f"{p} ({why})" for p, why in bad[:MAX_NAMED])
+        raise ValueError(f"unusable shards: {named}{more}; rewrite them (lvd curate) or leave "
+                         "them out of --shards")
+
+
+def check_world_size(checkpoint: object, saved: int, current: int) -> None:
+    """A checkpoint resumes only on as many ranks as wrote it: its per-rank data positions
+    and RNG files, and the learning rate (scaled by the global batch), depend on it."""
+    if saved != current:
+        raise ResumeMismatchError(
+            f"{checkpoint} was written by {saved} rank(s) but this run has {current}; relaunch "
+            f"with the same ranks in all (--nproc-per-node x --nnodes = {saved}) to resume, or "
+            "start a new run (another --out folder, or without --resume)"
+        )
+
+
+def check_recipe(checkpoint: object, saved: Recipe, current: Recipe) -> None:
+    if saved != current:
+        raise ResumeMismatchError(
+            f"{checkpoint} was trained with recipe {saved.name!r} and other settings; resume "
+            "with the same --recipe and --batch-size"
+        )
+
+
+def oom_message(recipe: Recipe, *, world_size: int, step: int, bf16: bool,
+                device: torch.device | None = None) -> str:
+    """What to lower after CUDA ran out of memory at `step`, with this run's values."""
+    c = recipe.crops
+    memory = ""
+    if device is not None and device.type == "cuda":
+        gib = 2**30
+        memory = (f" ({torch.cuda.memory_allocated(device) / gib:.1f} GiB allocated, "
+                  f"{torch.cuda.max_memory_allocated(device) / gib:.1f} GiB peak)")
+    precision = ("bf16 autocast is already on" if bf16 else
+                 "train in bf16 (train on a GPU: bf16 autocast is used there)")
+    return (
+        f"CUDA out of memory at step {step}{memory}. Lower, in this order: "
+        f"--batch-size (now {recipe.batch_size} images per rank); the number or size of the "
+        f"local crops (recipe crops.n_local={c.n_local}, crops.local_size={c.local_size}); "
+        f"the model (--recipe {recipe.name} -> a smaller one, e.g. tiny or vits14); or spread "
+        f"it over more ranks (now {world_size}: FSDP2 shards weights, gradients and AdamW "
+        f"state over --nproc-per-node x --nnodes); {precision}"
+    )
