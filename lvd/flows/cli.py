@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "pretrain",
     "eval",
     "export",
+    "embed", "index", "search",
 )
 
 

@@ -1,0 +1,145 @@
+"""`embed(model, images, out)`: CLS (and optionally patch) features of a folder or of shards.
+
+Inputs are split into units (`images.plan_units`: chunks of files, or one shard each). Small
+inputs run in this process with one model; above `ray_above` images (or with `ray=True`) the
+units go to long-lived Ray actors, each loading the model once (`ActorConfig` of the curation
+embed stage: one per GPU, else one). Both paths run the same `embed_unit`, and the driver
+writes results in unit order, so row i is the same image either way. Output layout:
+`lvd.tools.store`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lvd.curation.actor_runner import ActorConfig
+from lvd.tools.features import (
+    FeatureConfig,
+    check_size,
+    extract_batch,
+    load_model,
+    patch_size,
+)
+from lvd.tools.images import ImageRef, Unit, plan_units, read_unit
+from lvd.tools.store import Embeddings, FeatureWriter, Skipped
+
+
+@dataclass(frozen=True, kw_only=True)
+class EmbedConfig:
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    chunk: int = 256  # folder images per unit of work (a shard is always one unit)
+    ray: bool | None = None  # None: Ray when the input holds more than `ray_above` images
+    ray_above: int = 2000
+    actors: ActorConfig = field(default_factory=ActorConfig)
+
+    def __post_init__(self) -> None:
+        if self.chunk < 1:
+            raise ValueError(f"chunk={self.chunk}: use at least 1 image per unit")
+        if self.ray_above < 0:
+            raise ValueError(f"ray_above={self.ray_above}: use 0 (always Ray) or an image count")
+
+
+@dataclass(frozen=True)
+class UnitResult:
+    index: int
+    refs: list[ImageRef]
+    cls_BD: np.ndarray  # float32
+    patches_BhwD: np.ndarray | None  # float16
+    skipped: list[Skipped]
+    grid: tuple[int, int] | None  # patch grid (h, w) when patches are kept
+
+
+class UnitEmbedder:
+    """One loaded model; `__call__(unit)` reads, decodes and embeds the unit's images."""
+
+    def __init__(self, model: str | Path | torch.nn.Module, cfg: FeatureConfig) -> None:
+        if isinstance(model, torch.nn.Module):
+            from lvd.tools.features import resolve_device
+
+            self.model = model.eval().requires_grad_(False).to(resolve_device(cfg.device))
+        else:
+            self.model = load_model(model, device=cfg.device)
+        check_size(self.model, cfg.size)
+        self.cfg = cfg
+        side = cfg.size // patch_size(self.model)
+        self.grid = (side, side) if cfg.patches else None
+
+    def __call__(self, unit: Unit) -> UnitResult:
+        refs, images, skipped = [], [], []
+        for item in read_unit(unit, min_side=self.cfg.resize_side):
+            if item.image is None:
+                skipped.append(Skipped(item.ref, item.reason))
+            else:
+                refs.append(item.ref)
+                images.append(item.image)
+        feats = extract_batch(self.model, images, self.cfg)
+        patches = None
+        if self.grid is not None:
+            dim = feats.cls_BD.shape[1]
+            patches = np.zeros((0, *self.grid, dim), np.float16) if not images else feats.patches_BhwD.astype(np.float16)
+        return UnitResult(unit.index, refs, feats.cls_BD, patches, skipped, self.grid)
+
+
+def embed(model: str | Path | torch.nn.Module, images: str | Path, out: str | Path,
+          cfg: EmbedConfig | None = None) -> Embeddings:
+    """Embed every image of a folder tree or of WebDataset shards into `out` (see `store`)."""
+    cfg = cfg or EmbedConfig()
+    units = plan_units(images, chunk=cfg.chunk)
+    total = sum(u.bound for u in units)
+    use_ray = cfg.ray if cfg.ray is not None else total > cfg.ray_above
+    writer: FeatureWriter | None = None
+    results = _on_ray(model, units, cfg) if use_ray else _in_process(model, units, cfg.features)
+    for res in results:
+        if writer is None:  # sizes come with the first result, so the driver loads no model
+            writer = FeatureWriter(out, capacity=total, dim=res.cls_BD.shape[1], grid=res.grid)
+        writer.append(res.refs, res.cls_BD, res.patches_BhwD)
+        writer.skipped += res.skipped
+    f = cfg.features
+    if writer is None:
+        raise ValueError(f"{images}: no units of work")
+    # a resolved path, so `lvd search` finds the model from another working directory
+    name = type(model).__name__ if isinstance(model, torch.nn.Module) else str(Path(model).resolve())
+    meta = {"model": name,
+            "images": str(images), "size": f.size, "resize": f.resize_side, "patches": f.patches,
+            "ray": use_ray, "units": len(units), "normalised": False}
+    return writer.close(meta)
+
+
+def _in_process(model, units: list[Unit], cfg: FeatureConfig):
+    embedder = UnitEmbedder(model, cfg)
+    return (embedder(u) for u in units)
+
+
+def _on_ray(model, units: list[Unit], cfg: EmbedConfig):
+    """Results in unit order from `n_actors` actors, each holding one model."""
+    import ray
+
+    from lvd.curation.actor_runner import resources
+    from lvd.curation.runner import init_ray
+
+    init_ray()
+    n, num_gpus = resources(cfg.actors, len(units))
+    actor_cls = ray.remote(_Actor).options(
+        num_cpus=cfg.actors.num_cpus, num_gpus=num_gpus,
+        max_restarts=cfg.actors.max_restarts, max_task_retries=2,
+    )
+    model_ref = ray.put(model)  # a path, or a module shipped once to every actor
+    actors = [actor_cls.remote(model_ref, cfg.features) for _ in range(n)]
+    try:
+        yield from ray.util.ActorPool(actors).map(lambda a, u: a.run.remote(u), units)
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+
+class _Actor:
+    def __init__(self, model, cfg: FeatureConfig) -> None:
+        self.embedder = UnitEmbedder(model, cfg)
+
+    def run(self, unit: Unit) -> UnitResult:
+        return self.embedder(unit)
+

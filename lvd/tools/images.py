@@ -1,0 +1,138 @@
+"""Images to embed: a folder tree, or curation's WebDataset shards, split into units of work.
+
+A unit is a chunk of folder files or one shard; it is what one call (in process or on a Ray
+actor) reads and embeds. Every image gets an `ImageRef`:
+- folder: `id` = the path relative to the folder (POSIX), `path` = the absolute file path;
+- shards: `id` = the sample's `uid` from `KEY.json` (its key when there is none), `path` =
+  `SHARD.tar::KEY.jpg` (the curation `RawItem.source` convention for tar members).
+A sample that cannot be read or decoded comes back with a reason instead of an image, never
+an exception: embedding a dump must not stop at one bad file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from lvd.curation.embed import decode_rgb
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+MEMBER_SEP = "::"
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    id: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """One input: its decoded RGB image, or the reason it has none."""
+
+    ref: ImageRef
+    image: Image.Image | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class Unit:
+    """A chunk of folder files (`files`, relative to `root`) or one `shard`; `bound` is the most
+    images it can yield (the shard's sample count from its tar headers)."""
+
+    index: int
+    root: str = ""
+    files: tuple[str, ...] = ()
+    shard: str | None = None
+    bound: int
+
+
+def is_shard_source(spec: str | os.PathLike) -> bool:
+    """Shards: a .tar path, a brace pattern, or a folder holding `shard-*.tar`."""
+    s = os.fspath(spec)
+    if s.endswith(".tar") or "{" in s:
+        return True
+    return Path(s).is_dir() and any(Path(s).glob("shard-*.tar"))
+
+
+def plan_units(spec: str | os.PathLike, *, chunk: int = 256) -> list[Unit]:
+    """Units of work over a folder tree or shards, in a fixed order."""
+    if chunk < 1:
+        raise ValueError(f"chunk={chunk}: use at least 1 image per unit")
+    if is_shard_source(spec):
+        from lvd.pretrain.data.shard_stream import count_samples, expand_shards
+
+        return [Unit(index=i, shard=s, bound=count_samples(s)) for i, s in enumerate(expand_shards(spec))]
+    root = Path(spec).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {spec}: not a folder of images nor WebDataset shards (a .tar, a {{000..009}} pattern or a folder of shard-*.tar)")
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    chunks = [tuple(files[i : i + chunk]) for i in range(0, len(files), chunk)]
+    return [Unit(index=i, root=str(root.resolve()), files=c, bound=len(c)) for i, c in enumerate(chunks)]
+
+
+def read_unit(unit: Unit, *, min_side: int) -> Iterator[Loaded]:
+    """The unit's images in order; JPEGs are DCT-downscaled while the shorter side stays >= min_side."""
+    if unit.shard is not None:
+        yield from _read_shard(unit.shard, min_side)
+        return
+    for rel in unit.files:
+        ref = ImageRef(rel, str(Path(unit.root) / rel))
+        try:
+            data = Path(ref.path).read_bytes()
+        except OSError as e:
+            yield Loaded(ref, None, f"read_error: {e}")
+            continue
+        yield _decoded(ref, data, min_side)
+
+
+def _read_shard(shard: str, min_side: int) -> Iterator[Loaded]:
+    from lvd.pretrain.data.shard_stream import read_shard
+
+    for raw in read_shard(shard):
+        ext = next((k for k in SHARD_IMAGE_KEYS if k in raw.files), None)
+        uid = _uid(raw.files.get("json"), raw.key)
+        ref = ImageRef(uid, f"{shard}{MEMBER_SEP}{raw.key}.{ext or 'jpg'}")
+        if ext is None:
+            yield Loaded(ref, None, f"no_image_member: sample {raw.key} has only {sorted(raw.files)}")
+        else:
+            yield _decoded(ref, raw.files[ext], min_side)
+
+
+def _uid(meta: bytes | None, key: str) -> str:
+    try:
+        return str(json.loads(meta)["uid"]) if meta else key
+    except (ValueError, KeyError, TypeError):
+        return key
+
+
+def _decoded(ref: ImageRef, data: bytes, min_side: int) -> Loaded:
+    try:
+        return Loaded(ref, decode_rgb(data, min_side))
+    except Exception as e:  # noqa: BLE001 -- Pillow raises many types; the reason names it
+        return Loaded(ref, None, f"decode_error: {type(e).__name__}: {e}")
+
+
+def open_image(path: str, *, min_side: int | None = None) -> Image.Image:
+    """Decode one image by its `ImageRef.path`: a file, or `SHARD.tar::MEMBER`. With
+    `min_side`, JPEGs may be DCT-downscaled to a shorter side >= min_side."""
+    if MEMBER_SEP in path:
+        shard, member = path.rsplit(MEMBER_SEP, 1)
+        with tarfile.open(shard, mode="r:") as tar:
+            f = tar.extractfile(member)
+            if f is None:
+                raise FileNotFoundError(f"{member} is not a file in {shard}")
+            data = f.read()
+    else:
+        data = Path(path).read_bytes()
+    return decode_rgb(data, min_side or 1 << 30)  # a huge side: draft keeps full resolution
