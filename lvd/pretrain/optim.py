@@ -109,3 +109,13 @@ def clip_gradients(modules: dict[str, nn.Module], max_norm: float) -> dict[str, 
             # DTensor grads (FSDP2): the norm is over the whole gradient; read it in full
             norms[name] = float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
     return norms
+
+
+def build_student_optimizer(student: dict[str, nn.Module], optim) -> torch.optim.AdamW:
+    """AdamW over a MetaArch's student (backbone + heads) with the recipe's `OptimConfig`:
+    layer-wise lr decay over the backbone's blocks, patch-embed lr multiplier, no weight
+    decay on biases/norms/LayerScale/tokens (see `param_settings`)."""
+    groups = param_groups(student, depth=len(student["backbone"].blocks),
+                          layerwise_decay=optim.layerwise_decay,
+                          patch_embed_lr_mult=optim.patch_embed_lr_mult)
+    return build_adamw(groups, beta1=optim.beta1, beta2=optim.beta2)
