@@ -40,10 +40,10 @@ from lvd.pretrain.data.augmentations import Crops
 from lvd.pretrain.data.collate import collate
 from lvd.pretrain.data.masking import MaskingConfig
 from lvd.pretrain.meta_arch import MetaArch
+from lvd.pretrain.optim import build_student_optimizer
 from lvd.pretrain.parallel import Runtime, shard_meta_arch
 from lvd.pretrain.recipes import get_recipe
 from lvd.pretrain.schedules import build_schedules
-from lvd.pretrain.optim import build_student_optimizer
 from lvd.pretrain.train import _train_step
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0, "L40S": 362.0, "B200": 2250.0}

@@ -54,17 +54,18 @@ class ScheduleConfig:
     total_iters: int
     epoch_length: int
     global_batch_size: int
-    base_lr: float = 4e-3
-    min_lr: float = 1e-6
-    warmup_epochs: float = 10
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    momentum: float = 0.992
-    momentum_end: float = 1.0
-    teacher_temp_start: float = 0.04
-    teacher_temp: float = 0.07
-    teacher_temp_warmup_epochs: float = 30
-    freeze_last_layer_epochs: float = 1
+    # No defaults: the values live once, in the recipe (`Recipe.schedule_config` builds this).
+    base_lr: float
+    min_lr: float
+    warmup_epochs: float
+    weight_decay: float
+    weight_decay_end: float
+    momentum: float
+    momentum_end: float
+    teacher_temp_start: float
+    teacher_temp: float
+    teacher_temp_warmup_epochs: float
+    freeze_last_layer_epochs: float
 
     def __post_init__(self) -> None:
         if self.total_iters < 1 or self.epoch_length < 1:

@@ -1,18 +1,20 @@
 """Schedules: end points, warmup shape, frozen prototypes, sqrt batch scaling; recipes."""
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
 from lvd.pretrain.recipes import RECIPES, Recipe, get_recipe, tiny
-from lvd.pretrain.schedules import ScheduleConfig, build_schedules, cosine, scaled_lr
+from lvd.pretrain.schedules import build_schedules, cosine, scaled_lr
 
 
 def _cfg(**kw):
-    base = dict(total_iters=1000, epoch_length=10, global_batch_size=256, warmup_epochs=10,
-                teacher_temp_warmup_epochs=30, freeze_last_layer_epochs=1)
-    return ScheduleConfig(**{**base, **kw})
+    """The official ViT-S/14 schedule values (vits14 recipe), over 1000 steps of batch 256."""
+    base = dataclasses.replace(get_recipe("vits14").schedule_config(), total_iters=1000,
+                               epoch_length=10, global_batch_size=256)
+    return dataclasses.replace(base, **kw)
 
 
 def test_cosine_end_points():
