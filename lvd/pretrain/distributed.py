@@ -1,4 +1,5 @@
-"""The process group of a multi-rank run, set up from the environment torchrun exports.
+"""The process group of a multi-rank run, set up from the environment torchrun exports
+(launchers: `launch.py`).
 
 torchrun (`python -m torch.distributed.run`) sets RANK, WORLD_SIZE, LOCAL_RANK,
 MASTER_ADDR and MASTER_PORT for every process it starts; a plain `python` process has none
@@ -9,7 +10,6 @@ ranks talk over gloo (what the tests use: 2 processes, no GPU).
 from __future__ import annotations
 
 import os
-import uuid
 
 import torch
 import torch.distributed as dist
@@ -51,28 +51,10 @@ def all_ranks_mean(value: float, device: torch.device) -> float:
     return float(t) / dist.get_world_size()
 
 
-def _train_rank(cfg):
-    """One torchrun worker of `train_on_ranks`: train, leave the group, return the result."""
-    from lvd.pretrain.train import train
-
-    try:
-        return train(cfg)
-    finally:
-        close_distributed()
-
-
 def train_on_ranks(cfg, nproc_per_node: int):
-    """`train(cfg)` in `nproc_per_node` worker processes on this machine, started through
-    torch.distributed's elastic launcher (what `torchrun --standalone` does); returns rank
-    0's `TrainResult`. For `lvd pretrain --nproc-per-node N`."""
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    """`train(cfg)` on `nproc_per_node` ranks on this machine through torch's elastic launcher
+    (what `torchrun --standalone` does); returns rank 0's `TrainResult`. Kept for callers of
+    the one-node case: `lvd.pretrain.launch.launch` covers every launcher."""
+    from lvd.pretrain.launch import LaunchSpec, launch
 
-    if nproc_per_node < 1:
-        raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
-    if launched_by_torchrun():
-        raise RuntimeError("already inside torchrun; call train() directly")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc_per_node,
-                          run_id=f"lvd-{uuid.uuid4().hex[:8]}", rdzv_backend="c10d",
-                          rdzv_endpoint="localhost:0",  # standalone: a free local port
-                          max_restarts=0, start_method="spawn")
-    return elastic_launch(config, _train_rank)(cfg)[0]
+    return launch(cfg, LaunchSpec(kind="torchrun", nproc_per_node=nproc_per_node))
