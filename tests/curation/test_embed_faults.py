@@ -8,18 +8,16 @@ byte-identical to an undisturbed run, and every partition must carry its done-ma
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import sys
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 import torch
+from _node_removal import run_with_node_removal
 from ray import cloudpickle
 
 from lvd.curation import actor_runner, copies, runner, stages
@@ -92,39 +90,17 @@ def test_killed_embedding_actor_gives_identical_vectors(ingested, backbone, tmp_
         assert (reference / "vectors" / name).read_bytes() == (disturbed / "vectors" / name).read_bytes(), name
 
 
-NODE_REMOVAL_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from pathlib import Path
-    import ray
-    from ray.cluster_utils import Cluster
-    from lvd.curation.embed import EmbedConfig
-    from lvd.curation.stages_embed import run_embed
+NODE_REMOVAL_WORK = """
+import sys
+from pathlib import Path
+from lvd.curation.embed import EmbedConfig
+from lvd.curation.stages_embed import run_embed
 
+def work(progress):
     run, backbone = Path(sys.argv[1]), sys.argv[2]
     cfg = EmbedConfig(resize=128, crop=112, batch_size=4, decode_threads=1)
-    # The head has no CPUs, so the embedding actor lives on the worker node.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    worker = cluster.add_node(num_cpus=2)
-    try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        cluster.wait_for_nodes()
-        seen = {}
-
-        def remove_worker_after_first(done, total):
-            if done >= 1 and "removed" not in seen:
-                seen["removed"] = (done, total)
-                cluster.remove_node(worker)   # the actor and its in-flight unit die with it
-                cluster.add_node(num_cpus=2)  # where Ray restarts the actor
-                cluster.wait_for_nodes()
-
-        rep = run_embed(run, backbone, cfg, progress=remove_worker_after_first)
-        print("RESULT " + json.dumps({"removed_at": seen["removed"], "ran": rep.ran}))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    """
-)
+    return {"ran": run_embed(run, backbone, cfg, progress=progress).ran}
+"""
 
 
 def test_node_removed_mid_embed_gives_identical_vectors(ingested, backbone, tmp_path):
@@ -133,12 +109,7 @@ def test_node_removed_mid_embed_gives_identical_vectors(ingested, backbone, tmp_
     run_embed(reference, backbone, EMBED)
     run = tmp_path / "run"
     shutil.copytree(ingested, run)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    res = subprocess.run([sys.executable, "-c", NODE_REMOVAL_SCRIPT, str(run), backbone],
-                         env=env, capture_output=True, text=True, timeout=400)
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert res.returncode == 0 and lines, res.stderr[-4000:]
-    result = json.loads(lines[0][len("RESULT "):])
+    result = run_with_node_removal(NODE_REMOVAL_WORK, str(run), backbone, timeout=400)
     done_at_removal, total = result["removed_at"]
     assert done_at_removal < total == 3  # removed mid-stage
     assert result["ran"] == [0, 1, 2]

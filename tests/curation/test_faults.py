@@ -8,19 +8,18 @@ Ray is already initialised in this process).
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from _node_removal import run_with_node_removal
 from ray import cloudpickle
 
 from lvd.curation import ledger, runner, stages, testdata
@@ -134,58 +133,29 @@ def test_worker_process_death_is_retried(ray_local, small_dump, tmp_path):
     assert ledger.verify_run(out).ok
 
 
-NODE_REMOVAL_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    from pathlib import Path
-    import ray
-    from ray.cluster_utils import Cluster
-    from lvd.curation import ledger, runner, stages
-    from lvd.curation.dedup import DedupConfig
-    from lvd.curation.ingest import IngestConfig
+NODE_REMOVAL_WORK = """
+import sys
+from pathlib import Path
+from lvd.curation import ledger, runner, stages
+from lvd.curation.dedup import DedupConfig
+from lvd.curation.ingest import IngestConfig
 
+def work(progress):
     dump, out = sys.argv[1], Path(sys.argv[2])
-    # The head has no CPUs, so every stage task runs on the worker node.
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
-    worker = cluster.add_node(num_cpus=2)
-    try:
-        ray.init(address=cluster.address, log_to_driver=False)
-        cluster.wait_for_nodes()
-        seen = {}
-
-        def remove_worker_after_first(done, total):
-            if done >= 1 and "removed" not in seen:
-                seen["removed"] = (done, total)
-                cluster.remove_node(worker)         # in-flight tasks die with the node
-                cluster.add_node(num_cpus=2)        # replacement capacity for the retries
-                cluster.wait_for_nodes()
-
-        parts = stages.plan([dump], 8)
-        cfg = IngestConfig()
-        rep = stages.run_ingest(parts, out, cfg, runner.RunnerConfig(max_retries=3),
-                                progress=remove_worker_after_first)
-        stages.run_dedup(out, DedupConfig())
-        ledger.write_ledger(out)
-        print("RESULT " + json.dumps({"removed_at": seen["removed"], "ran": len(rep.ran)}))
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-    """
-)
+    parts = stages.plan([dump], 8)
+    rep = stages.run_ingest(parts, out, IngestConfig(), runner.RunnerConfig(max_retries=3),
+                            progress=progress)
+    stages.run_dedup(out, DedupConfig())
+    ledger.write_ledger(out)
+    return {"ran": len(rep.ran)}
+"""
 
 
 def test_node_removed_mid_stage(ray_local, small_dump, tmp_path):
     want = reference_ledger(small_dump, tmp_path / "reference", 8)
     total = len(stages.plan([str(small_dump)], 8))
     out = tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    res = subprocess.run(
-        [sys.executable, "-c", NODE_REMOVAL_SCRIPT, str(small_dump), str(out)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )
-    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert res.returncode == 0 and lines, res.stderr[-4000:]
-    result = json.loads(lines[0][len("RESULT "):])
+    result = run_with_node_removal(NODE_REMOVAL_WORK, str(small_dump), str(out), timeout=300)
     done_at_removal, seen_total = result["removed_at"]
     assert seen_total == total and done_at_removal < total  # removed mid-stage
     assert result["ran"] == total
