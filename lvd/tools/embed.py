@@ -127,8 +127,8 @@ def _on_ray(model, units: list[Unit], cfg: EmbedConfig):
         num_cpus=cfg.actors.num_cpus, num_gpus=num_gpus,
         max_restarts=cfg.actors.max_restarts, max_task_retries=2,
     )
-    model_ref = ray.put(model)  # a path, or a module shipped once to every actor
-    actors = [actor_cls.remote(model_ref, cfg.features) for _ in range(n)]
+    # passed by value (a path, or a small module): a restarted actor can always rebuild it
+    actors = [actor_cls.remote(model, cfg.features) for _ in range(n)]
     try:
         yield from ray.util.ActorPool(actors).map(lambda a, u: a.run.remote(u), units)
     finally:

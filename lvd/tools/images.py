@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from lvd.curation.embed import decode_rgb
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MEMBER_SEP = "::"
+_OBJECT_REPR = re.compile(r" ?<[^<>]* at 0x[0-9a-f]+>")  # Pillow names the BytesIO; reasons stay reproducible
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ def _decoded(ref: ImageRef, data: bytes, min_side: int) -> Loaded:
     try:
         return Loaded(ref, decode_rgb(data, min_side))
     except Exception as e:  # noqa: BLE001 -- Pillow raises many types; the reason names it
-        return Loaded(ref, None, f"decode_error: {type(e).__name__}: {e}")
+        return Loaded(ref, None, f"decode_error: {type(e).__name__}: {_OBJECT_REPR.sub('', str(e))}")
 
 
 def open_image(path: str, *, min_side: int | None = None) -> Image.Image:

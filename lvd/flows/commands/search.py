@@ -36,7 +36,8 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         index = SearchIndex.load(args.index, nprobe=args.nprobe)
-        query = open_image(str(args.query))
+        # decoded as the indexed images were (JPEG draft down to the resize side)
+        query = open_image(str(args.query), min_side=index.meta["resize"])
         hits = search_images(index, [query], args.k, model=args.model, device=args.device)[0]
     except (OSError, ValueError) as e:  # FileNotFoundError is an OSError; Pillow's too
         print(f"lvd search: {e}")
