@@ -29,7 +29,8 @@ from lvd.tools.search import (
 )
 
 SIZE = 112  # 8 x 8 patches; the checkpoint's native grid is 4 x 4, so positions are interpolated
-CFG = EmbedConfig(features=FeatureConfig(size=SIZE, patches=True, batch_size=3), chunk=3, ray=False)
+# CPU float32 everywhere: the comparisons below are tighter than bf16 autocast on a GPU allows
+CFG = EmbedConfig(features=FeatureConfig(size=SIZE, patches=True, batch_size=3, device="cpu"), chunk=3, ray=False)
 
 
 def jpeg(img: Image.Image) -> bytes:
@@ -156,13 +157,13 @@ def test_ivf_probing_every_list_equals_exact(tmp_path, embedded, index):
 def test_query_image_is_embedded_like_the_index(index, embedded, photos):
     name, img = photos[2]  # saved as PNG: lossless, so the query is the indexed image
     assert embedded.ids[index.search(embedded.cls_ND[[0]], 1)[0][0].row] == embedded.ids[0]
-    hit = search_images(index, [img], k=3)[0][0]  # model, size, resize from the index's meta
+    hit = search_images(index, [img], k=3, device="cpu")[0][0]  # model, size, resize from the index's meta
     assert hit.id == f"{name}.png" and hit.score == pytest.approx(1.0, abs=1e-4)
 
 
 def test_montage_size_and_content(tmp_path, index, embedded, photos):
     query = photos[2][1]
-    hits = search_images(index, [query], k=5)[0]
+    hits = search_images(index, [query], k=5, device="cpu")[0]
     out = write_montage(query, hits, tmp_path / "m.png", tile=64)
     sheet = np.asarray(Image.open(out).convert("RGB")).astype(np.int16)
     assert sheet.shape == (GAP + 64 + 34, GAP + 6 * (64 + GAP) + 2 * GAP, 3) == (104, 438, 3)
@@ -174,3 +175,25 @@ def test_montage_size_and_content(tmp_path, index, embedded, photos):
     for i in range(6):  # every caption holds dark text
         x0 = GAP + i * (64 + GAP) + (2 * GAP if i else 0)
         assert sheet[GAP + 64 + 2 :, x0 : x0 + 64].min() < 100
+
+
+def test_cli_embed_index_search(tmp_path, monkeypatch, capsys, tiny_backbone, folder, embedded):
+    from lvd.flows.cli import main
+
+    monkeypatch.chdir(tmp_path)  # the default montage goes to the current folder
+    args = ["--images", str(folder), "--out", str(tmp_path / "emb"), "--size", str(SIZE), "--device", "cpu"]
+    assert main(["embed", "--model", str(tmp_path / "nope"), *args]) == 2
+    assert "--model" in capsys.readouterr().out and not (tmp_path / "emb").exists()
+    assert main(["embed", "--model", str(tiny_backbone.official), *args, "--no-ray"]) == 0
+    assert "embedded 8 images in process (D=192) " in capsys.readouterr().out
+    assert main(["index", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")]) == 0
+    assert "indexed 8 images (D=192, exact)" in capsys.readouterr().out
+    query = folder / embedded.ids[0]
+    assert main(["search", "--index", str(tmp_path / "idx"), "--query", str(query), "-k", "3", "--device", "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rank, score, hit_id, path = lines[0].split()
+    assert (rank, hit_id, path) == ("1", embedded.ids[0], str(query)) and float(score) > 0.9999
+    assert len(lines) == 4 and lines[3] == f"montage: {query.stem}.neighbours.png"
+    assert Image.open(tmp_path / f"{query.stem}.neighbours.png").size == montage_size(3, 160)
+    assert main(["search", "--index", str(tmp_path / "missing"), "--query", str(query)]) == 2
+    assert "not an `lvd index` folder" in capsys.readouterr().out
