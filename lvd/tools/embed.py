@@ -10,6 +10,7 @@ writes results in unit order, so row i is the same image either way. Output layo
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,11 +21,13 @@ from lvd.curation.actor_runner import ActorConfig
 from lvd.tools.features import (
     FeatureConfig,
     check_size,
-    extract_batch,
+    crop_pixels,
+    extract_pixels,
     load_model,
     patch_size,
+    resolve_device,
 )
-from lvd.tools.images import ImageRef, Unit, plan_units, read_unit
+from lvd.tools.images import ImageRef, Raw, Unit, decode, plan_units, read_raw
 from lvd.tools.store import Embeddings, FeatureWriter, Skipped
 
 
@@ -54,12 +57,11 @@ class UnitResult:
 
 
 class UnitEmbedder:
-    """One loaded model; `__call__(unit)` reads, decodes and embeds the unit's images."""
+    """One loaded model; `__call__(unit)` reads, decodes (on `decode_threads` threads, crops
+    only kept) and embeds the unit's images, `batch_size` per forward pass."""
 
     def __init__(self, model: str | Path | torch.nn.Module, cfg: FeatureConfig) -> None:
         if isinstance(model, torch.nn.Module):
-            from lvd.tools.features import resolve_device
-
             self.model = model.eval().requires_grad_(False).to(resolve_device(cfg.device))
         else:
             self.model = load_model(model, device=cfg.device)
@@ -68,19 +70,23 @@ class UnitEmbedder:
         side = cfg.size // patch_size(self.model)
         self.grid = (side, side) if cfg.patches else None
 
+    def _prepare(self, raw: Raw) -> tuple[ImageRef, np.ndarray | None, str | None]:
+        item = decode(raw, self.cfg.resize_side)
+        if item.image is None:
+            return item.ref, None, item.reason
+        return item.ref, crop_pixels(item.image, self.cfg), None
+
     def __call__(self, unit: Unit) -> UnitResult:
-        refs, images, skipped = [], [], []
-        for item in read_unit(unit, min_side=self.cfg.resize_side):
-            if item.image is None:
-                skipped.append(Skipped(item.ref, item.reason))
-            else:
-                refs.append(item.ref)
-                images.append(item.image)
-        feats = extract_batch(self.model, images, self.cfg)
-        patches = None
-        if self.grid is not None:
-            dim = feats.cls_BD.shape[1]
-            patches = np.zeros((0, *self.grid, dim), np.float16) if not images else feats.patches_BhwD.astype(np.float16)
+        refs, pixels, skipped = [], [], []
+        with ThreadPoolExecutor(self.cfg.decode_threads) as pool:
+            for ref, crop, reason in pool.map(self._prepare, read_raw(unit)):
+                if crop is None:
+                    skipped.append(Skipped(ref, reason))
+                else:
+                    refs.append(ref)
+                    pixels.append(crop)
+        feats = extract_pixels(self.model, pixels, self.cfg)
+        patches = feats.patches_BhwD.astype(np.float16) if self.grid else None
         return UnitResult(unit.index, refs, feats.cls_BD, patches, skipped, self.grid)
 
 

@@ -34,6 +34,7 @@ class FeatureConfig:
     batch_size: int = 32  # images per forward pass
     device: str = "auto"  # "auto": cuda when available, else cpu
     dtype: str = "auto"  # autocast dtype; "auto": bfloat16 on cuda, float32 on cpu
+    decode_threads: int = 4  # Pillow releases the GIL while decoding and resizing
 
     def __post_init__(self) -> None:
         if self.size < 1 or (self.resize is not None and self.resize < self.size):
@@ -42,6 +43,8 @@ class FeatureConfig:
             raise ValueError(f"batch_size={self.batch_size}: use at least 1 image per forward pass")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype={self.dtype!r}: choose 'auto' or one of {sorted(DTYPES)}")
+        if self.decode_threads < 1:
+            raise ValueError(f"decode_threads={self.decode_threads}: use at least 1")
 
     @property
     def resize_side(self) -> int:
@@ -141,13 +144,20 @@ def patch_features(backbone: VisionTransformer, image: Image.Image, size: int, *
 
 def extract_batch(backbone: VisionTransformer, images: list[Image.Image], cfg: FeatureConfig) -> Features:
     """Features of decoded images through the evaluation crop, `cfg.batch_size` at a time."""
+    return extract_pixels(backbone, [crop_pixels(im, cfg) for im in images], cfg)
+
+
+def extract_pixels(backbone: VisionTransformer, pixels: list[np.ndarray], cfg: FeatureConfig) -> Features:
+    """Features of uint8 [size, size, 3] crops (`crop_pixels`), `cfg.batch_size` at a time."""
     check_size(backbone, cfg.size)
     parts = []
-    for start in range(0, len(images), cfg.batch_size):
-        x_BCHW = torch.stack([to_tensor(crop_pixels(im, cfg)) for im in images[start : start + cfg.batch_size]])
+    for start in range(0, len(pixels), cfg.batch_size):
+        x_BCHW = torch.stack([to_tensor(p) for p in pixels[start : start + cfg.batch_size]])
         parts.append(forward(backbone, x_BCHW, patches=cfg.patches, dtype=cfg.dtype))
     if not parts:
-        return Features(np.zeros((0, backbone.embed_dim), np.float32), None)
+        side = cfg.size // patch_size(backbone)
+        empty = np.zeros((0, side, side, backbone.embed_dim), np.float32) if cfg.patches else None
+        return Features(np.zeros((0, backbone.embed_dim), np.float32), empty)
     cls_BD = np.concatenate([p.cls_BD for p in parts])
     patches = np.concatenate([p.patches_BhwD for p in parts]) if cfg.patches else None
     return Features(cls_BD, patches)

@@ -83,32 +83,44 @@ def plan_units(spec: str | os.PathLike, *, chunk: int = 256) -> list[Unit]:
     return [Unit(index=i, root=str(root.resolve()), files=c, bound=len(c)) for i, c in enumerate(chunks)]
 
 
-def read_unit(unit: Unit, *, min_side: int) -> Iterator[Loaded]:
-    """The unit's images in order; JPEGs are DCT-downscaled while the shorter side stays >= min_side."""
+@dataclass(frozen=True)
+class Raw:
+    """One input's bytes, or the reason there are none."""
+
+    ref: ImageRef
+    data: bytes | None
+    reason: str | None = None
+
+
+def read_raw(unit: Unit) -> Iterator[Raw]:
+    """The unit's inputs in order, undecoded (decoding can then run on a thread pool)."""
     if unit.shard is not None:
-        yield from _read_shard(unit.shard, min_side)
+        yield from _read_shard(unit.shard)
         return
     for rel in unit.files:
         ref = ImageRef(rel, str(Path(unit.root) / rel))
         try:
-            data = Path(ref.path).read_bytes()
+            yield Raw(ref, Path(ref.path).read_bytes())
         except OSError as e:
-            yield Loaded(ref, None, f"read_error: {e}")
-            continue
-        yield _decoded(ref, data, min_side)
+            yield Raw(ref, None, f"read_error: {e}")
 
 
-def _read_shard(shard: str, min_side: int) -> Iterator[Loaded]:
+def read_unit(unit: Unit, *, min_side: int) -> Iterator[Loaded]:
+    """The unit's images in order, decoded (see `decode`)."""
+    return (decode(raw, min_side) for raw in read_raw(unit))
+
+
+def _read_shard(shard: str) -> Iterator[Raw]:
     from lvd.pretrain.data.shard_stream import read_shard
 
-    for raw in read_shard(shard):
-        ext = next((k for k in SHARD_IMAGE_KEYS if k in raw.files), None)
-        uid = _uid(raw.files.get("json"), raw.key)
-        ref = ImageRef(uid, f"{shard}{MEMBER_SEP}{raw.key}.{ext or 'jpg'}")
+    for sample in read_shard(shard):
+        ext = next((k for k in SHARD_IMAGE_KEYS if k in sample.files), None)
+        uid = _uid(sample.files.get("json"), sample.key)
+        ref = ImageRef(uid, f"{shard}{MEMBER_SEP}{sample.key}.{ext or 'jpg'}")
         if ext is None:
-            yield Loaded(ref, None, f"no_image_member: sample {raw.key} has only {sorted(raw.files)}")
+            yield Raw(ref, None, f"no_image_member: sample {sample.key} has only {sorted(sample.files)}")
         else:
-            yield _decoded(ref, raw.files[ext], min_side)
+            yield Raw(ref, sample.files[ext])
 
 
 def _uid(meta: bytes | None, key: str) -> str:
@@ -118,11 +130,14 @@ def _uid(meta: bytes | None, key: str) -> str:
         return key
 
 
-def _decoded(ref: ImageRef, data: bytes, min_side: int) -> Loaded:
+def decode(raw: Raw, min_side: int) -> Loaded:
+    """RGB after EXIF orientation; JPEGs DCT-downscaled while the shorter side stays >= min_side."""
+    if raw.data is None:
+        return Loaded(raw.ref, None, raw.reason)
     try:
-        return Loaded(ref, decode_rgb(data, min_side))
+        return Loaded(raw.ref, decode_rgb(raw.data, min_side))
     except Exception as e:  # noqa: BLE001 -- Pillow raises many types; the reason names it
-        return Loaded(ref, None, f"decode_error: {type(e).__name__}: {_OBJECT_REPR.sub('', str(e))}")
+        return Loaded(raw.ref, None, f"decode_error: {type(e).__name__}: {_OBJECT_REPR.sub('', str(e))}")
 
 
 def open_image(path: str, *, min_side: int | None = None) -> Image.Image:
