@@ -1,10 +1,17 @@
-"""`lvd pretrain`: train DINOv2 on curation shards.
+"""`lvd pretrain`: train DINOv2 on curation shards, in one process or on many ranks.
 
-One process by default (CPU, or a GPU when present); `--nproc-per-node N` starts N ranks on
-this machine through torch.distributed's elastic launcher (what `torchrun --standalone` does)
-and shards the model with FSDP2. For several machines, start the same command under torchrun
-yourself (`torchrun --nnodes M --nproc-per-node N --rdzv-endpoint HOST:PORT -m lvd.flows.cli
-pretrain ...`): training joins the process group torchrun sets up.
+Launchers (one per call; each runs the same per-rank function, `lvd.pretrain.launch`):
+- default: one process (CPU, or a GPU when present); also what each rank runs when you start
+  `torchrun ... -m lvd.flows.cli pretrain ...` yourself;
+- `--nproc-per-node N`: N FSDP2 ranks on this machine through torch's elastic launcher (what
+  `torchrun --standalone` does); with `--nnodes M --rdzv-endpoint HOST:PORT`, run the same
+  command on each of the M machines and they meet at that c10d rendezvous;
+- `--ray-address ADDR`: `--ray-workers` Ray Train workers (TorchTrainer) on a Ray cluster;
+- `--slurm`: a submitit job of `--nnodes` x `--nproc-per-node` tasks (`--slurm-local`: run
+  the job on this machine through submitit's local executor, for testing).
+
+Every rank writes its part of each checkpoint into --out: with ranks on several machines,
+--out (and --shards) must be on a filesystem every machine mounts at the same path.
 """
 
 from __future__ import annotations
@@ -12,63 +19,175 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+SHARED_FS = ("with ranks on several machines, OUT must be a filesystem they all mount at the "
+             "same path (every rank writes its checkpoint shards there)")
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "pretrain", help="pretrain a DINOv2 ViT on WebDataset shards written by `lvd curate`"
+        "pretrain", help="pretrain a DINOv2 ViT on WebDataset shards written by `lvd curate`",
+        description="Pretrain a DINOv2 ViT on curation shards: one process by default; "
+                    "--nproc-per-node/--nnodes (torchrun), --ray-address (Ray Train) or "
+                    "--slurm (submitit) start several ranks, which shard the model with FSDP2.",
     )
     p.add_argument("--shards", required=True, nargs="+", metavar="SHARDS",
                    help="shard folder (e.g. RUN/shards), tar files, or {000000..000009} brace patterns")
     p.add_argument("--recipe", default="vits14",
                    help="named recipe: tiny, vits14, vitb14, vitl14, vitg14 (default: vits14)")
     p.add_argument("--out", required=True, type=Path,
-                   help="output folder: config.json, metrics.jsonl, checkpoints/, pictures/")
+                   help=f"output folder: config.json, metrics.jsonl, checkpoints/, pictures/; {SHARED_FS}")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many steps (schedules still follow the recipe's length)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per step and process (default: the recipe's)")
+                   help="images per step and rank (default: the recipe's)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest complete checkpoint in --out, if any")
     p.add_argument("--num-workers", type=int, default=2,
-                   help="data-loading worker processes (0: load in the main process)")
+                   help="data-loading worker processes per rank (0: load in the rank's process)")
     p.add_argument("--seed", type=int, default=0, help="seed for model init, crops and masks")
     p.add_argument("--device", default=None,
-                   help="torch device (default: cuda when available, else cpu)")
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
-                   help="ranks to start on this machine (FSDP2; gloo on CPU, NCCL on GPUs); "
-                        "--batch-size is then per rank")
+                   help="torch device (default: cuda when available, else cpu; Ray workers use "
+                        "the device Ray assigns)")
     p.add_argument("--deterministic", action="store_true",
                    help="use deterministic torch algorithms (bit-exact resume on CPU; slower)")
+    _add_torchrun_args(p.add_argument_group("torchrun (one or several machines)"))
+    _add_ray_args(p.add_argument_group("Ray Train (on a Ray cluster)"))
+    _add_slurm_args(p.add_argument_group("Slurm (through submitit)"))
     p.set_defaults(func=main)
+
+
+def _add_torchrun_args(g) -> None:
+    g.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="ranks per machine (FSDP2; gloo on CPU, NCCL with one GPU per rank); "
+                        "with --slurm: tasks per node")
+    g.add_argument("--nnodes", type=int, default=1, metavar="M",
+                   help="machines; without --slurm, run this same command on each of them with "
+                        "the same --rdzv-endpoint")
+    g.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="c10d rendezvous: a free port on one of the machines that all of them "
+                        "reach (needed when --nnodes > 1)")
+    g.add_argument("--rdzv-id", default="lvd-pretrain", metavar="ID",
+                   help="rendezvous id, the same on every machine of one run "
+                        "(default: lvd-pretrain)")
+
+
+def _add_ray_args(g) -> None:
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="train on Ray Train workers: 'auto' (the cluster this machine is part "
+                        "of, e.g. on its head node), 'local' (start a Ray here), HOST:6379 or "
+                        "ray://HOST:10001; every worker needs lvd installed (the lvd image)")
+    g.add_argument("--ray-workers", type=int, default=None, metavar="N",
+                   help="Ray Train workers, one rank each (default: 1)")
+    g.add_argument("--ray-cpus-per-worker", type=float, default=None, metavar="C",
+                   help="CPUs each worker reserves (default: 1)")
+    g.add_argument("--ray-gpus-per-worker", type=float, default=None, metavar="G",
+                   help="GPUs each worker reserves; > 0 trains over NCCL (default: 0, CPU "
+                        "workers over gloo)")
+
+
+def _add_slurm_args(g) -> None:
+    g.add_argument("--slurm", action="store_true",
+                   help="submit the training as a Slurm job through submitit (from a login "
+                        "node; --nnodes nodes x --nproc-per-node tasks), wait for it, print "
+                        "the job id and log paths")
+    g.add_argument("--slurm-partition", default=None, help="Slurm partition")
+    g.add_argument("--slurm-time-min", type=int, default=None, metavar="MIN",
+                   help="job time limit in minutes (default: 60)")
+    g.add_argument("--slurm-gpus-per-node", type=int, default=None, metavar="G",
+                   help="GPUs per node, equal to --nproc-per-node (default: 0, CPU ranks)")
+    g.add_argument("--slurm-folder", type=Path, default=None,
+                   help="submitit's folder for the job's pickles and logs (default: OUT/slurm)")
+    g.add_argument("--slurm-local", action="store_true",
+                   help="run the submitit job on this machine (submitit's local executor), "
+                        "for testing; one node")
+    g.add_argument("--slurm-no-wait", action="store_true",
+                   help="print the job id and log paths and return without waiting")
+
+
+RAY_FLAGS = ("ray_workers", "ray_cpus_per_worker", "ray_gpus_per_worker")
+SLURM_FLAGS = ("slurm_partition", "slurm_time_min", "slurm_gpus_per_node", "slurm_folder",
+               "slurm_local", "slurm_no_wait")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _given(args: argparse.Namespace, names) -> list[str]:
+    return [_flag(n) for n in names if getattr(args, n) not in (None, False)]
+
+
+def launch_spec(args: argparse.Namespace):
+    """The `LaunchSpec` the flags describe; flags of two launchers at once are refused."""
+    from lvd.pretrain.launch import LaunchSpec
+
+    if args.ray_address and args.slurm:
+        raise ValueError("--ray-address and --slurm pick different launchers: use one")
+    stray = (_given(args, SLURM_FLAGS) if not args.slurm else []) + (
+        _given(args, RAY_FLAGS) if not args.ray_address else [])
+    if stray:
+        which = "--slurm" if stray[0].startswith("--slurm") else "--ray-address"
+        raise ValueError(f"{', '.join(stray)} only apply with {which}")
+    common = {"nproc_per_node": args.nproc_per_node, "nnodes": args.nnodes,
+              "rdzv_endpoint": args.rdzv_endpoint}
+    if args.ray_address:
+        if (args.nproc_per_node, args.nnodes, args.rdzv_endpoint) != (1, 1, None):
+            raise ValueError("--ray-address runs one rank per Ray Train worker: set their "
+                             "number with --ray-workers, not --nproc-per-node/--nnodes/"
+                             "--rdzv-endpoint")
+        return LaunchSpec(kind="ray", ray_address=args.ray_address,
+                          **_set(args, ray_workers="ray_workers",
+                                 ray_cpus_per_worker="ray_cpus_per_worker",
+                                 ray_gpus_per_worker="ray_gpus_per_worker"))
+    if args.slurm:
+        return LaunchSpec(kind="slurm", **common, slurm_local=args.slurm_local,
+                          **_set(args, slurm_partition="slurm_partition",
+                                 slurm_time_min="slurm_time_min",
+                                 slurm_gpus_per_node="slurm_gpus_per_node",
+                                 slurm_folder="slurm_folder"))
+    torchrun = (args.nproc_per_node, args.nnodes, args.rdzv_endpoint) != (1, 1, None)
+    return LaunchSpec(kind="torchrun" if torchrun else "local", rdzv_id=args.rdzv_id,
+                      **(common if torchrun else {}))
+
+
+def _set(args: argparse.Namespace, **fields: str) -> dict:
+    """Spec fields whose flag was given (the others keep LaunchSpec's defaults)."""
+    return {f: getattr(args, a) for f, a in fields.items() if getattr(args, a) is not None}
 
 
 def main(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from lvd.pretrain.data import expand_shards
+    from lvd.pretrain.launch import launch, submit_slurm
     from lvd.pretrain.recipes import get_recipe
-    from lvd.pretrain.train import TrainConfig, train
+    from lvd.pretrain.train import TrainConfig
 
     try:
+        spec = launch_spec(args)
         shards = tuple(expand_shards(args.shards))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"lvd pretrain: {e}") from None
     recipe = get_recipe(args.recipe)
     if args.batch_size is not None:
         recipe = replace(recipe, batch_size=args.batch_size)
-    if args.nproc_per_node < 1:
-        raise SystemExit(f"lvd pretrain: --nproc-per-node {args.nproc_per_node}: use 1 or more")
     cfg = TrainConfig(
         shards=shards, recipe=recipe, out=args.out,
         max_steps=args.max_steps, resume=args.resume, num_workers=args.num_workers,
         seed=args.seed, device=args.device, deterministic=args.deterministic,
     )
-    if args.nproc_per_node > 1:
-        from lvd.pretrain.distributed import train_on_ranks
-
-        result = train_on_ranks(cfg, args.nproc_per_node)
+    if spec.kind == "slurm":
+        try:
+            job = submit_slurm(cfg, spec)
+        except RuntimeError as e:
+            raise SystemExit(f"lvd pretrain: {e}") from None
+        print(f"submitted job {job.job_id}; rank 0 logs: {job.paths.stdout} "
+              f"{job.paths.stderr}", flush=True)
+        if args.slurm_no_wait:
+            return 0
+        result = job.results()[0]
     else:
-        result = train(cfg)
+        result = launch(cfg, spec)
     last = result.losses[-1]["loss"] if result.losses else float("nan")
     print(f"trained steps {result.start_step}..{result.end_step} of recipe {recipe.name}; "
           f"last loss {last:.4f}; checkpoint {result.last_checkpoint}")
