@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "eval",
     "export",
     "embed", "index", "search",
+    "viz", "segment", "probe",
 )
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from lvd.pretrain.knn import IMAGENET_MEAN, IMAGENET_STD
 
 
-def _minmax(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+def minmax(x: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     lo, hi = x.amin(dim=dims, keepdim=True), x.amax(dim=dims, keepdim=True)
     return (x - lo) / (hi - lo).clamp_min(1e-8)
 
@@ -28,37 +28,48 @@ def patch_pca_rgb(backbone: torch.nn.Module, x_B3HW: torch.Tensor) -> torch.Tens
     """[B, 3, h, w] in [0, 1]: first 3 principal components of the patch features."""
     h, w = backbone.patch_grid(x_B3HW)
     patches_BND = backbone(x_B3HW).patches_BND.float()
-    flat_PD = patches_BND.flatten(0, 1)
-    flat_PD = flat_PD - flat_PD.mean(0, keepdim=True)
-    _, _, v_DD = torch.linalg.svd(flat_PD, full_matrices=False)
-    proj_P3 = flat_PD @ v_DD[:3].T
+    proj_P3 = pca_project(patches_BND.flatten(0, 1), 3)
     rgb_B3hw = proj_P3.reshape(x_B3HW.shape[0], h, w, 3).permute(0, 3, 1, 2)
-    return _minmax(rgb_B3hw, (0, 2, 3))  # one scale per component, shared by all images
+    return minmax(rgb_B3hw, (0, 2, 3))  # one scale per component, shared by all images
+
+
+def pca_project(x_PD: torch.Tensor, k: int) -> torch.Tensor:
+    """[P, k]: the rows of x_PD, centred, projected on their first k principal components."""
+    x_PD = x_PD - x_PD.mean(0, keepdim=True)
+    _, _, v_DD = torch.linalg.svd(x_PD, full_matrices=False)
+    return x_PD @ v_DD[:k].T
+
+
+@torch.no_grad()
+def cls_attention_heads(backbone: torch.nn.Module, x_B3HW: torch.Tensor) -> torch.Tensor:
+    """[B, heads, h, w]: last-block attention of CLS to each patch (softmax weights; the
+    registers' share is left out, so a head's map sums to at most 1)."""
+    h, w = backbone.patch_grid(x_B3HW)
+    attn_BHTT = backbone.last_self_attention(x_B3HW).float()
+    first_patch = 1 + backbone.num_register_tokens
+    cls_BHN = attn_BHTT[:, :, 0, first_patch:]
+    return cls_BHN.reshape(*cls_BHN.shape[:2], h, w)
 
 
 @torch.no_grad()
 def cls_attention(backbone: torch.nn.Module, x_B3HW: torch.Tensor) -> torch.Tensor:
     """[B, h, w] in [0, 1]: last-block CLS attention to each patch, mean over heads."""
-    h, w = backbone.patch_grid(x_B3HW)
-    attn_BHTT = backbone.last_self_attention(x_B3HW).float()
-    first_patch = 1 + backbone.num_register_tokens
-    cls_BN = attn_BHTT[:, :, 0, first_patch:].mean(1)
-    return _minmax(cls_BN.reshape(-1, h, w), (1, 2))
+    return minmax(cls_attention_heads(backbone, x_B3HW).mean(1), (1, 2))
 
 
-def _heat(a_BHW: torch.Tensor) -> torch.Tensor:
+def heat(a_BHW: torch.Tensor) -> torch.Tensor:
     """A black-red-yellow-white colour map: [B, 3, H, W]."""
     return torch.stack([(3 * a_BHW).clamp(0, 1), (3 * a_BHW - 1).clamp(0, 1),
                         (3 * a_BHW - 2).clamp(0, 1)], dim=1)
 
 
-def _denormalise(x_B3HW: torch.Tensor) -> torch.Tensor:
+def denormalise(x_B3HW: torch.Tensor) -> torch.Tensor:
     mean = torch.tensor(IMAGENET_MEAN, device=x_B3HW.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, device=x_B3HW.device)[:, None, None]
     return (x_B3HW.float() * std + mean).clamp(0, 1)
 
 
-def _grid(columns: list[torch.Tensor]) -> Image.Image:
+def image_grid(columns: list[torch.Tensor]) -> Image.Image:
     """Columns of [B, 3, H, W] images side by side, one row per image."""
     rows = torch.cat([torch.cat(list(c.cpu()), dim=1) for c in columns], dim=2)  # [3, B*H, k*W]
     return Image.fromarray((rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
@@ -71,10 +82,10 @@ def write_pictures(backbone: torch.nn.Module, x_B3HW: torch.Tensor, out_dir: str
     backbone.eval()
     size = x_B3HW.shape[-2:]
     pca = F.interpolate(patch_pca_rgb(backbone, x_B3HW), size=size, mode="nearest")
-    attn = F.interpolate(_heat(cls_attention(backbone, x_B3HW)), size=size, mode="nearest")
+    attn = F.interpolate(heat(cls_attention(backbone, x_B3HW)), size=size, mode="nearest")
     backbone.train(was_training)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{tag}.png"
-    _grid([_denormalise(x_B3HW), pca, attn]).save(path)
+    image_grid([denormalise(x_B3HW), pca, attn]).save(path)
     return path
