@@ -1,14 +1,18 @@
-"""The Prefect flow `pretrain`: single-process DINOv2 training on curation shards, reported.
+"""The Prefect flow `pretrain`: DINOv2 training on curation shards, reported.
 
-Training runs in a worker thread inside one Prefect task while the task's own thread polls
-OUT/metrics.jsonl: Prefect artifacts and the run logger need the task's context, which a
-plain thread does not have, so the reporting stays on the task thread. train() writes a
-metrics line every `recipe.log_every` steps and at the last step, so progress moves in
-those increments.
+One process (`nproc_per_node=1`): training runs in a worker thread inside one Prefect task
+while the task's own thread polls OUT/metrics.jsonl: Prefect artifacts and the run logger
+need the task's context, which a plain thread does not have, so the reporting stays on the
+task thread. Several ranks (`nproc_per_node=N`): the task starts `lvd pretrain
+--nproc-per-node N` as a child process (pretrain_launch.py), polls the same file, and when
+a rank dies relaunches it with `--resume` from the latest complete checkpoint, at most
+`max_relaunches` times. train() writes a metrics line every `recipe.log_every` steps and at
+the last step, so progress moves in those increments.
 
 Reports: a progress artifact (steps done / total), a log line per metrics line, a table of
 the last logged losses and learning rates, the k-NN top-1 when labelled folders are given,
-the PCA / CLS-attention pictures train() wrote in OUT/pictures, and a markdown summary.
+the PCA / CLS-attention pictures train() wrote in OUT/pictures, and a markdown summary
+(with the number of relaunches).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from lvd.flows import artifacts
+from lvd.flows.pretrain_launch import LaunchSpec, launch_with_relaunches
 
 POLL_S = 1.0
 TABLE_ROWS = 10
@@ -41,6 +46,17 @@ class PretrainSummary:
     checkpoint: str | None
     last_loss: float | None
     knn_top1: float | None = None
+    relaunches: int = 0  # times the ranks were restarted from a checkpoint after a failure
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What the train task hands on: steps run, the last checkpoint, relaunches."""
+
+    start_step: int
+    end_step: int
+    last_checkpoint: Path | None
+    relaunches: int = 0
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -56,22 +72,39 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def _report_new_lines(rows: list[dict], seen: int, total: int, progress: artifacts.Progress) -> int:
-    log = get_run_logger()
-    for r in rows[seen:]:
-        log.info("pretrain: step %d/%d loss %.4f lr %.2e (%.1f img/s)",
-                 r["step"] + 1, total, r["loss"], r["lr"], r.get("images_per_s", float("nan")))
-        progress(r["step"] + 1, total)
-    return max(seen, len(rows))
+class MetricsFollower:
+    """Reports metrics lines of steps after the last one reported (a log line, progress)."""
+
+    def __init__(self, path: Path, total: int, *, after_step: int) -> None:
+        self.path, self.total, self.after_step = path, total, after_step
+        self.progress = artifacts.Progress("pretrain-progress", f"pretrain: steps done of {total}")
+
+    def __call__(self) -> None:
+        log = get_run_logger()
+        for r in read_metrics(self.path):
+            if r["step"] <= self.after_step:
+                continue
+            log.info("pretrain: step %d/%d loss %.4f lr %.2e (%.1f img/s)", r["step"] + 1,
+                     self.total, r["loss"], r["lr"], r.get("images_per_s", float("nan")))
+            self.progress(r["step"] + 1, self.total)
+            self.after_step = r["step"]
+
+
+def _first_step(cfg) -> int:
+    """The step a run starts at: that of the checkpoint it resumes from, else 0."""
+    from lvd.pretrain import checkpoint as ckpt
+
+    last = ckpt.latest_checkpoint(cfg.out) if cfg.resume else None
+    return 0 if last is None else ckpt.read_meta(last).step
 
 
 @task(name="train", cache_policy=NO_CACHE)  # checkpoints are the cache (resume)
-def train_task(cfg):
+def train_task(cfg) -> TrainOutcome:
     """Run train(cfg) in a thread; report its metrics lines as they appear."""
     from lvd.pretrain.train import train
 
-    total = cfg.end_step
-    progress = artifacts.Progress("pretrain-progress", f"pretrain: steps done of {total}")
+    follow = MetricsFollower(cfg.out / "metrics.jsonl", cfg.end_step,
+                             after_step=_first_step(cfg) - 1)
     outcome: dict = {}
 
     def work() -> None:
@@ -81,17 +114,44 @@ def train_task(cfg):
             outcome["error"] = e
 
     worker = threading.Thread(target=work, name="lvd-train", daemon=True)
-    metrics = cfg.out / "metrics.jsonl"
-    # A resumed run keeps earlier lines: report only lines written from now on.
-    seen = len(read_metrics(metrics)) if cfg.resume else 0
     worker.start()
     while worker.is_alive():
         worker.join(POLL_S)
-        seen = _report_new_lines(read_metrics(metrics), seen, total, progress)
+        follow()
     if "error" in outcome:
         raise outcome["error"]
-    progress(total, total)
-    return outcome["result"]
+    follow.progress(cfg.end_step, cfg.end_step)
+    r = outcome["result"]
+    return TrainOutcome(r.start_step, r.end_step, r.last_checkpoint)
+
+
+@task(name="train-ranks", cache_policy=NO_CACHE)
+def train_ranks_task(cfg, spec: LaunchSpec, max_relaunches: int) -> TrainOutcome:
+    """`lvd pretrain --nproc-per-node N` as a child; relaunched from the latest checkpoint
+    when it fails (a rank died), at most `max_relaunches` times."""
+    from lvd.pretrain import checkpoint as ckpt
+    from lvd.pretrain.train import MetricsLog
+
+    start = _first_step(cfg)
+    follow = MetricsFollower(cfg.out / "metrics.jsonl", cfg.end_step, after_step=start - 1)
+
+    def before_relaunch(attempt: int, code: int) -> None:
+        last = ckpt.latest_checkpoint(cfg.out)
+        step = 0 if last is None else ckpt.read_meta(last).step
+        get_run_logger().warning(
+            "pretrain: launch %d of %d ranks exited with code %d (a rank died or failed; "
+            "log %s); relaunching with --resume from %s", attempt, spec.nproc_per_node, code,
+            cfg.out / f"launch-{attempt}.log",
+            last if last is not None else "the start (no complete checkpoint yet)")
+        # steps after the checkpoint are trained again: forget the lines the dead run wrote
+        MetricsLog(cfg.out / "metrics.jsonl", resume_step=step)
+        follow.after_step = step - 1
+
+    outcome = launch_with_relaunches(spec, resume=cfg.resume, max_relaunches=max_relaunches,
+                                     on_poll=follow, before_relaunch=before_relaunch)
+    follow.progress(cfg.end_step, cfg.end_step)
+    return TrainOutcome(start, cfg.end_step, ckpt.latest_checkpoint(cfg.out),
+                        relaunches=outcome.relaunches)
 
 
 def _loss_table(rows: list[dict]) -> None:
@@ -144,8 +204,19 @@ def _summary_markdown(s: PretrainSummary) -> str:
         "| | |", "|---|---|",
         f"| recipe | `{s.recipe}` |", f"| steps | {s.start_step} -> {s.end_step} |",
         f"| last loss | {loss} |", f"| k-NN top-1 | {knn} |",
+        f"| relaunches | {s.relaunches} |",
         f"| checkpoint | `{s.checkpoint}` |", f"| output | `{s.out}` |",
     ])
+
+
+def _check_resume_world_size(cfg, nproc_per_node: int) -> None:
+    """Refuse a resume on another number of ranks before starting any (train() would too)."""
+    from lvd.pretrain import checkpoint as ckpt
+    from lvd.pretrain.failures import check_world_size
+
+    last = ckpt.latest_checkpoint(cfg.out) if cfg.resume else None
+    if last is not None:
+        check_world_size(last, ckpt.read_meta(last).world_size, nproc_per_node)
 
 
 @flow(name="pretrain")
@@ -162,23 +233,42 @@ def pretrain(
     knn_train: str | None = None,
     knn_val: str | None = None,
     knn_k: int = 20,
+    nproc_per_node: int = 1,
+    max_relaunches: int = 2,
+    deterministic: bool = False,
 ) -> PretrainSummary:
-    """Train recipe `recipe` on `shards` into `out`; k-NN on knn_train/knn_val when given."""
+    """Train recipe `recipe` on `shards` into `out`; k-NN on knn_train/knn_val when given.
+
+    nproc_per_node > 1 trains that many FSDP2 ranks in a child process, relaunched from the
+    latest checkpoint up to `max_relaunches` times when a rank dies (batch_size per rank)."""
     from lvd.pretrain.data import expand_shards
+    from lvd.pretrain.failures import check_shard_files
     from lvd.pretrain.recipes import get_recipe
     from lvd.pretrain.train import TrainConfig
 
     if (knn_train is None) != (knn_val is None):
         raise ValueError("k-NN evaluation needs both a labelled train folder and a val folder")
+    if nproc_per_node < 1 or max_relaunches < 0:
+        raise ValueError(f"nproc_per_node {nproc_per_node} / max_relaunches {max_relaunches}: "
+                         "use at least 1 rank and 0 or more relaunches")
     r = get_recipe(recipe)
     if batch_size is not None:
         r = replace(r, batch_size=batch_size)
     cfg = TrainConfig(shards=tuple(expand_shards(shards)), recipe=r, out=Path(out).resolve(),
                       max_steps=max_steps, resume=resume, num_workers=num_workers, seed=seed,
-                      device=device)
-    get_run_logger().info("pretrain: recipe %s, %d shards, steps to %d -> %s",
-                          r.name, len(cfg.shards), cfg.end_step, cfg.out)
-    result = train_task(cfg)
+                      device=device, deterministic=deterministic)
+    check_shard_files(cfg.shards)  # here too: before any process is started
+    get_run_logger().info("pretrain: recipe %s, %d shards, %d rank(s), steps to %d -> %s",
+                          r.name, len(cfg.shards), nproc_per_node, cfg.end_step, cfg.out)
+    if nproc_per_node == 1:
+        result = train_task(cfg)
+    else:
+        _check_resume_world_size(cfg, nproc_per_node)
+        spec = LaunchSpec(shards=tuple(shards), recipe=recipe, out=cfg.out,
+                          nproc_per_node=nproc_per_node, max_steps=max_steps,
+                          batch_size=batch_size, num_workers=num_workers, seed=seed,
+                          device=device, deterministic=deterministic)
+        result = train_ranks_task(cfg, spec, max_relaunches)
     rows = read_metrics(cfg.out / "metrics.jsonl")
     _loss_table(rows)
     knn = None
@@ -191,6 +281,7 @@ def pretrain(
         out=str(cfg.out), recipe=r.name, start_step=result.start_step, end_step=result.end_step,
         checkpoint=None if result.last_checkpoint is None else str(result.last_checkpoint),
         last_loss=rows[-1]["loss"] if rows else None, knn_top1=knn,
+        relaunches=result.relaunches,
     )
     create_markdown_artifact(markdown=_summary_markdown(summary), key="pretrain-summary",
                              description="pretraining summary")

@@ -222,7 +222,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     rt = setup_runtime(init_distributed(cfg.device))
     check_shard_files(cfg.shards)
     last = _resume_point(cfg, rt)
-    pid_file = _write_pid(cfg.out, rt.rank)
     torch.use_deterministic_algorithms(cfg.deterministic)
     recipe = cfg.recipe
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 needs it)
@@ -230,6 +229,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.manual_seed(cfg.seed + rt.rank)  # then each rank its own stream
     schedules = build_schedules(recipe.schedule_config(world_size=rt.world_size))
     start = 0 if last is None else _restore(meta, optimizer, last).step
+    pid_file = _write_pid(cfg.out, rt.rank)  # ready: built, restored, about to train
     # one writer: every rank appending its own lines made the log ambiguous
     metrics = None
     if rt.rank == 0:

@@ -1,0 +1,102 @@
+"""The `pretrain` flow on 2 gloo ranks (a child `lvd pretrain --nproc-per-node 2`): one rank
+is killed with SIGKILL after the first checkpoint is complete, while training, and the flow
+relaunches from that checkpoint and finishes the run.
+
+Each launch starts 3 Python processes that import torch (about 20 s on 2 idle cores), so
+the run is kept to 3 launches of a few steps; bit-exact losses after a resume are tested
+in tests/pretrain/test_fsdp.py, here the relaunch is checked to continue from the
+checkpoint's step and to retrain the steps the killed launch had begun.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from lvd.datasets import load_fashion_mnist, write_shards
+from lvd.flows import cli
+from lvd.flows.pretrain_flow import read_metrics
+from lvd.pretrain import checkpoint as ckpt
+
+FIRST_END, END = 2, 4
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    x, _ = load_fashion_mnist("test")
+    root = tmp_path_factory.mktemp("relaunch-shards")
+    write_shards(x[:64], root, samples_per_shard=16, size=56)
+    return root
+
+
+class RankKiller(threading.Thread):
+    """SIGKILLs rank 1 as soon as its pid file appears: train() writes it once the rank has
+    built the model and restored the checkpoint, right before its first step."""
+
+    def __init__(self, out: Path, timeout_s: float = 400) -> None:
+        super().__init__(daemon=True)
+        self.pid_file, self.deadline = out / "ranks" / "rank1.pid", time.monotonic() + timeout_s
+        self.pid: int | None = None
+
+    def run(self) -> None:
+        while time.monotonic() < self.deadline and self.pid is None:
+            if self.pid_file.exists():
+                self.pid = int(self.pid_file.read_text().split()[0])
+                os.kill(self.pid, signal.SIGKILL)
+            time.sleep(0.02)
+
+
+def _latest_artifact(key: str):
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as c:
+        return next(a for a in c.read_latest_artifacts() if a.key == key)
+
+
+def test_killed_rank_is_relaunched_from_the_checkpoint(prefect_harness, shards, tmp_path):
+    from lvd.flows.pretrain_flow import pretrain
+
+    out = tmp_path / "run"
+    # the first checkpoint, from the command line the flow launches (here in-process:
+    # one torch import fewer than a child process)
+    assert cli.main(["pretrain", "--shards", str(shards), "--recipe", "tiny", "--out", str(out),
+                     "--batch-size", "4", "--num-workers", "0", "--nproc-per-node", "2",
+                     "--deterministic", "--max-steps", str(FIRST_END)]) == 0
+    assert ckpt.read_meta(ckpt.latest_checkpoint(out)).world_size == 2
+    assert not list((out / "ranks").glob("*.pid"))  # ranks that finished remove theirs
+    first_rows = read_metrics(out / "metrics.jsonl")
+
+    killer = RankKiller(out)
+    killer.start()
+    state = pretrain(shards=[str(shards)], out=str(out), recipe="tiny", batch_size=4,
+                     num_workers=0, nproc_per_node=2, deterministic=True, max_steps=END,
+                     resume=True, return_state=True)
+    killer.join(1)
+    assert killer.pid is not None, "rank 1 was never killed"
+    assert state.is_completed()
+    summary = state.result()
+    assert (summary.start_step, summary.end_step, summary.relaunches) == (FIRST_END, END, 1)
+    assert summary.checkpoint == str(ckpt.checkpoint_dir(out, END))
+    assert [p.name for p in ckpt.list_checkpoints(out)] == ["step_0000002", "step_0000004"]
+
+    # launch 1 resumed, lost rank 1 to the signal; launch 2 resumed from step 2 and finished
+    killed = (out / "launch-1.log").read_text()
+    assert killed.splitlines()[0].endswith("--resume")
+    assert f"exitcode: -9) local_rank: 1 (pid: {killer.pid})" in killed
+    assert "trained steps" not in killed
+    again = (out / "launch-2.log").read_text()
+    assert again.splitlines()[0].endswith("--resume")
+    assert f"trained steps {FIRST_END}..{END} of recipe tiny" in again
+    assert not (out / "launch-3.log").exists()
+
+    rows = read_metrics(out / "metrics.jsonl")  # tiny logs every 10 steps and at the end
+    assert [r["step"] for r in rows] == [FIRST_END - 1, END - 1]
+    assert rows[0] == first_rows[0]  # the line before the checkpoint is kept as it was
+    assert rows[1]["loss"] != rows[0]["loss"]
+    assert "| relaunches | 1 |" in _latest_artifact("pretrain-summary").data
+    assert _latest_artifact("pretrain-progress").data == 100.0
