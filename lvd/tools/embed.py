@@ -94,6 +94,11 @@ def embed(model: str | Path | torch.nn.Module, images: str | Path, out: str | Pa
           cfg: EmbedConfig | None = None) -> Embeddings:
     """Embed every image of a folder tree or of WebDataset shards into `out` (see `store`)."""
     cfg = cfg or EmbedConfig()
+    if not isinstance(model, torch.nn.Module) and not Path(model).expanduser().exists():
+        from lvd.pretrain.models.load import WANT
+
+        # checked here: on the Ray path the loader's own message would arrive as an actor error
+        raise FileNotFoundError(f"model {model!s} does not exist; {WANT}")
     units = plan_units(images, chunk=cfg.chunk)
     total = sum(u.bound for u in units)
     use_ray = cfg.ray if cfg.ray is not None else total > cfg.ray_above

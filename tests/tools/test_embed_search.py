@@ -129,6 +129,8 @@ def test_ray_actors_give_the_in_process_vectors(tmp_path, ray_local, tiny_backbo
     got = embed(tiny_backbone.lvd, folder, tmp_path / "ray", cfg)
     assert got.meta["ray"] and got.meta["units"] == 4
     assert got.ids == embedded.ids and got.skipped.equals(embedded.skipped)
+    with pytest.raises(FileNotFoundError, match="does not exist; pass an HF Dinov2 folder"):
+        embed(tmp_path / "no-model", folder, tmp_path / "never", cfg)
     np.testing.assert_allclose(got.cls_ND, embedded.cls_ND, atol=1e-5)
     np.testing.assert_allclose(got.patches_NhwD.astype(np.float32), embedded.patches_NhwD.astype(np.float32), atol=2e-3)
 
