@@ -99,6 +99,8 @@ def embed(model: str | Path | torch.nn.Module, images: str | Path, out: str | Pa
 
         # checked here: on the Ray path the loader's own message would arrive as an actor error
         raise FileNotFoundError(f"model {model!s} does not exist; {WANT}")
+    if not isinstance(model, torch.nn.Module):
+        model = str(Path(model).expanduser().resolve())  # Ray workers do not share our cwd
     units = plan_units(images, chunk=cfg.chunk)
     total = sum(u.bound for u in units)
     use_ray = cfg.ray if cfg.ray is not None else total > cfg.ray_above
@@ -109,12 +111,11 @@ def embed(model: str | Path | torch.nn.Module, images: str | Path, out: str | Pa
             writer = FeatureWriter(out, capacity=total, dim=res.cls_BD.shape[1], grid=res.grid)
         writer.append(res.refs, res.cls_BD, res.patches_BhwD)
         writer.skipped += res.skipped
-    f = cfg.features
     if writer is None:
         raise ValueError(f"{images}: no units of work")
+    f = cfg.features
     # a resolved path, so `lvd search` finds the model from another working directory
-    name = type(model).__name__ if isinstance(model, torch.nn.Module) else str(Path(model).resolve())
-    meta = {"model": name,
+    meta = {"model": type(model).__name__ if isinstance(model, torch.nn.Module) else model,
             "images": str(images), "size": f.size, "resize": f.resize_side, "patches": f.patches,
             "ray": use_ray, "units": len(units), "normalised": False}
     return writer.close(meta)

@@ -71,7 +71,8 @@ def plan_units(spec: str | os.PathLike, *, chunk: int = 256) -> list[Unit]:
     if is_shard_source(spec):
         from lvd.pretrain.data.shard_stream import count_samples, expand_shards
 
-        return [Unit(index=i, shard=s, bound=count_samples(s)) for i, s in enumerate(expand_shards(spec))]
+        shards = [os.path.abspath(s) for s in expand_shards(spec)]  # Ray workers do not share our cwd
+        return [Unit(index=i, shard=s, bound=count_samples(s)) for i, s in enumerate(shards)]
     root = Path(spec).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"--images {spec}: not a folder of images nor WebDataset shards (a .tar, a {{000..009}} pattern or a folder of shard-*.tar)")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from dataclasses import replace
 
@@ -124,9 +125,11 @@ def test_shards_give_the_folder_vectors(tmp_path, tiny_backbone, photos, embedde
     assert np.asarray(open_image(got.paths[0])).shape[2] == 3  # a member can be opened by its path
 
 
-def test_ray_actors_give_the_in_process_vectors(tmp_path, ray_local, tiny_backbone, folder, embedded):
+def test_ray_actors_give_the_in_process_vectors(tmp_path, monkeypatch, ray_local, tiny_backbone, folder, embedded):
     cfg = replace(CFG, ray=True, actors=ActorConfig(n_actors=2))
-    got = embed(tiny_backbone.lvd, folder, tmp_path / "ray", cfg)
+    monkeypatch.chdir(tmp_path)  # relative paths: the actors' working directory is not ours
+    got = embed(os.path.relpath(tiny_backbone.lvd), os.path.relpath(folder), "ray", cfg)
+    assert got.meta["model"] == str(tiny_backbone.lvd.resolve())
     assert got.meta["ray"] and got.meta["units"] == 4
     assert got.ids == embedded.ids and got.skipped.equals(embedded.skipped)
     with pytest.raises(FileNotFoundError, match="does not exist; pass an HF Dinov2 folder"):
