@@ -14,6 +14,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import expect, sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium phones home and, on a closed network,
@@ -31,8 +32,6 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def browser():
-    from playwright.sync_api import sync_playwright
-
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         yield b
@@ -41,17 +40,15 @@ def browser():
 
 @pytest.fixture
 def page(browser):
-    from playwright.sync_api import expect
-
     expect.set_options(timeout=RENDER_TIMEOUT_MS)
+    # The UI scrolls inside its own panes, so a tall window is what makes "full page" shots whole.
     context = browser.new_context(viewport={"width": 1400, "height": 1400})
+    context.set_default_timeout(RENDER_TIMEOUT_MS)
     yield context.new_page()
     context.close()
 
 
 def _visible(page, *texts: str) -> None:
-    from playwright.sync_api import expect
-
     for text in texts:
         expect(page.get_by_text(text).first).to_be_visible()
 
@@ -76,8 +73,6 @@ def _open_latest_artifact(page, run, key: str) -> None:
 
 def _table_rows(page) -> list[list[str]]:
     """Visible cell texts of each body row of the artifact's table."""
-    from playwright.sync_api import expect
-
     expect(page.get_by_role("row").nth(1)).to_be_visible()
     return [row.split() for row in page.get_by_role("row").all_inner_texts()[1:]]
 
@@ -94,11 +89,10 @@ def test_flow_run_page_shows_completed_stages(pipeline_run, page, screenshot):
 
     _tab(page, "Subflow Runs")
     _visible(page, "2 Flow runs", run.children["curate"]["name"], run.children["pretrain"]["name"])
-    from playwright.sync_api import expect
-
     for flow in ("curate", "pretrain"):
         expect(page.get_by_text(flow, exact=True).first).to_be_visible()
-    assert page.get_by_text("Completed", exact=True).count() >= 3  # the run and both subflows
+    # State badges: the run's and one per subflow (a failed subflow would show "Failed").
+    expect(page.get_by_text("Completed", exact=True)).to_have_count(3)
     screenshot(page, "02-pipeline-subflow-runs")
 
     _tab(page, "Artifacts")
@@ -107,8 +101,6 @@ def test_flow_run_page_shows_completed_stages(pipeline_run, page, screenshot):
 
 
 def test_curate_subflow_shows_its_tasks_and_artifacts(pipeline_run, page, screenshot):
-    from playwright.sync_api import expect
-
     run = pipeline_run
     _open_run(page, run, run.children["curate"]["id"], tab="Task Runs")
     _visible(page, "4 Task runs", "(4 Completed)")
@@ -129,7 +121,7 @@ def test_counts_table_matches_the_ledger(pipeline_run, page, screenshot):
     _open_latest_artifact(page, run, "curate-ledger-counts")
     _visible(page, "ledger: inputs per status and reason", "status", "reason", "count")
     rows = _table_rows(page)
-    # A status without a reason shows an empty cell: `sharded  16` splits into two words.
+    # The UI renders cells as markdown: the reason "-" of `sharded` becomes an empty list item.
     counts = {(r[0], r[1] if len(r) == 3 else "-"): int(r[-1]) for r in rows}
     screenshot(page, "06-counts-table")
     rejected = {reason: n for (status, reason), n in counts.items() if status == "rejected"}
@@ -141,8 +133,6 @@ def test_counts_table_matches_the_ledger(pipeline_run, page, screenshot):
 
 
 def test_duplicate_group_pictures_render(pipeline_run, page, screenshot):
-    from playwright.sync_api import expect
-
     run = pipeline_run
     _open_latest_artifact(page, run, "curate-dedup-groups")
     _visible(page, "Near-duplicate groups", "Left: the representative kept", "kept", "duplicates")
@@ -159,8 +149,6 @@ def test_duplicate_group_pictures_render(pipeline_run, page, screenshot):
 
 
 def test_pretrain_subflow_shows_loss_table(pipeline_run, page, screenshot):
-    from playwright.sync_api import expect
-
     run = pipeline_run
     _open_run(page, run, run.children["pretrain"]["id"], tab="Task Runs")
     for task in ("train", "knn-eval"):
@@ -180,3 +168,12 @@ def test_pretrain_subflow_shows_loss_table(pipeline_run, page, screenshot):
     assert row[0] == str(last["step"] + 1) == "2"
     assert float(row[1]) == round(last["loss"], 6)
     screenshot(page, "09-loss-table")
+
+
+def test_pipeline_summary_shows_knn_top1(pipeline_run, page, screenshot):
+    run = pipeline_run
+    _open_latest_artifact(page, run, "pipeline-summary")
+    knn = json.loads(next((run.out / "pretrain" / "checkpoints").glob("step_*/eval_knn.json")).read_text())
+    _visible(page, "Pipeline summary", "inputs by status", "k-NN top-1",
+             f"{100 * knn['top1']:.2f}%", "steps 0 -> 2")
+    screenshot(page, "10-pipeline-summary")
