@@ -45,6 +45,7 @@ class LaunchSpec:
     slurm_partition: str | None = None
     slurm_time_min: int = 60
     slurm_gpus_per_node: int = 0
+    slurm_cpus_per_task: int | None = None  # None: the cluster's default (often 1)
     slurm_folder: Path | None = None  # default: OUT/slurm
     slurm_local: bool = False  # submitit's local executor: the job runs on this machine
 
@@ -94,6 +95,8 @@ class LaunchSpec:
             raise ValueError(f"--slurm-gpus-per-node {self.slurm_gpus_per_node} with "
                              f"--nproc-per-node {self.nproc_per_node}: one rank per GPU, so "
                              "give both the same number (or 0 GPUs for CPU ranks)")
+        if self.slurm_cpus_per_task is not None and self.slurm_cpus_per_task < 1:
+            raise ValueError(f"--slurm-cpus-per-task {self.slurm_cpus_per_task}: use 1 or more")
         if self.slurm_local and self.nnodes > 1:
             raise ValueError("--slurm-local runs the job on this machine only: use --nnodes 1")
 
@@ -240,6 +243,8 @@ def submit_slurm(cfg: TrainConfig, spec: LaunchSpec):
                               "timeout_min": spec.slurm_time_min}
     if spec.slurm_gpus_per_node:
         params["gpus_per_node"] = spec.slurm_gpus_per_node
+    if spec.slurm_cpus_per_task:
+        params["cpus_per_task"] = spec.slurm_cpus_per_task
     if spec.slurm_partition:
         params["slurm_partition"] = spec.slurm_partition
     executor.update_parameters(**params)

@@ -82,6 +82,9 @@ def test_ray_train_matches_torchrun(shards, reference, ray_local, tmp_path, caps
     ref_out, ref_loss = reference
     out = tmp_path / "ray"
     # the test Ray (2 CPUs) is already running: `local` joins it, 2 workers x 1 CPU fit
+    # (Ray Train would wait for CPUs held elsewhere rather than fail)
+    free = ray_local.available_resources().get("CPU", 0)
+    assert free >= 2, f"another test holds the test Ray's CPUs ({free} free)"
     assert main([*pretrain_args(shards, out), "--ray-address", "local",
                  "--ray-workers", "2", "--ray-cpus-per-worker", "1"]) == 0
     assert printed_loss(capsys.readouterr().out) == ref_loss  # rank 0's result reached us
@@ -95,7 +98,8 @@ def test_submitit_local_matches_torchrun(shards, reference, tmp_path, capsys):  
     ref_out, ref_loss = reference
     out = tmp_path / "slurm"
     assert main([*pretrain_args(shards, out), "--slurm", "--slurm-local",
-                 "--nproc-per-node", "2", "--slurm-time-min", "10"]) == 0
+                 "--nproc-per-node", "2", "--slurm-time-min", "10",
+                 "--slurm-cpus-per-task", "1"]) == 0
     printed = capsys.readouterr().out
     assert printed_loss(printed) == ref_loss
     job_id, stdout, stderr = re.search(r"submitted job (\S+); rank 0 logs: (\S+) (\S+)",
@@ -146,6 +150,7 @@ def test_two_nodes_meet_at_rendezvous(shards, reference, tmp_path):  # noqa: F81
     ({"kind": "slurm", "nproc_per_node": 4, "slurm_gpus_per_node": 2}, "one rank per GPU"),
     ({"kind": "slurm", "rdzv_endpoint": "h:1"}, "drop --rdzv-endpoint"),
     ({"kind": "slurm", "slurm_local": True, "nnodes": 2}, "--nnodes 1"),
+    ({"kind": "slurm", "slurm_cpus_per_task": 0}, "--slurm-cpus-per-task 0"),
     ({"kind": "mpi"}, "use one of"),
 ])
 def test_launch_spec_says_what_to_change(kwargs, message):

@@ -95,6 +95,9 @@ def _add_slurm_args(g) -> None:
                    help="job time limit in minutes (default: 60)")
     g.add_argument("--slurm-gpus-per-node", type=int, default=None, metavar="G",
                    help="GPUs per node, equal to --nproc-per-node (default: 0, CPU ranks)")
+    g.add_argument("--slurm-cpus-per-task", type=int, default=None, metavar="C",
+                   help="CPUs per rank, for it and its --num-workers data loaders (default: "
+                        "the cluster's)")
     g.add_argument("--slurm-folder", type=Path, default=None,
                    help="submitit's folder for the job's pickles and logs (default: OUT/slurm)")
     g.add_argument("--slurm-local", action="store_true",
@@ -105,8 +108,8 @@ def _add_slurm_args(g) -> None:
 
 
 RAY_FLAGS = ("ray_workers", "ray_cpus_per_worker", "ray_gpus_per_worker")
-SLURM_FLAGS = ("slurm_partition", "slurm_time_min", "slurm_gpus_per_node", "slurm_folder",
-               "slurm_local", "slurm_no_wait")
+SLURM_FLAGS = ("slurm_partition", "slurm_time_min", "slurm_gpus_per_node",
+               "slurm_cpus_per_task", "slurm_folder", "slurm_local", "slurm_no_wait")
 
 
 def _flag(name: str) -> str:
@@ -144,6 +147,7 @@ def launch_spec(args: argparse.Namespace):
                           **_set(args, slurm_partition="slurm_partition",
                                  slurm_time_min="slurm_time_min",
                                  slurm_gpus_per_node="slurm_gpus_per_node",
+                                 slurm_cpus_per_task="slurm_cpus_per_task",
                                  slurm_folder="slurm_folder"))
     torchrun = (args.nproc_per_node, args.nnodes, args.rdzv_endpoint) != (1, 1, None)
     return LaunchSpec(kind="torchrun" if torchrun else "local", rdzv_id=args.rdzv_id,
