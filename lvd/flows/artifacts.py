@@ -48,8 +48,9 @@ def count_table(key: str, description: str, rows: Iterable[dict]) -> None:
 
 
 def status_reason_rows(statuses: Iterable[str], reasons: Iterable[str | None]) -> list[dict]:
-    """[{status, reason, count}] sorted by status then reason; reason '-' when none."""
-    counts = Counter(zip(statuses, (r or "-" for r in reasons)))
+    """[{status, reason, count}] sorted by status then reason; reason '(none)' when none
+    (the Prefect UI renders cells as markdown: a bare '-' would show as a list bullet)."""
+    counts = Counter(zip(statuses, (r or "(none)" for r in reasons)))
     return [{"status": s, "reason": r, "count": n} for (s, r), n in sorted(counts.items())]
 
 
