@@ -17,8 +17,6 @@ the PCA / CLS-attention pictures train() wrote in OUT/pictures, and a markdown s
 
 from __future__ import annotations
 
-import base64
-import json
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -28,11 +26,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from lvd.flows import artifacts
-from lvd.flows.pretrain_launch import LaunchSpec, launch_with_relaunches
+from lvd.flows.pretrain_launch import RanksCommand, launch_with_relaunches
+from lvd.flows.pretrain_report import (
+    MetricsFollower,
+    loss_table,
+    pictures_markdown,
+    read_metrics,
+    summary_markdown,
+)
 
 POLL_S = 1.0
-TABLE_ROWS = 10
-MAX_PICTURES = 2  # newest first; each about 20-60 KB as base64 for the tiny recipe
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,37 +60,6 @@ class TrainOutcome:
     end_step: int
     last_checkpoint: Path | None
     relaunches: int = 0
-
-
-def read_metrics(path: Path) -> list[dict]:
-    """The complete JSON lines of metrics.jsonl (a line being written is skipped)."""
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:  # train() is mid-write: read it next poll
-            break
-    return rows
-
-
-class MetricsFollower:
-    """Reports metrics lines of steps after the last one reported (a log line, progress)."""
-
-    def __init__(self, path: Path, total: int, *, after_step: int) -> None:
-        self.path, self.total, self.after_step = path, total, after_step
-        self.progress = artifacts.Progress("pretrain-progress", f"pretrain: steps done of {total}")
-
-    def __call__(self) -> None:
-        log = get_run_logger()
-        for r in read_metrics(self.path):
-            if r["step"] <= self.after_step:
-                continue
-            log.info("pretrain: step %d/%d loss %.4f lr %.2e (%.1f img/s)", r["step"] + 1,
-                     self.total, r["loss"], r["lr"], r.get("images_per_s", float("nan")))
-            self.progress(r["step"] + 1, self.total)
-            self.after_step = r["step"]
 
 
 def _first_step(cfg) -> int:
@@ -126,7 +98,7 @@ def train_task(cfg) -> TrainOutcome:
 
 
 @task(name="train-ranks", cache_policy=NO_CACHE)
-def train_ranks_task(cfg, spec: LaunchSpec, max_relaunches: int) -> TrainOutcome:
+def train_ranks_task(cfg, spec: RanksCommand, max_relaunches: int) -> TrainOutcome:
     """`lvd pretrain --nproc-per-node N` as a child; relaunched from the latest checkpoint
     when it fails (a rank died), at most `max_relaunches` times."""
     from lvd.pretrain import checkpoint as ckpt
@@ -154,13 +126,6 @@ def train_ranks_task(cfg, spec: LaunchSpec, max_relaunches: int) -> TrainOutcome
                         relaunches=outcome.relaunches)
 
 
-def _loss_table(rows: list[dict]) -> None:
-    keys = ["step", "loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "entropy", "proto_usage"]
-    table = [{k: (r["step"] + 1 if k == "step" else round(r[k], 6)) for k in keys if k in r}
-             for r in rows[-TABLE_ROWS:]]
-    artifacts.count_table("pretrain-losses", "pretrain: last logged losses and learning rate", table)
-
-
 @task(name="knn-eval", cache_policy=NO_CACHE)
 def knn_task(checkpoint: Path, train_dir: str, val_dir: str, k: int, device: str | None):
     """k-NN top-1 of the teacher on labelled folders; also written to CKPT/eval_knn.json."""
@@ -180,33 +145,6 @@ def knn_task(checkpoint: Path, train_dir: str, val_dir: str, k: int, device: str
         {"top1_percent": round(100 * result.top1, 2), "k": result.k,
          "n_train": result.n_train, "n_val": result.n_val}])
     return result
-
-
-def pictures_markdown(folder: Path) -> str | None:
-    """The newest pictures train() wrote (rows: image | patch PCA | CLS attention)."""
-    pngs = sorted(folder.glob("step_*.png"))[-MAX_PICTURES:][::-1]
-    if not pngs:
-        return None
-    lines = ["# Teacher features", "",
-             ("Each row: a training crop, the first 3 PCA components of its patch features "
-              "as RGB, and the CLS token's attention over patches (last block)."), ""]
-    for p in pngs:
-        b64 = base64.b64encode(p.read_bytes()).decode("ascii")
-        lines += [f"## {p.stem}", "", f"![{p.stem}](data:image/png;base64,{b64})", ""]
-    return "\n".join(lines)
-
-
-def _summary_markdown(s: PretrainSummary) -> str:
-    knn = "not run (no labelled folders)" if s.knn_top1 is None else f"{100 * s.knn_top1:.2f}%"
-    loss = "-" if s.last_loss is None else f"{s.last_loss:.4f}"
-    return "\n".join([
-        "# Pretraining summary", "",
-        "| | |", "|---|---|",
-        f"| recipe | `{s.recipe}` |", f"| steps | {s.start_step} -> {s.end_step} |",
-        f"| last loss | {loss} |", f"| k-NN top-1 | {knn} |",
-        f"| relaunches | {s.relaunches} |",
-        f"| checkpoint | `{s.checkpoint}` |", f"| output | `{s.out}` |",
-    ])
 
 
 def _check_resume_world_size(cfg, nproc_per_node: int) -> None:
@@ -264,13 +202,13 @@ def pretrain(
         result = train_task(cfg)
     else:
         _check_resume_world_size(cfg, nproc_per_node)
-        spec = LaunchSpec(shards=tuple(shards), recipe=recipe, out=cfg.out,
-                          nproc_per_node=nproc_per_node, max_steps=max_steps,
-                          batch_size=batch_size, num_workers=num_workers, seed=seed,
-                          device=device, deterministic=deterministic)
+        spec = RanksCommand(shards=tuple(shards), recipe=recipe, out=cfg.out,
+                            nproc_per_node=nproc_per_node, max_steps=max_steps,
+                            batch_size=batch_size, num_workers=num_workers, seed=seed,
+                            device=device, deterministic=deterministic)
         result = train_ranks_task(cfg, spec, max_relaunches)
     rows = read_metrics(cfg.out / "metrics.jsonl")
-    _loss_table(rows)
+    loss_table(rows)
     knn = None
     if knn_train is not None and result.last_checkpoint is not None:
         knn = knn_task(result.last_checkpoint, knn_train, knn_val, knn_k, device).top1
@@ -283,6 +221,6 @@ def pretrain(
         last_loss=rows[-1]["loss"] if rows else None, knn_top1=knn,
         relaunches=result.relaunches,
     )
-    create_markdown_artifact(markdown=_summary_markdown(summary), key="pretrain-summary",
+    create_markdown_artifact(markdown=summary_markdown(summary), key="pretrain-summary",
                              description="pretraining summary")
     return summary

@@ -30,7 +30,7 @@ REPEATING = ("ResumeMismatchError", "NonFiniteLossError", "OutOfMemoryError",
 
 
 @dataclass(frozen=True, kw_only=True)
-class LaunchSpec:
+class RanksCommand:
     """The `lvd pretrain` flags of one multi-rank run (only flags the CLI has)."""
 
     shards: tuple[str, ...]
@@ -98,7 +98,7 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def run_attempt(spec: LaunchSpec, attempt: int, *, resume: bool,
+def run_attempt(spec: RanksCommand, attempt: int, *, resume: bool,
                 on_poll: Callable[[], None]) -> int:
     """One launch; `on_poll` runs every POLL_S seconds while it trains. Its exit code."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # logs as they happen, not at exit
@@ -119,7 +119,7 @@ def run_attempt(spec: LaunchSpec, attempt: int, *, resume: bool,
 
 
 def launch_with_relaunches(
-    spec: LaunchSpec, *, resume: bool, max_relaunches: int,
+    spec: RanksCommand, *, resume: bool, max_relaunches: int,
     on_poll: Callable[[], None], before_relaunch: Callable[[int, int], None],
 ) -> LaunchOutcome:
     """Run until an attempt exits 0; relaunch with --resume after a failure, at most

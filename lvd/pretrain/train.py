@@ -19,21 +19,34 @@ import math
 import os
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 
 from lvd.pretrain import checkpoint as ckpt
 from lvd.pretrain.distributed import all_ranks_mean, init_distributed
-from lvd.pretrain.failures import check_recipe, check_shard_files, check_world_size, oom_message
+from lvd.pretrain.failures import (
+    check_recipe,
+    check_shard_files,
+    check_world_size,
+    oom_message,
+)
 from lvd.pretrain.meta_arch import MetaArch, StepOutput
 from lvd.pretrain.optim import (
-    apply_schedules, build_adamw, clip_gradients, param_groups, zero_last_layer_grads,
+    apply_schedules,
+    build_adamw,
+    clip_gradients,
+    param_groups,
+    zero_last_layer_grads,
 )
 from lvd.pretrain.parallel import Runtime, parallelize, setup_runtime, unsharded_copy
 from lvd.pretrain.pictures import write_pictures
@@ -204,7 +217,9 @@ def _resume_point(cfg: TrainConfig, rt: Runtime) -> Path | None:
 def _write_pid(out: Path, rank: int) -> Path:
     path = out / "ranks" / f"rank{rank}.pid"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(f"{os.getpid()}\n{socket.gethostname()}\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{os.getpid()}\n{socket.gethostname()}\n")
+    os.replace(tmp, path)  # whoever reads it sees a whole file
     return path
 
 

@@ -45,7 +45,7 @@ class RankKiller(threading.Thread):
 
     def run(self) -> None:
         while time.monotonic() < self.deadline and self.pid is None:
-            if self.pid_file.exists():
+            if self.pid_file.exists():  # written whole (os.replace)
                 self.pid = int(self.pid_file.read_text().split()[0])
                 os.kill(self.pid, signal.SIGKILL)
             time.sleep(0.02)

@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 
-# the 2-rank helpers of the FSDP tests: real torchrun with gloo, and their tiny shards
-from pretrain.test_fsdp import SCRIPTS, shards, torchrun  # noqa: F401 -- `shards` is a fixture
 from lvd.pretrain import checkpoint as ckpt
 from lvd.pretrain.failures import ResumeMismatchError
 from lvd.pretrain.train import TrainConfig, train
+
+# the 2-rank helpers of the FSDP tests: real torchrun with gloo, and their tiny shards
+from pretrain.test_fsdp import SCRIPTS, shards, torchrun  # noqa: F401 -- `shards` is a fixture
 
 
 def _test_recipe():
@@ -21,7 +22,7 @@ def _test_recipe():
     return module.test_recipe()
 
 
-def test_one_process_resume_of_a_two_rank_checkpoint_is_refused(shards, tmp_path: Path):
+def test_one_process_resume_of_a_two_rank_checkpoint_is_refused(shards, tmp_path: Path):  # noqa: F811
     out = tmp_path / "run"
     torchrun(2, "run_train.py", out, 1, 0, *shards)
     last = ckpt.latest_checkpoint(out)
