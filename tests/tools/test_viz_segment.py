@@ -104,7 +104,7 @@ def test_lvd_segment_finds_a_pasted_photo_in_itself(tiny_backbone, photos, tmp_p
     out, mask_out = tmp_path / "seg.png", tmp_path / "segment-mask.png"
     assert main(["segment", "--model", str(tiny_backbone.official), "--reference", str(tmp_path / "scene.png"),
                  "--mask", str(tmp_path / "mask.png"), "--target", str(tmp_path / "scene.png"),
-                 "--out", str(out), "--mask-out", str(mask_out), "--size", "224"]) == 0
+                 "--out", str(out), "--mask-out", str(mask_out), "--size", "168"]) == 0
     got = np.asarray(Image.open(mask_out)) > 0
     assert got.shape == mask.shape
     iou = (got & mask).sum() / (got | mask).sum()
