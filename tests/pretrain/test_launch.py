@@ -21,6 +21,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from contextlib import redirect_stdout
 from io import StringIO
 from pathlib import Path
@@ -92,6 +93,11 @@ def test_ray_train_matches_torchrun(shards, reference, ray_local, tmp_path, caps
     # Ray's own run state lives under OUT, with rank 0's result as its checkpoint
     (result_file,) = (out / "ray").glob("launch-*/checkpoint_*/train_result.json")
     assert json.loads(result_file.read_text())["end_step"] == STEPS
+    # the workers' CPUs go back to the session's Ray for the tests after this one
+    deadline = time.monotonic() + 60
+    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray_local.available_resources().get("CPU", 0) >= 2
 
 
 def test_submitit_local_matches_torchrun(shards, reference, tmp_path, capsys):  # noqa: F811
