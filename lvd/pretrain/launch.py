@@ -107,13 +107,15 @@ class LaunchSpec:
 
 def train_rank(cfg: TrainConfig) -> TrainResult:
     """What every rank of every launcher runs: train in the process group the launcher set
-    up or described, then leave it if this call made it (Ray Train tears its own down)."""
+    up or described, then leave it if this call made it (Ray Train tears its own down).
+
+    A rank that fails leaves the group as it is: the barrier of a clean exit would wait for
+    ranks stuck in a collective; its process ends and the launcher reports the failure."""
     made_here = not (dist.is_available() and dist.is_initialized())
-    try:
-        return train(cfg)
-    finally:
-        if made_here:
-            close_distributed()
+    result = train(cfg)
+    if made_here:
+        close_distributed()
+    return result
 
 
 def launch(cfg: TrainConfig, spec: LaunchSpec) -> TrainResult:

@@ -182,3 +182,24 @@ def test_cli_refuses_mixed_or_incomplete_launchers(flags, message, tmp_path):
 def test_slurm_without_sbatch_points_to_slurm_local(shards, tmp_path):  # noqa: F811
     with pytest.raises(SystemExit, match="--slurm-local runs the job on this machine"):
         main([*pretrain_args(shards, tmp_path / "o"), "--slurm"])
+
+
+@pytest.mark.parametrize("kind", ["torchrun", "ray", "slurm"])
+def test_a_failing_run_raises_the_ranks_error(kind, request, tmp_path):
+    """Every rank refuses a shard that is not a tar before it builds anything; the launcher
+    raises, and its error carries the ranks' message."""
+    from lvd.pretrain.launch import launch
+    from lvd.pretrain.recipes import tiny
+    from lvd.pretrain.train import TrainConfig
+
+    bad = tmp_path / "shard-000000.tar"
+    bad.write_bytes(b"not a tar file " * 100)
+    spec = {"torchrun": LaunchSpec(kind="torchrun", nproc_per_node=2),
+            "ray": LaunchSpec(kind="ray", ray_address="local", ray_workers=2),
+            "slurm": LaunchSpec(kind="slurm", nproc_per_node=2, slurm_local=True)}[kind]
+    if kind == "ray":
+        request.getfixturevalue("ray_local")
+    cfg = TrainConfig(shards=(str(bad),), recipe=tiny(), out=tmp_path / "out", num_workers=0)
+    with pytest.raises(Exception, match="unusable shards") as failed:
+        launch(cfg, spec)
+    assert str(bad) in str(failed.value)
