@@ -8,8 +8,8 @@ reading its own half of the data), so the launchers must give bit-identical resu
 logged losses, the printed last loss, and every weight of the trained teacher. Measured: equal
 to the last bit, so the comparison is exact (tolerance 0).
 
-About 1.5-2 min on 2 busy cores; the two-node test is marked slow (another minute):
-`pytest -m slow tests/pretrain/test_launch.py`.
+About 1.5-2 min on 2 busy cores; the two-node run and the Ray failure are marked slow
+(about 1.5 min more): `pytest -m slow tests/pretrain/test_launch.py`.
 """
 
 from __future__ import annotations
@@ -79,6 +79,14 @@ def reference(shards, tmp_path_factory):  # noqa: F811
     return out, printed_loss(buf.getvalue())
 
 
+def assert_ray_cpus_come_back(ray) -> None:
+    """The workers' CPUs go back to the session's Ray for the tests after this one."""
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) >= 2
+
+
 def test_ray_train_matches_torchrun(shards, reference, ray_local, tmp_path, capsys):  # noqa: F811
     ref_out, ref_loss = reference
     out = tmp_path / "ray"
@@ -93,11 +101,7 @@ def test_ray_train_matches_torchrun(shards, reference, ray_local, tmp_path, caps
     # Ray's own run state lives under OUT, with rank 0's result as its checkpoint
     (result_file,) = (out / "ray").glob("launch-*/checkpoint_*/train_result.json")
     assert json.loads(result_file.read_text())["end_step"] == STEPS
-    # the workers' CPUs go back to the session's Ray for the tests after this one
-    deadline = time.monotonic() + 60
-    while ray_local.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert ray_local.available_resources().get("CPU", 0) >= 2
+    assert_ray_cpus_come_back(ray_local)
 
 
 def test_submitit_local_matches_torchrun(shards, reference, tmp_path, capsys):  # noqa: F811
@@ -184,7 +188,9 @@ def test_slurm_without_sbatch_points_to_slurm_local(shards, tmp_path):  # noqa: 
         main([*pretrain_args(shards, tmp_path / "o"), "--slurm"])
 
 
-@pytest.mark.parametrize("kind", ["torchrun", "ray", "slurm"])
+@pytest.mark.parametrize("kind", [
+    "torchrun", "slurm", pytest.param("ray", marks=pytest.mark.slow),  # Ray: about 25 s more
+])
 def test_a_failing_run_raises_the_ranks_error(kind, request, tmp_path):
     """Every rank refuses a shard that is not a tar before it builds anything; the launcher
     raises, and its error carries the ranks' message."""
@@ -197,9 +203,10 @@ def test_a_failing_run_raises_the_ranks_error(kind, request, tmp_path):
     spec = {"torchrun": LaunchSpec(kind="torchrun", nproc_per_node=2),
             "ray": LaunchSpec(kind="ray", ray_address="local", ray_workers=2),
             "slurm": LaunchSpec(kind="slurm", nproc_per_node=2, slurm_local=True)}[kind]
-    if kind == "ray":
-        request.getfixturevalue("ray_local")
+    ray = request.getfixturevalue("ray_local") if kind == "ray" else None
     cfg = TrainConfig(shards=(str(bad),), recipe=tiny(), out=tmp_path / "out", num_workers=0)
     with pytest.raises(Exception, match="unusable shards") as failed:
         launch(cfg, spec)
     assert str(bad) in str(failed.value)
+    if ray is not None:
+        assert_ray_cpus_come_back(ray)
