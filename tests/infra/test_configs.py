@@ -254,7 +254,7 @@ def test_parse_lvd_refuses_flags_that_do_not_exist():
     with pytest.raises(AssertionError, match="spelled"):
         parse_lvd("lvd curate --input a --out b --shard 10")  # argparse alone would take it
     with pytest.raises(AssertionError, match="refuses"):
-        parse_lvd("lvd pretrain --shards s --out o --nnodes 8")  # multi-node goes through torchrun
+        parse_lvd("lvd pretrain --shards s --out o --num-nodes 8")  # the flag is --nnodes
 
 
 # ---------------------------------------------------------------- Prefect
