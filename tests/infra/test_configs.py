@@ -276,7 +276,7 @@ def test_prefect_yaml_entrypoints_are_flows_with_valid_parameters():
         path, _, func = dep.entrypoint.partition(":")
         assert (ROOT / path).is_file(), f"{dep.name}: no file {path}"
         flow = load_flow_from_entrypoint(str(ROOT / path) + ":" + func)
-        assert isinstance(flow, Flow) and flow.name == "curate"
+        assert isinstance(flow, Flow) and flow.name == func.removesuffix("_flow")
         sig = inspect.signature(flow.fn).parameters
         assert set(dep.parameters) <= set(sig), f"{dep.name}: unknown {set(dep.parameters) - set(sig)}"
         required = {n for n, p in sig.items() if p.default is inspect.Parameter.empty}
