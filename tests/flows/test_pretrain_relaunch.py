@@ -10,6 +10,7 @@ checkpoint's step and to retrain the steps the killed launch had begun.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -22,6 +23,7 @@ from lvd.datasets import load_fashion_mnist, write_shards
 from lvd.flows import cli
 from lvd.flows.pretrain_flow import read_metrics
 from lvd.pretrain import checkpoint as ckpt
+from lvd.pretrain.failures import ResumeMismatchError
 
 FIRST_END, END = 2, 4
 
@@ -56,6 +58,23 @@ def _latest_artifact(key: str):
 
     with get_client(sync_client=True) as c:
         return next(a for a in c.read_latest_artifacts() if a.key == key)
+
+
+def _warnings(flow_run_id) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        LogFilter,
+        LogFilterFlowRunId,
+        LogFilterLevel,
+    )
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=10)  # logs reach the API in batches
+    with get_client(sync_client=True) as c:
+        logs = c.read_logs(log_filter=LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
+            level=LogFilterLevel(ge_=logging.WARNING)))
+    return [x.message for x in logs]
 
 
 def test_killed_rank_is_relaunched_from_the_checkpoint(prefect_harness, shards, tmp_path):
@@ -95,9 +114,21 @@ def test_killed_rank_is_relaunched_from_the_checkpoint(prefect_harness, shards, 
     assert not (out / "launch-3.log").exists()
     assert not list((out / "ranks").glob("*.pid"))  # the relaunched ranks ended cleanly
 
+    warned = [m for m in _warnings(state.state_details.flow_run_id) if "relaunching" in m]
+    assert len(warned) == 1
+    assert "exited with code 1" in warned[0] and str(out / "launch-1.log") in warned[0]
+    assert f"--resume from {ckpt.checkpoint_dir(out, FIRST_END)}" in warned[0]
+
     rows = read_metrics(out / "metrics.jsonl")  # tiny logs every 10 steps and at the end
     assert [r["step"] for r in rows] == [FIRST_END - 1, END - 1]
     assert rows[0] == first_rows[0]  # the line before the checkpoint is kept as it was
     assert rows[1]["loss"] != rows[0]["loss"]
     assert "| relaunches | 1 |" in _latest_artifact("pretrain-summary").data
     assert _latest_artifact("pretrain-progress").data == 100.0
+
+    # resuming these 2-rank checkpoints on 3 ranks is refused before any process starts
+    logs = sorted(out.glob("launch-*.log"))
+    with pytest.raises(ResumeMismatchError, match="written by 2 rank"):
+        pretrain(shards=[str(shards)], out=str(out), recipe="tiny", batch_size=4,
+                 nproc_per_node=3, max_steps=END + 2, resume=True)
+    assert sorted(out.glob("launch-*.log")) == logs
