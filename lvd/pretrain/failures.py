@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
+from lvd.pretrain import checkpoint as ckpt
 from lvd.pretrain.recipes import Recipe
 
 TAR_BLOCK = 512
@@ -68,6 +70,17 @@ def check_recipe(checkpoint: object, saved: Recipe, current: Recipe) -> None:
             f"{checkpoint} was trained with recipe {saved.name!r} and other settings; resume "
             "with the same --recipe and --batch-size"
         )
+
+
+def checked_resume_point(out: Path, resume: bool, recipe: Recipe, world_size: int) -> Path | None:
+    """The checkpoint a run resumes from, checked against its recipe and world size; None
+    for a fresh run (no --resume, or no complete checkpoint yet)."""
+    last = ckpt.latest_checkpoint(out) if resume else None
+    if last is not None:
+        saved = ckpt.read_meta(last)
+        check_world_size(last, saved.world_size, world_size)
+        check_recipe(last, Recipe.from_dict(saved.recipe), recipe)
+    return last
 
 
 def oom_message(recipe: Recipe, *, world_size: int, step: int, bf16: bool,

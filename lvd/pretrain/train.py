@@ -34,12 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from lvd.pretrain import checkpoint as ckpt
 from lvd.pretrain.distributed import all_ranks_mean, init_distributed
-from lvd.pretrain.failures import (
-    check_recipe,
-    check_shard_files,
-    check_world_size,
-    oom_message,
-)
+from lvd.pretrain.failures import check_shard_files, checked_resume_point, oom_message
 from lvd.pretrain.meta_arch import MetaArch, StepOutput
 from lvd.pretrain.optim import (
     apply_schedules,
@@ -204,16 +199,6 @@ def _build(recipe: Recipe, rt: Runtime):
     return meta, optimizer
 
 
-def _resume_point(cfg: TrainConfig, rt: Runtime) -> Path | None:
-    """The checkpoint to resume from, checked against this run; None for a fresh run."""
-    last = ckpt.latest_checkpoint(cfg.out) if cfg.resume else None
-    if last is not None:
-        saved = ckpt.read_meta(last)
-        check_world_size(last, saved.world_size, rt.world_size)
-        check_recipe(last, Recipe.from_dict(saved.recipe), cfg.recipe)
-    return last
-
-
 def _write_pid(out: Path, rank: int) -> Path:
     path = out / "ranks" / f"rank{rank}.pid"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -235,8 +220,8 @@ def _step_or_explain(meta: MetaArch, optimizer, batch, v: ScheduleValues, step: 
 
 def train(cfg: TrainConfig) -> TrainResult:
     rt = setup_runtime(init_distributed(cfg.device))
-    check_shard_files(cfg.shards)
-    last = _resume_point(cfg, rt)
+    check_shard_files(cfg.shards[rt.rank::rt.world_size])  # together: each shard read once
+    last = checked_resume_point(cfg.out, cfg.resume, cfg.recipe, rt.world_size)
     torch.use_deterministic_algorithms(cfg.deterministic)
     recipe = cfg.recipe
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 needs it)
