@@ -12,6 +12,7 @@ Each attempt's output goes to OUT/launch-<attempt>.log.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -86,16 +87,23 @@ def repeating_error(log_text: str) -> str | None:
     return next((marker for marker in REPEATING if marker in log_text), None)
 
 
+def _signal_group(pgid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):  # nobody left in the group
+        os.killpg(pgid, sig)
+
+
 def _stop(proc: subprocess.Popen) -> None:
-    """SIGTERM the child's process group (the launcher and its ranks), then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(STOP_GRACE_S)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    """SIGTERM the child's process group (the launcher and its ranks), then SIGKILL; and
+    SIGKILL whatever of the group outlived the launcher, so that no rank of a failed attempt
+    still writes into OUT while the next one trains."""
+    if proc.poll() is None:
+        _signal_group(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            _signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _signal_group(proc.pid, signal.SIGKILL)
 
 
 def run_attempt(spec: RanksCommand, attempt: int, *, resume: bool,
