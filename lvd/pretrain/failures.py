@@ -59,7 +59,8 @@ def check_world_size(checkpoint: object, saved: int, current: int) -> None:
     if saved != current:
         raise ResumeMismatchError(
             f"{checkpoint} was written by {saved} rank(s) but this run has {current}; relaunch "
-            f"with the same ranks in all (--nproc-per-node x --nnodes = {saved}) to resume, or "
+            f"with the same ranks in all (--nproc-per-node x --nnodes, or --ray-workers, = {saved}) "
+            "to resume, or "
             "start a new run (another --out folder, or without --resume)"
         )
 

@@ -36,7 +36,7 @@ def test_one_process_resume_of_a_two_rank_checkpoint_is_refused(shards, tmp_path
     message = str(err.value)
     assert str(last) in message
     assert "written by 2 rank(s) but this run has 1" in message
-    assert "--nproc-per-node x --nnodes = 2" in message and "start a new run" in message
+    assert "--nproc-per-node x --nnodes, or --ray-workers, = 2" in message and "start a new run" in message
     # refused before training: train() writes its pid file only once it is ready to train
     assert not (out / "ranks" / "rank0.pid").exists()
     # nothing was trained or overwritten: the checkpoint is still the only one
