@@ -50,7 +50,7 @@ def _missing(paths: list[str] | None, flag: str) -> list[str]:
 def validate(*, inputs: list[str], out: str, recipe: str, max_steps: int | None,
              batch_size: int | None, seeds: list[str], eval_sets: list[str],
              embedder: str | None, knn_train: str | None, knn_val: str | None,
-             bootstrap_steps: int, curate_options: dict) -> None:
+             bootstrap_steps: int, curate_options: dict, nproc_per_node: int = 1) -> None:
     """Raise ValueError listing every problem with the parameters (before any work)."""
     from lvd.pretrain.recipes import RECIPES
 
@@ -62,7 +62,7 @@ def validate(*, inputs: list[str], out: str, recipe: str, max_steps: int | None,
     if recipe not in RECIPES:
         problems.append(f"unknown recipe {recipe!r}: use one of {', '.join(sorted(RECIPES))}")
     for name, value in (("--max-steps", max_steps), ("--batch-size", batch_size),
-                        ("--bootstrap-steps", bootstrap_steps)):
+                        ("--bootstrap-steps", bootstrap_steps), ("--nproc-per-node", nproc_per_node)):
         if value is not None and value < 1:
             problems.append(f"{name} {value}: use at least 1")
     if embedder is not None:
@@ -133,8 +133,9 @@ def _summary_markdown(s: PipelineSummary) -> str:
         f"| curation run | `{s.curate.run_dir}` |",
         f"| inputs by status | {', '.join(f'{k}: {v}' for k, v in sorted(s.curate.by_status.items()))} |",
         f"| embedder | {'bootstrapped ' if s.bootstrapped else ''}`{s.embedder}` |",
-        f"| pretraining | `{s.pretrain.recipe}`, steps {s.pretrain.start_step} -> {s.pretrain.end_step} |",
-        f"| k-NN top-1 | {'-' if knn is None else f'{100 * knn:.2f}%'} |",
+        f"| pretraining | `{s.pretrain.recipe}`, steps {s.pretrain.start_step} -> {s.pretrain.end_step}, "
+        f"relaunches {s.pretrain.relaunches} |",
+        f"| k-NN top-1 | {'not run' if knn is None else f'{100 * knn:.2f}%'} |",
         f"| Hugging Face folder | `{s.hf_dir}` |",
     ])
 
@@ -155,12 +156,14 @@ def pipeline(
     knn_val: str | None = None,
     knn_k: int = 20,
     curate_options: dict | None = None,
+    nproc_per_node: int = 1,
 ) -> PipelineSummary:
     """Curate `inputs`, pretrain `recipe` on the shards, evaluate, export (module doc)."""
     inputs, seeds, eval_sets = [str(i) for i in inputs], list(seeds or []), list(eval_sets or [])
     validate(inputs=inputs, out=out, recipe=recipe, max_steps=max_steps, batch_size=batch_size,
              seeds=seeds, eval_sets=eval_sets, embedder=embedder, knn_train=knn_train,
-             knn_val=knn_val, bootstrap_steps=bootstrap_steps, curate_options=curate_options or {})
+             knn_val=knn_val, bootstrap_steps=bootstrap_steps, curate_options=curate_options or {},
+             nproc_per_node=nproc_per_node)
     root, log = Path(out).resolve(), get_run_logger()
     curate_kw = dict(curate_options or {})
     bootstrapped = embedder is None and bool(seeds or eval_sets or curate_kw.get("target_size"))
@@ -172,7 +175,8 @@ def pipeline(
     log.info("pipeline [2/4] pretrain %s on %s", recipe, root / "run" / "shards")
     pre = pretrain(shards=_shards(cur.run_dir), out=str(root / "pretrain"), recipe=recipe,
                    max_steps=max_steps, batch_size=batch_size, num_workers=num_workers,
-                   knn_train=knn_train, knn_val=knn_val, knn_k=knn_k)
+                   knn_train=knn_train, knn_val=knn_val, knn_k=knn_k,
+                   nproc_per_node=nproc_per_node)
     log.info("pipeline [3/4] k-NN top-1: %s", "skipped (no --knn-train/--knn-val)"
              if pre.knn_top1 is None else f"{100 * pre.knn_top1:.2f}%")
     log.info("pipeline [4/4] export the teacher backbone -> %s", root / "hf")

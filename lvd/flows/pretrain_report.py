@@ -73,7 +73,7 @@ def pictures_markdown(folder: Path) -> str | None:
 
 def summary_markdown(s) -> str:
     knn = "not run (no labelled folders)" if s.knn_top1 is None else f"{100 * s.knn_top1:.2f}%"
-    loss = "-" if s.last_loss is None else f"{s.last_loss:.4f}"
+    loss = "none logged" if s.last_loss is None else f"{s.last_loss:.4f}"
     return "\n".join([
         "# Pretraining summary", "",
         "| | |", "|---|---|",

@@ -99,10 +99,10 @@ def test_parameters_refused_before_any_work(prefect_harness, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(ValueError) as err:
         pipeline(inputs=[str(tmp_path / "missing")], out=str(out), recipe="vitx99", max_steps=0,
-                 knn_train=str(tmp_path))
+                 knn_train=str(tmp_path), nproc_per_node=0)
     text = str(err.value)
     for want in ("--input", "no such file", "unknown recipe 'vitx99'", "tiny", "--max-steps 0",
-                 "both --knn-train and --knn-val"):
+                 "both --knn-train and --knn-val", "--nproc-per-node 0"):
         assert want in text, want
     assert not out.exists()
 
@@ -121,7 +121,7 @@ def test_help_documents_every_flag():
     sub = next(a for a in parser._actions if a.dest == "command").choices["pipeline"]
     flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
     assert {"--input", "--out", "--seeds", "--eval-sets", "--recipe", "--max-steps", "--knn-train",
-            "--knn-val"} <= {s for a in flags for s in a.option_strings}
+            "--knn-val", "--nproc-per-node"} <= {s for a in flags for s in a.option_strings}
     assert all(a.help for a in flags)
 
 

@@ -175,5 +175,5 @@ def test_pipeline_summary_shows_knn_top1(pipeline_run, page, screenshot):
     _open_latest_artifact(page, run, "pipeline-summary")
     knn = json.loads(next((run.out / "pretrain" / "checkpoints").glob("step_*/eval_knn.json")).read_text())
     _visible(page, "Pipeline summary", "inputs by status", "k-NN top-1",
-             f"{100 * knn['top1']:.2f}%", "steps 0 -> 2")
+             f"{100 * knn['top1']:.2f}%", "steps 0 -> 2, relaunches 0")
     screenshot(page, "10-pipeline-summary")

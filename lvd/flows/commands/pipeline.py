@@ -37,6 +37,9 @@ def add_training_options(p: argparse.ArgumentParser, *, max_steps: int | None) -
     p.add_argument("--num-workers", type=int, default=0,
                    help="data-loading worker processes for training (0: in the training thread)")
     p.add_argument("--knn-k", type=int, default=20, help="neighbours that vote in k-NN eval")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="training ranks on this machine (FSDP2; a rank that dies is relaunched "
+                        "from the last checkpoint); --batch-size is then per rank (default: 1)")
 
 
 def register(subparsers) -> None:
@@ -83,7 +86,8 @@ def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
                      max_steps=args.max_steps, batch_size=args.batch_size,
                      num_workers=args.num_workers, seeds=list(seeds), eval_sets=list(eval_sets),
                      embedder=embedder, bootstrap_steps=bootstrap_steps, knn_train=knn_train,
-                     knn_val=knn_val, knn_k=args.knn_k, curate_options=curate_kw)
+                     knn_val=knn_val, knn_k=args.knn_k, curate_options=curate_kw,
+                     nproc_per_node=args.nproc_per_node)
     except ValueError as e:  # refused parameters: nothing was run
         print(f"error: {e}", file=sys.stderr)
         return 2
