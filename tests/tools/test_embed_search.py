@@ -188,7 +188,7 @@ def test_cli_embed_index_search(tmp_path, monkeypatch, capsys, tiny_backbone, fo
     monkeypatch.chdir(tmp_path)  # the default montage goes to the current folder
     args = ["--images", str(folder), "--out", str(tmp_path / "emb"), "--size", str(SIZE), "--device", "cpu"]
     assert main(["embed", "--model", str(tmp_path / "nope"), *args]) == 2
-    assert "--model" in capsys.readouterr().out and not (tmp_path / "emb").exists()
+    assert "--model" in capsys.readouterr().err and not (tmp_path / "emb").exists()
     assert main(["embed", "--model", str(tiny_backbone.official), *args, "--no-ray"]) == 0
     assert "embedded 8 images in process (D=192) " in capsys.readouterr().out
     assert main(["index", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")]) == 0
@@ -201,4 +201,4 @@ def test_cli_embed_index_search(tmp_path, monkeypatch, capsys, tiny_backbone, fo
     assert len(lines) == 4 and lines[3] == f"montage: {query.stem}.neighbours.png"
     assert Image.open(tmp_path / f"{query.stem}.neighbours.png").size == montage_size(3, 160)
     assert main(["search", "--index", str(tmp_path / "missing"), "--query", str(query)]) == 2
-    assert "not an `lvd index` folder" in capsys.readouterr().out
+    assert "not an `lvd index` folder" in capsys.readouterr().err

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
+
+from lvd.flows.commands import MODEL_HELP
 
 
 def register(subparsers) -> None:
@@ -14,8 +17,7 @@ def register(subparsers) -> None:
         "(float32 N x D), patches.npy (float16 N x h x w x D), skipped.parquet (unreadable "
         "inputs with a reason) and meta.json. Large inputs run on Ray actors.",
     )
-    p.add_argument("--model", required=True, metavar="M",
-                   help="an lvd checkpoint dir or run --out folder, an official DINOv2 .pth, or a Hugging Face Dinov2 folder")
+    p.add_argument("--model", required=True, metavar="M", help=MODEL_HELP)
     p.add_argument("--images", required=True, metavar="DIR_OR_SHARDS",
                    help="a folder tree of images, or WebDataset shards: a .tar, a shard-{000000..000009}.tar pattern, or a folder of shard-*.tar")
     p.add_argument("--out", required=True, type=Path, help="output folder (created)")
@@ -45,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     from lvd.tools.features import FeatureConfig
 
     if not Path(args.model).expanduser().exists():
-        print(f"lvd embed: --model {args.model} does not exist; pass an lvd checkpoint dir or run --out folder, an official DINOv2 .pth, or a Hugging Face Dinov2 folder")
+        print(f"lvd embed: --model {args.model} does not exist; pass {MODEL_HELP}", file=sys.stderr)
         return 2
     try:
         features = FeatureConfig(size=args.size, resize=args.resize, patches=args.patches,
@@ -53,7 +55,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = EmbedConfig(features=features, chunk=args.chunk, ray=args.ray, ray_above=args.ray_above,
                           actors=ActorConfig(n_actors=args.actors))
     except ValueError as e:
-        print(f"lvd embed: {e}")
+        print(f"lvd embed: {e}", file=sys.stderr)
         return 2
     if args.ray_address:
         from lvd.curation.runner import init_ray

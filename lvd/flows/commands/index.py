@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -30,7 +31,7 @@ def main(args: argparse.Namespace) -> int:
         cfg = IndexBuildConfig(kind=args.kind, exact_below=args.exact_below, nlist=args.nlist, nprobe=args.nprobe)
         index = build_index_dir(args.embeddings, args.out, cfg)
     except (ValueError, FileNotFoundError) as e:
-        print(f"lvd index: {e}")
+        print(f"lvd index: {e}", file=sys.stderr)
         return 2
     m = index.meta
     lists = f", {m['nlist']} lists, nprobe {m['nprobe']}" if m["kind"] == "ivf" else ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -32,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     from lvd.tools.search import SearchIndex, search_images
 
     if args.k < 1:
-        print(f"lvd search: -k {args.k}: ask for at least one neighbour")
+        print(f"lvd search: -k {args.k}: ask for at least one neighbour", file=sys.stderr)
         return 2
     try:
         index = SearchIndex.load(args.index, nprobe=args.nprobe)
@@ -40,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
         query = open_image(str(args.query), min_side=index.meta["resize"])
         hits = search_images(index, [query], args.k, model=args.model, device=args.device)[0]
     except (OSError, ValueError) as e:  # FileNotFoundError is an OSError; Pillow's too
-        print(f"lvd search: {e}")
+        print(f"lvd search: {e}", file=sys.stderr)
         return 2
     for h in hits:
         print(f"{h.rank:3d}  {h.score:.4f}  {h.id}  {h.path}")

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-MODEL_HELP = ("an lvd checkpoint dir or run --out folder, an official DINOv2 .pth, "
-              "or a Hugging Face Dinov2 folder")
+from lvd.flows.commands import MODEL_HELP
 
 
 def register(subparsers) -> None:
