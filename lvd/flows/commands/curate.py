@@ -37,9 +37,12 @@ def prepare_prefect_env() -> str:
     # The temporary server migrates a new database on first start: on a busy 2-core machine
     # that takes longer than Prefect's 20 s default wait.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # The prefect script next to this Python: `prefect` alone is not on PATH in a venv
+    # that is not activated (the README's `.venv/bin/lvd demo`).
+    prefect = Path(sys.executable).parent / "prefect"
     return (
         f"Prefect runs are stored in {home}; to browse them run:\n"
-        f"  PREFECT_HOME={home} prefect server start   # then open http://127.0.0.1:4200"
+        f"  PREFECT_HOME={home} {prefect} server start   # then open http://127.0.0.1:4200"
     )
 
 
