@@ -1,6 +1,6 @@
 """Where the training process runs: device, rank, precision, and how the model is wrapped.
 
-The loop in `train.py` only sees a `Runtime` and calls `parallelize(model, runtime)`; this
+The loop in `train.py` only sees a `Runtime` and calls `parallelize(build, runtime)`; this
 is the one place that applies FSDP2 `fully_shard` (per transformer block, then per model:
 student backbone, each student head, and the teacher the same way) when several ranks
 train. Single-process training needs no process group and leaves the model as is.
@@ -29,6 +29,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
+    set_model_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -99,16 +100,28 @@ def shard_meta_arch(model: nn.Module, runtime: Runtime, *, prefetch: bool | None
     return model
 
 
-def parallelize(model: nn.Module, runtime: Runtime) -> nn.Module:
-    """Move a `MetaArch` to its device and, with several ranks, shard student and teacher.
+def parallelize(build: Callable[[], nn.Module], runtime: Runtime) -> nn.Module:
+    """Build a `MetaArch` with `build()` on its device and, with several ranks, sharded.
 
-    Every rank must build the model from the same seed first: `fully_shard` keeps each
-    rank's own slice of its local weights and does not broadcast.
+    One process: `build()` moved to the device. Several ranks: only rank 0 builds the real
+    (full, CPU) model; every rank builds the same model on the meta device (no memory),
+    shards it with `fully_shard`, allocates its own shards (`to_empty`) and receives their
+    values from rank 0 (`broadcast_from_rank0`). Host memory per node is then one full
+    model plus the shards, not one full model per rank (ViT-g student + teacher is about
+    9 GB in fp32), and every rank starts from rank 0's weights bit for bit, as one process
+    building with the same seed would.
     """
-    model = model.to(runtime.device)
     if runtime.world_size == 1:
-        return model
-    return shard_meta_arch(model, runtime)
+        return build().to(runtime.device)
+    full = build() if runtime.rank == 0 else None
+    with torch.device("meta"):
+        model = build()
+    shard_meta_arch(model, runtime)
+    model.to_empty(device=runtime.device)
+    set_model_state_dict(
+        model, full.state_dict() if full is not None else {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    return model
 
 
 def reshard(module: nn.Module) -> None:

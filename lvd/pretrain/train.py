@@ -189,7 +189,7 @@ def _save(cfg: TrainConfig, meta: MetaArch, optimizer, step: int, rt: Runtime,
 
 
 def _build(recipe: Recipe, rt: Runtime):
-    meta = parallelize(MetaArch(recipe), rt)
+    meta = parallelize(lambda: MetaArch(recipe), rt)
     optimizer = build_adamw(
         param_groups(dict(meta.student.items()), depth=len(meta.student["backbone"].blocks),
                      layerwise_decay=recipe.optim.layerwise_decay,

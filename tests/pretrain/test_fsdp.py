@@ -90,3 +90,12 @@ def test_global_batch_on_one_and_two_ranks(tmp_path):
     for name, norm in one_run["grad_norms"].items():
         assert norm > 0
         assert abs(two_run["grad_norms"][name] - norm) < 1e-4 * norm, (name, two_run, norm)
+
+
+def test_ranks_start_from_rank0_weights_built_once(tmp_path):
+    """Rank 0 alone builds the real model; the others shard a meta-device copy and receive
+    their shards by broadcast. Gathered back, the weights equal a one-process build."""
+    out = tmp_path / "build.json"
+    torchrun(2, "build_sharded.py", out)
+    result = json.loads(out.read_text())
+    assert result["n"] > 50 and result["equal"] is True
