@@ -4,6 +4,7 @@ itself, IVF with every list probed = exact, ranks = numpy cosine, montage size a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -125,10 +126,10 @@ def test_shards_give_the_folder_vectors(tmp_path, tiny_backbone, photos, embedde
     assert np.asarray(open_image(got.paths[0])).shape[2] == 3  # a member can be opened by its path
 
 
-def test_ray_actors_give_the_in_process_vectors(tmp_path, monkeypatch, ray_local, tiny_backbone, folder, embedded):
+def test_ray_actors_give_the_in_process_vectors(tmp_path, ray_local, tiny_backbone, folder, embedded):
     cfg = replace(CFG, ray=True, actors=ActorConfig(n_actors=2))
-    monkeypatch.chdir(tmp_path)  # relative paths: the actors' working directory is not ours
-    got = embed(os.path.relpath(tiny_backbone.lvd), os.path.relpath(folder), "ray", cfg)
+    with contextlib.chdir(tmp_path):  # relative paths: the actors' working directory is not ours
+        got = embed(os.path.relpath(tiny_backbone.lvd), os.path.relpath(folder), "ray", cfg)
     assert got.meta["model"] == str(tiny_backbone.lvd.resolve())
     assert got.meta["ray"] and got.meta["units"] == 4
     assert got.ids == embedded.ids and got.skipped.equals(embedded.skipped)
@@ -182,23 +183,23 @@ def test_montage_size_and_content(tmp_path, index, embedded, photos):
         assert sheet[GAP + 64 + 2 :, x0 : x0 + 64].min() < 100
 
 
-def test_cli_embed_index_search(tmp_path, monkeypatch, capsys, tiny_backbone, folder, embedded):
+def test_cli_embed_index_search(tmp_path, capsys, tiny_backbone, folder, embedded):
     from lvd.flows.cli import main
 
-    monkeypatch.chdir(tmp_path)  # the default montage goes to the current folder
-    args = ["--images", str(folder), "--out", str(tmp_path / "emb"), "--size", str(SIZE), "--device", "cpu"]
-    assert main(["embed", "--model", str(tmp_path / "nope"), *args]) == 2
-    assert "--model" in capsys.readouterr().err and not (tmp_path / "emb").exists()
-    assert main(["embed", "--model", str(tiny_backbone.official), *args, "--no-ray"]) == 0
-    assert "embedded 8 images in process (D=192) " in capsys.readouterr().out
-    assert main(["index", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")]) == 0
-    assert "indexed 8 images (D=192, exact)" in capsys.readouterr().out
-    query = folder / embedded.ids[0]
-    assert main(["search", "--index", str(tmp_path / "idx"), "--query", str(query), "-k", "3", "--device", "cpu"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    rank, score, hit_id, path = lines[0].split()
-    assert (rank, hit_id, path) == ("1", embedded.ids[0], str(query)) and float(score) > 0.9999
-    assert len(lines) == 4 and lines[3] == f"montage: {query.stem}.neighbours.png"
-    assert Image.open(tmp_path / f"{query.stem}.neighbours.png").size == montage_size(3, 160)
-    assert main(["search", "--index", str(tmp_path / "missing"), "--query", str(query)]) == 2
-    assert "not an `lvd index` folder" in capsys.readouterr().err
+    with contextlib.chdir(tmp_path):  # the default montage goes to the current folder
+        args = ["--images", str(folder), "--out", str(tmp_path / "emb"), "--size", str(SIZE), "--device", "cpu"]
+        assert main(["embed", "--model", str(tmp_path / "nope"), *args]) == 2
+        assert "--model" in capsys.readouterr().err and not (tmp_path / "emb").exists()
+        assert main(["embed", "--model", str(tiny_backbone.official), *args, "--no-ray"]) == 0
+        assert "embedded 8 images in process (D=192) " in capsys.readouterr().out
+        assert main(["index", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")]) == 0
+        assert "indexed 8 images (D=192, exact)" in capsys.readouterr().out
+        query = folder / embedded.ids[0]
+        assert main(["search", "--index", str(tmp_path / "idx"), "--query", str(query), "-k", "3", "--device", "cpu"]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        rank, score, hit_id, path = lines[0].split()
+        assert (rank, hit_id, path) == ("1", embedded.ids[0], str(query)) and float(score) > 0.9999
+        assert len(lines) == 4 and lines[3] == f"montage: {query.stem}.neighbours.png"
+        assert Image.open(tmp_path / f"{query.stem}.neighbours.png").size == montage_size(3, 160)
+        assert main(["search", "--index", str(tmp_path / "missing"), "--query", str(query)]) == 2
+        assert "not an `lvd index` folder" in capsys.readouterr().err
