@@ -8,18 +8,21 @@ negatives: flat background, same framing). Both through `Embedder.embed_images` 
 checkpoint's native size. Prints, per embedding (the checkpoint and a random-init twin of the
 same architecture), the min / median copy cosine per kind and domain, the distinct tail, and
 `copydetect.calibrate_threshold` with recall / false-link rates at it and at the paper's 0.6.
-Unlike benchmarks/embed.py (DINOv2 eval transform 256 -> 224) this embeds at the size the
-checkpoint was trained at, and reads an lvd run folder.
+By default images are embedded at the backbone's native size (what an lvd `tiny` run was
+trained at); `--resize 256 --crop 224` gives the DINOv2 eval transform the curate flow's embed
+stage uses by default. Calibrate with the resize/crop the flow will embed with.
 
-Run: .venv/bin/python benchmarks/copy_threshold.py [--embedder /tmp/lvd-learning/run-600]
-     [--fashion 300]
+Run: .venv/bin/python benchmarks/copy_threshold.py [--embedder SPEC] [--fashion 300]
+     [--resize R --crop C]
+SPEC: an lvd run folder or checkpoint dir (default /tmp/lvd-learning/run-600, written by
+benchmarks/learning.py), an official DINOv2 .pth or a Hugging Face Dinov2 folder.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -88,23 +91,26 @@ def report(name: str, emb: Embedder, n_fashion: int) -> dict:
 
 
 def main() -> None:
+    from lvd.pretrain.models.load import load_backbone
+    from lvd.pretrain.models.vit import VisionTransformer
+
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--embedder", type=Path, default=Path(DEFAULT_EMBEDDER), help="lvd run folder or checkpoint dir")
+    p.add_argument("--embedder", type=Path, default=Path(DEFAULT_EMBEDDER),
+                   help="lvd run folder or checkpoint dir, official DINOv2 .pth, or HF Dinov2 folder")
     p.add_argument("--fashion", type=int, default=300, help="Fashion-MNIST products (copies and hard negatives)")
+    p.add_argument("--resize", type=int, default=None, help="shorter side before the crop (default: native size)")
+    p.add_argument("--crop", type=int, default=None, help="centre crop (default: native size)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    recipe = json.loads((args.embedder / "config.json").read_text())
-    size = int(recipe["crops"]["global_size"])
-    # load_teacher_backbone, not load_backbone: a run folder's config.json (the recipe) would be
-    # taken for a Hugging Face folder.
-    from lvd.pretrain.checkpoint import load_teacher_backbone
-    from lvd.pretrain.recipes import Recipe
-
-    cfg = EmbedConfig(resize=size, crop=size, batch_size=128, device="cpu", decode_threads=2)
-    report(f"trained {args.embedder} at {size} px", Embedder(load_teacher_backbone(args.embedder), cfg), args.fashion)
-    torch.manual_seed(0)
-    twin = Recipe.from_dict(recipe).backbone.build(img_size=size)
-    report(f"random-init twin at {size} px", Embedder(twin, cfg), args.fashion)
+    backbone = load_backbone(args.embedder)
+    native = backbone.config.img_size
+    resize, crop = args.resize or native, args.crop or native
+    cfg = EmbedConfig(resize=resize, crop=crop, batch_size=128, device="cpu", decode_threads=2)
+    where = f"resize {resize} crop {crop}"
+    report(f"trained {args.embedder}, {where}", Embedder(backbone, cfg), args.fashion)
+    torch.manual_seed(0)  # the same architecture at random init: what training added
+    twin = VisionTransformer(**dataclasses.asdict(backbone.config)).eval()
+    report(f"random-init twin, {where}", Embedder(twin, cfg), args.fashion)
 
 
 if __name__ == "__main__":
