@@ -64,11 +64,24 @@ def backbone(tmp_path_factory) -> str:
     return str(export_hf(vit_tiny(img_size=112, depth=2), tmp_path_factory.mktemp("w") / "hf"))
 
 
-def test_killed_embedding_actor_gives_identical_vectors(ingested, backbone, tmp_path):
-    reference = tmp_path / "reference"
-    shutil.copytree(ingested, reference)
-    run_embed(reference, backbone, EMBED)
+@pytest.fixture(scope="module")
+def reference(ingested, backbone, tmp_path_factory) -> Path:
+    """The undisturbed embed stage's vectors, computed once for both fault tests."""
+    run = tmp_path_factory.mktemp("reference") / "run"
+    shutil.copytree(ingested, run)
+    run_embed(run, backbone, EMBED)
+    return run / "vectors"
 
+
+def assert_same_vectors(reference: Path, run: Path) -> None:
+    """Every vector file of `reference` exists under RUN/vectors with identical bytes."""
+    names = sorted(p.name for p in reference.iterdir())
+    assert names and names == sorted(p.name for p in (run / "vectors").iterdir())
+    for name in names:
+        assert (reference / name).read_bytes() == (run / "vectors" / name).read_bytes(), name
+
+
+def test_killed_embedding_actor_gives_identical_vectors(ingested, backbone, reference, tmp_path):
     disturbed = tmp_path / "disturbed"
     shutil.copytree(ingested, disturbed)
     flag = tmp_path / "die"
@@ -84,10 +97,7 @@ def test_killed_embedding_actor_gives_identical_vectors(ingested, backbone, tmp_
     assert report.ran == [0, 1, 2]
     for u in units:
         assert runner.is_done(disturbed / "embed", u, "h")
-    ref_files = sorted(p.name for p in (reference / "vectors").iterdir())
-    assert ref_files == sorted(p.name for p in (disturbed / "vectors").iterdir())
-    for name in ref_files:
-        assert (reference / "vectors" / name).read_bytes() == (disturbed / "vectors" / name).read_bytes(), name
+    assert_same_vectors(reference, disturbed)
 
 
 NODE_REMOVAL_WORK = """
@@ -103,15 +113,11 @@ def work(progress):
 """
 
 
-def test_node_removed_mid_embed_gives_identical_vectors(ingested, backbone, tmp_path):
-    reference = tmp_path / "reference"
-    shutil.copytree(ingested, reference)
-    run_embed(reference, backbone, EMBED)
+def test_node_removed_mid_embed_gives_identical_vectors(ingested, backbone, reference, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ingested, run)
     result = run_with_node_removal(NODE_REMOVAL_WORK, str(run), backbone, timeout=400)
     done_at_removal, total = result["removed_at"]
     assert done_at_removal < total == 3  # removed mid-stage
     assert result["ran"] == [0, 1, 2]
-    for name in sorted(p.name for p in (reference / "vectors").iterdir()):
-        assert (reference / "vectors" / name).read_bytes() == (run / "vectors" / name).read_bytes(), name
+    assert_same_vectors(reference, run)
