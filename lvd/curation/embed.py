@@ -91,8 +91,8 @@ class Embedder:
         patch = model.patch_embed.proj.kernel_size[0]
         if self.cfg.crop % patch:
             raise ValueError(f"crop={self.cfg.crop} is not a multiple of the backbone's patch size {patch}: use e.g. {max(patch, self.cfg.crop // patch * patch)}")
-        self.device = torch.device(_device(self.cfg.device))
-        self.dtype = _dtype(self.cfg.dtype, self.device)
+        self.device = resolve_device(self.cfg.device)
+        self.dtype = autocast_dtype(self.cfg.dtype, self.device)
         self.model = model.eval().requires_grad_(False).to(self.device)
         self.dim = int(model.cls_token.shape[-1])
         self._mean = torch.tensor(self.cfg.mean).view(1, 3, 1, 1)
@@ -217,15 +217,17 @@ def resize_crop(img: Image.Image, resize: int, crop: int) -> np.ndarray:
     return np.asarray(img.crop((left, top, left + crop, top + crop)))
 
 
-def _device(name: str) -> str:
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda when torch sees a GPU, else cpu; a cuda device without a GPU is refused."""
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but torch sees no GPU: use device='auto' or 'cpu'")
-    return name
+    return torch.device(name)
 
 
-def _dtype(name: str, device: torch.device) -> torch.dtype:
+def autocast_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' -> bfloat16 on cuda, float32 elsewhere; otherwise a key of DTYPES."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]

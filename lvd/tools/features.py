@@ -21,7 +21,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lvd.curation.embed import DTYPES, IMAGENET_MEAN, IMAGENET_STD, resize_crop
+from lvd.curation.embed import (
+    DTYPES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    autocast_dtype,
+    resize_crop,
+    resolve_device,
+)
 from lvd.curation.ingest import to_rgb
 from lvd.pretrain.models.vit import VisionTransformer
 
@@ -69,14 +76,6 @@ def check_size(backbone: VisionTransformer, size: int) -> None:
         raise ValueError(f"size={size} is not a positive multiple of the backbone's patch size {p}: use e.g. {max(p, size // p * p)}")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but torch sees no GPU: use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
 def load_model(spec: str | Path, *, device: str = "auto") -> VisionTransformer:
     """`load_backbone(spec)` (lvd checkpoint or run folder, official .pth, HF folder), frozen,
     in eval mode, on `device`."""
@@ -115,7 +114,7 @@ def forward(backbone: VisionTransformer, x_BCHW: torch.Tensor, *, patches: bool 
     """Final-norm CLS [B, D] and patch map [B, h, w, D] (registers excluded) of normalised pixels."""
     h, w = backbone.patch_grid(x_BCHW)
     device = next(backbone.parameters()).device
-    amp = DTYPES.get(dtype) if dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    amp = autocast_dtype(dtype, device)
     with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
         out = backbone(x_BCHW.to(device))
     cls_BD = out.cls_BD.float().cpu().numpy()
