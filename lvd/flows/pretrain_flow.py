@@ -195,12 +195,12 @@ def pretrain(
     cfg = TrainConfig(shards=tuple(expand_shards(shards)), recipe=r, out=Path(out).resolve(),
                       max_steps=max_steps, resume=resume, num_workers=num_workers, seed=seed,
                       device=device, deterministic=deterministic)
-    check_shard_files(cfg.shards)  # here too: before any process is started
     get_run_logger().info("pretrain: recipe %s, %d shards, %d rank(s), steps to %d -> %s",
                           r.name, len(cfg.shards), nproc_per_node, cfg.end_step, cfg.out)
     if nproc_per_node == 1:
         result = train_task(cfg)
-    else:
+    else:  # what train() checks first, checked once before any process is started
+        check_shard_files(cfg.shards)
         _check_resume_world_size(cfg, nproc_per_node)
         spec = RanksCommand(shards=tuple(shards), recipe=recipe, out=cfg.out,
                             nproc_per_node=nproc_per_node, max_steps=max_steps,
