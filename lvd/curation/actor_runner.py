@@ -4,8 +4,8 @@
 again each time; an embedding model takes seconds to load, so the embed stage instead keeps
 `n_actors` actors, each building its state once (`make_state()`) and then running
 `fn(state, unit)` for unit after unit. Outputs, done-markers and resume are exactly
-`runner`'s: each unit goes through `runner.run_one`, so a unit is done when its marker
-matches, and a killed actor leaves at most temp files (Ray restarts it, `max_restarts`, and the
+`runner`'s: each unit goes through `runner.run_one` (durable writes, sizes and sha256 in the
+marker), so a unit is done when its marker matches, and a killed actor leaves at most temp files (Ray restarts it, `max_restarts`, and the
 unit is resubmitted; exceptions are not retried, as in `runner`).
 
 With this module `runner` is no longer the only curation module importing Ray; both are
@@ -36,6 +36,7 @@ class ActorConfig:
     num_gpus: float | None = None
     num_cpus: float = 1.0
     max_restarts: int = 2
+    verify_checksums: bool = False  # as RunnerConfig.verify_checksums
 
     def __post_init__(self) -> None:
         if self.n_actors is not None and self.n_actors < 1:
@@ -78,7 +79,7 @@ def map_with_actors(
     report = runner.StageReport(stage_dir=stage_dir)
     todo = []
     for u in units:
-        if runner.is_done(stage_dir, u, cfg_hash):
+        if runner.is_done(stage_dir, u, cfg_hash, checksums=acfg.verify_checksums):
             report.skipped.append(u.index)
             report.markers[u.index] = runner.read_marker(stage_dir, runner.stem_of(u))
         else:

@@ -129,12 +129,11 @@ def build_ledger(run_dir: Path) -> pa.Table:
 
 
 def write_ledger(run_dir: Path) -> pa.Table:
-    """Build and atomically write `RUN/ledger.parquet`; returns the table."""
+    """Build and durably write `RUN/ledger.parquet` (`lvd.durable`); returns the table."""
+    from lvd import durable
+
     table = build_ledger(run_dir)
-    path = run_dir / "ledger.parquet"
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    durable.write_parquet(run_dir / "ledger.parquet", table)
     return table
 
 

@@ -3,13 +3,21 @@
 This is the only curation module that imports Ray. A stage function is a plain picklable
 callable `fn(partition) -> dict[str, pa.Table]`; each returned table is written beside the
 partition as `part-NNNNNN.parquet` (key "") or `part-NNNNNN.<key>.parquet`. The Ray task
-writes its outputs itself (temp name, then rename) so image bytes never travel back to the
-driver, and writes the partition's done-marker JSON last, atomically. A marker is the only
-proof a partition is done: a worker killed mid-write leaves at most orphaned temp files.
+writes its outputs itself so image bytes never travel back to the driver, and writes the
+partition's done-marker JSON last. Every file goes through `lvd.durable.write_atomic` (unique
+temp name, fsync, rename, fsync of the folder). A marker is the only proof a partition is
+done: a worker killed mid-write leaves at most orphaned temp files. The marker records each
+output's size and sha256; `is_done` checks sizes always (one stat: a truncated or replaced
+output reruns its partition) and sha256 only with `RunnerConfig.verify_checksums` (it reads
+every output again: on resume that is the whole dump's accepted bytes).
 
 Worker deaths (a killed process, a lost node) are retried by Ray through `max_retries`;
 exceptions raised by the stage function are not retried (they are bugs or bad config,
-and per-item problems are already rows with a reason, never exceptions).
+and per-item problems are already rows with a reason, never exceptions). A partition whose
+worker still dies after the retries (an input that crashes the decoder or exhausts memory)
+goes to the stage's isolation policy when it has one (`lvd.curation.isolate`: ingest runs
+the partition's inputs one at a time and records the one that kills its worker as rejected,
+reason `worker_died`); otherwise the stage fails.
 """
 
 from __future__ import annotations
@@ -17,18 +25,25 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 
+from lvd import durable
+
 MARKER_SUFFIX = ".done.json"
-TMP_TAG = ".tmp-"
+# What Ray raises for a task whose worker process died (killed, crashed, out of memory, node
+# lost) once its retries are spent; RayTaskError (an exception in the stage) is not one.
+WORKER_DEATHS = (
+    ray.exceptions.WorkerCrashedError,
+    ray.exceptions.OutOfMemoryError,
+    ray.exceptions.NodeDiedError,
+)
+TMP_TAG = durable.TMP_TAG
 
 
 class PartitionLike(Protocol):
@@ -59,11 +74,15 @@ class RunnerConfig:
     max_in_flight: tasks submitted but not finished at once; bounds driver and object-store
         memory on big dumps. None means twice the cluster's CPUs.
     num_cpus: CPUs reserved per task.
+    verify_checksums: on resume, also re-hash every output of a done partition against its
+        marker's sha256 (sizes are always checked); off by default because it reads every
+        output again.
     """
 
     max_retries: int = 3
     max_in_flight: int | None = None
     num_cpus: float = 1.0
+    verify_checksums: bool = False
 
     def __post_init__(self) -> None:
         if self.max_retries < 0:
@@ -133,51 +152,60 @@ def read_marker(stage_dir: Path, stem: str) -> dict | None:
         return None
 
 
-def is_done(stage_dir: Path, partition: PartitionLike, cfg_hash: str) -> bool:
-    """Done = marker matching this input and config, and every output it lists present."""
+def is_done(stage_dir: Path, partition: PartitionLike, cfg_hash: str, *, checksums: bool = False) -> bool:
+    """Done = marker matching this input and config, and every output it lists present with
+    the recorded size (and, with `checksums`, the recorded sha256). A marker that records no
+    sizes (written before they were recorded) proves nothing: the partition reruns."""
     marker = read_marker(stage_dir, stem_of(partition))
     if marker is None:
         return False
     if marker.get("fingerprint") != partition.fingerprint or marker.get("config_hash") != cfg_hash:
         return False
-    return all((stage_dir / name).exists() for name in marker.get("outputs", {}).values())
+    files = marker.get("files") or {}
+    names = list(marker.get("outputs", {}).values())
+    if any(name not in files for name in names):
+        return False
+    for name in names:
+        try:
+            if (stage_dir / name).stat().st_size != files[name]["bytes"]:
+                return False
+        except FileNotFoundError:
+            return False
+        if checksums and durable.file_digest(stage_dir / name)["sha256"] != files[name]["sha256"]:
+            return False
+    return True
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f"{path.name}{TMP_TAG}{uuid.uuid4().hex}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_table(table: pa.Table, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}{TMP_TAG}{uuid.uuid4().hex}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def run_one(fn: StageFn, partition: PartitionLike, stage_dir: str, cfg_hash: str) -> dict:
-    """Run `fn` on one partition, write its outputs, then its marker; return the marker."""
+def write_outputs(
+    tables: dict[str, pa.Table], partition: PartitionLike, stage_dir: str | Path, cfg_hash: str, **extra
+) -> dict:
+    """Write a partition's tables durably, then its marker (sizes and sha256 of each output)
+    last; returns the marker. `extra` keys go into the marker as they are."""
     out_dir = Path(stage_dir)
     stem = stem_of(partition)
-    tables = fn(partition)
-    outputs, rows = {}, {}
+    outputs, rows, files = {}, {}, {}
     for key, table in sorted(tables.items()):
         path = output_path(out_dir, stem, key)
-        _write_table(table, path)
+        durable.write_parquet(path, table)
         outputs[key or "main"] = path.name
         rows[key or "main"] = table.num_rows
+        files[path.name] = durable.file_digest(path)
     marker = {
         "index": partition.index,
         "fingerprint": partition.fingerprint,
         "config_hash": cfg_hash,
         "outputs": outputs,
         "rows": rows,
+        "files": files,
+        **extra,
     }
-    _atomic_write_bytes(marker_path(out_dir, stem), json.dumps(marker, indent=1).encode())
+    durable.write_bytes(marker_path(out_dir, stem), json.dumps(marker, indent=1).encode())
     return marker
+
+
+def run_one(fn: StageFn, partition: PartitionLike, stage_dir: str, cfg_hash: str) -> dict:
+    """Run `fn` on one partition, write its outputs, then its marker; return the marker."""
+    return write_outputs(fn(partition), partition, stage_dir, cfg_hash)
 
 
 def remove_stale(stage_dir: Path, partitions: Sequence[PartitionLike]) -> int:
@@ -187,7 +215,7 @@ def remove_stale(stage_dir: Path, partitions: Sequence[PartitionLike]) -> int:
     stale = [
         p
         for p in stage_dir.iterdir()
-        if TMP_TAG in p.name or (p.name.endswith(MARKER_SUFFIX) and p.name not in current)
+        if durable.is_temp(p.name) or (p.name.endswith(MARKER_SUFFIX) and p.name not in current)
     ]
     for p in stale:
         p.unlink(missing_ok=True)
@@ -212,7 +240,7 @@ def map_partitions(
     report = StageReport(stage_dir=stage_dir)
     todo = []
     for p in partitions:
-        if is_done(stage_dir, p, cfg_hash):
+        if is_done(stage_dir, p, cfg_hash, checksums=runner.verify_checksums):
             report.skipped.append(p.index)
             report.markers[p.index] = read_marker(stage_dir, stem_of(p))
         else:
@@ -231,21 +259,50 @@ def map_partitions(
     return report
 
 
+def isolation_for(fn: StageFn):
+    """The stage's policy for a partition whose worker keeps dying, or None (the stage fails).
+
+    A stage callable may carry one as `fn.isolation`; ingest's comes from `lvd.curation.isolate`
+    (imported here, lazily, so this module stays free of any stage)."""
+    policy = getattr(fn, "isolation", None)
+    if policy is None:
+        from lvd.curation import isolate
+
+        policy = isolate.policy_for(fn)
+    return policy
+
+
 def _run_bounded(
     fn: StageFn, todo: Iterable[PartitionLike], stage_dir: Path, cfg_hash: str, runner: RunnerConfig
 ):
-    """Yield markers as Ray tasks finish, keeping at most `max_in_flight` submitted."""
+    """Yield markers as Ray tasks finish, keeping at most `max_in_flight` submitted; partitions
+    whose worker died after the retries go to the stage's isolation policy at the end."""
     remote = ray.remote(run_one).options(
         max_retries=runner.max_retries, retry_exceptions=False, num_cpus=runner.num_cpus
     )
     limit = runner.max_in_flight or max(1, 2 * int(ray.cluster_resources().get("CPU", 1)))
     fn_ref = ray.put(fn)  # ship the (possibly large) stage closure once, not per task
-    pending = []
+    pending: dict = {}
+    died: list[tuple[PartitionLike, Exception]] = []
+
+    def collect():
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        partition = pending.pop(ready[0])
+        try:
+            return [ray.get(ready[0])]
+        except WORKER_DEATHS as e:
+            died.append((partition, e))
+            return []
+
     for partition in todo:
         if len(pending) >= limit:
-            ready, pending = ray.wait(pending, num_returns=1)
-            yield from ray.get(ready)
-        pending.append(remote.remote(fn_ref, partition, str(stage_dir), cfg_hash))
+            yield from collect()
+        pending[remote.remote(fn_ref, partition, str(stage_dir), cfg_hash)] = partition
     while pending:
-        ready, pending = ray.wait(pending, num_returns=1)
-        yield from ray.get(ready)
+        yield from collect()
+    if died:
+        policy = isolation_for(fn)
+        if policy is None:
+            raise died[0][1]
+        for partition, error in died:
+            yield policy.run(fn, partition, stage_dir, cfg_hash, error, runner)

@@ -16,8 +16,9 @@ sees after applying EXIF orientation to `KEY.jpg`.
 Determinism and atomicity. Tar headers are fixed (mtime 0, uid/gid 0, no user/group names,
 mode 0444, ustar format) and JSON is sorted and compact, so same input -> same sha256 (for
 re-encoded images, with the same Pillow/libjpeg build). Each tar
-is written to a hidden temp file in `out_dir` and `os.replace`d into its final name; a failure
-removes the temp file, so a `shard-*.tar` on disk is always complete. Shards are independent:
+is written through `lvd.durable.write_atomic` (a hidden temp name unique to the writer in
+`out_dir`, fsync, rename, fsync of the folder); a failure removes the temp file, so a
+`shard-*.tar` on disk is always complete. The manifest is written the same way. Shards are independent:
 `plan_shards` + `write_shard` let a runner write them as parallel tasks and `write_manifest`
 collect the `ShardInfo`s; `write_shards` does all three in one process.
 
@@ -33,7 +34,6 @@ import io
 import json
 import os
 import tarfile
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,6 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lvd import durable
 from lvd.curation.shard_image import StoredImage, store_image
 
 MANIFEST = "manifest.parquet"
@@ -161,19 +162,16 @@ def write_shard(
     out_dir.mkdir(parents=True, exist_ok=True)
     name = shard_name(shard_index)
     keys = tuple(sample_key(shard_index * cfg.shard_size + j) for j in range(len(samples)))
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as raw:
-            sink = _HashingWriter(raw)
-            with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-                for key, sample in zip(keys, samples):
-                    _add_sample(tar, key, sample, cfg)
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.replace(tmp, out_dir / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    sinks = []
+
+    def write(raw) -> None:
+        sinks.append(sink := _HashingWriter(raw))
+        with tarfile.open(fileobj=sink, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+            for key, sample in zip(keys, samples):
+                _add_sample(tar, key, sample, cfg)
+
+    durable.write_atomic(out_dir / name, write)
+    (sink,) = sinks
     return ShardInfo(
         name=name, n_samples=len(samples), sha256=sink.sha.hexdigest(), bytes=sink.n,
         keys=keys, uids=tuple(s.uid for s in samples), sources=tuple(s.source for s in samples),
@@ -197,9 +195,7 @@ def write_manifest(
     table = pa.Table.from_pydict(rows, schema=MANIFEST_SCHEMA.with_metadata(meta))
     path = Path(out_dir) / MANIFEST
     path.parent.mkdir(parents=True, exist_ok=True)  # a run that selected nothing has no shards
-    tmp = path.with_name(f".{MANIFEST}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    durable.write_parquet(path, table)
     return ShardManifest(path=path, shards=tuple(infos))
 
 

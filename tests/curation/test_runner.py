@@ -5,6 +5,7 @@ Stage functions here are small real functions run by the session's real local Ra
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -44,6 +45,7 @@ def test_outputs_and_markers_written(ray_local, tmp_path):
     assert pq.read_table(tmp_path / "part-000002.parquet")["x"].to_pylist() == [20, 21, 22]
     assert pq.read_table(tmp_path / "part-000002.sq.parquet")["x2"].to_pylist() == [400, 441, 484]
     marker = json.loads((tmp_path / "part-000002.done.json").read_text())
+    files = marker.pop("files")
     assert marker == {
         "index": 2,
         "fingerprint": "fp2",
@@ -51,6 +53,9 @@ def test_outputs_and_markers_written(ray_local, tmp_path):
         "outputs": {"main": "part-000002.parquet", "sq": "part-000002.sq.parquet"},
         "rows": {"main": 3, "sq": 3},
     }
+    for name in marker["outputs"].values():  # what is_done checks the outputs against
+        data = (tmp_path / name).read_bytes()
+        assert files[name] == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert not [p for p in tmp_path.iterdir() if rn.TMP_TAG in p.name]
 
 
