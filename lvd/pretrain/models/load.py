@@ -4,7 +4,11 @@
 - an official DINOv2 `.pth` / `.pt`: a hub file, or the
   teacher of an official training / eval checkpoint         -> `official.build_official`
 - an lvd checkpoint dir (`step_NNNNNNN`) or a run's `--out`  -> `checkpoint.load_teacher_backbone`
-The model comes back in eval mode on the CPU.
+  (its `teacher_backbone.safetensors` + `teacher_backbone.json` only: DCP's pickled files are
+  never read here; a checkpoint of an older lvd without them is refused, naming the command
+  that adds them)
+Nothing here unpickles beyond `torch.load(weights_only=True)`. The model comes back in eval
+mode on the CPU.
 """
 
 from __future__ import annotations
