@@ -1,9 +1,11 @@
 """Ingest: decode, validate and hash every raw item of a partition; one record per input.
 
-Checks run cheapest first: `empty` -> `not_image` (Pillow cannot identify it among
-`IngestConfig.formats`; bytes that start with a known image signature but fail to parse are
-`corrupt` instead) -> `too_large` (pixel count from the header, before any decoding; Pillow's
-own DecompressionBombError counts too) -> `too_small` (shorter side after EXIF orientation)
+Checks run cheapest first: `empty` -> `too_many_bytes` (more than `IngestConfig.max_bytes`;
+the source readers refuse such inputs before reading them) -> `not_image` (Pillow cannot
+identify it among `IngestConfig.formats`; bytes that start with a known image signature but
+fail to parse are `corrupt` instead) -> `too_large` (from the header, before any decoding:
+pixel count above `max_pixels`, or decoded size above `max_decoded_bytes`, see `decoded_bytes`;
+Pillow's own DecompressionBombError counts too) -> `too_small` (shorter side after EXIF orientation)
 -> `unsupported_mode` -> `corrupt` (any decode failure, truncation included: Pillow's
 LOAD_TRUNCATED_IMAGES must stay False; `ingest_item` refuses to run otherwise). Only the data the first
 frame needs is validated: a GIF cut inside a later frame, or a PNG missing only its IEND
@@ -35,8 +37,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile
 
-from lvd.curation.phash import PHASH256_SIZE, THUMB_SIDE, hash_bits, thumbnail, to_uint
-from lvd.curation.sources import Partition, RawItem, iter_items
+from lvd.curation.phash import PHASH256_SIZE, THUMB_SIDE, equalise, hash_bits, phash_bits, thumbnail, to_uint
+from lvd.curation.raw import DEFAULT_MAX_BYTES, real_roots
+from lvd.curation.sources import Partition, RawItem, SourceLimits, iter_items
 
 INGEST_SCHEMA = pa.schema(
     [
@@ -52,6 +55,7 @@ INGEST_SCHEMA = pa.schema(
         pa.field("dhash", pa.uint64()),
         pa.field("phash256", pa.binary(32)),
         pa.field("thumb16", pa.binary(THUMB_SIDE**2)),
+        pa.field("nphash256", pa.binary(32)),  # pHash-256 of the histogram-equalised image
         pa.field("meta", pa.string()),
     ]
 )
@@ -82,8 +86,22 @@ class IngestConfig:
     # matmuls, so 64 vs 128 is decode cost only (benchmarks/ingest.py --draft-side).
     draft_side: int = 64
     formats: tuple[str, ...] = WEB_FORMATS  # Pillow format ids tried when identifying bytes
+    # Per-input memory bounds (docs/architecture.md, "Trust boundary"): bytes of one input,
+    # checked before reading it; decoded size from the header (`decoded_bytes`), checked before
+    # decoding. 256 MiB holds an 8192x8192 RGB(A) image (Pillow stores 4 bytes a pixel) and any
+    # 8-bit grayscale image within max_pixels; a 9400x9400 RGBA PNG (337 MiB) is too_large.
+    max_bytes: int = DEFAULT_MAX_BYTES
+    max_decoded_bytes: int = 256 << 20
+    # Where paths named inside inputs (Parquet path cells, symlinks in folders) may point besides
+    # the dump's own folder (--allow-root), and whether URIs in data are read (--allow-remote).
+    allow_roots: tuple[str, ...] = ()
+    allow_remote: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "allow_roots", real_roots(self.allow_roots))
+        object.__setattr__(self, "formats", tuple(self.formats))
+        if self.max_bytes < 1 or self.max_decoded_bytes < 1:
+            raise ValueError(f"max_bytes={self.max_bytes}, max_decoded_bytes={self.max_decoded_bytes}: use >= 1")
         if self.min_side < 1:
             raise ValueError(f"min_side={self.min_side}: set min_side >= 1")
         if self.max_pixels < self.min_side**2:
@@ -103,21 +121,30 @@ class IngestConfig:
             raise ValueError(f"formats {unknown} are not Pillow format ids; choose from {sorted(Image.ID)}")
 
 
+    def source_limits(self) -> SourceLimits:
+        return SourceLimits(max_bytes=self.max_bytes, allow_roots=self.allow_roots, allow_remote=self.allow_remote)
+
+
 @dataclass
 class IngestOutput:
     records: pa.Table  # INGEST_SCHEMA, one row per input of the partition
     blobs: pa.Table  # BLOB_SCHEMA, raw bytes of accepted images, one row per uid
 
 
-class _Reject(Exception):
+class ImageRejected(Exception):
+    """Bytes refused as an image; `reason` is a rejection reason, `fields` what was learnt."""
+
     def __init__(self, reason: str, **fields) -> None:
         super().__init__(reason)
         self.reason, self.fields = reason, fields
 
 
+_Reject = ImageRejected
+
+
 def ingest_partition(partition: Partition, cfg: IngestConfig) -> IngestOutput:
     records, blobs = [], {}
-    for item in iter_items(partition):
+    for item in iter_items(partition, cfg.source_limits()):
         record, data = ingest_item(item, cfg)
         records.append(record)
         if data is not None:
@@ -134,7 +161,7 @@ def ingest_item(item: RawItem, cfg: IngestConfig) -> tuple[dict, bytes | None]:
     record = dict(
         source=item.source, status="rejected", reason=item.error, format=None, width=None, height=None,
         uid=hashlib.sha256(data).hexdigest() if data is not None else None,
-        nbytes=len(data) if data is not None else None, phash=None, dhash=None, phash256=None, thumb16=None,
+        nbytes=len(data) if data is not None else None, phash=None, dhash=None, phash256=None, thumb16=None, nphash256=None,
         meta=json.dumps(item.meta, sort_keys=True, default=str),
     )  # fmt: skip
     if item.error is not None:
@@ -152,15 +179,34 @@ def ingest_item(item: RawItem, cfg: IngestConfig) -> tuple[dict, bytes | None]:
     return record, data
 
 
-def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
+def open_checked(data: bytes | None, cfg: IngestConfig) -> Image.Image:
+    """Open (not decode) `data` as an image within `cfg`'s limits, or raise `ImageRejected`:
+    `empty`, `too_many_bytes`, `not_image` / `corrupt` (only `cfg.formats` are tried),
+    `too_large` (pixels or `decoded_bytes` from the header). The one gate for ingest and lvd/tools."""
     if not data:
         raise _Reject("empty")
+    if len(data) > cfg.max_bytes:
+        raise _Reject("too_many_bytes")
     img = _open(data, cfg)
+    info = dict(format=img.format, width=img.size[0], height=img.size[1])
+    if img.size[0] * img.size[1] > cfg.max_pixels or decoded_bytes(img) > cfg.max_decoded_bytes:
+        raise _Reject("too_large", **info)
+    return img
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """Memory the full decode takes, from the header: width x height x bytes a pixel as Pillow
+    stores it (1 for 1/L/P, 2 for I;16*, 4 for I/F and for every multi-band mode: RGB included)."""
+    bands = len(img.getbands())
+    per_pixel = 4 if bands > 1 or img.mode in ("I", "F") else 2 if img.mode.startswith("I;16") else 1
+    return img.size[0] * img.size[1] * per_pixel
+
+
+def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
+    img = open_checked(data, cfg)
     info = dict(format=img.format)
     width, height = img.size
     info.update(width=width, height=height)
-    if width * height > cfg.max_pixels:
-        raise _Reject("too_large", **info)
     orientation = _orientation(img)
     if orientation in _SWAPPING_ORIENTATIONS:
         width, height = height, width
@@ -176,6 +222,7 @@ def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
     return dict(
         info, phash=to_uint(phash), dhash=to_uint(dhash), phash256=np.packbits(phash256).tobytes(),
         thumb16=thumbnail(x_HW).tobytes(),
+        nphash256=np.packbits(phash_bits(equalise(x_HW), PHASH256_SIZE)).tobytes(),
     )  # fmt: skip
 
 

@@ -17,12 +17,17 @@ Tars are read by `tar_source` (data only, never extracted; a truncated archive e
 `TARPATH::<corrupt>` record), parquet by `parquet_source` (column auto-detection).
 
 Folder walks are sorted, never follow directory symlinks (loops), and read symlinked files as
-data. In a folder, `NAME.parquet` and `NAME_stats.json` beside a tar or folder `NAME` are
+data when their target lies inside the dump folder or an `--allow-root` (else the file is
+rejected `path_outside_root`; a sidecar outside is not read); a symlink loop is
+`symlink_loop`, and a top-level input that is one is an error saying so. Every read is capped
+(`SourceLimits.max_bytes`, from `IngestConfig`): a file is stat-ed first and refused as
+`too_many_bytes` without being opened. In a folder, `NAME.parquet` and `NAME_stats.json` beside a tar or folder `NAME` are
 img2dataset bookkeeping and are skipped; other `.parquet` files become parquet partitions.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -34,9 +39,19 @@ from typing import Literal
 import fsspec
 
 from lvd.curation import parquet_source, tar_source
-from lvd.curation.raw import CORRUPT_TAR_MEMBER, RawItem, parse_sidecar
+from lvd.curation.raw import (
+    CORRUPT_TAR_MEMBER,
+    SIDECAR_MAX_BYTES,
+    InputRejected,
+    RawItem,
+    SourceLimits,
+    inside,
+    parse_sidecar,
+    read_capped,
+    read_local,
+)
 
-__all__ = ["CORRUPT_TAR_MEMBER", "Partition", "RawItem", "iter_items", "plan_partitions"]
+__all__ = ["CORRUPT_TAR_MEMBER", "Partition", "RawItem", "SourceLimits", "iter_items", "plan_partitions"]
 
 SIDECAR_SUFFIXES = (".json", ".txt")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -122,6 +137,8 @@ def _size_stamp(info: dict) -> tuple[int, object]:
 
 def _discover(fs, root: str, uri: str) -> _Found:
     if not fs.exists(root):
+        if _is_local(fs) and os.path.islink(root):
+            _raise_bad_link(root, uri)
         raise ValueError(f"input {uri!r} does not exist: pass an existing folder, tar or parquet file")
     found = _Found()
     if not fs.isdir(root):
@@ -130,6 +147,15 @@ def _discover(fs, root: str, uri: str) -> _Found:
     entries = _walk_local(root) if _is_local(fs) else _walk_remote(fs, root)
     _split_folder(entries, found)
     return found
+
+
+def _raise_bad_link(root: str, uri: str) -> None:
+    try:
+        os.stat(root)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ValueError(f"input {uri!r} is a symlink loop ({err.strerror}): point it at a real folder, tar or parquet file") from None
+    raise ValueError(f"input {uri!r} is a broken symlink to {os.readlink(root)!r}: fix the link or pass the real path")
 
 
 def _classify_single(fs, root: str, uri: str, found: _Found) -> None:
@@ -153,7 +179,7 @@ def _walk_local(root: str) -> list[tuple[str, tuple[int, object]]]:
             if entry.is_dir(follow_symlinks=False):
                 stack.append(entry.path)
         for entry in entries:
-            if entry.is_dir():  # real dirs are walked above; symlinked dirs are never followed
+            if _is_dir(entry):  # real dirs are walked above; symlinked dirs are never followed
                 continue
             try:
                 st = entry.stat()  # follows file symlinks: the target's size/mtime
@@ -162,6 +188,13 @@ def _walk_local(root: str) -> list[tuple[str, tuple[int, object]]]:
             if stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode):  # fifos/sockets are not files
                 out.append((entry.path, (st.st_size, st.st_mtime)))
     return sorted(out, key=lambda x: x[0])
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop (ELOOP): an input whose read says symlink_loop
+        return False
 
 
 def _walk_remote(fs, root: str) -> list[tuple[str, tuple[int, object]]]:
@@ -212,47 +245,65 @@ def _strip_tar_suffix(path: str) -> str:
 # ---------------------------------------------------------------- iteration
 
 
-def iter_items(partition: Partition) -> Iterator[RawItem]:
-    """Every input of `partition` as a `RawItem`, in a deterministic order."""
+def iter_items(partition: Partition, limits: SourceLimits = SourceLimits()) -> Iterator[RawItem]:
+    """Every input of `partition` as a `RawItem`, in a deterministic order, read within `limits`."""
     if partition.kind == "files":
-        yield from _iter_files(partition.items)
+        yield from _iter_files(partition.uri, partition.items, limits)
     elif partition.kind == "tar":
-        yield from tar_source.iter_tar(partition.uri)
+        yield from tar_source.iter_tar(partition.uri, limits.max_bytes)
     elif partition.kind == "parquet":
         start, stop = partition.rows
-        yield from (RawItem(**kw) for kw in parquet_source.iter_rows(partition.uri, start, stop))
+        yield from (RawItem(**kw) for kw in parquet_source.iter_rows(partition.uri, start, stop, limits))
     else:
         raise ValueError(f"unknown partition kind {partition.kind!r}: expected files, tar or parquet")
 
 
-def _read(uri: str) -> bytes:
+def _read(uri: str, max_bytes: int, roots: tuple[str, ...] | None) -> bytes:
+    """Capped read; a local file (stat first: fifos, loops and sizes are refused before open)
+    must lie inside `roots` unless `roots` is None (a top-level single-file input)."""
     if not os.path.isabs(uri):  # a URI: fsspec (local paths skip its per-call overhead)
         with fsspec.open(uri, "rb") as f:
-            return f.read()
-    if not stat.S_ISREG(os.stat(uri).st_mode):  # before open(): opening a fifo blocks forever
-        raise OSError(f"{uri} is not a regular file")
-    with open(uri, "rb") as f:
-        return f.read()
+            size = getattr(f, "size", None)
+            return read_capped(f, max_bytes, size if isinstance(size, int) else None)
+    if roots is not None and os.path.islink(uri) and not inside(uri, roots):
+        os.stat(uri)  # a loop or a broken link says so (symlink_loop / read_error) first
+        raise InputRejected("path_outside_root", uri)
+    return read_local(uri, max_bytes)
 
 
-def _iter_files(paths: Sequence[str]) -> Iterator[RawItem]:
+def _iter_files(root: str, paths: Sequence[str], limits: SourceLimits) -> Iterator[RawItem]:
+    # Symlinks in a folder dump must resolve inside it (or an allowed root); the walk never
+    # enters a symlinked folder, so only the file itself can be a link.
+    local_dir = os.path.isabs(root) and os.path.isdir(root)
+    roots = (os.path.realpath(root), *limits.allow_roots) if local_dir else None
     for path in paths:
         try:
-            data, error = _read(path), None
+            data, error = _read_reason(path, limits.max_bytes, roots), None
+        except InputRejected as rej:
+            data, error = None, rej.reason
         except OSError:
             data, error = None, "read_error"
-        yield RawItem(source=path, data=data, error=error, meta=_folder_sidecars(path))
+        yield RawItem(source=path, data=data, error=error, meta=_folder_sidecars(path, roots))
 
 
-def _folder_sidecars(path: str) -> dict:
+def _read_reason(path: str, max_bytes: int, roots) -> bytes:
+    try:
+        return _read(path, max_bytes, roots)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise InputRejected("symlink_loop", path) from None
+        raise
+
+
+def _folder_sidecars(path: str, roots) -> dict:
     meta = {}
     for suffix in SIDECAR_SUFFIXES:
         if path.endswith(suffix):  # a lone notes.txt is an input, not its own sidecar
             continue
         try:
-            meta[suffix[1:]] = parse_sidecar(suffix, _read(_stem(path) + suffix))
-        except (OSError, ValueError):
-            continue  # no sidecar (or unreadable): metadata is optional
+            meta[suffix[1:]] = parse_sidecar(suffix, _read(_stem(path) + suffix, SIDECAR_MAX_BYTES, roots))
+        except (OSError, ValueError, InputRejected):
+            continue  # no sidecar (or unreadable, too big, outside the dump): metadata is optional
     return meta
 
 

@@ -199,7 +199,8 @@ def test_parquet_hf_struct_and_path_columns(tmp_path):
     rel_abs_missing_web = ["imgs/a.jpg", str(tmp_path / "imgs" / "a.jpg"), "imgs/missing.jpg", "https://x.invalid/a.jpg"]
     _parquet(paths, pa.table({"url": rel_abs_missing_web}))
     got = [(i.data, i.error) for i in _items([paths])]
-    assert got == [(b"file-a", None), (b"file-a", None), (None, "read_error"), (None, "read_error")]
+    # web URLs are never fetched without --allow-remote (tests/security/test_inputs.py)
+    assert got == [(b"file-a", None), (b"file-a", None), (None, "read_error"), (None, "remote_path")]
 
 
 def test_parquet_without_image_column_names_the_file(tmp_path):

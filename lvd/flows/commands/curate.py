@@ -56,6 +56,15 @@ def add_curate_options(p: argparse.ArgumentParser) -> None:
                    help="reject images whose shorter side is below this many pixels")
     p.add_argument("--max-pixels", type=int, default=89_478_485,
                    help="reject images with more pixels than this (checked before decoding)")
+    p.add_argument("--max-bytes", type=int, default=64 << 20, metavar="N",
+                   help="reject an input (file, tar member, parquet cell) above N bytes before reading it")
+    p.add_argument("--max-decoded-bytes", type=int, default=256 << 20, metavar="N",
+                   help="reject an image whose full decode needs more than N bytes (from its header)")
+    p.add_argument("--allow-root", action="append", default=[], metavar="DIR",
+                   help="folder that paths inside inputs (parquet path cells, symlinks) may point into, "
+                        "besides the dump's own folder; repeatable")
+    p.add_argument("--allow-remote", action="store_true",
+                   help="read http(s)/s3/gs/... URLs named in parquet path cells (off: rejected as remote_path)")
     p.add_argument("--phash-radius", type=int, default=None,
                    help="max pHash Hamming distance of near-duplicates (default: dedup's)")
     p.add_argument("--max-retries", type=int, default=3,
@@ -104,7 +113,9 @@ def flow_kwargs(args: argparse.Namespace) -> dict:
     dedup = {} if args.phash_radius is None else {"phash_radius": args.phash_radius}
     return dict(
         partition_size=args.partition_size,
-        ingest={"min_side": args.min_side, "max_pixels": args.max_pixels},
+        ingest={"min_side": args.min_side, "max_pixels": args.max_pixels, "max_bytes": args.max_bytes,
+                "max_decoded_bytes": args.max_decoded_bytes, "allow_roots": list(args.allow_root),
+                "allow_remote": args.allow_remote},
         dedup=dedup,
         max_retries=args.max_retries,
         ray_address=args.ray_address,
