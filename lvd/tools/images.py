@@ -7,6 +7,12 @@ actor) reads and embeds. Every image gets an `ImageRef`:
   `SHARD.tar::KEY.jpg` (the curation `RawItem.source` convention for tar members).
 A sample that cannot be read or decoded comes back with a reason instead of an image, never
 an exception: embedding a dump must not stop at one bad file.
+
+Decoding goes through curation ingest's gate (`ingest.open_checked` with `TOOL_LIMITS`, the
+ingest defaults): only ingest's allow-listed formats are tried, and an input above
+`max_bytes` (checked by stat / tar header before reading), `max_pixels` or `max_decoded_bytes`
+(from the header, before decoding) is refused: reason `read_error: too_many_bytes: ...` when
+the read is refused, `decode_error: ImageRejected: <ingest reason>` when the gate refuses.
 """
 
 from __future__ import annotations
@@ -19,9 +25,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, ImageOps
 
-from lvd.curation.embed import decode_rgb
+from lvd.curation.ingest import IngestConfig, ImageRejected, open_checked, to_rgb
+from lvd.curation.raw import InputRejected, read_local
+
+TOOL_LIMITS = IngestConfig()  # formats allow-list and size caps: the same as `lvd curate`'s defaults
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 SHARD_IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -101,7 +110,9 @@ def read_raw(unit: Unit) -> Iterator[Raw]:
     for rel in unit.files:
         ref = ImageRef(rel, str(Path(unit.root) / rel))
         try:
-            yield Raw(ref, Path(ref.path).read_bytes())
+            yield Raw(ref, read_local(ref.path, TOOL_LIMITS.max_bytes))
+        except InputRejected as e:
+            yield Raw(ref, None, f"read_error: {e}")
         except OSError as e:
             yield Raw(ref, None, f"read_error: {e}")
 
@@ -136,21 +147,62 @@ def decode(raw: Raw, min_side: int) -> Loaded:
     if raw.data is None:
         return Loaded(raw.ref, None, raw.reason)
     try:
-        return Loaded(raw.ref, decode_rgb(raw.data, min_side))
+        return Loaded(raw.ref, decode_checked(raw.data, min_side))
     except Exception as e:  # noqa: BLE001 -- Pillow raises many types; the reason names it
         return Loaded(raw.ref, None, f"decode_error: {type(e).__name__}: {_OBJECT_REPR.sub('', str(e))}")
+
+
+def decode_checked(data: bytes, min_side: int) -> Image.Image:
+    """RGB after EXIF orientation of bytes that pass `open_checked` (else `ImageRejected`); JPEGs
+    DCT-downscaled while the shorter side stays >= min_side. The image decoded is the one the
+    gate opened, so no other Pillow plugin ever sees the bytes."""
+    img = open_checked(data, TOOL_LIMITS)
+    if img.format in ("JPEG", "MPO"):
+        # draft keeps both sides >= the request; ask for the shorter side only (after rotation
+        # the sides swap, but the shorter one is the same).
+        w, h = img.size
+        scale = min_side / min(w, h)
+        img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
+    img.load()
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # a broken EXIF block is not a broken image (ingest ignores it too)
+        pass
+    return to_rgb(img)
+
+
+def _read_bytes(path: str) -> bytes:
+    """A file, or `SHARD.tar::MEMBER`, read within `TOOL_LIMITS.max_bytes` (checked first)."""
+    try:
+        if MEMBER_SEP not in path:
+            return read_local(path, TOOL_LIMITS.max_bytes)
+        shard, member = path.rsplit(MEMBER_SEP, 1)
+        with tarfile.open(shard, mode="r:") as tar:
+            info = tar.getmember(member)
+            f = tar.extractfile(info) if info.isreg() else None
+            if f is None:
+                raise FileNotFoundError(f"{member} is not a file in {shard}")
+            if info.size > TOOL_LIMITS.max_bytes:
+                raise InputRejected("too_many_bytes", f"{info.size} bytes")
+            return f.read()
+    except InputRejected as e:
+        raise ValueError(f"{path}: rejected: {e}") from None
+
+
+def open_checked_file(path: str | os.PathLike) -> Image.Image:
+    """One image file opened (lazily, not transposed) through ingest's gate; ValueError naming
+    the reason when it is refused. For the tools that take a single picture (viz, segment, probe)."""
+    path = os.fspath(path)
+    try:
+        return open_checked(_read_bytes(path), TOOL_LIMITS)
+    except ImageRejected as e:
+        raise ValueError(f"{path}: rejected: {e.reason}") from None
 
 
 def open_image(path: str, *, min_side: int | None = None) -> Image.Image:
     """Decode one image by its `ImageRef.path`: a file, or `SHARD.tar::MEMBER`. With
     `min_side`, JPEGs may be DCT-downscaled to a shorter side >= min_side."""
-    if MEMBER_SEP in path:
-        shard, member = path.rsplit(MEMBER_SEP, 1)
-        with tarfile.open(shard, mode="r:") as tar:
-            f = tar.extractfile(member)
-            if f is None:
-                raise FileNotFoundError(f"{member} is not a file in {shard}")
-            data = f.read()
-    else:
-        data = Path(path).read_bytes()
-    return decode_rgb(data, min_side or 1 << 30)  # a huge side: draft keeps full resolution
+    try:
+        return decode_checked(_read_bytes(path), min_side or 1 << 30)  # a huge side: draft keeps full resolution
+    except ImageRejected as e:
+        raise ValueError(f"{path}: rejected: {e.reason}") from None

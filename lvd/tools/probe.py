@@ -26,6 +26,7 @@ from PIL import Image
 from torch import nn
 
 from lvd.tools.features import check_size, patch_features
+from lvd.tools.images import open_checked_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 TARGET_KINDS = ("depth", "disparity")
@@ -103,7 +104,7 @@ def read_target(path: Path, png_scale: float) -> np.ndarray:
     if path.suffix == ".npy":
         values = np.load(path).astype(np.float32)
     else:
-        values = np.asarray(Image.open(path)).astype(np.float32) / png_scale
+        values = np.asarray(open_checked_file(path)).astype(np.float32) / png_scale
     if values.ndim != 2:
         raise ValueError(f"{path}: target has shape {values.shape}; store one H x W map per image")
     return np.where(np.isfinite(values) & (values > 0), values, np.nan).astype(np.float32)
@@ -122,7 +123,7 @@ def read_dense_folder(root: str | Path, png_scale: float = 1.0) -> list[DenseSam
                              root / "targets" / f"{image_path.stem}.png") if p.is_file()]
         if not found:
             raise FileNotFoundError(f"no target for {image_path.name}: add {root}/targets/{image_path.stem}.npy or .png")
-        image = Image.open(image_path).convert("RGB")
+        image = open_checked_file(image_path).convert("RGB")
         samples.append(DenseSample(image_path.stem, image, read_target(found[0], png_scale)))
     return samples
 

@@ -37,11 +37,12 @@ def main(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from lvd.tools.features import load_model
+    from lvd.tools.images import open_checked_file
     from lvd.tools.segment import render_segmentation, segment
 
     backbone = load_model(args.model, device=args.device)
-    reference, target = Image.open(args.reference).convert("RGB"), Image.open(args.target).convert("RGB")
-    mask = Image.open(args.mask)
+    reference, target = open_checked_file(args.reference).convert("RGB"), open_checked_file(args.target).convert("RGB")
+    mask = open_checked_file(args.mask)
     seg = segment(backbone, reference, mask, target, size=args.size, threshold=args.threshold)
     for path in (args.out, args.mask_out):
         if path is not None:

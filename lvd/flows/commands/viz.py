@@ -27,13 +27,12 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from PIL import Image
-
     from lvd.tools.features import load_model
+    from lvd.tools.images import open_checked_file
     from lvd.tools.viz import patch_maps, render_maps
 
     backbone = load_model(args.model, device=args.device)
-    maps = patch_maps(backbone, Image.open(args.image), size=args.size, threshold=args.threshold)
+    maps = patch_maps(backbone, open_checked_file(args.image), size=args.size, threshold=args.threshold)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     render_maps(maps).save(args.out)
     heads, h, w = maps.attention_Khw.shape
