@@ -57,6 +57,18 @@ def test_pretrain_reports_missing_shards(tmp_path):
               "--out", str(tmp_path / "o")])
 
 
+def test_pretrain_refuses_batch_size_one_before_training(data, tmp_path):
+    # KoLeo needs a nearest neighbour within each rank's batch: refused with one line,
+    # before any model is built or file written (was a traceback from inside the loss)
+    with pytest.raises(SystemExit) as e:
+        main(["pretrain", "--shards", str(data / "shards"), "--recipe", "tiny",
+              "--out", str(tmp_path / "o"), "--batch-size", "1", "--num-workers", "0"])
+    message = str(e.value.code)
+    assert message.startswith("lvd pretrain: error: --batch-size 1:") and "\n" not in message
+    assert "KoLeo" in message and "--batch-size 2" in message
+    assert not (tmp_path / "o").exists()
+
+
 def test_pretrain_on_two_ranks_then_resume(data, capsys):
     """`--nproc-per-node 2`: two gloo ranks with FSDP2 write one sharded checkpoint that a
     single process reads, and a 2-rank `--resume` continues from it."""

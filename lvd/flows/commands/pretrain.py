@@ -174,6 +174,12 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit(f"lvd pretrain: {e}") from None
     recipe = get_recipe(args.recipe)
     if args.batch_size is not None:
+        if args.batch_size < 2:
+            # KoLeo spreads each rank's batch by nearest-neighbour distances: one image has none
+            raise SystemExit(f"lvd pretrain: error: --batch-size {args.batch_size}: each rank "
+                             "needs at least 2 images per step (the KoLeo loss compares every "
+                             "image with its nearest neighbour in the rank's batch); use "
+                             "--batch-size 2 or more")
         recipe = replace(recipe, batch_size=args.batch_size)
     cfg = TrainConfig(
         shards=shards, recipe=recipe, out=args.out,
