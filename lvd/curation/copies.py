@@ -452,7 +452,8 @@ def _burst_pair(name: str, img: Image.Image, rng: np.random.Generator) -> list[B
     w, h = img.size
     bw, bh = round(w * rng.uniform(0.55, 0.62)), round(h * rng.uniform(0.80, 0.90))
     # overlap width <= 0.4 * bw whatever dy is: dx >= 0.6 * bw, and both windows must fit
-    dx = int(rng.integers(int(np.ceil(0.6 * bw)), w - bw + 1))
+    # (bw <= 0.62 w leaves w - bw >= 0.6 * bw)
+    dx = int(rng.integers(int(np.ceil((1 - _BURST_MAX_OVERLAP) * bw)), w - bw + 1))
     dy = int(rng.integers(0, h - bh + 1))
     x0 = int(rng.integers(0, w - bw - dx + 1))
     y0 = int(rng.integers(0, h - bh - dy + 1))
