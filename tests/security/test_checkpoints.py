@@ -13,6 +13,7 @@ import io
 import json
 import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
@@ -192,20 +193,25 @@ def test_resume_refuses_hostile_pickles(data, tmp_path):
         main(["pretrain", "--shards", shards, "--out", str(run), "--resume", "--max-steps", "3",
               *TRAIN])
 
-    run = _hostile_run(data["good"], tmp_path / "a", marker)
-    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refusing to unpickle builtins\.exec"):
-        resume(run)
-    run = _nested_metadata(data["good"], tmp_path / "b", marker)
-    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refusing to unpickle builtins\.exec"):
-        resume(run)
+    def refused(run: Path, pattern: str) -> None:  # one `error:` line naming the file
+        with pytest.raises(SystemExit) as e:
+            resume(run)
+        message = str(e.value.code)
+        assert re.match(r"lvd pretrain: error: \S*" + pattern, message) and "\n" not in message
+
+    refused(_hostile_run(data["good"], tmp_path / "a", marker),
+            r"step_0000002/\.metadata: refusing to unpickle builtins\.exec")
+    refused(_nested_metadata(data["good"], tmp_path / "b", marker),
+            r"step_0000002/\.metadata: refusing to unpickle builtins\.exec")
     run = _copy_run(data["good"], tmp_path / "c")  # genuine DCP files, hostile old RNG file
     _legacy(run)
-    (_step(run) / "rng-rank0.pt").write_bytes(pickle.dumps(Payload(marker)))
-    with pytest.raises(UnsafeCheckpointError, match=r"rng-rank0\.pt: refusing to unpickle"):
-        resume(run)
-    run = _hostile_value(data["good"], tmp_path / "d", marker)
-    with pytest.raises(UnsafeCheckpointError, match=r"param_groups\.0\.lr.*refusing to unpickle"):
-        resume(run)
+    (_step(run) / "rng-rank0.pt").write_bytes(pickle.dumps(Payload(marker), protocol=2))
+    refused(run, r"step_0000002/rng-rank0\.pt: refusing to unpickle")
+    refused(_hostile_value(data["good"], tmp_path / "d", marker),
+            r"step_0000002: checkpoint value 'optimizer\.param_groups\.0\.lr': refusing to unpickle")
+    # the library call raises the error itself
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refusing to unpickle"):
+        load_checkpoint(_step(tmp_path / "a"), {"optimizer": {}})
     assert not marker.exists()
     # and genuine checkpoints still resume, old-style ones (torch.save'd RNG) included
     run = _copy_run(data["good"], tmp_path / "e")

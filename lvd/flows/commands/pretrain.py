@@ -197,7 +197,12 @@ def main(args: argparse.Namespace) -> int:
             return 0
         result = job.results()[0]
     else:
-        result = launch(cfg, spec)
+        from lvd.pretrain.checkpoint import UnsafeCheckpointError
+
+        try:
+            result = launch(cfg, spec)
+        except UnsafeCheckpointError as e:  # --resume met a file lvd will not unpickle
+            raise SystemExit(f"lvd pretrain: error: {e}") from None
     last = result.losses[-1]["loss"] if result.losses else float("nan")
     print(f"trained steps {result.start_step}..{result.end_step} of recipe {recipe.name}; "
           f"last loss {last:.4f}; checkpoint {result.last_checkpoint}")
