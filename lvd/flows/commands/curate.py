@@ -30,6 +30,9 @@ DEFAULT_PREFECT_HOME = Path("~/.lvd/prefect")
 
 def prepare_prefect_env() -> str:
     """Pick PREFECT_HOME before Prefect is imported; returns a line saying where runs go."""
+    # No telemetry unless the user turns it on (PREFECT_SERVER_ANALYTICS_ENABLED=true): the
+    # temporary server would otherwise phone home on every run (an ERROR line when offline).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     if os.environ.get("PREFECT_API_URL"):
         return f"Prefect server: {os.environ['PREFECT_API_URL']}"
     home = os.environ.setdefault("PREFECT_HOME", str(DEFAULT_PREFECT_HOME.expanduser()))
