@@ -142,6 +142,22 @@ def test_hf_struct_path_field_obeys_the_same_rules(tmp_path):
         (None, "path_outside_root"), (None, "remote_path")]  # fmt: skip
 
 
+def test_remote_parquet_dump_reads_only_inside_its_own_folder():
+    """The operator's own remote `--input` (here fsspec's memory://): relative paths resolve in
+    its folder and may not climb out of it; absolute paths and URLs in it are refused."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"path": ["a.jpg", "../up/b.jpg", "sub/../a.jpg", "/t12/up/b.jpg", "memory:///t12/up/b.jpg"]}), buf)
+    fs.pipe({"/t12/d/p.parquet": buf.getvalue(), "/t12/d/a.jpg": b"A", "/t12/up/b.jpg": b"B"})
+    try:
+        got = [(i.data, i.error) for p in plan_partitions(["memory://t12/d/p.parquet"]) for i in iter_items(p)]
+    finally:
+        fs.rm("/t12", recursive=True)
+    assert got == [(b"A", None), (None, "path_outside_root"), (b"A", None), (None, "path_outside_root"), (None, "remote_path")]
+
+
 def test_folder_symlink_out_of_the_dump_is_not_read_nor_its_sidecar(tmp_path):
     dump = tmp_path / "dump"
     dump.mkdir()
