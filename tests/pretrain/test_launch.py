@@ -60,7 +60,8 @@ def assert_same_run(out: Path, reference: Path) -> None:
     last = ckpt.latest_checkpoint(out)
     assert last == out / "checkpoints" / f"step_{STEPS:07d}" and ckpt.is_complete(last)
     assert ckpt.read_meta(last).world_size == 2
-    assert sorted(p.name for p in last.glob("rng-rank*.pt")) == ["rng-rank0.pt", "rng-rank1.pt"]
+    assert sorted(p.name for p in last.glob("rng-rank*")) == ["rng-rank0.safetensors",
+                                                              "rng-rank1.safetensors"]
     assert rank0_losses(out) == rank0_losses(reference)
     got, expected = ckpt.load_teacher_backbone(out), ckpt.load_teacher_backbone(reference)
     for (name, a), b in zip(got.state_dict().items(), expected.state_dict().values()):
