@@ -114,18 +114,107 @@ def config_hash(*configs: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join `address` (or RAY_ADDRESS) if given, else start a local Ray; no-op if running."""
+class RayJoinError(ConnectionError, ValueError):
+    """Joining a Ray cluster failed; the message is one line saying which token lvd sent."""
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS) if given, else start a local Ray; no-op if running.
+
+    A local Ray listens on loopback only (GCS, raylet, workers, agents) and starts no
+    dashboard unless `dashboard` (default: env LVD_RAY_DASHBOARD=1; then on 127.0.0.1).
+    Joining authenticates as Ray's own CLI does: when RAY_AUTH_MODE is unset and a token is
+    available (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token) token auth is
+    switched on (a cluster without auth accepts it too). A failed join raises
+    `RayJoinError` whose one-line message names the token source and the setting."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
-        ray.init(address=address, log_to_driver=False)
+        token = use_cluster_token()
+        host = address.split("://")[-1].rsplit(":", 1)[0]
+        with _loopback_only(host in LOOPBACK):  # else Ray rewrites 127.0.0.1 to the LAN IP
+            try:
+                ray.init(address=address, log_to_driver=False)
+            except (ConnectionError, ray.exceptions.AuthenticationError) as e:
+                raise RayJoinError(join_failure(address, token)) from e
         return
+    if dashboard is None:
+        dashboard = os.environ.get("LVD_RAY_DASHBOARD", "") in ("1", "true", "yes")
     # A local Ray sized to the machine (at least 1) without the dashboard keeps a
     # 2-core laptop responsive.
     num_cpus = num_cpus or max(1, os.cpu_count() or 1)
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    with _loopback_only(True):
+        # address="local": a new Ray of our own, never a cluster that happens to run on this
+        # machine (ray.init() alone would join one started with `ray start`)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                 log_to_driver=False)
+
+
+class _loopback_only:
+    """While active, Ray takes 127.0.0.1 as this node's address: a local Ray then binds every
+    server to loopback. This is Ray's own local-only switch (what RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
+    sets at import on macOS/Windows), flipped for the `ray.init` call only, so a later join of
+    a remote cluster from this process still finds the node's real address."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self):
+        from ray._private import ray_constants
+
+        self.constants, self.before = ray_constants, getattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+        if self.on:
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.constants.ENABLE_RAY_CLUSTER = self.before
+
+
+def token_source() -> str | None:
+    """Where Ray's token loader would take a token from, or None."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_TOKEN"
+    if path := os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return path
+    default = Path.home() / ".ray" / "auth_token"
+    return str(default) if default.is_file() else None
+
+
+def use_cluster_token() -> str | None:
+    """Switch on token auth for a join when RAY_AUTH_MODE is unset and a token exists (what
+    `ray start --head` does); returns the token's source when token auth is on."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is None:
+        try:
+            from ray._private.authentication.authentication_token_setup import (
+                maybe_enable_token_auth_if_token_available,
+            )
+        except ImportError:  # a Ray without token auth
+            return None
+        if not maybe_enable_token_auth_if_token_available(warn_if_disabled=False):
+            return None
+    elif mode.lower() != "token":
+        return None
+    return token_source() or "no token found"
+
+
+def join_failure(address: str, token: str | None) -> str:
+    if token:
+        return (
+            f"could not join Ray at {address}: lvd authenticated with the token from {token} "
+            "(RAY_AUTH_MODE=token); if that is not the cluster's token, copy the head's "
+            "~/.ray/auth_token there or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH (and check the address)"
+        )
+    return (
+        f"could not join Ray at {address}: no token sent (RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')}, "
+        f"no {Path.home() / '.ray' / 'auth_token'}); if the cluster uses token authentication, copy "
+        "the head's ~/.ray/auth_token there or set RAY_AUTH_TOKEN, else check the address"
+    )
 
 
 def part_name(index: int) -> str:

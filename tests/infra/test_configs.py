@@ -310,6 +310,24 @@ def test_compose_server_uses_postgres():
     assert "postgres" in services["prefect-server"]["depends_on"]
 
 
+def test_compose_publishes_loopback_only_with_required_secrets():
+    """No port on every interface, API basic auth on, no password in the file: each secret is
+    a `${VAR:?message}` reference, which docker compose refuses to start without."""
+    text = COMPOSE.read_text()
+    services = load_all(COMPOSE)[0]["services"]
+    for name, svc in services.items():
+        for port in svc.get("ports", []):
+            host = str(port).rsplit(":", 2)
+            assert len(host) == 3 and host[0] in ("127.0.0.1", "[::1]"), f"{name} publishes {port} on every interface"
+    env = services["prefect-server"]["environment"]
+    required = re.compile(r"\$\{(\w+):\?[^}]+\}")
+    assert required.fullmatch(env["PREFECT_SERVER_API_AUTH_STRING"]), "API auth must come from a required variable"
+    assert required.fullmatch(services["postgres"]["environment"]["POSTGRES_PASSWORD"])
+    assert "${POSTGRES_PASSWORD:?" in env["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+    assert "CHANGE-ME" not in text and not re.search(r"PASSWORD:\s*[\w-]+\s*(#|$)", text, re.M)
+
+
 # ---------------------------------------------------------------- README
 
 
