@@ -182,7 +182,8 @@ def save_rng_state(path: Path, state: dict[str, Any] | None = None) -> None:
     }
     for i, cuda in enumerate(state.get("cuda", [])):
         tensors[f"cuda_{i}"] = cuda.detach().cpu().contiguous()
-    header = {"format": RNG_FORMAT, "version": FORMAT_VERSION, "cuda_devices": len(state.get("cuda", [])),
+    header = {"format": RNG_FORMAT, "version": FORMAT_VERSION,
+              "cuda_devices": len(state.get("cuda", [])),
               "numpy": {"name": np_name, "pos": int(np_pos), "has_gauss": int(np_has_gauss),
                         "cached_gaussian": float(np_cached)},
               "python": {"version": int(py_version), "gauss_next": py_gauss_next}}
@@ -201,7 +202,8 @@ def load_rng_state(path: Path) -> dict[str, Any]:
             raise ValueError("no lvd RNG header")
         npy, py = header["numpy"], header["python"]
         keys = tensors["numpy_keys"]
-        if keys.dtype != torch.int64 or keys.shape != (624,) or tensors["torch"].dtype != torch.uint8:
+        if (keys.dtype, tuple(keys.shape), tensors["torch"].dtype) != (
+                torch.int64, (624,), torch.uint8):
             raise ValueError("unexpected tensor shapes or dtypes")
         gauss_next = py["gauss_next"]
         if gauss_next is not None and not isinstance(gauss_next, float):
@@ -210,8 +212,8 @@ def load_rng_state(path: Path) -> dict[str, Any]:
             "torch": tensors["torch"],
             "numpy": (str(npy["name"]), keys.numpy().astype(np.uint32), int(npy["pos"]),
                       int(npy["has_gauss"]), float(npy["cached_gaussian"])),
-            "python": (int(py["version"]), tuple(int(x) for x in tensors["python_internal"].tolist()),
-                       gauss_next),
+            "python": (int(py["version"]),
+                       tuple(int(x) for x in tensors["python_internal"].tolist()), gauss_next),
         }
         n_cuda = int(header.get("cuda_devices", 0))
         if n_cuda:
