@@ -38,9 +38,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that start Ray or Prefect processes -> whether they run the curate/pipeline flows.
+# From the command line (argv None) their processes die with them and a flow run a killed
+# one left RUNNING is marked Crashed on the next start (lvd.flows.watchdog).
+WATCHED = {"demo": True, "pipeline": True, "curate": True, "pretrain": False, "embed": False}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and args.command in WATCHED:
+        from lvd.flows import watchdog
+
+        out = getattr(args, "out", None)
+        watchdog.protect(args.command, str(out) if out else None, flows=WATCHED[args.command])
     return int(args.func(args) or 0)
 
 
