@@ -140,7 +140,7 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, dashboa
             try:
                 ray.init(address=address, log_to_driver=False)
             except (ConnectionError, ray.exceptions.AuthenticationError) as e:
-                raise RayJoinError(join_failure(address, token)) from e
+                raise RayJoinError(join_failure(address, token, e)) from e
         return
     if dashboard is None:
         dashboard = os.environ.get("LVD_RAY_DASHBOARD", "") in ("1", "true", "yes")
@@ -203,18 +203,28 @@ def use_cluster_token() -> str | None:
     return token_source() or "no token found"
 
 
-def join_failure(address: str, token: str | None) -> str:
-    if token:
+def join_failure(address: str, token: str | None, error: BaseException | None = None) -> str:
+    """One line: what lvd sent, and what to change."""
+    chain, e = [], error
+    while e is not None and len(chain) < 8:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    refused = any("InvalidAuthToken" in m or "Unauthenticated" in m for m in chain)
+    home_token = Path.home() / ".ray" / "auth_token"
+    if refused and token:
         return (
-            f"could not join Ray at {address}: lvd authenticated with the token from {token} "
-            "(RAY_AUTH_MODE=token); if that is not the cluster's token, copy the head's "
-            "~/.ray/auth_token there or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH (and check the address)"
+            f"Ray at {address} refused lvd's token, taken from {token} (RAY_AUTH_MODE=token): put the "
+            f"cluster's token (`ray get-auth-token` on the head) in {home_token} or set RAY_AUTH_TOKEN "
+            "/ RAY_AUTH_TOKEN_PATH"
         )
-    return (
-        f"could not join Ray at {address}: no token sent (RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')}, "
-        f"no {Path.home() / '.ray' / 'auth_token'}); if the cluster uses token authentication, copy "
-        "the head's ~/.ray/auth_token there or set RAY_AUTH_TOKEN, else check the address"
-    )
+    if refused:
+        return (
+            f"Ray at {address} requires a token and lvd has none (RAY_AUTH_MODE="
+            f"{os.environ.get('RAY_AUTH_MODE', 'unset')}, no {home_token}): copy the head's "
+            "~/.ray/auth_token there or set RAY_AUTH_TOKEN / RAY_AUTH_TOKEN_PATH"
+        )
+    sent = f"token from {token}, RAY_AUTH_MODE=token" if token else "no token"
+    return f"could not join Ray at {address} ({sent}): is the address right and its GCS reachable from here?"
 
 
 def part_name(index: int) -> str:

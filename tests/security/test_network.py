@@ -110,7 +110,7 @@ def test_join_token_cluster_as_the_user_would(token_cluster, tmp_path):
     assert bad.returncode == 3, bad.stdout[-2000:] + bad.stderr[-3000:]
     (line,) = [ln for ln in bad.stdout.splitlines() if ln.startswith("JOINERROR ")]
     assert str(other / ".ray" / "auth_token") in line and "RAY_AUTH_MODE=token" in line
-    assert "RAY_AUTH_TOKEN" in line
+    assert "RAY_AUTH_TOKEN" in line and "refused" in line
 
 
 ANALYTICS = """
