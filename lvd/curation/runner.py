@@ -332,6 +332,7 @@ def map_partitions(
 ) -> StageReport:
     """Run `fn` over every partition not already done, at most `max_in_flight` at once."""
     stage_dir.mkdir(parents=True, exist_ok=True)
+    durable.fsync_dir(stage_dir.parent)  # the stage folder's own name survives a power cut
     remove_stale(stage_dir, partitions)
     indices = [p.index for p in partitions]
     if len(set(indices)) != len(indices):
