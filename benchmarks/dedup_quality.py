@@ -31,20 +31,16 @@ from lvd.curation.dedup import DedupConfig, find_near_duplicates
 from lvd.curation.ingest import INGEST_SCHEMA, IngestConfig, ingest_item
 from lvd.curation.sources import RawItem
 
-COLUMNS = ("uid", "width", "height", "phash", "dhash", "phash256", "thumb16")  # what dedup reads
+COLUMNS = ("uid", "width", "height", "phash", "dhash", "phash256", "thumb16", "nphash256")  # what dedup reads
 H64 = dict(verify_radius=None, max_thumb_residual=None)  # 64-bit hashes only
 SETTINGS = {
-    "default": DedupConfig(),  # 8/8 + pHash-256 <= 16 + thumbnail residual <= 30
-    "no thumbnail": DedupConfig(max_thumb_residual=None),
-    "verify12 no thumb": DedupConfig(verify_radius=12, max_thumb_residual=None),
-    "verify20": DedupConfig(verify_radius=20),
-    "verify20 thumb22": DedupConfig(verify_radius=20, max_thumb_residual=22.0),
-    "thumb24": DedupConfig(max_thumb_residual=24.0),
-    "thumb36": DedupConfig(max_thumb_residual=36.0),
-    "64bit 0/4": DedupConfig(phash_radius=0, dhash_radius=4, **H64),
-    "64bit pHash<=4": DedupConfig(phash_radius=4, dhash_radius=None, max_aspect_ratio=None, **H64),
-    "64bit 8/8": DedupConfig(phash_radius=8, dhash_radius=8, **H64),
-    "64bit 14/12": DedupConfig(phash_radius=14, dhash_radius=12, **H64),
+    "default": DedupConfig(),  # 8/8 + pHash-256 <= 16 + thumbnail <= 30, equalised <= 20, clipped <= 28
+    "no clipped channel": DedupConfig(clipped_verify_radius=None),
+    "no equalised channel": DedupConfig(equalised_radius=None),
+    "clipped 32": DedupConfig(clipped_verify_radius=32),
+    "clipped 32, dHash 12": DedupConfig(clipped_verify_radius=32, dhash_radius=12),
+    "hashes before (no new channels)": DedupConfig(clipped_verify_radius=None, equalised_radius=None),
+    "64bit 8/8": DedupConfig(phash_radius=8, dhash_radius=8, equalised_radius=None, clipped_verify_radius=None, **H64),
 }
 
 

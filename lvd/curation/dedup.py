@@ -15,7 +15,9 @@ copy per kind, 20,000 Fashion-MNIST products upscaled to 64 px):
 - the thumbnail residual separates them: copies stay <= ~22 gray levels, those products >= 39;
   with 30 nothing merges. Pairs closer still (sleeve detail, pHash-256 18) are kept apart by
   verify_radius 16.
-2-5% crops need embedding copy detection (a later EdgeSet).
+Strong brightness / contrast changes clip, which moves pHash, dHash and the thumbnail fit;
+the equalised channel (`equalised_radius` on the `nphash256` column) finds those. Crops,
+flips and overlays are for copy detection (`lvd.curation.copydetect`, a later EdgeSet).
 
 Candidates (never all pairs) come from `hamming_pairs.candidate_pairs` on the 256-bit code
 (sorted chunk keys: 14 s CPU at 1e6 rows, benchmarks/dedup_scale.py), or on the pHash when
@@ -45,6 +47,7 @@ DUPLICATES_SCHEMA = pa.schema(
 HASH_BITS = 64
 VERIFY_BITS = 256
 VERIFY_COLUMN = "phash256"
+EQUALISED_COLUMN = "nphash256"
 THUMB_COLUMN = "thumb16"
 THUMB_CELLS = 256  # 16x16 uint8 cell means (ingest.thumbnail)
 _QUERY_BATCH = 1 << 16  # pairs per batch of the thumbnail check
@@ -64,6 +67,21 @@ class DedupConfig:
     # brightness/contrast fit, either way round; None: not checked. Copies stay below ~22,
     # products differing by a pocket or a print reach ~39.
     max_thumb_residual: float | None = 30.0
+    # A second channel for strong brightness / contrast changes, which clip and so break the
+    # checks above: pairs whose 256-bit pHashes of the histogram-equalised image (ingest column
+    # `nphash256`) are within this many bits, aspect ratios agreeing. Copies measured <= 22
+    # bits (one at 36 of 116), distinct real photos and faces >= 72, Fashion-MNIST products
+    # >= 42 (benchmarks/copy_quality.py). None: off.
+    equalised_radius: int | None = 20
+    # A third channel, for clipping brightness changes: pHash and dHash within their radii,
+    # pHash-256 within `clipped_verify_radius`, and the thumbnail residual measured on the cells
+    # that are not saturated (< 8 or > 247 gray levels) in either image (at least 64 of them)
+    # within `clipped_max_residual`. Clipping moves pHash-256 by 18..28 bits and breaks the
+    # linear brightness fit only in saturated cells. The residual limit is tighter than the
+    # main channel's: at 18 four of 20,000 Fashion-MNIST products merge, at 14 none
+    # (benchmarks/dedup_quality.py). None: off.
+    clipped_verify_radius: int | None = 28
+    clipped_max_residual: float = 14.0
 
     def __post_init__(self):
         if not 0 <= self.phash_radius < HASH_BITS // 2:
@@ -74,6 +92,10 @@ class DedupConfig:
             raise ValueError(f"max_aspect_ratio={self.max_aspect_ratio}: use a ratio >= 1.0, or None")
         if self.verify_radius is not None and not 0 <= self.verify_radius < VERIFY_BITS // 2:
             raise ValueError(f"verify_radius={self.verify_radius}: use 0..127 bits of the 256-bit pHash, or None")
+        if self.clipped_verify_radius is not None and not 0 <= self.clipped_verify_radius < VERIFY_BITS // 2:
+            raise ValueError(f"clipped_verify_radius={self.clipped_verify_radius}: use 0..127 bits, or None")
+        if self.equalised_radius is not None and not 0 <= self.equalised_radius < VERIFY_BITS // 2:
+            raise ValueError(f"equalised_radius={self.equalised_radius}: use 0..127 bits, or None")
         if self.max_thumb_residual is not None and not 0 <= self.max_thumb_residual <= 255:
             raise ValueError(f"max_thumb_residual={self.max_thumb_residual}: use 0..255 gray levels, or None")
 
@@ -116,8 +138,13 @@ def near_duplicate_edges(
     aspect: np.ndarray | None = None,
     verify: np.ndarray | None = None,
     thumb: np.ndarray | None = None,
+    equalised: np.ndarray | None = None,
 ) -> EdgeSet:
     """All pairs (a < b) of rows that are near-duplicates under `cfg`; distance = pHash bits.
+
+    With `cfg.equalised_radius`, `equalised` (uint8 [n, 32], the `nphash256` column) adds the
+    pairs within that radius whose aspect ratios agree (the brightness / contrast channel);
+    without `equalised` that channel is skipped (`find_near_duplicates` requires the column).
 
     `aspect` (width / height per row) is needed when `cfg.max_aspect_ratio` is set; `verify`
     (uint8 [n, 32], the 256-bit pHash) when `cfg.verify_radius` is set; `thumb` (uint8 [n, 256])
@@ -138,6 +165,12 @@ def near_duplicate_edges(
     a, b = first[a], first[b]
     ok = _agree(a, b, rows, cfg)
     a, b = np.concatenate([chain[0], a[ok]]), np.concatenate([chain[1], b[ok]])
+    if cfg.clipped_verify_radius is not None and rows.verify is not None and rows.thumb is not None:
+        ca, cb = _clipped_pairs(rows, cfg)
+        a, b = np.concatenate([a, ca]), np.concatenate([b, cb])
+    if cfg.equalised_radius is not None and equalised is not None:
+        ea, eb = _equalised_pairs(_fixed_words(equalised, n, "equalised"), rows.log_aspect, cfg)
+        a, b = np.concatenate([a, ea]), np.concatenate([b, eb])
     dist = np.bitwise_count(phash[a] ^ phash[b]).astype(np.float64)
     return EdgeSet("phash", np.minimum(a, b), np.maximum(a, b), dist)
 
@@ -171,6 +204,51 @@ def _verify_words(verify: np.ndarray | None, n: int, cfg: DedupConfig) -> np.nda
     if verify.shape != (n, VERIFY_BITS // 8):
         raise ValueError(f"verify must be uint8 [{n}, {VERIFY_BITS // 8}], got {verify.shape}")
     return verify.view(np.uint64)
+
+
+def _fixed_words(codes: np.ndarray | None, n: int, name: str) -> np.ndarray:
+    if codes is None:
+        raise ValueError(f"cfg.{name}_radius is set: pass {name}= (uint8 [n, 32]), or set it to None")
+    codes = np.ascontiguousarray(codes, dtype=np.uint8)
+    if codes.shape != (n, VERIFY_BITS // 8):
+        raise ValueError(f"{name} must be uint8 [{n}, {VERIFY_BITS // 8}], got {codes.shape}")
+    return codes.view(np.uint64)
+
+
+def _clipped_pairs(rows: _Rows, cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The clipped-brightness channel (DedupConfig.clipped_verify_radius)."""
+    a, b = candidate_pairs(rows.verify, cfg.clipped_verify_radius)
+    ok = np.bitwise_count(rows.verify[a] ^ rows.verify[b]).sum(axis=1) <= cfg.clipped_verify_radius
+    ok &= np.bitwise_count(rows.phash[a] ^ rows.phash[b]) <= cfg.phash_radius
+    if cfg.dhash_radius is not None:
+        ok &= np.bitwise_count(rows.dhash[a] ^ rows.dhash[b]) <= cfg.dhash_radius
+    if rows.log_aspect is not None:
+        ok &= np.abs(rows.log_aspect[a] - rows.log_aspect[b]) <= math.log(cfg.max_aspect_ratio) + 1e-12
+    idx = np.flatnonzero(ok)
+    for start in range(0, len(idx), _QUERY_BATCH):
+        i = idx[start : start + _QUERY_BATCH]
+        ok[i] = clipped_thumb_residual(rows.thumb[a[i]], rows.thumb[b[i]]) <= cfg.clipped_max_residual
+    return a[ok], b[ok]
+
+
+def clipped_thumb_residual(ta: np.ndarray, tb: np.ndarray, *, lo: int = 8, hi: int = 247, min_cells: int = 64) -> np.ndarray:
+    """`thumb_residual` over the cells unsaturated in both thumbnails (inf when fewer than
+    `min_cells`): clipping by a brightness change moves only saturated cells off the fit."""
+    xa, xb = ta.astype(np.float32), tb.astype(np.float32)
+    m = (xa > lo) & (xa < hi) & (xb > lo) & (xb < hi)
+    cnt = np.maximum(m.sum(axis=1, keepdims=True), 1)
+    xa = np.where(m, xa - (xa * m).sum(axis=1, keepdims=True) / cnt, 0.0)
+    xb = np.where(m, xb - (xb * m).sum(axis=1, keepdims=True) / cnt, 0.0)
+    res = np.maximum(_fit_residual(xa, xb), _fit_residual(xb, xa))
+    return np.where(m.sum(axis=1) >= min_cells, res, np.inf)
+
+
+def _equalised_pairs(words: np.ndarray, log_aspect: np.ndarray | None, cfg: DedupConfig):
+    a, b = candidate_pairs(words, cfg.equalised_radius)
+    ok = np.bitwise_count(words[a] ^ words[b]).sum(axis=1) <= cfg.equalised_radius
+    if log_aspect is not None:
+        ok &= np.abs(log_aspect[a] - log_aspect[b]) <= math.log(cfg.max_aspect_ratio) + 1e-12
+    return a[ok], b[ok]
 
 
 def _thumbs(thumb: np.ndarray | None, n: int, cfg: DedupConfig) -> np.ndarray | None:
@@ -309,16 +387,18 @@ def find_near_duplicates(table: pa.Table, cfg: DedupConfig) -> pa.Table:
     height = cols["height"].to_numpy().astype(np.int64)
     verify = _fixed_width(table, VERIFY_COLUMN, 32) if cfg.verify_radius is not None else None
     thumb = _fixed_width(table, THUMB_COLUMN, THUMB_CELLS) if cfg.max_thumb_residual is not None else None
+    equalised = _fixed_width(table, EQUALISED_COLUMN, 32) if cfg.equalised_radius is not None else None
     edges = near_duplicate_edges(
         cols["phash"].to_numpy(), cols["dhash"].to_numpy(), cfg,
-        aspect=width / np.maximum(height, 1), verify=verify, thumb=thumb,
+        aspect=width / np.maximum(height, 1), verify=verify, thumb=thumb, equalised=equalised,
     )  # fmt: skip
     return resolve(cols["uid"].to_numpy(zero_copy_only=False), width * height, [edges])
 
 
 def _fixed_width(table: pa.Table, name: str, nbytes: int) -> np.ndarray:
     """uint8 [n, nbytes] from a binary column written by ingest."""
-    what = {VERIFY_COLUMN: "verify_radius=None", THUMB_COLUMN: "max_thumb_residual=None"}[name]
+    what = {VERIFY_COLUMN: "verify_radius=None", THUMB_COLUMN: "max_thumb_residual=None",
+            EQUALISED_COLUMN: "equalised_radius=None"}[name]
     if name not in table.column_names:
         raise ValueError(
             f"dedup needs the ingest column '{name}' (added to INGEST_SCHEMA with it): re-run ingest "

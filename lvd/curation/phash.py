@@ -37,6 +37,23 @@ def hash_bits(gray: Image.Image | np.ndarray, hash_size: int) -> tuple[np.ndarra
     )
 
 
+def phash_bits(x_HW: np.ndarray, hash_size: int) -> np.ndarray:
+    """bool [hash_size**2]: imagehash's pHash bits of a grayscale array (as in `hash_bits`)."""
+    return _phash(np.asarray(x_HW, dtype=np.float64), hash_size)
+
+
+def equalise(x_HW: np.ndarray) -> np.ndarray:
+    """float64 histogram-equalised copy of a grayscale image (levels rounded to 0..255, each
+    mapped to its mid-rank in [0, 255]). Monotone brightness and contrast changes leave it
+    unchanged, up to the levels that clipping merged: the input of the `nphash256` column, the
+    hash channel that finds strongly brightened or contrast-changed copies."""
+    levels = np.clip(np.rint(np.asarray(x_HW, dtype=np.float64)), 0, 255).astype(np.intp)
+    counts = np.bincount(levels.ravel(), minlength=256).astype(np.float64)
+    cdf = np.cumsum(counts)
+    mid = (cdf - counts / 2) / max(cdf[-1], 1.0)
+    return (mid * 255.0)[levels]
+
+
 def _phash(x_HW: np.ndarray, hash_size: int) -> np.ndarray:
     low = _dct_lanczos(hash_size, x_HW.shape[0]) @ x_HW @ _dct_lanczos(hash_size, x_HW.shape[1]).T
     low = np.round(low, 6).ravel()  # float noise of a flat image's zero coefficients must tie, not flip

@@ -15,7 +15,7 @@ from lvd.curation.dedup import (
 from lvd.curation.ingest import INGEST_SCHEMA, IngestConfig, ingest_item
 from lvd.curation.sources import RawItem
 
-HASH64 = dict(verify_radius=None, max_thumb_residual=None)  # 64-bit hashes only (synthetic tests)
+HASH64 = dict(verify_radius=None, max_thumb_residual=None, equalised_radius=None, clipped_verify_radius=None)  # 64-bit hashes only (synthetic tests)
 NOASPECT = dict(max_aspect_ratio=None, **HASH64)
 
 
