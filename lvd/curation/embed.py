@@ -1,7 +1,9 @@
 """Embed image bytes with a ViT backbone: L2-normalised CLS vectors as float16.
 
 `Embedder(spec, cfg)` loads the backbone once (`lvd.pretrain.models.load.load_backbone`: an lvd
-checkpoint dir or run folder, an official DINOv2 `.pth`, or a local Hugging Face Dinov2 folder),
+checkpoint dir or run folder, an official DINOv2 `.pth`, or a local Hugging Face Dinov2 folder;
+or a TorchScript descriptor model such as SSCD's `sscd_disc_mixup.torchscript.pt`, for copy
+detection),
 puts it in eval mode on the GPU when there is one, and then embeds batch after batch; a Ray
 actor holds one per process and calls `embed_blobs` per partition.
 
@@ -82,19 +84,28 @@ class Embedder:
 
     def __init__(self, spec: str | Path | torch.nn.Module, cfg: EmbedConfig | None = None):
         self.cfg = cfg or EmbedConfig()
+        self.scripted = not isinstance(spec, torch.nn.Module) and is_torchscript(spec)
         if isinstance(spec, torch.nn.Module):
             model = spec
+        elif self.scripted:
+            # A TorchScript descriptor model (SSCD's sscd_disc_mixup.torchscript.pt, say): a
+            # program that maps [B, 3, H, W] pixels to [B, D] descriptors. TorchScript archives
+            # load through torch.jit's own restricted unpickler, not Python's pickle.
+            model = torch.jit.load(str(spec), map_location="cpu")
         else:
             from lvd.pretrain.models.load import load_backbone
 
             model = load_backbone(spec)
-        patch = model.patch_embed.proj.kernel_size[0]
-        if self.cfg.crop % patch:
-            raise ValueError(f"crop={self.cfg.crop} is not a multiple of the backbone's patch size {patch}: use e.g. {max(patch, self.cfg.crop // patch * patch)}")
+        if not self.scripted:
+            patch = model.patch_embed.proj.kernel_size[0]
+            if self.cfg.crop % patch:
+                raise ValueError(f"crop={self.cfg.crop} is not a multiple of the backbone's patch size {patch}: use e.g. {max(patch, self.cfg.crop // patch * patch)}")
         self.device = resolve_device(self.cfg.device)
         self.dtype = autocast_dtype(self.cfg.dtype, self.device)
-        self.model = model.eval().requires_grad_(False).to(self.device)
-        self.dim = int(model.cls_token.shape[-1])
+        self.model = model.eval().to(self.device)
+        if not self.scripted:
+            self.model.requires_grad_(False)
+        self.dim = self._script_dim() if self.scripted else int(model.cls_token.shape[-1])
         self._mean = torch.tensor(self.cfg.mean).view(1, 3, 1, 1)
         self._std = torch.tensor(self.cfg.std).view(1, 3, 1, 1)
         self._pool = ThreadPoolExecutor(self.cfg.decode_threads) if self.cfg.decode_threads > 1 else None
@@ -161,13 +172,34 @@ class Embedder:
         """float16 [B, D] unit CLS vectors of preprocessed pixels (normalised in float32)."""
         x_BCHW = x_BCHW.to(self.device, non_blocking=True)
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            cls_BD = self.model(x_BCHW).cls_BD
+            out = self.model(x_BCHW)
+            cls_BD = out if self.scripted else out.cls_BD
         cls_BD = F.normalize(cls_BD.float(), dim=-1)
         return cls_BD.to(torch.float16).cpu().numpy()
+
+    @torch.inference_mode()
+    def _script_dim(self) -> int:
+        out = self.model(torch.zeros(1, 3, self.cfg.crop, self.cfg.crop, device=self.device))
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            raise ValueError(f"a TorchScript copy model must map [B, 3, H, W] to [B, D] descriptors; got "
+                             f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+        return int(out.shape[1])
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown()
+
+
+def is_torchscript(spec: str | Path) -> bool:
+    """A file that is a TorchScript archive (a zip holding `*/code/` and `*/constants.pkl`)."""
+    import zipfile
+
+    path = Path(spec)
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
 
 
 def embed_part(embedder: Embedder, blobs_path: str | Path, out_dir: str | Path, part_index: int, *, read_rows: int = 1024) -> int:

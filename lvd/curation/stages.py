@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from lvd.curation import ledger, runner
 from lvd.curation.dedup import DedupConfig, find_near_duplicates
+from lvd.curation.guard import check_removal
 from lvd.curation.ingest import IngestConfig, ingest_partition
 from lvd.curation.sources import Partition, plan_partitions
 
@@ -43,9 +44,21 @@ class DedupFn:
 
     run_dir: str
     cfg: DedupConfig
+    max_remove: float = 1.0  # guard: refuse when more than this fraction would be dropped
 
     def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
-        return {"": find_near_duplicates(unique_accepted(Path(self.run_dir)), self.cfg)}
+        table = unique_accepted(Path(self.run_dir))
+        dups = find_near_duplicates(table, self.cfg)
+        largest = _largest(dups)
+        check_removal("dedup", dups.num_rows, table.num_rows, self.max_remove, largest=largest)
+        return {"": dups}
+
+
+def _largest(dups: pa.Table, top: int = 4, per: int = 8) -> list[list[str]]:
+    groups: dict[str, list[str]] = {}
+    for u, rep in zip(dups["uid"].to_pylist(), dups["duplicate_of"].to_pylist()):
+        groups.setdefault(rep, [rep]).append(u)
+    return [g[:per] for g in sorted(groups.values(), key=lambda g: (-len(g), g[0]))[:top]]
 
 
 def unique_accepted(run_dir: Path) -> pa.Table:
@@ -96,14 +109,24 @@ def ingest_fingerprint(run_dir: Path) -> str:
 
 
 def run_dedup(
-    run_dir: Path, cfg: DedupConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig()
+    run_dir: Path, cfg: DedupConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig(), *, max_remove: float = 1.0
 ) -> runner.StageReport:
-    """One global Ray task (dedup compares everything with everything)."""
+    """One global Ray task (dedup compares everything with everything); refuses, writing
+    nothing, when it would drop more than `max_remove` of the unique accepted images."""
     unit = runner.WholeStage(fingerprint=ingest_fingerprint(run_dir), stem="duplicates")
     return runner.map_partitions(
-        DedupFn(str(run_dir), cfg), [unit], run_dir / "dedup", cfg_hash=runner.config_hash(cfg),
+        DedupFn(str(run_dir), cfg, max_remove), [unit], run_dir / "dedup", cfg_hash=runner.config_hash(cfg),
         runner=rcfg,
     )
+
+
+def digest(*dirs: Path) -> str:
+    """Digest of every done-marker under `dirs`: the identity of what a later stage reads."""
+    h = hashlib.sha256()
+    for d in dirs:
+        for m in sorted(Path(d).glob(f"*{runner.MARKER_SUFFIX}")):
+            h.update(f"{d.name}/{m.name}\n".encode() + m.read_bytes())
+    return h.hexdigest()
 
 
 def read_blobs(run_dir: Path, uids: set[str]) -> dict[str, bytes]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lvd.curation import ledger, runner, stages, stages_embed
+from lvd.curation import ledger, runner, stages, stages_copy
 from lvd.curation.knn_index import build_index
 from lvd.curation.retrieve import (
     BalancedConfig, ClusterRetrievalConfig, Retrieval, SampleRetrievalConfig, balanced, cluster_based, sample_based, union,
@@ -59,7 +59,7 @@ class RetrieveFn:
 
     def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
         run = Path(self.run_dir)
-        uids = np.asarray(stages_embed.candidates(run), dtype=object)
+        uids = np.asarray(stages_copy.candidates(run), dtype=object)
         clusters = read_clusters(run)
         if not self.seed_dirs or self.cfg.method == "hierarchical":
             names, seed_uids = ["*"], [[]]
@@ -114,7 +114,7 @@ class RetrieveFn:
 
 def seed_vectors(seed_dir: Path) -> tuple[list[str], np.ndarray]:
     """A seed set's queries: its accepted images that are not duplicates, sorted by uid."""
-    dups = set(stages_embed.duplicates(seed_dir)["uid"].to_pylist())
+    dups = set(stages_copy.duplicates(seed_dir)["uid"].to_pylist())
     uids = sorted(set(stages.unique_accepted(seed_dir)["uid"].to_pylist()) - dups)
     return uids, open_vectors(seed_dir / "vectors").get(uids)
 
@@ -122,7 +122,7 @@ def seed_vectors(seed_dir: Path) -> tuple[list[str], np.ndarray]:
 def run_retrieve(run_dir: Path, seed_dirs: dict[str, Path], cfg: RetrieveConfig,
                  rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
     dirs = [run_dir / "cluster", run_dir / "embed"] + [seed_dirs[n] / s for n in sorted(seed_dirs) for s in ("dedup", "embed")]
-    unit = runner.WholeStage(fingerprint=stages_embed.digest(*dirs), stem="selection")
+    unit = runner.WholeStage(fingerprint=stages.digest(*dirs), stem="selection")
     fn = RetrieveFn(str(run_dir), {k: str(v) for k, v in seed_dirs.items()}, cfg)
     return runner.map_partitions(fn, [unit], run_dir / "retrieve",
                                  cfg_hash=runner.config_hash(cfg, sorted(seed_dirs)), runner=rcfg)

@@ -1,6 +1,6 @@
 """Part-2 stages that choose what ships: cluster, retrieve, shard.
 
-- `RUN/cluster/clusters.parquet`: one row per candidate (`stages_embed.candidates`, sorted by
+- `RUN/cluster/clusters.parquet`: one row per candidate (`stages_copy.candidates`, sorted by
   uid): `uid`, `leaf` (level-1 cluster), `score` (cosine to its centroid), `cluster_ids` (one
   id per level, coarsest first, as the shard JSON wants); `clusters.tree.parquet`: `level`
   (0 = finest), `cluster`, `parent` (cluster one level up, -1 at the top), `centroid`. Flat
@@ -33,7 +33,8 @@ from lvd.curation.kmeans import KMeansConfig, KMeansResult, kmeans
 from lvd.curation.shards import (
     MANIFEST_SCHEMA, ShardConfig, ShardInfo, ShardSample, plan_shards, shard_name, write_manifest, write_shard,
 )  # fmt: skip
-from lvd.curation.stages_embed import candidates, digest
+from lvd.curation.stages import digest
+from lvd.curation.stages_copy import candidates
 from lvd.curation.vectors import open_vectors
 
 

@@ -1,10 +1,18 @@
-"""The Prefect flow `curate`: ingest -> dedup -> [embed -> copy detection -> decontaminate ->
-cluster -> retrieve] -> shard -> ledger, one Prefect task per stage (part-2 tasks in
-`lvd.flows.curate_part2`).
+"""The Prefect flow `curate`: ingest -> dedup -> copy features -> [embed] -> copy detection ->
+[decontaminate] -> [cluster -> retrieve] -> shard -> ledger, one Prefect task per stage (the
+later ones in `lvd.flows.curate_part2`).
 
-The bracketed stages need an embedder (`embedder`: lvd checkpoint, official DINOv2 `.pth` or
-HF Dinov2 folder). Without one, seeds, eval sets and a target size are refused with a clear
-error, and the run ships every image dedup kept (ingest, dedup, shard, ledger).
+Copy detection and decontamination need no model: local features decide, an embedder or hashes
+only propose (`lvd.curation.copydetect`); `copy_model` (SSCD TorchScript or any backbone)
+decides by a calibrated cosine instead. Clustering and retrieval need an embedder
+(`embedder`: lvd checkpoint, official DINOv2 `.pth` or HF Dinov2 folder); without one, seeds
+and a target size are refused with a clear error, and the run ships every image that is not a
+duplicate, a copy or contaminated.
+
+Guard: a stage that would remove more than `max_remove_fraction` of its input (default: 0.9
+for dedup and copy detection, 0.5 for decontamination) raises `MassRemovalError`; the flow
+then shows the largest groups as pictures, deletes what it created in the run folder, and
+fails with one message naming the stage, the fraction and the flag.
 
 Each task fans its stage out as Ray tasks over partitions (`lvd.curation.stages`), never one
 Prefect task per image (about 0.2 s each through Prefect vs about 1 ms through Ray). Resume
@@ -29,9 +37,8 @@ from prefect.cache_policies import NO_CACHE
 from lvd.curation import ledger, runner, stages
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
-from lvd.curation import actor_runner
-from lvd.curation.copydetect import CopyDetectConfig
-from lvd.curation.decontam import DEFAULT_THRESHOLD
+from lvd.curation import actor_runner, snapshot
+from lvd.curation.copydetect import CopyDetectConfig, MassRemovalError
 from lvd.curation.embed import EmbedConfig
 from lvd.curation.shards import ShardConfig
 from lvd.curation.stages_retrieve import RetrieveConfig
@@ -41,8 +48,12 @@ from lvd.flows import artifacts, curate_part2 as p2
 NO_EMBEDDER = (
     "{what} need(s) image embeddings: pass --embedder (an lvd checkpoint, an official DINOv2 "
     ".pth file or a local Hugging Face Dinov2 folder), or run `lvd pipeline`, which pretrains a "
-    "small bootstrap embedder on the seeds when none is given."
+    "small bootstrap embedder on the pool when none is given."
 )
+DEDUP_MAX_REMOVE = 0.9  # default guard of dedup and copy detection (copy-heavy dumps exist)
+DECONTAM_MAX_REMOVE = 0.5  # default guard of decontamination (the paper's removed about a third)
+# the copy model's eval transform: SSCD's (288 px, ImageNet normalisation), centre square
+COPY_MODEL_EMBED = {"resize": 288, "crop": 288}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,9 +93,9 @@ def ingest_task(inputs: list[str], run_dir: Path, partition_size: int, cfg: Inge
 
 
 @task(name="dedup", cache_policy=NO_CACHE)  # done-markers are the cache
-def dedup_task(run_dir: Path, cfg: DedupConfig, rcfg: runner.RunnerConfig) -> runner.StageReport:
+def dedup_task(run_dir: Path, cfg: DedupConfig, rcfg: runner.RunnerConfig, max_remove: float = DEDUP_MAX_REMOVE) -> runner.StageReport:
     progress = artifacts.Progress("curate-dedup-progress", "dedup: global near-duplicate search")
-    stage = stages.run_dedup(run_dir, cfg, rcfg)
+    stage = stages.run_dedup(run_dir, cfg, rcfg, max_remove=max_remove)
     progress(1, 1)
     _report_duplicates(run_dir)
     return stage
@@ -145,8 +156,10 @@ def curate(
     target_size: int | None = None,
     shard_size: int = 1000,
     embed: dict | None = None,
+    copy_detection: bool = True,
+    copy_model: str | None = None,
     copydetect: dict | None = None,
-    decontam_threshold: float = DEFAULT_THRESHOLD,
+    max_remove_fraction: float | None = None,
     cluster: dict | None = None,
     retrieve: dict | None = None,
     shard: dict | None = None,
@@ -155,47 +168,72 @@ def curate(
     if partition_size < 1:
         raise ValueError(f"partition_size={partition_size}: use at least 1 input per partition")
     seeds, eval_sets = list(seeds or []), list(eval_sets or [])
-    needs = [w for w, on in (("--seeds", seeds), ("--eval-sets", eval_sets), ("--target-size", target_size is not None)) if on]
+    needs = [w for w, on in (("--seeds", seeds), ("--target-size", target_size is not None)) if on]
     if needs and not embedder:
         raise ValueError(NO_EMBEDDER.format(what=", ".join(needs)))
+    if eval_sets and not copy_detection:
+        raise ValueError("--eval-sets: decontamination is copy detection against the eval images; drop --no-copy-detection")
+    if copy_model and not copy_detection:
+        raise ValueError("--copy-model is for copy detection; drop --no-copy-detection")
     if retrieval == "hierarchical" and target_size is None:
         raise ValueError("--retrieval hierarchical samples the pool to a size: pass --target-size N")
+    if max_remove_fraction is not None and not 0 < max_remove_fraction <= 1:
+        raise ValueError(f"--max-remove-fraction {max_remove_fraction}: use a fraction in (0, 1]")
     ingest_cfg, dedup_cfg = IngestConfig(**(ingest or {})), DedupConfig(**(dedup or {}))
     shard_cfg = ShardConfig(**{"shard_size": shard_size, **(shard or {})})
     retrieve_cfg = RetrieveConfig(**{"method": retrieval, "target": target_size, **(retrieve or {})})
     cluster_cfg = ClusterConfig(**{"hierarchical": retrieval == "hierarchical", **(cluster or {})})
-    embed_cfg, copy_cfg = EmbedConfig(**(embed or {})), CopyDetectConfig(**(copydetect or {}))
+    embed_cfg = EmbedConfig(**(embed or {}))
+    copy_cfg = CopyDetectConfig(**{"max_remove": max_remove_fraction or DEDUP_MAX_REMOVE, **(copydetect or {})})
+    decontam_cfg = CopyDetectConfig(**{**(copydetect or {}), "max_remove": max_remove_fraction or DECONTAM_MAX_REMOVE})
+    copy_spec = (str(copy_model), COPY_MODEL_EMBED) if copy_model else None
     rcfg = runner.RunnerConfig(max_retries=max_retries)
     run_dir = Path(out).resolve()
+    before = snapshot.take(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     runner.init_ray(ray_address)
     get_run_logger().info("curate: %d inputs -> %s", len(inputs), run_dir)
-    ing = ingest_task(inputs, run_dir, partition_size, ingest_cfg, rcfg)
-    dedup_task(run_dir, dedup_cfg, rcfg)
-    p2.drop_stale_stages(run_dir, embedder=bool(embedder), eval_sets=bool(eval_sets),
-                         retrieve=bool(seeds) or target_size is not None)
-    if embedder:
+    try:
+        ing = ingest_task(inputs, run_dir, partition_size, ingest_cfg, rcfg)
+        dedup_task(run_dir, dedup_cfg, rcfg, copy_cfg.max_remove)
+        p2.drop_stale_stages(run_dir, embedder=bool(embedder), eval_sets=bool(eval_sets),
+                             retrieve=bool(seeds) or target_size is not None, copy_detection=copy_detection)
         acfg = actor_runner.ActorConfig()
-        p2.embed_task(run_dir, "pool", embedder, embed_cfg, acfg)
-        subs = {}
+        subs: dict[str, dict[str, Path]] = {}
+        if copy_detection:
+            p2.copyfeat_task(run_dir, copy_cfg.features, rcfg)
+        if embedder:
+            p2.embed_task(run_dir, "pool", embedder, embed_cfg, acfg)
+        if copy_spec:
+            p2.embed_task(run_dir, "pool", copy_spec[0], EmbedConfig(**copy_spec[1]), acfg, copy_model=True)
+        if copy_detection:
+            proposers = [run_dir / "vectors"] if embedder else []
+            p2.copydetect_task(run_dir, copy_cfg, rcfg, proposers=proposers, copy_model=copy_spec)
         for kind, paths in (("seeds", seeds), ("eval", eval_sets)):
             for name, path in p2.sub_run_names(paths).items():
                 sub = subs.setdefault(kind, {})[name] = run_dir / kind / name
-                p2.sub_run_task([path], sub, partition_size, ingest_cfg, dedup_cfg, rcfg)
-                p2.embed_task(sub, f"{kind} {name}", embedder, embed_cfg, acfg)
-        if "threshold" not in (copydetect or {}):
-            # 0.6 is the paper's threshold for SSCD copy descriptors, not for DINOv2-style
-            # backbones (docs/measurements.md, section 2): say so where the user will see it.
-            get_run_logger().warning(
-                "copy detection uses the default cosine threshold %.2f (the paper's, for SSCD "
-                "descriptors); calibrate it for this backbone with benchmarks/copy_threshold.py "
-                "and pass --copy-threshold", copy_cfg.threshold)
-        p2.copydetect_task(run_dir, copy_cfg, rcfg)
+                p2.sub_run_task([path], sub, partition_size, ingest_cfg, dedup_cfg, rcfg,
+                                copy_cfg.features if kind == "eval" else None)
+                if embedder:
+                    p2.embed_task(sub, f"{kind} {name}", embedder, embed_cfg, acfg)
+                if copy_spec and kind == "eval":
+                    p2.embed_task(sub, f"{kind} {name}", copy_spec[0], EmbedConfig(**copy_spec[1]), acfg, copy_model=True)
         if eval_sets:
-            p2.decontam_task(run_dir, subs["eval"], decontam_threshold, rcfg)
-        p2.cluster_task(run_dir, cluster_cfg, rcfg)
-        if seeds or target_size is not None:
-            p2.retrieve_task(run_dir, subs.get("seeds", {}), retrieve_cfg, rcfg)
+            p2.decontam_task(run_dir, subs["eval"], decontam_cfg, rcfg, proposer="vectors" if embedder else None,
+                             copy_model=copy_spec)
+        if embedder:
+            p2.cluster_task(run_dir, cluster_cfg, rcfg)
+            if seeds or target_size is not None:
+                p2.retrieve_task(run_dir, subs.get("seeds", {}), retrieve_cfg, rcfg)
+    except Exception as e:
+        refused = _refusal(e)
+        if refused is None:
+            raise
+        _report_refusal(run_dir, refused)
+        changed = snapshot.rollback(run_dir, before)
+        if changed:
+            get_run_logger().warning("files changed before the refusal (not restored): %s", changed[:5])
+        raise refused from None
     p2.shard_task(run_dir, shard_cfg, rcfg)
     report = ledger_task(run_dir)
     return CurateSummary(
@@ -203,3 +241,22 @@ def curate(
         ingest_skipped=len(ing.skipped), by_status=report.by_status,
         by_reason=report.by_reason, problems=report.problems,
     )
+
+
+def _refusal(e: BaseException) -> MassRemovalError | None:
+    """The guard's error, also when Ray wrapped it (RayTaskError keeps it as `cause`)."""
+    for err in (e, getattr(e, "cause", None), e.__cause__):
+        if isinstance(err, MassRemovalError):
+            return MassRemovalError(err.stage, err.removed, err.total, err.limit, err.flag, err.largest, err.detail)
+    return None
+
+
+def _report_refusal(run_dir: Path, err: MassRemovalError) -> None:
+    """The refusal in the flow log, and the largest groups as pictures (before the rollback)."""
+    from lvd.flows import pictures
+
+    get_run_logger().error("%s", err)
+    uids = {u for g in err.largest for u in g[: pictures.PER_ROW]}
+    md = pictures.components_markdown(f"{err.stage} refused: largest groups it would have removed",
+                                      err.largest, stages.read_blobs(run_dir, uids))
+    artifacts.gallery_artifact(f"curate-{err.stage.replace(' ', '-')}-refused", md)

@@ -1,5 +1,5 @@
-"""Prefect tasks of curation part 2: sub-runs (seeds, eval sets), embed, copy detection,
-decontamination, cluster, retrieve, shard. One Prefect task per stage; each fans out as Ray
+"""Prefect tasks of the curation stages after ingest and dedup: sub-runs (seeds, eval sets),
+copy features, embed, copy detection, decontamination, cluster, retrieve, shard. One Prefect task per stage; each fans out as Ray
 work (`lvd.curation.stages_*`), reports progress and a counts table, and a few stages a picture.
 Done-markers are the cache (NO_CACHE): a rerun skips what is done and redoes nothing else.
 """
@@ -16,9 +16,10 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from lvd.curation import actor_runner, ledger, runner, stages, stages_embed, stages_select
+from lvd.curation import actor_runner, ledger, runner, stages, stages_copy, stages_embed, stages_select
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
+from lvd.curation.localfeat import FeatureConfig
 from lvd.curation.embed import EmbedConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.shards import ShardConfig
@@ -39,11 +40,12 @@ def sub_run_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
-def drop_stale_stages(run_dir: Path, *, embedder: bool, eval_sets: bool, retrieve: bool) -> None:
+def drop_stale_stages(run_dir: Path, *, embedder: bool, eval_sets: bool, retrieve: bool,
+                      copy_detection: bool = True) -> None:
     """Remove outputs of stages this run will not run (an earlier run with other options
-    wrote them): the ledger and the shard stage would otherwise still read them. Vectors stay
-    (costly, and keyed by uid and embedder config)."""
-    stale = {"copydetect": not embedder, "cluster": not embedder, "decontam": not (embedder and eval_sets),
+    wrote them): the ledger and the shard stage would otherwise still read them. Vectors and
+    features stay (costly, and keyed by uid and config)."""
+    stale = {"copydetect": not copy_detection, "cluster": not embedder, "decontam": not eval_sets,
              "retrieve": not (embedder and retrieve)}
     for stage, drop in stale.items():
         if drop:
@@ -51,12 +53,17 @@ def drop_stale_stages(run_dir: Path, *, embedder: bool, eval_sets: bool, retriev
 
 
 @task(name="embed", cache_policy=NO_CACHE)
-def embed_task(run_dir: Path, label: str, spec: str, cfg: EmbedConfig, acfg: actor_runner.ActorConfig) -> runner.StageReport:
-    progress = artifacts.Progress(f"curate-embed-{_key(label)}-progress", f"embed {label}: partitions done")
-    rep = stages_embed.run_embed(run_dir, spec, cfg, acfg, progress)
-    n = sum(pq.read_table(run_dir / "embed" / m["outputs"]["main"])["vectors"][0].as_py() for m in rep.markers.values())
-    get_run_logger().info("embed %s: %d vectors, %d partitions ran, %d done before", label, n, len(rep.ran), len(rep.skipped))
-    artifacts.count_table(f"curate-embed-{_key(label)}-counts", f"embed {label}", [
+def embed_task(run_dir: Path, label: str, spec: str, cfg: EmbedConfig, acfg: actor_runner.ActorConfig,
+               *, copy_model: bool = False) -> runner.StageReport:
+    """Embed with the embedder (RUN/vectors), or with the copy model (RUN/copyvec)."""
+    what = "copy-embed" if copy_model else "embed"
+    dirs = dict(vectors="copyvec", stage="copyembed") if copy_model else {}
+    progress = artifacts.Progress(f"curate-{what}-{_key(label)}-progress", f"{what} {label}: partitions done")
+    rep = stages_embed.run_embed(run_dir, spec, cfg, acfg, progress, **dirs)
+    stage = dirs.get("stage", "embed")
+    n = sum(pq.read_table(run_dir / stage / m["outputs"]["main"])["vectors"][0].as_py() for m in rep.markers.values())
+    get_run_logger().info("%s %s: %d vectors, %d partitions ran, %d done before", what, label, n, len(rep.ran), len(rep.skipped))
+    artifacts.count_table(f"curate-{what}-{_key(label)}-counts", f"{what} {label}", [
         {"what": "vectors", "count": n}, {"what": "partitions run", "count": len(rep.ran)},
         {"what": "partitions already done", "count": len(rep.skipped)}])
     return rep
@@ -68,39 +75,58 @@ def _key(label: str) -> str:
 
 @task(name="sub-run", cache_policy=NO_CACHE)
 def sub_run_task(inputs: list[str], run_dir: Path, partition_size: int, icfg: IngestConfig, dcfg: DedupConfig,
-                 rcfg: runner.RunnerConfig) -> dict[str, int]:
-    """Ingest + dedup + ledger of a seed set or eval set in its own run folder."""
+                 rcfg: runner.RunnerConfig, fcfg: FeatureConfig | None = None) -> dict[str, int]:
+    """Ingest + dedup (+ copy features, for eval sets) + ledger of a seed or eval set in its own run folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     partitions = stages.plan(inputs, partition_size)
     if not partitions:
         raise ValueError(f"no images found in {inputs} (seed set or eval set)")
     stages.run_ingest(partitions, run_dir, icfg, rcfg)
     stages.run_dedup(run_dir, dcfg, rcfg)
+    if fcfg is not None:
+        stages_copy.run_copyfeat(run_dir, fcfg, rcfg)
     table = ledger.write_ledger(run_dir)
     return dict(Counter(table["status"].to_pylist()))
 
 
+@task(name="copy-features", cache_policy=NO_CACHE)
+def copyfeat_task(run_dir: Path, cfg: FeatureConfig, rcfg: runner.RunnerConfig) -> runner.StageReport:
+    progress = artifacts.Progress("curate-copyfeat-progress", "copy features: ORB keypoints, global descriptor, equalised hashes")
+    rep = stages_copy.run_copyfeat(run_dir, cfg, rcfg, progress)
+    get_run_logger().info("copy features: %d partitions ran, %d done before", len(rep.ran), len(rep.skipped))
+    return rep
+
+
 @task(name="copy-detection", cache_policy=NO_CACHE)
-def copydetect_task(run_dir: Path, cfg: CopyDetectConfig, rcfg: runner.RunnerConfig) -> None:
-    progress = artifacts.Progress("curate-copydetect-progress", "copy detection: k-NN above a cosine threshold")
-    stages_embed.run_copydetect(run_dir, cfg, rcfg)
+def copydetect_task(run_dir: Path, cfg: CopyDetectConfig, rcfg: runner.RunnerConfig, *, proposers: list[Path],
+                    copy_model: tuple[str, dict] | None) -> None:
+    log = get_run_logger()
+    progress = artifacts.Progress("curate-copydetect-progress", "copy detection: candidates, calibration, decisions")
+    stages_copy.run_copydetect(run_dir, cfg, proposers=proposers, copy_model=copy_model, rcfg=rcfg)
     progress(1, 1)
     d = pq.read_table(run_dir / "copydetect" / "duplicates.parquet")
+    cal, stats = stages_copy.calibration(run_dir), stages_copy.copydetect_stats(run_dir)
     counts = Counter(d["method"].to_pylist())
-    get_run_logger().info("copy detection: %s", dict(counts))
-    artifacts.count_table("curate-copydetect-counts", "duplicates per linking method (pHash + embedding)",
-                          [{"method": m, "duplicates": n} for m, n in sorted(counts.items())])
+    log.info("copy detection: %s", cal.summary())
+    log.info("copy detection: %d candidate pairs, %d linked, %d components split; duplicates %s",
+             stats["candidates"], stats["decided_links"], stats["components_split"], dict(counts))
+    artifacts.count_table("curate-copydetect-counts", "copy detection: duplicates per linking method, and the work done",
+                          [{"what": f"duplicates ({m})", "count": n} for m, n in sorted(counts.items())]
+                          + [{"what": k.replace("_", " "), "count": stats[k]} for k in
+                             ("images", "candidates", "hash_candidates", "decided_links", "components_split", "split_checks")])
+    artifacts.gallery_artifact("curate-copydetect-calibration", pictures.calibration_markdown(cal.as_dict()))
 
 
 @task(name="decontaminate", cache_policy=NO_CACHE)
-def decontam_task(run_dir: Path, eval_dirs: dict[str, Path], threshold: float, rcfg: runner.RunnerConfig) -> None:
-    progress = artifacts.Progress("curate-decontam-progress", "decontamination against eval sets")
-    stages_embed.run_decontam(run_dir, eval_dirs, threshold, rcfg)
+def decontam_task(run_dir: Path, eval_dirs: dict[str, Path], cfg: CopyDetectConfig, rcfg: runner.RunnerConfig, *,
+                  proposer: str | None, copy_model: tuple[str, dict] | None) -> None:
+    progress = artifacts.Progress("curate-decontam-progress", "decontamination: copies of eval images")
+    stages_copy.run_decontam(run_dir, eval_dirs, cfg, proposer=proposer, copy_model=copy_model, rcfg=rcfg)
     progress(1, 1)
-    t = stages_embed.decontaminated(run_dir)
+    t = stages_copy.decontaminated(run_dir)
     counts = Counter(t["eval_set"].to_pylist())
-    get_run_logger().info("decontaminate: %d pool images removed %s", t.num_rows, dict(counts))
-    artifacts.count_table("curate-decontam-counts", "pool images removed per eval set",
+    get_run_logger().info("decontaminate: %d pool images removed as copies of eval images %s", t.num_rows, dict(counts))
+    artifacts.count_table("curate-decontam-counts", "pool images removed per eval set (copies of its images, and their duplicates)",
                           [{"eval_set": n, "removed": counts.get(n, 0)} for n in sorted(eval_dirs)])
 
 

@@ -64,3 +64,60 @@ def histogram_markdown(before: np.ndarray, after: np.ndarray) -> str:
         f"Grey: candidates per cluster ({int(np.sum(before))}); blue: selected ({int(np.sum(after))}), largest cluster first.",
         "", f"![cluster sizes](data:image/png;base64,{histogram_png(before, after)})",
     ])
+
+
+def score_histogram_png(copy: list[float], distinct: list[float], threshold: float, width: int = 360, height: int = 140) -> str:
+    """Base64 PNG: histograms of known-copy scores (blue, up) and distinct-pair scores (grey,
+    down) on one axis, with the threshold as a red line."""
+    values = np.asarray(list(copy) + list(distinct) + [threshold], np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    bins = 40
+    edges = np.linspace(lo, hi, bins + 1)
+    hc, _ = np.histogram(copy, edges)
+    hd, _ = np.histogram(distinct, edges)
+    img = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(img)
+    mid = height // 2
+    top = max(1, int(hc.max(initial=0)), int(hd.max(initial=0)))
+    bar = width / bins
+    for i in range(bins):
+        up = (mid - 2) * hc[i] / top
+        down = (mid - 2) * hd[i] / top
+        draw.rectangle([i * bar, mid - up, (i + 1) * bar - 1, mid], fill=(40, 90, 200))
+        draw.rectangle([i * bar, mid, (i + 1) * bar - 1, mid + down], fill=(150, 150, 150))
+    x = (threshold - lo) / (hi - lo) * width
+    draw.line([x, 0, x, height], fill=(220, 30, 30), width=2)
+    buf = io.BytesIO()
+    img.quantize(colors=8).save(buf, format="PNG", optimize=True)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def calibration_markdown(cal: dict) -> str:
+    """The copy threshold, how it was chosen, recall per kind, false links, and the histogram."""
+    copy = [s for v in cal["copy_scores"].values() for s in v]
+    unit = "RANSAC inliers spanning the image" if cal["method"] == "copy" else "cosine of the copy model"
+    rows = [f"| {k} | {100 * r:.1f}% |" for k, r in sorted(cal["recall"].items())]
+    lo, hi = (min(copy + cal["distinct_scores"]), max(copy + cal["distinct_scores"])) if copy else (0, 0)
+    return "\n".join([
+        "# Copy threshold", "",
+        f"Score: {unit}. Threshold **{cal['threshold']:g}** ({cal['source']}), target false-link rate "
+        f"{100 * cal['false_link_rate']:.2f}%.", "",
+        f"Known copies of {cal['images']} pool images: recall **{100 * cal['copy_recall']:.1f}%**; "
+        f"distinct pairs (halves and diagonal quadrants of those images) linked: "
+        f"**{cal['false_links']} of {cal['distinct_pairs']}**.", "",
+        f"Blue (up): known copies; grey (down): distinct pairs; red: threshold. Axis {lo:g} .. {hi:g}.", "",
+        f"![score histogram](data:image/png;base64,{score_histogram_png(copy, cal['distinct_scores'], cal['threshold'])})",
+        "", "| copy kind | recall |", "|---|---|", *rows,
+    ])
+
+
+def components_markdown(title: str, groups: list[list[str]], blobs: dict[str, bytes]) -> str:
+    """One row per component (largest first): a few of its images."""
+    lines = [f"# {title}", "", "| component | images |", "|---|---|"]
+    for i, uids in enumerate(groups[:MAX_ROWS]):
+        lines.append(f"| {i + 1} ({len(uids)} shown) | {' '.join(_img(blobs.get(u), u[:8]) for u in uids[:PER_ROW])} |")
+    if not groups:
+        lines.append("| (none) | |")
+    return "\n".join(lines)

@@ -8,10 +8,13 @@ its own tasks and artifacts under the pipeline run.
 Every parameter is checked before any work starts (nothing is created under OUT when a
 check fails), and all problems are reported at once.
 
-Bootstrap: seeds, eval sets and a target size need an embedder. When none is given, a
-`tiny` model is first trained on the seed images (or, without seeds, on the pool):
-they are curated alone into `OUT/bootstrap/run` (no embedder needed for that), trained for
-`bootstrap_steps` into `OUT/bootstrap/pretrain`, and that run folder becomes the embedder.
+Bootstrap: seeds and a target size need an embedder (retrieval, clustering). When none is
+given, a `tiny` model is first trained on the pool: it is curated alone into
+`OUT/bootstrap/run` (ingest and hash dedup only), trained for `bootstrap_steps` into
+`OUT/bootstrap/pretrain`, and that run folder becomes the embedder. It serves retrieval and
+clustering, and proposes copy candidates; it never decides what is a copy or contaminated
+(model-free copy detection does), so a weak bootstrap cannot empty the pool. Eval sets alone
+need no embedder.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from lvd.flows.pretrain_flow import PretrainSummary, pretrain
 
 BOOTSTRAP_RECIPE = "tiny"
 # Curate options the bootstrap curation (no embedder) accepts; retrieval settings are not.
-BASE_CURATE_KEYS = ("partition_size", "ingest", "dedup", "max_retries", "ray_address", "shard_size")
+BASE_CURATE_KEYS = ("partition_size", "ingest", "dedup", "max_retries", "ray_address", "shard_size",
+                    "max_remove_fraction")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -99,19 +103,17 @@ def _curated(summary: CurateSummary) -> CurateSummary:
 
 def _bootstrap(root: Path, data: list[str], steps: int, batch_size: int | None,
                curate_kw: dict) -> str:
-    """Curate `data` alone and train a tiny model on it; returns its run folder (the embedder)."""
+    """Curate the pool alone (hash dedup) and train a tiny model on it; returns its run folder."""
     log = get_run_logger()
-    log.warning("no --embedder: bootstrapping one: curating %d seed input(s) and training a "
-                "`%s` model for %d steps on them; it embeds the pool for retrieval and "
-                "decontamination", len(data), BOOTSTRAP_RECIPE, steps)
+    log.warning("no --embedder: bootstrapping one for retrieval and clustering: a `%s` model "
+                "trained for %d steps on the hash-deduplicated pool (%d input(s)); copies and "
+                "contamination are decided by model-free copy detection, not by it",
+                BOOTSTRAP_RECIPE, steps, len(data))
     base = {k: v for k, v in curate_kw.items() if k in BASE_CURATE_KEYS}
-    boot = _curated(curate(inputs=data, out=str(root / "run"), **base))
+    boot = _curated(curate(inputs=data, out=str(root / "run"), copy_detection=False, **base))
     pretrain(shards=_shards(boot.run_dir), out=str(root / "pretrain"), recipe=BOOTSTRAP_RECIPE,
              max_steps=steps, batch_size=batch_size)
     log.info("bootstrap embedder ready: %s", root / "pretrain")
-    log.warning("a briefly trained embedder puts unrelated images close together: calibrate "
-                "--copy-threshold / --decontam-threshold for it (benchmarks/copy_threshold.py) "
-                "or the defaults may drop most of the pool as copies or contamination")
     return str(root / "pretrain")
 
 
@@ -166,9 +168,9 @@ def pipeline(
              nproc_per_node=nproc_per_node)
     root, log = Path(out).resolve(), get_run_logger()
     curate_kw = dict(curate_options or {})
-    bootstrapped = embedder is None and bool(seeds or eval_sets or curate_kw.get("target_size"))
+    bootstrapped = embedder is None and bool(seeds or curate_kw.get("target_size"))
     if bootstrapped:
-        embedder = _bootstrap(root / "bootstrap", seeds or inputs, bootstrap_steps, batch_size, curate_kw)
+        embedder = _bootstrap(root / "bootstrap", inputs, bootstrap_steps, batch_size, curate_kw)
     log.info("pipeline [1/4] curate %d input(s) -> %s", len(inputs), root / "run")
     cur = _curated(curate(inputs=inputs, out=str(root / "run"), seeds=seeds, eval_sets=eval_sets,
                           embedder=embedder, **curate_kw))

@@ -1,10 +1,15 @@
 """`lvd curate`: run the Prefect flow `curate` over input dumps.
 
-Stages: ingest, dedup, then with --embedder: embed, copy detection, decontamination (with
---eval-sets), clustering and retrieval (with --seeds or --target-size); then WebDataset
-shards (RUN/shards) and the ledger. Without --seeds and --target-size every image that is not
-rejected, a duplicate or decontaminated is sharded; without --embedder only ingest, dedup,
-shard and ledger run (seeds, eval sets and a target size need an embedder).
+Stages: ingest, hash dedup, copy detection (model-free: hashes and k-NN propose candidates,
+ORB local features with geometric verification decide, at a threshold calibrated on known
+copies of the pool's own images), decontamination against --eval-sets (the same detector),
+then with --embedder: embedding, clustering and retrieval (with --seeds or --target-size);
+then WebDataset shards (RUN/shards) and the ledger. Without --seeds and --target-size every
+image that is not rejected, a duplicate, a copy or contaminated is sharded. Seeds and a target
+size need an embedder; an embedder also proposes copy candidates (it never decides).
+
+A stage that would remove more than --max-remove-fraction of its input stops the run before
+the ledger changes, shows its largest groups, and leaves the run folder as it was.
 
 Where it runs: Ray joins `--ray-address` or `RAY_ADDRESS` when given, else starts
 locally with every CPU. On a cluster every node must see the inputs and the run folder at
@@ -88,8 +93,9 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", action="append", default=[], metavar="DIR_OR_DUMP",
                    help="seed set to retrieve pool images near; repeatable (needs --embedder)")
     p.add_argument("--eval-sets", action="append", default=[], metavar="DIR",
-                   help="evaluation set to decontaminate against; repeatable (needs --embedder)")
+                   help="evaluation set whose copies are removed from the pool; repeatable")
     add_selection_options(p)
+    add_copy_options(p)
     add_curate_options(p)
     p.set_defaults(func=main)
 
@@ -105,11 +111,26 @@ def add_selection_options(p: argparse.ArgumentParser) -> None:
                    help="k-means clusters (finest level); default sqrt(#images)")
     p.add_argument("--include-seeds", action="store_true",
                    help="ship the seed images too (sample / cluster retrieval)")
-    p.add_argument("--copy-threshold", type=float, default=None,
-                   help="cosine above which a neighbour is a copy (default 0.6; calibrate per "
-                        "backbone: a briefly trained bootstrap embedder needs a higher one)")
-    p.add_argument("--decontam-threshold", type=float, default=0.45,
-                   help="cosine to an eval image above which a pool component is removed")
+
+
+def add_copy_options(p: argparse.ArgumentParser) -> None:
+    """Copy detection and decontamination options of `lvd curate` and `lvd pipeline`."""
+    g = p.add_argument_group("copy detection and decontamination (no model needed)")
+    g.add_argument("--copy-model", default=None, metavar="SPEC",
+                   help="copy-detection model deciding by cosine: an SSCD TorchScript file "
+                        "(sscd_disc_mixup.torchscript.pt) or any backbone spec; default: none, "
+                        "local features + geometric verification decide")
+    g.add_argument("--copy-threshold", type=float, default=None,
+                   help="copy threshold instead of the calibrated one: RANSAC inliers (default "
+                        "path) or cosine (--copy-model); reported with its recall and false links")
+    g.add_argument("--copy-false-link-rate", type=float, default=None, metavar="RATE",
+                   help="calibration target: largest fraction of distinct pairs linked (default 0.002)")
+    g.add_argument("--max-remove-fraction", type=float, default=None, metavar="F",
+                   help="refuse (before the ledger changes) when dedup or copy detection would drop "
+                        "more than F of their input (default 0.9) or decontamination more than F "
+                        "of the pool (default 0.5)")
+    g.add_argument("--no-copy-detection", action="store_true",
+                   help="skip copy detection (hash dedup only); eval sets need it")
 
 
 def flow_kwargs(args: argparse.Namespace) -> dict:
@@ -127,10 +148,16 @@ def flow_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def part2_kwargs(args: argparse.Namespace) -> dict:
+def copy_kwargs(args: argparse.Namespace) -> dict:
     copy = {} if args.copy_threshold is None else {"threshold": args.copy_threshold}
+    if args.copy_false_link_rate is not None:
+        copy["false_link_rate"] = args.copy_false_link_rate
+    return dict(copy_detection=not args.no_copy_detection, copy_model=args.copy_model, copydetect=copy,
+                max_remove_fraction=args.max_remove_fraction)
+
+
+def part2_kwargs(args: argparse.Namespace) -> dict:
     return dict(seeds=args.seeds, eval_sets=args.eval_sets, retrieval=args.retrieval, target_size=args.target_size,
-                copydetect=copy, decontam_threshold=args.decontam_threshold,
                 retrieve={"include_seeds": True} if args.include_seeds else {},
                 cluster={} if args.clusters is None else {"k": args.clusters})
 
@@ -146,11 +173,16 @@ def run_curate(inputs: list[str], out: str, **kwargs) -> int:
     from lvd.curation.ledger import format_report, verify_run
     from lvd.flows.curate import curate
 
+    from lvd.curation.guard import MassRemovalError
+
     try:
         curate(inputs=inputs, out=str(out), **kwargs)
     except ValueError as e:  # a config the flow refused (e.g. seeds without --embedder)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except MassRemovalError as e:  # a guard refused: the run folder is as it was
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     report = verify_run(Path(out))
     print(format_report(report))
     print(where)
@@ -158,4 +190,4 @@ def run_curate(inputs: list[str], out: str, **kwargs) -> int:
 
 
 def main(args: argparse.Namespace) -> int:
-    return run_curate(args.input, args.out, **flow_kwargs(args), **part2_kwargs(args))
+    return run_curate(args.input, args.out, **flow_kwargs(args), **part2_kwargs(args), **copy_kwargs(args))

@@ -5,8 +5,10 @@ Output under --out: run/ (curation run folder: ledger.parquet, shards/), pretrai
 (config.json, metrics.jsonl, checkpoints/, pictures/), hf/ (the teacher backbone as a
 Hugging Face Dinov2 folder, loadable with transformers' AutoModel).
 
-Seeds and eval sets need an embedder; without --embedder a small `tiny` model is first
-trained on the seed images (or the pool) under --out/bootstrap and used as the embedder.
+Eval sets need no embedder: their copies in the pool are found by model-free copy detection.
+Seeds (retrieval) need one; without --embedder a small `tiny` model is first trained on the
+pool (hash-deduplicated) under --out/bootstrap, for --bootstrap-steps steps, and used for
+retrieval and clustering only: it proposes copy candidates but never decides what is a copy.
 Parameters are all checked before any work starts.
 """
 
@@ -17,8 +19,10 @@ import sys
 from pathlib import Path
 
 from lvd.flows.commands.curate import (
+    add_copy_options,
     add_curate_options,
     add_selection_options,
+    copy_kwargs,
     flow_kwargs,
     part2_kwargs,
     prepare_prefect_env,
@@ -56,12 +60,14 @@ def register(subparsers) -> None:
     p.add_argument("--eval-sets", action="append", default=[], metavar="DIR",
                    help="evaluation set to decontaminate the pool against; repeatable")
     p.add_argument("--bootstrap-steps", type=int, default=100, metavar="N",
-                   help="training steps of the bootstrap embedder (seeds/eval sets without --embedder)")
+                   help="training steps of the bootstrap embedder, trained on the pool when --seeds "
+                        "or --target-size come without --embedder (default 100)")
     p.add_argument("--knn-train", default=None, metavar="DIR",
                    help="labelled training images DIR/<class>/*.png for k-NN eval (with --knn-val)")
     p.add_argument("--knn-val", default=None, metavar="DIR",
                    help="labelled validation images DIR/<class>/*.png for k-NN eval (with --knn-train)")
     add_selection_options(p)
+    add_copy_options(p)
     add_training_options(p, max_steps=None)
     add_curate_options(p)
     p.set_defaults(func=main)
@@ -81,6 +87,7 @@ def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
         selection = part2_kwargs(args)
         del selection["seeds"], selection["eval_sets"]  # pipeline parameters of their own
         curate_kw.update(selection)
+        curate_kw.update(copy_kwargs(args))
     try:
         s = pipeline(inputs=[str(i) for i in inputs], out=str(out), recipe=args.recipe,
                      max_steps=args.max_steps, batch_size=args.batch_size,

@@ -1,0 +1,331 @@
+"""Model-free copy evidence: ORB local features, geometric verification, a global descriptor.
+
+A copy (resized, recompressed, re-encoded, brightened, cropped, mirrored, with a caption or a
+sticker pasted on) keeps most of its local structure, moved by one similarity transform
+(scale, rotation, shift; a mirror for flips). Two distinct photos, even of one scene type,
+do not: their descriptor matches are few and point every which way. So a candidate pair is
+verified by counting the correspondences that one transform explains (RANSAC inliers), and by
+whether one frame lies within the other (`containment`): a copy's content lies within the other
+image, while a burst-like neighbour (the camera panned) or a shared logo matches only a part.
+
+`features(img)`: ORB keypoints and descriptors of the grayscale image scaled so its longer side
+is `FeatureConfig.side`, contrast-equalised (CLAHE: faint photos get keypoints too) and spread
+over a 4 x 4 grid (a pasted logo cannot take the whole budget), and the same of its mirror
+image (for flipped copies). `verify(fa, fb)` matches A's descriptors to B's (Lowe ratio test),
+fits a similarity transform (RANSAC, deterministic seed, scale within 1/2..2 since feature
+images share one size), and returns the inlier count and the containment of the frames: A's
+frame mapped into B's, the overlap over each frame's area; the larger must be >= 0.85 (one
+image lies inside the other: a crop, an overlay) and the smaller >= 0.3 (it keeps enough of
+the other). A burst-like neighbour overlaps only partly and fails. The mirror of B is tried
+only when the direct match is not already conclusive.
+
+`global_descriptor(img)`: a 144-d model-free vector for k-NN candidate search when no embedder
+is given: an HSV colour histogram (8 hue x 4 saturation x 4 value) and a mirror-folded histogram
+of gradient orientations (2 magnitude bands x 8), square-rooted and L2-normalised. It is
+invariant to flips and nearly so to crops and overlays; it proposes, verification decides.
+
+Costs on this project's 2-core machine (benchmarks/copy_quality.py): features about 6 ms per
+image (both orientations), a verification about 0.4 ms (1 ms with the mirror).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+DESC_BYTES = 32  # ORB descriptors are 256 bits
+GLOBAL_DIM = 144
+GLOBAL_SIDE = 128  # the global descriptor reads the image at this longer side
+HASH_SIDE = 64  # the equalised hashes read a 64 x 64 squash (what pHash-256 reads anyway)
+
+FEATURE_SCHEMA = pa.schema(
+    [
+        pa.field("uid", pa.string(), nullable=False),
+        pa.field("fw", pa.int32()),  # feature image width, height (longer side = cfg.side)
+        pa.field("fh", pa.int32()),
+        pa.field("kp", pa.binary()),  # float32 [n, 2] keypoint x, y
+        pa.field("desc", pa.binary()),  # uint8 [n, 32]
+        pa.field("kp_flip", pa.binary()),  # same for the mirror image
+        pa.field("desc_flip", pa.binary()),
+        pa.field("hull", pa.float32()),  # convex hull area of kp (the mirror's is the same)
+        pa.field("glob", pa.binary()),  # float32 [GLOBAL_DIM] global descriptor
+        pa.field("nhash", pa.binary(32)),  # 256-bit pHash of the equalised image
+        pa.field("nhash_flip", pa.binary(32)),  # same of its mirror
+    ]
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatureConfig:
+    side: int = 256  # longer side of the grayscale image features are found on
+    n_features: int = 300  # ORB keypoints kept per image (strongest per grid cell first)
+    fast_threshold: int = 5  # ORB's FAST threshold (lower finds keypoints on softer images)
+
+    def __post_init__(self):
+        if not 64 <= self.side <= 2048:
+            raise ValueError(f"side={self.side}: use 64..2048 pixels")
+        if not 16 <= self.n_features <= 5000:
+            raise ValueError(f"n_features={self.n_features}: use 16..5000")
+        if not 1 <= self.fast_threshold <= 100:
+            raise ValueError(f"fast_threshold={self.fast_threshold}: use 1..100")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerifyConfig:
+    ratio: float = 0.8  # Lowe's ratio test on the two nearest descriptors
+    reproj_px: float = 4.0  # RANSAC inlier distance, pixels of the feature image
+    # One image must lie within the other: its frame, mapped by the fitted transform, falls
+    # this much inside the other's frame (a crop, an overlay, a resize: ~1; a burst-like
+    # neighbour, the camera panned: its overlap only) ...
+    min_contained: float = 0.85
+    # ... and keep at least this fraction of the other's frame (a crop keeping 60% keeps 0.6;
+    # a small logo found inside a photo is not a copy of it)
+    min_kept: float = 0.3
+    # Feature images share one longer side, so a resized copy matches at scale ~1 and a crop
+    # keeping a quarter of the area at ~2; a tighter range also refuses degenerate fits that
+    # shrink one image's keypoints into a dense patch of the other's.
+    max_scale: float = 2.0  # the transform's scale stays within [1/max_scale, max_scale]
+
+    def __post_init__(self):
+        if not 0 < self.ratio < 1:
+            raise ValueError(f"ratio={self.ratio}: use a fraction in (0, 1)")
+        if not 0 < self.reproj_px <= 32:
+            raise ValueError(f"reproj_px={self.reproj_px}: use 0..32 pixels")
+        if not 0 <= self.min_contained <= 1 or not 0 <= self.min_kept <= 1:
+            raise ValueError(f"min_contained={self.min_contained}, min_kept={self.min_kept}: use fractions in [0, 1]")
+        if not self.max_scale >= 1:
+            raise ValueError(f"max_scale={self.max_scale}: use >= 1")
+
+
+@dataclass(frozen=True)
+class Features:
+    """One image's local features (both orientations) in the feature image's pixels."""
+
+    kp: np.ndarray  # float32 [n, 2]
+    desc: np.ndarray  # uint8 [n, 32]
+    kp_flip: np.ndarray
+    desc_flip: np.ndarray
+    hull: float  # convex hull area of kp
+    size: tuple[int, int] = (0, 0)  # feature image width, height
+
+    @classmethod
+    def from_row(cls, row: dict) -> Features:
+        return cls(
+            np.frombuffer(row["kp"], np.float32).reshape(-1, 2),
+            np.frombuffer(row["desc"], np.uint8).reshape(-1, DESC_BYTES),
+            np.frombuffer(row["kp_flip"], np.float32).reshape(-1, 2),
+            np.frombuffer(row["desc_flip"], np.uint8).reshape(-1, DESC_BYTES),
+            float(row["hull"]),
+            (int(row["fw"]), int(row["fh"])),
+        )
+
+
+class Verdict(tuple):
+    """(inliers, contained, kept, flipped) of the better orientation: RANSAC inliers, how much
+    of the smaller-overlap image's frame lies in the other's, how much of the other's frame it
+    keeps; `score` is what thresholds see."""
+
+    __slots__ = ()
+
+    def __new__(cls, inliers: int, contained: float, kept: float, flipped: bool):
+        return super().__new__(cls, (int(inliers), float(contained), float(kept), bool(flipped)))
+
+    inliers = property(lambda self: self[0])
+    contained = property(lambda self: self[1])
+    kept = property(lambda self: self[2])
+    flipped = property(lambda self: self[3])
+
+    def score(self, cfg: VerifyConfig) -> int:
+        """Inliers when one image lies within the other, else 0 (a partial overlap is no copy)."""
+        return self.inliers if self.contained >= cfg.min_contained and self.kept >= cfg.min_kept else 0
+
+
+NO_MATCH = Verdict(0, 0.0, 0.0, False)
+
+
+def set_threads(n: int = 1) -> None:
+    """OpenCV's own thread pool; one per Ray task keeps 1-CPU tasks from oversubscribing."""
+    cv2.setNumThreads(n)
+
+
+def feature_gray(data: bytes, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gray uint8 [h, w], rgb uint8 [h, w, 3]) of encoded image bytes, EXIF-oriented, longer
+    side scaled to `side` (JPEG draft decoding first when the file is larger)."""
+    from lvd.curation.ingest import WEB_FORMATS, to_rgb
+
+    img = Image.open(io.BytesIO(data), formats=WEB_FORMATS)  # accepted bytes: ingest's formats
+    if img.format in ("JPEG", "MPO"):
+        img.draft("RGB", (side, side))
+    from PIL import ImageOps
+
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # broken EXIF: keep the stored orientation (ingest does the same)
+        img.load()
+    rgb = np.asarray(to_rgb(img))
+    h, w = rgb.shape[:2]
+    scale = side / max(h, w)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    rgb = cv2.resize(rgb, size, interpolation=interp)
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), rgb
+
+
+def features_row(uid: str, data: bytes, cfg: FeatureConfig = FeatureConfig()) -> dict:
+    """One FEATURE_SCHEMA row for an accepted image's bytes."""
+    from lvd.curation.phash import PHASH256_SIZE, equalise, phash_bits
+
+    gray, rgb = feature_gray(data, cfg.side)
+    (kp, desc), (kp_f, desc_f) = _detect(_orb(cfg), gray)
+    eq = equalise(cv2.resize(gray, (HASH_SIDE, HASH_SIDE), interpolation=cv2.INTER_AREA))
+    small = cv2.resize(rgb, _fit(rgb.shape, GLOBAL_SIDE), interpolation=cv2.INTER_AREA)
+    return {
+        "uid": uid, "fw": gray.shape[1], "fh": gray.shape[0],
+        "kp": kp.tobytes(), "desc": desc.tobytes(), "kp_flip": kp_f.tobytes(), "desc_flip": desc_f.tobytes(),
+        "hull": hull_area(kp), "glob": global_descriptor(small).tobytes(),
+        "nhash": np.packbits(phash_bits(eq, PHASH256_SIZE)).tobytes(),
+        "nhash_flip": np.packbits(phash_bits(eq[:, ::-1], PHASH256_SIZE)).tobytes(),
+    }  # fmt: skip
+
+
+def features(data: bytes, cfg: FeatureConfig = FeatureConfig()) -> Features:
+    return Features.from_row(features_row("", data, cfg))
+
+
+def _fit(shape, side: int) -> tuple[int, int]:
+    h, w = shape[:2]
+    s = min(1.0, side / max(h, w))
+    return max(1, round(w * s)), max(1, round(h * s))
+
+
+_ORB_CACHE: dict = {}
+_GRID = 4  # keypoints are spread over a GRID x GRID layout of the image
+
+
+def _orb(cfg: FeatureConfig):
+    if cfg not in _ORB_CACHE:
+        _ORB_CACHE[cfg] = (
+            cv2.ORB_create(nfeatures=2 * cfg.n_features, fastThreshold=cfg.fast_threshold),
+            cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)),
+            cfg.n_features,
+        )
+    return _ORB_CACHE[cfg]
+
+
+def _detect(orb, gray: np.ndarray) -> tuple[tuple, tuple]:
+    """((kp, desc), (kp_mirror, desc_mirror)): ORB on the CLAHE-equalised image (faint photos
+    get keypoints too; brightness and contrast changes matter less), keeping the strongest
+    keypoints of each cell of a GRID x GRID layout first, so a pasted logo or caption cannot
+    take the whole keypoint budget; then the same keypoints mirrored (x -> w - 1 - x, angle ->
+    180 - angle) described on the mirror image, for flipped copies (no second detection)."""
+    detector, clahe, n = orb
+    gray = clahe.apply(gray)
+    empty = (np.zeros((0, 2), np.float32), np.zeros((0, DESC_BYTES), np.uint8))
+    kps = detector.detect(gray, None)
+    if not kps:
+        return empty, empty
+    h, w = gray.shape
+    xy = np.array([k.pt for k in kps], np.float32)
+    response = np.array([k.response for k in kps], np.float32)
+    cell = np.minimum(_GRID - 1, (xy[:, 1] * _GRID / h).astype(int)) * _GRID + np.minimum(_GRID - 1, (xy[:, 0] * _GRID / w).astype(int))
+    order = np.lexsort((-response, cell))  # by cell, strongest first
+    rank_in_cell = np.arange(len(order)) - np.searchsorted(cell[order], cell[order])
+    per_cell = max(1, n // (_GRID * _GRID))
+    first = order[rank_in_cell < per_cell]
+    rest = order[rank_in_cell >= per_cell]
+    pick = np.concatenate([first[np.argsort(-response[first], kind="stable")], rest[np.argsort(-response[rest], kind="stable")]])[:n]
+    keep, desc = detector.compute(gray, [kps[i] for i in pick.tolist()])
+    if desc is None or not keep:
+        return empty, empty
+    direct = (np.array([k.pt for k in keep], np.float32).reshape(-1, 2), np.ascontiguousarray(desc, np.uint8))
+    mirrored = [cv2.KeyPoint(w - 1 - k.pt[0], k.pt[1], k.size, (180.0 - k.angle) % 360.0, k.response, k.octave, k.class_id)
+                for k in keep]
+    keep_m, desc_m = detector.compute(np.ascontiguousarray(gray[:, ::-1]), mirrored)
+    if desc_m is None or not keep_m:
+        return direct, empty
+    return direct, (np.array([k.pt for k in keep_m], np.float32).reshape(-1, 2), np.ascontiguousarray(desc_m, np.uint8))
+
+
+def hull_area(pts: np.ndarray) -> float:
+    if len(pts) < 3:
+        return 0.0
+    return float(cv2.contourArea(cv2.convexHull(np.ascontiguousarray(pts, np.float32))))
+
+
+_MATCHER = cv2.BFMatcher(cv2.NORM_HAMMING)
+
+
+def verify(fa: Features, fb: Features, cfg: VerifyConfig = VerifyConfig(), *, enough: int = 1 << 30) -> Verdict:
+    """The better of (A vs B) and (A vs mirrored B); the mirror is skipped once the direct
+    match scores `enough` (the caller's threshold: more cannot change its decision)."""
+    direct = _verify_one(fa.kp, fa.desc, fa.size, fb.kp, fb.desc, fb.size, cfg, False)
+    if direct.score(cfg) >= enough:
+        return direct
+    mirrored = _verify_one(fa.kp, fa.desc, fa.size, fb.kp_flip, fb.desc_flip, fb.size, cfg, True)
+    return max(direct, mirrored, key=lambda v: (v.score(cfg), v.inliers))
+
+
+def _verify_one(pa_, da, size_a, pb, db, size_b, cfg: VerifyConfig, flipped: bool) -> Verdict:
+    if len(da) < 2 or len(db) < 2:
+        return NO_MATCH
+    pairs = _MATCHER.knnMatch(da, db, k=2)
+    good = [m[0] for m in pairs if len(m) == 2 and m[0].distance < cfg.ratio * m[1].distance]
+    if len(good) < 3:
+        return Verdict(0, 0.0, 0.0, flipped)
+    a = pa_[[m.queryIdx for m in good]]
+    b = pb[[m.trainIdx for m in good]]
+    cv2.setRNGSeed(0)  # RANSAC samples from OpenCV's RNG: same pair, same verdict
+    model, mask = cv2.estimateAffinePartial2D(a, b, method=cv2.RANSAC, ransacReprojThreshold=cfg.reproj_px,
+                                              maxIters=2000, confidence=0.995)
+    if model is None or mask is None:
+        return Verdict(0, 0.0, 0.0, flipped)
+    scale = float(np.hypot(model[0, 0], model[1, 0]))
+    if not 1.0 / cfg.max_scale <= scale <= cfg.max_scale:
+        return Verdict(0, 0.0, 0.0, flipped)
+    n = int(mask.ravel().astype(bool).sum())
+    contained, kept = containment(model, size_a, size_b)
+    return Verdict(n, contained, kept, flipped)
+
+
+def containment(model_A_to_B: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, int]) -> tuple[float, float]:
+    """(contained, kept) of the two frames under a 2x3 transform A -> B: the overlap area over
+    each frame's own area, the larger (how much the contained image lies in the other) and the
+    smaller (how much of the other it keeps)."""
+    (wa, ha), (wb, hb) = size_a, size_b
+    if min(wa, ha, wb, hb) <= 0:
+        return 0.0, 0.0
+    corners = np.array([[0, 0], [wa, 0], [wa, ha], [0, ha]], np.float32)
+    mapped = corners @ model_A_to_B[:, :2].T.astype(np.float32) + model_A_to_B[:, 2].astype(np.float32)
+    frame_b = np.array([[0, 0], [wb, 0], [wb, hb], [0, hb]], np.float32)
+    inter, _ = cv2.intersectConvexConvex(mapped.reshape(-1, 1, 2), frame_b.reshape(-1, 1, 2))
+    area_a = abs(float(cv2.contourArea(mapped)))  # A's frame, in B's pixels
+    if area_a <= 0:
+        return 0.0, 0.0
+    in_a, in_b = inter / area_a, inter / float(wb * hb)
+    return max(in_a, in_b), min(in_a, in_b)
+
+
+def global_descriptor(rgb: np.ndarray) -> np.ndarray:
+    """float32 [GLOBAL_DIM], L2-normalised: colour histogram + mirror-folded gradient histogram."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)  # H in 0..179, S, V in 0..255
+    h = (hsv[..., 0].astype(np.int32) * 8) // 180
+    s = hsv[..., 1].astype(np.int32) // 64
+    v = hsv[..., 2].astype(np.int32) // 64
+    colour = np.bincount((h * 16 + s * 4 + v).ravel(), minlength=128).astype(np.float64)
+    gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)
+    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)
+    mag = np.hypot(gx, gy)
+    ang = np.abs(np.arctan2(gy, gx))  # mirror maps theta -> pi - theta: fold to [0, pi/2]
+    ang = np.minimum(ang, np.pi - ang)
+    a_bin = np.minimum((ang / (np.pi / 2) * 8).astype(np.int32), 7)
+    strong = mag > mag.mean()
+    grad = np.bincount((a_bin + 8 * strong).ravel(), weights=mag.ravel(), minlength=16)
+    parts = [colour / max(colour.sum(), 1.0), grad / max(grad.sum(), 1e-9)]
+    vec = np.sqrt(np.concatenate(parts))
+    return (vec / max(np.linalg.norm(vec), 1e-12)).astype(np.float32)

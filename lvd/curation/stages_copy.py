@@ -1,0 +1,491 @@
+"""Copy detection and decontamination as runner work (`lvd.curation.copydetect` decides).
+
+Layout inside a run folder R (the pool, or a seed / eval-set run under RUN/seeds/<name>,
+RUN/eval/<name>):
+- `R/copyfeat/part-NNNNNN.parquet` (`localfeat.FEATURE_SCHEMA`): local features, the
+  model-free global descriptor and the equalised hashes of every accepted blob of ingest
+  partition NNNNNN (one Ray task per partition);
+- `R/copyvec/` + `R/copyembed/`: copy-model descriptors (vector store + markers), only with
+  `--copy-model`;
+- `R/copydetect/duplicates.parquet` (`dedup.DUPLICATES_SCHEMA`): the hash dedup groups and the
+  decided copy edges, split into stars (`method` = `phash`, `copy` or `copy-model`;
+  `distance` = 1 / (1 + inliers) for `copy`, 1 - cosine for `copy-model`); it supersedes
+  `R/dedup/duplicates.parquet` in the ledger. Beside it `duplicates.calibration.parquet` (one
+  row: the calibration as JSON) and `duplicates.stats.parquet` (candidate and decision counts);
+- `R/decontam/decontaminated.parquet`: pool images removed because they, or a member of their
+  duplicate group, are copies of an eval-set image (`uid`, `matched_eval_uid`, `similarity`
+  (1 - distance, as above), `eval_set`, `method`).
+Global stages are one `runner.WholeStage` each, keyed by the markers of what they read; their
+decision work (pair verification) fans out over Ray tasks (`fanout.parallel_map`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lvd.curation import copydetect as cd
+from lvd.curation import fanout, runner, stages
+from lvd.curation.dedup import DUPLICATES_SCHEMA, EdgeSet, resolve
+from lvd.curation.localfeat import FEATURE_SCHEMA, FeatureConfig, Features, features_row, set_threads
+from lvd.curation.unionfind import representative_rank
+from lvd.curation.vectors import open_vectors
+
+DECONTAM_SCHEMA = pa.schema([
+    ("uid", pa.string()), ("matched_eval_uid", pa.string()), ("similarity", pa.float64()),
+    ("eval_set", pa.string()), ("method", pa.string()),
+])  # fmt: skip
+DECONTAM_FILE = "decontaminated.parquet"
+VERIFY_BATCH = 256  # pairs per Ray verification task
+
+
+# ---------------------------------------------------------------- features
+
+
+@dataclass(frozen=True, kw_only=True)
+class FeatUnit:
+    index: int
+    fingerprint: str
+    blobs: str
+
+
+@dataclass(frozen=True)
+class FeatFn:
+    cfg: FeatureConfig
+
+    def __call__(self, unit: FeatUnit) -> dict[str, pa.Table]:
+        set_threads(1)
+        rows = []
+        for batch in pq.ParquetFile(unit.blobs).iter_batches(batch_size=256, columns=["uid", "data"]):
+            for uid, data in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+                rows.append(features_row(uid, data, self.cfg))
+        return {"": pa.Table.from_pylist(rows, schema=FEATURE_SCHEMA)}
+
+
+def feat_units(run_dir: Path) -> list[FeatUnit]:
+    return [FeatUnit(index=i, fingerprint=f"{m['fingerprint']}:{m['config_hash']}",
+                     blobs=str(run_dir / "ingest" / m["outputs"]["blobs"]))
+            for i, m in sorted(stages.ingest_markers(run_dir).items())]
+
+
+def run_copyfeat(run_dir: Path, cfg: FeatureConfig = FeatureConfig(), rcfg: runner.RunnerConfig = runner.RunnerConfig(),
+                 progress: runner.ProgressFn | None = None) -> runner.StageReport:
+    """Local features etc. of every accepted blob, one Ray task per ingest partition."""
+    return runner.map_partitions(FeatFn(cfg), feat_units(run_dir), run_dir / "copyfeat",
+                                 cfg_hash=runner.config_hash(cfg), runner=rcfg, progress=progress)
+
+
+@dataclass
+class PoolFeatures:
+    """Features of a run's unique accepted images, in `uids` order."""
+
+    uids: np.ndarray  # object [N]
+    pixels: np.ndarray  # int64 [N]
+    aspect: np.ndarray  # float64 [N] width / height
+    feats: list[Features]
+    glob: np.ndarray  # float32 [N, GLOBAL_DIM]
+    nhash: np.ndarray  # uint8 [N, 32]
+    nhash_flip: np.ndarray
+
+
+def read_features(run_dir: Path) -> PoolFeatures:
+    t = stages.unique_accepted(run_dir)
+    uids = t["uid"].to_pylist()
+    w, h = t["width"].to_numpy().astype(np.int64), t["height"].to_numpy().astype(np.int64)
+    pixels, aspect = w * h, w / np.maximum(h, 1)
+    rows: dict[str, dict] = {}
+    for path in sorted((run_dir / "copyfeat").glob("part-*.parquet")):
+        for r in pq.read_table(path).to_pylist():
+            rows.setdefault(r["uid"], r)
+    missing = [u for u in uids if u not in rows]
+    if missing:
+        raise RuntimeError(f"{run_dir}/copyfeat has no features for {len(missing)} accepted images "
+                           f"(first {missing[0]}): the copyfeat stage did not finish")
+    ordered = [rows[u] for u in uids]
+    n = len(ordered)
+    glob = np.stack([np.frombuffer(r["glob"], np.float32) for r in ordered]) if n else np.zeros((0, 144), np.float32)
+    nh = np.frombuffer(b"".join(r["nhash"] for r in ordered), np.uint8).reshape(n, 32)
+    nf = np.frombuffer(b"".join(r["nhash_flip"] for r in ordered), np.uint8).reshape(n, 32)
+    return PoolFeatures(np.asarray(uids, dtype=object), pixels, aspect, [Features.from_row(r) for r in ordered], glob, nh, nf)
+
+
+# ---------------------------------------------------------------- deciding pairs
+
+
+@dataclass(frozen=True)
+class VerifyBatch:
+    """Picklable Ray work: verify pairs of feature rows."""
+
+    cfg: cd.CopyDetectConfig
+    enough: int
+
+    def __call__(self, work: tuple[list[Features], list[tuple[int, int]]]) -> list[int]:
+        set_threads(1)
+        feats, pairs = work
+        a = np.array([p[0] for p in pairs], np.int64)
+        b = np.array([p[1] for p in pairs], np.int64)
+        return cd.verify_pairs(feats, a, b, self.cfg.verify, self.enough).tolist()
+
+
+def verify_many(feats: list[Features], a: np.ndarray, b: np.ndarray, cfg: cd.CopyDetectConfig, enough: int) -> np.ndarray:
+    """Scores of pairs (a, b), verified in Ray tasks of VERIFY_BATCH pairs (each task gets only
+    the features its pairs need)."""
+    work = []
+    for s in range(0, len(a), VERIFY_BATCH):
+        pa_, pb_ = a[s : s + VERIFY_BATCH], b[s : s + VERIFY_BATCH]
+        rows = sorted(set(pa_.tolist()) | set(pb_.tolist()))
+        pos = {r: i for i, r in enumerate(rows)}
+        work.append(([feats[r] for r in rows], [(pos[x], pos[y]) for x, y in zip(pa_.tolist(), pb_.tolist())]))
+    out = fanout.parallel_map(VerifyBatch(cfg, enough), work)
+    return np.array([s for part in out for s in part], np.int64)
+
+
+class Decider:
+    """Scores and decides pairs by local features, or by a copy model's cosine."""
+
+    def __init__(self, feats: list[Features], copy_vecs: np.ndarray | None, cal: cd.Calibration, cfg: cd.CopyDetectConfig):
+        self.feats, self.vecs, self.cal, self.cfg = feats, copy_vecs, cal, cfg
+        self.checks = 0
+
+    @property
+    def method(self) -> str:
+        return self.cal.method
+
+    def scores(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        self.checks += len(a)
+        if self.vecs is not None:
+            return np.einsum("nd,nd->n", self.vecs[a].astype(np.float32), self.vecs[b].astype(np.float32)).astype(np.float64)
+        return verify_many(self.feats, a, b, self.cfg, int(np.ceil(self.cal.threshold))).astype(np.float64)
+
+    def links(self, scores: np.ndarray) -> np.ndarray:
+        return np.array([self.cal.links(s) for s in scores.tolist()], bool)
+
+    def linked(self, i: int, j: int) -> bool:
+        return bool(self.links(self.scores(np.array([i]), np.array([j])))[0])
+
+    def distance(self, scores: np.ndarray) -> np.ndarray:
+        if self.vecs is not None:
+            return np.clip(1.0 - scores, 0.0, 2.0)
+        return 1.0 / (1.0 + scores)
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def run_calibration(run_dir: Path, pool: PoolFeatures, cfg: cd.CopyDetectConfig, copy_model: tuple[str, dict] | None) -> cd.Calibration:
+    """Known copies of a sample of the pool's own images: threshold, recall, false links."""
+    rows = cd.calibration_sample(pool.uids.tolist(), cfg.calib_images, cfg.seed)
+    blobs = stages.read_blobs(run_dir, {pool.uids[r] for r in rows})
+    copies, distinct = cd.calibration_pairs([blobs[pool.uids[r]] for r in rows], cfg.seed)
+    if copy_model is None:
+        def score(pairs):
+            if not pairs:
+                return []
+            feats = _features_of([d for pair in pairs for d in pair], cfg)
+            idx = np.arange(len(pairs)) * 2
+            return verify_many(feats, idx, idx + 1, cfg, 1 << 30).tolist()
+        method = cd.METHOD_LOCAL
+    else:
+        emb = _copy_embedder(copy_model)
+
+        def score(pairs):
+            if not pairs:
+                return []
+            va = emb.embed_images([x for x, _ in pairs]).astype(np.float32)
+            vb = emb.embed_images([y for _, y in pairs]).astype(np.float32)
+            return np.einsum("nd,nd->n", va, vb).astype(np.float64).tolist()
+        method = cd.METHOD_MODEL
+    copy_scores = {k: score(v) for k, v in copies.items()}
+    return cd.calibrate(method, copy_scores, score(distinct), cfg, images=len(rows))
+
+
+@dataclass(frozen=True)
+class _FeatOf:
+    cfg: FeatureConfig
+
+    def __call__(self, blobs: list[bytes]) -> list[Features]:
+        set_threads(1)
+        return [Features.from_row(features_row("", d, self.cfg)) for d in blobs]
+
+
+def _features_of(blobs: list[bytes], cfg: cd.CopyDetectConfig) -> list[Features]:
+    """Features of encoded images (each distinct blob once), in Ray tasks of 16 images."""
+    uniq = list(dict.fromkeys(blobs))
+    chunks = [uniq[s : s + 16] for s in range(0, len(uniq), 16)]
+    got = dict(zip(uniq, [f for part in fanout.parallel_map(_FeatOf(cfg.features), chunks) for f in part]))
+    return [got[b] for b in blobs]
+
+
+def _copy_embedder(copy_model: tuple[str, dict]):
+    from lvd.curation.embed import EmbedConfig, Embedder
+
+    spec, embed_cfg = copy_model
+    return Embedder(spec, EmbedConfig(**embed_cfg))
+
+
+# ---------------------------------------------------------------- the pool
+
+
+@dataclass(frozen=True)
+class CopyDetectFn:
+    run_dir: str
+    cfg: cd.CopyDetectConfig
+    proposers: tuple[str, ...]  # vector store folders that propose neighbours (embedder)
+    copy_model: tuple[str, dict] | None  # (spec, EmbedConfig kwargs) deciding by cosine
+    mirror_radius: int = 20  # the hash dedup's equalised radius, for mirrored copies
+
+    def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
+        t0 = time.perf_counter()
+        run, cfg = Path(self.run_dir), self.cfg
+        pool = read_features(run)
+        n = len(pool.uids)
+        copy_vecs = open_vectors(run / "copyvec").get(pool.uids) if self.copy_model else None
+        t_read = time.perf_counter()
+        cal = run_calibration(run, pool, cfg, self.copy_model)
+        t_cal = time.perf_counter()
+        hp = cd.hash_candidates(pool.nhash, pool.nhash_flip, cfg.hash_radius)
+        knn = [cd.descriptor_candidates(pool.feats, cfg.k), cd.knn_lists(pool.glob, cfg.k)]
+        knn += [cd.knn_lists(open_vectors(d).get(pool.uids), cfg.k) for d in self.proposers]
+        if copy_vecs is not None:
+            knn.append(cd.knn_lists(copy_vecs, cfg.k))
+        a, b = cd.bounded_candidates(n, hp, knn, cfg.max_verify)
+        t_cand = time.perf_counter()
+        decider = Decider(pool.feats, copy_vecs, cal, cfg)
+        scores = decider.scores(a, b)
+        keep = decider.links(scores)
+        t_verify = time.perf_counter()
+        pa_, pb_ = phash_pairs(pool.uids, run)
+        ma, mb = cd.mirror_hash_pairs(pool.nhash, pool.nhash_flip, self.mirror_radius, np.log(pool.aspect), 1.1)
+        pa_, pb_ = np.concatenate([pa_, ma]), np.concatenate([pb_, mb])
+        ea = np.concatenate([a[keep], pa_])
+        eb = np.concatenate([b[keep], pb_])
+        rank = representative_rank(pool.pixels, pool.uids)
+        split = cd.split_chains(n, ea, eb, rank, decider.linked, cfg.max_centres, group=hash_groups(n, pa_, pb_))
+        t_split = time.perf_counter()
+        dist = dict(zip(zip(np.minimum(a, b)[keep].tolist(), np.maximum(a, b)[keep].tolist()),
+                        decider.distance(scores[keep]).tolist()))
+        phash = set(zip(np.minimum(pa_, pb_).tolist(), np.maximum(pa_, pb_).tolist()))
+        sets = _edge_sets(split, phash, dist, decider, hash_groups(n, pa_, pb_))
+        table = resolve(pool.uids, pool.pixels, sets)
+        cd.check_removal("copy detection", table.num_rows, n, cfg.max_remove,
+                         largest=cd.largest_groups(pool.uids, split.edges_a, split.edges_b),
+                         detail=cal.summary() + ". ")
+        stats = dict(images=n, candidates=len(a), hash_candidates=len(hp[0]), decided_links=int(keep.sum()),
+                     phash_links=len(pa_), components_split=split.components_split, split_checks=split.extra_checks,
+                     unresolved=split.unresolved, duplicates=table.num_rows, method=cal.method,
+                     seconds_read=t_read - t0, seconds_calibrate=t_cal - t_read, seconds_candidates=t_cand - t_cal,
+                     seconds_verify=t_verify - t_cand, seconds_split=t_split - t_verify)
+        return {"": table, "calibration": _json_table(cal.as_dict()), "stats": _json_table(stats)}
+
+
+def _edge_sets(split: cd.Split, phash: set, dist: dict, decider: Decider, group: np.ndarray) -> list[EdgeSet]:
+    """Star edges by how their pair was linked: hashes (the dedup stage's groups and mirrored
+    hash pairs), a decision, or a decision of the split step."""
+    by: dict[str, tuple[list, list, list]] = {"phash": ([], [], []), decider.method: ([], [], [])}
+    for m, c in zip(split.edges_a.tolist(), split.edges_b.tolist()):
+        key = (min(m, c), max(m, c))
+        method = "phash" if key in phash or group[m] == group[c] else decider.method
+        d = 0.0 if method == "phash" else dist.get(key)
+        if d is None:  # decided during splitting
+            d = float(decider.distance(decider.scores(np.array([m]), np.array([c])))[0])
+        by[method][0].append(key[0])
+        by[method][1].append(key[1])
+        by[method][2].append(d)
+    return [EdgeSet(k, np.array(a, np.int64), np.array(b, np.int64), np.array(d, np.float64)) for k, (a, b, d) in by.items()]
+
+
+def hash_groups(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Component label per row of the hash-decided pairs (singletons label themselves)."""
+    from lvd.curation.unionfind import UnionFind
+
+    uf = UnionFind(n)
+    uf.union_edges(np.asarray(a, np.int64), np.asarray(b, np.int64))
+    return np.array([uf.find(i) for i in range(n)], np.int64)
+
+
+def phash_pairs(uids: np.ndarray, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The hash dedup stage's groups as (member, representative) row pairs."""
+    path = run_dir / "dedup" / "duplicates.parquet"
+    if not path.exists():
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    dups = pq.read_table(path)
+    pos = {u: i for i, u in enumerate(uids.tolist())}
+    a = np.array([pos[u] for u in dups["uid"].to_pylist()], np.int64)
+    b = np.array([pos[u] for u in dups["duplicate_of"].to_pylist()], np.int64)
+    return a, b
+
+
+def _json_table(d: dict) -> pa.Table:
+    return pa.table({"json": pa.array([json.dumps(d, sort_keys=True)], pa.string())})
+
+
+def read_json_output(path: Path) -> dict | None:
+    return json.loads(pq.read_table(path)["json"][0].as_py()) if path.exists() else None
+
+
+def calibration(run_dir: Path) -> cd.Calibration | None:
+    d = read_json_output(run_dir / "copydetect" / "duplicates.calibration.parquet")
+    return cd.Calibration.from_dict(d) if d else None
+
+
+def copydetect_stats(run_dir: Path) -> dict | None:
+    return read_json_output(run_dir / "copydetect" / "duplicates.stats.parquet")
+
+
+def run_copydetect(run_dir: Path, cfg: cd.CopyDetectConfig, *, proposers: list[Path] = (),
+                   copy_model: tuple[str, dict] | None = None,
+                   rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
+    dirs = [run_dir / "dedup", run_dir / "copyfeat"] + [Path(p).parent / "embed" for p in proposers]
+    if copy_model:
+        dirs.append(run_dir / "copyembed")
+    unit = runner.WholeStage(fingerprint=stages.digest(*dirs), stem="duplicates")
+    fn = CopyDetectFn(str(run_dir), cfg, tuple(str(p) for p in proposers), copy_model)
+    return runner.map_partitions(fn, [unit], run_dir / "copydetect",
+                                 cfg_hash=runner.config_hash(cfg, copy_model), runner=rcfg)
+
+
+def duplicates(run_dir: Path) -> pa.Table:
+    """The run's final duplicate table: copy detection's when it ran, else dedup's."""
+    for stage in ("copydetect", "dedup"):
+        if (p := run_dir / stage / "duplicates.parquet").exists():
+            return pq.read_table(p)
+    return DUPLICATES_SCHEMA.empty_table()
+
+
+# ---------------------------------------------------------------- decontamination
+
+
+@dataclass(frozen=True)
+class DecontamFn:
+    run_dir: str
+    eval_dirs: dict[str, str]  # eval-set name -> its run folder
+    cfg: cd.CopyDetectConfig
+    proposers: tuple[tuple[str, dict[str, str]], ...]  # (pool vectors, {eval set: its vectors})
+    copy_model: tuple[str, dict] | None
+
+    def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
+        run, cfg = Path(self.run_dir), self.cfg
+        cal = calibration(run)
+        if cal is None:
+            raise RuntimeError(f"{run}/copydetect has no calibration: run copy detection before decontamination")
+        pool = read_features(run)
+        ev, set_of = _eval_features({k: Path(v) for k, v in self.eval_dirs.items()})
+        n, e = len(pool.uids), len(ev.uids)
+        if not n or not e:
+            return {"": DECONTAM_SCHEMA.empty_table()}
+        qa, pb = cd.cross_hash_candidates(ev.nhash, pool.nhash, pool.nhash_flip, cfg.hash_radius)
+        lists = [(ev.glob, pool.glob)]
+        for pool_dir, eval_vecs in self.proposers:
+            lists.append((_eval_vectors(ev.uids, set_of, eval_vecs), open_vectors(pool_dir).get(pool.uids)))
+        copy_pool = copy_eval = None
+        if self.copy_model:
+            copy_pool = open_vectors(run / "copyvec").get(pool.uids)
+            copy_eval = _eval_vectors(ev.uids, set_of, {k: str(Path(v) / "copyvec") for k, v in self.eval_dirs.items()})
+            lists.append((copy_eval, copy_pool))
+        q, p = [qa], [pb]
+        for eq, pv in lists:
+            ids = cd.knn_lists(np.asarray(pv), cfg.k, np.asarray(eq), exclude_self=False)
+            rows = np.repeat(np.arange(e), ids.shape[1])
+            q.append(rows[ids.ravel() >= 0])
+            p.append(ids.ravel()[ids.ravel() >= 0])
+        key = np.unique(np.concatenate(q) * n + np.concatenate(p))
+        q_rows, p_rows = key // n, key % n
+        # one table of eval rows then pool rows, so one decider scores eval-pool pairs
+        feats = ev.feats + pool.feats
+        vecs = None if copy_pool is None else np.concatenate([copy_eval, copy_pool]).astype(np.float32)
+        decider = Decider(feats, vecs, cal, cfg)
+        scores = decider.scores(q_rows, p_rows + e)
+        hit = decider.links(scores)
+        best: dict[int, tuple[float, int]] = {}
+        for qi, pi, s in zip(q_rows[hit].tolist(), p_rows[hit].tolist(), scores[hit].tolist()):
+            if pi not in best or s > best[pi][0]:
+                best[pi] = (s, qi)
+        out = _with_components(pool.uids, best, duplicates(run), ev.uids, set_of, decider)
+        cd.check_removal("decontamination", out.num_rows, n, cfg.max_remove,
+                         largest=[[str(pool.uids[r]) for r in list(best)[:8]]],
+                         detail=cal.summary() + f"; {len(best)} pool images matched {e} eval images. ")
+        return {"": out}
+
+
+def _with_components(uids, best, dups: pa.Table, eval_uids, set_of, decider: Decider) -> pa.Table:
+    """Every member of a group one of whose members matched, naming the group's best match."""
+    rep = dict(zip(dups["uid"].to_pylist(), dups["duplicate_of"].to_pylist()))
+    label = [rep.get(u, u) for u in uids.tolist()]
+    group_best: dict[str, tuple[float, int]] = {}
+    for pi, (s, qi) in sorted(best.items()):
+        g = label[pi]
+        if g not in group_best or s > group_best[g][0]:
+            group_best[g] = (s, qi)
+    rows = []
+    for i, u in enumerate(uids.tolist()):
+        hit = best.get(i) or group_best.get(label[i])
+        if hit is None:
+            continue
+        s, qi = hit
+        sim = 1.0 - float(decider.distance(np.array([s]))[0])
+        rows.append({"uid": u, "matched_eval_uid": str(eval_uids[qi]), "similarity": sim,
+                     "eval_set": set_of[str(eval_uids[qi])], "method": decider.method})
+    return pa.Table.from_pylist(rows, schema=DECONTAM_SCHEMA).sort_by([("uid", "ascending")])
+
+
+def _eval_features(eval_dirs: dict[str, Path]) -> tuple[PoolFeatures, dict[str, str]]:
+    """Every accepted eval image once (first set by name wins), and uid -> its set."""
+    parts, set_of = [], {}
+    for name in sorted(eval_dirs):
+        f = read_features(eval_dirs[name])
+        keep = [i for i, u in enumerate(f.uids.tolist()) if u not in set_of]
+        for i in keep:
+            set_of[f.uids[i]] = name
+        parts.append((f, keep))
+    uids = np.array([f.uids[i] for f, k in parts for i in k], dtype=object)
+    feats = [f.feats[i] for f, k in parts for i in k]
+    pix = np.array([f.pixels[i] for f, k in parts for i in k], np.int64)
+    asp = np.array([f.aspect[i] for f, k in parts for i in k], np.float64)
+    glob = np.concatenate([f.glob[k] for f, k in parts]) if parts else np.zeros((0, 144), np.float32)
+    nh = np.concatenate([f.nhash[k] for f, k in parts]) if parts else np.zeros((0, 32), np.uint8)
+    nf = np.concatenate([f.nhash_flip[k] for f, k in parts]) if parts else np.zeros((0, 32), np.uint8)
+    return PoolFeatures(uids, pix, asp, feats, glob, nh, nf), set_of
+
+
+def _eval_vectors(uids: np.ndarray, set_of: dict[str, str], dirs: dict[str, str]) -> np.ndarray:
+    stores = {name: open_vectors(d) for name, d in dirs.items()}
+    return np.concatenate([stores[set_of[u]].get([u]) for u in uids.tolist()]) if len(uids) else np.zeros((0, 1), np.float16)
+
+
+def run_decontam(run_dir: Path, eval_dirs: dict[str, Path], cfg: cd.CopyDetectConfig, *,
+                 proposer: str | None = None, copy_model: tuple[str, dict] | None = None,
+                 rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
+    """Remove the pool's copies of eval images (`proposer`: the vector folder name, e.g.
+    "vectors", of an embedder that also proposes candidates)."""
+    names = sorted(eval_dirs)
+    dirs = [run_dir / "copydetect"] + [eval_dirs[n] / "copyfeat" for n in names]
+    proposers: tuple = ()
+    if proposer:
+        proposers = ((str(run_dir / proposer), {n: str(eval_dirs[n] / proposer) for n in names}),)
+        dirs += [run_dir / "embed"] + [eval_dirs[n] / "embed" for n in names]
+    if copy_model:
+        dirs += [run_dir / "copyembed"] + [eval_dirs[n] / "copyembed" for n in names]
+    unit = runner.WholeStage(fingerprint=stages.digest(*dirs), stem="decontaminated")
+    fn = DecontamFn(str(run_dir), {k: str(v) for k, v in eval_dirs.items()}, cfg, proposers, copy_model)
+    return runner.map_partitions(fn, [unit], run_dir / "decontam",
+                                 cfg_hash=runner.config_hash(cfg, names, copy_model, proposer), runner=rcfg)
+
+
+def decontaminated(run_dir: Path) -> pa.Table | None:
+    p = run_dir / "decontam" / DECONTAM_FILE
+    return pq.read_table(p) if p.exists() else None
+
+
+def candidates(run_dir: Path) -> list[str]:
+    """uids still in the running after dedup, copy detection and decontamination, sorted."""
+    uids = set(stages.unique_accepted(run_dir)["uid"].to_pylist())
+    uids -= set(duplicates(run_dir)["uid"].to_pylist())
+    if (dec := decontaminated(run_dir)) is not None:
+        uids -= set(dec["uid"].to_pylist())
+    return sorted(uids)
