@@ -95,9 +95,9 @@ def _gray(data_or_img) -> np.ndarray:
 
 def test_bench_catalog_groups_sizes_and_order(catalog):
     names = [o.name for o in catalog]
-    assert len(names) == len(set(names)) == 229
+    assert len(names) == len(set(names)) == 213
     counts = {g: sum(o.group == g for o in catalog) for g in cp.BENCH_GROUPS}
-    assert counts == {"photo": 8, "tile": 111, "burst": 10, "product": 60, "face": 40}
+    assert counts == {"photo": 10, "tile": 93, "burst": 10, "product": 60, "face": 40}
     assert [n for n, _ in cp.bench_originals(0)] == names
     assert {o.group for o in catalog[:5]} == set(cp.BENCH_GROUPS)  # round robin: any prefix mixes groups
     for o in catalog:
@@ -192,7 +192,7 @@ def test_bench_dump_layout_and_counts(dump, catalog):
         assert truth.originals[o.name]["box"] == list(o.box) and truth.originals[o.name]["group"] == o.group
         assert set(truth.copies_of(o.name)) == {"original", *cp.BENCH_KINDS}
     assert counts["broken"] == {"broken": 4}
-    assert sum(sum(c.values()) for c in counts.values()) == 229 * 12 + 4
+    assert sum(sum(c.values()) for c in counts.values()) == 213 * 12 + 4
     for rel, f in truth.files.items():
         if f["kind"] == "original":
             ext = ".png" if f["group"] in ("product", "face") else ".jpg"
@@ -259,7 +259,7 @@ def test_bench_kinds_stay_in_their_documented_ranges(dump):
             assert 0.5 <= p["scale"] <= 0.8 and 35 <= p["quality"] <= 70 and img.format == "JPEG"
             assert 0.75 <= p["factor"] <= 0.9 or 1.1 <= p["factor"] <= 1.3
             assert img.size == (round(w * p["scale"]), round(h * p["scale"]))
-    assert seen == {k: 229 for k in cp.BENCH_KINDS}
+    assert seen == {k: 213 for k in cp.BENCH_KINDS}
     assert np.mean(flip_wins) > 0.9  # symmetric products/faces may look alike either way
     # both sides of the two-sided ranges and both variants/codecs occur
     params = [f["params"] for f in truth.files.values() if f["kind"] != "broken"]
