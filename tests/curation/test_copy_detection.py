@@ -1,0 +1,235 @@
+"""The copy detector on real photos it was not tuned on (scikit-image / scikit-learn images,
+the benchmark dump's look-alike groups): verification, containment, candidates, chain
+splitting, calibration, the guard, the hash channels for strong brightness changes, and a
+TorchScript copy model. No Ray: `fanout.parallel_map` runs in-process here."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image, ImageEnhance
+
+from lvd.curation import copies
+from lvd.curation import copydetect as cd
+from lvd.curation import localfeat as lf
+from lvd.curation.dedup import DedupConfig, find_near_duplicates
+from lvd.curation.guard import MassRemovalError, check_removal
+from lvd.curation.ingest import INGEST_SCHEMA, IngestConfig, ingest_item
+from lvd.curation.sources import RawItem
+
+VCFG = lf.VerifyConfig()
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return {o.name: o for o in copies.bench_catalog(0)}
+
+
+def _bytes(img: Image.Image | bytes) -> bytes:
+    if isinstance(img, bytes):
+        return img
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def _feat(img) -> lf.Features:
+    return lf.features(_bytes(img))
+
+
+def _score(a, b) -> int:
+    return lf.verify(_feat(a), _feat(b)).score(VCFG)
+
+
+@pytest.fixture(scope="module")
+def photos(catalog):
+    return [catalog[n] for n in ("astronaut", "camera", "coins", "chelsea")]
+
+
+@pytest.mark.parametrize("kind", ["crop40", "flipped", "overlay", "combined"])
+def test_verification_links_copies_of_real_photos(photos, kind):
+    for o in photos:
+        data, params = copies.make_bench_copy(o, kind)
+        assert _score(o.image, data) >= cd.MIN_INLIERS, (o.name, kind, params)
+
+
+def test_burst_neighbours_and_distinct_photos_are_not_linked(catalog):
+    """Two windows of one scene overlapping by <= 40% share many keypoints under one shift
+    (flower: > 100 inliers): only the frame-containment rule keeps them apart."""
+    bursts = sorted(n for n, o in catalog.items() if o.group == "burst")
+    verdicts = [lf.verify(_feat(catalog[a].image), _feat(catalog[b].image)) for a, b in zip(bursts[::2], bursts[1::2])]
+    assert max(v.inliers for v in verdicts) > 50  # the geometry alone would link one
+    assert all(v.score(VCFG) < cd.MIN_INLIERS for v in verdicts), verdicts
+    names = ["astronaut", "camera", "coins", "chelsea", "clock", "page"]
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert _score(catalog[a].image, catalog[b].image) < cd.MIN_INLIERS, (a, b)
+
+
+def test_mirrored_matching_finds_flips_only_through_the_mirror(catalog):
+    o = catalog["astronaut"]
+    flipped, _ = copies.make_bench_copy(o, "flipped")
+    fa, fb = _feat(o.image), _feat(flipped)
+    v = lf.verify(fa, fb)
+    assert v.flipped and v.score(VCFG) >= cd.MIN_INLIERS
+    direct_only = lf.Features(fb.kp, fb.desc, fb.kp, fb.desc, fb.hull, fb.size)  # no mirror features
+    assert lf.verify(fa, direct_only).score(VCFG) < cd.MIN_INLIERS
+
+
+def test_containment_of_frames():
+    ident = np.array([[1.0, 0, 0], [0, 1.0, 0]])
+    assert lf.containment(ident, (100, 80), (100, 80)) == pytest.approx((1.0, 1.0))
+    # A is a 60 x 80 crop of B (100 x 80) placed at x = 20: contained, keeps 60%
+    crop = np.array([[1.0, 0, 20], [0, 1.0, 0]])
+    assert lf.containment(crop, (60, 80), (100, 80)) == pytest.approx((1.0, 0.6), abs=1e-3)
+    # panned by half a frame: each lies half inside the other
+    pan = np.array([[1.0, 0, 50], [0, 1.0, 0]])
+    assert lf.containment(pan, (100, 80), (100, 80)) == pytest.approx((0.5, 0.5), abs=1e-3)
+
+
+def test_split_chains_breaks_a_chain_and_keeps_a_star():
+    # rows by rank: 0 (best), 1, 2, 3. Edges 0-1, 1-2, 2-3: a chain; only 0~1 and 2~3 are
+    # really copies of each other
+    truly = {(0, 1), (2, 3)}
+    linked = lambda i, j: (min(i, j), max(i, j)) in truly  # noqa: E731
+    a, b = np.array([0, 1, 2]), np.array([1, 2, 3])
+    s = cd.split_chains(4, a, b, np.arange(4), linked, max_centres=8)
+    pairs = {(min(x, y), max(x, y)) for x, y in zip(s.edges_a.tolist(), s.edges_b.tolist())}
+    assert pairs == {(0, 1), (2, 3)} and s.components_split == 1
+    # a star (every member a copy of row 0) stays one group, with no extra checks
+    star = cd.split_chains(4, np.array([1, 2, 3]), np.array([0, 0, 0]), np.arange(4), lambda i, j: False, 8)
+    assert len(star.edges_a) == 3 and set(star.edges_b.tolist()) == {0} and star.extra_checks == 0
+    # rows of one hash group (1 and 3, linked by their hash edge) move as a unit led by 1: 0
+    # joins it through its own link with the leader; 2, linked only with the member 3, does not
+    grouped = cd.split_chains(4, np.array([0, 3, 1]), np.array([1, 2, 3]), np.arange(4), linked, 8,
+                              group=np.array([0, 1, 2, 1]))
+    comp = {(min(x, y), max(x, y)) for x, y in zip(grouped.edges_a.tolist(), grouped.edges_b.tolist())}
+    assert (1, 3) in comp and (0, 1) in comp and not any(2 in p for p in comp)
+
+
+def test_choose_threshold_links_at_most_the_rate():
+    distinct = list(range(10)) + [15]
+    copies_ = {"k": [20, 30, 40]}
+    assert cd.choose_threshold(cd.METHOD_LOCAL, copies_, distinct, 0.0) == 16  # above the 15
+    assert cd.choose_threshold(cd.METHOD_LOCAL, copies_, distinct, 0.1) == cd.MIN_INLIERS  # the 15 allowed
+    t = cd.choose_threshold(cd.METHOD_MODEL, {"k": [0.9, 0.95]}, [0.1, 0.5], 0.0)
+    assert t == pytest.approx(0.7)
+    with pytest.raises(cd.CopyModelUnfit, match="cannot tell copies apart"):
+        cd.choose_threshold(cd.METHOD_MODEL, {"k": [0.4]}, [0.1, 0.5], 0.0)
+
+
+def test_calibration_on_real_photos(catalog):
+    """Known copies of real photos (not the benchmark's kinds) are found; disjoint parts of one
+    photo are not linked; a user threshold is reported with its own recall."""
+    imgs = [catalog[n].image for n in ("astronaut", "coffee_b0", "camera", "chelsea", "coins", "hubble_deep_field_r1c1")
+            if n in catalog][:5]
+    blobs = [_bytes(i) for i in imgs]
+    pairs, distinct = cd.calibration_pairs(blobs, seed=0)
+
+    def score(ps):
+        return [lf.verify(_feat(x), _feat(y)).score(VCFG) for x, y in ps]
+
+    copy_scores = {k: score(v) for k, v in pairs.items()}
+    cal = cd.calibrate(cd.METHOD_LOCAL, copy_scores, score(distinct), cd.CopyDetectConfig(), images=len(blobs))
+    assert cal.source == "calibrated" and cal.threshold >= cd.MIN_INLIERS
+    assert cal.copy_recall >= 0.85 and cal.false_links <= 1, cal.summary()
+    user = cd.calibrate(cd.METHOD_LOCAL, copy_scores, score(distinct), cd.CopyDetectConfig(threshold=1000), images=5)
+    assert user.source == "user" and user.copy_recall == 0.0 and "user" in user.summary()
+
+
+def test_candidates_propose_crops_flips_and_overlays(catalog):
+    names = [n for n, o in catalog.items() if o.group in ("tile", "photo")][:40]
+    items = [(n, catalog[n].image) for n in names]
+    kinds = ("crop40", "overlay", "flipped")
+    items += [(f"{n}:{k}", copies.make_bench_copy(catalog[n], k)[0]) for n in names[:10] for k in kinds]
+    rows = [lf.features_row(n, _bytes(x)) for n, x in items]
+    feats = [lf.Features.from_row(r) for r in rows]
+    ids = cd.descriptor_candidates(feats, 8)
+    pos = {n: i for i, (n, _) in enumerate(items)}
+    found = [pos[n.split(":")[0]] in ids[pos[n]].tolist() for n, _ in items if ":" in n]
+    assert np.mean(found) >= 0.9, found
+    nh = np.stack([np.frombuffer(r["nhash"], np.uint8) for r in rows])
+    nf = np.stack([np.frombuffer(r["nhash_flip"], np.uint8) for r in rows])
+    aspect = np.log([r["fw"] / r["fh"] for r in rows])
+    a, b = cd.mirror_hash_pairs(nh, nf, 20, aspect, 1.1)
+    flips = {(min(pos[n], pos[f"{n}:flipped"]), max(pos[n], pos[f"{n}:flipped"])) for n in names[:10]}
+    got = set(zip(a.tolist(), b.tolist()))
+    assert len(flips & got) >= 8 and got <= flips  # flips found, and nothing else
+
+
+def test_guard_names_stage_fraction_and_flag():
+    check_removal("copy detection", 9, 10, 0.9)  # at the limit: fine
+    with pytest.raises(MassRemovalError) as e:
+        check_removal("decontamination", 6, 10, 0.5, largest=[["a", "b"]])
+    msg = str(e.value)
+    assert "decontamination would remove 6 of 10 images (60.0%)" in msg and "--max-remove-fraction" in msg
+    import pickle
+
+    again = pickle.loads(pickle.dumps(e.value))  # crosses Ray intact
+    assert again.largest == [["a", "b"]] and str(again) == msg
+
+
+def _hash_row(uid: str, data: bytes) -> dict:
+    rec, _ = ingest_item(RawItem(uid, data, None), IngestConfig())
+    assert rec["status"] == "accepted"
+    return {**rec, "uid": uid}
+
+
+@pytest.mark.parametrize("factor", [0.65, 1.4])
+def test_hash_channels_find_strong_brightness_changes(factor):
+    """Clipping brightness changes move pHash-256 and the thumbnail fit; the equalised and
+    clipping-aware channels find them, without merging the distinct photos."""
+    rows = []
+    for name, img in copies.real_photos():
+        rows.append(_hash_row(f"{name}:orig", copies.encode_original(img)))
+        rows.append(_hash_row(f"{name}:b", _bytes(ImageEnhance.Brightness(img.convert("RGB")).enhance(factor))))
+    table = pa.Table.from_pylist(rows, schema=INGEST_SCHEMA).drop_columns(["source", "status", "reason", "meta"])
+
+    def found(cfg):
+        d = find_near_duplicates(table, cfg)
+        rep = dict(zip(d["uid"].to_pylist(), d["duplicate_of"].to_pylist()))
+        origs = [r["uid"] for r in rows if r["uid"].endswith(":orig")]
+        reps = [rep.get(u, u) for u in origs]
+        assert len(set(reps)) == len(reps)  # no two photos merged
+        return np.mean([rep.get(u.replace(":orig", ":b"), u.replace(":orig", ":b")) == rep.get(u, u) for u in origs])
+
+    with_channels = found(DedupConfig())
+    without = found(DedupConfig(equalised_radius=None, clipped_verify_radius=None))
+    assert with_channels >= 0.95 and with_channels > without, (with_channels, without)
+    clipped_only = found(DedupConfig(equalised_radius=None))  # each channel finds some alone
+    equalised_only = found(DedupConfig(clipped_verify_radius=None))
+    assert equalised_only > without, (equalised_only, without)
+    if factor > 1:  # brightening clips the highlights: the clipping-aware channel's case
+        assert clipped_only > without, (clipped_only, without)
+
+
+class _TinyDescriptor(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4).flatten(1)
+
+
+def test_torchscript_copy_model_loads_and_embeds(tmp_path, catalog):
+    from lvd.curation.embed import EmbedConfig, Embedder, is_torchscript
+
+    torch.manual_seed(0)
+    path = tmp_path / "sscd_like.torchscript.pt"
+    torch.jit.script(_TinyDescriptor()).save(str(path))
+    assert is_torchscript(path) and not is_torchscript(tmp_path)
+    emb = Embedder(str(path), EmbedConfig(resize=64, crop=64, batch_size=4, decode_threads=1))
+    assert emb.dim == 8 * 16
+    v = emb.embed_images([_bytes(catalog["astronaut"].image), _bytes(catalog["camera"].image)]).astype(np.float32)
+    assert v.shape == (2, 128) and np.allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-2)
+
+
+def test_a_model_that_cannot_separate_copies_is_refused():
+    # a copy model mapping everything to one direction: copies and distinct pairs all at 1.0
+    with pytest.raises(cd.CopyModelUnfit):
+        cd.calibrate(cd.METHOD_MODEL, {"resized": [1.0, 1.0]}, [1.0, 1.0, 1.0], cd.CopyDetectConfig(), images=2)
