@@ -10,15 +10,17 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lvd.curation import copies, ledger as lg, stages, stages_embed, stages_select
+from lvd.curation import copies, ledger as lg, stages, stages_copy, stages_embed, stages_select
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.embed import EmbedConfig
+from lvd.curation.guard import MassRemovalError
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.shards import ShardConfig
 from lvd.curation.stages_retrieve import RetrieveConfig, run_retrieve
 
-EMBED = EmbedConfig(resize=128, crop=112, batch_size=16, decode_threads=1)
+EMBED_KW = {"resize": 128, "crop": 112, "batch_size": 16, "decode_threads": 1}
+EMBED = EmbedConfig(**EMBED_KW)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +52,17 @@ def embedder(tmp_path_factory):
 def ingest_dedup(inputs, run):
     stages.run_ingest(stages.plan(inputs, 16), run, IngestConfig())
     stages.run_dedup(run, DedupConfig())
+
+
+# the pool is 8 photos and 40 copies of them: copy detection removes 40 of 48 (83%), above the
+# stage's default guard (0.5); the flow's default for dedup and copy detection is 0.9
+COPY = CopyDetectConfig(k=8, max_remove=0.9)
+
+
+def copydetect(run, cfg=COPY):
+    """Model-free copy detection (calibrated threshold), the embedder's vectors proposing."""
+    stages_copy.run_copyfeat(run)
+    stages_copy.run_copydetect(run, cfg, proposers=[run / "vectors"])
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +110,9 @@ def test_hierarchical_balanced_retrieval_to_target(ray_local, pool, embedder, tm
     run = tmp_path / "run"
     ingest_dedup([pool], run)
     stages_embed.run_embed(run, embedder, EMBED)
-    stages_embed.run_copydetect(run, CopyDetectConfig(k=8, threshold=0.999))
-    cands = stages_embed.candidates(run)
+    copydetect(run)
+    cands = stages_copy.candidates(run)
+    assert len(cands) == 8  # model-free copy detection leaves one image per photo
     stages_select.run_cluster(run, stages_select.ClusterConfig(k=4, hierarchical=True))
     run_retrieve(run, {}, RetrieveConfig(method="hierarchical", target=6))
     rep = stages_select.run_shards(run, ShardConfig(shard_size=4))
@@ -131,7 +145,7 @@ def test_cluster_based_retrieval_takes_seeded_clusters(ray_local, pool, embedder
     ingest_dedup([str(seeds_dir)], seed_run)
     for r in (run, seed_run):
         stages_embed.run_embed(r, embedder, EMBED)
-    stages_embed.run_copydetect(run, CopyDetectConfig(k=8, threshold=0.999))
+    copydetect(run)
     stages_select.run_cluster(run, stages_select.ClusterConfig(k=3))
     run_retrieve(run, {"s": seed_run}, RetrieveConfig(method="cluster", min_seeds=1))
     clusters, tree = stages_select.read_clusters(run)
@@ -143,16 +157,28 @@ def test_cluster_based_retrieval_takes_seeded_clusters(ray_local, pool, embedder
     sel = pq.read_table(run / "retrieve" / "selection.parquet").to_pydict()
     assert sel["uid"] == want and set(sel["cluster_id"]) == {c} and set(sel["method"]) == {"cluster"}
 
-    # a threshold every pair passes: copy detection joins the whole pool into one group, and
-    # the images without any pHash edge are marked `embedding`
+    # a copy model (the random ViT) with a cosine threshold every pair passes: copy detection
+    # joins the whole pool into one group, and the images without any pHash edge are marked
+    # `copy-model`; with the default guard (max_remove 0.5) the stage refuses and writes nothing
     pd = pq.read_table(run / "dedup" / "duplicates.parquet").to_pydict()
     phash = set(pd["uid"]) | set(pd["duplicate_of"])  # images with a pHash edge (members and representatives)
-    stages_embed.run_copydetect(run, CopyDetectConfig(k=64, threshold=-0.99))
-    assert len(stages_embed.candidates(run)) == 1
+    stages_embed.run_embed(run, embedder, EMBED, vectors="copyvec", stage="copyembed")
+    copy_model = (embedder, EMBED_KW)
+    shutil.rmtree(run / "copydetect")
+    with pytest.raises(Exception) as info:
+        stages_copy.run_copydetect(run, CopyDetectConfig(threshold=-0.99), copy_model=copy_model)
+    err = info.value
+    assert isinstance(err, MassRemovalError) or isinstance(getattr(err, "cause", None), MassRemovalError), repr(err)
+    assert "copy detection" in str(err) and "--max-remove-fraction" in str(err)
+    assert not (run / "copydetect" / "duplicates.parquet").exists()
+    assert not list((run / "copydetect").glob("*.done.json"))  # no done-marker either
+    stages_copy.run_copydetect(run, CopyDetectConfig(threshold=-0.99, max_remove=1.0), copy_model=copy_model)
+    assert len(stages_copy.candidates(run)) == 1
     d = pq.read_table(run / "copydetect" / "duplicates.parquet").to_pydict()
-    assert {m for u, m in zip(d["uid"], d["method"]) if u not in phash} == {"embedding"}
+    assert {m for u, m in zip(d["uid"], d["method"]) if u not in phash} == {"copy-model"}
+    assert stages_copy.calibration(run).method == "copy-model" and stages_copy.calibration(run).source == "user"
     led = lg.write_ledger(run).to_pylist()
-    assert sum(r["reason"] == "embedding" for r in led) == sum(m == "embedding" for m in d["method"]) > 0
+    assert sum(r["reason"] == "copy-model" for r in led) == sum(m == "copy-model" for m in d["method"]) > 0
 
 
 def stages_embed_seed(seed_run):
