@@ -5,7 +5,8 @@ plus `--copies` of them recompressed at q50 (so dedup has work). Every stage run
 process with the library functions the Ray stages call: `ingest.ingest_partition` over
 `stages.plan` partitions, `dedup.find_near_duplicates` on the unique accepted records,
 `embed.Embedder.embed_images` with the trained `tiny` checkpoint at its native size,
-`copydetect.embedding_edges` (k=64), spherical `kmeans.kmeans` (k = sqrt(N)), and
+the embedding k-NN graph (`knn_index.build_index` + `similar_pairs`: k=64 neighbours
+above cosine 0.94, what copy detection's embedder proposer searches), spherical `kmeans.kmeans` (k = sqrt(N)), and
 `shards.write_shards` of the unique images. Per stage: wall seconds, process CPU seconds (all
 threads), CPU ms per image, and the process's max RSS after the stage (monotone high-water, so
 a stage's own peak is at most the increase it shows). `--big N` also embeds N images with a
@@ -34,11 +35,11 @@ import torch
 from PIL import Image
 
 from lvd.curation.copies import encode_original, real_photos
-from lvd.curation.copydetect import CopyDetectConfig, embedding_edges
 from lvd.curation.dedup import DedupConfig, find_near_duplicates
 from lvd.curation.embed import EmbedConfig, Embedder
 from lvd.curation.ingest import IngestConfig, ingest_item, ingest_partition
 from lvd.curation.kmeans import KMeansConfig, kmeans
+from lvd.curation.knn_index import build_index, similar_pairs
 from lvd.curation.raw import RawItem
 from lvd.curation.shards import ShardConfig, ShardSample, write_shards
 from lvd.curation.stages import plan
@@ -103,6 +104,12 @@ def real_photo_costs(m: Meter, n: int) -> None:
     m.run("embed decode+resize 256+crop 224, real photos", n, lambda: pre.preprocess(blobs, [str(i) for i in range(n)]))
 
 
+def knn_edges(vecs_ND: np.ndarray, *, k: int, threshold: float):
+    """Pairs (a < b) among each other's k nearest neighbours with cosine > threshold (exact
+    search below 200,000 vectors, IVF above): the embedding copy-edge graph."""
+    return similar_pairs(vecs_ND, build_index(vecs_ND), k=k, threshold=threshold)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=3000, help="distinct Fashion-MNIST products in the pool")
@@ -137,7 +144,7 @@ def main() -> None:
             big = Embedder(vit_large(num_register_tokens=4, img_size=224),
                            EmbedConfig(batch_size=args.big, device="cpu", decode_threads=2))
             m.run("embed (ViT-L/14 at 224 px, random)", args.big, lambda: big.embed_images([data[u] for u in uids[: args.big]]))
-        edges = m.run("copy detection (k=64, flat)", len(uids), lambda: embedding_edges(vecs, CopyDetectConfig(threshold=0.94)))
+        edges = m.run("embedding k-NN graph (k=64, exact flat)", len(uids), lambda: knn_edges(vecs, k=64, threshold=0.94))
         k = max(2, round(len(uids) ** 0.5))
         m.run(f"k-means (k={k}, spherical)", len(uids), lambda: kmeans(vecs.astype(np.float32), KMeansConfig(k=k)))
         rows = {r["uid"]: r for r in uniq.select(["uid", "width", "height"]).to_pylist()}

@@ -2,7 +2,7 @@
 
 The baseline is torchvision Resize + CenterCrop + Normalize of full decodes, one image at a
 time into the same batched forward (no DCT draft, no decode threads). Printed as a ratio.
-Copy-threshold calibration on real-image copies is `benchmarks/copy_threshold.py`.
+Copy detection's quality on real-image copies is `benchmarks/copy_quality.py`.
 
 Run: .venv/bin/python benchmarks/embed.py [--backbone SPEC] [--arch vit_small]
      [--throughput 128] [--device auto]
