@@ -1,13 +1,16 @@
 """Curation part 2 end to end through the Prefect flow: real photos + copies (demo dump) as the
 pool, a seed set and an eval set, a small random ViT exported as a Hugging Face folder as the
-embedder. A random backbone maps photos close together (distinct photos reach cosine 0.995,
-byte copies 1.0), so copy-detection and decontamination thresholds are set to 0.998 here."""
+embedder. Copy detection and decontamination need no model (local features decide at a
+threshold calibrated on the pool's own images); the embedder only proposes candidates. As a
+copy model the random ViT is useless (distinct photos reach cosine 0.995): forced to link every
+pair, the flow refuses and leaves the run folder as it was."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import re
 import tarfile
 
 import pyarrow.parquet as pq
@@ -22,7 +25,7 @@ from lvd.curation.shard_check import check_shards
 OPTS = dict(
     partition_size=16, shard_size=4,
     embed={"resize": 128, "crop": 112, "batch_size": 16, "decode_threads": 1},
-    copydetect={"k": 8, "threshold": 0.998}, decontam_threshold=0.998, retrieve={"include_seeds": True},
+    copydetect={"k": 8}, retrieve={"include_seeds": True},
 )
 
 
@@ -105,7 +108,7 @@ def test_contaminated_component_removed_whole(run, data):
     component = {r["uid"] for r in led.values() if r["uid"] == root or r["duplicate_of"] == root}
     shipped = set(pq.read_table(out / "shards" / "manifest.parquet")["uid"].to_pylist())
     assert len(component) >= 3 and not component & shipped
-    # the ledger's duplicate reasons are copy detection's methods (pHash groups kept, embedding added)
+    # the ledger's duplicate reasons are copy detection's methods (pHash groups kept, `copy` added)
     cd = pq.read_table(out / "copydetect" / "duplicates.parquet").to_pydict()
     assert set(pq.read_table(out / "dedup" / "duplicates.parquet")["uid"].to_pylist()) <= set(cd["uid"])
     by_uid = {r["uid"]: r["reason"] for r in led.values() if r["status"] == "duplicate" and r["reason"] != "exact"}
@@ -149,7 +152,8 @@ def test_rerun_is_byte_identical(run):
     _, again, out, (digests, ledger_before, markers_before) = run
     assert again.ok and again.ingest_ran == 0
     stages_done = {k.split("/")[-2] for k in markers_before}
-    assert {"ingest", "dedup", "embed", "copydetect", "decontam", "cluster", "retrieve", "shard_parts"} <= stages_done
+    assert {"ingest", "dedup", "copyfeat", "embed", "copydetect", "decontam", "cluster", "retrieve",
+            "shard_parts"} <= stages_done
     assert stage_markers(out) == markers_before  # every stage resumed from its markers: nothing redone
     assert digests and shard_digests(out) == digests
     assert pq.read_table(out / "ledger.parquet").equals(ledger_before)
@@ -198,17 +202,39 @@ def test_part2_artifacts_reported(run):
     assert img.format == "PNG" and img.size == (320, 120)
 
 
-def test_everything_decontaminated_still_completes(ray_local, prefect_harness, data, embedder, tmp_path):
-    """An embedder that sees every image alike (e.g. a barely trained bootstrap) with a loose
-    threshold removes the whole pool: retrieval has nothing to cluster, and the run must still
-    finish with an empty selection and a consistent ledger."""
+def folder_digests(out) -> dict[str, str]:
+    """Every file (sha256) and folder under `out`."""
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+            for p in sorted(out.rglob("*"))}
+
+
+def test_copy_model_linking_everything_completes_then_is_refused(ray_local, prefect_harness, data, embedder, tmp_path):
+    """A copy model that sees every image alike (the random ViT) at a cosine threshold every
+    pair passes joins the whole pool into one group, and the eval image matches it.
+    - allowed to remove everything (max_remove_fraction=1): retrieval has nothing to cluster,
+      and the run still finishes with an empty selection and a consistent ledger;
+    - with the default guard (copy detection may remove 90%) the flow refuses with
+      MassRemovalError naming the stage, the fraction and the flag, and the run folder is byte
+      for byte what it was before the call (only the guard's limit differs between the calls,
+      so nothing else in the folder has a reason to change)."""
+    from lvd.curation.guard import MassRemovalError
     from lvd.flows.curate import curate
 
     dump, seeds, evalset, _, _ = data
-    opts = {**OPTS, "decontam_threshold": -1.0}  # every pool image "matches" an eval image
-    summary = curate(inputs=dump.inputs, out=str(tmp_path), seeds=[seeds], eval_sets=[evalset],
-                     embedder=embedder, **opts)
+    opts = {**OPTS, "copy_model": embedder, "copydetect": {**OPTS["copydetect"], "threshold": -1.0}}
+    kw = dict(inputs=dump.inputs, out=str(tmp_path), seeds=[seeds], eval_sets=[evalset], embedder=embedder, **opts)
+    summary = curate(**kw, max_remove_fraction=1.0)
     assert summary.ok
     statuses = {r["status"] for r in rows(tmp_path)}
     assert "sharded" not in statuses and "decontaminated" in statuses
     assert lg.verify_run(tmp_path).ok
+    cd = pq.read_table(tmp_path / "copydetect" / "duplicates.parquet").to_pydict()
+    assert "copy-model" in cd["method"]
+
+    before = folder_digests(tmp_path)
+    with pytest.raises(MassRemovalError) as info:
+        curate(**kw)
+    msg = str(info.value)
+    assert "copy detection" in msg and re.search(r"\d+\.\d%", msg) and "--max-remove-fraction" in msg, msg
+    assert info.value.stage == "copy detection" and info.value.removed / info.value.total > 0.9
+    assert folder_digests(tmp_path) == before
