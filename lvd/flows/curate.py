@@ -43,6 +43,7 @@ from lvd.curation.embed import EmbedConfig
 from lvd.curation.shards import ShardConfig
 from lvd.curation.stages_retrieve import RetrieveConfig
 from lvd.curation.stages_select import ClusterConfig
+from lvd import runfolder
 from lvd.flows import artifacts, curate_part2 as p2
 
 NO_EMBEDDER = (
@@ -52,8 +53,16 @@ NO_EMBEDDER = (
 )
 DEDUP_MAX_REMOVE = 0.9  # default guard of dedup and copy detection (copy-heavy dumps exist)
 DECONTAM_MAX_REMOVE = 0.5  # default guard of decontamination (the paper's removed about a third)
-# the copy model's eval transform: SSCD's (288 px, ImageNet normalisation), centre square
-COPY_MODEL_EMBED = {"resize": 288, "crop": 288}
+# the copy model's eval transform: SSCD's for a TorchScript descriptor model (288 px, ImageNet
+# normalisation, centre square), DINOv2's (256 -> 224) for a backbone
+SSCD_EMBED = {"resize": 288, "crop": 288}
+BACKBONE_EMBED = {"resize": 256, "crop": 224}
+
+
+def copy_model_embed(spec: str) -> dict:
+    from lvd.curation.embed import is_torchscript
+
+    return dict(SSCD_EMBED if is_torchscript(spec) else BACKBONE_EMBED)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -163,8 +172,11 @@ def curate(
     cluster: dict | None = None,
     retrieve: dict | None = None,
     shard: dict | None = None,
+    mode: str = "resume",
 ) -> CurateSummary:
-    """Curate `inputs` into the run folder `out` (see the module doc for the stages)."""
+    """Curate `inputs` into the run folder `out` (see the module doc for the stages; `mode`:
+    resume | extend | overwrite, see lvd.runfolder)."""
+    params = dict(locals())  # as given: the run folder records the ones that change outputs
     if partition_size < 1:
         raise ValueError(f"partition_size={partition_size}: use at least 1 input per partition")
     seeds, eval_sets = list(seeds or []), list(eval_sets or [])
@@ -186,10 +198,12 @@ def curate(
     embed_cfg = EmbedConfig(**(embed or {}))
     copy_cfg = CopyDetectConfig(**{"max_remove": max_remove_fraction or DEDUP_MAX_REMOVE, **(copydetect or {})})
     decontam_cfg = CopyDetectConfig(**{**(copydetect or {}), "max_remove": max_remove_fraction or DECONTAM_MAX_REMOVE})
-    copy_spec = (str(copy_model), COPY_MODEL_EMBED) if copy_model else None
+    copy_spec = (str(copy_model), copy_model_embed(copy_model)) if copy_model else None
     rcfg = runner.RunnerConfig(max_retries=max_retries)
     run_dir = Path(out).resolve()
     before = snapshot.take(run_dir)
+    # Refuses another run's folder, locks it (held until the process or `lvd curate` releases it).
+    inputs = runfolder.claim(run_dir, inputs, runfolder.curate_settings(params), mode).inputs
     run_dir.mkdir(parents=True, exist_ok=True)
     runner.init_ray(ray_address)
     get_run_logger().info("curate: %d inputs -> %s", len(inputs), run_dir)
