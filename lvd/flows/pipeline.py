@@ -26,13 +26,14 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from lvd import runfolder
 from lvd.flows.curate import CurateSummary, curate
 from lvd.flows.pretrain_flow import PretrainSummary, pretrain
 
 BOOTSTRAP_RECIPE = "tiny"
 # Curate options the bootstrap curation (no embedder) accepts; retrieval settings are not.
 BASE_CURATE_KEYS = ("partition_size", "ingest", "dedup", "max_retries", "ray_address", "shard_size",
-                    "max_remove_fraction")
+                    "max_remove_fraction", "mode")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -159,15 +160,21 @@ def pipeline(
     knn_k: int = 20,
     curate_options: dict | None = None,
     nproc_per_node: int = 1,
+    mode: str = "resume",
 ) -> PipelineSummary:
-    """Curate `inputs`, pretrain `recipe` on the shards, evaluate, export (module doc)."""
+    """Curate `inputs`, pretrain `recipe` on the shards, evaluate, export (module doc; `mode`:
+    resume | extend | overwrite of OUT, see lvd.runfolder)."""
+    params = dict(locals())  # as given: OUT records the ones that change outputs
     inputs, seeds, eval_sets = [str(i) for i in inputs], list(seeds or []), list(eval_sets or [])
     validate(inputs=inputs, out=out, recipe=recipe, max_steps=max_steps, batch_size=batch_size,
              seeds=seeds, eval_sets=eval_sets, embedder=embedder, knn_train=knn_train,
              knn_val=knn_val, bootstrap_steps=bootstrap_steps, curate_options=curate_options or {},
              nproc_per_node=nproc_per_node)
     root, log = Path(out).resolve(), get_run_logger()
-    curate_kw = dict(curate_options or {})
+    # Refuses another pipeline's OUT and locks it; overwrite deletes run/, pretrain/, hf/, bootstrap/.
+    inputs = runfolder.claim(root, inputs, runfolder.pipeline_settings(params), mode,
+                             outputs=runfolder.PIPELINE_OUTPUTS, kind="pipeline").inputs
+    curate_kw = {**(curate_options or {}), "mode": "extend" if mode == "extend" else "resume"}
     bootstrapped = embedder is None and bool(seeds or curate_kw.get("target_size"))
     if bootstrapped:
         embedder = _bootstrap(root / "bootstrap", inputs, bootstrap_steps, batch_size, curate_kw)
