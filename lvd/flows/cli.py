@@ -26,8 +26,15 @@ COMMAND_MODULES = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """Bad usage is one `error:` line on stderr (which command, where its help is) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="lvd",
         description="Curate web-scraped image dumps LVD-142M-style and pretrain DINOv2 on them.",
     )
@@ -47,6 +54,10 @@ WATCHED = {"demo": True, "pipeline": True, "curate": True, "pretrain": False, "e
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Commands that start Ray or Prefect check their arguments first (`check`: prints one
+    # `error:` line and returns the exit code), so a bad call fails at once and creates nothing.
+    if (check := getattr(args, "check", None)) is not None and (code := check(args)):
+        return code
     if argv is None and args.command in WATCHED:
         from lvd.flows import watchdog
 

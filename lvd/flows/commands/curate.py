@@ -20,7 +20,10 @@ server on a database in `PREFECT_HOME`, which lvd defaults to `~/.lvd/prefect` (
 for every run, so `PREFECT_HOME=~/.lvd/prefect prefect server start` shows them all).
 
 A run folder is resumable: run the same command again after a crash or kill and done
-partitions (those with a done-marker matching input and config) are skipped.
+partitions (those with a done-marker matching input and config) are skipped. The folder
+records its inputs and settings (RUN/run.json) and is locked while a run works in it
+(RUN/.lock): another run into it with other inputs or settings is refused unless
+--extend (add inputs) or --overwrite (start over); a second run at the same time is refused.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ import argparse
 import os
 import sys
 from pathlib import Path
+
+from lvd.flows.commands.checks import (add_run_folder_options, disk_full, error, folder_refusal, problems,
+                                       quiet_console_tracebacks, refuse, run_mode)
 
 DEFAULT_PREFECT_HOME = Path("~/.lvd/prefect")
 
@@ -97,7 +103,8 @@ def register(subparsers) -> None:
     add_selection_options(p)
     add_copy_options(p)
     add_curate_options(p)
-    p.set_defaults(func=main)
+    add_run_folder_options(p)
+    p.set_defaults(func=main, check=check)
 
 
 def add_selection_options(p: argparse.ArgumentParser) -> None:
@@ -170,24 +177,60 @@ def run_curate(inputs: list[str], out: str, **kwargs) -> int:
               file=sys.stderr)
         return 2
     where = prepare_prefect_env()
+    from lvd import runfolder
+    from lvd.curation import runner
+    from lvd.curation.guard import MassRemovalError
     from lvd.curation.ledger import format_report, verify_run
+
+    try:  # a refused join is one line, before the flow (and Prefect's logging of it) starts
+        runner.init_ray(kwargs.get("ray_address"))
+    except runner.RayJoinError as e:
+        error(str(e))
+        return 2
     from lvd.flows.curate import curate
 
-    from lvd.curation.guard import MassRemovalError
-
+    quiet_console_tracebacks()  # failures end in one `error:` line, not Prefect's tracebacks
     try:
         curate(inputs=inputs, out=str(out), **kwargs)
+    except runfolder.RunFolderError as e:  # claimed by another run (or process) since the check
+        return folder_refusal(e)
     except ValueError as e:  # a config the flow refused (e.g. seeds without --embedder)
-        print(f"error: {e}", file=sys.stderr)
+        error(str(e))
         return 2
     except MassRemovalError as e:  # a guard refused: the run folder is as it was
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if (full := disk_full(e, out)) is None:
+            raise
+        error(full)
+        return 1
+    finally:
+        runfolder.release_all()
     report = verify_run(Path(out))
     print(format_report(report))
     print(where)
     return 0 if report.ok else 1
 
 
+def curate_kwargs(args: argparse.Namespace) -> dict:
+    """The `curate` flow's parameters from `lvd curate`'s arguments (all but inputs, out)."""
+    return dict(**flow_kwargs(args), **part2_kwargs(args), **copy_kwargs(args), mode=run_mode(args))
+
+
+def check(args: argparse.Namespace) -> int:
+    """Before Prefect and Ray: the arguments, then the run folder (lvd.runfolder); 0 when fine."""
+    if found := problems(args, "curate"):
+        return refuse(found)
+    from lvd import runfolder
+
+    kw = curate_kwargs(args)
+    try:
+        runfolder.precheck(args.out, args.input, runfolder.curate_settings(kw), kw["mode"])
+    except runfolder.RunFolderError as e:
+        return folder_refusal(e)
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
-    return run_curate(args.input, args.out, **flow_kwargs(args), **part2_kwargs(args), **copy_kwargs(args))
+    return run_curate(args.input, args.out, **curate_kwargs(args))

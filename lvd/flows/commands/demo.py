@@ -5,7 +5,9 @@ odd encodings, a hostile tar and a Parquet file) is written under OUT/dump and c
 OUT/run (then verified and its accounting printed); a `tiny` ViT is pretrained briefly on
 OUT/run/shards into OUT/pretrain, evaluated by k-NN on a small labelled folder
 (Fashion-MNIST when installed, else crops of three photos) and exported to OUT/hf.
-A few minutes on 2 CPU cores.
+A few minutes on 2 CPU cores. Each demo starts over: it rebuilds the dump and deletes the
+previous demo's run/, pretrain/, hf/ (the pipeline's --overwrite); a demo running in the same
+folder at the same time is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import argparse
 from pathlib import Path
 
 from lvd.flows.commands.curate import add_curate_options
-from lvd.flows.commands.pipeline import add_training_options, run_pipeline
+from lvd.flows.commands.checks import problems, refuse
+from lvd.flows.commands.pipeline import add_training_options, precheck, run_pipeline
 
 DEMO_STEPS = 30
 
@@ -28,7 +31,14 @@ def register(subparsers) -> None:
                    help="folder for the sample dump and the run (default: ./lvd-demo)")
     add_training_options(p, max_steps=DEMO_STEPS)
     add_curate_options(p)
-    p.set_defaults(func=main, partition_size=32, batch_size=16)
+    p.set_defaults(func=main, check=check, partition_size=32, batch_size=16, overwrite=True)
+
+
+def check(args: argparse.Namespace) -> int:
+    """Before anything is built: the arguments, and that no other demo works in --out."""
+    if found := problems(args, "demo"):
+        return refuse(found)
+    return precheck(dict(out=str(Path(args.out).resolve()), inputs=[], mode="overwrite", curate_options={}))
 
 
 def main(args: argparse.Namespace) -> int:

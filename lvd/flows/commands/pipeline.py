@@ -9,7 +9,10 @@ Eval sets need no embedder: their copies in the pool are found by model-free cop
 Seeds (retrieval) need one; without --embedder a small `tiny` model is first trained on the
 pool (hash-deduplicated) under --out/bootstrap, for --bootstrap-steps steps, and used for
 retrieval and clustering only: it proposes copy candidates but never decides what is a copy.
-Parameters are all checked before any work starts.
+Parameters are all checked before any work starts. OUT records its inputs and settings
+(OUT/run.json) and is locked while the pipeline runs (OUT/.lock): another run into it is
+refused unless --extend (add inputs to the curation; pretraining resumes from its last
+checkpoint) or --overwrite (delete run/, pretrain/, hf/, bootstrap/ and start over).
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from lvd.flows.commands.checks import (
+    add_run_folder_options,
+    disk_full,
+    error,
+    folder_refusal,
+    problems,
+    quiet_console_tracebacks,
+    refuse,
+    run_mode,
+)
 from lvd.flows.commands.curate import (
     add_copy_options,
     add_curate_options,
@@ -70,17 +83,13 @@ def register(subparsers) -> None:
     add_copy_options(p)
     add_training_options(p, max_steps=None)
     add_curate_options(p)
-    p.set_defaults(func=main)
+    add_run_folder_options(p)
+    p.set_defaults(func=main, check=check)
 
 
-def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
-                 knn_train: str | None, knn_val: str | None, seeds=(), eval_sets=(),
-                 bootstrap_steps: int = 100) -> int:
-    """Run the flow, print the accounting and results; 0 when everything holds."""
-    where = prepare_prefect_env()
-    from lvd.curation.ledger import format_report, verify_run
-    from lvd.flows.pipeline import pipeline
-
+def pipeline_params(args: argparse.Namespace, *, inputs: list[str], out: Path, knn_train: str | None,
+                    knn_val: str | None, seeds=(), eval_sets=(), bootstrap_steps: int = 100) -> dict:
+    """The `pipeline` flow's parameters from the command's arguments."""
     curate_kw = flow_kwargs(args)
     embedder = curate_kw.pop("embedder")
     if hasattr(args, "retrieval"):  # `lvd pipeline` (the demo has no selection options)
@@ -88,19 +97,71 @@ def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
         del selection["seeds"], selection["eval_sets"]  # pipeline parameters of their own
         curate_kw.update(selection)
         curate_kw.update(copy_kwargs(args))
+    return dict(inputs=[str(i) for i in inputs], out=str(out), recipe=args.recipe,
+                max_steps=args.max_steps, batch_size=args.batch_size,
+                num_workers=args.num_workers, seeds=list(seeds), eval_sets=list(eval_sets),
+                embedder=embedder, bootstrap_steps=bootstrap_steps, knn_train=knn_train,
+                knn_val=knn_val, knn_k=args.knn_k, curate_options=curate_kw,
+                nproc_per_node=args.nproc_per_node, mode=run_mode(args))
+
+
+def precheck(params: dict) -> int:
+    """The OUT folder (lvd.runfolder), before Prefect and Ray; 0 when it may be claimed."""
+    from lvd import runfolder
+
     try:
-        s = pipeline(inputs=[str(i) for i in inputs], out=str(out), recipe=args.recipe,
-                     max_steps=args.max_steps, batch_size=args.batch_size,
-                     num_workers=args.num_workers, seeds=list(seeds), eval_sets=list(eval_sets),
-                     embedder=embedder, bootstrap_steps=bootstrap_steps, knn_train=knn_train,
-                     knn_val=knn_val, knn_k=args.knn_k, curate_options=curate_kw,
-                     nproc_per_node=args.nproc_per_node)
+        runfolder.precheck(params["out"], params["inputs"], runfolder.pipeline_settings(params),
+                           params["mode"], outputs=runfolder.PIPELINE_OUTPUTS)
+    except runfolder.RunFolderError as e:
+        return folder_refusal(e)
+    return 0
+
+
+def check(args: argparse.Namespace) -> int:
+    if found := problems(args, "pipeline"):
+        return refuse(found)
+    return precheck(_params(args))
+
+
+def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
+                 knn_train: str | None, knn_val: str | None, seeds=(), eval_sets=(),
+                 bootstrap_steps: int = 100) -> int:
+    """Run the flow, print the accounting and results; 0 when everything holds."""
+    params = pipeline_params(args, inputs=inputs, out=out, knn_train=knn_train, knn_val=knn_val,
+                             seeds=seeds, eval_sets=eval_sets, bootstrap_steps=bootstrap_steps)
+    where = prepare_prefect_env()
+    from lvd import runfolder
+    from lvd.curation import runner
+    from lvd.curation.ledger import format_report, verify_run
+
+    try:  # a refused join is one line, before the flow starts
+        runner.init_ray(params["curate_options"]["ray_address"])
+    except runner.RayJoinError as e:
+        error(str(e))
+        return 2
+    from lvd.flows.pipeline import pipeline
+
+    quiet_console_tracebacks()  # failures end in one `error:` line, not Prefect's tracebacks
+    try:
+        s = pipeline(**params)
+    except runfolder.RunFolderError as e:  # claimed by another run (or process) since the check
+        return folder_refusal(e)
     except ValueError as e:  # refused parameters: nothing was run
-        print(f"error: {e}", file=sys.stderr)
+        error(str(e))
         return 2
     except RuntimeError as e:  # a stage found nothing to go on with (e.g. no shards)
+        if (full := disk_full(e, out)) is not None:
+            error(full)
+            return 1
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Exception as e:
+        if (full := disk_full(e, out)) is None:
+            raise
+        error(full)
+        return 1
+    finally:
+        runfolder.release_all()
     report = verify_run(Path(s.curate.run_dir))
     print(format_report(report))
     p = s.pretrain
@@ -113,6 +174,12 @@ def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
     print(f"check it again any time with: lvd verify {s.curate.run_dir}")
     print(where)
     return 0 if report.ok else 1
+
+
+def _params(args: argparse.Namespace) -> dict:
+    return pipeline_params(args, inputs=args.input, out=Path(args.out).resolve(), knn_train=args.knn_train,
+                           knn_val=args.knn_val, seeds=args.seeds, eval_sets=args.eval_sets,
+                           bootstrap_steps=args.bootstrap_steps)
 
 
 def main(args: argparse.Namespace) -> int:
