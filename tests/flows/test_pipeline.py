@@ -141,7 +141,8 @@ def test_pictures_markdown_embeds_newest_first(tmp_path):
 
 
 def test_bootstrap_embedder_without_embedder(ray_local, prefect_harness, tmp_path):
-    """Seeds without --embedder: a tiny model is trained on the seeds first and embeds the pool."""
+    """Seeds without --embedder: a tiny model is trained on the pool first (curated with hash
+    dedup only) and embeds the pool and the seeds; copy detection stays model-free."""
     from lvd.flows.pipeline import pipeline
 
     testdata.write_photo_jpegs(tmp_path / "pool", 12, side=96)
@@ -151,8 +152,10 @@ def test_bootstrap_embedder_without_embedder(ray_local, prefect_harness, tmp_pat
                  seeds=[str(tmp_path / "seeds")], bootstrap_steps=1,
                  curate_options={"partition_size": 4})
     assert s.bootstrapped and s.embedder == str(out / "bootstrap" / "pretrain")
-    assert verify_run(out / "bootstrap" / "run").by_status == {"sharded": 4}  # the seeds alone
+    assert verify_run(out / "bootstrap" / "run").by_status == {"sharded": 12}  # the pool alone
+    assert not (out / "bootstrap" / "run" / "copydetect").exists()  # hash dedup only
     assert (out / "bootstrap" / "pretrain" / "checkpoints" / "step_0000001").is_dir()
     report = verify_run(out / "run")
     assert report.ok and report.inputs == 12 and (out / "run" / "retrieve" / "selection.parquet").is_file()
     assert (out / "run" / "embed").is_dir() and s.curate.by_status.get("sharded", 0) >= 1
+    assert (out / "run" / "copydetect" / "duplicates.parquet").is_file()
