@@ -72,12 +72,13 @@ def test_sigkill_mid_ingest_then_rerun_resumes(ray_local, prefect_harness, big_d
 
     from lvd.flows import cli
 
-    want = reference_ledger(big_dump, tmp_path / "reference", 40, shard=True)  # as `lvd curate` without embedder
+    want = reference_ledger(big_dump, tmp_path / "reference", 40, shard=True)  # as `lvd curate --no-copy-detection` without embedder
     total = len(stages.plan([str(big_dump)], 40))
     out = tmp_path / "run"
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
     address = ray_local.get_runtime_context().gcs_address
-    argv = ["curate", "--input", str(big_dump), "--out", str(out), "--partition-size", "40"]
+    # kill/resume of ingest, not copy detection: the reference (ingest, dedup, shard) runs no copy detection
+    argv = ["curate", "--input", str(big_dump), "--out", str(out), "--partition-size", "40", "--no-copy-detection"]
     with open(tmp_path / "child.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lvd.flows.cli", *argv, "--ray-address", address],
