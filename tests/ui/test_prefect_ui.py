@@ -103,14 +103,16 @@ def test_flow_run_page_shows_completed_stages(pipeline_run, page, screenshot):
 def test_curate_subflow_shows_its_tasks_and_artifacts(pipeline_run, page, screenshot):
     run = pipeline_run
     _open_run(page, run, run.children["curate"]["id"], tab="Task Runs")
-    _visible(page, "4 Task runs", "(4 Completed)")
-    for task in ("ingest", "dedup", "shard", "ledger"):  # task run names are `<task>-<3 hex>`
+    _visible(page, "6 Task runs", "(6 Completed)")
+    # task run names are `<task>-<3 hex>`; copy detection runs without an embedder (model-free)
+    for task in ("ingest", "dedup", "copy-features", "copy-detection", "shard", "ledger"):
         expect(page.get_by_text(re.compile(rf"^{task}-[0-9a-f]{{3}}$")).first).to_be_visible()
     screenshot(page, "04-curate-task-runs")
 
     _tab(page, "Artifacts")
     _visible(page, "curate-ledger-counts", "ledger: inputs per status and reason",
-             "curate-dedup-counts", "curate-dedup-groups", "duplicate groups, side by side")
+             "curate-dedup-counts", "curate-dedup-groups", "duplicate groups, side by side",
+             "curate-copydetect-counts", "curate-copydetect-calibration")
     screenshot(page, "05-curate-artifacts")
 
 
