@@ -114,9 +114,12 @@ def test_extend_adds_inputs_and_the_ledger_holds_both(ray_local, prefect_harness
 
 def test_overwrite_replaces_the_run(ray_local, prefect_harness, dumps, tmp_path):
     a, b = dumps
+    testdata.write_photo_jpegs(a / "more", 4, side=96, seed=3)  # 3 partitions of 4 here, 2 in b
     run = tmp_path / "run"
     assert cli.main(curate("--input", a, "--out", run)) == 0
+    assert (run / "ingest" / "part-000002.parquet").exists()
     assert cli.main(curate("--input", b, "--out", run, "--overwrite", "--min-side", "50")) == 0
+    assert not (run / "ingest" / "part-000002.parquet").exists()  # the first run's third part is gone
     assert sources(run) and all(s.startswith(str(b)) for s in sources(run))
     blobs = pq.read_table(sorted((run / "ingest").glob("*.parquet"))[0])
     assert blobs.num_rows
