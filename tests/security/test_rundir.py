@@ -204,3 +204,28 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     with runfolder.claim(run, [str(run)], {}) as c:  # the OS released it with the process
         assert c.action == "resumed"
     assert runfolder.held() == []
+
+
+def test_pipeline_out_of_another_run_refused_and_overwrite_keeps_foreign_files(tmp_path, dumps, capsys):
+    """`lvd pipeline` records OUT like a curate run (refused before Prefect starts); its
+    --overwrite deletes only the pipeline's outputs (the demo keeps its dump and k-NN folders)."""
+    from lvd.flows.commands import pipeline as command
+
+    a, b = dumps
+    out = tmp_path / "p"
+    params = command._params(cli.build_parser().parse_args(["pipeline", "--input", str(a), "--out", str(out)]))
+    with runfolder.claim(out, params["inputs"], runfolder.pipeline_settings(params), kind="pipeline"):
+        pass  # as the flow leaves it
+    t0 = time.monotonic()
+    assert cli.main(["pipeline", "--input", str(b), "--out", str(out)]) == 2
+    assert time.monotonic() - t0 < 3  # before Prefect and Ray (the flow would refuse too, later)
+    assert "other inputs" in capsys.readouterr().err
+    assert cli.main(["pipeline", "--input", str(a), "--out", str(out), "--recipe", "vits14"]) == 2
+    assert 'recipe "tiny" -> "vits14"' in capsys.readouterr().err
+
+    for name in ("run", "pretrain", "hf", "dump", "knn"):
+        (out / name).mkdir()
+        (out / name / "f").write_text(name)
+    with runfolder.claim(out, [str(b)], {}, "overwrite", outputs=runfolder.PIPELINE_OUTPUTS) as c:
+        assert c.action == "overwritten"
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "dump", "knn", "run.json"]
