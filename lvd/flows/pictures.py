@@ -66,29 +66,33 @@ def histogram_markdown(before: np.ndarray, after: np.ndarray) -> str:
     ])
 
 
-def score_histogram_png(copy: list[float], distinct: list[float], threshold: float, width: int = 360, height: int = 140) -> str:
+def score_histogram_png(copy: list[float], distinct: list[float], threshold: float, width: int = 400, height: int = 160) -> str:
     """Base64 PNG: histograms of known-copy scores (blue, up) and distinct-pair scores (grey,
-    down) on one axis, with the threshold as a red line."""
-    values = np.asarray(list(copy) + list(distinct) + [threshold], np.float64)
-    lo, hi = float(values.min()), float(values.max())
-    if hi <= lo:
-        hi = lo + 1.0
+    down), each scaled to its own tallest bin, on one axis from the smallest score to the 95th
+    percentile of the copies (at least twice the threshold), the threshold as a red line."""
+    copy_a, dist_a = np.asarray(copy, np.float64), np.asarray(distinct, np.float64)
+    both = np.concatenate([copy_a, dist_a, [threshold]])
+    lo = float(both.min())
+    hi = max(float(np.percentile(copy_a, 95)) if len(copy_a) else lo + 1.0, 2 * threshold - lo, lo + 1e-6)
     bins = 40
     edges = np.linspace(lo, hi, bins + 1)
-    hc, _ = np.histogram(copy, edges)
-    hd, _ = np.histogram(distinct, edges)
+    hc, _ = np.histogram(np.clip(copy_a, lo, hi), edges)
+    hd, _ = np.histogram(np.clip(dist_a, lo, hi), edges)
     img = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(img)
-    mid = height // 2
-    top = max(1, int(hc.max(initial=0)), int(hd.max(initial=0)))
+    mid, margin = height // 2, 14
     bar = width / bins
     for i in range(bins):
-        up = (mid - 2) * hc[i] / top
-        down = (mid - 2) * hd[i] / top
+        up = (mid - margin) * hc[i] / max(1, hc.max(initial=0))
+        down = (mid - margin) * hd[i] / max(1, hd.max(initial=0))
         draw.rectangle([i * bar, mid - up, (i + 1) * bar - 1, mid], fill=(40, 90, 200))
         draw.rectangle([i * bar, mid, (i + 1) * bar - 1, mid + down], fill=(150, 150, 150))
     x = (threshold - lo) / (hi - lo) * width
     draw.line([x, 0, x, height], fill=(220, 30, 30), width=2)
+    draw.text((2, 1), f"known copies ({len(copy_a)})", fill=(40, 90, 200))
+    draw.text((2, height - 12), f"distinct pairs ({len(dist_a)})", fill=(90, 90, 90))
+    draw.text((min(x + 3, width - 90), mid - 12), f"threshold {threshold:g}", fill=(220, 30, 30))
+    draw.text((width - 70, height - 12), f"{lo:g} .. {hi:.3g}", fill=(90, 90, 90))
     buf = io.BytesIO()
     img.quantize(colors=8).save(buf, format="PNG", optimize=True)
     return base64.b64encode(buf.getvalue()).decode("ascii")
@@ -99,7 +103,6 @@ def calibration_markdown(cal: dict) -> str:
     copy = [s for v in cal["copy_scores"].values() for s in v]
     unit = "RANSAC inliers spanning the image" if cal["method"] == "copy" else "cosine of the copy model"
     rows = [f"| {k} | {100 * r:.1f}% |" for k, r in sorted(cal["recall"].items())]
-    lo, hi = (min(copy + cal["distinct_scores"]), max(copy + cal["distinct_scores"])) if copy else (0, 0)
     return "\n".join([
         "# Copy threshold", "",
         f"Score: {unit}. Threshold **{cal['threshold']:g}** ({cal['source']}), target false-link rate "
@@ -107,7 +110,8 @@ def calibration_markdown(cal: dict) -> str:
         f"Known copies of {cal['images']} pool images: recall **{100 * cal['copy_recall']:.1f}%**; "
         f"distinct pairs (halves and diagonal quadrants of those images) linked: "
         f"**{cal['false_links']} of {cal['distinct_pairs']}**.", "",
-        f"Blue (up): known copies; grey (down): distinct pairs; red: threshold. Axis {lo:g} .. {hi:g}.", "",
+        "Blue (up): known copies; grey (down): distinct pairs (each scaled to its tallest bar; scores "
+        "above the axis end are in its last bar); red: the threshold.", "",
         f"![score histogram](data:image/png;base64,{score_histogram_png(copy, cal['distinct_scores'], cal['threshold'])})",
         "", "| copy kind | recall |", "|---|---|", *rows,
     ])
