@@ -311,6 +311,9 @@ class claim:  # noqa: N801 - used like a function returning a context manager
 # Flow parameters that do not change outputs: where and how robustly it runs, the guard's limit
 # (a refused run wrote nothing), training length (more steps is a resume), data loading.
 CURATE_IGNORED = ("inputs", "out", "mode", "max_retries", "ray_address", "max_remove_fraction")
+# The `curate` flow's defaults that are not None (a caller passing fewer parameters means
+# these); tests/security/test_rundir.py checks them against the flow's signature.
+CURATE_DEFAULTS = dict(partition_size=256, retrieval="sample", shard_size=1000, copy_detection=True)
 PIPELINE_IGNORED = ("inputs", "out", "mode", "max_steps", "num_workers")
 
 
@@ -327,7 +330,7 @@ def curate_settings(params: dict) -> dict:
     from lvd.curation.dedup import DedupConfig
     from lvd.curation.ingest import IngestConfig
 
-    out = {k: v for k, v in params.items() if k not in CURATE_IGNORED}
+    out = {**CURATE_DEFAULTS, **{k: v for k, v in params.items() if k not in CURATE_IGNORED}}
     out["ingest"] = asdict(IngestConfig(**(out.get("ingest") or {})))
     out["dedup"] = asdict(DedupConfig(**(out.get("dedup") or {})))
     for key in ("seeds", "eval_sets"):
@@ -337,7 +340,7 @@ def curate_settings(params: dict) -> dict:
             out[key] = resolve_input(out[key])
     for key in ("embed", "copydetect", "cluster", "retrieve", "shard"):
         out[key] = dict(out.get(key) or {})
-    return normalise(out)
+    return normalise({k: v for k, v in out.items() if v is not None})  # None: not given
 
 
 def pipeline_settings(params: dict) -> dict:
@@ -349,4 +352,4 @@ def pipeline_settings(params: dict) -> dict:
     for key in ("embedder", "knn_train", "knn_val"):
         if out.get(key):
             out[key] = resolve_input(out[key])
-    return normalise(out)
+    return normalise({k: v for k, v in out.items() if v is not None})

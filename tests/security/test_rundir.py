@@ -229,3 +229,19 @@ def test_pipeline_out_of_another_run_refused_and_overwrite_keeps_foreign_files(t
     with runfolder.claim(out, [str(b)], {}, "overwrite", outputs=runfolder.PIPELINE_OUTPUTS) as c:
         assert c.action == "overwritten"
     assert sorted(p.name for p in out.iterdir()) == [".lock", "dump", "knn", "run.json"]
+
+
+def test_settings_of_a_short_call_and_of_the_command_line_agree():
+    """The command line spells out every option; a Python call passes few: same settings."""
+    import inspect
+
+    from lvd.flows.commands.curate import curate_kwargs
+    from lvd.flows.curate import curate as flow
+
+    defaults = {k: p.default for k, p in inspect.signature(flow.fn).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    assert runfolder.curate_settings({}) == runfolder.curate_settings(defaults)
+    args = cli.build_parser().parse_args(["curate", "--input", "x", "--out", "y"])
+    assert runfolder.curate_settings(curate_kwargs(args)) == runfolder.curate_settings({})
+    args = cli.build_parser().parse_args(["curate", "--input", "x", "--out", "y", "--min-side", "50"])
+    assert runfolder.curate_settings(curate_kwargs(args)) != runfolder.curate_settings({})
