@@ -18,7 +18,6 @@ checkpoint) or --overwrite (delete run/, pretrain/, hf/, bootstrap/ and start ov
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from lvd.flows.commands.checks import (
@@ -153,7 +152,7 @@ def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
         if (full := disk_full(e, out)) is not None:
             error(full)
             return 1
-        print(f"error: {e}", file=sys.stderr)
+        error(str(e))  # one line (a broken accounting lists its problems)
         return 1
     except Exception as e:
         if (full := disk_full(e, out)) is None:
