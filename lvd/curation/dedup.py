@@ -196,19 +196,13 @@ def _log_aspect(aspect: np.ndarray | None, n: int, cfg: DedupConfig) -> np.ndarr
 
 
 def _verify_words(verify: np.ndarray | None, n: int, cfg: DedupConfig) -> np.ndarray | None:
-    if cfg.verify_radius is None:
-        return None
-    if verify is None:
-        raise ValueError(f"cfg.verify_radius is set: pass the {VERIFY_BITS}-bit pHash (verify=), or set verify_radius=None")
-    verify = np.ascontiguousarray(verify, dtype=np.uint8)
-    if verify.shape != (n, VERIFY_BITS // 8):
-        raise ValueError(f"verify must be uint8 [{n}, {VERIFY_BITS // 8}], got {verify.shape}")
-    return verify.view(np.uint64)
+    return None if cfg.verify_radius is None else _fixed_words(verify, n, "verify")
 
 
 def _fixed_words(codes: np.ndarray | None, n: int, name: str) -> np.ndarray:
+    """uint64 [n, 4] words of 256-bit codes given as uint8 [n, 32] (`name`: the argument)."""
     if codes is None:
-        raise ValueError(f"cfg.{name}_radius is set: pass {name}= (uint8 [n, 32]), or set it to None")
+        raise ValueError(f"cfg.{name}_radius is set: pass the {VERIFY_BITS}-bit codes ({name}=), or set it to None")
     codes = np.ascontiguousarray(codes, dtype=np.uint8)
     if codes.shape != (n, VERIFY_BITS // 8):
         raise ValueError(f"{name} must be uint8 [{n}, {VERIFY_BITS // 8}], got {codes.shape}")

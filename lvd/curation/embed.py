@@ -218,7 +218,11 @@ def embed_part(embedder: Embedder, blobs_path: str | Path, out_dir: str | Path, 
 
 def decode_rgb(data: bytes, min_side: int) -> Image.Image:
     """Decoded, EXIF-oriented RGB image; JPEGs DCT-downscaled while the shorter side stays >= min_side."""
-    img = Image.open(io.BytesIO(data))
+    return decode_opened(Image.open(io.BytesIO(data)), min_side)
+
+
+def decode_opened(img: Image.Image, min_side: int) -> Image.Image:
+    """`decode_rgb` of an image Pillow has opened (not yet loaded)."""
     if img.format in ("JPEG", "MPO"):
         # draft keeps both sides >= the request; ask for the shorter side only (after rotation
         # the sides swap, but the shorter one is the same).

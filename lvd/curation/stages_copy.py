@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from lvd.curation import copydetect as cd
 from lvd.curation import fanout, runner, stages
 from lvd.curation.dedup import DUPLICATES_SCHEMA, EdgeSet, resolve
+from lvd.curation.stages_embed import EmbedUnit, embed_units  # one unit per ingest blobs file
 from lvd.curation.localfeat import FEATURE_SCHEMA, FeatureConfig, Features, features_row, set_threads
 from lvd.curation.unionfind import representative_rank
 from lvd.curation.vectors import open_vectors
@@ -48,18 +49,11 @@ VERIFY_BATCH = 256  # pairs per Ray verification task
 # ---------------------------------------------------------------- features
 
 
-@dataclass(frozen=True, kw_only=True)
-class FeatUnit:
-    index: int
-    fingerprint: str
-    blobs: str
-
-
 @dataclass(frozen=True)
 class FeatFn:
     cfg: FeatureConfig
 
-    def __call__(self, unit: FeatUnit) -> dict[str, pa.Table]:
+    def __call__(self, unit: EmbedUnit) -> dict[str, pa.Table]:
         set_threads(1)
         rows = []
         for batch in pq.ParquetFile(unit.blobs).iter_batches(batch_size=256, columns=["uid", "data"]):
@@ -68,16 +62,10 @@ class FeatFn:
         return {"": pa.Table.from_pylist(rows, schema=FEATURE_SCHEMA)}
 
 
-def feat_units(run_dir: Path) -> list[FeatUnit]:
-    return [FeatUnit(index=i, fingerprint=f"{m['fingerprint']}:{m['config_hash']}",
-                     blobs=str(run_dir / "ingest" / m["outputs"]["blobs"]))
-            for i, m in sorted(stages.ingest_markers(run_dir).items())]
-
-
 def run_copyfeat(run_dir: Path, cfg: FeatureConfig = FeatureConfig(), rcfg: runner.RunnerConfig = runner.RunnerConfig(),
                  progress: runner.ProgressFn | None = None) -> runner.StageReport:
     """Local features etc. of every accepted blob, one Ray task per ingest partition."""
-    return runner.map_partitions(FeatFn(cfg), feat_units(run_dir), run_dir / "copyfeat",
+    return runner.map_partitions(FeatFn(cfg), embed_units(run_dir), run_dir / "copyfeat",
                                  cfg_hash=runner.config_hash(cfg), runner=rcfg, progress=progress)
 
 

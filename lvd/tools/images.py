@@ -156,19 +156,9 @@ def decode_checked(data: bytes, min_side: int) -> Image.Image:
     """RGB after EXIF orientation of bytes that pass `open_checked` (else `ImageRejected`); JPEGs
     DCT-downscaled while the shorter side stays >= min_side. The image decoded is the one the
     gate opened, so no other Pillow plugin ever sees the bytes."""
-    img = open_checked(data, TOOL_LIMITS)
-    if img.format in ("JPEG", "MPO"):
-        # draft keeps both sides >= the request; ask for the shorter side only (after rotation
-        # the sides swap, but the shorter one is the same).
-        w, h = img.size
-        scale = min_side / min(w, h)
-        img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
-    img.load()
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block is not a broken image (ingest ignores it too)
-        pass
-    return to_rgb(img)
+    from lvd.curation.embed import decode_opened
+
+    return decode_opened(open_checked(data, TOOL_LIMITS), min_side)
 
 
 def _read_bytes(path: str) -> bytes:
