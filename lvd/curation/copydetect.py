@@ -238,13 +238,18 @@ def descriptor_candidates(feats: list[Features], k: int, *, n_desc: int = 100, t
 
 
 def bounded_candidates(n: int, hash_pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
-                       knn: list[np.ndarray], max_verify: int) -> tuple[np.ndarray, np.ndarray]:
+                       knn: list[np.ndarray], max_verify: int, group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Unique pairs (a < b): each image proposes at most `max_verify` partners, its hash
-    candidates first (closest first), then its neighbours of every proposer list, rank by rank."""
+    candidates first (closest first), then its neighbours of every proposer list, rank by rank.
+    Partners with the image's own `group` label (already linked by the hash dedup) are not
+    proposed: they would cost a verification and decide nothing."""
+    same = (lambda i, j: False) if group is None else (lambda i, j: group[i] == group[j])  # noqa: E731
     props: list[list[int]] = [[] for _ in range(n)]
     ha, hb, hd = hash_pairs
     order = np.argsort(hd, kind="stable")
     for i, j in zip(ha[order].tolist(), hb[order].tolist()):
+        if same(i, j):
+            continue
         if len(props[i]) < max_verify:
             props[i].append(j)
         if len(props[j]) < max_verify:
@@ -254,7 +259,7 @@ def bounded_candidates(n: int, hash_pairs: tuple[np.ndarray, np.ndarray, np.ndar
             if rank >= ids.shape[1]:
                 continue
             for i, j in enumerate(ids[:, rank].tolist()):
-                if j >= 0 and len(props[i]) < max_verify and j not in props[i]:
+                if j >= 0 and len(props[i]) < max_verify and j not in props[i] and not same(i, j):
                     props[i].append(j)
     a = np.array([i for i, ps in enumerate(props) for _ in ps], np.int64)
     b = np.array([j for ps in props for j in ps], np.int64)

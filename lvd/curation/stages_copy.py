@@ -237,29 +237,30 @@ class CopyDetectFn:
         t_read = time.perf_counter()
         cal = run_calibration(run, pool, cfg, self.copy_model)
         t_cal = time.perf_counter()
+        pa_, pb_ = phash_pairs(pool.uids, run)
+        ma, mb = cd.mirror_hash_pairs(pool.nhash, pool.nhash_flip, self.mirror_radius, np.log(pool.aspect), 1.1)
+        pa_, pb_ = np.concatenate([pa_, ma]), np.concatenate([pb_, mb])
+        groups = hash_groups(n, pa_, pb_)
         hp = cd.hash_candidates(pool.nhash, pool.nhash_flip, cfg.hash_radius)
         knn = [cd.descriptor_candidates(pool.feats, cfg.k), cd.knn_lists(pool.glob, cfg.k)]
         knn += [cd.knn_lists(open_vectors(d).get(pool.uids), cfg.k) for d in self.proposers]
         if copy_vecs is not None:
             knn.append(cd.knn_lists(copy_vecs, cfg.k))
-        a, b = cd.bounded_candidates(n, hp, knn, cfg.max_verify)
+        a, b = cd.bounded_candidates(n, hp, knn, cfg.max_verify, group=groups)
         t_cand = time.perf_counter()
         decider = Decider(pool.feats, copy_vecs, cal, cfg)
         scores = decider.scores(a, b)
         keep = decider.links(scores)
         t_verify = time.perf_counter()
-        pa_, pb_ = phash_pairs(pool.uids, run)
-        ma, mb = cd.mirror_hash_pairs(pool.nhash, pool.nhash_flip, self.mirror_radius, np.log(pool.aspect), 1.1)
-        pa_, pb_ = np.concatenate([pa_, ma]), np.concatenate([pb_, mb])
         ea = np.concatenate([a[keep], pa_])
         eb = np.concatenate([b[keep], pb_])
         rank = representative_rank(pool.pixels, pool.uids)
-        split = cd.split_chains(n, ea, eb, rank, decider.linked, cfg.max_centres, group=hash_groups(n, pa_, pb_))
+        split = cd.split_chains(n, ea, eb, rank, decider.linked, cfg.max_centres, group=groups)
         t_split = time.perf_counter()
         dist = dict(zip(zip(np.minimum(a, b)[keep].tolist(), np.maximum(a, b)[keep].tolist()),
                         decider.distance(scores[keep]).tolist()))
         phash = set(zip(np.minimum(pa_, pb_).tolist(), np.maximum(pa_, pb_).tolist()))
-        sets = _edge_sets(split, phash, dist, decider, hash_groups(n, pa_, pb_))
+        sets = _edge_sets(split, phash, dist, decider, groups)
         table = resolve(pool.uids, pool.pixels, sets)
         cd.check_removal("copy detection", table.num_rows, n, cfg.max_remove,
                          largest=cd.largest_groups(pool.uids, split.edges_a, split.edges_b),

@@ -103,7 +103,8 @@ def problems(args: argparse.Namespace, command: str) -> list[str]:
             found.append("--copy-model is for copy detection; drop --no-copy-detection")
         if args.retrieval == "hierarchical" and args.target_size is None:
             found.append("--retrieval hierarchical samples the pool to a size: pass --target-size N")
-        for flag, value in (("--target-size", args.target_size), ("--clusters", args.clusters)):
+        for flag, value in (("--target-size", args.target_size), ("--clusters", args.clusters),
+                            ("--copy-candidates", args.copy_candidates)):
             if value is not None and value < 1:
                 found.append(f"{flag} {value}: use at least 1")
     if command == "curate":
