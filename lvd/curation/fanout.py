@@ -13,21 +13,27 @@ from typing import Any
 import ray
 
 
-def parallel_map(fn: Callable[[Any], Any], items: Sequence[Any], *, num_cpus: float = 1.0,
+_NO_SHARED = object()
+
+
+def parallel_map(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = _NO_SHARED, num_cpus: float = 1.0,
                  max_in_flight: int | None = None) -> list[Any]:
-    """[fn(x) for x in items], as Ray tasks when Ray is running (at most `max_in_flight` at
-    once, default twice the cluster's CPUs), else in this process."""
+    """[fn(x) for x in items] (or [fn(shared, x) ...]), as Ray tasks when Ray is running (at
+    most `max_in_flight` at once, default twice the cluster's CPUs), else in this process.
+    `shared` goes into the object store once (numpy arrays in it are read zero-copy by every
+    task) instead of travelling with each item."""
     if len(items) < 2 or not ray.is_initialized():
-        return [fn(x) for x in items]
+        return [fn(x) if shared is _NO_SHARED else fn(shared, x) for x in items]
     remote = ray.remote(num_cpus=num_cpus, max_retries=3)(_call)
     limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
     fn_ref = ray.put(fn)
+    shared_ref = None if shared is _NO_SHARED else ray.put(shared)
     results: dict[int, Any] = {}
     pending: dict[ray.ObjectRef, int] = {}
     for i, x in enumerate(items):
         if len(pending) >= limit:
             _collect(pending, results)
-        pending[remote.remote(fn_ref, x)] = i
+        pending[remote.remote(fn_ref, x) if shared_ref is None else remote.remote(fn_ref, x, shared_ref)] = i
     while pending:
         _collect(pending, results)
     return [results[i] for i in range(len(items))]
@@ -39,5 +45,5 @@ def _collect(pending: dict, results: dict) -> None:
         results[pending.pop(ref)] = ray.get(ref)
 
 
-def _call(fn, x):
-    return fn(x)
+def _call(fn, x, *shared):
+    return fn(*shared, x)

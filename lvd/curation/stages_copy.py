@@ -43,7 +43,7 @@ DECONTAM_SCHEMA = pa.schema([
     ("eval_set", pa.string()), ("method", pa.string()),
 ])  # fmt: skip
 DECONTAM_FILE = "decontaminated.parquet"
-VERIFY_BATCH = 256  # pairs per Ray verification task
+VERIFY_BATCH = 1024  # pairs per Ray verification task
 
 
 # ---------------------------------------------------------------- features
@@ -108,29 +108,22 @@ def read_features(run_dir: Path) -> PoolFeatures:
 
 @dataclass(frozen=True)
 class VerifyBatch:
-    """Picklable Ray work: verify pairs of feature rows."""
+    """Picklable Ray work: verify pairs of rows of the shared feature list."""
 
     cfg: cd.CopyDetectConfig
     enough: int
 
-    def __call__(self, work: tuple[list[Features], list[tuple[int, int]]]) -> list[int]:
+    def __call__(self, feats: list[Features], pairs: np.ndarray) -> list[int]:
         set_threads(1)
-        feats, pairs = work
-        a = np.array([p[0] for p in pairs], np.int64)
-        b = np.array([p[1] for p in pairs], np.int64)
-        return cd.verify_pairs(feats, a, b, self.cfg.verify, self.enough).tolist()
+        return cd.verify_pairs(feats, pairs[:, 0], pairs[:, 1], self.cfg.verify, self.enough).tolist()
 
 
 def verify_many(feats: list[Features], a: np.ndarray, b: np.ndarray, cfg: cd.CopyDetectConfig, enough: int) -> np.ndarray:
-    """Scores of pairs (a, b), verified in Ray tasks of VERIFY_BATCH pairs (each task gets only
-    the features its pairs need)."""
-    work = []
-    for s in range(0, len(a), VERIFY_BATCH):
-        pa_, pb_ = a[s : s + VERIFY_BATCH], b[s : s + VERIFY_BATCH]
-        rows = sorted(set(pa_.tolist()) | set(pb_.tolist()))
-        pos = {r: i for i, r in enumerate(rows)}
-        work.append(([feats[r] for r in rows], [(pos[x], pos[y]) for x, y in zip(pa_.tolist(), pb_.tolist())]))
-    out = fanout.parallel_map(VerifyBatch(cfg, enough), work)
+    """Scores of pairs (a, b), verified in Ray tasks of VERIFY_BATCH pairs; the features go
+    into the object store once and every task reads them from there."""
+    pairs = np.stack([np.asarray(a, np.int64), np.asarray(b, np.int64)], axis=1)
+    work = [pairs[s : s + VERIFY_BATCH] for s in range(0, len(pairs), VERIFY_BATCH)]
+    out = fanout.parallel_map(VerifyBatch(cfg, enough), work, shared=feats)
     return np.array([s for part in out for s in part], np.int64)
 
 
