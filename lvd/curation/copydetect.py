@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 
-from lvd.curation.guard import MassRemovalError, check_removal  # noqa: F401 (re-exported)
 from lvd.curation.hamming_pairs import candidate_pairs
 from lvd.curation.knn_index import build_index, search
 from lvd.curation.localfeat import FeatureConfig, Features, VerifyConfig, verify

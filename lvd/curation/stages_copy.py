@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from lvd.curation import copydetect as cd
 from lvd.curation import fanout, runner, stages
 from lvd.curation.dedup import DUPLICATES_SCHEMA, EdgeSet, resolve
+from lvd.curation.guard import check_removal
 from lvd.curation.stages_embed import EmbedUnit, embed_units  # one unit per ingest blobs file
 from lvd.curation.localfeat import FEATURE_SCHEMA, FeatureConfig, Features, features_row, set_threads
 from lvd.curation.unionfind import representative_rank
@@ -255,7 +256,7 @@ class CopyDetectFn:
         phash = set(zip(np.minimum(pa_, pb_).tolist(), np.maximum(pa_, pb_).tolist()))
         sets = _edge_sets(split, phash, dist, decider, groups)
         table = resolve(pool.uids, pool.pixels, sets)
-        cd.check_removal("copy detection", table.num_rows, n, cfg.max_remove,
+        check_removal("copy detection", table.num_rows, n, cfg.max_remove,
                          largest=cd.largest_groups(pool.uids, split.edges_a, split.edges_b),
                          detail=cal.summary() + ". ")
         stats = dict(images=n, candidates=len(a), hash_candidates=len(hp[0]), decided_links=int(keep.sum()),
@@ -389,7 +390,7 @@ class DecontamFn:
             if pi not in best or s > best[pi][0]:
                 best[pi] = (s, qi)
         out = _with_components(pool.uids, best, duplicates(run), ev.uids, set_of, decider)
-        cd.check_removal("decontamination", out.num_rows, n, cfg.max_remove,
+        check_removal("decontamination", out.num_rows, n, cfg.max_remove,
                          largest=[[str(pool.uids[r]) for r in list(best)[:8]]],
                          detail=cal.summary() + f"; {len(best)} pool images matched {e} eval images. ")
         return {"": out}

@@ -38,7 +38,8 @@ from lvd.curation import ledger, runner, stages
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation import actor_runner, snapshot
-from lvd.curation.copydetect import CopyDetectConfig, MassRemovalError
+from lvd.curation.copydetect import CopyDetectConfig
+from lvd.curation.guard import MassRemovalError
 from lvd.curation.embed import EmbedConfig
 from lvd.curation.shards import ShardConfig
 from lvd.curation.stages_retrieve import RetrieveConfig

@@ -140,6 +140,27 @@ def refuse(found: list[str]) -> int:
     return 2
 
 
+def flow_failure(e: BaseException, out: str | Path) -> int | None:
+    """Print a failed flow's one `error:` line and return the exit code; None when `e` is not
+    one we know (the caller re-raises it). A refused folder: 1 if busy, else 2; refused
+    parameters (ValueError): 2; a full disk (with path and stage), a guard's refusal or a stage
+    with nothing to go on (RuntimeError): 1."""
+    from lvd.runfolder import RunFolderError
+
+    if isinstance(e, RunFolderError):
+        return folder_refusal(e)
+    if isinstance(e, ValueError):
+        error(str(e))
+        return 2
+    if (full := disk_full(e, out)) is not None:
+        error(full)
+        return 1
+    if isinstance(e, RuntimeError):
+        error(str(e))
+        return 1
+    return None
+
+
 def folder_refusal(e: Exception) -> int:
     """Exit code of a run folder refusal: 1 when another process holds it, else 2 (usage)."""
     from lvd.runfolder import RunFolderBusy

@@ -33,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from lvd.flows.commands.checks import (add_run_folder_options, disk_full, error, folder_refusal, problems,
+from lvd.flows.commands.checks import (add_run_folder_options, error, flow_failure, folder_refusal, problems,
                                        quiet_console_tracebacks, refuse, run_mode)
 
 DEFAULT_PREFECT_HOME = Path("~/.lvd/prefect")
@@ -184,7 +184,6 @@ def run_curate(inputs: list[str], out: str, **kwargs) -> int:
     where = prepare_prefect_env()
     from lvd import runfolder
     from lvd.curation import runner
-    from lvd.curation.guard import MassRemovalError
     from lvd.curation.ledger import format_report, verify_run
 
     try:  # a refused join is one line, before the flow (and Prefect's logging of it) starts
@@ -197,19 +196,10 @@ def run_curate(inputs: list[str], out: str, **kwargs) -> int:
     quiet_console_tracebacks()  # failures end in one `error:` line, not Prefect's tracebacks
     try:
         curate(inputs=inputs, out=str(out), **kwargs)
-    except runfolder.RunFolderError as e:  # claimed by another run (or process) since the check
-        return folder_refusal(e)
-    except ValueError as e:  # a config the flow refused (e.g. seeds without --embedder)
-        error(str(e))
-        return 2
-    except MassRemovalError as e:  # a guard refused: the run folder is as it was
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except Exception as e:
-        if (full := disk_full(e, out)) is None:
+    except Exception as e:  # refused folder or parameters, a guard's refusal (MassRemovalError), disk full
+        if (code := flow_failure(e, out)) is None:
             raise
-        error(full)
-        return 1
+        return code
     finally:
         runfolder.release_all()
     report = verify_run(Path(out))

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from lvd.flows.commands.checks import (
     add_run_folder_options,
-    disk_full,
     error,
+    flow_failure,
     folder_refusal,
     problems,
     quiet_console_tracebacks,
@@ -143,22 +143,10 @@ def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
     quiet_console_tracebacks()  # failures end in one `error:` line, not Prefect's tracebacks
     try:
         s = pipeline(**params)
-    except runfolder.RunFolderError as e:  # claimed by another run (or process) since the check
-        return folder_refusal(e)
-    except ValueError as e:  # refused parameters: nothing was run
-        error(str(e))
-        return 2
-    except RuntimeError as e:  # a stage found nothing to go on with (e.g. no shards)
-        if (full := disk_full(e, out)) is not None:
-            error(full)
-            return 1
-        error(str(e))  # one line (a broken accounting lists its problems)
-        return 1
-    except Exception as e:
-        if (full := disk_full(e, out)) is None:
+    except Exception as e:  # refused folder or parameters, a guard, no shards, disk full: one line
+        if (code := flow_failure(e, out)) is None:
             raise
-        error(full)
-        return 1
+        return code
     finally:
         runfolder.release_all()
     report = verify_run(Path(s.curate.run_dir))
