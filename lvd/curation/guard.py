@@ -4,6 +4,13 @@ input raises before it writes anything, naming the stage, the fraction and the f
 from __future__ import annotations
 
 
+_HINT = {
+    "dedup": "Check the hash radii (--phash-radius)",
+    "copy detection": "Check --copy-threshold / --copy-model (the calibration is in the message above)",
+    "decontamination": "Check the eval sets and --copy-threshold / --copy-model",
+}
+
+
 class MassRemovalError(RuntimeError):
     """A stage would remove more than the allowed fraction of its input; nothing was written."""
 
@@ -16,7 +23,7 @@ class MassRemovalError(RuntimeError):
         super().__init__(
             f"{stage} would remove {removed} of {total} images ({100 * frac:.1f}%), more than the "
             f"allowed {100 * limit:.0f}%: stopped before the ledger changed. {detail}"
-            f"Check the copy threshold, or raise the limit with {flag} if this is really so."
+            f"{_HINT.get(stage, 'Check its settings')}, or raise the limit with {flag} if this is really so."
         )
 
     def __reduce__(self):  # picklable through Ray

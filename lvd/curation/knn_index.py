@@ -1,7 +1,8 @@
 """Inner-product k-NN over L2-normalised embeddings (cosine similarity), exact or IVF.
 
-Used by copy detection (k=64 neighbours, cosine above a threshold; Oquab et al. 2023 app. A),
-decontamination (cosine > 0.45 to an evaluation image) and sample-based retrieval.
+Used by copy detection and decontamination to *propose* candidates (each image's k=64 nearest
+neighbours, Oquab et al. 2023 app. A; `lvd.curation.copydetect` decides) and by sample-based
+retrieval.
 
 Pools smaller than `IndexConfig.exact_below` get an exact `IndexFlatIP`; larger ones an
 `IndexIVFFlat` (inner product) whose coarse quantizer is trained on a seeded sample, searched
