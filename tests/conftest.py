@@ -34,7 +34,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        from lvd.curation.runner import init_ray
+
+        init_ray(num_cpus=2)  # lvd's own local Ray: loopback only, no dashboard
     yield ray
     ray.shutdown()
 
