@@ -52,7 +52,6 @@ FEATURE_SCHEMA = pa.schema(
         pa.field("desc", pa.binary()),  # uint8 [n, 32]
         pa.field("kp_flip", pa.binary()),  # same for the mirror image
         pa.field("desc_flip", pa.binary()),
-        pa.field("hull", pa.float32()),  # convex hull area of kp (the mirror's is the same)
         pa.field("glob", pa.binary()),  # float32 [GLOBAL_DIM] global descriptor
         pa.field("nhash", pa.binary(32)),  # 256-bit pHash of the equalised image
         pa.field("nhash_flip", pa.binary(32)),  # same of its mirror
@@ -110,7 +109,6 @@ class Features:
     desc: np.ndarray  # uint8 [n, 32]
     kp_flip: np.ndarray
     desc_flip: np.ndarray
-    hull: float  # convex hull area of kp
     size: tuple[int, int] = (0, 0)  # feature image width, height
 
     @classmethod
@@ -120,7 +118,6 @@ class Features:
             np.frombuffer(row["desc"], np.uint8).reshape(-1, DESC_BYTES),
             np.frombuffer(row["kp_flip"], np.float32).reshape(-1, 2),
             np.frombuffer(row["desc_flip"], np.uint8).reshape(-1, DESC_BYTES),
-            float(row["hull"]),
             (int(row["fw"]), int(row["fh"])),
         )
 
@@ -187,7 +184,7 @@ def features_row(uid: str, data: bytes, cfg: FeatureConfig = FeatureConfig()) ->
     return {
         "uid": uid, "fw": gray.shape[1], "fh": gray.shape[0],
         "kp": kp.tobytes(), "desc": desc.tobytes(), "kp_flip": kp_f.tobytes(), "desc_flip": desc_f.tobytes(),
-        "hull": hull_area(kp), "glob": global_descriptor(small).tobytes(),
+        "glob": global_descriptor(small).tobytes(),
         "nhash": np.packbits(phash_bits(eq, PHASH256_SIZE)).tobytes(),
         "nhash_flip": np.packbits(phash_bits(eq[:, ::-1], PHASH256_SIZE)).tobytes(),
     }  # fmt: skip
@@ -249,12 +246,6 @@ def _detect(orb, gray: np.ndarray) -> tuple[tuple, tuple]:
     if desc_m is None or not keep_m:
         return direct, empty
     return direct, (np.array([k.pt for k in keep_m], np.float32).reshape(-1, 2), np.ascontiguousarray(desc_m, np.uint8))
-
-
-def hull_area(pts: np.ndarray) -> float:
-    if len(pts) < 3:
-        return 0.0
-    return float(cv2.contourArea(cv2.convexHull(np.ascontiguousarray(pts, np.float32))))
 
 
 _MATCHER = cv2.BFMatcher(cv2.NORM_HAMMING)
