@@ -40,7 +40,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageOps
@@ -164,9 +164,9 @@ def knn_lists(vecs_ND: np.ndarray, k: int, queries_QD: np.ndarray | None = None,
         return np.full((len(q), k), -1, np.int64)
     nb = search(index, np.asarray(q), min(k + 1, len(vecs_ND)))
     ids = nb.ids_QK
-    if exclude_self and queries_QD is None:
+    if exclude_self and queries_QD is None:  # drop each row's own id, keep the order, pad at the end
         ids = np.where(ids == np.arange(len(ids))[:, None], -1, ids)
-        ids = np.array([np.concatenate([r[r >= 0], np.full(np.sum(r < 0), -1)]) for r in ids]).reshape(len(ids), -1)
+        ids = np.take_along_axis(ids, np.argsort(ids < 0, axis=1, kind="stable"), axis=1)
     ids = ids[:, :k]
     if ids.shape[1] < k:
         ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
@@ -342,10 +342,11 @@ class Calibration:
 
     @property
     def copy_recall(self) -> float:
-        scores = [s for v in self.copy_scores.values() for s in v]
-        return float(np.mean([self.links(s) for s in scores])) if scores else 0.0
+        scores = np.array([s for v in self.copy_scores.values() for s in v], np.float64)
+        return float(np.mean(self.links(scores))) if len(scores) else 0.0
 
-    def links(self, score: float) -> bool:
+    def links(self, score):
+        """Whether `score` (a float or an array) links: inliers >= threshold, cosine > threshold."""
         return score >= self.threshold if self.method == METHOD_LOCAL else score > self.threshold
 
     def as_dict(self) -> dict:
@@ -393,21 +394,19 @@ def calibrate(method: str, copy_scores: dict[str, list[float]], distinct: list[f
         t, source = float(cfg.threshold), "user"
     else:
         t, source = choose_threshold(method, copy_scores, distinct, cfg.false_link_rate), "calibrated"
-    links = (lambda s: s >= t) if method == METHOD_LOCAL else (lambda s: s > t)
-    recall = {k: float(np.mean([links(s) for s in v])) if v else 0.0 for k, v in copy_scores.items()}
-    return Calibration(method=method, threshold=t, source=source, false_link_rate=cfg.false_link_rate,
-                       false_links=int(sum(links(s) for s in distinct)), distinct_pairs=len(distinct),
-                       recall=recall, copy_scores={k: [float(s) for s in v] for k, v in copy_scores.items()},
-                       distinct_scores=[float(s) for s in distinct], images=images)
+    cal = Calibration(method=method, threshold=t, source=source, false_link_rate=cfg.false_link_rate,
+                      false_links=0, distinct_pairs=len(distinct), recall={},
+                      copy_scores={k: [float(s) for s in v] for k, v in copy_scores.items()},
+                      distinct_scores=[float(s) for s in distinct], images=images)
+    recall = {k: float(np.mean(cal.links(np.asarray(v, np.float64)))) if v else 0.0 for k, v in copy_scores.items()}
+    false_links = int(np.sum(cal.links(np.asarray(distinct, np.float64))))
+    return replace(cal, recall=recall, false_links=false_links)
 
 
 def calibration_sample(uids: list[str], m: int, seed: int) -> list[int]:
     """Row positions of a seeded sample of `m` uids, independent of row order."""
-    rng = np.random.default_rng(seed)
     keys = np.array([hash_key(u, seed) for u in uids], np.uint64)
-    order = np.argsort(keys, kind="stable")
-    del rng
-    return sorted(order[:m].tolist())
+    return sorted(np.argsort(keys, kind="stable")[:m].tolist())
 
 
 def hash_key(uid: str, seed: int) -> int:
@@ -471,7 +470,7 @@ def split_chains(n: int, a: np.ndarray, b: np.ndarray, rank: np.ndarray, linked:
     a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
     uf = UnionFind(n)
     uf.union_edges(a, b)
-    roots = np.array([uf.find(i) for i in range(n)])
+    roots = uf.roots()
     unit_links = {(min(x, y), max(x, y)) for x, y in zip(labels[a].tolist(), labels[b].tolist()) if x != y}
     leader_links = set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
     comps: dict[int, dict[int, list[int]]] = {}
@@ -515,8 +514,9 @@ def largest_groups(uids: np.ndarray, a: np.ndarray, b: np.ndarray, top: int = 4,
     n = len(uids)
     uf = UnionFind(n)
     uf.union_edges(np.asarray(a, np.int64), np.asarray(b, np.int64))
+    roots = uf.roots()
     groups: dict[int, list[int]] = {}
     for i in sorted(set(np.concatenate([a, b]).tolist())):
-        groups.setdefault(uf.find(i), []).append(i)
+        groups.setdefault(int(roots[i]), []).append(i)
     big = sorted(groups.values(), key=lambda g: (-len(g), g[0]))[:top]
     return [[str(uids[i]) for i in g[:per]] for g in big]

@@ -146,7 +146,7 @@ class Decider:
         return verify_many(self.feats, a, b, self.cfg, int(np.ceil(self.cal.threshold))).astype(np.float64)
 
     def links(self, scores: np.ndarray) -> np.ndarray:
-        return np.array([self.cal.links(s) for s in scores.tolist()], bool)
+        return self.cal.links(np.asarray(scores, np.float64))
 
     def linked(self, i: int, j: int) -> bool:
         return bool(self.links(self.scores(np.array([i]), np.array([j])))[0])
@@ -289,7 +289,7 @@ def hash_groups(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
     uf = UnionFind(n)
     uf.union_edges(np.asarray(a, np.int64), np.asarray(b, np.int64))
-    return np.array([uf.find(i) for i in range(n)], np.int64)
+    return uf.roots()
 
 
 def phash_pairs(uids: np.ndarray, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
