@@ -209,6 +209,10 @@ def _fixed_words(codes: np.ndarray | None, n: int, name: str) -> np.ndarray:
     return codes.view(np.uint64)
 
 
+def _aspect_ok(log_aspect: np.ndarray, a: np.ndarray, b: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    return np.abs(log_aspect[a] - log_aspect[b]) <= math.log(cfg.max_aspect_ratio) + 1e-12
+
+
 def _clipped_pairs(rows: _Rows, cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
     """The clipped-brightness channel (DedupConfig.clipped_verify_radius)."""
     a, b = candidate_pairs(rows.verify, cfg.clipped_verify_radius)
@@ -217,7 +221,7 @@ def _clipped_pairs(rows: _Rows, cfg: DedupConfig) -> tuple[np.ndarray, np.ndarra
     if cfg.dhash_radius is not None:
         ok &= np.bitwise_count(rows.dhash[a] ^ rows.dhash[b]) <= cfg.dhash_radius
     if rows.log_aspect is not None:
-        ok &= np.abs(rows.log_aspect[a] - rows.log_aspect[b]) <= math.log(cfg.max_aspect_ratio) + 1e-12
+        ok &= _aspect_ok(rows.log_aspect, a, b, cfg)
     idx = np.flatnonzero(ok)
     for start in range(0, len(idx), _QUERY_BATCH):
         i = idx[start : start + _QUERY_BATCH]
@@ -241,7 +245,7 @@ def _equalised_pairs(words: np.ndarray, log_aspect: np.ndarray | None, cfg: Dedu
     a, b = candidate_pairs(words, cfg.equalised_radius)
     ok = np.bitwise_count(words[a] ^ words[b]).sum(axis=1) <= cfg.equalised_radius
     if log_aspect is not None:
-        ok &= np.abs(log_aspect[a] - log_aspect[b]) <= math.log(cfg.max_aspect_ratio) + 1e-12
+        ok &= _aspect_ok(log_aspect, a, b, cfg)
     return a[ok], b[ok]
 
 
@@ -284,7 +288,7 @@ def _agree(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
     if cfg.dhash_radius is not None:
         ok &= np.bitwise_count(rows.dhash[a] ^ rows.dhash[b]) <= cfg.dhash_radius
     if rows.log_aspect is not None:
-        ok &= np.abs(rows.log_aspect[a] - rows.log_aspect[b]) <= math.log(cfg.max_aspect_ratio) + 1e-12
+        ok &= _aspect_ok(rows.log_aspect, a, b, cfg)
     if rows.verify is not None:
         ok &= np.bitwise_count(rows.verify[a] ^ rows.verify[b]).sum(axis=1) <= cfg.verify_radius
     if rows.thumb is not None:  # last: costs 256 cells per pair, so only on survivors
