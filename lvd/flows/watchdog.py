@@ -56,7 +56,8 @@ def is_alive(pid: int, start: str | None) -> bool:
     return start is not None and start_time(pid) == start
 
 
-def _children() -> dict[int, list[int]]:
+def children_map() -> dict[int, list[int]]:
+    """ppid -> child pids of every process now (read from /proc)."""
     kids: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -70,7 +71,7 @@ def _children() -> dict[int, list[int]]:
 
 
 def descendants(pid: int) -> list[int]:
-    kids = _children()
+    kids = children_map()
     out, stack = [], list(kids.get(pid, []))
     while stack:
         p = stack.pop()

@@ -8,20 +8,9 @@ import signal
 import socket
 import time
 
+from lvd.flows.watchdog import children_map  # the /proc reading; what is checked is the outcome
+
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-
-
-def children_map() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(name))
-    return kids
 
 
 def tree(root: int) -> list[int]:
