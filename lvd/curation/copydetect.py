@@ -62,7 +62,7 @@ class CopyDetectConfig:
     max_verify: int = 16  # candidates decided per image (hash ones first, then nearest)
     hash_radius: int = 24  # bits of the 256-bit equalised pHash within which pairs are candidates
     threshold: float | None = None  # user's threshold (inliers, or cosine with a copy model)
-    false_link_rate: float = 0.01  # calibration target among the hardest distinct pairs (one photo's parts)
+    false_link_rate: float = 0.005  # calibration target among the hardest distinct pairs (one photo's parts)
     calib_images: int = 64  # pool images that get known copies for calibration
     max_remove: float = 0.5  # guard: refuse to remove more than this fraction of the input
     max_centres: int = 64  # chain splitting: centres tried per member before it stays alone

@@ -131,7 +131,7 @@ def add_copy_options(p: argparse.ArgumentParser) -> None:
                    help="copy threshold instead of the calibrated one: RANSAC inliers (default "
                         "path) or cosine (--copy-model); reported with its recall and false links")
     g.add_argument("--copy-false-link-rate", type=float, default=None, metavar="RATE",
-                   help="calibration target: largest fraction of distinct pairs linked (default 0.002)")
+                   help="calibration target: largest fraction of distinct pairs linked (default 0.005)")
     g.add_argument("--copy-candidates", type=int, default=None, metavar="N",
                    help="candidate pairs decided per image (default 16; 8 halves the verification "
                         "time for about 1.5 points of crop / overlay recall)")
