@@ -39,6 +39,15 @@ def cmdline(pid: int) -> str:
         return ""
 
 
+def comm(pid: int) -> str:
+    """The kernel's short name of the process (the executable's basename, 15 chars)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def pids_matching(text: str) -> list[int]:
     return [int(n) for n in os.listdir("/proc") if n.isdigit() and text in cmdline(int(n))]
 
@@ -51,7 +60,8 @@ def _addr(hexaddr: str, family: int) -> str:
 
 
 def listening(pids) -> list[tuple[int, str, str, int]]:
-    """(pid, command, address, port) of every TCP socket in LISTEN owned by `pids`."""
+    """(pid, command, address, port) of every TCP socket in LISTEN owned by `pids`; the command
+    starts with the process's short name, so a long install path cannot truncate it away."""
     inodes = {}
     for pid in pids:
         try:
@@ -78,7 +88,7 @@ def listening(pids) -> list[tuple[int, str, str, int]]:
                 continue
             ip, port = fields[1].split(":")
             pid = inodes[fields[9]]
-            out.append((pid, cmdline(pid)[:80], _addr(ip, family), int(port, 16)))
+            out.append((pid, f"{comm(pid)} {cmdline(pid)[:80]}", _addr(ip, family), int(port, 16)))
     return out
 
 
