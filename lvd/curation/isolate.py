@@ -3,7 +3,7 @@
 An input that crashes the decoder (a segfault in a codec) or takes more memory than the node
 has kills the worker process, not the Python code, so it never becomes a row with a reason;
 Ray retries the partition (`RunnerConfig.max_retries`) and then gives up. `runner` hands such
-a partition here (`policy_for` returns the policy for ingest's stage callable). One Ray task
+a partition here (ingest's stage callable carries it as `isolation`). One Ray task
 (no Ray retries) walks the partition's inputs in order, one at a time, appending each
 finished record to a journal beside the outputs. When the worker dies, the first input
 without a journal entry is the one it died on: it gets `item_retries` more tries (a death
@@ -33,12 +33,6 @@ from lvd.curation.ingest import BLOB_SCHEMA, INGEST_SCHEMA, ingest_item
 from lvd.curation.sources import iter_items
 
 REASON = "worker_died"
-
-
-def policy_for(fn) -> IngestIsolation | None:
-    from lvd.curation.stages import IngestFn
-
-    return IngestIsolation() if isinstance(fn, IngestFn) else None
 
 
 def journal_path(stage_dir: Path, stem: str) -> Path:

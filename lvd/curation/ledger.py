@@ -13,7 +13,6 @@ decontaminated image keep status `duplicate`.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +20,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from lvd.curation import rundir
+from lvd.curation.rundir import ingest_manifests, read_ingest  # noqa: F401 -- the ledger's API
 
 STATUSES = ("accepted", "duplicate", "rejected", "decontaminated", "unselected", "sharded")
 KEPT = ("accepted", "decontaminated", "unselected", "sharded")  # the first row of a uid dedup kept
@@ -39,30 +41,11 @@ LEDGER_SCHEMA = pa.schema(
 INGEST_COLUMNS = ["source", "status", "reason", "uid", "width", "height"]
 
 
-def ingest_manifests(run_dir: Path) -> list[Path]:
-    """The record files of every done ingest partition, in partition order."""
-    paths = []
-    for marker in sorted((run_dir / "ingest").glob("part-*.done.json")):
-        paths.append(run_dir / "ingest" / json.loads(marker.read_text())["outputs"]["main"])
-    return paths
-
-
-def read_ingest(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
-    """All ingest records of a run, concatenated in partition order."""
-    paths = ingest_manifests(run_dir)
-    if not paths:
-        raise FileNotFoundError(f"no done ingest partitions under {run_dir / 'ingest'}")
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
-
-
 def read_duplicates(run_dir: Path) -> dict[str, tuple[str, str, float]]:
-    """uid -> (representative uid, method, distance) from the dedup stage."""
-    path = run_dir / "copydetect" / "duplicates.parquet"  # pHash + embedding, when it ran
-    if not path.exists():
-        path = run_dir / "dedup" / "duplicates.parquet"
-    if not path.exists():
+    """uid -> (representative uid, method, distance) from the final duplicate groups."""
+    if (table := rundir.duplicates(run_dir)) is None:
         return {}
-    t = pq.read_table(path).to_pydict()
+    t = table.to_pydict()
     return {
         u: (rep, m, float(d))
         for u, rep, m, d in zip(t["uid"], t["duplicate_of"], t["method"], t["distance"])
@@ -71,23 +54,15 @@ def read_duplicates(run_dir: Path) -> dict[str, tuple[str, str, float]]:
 
 def read_decontaminated(run_dir: Path) -> dict[str, tuple[str, str, float]]:
     """uid -> (eval set, matched eval uid, distance = 1 - cosine) from the decontam stage."""
-    path = run_dir / "decontam" / "decontaminated.parquet"
-    if not path.exists():
+    if (table := rundir.decontaminated(run_dir)) is None:
         return {}
-    t = pq.read_table(path).to_pydict()
+    t = table.to_pydict()
     return {u: (e, m, 1.0 - float(c)) for u, e, m, c in zip(t["uid"], t["eval_set"], t["matched_eval_uid"], t["similarity"])}
-
-
-def manifest_path(run_dir: Path) -> Path:
-    """RUN/shards/manifest.parquet; a seed run (RUN/seeds/<name>) ships into its parent's."""
-    if run_dir.parent.name == "seeds" and not (run_dir / "shards").exists():
-        return run_dir.parent.parent / "shards" / "manifest.parquet"
-    return run_dir / "shards" / "manifest.parquet"
 
 
 def read_shipped(run_dir: Path) -> set[str] | None:
     """uids in the run's manifest; None when there is none (shard stage not done)."""
-    path = manifest_path(run_dir)
+    path = rundir.manifest_path(run_dir)
     return set(pq.read_table(path, columns=["uid"])["uid"].to_pylist()) if path.exists() else None
 
 
@@ -133,7 +108,7 @@ def write_ledger(run_dir: Path) -> pa.Table:
     from lvd import durable
 
     table = build_ledger(run_dir)
-    durable.write_parquet(run_dir / "ledger.parquet", table)
+    durable.write_parquet(rundir.ledger_path(run_dir), table)
     return table
 
 
@@ -250,8 +225,8 @@ def verify_run(run_dir: Path | str, *, sub_run: bool | None = None) -> VerifyRep
     RUN/seeds/<name> or RUN/eval/<name>); its shipping is checked by the top run."""
     run_dir = Path(run_dir)
     if sub_run is None:
-        sub_run = run_dir.parent.name in ("seeds", "eval") and (run_dir.parent.parent / "ledger.parquet").exists()
-    path = run_dir / "ledger.parquet"
+        sub_run = rundir.is_sub_run(run_dir)
+    path = rundir.ledger_path(run_dir)
     try:
         ledger = pq.read_table(path).to_pydict()
         ingest = read_ingest(run_dir, INGEST_COLUMNS).to_pydict()
@@ -261,19 +236,19 @@ def verify_run(run_dir: Path | str, *, sub_run: bool | None = None) -> VerifyRep
         problems = [p for check in CHECKS if check is not check_shipped for p in check(_Run(ingest=ingest, ledger=ledger))]
         return VerifyReport(run_dir=run_dir, inputs=len(ingest["source"]), problems=problems,
                             by_status=dict(sorted(Counter(ledger["status"]).items())))
-    manifest = run_dir / "shards" / "manifest.parquet"
+    manifest = rundir.manifest_path(run_dir)
     try:
         uids = pq.read_table(manifest, columns=["uid"])["uid"].to_pylist() if manifest.exists() else None
     except (OSError, pa.ArrowException) as e:
         return VerifyReport(run_dir=run_dir, problems=[f"cannot read {manifest}: {e}"])
-    seed_ledgers = [pq.read_table(p).to_pydict() for p in sorted(run_dir.glob("seeds/*/ledger.parquet"))]
+    seed_ledgers = [pq.read_table(p).to_pydict() for p in sorted(run_dir.glob(f"seeds/*/{rundir.LEDGER}"))]
     both = {c: ledger[c] + [v for sl in seed_ledgers for v in sl[c]] for c in ("uid", "status")}
     problems = [p for check in CHECKS if check is not check_shipped for p in check(_Run(ingest=ingest, ledger=ledger))]
     problems += check_shipped(_Run(ingest=ingest, ledger=both, manifest=uids))  # pool and shipped seeds
     if uids is not None:  # every tar against the manifest: checksums, keys, uids, decodable images
         from lvd.curation.shard_check import check_shards
 
-        problems += check_shards(run_dir / "shards").problems
+        problems += check_shards(rundir.shards_dir(run_dir)).problems
     problems += _sub_runs(run_dir)
     by_status = Counter(ledger["status"])
     if sum(by_status.values()) != len(ingest["source"]):
@@ -293,7 +268,7 @@ def verify_run(run_dir: Path | str, *, sub_run: bool | None = None) -> VerifyRep
 def _sub_runs(run_dir: Path) -> list[str]:
     """Seed and eval-set runs (RUN/seeds/<name>, RUN/eval/<name>) have their own ledgers."""
     problems = []
-    for sub in sorted([*run_dir.glob("seeds/*/ledger.parquet"), *run_dir.glob("eval/*/ledger.parquet")]):
+    for sub in sorted(p for kind in rundir.SUB_RUNS for p in run_dir.glob(f"{kind}/*/{rundir.LEDGER}")):
         rel = sub.parent.relative_to(run_dir)
         problems += [f"{rel}: {p}" for p in verify_run(sub.parent, sub_run=True).problems]
     return problems

@@ -34,8 +34,8 @@ import pyarrow as pa
 import ray
 
 from lvd import durable
+from lvd.curation.rundir import MARKER_SUFFIX  # the layout, marker names included, is rundir's
 
-MARKER_SUFFIX = ".done.json"
 # What Ray raises for a task whose worker process died (killed, crashed, out of memory, node
 # lost) once its retries are spent; RayTaskError (an exception in the stage) is not one.
 WORKER_DEATHS = (
@@ -362,14 +362,8 @@ def map_partitions(
 def isolation_for(fn: StageFn):
     """The stage's policy for a partition whose worker keeps dying, or None (the stage fails).
 
-    A stage callable may carry one as `fn.isolation`; ingest's comes from `lvd.curation.isolate`
-    (imported here, lazily, so this module stays free of any stage)."""
-    policy = getattr(fn, "isolation", None)
-    if policy is None:
-        from lvd.curation import isolate
-
-        policy = isolate.policy_for(fn)
-    return policy
+    A stage callable carries one as `fn.isolation` (ingest's: `lvd.curation.isolate`)."""
+    return getattr(fn, "isolation", None)
 
 
 def _run_bounded(

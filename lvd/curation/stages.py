@@ -7,24 +7,19 @@ without Prefect (fault tests, notebooks).
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from lvd.curation import ledger, runner
+from lvd.curation import runner
 from lvd.curation.dedup import DedupConfig, find_near_duplicates
 from lvd.curation.guard import check_removal
 from lvd.curation.ingest import IngestConfig, ingest_partition
+from lvd.curation.isolate import IngestIsolation
+from lvd.curation.rundir import digest, ingest_fingerprint, read_blobs, unique_accepted  # noqa: F401 -- re-exported
 from lvd.curation.sources import Partition, plan_partitions
-
-# Ingest columns dedup never needs; everything else (hashes, sizes, any newer hash column)
-# is handed to `find_near_duplicates`, which picks what its config asks for.
-NOT_FOR_DEDUP = {"meta", "reason", "format", "nbytes"}
 
 
 @dataclass(frozen=True)
@@ -32,6 +27,8 @@ class IngestFn:
     """Stage callable: one partition -> its records and the bytes of its accepted images."""
 
     cfg: IngestConfig
+    # a partition whose worker keeps dying is re-ingested input by input (runner.isolation_for)
+    isolation: ClassVar[IngestIsolation] = IngestIsolation()
 
     def __call__(self, partition: Partition) -> dict[str, pa.Table]:
         out = ingest_partition(partition, self.cfg)
@@ -61,16 +58,6 @@ def _largest(dups: pa.Table, top: int = 4, per: int = 8) -> list[list[str]]:
     return [g[:per] for g in sorted(groups.values(), key=lambda g: (-len(g), g[0]))[:top]]
 
 
-def unique_accepted(run_dir: Path) -> pa.Table:
-    """One row per accepted uid (its first input by source order): what dedup compares."""
-    names = pq.read_schema(ledger.ingest_manifests(run_dir)[0]).names
-    t = ledger.read_ingest(run_dir, [c for c in names if c not in NOT_FOR_DEDUP])
-    t = t.filter(pc.equal(t["status"], "accepted")).sort_by([("source", "ascending")])
-    seen: set[str] = set()
-    keep = [not (u in seen or seen.add(u)) for u in t["uid"].to_pylist()]
-    return t.filter(pa.array(keep, pa.bool_())).drop_columns(["status", "source"])
-
-
 def plan(inputs: list[str], partition_size: int) -> list[Partition]:
     return plan_partitions(
         inputs, files_per_partition=partition_size, parquet_rows_per_partition=partition_size
@@ -90,24 +77,6 @@ def run_ingest(
     )
 
 
-def ingest_markers(run_dir: Path) -> dict[int, dict]:
-    """Partition index -> done-marker of every done ingest partition."""
-    markers = {}
-    for path in sorted((run_dir / "ingest").glob(f"part-*{runner.MARKER_SUFFIX}")):
-        m = json.loads(path.read_text())
-        markers[m["index"]] = m
-    return markers
-
-
-def ingest_fingerprint(run_dir: Path) -> str:
-    """Digest of every done ingest partition's input and config: dedup's input identity."""
-    digest = hashlib.sha256()
-    for marker in sorted((run_dir / "ingest").glob(f"part-*{runner.MARKER_SUFFIX}")):
-        m = json.loads(marker.read_text())
-        digest.update(f"{m['index']}:{m['fingerprint']}:{m['config_hash']}\n".encode())
-    return digest.hexdigest()
-
-
 def run_dedup(
     run_dir: Path, cfg: DedupConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig(), *, max_remove: float = 1.0
 ) -> runner.StageReport:
@@ -118,40 +87,3 @@ def run_dedup(
         DedupFn(str(run_dir), cfg, max_remove), [unit], run_dir / "dedup", cfg_hash=runner.config_hash(cfg),
         runner=rcfg,
     )
-
-
-def digest(*dirs: Path) -> str:
-    """Digest of every done-marker under `dirs`: the identity of what a later stage reads."""
-    h = hashlib.sha256()
-    for d in dirs:
-        for m in sorted(Path(d).glob(f"*{runner.MARKER_SUFFIX}")):
-            h.update(f"{d.name}/{m.name}\n".encode() + m.read_bytes())
-    return h.hexdigest()
-
-
-def read_blobs(run_dir: Path, uids: set[str]) -> dict[str, bytes]:
-    """Image bytes of a few uids, looked up across the ingest blob files."""
-    found: dict[str, bytes] = {}
-    for path in sorted((run_dir / "ingest").glob("part-*.blobs.parquet")):
-        if not (want := uids - found.keys()):
-            break
-        t = pq.read_table(path, filters=[("uid", "in", sorted(want))])
-        found.update(zip(t["uid"].to_pylist(), t["data"].to_pylist()))
-    return found
-
-
-def curate_without_prefect(
-    inputs: list[str], run_dir: Path, *, partition_size: int, ingest_cfg: IngestConfig,
-    dedup_cfg: DedupConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig(), shard_cfg=None,
-    shard: bool = False,
-) -> pa.Table:
-    """ingest -> dedup -> [shard everything] -> ledger on the current Ray, no reporting; with
-    `shard=True` this is what `lvd curate` does without an embedder. Returns the ledger."""
-    from lvd.curation.shards import ShardConfig
-    from lvd.curation.stages_select import run_shards  # imports this module
-
-    run_ingest(plan(inputs, partition_size), run_dir, ingest_cfg, rcfg)
-    run_dedup(run_dir, dedup_cfg, rcfg)
-    if shard:
-        run_shards(run_dir, shard_cfg or ShardConfig(), rcfg)
-    return ledger.write_ledger(run_dir)

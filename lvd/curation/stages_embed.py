@@ -13,11 +13,9 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from lvd.curation import actor_runner, runner, stages
+from lvd.curation import actor_runner, rundir, runner
 from lvd.curation.embed import EmbedConfig, Embedder, embed_part
-from lvd.curation.stages import digest
-
-__all__ = ["EmbedFn", "EmbedUnit", "MakeEmbedder", "digest", "embed_units", "run_embed", "spec_fingerprint"]
+__all__ = ["EmbedFn", "EmbedUnit", "MakeEmbedder", "embed_units", "run_embed", "spec_fingerprint"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,8 +49,9 @@ class EmbedFn:
 
 def embed_units(run_dir: Path) -> list[EmbedUnit]:
     units = []
-    for index, m in sorted(stages.ingest_markers(run_dir).items()):
-        blobs = run_dir / "ingest" / m["outputs"]["blobs"]
+    blobs_files = rundir.ingest_blob_files(run_dir)
+    for index, m in sorted(rundir.ingest_markers(run_dir).items()):
+        blobs = blobs_files[index]
         units.append(EmbedUnit(index=index, fingerprint=f"{m['fingerprint']}:{m['config_hash']}", blobs=str(blobs)))
     return units
 
@@ -67,11 +66,11 @@ def spec_fingerprint(spec: str | Path) -> str:
 
 def run_embed(
     run_dir: Path, spec: str, cfg: EmbedConfig, acfg: actor_runner.ActorConfig = actor_runner.ActorConfig(),
-    progress: runner.ProgressFn | None = None, *, vectors: str = "vectors", stage: str = "embed",
+    progress: runner.ProgressFn | None = None, *, stage: str = "embed",
 ) -> runner.StageReport:
-    """Embed every accepted blob of `run_dir` into `run_dir/<vectors>` (one part per partition;
-    markers in `run_dir/<stage>`)."""
+    """Embed every accepted blob of `run_dir` into the stage's vector store (one part per
+    partition; markers in the stage's folder): `embed` for the embedder, `copyembed` for a copy model."""
     return actor_runner.map_with_actors(
-        MakeEmbedder(str(spec), cfg), EmbedFn(str(run_dir / vectors)), embed_units(run_dir),
-        run_dir / stage, cfg_hash=runner.config_hash(str(spec), spec_fingerprint(spec), cfg), acfg=acfg, progress=progress,
+        MakeEmbedder(str(spec), cfg), EmbedFn(str(rundir.vectors_dir(run_dir, stage))), embed_units(run_dir),
+        rundir.stage_dir(run_dir, stage), cfg_hash=runner.config_hash(str(spec), spec_fingerprint(spec), cfg), acfg=acfg, progress=progress,
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lvd.curation import ledger, runner, stages, stages_copy
+from lvd.curation import rundir, runner
 from lvd.curation.knn_index import build_index
 from lvd.curation.retrieve import (
     BalancedConfig, ClusterRetrievalConfig, Retrieval, SampleRetrievalConfig, balanced, cluster_based, sample_based, union,
@@ -59,14 +59,14 @@ class RetrieveFn:
 
     def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
         run = Path(self.run_dir)
-        uids = np.asarray(stages_copy.candidates(run), dtype=object)
+        uids = np.asarray(rundir.candidates(run), dtype=object)
         clusters = read_clusters(run)
         if not self.seed_dirs or self.cfg.method == "hierarchical":
             names, seed_uids = ["*"], [[]]
             results = [balanced(clusters[1], BalancedConfig(target=self._target(), seed=self.cfg.seed))]
         else:
             names = sorted(self.seed_dirs)
-            pool = open_vectors(run / "vectors").get(uids)
+            pool = open_vectors(rundir.vectors_dir(run)).get(uids)
             index = build_index(pool) if self.cfg.method == "sample" else None
             results, seed_uids = [], []
             for name in names:
@@ -88,7 +88,7 @@ class RetrieveFn:
 
     def _seeds(self, run: Path, names, seed_uids, results) -> pa.Table:
         """Seed images to ship: first set (by name) wins; none whose bytes are in the pool."""
-        pool_uids = set(ledger.read_ingest(run, ["uid"])["uid"].to_pylist())
+        pool_uids = set(rundir.read_ingest(run, ["uid"])["uid"].to_pylist())
         rows: dict[str, tuple[str, str]] = {}
         for name, uids, r in zip(names, seed_uids, results):
             for i in r.seeds_included.tolist():
@@ -114,15 +114,14 @@ class RetrieveFn:
 
 def seed_vectors(seed_dir: Path) -> tuple[list[str], np.ndarray]:
     """A seed set's queries: its accepted images that are not duplicates, sorted by uid."""
-    dups = set(stages_copy.duplicates(seed_dir)["uid"].to_pylist())
-    uids = sorted(set(stages.unique_accepted(seed_dir)["uid"].to_pylist()) - dups)
-    return uids, open_vectors(seed_dir / "vectors").get(uids)
+    uids = rundir.candidates(seed_dir)
+    return uids, open_vectors(rundir.vectors_dir(seed_dir)).get(uids)
 
 
 def run_retrieve(run_dir: Path, seed_dirs: dict[str, Path], cfg: RetrieveConfig,
                  rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
-    dirs = [run_dir / "cluster", run_dir / "embed"] + [seed_dirs[n] / s for n in sorted(seed_dirs) for s in ("dedup", "embed")]
-    unit = runner.WholeStage(fingerprint=stages.digest(*dirs), stem="selection")
+    seeds = [rundir.stage_dir(seed_dirs[n], s) for n in sorted(seed_dirs) for s in ("dedup", "embed")]
+    unit = runner.WholeStage(fingerprint=rundir.input_digest(run_dir, "retrieve", *seeds), stem="selection")
     fn = RetrieveFn(str(run_dir), {k: str(v) for k, v in seed_dirs.items()}, cfg)
-    return runner.map_partitions(fn, [unit], run_dir / "retrieve",
+    return runner.map_partitions(fn, [unit], rundir.stage_dir(run_dir, "retrieve"),
                                  cfg_hash=runner.config_hash(cfg, sorted(seed_dirs)), runner=rcfg)

@@ -1,6 +1,6 @@
 """Part-2 stages that choose what ships: cluster, retrieve, shard.
 
-- `RUN/cluster/clusters.parquet`: one row per candidate (`stages_copy.candidates`, sorted by
+- `RUN/cluster/clusters.parquet`: one row per candidate (`rundir.candidates`, sorted by
   uid): `uid`, `leaf` (level-1 cluster), `score` (cosine to its centroid), `cluster_ids` (one
   id per level, coarsest first, as the shard JSON wants); `clusters.tree.parquet`: `level`
   (0 = finest), `cluster`, `parent` (cluster one level up, -1 at the top), `centroid`. Flat
@@ -27,14 +27,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lvd.curation import ledger, runner, stages
+from lvd.curation import rundir, runner
 from lvd.curation.hierarchical import HierarchicalConfig, Hierarchy, Level, hierarchical_kmeans
 from lvd.curation.kmeans import KMeansConfig, KMeansResult, kmeans
 from lvd.curation.shards import (
     MANIFEST_SCHEMA, ShardConfig, ShardInfo, ShardSample, plan_shards, shard_name, write_manifest, write_shard,
 )  # fmt: skip
-from lvd.curation.stages import digest
-from lvd.curation.stages_copy import candidates
 from lvd.curation.vectors import open_vectors
 
 
@@ -67,10 +65,10 @@ class ClusterFn:
 
     def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
         run = Path(self.run_dir)
-        uids = candidates(run)
+        uids = rundir.candidates(run)
         if not uids:
             return {"": _clusters_table([], np.zeros(0, np.int64), np.zeros(0), []), "tree": _tree_table(())}
-        x = open_vectors(run / "vectors").get(uids)
+        x = open_vectors(rundir.vectors_dir(run)).get(uids)
         ks = self.cfg.ks(len(uids))
         if self.cfg.hierarchical and len(ks) > 1:
             h = hierarchical_kmeans(x, HierarchicalConfig(ks=ks, niter=self.cfg.niter, seed=self.cfg.seed))
@@ -102,21 +100,16 @@ def _tree_table(levels) -> pa.Table:
 
 
 def run_cluster(run_dir: Path, cfg: ClusterConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
-    unit = runner.WholeStage(fingerprint=digest(*_upstream(run_dir)), stem="clusters")
-    return runner.map_partitions(ClusterFn(str(run_dir), cfg), [unit], run_dir / "cluster",
+    unit = runner.WholeStage(fingerprint=rundir.input_digest(run_dir, "cluster"), stem="clusters")
+    return runner.map_partitions(ClusterFn(str(run_dir), cfg), [unit], rundir.stage_dir(run_dir, "cluster"),
                                  cfg_hash=runner.config_hash(cfg), runner=rcfg)
-
-
-def _upstream(run_dir: Path) -> list[Path]:
-    return [run_dir / s for s in ("dedup", "embed", "copydetect", "decontam")]
 
 
 def read_clusters(run_dir: Path) -> tuple[pa.Table, Hierarchy] | None:
     """The cluster stage's table and its tree rebuilt (None when it did not run)."""
-    path = run_dir / "cluster" / "clusters.parquet"
-    if not path.exists():
+    if (found := rundir.clusters(run_dir)) is None:
         return None
-    t, tree = pq.read_table(path), pq.read_table(run_dir / "cluster" / "clusters.tree.parquet").to_pydict()
+    t, tree = found[0], found[1].to_pydict()
     levels = []
     for depth in sorted(set(tree["level"])):
         rows = [i for i, lv in enumerate(tree["level"]) if lv == depth]
@@ -149,9 +142,9 @@ class ShardFn:
         run = Path(self.run_dir)
         blobs: dict[str, bytes] = {}
         for blob_run in sorted({r["blob_run"] for r in unit.rows}):
-            blobs.update(stages.read_blobs(Path(blob_run), {r["uid"] for r in unit.rows if r["blob_run"] == blob_run}))
+            blobs.update(rundir.read_blobs(Path(blob_run), {r["uid"] for r in unit.rows if r["blob_run"] == blob_run}))
         samples = [ShardSample(data=blobs[r["uid"]], **{k: v for k, v in r.items() if k != "blob_run"}) for r in unit.rows]
-        info = write_shard(unit.index, samples, run / "shards", self.cfg)
+        info = write_shard(unit.index, samples, rundir.shards_dir(run), self.cfg)
         n = info.n_samples
         return {"": pa.table({"key": info.keys, "uid": info.uids, "source": info.sources, "shard": [info.name] * n,
                               "shard_sha256": [info.sha256] * n, "shard_samples": [n] * n, "shard_bytes": [info.bytes] * n},
@@ -160,15 +153,14 @@ class ShardFn:
 
 def shard_rows(run_dir: Path) -> list[dict]:
     """What ships, in shard order (by uid), with its metadata and `blob_run` (where its bytes are)."""
-    sel_path = run_dir / "retrieve" / "selection.parquet"
     retrieval, seeds = {}, {}
-    if sel_path.exists():
-        retrieval = {r.pop("uid"): r for r in pq.read_table(sel_path).to_pylist()}
+    if (sel := rundir.selection(run_dir)) is not None:
+        retrieval = {r.pop("uid"): r for r in sel.to_pylist()}
         uids = list(retrieval)
-        if (seeds_path := run_dir / "retrieve" / "selection.seeds.parquet").exists():
-            seeds = {r["uid"]: r for r in pq.read_table(seeds_path).to_pylist()}
+        if (seed_sel := rundir.selection(run_dir, "seeds")) is not None:
+            seeds = {r["uid"]: r for r in seed_sel.to_pylist()}
     else:
-        uids = candidates(run_dir)
+        uids = rundir.candidates(run_dir)
     clusters = read_clusters(run_dir)
     cids = dict(zip(clusters[0]["uid"].to_pylist(), clusters[0]["cluster_ids"].to_pylist())) if clusters else {}
     first = _first_records(run_dir)
@@ -184,7 +176,7 @@ def shard_rows(run_dir: Path) -> list[dict]:
 
 def _first_records(run_dir: Path) -> dict[str, dict]:
     """uid -> its first accepted ingest record by source order (the one the ledger keeps)."""
-    rec = ledger.read_ingest(run_dir, ["source", "status", "uid", "width", "height"]).sort_by([("source", "ascending")])
+    rec = rundir.read_ingest(run_dir, ["source", "status", "uid", "width", "height"]).sort_by([("source", "ascending")])
     first: dict[str, dict] = {}
     for r in rec.to_pylist():
         if r["status"] == "accepted":
@@ -202,18 +194,18 @@ def run_shards(run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig = runn
         part = tuple(rows[r.start:r.stop])
         fp = runner.config_hash(json.dumps(part, sort_keys=True, default=list))
         units.append(ShardUnit(index=i, fingerprint=fp, rows=part))
-    shards_dir = run_dir / "shards"
+    shards_dir, parts_dir = rundir.shards_dir(run_dir), rundir.stage_dir(run_dir, "shard_parts")
     shards_dir.mkdir(parents=True, exist_ok=True)
     for old in shards_dir.glob("shard-*.tar"):  # the selection shrank: these are no longer planned
         if old.name not in {shard_name(u.index) for u in units}:
             old.unlink()
-    (shards_dir / "manifest.parquet").unlink(missing_ok=True)  # written last, only when all shards are
+    (shards_dir / rundir.MANIFEST).unlink(missing_ok=True)  # written last, only when all shards are
     for u in units:  # a marker vouches for its tar only while the tar is there
         if not (shards_dir / shard_name(u.index)).exists():
-            runner.marker_path(run_dir / "shard_parts", runner.stem_of(u)).unlink(missing_ok=True)
-    rep = runner.map_partitions(ShardFn(str(run_dir), cfg), units, run_dir / "shard_parts", cfg_hash=cfg_hash,
+            runner.marker_path(parts_dir, runner.stem_of(u)).unlink(missing_ok=True)
+    rep = runner.map_partitions(ShardFn(str(run_dir), cfg), units, parts_dir, cfg_hash=cfg_hash,
                                 runner=rcfg, progress=progress)
-    infos = [_info(pq.read_table(run_dir / "shard_parts" / rep.markers[u.index]["outputs"]["main"])) for u in units]
+    infos = [_info(pq.read_table(parts_dir / rep.markers[u.index]["outputs"]["main"])) for u in units]
     write_manifest(infos, shards_dir, cfg)
     return rep
 

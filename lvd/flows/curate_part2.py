@@ -57,7 +57,7 @@ def embed_task(run_dir: Path, label: str, spec: str, cfg: EmbedConfig, acfg: act
                *, copy_model: bool = False) -> runner.StageReport:
     """Embed with the embedder (RUN/vectors), or with the copy model (RUN/copyvec)."""
     what = "copy-embed" if copy_model else "embed"
-    dirs = dict(vectors="copyvec", stage="copyembed") if copy_model else {}
+    dirs = dict(stage="copyembed") if copy_model else {}
     progress = artifacts.Progress(f"curate-{what}-{_key(label)}-progress", f"{what} {label}: partitions done")
     rep = stages_embed.run_embed(run_dir, spec, cfg, acfg, progress, **dirs)
     stage = dirs.get("stage", "embed")

@@ -50,11 +50,3 @@ def all_ranks_mean(value: float, device: torch.device) -> float:
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
 
-
-def train_on_ranks(cfg, nproc_per_node: int):
-    """`train(cfg)` on `nproc_per_node` ranks on this machine through torch's elastic launcher
-    (what `torchrun --standalone` does); returns rank 0's `TrainResult`. Kept for callers of
-    the one-node case: `lvd.pretrain.launch.launch` covers every launcher."""
-    from lvd.pretrain.launch import LaunchSpec, launch
-
-    return launch(cfg, LaunchSpec(kind="torchrun", nproc_per_node=nproc_per_node))

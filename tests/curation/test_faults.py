@@ -22,6 +22,8 @@ import pytest
 from _node_removal import run_with_node_removal
 from ray import cloudpickle
 
+from plain_curate import curate_without_prefect
+
 from lvd.curation import ledger, runner, stages, testdata
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
@@ -55,7 +57,7 @@ def big_dump(tmp_path_factory) -> Path:
 
 
 def reference_ledger(dump: Path, out: Path, partition_size: int, shard: bool = False):
-    return stages.curate_without_prefect(
+    return curate_without_prefect(
         [str(dump)], out, partition_size=partition_size, ingest_cfg=ICFG, dedup_cfg=DCFG, shard=shard
     )
 

@@ -162,7 +162,7 @@ def test_cluster_based_retrieval_takes_seeded_clusters(ray_local, pool, embedder
     # `copy-model`; with the default guard (max_remove 0.5) the stage refuses and writes nothing
     pd = pq.read_table(run / "dedup" / "duplicates.parquet").to_pydict()
     phash = set(pd["uid"]) | set(pd["duplicate_of"])  # images with a pHash edge (members and representatives)
-    stages_embed.run_embed(run, embedder, EMBED, vectors="copyvec", stage="copyembed")
+    stages_embed.run_embed(run, embedder, EMBED, stage="copyembed")
     copy_model = (embedder, EMBED_KW)
     shutil.rmtree(run / "copydetect")
     with pytest.raises(Exception) as info:

@@ -13,7 +13,7 @@ import torch
 
 from lvd.datasets import load_fashion_mnist, write_shards
 from lvd.pretrain import checkpoint as ckpt
-from lvd.pretrain.distributed import train_on_ranks
+from lvd.pretrain.launch import LaunchSpec, launch
 from lvd.pretrain.train import TrainConfig
 
 SCRIPTS = Path(__file__).parent / "_dist_scripts"
@@ -65,7 +65,7 @@ def test_two_rank_resume_is_exact(shards, tmp_path):
     spec.loader.exec_module(run_train)
     cfg = TrainConfig(shards=tuple(shards), recipe=run_train.test_recipe(), out=tmp_path / "c",
                       max_steps=2, num_workers=0, seed=0, deterministic=True, pictures=False)
-    result = train_on_ranks(cfg, 2)
+    result = launch(cfg, LaunchSpec(kind="torchrun", nproc_per_node=2))
     assert result.losses == _losses(a, 0, 0)[:2]
 
 

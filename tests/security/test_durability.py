@@ -20,6 +20,8 @@ import pytest
 from ray import cloudpickle
 
 from lvd import durable
+from plain_curate import curate_without_prefect
+
 from lvd.curation import ingest, isolate, ledger, runner, stages, testdata
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
@@ -149,7 +151,7 @@ def test_input_that_kills_its_worker_is_rejected_not_fatal(ray_local, killer_dum
     assert died == [str(killer_dump / "members.tar") + "::m-KILLER", str(killer_dump / "photos" / "p-KILLER")]
     assert all(rows[s][0] == "rejected" for s in died)
     # every other input has the record a plain ingest gives it; each input exactly once
-    plain = stages.curate_without_prefect(
+    plain = curate_without_prefect(
         inputs, tmp_path / "plain", partition_size=5, ingest_cfg=cfg, dedup_cfg=DedupConfig()
     )
     want = dict(zip(plain["source"].to_pylist(), zip(plain["status"].to_pylist(), plain["reason"].to_pylist())))

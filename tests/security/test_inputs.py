@@ -176,7 +176,7 @@ def test_folder_symlink_out_of_the_dump_is_not_read_nor_its_sidecar(tmp_path):
 def test_rejections_reach_the_ledger(ray_local, hostile_parquet, tmp_path):
     from lvd.curation import ledger
     from lvd.curation.dedup import DedupConfig
-    from lvd.curation.stages import curate_without_prefect
+    from plain_curate import curate_without_prefect
 
     path, reasons, _, _, requests = hostile_parquet
     table = curate_without_prefect([str(path)], tmp_path / "run", partition_size=4, ingest_cfg=IngestConfig(),

@@ -1,0 +1,263 @@
+"""The run folder: which stage writes what, and where.
+
+This is the one module that knows the layout of `RUN/`; a stage reads what an earlier stage
+wrote through the readers here, never by building the path itself. `STAGES` declares each
+stage once (folder, the stages whose outputs it reads, the files it leaves for later ones),
+and two things are derived from it: the identity of a stage's input (`input_digest`: the
+done-markers of its upstream folders) and which folders a run with other options must drop
+(`stale_stages`).
+
+    RUN/
+      run.json, .lock            the run's owner record (lvd.runfolder)
+      ingest/                    part-N.parquet (one row per input) + part-N.blobs.parquet
+      dedup/                     duplicates.parquet (hash groups)
+      copyfeat/                  part-N.parquet (local features per accepted image)
+      copyembed/ copyvec/        the copy model's markers and vectors (--copy-model)
+      copydetect/                duplicates{,.calibration,.stats}.parquet (final groups)
+      embed/ vectors/            the embedder's markers and vectors (--embedder)
+      decontam/                  decontaminated.parquet
+      cluster/                   clusters.parquet, clusters.tree.parquet
+      retrieve/                  selection{,.seeds,.counts}.parquet
+      shard_parts/ shards/       per-shard parts; shard-*.tar + manifest.parquet (written last)
+      seeds/NAME/ eval/NAME/     sub-runs with the same layout
+      ledger.parquet             one row per input (lvd.curation.ledger)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+MARKER_SUFFIX = ".done.json"  # the runner's done-marker (lvd.curation.runner.MARKER_SUFFIX)
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # its folder under RUN/
+    upstream: tuple[str, ...]  # stages of the same run whose done-markers key its work
+    outputs: tuple[str, ...]  # what later stages and the ledger read
+    optional: bool = False  # runs only with some options; its folder goes when a run skips it
+
+
+STAGES: dict[str, Stage] = {s.name: s for s in (
+    Stage("ingest", (), ("part-*.parquet", "part-*.blobs.parquet")),
+    Stage("dedup", ("ingest",), ("duplicates.parquet",)),
+    Stage("copyfeat", ("ingest",), ("part-*.parquet",)),
+    Stage("embed", ("ingest",), ("../vectors",), optional=True),
+    Stage("copyembed", ("ingest",), ("../copyvec",), optional=True),
+    Stage("copydetect", ("dedup", "copyfeat"), ("duplicates.parquet", "duplicates.calibration.parquet",
+                                                  "duplicates.stats.parquet"), optional=True),
+    Stage("decontam", ("copydetect",), ("decontaminated.parquet",), optional=True),
+    Stage("cluster", ("dedup", "embed", "copydetect", "decontam"), ("clusters.parquet", "clusters.tree.parquet"),
+          optional=True),
+    Stage("retrieve", ("cluster", "embed"), ("selection.parquet", "selection.seeds.parquet",
+                                             "selection.counts.parquet"), optional=True),
+    Stage("shard_parts", ("dedup", "copydetect", "decontam", "retrieve"), ("part-*.parquet",)),
+)}  # fmt: skip
+VECTORS = {"embed": "vectors", "copyembed": "copyvec"}  # embedding stages keep vectors beside their markers
+SHARDS, MANIFEST, LEDGER = "shards", "manifest.parquet", "ledger.parquet"
+SUB_RUNS = ("seeds", "eval")
+# ingest columns the duplicate stages never need
+NOT_FOR_DEDUP = {"meta", "reason", "format", "nbytes"}
+
+
+def stage_dir(run_dir: Path, name: str) -> Path:
+    if name not in STAGES:
+        raise KeyError(f"no stage {name!r}; stages: {', '.join(STAGES)}")
+    return Path(run_dir) / name
+
+
+def vectors_dir(run_dir: Path, stage: str = "embed") -> Path:
+    return Path(run_dir) / VECTORS[stage]
+
+
+def sub_run(run_dir: Path, kind: str, name: str) -> Path:
+    """RUN/seeds/NAME or RUN/eval/NAME: a seed or eval set's own run folder."""
+    if kind not in SUB_RUNS:
+        raise KeyError(f"no sub-run kind {kind!r}; kinds: {', '.join(SUB_RUNS)}")
+    return Path(run_dir) / kind / name
+
+
+def downstream(name: str) -> set[str]:
+    """Every stage that reads `name`'s outputs, directly or through another stage."""
+    out, todo = set(), [name]
+    while todo:
+        cur = todo.pop()
+        for s in STAGES.values():
+            if cur in s.upstream and s.name not in out:
+                out.add(s.name)
+                todo.append(s.name)
+    return out
+
+
+def stale_stages(will_run: set[str]) -> list[str]:
+    """Optional stages a run will not run: an earlier run with other options wrote them, and
+    the ledger and the shard stage would still read them. Costly, uid-keyed outputs (vectors,
+    features) are kept: a stage that reruns reuses them."""
+    return [s.name for s in STAGES.values() if s.optional and s.name not in will_run and s.name not in VECTORS]
+
+
+# ---------------------------------------------------------------- identities
+
+
+def markers(stage_dir_: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(Path(stage_dir_).glob(f"*{MARKER_SUFFIX}"))]
+
+
+def digest(*dirs: Path) -> str:
+    """Digest of every done-marker under `dirs`: the identity of what a later stage reads."""
+    h = hashlib.sha256()
+    for d in dirs:
+        for m in sorted(Path(d).glob(f"*{MARKER_SUFFIX}")):
+            h.update(f"{d.name}/{m.name}\n".encode() + m.read_bytes())
+    return h.hexdigest()
+
+
+def input_digest(run_dir: Path, name: str, *extra: Path) -> str:
+    """The identity of stage `name`'s input: its declared upstream folders of this run, plus
+    `extra` folders of other runs (seed or eval sets, proposers)."""
+    return digest(*[Path(run_dir) / u for u in STAGES[name].upstream], *extra)
+
+
+def ingest_markers(run_dir: Path) -> dict[int, dict]:
+    """Partition index -> done-marker of every done ingest partition."""
+    return {m["index"]: m for m in markers(Path(run_dir) / "ingest")}
+
+
+def ingest_fingerprint(run_dir: Path) -> str:
+    """Digest of every done ingest partition's input and config: dedup's input identity."""
+    h = hashlib.sha256()
+    for index, m in sorted(ingest_markers(run_dir).items()):
+        h.update(f"{index}:{m['fingerprint']}:{m['config_hash']}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- ingest
+
+
+def ingest_manifests(run_dir: Path) -> list[Path]:
+    """The record files of every done ingest partition, in partition order."""
+    d = Path(run_dir) / "ingest"
+    return [d / m["outputs"]["main"] for _, m in sorted(ingest_markers(run_dir).items())]
+
+
+def ingest_blob_files(run_dir: Path) -> dict[int, Path]:
+    """Partition index -> its blobs file (the bytes of its accepted images)."""
+    d = Path(run_dir) / "ingest"
+    return {i: d / m["outputs"]["blobs"] for i, m in sorted(ingest_markers(run_dir).items())}
+
+
+def read_ingest(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """All ingest records of a run, concatenated in partition order."""
+    paths = ingest_manifests(run_dir)
+    if not paths:
+        raise FileNotFoundError(f"no done ingest partitions under {Path(run_dir) / 'ingest'}")
+    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
+
+
+def unique_accepted(run_dir: Path) -> pa.Table:
+    """One row per accepted uid (its first input by source order): what dedup compares."""
+    names = pq.read_schema(ingest_manifests(run_dir)[0]).names
+    t = read_ingest(run_dir, [c for c in names if c not in NOT_FOR_DEDUP])
+    t = t.filter(pc.equal(t["status"], "accepted")).sort_by([("source", "ascending")])
+    seen: set[str] = set()
+    keep = [not (u in seen or seen.add(u)) for u in t["uid"].to_pylist()]
+    return t.filter(pa.array(keep, pa.bool_())).drop_columns(["status", "source"])
+
+
+def read_blobs(run_dir: Path, uids, *, strict: bool = True) -> dict[str, bytes]:
+    """uid -> image bytes from the run's ingest blob files, only the uids asked for. A uid
+    with no blob raises KeyError, unless `strict=False` (pictures in reports: best effort)."""
+    want = set(uids)
+    found: dict[str, bytes] = {}
+    for path in ingest_blob_files(run_dir).values():
+        if not (left := want - found.keys()):
+            break
+        t = pq.read_table(path, filters=pc.field("uid").isin(pa.array(sorted(left), pa.string())))
+        found.update(zip(t["uid"].to_pylist(), t["data"].to_pylist()))
+    if strict and (missing := sorted(want - found.keys())):
+        raise KeyError(f"{len(missing)} uids have no blob under {Path(run_dir) / 'ingest'}, e.g. {missing[:3]}")
+    return found
+
+
+# ---------------------------------------------------------------- duplicates, decontamination
+
+
+def _table(path: Path) -> pa.Table | None:
+    return pq.read_table(path) if path.exists() else None
+
+
+def hash_duplicates(run_dir: Path) -> pa.Table | None:
+    """The hash dedup stage's groups (None before it ran)."""
+    return _table(Path(run_dir) / "dedup" / "duplicates.parquet")
+
+
+def duplicates(run_dir: Path) -> pa.Table | None:
+    """The run's final duplicate groups: copy detection's when it ran, else hash dedup's."""
+    for stage in ("copydetect", "dedup"):
+        if (t := _table(Path(run_dir) / stage / "duplicates.parquet")) is not None:
+            return t
+    return None
+
+
+def copydetect_output(run_dir: Path, what: str) -> dict | None:
+    """One of copy detection's one-row JSON outputs ('calibration', 'stats'), or None."""
+    t = _table(Path(run_dir) / "copydetect" / f"duplicates.{what}.parquet")
+    return json.loads(t["json"][0].as_py()) if t is not None else None
+
+
+def decontaminated(run_dir: Path) -> pa.Table | None:
+    return _table(Path(run_dir) / "decontam" / "decontaminated.parquet")
+
+
+def candidates(run_dir: Path) -> list[str]:
+    """uids still in the running after dedup, copy detection and decontamination, sorted."""
+    uids = set(unique_accepted(run_dir)["uid"].to_pylist())
+    for t in (duplicates(run_dir), decontaminated(run_dir)):
+        if t is not None:
+            uids -= set(t["uid"].to_pylist())
+    return sorted(uids)
+
+
+# ---------------------------------------------------------------- selection, shards, ledger
+
+
+def clusters(run_dir: Path) -> tuple[pa.Table, pa.Table] | None:
+    """The cluster stage's table and its tree (None when it did not run)."""
+    d = Path(run_dir) / "cluster"
+    if (t := _table(d / "clusters.parquet")) is None:
+        return None
+    return t, pq.read_table(d / "clusters.tree.parquet")
+
+
+def selection(run_dir: Path, what: str = "") -> pa.Table | None:
+    """retrieve's selection ('' ), its seed provenance ('seeds') or per-seed counts ('counts')."""
+    return _table(Path(run_dir) / "retrieve" / (f"selection.{what}.parquet" if what else "selection.parquet"))
+
+
+def shards_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / SHARDS
+
+
+def manifest_path(run_dir: Path) -> Path:
+    """A run's shard manifest; a seed set's images ship in the parent run's shards."""
+    run_dir = Path(run_dir)
+    if run_dir.parent.name == "seeds" and not (run_dir / SHARDS).exists():
+        return run_dir.parent.parent / SHARDS / MANIFEST
+    return run_dir / SHARDS / MANIFEST
+
+
+def ledger_path(run_dir: Path) -> Path:
+    return Path(run_dir) / LEDGER
+
+
+def is_sub_run(run_dir: Path) -> bool:
+    """A seed or eval set's folder inside a run that has a ledger of its own."""
+    run_dir = Path(run_dir)
+    return run_dir.parent.name in SUB_RUNS and ledger_path(run_dir.parent.parent).exists()
