@@ -41,8 +41,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from lvd import durable
 from lvd.curation.shard_image import StoredImage, store_image
@@ -216,18 +214,6 @@ def samples_from_table(table: pa.Table) -> list[ShardSample]:
             )
         )  # fmt: skip
     return out
-
-
-def read_blobs(ingest_dir: str | os.PathLike, uids: Iterable[str]) -> dict[str, bytes]:
-    """uid -> raw bytes from `ingest/part-*.blobs.parquet` (only the uids asked for)."""
-    wanted = pa.array(sorted(set(uids)), pa.string())
-    found: dict[str, bytes] = {}
-    for path in sorted(Path(ingest_dir).glob("part-*.blobs.parquet")):
-        t = pq.read_table(path, filters=pc.field("uid").isin(wanted))
-        found.update(zip(t.column("uid").to_pylist(), t.column("data").to_pylist()))
-    if missing := sorted(set(wanted.to_pylist()) - set(found)):
-        raise KeyError(f"{len(missing)} uids have no blob under {ingest_dir}, e.g. {missing[:3]}")
-    return found
 
 
 def sample_json(sample: ShardSample, stored: StoredImage) -> bytes:

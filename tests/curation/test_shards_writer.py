@@ -20,13 +20,13 @@ from PIL import Image, ImageOps
 from sklearn.datasets import load_sample_images
 
 from lvd.curation.ingest import BLOB_SCHEMA
+from lvd.curation.rundir import read_blobs
 from lvd.curation.shards import (
     MANIFEST_SCHEMA,
     ShardConfig,
     ShardSample,
     order_samples,
     plan_shards,
-    read_blobs,
     samples_from_table,
     write_manifest,
     write_shard,
@@ -260,12 +260,16 @@ def test_samples_from_ingest_blobs(samples, tmp_path):
     ingest.mkdir()
     for part, chunk in enumerate((samples[:4], samples[4:])):
         blobs = pa.table({"uid": [s.uid for s in chunk], "data": [s.data for s in chunk]}, schema=BLOB_SCHEMA)
-        pq.write_table(blobs, ingest / f"part-{part:06d}.blobs.parquet")
+        name = f"part-{part:06d}.blobs.parquet"
+        pq.write_table(blobs, ingest / name)
+        marker = {"index": part, "outputs": {"main": f"part-{part:06d}.parquet", "blobs": name}}
+        (ingest / f"part-{part:06d}.done.json").write_text(json.dumps(marker))  # a done partition
     pick = [samples[1], samples[5]]
-    blobs = read_blobs(ingest, [s.uid for s in pick])
+    blobs = read_blobs(tmp_path, [s.uid for s in pick])
     assert blobs == {s.uid: s.data for s in pick}
     with pytest.raises(KeyError, match="1 uids"):
-        read_blobs(ingest, [samples[0].uid, "0" * 64])
+        read_blobs(tmp_path, [samples[0].uid, "0" * 64])
+    assert read_blobs(tmp_path, [samples[0].uid, "0" * 64], strict=False) == {samples[0].uid: samples[0].data}
     table = pa.table(
         {
             "uid": [s.uid for s in pick], "source": [s.source for s in pick],
