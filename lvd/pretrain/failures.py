@@ -69,7 +69,8 @@ def check_recipe(checkpoint: object, saved: Recipe, current: Recipe) -> None:
     if saved != current:
         raise ResumeMismatchError(
             f"{checkpoint} was trained with recipe {saved.name!r} and other settings; resume "
-            "with the same --recipe and --batch-size"
+            "with the same --recipe, --config, --set and --batch-size (or pass the run's own "
+            "settings back: --config OUT/config.json)"
         )
 
 
@@ -98,7 +99,8 @@ def oom_message(recipe: Recipe, *, world_size: int, step: int, bf16: bool,
     return (
         f"CUDA out of memory at step {step}{memory}. Lower, in this order: "
         f"--batch-size (now {recipe.batch_size} images per rank); the number or size of the "
-        f"local crops (recipe crops.n_local={c.n_local}, crops.local_size={c.local_size}); "
+        f"local crops (now --set crops.n_local={c.n_local} --set crops.local_size={c.local_size}"
+        f"; e.g. --set crops.n_local={max(0, c.n_local // 2)}); "
         f"the model (--recipe {recipe.name} -> a smaller one, e.g. tiny or vits14); or spread "
         f"it over more ranks (now {world_size}: FSDP2 shards weights, gradients and AdamW "
         f"state over --nproc-per-node x --nnodes); {precision}"

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from lvd.pretrain.losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from lvd.pretrain.models.vit import VisionTransformer, ViTConfig
 from lvd.pretrain.parallel import local_tensors, reshard
 from lvd.pretrain.recipes import Recipe
 
@@ -52,22 +53,41 @@ class StepOutput:
     proto_usage: float  # fraction of prototypes that are some teacher crop's argmax
 
 
-def _heads(recipe: Recipe, embed_dim: int) -> dict[str, nn.Module]:
+def build_heads(recipe: Recipe, embed_dim: int) -> dict[str, nn.Module]:
+    """The recipe's DINO head (and iBOT head when separate) on `embed_dim`-wide tokens."""
     heads = {"dino_head": recipe.dino_head.build(embed_dim)}
     if recipe.loss.separate_ibot_head:
         heads["ibot_head"] = recipe.ibot_head.build(embed_dim)
     return heads
 
 
+def build_student(recipe: Recipe) -> nn.ModuleDict:
+    backbone = recipe.backbone.build(img_size=recipe.crops.global_size)
+    return nn.ModuleDict({"backbone": backbone, **build_heads(recipe, backbone.embed_dim)})
+
+
+def build_frozen_teacher(recipe: Recipe, config: ViTConfig) -> nn.ModuleDict:
+    """A distillation teacher of architecture `config`, with heads of the recipe's shapes."""
+    backbone = VisionTransformer.from_config(config)
+    return nn.ModuleDict({"backbone": backbone, **build_heads(recipe, backbone.embed_dim)})
+
+
 class MetaArch(nn.Module):
-    def __init__(self, recipe: Recipe) -> None:
+    """Student, its EMA teacher and the losses; with `frozen_teacher` (a ViTConfig) also a
+    frozen distillation teacher, which then gives the targets instead of the EMA teacher
+    (the EMA is kept: DINOv2 releases the student's EMA of a distillation)."""
+
+    def __init__(self, recipe: Recipe, *, frozen_teacher: ViTConfig | None = None) -> None:
         super().__init__()
         self.recipe = recipe
-        backbone = recipe.backbone.build(img_size=recipe.crops.global_size)
-        self.student = nn.ModuleDict({"backbone": backbone, **_heads(recipe, backbone.embed_dim)})
+        self.student = build_student(recipe)
         # The teacher starts as an exact copy and only ever moves by EMA; eval mode keeps
         # stochastic depth off in it.
         self.teacher = copy.deepcopy(self.student).requires_grad_(False).eval()
+        self.frozen_teacher = None
+        if frozen_teacher is not None:
+            self.frozen_teacher = build_frozen_teacher(recipe, frozen_teacher)
+            self.frozen_teacher.requires_grad_(False).eval()
         lc = recipe.loss
         self.dino_loss = DINOLoss(recipe.dino_head.n_prototypes, student_temp=lc.student_temp,
                                   center_momentum=lc.center_momentum)
@@ -79,7 +99,29 @@ class MetaArch(nn.Module):
     def train(self, mode: bool = True) -> "MetaArch":
         super().train(mode)
         self.teacher.eval()
+        if self.frozen_teacher is not None:
+            self.frozen_teacher.eval()
         return self
+
+    @property
+    def distilling(self) -> bool:
+        return self.frozen_teacher is not None
+
+    @property
+    def target_model(self) -> nn.ModuleDict:
+        """Whose outputs are the targets: the frozen teacher when distilling, else the EMA."""
+        return self.frozen_teacher if self.frozen_teacher is not None else self.teacher
+
+    @torch.no_grad()
+    def copy_in(self, part: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Overwrite entries of `part`'s state dict ("student", "teacher", "frozen_teacher")
+        with `tensors` (same keys and shapes). A no-op on a model built on the meta device:
+        under FSDP2 only rank 0's real model is filled, the other ranks receive its values."""
+        target = getattr(self, part).state_dict()
+        for key, value in tensors.items():
+            if target[key].is_meta:
+                return
+            target[key].copy_(value)
 
     @staticmethod
     def _ibot_head(model: nn.ModuleDict) -> nn.Module:
@@ -95,20 +137,23 @@ class MetaArch(nn.Module):
 
     @torch.no_grad()
     def teacher_targets(self, batch, teacher_temp: float) -> TeacherTargets:
-        out = self.teacher["backbone"](batch.global_crops)
-        logits_NK = self.teacher["dino_head"](out.cls_BD)
+        model = self.target_model
+        out = model["backbone"](batch.global_crops)
+        logits_NK = model["dino_head"](out.cls_BD)
         dino_probs = self._teacher_probs(self.dino_loss, logits_NK, teacher_temp)
         ibot_probs = None
         if batch.mask_indices.numel():
             masked_MD = out.patches_BND.flatten(0, 1)[batch.mask_indices]
-            ibot_logits = self._ibot_head(self.teacher)(masked_MD)
+            ibot_logits = self._ibot_head(model)(masked_MD)
             ibot_probs = self._teacher_probs(self.ibot_loss, ibot_logits, teacher_temp)
-        reshard(self.teacher)  # see parallel.reshard; frees the teacher during backward
+        reshard(model)  # see parallel.reshard; frees the teacher during backward
         return TeacherTargets(dino_probs.unflatten(0, (batch.n_global, -1)), ibot_probs)
 
     def student_outputs(self, batch) -> StudentOutputs:
         backbone, head = self.student["backbone"], self.student["dino_head"]
-        glob = backbone(batch.global_crops, masks_BN=batch.masks)
+        # Distilling, the student sees whole global crops and matches the teacher's patch
+        # targets at the sampled positions (dinov3 passes no masks to a distilled student)
+        glob = backbone(batch.global_crops, masks_BN=None if self.distilling else batch.masks)
         local_logits = None
         if batch.n_local:
             local_cls = backbone(batch.local_crops).cls_BD
@@ -145,7 +190,8 @@ class MetaArch(nn.Module):
 
     @torch.no_grad()
     def update_teacher(self, momentum: float) -> None:
-        """teacher <- m * teacher + (1 - m) * student, with foreach kernels.
+        """teacher <- m * teacher + (1 - m) * student, with foreach kernels. The frozen
+        distillation teacher is never updated.
 
         Under FSDP2 both are sharded the same way, so each rank updates its local shards
         (no communication); in one process `local_tensors` returns the parameters as is.

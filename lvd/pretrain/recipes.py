@@ -32,8 +32,14 @@ class BackboneConfig:
     layerscale_init: float = 1e-5
 
     def __post_init__(self) -> None:
+        from lvd.pretrain.models.vit import ARCHITECTURES
+
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"unknown arch {self.arch!r}; choose one of {sorted(ARCHITECTURES)}")
+        if self.patch_size < 1 or self.num_register_tokens < 0:
+            raise ValueError(f"need patch_size >= 1 and num_register_tokens >= 0, got {self}")
 
     def build(self, *, img_size: int = 224):
         """The student backbone; `img_size` sets the native position-embedding grid."""
@@ -74,6 +80,13 @@ class CropsConfig:
     n_local: int = 8
     global_scale: tuple[float, float] = (0.32, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.32)
+
+    def __post_init__(self) -> None:
+        if self.n_local < 0 or self.global_size < 1 or self.local_size < 1:
+            raise ValueError(f"need n_local >= 0 and crop sizes >= 1, got {self}")
+        for name, (lo, hi) in (("global_scale", self.global_scale), ("local_scale", self.local_scale)):
+            if not 0.0 < lo <= hi <= 1.0:
+                raise ValueError(f"{name} must be (min, max) with 0 < min <= max <= 1, got {(lo, hi)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,6 +140,28 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    """Distillation from a frozen teacher, as DINOv2 made its ViT-S/B/L from ViT-g (see
+    lvd/pretrain/distill.py). `teacher` is a backbone SPEC (official .pth, HF folder, lvd run);
+    empty means self-distillation from the EMA teacher. `teacher_arch` names the pair a recipe
+    was made for: the loaded teacher must have that architecture's width and depth."""
+
+    teacher: str = ""
+    teacher_arch: str = ""  # "" accepts any teacher; else a key of models.vit.ARCHITECTURES
+
+    def __post_init__(self) -> None:
+        from lvd.pretrain.models.vit import ARCHITECTURES
+
+        if self.teacher_arch and self.teacher_arch not in ARCHITECTURES:
+            raise ValueError(f"unknown teacher_arch {self.teacher_arch!r}; choose one of "
+                             f"{sorted(ARCHITECTURES)} or '' (any)")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.teacher)
+
+
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
     name: str
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -137,6 +172,7 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     batch_size: int = 64  # per rank
     epochs: int = 100
     epoch_length: int = 1250  # iterations per "epoch" (DINOv2's OFFICIAL_EPOCH_LENGTH)
@@ -194,7 +230,7 @@ class Recipe:
 _SECTIONS = {
     "backbone": BackboneConfig, "dino_head": HeadConfig, "ibot_head": HeadConfig,
     "crops": CropsConfig, "masks": MaskConfig, "loss": LossConfig, "optim": OptimConfig,
-    "teacher": TeacherConfig,
+    "teacher": TeacherConfig, "distill": DistillConfig,
 }
 
 
@@ -259,8 +295,44 @@ def tiny() -> Recipe:
     )
 
 
+def _distilled(student: Recipe, *, name: str, teacher: Recipe) -> Recipe:
+    """`student` trained from a frozen `teacher` (DINOv2 section 5; dinov3's distillation
+    code): no stochastic depth in the student, and the teacher's head shapes (the targets
+    are the teacher's own prototypes, so the student's heads need the same number)."""
+    return replace(
+        student, name=name,
+        backbone=replace(student.backbone, drop_path_rate=0.0),
+        dino_head=teacher.dino_head, ibot_head=teacher.ibot_head,
+        loss=replace(student.loss, centering=teacher.loss.centering,
+                     separate_ibot_head=teacher.loss.separate_ibot_head),
+        distill=DistillConfig(teacher_arch=teacher.backbone.arch),
+    )
+
+
+def vits14_distill() -> Recipe:
+    """ViT-S/14 from a ViT-g/14 teacher (--distill-from dinov2_vitg14[_reg4]_pretrain.pth)."""
+    return _distilled(vits14(), name="vits14_distill", teacher=vitg14())
+
+
+def vitb14_distill() -> Recipe:
+    return _distilled(vitb14(), name="vitb14_distill", teacher=vitg14())
+
+
+def vitl14_distill() -> Recipe:
+    return _distilled(vitl14(), name="vitl14_distill", teacher=vitg14())
+
+
+def tiny_distill() -> Recipe:
+    """`tiny` (ViT-Tiny, 192 wide) from a wider ViT-S teacher trained with `tiny`'s heads and
+    crops (e.g. `lvd pretrain --recipe tiny --set backbone.arch=vit_small`): CPU-sized."""
+    teacher = replace(tiny(), backbone=replace(tiny().backbone, arch="vit_small"))
+    return _distilled(tiny(), name="tiny_distill", teacher=teacher)
+
+
 RECIPES: dict[str, Callable[[], Recipe]] = {
     "vits14": vits14, "vitb14": vitb14, "vitl14": vitl14, "vitg14": vitg14, "tiny": tiny,
+    "vits14_distill": vits14_distill, "vitb14_distill": vitb14_distill,
+    "vitl14_distill": vitl14_distill, "tiny_distill": tiny_distill,
 }
 
 

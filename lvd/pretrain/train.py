@@ -2,7 +2,9 @@
 
 Per step: schedules -> forward (teacher targets, student outputs, losses) -> finite check ->
 backward -> freeze prototypes / clip -> AdamW -> EMA teacher -> log -> checkpoint.
-Outputs under OUT: `config.json` (the recipe), `metrics.jsonl` (rank 0 writes a JSON line
+Outputs under OUT: `config.json` (the recipe, overrides applied), `init.json` / `distill.json`
+(with `--init` / a distillation teacher: which tensors were loaded, resized or started fresh),
+`metrics.jsonl` (rank 0 writes a JSON line
 per logged step: its losses, and the corrupt samples of all ranks), `checkpoints/step_NNNNNNN/`
 (DCP, see checkpoint.py), `pictures/step_NNNNNNN.png`, `ranks/rankR.pid` (pid and host of
 each rank while it trains; a file left behind names a rank that died). Shards and a resume's
@@ -33,8 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lvd.pretrain import checkpoint as ckpt
+from lvd.pretrain.distill import FrozenTeacher, apply_frozen, load_frozen_teacher, refuse_unset_teacher
 from lvd.pretrain.distributed import all_ranks_mean, init_distributed
 from lvd.pretrain.failures import check_shard_files, checked_resume_point, oom_message
+from lvd.pretrain.init import StartWeights, apply_start, init_weights
 from lvd.pretrain.meta_arch import MetaArch, StepOutput
 from lvd.pretrain.optim import (
     apply_schedules,
@@ -67,6 +71,7 @@ class TrainConfig:
     device: str | None = None  # default: cuda if available, else cpu
     deterministic: bool = False  # torch deterministic algorithms (exact resume on CPU)
     pictures: bool = True
+    init: str | None = None  # start from these backbone weights (init.py); not on resume
 
     def __post_init__(self) -> None:
         if not self.shards:
@@ -188,8 +193,17 @@ def _save(cfg: TrainConfig, meta: MetaArch, optimizer, step: int, rt: Runtime,
     return path
 
 
-def _build(recipe: Recipe, rt: Runtime):
-    meta = parallelize(lambda: MetaArch(recipe), rt)
+def _build(recipe: Recipe, rt: Runtime, start: StartWeights | None = None,
+           frozen: FrozenTeacher | None = None):
+    def build() -> MetaArch:
+        meta = MetaArch(recipe, frozen_teacher=None if frozen is None else frozen.config)
+        if start is not None:
+            apply_start(meta, start)
+        if frozen is not None:
+            apply_frozen(meta, frozen)
+        return meta
+
+    meta = parallelize(build, rt)
     optimizer = build_adamw(
         param_groups(dict(meta.student.items()), depth=len(meta.student["backbone"].blocks),
                      layerwise_decay=recipe.optim.layerwise_decay,
@@ -218,14 +232,32 @@ def _step_or_explain(meta: MetaArch, optimizer, batch, v: ScheduleValues, step: 
             bf16=rt.autocast_dtype == torch.bfloat16, device=rt.device)) from e
 
 
+def _start_weights(cfg: TrainConfig, rt: Runtime, *, resuming: bool):
+    """`--init` weights (a fresh run only: a resume restores its checkpoint) and the frozen
+    distillation teacher (every run: it is not checkpointed); rank 0 reports both."""
+    refuse_unset_teacher(cfg.recipe)
+    start = init_weights(cfg.init, cfg.recipe) if cfg.init and not resuming else None
+    frozen = load_frozen_teacher(cfg.recipe) if cfg.recipe.distill.enabled else None
+    if rt.rank == 0:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        for name, what in (("init", start), ("distill", frozen)):
+            if what is not None:
+                what.report.write(cfg.out / f"{name}.json")
+                print(f"lvd pretrain: {name}: {what.report.summary()}", flush=True)
+        if cfg.init and resuming:
+            print(f"lvd pretrain: --init {cfg.init} not used: resuming from a checkpoint", flush=True)
+    return start, frozen
+
+
 def train(cfg: TrainConfig) -> TrainResult:
     rt = setup_runtime(init_distributed(cfg.device))
     check_shard_files(cfg.shards[rt.rank::rt.world_size])  # together: each shard read once
     last = checked_resume_point(cfg.out, cfg.resume, cfg.recipe, rt.world_size)
     torch.use_deterministic_algorithms(cfg.deterministic)
     recipe = cfg.recipe
+    weights, frozen = _start_weights(cfg, rt, resuming=last is not None)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 needs it)
-    meta, optimizer = _build(recipe, rt)
+    meta, optimizer = _build(recipe, rt, weights, frozen)
     torch.manual_seed(cfg.seed + rt.rank)  # then each rank its own stream
     schedules = build_schedules(recipe.schedule_config(world_size=rt.world_size))
     start = 0 if last is None else _restore(meta, optimizer, last).step

@@ -33,7 +33,26 @@ def register(subparsers) -> None:
     p.add_argument("--shards", required=True, nargs="+", metavar="SHARDS",
                    help="shard folder (e.g. RUN/shards), tar files, or {000000..000009} brace patterns")
     p.add_argument("--recipe", default="vits14",
-                   help="named recipe: tiny, vits14, vitb14, vitl14, vitg14 (default: vits14)")
+                   help="named recipe: tiny, vits14, vitb14, vitl14, vitg14, or a distillation "
+                        "pair tiny_distill, vits14_distill, vitb14_distill, vitl14_distill "
+                        "(default: vits14)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="YAML or JSON settings over the recipe, nested by section "
+                        "({crops: {n_local: 4}}); a run's OUT/config.json gives back its recipe")
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="change one recipe setting, after --config; repeatable. Every field of "
+                        "the recipe (see OUT/config.json): e.g. --set crops.n_local=4 --set "
+                        "optim.base_lr=1e-3 --set crops.local_scale=0.05,0.32 --set batch_size=16")
+    p.add_argument("--init", default=None, metavar="SPEC",
+                   help="start student and teacher backbones from these weights: an official "
+                        "DINOv2 .pth, an HF Dinov2 folder or an lvd run/checkpoint (its heads "
+                        "too, when their shapes fit); OUT/init.json lists what was loaded and "
+                        "what started fresh. Ignored when --resume finds a checkpoint")
+    p.add_argument("--distill-from", default=None, metavar="SPEC",
+                   help="distil from this frozen teacher (same kinds as --init; an lvd run "
+                        "gives its heads too): the student learns the teacher's DINO and iBOT "
+                        "targets; the checkpoints' teacher is the student's EMA. Same as --set "
+                        "distill.teacher=SPEC; the *_distill recipes name the pairs")
     p.add_argument("--out", required=True, type=Path,
                    help=f"output folder: config.json, metrics.jsonl, checkpoints/, pictures/; {SHARED_FS}")
     p.add_argument("--max-steps", type=int, default=None,
@@ -159,30 +178,38 @@ def _set(args: argparse.Namespace, **fields: str) -> dict:
     return {f: getattr(args, a) for f, a in fields.items() if getattr(args, a) is not None}
 
 
-def main(args: argparse.Namespace) -> int:
-    from dataclasses import replace
+def check_start_specs(recipe, init: str | None) -> None:
+    """--init and the distillation teacher exist, and a `*_distill` recipe got a teacher:
+    checked before any rank starts (their shapes are checked when the model is built)."""
+    from lvd.pretrain.distill import refuse_unset_teacher
 
+    refuse_unset_teacher(recipe)
+    for flag, spec in (("--init", init), ("--distill-from", recipe.distill.teacher or None)):
+        if spec is not None and not Path(spec).expanduser().exists():
+            raise FileNotFoundError(f"{flag} {spec}: no such file or folder; pass an official "
+                                    "DINOv2 .pth, an HF Dinov2 folder or an lvd run's --out")
+
+
+def main(args: argparse.Namespace) -> int:
     from lvd.pretrain.data import expand_shards
     from lvd.pretrain.launch import launch, submit_slurm
-    from lvd.pretrain.recipes import get_recipe
+    from lvd.pretrain.overrides import OverrideError, resolve_recipe
     from lvd.pretrain.train import TrainConfig
 
+    try:
+        # settings first: a wrong key is refused before any shard is listed
+        recipe = resolve_recipe(args.recipe, config=args.config, sets=args.sets,
+                                batch_size=args.batch_size, distill_from=args.distill_from)
+        check_start_specs(recipe, args.init)
+    except (OverrideError, FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"lvd pretrain: error: {e}") from None
     try:
         spec = launch_spec(args)
         shards = tuple(expand_shards(args.shards))
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"lvd pretrain: {e}") from None
-    recipe = get_recipe(args.recipe)
-    if args.batch_size is not None:
-        if args.batch_size < 2:
-            # KoLeo spreads each rank's batch by nearest-neighbour distances: one image has none
-            raise SystemExit(f"lvd pretrain: error: --batch-size {args.batch_size}: each rank "
-                             "needs at least 2 images per step (the KoLeo loss compares every "
-                             "image with its nearest neighbour in the rank's batch); use "
-                             "--batch-size 2 or more")
-        recipe = replace(recipe, batch_size=args.batch_size)
     cfg = TrainConfig(
-        shards=shards, recipe=recipe, out=args.out,
+        shards=shards, recipe=recipe, out=args.out, init=args.init,
         max_steps=args.max_steps, resume=args.resume, num_workers=args.num_workers,
         seed=args.seed, device=args.device, deterministic=args.deterministic,
     )
@@ -198,10 +225,13 @@ def main(args: argparse.Namespace) -> int:
         result = job.results()[0]
     else:
         from lvd.pretrain.checkpoint import UnsafeCheckpointError
+        from lvd.pretrain.init import InitMismatchError
 
         try:
             result = launch(cfg, spec)
-        except UnsafeCheckpointError as e:  # --resume met a file lvd will not unpickle
+        # --resume met a file lvd will not unpickle; --init / --distill-from weights that
+        # do not fit the recipe
+        except (UnsafeCheckpointError, InitMismatchError) as e:
             raise SystemExit(f"lvd pretrain: error: {e}") from None
     last = result.losses[-1]["loss"] if result.losses else float("nan")
     print(f"trained steps {result.start_step}..{result.end_step} of recipe {recipe.name}; "
