@@ -18,7 +18,7 @@ the PCA / CLS-attention pictures train() wrote in OUT/pictures, and a markdown s
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -174,14 +174,20 @@ def pretrain(
     nproc_per_node: int = 1,
     max_relaunches: int = 2,
     deterministic: bool = False,
+    config: str | None = None,
+    sets: list[str] | None = None,
+    init: str | None = None,
+    distill_from: str | None = None,
 ) -> PretrainSummary:
     """Train recipe `recipe` on `shards` into `out`; k-NN on knn_train/knn_val when given.
 
     nproc_per_node > 1 trains that many FSDP2 ranks in a child process, relaunched from the
-    latest checkpoint up to `max_relaunches` times when a rank dies (batch_size per rank)."""
+    latest checkpoint up to `max_relaunches` times when a rank dies (batch_size per rank).
+    `config`, `sets`, `init` and `distill_from` are `lvd pretrain`'s --config, --set (a list),
+    --init and --distill-from; the recipe is resolved once, as the command line does."""
     from lvd.pretrain.data import expand_shards
     from lvd.pretrain.failures import check_shard_files
-    from lvd.pretrain.recipes import get_recipe
+    from lvd.pretrain.overrides import resolve_recipe
     from lvd.pretrain.train import TrainConfig
 
     if (knn_train is None) != (knn_val is None):
@@ -189,12 +195,11 @@ def pretrain(
     if nproc_per_node < 1 or max_relaunches < 0:
         raise ValueError(f"nproc_per_node {nproc_per_node} / max_relaunches {max_relaunches}: "
                          "use at least 1 rank and 0 or more relaunches")
-    r = get_recipe(recipe)
-    if batch_size is not None:
-        r = replace(r, batch_size=batch_size)
+    r = resolve_recipe(recipe, config=config, sets=sets or (), batch_size=batch_size,
+                       distill_from=distill_from)
     cfg = TrainConfig(shards=tuple(expand_shards(shards)), recipe=r, out=Path(out).resolve(),
                       max_steps=max_steps, resume=resume, num_workers=num_workers, seed=seed,
-                      device=device, deterministic=deterministic)
+                      device=device, deterministic=deterministic, init=init)
     get_run_logger().info("pretrain: recipe %s, %d shards, %d rank(s), steps to %d -> %s",
                           r.name, len(cfg.shards), nproc_per_node, cfg.end_step, cfg.out)
     if nproc_per_node == 1:
@@ -205,7 +210,8 @@ def pretrain(
         spec = RanksCommand(shards=tuple(shards), recipe=recipe, out=cfg.out,
                             nproc_per_node=nproc_per_node, max_steps=max_steps,
                             batch_size=batch_size, num_workers=num_workers, seed=seed,
-                            device=device, deterministic=deterministic)
+                            device=device, deterministic=deterministic, config=config,
+                            sets=tuple(sets or ()), init=init, distill_from=distill_from)
         result = train_ranks_task(cfg, spec, max_relaunches)
     rows = read_metrics(cfg.out / "metrics.jsonl")
     loss_table(rows)

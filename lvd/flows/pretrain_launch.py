@@ -44,6 +44,10 @@ class RanksCommand:
     seed: int = 0
     device: str | None = None
     deterministic: bool = False
+    config: str | None = None  # --config FILE
+    sets: tuple[str, ...] = ()  # each a --set SECTION.FIELD=VALUE
+    init: str | None = None
+    distill_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 2:
@@ -56,9 +60,12 @@ class RanksCommand:
                "--num-workers", str(self.num_workers), "--seed", str(self.seed),
                "--nproc-per-node", str(self.nproc_per_node)]
         for flag, value in (("--max-steps", self.max_steps), ("--batch-size", self.batch_size),
-                            ("--device", self.device)):
+                            ("--device", self.device), ("--config", self.config),
+                            ("--init", self.init), ("--distill-from", self.distill_from)):
             if value is not None:
                 cmd += [flag, str(value)]
+        for setting in self.sets:
+            cmd += ["--set", setting]
         return cmd + ["--deterministic"] * self.deterministic + ["--resume"] * resume
 
 
