@@ -162,7 +162,7 @@ def parse_assignment(text: str) -> tuple[str, str]:
     """`section.field=value` -> (name, raw value); the value may itself contain '='."""
     name, sep, value = text.partition("=")
     if not sep or not name.strip():
-        raise OverrideError(f"--set {text!r}: write SECTION.FIELD=VALUE, e.g. crops.n_local=4")
+        raise OverrideError(f"--set {text}: write SECTION.FIELD=VALUE, e.g. crops.n_local=4")
     return name.strip(), value
 
 
