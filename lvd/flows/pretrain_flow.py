@@ -148,13 +148,14 @@ def knn_task(checkpoint: Path, train_dir: str, val_dir: str, k: int, device: str
 
 
 def _check_resume_world_size(cfg, nproc_per_node: int) -> None:
-    """Refuse a resume on another number of ranks before starting any (train() would too)."""
+    """Refuse a resume on a number of ranks its data plan cannot be mapped to before starting
+    any (train() would too)."""
     from lvd.pretrain import checkpoint as ckpt
     from lvd.pretrain.failures import check_world_size
 
     last = ckpt.latest_checkpoint(cfg.out) if cfg.resume else None
     if last is not None:
-        check_world_size(last, ckpt.read_meta(last).world_size, nproc_per_node)
+        check_world_size(last, ckpt.read_meta(last), nproc_per_node)
 
 
 @flow(name="pretrain")

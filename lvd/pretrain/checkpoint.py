@@ -6,7 +6,11 @@ Layout: `OUT/checkpoints/step_NNNNNNN/` holds
   width, depth): the only files `load_teacher_backbone` / `load_backbone` read;
 - `rng-rankR.safetensors`: each rank's torch / CUDA / numpy / python RNG state as integer
   tensors, the few scalars as JSON in the safetensors header;
-- `meta.json` (step, data position, world size, recipe).
+- `meta.json` (step, world size, recipe, and the data plan with every stream's position).
+A checkpoint resumes on any number of ranks up to the run's data streams: DCP reshards the
+weights, optimizer state and centres to the new FSDP2 mesh on load (`dcp.load` plans by each
+tensor's global offsets, so 2 shards load into 1 whole tensor or the reverse), the data plan
+is remapped (data/plan.py) and RNG states are restored per rank (see `restore_rank_rng`).
 Every file is written into `step_NNNNNNN.tmp/`, fsynced with the folder, and the folder is
 renamed (or atomically swapped with an existing step of the same number) only when complete;
 older steps are pruned after that rename is on disk, so a crash never loses the last
@@ -70,9 +74,13 @@ class LegacyCheckpointError(ValueError):
 @dataclass(frozen=True)
 class CheckpointMeta:
     step: int  # optimizer steps done; training resumes at this step index
-    data_batches: int  # batches this rank's loader has yielded (the data position)
+    data_batches: int  # batches each rank's loader has yielded
     world_size: int
     recipe: dict[str, Any]
+    # the data plan (lvd.pretrain.data.plan.DataPlan.to_dict) and every stream's position at
+    # `step`: what lets a resume on another world size continue each stream where it stopped.
+    # None in checkpoints of an lvd before elastic resume.
+    data: dict[str, Any] | None = None
 
 
 def _distributed() -> bool:
@@ -161,7 +169,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # a node with fewer visible GPUs than the one that saved: the devices it has
+        for i, cuda in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda, i)
 
 
 def rng_file(rank: int) -> str:
@@ -568,9 +578,28 @@ def load_checkpoint(
     for key in optional:
         state[key] = _drop_unsaved(state[key], saved, key)
     _dcp_load(state, ckpt)
+    meta = read_meta(ckpt)
+    restore_rank_rng(rng, step=meta.step)
+    return meta
+
+
+def restore_rank_rng(rng: dict[str, Any] | None, *, step: int) -> None:
+    """This rank's saved RNG state; a rank the checkpoint has no file for (a resume on more
+    ranks than wrote it) gets generators seeded from (its current seed, `step`) instead.
+
+    Ranks 0..N-1 of a resume on N' ranks continue their own streams of drop-path and other
+    torch / numpy / python draws; rank r >= N starts fresh ones that depend on the run's
+    seed and rank (the trainer has seeded it with seed + rank) and on the step, so they are
+    not a replay of its draws at step 0. (Crops and masks do not use these generators: they
+    are seeded per sample, see data/shards.py.)
+    """
     if rng is not None:
         set_rng_state(rng)
-    return read_meta(ckpt)
+        return
+    seed = np.random.SeedSequence([torch.initial_seed(), step]).generate_state(2, np.uint32)
+    torch.manual_seed(int(seed[0]) << 32 | int(seed[1]))
+    np.random.seed(seed)
+    random.seed(int(seed[0]) << 32 | int(seed[1]))
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

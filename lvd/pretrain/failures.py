@@ -2,7 +2,7 @@
 
 - shards that are empty or not tar files, found before any model is built (missing and
   unreadable paths are refused earlier, by `data.expand_shards`);
-- a resume whose checkpoint was written by another number of ranks;
+- a resume on another number of ranks that its checkpoint's data plan cannot be mapped to;
 - a CUDA out-of-memory in a step, re-raised naming the settings that lower memory.
 """
 
@@ -53,16 +53,26 @@ def check_shard_files(shards: Sequence[str]) -> None:
                          "them out of --shards")
 
 
-def check_world_size(checkpoint: object, saved: int, current: int) -> None:
-    """A checkpoint resumes only on as many ranks as wrote it: its per-rank data positions
-    and RNG files, and the learning rate (scaled by the global batch), depend on it."""
-    if saved != current:
+def check_world_size(checkpoint: object, saved: ckpt.CheckpointMeta, current: int) -> None:
+    """A checkpoint resumes on another number of ranks when its data plan can be remapped
+    (data/plan.py): at most as many ranks as the run has data streams. A checkpoint of an
+    lvd before elastic resume has no per-stream positions and resumes only on its own ranks."""
+    if saved.world_size == current:
+        return
+    if saved.data is None:
         raise ResumeMismatchError(
-            f"{checkpoint} was written by {saved} rank(s) but this run has {current}; relaunch "
-            f"with the same ranks in all (--nproc-per-node x --nnodes, or --ray-workers, = {saved}) "
-            "to resume, or "
-            "start a new run (another --out folder, or without --resume)"
-        )
+            f"{checkpoint} was written by {saved.world_size} rank(s) but this run has {current}, "
+            "and it holds no data-stream positions (an older lvd wrote it), so the data position "
+            "cannot be mapped to another number of ranks; relaunch with the same ranks in all "
+            f"(--nproc-per-node x --nnodes, or --ray-workers, = {saved.world_size}) to resume, "
+            "or start a new run (another --out folder, or without --resume)")
+    streams = int(saved.data["plan"]["streams"])
+    if current > streams:
+        raise ResumeMismatchError(
+            f"{checkpoint} was written by {saved.world_size} rank(s) of a run whose data is "
+            f"{streams} streams; {current} ranks cannot share them (each rank reads whole "
+            f"streams). Resume on at most {streams} ranks in all (--nproc-per-node x --nnodes, "
+            "or --ray-workers), or start a new run (another --out folder, or without --resume)")
 
 
 def check_recipe(checkpoint: object, saved: Recipe, current: Recipe) -> None:
@@ -80,7 +90,7 @@ def checked_resume_point(out: Path, resume: bool, recipe: Recipe, world_size: in
     last = ckpt.latest_checkpoint(out) if resume else None
     if last is not None:
         saved = ckpt.read_meta(last)
-        check_world_size(last, saved.world_size, world_size)
+        check_world_size(last, saved, world_size)
         check_recipe(last, Recipe.from_dict(saved.recipe), recipe)
     return last
 

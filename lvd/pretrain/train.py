@@ -35,6 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from lvd.pretrain import checkpoint as ckpt
+from lvd.pretrain.data.plan import DataPlan, checkpoint_data, plan_for
+from lvd.pretrain.data.shard_stream import expand_shards
 from lvd.pretrain.distill import FrozenTeacher, apply_frozen, load_frozen_teacher, refuse_unset_teacher
 from lvd.pretrain.distributed import all_ranks_mean, init_distributed
 from lvd.pretrain.failures import check_shard_files, checked_resume_point, oom_message
@@ -94,7 +96,7 @@ class TrainResult:
     losses: list[dict[str, float]] = field(default_factory=list)  # one per step of this call
 
 
-def _make_loader(cfg: TrainConfig, rt: Runtime, start_batch: int) -> Iterator:
+def _make_loader(cfg: TrainConfig, rt: Runtime, start_batch: int, plan: DataPlan) -> Iterator:
     from lvd.pretrain.data import MaskingConfig, MultiCropConfig, make_dataloader
 
     r = cfg.recipe
@@ -107,7 +109,7 @@ def _make_loader(cfg: TrainConfig, rt: Runtime, start_batch: int) -> Iterator:
     return iter(make_dataloader(
         list(cfg.shards), batch_size=r.batch_size, rank=rt.rank, world_size=rt.world_size,
         num_workers=cfg.num_workers, seed=cfg.seed, crops=crops, masking=masking,
-        start_batch=start_batch,
+        start_batch=start_batch, plan=plan,
     ))
 
 
@@ -179,9 +181,9 @@ def _train_step(meta: MetaArch, optimizer, batch, v: ScheduleValues, step: int,
 
 
 def _save(cfg: TrainConfig, meta: MetaArch, optimizer, step: int, rt: Runtime,
-          picture_x: torch.Tensor | None) -> Path:
+          picture_x: torch.Tensor | None, plan: DataPlan) -> Path:
     info = ckpt.CheckpointMeta(step=step, data_batches=step, world_size=rt.world_size,
-                               recipe=cfg.recipe.to_dict())
+                               recipe=cfg.recipe.to_dict(), data=checkpoint_data(plan, step))
     path = ckpt.save_checkpoint(cfg.out, _state(meta, optimizer), info,
                                 keep=cfg.recipe.keep_checkpoints)
     if cfg.pictures and picture_x is not None:
@@ -269,7 +271,11 @@ def train(cfg: TrainConfig) -> TrainResult:
         metrics = MetricsLog(cfg.out / "metrics.jsonl", resume_step=start)
 
     meta.train()
-    loader = _make_loader(cfg, rt, start_batch=start)
+    # the checkpoint's data plan remapped to this layout (any world size: data/plan.py)
+    plan = plan_for(None if last is None else ckpt.read_meta(last).data, step=start,
+                    n_shards=len(expand_shards(cfg.shards)), world_size=rt.world_size,
+                    workers=cfg.num_workers, batch_size=recipe.batch_size)
+    loader = _make_loader(cfg, rt, start, plan)
     losses, picture_x, window, corrupt, tick = [], None, 0, 0, time.perf_counter()
     for step in range(start, cfg.end_step):
         batch = next(loader).to(rt.device)
@@ -293,7 +299,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 })
             window = corrupt = 0
         if done % recipe.checkpoint_every == 0 or done == cfg.end_step:
-            last = _save(cfg, meta, optimizer, done, rt, picture_x)
+            last = _save(cfg, meta, optimizer, done, rt, picture_x, plan)
     pid_file.unlink(missing_ok=True)  # a pid file left behind names a rank that died
     return TrainResult(out=cfg.out, start_step=start, end_step=cfg.end_step,
                        last_checkpoint=last, losses=losses)

@@ -2,18 +2,20 @@
 
 Layout (docs/architecture.md): `shard-NNNNNN.tar` holding `KEY.jpg` + `KEY.json` (`uid`, ...).
 
-Stream. Each rank's DataLoader workers are reader slots (see `shard_stream`: per-epoch
-seeded shard order, disjoint shards per slot, interleaved groups of shards through a
-seeded shuffle buffer). A worker turns every `batch_size` raw samples into one Batch, so
-global batch k of a rank is local batch k // W of logical worker k % W. The stream is a
-pure function of (shards, seed, world_size, num_workers, batch_size, shuffle settings).
+Stream. The run's data is V streams (`plan.py`; each one reader slot of `shard_stream`:
+per-epoch seeded shard order, disjoint shards per stream, interleaved groups of shards
+through a seeded shuffle buffer). Each rank's DataLoader workers own some of the rank's
+streams and take one sample from each in turn; a worker turns every `batch_size` raw samples
+into one Batch, so batch k of a rank is made by logical worker k % W. The stream is a pure
+function of (shards, seed, data plan, shuffle settings); the plan's stream positions are
+what makes a resume on another number of ranks continue every stream where it stopped.
 
 Augmentation and masks. Crops of image i of batch k on rank r are drawn with seed
 (seed, r, k, i); masks with (seed, r, k). So a resumed stream reproduces crops exactly.
 
-Resume. `start_batch=k` makes worker w play logical worker (w + k) % W (DataLoader polls
-workers round robin from 0) and skip the (k + w) // W * batch_size raw samples its
-earlier batches used, without decoding them: whole shard groups are passed using counts
+Resume. `start_batch=k` makes worker w play logical worker (w + k - plan.step) % W
+(DataLoader polls workers round robin from 0) and skip, in each of its streams, the samples
+the plan says were taken, without decoding them: whole shard groups are passed using counts
 from the tar headers; only the group holding the resume point is re-read (not decoded).
 
 Corrupt samples (bad JPEG, bad JSON, missing member) are replaced by another sample of
@@ -25,6 +27,7 @@ and resume arithmetic stays exact; `Batch.n_corrupt` counts them for the trainer
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import os
@@ -39,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from lvd.pretrain.data.augmentations import Crops, MultiCrop, MultiCropConfig
 from lvd.pretrain.data.collate import Batch, collate
 from lvd.pretrain.data.masking import MaskingConfig
+from lvd.pretrain.data.plan import DataPlan, fresh_plan
 from lvd.pretrain.data.shard_stream import RawSample, SlotSpec, expand_shards, raw_stream
 
 log = logging.getLogger(__name__)
@@ -95,29 +99,33 @@ class ShardStream(IterableDataset):
     """Yields ready `Batch`es of one rank; use with DataLoader(batch_size=None)."""
 
     def __init__(
-        self, shards: list[str], cfg: ShardDataConfig, *, rank: int, world_size: int, start_batch: int
+        self, shards: list[str], cfg: ShardDataConfig, *, rank: int, plan: DataPlan, start_batch: int
     ) -> None:
         super().__init__()
-        self.shards, self.cfg = shards, cfg
-        self.rank, self.world_size, self.start_batch = rank, world_size, start_batch
+        self.shards, self.cfg, self.plan = shards, cfg, plan
+        self.rank, self.start_batch = rank, start_batch
         self.multicrop = MultiCrop(cfg.crops)
+
+    def _raw_samples(self, logical: int) -> Iterator[RawSample]:
+        """The logical worker's streams from `start_batch` on, one sample of each in turn."""
+        start = self.plan.worker_start(self.rank, logical, self.start_batch)
+        streams = [
+            raw_stream(self.shards, SlotSpec(seed=self.cfg.seed, slot=v, n_slots=self.plan.streams,
+                                             buffer=self.cfg.shuffle_buffer, group=self.cfg.shuffle_shards),
+                       skip=skip)
+            for v, skip in zip(start.streams, start.skips)
+        ]
+        for t in itertools.count(start.turn):
+            yield next(streams[t % len(streams)])
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
         if info is not None:
             torch.set_num_threads(1)  # one core per worker; parallelism comes from workers
-        logical = (worker + self.start_batch) % n_workers
+        logical = (worker + self.start_batch - self.plan.step) % n_workers
         first_batch = self.start_batch + worker  # the first global batch index this worker owns
-        spec = SlotSpec(
-            seed=self.cfg.seed,
-            slot=self.rank * n_workers + logical,
-            n_slots=self.world_size * n_workers,
-            buffer=self.cfg.shuffle_buffer,
-            group=self.cfg.shuffle_shards,
-        )
-        # resume: this worker's earlier batches took batch_size raw samples each
-        stream = raw_stream(self.shards, spec, skip=first_batch // n_workers * self.cfg.batch_size)
+        stream = self._raw_samples(logical)
         batch_index = first_batch
         while True:
             raws = [next(stream) for _ in range(self.cfg.batch_size)]
@@ -163,6 +171,7 @@ def make_dataloader(
     crops: MultiCropConfig | None = None,
     masking: MaskingConfig | None = None,
     start_batch: int = 0,
+    plan: DataPlan | None = None,
     **options,  # other ShardDataConfig fields: shuffle_buffer, shuffle_shards, pin_memory, ...
 ) -> DataLoader:
     """Endless DataLoader of `Batch` for one rank; its first batch is batch `start_batch`
@@ -175,7 +184,7 @@ def make_dataloader(
         masking=masking or MaskingConfig(),
         **options,
     )
-    return loader_from_config(shards, cfg, rank=rank, world_size=world_size, start_batch=start_batch)
+    return loader_from_config(shards, cfg, rank=rank, world_size=world_size, start_batch=start_batch, plan=plan)
 
 
 def loader_from_config(
@@ -185,13 +194,21 @@ def loader_from_config(
     rank: int = 0,
     world_size: int = 1,
     start_batch: int = 0,
+    plan: DataPlan | None = None,
 ) -> DataLoader:
+    """The DataLoader of one rank from `start_batch` on. `plan`: the run's data plan (see
+    plan.py; a checkpoint's, to resume), remapped to this layout; default a new run's."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank={rank} must be in [0, world_size={world_size})")
     if start_batch < 0:
         raise ValueError(f"start_batch={start_batch}: must be >= 0")
-    dataset = ShardStream(expand_shards(shards), cfg, rank=rank, world_size=world_size, start_batch=start_batch)
-    workers = cfg.num_workers
+    paths = expand_shards(shards)
+    if plan is None:
+        plan = fresh_plan(n_shards=len(paths), world_size=world_size, workers=cfg.num_workers,
+                          batch_size=cfg.batch_size)
+    plan = plan.resumed(start_batch, world_size=world_size, workers=cfg.num_workers, batch_size=cfg.batch_size)
+    dataset = ShardStream(paths, cfg, rank=rank, plan=plan, start_batch=start_batch)
+    workers = plan.n_workers(rank) if cfg.num_workers > 0 else 0
     return DataLoader(
         dataset,
         batch_size=None,
