@@ -153,3 +153,12 @@ def test_cli_distils_on_cpu_and_reports_the_teacher(shards, wide_teacher, tmp_pa
     assert ckpt.load_teacher_backbone(out).embed_dim == 192
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
+
+
+def test_two_ranks_get_the_frozen_teacher_and_the_init_weights_of_rank_0(same_teacher, tmp_path):
+    from tests.pretrain.test_fsdp import torchrun
+
+    torchrun(2, "build_distill.py", tmp_path / "built", same_teacher, same_teacher)
+    for rank in (0, 1):
+        got = json.loads((tmp_path / f"built-rank{rank}.json").read_text())
+        assert got["frozen_bad"] == [] and got["student_bad"] == [] and min(got["n"]) > 90, got
