@@ -358,6 +358,13 @@ def _dcp_load(state: dict[str, Any], ckpt: Path) -> None:
         raise
 
 
+def load_state(ckpt: str | Path, state: dict[str, Any]) -> None:
+    """Fill `state` (nested dicts of tensors, any subset of what was saved, plain or DTensor)
+    from a checkpoint's DCP files through the restricted reader; DCP reshards on load, so
+    any world size may have written them. No RNG, no meta: for starting something new."""
+    _dcp_load(state, Path(ckpt))
+
+
 # ---------------------------------------------------------------- the teacher backbone
 
 def _gather_backbone(teacher: Any) -> dict[str, torch.Tensor] | None:

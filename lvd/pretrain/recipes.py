@@ -162,6 +162,16 @@ class DistillConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class PhaseConfig:
+    """A phase that continues another lvd run (lvd/pretrain/highres.py): student, teacher,
+    heads and loss centres start from `from_run`'s last checkpoint, position embeddings
+    interpolated to this recipe's global crops; AdamW and the schedules start over. DINOv2's
+    high-resolution adaptation is such a phase (`lvd pretrain --highres-from RUN`)."""
+
+    from_run: str = ""  # an lvd run folder or step_NNNNNNN checkpoint; "": a run of its own
+
+
+@dataclass(frozen=True, kw_only=True)
 class Recipe:
     name: str
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -173,6 +183,7 @@ class Recipe:
     optim: OptimConfig = field(default_factory=OptimConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    phase: PhaseConfig = field(default_factory=PhaseConfig)
     batch_size: int = 64  # per rank
     epochs: int = 100
     epoch_length: int = 1250  # iterations per "epoch" (DINOv2's OFFICIAL_EPOCH_LENGTH)
@@ -230,7 +241,7 @@ class Recipe:
 _SECTIONS = {
     "backbone": BackboneConfig, "dino_head": HeadConfig, "ibot_head": HeadConfig,
     "crops": CropsConfig, "masks": MaskConfig, "loss": LossConfig, "optim": OptimConfig,
-    "teacher": TeacherConfig, "distill": DistillConfig,
+    "teacher": TeacherConfig, "distill": DistillConfig, "phase": PhaseConfig,
 }
 
 

@@ -4,6 +4,7 @@ Per step: schedules -> forward (teacher targets, student outputs, losses) -> fin
 backward -> freeze prototypes / clip -> AdamW -> EMA teacher -> log -> checkpoint.
 Outputs under OUT: `config.json` (the recipe, overrides applied), `init.json` / `distill.json`
 (with `--init` / a distillation teacher: which tensors were loaded, resized or started fresh),
+`phase.json` (a phase continuing a run, e.g. --highres-from: what was loaded and interpolated),
 `metrics.jsonl` (rank 0 writes a JSON line
 per logged step: its losses, and the corrupt samples of all ranks), `checkpoints/step_NNNNNNN/`
 (DCP, see checkpoint.py), `pictures/step_NNNNNNN.png`, `ranks/rankR.pid` (pid and host of
@@ -40,6 +41,7 @@ from lvd.pretrain.data.shard_stream import expand_shards
 from lvd.pretrain.distill import FrozenTeacher, apply_frozen, load_frozen_teacher, refuse_unset_teacher
 from lvd.pretrain.distributed import all_ranks_mean, init_distributed
 from lvd.pretrain.failures import check_shard_files, checked_resume_point, oom_message
+from lvd.pretrain.highres import PhaseStart, apply_phase_start, start_of_run
 from lvd.pretrain.init import StartWeights, apply_start, init_weights
 from lvd.pretrain.meta_arch import MetaArch, StepOutput
 from lvd.pretrain.optim import (
@@ -196,11 +198,13 @@ def _save(cfg: TrainConfig, meta: MetaArch, optimizer, step: int, rt: Runtime,
 
 
 def _build(recipe: Recipe, rt: Runtime, start: StartWeights | None = None,
-           frozen: FrozenTeacher | None = None):
+           frozen: FrozenTeacher | None = None, phase: PhaseStart | None = None):
     def build() -> MetaArch:
         meta = MetaArch(recipe, frozen_teacher=None if frozen is None else frozen.config)
         if start is not None:
             apply_start(meta, start)
+        if phase is not None:
+            apply_phase_start(meta, phase)
         if frozen is not None:
             apply_frozen(meta, frozen)
         return meta
@@ -258,8 +262,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     torch.use_deterministic_algorithms(cfg.deterministic)
     recipe = cfg.recipe
     weights, frozen = _start_weights(cfg, rt, resuming=last is not None)
+    # a phase continuing another run (recipe.phase, e.g. --highres-from): its weights
+    phase = start_of_run(recipe, init=cfg.init, rank=rt.rank, resuming=last is not None, out=cfg.out)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP2 needs it)
-    meta, optimizer = _build(recipe, rt, weights, frozen)
+    meta, optimizer = _build(recipe, rt, weights, frozen, phase)
     torch.manual_seed(cfg.seed + rt.rank)  # then each rank its own stream
     schedules = build_schedules(recipe.schedule_config(world_size=rt.world_size))
     start = 0 if last is None else _restore(meta, optimizer, last).step

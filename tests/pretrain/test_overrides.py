@@ -23,7 +23,7 @@ SPECIAL = {
     "crops.global_size": 70, "crops.local_size": 42, "crops.global_scale": (0.4, 0.9),
     "crops.local_scale": (0.1, 0.3), "masks.ratio_min": 0.2, "masks.ratio_max": 0.6,
     "distill.teacher": "/some/teacher.pth", "distill.teacher_arch": "vit_base",
-    "backbone.drop_path_rate": 0.25, "name": "mine",
+    "backbone.drop_path_rate": 0.25, "name": "mine", "phase.from_run": "/some/run",
 }
 
 

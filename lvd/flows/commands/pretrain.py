@@ -53,6 +53,14 @@ def register(subparsers) -> None:
                         "gives its heads too): the student learns the teacher's DINO and iBOT "
                         "targets; the checkpoints' teacher is the student's EMA. Same as --set "
                         "distill.teacher=SPEC; the *_distill recipes name the pairs")
+    p.add_argument("--highres-from", default=None, metavar="RUN",
+                   help="DINOv2's high-resolution phase after RUN (an lvd run's --out or one of "
+                        "its checkpoints): RUN's recipe with 518 px global crops (37 patches a "
+                        "side), its schedules compressed into 10k iterations and a tenth of its "
+                        "base lr; student, teacher, heads and centres start from RUN with "
+                        "position embeddings interpolated, AdamW and schedules anew. --set "
+                        "changes any of it (e.g. --set crops.global_size=448); OUT/phase.json "
+                        "lists what was loaded")
     p.add_argument("--out", required=True, type=Path,
                    help=f"output folder: config.json, metrics.jsonl, checkpoints/, pictures/; {SHARED_FS}")
     p.add_argument("--max-steps", type=int, default=None,
@@ -198,7 +206,12 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         # settings first: a wrong key is refused before any shard is listed
-        recipe = resolve_recipe(args.recipe, config=args.config, sets=args.sets,
+        config, sets = args.config, args.sets
+        if args.highres_from:
+            from lvd.pretrain.highres import highres_overrides
+
+            config, sets = highres_overrides(args.highres_from, config, sets)
+        recipe = resolve_recipe(args.recipe, config=config, sets=sets,
                                 batch_size=args.batch_size, distill_from=args.distill_from)
         check_start_specs(recipe, args.init)
     except (OverrideError, FileNotFoundError, ValueError) as e:
@@ -225,13 +238,14 @@ def main(args: argparse.Namespace) -> int:
         result = job.results()[0]
     else:
         from lvd.pretrain.checkpoint import UnsafeCheckpointError
+        from lvd.pretrain.highres import PhaseMismatchError
         from lvd.pretrain.init import InitMismatchError
 
         try:
             result = launch(cfg, spec)
         # --resume met a file lvd will not unpickle; --init / --distill-from weights that
-        # do not fit the recipe
-        except (UnsafeCheckpointError, InitMismatchError) as e:
+        # do not fit the recipe; a phase's run of another architecture
+        except (UnsafeCheckpointError, InitMismatchError, PhaseMismatchError) as e:
             raise SystemExit(f"lvd pretrain: error: {e}") from None
     last = result.losses[-1]["loss"] if result.losses else float("nan")
     print(f"trained steps {result.start_step}..{result.end_step} of recipe {recipe.name}; "
