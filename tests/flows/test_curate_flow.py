@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import base64
 import io
-
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from prefect_runs import run_artifacts
 
 from lvd.curation import ledger as lg
 from lvd.curation.demo import build_demo_dump
@@ -22,12 +22,17 @@ def dump(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(ray_local, prefect_harness, dump, tmp_path_factory):
+def run_state(ray_local, prefect_harness, dump, tmp_path_factory):
     from lvd.flows.curate import curate
 
     out = tmp_path_factory.mktemp("run")
-    summary = curate(inputs=dump.inputs, out=str(out), partition_size=16)
-    return summary, out
+    return curate(inputs=dump.inputs, out=str(out), partition_size=16, return_state=True), out
+
+
+@pytest.fixture(scope="module")
+def run(run_state):
+    state, out = run_state
+    return state.result(), out
 
 
 def rows_by_source(out) -> dict[str, dict]:
@@ -132,20 +137,13 @@ def test_rerun_skips_done_work_and_gives_same_ledger(run, dump):
     assert pq.read_table(out / "ledger.parquet").equals(before)
 
 
-def test_stage_artifacts_reported(run):
-    from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
+def test_stage_artifacts_reported(run_state):
     keys = [
         "curate-ingest-progress", "curate-ingest-counts", "curate-dedup-progress",
         "curate-dedup-counts", "curate-dedup-groups", "curate-ledger-progress",
         "curate-ledger-counts",
     ]
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
-    latest = {}
-    for a in sorted(arts, key=lambda a: a.created):
-        latest[a.key] = a
+    latest = run_artifacts(run_state[0].state_details.flow_run_id, keys)  # this run's, not another test's
     assert set(latest) == set(keys)
     assert float(latest["curate-ingest-progress"].data) == 100.0
     gallery = latest["curate-dedup-groups"].data

@@ -17,8 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from prefect_runs import run_artifacts
 
-from lvd.curation import copies, ledger as lg
+from lvd.curation import copies
+from lvd.curation import ledger as lg
 from lvd.curation.demo import build_demo_dump
 from lvd.curation.shard_check import check_shards
 
@@ -28,6 +30,8 @@ OPTS = dict(
     copydetect={"k": 8}, retrieve={"include_seeds": True},
 )
 
+
+FIRST_RUN: dict = {}  # the module's first curate flow run id, set by the `run` fixture
 
 @pytest.fixture(scope="module")
 def embedder(tmp_path_factory):
@@ -75,10 +79,12 @@ def run(ray_local, prefect_harness, data, embedder, tmp_path_factory):
 
     dump, seeds, evalset, _, _ = data
     out = tmp_path_factory.mktemp("run")
-    summary = curate(inputs=dump.inputs, out=str(out), seeds=[seeds], eval_sets=[evalset], embedder=embedder, **OPTS)
+    state = curate(inputs=dump.inputs, out=str(out), seeds=[seeds], eval_sets=[evalset], embedder=embedder,
+                   return_state=True, **OPTS)
     first = (shard_digests(out), pq.read_table(out / "ledger.parquet"), stage_markers(out))
     again = curate(inputs=dump.inputs, out=str(out), seeds=[seeds], eval_sets=[evalset], embedder=embedder, **OPTS)
-    return summary, again, out, first
+    FIRST_RUN["id"] = state.state_details.flow_run_id  # whose artifacts test_part2_artifacts_reported reads
+    return state.result(), again, out, first
 
 
 def rows(out) -> list[dict]:
@@ -178,18 +184,13 @@ def test_tampered_shard_fails_verify(run, tmp_path):
 
 
 def test_part2_artifacts_reported(run):
-    from prefect import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
     keys = [
         "curate-embed-pool-progress", "curate-embed-pool-counts", "curate-copydetect-counts",
         "curate-decontam-counts", "curate-cluster-counts", "curate-cluster-montage",
         "curate-retrieve-counts", "curate-retrieve-histogram", "curate-retrieve-pairs",
         "curate-shard-progress", "curate-shard-counts",
     ]
-    with get_client(sync_client=True) as client:
-        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
-    latest = {a.key: a for a in sorted(arts, key=lambda a: a.created)}
+    latest = run_artifacts(FIRST_RUN["id"], keys)  # the first run's, not another test's
     assert set(latest) == set(keys)
     assert float(latest["curate-shard-progress"].data) == 100.0
     assert "evalset" in latest["curate-decontam-counts"].data

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from prefect_runs import run_artifacts
 
 from lvd.curation import testdata
 from lvd.curation.demo import build_knn_folders
@@ -77,13 +78,9 @@ def test_exported_folder_is_the_teacher(pipeline_run):
 
 
 def test_artifacts_are_reported(pipeline_run):
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-
     keys = ["pretrain-progress", "pretrain-losses", "pretrain-knn", "pretrain-pictures",
             "pretrain-summary", "pipeline-summary", "curate-ledger-counts"]
-    with _client() as c:
-        arts = c.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
-    latest = {a.key: a for a in sorted(arts, key=lambda a: a.created)}
+    latest = run_artifacts(pipeline_run[1].state_details.flow_run_id, keys)  # this pipeline and its subflows
     assert sorted(latest) == sorted(keys)
     assert latest["pretrain-progress"].data == 100.0
     losses = latest["pretrain-losses"].data

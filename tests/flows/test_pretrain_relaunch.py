@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prefect_runs import run_artifacts
 
 from lvd.datasets import load_fashion_mnist, write_shards
 from lvd.flows import cli
@@ -53,11 +54,8 @@ class RankKiller(threading.Thread):
             time.sleep(0.02)
 
 
-def _latest_artifact(key: str):
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as c:
-        return next(a for a in c.read_latest_artifacts() if a.key == key)
+def _run_artifact(flow_run_id, key: str):
+    return run_artifacts(flow_run_id, [key])[key]  # this run's, not another test's
 
 
 def _warnings(flow_run_id) -> list[str]:
@@ -123,8 +121,9 @@ def test_killed_rank_is_relaunched_from_the_checkpoint(prefect_harness, shards, 
     assert [r["step"] for r in rows] == [FIRST_END - 1, END - 1]
     assert rows[0] == first_rows[0]  # the line before the checkpoint is kept as it was
     assert rows[1]["loss"] != rows[0]["loss"]
-    assert "| relaunches | 1 |" in _latest_artifact("pretrain-summary").data
-    assert _latest_artifact("pretrain-progress").data == 100.0
+    run_id = state.state_details.flow_run_id
+    assert "| relaunches | 1 |" in _run_artifact(run_id, "pretrain-summary").data
+    assert _run_artifact(run_id, "pretrain-progress").data == 100.0
 
     # these 2-rank checkpoints resume on any number of ranks up to the run's 4 data streams
     # (one per shard here); 5 ranks are refused before any process starts

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 from safetensors.torch import load_file, save_file
 
 from lvd.pretrain.models import vit_tiny
@@ -15,7 +16,6 @@ from lvd.pretrain.models.hf import export_hf, load_hf
 from lvd.pretrain.models.load import load_backbone
 from lvd.pretrain.models.strict import StateDictMismatch
 
-transformers = pytest.importorskip("transformers")
 
 SIZE = 56  # native size of the test models (4 x 4 patches)
 

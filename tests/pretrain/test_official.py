@@ -75,8 +75,8 @@ def official_state_dict(*, ffn="mlp", registers=0, chunks=0, seed=0) -> dict[str
 
 
 def timm_reference(sd: dict[str, torch.Tensor], *, ffn: str, registers: int) -> torch.nn.Module:
-    timm_vit = pytest.importorskip("timm.models.vision_transformer")
     from timm.layers import SwiGLUPacked
+    from timm.models import vision_transformer as timm_vit
 
     kwargs = dict(img_size=GRID * 14, patch_size=14, embed_dim=D, depth=DEPTH, num_heads=D // 64,
                   init_values=1e-5, num_classes=0)

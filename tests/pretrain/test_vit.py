@@ -5,6 +5,7 @@ DINOv2 ViTs (built on the meta device, no weights)."""
 from __future__ import annotations
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +23,6 @@ WIDTHS = {"vit_tiny": 192, "vit_small": 384, "vit_base": 768, "vit_large": 1024,
 
 @pytest.mark.parametrize("arch", sorted(TIMM_NAMES))
 def test_parameter_count_matches_timm_dinov2(arch):
-    timm = pytest.importorskip("timm")
     with torch.device("meta"):
         ours = ARCHITECTURES[arch](img_size=518)
         theirs = timm.create_model(TIMM_NAMES[arch], pretrained=False, num_classes=0)

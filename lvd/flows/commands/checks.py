@@ -15,6 +15,7 @@ ENOSPC anywhere in `exc`'s chain (a Ray task's error keeps it as `cause`), else 
 from __future__ import annotations
 
 import argparse
+import logging
 import errno
 import os
 import shutil
@@ -243,7 +244,7 @@ class ShortConsoleFormatter:
 
     MAX = 240
 
-    def __init__(self, inner: "logging.Formatter") -> None:
+    def __init__(self, inner: logging.Formatter) -> None:
         self.inner = inner
 
     def format(self, record) -> str:
