@@ -37,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageFile
 
+from lvd.curation import hygiene
 from lvd.curation.phash import PHASH256_SIZE, THUMB_SIDE, equalise, hash_bits, phash_bits, thumbnail, to_uint
 from lvd.curation.raw import DEFAULT_MAX_BYTES, real_roots
 from lvd.curation.sources import Partition, RawItem, SourceLimits, iter_items
@@ -57,6 +58,7 @@ INGEST_SCHEMA = pa.schema(
         pa.field("thumb16", pa.binary(THUMB_SIDE**2)),
         pa.field("nphash256", pa.binary(32)),  # pHash-256 of the histogram-equalised image
         pa.field("meta", pa.string()),
+        pa.field("detail", pa.string()),  # JSON: a hygiene rejection's rule / value, an image's face boxes
     ]
 )
 BLOB_SCHEMA = pa.schema([pa.field("uid", pa.string(), nullable=False), pa.field("data", pa.binary(), nullable=False)])
@@ -96,8 +98,12 @@ class IngestConfig:
     # the dump's own folder (--allow-root), and whether URIs in data are read (--allow-remote).
     allow_roots: tuple[str, ...] = ()
     allow_remote: bool = False
+    # URL lists, quality filters, NSFW model, face detection (lvd.curation.hygiene); None: off
+    hygiene: hygiene.HygieneConfig | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.hygiene, dict):
+            object.__setattr__(self, "hygiene", hygiene.HygieneConfig(**self.hygiene))
         object.__setattr__(self, "allow_roots", real_roots(self.allow_roots))
         object.__setattr__(self, "formats", tuple(self.formats))
         if self.max_bytes < 1 or self.max_decoded_bytes < 1:
@@ -162,9 +168,12 @@ def ingest_item(item: RawItem, cfg: IngestConfig) -> tuple[dict, bytes | None]:
         source=item.source, status="rejected", reason=item.error, format=None, width=None, height=None,
         uid=hashlib.sha256(data).hexdigest() if data is not None else None,
         nbytes=len(data) if data is not None else None, phash=None, dhash=None, phash256=None, thumb16=None, nphash256=None,
-        meta=json.dumps(item.meta, sort_keys=True, default=str),
+        meta=json.dumps(item.meta, sort_keys=True, default=str), detail=None,
     )  # fmt: skip
     if item.error is not None:
+        return record, None
+    if cfg.hygiene is not None and (blocked := hygiene.check_source(item.meta, cfg.hygiene)):
+        record.update(reason=blocked[0], detail=json.dumps(blocked[1], sort_keys=True))
         return record, None
     try:
         with warnings.catch_warnings():
@@ -175,6 +184,12 @@ def ingest_item(item: RawItem, cfg: IngestConfig) -> tuple[dict, bytes | None]:
     except _Reject as rej:
         record.update(reason=rej.reason, **rej.fields)
         return record, None
+    if cfg.hygiene is not None and cfg.hygiene.decodes:  # NSFW score, face boxes: a second decode
+        reason, found = hygiene.check_decoded(data, (record["width"], record["height"]), cfg.hygiene)
+        record.update(detail=json.dumps(found, sort_keys=True))
+        if reason is not None:
+            record.update(reason=reason)
+            return record, None
     record.update(status="accepted", reason=None)
     return record, data
 
@@ -217,6 +232,8 @@ def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
         raise _Reject("unsupported_mode", **info)
     small = _small_gray(img, max(cfg.draft_side, cfg.hash_size * 4))
     small = _apply_orientation(small, orientation)
+    if cfg.hygiene is not None and (bad := hygiene.check_thumb(small, width, height, cfg.hygiene)):
+        raise _Reject(bad[0], **info, detail=json.dumps(bad[1], sort_keys=True))
     x_HW = np.asarray(small, dtype=np.float64)  # one conversion for all hashes
     phash, dhash, phash256 = hash_bits(x_HW, cfg.hash_size)
     return dict(

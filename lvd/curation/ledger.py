@@ -38,6 +38,9 @@ LEDGER_SCHEMA = pa.schema(
         ("height", pa.int32()),
     ]
 )
+# Appended when ingest recorded it (runs since pool hygiene): JSON of a hygiene rejection's
+# rule or measured value, an accepted image's face boxes and NSFW score (lvd.curation.hygiene).
+DETAIL_FIELD = pa.field("detail", pa.string())
 INGEST_COLUMNS = ["source", "status", "reason", "uid", "width", "height"]
 
 
@@ -78,7 +81,9 @@ def _final_status(uid: str, dec: dict, shipped: set[str] | None) -> tuple[str, s
 
 def build_ledger(run_dir: Path) -> pa.Table:
     """One row per ingest record: near-duplicates first, then exact copies by source order."""
-    rec = read_ingest(run_dir, INGEST_COLUMNS)
+    paths = ingest_manifests(run_dir)
+    has_detail = bool(paths) and "detail" in pq.read_schema(paths[0]).names  # runs before hygiene have none
+    rec = read_ingest(run_dir, INGEST_COLUMNS + (["detail"] if has_detail else []))
     rec = rec.sort_by([("source", "ascending")]).to_pydict()
     near = read_duplicates(run_dir)
     dec, shipped = read_decontaminated(run_dir), read_shipped(run_dir)
@@ -100,7 +105,8 @@ def build_ledger(run_dir: Path) -> pa.Table:
             first_of_uid[uid] = rec["source"][i]
             status[i], reason[i], dup_of[i], distance[i] = _final_status(uid, dec, shipped)
     cols = dict(rec, status=status, reason=reason, duplicate_of=dup_of, distance=distance)
-    return pa.Table.from_pydict({f.name: cols[f.name] for f in LEDGER_SCHEMA}, schema=LEDGER_SCHEMA)
+    schema = LEDGER_SCHEMA.append(DETAIL_FIELD) if has_detail else LEDGER_SCHEMA
+    return pa.Table.from_pydict({f.name: cols[f.name] for f in schema}, schema=schema)
 
 
 def write_ledger(run_dir: Path) -> pa.Table:

@@ -154,11 +154,15 @@ def ingest_blob_files(run_dir: Path) -> dict[int, Path]:
 
 
 def read_ingest(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
-    """All ingest records of a run, concatenated in partition order."""
+    """All ingest records of a run, concatenated in partition order, with the per-domain cap's
+    rejections applied (RUN/domaincap, `urlfilter.apply_caps`: it needs a global count, so it
+    runs after ingest; every reader sees its inputs as rejected `domain_capped`)."""
+    from lvd.curation.urlfilter import apply_caps
+
     paths = ingest_manifests(run_dir)
     if not paths:
         raise FileNotFoundError(f"no done ingest partitions under {Path(run_dir) / 'ingest'}")
-    return pa.concat_tables([pq.read_table(p, columns=columns) for p in paths])
+    return apply_caps(run_dir, pa.concat_tables([pq.read_table(p, columns=columns) for p in paths]))
 
 
 def unique_accepted(run_dir: Path) -> pa.Table:

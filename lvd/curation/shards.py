@@ -90,6 +90,7 @@ class ShardSample:
     data: bytes
     cluster_ids: tuple[int, ...] = ()  # one id per clustering level, coarsest first
     retrieval: Mapping[str, Any] = field(default_factory=dict)  # JSON-serialisable provenance
+    faces: tuple[tuple[int, int, int, int], ...] = ()  # boxes (x, y, w, h, oriented full size) to blur
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,6 +223,8 @@ def sample_json(sample: ShardSample, stored: StoredImage) -> bytes:
         cluster_ids=list(sample.cluster_ids), retrieval=dict(sample.retrieval),
         jpg_width=stored.width, jpg_height=stored.height,
     )  # fmt: skip
+    if sample.faces:  # blurred in KEY.jpg; boxes in width x height coordinates
+        meta.update(faces_blurred=len(sample.faces), faces=[list(b) for b in sample.faces])
     try:
         return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     except TypeError as e:
@@ -231,7 +234,8 @@ def sample_json(sample: ShardSample, stored: StoredImage) -> bytes:
 def _add_sample(tar: tarfile.TarFile, key: str, sample: ShardSample, cfg: ShardConfig) -> None:
     try:
         stored = store_image(
-            sample.data, max_side=cfg.max_side, quality=cfg.jpeg_quality, keep_original=cfg.keep_original_jpeg
+            sample.data, max_side=cfg.max_side, quality=cfg.jpeg_quality, keep_original=cfg.keep_original_jpeg,
+            faces=sample.faces,
         )
     except Exception as e:
         raise ValueError(f"sample {sample.uid} ({sample.source}) cannot be stored as JPEG: {e!r}") from e

@@ -165,7 +165,8 @@ def shard_rows(run_dir: Path) -> list[dict]:
     cids = dict(zip(clusters[0]["uid"].to_pylist(), clusters[0]["cluster_ids"].to_pylist())) if clusters else {}
     first = _first_records(run_dir)
     rows = [dict(uid=u, source=first[u]["source"], width=first[u]["width"], height=first[u]["height"],
-                 cluster_ids=tuple(cids.get(u, ())), retrieval=retrieval.get(u, {}), blob_run=str(run_dir)) for u in uids]
+                 cluster_ids=tuple(cids.get(u, ())), retrieval=retrieval.get(u, {}), blob_run=str(run_dir),
+                 faces=face_boxes(first[u].get("detail"))) for u in uids]
     for seed_run in sorted({s["run"] for s in seeds.values()}):
         rec = _first_records(Path(seed_run))
         rows += [dict(uid=u, source=rec[u]["source"], width=rec[u]["width"], height=rec[u]["height"], cluster_ids=(),
@@ -174,9 +175,16 @@ def shard_rows(run_dir: Path) -> list[dict]:
     return sorted(rows, key=lambda r: r["uid"])
 
 
+def face_boxes(detail: str | None) -> tuple[tuple[int, int, int, int], ...]:
+    """The face boxes ingest's face detection recorded in a record's detail (none: ())."""
+    return tuple(tuple(b) for b in json.loads(detail).get("faces", ())) if detail else ()
+
+
 def _first_records(run_dir: Path) -> dict[str, dict]:
     """uid -> its first accepted ingest record by source order (the one the ledger keeps)."""
-    rec = rundir.read_ingest(run_dir, ["source", "status", "uid", "width", "height"]).sort_by([("source", "ascending")])
+    cols = ["source", "status", "uid", "width", "height"]
+    cols += ["detail"] if "detail" in pq.read_schema(rundir.ingest_manifests(run_dir)[0]).names else []
+    rec = rundir.read_ingest(run_dir, cols).sort_by([("source", "ascending")])
     first: dict[str, dict] = {}
     for r in rec.to_pylist():
         if r["status"] == "accepted":

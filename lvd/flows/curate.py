@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from lvd.curation import ledger, runner, stages
+from lvd.curation import hygiene as hyg, ledger, runner, stages
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation import actor_runner, snapshot
@@ -77,6 +77,7 @@ class CurateSummary:
     by_status: dict[str, int]
     by_reason: dict[str, int]
     problems: list[str]
+    hygiene: tuple[str, ...] = ()  # one line per pool-hygiene stage: on/off and what it removed
 
     @property
     def ok(self) -> bool:
@@ -173,6 +174,7 @@ def curate(
     cluster: dict | None = None,
     retrieve: dict | None = None,
     shard: dict | None = None,
+    hygiene: dict | None = None,
     mode: str = "resume",
 ) -> CurateSummary:
     """Curate `inputs` into the run folder `out` (see the module doc for the stages; `mode`:
@@ -192,7 +194,9 @@ def curate(
         raise ValueError("--retrieval hierarchical samples the pool to a size: pass --target-size N")
     if max_remove_fraction is not None and not 0 < max_remove_fraction <= 1:
         raise ValueError(f"--max-remove-fraction {max_remove_fraction}: use a fraction in (0, 1]")
-    ingest_cfg, dedup_cfg = IngestConfig(**(ingest or {})), DedupConfig(**(dedup or {}))
+    hygiene_cfg, max_per_domain = hyg.from_options(hygiene)  # URL lists, quality, NSFW, faces; domain cap
+    sub_ingest_cfg = IngestConfig(**(ingest or {}))  # seed / eval sets: no pool hygiene
+    ingest_cfg, dedup_cfg = IngestConfig(**{**(ingest or {}), "hygiene": hygiene_cfg}), DedupConfig(**(dedup or {}))
     shard_cfg = ShardConfig(**{"shard_size": shard_size, **(shard or {})})
     retrieve_cfg = RetrieveConfig(**{"method": retrieval, "target": target_size, **(retrieve or {})})
     cluster_cfg = ClusterConfig(**{"hierarchical": retrieval == "hierarchical", **(cluster or {})})
@@ -210,6 +214,7 @@ def curate(
     get_run_logger().info("curate: %d inputs -> %s", len(inputs), run_dir)
     try:
         ing = ingest_task(inputs, run_dir, partition_size, ingest_cfg, rcfg)
+        hygiene_lines = p2.hygiene_task(run_dir, inputs, partition_size, hygiene_cfg, max_per_domain, ingest_cfg)
         dedup_task(run_dir, dedup_cfg, rcfg, copy_cfg.max_remove)
         p2.drop_stale_stages(run_dir, embedder=bool(embedder), eval_sets=bool(eval_sets),
                              retrieve=bool(seeds) or target_size is not None, copy_detection=copy_detection)
@@ -227,7 +232,7 @@ def curate(
         for kind, paths in (("seeds", seeds), ("eval", eval_sets)):
             for name, path in p2.sub_run_names(paths).items():
                 sub = subs.setdefault(kind, {})[name] = run_dir / kind / name
-                p2.sub_run_task([path], sub, partition_size, ingest_cfg, dedup_cfg, rcfg,
+                p2.sub_run_task([path], sub, partition_size, sub_ingest_cfg, dedup_cfg, rcfg,
                                 copy_cfg.features if kind == "eval" else None)
                 if embedder:
                     p2.embed_task(sub, f"{kind} {name}", embedder, embed_cfg, acfg)
@@ -254,7 +259,7 @@ def curate(
     return CurateSummary(
         run_dir=str(run_dir), partitions=ing.total, ingest_ran=len(ing.ran),
         ingest_skipped=len(ing.skipped), by_status=report.by_status,
-        by_reason=report.by_reason, problems=report.problems,
+        by_reason=report.by_reason, problems=report.problems, hygiene=tuple(hygiene_lines),
     )
 
 

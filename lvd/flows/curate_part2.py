@@ -191,3 +191,72 @@ def shard_task(run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig) -> No
         {"what": "samples", "count": len(m["shard"])}, {"what": "tars", "count": len(set(m["shard"]))},
         {"what": "tars written now", "count": len(rep.ran)}, {"what": "tars already done", "count": len(rep.skipped)},
         {"what": "bytes", "count": int(sum(dict(zip(m["shard"], m["shard_bytes"])).values()))}])
+
+
+@task(name="hygiene", cache_policy=NO_CACHE)
+def hygiene_task(run_dir: Path, inputs: list[str], partition_size: int, cfg, max_per_domain: int | None,
+                 icfg: IngestConfig) -> list[str]:
+    """The per-domain cap (global, after ingest), then the hygiene report: a table of rejections
+    per reason, a gallery of rejected and face-blurred examples, and one line per stage for the
+    run summary (the NSFW line says when it is off)."""
+    from lvd.curation import hygiene, urlfilter
+    from lvd.curation.shard_image import store_image
+
+    log = get_run_logger()
+    capped = urlfilter.run_domain_cap(run_dir, max_per_domain)
+    records = hygiene.hygiene_records(run_dir)
+    counts = Counter(r["reason"] for r in records if r["status"] == "rejected")
+    faces = [r for r in records if r["status"] == "accepted"]
+    lines = _hygiene_lines(cfg, max_per_domain, counts, capped.num_rows, faces)
+    for line in lines:
+        log.info("%s", line)
+    artifacts.count_table("curate-hygiene-counts", "pool hygiene: inputs rejected per reason, faces blurred",
+                          [{"reason": r, "inputs": counts.get(r, 0)} for r in hygiene.REASONS]
+                          + [{"reason": "images with faces (blurred in the shards)", "inputs": len(faces)}])
+    shown: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        if r["status"] == "rejected" and len(shown[r["reason"]]) < pictures.PER_ROW:
+            shown[r["reason"]].append(r)
+    picked = [r for rs in shown.values() for r in rs]
+    data = hygiene.example_bytes(picked, stages.plan(inputs, partition_size), icfg.source_limits())
+    rejected = {reason: [(r["source"], _label(r), data.get(r["source"])) for r in rs] for reason, rs in shown.items()}
+    blobs = rundir_blobs(run_dir, {r["uid"] for r in faces[: pictures.PER_ROW]})
+    blurred = []
+    for r in faces[: pictures.PER_ROW]:
+        boxes = stages_select.face_boxes(r["detail"])
+        raw = blobs.get(r["uid"])
+        img = store_image(raw, max_side=512, quality=90, faces=boxes).data if raw else None
+        blurred.append((r["source"], len(boxes), img))
+    artifacts.gallery_artifact("curate-hygiene-gallery", pictures.hygiene_markdown(rejected, blurred))
+    return lines
+
+
+def _label(r: dict) -> str:
+    import json
+
+    d = json.loads(r["detail"]) if r["detail"] else {}
+    what = d.get("rule") or (f"{d['metric']}={d['value']:g}" if "metric" in d else f"score={d.get('nsfw', '?')}")
+    return f"{r['source'].rsplit('/', 1)[-1][:24]}: {what}"
+
+
+def rundir_blobs(run_dir: Path, uids: set[str]) -> dict[str, bytes]:
+    from lvd.curation import rundir
+
+    return rundir.read_blobs(run_dir, uids, strict=False)
+
+
+def _hygiene_lines(cfg, max_per_domain, counts: Counter, n_capped: int, faces: list) -> list[str]:
+    from lvd.curation import nsfw
+
+    q = cfg.quality if cfg else None
+    urls = (len(cfg.url_block), len(cfg.url_allow)) if cfg else (0, 0)
+    quality = ", ".join(f"{r} {counts.get(r, 0)}"
+                        for r in ("near_constant", "extreme_aspect", "too_blurry", "mostly_border"))
+    return [
+        f"url filter: {'on' if any(urls) else 'off'} ({urls[0]} block rules, {urls[1]} allow rules): "
+        f"url_blocked {counts.get('url_blocked', 0)}",
+        "domain cap: " + (f"{max_per_domain} images per domain: domain_capped {n_capped}" if max_per_domain else "off"),
+        "quality filters: " + (f"on: {quality}" if q else "off"),
+        nsfw.summary(cfg.nsfw if cfg else None) + (f": nsfw {counts.get('nsfw', 0)}" if cfg and cfg.nsfw else ""),
+        "face blurring: " + (f"on: {len(faces)} images with faces" if cfg and cfg.faces else "off"),
+    ]

@@ -125,3 +125,19 @@ def components_markdown(title: str, groups: list[list[str]], blobs: dict[str, by
     if not groups:
         lines.append("| (none) | |")
     return "\n".join(lines)
+
+
+def hygiene_markdown(rejected: dict[str, list[tuple[str, str, bytes | None]]],
+                     blurred: list[tuple[str, int, bytes | None]]) -> str:
+    """Rejected examples per hygiene reason (label: the rule or value), then images whose faces
+    were blurred, shown as the shards store them (blurred)."""
+    lines = ["# Pool hygiene", "", "| reason | examples (rule or measured value) |", "|---|---|"]
+    for reason, shown in sorted(rejected.items()):
+        lines.append(f"| {reason} | {' '.join(_img(data, label) for _, label, data in shown[:PER_ROW])} |")
+    if not rejected:
+        lines.append("| (nothing rejected by a hygiene filter) | |")
+    lines += ["", "| faces blurred | as stored in the shards |", "|---|---|"]
+    cells = " ".join(_img(data, f"{source.rsplit('/', 1)[-1][:24]}: {n} face(s)")
+                     for source, n, data in blurred[:PER_ROW])
+    lines.append(f"| {len(blurred)} shown | {cells or '(no faces found, or face blurring off)'} |")
+    return "\n".join(lines)

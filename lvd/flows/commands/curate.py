@@ -102,9 +102,91 @@ def register(subparsers) -> None:
                    help="evaluation set whose copies are removed from the pool; repeatable")
     add_selection_options(p)
     add_copy_options(p)
+    add_hygiene_options(p)
     add_curate_options(p)
     add_run_folder_options(p)
     p.set_defaults(func=main, check=check)
+
+
+def add_hygiene_options(p: argparse.ArgumentParser) -> None:
+    """Pool hygiene (lvd.curation.hygiene) options of `lvd curate` and `lvd pipeline`; all off by default."""
+    g = p.add_argument_group("pool hygiene (each stage off unless asked for; rejections in the ledger with a reason)")
+    g.add_argument("--url-blocklist", default=None, metavar="FILE",
+                   help="reject inputs whose url (img2dataset sidecar or parquet url column) matches a rule: "
+                        "a domain (subdomains too), a shell pattern over the url, or re:REGEX; reason url_blocked")
+    g.add_argument("--url-allowlist", default=None, metavar="FILE",
+                   help="keep only inputs whose url matches a rule of FILE (same syntax); others, and inputs "
+                        "without a url, are url_blocked")
+    g.add_argument("--max-per-domain", type=int, default=None, metavar="N",
+                   help="keep at most N distinct images per url domain (the first N by content hash); "
+                        "the rest are domain_capped")
+    g.add_argument("--quality-filters", action="store_true",
+                   help="reject near_constant, extreme_aspect, too_blurry and mostly_border images "
+                        "(thresholds calibrated on the packages' photos; see --quality)")
+    g.add_argument("--quality", action="append", default=[], metavar="NAME=VALUE",
+                   help="set a quality threshold (min_contrast, max_aspect, min_sharpness, min_laplacian, "
+                        "max_border, border_tolerance) or turn one filter off with NAME=off; implies "
+                        "--quality-filters; repeatable")
+    g.add_argument("--blur-faces", action="store_true",
+                   help="detect faces at ingest (OpenCV's bundled Haar cascade) and blur them in the shards")
+    g.add_argument("--face-detector", default=None, metavar="PATH",
+                   help="a better local face detector: a cascade .xml or a YuNet .onnx file; implies --blur-faces")
+    g.add_argument("--nsfw-model", default=None, metavar="PATH",
+                   help="TorchScript or ONNX classifier (N x 3 x 224 x 224 RGB in [0,1] -> N logits); images "
+                        "scoring at least --nsfw-threshold are rejected as nsfw. No default model: without "
+                        "one the filter is off and the run summary says so")
+    g.add_argument("--nsfw-threshold", type=float, default=0.5, metavar="T",
+                   help="sigmoid score from which an image is nsfw (default 0.5)")
+
+
+def hygiene_kwargs(args: argparse.Namespace) -> dict:
+    """The flow's `hygiene` parameter from the pool-hygiene options ({} when none is given)."""
+    h: dict = {}
+    if args.url_blocklist:
+        h["url_blocklist"] = str(Path(args.url_blocklist).resolve())
+    if args.url_allowlist:
+        h["url_allowlist"] = str(Path(args.url_allowlist).resolve())
+    if args.max_per_domain is not None:
+        h["max_per_domain"] = args.max_per_domain
+    if args.quality_filters or args.quality:
+        h["quality"] = quality_settings(args.quality)
+    if args.blur_faces or args.face_detector:
+        h["faces"] = {"detector": str(Path(args.face_detector).resolve())} if args.face_detector else {}
+    if args.nsfw_model:
+        h["nsfw"] = {"model": str(Path(args.nsfw_model).resolve()), "threshold": args.nsfw_threshold}
+    return {"hygiene": h} if h else {}
+
+
+def hygiene_problems(args: argparse.Namespace) -> list[str]:
+    """What is wrong with the pool-hygiene options (files, numbers, the NSFW model loading)."""
+    from lvd.curation.hygiene import from_options
+
+    if args.max_per_domain is not None and args.max_per_domain < 1:
+        return [f"--max-per-domain {args.max_per_domain}: use at least 1"]
+    try:
+        from_options(hygiene_kwargs(args).get("hygiene"))
+    except (ValueError, OSError) as e:
+        return [str(e)]
+    return []
+
+
+def quality_settings(pairs: list[str]) -> dict:
+    """NAME=VALUE pairs as QualityConfig fields (VALUE off: None); refuses unknown names."""
+    from dataclasses import fields
+
+    from lvd.curation.hygiene import QualityConfig
+
+    names = {f.name for f in fields(QualityConfig)}
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if name not in names or not value:
+            raise ValueError(f"--quality {pair}: use NAME=VALUE with NAME one of {', '.join(sorted(names))}")
+        try:
+            out[name] = None if value == "off" else float(value)
+        except ValueError:
+            raise ValueError(f"--quality {pair}: VALUE is a number or off") from None
+    return out
 
 
 def add_selection_options(p: argparse.ArgumentParser) -> None:
@@ -195,7 +277,7 @@ def run_curate(inputs: list[str], out: str, **kwargs) -> int:
 
     quiet_console_tracebacks()  # failures end in one `error:` line, not Prefect's tracebacks
     try:
-        curate(inputs=inputs, out=str(out), **kwargs)
+        summary = curate(inputs=inputs, out=str(out), **kwargs)
     except Exception as e:  # refused folder or parameters, a guard's refusal (MassRemovalError), disk full
         if (code := flow_failure(e, out)) is None:
             raise
@@ -204,18 +286,21 @@ def run_curate(inputs: list[str], out: str, **kwargs) -> int:
         runfolder.release_all()
     report = verify_run(Path(out))
     print(format_report(report))
+    for line in summary.hygiene:
+        print(line)
     print(where)
     return 0 if report.ok else 1
 
 
 def curate_kwargs(args: argparse.Namespace) -> dict:
     """The `curate` flow's parameters from `lvd curate`'s arguments (all but inputs, out)."""
-    return dict(**flow_kwargs(args), **part2_kwargs(args), **copy_kwargs(args), mode=run_mode(args))
+    return dict(**flow_kwargs(args), **part2_kwargs(args), **copy_kwargs(args), **hygiene_kwargs(args),
+                mode=run_mode(args))
 
 
 def check(args: argparse.Namespace) -> int:
     """Before Prefect and Ray: the arguments, then the run folder (lvd.runfolder); 0 when fine."""
-    if found := problems(args, "curate"):
+    if found := problems(args, "curate") + hygiene_problems(args):
         return refuse(found)
     from lvd import runfolder
 

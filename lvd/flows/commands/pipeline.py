@@ -33,9 +33,12 @@ from lvd.flows.commands.checks import (
 from lvd.flows.commands.curate import (
     add_copy_options,
     add_curate_options,
+    add_hygiene_options,
     add_selection_options,
     copy_kwargs,
     flow_kwargs,
+    hygiene_kwargs,
+    hygiene_problems,
     part2_kwargs,
     prepare_prefect_env,
 )
@@ -80,6 +83,7 @@ def register(subparsers) -> None:
                    help="labelled validation images DIR/<class>/*.png for k-NN eval (with --knn-train)")
     add_selection_options(p)
     add_copy_options(p)
+    add_hygiene_options(p)
     add_training_options(p, max_steps=None)
     add_curate_options(p)
     add_run_folder_options(p)
@@ -96,6 +100,7 @@ def pipeline_params(args: argparse.Namespace, *, inputs: list[str], out: Path, k
         del selection["seeds"], selection["eval_sets"]  # pipeline parameters of their own
         curate_kw.update(selection)
         curate_kw.update(copy_kwargs(args))
+        curate_kw.update(hygiene_kwargs(args))
     return dict(inputs=[str(i) for i in inputs], out=str(out), recipe=args.recipe,
                 max_steps=args.max_steps, batch_size=args.batch_size,
                 num_workers=args.num_workers, seeds=list(seeds), eval_sets=list(eval_sets),
@@ -117,7 +122,7 @@ def precheck(params: dict) -> int:
 
 
 def check(args: argparse.Namespace) -> int:
-    if found := problems(args, "pipeline"):
+    if found := problems(args, "pipeline") + hygiene_problems(args):
         return refuse(found)
     return precheck(_params(args))
 
