@@ -145,8 +145,9 @@ def check_finite(out: StepOutput, step: int) -> None:
     if not all(math.isfinite(v) for v in terms.values()):
         shown = ", ".join(f"{k}={v}" for k, v in terms.items())
         raise NonFiniteLossError(
-            f"non-finite loss at step {step}: {shown}; lower the learning rate or check the "
-            "data (a diverging teacher temperature or an empty batch can also cause this)"
+            f"non-finite loss at step {step}: {shown}; lower the learning rate (--set "
+            "optim.base_lr=...) or check the data (a diverging teacher temperature, --set "
+            "teacher.temp=..., or an empty batch can also cause this)"
         )
 
 

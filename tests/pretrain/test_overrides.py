@@ -199,3 +199,16 @@ def test_help_lists_the_new_flags(capsys):
 def test_paths_are_kept_as_strings():
     r = resolve_recipe("tiny", distill_from=Path("/x/y.pth"))
     assert r.distill.teacher == "/x/y.pth" and r.distill.enabled
+
+
+def test_the_nan_hint_names_real_settings():
+    import torch
+
+    from lvd.pretrain.meta_arch import LossTerms, StepOutput
+    from lvd.pretrain.train import NonFiniteLossError, check_finite
+
+    nan = torch.tensor(float("nan"))
+    with pytest.raises(NonFiniteLossError) as e:
+        check_finite(StepOutput(LossTerms(nan, nan, nan, nan), 0.0, 0.0), 3)
+    named = re.findall(r"--set (\S+?)=", str(e.value))
+    assert named == ["optim.base_lr", "teacher.temp"] and set(named) <= set(settings())
