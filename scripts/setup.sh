@@ -15,3 +15,8 @@ if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
     .venv/bin/pip install -q -e ".${extras}"
     touch "$stamp"
 fi
+if [[ -n "$extras" ]] && ! .venv/bin/pip show -q dinov2 >/dev/null 2>&1; then
+    # The official DINOv2 code (April 2023) for tests/pretrain/test_dinov2_parity.py, without
+    # its pins (torch 2.0, xformers, cuml): the tests import only its pure-torch modules.
+    .venv/bin/pip install -q --no-deps dinov2==0.0.1.dev2
+fi
