@@ -131,7 +131,7 @@ def mirror_hash_pairs(nhash: np.ndarray, nhash_flip: np.ndarray, radius: int, lo
     ok = hamming(codes[a], codes[b]) <= radius
     a, b = a[ok] % n, b[ok] % n
     ok = (a != b) & (np.abs(log_aspect[a] - log_aspect[b]) <= math.log(max_aspect) + 1e-12)
-    key = np.unique(np.minimum(a[ok], b[ok]) * n + np.maximum(a[ok], b[ok]))
+    key = sorted_unique(np.minimum(a[ok], b[ok]) * n + np.maximum(a[ok], b[ok]))
     return key // n, key % n
 
 
@@ -144,8 +144,15 @@ def cross_hash_candidates(q_hash, pool_hash, pool_flip, radius: int) -> tuple[np
     a, b = candidate_pairs(_words(codes), radius)
     keep = (a < nq) & (b >= nq) & (hamming(codes[a], codes[b]) <= radius)
     q, p = a[keep], (b[keep] - nq) % len(pool_hash)
-    key = np.unique(q * len(pool_hash) + p)
+    key = sorted_unique(q * len(pool_hash) + p)
     return key // len(pool_hash), key % len(pool_hash)
+
+
+def sorted_unique(x: np.ndarray) -> np.ndarray:
+    """np.unique(x) of an integer array by one sort: numpy 2.4's np.unique without return_*
+    flags hashes first, 20x slower on the millions of LSH keys and pairs here."""
+    s = np.sort(np.ravel(x))
+    return s[np.r_[True, s[1:] != s[:-1]]] if len(s) else s
 
 
 def _unique_pairs(a, b, d):
@@ -190,21 +197,12 @@ def descriptor_candidates(feats: list[Features], k: int, *, n_desc: int = 100, t
     if n < 2:
         return out
     pos = np.random.default_rng(seed).permutation(8 * 32)[: tables * bits].reshape(tables, bits)
-    weights = (1 << np.arange(bits, dtype=np.int64))
-    owners, keys = [], []
-    for i, f in enumerate(feats):
-        for d in (f.desc[:n_desc], f.desc_flip[:n_desc]):
-            if not len(d):
-                continue
-            b = np.unpackbits(d, axis=1)  # [m, 256]
-            kk = (b[:, pos] * weights).sum(axis=2) + (np.arange(tables, dtype=np.int64) << bits)  # [m, tables]
-            kk = np.unique(kk.ravel())
-            keys.append(kk)
-            owners.append(np.full(len(kk), i, np.int64))
-    if not keys:
+    descs = [d[:n_desc] for f in feats for d in (f.desc, f.desc_flip)]
+    owners = np.repeat(np.arange(n, dtype=np.int64).repeat(2), [len(d) for d in descs])
+    if not len(owners):
         return out
-    keys, owners = np.concatenate(keys), np.concatenate(owners)
-    key_owner = np.unique(keys * n + owners)  # one entry per (key, image)
+    keys = lsh_keys(np.concatenate(descs), pos)  # [m, tables]
+    key_owner = sorted_unique(keys * n + owners[:, None])  # one entry per (key, image)
     keys, owners = key_owner // n, key_owner % n
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     sizes = np.diff(np.r_[starts, len(keys)])
@@ -236,6 +234,19 @@ def descriptor_candidates(feats: list[Features], k: int, *, n_desc: int = 100, t
     return out
 
 
+def lsh_keys(desc_M32: np.ndarray, pos_TB: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """int64 [M, T]: table t's key of each descriptor, the bits at `pos_TB[t]` (unpackbits
+    order: bit p is bit 7 - p % 8 of byte p // 8) read as a number, plus t << B."""
+    tables, bits = pos_TB.shape
+    byte, shift = pos_TB // 8, 7 - pos_TB % 8
+    weights = 1 << np.arange(bits, dtype=np.int64)
+    out = np.empty((len(desc_M32), tables), np.int64)
+    for s in range(0, len(desc_M32), chunk):
+        b_MTB = (desc_M32[s : s + chunk][:, byte] >> shift) & 1
+        out[s : s + chunk] = b_MTB.astype(np.int64) @ weights
+    return out + (np.arange(tables, dtype=np.int64) << bits)
+
+
 def bounded_candidates(n: int, hash_pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
                        knn: list[np.ndarray], max_verify: int, group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Unique pairs (a < b): each image proposes at most `max_verify` partners, its hash
@@ -264,7 +275,7 @@ def bounded_candidates(n: int, hash_pairs: tuple[np.ndarray, np.ndarray, np.ndar
     b = np.array([j for ps in props for j in ps], np.int64)
     a, b = np.minimum(a, b), np.maximum(a, b)
     ok = a != b
-    key = np.unique(a[ok] * n + b[ok])
+    key = sorted_unique(a[ok] * n + b[ok])
     return key // n, key % n
 
 
@@ -417,13 +428,13 @@ def hash_key(uid: str, seed: int) -> int:
 
 def calibration_pairs(blobs: list[bytes], seed: int) -> tuple[dict[str, list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]:
     """(kind -> [(original, copy)], [(a, b) distinct]) as encoded images, from sampled blobs."""
-    from lvd.curation.embed import decode_rgb
+    from lvd.curation.localfeat import decode_oriented
 
     copies: dict[str, list[tuple[bytes, bytes]]] = {k: [] for k in CALIB_KINDS}
     distinct: list[tuple[bytes, bytes]] = []
     imgs = []
     for i, data in enumerate(blobs):
-        img = decode_rgb(data, 64)
+        img = decode_oriented(data, 64)
         if max(img.size) > 640:  # known copies of a large photo at calibration cost, not its size
             s = 640 / max(img.size)
             img = img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.Resampling.BICUBIC)

@@ -152,21 +152,28 @@ def set_threads(n: int = 1) -> None:
     faiss.omp_set_num_threads(n)
 
 
-def feature_gray(data: bytes, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """(gray uint8 [h, w], rgb uint8 [h, w, 3]) of encoded image bytes, EXIF-oriented, longer
-    side scaled to `side` (JPEG draft decoding first when the file is larger)."""
-    from lvd.curation.ingest import WEB_FORMATS, to_rgb
-
-    img = Image.open(io.BytesIO(data), formats=WEB_FORMATS)  # accepted bytes: ingest's formats
-    if img.format in ("JPEG", "MPO"):
-        img.draft("RGB", (side, side))
+def decode_oriented(data: bytes, side: int) -> Image.Image:
+    """RGB image of encoded bytes, EXIF-oriented; a JPEG larger than `side` DCT-downscaled
+    while both sides stay >= `side` (accepted bytes: ingest's formats). No torch: Ray
+    workers of the copy stages import only this module's dependencies."""
     from PIL import ImageOps
 
+    from lvd.curation.ingest import WEB_FORMATS, to_rgb
+
+    img = Image.open(io.BytesIO(data), formats=WEB_FORMATS)
+    if img.format in ("JPEG", "MPO"):
+        img.draft("RGB", (side, side))
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:  # broken EXIF: keep the stored orientation (ingest does the same)
         img.load()
-    rgb = np.asarray(to_rgb(img))
+    return to_rgb(img)
+
+
+def feature_gray(data: bytes, side: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gray uint8 [h, w], rgb uint8 [h, w, 3]) of encoded image bytes, EXIF-oriented, longer
+    side scaled to `side` (JPEG draft decoding first when the file is larger)."""
+    rgb = np.asarray(decode_oriented(data, side))
     h, w = rgb.shape[:2]
     scale = side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))

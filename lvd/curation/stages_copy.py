@@ -34,7 +34,6 @@ from lvd.curation import copydetect as cd
 from lvd.curation import fanout, runner, stages
 from lvd.curation.dedup import DUPLICATES_SCHEMA, EdgeSet, resolve
 from lvd.curation.guard import check_removal
-from lvd.curation.stages_embed import EmbedUnit, embed_units  # one unit per ingest blobs file
 from lvd.curation.localfeat import FEATURE_SCHEMA, FeatureConfig, Features, features_row, set_threads
 from lvd.curation.unionfind import representative_rank
 from lvd.curation.vectors import open_vectors
@@ -51,10 +50,26 @@ VERIFY_BATCH = 1024  # pairs per Ray verification task
 
 
 @dataclass(frozen=True)
+class FeatUnit:
+    """One ingest partition's blobs file (as `stages_embed.EmbedUnit`, but defined here: a
+    Ray worker unpickling this imports no torch, which took seconds of CPU per worker)."""
+
+    index: int
+    fingerprint: str
+    blobs: str
+
+
+def feature_units(run_dir: Path) -> list[FeatUnit]:
+    from lvd.curation.stages_embed import embed_units  # the driver's import (torch), not the workers'
+
+    return [FeatUnit(u.index, u.fingerprint, u.blobs) for u in embed_units(run_dir)]
+
+
+@dataclass(frozen=True)
 class FeatFn:
     cfg: FeatureConfig
 
-    def __call__(self, unit: EmbedUnit) -> dict[str, pa.Table]:
+    def __call__(self, unit: FeatUnit) -> dict[str, pa.Table]:
         set_threads(1)
         rows = []
         for batch in pq.ParquetFile(unit.blobs).iter_batches(batch_size=256, columns=["uid", "data"]):
@@ -66,7 +81,7 @@ class FeatFn:
 def run_copyfeat(run_dir: Path, cfg: FeatureConfig = FeatureConfig(), rcfg: runner.RunnerConfig = runner.RunnerConfig(),
                  progress: runner.ProgressFn | None = None) -> runner.StageReport:
     """Local features etc. of every accepted blob, one Ray task per ingest partition."""
-    return runner.map_partitions(FeatFn(cfg), embed_units(run_dir), run_dir / "copyfeat",
+    return runner.map_partitions(FeatFn(cfg), feature_units(run_dir), run_dir / "copyfeat",
                                  cfg_hash=runner.config_hash(cfg), runner=rcfg, progress=progress)
 
 
