@@ -8,13 +8,15 @@ again each time; an embedding model takes seconds to load, so the embed stage in
 marker), so a unit is done when its marker matches, and a killed actor leaves at most temp files (Ray restarts it, `max_restarts`, and the
 unit is resubmitted; exceptions are not retried, as in `runner`).
 
-With this module `runner` is no longer the only curation module importing Ray; both are
-generic (they know no stage).
+`runner` and this module are the two curation modules that import Ray; both are generic
+(they know no stage) and share the plan / stale / done / report steps (`runner.plan_stage`,
+`runner.collect`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -35,7 +37,8 @@ class ActorConfig:
     n_actors: int | None = None
     num_gpus: float | None = None
     num_cpus: float = 1.0
-    max_restarts: int = 2
+    max_restarts: int = 2  # Ray restarts a dead actor this often
+    max_task_retries: int = 2  # and resubmits the unit it was running this often
     verify_checksums: bool = False  # as RunnerConfig.verify_checksums
 
     def __post_init__(self) -> None:
@@ -51,8 +54,30 @@ class _Worker:
     def __init__(self, make_state: Callable[[], Any]) -> None:
         self.state = make_state()
 
+    def apply(self, fn, unit):
+        """`fn(state, unit)`, returned to the caller."""
+        return fn(self.state, unit)
+
     def run(self, fn, unit, stage_dir: str, cfg_hash: str) -> dict:
+        """`fn(state, unit)` written as the unit's outputs and marker (`runner.run_one`)."""
         return runner.run_one(partial(fn, self.state), unit, stage_dir, cfg_hash)
+
+
+@contextmanager
+def actor_pool(make_state: Callable[[], Any], acfg: ActorConfig, n_units: int) -> Iterator[ray.util.ActorPool]:
+    """A pool of actors, each holding `make_state()` (built once per actor, and again by Ray
+    after a restart); every actor is killed on leaving, whether the work finished or failed."""
+    n, num_gpus = resources(acfg, n_units)
+    cls = ray.remote(_Worker).options(
+        num_gpus=num_gpus, num_cpus=acfg.num_cpus, max_restarts=acfg.max_restarts,
+        max_task_retries=acfg.max_task_retries,
+    )
+    actors = [cls.remote(make_state) for _ in range(n)]
+    try:
+        yield ray.util.ActorPool(actors)
+    finally:
+        for a in actors:
+            ray.kill(a)
 
 
 def resources(acfg: ActorConfig, n_units: int) -> tuple[int, float]:
@@ -73,34 +98,11 @@ def map_with_actors(
     acfg: ActorConfig = ActorConfig(),
     progress: runner.ProgressFn | None = None,
 ) -> runner.StageReport:
-    """Run `fn(state, unit)` on every unit not done, spread over actors; markers as `runner`."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    runner.remove_stale(stage_dir, units)
-    report = runner.StageReport(stage_dir=stage_dir)
-    todo = []
-    for u in units:
-        if runner.is_done(stage_dir, u, cfg_hash, checksums=acfg.verify_checksums):
-            report.skipped.append(u.index)
-            report.markers[u.index] = runner.read_marker(stage_dir, runner.stem_of(u))
-        else:
-            todo.append(u)
-    if progress:
-        progress(len(report.skipped), len(units))
-    if todo:
-        n, num_gpus = resources(acfg, len(todo))
-        cls = ray.remote(_Worker).options(
-            num_gpus=num_gpus, num_cpus=acfg.num_cpus, max_restarts=acfg.max_restarts, max_task_retries=2
-        )
-        actors = [cls.remote(make_state) for _ in range(n)]
-        pool = ray.util.ActorPool(actors)
-        args = (fn, str(stage_dir), cfg_hash)
-        for marker in pool.map_unordered(lambda a, u: a.run.remote(args[0], u, args[1], args[2]), todo):
-            report.ran.append(marker["index"])
-            report.markers[marker["index"]] = marker
-            if progress:
-                progress(report.total, len(units))
-        for a in actors:
-            ray.kill(a)
-    report.ran.sort()
-    report.skipped.sort()
-    return report
+    """Run `fn(state, unit)` on every unit not done, spread over actors; markers as `runner`.
+    The actors are killed when the stage ends, whether it finished or failed."""
+    report, todo = runner.plan_stage(stage_dir, units, cfg_hash, checksums=acfg.verify_checksums, progress=progress)
+    if not todo:
+        return runner.collect(report, [], len(units))
+    with actor_pool(make_state, acfg, len(todo)) as pool:
+        done = pool.map_unordered(lambda a, u: a.run.remote(fn, u, str(stage_dir), cfg_hash), todo)
+        return runner.collect(report, done, len(units), progress)

@@ -1,6 +1,8 @@
 """Map a stage function over partitions with Ray tasks; done-markers make stages resumable.
 
-This is the only curation module that imports Ray. A stage function is a plain picklable
+Ray tasks live here; long-lived actors in `actor_runner`, which shares this module's plan /
+done / report steps (`plan_stage`, `collect`); a partition whose worker keeps dying goes to
+the stage's isolation policy (`isolate`). A stage function is a plain picklable
 callable `fn(partition) -> dict[str, pa.Table]`; each returned table is written beside the
 partition as `part-NNNNNN.parquet` (key "") or `part-NNNNNN.<key>.parquet`. The Ray task
 writes its outputs itself so image bytes never travel back to the driver, and writes the
@@ -321,6 +323,42 @@ def remove_stale(stage_dir: Path, partitions: Sequence[PartitionLike]) -> int:
     return len(stale)
 
 
+def plan_stage(stage_dir: Path, units: Sequence[PartitionLike], cfg_hash: str, *, checksums: bool = False,
+               progress: ProgressFn | None = None) -> tuple[StageReport, list[PartitionLike]]:
+    """The part of a stage run every executor shares: create the folder, drop stale files,
+    and split the units into done (their markers go into the report) and to do."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    durable.fsync_dir(stage_dir.parent)  # the stage folder's own name survives a power cut
+    remove_stale(stage_dir, units)
+    indices = [u.index for u in units]
+    if len(set(indices)) != len(indices):
+        raise ValueError("partition indices must be unique within a stage")
+    report = StageReport(stage_dir=stage_dir)
+    todo = []
+    for u in units:
+        if is_done(stage_dir, u, cfg_hash, checksums=checksums):
+            report.skipped.append(u.index)
+            report.markers[u.index] = read_marker(stage_dir, stem_of(u))
+        else:
+            todo.append(u)
+    if progress:
+        progress(len(report.skipped), len(units))
+    return report, todo
+
+
+def collect(report: StageReport, markers: Iterable[dict], n_units: int,
+            progress: ProgressFn | None = None) -> StageReport:
+    """Record each finished unit's marker as it comes (progress after each); sorted report."""
+    for marker in markers:
+        report.ran.append(marker["index"])
+        report.markers[marker["index"]] = marker
+        if progress:
+            progress(report.total, n_units)
+    report.ran.sort()
+    report.skipped.sort()
+    return report
+
+
 def map_partitions(
     fn: StageFn,
     partitions: Sequence[PartitionLike],
@@ -331,32 +369,8 @@ def map_partitions(
     progress: ProgressFn | None = None,
 ) -> StageReport:
     """Run `fn` over every partition not already done, at most `max_in_flight` at once."""
-    stage_dir.mkdir(parents=True, exist_ok=True)
-    durable.fsync_dir(stage_dir.parent)  # the stage folder's own name survives a power cut
-    remove_stale(stage_dir, partitions)
-    indices = [p.index for p in partitions]
-    if len(set(indices)) != len(indices):
-        raise ValueError("partition indices must be unique within a stage")
-    report = StageReport(stage_dir=stage_dir)
-    todo = []
-    for p in partitions:
-        if is_done(stage_dir, p, cfg_hash, checksums=runner.verify_checksums):
-            report.skipped.append(p.index)
-            report.markers[p.index] = read_marker(stage_dir, stem_of(p))
-        else:
-            todo.append(p)
-    done_count = len(report.skipped)
-    if progress:
-        progress(done_count, len(partitions))
-    for marker in _run_bounded(fn, todo, stage_dir, cfg_hash, runner):
-        report.ran.append(marker["index"])
-        report.markers[marker["index"]] = marker
-        done_count += 1
-        if progress:
-            progress(done_count, len(partitions))
-    report.ran.sort()
-    report.skipped.sort()
-    return report
+    report, todo = plan_stage(stage_dir, partitions, cfg_hash, checksums=runner.verify_checksums, progress=progress)
+    return collect(report, _run_bounded(fn, todo, stage_dir, cfg_hash, runner), len(partitions), progress)
 
 
 def isolation_for(fn: StageFn):

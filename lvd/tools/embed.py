@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -128,30 +129,14 @@ def _in_process(model, units: list[Unit], cfg: FeatureConfig):
 
 def _on_ray(model, units: list[Unit], cfg: EmbedConfig):
     """Results in unit order from `n_actors` actors, each holding one model."""
-    import ray
-
-    from lvd.curation.actor_runner import resources
+    from lvd.curation.actor_runner import actor_pool
     from lvd.curation.runner import init_ray
 
     init_ray()
-    n, num_gpus = resources(cfg.actors, len(units))
-    actor_cls = ray.remote(_Actor).options(
-        num_cpus=cfg.actors.num_cpus, num_gpus=num_gpus,
-        max_restarts=cfg.actors.max_restarts, max_task_retries=2,
-    )
-    # passed by value (a path, or a small module): a restarted actor can always rebuild it
-    actors = [actor_cls.remote(model, cfg.features) for _ in range(n)]
-    try:
-        yield from ray.util.ActorPool(actors).map(lambda a, u: a.run.remote(u), units)
-    finally:
-        for a in actors:
-            ray.kill(a)
+    # the model passed by value (a path, or a small module): a restarted actor can always rebuild it
+    with actor_pool(partial(UnitEmbedder, model, cfg.features), cfg.actors, len(units)) as pool:
+        yield from pool.map(lambda a, u: a.apply.remote(_embed, u), units)
 
 
-class _Actor:
-    def __init__(self, model, cfg: FeatureConfig) -> None:
-        self.embedder = UnitEmbedder(model, cfg)
-
-    def run(self, unit: Unit) -> UnitResult:
-        return self.embedder(unit)
-
+def _embed(embedder: UnitEmbedder, unit: Unit) -> UnitResult:
+    return embedder(unit)

@@ -5,12 +5,14 @@ Stage functions here are small real functions run by the session's real local Ra
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -166,3 +168,44 @@ def test_config_validation_and_hash():
         rn.RunnerConfig(max_retries=-1)
     assert rn.config_hash(rn.RunnerConfig()) == rn.config_hash(rn.RunnerConfig())
     assert rn.config_hash(rn.RunnerConfig()) != rn.config_hash(rn.RunnerConfig(num_cpus=2))
+
+
+def _fails_on_unit_one(state, unit):
+    if unit.index == 1:
+        raise ValueError("unit 1 is bad")
+    return {"": pa.table({"x": [unit.index]})}
+
+
+def _record_pid(folder: str) -> dict:
+    """An actor's state: its process id, left in `folder` so the test can watch it."""
+    Path(folder, str(os.getpid())).touch()
+    return {}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_actor_pool_kills_its_actors_when_the_stage_fails(ray_local, tmp_path):
+    """A stage that raises still takes its actors down (they hold a model's memory each)."""
+    from lvd.curation import actor_runner
+
+    units = [rn.WholeStage(fingerprint=str(i), stem=f"part-{i:06d}", index=i) for i in range(3)]
+    acfg = actor_runner.ActorConfig(n_actors=2, max_restarts=0, max_task_retries=0)
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    # the error is kept, as a flow that reports it does: its traceback holds the stage's frames
+    with pytest.raises(Exception, match="unit 1 is bad") as error:
+        actor_runner.map_with_actors(functools.partial(_record_pid, str(pids)), _fails_on_unit_one, units,
+                                     tmp_path / "stage", cfg_hash="h", acfg=acfg)
+    actors = [int(p.name) for p in pids.iterdir()]
+    assert actors  # the actors did start
+    deadline = time.monotonic() + 30
+    while any(map(_alive, actors)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not any(map(_alive, actors)), "actors outlived a failed stage"
+    assert error.traceback
