@@ -21,6 +21,10 @@ are mixed into batches.) The guarantee assumes every step consumed B raw samples
 which holds because corrupt samples are replaced inside their batch; a batch whose samples
 are all corrupt is skipped whole (`shards.py`), and then that worker's streams are B samples
 further on than the count says, so a resume re-reads up to B samples per such batch.
+
+Cost: a worker holds one shuffle buffer (`shuffle_buffer` raw samples) and `shuffle_shards`
+open tars per stream it reads: as before when V = ranks x workers, up to min(shards, 8) / (ranks
+x workers) times more on small layouts, and V / (N' x W') after shrinking to N' ranks.
 """
 
 from __future__ import annotations
