@@ -180,7 +180,14 @@ def test_loss_continues_from_the_checkpoint_not_from_the_start(run):
 
 
 def test_each_rank_restores_its_rng_or_gets_a_fresh_seeded_one(run):
-    out, first, second = run
+    before = ckpt.rng_state()  # this test sets the process's generators; put them back after
+    try:
+        _check_rank_rngs(*run)
+    finally:
+        ckpt.set_rng_state(before)
+
+
+def _check_rank_rngs(out: Path, first: int, second: int) -> None:
     step_dir = out / "checkpoints" / f"step_{STEPS:07d}"
     for rank in range(second):
         draws = json.loads((out / f"rng-w{second}-rank{rank}.json").read_text())["draws"]

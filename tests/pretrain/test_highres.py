@@ -18,12 +18,10 @@ from safetensors.torch import load_file
 
 from lvd.pretrain import checkpoint as ckpt
 from lvd.pretrain import highres
-from lvd.pretrain.meta_arch import MetaArch
 from lvd.pretrain.overrides import resolve_recipe
 from lvd.pretrain.parallel import setup_runtime
 from lvd.pretrain.recipes import BackboneConfig, Recipe
 from lvd.pretrain.train import TrainConfig, _build, _restore, train
-
 from pretrain.test_fsdp import SCRIPTS, shards  # noqa: F401 -- `shards` is a fixture
 
 RUN_STEPS, PHASE_STEPS, PHASE_SIZE = 2, 3, 84  # tiny: 56 px (4x4 patches) -> 84 px (6x6)
