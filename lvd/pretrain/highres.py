@@ -119,10 +119,8 @@ def _interpolated(pos_1TD: torch.Tensor, run: Recipe, grid: int) -> torch.Tensor
         return vit.interpolate_pos_embed(grid, grid).detach().clone()
 
 
-def phase_start(recipe: Recipe) -> PhaseStart:
-    """Student, teacher and loss-centre tensors for `recipe` from `recipe.phase.from_run`."""
-    from lvd.pretrain.meta_arch import MetaArch
-
+def check_phase(recipe: Recipe) -> tuple[Path, Recipe]:
+    """The run's last checkpoint and recipe, refused when its model is not the phase's."""
     last = run_checkpoint(recipe.phase.from_run)
     run = Recipe.from_dict(ckpt.read_meta(last).recipe)
     if differ := _same_model(run, recipe):
@@ -130,6 +128,14 @@ def phase_start(recipe: Recipe) -> PhaseStart:
             f"{last} was trained with other {', '.join(differ)} than this recipe; a phase "
             "continues the run's model and changes only crops and schedules (drop the --set of "
             f"{differ[0]}, or start from its backbone with --init {recipe.phase.from_run})")
+    return last, run
+
+
+def phase_start(recipe: Recipe) -> PhaseStart:
+    """Student, teacher and loss-centre tensors for `recipe` from `recipe.phase.from_run`."""
+    from lvd.pretrain.meta_arch import MetaArch
+
+    last, run = check_phase(recipe)
     with torch.device("meta"):
         source = MetaArch(run)
     state = {part: {k: torch.empty(v.shape, dtype=v.dtype) for k, v in getattr(source, part).state_dict().items()}
@@ -167,6 +173,7 @@ def start_of_run(recipe: Recipe, *, init: str | None, rank: int, resuming: bool,
     if init:
         raise ValueError(f"--init {init} and phase.from_run={recipe.phase.from_run} both give the "
                          "start weights; keep one")
+    check_phase(recipe)  # every rank refuses, so none waits in a collective for rank 0
     if rank != 0:
         return None
     start = phase_start(recipe)

@@ -124,6 +124,9 @@ def test_a_phase_of_another_architecture_is_refused(run):
     wider = replace(recipe, backbone=BackboneConfig(arch="vit_small", drop_path_rate=0.0))
     with pytest.raises(highres.PhaseMismatchError, match="other backbone than this recipe"):
         highres.phase_start(wider)
+    # every rank refuses (not only rank 0, which loads): none waits in a collective
+    with pytest.raises(highres.PhaseMismatchError):
+        highres.start_of_run(wider, init=None, rank=1, resuming=False, out=Path("/nowhere"))
     with pytest.raises(ValueError, match="both give the start weights"):
         highres.start_of_run(recipe, init="some.pth", rank=0, resuming=False, out=Path("/nowhere"))
     assert highres.start_of_run(recipe, init=None, rank=0, resuming=True, out=Path("/nowhere")) is None
