@@ -185,6 +185,9 @@ def test_ingest_records_faces_in_oriented_full_size_coordinates():
     exif[0x0112] = 6  # stored rotated: readers turn it back upright
     rotated = json.loads(ingest(jpeg(np.rot90(a, 1).copy(), exif=exif.tobytes()), {"faces": {}})["detail"])["faces"]
     assert len(upright) == 1 and np.allclose(rotated, upright, atol=6)
+    # a large image is seen by the detector at detect_side (640): boxes come back at full size
+    big = json.loads(ingest(jpeg(np.asarray(Image.fromarray(a).resize((1280, 1280)))), {"faces": {}})["detail"])["faces"]
+    assert len(big) == 1 and np.allclose(big, np.asarray(upright) * 2.5, atol=12)
 
 
 # ---------------------------------------------------------------- NSFW
