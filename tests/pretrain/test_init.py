@@ -108,7 +108,7 @@ def test_cli_refuses_a_mismatched_init_in_one_line(shards, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--shards", *shards, "--recipe", "tiny", "--out", str(tmp_path / "o"),
               "--init", str(tmp_path / "narrow.pth"), "--max-steps", "1", "--num-workers", "0"])
-    msg = str(e.value.code)
+    msg = str(e.value)
     assert msg.startswith("lvd pretrain: error:") and "cls_token" in msg and "\n" not in msg
 
 
@@ -126,3 +126,16 @@ def test_init_from_an_lvd_run_takes_its_teacher_backbone_and_heads(shards, tmp_p
         got = part.state_dict()
         for key, value in state["teacher"].items():
             assert torch.equal(got[key], value), key
+
+
+def test_init_from_an_hf_folder_loads_its_backbone(tmp_path):
+    from lvd.pretrain.models.hf import export_hf
+
+    torch.manual_seed(7)
+    source = _recipe().backbone.build(img_size=56)
+    export_hf(source, tmp_path / "hf")
+    start = init_weights(tmp_path / "hf", _recipe())
+    assert start.report.heads.startswith("fresh") and not start.report.resized
+    assert not any(k.startswith("backbone.") for k in start.report.fresh)
+    for key, value in source.state_dict().items():
+        assert torch.equal(start.tensors[f"backbone.{key}"], value), key
