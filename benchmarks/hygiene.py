@@ -9,8 +9,9 @@ blur, 1:20 strips, a picture on a large canvas): false rejections of clean photo
 rate junk is caught. Every image goes through ingest (`ingest_item`), as in a run.
 recall: the face detector on the faces those packages ship (skimage astronaut, camera and
 the 100 LFW faces of skimage.data.lfw_subset, upscaled) and false detections on the rest.
-cost: per-image seconds of each hygiene step next to the ingest baseline (plain `ingest_item`,
-same images, same process), printed as ratios; `--threads` pins torch / OpenCV threads.
+cost: per-image time of each hygiene stage's own work next to the ingest baseline (plain
+`ingest_item`, same images, same process), in rounds alternating the two, printed as the median
+ratio; `--threads` pins torch / OpenCV threads.
 """
 
 from __future__ import annotations
@@ -122,45 +123,54 @@ def _gray(a: np.ndarray) -> Image.Image:
 
 
 def cost(repeat: int) -> None:
+    """Each stage's own work, timed in rounds alternating with the ingest baseline (the shared
+    machine's load drifts): the median of the per-round ratios."""
     import cv2
     import torch
 
-    arrs = [np.asarray(Image.fromarray(a).resize((512, 384))) for a in crops(48, seed=1)]
-    items = [RawItem(source=f"x{i}.jpg", data=jpeg(a), error=None) for i, a in enumerate(arrs)]
-    base = IngestConfig()
-    variants = {
-        "quality filters": IngestConfig(hygiene={"quality": {}}),
-        "url block/allow (20 rules)": IngestConfig(hygiene={"url_block": tuple(f"d{i}.example" for i in range(20))}),
-        "face detection": IngestConfig(hygiene={"faces": {}}),
-    }
-    model = _nsfw_model()
-    if model:
-        variants["nsfw (scripted 1-layer model)"] = IngestConfig(hygiene={"nsfw": {"model": model}})
-    print(f"== cost per image, {len(items)} 512x384 JPEGs, torch threads {torch.get_num_threads()}, "
-          f"OpenCV threads {cv2.getNumThreads()}; baseline: ingest_item with no hygiene")
-    t0 = _time(items, base, repeat)
-    print(f"ingest baseline: {1e3 * t0:.2f} ms/image (1.00x)")
-    for name, cfg in variants.items():
-        t = _time(items, cfg, repeat)
-        print(f"ingest + {name}: {1e3 * t:.2f} ms/image, stage alone {1e3 * (t - t0):.2f} ms "
-              f"= {(t - t0) / t0:.2f}x ingest")
+    from lvd.curation import hygiene as hy
+    from lvd.curation.ingest import _small_gray
     from lvd.curation.shard_image import store_image
-
-    rgb = [jpeg(a) for a in arrs]
-    boxes = ((100, 80, 120, 120),)
-    ts = _best(lambda: [store_image(d, max_side=None, quality=95) for d in rgb], repeat) / len(rgb)
-    tb = _best(lambda: [store_image(d, max_side=None, quality=95, faces=boxes) for d in rgb], repeat) / len(rgb)
-    print(f"shard store (original JPEG kept): {1e3 * ts:.2f} ms/image; with one face blurred (decode, blur, "
-          f"re-encode): {1e3 * tb:.2f} ms = {tb / t0:.2f}x ingest")
-    urls = [{"json": {"url": f"https://d{i % 50}.example/{i}.jpg"}} for i in range(10000)]
     from lvd.curation.urlfilter import cap_domains
 
-    pairs = [(f"{i:064x}", m["json"]["url"]) for i, m in enumerate(urls)]
-    tc = _best(lambda: cap_domains(pairs, 10), repeat) / len(urls)
-    print(f"domain cap (global, 10,000 urls): {1e6 * tc:.2f} us/image = {tc / t0:.4f}x ingest")
+    arrs = [np.asarray(Image.fromarray(a).resize((512, 384))) for a in crops(48, seed=1)]
+    urls = [{"json": {"url": f"https://img{i}.site{i % 9}.example/{i}.jpg"}} for i in range(len(arrs))]
+    items = [RawItem(source=f"x{i}.jpg", data=jpeg(a), error=None, meta=m) for i, (a, m) in enumerate(zip(arrs, urls))]
+    smalls = [_small_gray(Image.open(io.BytesIO(it.data)), 64) for it in items]
+    base_cfg = IngestConfig()
+    quality = hy.HygieneConfig(quality={})
+    block = hy.HygieneConfig(url_block=tuple(f"d{i}.example" for i in range(20)))
+    faces, nsfw_cfg = hy.HygieneConfig(faces={}), hy.HygieneConfig(nsfw={"model": _nsfw_model()})
+    pairs = [(f"{i:064x}", f"https://d{i % 50}.example/{i}.jpg") for i in range(len(items))]
+    stages = {
+        "quality filters (on ingest's small decode)": lambda: [hy.check_thumb(s, 512, 384, quality) for s in smalls],
+        "url blocklist (20 domain rules, none match)": lambda: [hy.check_source(it.meta, block) for it in items],
+        "face detection (second decode, Haar cascade)": lambda: [hy.check_decoded(it.data, (512, 384), faces)
+                                                                 for it in items],
+        "nsfw (second decode, scripted 1-layer model)": lambda: [hy.check_decoded(it.data, (512, 384), nsfw_cfg)
+                                                                 for it in items],
+        "domain cap (global count over the urls)": lambda: cap_domains(pairs, 10),
+        "shard store with one face blurred (decode, blur, 4:4:4 re-encode)": lambda: [
+            store_image(it.data, max_side=None, quality=95, faces=((100, 80, 120, 120),)) for it in items],
+        "shard store, original JPEG kept (no face)": lambda: [
+            store_image(it.data, max_side=None, quality=95) for it in items],
+    }
+    base = lambda: [ingest_item(it, base_cfg) for it in items]  # noqa: E731
+    base()
+    print(f"== cost per image, {len(items)} 512x384 JPEGs, torch threads {torch.get_num_threads()}, OpenCV threads "
+          f"{cv2.getNumThreads()}; baseline: ingest_item with no hygiene, {repeat} rounds alternating with each stage")
+    for name, fn in stages.items():
+        fn()  # warm: model / cascade loads once per worker process
+        ratios, times = [], []
+        for _ in range(repeat):
+            b, t = _best(base, 1), _best(fn, 1)
+            ratios.append(t / b)
+            times.append((b / len(items), t / len(items)))
+        b_ms, t_ms = (1e3 * float(np.median([x[i] for x in times])) for i in (0, 1))
+        print(f"{name}: {t_ms:.3f} ms/image vs ingest {b_ms:.2f} ms = {np.median(ratios):.3f}x ingest")
 
 
-def _nsfw_model() -> str | None:
+def _nsfw_model() -> str:
     import tempfile
 
     import torch
@@ -172,10 +182,6 @@ def _nsfw_model() -> str | None:
     path = tempfile.mkdtemp() + "/red.pt"
     torch.jit.script(Red()).save(path)
     return path
-
-
-def _time(items, cfg, repeat: int) -> float:
-    return _best(lambda: [ingest_item(it, cfg) for it in items], repeat) / len(items)
 
 
 def _best(fn, repeat: int) -> float:
@@ -191,7 +197,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", choices=["calibration", "recall", "cost"], default=None)
     p.add_argument("--threads", type=int, default=2, help="torch and OpenCV threads (default 2: the 2-core budget)")
-    p.add_argument("--repeat", type=int, default=3, help="timing repeats; the best is kept")
+    p.add_argument("--repeat", type=int, default=5, help="timing rounds (calibration: unused)")
     p.add_argument("--face-detector", default=None, help="a cascade XML or YuNet ONNX file for the recall section")
     args = p.parse_args()
     import cv2

@@ -10,6 +10,7 @@ done-markers of its upstream folders) and which folders a run with other options
     RUN/
       run.json, .lock            the run's owner record (lvd.runfolder)
       ingest/                    part-N.parquet (one row per input) + part-N.blobs.parquet
+      domaincap/                 capped.parquet (--max-per-domain; applied by read_ingest)
       dedup/                     duplicates.parquet (hash groups)
       copyfeat/                  part-N.parquet (local features per accepted image)
       copyembed/ copyvec/        the copy model's markers and vectors (--copy-model)

@@ -1,6 +1,6 @@
-"""The Prefect flow `curate`: ingest -> dedup -> copy features -> [embed] -> copy detection ->
-[decontaminate] -> [cluster -> retrieve] -> shard -> ledger, one Prefect task per stage (the
-later ones in `lvd.flows.curate_part2`).
+"""The Prefect flow `curate`: ingest (+ pool hygiene) -> [domain cap] -> dedup -> copy features ->
+[embed] -> copy detection -> [decontaminate] -> [cluster -> retrieve] -> shard -> ledger, one
+Prefect task per stage (the later ones in `lvd.flows.curate_part2`).
 
 Copy detection and decontamination need no model: local features decide, an embedder or hashes
 only propose (`lvd.curation.copydetect`); `copy_model` (SSCD TorchScript or any backbone)
@@ -19,6 +19,11 @@ Prefect task per image (about 0.2 s each through Prefect vs about 1 ms through R
 comes from the partition done-markers: a killed flow started again with the same `out`
 skips every done partition. Each stage reports a progress artifact while it runs, a table
 of its counts, and dedup a few duplicate groups as pictures.
+
+Pool hygiene (`hygiene`, `lvd.curation.hygiene.from_options`): URL block / allow lists, quality
+filters, an NSFW model and face detection run inside ingest (rejections are ingest records); the
+per-domain cap runs after it; the `hygiene` task reports a table and a gallery, and the
+summary's `hygiene` lines say which stage was on (the NSFW one says "off (no model)").
 
 Parameters are plain JSON values (config dicts, not dataclasses) so the Prefect UI shows
 them and any client can start the flow; they become validated configs inside.

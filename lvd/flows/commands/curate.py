@@ -5,7 +5,9 @@ ORB local features with geometric verification decide, at a threshold calibrated
 copies of the pool's own images), decontamination against --eval-sets (the same detector),
 then with --embedder: embedding, clustering and retrieval (with --seeds or --target-size);
 then WebDataset shards (RUN/shards) and the ledger. Without --seeds and --target-size every
-image that is not rejected, a duplicate, a copy or contaminated is sharded. Seeds and a target
+image that is not rejected, a duplicate, a copy or contaminated is sharded. Pool hygiene (URL
+lists and a per-domain cap, quality filters, an NSFW model, face blurring) is off unless its
+options are given. Seeds and a target
 size need an embedder; an embedder also proposes copy candidates (it never decides).
 
 A stage that would remove more than --max-remove-fraction of its input stops the run before
