@@ -5,8 +5,9 @@ The command line is the stable interface to the launcher (the elastic launcher o
 behind `--nproc-per-node`), so the flow starts exactly what an operator would type. When a
 rank dies the launcher stops the other ranks and exits non-zero; `launch_with_relaunches`
 then resumes from the latest complete checkpoint, at most `max_relaunches` times. A failure
-that would only repeat (a resume mismatch, a non-finite loss, out of memory, unusable
-shards: the fail-fast errors of lvd.pretrain.failures and train.py) is not relaunched.
+that would only repeat (bad settings or inputs, a resume mismatch, a non-finite loss, out of
+memory: `lvd.pretrain.failures.repeats`) exits with `EXIT_REPEATS` and is not relaunched: the
+decision is the exit code, never the wording of a log.
 Each attempt's output goes to OUT/launch-<attempt>.log.
 """
 
@@ -22,12 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from lvd.pretrain.failures import EXIT_REPEATS
+
 POLL_S = 1.0
 TAIL_CHARS = 4000
 STOP_GRACE_S = 30.0
-# Errors raised before or while training that a relaunch would raise again.
-REPEATING = ("ResumeMismatchError", "NonFiniteLossError", "OutOfMemoryError",
-             "unusable shards", "missing shards")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,11 +89,6 @@ def log_tail(path: Path, chars: int | None = TAIL_CHARS) -> str:
     return text if chars is None else text[-chars:]
 
 
-def repeating_error(log_text: str) -> str | None:
-    """The fail-fast error named in a failed attempt's output, if any."""
-    return next((marker for marker in REPEATING if marker in log_text), None)
-
-
 def _signal_group(pgid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):  # nobody left in the group
         os.killpg(pgid, sig)
@@ -150,11 +145,11 @@ def launch_with_relaunches(
         if code == 0:
             return LaunchOutcome(relaunches=attempt - 1, logs=tuple(logs))
         tail = log_tail(logs[-1])
-        if (marker := repeating_error(log_tail(logs[-1], chars=None))) is not None:
+        if code == EXIT_REPEATS:
             raise LaunchFailed(
-                f"pretrain on {spec.nproc_per_node} ranks stopped with {marker} (exit code "
-                f"{code}), which a relaunch would repeat; not relaunched after "
-                f"{attempt - 1} relaunch(es). Log {logs[-1]}, its end:\n{tail}")
+                f"pretrain on {spec.nproc_per_node} ranks stopped on a failure a relaunch would repeat "
+                f"(exit code {code}); not relaunched after {attempt - 1} relaunch(es). "
+                f"Log {logs[-1]}, its end:\n{tail}")
         if attempt > max_relaunches:
             break
         before_relaunch(attempt, code)

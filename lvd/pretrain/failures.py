@@ -8,9 +8,11 @@
 
 from __future__ import annotations
 
+import sys
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -19,10 +21,49 @@ from lvd.pretrain.recipes import Recipe
 
 TAR_BLOCK = 512
 MAX_NAMED = 10
+# The exit code of a rank, and of `lvd pretrain`, that stopped on a failure a relaunch from the
+# same checkpoint would meet again (the flow relaunches on any other non-zero code).
+EXIT_REPEATS = 3
 
 
 class ResumeMismatchError(ValueError):
     """The checkpoint to resume from cannot continue under the current settings."""
+
+
+class ShardFilesError(ValueError):
+    """Shards that hold no samples (empty, not a tar)."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or inf; the message names the step and every term."""
+
+
+class RepeatingFailure(RuntimeError):
+    """A rank of a multi-rank launch stopped with `EXIT_REPEATS`; the message is its error."""
+
+
+class RepeatsExit(SystemExit):
+    """`lvd pretrain` stopping on a failure a relaunch would repeat: `str()` is the message
+    (printed on stderr by `stop`), the process exit code is EXIT_REPEATS."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = EXIT_REPEATS
+
+
+def stop(message: str) -> NoReturn:
+    """One `message` line on stderr, then exit with EXIT_REPEATS."""
+    print(message, file=sys.stderr, flush=True)
+    raise RepeatsExit(message)
+
+
+def repeats(error: BaseException) -> bool:
+    """Would a relaunch from the latest checkpoint meet `error` again? Settings, inputs and
+    numerics: yes; a lost rank, a node or a network: no."""
+    from lvd.pretrain.data.shard_stream import MissingShardsError
+
+    return isinstance(error, (ResumeMismatchError, ShardFilesError, MissingShardsError, NonFiniteLossError,
+                              torch.OutOfMemoryError, RepeatingFailure))
 
 
 def _first_block_problem(path: str) -> str | None:
@@ -49,7 +90,7 @@ def check_shard_files(shards: Sequence[str]) -> None:
     if bad:
         more = f" (and {len(bad) - MAX_NAMED} more)" if len(bad) > MAX_NAMED else ""
         named = ", ".join(f"{p} ({why})" for p, why in bad[:MAX_NAMED])
-        raise ValueError(f"unusable shards: {named}{more}; rewrite them (lvd curate) or leave "
+        raise ShardFilesError(f"unusable shards: {named}{more}; rewrite them (lvd curate) or leave "
                          "them out of --shards")
 
 

@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
+import traceback
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,6 +26,7 @@ from typing import Any, Literal
 import torch.distributed as dist
 
 from lvd.pretrain.distributed import close_distributed, launched_by_torchrun
+from lvd.pretrain.failures import EXIT_REPEATS, RepeatingFailure, repeats
 from lvd.pretrain.train import TrainConfig, TrainResult, train
 
 LaunchKind = Literal["local", "torchrun", "ray", "slurm"]
@@ -112,7 +115,17 @@ def train_rank(cfg: TrainConfig) -> TrainResult:
     A rank that fails leaves the group as it is: the barrier of a clean exit would wait for
     ranks stuck in a collective; its process ends and the launcher reports the failure."""
     made_here = not (dist.is_available() and dist.is_initialized())
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except Exception as e:
+        if launched_by_torchrun() and repeats(e):  # the launcher reads exit codes, not messages
+            from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+            traceback.print_exc()
+            sys.stderr.flush()
+            get_error_handler().record_exception(e)  # torchrun's error file: the launcher's message
+            raise SystemExit(EXIT_REPEATS) from e
+        raise
     if made_here:
         close_distributed()
     return result
@@ -134,6 +147,7 @@ def launch(cfg: TrainConfig, spec: LaunchSpec) -> TrainResult:
 
 
 def _launch_torchrun(cfg: TrainConfig, spec: LaunchSpec) -> TrainResult:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if launched_by_torchrun():
@@ -147,8 +161,23 @@ def _launch_torchrun(cfg: TrainConfig, spec: LaunchSpec) -> TrainResult:
                           nproc_per_node=spec.nproc_per_node, run_id=run_id,
                           rdzv_backend="c10d", rdzv_endpoint=endpoint,
                           max_restarts=0, start_method="spawn")
-    results = elastic_launch(config, train_rank)(cfg)  # keyed by global rank
+    try:
+        results = elastic_launch(config, train_rank)(cfg)  # keyed by global rank
+    except ChildFailedError as e:
+        if any(f.exitcode == EXIT_REPEATS for f in e.failures.values()):
+            rank, failure = min((r, f) for r, f in e.failures.items() if f.exitcode == EXIT_REPEATS)
+            raise RepeatingFailure(f"rank {rank} stopped on a failure a relaunch would repeat "
+                                   f"(exit code {EXIT_REPEATS}): {_error_of(failure)}") from e
+        raise
     return results[min(results)]
+
+
+def _error_of(failure) -> str:
+    """The exception line a rank's error file holds (torchrun's ProcessFailure), else a pointer."""
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    return str(message).strip().splitlines()[0] if str(message).strip() else "see its traceback above"
 
 
 # ---------------------------------------------------------------- Ray Train

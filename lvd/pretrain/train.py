@@ -40,7 +40,12 @@ from lvd.pretrain.data.plan import DataPlan, checkpoint_data, plan_for
 from lvd.pretrain.data.shard_stream import expand_shards
 from lvd.pretrain.distill import FrozenTeacher, apply_frozen, load_frozen_teacher, refuse_unset_teacher
 from lvd.pretrain.distributed import all_ranks_mean, init_distributed
-from lvd.pretrain.failures import check_shard_files, checked_resume_point, oom_message
+from lvd.pretrain.failures import (  # NonFiniteLossError: re-exported for callers of train
+    NonFiniteLossError,
+    check_shard_files,
+    checked_resume_point,
+    oom_message,
+)
 from lvd.pretrain.highres import PhaseStart, apply_phase_start, start_of_run
 from lvd.pretrain.init import StartWeights, apply_start, init_weights
 from lvd.pretrain.meta_arch import MetaArch, StepOutput
@@ -57,10 +62,6 @@ from lvd.pretrain.recipes import Recipe
 from lvd.pretrain.schedules import ScheduleValues, build_schedules
 
 N_PICTURE_IMAGES = 4
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or inf; the message names the step and every term."""
 
 
 @dataclass(frozen=True, kw_only=True)

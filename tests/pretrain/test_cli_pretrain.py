@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from lvd.pretrain.failures import EXIT_REPEATS
 from lvd.datasets import load_fashion_mnist, write_labelled_folder, write_shards
 from lvd.flows.cli import main
 from lvd.pretrain.checkpoint import load_teacher_backbone
@@ -63,7 +64,8 @@ def test_pretrain_refuses_batch_size_one_before_training(data, tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--shards", str(data / "shards"), "--recipe", "tiny",
               "--out", str(tmp_path / "o"), "--batch-size", "1", "--num-workers", "0"])
-    message = str(e.value.code)
+    message = str(e.value)  # printed on stderr; the exit code says a relaunch would repeat it
+    assert e.value.code == EXIT_REPEATS
     assert message.startswith("lvd pretrain: error: --batch-size 1:") and "\n" not in message
     assert "KoLeo" in message and "--batch-size 2" in message
     assert not (tmp_path / "o").exists()

@@ -136,7 +136,7 @@ def test_pairs_and_missing_teachers_are_refused(shards, wide_teacher, tmp_path):
         load_frozen_teacher(bad_patch)
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--shards", *shards, "--recipe", "tiny_distill", "--out", str(tmp_path / "o")])
-    assert "--distill-from SPEC" in str(e.value.code) and "\n" not in str(e.value.code)
+    assert "--distill-from SPEC" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_cli_distils_on_cpu_and_reports_the_teacher(shards, wide_teacher, tmp_path):

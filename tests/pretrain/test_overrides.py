@@ -141,7 +141,7 @@ def test_cli_refuses_a_wrong_key_with_one_line_before_anything_runs(tmp_path):
     with pytest.raises(SystemExit) as e:
         main(["pretrain", "--shards", str(tmp_path / "none"), "--recipe", "tiny",
               "--out", str(tmp_path / "o"), "--set", "crops.nlocal=2"])
-    msg = str(e.value.code)
+    msg = str(e.value)
     assert msg == ("lvd pretrain: error: --set crops.nlocal=2: unknown recipe setting "
                    "'crops.nlocal'; did you mean crops.n_local, crops.local_size, crops.local_scale?")
     assert not (tmp_path / "o").exists()

@@ -196,7 +196,7 @@ def test_resume_refuses_hostile_pickles(data, tmp_path):
     def refused(run: Path, pattern: str) -> None:  # one `error:` line naming the file
         with pytest.raises(SystemExit) as e:
             resume(run)
-        message = str(e.value.code)
+        message = str(e.value)
         assert re.match(r"lvd pretrain: error: \S*" + pattern, message) and "\n" not in message
 
     refused(_hostile_run(data["good"], tmp_path / "a", marker),

@@ -200,6 +200,7 @@ def check_start_specs(recipe, init: str | None) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from lvd.pretrain.data import expand_shards
+    from lvd.pretrain.failures import repeats, stop
     from lvd.pretrain.launch import launch, submit_slurm
     from lvd.pretrain.overrides import OverrideError, resolve_recipe
     from lvd.pretrain.train import TrainConfig
@@ -215,12 +216,12 @@ def main(args: argparse.Namespace) -> int:
                                 batch_size=args.batch_size, distill_from=args.distill_from)
         check_start_specs(recipe, args.init)
     except (OverrideError, FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"lvd pretrain: error: {e}") from None
+        stop(f"lvd pretrain: error: {e}")
     try:
         spec = launch_spec(args)
         shards = tuple(expand_shards(args.shards))
     except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"lvd pretrain: {e}") from None
+        stop(f"lvd pretrain: error: {e}")
     cfg = TrainConfig(
         shards=shards, recipe=recipe, out=args.out, init=args.init,
         max_steps=args.max_steps, resume=args.resume, num_workers=args.num_workers,
@@ -230,7 +231,7 @@ def main(args: argparse.Namespace) -> int:
         try:
             job = submit_slurm(cfg, spec)
         except RuntimeError as e:
-            raise SystemExit(f"lvd pretrain: {e}") from None
+            stop(f"lvd pretrain: error: {e}")
         print(f"submitted job {job.job_id}; rank 0 logs: {job.paths.stdout} "
               f"{job.paths.stderr}", flush=True)
         if args.slurm_no_wait:
@@ -246,7 +247,11 @@ def main(args: argparse.Namespace) -> int:
         # --resume met a file lvd will not unpickle; --init / --distill-from weights that
         # do not fit the recipe; a phase's run of another architecture
         except (UnsafeCheckpointError, InitMismatchError, PhaseMismatchError) as e:
-            raise SystemExit(f"lvd pretrain: error: {e}") from None
+            stop(f"lvd pretrain: error: {e}")
+        except Exception as e:  # a multi-rank launch tells a repeating failure by its exit code
+            if repeats(e):
+                stop(f"lvd pretrain: error: {e}")
+            raise
     last = result.losses[-1]["loss"] if result.losses else float("nan")
     print(f"trained steps {result.start_step}..{result.end_step} of recipe {recipe.name}; "
           f"last loss {last:.4f}; checkpoint {result.last_checkpoint}")

@@ -38,6 +38,10 @@ class RawSample:
     files: dict[str, bytes]  # extension -> bytes, e.g. {"jpg": ..., "json": ...}
 
 
+class MissingShardsError(FileNotFoundError):
+    """Shard paths that do not exist or cannot be read."""
+
+
 def expand_shards(shards: Sequence[str | os.PathLike] | str | os.PathLike) -> list[str]:
     """Brace patterns and directories (their `shard-*.tar`) to a list of existing tar paths.
 
@@ -58,7 +62,7 @@ def expand_shards(shards: Sequence[str | os.PathLike] | str | os.PathLike) -> li
                 missing.append(path)
     if missing:
         more = " ..." if len(missing) > 10 else ""
-        raise FileNotFoundError(f"unreadable or missing shards: {', '.join(missing[:10])}{more}")
+        raise MissingShardsError(f"unreadable or missing shards: {', '.join(missing[:10])}{more}")
     return paths
 
 
