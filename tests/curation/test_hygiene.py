@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 
 import numpy as np
 import pyarrow as pa
@@ -186,7 +187,8 @@ def test_ingest_records_faces_in_oriented_full_size_coordinates():
     rotated = json.loads(ingest(jpeg(np.rot90(a, 1).copy(), exif=exif.tobytes()), {"faces": {}})["detail"])["faces"]
     assert len(upright) == 1 and np.allclose(rotated, upright, atol=6)
     # a large image is seen by the detector at detect_side (640): boxes come back at full size
-    big = json.loads(ingest(jpeg(np.asarray(Image.fromarray(a).resize((1280, 1280)))), {"faces": {}})["detail"])["faces"]
+    big_jpeg = jpeg(np.asarray(Image.fromarray(a).resize((1280, 1280))))
+    big = json.loads(ingest(big_jpeg, {"faces": {}})["detail"])["faces"]
     assert len(big) == 1 and np.allclose(big, np.asarray(upright) * 2.5, atol=12)
 
 
@@ -218,6 +220,62 @@ def test_nsfw_rejects_what_the_model_flags(red_model):
     score = json.loads(ingest(pink, cfg)["detail"])["nsfw"]
     assert 0.1 < score < 0.5 and ingest(pink, cfg)["status"] == "accepted"
     assert ingest(pink, {"nsfw": {"model": red_model, "threshold": 0.1}})["reason"] == "nsfw"
+
+
+# An ONNX file written by hand (protobuf wire format): no onnx package is installed to export one.
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    n &= (1 << 64) - 1
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out += bytes([b | (0x80 if n else 0)])
+        if not n:
+            return out
+
+
+def _f(field: int, value) -> bytes:
+    if isinstance(value, int):
+        return _varint(field << 3) + _varint(value)
+    if isinstance(value, str):
+        value = value.encode()
+    return _varint(field << 3 | 2) + _varint(len(value)) + value
+
+
+def _tensor_type(dims) -> bytes:
+    shape = b"".join(_f(1, _f(1, d) if isinstance(d, int) else _f(2, d)) for d in dims)
+    return _f(1, _f(1, 1) + _f(2, shape))  # TypeProto.tensor_type: elem FLOAT, shape
+
+
+def red_flagger_onnx() -> bytes:
+    """logit = mean over H, W of a 1x1 convolution with weights (40, -20, -20), plus b = -20:
+    40 * (mean R - mean of G and B) - 20, the TorchScript test model's function."""
+    w = struct.pack("<3f", 40.0, -20.0, -20.0)
+    init_w = _f(1, 1) + _f(1, 3) + _f(1, 1) + _f(1, 1) + _f(2, 1) + _f(8, "w") + _f(9, w)  # 1 x 3 x 1 x 1
+    init_b = _f(2, 1) + _f(8, "b") + _f(9, struct.pack("<f", -20.0))
+    mul = _f(1, "x") + _f(1, "w") + _f(2, "xw") + _f(3, "conv") + _f(4, "Conv")
+    axes = _f(1, "axes") + b"".join(_f(8, a) for a in (1, 2, 3)) + _f(20, 7)
+    keep = _f(1, "keepdims") + _f(3, 0) + _f(20, 2)
+    mean = _f(1, "xw") + _f(2, "m") + _f(3, "mean") + _f(4, "ReduceMean") + _f(5, axes) + _f(5, keep)
+    add = _f(1, "m") + _f(1, "b") + _f(2, "logit") + _f(3, "add") + _f(4, "Add")
+    graph = (_f(1, mul) + _f(1, mean) + _f(1, add) + _f(2, "red") + _f(5, init_w) + _f(5, init_b)
+             + _f(11, _f(1, "x") + _f(2, _tensor_type([1, 3, 224, 224])))
+             + _f(12, _f(1, "logit") + _f(2, _tensor_type([1]))))
+    return _f(1, 7) + _f(2, "lvd-test") + _f(7, graph) + _f(8, _f(1, "") + _f(2, 13))
+
+
+def test_nsfw_onnx_model_scores_like_the_torchscript_one(tmp_path, red_model):
+    path = tmp_path / "red.onnx"
+    path.write_bytes(red_flagger_onnx())
+    red = np.clip(np.random.default_rng(3).normal(0, 30, (80, 80, 3)) + (210, 30, 30), 0, 255).astype(np.uint8)
+    for data in (jpeg(red), jpeg(photo("astronaut")), jpeg(photo("coffee"))):
+        by_onnx = ingest(data, {"nsfw": {"model": str(path)}})
+        by_script = ingest(data, {"nsfw": {"model": red_model}})
+        assert by_onnx["reason"] == by_script["reason"]
+        onnx_score, script_score = (json.loads(r["detail"])["nsfw"] for r in (by_onnx, by_script))
+        assert onnx_score == pytest.approx(script_score, abs=1e-3)
+    assert ingest(jpeg(red), {"nsfw": {"model": str(path)}})["reason"] == "nsfw"
 
 
 def test_nsfw_off_without_a_model_and_bad_models_refused(tmp_path, red_model):
