@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -42,8 +43,15 @@ class LossTerms:
     koleo: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {"loss": float(self.total.detach()), "dino_loss": float(self.dino.detach()),
-                "ibot_loss": float(self.ibot.detach()), "koleo_loss": float(self.koleo.detach())}
+        """The four terms on the host: one device-to-host copy (one sync) per step, however
+        often it is asked for (the finite check, then the log)."""
+        return dict(self._floats)
+
+    @cached_property
+    def _floats(self) -> dict[str, float]:
+        terms = (self.total, self.dino, self.ibot, self.koleo)
+        values = torch.stack([torch.as_tensor(t).detach().float().reshape(()) for t in terms]).tolist()
+        return dict(zip(("loss", "dino_loss", "ibot_loss", "koleo_loss"), values))
 
 
 @dataclass(frozen=True)
@@ -209,4 +217,5 @@ def collapse_monitors(probs_GBK: torch.Tensor) -> dict[str, float]:
     entropy = -(probs_NK * probs_NK.clamp_min(1e-12).log()).sum(-1).mean()
     used = torch.zeros(probs_NK.shape[1], dtype=torch.bool, device=probs_NK.device)
     used[probs_NK.argmax(-1)] = True
-    return {"entropy": float(entropy), "proto_usage": float(used.float().mean())}
+    entropy, usage = torch.stack([entropy, used.float().mean()]).tolist()  # one sync for both
+    return {"entropy": entropy, "proto_usage": usage}
