@@ -343,14 +343,15 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         super().load_bytes(read_item, clean)
 
 
-def _dcp_load(state: dict[str, Any], ckpt: Path) -> None:
+def _dcp_load(state: dict[str, Any], ckpt: Path, *, local: bool = False) -> None:
     """`dcp.load` through `SafeFileSystemReader` and `SafeLoadPlanner`; a refused file
-    raises its `UnsafeCheckpointError` (not DCP's wrapper listing every rank's traceback)."""
+    raises its `UnsafeCheckpointError` (not DCP's wrapper listing every rank's traceback).
+    A collective under a process group unless `local` (one rank reads plain tensors alone)."""
     read_dcp_metadata(ckpt / DCP_METADATA)  # refuse a hostile file here, with its name
     try:
         with _quiet_single_process():
             dcp.load(state, storage_reader=SafeFileSystemReader(ckpt),
-                     planner=SafeLoadPlanner(), no_dist=not _distributed())
+                     planner=SafeLoadPlanner(), no_dist=local or not _distributed())
     except dcp.api.CheckpointException as e:
         for exc, _ in e.failures.values():
             if isinstance(exc, UnsafeCheckpointError):
@@ -359,10 +360,11 @@ def _dcp_load(state: dict[str, Any], ckpt: Path) -> None:
 
 
 def load_state(ckpt: str | Path, state: dict[str, Any]) -> None:
-    """Fill `state` (nested dicts of tensors, any subset of what was saved, plain or DTensor)
-    from a checkpoint's DCP files through the restricted reader; DCP reshards on load, so
-    any world size may have written them. No RNG, no meta: for starting something new."""
-    _dcp_load(state, Path(ckpt))
+    """Fill `state` (nested dicts of plain tensors, any subset of what was saved) from a
+    checkpoint's DCP files through the restricted reader, in this process alone (no
+    collective: one rank may call it); any world size may have written them. No RNG, no
+    meta: for starting something new."""
+    _dcp_load(state, Path(ckpt), local=True)
 
 
 # ---------------------------------------------------------------- the teacher backbone

@@ -22,7 +22,7 @@ from lvd.pretrain.overrides import resolve_recipe
 from lvd.pretrain.parallel import setup_runtime
 from lvd.pretrain.recipes import BackboneConfig, Recipe
 from lvd.pretrain.train import TrainConfig, _build, _restore, train
-from pretrain.test_fsdp import SCRIPTS, shards  # noqa: F401 -- `shards` is a fixture
+from pretrain.test_fsdp import SCRIPTS, shards, torchrun  # noqa: F401 -- `shards` is a fixture
 
 RUN_STEPS, PHASE_STEPS, PHASE_SIZE = 2, 3, 84  # tiny: 56 px (4x4 patches) -> 84 px (6x6)
 
@@ -130,3 +130,20 @@ def test_a_phase_of_another_architecture_is_refused(run):
     with pytest.raises(ValueError, match="both give the start weights"):
         highres.start_of_run(recipe, init="some.pth", rank=0, resuming=False, out=Path("/nowhere"))
     assert highres.start_of_run(recipe, init=None, rank=0, resuming=True, out=Path("/nowhere")) is None
+
+
+def test_phase_on_two_ranks_starts_from_rank0s_read_of_the_run(run, shards, tmp_path):  # noqa: F811
+    """Only rank 0 reads the run (a DCP read of its own, no collective); FSDP2 broadcasts. The
+    gathered step-0 state equals the one-process phase start, and the phase trains."""
+    out = tmp_path / "phase2"
+    torchrun(2, "run_highres.py", run, out, PHASE_SIZE, *shards)
+    recipe = _phase_recipe(run, f"crops.global_size={PHASE_SIZE}")
+    want = highres.phase_start(recipe).tensors
+    got = torch.load(out / "phase-start-w2.pt", weights_only=True)
+    assert set(got) == {f"{p}.{k}" for p in ("student", "teacher") for k in want[p]}
+    for key, value in got.items():
+        part, name = key.split(".", 1)
+        torch.testing.assert_close(value, want[part][name], rtol=0, atol=0, msg=key)
+    for rank in (0, 1):
+        losses = json.loads((out / f"losses-rank{rank}.json").read_text())
+        assert len(losses) == 2 and all(torch.isfinite(torch.tensor(list(r.values()))).all() for r in losses)
