@@ -26,7 +26,7 @@ import webdataset as wds
 from PIL import Image, ImageOps
 
 from lvd.curation.copies import encode_original, real_photos
-from lvd.curation.ingest import to_rgb
+from lvd.curation.pixels import to_rgb
 from lvd.curation.shard_check import check_shards
 from lvd.curation.shard_image import store_image
 from lvd.curation.shards import ShardConfig, ShardSample, sample_json, write_shards

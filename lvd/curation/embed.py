@@ -33,9 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 
-from lvd.curation.ingest import to_rgb
+from lvd.curation.pixels import to_rgb, upright
 from lvd.curation.vectors import Embedded, write_vectors
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -230,11 +230,7 @@ def decode_opened(img: Image.Image, min_side: int) -> Image.Image:
         scale = min_side / min(w, h)
         img.draft("RGB", (max(1, round(w * scale)), max(1, round(h * scale))))
     img.load()
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # a broken EXIF block is not a broken image (ingest ignores it too)
-        pass
-    return to_rgb(img)
+    return to_rgb(upright(img))
 
 
 def resize_crop(img: Image.Image, resize: int, crop: int) -> np.ndarray:

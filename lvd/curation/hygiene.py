@@ -181,15 +181,14 @@ def check_decoded(data: bytes, oriented: tuple[int, int], cfg: HygieneConfig) ->
     score and the face boxes in oriented full-size coordinates, `oriented` = (width, height))."""
     import io
 
-    from lvd.curation.ingest import _apply_orientation, _orientation
+    from lvd.curation.pixels import apply_orientation, orientation, to_rgb
 
     with Image.open(io.BytesIO(data)) as img:
-        tag = _orientation(img)
-    orient = lambda im: _apply_orientation(im, tag)  # noqa: E731
+        tag = orientation(img)
+    orient = lambda im: apply_orientation(im, tag)  # noqa: E731
     detail: dict = {}
     if cfg.nsfw is not None:
         from lvd.curation import nsfw
-        from lvd.curation.ingest import to_rgb
 
         with Image.open(io.BytesIO(data)) as rgb:
             if rgb.format in ("JPEG", "MPO"):
@@ -251,14 +250,13 @@ def hygiene_records(run_dir) -> list[dict]:
     import pyarrow.parquet as pq
 
     from lvd.curation import rundir
-    from lvd.curation.urlfilter import apply_caps
 
     out = []
     for index, m in sorted(rundir.ingest_markers(run_dir).items()):
         path = Path(run_dir) / "ingest" / m["outputs"]["main"]
         if "detail" not in pq.read_schema(path).names:
             continue
-        t = apply_caps(run_dir, pq.read_table(path, columns=["source", "status", "reason", "uid", "detail"]))
+        t = rundir.apply_caps(run_dir, pq.read_table(path, columns=["source", "status", "reason", "uid", "detail"]))
         for r in t.to_pylist():
             if r["reason"] in REASONS or (r["status"] == "accepted" and r["detail"] and '"faces": [[' in r["detail"]):
                 out.append(dict(r, part=index))

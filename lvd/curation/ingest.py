@@ -39,6 +39,7 @@ from PIL import Image, ImageFile
 
 from lvd.curation import hygiene
 from lvd.curation.phash import PHASH256_SIZE, THUMB_SIDE, equalise, hash_bits, phash_bits, thumbnail, to_uint
+from lvd.curation.pixels import SWAPPING_ORIENTATIONS, apply_orientation, orientation, to_rgb
 from lvd.curation.raw import DEFAULT_MAX_BYTES, real_roots
 from lvd.curation.sources import Partition, RawItem, SourceLimits, iter_items
 
@@ -74,8 +75,6 @@ SUPPORTED_MODES = frozenset(
 )
 # File signatures: bytes starting like this are an image that failed to parse -> `corrupt`.
 _SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-_ORIENTATION_TAG = 0x0112
-_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -222,8 +221,8 @@ def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
     info = dict(format=img.format)
     width, height = img.size
     info.update(width=width, height=height)
-    orientation = _orientation(img)
-    if orientation in _SWAPPING_ORIENTATIONS:
+    tag = orientation(img)
+    if tag in SWAPPING_ORIENTATIONS:
         width, height = height, width
         info.update(width=width, height=height)
     if min(width, height) < cfg.min_side:
@@ -231,7 +230,7 @@ def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
     if img.mode not in SUPPORTED_MODES:
         raise _Reject("unsupported_mode", **info)
     small = _small_gray(img, max(cfg.draft_side, cfg.hash_size * 4))
-    small = _apply_orientation(small, orientation)
+    small = apply_orientation(small, tag)
     if cfg.hygiene is not None and (bad := hygiene.check_thumb(small, width, height, cfg.hygiene)):
         raise _Reject(bad[0], **info, detail=json.dumps(bad[1], sort_keys=True))
     x_HW = np.asarray(small, dtype=np.float64)  # one conversion for all hashes
@@ -253,23 +252,6 @@ def _open(data: bytes, cfg: IngestConfig) -> Image.Image:
         raise _Reject("corrupt" if is_image else "not_image") from None
 
 
-def _orientation(img: Image.Image) -> int:
-    try:
-        return int(img.getexif().get(_ORIENTATION_TAG, 1))
-    except Exception:  # a broken EXIF block is not a broken image: ignore orientation
-        return 1
-
-
-def _apply_orientation(img: Image.Image, orientation: int) -> Image.Image:
-    """ImageOps.exif_transpose for an image whose EXIF is gone (we already read the tag)."""
-    method = {
-        2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-        4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-        6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90,
-    }.get(orientation)  # fmt: skip
-    return img.transpose(method) if method is not None else img
-
-
 def _small_gray(img: Image.Image, side: int) -> Image.Image:
     """Decode the whole image (validating it) into a grayscale image with both sides >= `side`."""
     if img.format in ("JPEG", "MPO"):
@@ -283,31 +265,3 @@ def _small_gray(img: Image.Image, side: int) -> Image.Image:
         raise _Reject("corrupt", format=img.format) from None
     factor = min(small.size) // (2 * side)
     return small.reduce(factor) if factor >= 2 else small  # box filter: cheap, keeps the hash stable
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB view of a loaded image: alpha composited on white, 16-bit/float scaled to 8 bits."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if (mode == "P" and "transparency" in img.info) or mode in ("PA", "LA", "La", "RGBa"):
-        img, mode = img.convert("RGBA"), "RGBA"
-    if mode == "RGBA":
-        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, img).convert("RGB")
-    if mode.startswith("I") or mode == "F":
-        return Image.fromarray(_to_uint8(np.asarray(img))).convert("RGB")
-    return img.convert("RGB")
-
-
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    """Pixels to 0..255: floats in [0,1] times 255; values above 255 from the 16-bit range (or
-    from their max when larger); anything else is already 8-bit and only clipped."""
-    is_float = np.issubdtype(x.dtype, np.floating)
-    x = x.astype(np.float64)
-    peak = float(x.max()) if x.size else 0.0
-    if is_float and peak <= 1.0:
-        x = x * 255.0
-    elif peak > 255.0:
-        x = x * (255.0 / (65535.0 if peak <= 65535.0 else peak))
-    return np.clip(np.rint(x), 0, 255).astype(np.uint8)

@@ -10,6 +10,7 @@ done-markers of its upstream folders) and which folders a run with other options
     RUN/
       run.json, .lock            the run's owner record (lvd.runfolder)
       ingest/                    part-N.parquet (one row per input) + part-N.blobs.parquet
+      domaincap/                 capped.parquet (inputs over --max-per-domain; applied on read)
       domaincap/                 capped.parquet (--max-per-domain; applied by read_ingest)
       dedup/                     duplicates.parquet (hash groups)
       copyfeat/                  part-N.parquet (local features per accepted image)
@@ -48,6 +49,7 @@ class Stage:
 
 STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("ingest", (), ("part-*.parquet", "part-*.blobs.parquet")),
+    Stage("domaincap", ("ingest",), ("capped.parquet",)),  # --max-per-domain; read_ingest applies it
     Stage("dedup", ("ingest",), ("duplicates.parquet",)),
     Stage("copyfeat", ("ingest",), ("part-*.parquet",)),
     Stage("embed", ("ingest",), ("../vectors",), optional=True),
@@ -156,10 +158,8 @@ def ingest_blob_files(run_dir: Path) -> dict[int, Path]:
 
 def read_ingest(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
     """All ingest records of a run, concatenated in partition order, with the per-domain cap's
-    rejections applied (RUN/domaincap, `urlfilter.apply_caps`: it needs a global count, so it
+    rejections applied (RUN/domaincap, `apply_caps`: it needs a global count, so it
     runs after ingest; every reader sees its inputs as rejected `domain_capped`)."""
-    from lvd.curation.urlfilter import apply_caps
-
     paths = ingest_manifests(run_dir)
     if not paths:
         raise FileNotFoundError(f"no done ingest partitions under {Path(run_dir) / 'ingest'}")
@@ -189,6 +189,35 @@ def read_blobs(run_dir: Path, uids, *, strict: bool = True) -> dict[str, bytes]:
     if strict and (missing := sorted(want - found.keys())):
         raise KeyError(f"{len(missing)} uids have no blob under {Path(run_dir) / 'ingest'}, e.g. {missing[:3]}")
     return found
+
+
+def cap_path(run_dir: Path) -> Path:
+    """The per-domain cap's decisions (`urlfilter.run_domain_cap` writes them)."""
+    return Path(run_dir) / "domaincap" / "capped.parquet"
+
+
+def apply_caps(run_dir: Path, records: pa.Table) -> pa.Table:
+    """Ingest `records` with the cap's decisions applied: status `rejected`, reason
+    `domain_capped` (and its rule in `detail`, when that column is read). No-op without a cap."""
+    path = cap_path(run_dir)
+    if not path.exists() or "source" not in records.column_names or "status" not in records.column_names:
+        return records
+    capped = pq.read_table(path).to_pydict()
+    rule_of = dict(zip(capped["source"], capped["rule"]))
+    if not rule_of:
+        return records
+    hit = pc.is_in(records["source"], pa.array(list(rule_of), pa.string()))
+    cols = {}
+    cols["status"] = pc.if_else(hit, "rejected", records["status"])
+    if "reason" in records.column_names:
+        cols["reason"] = pc.if_else(hit, "domain_capped", records["reason"])
+    if "detail" in records.column_names:
+        details = [json.dumps({"rule": rule_of[s]}) if s in rule_of else d
+                   for s, d in zip(records["source"].to_pylist(), records["detail"].to_pylist())]
+        cols["detail"] = pa.array(details, pa.string())
+    for name, col in cols.items():
+        records = records.set_column(records.schema.get_field_index(name), name, col)
+    return records
 
 
 # ---------------------------------------------------------------- duplicates, decontamination

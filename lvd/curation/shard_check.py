@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from lvd.curation.shard_image import oriented_size
+from lvd.curation.pixels import oriented_size
 from lvd.curation.shards import MANIFEST, MANIFEST_SCHEMA
 
 MAX_PROBLEMS_PER_SHARD = 10  # one broken tar must not bury the rest of the report

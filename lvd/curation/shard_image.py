@@ -3,7 +3,7 @@
 The original bytes are kept when the source is a baseline RGB or grayscale JPEG that needs no
 resize; their EXIF orientation stays and readers apply it (`ImageOps.exif_transpose`). Anything
 else (PNG, WebP, CMYK JPEG, too large) is decoded, EXIF-transposed, made RGB (alpha on white,
-`ingest.to_rgb`), shrunk with Lanczos so its longer side is `max_side`, and saved as JPEG with
+`pixels.to_rgb`), shrunk with Lanczos so its longer side is `max_side`, and saved as JPEG with
 its ICC profile. A JPEG to shrink is first downscaled by libjpeg in the DCT (`draft`, to no less
 than the target size): about 2x faster than a full decode (benchmarks/shard_write.py).
 Sizes are reported as a reader sees them, after EXIF orientation.
@@ -21,12 +21,11 @@ import io
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from lvd.curation.faces import blur_faces, scale_boxes
-from lvd.curation.ingest import to_rgb
+from lvd.curation.pixels import oriented_size, to_rgb, upright
 
-_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
 _KEEPABLE_JPEG_MODES = ("RGB", "L")  # CMYK/YCCK JPEGs decode inconsistently across readers
 
 
@@ -53,7 +52,7 @@ def store_image(data: bytes, *, max_side: int | None, quality: int, keep_origina
             if img.format == "JPEG" and too_big:  # let libjpeg downscale in the DCT first: much faster
                 img.draft("RGB", target if (width, height) == img.size else target[::-1])
             icc = img.info.get("icc_profile")
-            rgb = to_rgb(ImageOps.exif_transpose(img))
+            rgb = to_rgb(upright(img))  # a broken EXIF block: as stored, as ingest took it
     if rgb.size != target:
         rgb = rgb.resize(target, Image.Resampling.LANCZOS)
     out = io.BytesIO()
@@ -63,15 +62,6 @@ def store_image(data: bytes, *, max_side: int | None, quality: int, keep_origina
     else:
         rgb.save(out, format="JPEG", quality=quality, icc_profile=icc)
     return StoredImage(data=out.getvalue(), width=target[0], height=target[1], original=False)
-
-
-def oriented_size(img: Image.Image) -> tuple[int, int]:
-    try:
-        orientation = int(img.getexif().get(0x0112, 1))
-    except Exception:  # a broken EXIF block is ignored, as ingest does
-        orientation = 1
-    w, h = img.size
-    return (h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)
 
 
 def _fit(width: int, height: int, max_side: int) -> tuple[int, int]:

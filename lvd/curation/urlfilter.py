@@ -34,8 +34,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-CAP_DIR = "domaincap"
-CAP_FILE = "capped.parquet"
 CAP_SCHEMA = pa.schema([("source", pa.string()), ("uid", pa.string()), ("rule", pa.string())])
 
 
@@ -133,41 +131,13 @@ def capped_table(records: pa.Table, max_per_domain: int) -> pa.Table:
                     schema=CAP_SCHEMA)
 
 
-def cap_path(run_dir: Path) -> Path:
-    return Path(run_dir) / CAP_DIR / CAP_FILE
-
-
-def apply_caps(run_dir: Path, records: pa.Table) -> pa.Table:
-    """Ingest `records` with the cap's decisions applied: status `rejected`, reason
-    `domain_capped` (and its rule in `detail`, when that column is read). No-op without a cap."""
-    path = cap_path(run_dir)
-    if not path.exists() or "source" not in records.column_names or "status" not in records.column_names:
-        return records
-    capped = pq.read_table(path).to_pydict()
-    rule_of = dict(zip(capped["source"], capped["rule"]))
-    if not rule_of:
-        return records
-    hit = pc.is_in(records["source"], pa.array(list(rule_of), pa.string()))
-    cols = {}
-    cols["status"] = pc.if_else(hit, "rejected", records["status"])
-    if "reason" in records.column_names:
-        cols["reason"] = pc.if_else(hit, "domain_capped", records["reason"])
-    if "detail" in records.column_names:
-        details = [json.dumps({"rule": rule_of[s]}) if s in rule_of else d
-                   for s, d in zip(records["source"].to_pylist(), records["detail"].to_pylist())]
-        cols["detail"] = pa.array(details, pa.string())
-    for name, col in cols.items():
-        records = records.set_column(records.schema.get_field_index(name), name, col)
-    return records
-
-
 def run_domain_cap(run_dir: Path, max_per_domain: int | None) -> pa.Table:
     """Write (or, with no cap, remove) RUN/domaincap/capped.parquet from the raw ingest records
     (read without the cap applied, so a rerun decides the same); returns the capped rows."""
     from lvd import durable
     from lvd.curation import rundir
 
-    path = cap_path(run_dir)
+    path = rundir.cap_path(run_dir)
     if max_per_domain is None:
         path.unlink(missing_ok=True)
         return pa.table({f.name: [] for f in CAP_SCHEMA}, schema=CAP_SCHEMA)

@@ -14,13 +14,15 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 
-from PIL import Image, ImageOps
+from PIL import Image
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
 )
+
+from lvd.curation.pixels import upright
 
 THUMB_SIDE = 64
 MAX_GROUPS = 4
@@ -58,7 +60,7 @@ def thumbnail_png(data: bytes, side: int = THUMB_SIDE) -> str | None:
     """A base64 PNG thumbnail (longest side `side`), or None if the bytes do not decode."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")  # as ingest saw it: upright
+            im = upright(im).convert("RGB")  # as ingest saw it (a broken EXIF block: as stored)
             im.thumbnail((side, side))
             buf = io.BytesIO()
             # A 64-colour palette keeps a thumbnail near 3 KB, so a gallery stays ~50 KB.

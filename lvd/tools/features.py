@@ -29,7 +29,7 @@ from lvd.curation.embed import (
     resize_crop,
     resolve_device,
 )
-from lvd.curation.ingest import to_rgb
+from lvd.curation.pixels import to_rgb
 from lvd.pretrain.models.vit import VisionTransformer
 
 

@@ -25,9 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, ImageOps
+from PIL import Image
 
-from lvd.curation.ingest import IngestConfig, ImageRejected, open_checked, to_rgb
+from lvd.curation.ingest import ImageRejected, IngestConfig, open_checked
 from lvd.curation.raw import InputRejected, read_local
 
 TOOL_LIMITS = IngestConfig()  # formats allow-list and size caps: the same as `lvd curate`'s defaults

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageFilter
 
 from lvd.curation import hygiene as hy
-from lvd.curation import nsfw, urlfilter
+from lvd.curation import nsfw, rundir, urlfilter
 from lvd.curation.faces import FaceConfig, blur_faces, blur_region, detect_faces, scale_boxes
 from lvd.curation.ingest import IngestConfig, ingest_item
 from lvd.curation.sources import RawItem
@@ -134,10 +134,10 @@ def test_cap_applies_to_every_ingest_read(tmp_path):
                         "meta": [meta("a.com"), meta("a.com"), meta("a.com"), "{}"], "detail": [None] * 4})
     capped = urlfilter.capped_table(records, 1)
     assert capped.to_pylist() == [{"source": "s1", "uid": "u2", "rule": "max_per_domain=1: a.com"}]
-    path = urlfilter.cap_path(tmp_path)
+    path = rundir.cap_path(tmp_path)
     path.parent.mkdir()
     pq.write_table(capped, path)
-    out = urlfilter.apply_caps(tmp_path, records).to_pydict()
+    out = rundir.apply_caps(tmp_path, records).to_pydict()
     assert out["status"] == ["rejected", "accepted", "rejected", "accepted"]
     assert out["reason"] == ["domain_capped", None, "corrupt", None]
     assert json.loads(out["detail"][0]) == {"rule": "max_per_domain=1: a.com"}

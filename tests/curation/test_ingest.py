@@ -14,7 +14,8 @@ import pytest
 from PIL import Image, ImageOps
 
 from lvd.curation import testdata
-from lvd.curation.ingest import BLOB_SCHEMA, INGEST_SCHEMA, IngestConfig, ingest_item, ingest_partition, to_rgb
+from lvd.curation.ingest import BLOB_SCHEMA, INGEST_SCHEMA, IngestConfig, ingest_item, ingest_partition
+from lvd.curation.pixels import to_rgb
 from lvd.curation.sources import RawItem, plan_partitions
 
 CFG = IngestConfig()

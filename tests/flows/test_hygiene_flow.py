@@ -19,7 +19,7 @@ from prefect_runs import run_artifacts
 
 from lvd.curation import ledger as lg
 from lvd.curation.faces import FaceConfig, blur_region, detect_faces
-from lvd.curation.ingest import to_rgb
+from lvd.curation.pixels import to_rgb
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 import hygiene as bench  # noqa: E402  -- the benchmark's photo sets: one definition of "clean photos"
