@@ -68,7 +68,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help="images per step and rank (default: the recipe's)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from the latest complete checkpoint in --out, if any")
+                   help="continue from the latest complete checkpoint in --out, if any; on "
+                        "any number of ranks up to the run's data streams (each stream goes on "
+                        "where it stopped)")
     p.add_argument("--num-workers", type=int, default=2,
                    help="data-loading worker processes per rank (0: load in the rank's process)")
     p.add_argument("--seed", type=int, default=0, help="seed for model init, crops and masks")
