@@ -27,6 +27,7 @@ Run: .venv/bin/python benchmarks/copy_quality.py [--embedder RUN] [--dump DIR]
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shutil
 import tempfile
@@ -46,6 +47,46 @@ from lvd.curation.ingest import IngestConfig
 from lvd.curation.localfeat import FeatureConfig
 
 KINDS = tuple(k for k in copies.BENCH_KINDS)
+REAL_KINDS = tuple(copies.COPY_KINDS)
+
+
+def _face(f: np.ndarray) -> Image.Image:
+    return Image.fromarray((f * 255).astype(np.uint8)).resize((96, 96), Image.BICUBIC).convert("RGB")
+
+
+def real_dump(root: Path, n_products: int = 300, n_faces: int = 60, n_copied: int = 60,
+              seed: int = 7) -> copies.BenchTruth:
+    """The untuned real check: Fashion-MNIST *train* products (the bench dump uses the test
+    split) and LFW faces 100-159 (it uses the first 100), all 96 px; `n_copied` of them get one
+    copy per `copies.make_copies` kind (the older generator: other ranges than the bench
+    dump's); one broken file. Nothing here was looked at while tuning the detector."""
+    import skimage.data
+
+    # 30 more drawn, as in the first run of this check (they were its retrieval seeds)
+    prods = copies.fashion_mnist(n_products + 30, size=96, seed=seed, split="train")[:n_products]
+    faces = skimage.data.lfw_subset()[100 : 100 + n_faces]
+    imgs = [(f"prod{i:03d}", "product", im) for i, im in enumerate(prods)]
+    imgs += [(f"face{i:03d}", "face", _face(f)) for i, f in enumerate(faces)]
+    copied = set(np.random.default_rng(seed + 4).choice(len(imgs), n_copied, replace=False).tolist())
+    files: dict[str, dict] = {}
+    for d in copies.BenchTruth.SUBDIRS:
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for i, (name, group, im) in enumerate(imgs):
+        rel = f"originals/{name}.png"
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")  # so the `exact` copy (JPEG q95 bytes) is another file
+        (root / rel).write_bytes(buf.getvalue())
+        files[rel] = dict(original=name, kind="original", group=group, params={})
+        if i in copied:
+            for kind, data in copies.make_copies(im, seed=i).items():
+                ext = "png" if data[:4] == b"\x89PNG" else ("webp" if data[:4] == b"RIFF" else "jpg")
+                rel = f"copies/{name}__{kind}.{ext}"
+                (root / rel).write_bytes(data)
+                files[rel] = dict(original=name, kind=kind, group=group, params={})
+    (root / "broken" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0garbage")
+    files["broken/broken.jpg"] = dict(original=None, kind="broken", group=None, reason="corrupt")
+    originals = {name: dict(group=group, file=f"originals/{name}.png") for name, group, _ in imgs}
+    return copies.BenchTruth(seed=seed, kinds=("original", *REAL_KINDS), originals=originals, files=files)
 
 
 def _uid_of(run: Path) -> dict[str, str]:
@@ -61,7 +102,7 @@ def score(root: Path, truth: copies.BenchTruth, uid_of: dict[str, str], rep_of: 
         return rep_of.get(u, u) if u else None
 
     orig_file = {f["original"]: rel for rel, f in truth.files.items() if f["kind"] == "original"}
-    found = {k: [] for k in KINDS}
+    found = {k: [] for k in truth.kinds if k != "original"}
     by_group: dict[str, dict[str, list[bool]]] = {}
     for rel, f in truth.files.items():
         if f["kind"] in found:
@@ -99,8 +140,8 @@ def reps(run: Path, table) -> dict[str, str]:
     return dict(zip(table["uid"].to_pylist(), table["duplicate_of"].to_pylist()))
 
 
-def row(name: str, s: dict, extra: str = "") -> str:
-    cells = " ".join(f"{100 * s['recall'].get(k, 0):7.1f}" for k in KINDS)
+def row(name: str, s: dict, extra: str = "", kinds: tuple[str, ...] = KINDS) -> str:
+    cells = " ".join(f"{100 * s['recall'].get(k, 0):7.1f}" for k in kinds)
     return f"{name:22s} {cells} {len(s['merged']):7d}  {extra}"
 
 
@@ -144,17 +185,26 @@ def main() -> None:
     parser.add_argument("--n-features", type=int, default=FeatureConfig().n_features, help="ORB keypoints per image")
     parser.add_argument("--max-verify", type=int, default=CopyDetectConfig().max_verify,
                         help="candidates decided per image (--copy-candidates)")
+    parser.add_argument("--real", action="store_true",
+                        help="the untuned real check instead (real_dump: Fashion-MNIST train + LFW faces "
+                        "100-159, 96 px)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lvd-copyq-"))
     root = Path(args.dump) if args.dump else tmp / "dump"
     t = time.perf_counter()
-    truth = copies.BenchTruth.load(root) if args.dump else copies.write_bench_dump(root, seed=args.seed)
+    if args.real:
+        truth = real_dump(root)
+    else:
+        truth = copies.BenchTruth.load(root) if args.dump else copies.write_bench_dump(root, seed=args.seed)
+    kinds = REAL_KINDS if args.real else KINDS
     n_files = len(truth.files)
-    print(f"dump: {n_files} files ({len(truth.originals)} originals) at {root}, built in {time.perf_counter() - t:.1f}s")
+    print(f"dump: {n_files} files ({len(truth.originals)} originals) at {root}, "
+          f"built in {time.perf_counter() - t:.1f}s")
     runner.init_ray()
     run = tmp / "run"
     clock = Clock()
-    clock.run("ingest", stages.run_ingest, stages.plan([str(p) for p in truth.input_dirs(root)], 256), run, IngestConfig())
+    inputs = stages.plan([str(p) for p in truth.input_dirs(root)], 256)
+    clock.run("ingest", stages.run_ingest, inputs, run, IngestConfig())
     clock.run("hash dedup", stages.run_dedup, run, DedupConfig())
     n = stages.unique_accepted(run).num_rows
     uid_of = _uid_of(run)
@@ -164,27 +214,28 @@ def main() -> None:
     clock.run("copy detection", stages_copy.run_copydetect, run, cfg)
     stats_b, cal_b = stages_copy.copydetect_stats(run), stages_copy.calibration(run)
     dups_b = stages_copy.duplicates(run)
-    header = f"{'':22s} " + " ".join(f"{k[:7]:>7s}" for k in KINDS) + "  merged"
+    header = f"{'':22s} " + " ".join(f"{k[:7]:>7s}" for k in kinds) + "  merged"
     print(f"\nrecall per copy kind (%), distinct originals merged; {n} unique accepted images")
     print(header)
-    print(row("imagehash pHash<=8", phash_baseline(root, truth)))
+    print(row("imagehash pHash<=8", phash_baseline(root, truth), kinds=kinds))
     import pyarrow.parquet as pq
 
-    print(row("(a) hashes", score(root, truth, uid_of, reps(run, pq.read_table(run / "dedup" / "duplicates.parquet")))))
+    sa = score(root, truth, uid_of, reps(run, pq.read_table(run / "dedup" / "duplicates.parquet")))
+    print(row("(a) hashes", sa, kinds=kinds))
     sb = score(root, truth, uid_of, reps(run, dups_b))
-    print(row("(b) copy detector", sb, f"threshold {cal_b.threshold:g} ({cal_b.source})"))
+    print(row("(b) copy detector", sb, f"threshold {cal_b.threshold:g} ({cal_b.source})", kinds))
     if args.embedder:
         clock.run("embed (c)", stages_embed.run_embed, run, args.embedder, EmbedConfig())
         shutil.rmtree(run / "copydetect")
         clock.run("copy detection (c)", stages_copy.run_copydetect, run, cfg, proposers=[run / "vectors"])
         sc = score(root, truth, uid_of, reps(run, stages_copy.duplicates(run)))
-        print(row("(c) + embedder", sc, f"threshold {stages_copy.calibration(run).threshold:g}"))
+        print(row("(c) + embedder", sc, f"threshold {stages_copy.calibration(run).threshold:g}", kinds))
     for name, s in (("(b)", sb),):
         if s["merged"]:
             print(f"{name} merged originals: {s['merged'][:12]}")
         print(f"{name} per group of originals:")
         for g, rec in sorted(s["groups"].items()):
-            print(row(f"  {g}", dict(recall=rec, merged=[])))
+            print(row(f"  {g}", dict(recall=rec, merged=[]), kinds=kinds))
     print(f"\ncalibration (b): {cal_b.summary()}")
     print("  known-copy recall per calibration kind: "
           + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(cal_b.recall.items())))

@@ -116,7 +116,8 @@ def read_features(run_dir: Path) -> PoolFeatures:
     glob = np.stack([np.frombuffer(r["glob"], np.float32) for r in ordered]) if n else np.zeros((0, 144), np.float32)
     nh = np.frombuffer(b"".join(r["nhash"] for r in ordered), np.uint8).reshape(n, 32)
     nf = np.frombuffer(b"".join(r["nhash_flip"] for r in ordered), np.uint8).reshape(n, 32)
-    return PoolFeatures(np.asarray(uids, dtype=object), pixels, aspect, [Features.from_row(r) for r in ordered], glob, nh, nf)
+    feats = [Features.from_row(r) for r in ordered]
+    return PoolFeatures(np.asarray(uids, dtype=object), pixels, aspect, feats, glob, nh, nf)
 
 
 # ---------------------------------------------------------------- deciding pairs

@@ -111,6 +111,65 @@ def test_split_chains_breaks_a_chain_and_keeps_a_star():
     assert (1, 3) in comp and (0, 1) in comp and not any(2 in p for p in comp)
 
 
+def test_ratio_matches_are_opencvs_knn_match_and_ratio_test(catalog):
+    """The Faiss popcount matcher against OpenCV's BFMatcher (the reference it replaces), on
+    real photos and their copies: the same (query, train) pairs pass Lowe's test."""
+    import cv2
+
+    bf = cv2.BFMatcher(cv2.NORM_HAMMING)
+    o = catalog["astronaut"]
+    imgs = [o.image, copies.make_bench_copy(o, "crop40")[0], catalog["camera"].image, catalog["coins"].image]
+    feats = [_feat(x) for x in imgs]
+    for fa in feats:
+        for fb in feats:
+            for db in (fb.desc, fb.desc_flip):
+                ref = sorted((m[0].queryIdx, m[0].trainIdx) for m in bf.knnMatch(fa.desc, db, k=2)
+                             if len(m) == 2 and m[0].distance < 0.8 * m[1].distance)
+                ia, ib = lf.ratio_matches(fa.desc, db, 0.8)
+                assert sorted(zip(ia.tolist(), ib.tolist())) == ref
+
+
+def test_the_threshold_gate_decides_as_the_full_fit(catalog):
+    """With `enough` (the run's threshold), pairs whose ratio matches cannot reach it are not
+    fitted: every pair links or not exactly as with the full verification."""
+    names = ["astronaut", "camera", "coins", "chelsea", "clock"]
+    items = [catalog[n].image for n in names] + [copies.make_bench_copy(catalog[n], k)[0]
+                                                  for n in names[:3] for k in ("crop40", "overlay", "flipped")]
+    feats = [_feat(x) for x in items]
+    for fa in feats:
+        for fb in feats:
+            full = lf.verify(fa, fb).score(VCFG)
+            for t in {cd.MIN_INLIERS, 40, max(full, 3)}:  # the pair's own score: the tightest gate
+                assert (lf.verify(fa, fb, enough=t).score(VCFG) >= t) == (full >= t), (full, t)
+
+
+def test_sorted_unique_and_lsh_keys_match_their_references():
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 1 << 40, 5000) % 500_009
+    assert np.array_equal(cd.sorted_unique(x), np.unique(x)) and len(cd.sorted_unique(x[:0])) == 0
+    x = (x % 977) * 300  # repeats, to count; beyond 16 bits
+    ref = np.unique(x, return_counts=True)
+    for bound in (500_009, 1 << 40):  # int32 and int64 sorts
+        got = cd._counted(x, bound)
+        assert np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+    desc = rng.integers(0, 256, (300, 32), dtype=np.uint8)
+    pos = rng.permutation(256)[:64].reshape(4, 16)
+    bits = np.unpackbits(desc, axis=1)[:, pos]  # [m, 4, 16], bit p of unpackbits order
+    ref = (bits * (1 << np.arange(16))).sum(axis=2) + (np.arange(4) << 16)
+    assert np.array_equal(cd.lsh_keys(desc, pos, chunk=7), ref)
+
+
+def test_copy_stage_workers_import_no_torch():
+    """Ray workers unpickle the copy stages' functions and units from lvd.curation.stages_copy:
+    importing it must not pull in torch (seconds of CPU in every worker)."""
+    import subprocess
+    import sys
+
+    code = "import sys, lvd.curation.stages_copy, lvd.curation.copydetect; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_choose_threshold_links_at_most_the_rate():
     distinct = list(range(10)) + [15]
     copies_ = {"k": [20, 30, 40]}
