@@ -29,7 +29,6 @@ the photos scikit-image and scikit-learn ship (README, "Pool hygiene"): none of 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -252,8 +251,7 @@ def hygiene_records(run_dir) -> list[dict]:
     from lvd.curation import rundir
 
     out = []
-    for index, m in sorted(rundir.ingest_markers(run_dir).items()):
-        path = Path(run_dir) / "ingest" / m["outputs"]["main"]
+    for index, path in zip(sorted(rundir.ingest_markers(run_dir)), rundir.ingest_manifests(run_dir)):
         if "detail" not in pq.read_schema(path).names:
             continue
         t = rundir.apply_caps(run_dir, pq.read_table(path, columns=["source", "status", "reason", "uid", "detail"]))

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 
-from lvd.curation import runner
+from lvd.curation import rundir, runner
 from lvd.curation.dedup import DedupConfig, find_near_duplicates
 from lvd.curation.guard import check_removal
 from lvd.curation.ingest import IngestConfig, ingest_partition
@@ -72,7 +72,7 @@ def run_ingest(
     progress: runner.ProgressFn | None = None,
 ) -> runner.StageReport:
     return runner.map_partitions(
-        IngestFn(cfg), partitions, run_dir / "ingest", cfg_hash=runner.config_hash(cfg),
+        IngestFn(cfg), partitions, rundir.stage_dir(run_dir, "ingest"), cfg_hash=runner.config_hash(cfg),
         runner=rcfg, progress=progress,
     )
 
@@ -84,6 +84,6 @@ def run_dedup(
     nothing, when it would drop more than `max_remove` of the unique accepted images."""
     unit = runner.WholeStage(fingerprint=ingest_fingerprint(run_dir), stem="duplicates")
     return runner.map_partitions(
-        DedupFn(str(run_dir), cfg, max_remove), [unit], run_dir / "dedup", cfg_hash=runner.config_hash(cfg),
+        DedupFn(str(run_dir), cfg, max_remove), [unit], rundir.stage_dir(run_dir, "dedup"), cfg_hash=runner.config_hash(cfg),
         runner=rcfg,
     )

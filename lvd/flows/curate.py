@@ -35,22 +35,22 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from lvd.curation import hygiene as hyg, ledger, runner, stages
-from lvd.curation.dedup import DedupConfig
-from lvd.curation.ingest import IngestConfig
-from lvd.curation import actor_runner, snapshot
+from lvd import runfolder
+from lvd.curation import actor_runner, ledger, rundir, runner, snapshot, stages
+from lvd.curation import hygiene as hyg
 from lvd.curation.copydetect import CopyDetectConfig
-from lvd.curation.guard import MassRemovalError
+from lvd.curation.dedup import DedupConfig
 from lvd.curation.embed import EmbedConfig
+from lvd.curation.guard import MassRemovalError
+from lvd.curation.ingest import IngestConfig
 from lvd.curation.shards import ShardConfig
 from lvd.curation.stages_retrieve import RetrieveConfig
 from lvd.curation.stages_select import ClusterConfig
-from lvd import runfolder
-from lvd.flows import artifacts, curate_part2 as p2
+from lvd.flows import artifacts
+from lvd.flows import curate_part2 as p2
 
 NO_EMBEDDER = (
     "{what} need(s) image embeddings: pass --embedder (an lvd checkpoint, an official DINOv2 "
@@ -100,7 +100,7 @@ def ingest_task(inputs: list[str], run_dir: Path, partition_size: int, cfg: Inge
     progress = artifacts.Progress("curate-ingest-progress", "ingest: partitions done")
     rep = stages.run_ingest(partitions, run_dir, cfg, rcfg, progress)
     log.info("ingest: ran %d partitions, %d already done", len(rep.ran), len(rep.skipped))
-    t = ledger.read_ingest(run_dir, ["status", "reason"])
+    t = rundir.read_ingest(run_dir, ["status", "reason"])
     artifacts.count_table(
         "curate-ingest-counts", "ingest: inputs per status and reason",
         artifacts.status_reason_rows(t["status"].to_pylist(), t["reason"].to_pylist()),
@@ -119,7 +119,7 @@ def dedup_task(run_dir: Path, cfg: DedupConfig, rcfg: runner.RunnerConfig, max_r
 
 def _report_duplicates(run_dir: Path) -> None:
     """Counts per method, and the largest groups as pictures."""
-    dups = pq.read_table(run_dir / "dedup" / "duplicates.parquet").to_pydict()
+    dups = rundir.hash_duplicates(run_dir).to_pydict()
     groups: dict[str, list] = defaultdict(list)
     for uid, kept, method, dist in zip(dups["uid"], dups["duplicate_of"], dups["method"], dups["distance"]):
         groups[kept].append((uid, method, float(dist)))
@@ -133,7 +133,7 @@ def _report_duplicates(run_dir: Path) -> None:
     uids = {kept for kept, _ in shown} | {u for _, ds in shown for u, _, _ in ds[: artifacts.MAX_PER_GROUP]}
     artifacts.gallery_artifact(
         "curate-dedup-groups",
-        artifacts.duplicate_gallery_markdown(shown, stages.read_blobs(run_dir, uids)),
+        artifacts.duplicate_gallery_markdown(shown, rundir.read_blobs(run_dir, uids, strict=False)),
     )
 
 
@@ -232,11 +232,11 @@ def curate(
         if copy_spec:
             p2.embed_task(run_dir, "pool", copy_spec[0], EmbedConfig(**copy_spec[1]), acfg, copy_model=True)
         if copy_detection:
-            proposers = [run_dir / "vectors"] if embedder else []
+            proposers = [rundir.vectors_dir(run_dir)] if embedder else []
             p2.copydetect_task(run_dir, copy_cfg, rcfg, proposers=proposers, copy_model=copy_spec)
         for kind, paths in (("seeds", seeds), ("eval", eval_sets)):
             for name, path in p2.sub_run_names(paths).items():
-                sub = subs.setdefault(kind, {})[name] = run_dir / kind / name
+                sub = subs.setdefault(kind, {})[name] = rundir.sub_run(run_dir, kind, name)
                 p2.sub_run_task([path], sub, partition_size, sub_ingest_cfg, dedup_cfg, rcfg,
                                 copy_cfg.features if kind == "eval" else None)
                 if embedder:
@@ -283,5 +283,5 @@ def _report_refusal(run_dir: Path, err: MassRemovalError) -> None:
     get_run_logger().error("%s", err)
     uids = {u for g in err.largest for u in g[: pictures.PER_ROW]}
     md = pictures.components_markdown(f"{err.stage} refused: largest groups it would have removed",
-                                      err.largest, stages.read_blobs(run_dir, uids))
+                                      err.largest, rundir.read_blobs(run_dir, uids, strict=False))
     artifacts.gallery_artifact(f"curate-{err.stage.replace(' ', '-')}-refused", md)

@@ -16,12 +16,12 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from lvd.curation import actor_runner, ledger, runner, stages, stages_copy, stages_embed, stages_select
+from lvd.curation import actor_runner, ledger, rundir, runner, stages, stages_copy, stages_embed, stages_select
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
-from lvd.curation.localfeat import FeatureConfig
 from lvd.curation.embed import EmbedConfig
 from lvd.curation.ingest import IngestConfig
+from lvd.curation.localfeat import FeatureConfig
 from lvd.curation.shards import ShardConfig
 from lvd.curation.stages_retrieve import RetrieveConfig, run_retrieve
 from lvd.flows import artifacts, pictures
@@ -45,11 +45,9 @@ def drop_stale_stages(run_dir: Path, *, embedder: bool, eval_sets: bool, retriev
     """Remove outputs of stages this run will not run (an earlier run with other options
     wrote them): the ledger and the shard stage would otherwise still read them. Vectors and
     features stay (costly, and keyed by uid and config)."""
-    stale = {"copydetect": not copy_detection, "cluster": not embedder, "decontam": not eval_sets,
-             "retrieve": not (embedder and retrieve)}
-    for stage, drop in stale.items():
-        if drop:
-            shutil.rmtree(run_dir / stage, ignore_errors=True)
+    runs = {"copydetect": copy_detection, "cluster": embedder, "decontam": eval_sets, "retrieve": embedder and retrieve}
+    for stage in rundir.stale_stages({name for name, on in runs.items() if on}):
+        shutil.rmtree(rundir.stage_dir(run_dir, stage), ignore_errors=True)
 
 
 @task(name="embed", cache_policy=NO_CACHE)
@@ -57,11 +55,10 @@ def embed_task(run_dir: Path, label: str, spec: str, cfg: EmbedConfig, acfg: act
                *, copy_model: bool = False) -> runner.StageReport:
     """Embed with the embedder (RUN/vectors), or with the copy model (RUN/copyvec)."""
     what = "copy-embed" if copy_model else "embed"
-    dirs = dict(stage="copyembed") if copy_model else {}
+    stage = "copyembed" if copy_model else "embed"
     progress = artifacts.Progress(f"curate-{what}-{_key(label)}-progress", f"{what} {label}: partitions done")
-    rep = stages_embed.run_embed(run_dir, spec, cfg, acfg, progress, **dirs)
-    stage = dirs.get("stage", "embed")
-    n = sum(pq.read_table(run_dir / stage / m["outputs"]["main"])["vectors"][0].as_py() for m in rep.markers.values())
+    rep = stages_embed.run_embed(run_dir, spec, cfg, acfg, progress, stage=stage)
+    n = sum(pq.read_table(rep.stage_dir / m["outputs"]["main"])["vectors"][0].as_py() for m in rep.markers.values())
     get_run_logger().info("%s %s: %d vectors, %d partitions ran, %d done before", what, label, n, len(rep.ran), len(rep.skipped))
     artifacts.count_table(f"curate-{what}-{_key(label)}-counts", f"{what} {label}", [
         {"what": "vectors", "count": n}, {"what": "partitions run", "count": len(rep.ran)},
@@ -104,7 +101,7 @@ def copydetect_task(run_dir: Path, cfg: CopyDetectConfig, rcfg: runner.RunnerCon
     progress = artifacts.Progress("curate-copydetect-progress", "copy detection: candidates, calibration, decisions")
     stages_copy.run_copydetect(run_dir, cfg, proposers=proposers, copy_model=copy_model, rcfg=rcfg)
     progress(1, 1)
-    d = pq.read_table(run_dir / "copydetect" / "duplicates.parquet")
+    d = rundir.duplicates(run_dir)
     cal, stats = stages_copy.calibration(run_dir), stages_copy.copydetect_stats(run_dir)
     counts = Counter(d["method"].to_pylist())
     log.info("copy detection: %s", cal.summary())
@@ -144,7 +141,7 @@ def cluster_task(run_dir: Path, cfg: stages_select.ClusterConfig, rcfg: runner.R
         members[c].append(u)
     shown = dict(sorted(members.items(), key=lambda kv: (-len(kv[1]), kv[0]))[: pictures.MAX_ROWS])
     uids = {u for us in shown.values() for u in us[: pictures.PER_ROW]}
-    md = pictures.cluster_montage_markdown(shown, stages.read_blobs(run_dir, uids))
+    md = pictures.cluster_montage_markdown(shown, rundir.read_blobs(run_dir, uids, strict=False))
     artifacts.gallery_artifact("curate-cluster-montage", md)
 
 
@@ -153,8 +150,8 @@ def retrieve_task(run_dir: Path, seed_dirs: dict[str, Path], cfg: RetrieveConfig
     progress = artifacts.Progress("curate-retrieve-progress", "retrieve: seeds / balanced sampling")
     run_retrieve(run_dir, seed_dirs, cfg, rcfg)
     progress(1, 1)
-    sel = pq.read_table(run_dir / "retrieve" / "selection.parquet")
-    counts = pq.read_table(run_dir / "retrieve" / "selection.counts.parquet").to_pylist()
+    sel = rundir.selection(run_dir)
+    counts = rundir.selection(run_dir, "counts").to_pylist()
     get_run_logger().info("retrieve: %d images selected %s", sel.num_rows, counts)
     artifacts.count_table("curate-retrieve-counts", "retrieval per seed set (collisions, caps)", counts)
     _retrieval_pictures(run_dir, sel, seed_dirs)
@@ -174,9 +171,9 @@ def _retrieval_pictures(run_dir: Path, sel, seed_dirs: dict[str, Path]) -> None:
         if r["seed_uid"]:
             pairs[(r["seed_set"], r["seed_uid"])].append((r["uid"], r["similarity"]))
     shown = dict(sorted(pairs.items())[: pictures.MAX_ROWS])
-    blobs = stages.read_blobs(run_dir, {u for got in shown.values() for u, _ in got[: pictures.PER_ROW]})
+    blobs = rundir.read_blobs(run_dir, {u for got in shown.values() for u, _ in got[: pictures.PER_ROW]}, strict=False)
     for (name, seed) in shown:
-        blobs.update(stages.read_blobs(seed_dirs[name], {seed}))
+        blobs.update(rundir.read_blobs(seed_dirs[name], {seed}, strict=False))
     md = pictures.retrieval_markdown({seed: got for (_, seed), got in shown.items()}, blobs)
     artifacts.gallery_artifact("curate-retrieve-pairs", md)
 
@@ -185,7 +182,7 @@ def _retrieval_pictures(run_dir: Path, sel, seed_dirs: dict[str, Path]) -> None:
 def shard_task(run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig) -> None:
     progress = artifacts.Progress("curate-shard-progress", "shard: WebDataset tars written")
     rep = stages_select.run_shards(run_dir, cfg, rcfg, progress)
-    m = pq.read_table(run_dir / "shards" / "manifest.parquet", columns=["shard", "shard_bytes"]).to_pydict()
+    m = pq.read_table(rundir.manifest_path(run_dir), columns=["shard", "shard_bytes"]).to_pydict()
     get_run_logger().info("shard: %d samples in %d tars (%d written now)", len(m["shard"]), len(set(m["shard"])), len(rep.ran))
     artifacts.count_table("curate-shard-counts", "shards", [
         {"what": "samples", "count": len(m["shard"])}, {"what": "tars", "count": len(set(m["shard"]))},

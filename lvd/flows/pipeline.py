@@ -27,6 +27,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from lvd import runfolder
+from lvd.curation import rundir
 from lvd.flows.curate import CurateSummary, curate
 from lvd.flows.pretrain_flow import PretrainSummary, pretrain
 
@@ -88,7 +89,7 @@ def validate(*, inputs: list[str], out: str, recipe: str, max_steps: int | None,
 
 
 def _shards(run_dir: str) -> list[str]:
-    found = sorted(str(p) for p in (Path(run_dir) / "shards").glob("shard-*.tar"))
+    found = sorted(str(p) for p in rundir.shards_dir(run_dir).glob("shard-*.tar"))
     if not found:
         raise RuntimeError(f"curation of {run_dir} shipped no images (no shards): nothing to "
                            "pretrain on; check the ledger with `lvd verify`")
@@ -181,7 +182,7 @@ def pipeline(
     log.info("pipeline [1/4] curate %d input(s) -> %s", len(inputs), root / "run")
     cur = _curated(curate(inputs=inputs, out=str(root / "run"), seeds=seeds, eval_sets=eval_sets,
                           embedder=embedder, **curate_kw))
-    log.info("pipeline [2/4] pretrain %s on %s", recipe, root / "run" / "shards")
+    log.info("pipeline [2/4] pretrain %s on %s", recipe, rundir.shards_dir(root / "run"))
     pre = pretrain(shards=_shards(cur.run_dir), out=str(root / "pretrain"), recipe=recipe,
                    max_steps=max_steps, batch_size=batch_size, num_workers=num_workers,
                    knn_train=knn_train, knn_val=knn_val, knn_k=knn_k,
