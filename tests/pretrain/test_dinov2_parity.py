@@ -28,18 +28,17 @@ patch 14), the prototype gain (official weight_g is trainable, lvd's fixed at 1)
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+import dinov2
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import yaml
-import dinov2
 from dinov2.data.augmentations import DataAugmentationDINO
 from dinov2.data.collate import collate_data_and_cast
 from dinov2.data.masking import MaskingGenerator
@@ -315,6 +314,7 @@ def test_multicrop_parameters_match_the_official_augmentation():
                                      (theirs.geometric_augmentation_local, ours.local_transform, 98)):
         (rrc,), (mine_rrc,) = official_geo.transforms[:1], mine.transforms[:1]
         assert tuple(rrc.scale) == tuple(mine_rrc.scale) and rrc.interpolation.value == mine_rrc.interpolation.value
+        assert tuple(mine_rrc.size) == (size, size)
         assert official_geo.transforms[1].p == mine.transforms[1].p == 0.5
     (jitter,) = _find(theirs.global_transfo1, transforms.ColorJitter)
     my_jitter = ours.global_transforms[0].transforms[2].transforms[0]
@@ -401,13 +401,14 @@ def official_step(student, teacher, losses, batch: Batch, *, centering: str, tea
         cls = torch.cat(out["x_norm_clstoken"].chunk(n_global)[::-1])  # A meets B
         patches = out["x_norm_patchtokens"].flatten(0, 1)[idx]
         t_cls, t_patch = teacher["dino_head"](cls), teacher["dino_head"](patches)
+        K = t_cls.shape[1]
         if centering == "centering":
-            t_dino = dino_loss.softmax_center_teacher(t_cls, teacher_temp=teacher_temp).view(n_global, -1, t_cls.shape[1])
+            t_dino = dino_loss.softmax_center_teacher(t_cls, teacher_temp=teacher_temp).view(n_global, -1, K)
             dino_loss.update_center(t_cls)
             t_ibot = ibot_loss.softmax_center_teacher(t_patch.unsqueeze(0), teacher_temp=teacher_temp).squeeze(0)
             ibot_loss.update_center(t_patch.unsqueeze(0))
         else:
-            t_dino = dino_loss.sinkhorn_knopp_teacher(t_cls, teacher_temp=teacher_temp).view(n_global, -1, t_cls.shape[1])
+            t_dino = dino_loss.sinkhorn_knopp_teacher(t_cls, teacher_temp=teacher_temp).view(n_global, -1, K)
             t_ibot = ibot_loss.sinkhorn_knopp_teacher(t_patch, teacher_temp=teacher_temp,
                                                       n_masked_patches_tensor=torch.tensor([n_masked]))
     glob = student["backbone"](batch.global_crops, masks=masks, is_training=True)
