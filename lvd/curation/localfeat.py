@@ -157,18 +157,14 @@ def decode_oriented(data: bytes, side: int) -> Image.Image:
     """RGB image of encoded bytes, EXIF-oriented; a JPEG larger than `side` DCT-downscaled
     while both sides stay >= `side` (accepted bytes: ingest's formats). No torch: Ray
     workers of the copy stages import only this module's dependencies."""
-    from PIL import ImageOps
-
-    from lvd.curation.ingest import WEB_FORMATS, to_rgb
+    from lvd.curation.ingest import WEB_FORMATS
+    from lvd.curation.pixels import to_rgb, upright
 
     img = Image.open(io.BytesIO(data), formats=WEB_FORMATS)
     if img.format in ("JPEG", "MPO"):
         img.draft("RGB", (side, side))
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception:  # broken EXIF: keep the stored orientation (ingest does the same)
-        img.load()
-    return to_rgb(img)
+    img.load()
+    return to_rgb(upright(img))  # broken EXIF: the stored orientation, as ingest takes it
 
 
 def feature_gray(data: bytes, side: int) -> tuple[np.ndarray, np.ndarray]:

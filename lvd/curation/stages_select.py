@@ -1,4 +1,4 @@
-"""Part-2 stages that choose what ships: cluster, retrieve, shard.
+"""The stages that choose what ships: cluster, retrieve, shard.
 
 - `RUN/cluster/clusters.parquet`: one row per candidate (`rundir.candidates`, sorted by
   uid): `uid`, `leaf` (level-1 cluster), `score` (cosine to its centroid), `cluster_ids` (one

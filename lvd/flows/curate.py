@@ -1,6 +1,6 @@
 """The Prefect flow `curate`: ingest (+ pool hygiene) -> [domain cap] -> dedup -> copy features ->
 [embed] -> copy detection -> [decontaminate] -> [cluster -> retrieve] -> shard -> ledger, one
-Prefect task per stage (the later ones in `lvd.flows.curate_part2`).
+Prefect task per stage (the later ones in `lvd.flows.curate_tasks`).
 
 Copy detection and decontamination need no model: local features decide, an embedder or hashes
 only propose (`lvd.curation.copydetect`); `copy_model` (SSCD TorchScript or any backbone)
@@ -50,7 +50,7 @@ from lvd.curation.shards import ShardConfig
 from lvd.curation.stages_retrieve import RetrieveConfig
 from lvd.curation.stages_select import ClusterConfig
 from lvd.flows import artifacts
-from lvd.flows import curate_part2 as p2
+from lvd.flows import curate_tasks as tasks
 
 NO_EMBEDDER = (
     "{what} need(s) image embeddings: pass --embedder (an lvd checkpoint, an official DINOv2 "
@@ -219,37 +219,37 @@ def curate(
     get_run_logger().info("curate: %d inputs -> %s", len(inputs), run_dir)
     try:
         ing = ingest_task(inputs, run_dir, partition_size, ingest_cfg, rcfg)
-        hygiene_lines = p2.hygiene_task(run_dir, inputs, partition_size, hygiene_cfg, max_per_domain, ingest_cfg)
+        hygiene_lines = tasks.hygiene_task(run_dir, inputs, partition_size, hygiene_cfg, max_per_domain, ingest_cfg)
         dedup_task(run_dir, dedup_cfg, rcfg, copy_cfg.max_remove)
-        p2.drop_stale_stages(run_dir, embedder=bool(embedder), eval_sets=bool(eval_sets),
+        tasks.drop_stale_stages(run_dir, embedder=bool(embedder), eval_sets=bool(eval_sets),
                              retrieve=bool(seeds) or target_size is not None, copy_detection=copy_detection)
         acfg = actor_runner.ActorConfig()
         subs: dict[str, dict[str, Path]] = {}
         if copy_detection:
-            p2.copyfeat_task(run_dir, copy_cfg.features, rcfg)
+            tasks.copyfeat_task(run_dir, copy_cfg.features, rcfg)
         if embedder:
-            p2.embed_task(run_dir, "pool", embedder, embed_cfg, acfg)
+            tasks.embed_task(run_dir, "pool", embedder, embed_cfg, acfg)
         if copy_spec:
-            p2.embed_task(run_dir, "pool", copy_spec[0], EmbedConfig(**copy_spec[1]), acfg, copy_model=True)
+            tasks.embed_task(run_dir, "pool", copy_spec[0], EmbedConfig(**copy_spec[1]), acfg, copy_model=True)
         if copy_detection:
             proposers = [rundir.vectors_dir(run_dir)] if embedder else []
-            p2.copydetect_task(run_dir, copy_cfg, rcfg, proposers=proposers, copy_model=copy_spec)
+            tasks.copydetect_task(run_dir, copy_cfg, rcfg, proposers=proposers, copy_model=copy_spec)
         for kind, paths in (("seeds", seeds), ("eval", eval_sets)):
-            for name, path in p2.sub_run_names(paths).items():
+            for name, path in tasks.sub_run_names(paths).items():
                 sub = subs.setdefault(kind, {})[name] = rundir.sub_run(run_dir, kind, name)
-                p2.sub_run_task([path], sub, partition_size, sub_ingest_cfg, dedup_cfg, rcfg,
+                tasks.sub_run_task([path], sub, partition_size, sub_ingest_cfg, dedup_cfg, rcfg,
                                 copy_cfg.features if kind == "eval" else None)
                 if embedder:
-                    p2.embed_task(sub, f"{kind} {name}", embedder, embed_cfg, acfg)
+                    tasks.embed_task(sub, f"{kind} {name}", embedder, embed_cfg, acfg)
                 if copy_spec and kind == "eval":
-                    p2.embed_task(sub, f"{kind} {name}", copy_spec[0], EmbedConfig(**copy_spec[1]), acfg, copy_model=True)
+                    tasks.embed_task(sub, f"{kind} {name}", copy_spec[0], EmbedConfig(**copy_spec[1]), acfg, copy_model=True)
         if eval_sets:
-            p2.decontam_task(run_dir, subs["eval"], decontam_cfg, rcfg, proposer="vectors" if embedder else None,
+            tasks.decontam_task(run_dir, subs["eval"], decontam_cfg, rcfg, proposer="vectors" if embedder else None,
                              copy_model=copy_spec)
         if embedder:
-            p2.cluster_task(run_dir, cluster_cfg, rcfg)
+            tasks.cluster_task(run_dir, cluster_cfg, rcfg)
             if seeds or target_size is not None:
-                p2.retrieve_task(run_dir, subs.get("seeds", {}), retrieve_cfg, rcfg)
+                tasks.retrieve_task(run_dir, subs.get("seeds", {}), retrieve_cfg, rcfg)
     except Exception as e:
         refused = _refusal(e)
         if refused is None:
@@ -259,7 +259,7 @@ def curate(
         if changed:
             get_run_logger().warning("files changed before the refusal (not restored): %s", changed[:5])
         raise refused from None
-    p2.shard_task(run_dir, shard_cfg, rcfg)
+    tasks.shard_task(run_dir, shard_cfg, rcfg)
     report = ledger_task(run_dir)
     return CurateSummary(
         run_dir=str(run_dir), partitions=ing.total, ingest_ran=len(ing.ran),

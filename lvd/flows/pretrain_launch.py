@@ -55,7 +55,7 @@ class RanksCommand:
                              "ranks; one process trains in the flow's own task")
 
     def command(self, *, resume: bool) -> list[str]:
-        cmd = [sys.executable, "-m", "lvd.flows.cli", "pretrain", "--shards", *self.shards,
+        cmd = [sys.executable, "-m", "lvd.cli", "pretrain", "--shards", *self.shards,
                "--recipe", self.recipe, "--out", str(self.out),
                "--num-workers", str(self.num_workers), "--seed", str(self.seed),
                "--nproc-per-node", str(self.nproc_per_node)]

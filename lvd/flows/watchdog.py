@@ -4,7 +4,7 @@ Killed with SIGKILL (or by the OOM killer) `lvd curate` runs no cleanup: Prefect
 server, Ray's agents and workers are orphaned and linger (measured before this module: the
 Prefect server 1.5 min, Ray agents 80 s), and the flow run stays RUNNING in Prefect forever.
 
-`protect(command, out)` (called by `lvd.flows.cli` for commands that start Ray or Prefect):
+`protect(command, out)` (called by `lvd.cli.main` for commands that start Ray or Prefect):
 - starts a supervisor (`python -m lvd.flows.watchdog PID START`, its own session so a Ctrl-C
   in the terminal does not hit it) that snapshots the command's process tree every 0.5 s;
   when the command is gone, for whatever reason, it sends SIGTERM to every process of the
@@ -205,12 +205,12 @@ def _owner(run, records) -> dict | None:
 
 
 def protect(command: str, out: str | None, *, flows: bool) -> None:
-    """What `lvd.flows.cli` calls for a command that starts Ray or Prefect (module doc)."""
+    """What `lvd.cli.main` calls for a command that starts Ray or Prefect (module doc)."""
     if not sys.platform.startswith("linux"):
         return
     start_supervisor()
     if flows:
-        from lvd.flows.commands.curate import prepare_prefect_env
+        from lvd.cli.curate import prepare_prefect_env
 
         prepare_prefect_env()  # the same PREFECT_HOME / API the flow will use
         try:

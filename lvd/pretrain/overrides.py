@@ -9,7 +9,7 @@ so an override can never build a recipe the named ones could not.
 
 Order, later wins: the named recipe, then `--config`, then each `--set` left to right, then
 `--batch-size` / `--distill-from` (short forms of `--set batch_size=` / `--set distill.teacher=`).
-Pure functions: no argparse here; `lvd.flows.commands.pretrain` and the Prefect flow call
+Pure functions: no argparse here; `lvd.cli.pretrain` and the Prefect flow call
 `resolve_recipe`.
 """
 

@@ -10,7 +10,13 @@ import pytest
 
 from lvd.curation.copies import COPY_KINDS, encode_original, fashion_mnist, make_copies, real_photos
 from lvd.curation.dedup import (
-    THUMB_CELLS, DedupConfig, EdgeSet, find_near_duplicates, near_duplicate_edges, resolve, thumb_residual,
+    THUMB_CELLS,
+    DedupConfig,
+    EdgeSet,
+    find_near_duplicates,
+    near_duplicate_edges,
+    resolve,
+    thumb_residual,
 )  # fmt: skip
 from lvd.curation.ingest import INGEST_SCHEMA, IngestConfig, ingest_item
 from lvd.curation.sources import RawItem

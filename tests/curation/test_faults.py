@@ -20,9 +20,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 from _node_removal import run_with_node_removal
-from ray import cloudpickle
-
 from plain_curate import curate_without_prefect
+from ray import cloudpickle
 
 from lvd.curation import ledger, runner, stages, testdata
 from lvd.curation.dedup import DedupConfig
@@ -72,7 +71,7 @@ def markers(stage_dir: Path) -> dict[str, tuple[int, str]]:
 def test_sigkill_mid_ingest_then_rerun_resumes(ray_local, prefect_harness, big_dump, tmp_path):
     from prefect.settings import PREFECT_API_URL
 
-    from lvd.flows import cli
+    from lvd.cli import main as cli
 
     want = reference_ledger(big_dump, tmp_path / "reference", 40, shard=True)  # as `lvd curate --no-copy-detection` without embedder
     total = len(stages.plan([str(big_dump)], 40))
@@ -83,7 +82,7 @@ def test_sigkill_mid_ingest_then_rerun_resumes(ray_local, prefect_harness, big_d
     argv = ["curate", "--input", str(big_dump), "--out", str(out), "--partition-size", "40", "--no-copy-detection"]
     with open(tmp_path / "child.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "lvd.flows.cli", *argv, "--ray-address", address],
+            [sys.executable, "-m", "lvd.cli", *argv, "--ray-address", address],
             env=env, stdout=log, stderr=log,
         )
         deadline = time.monotonic() + 120

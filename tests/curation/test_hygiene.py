@@ -279,7 +279,7 @@ def test_nsfw_onnx_model_scores_like_the_torchscript_one(tmp_path, red_model):
 
 
 def test_nsfw_off_without_a_model_and_bad_models_refused(tmp_path, red_model):
-    from lvd.flows.curate_part2 import _hygiene_lines
+    from lvd.flows.curate_tasks import _hygiene_lines
 
     assert nsfw.summary(None) == "nsfw filter: off (no model)"
     lines = _hygiene_lines(None, None, {}, 0, [])
@@ -305,7 +305,7 @@ def test_options_from_plain_json(tmp_path):
 def test_cli_options_become_the_flow_parameter(tmp_path):
     import argparse
 
-    from lvd.flows.commands.curate import add_hygiene_options, hygiene_kwargs, hygiene_problems
+    from lvd.cli.options import add_hygiene_options, hygiene_kwargs, hygiene_problems
 
     p = argparse.ArgumentParser()
     add_hygiene_options(p)

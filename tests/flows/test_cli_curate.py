@@ -6,8 +6,8 @@ from __future__ import annotations
 import pyarrow.parquet as pq
 import pytest
 
+from lvd.cli import main as cli
 from lvd.curation import testdata
-from lvd.flows import cli
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lvd.curation import copies, ledger as lg
+from lvd.curation import copies
+from lvd.curation import ledger as lg
 
 KINDS = ("resized", "recompressed", "brightened", "crop40", "flipped", "overlay")
 
@@ -39,7 +40,7 @@ def _digests(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def run(ray_local, prefect_harness, dump):
-    from lvd.flows import cli
+    from lvd.cli import main as cli
 
     root, truth, _, eval_dir = dump
     out = root / "run"
@@ -79,7 +80,7 @@ def test_a_bad_copy_setting_trips_the_guard_and_changes_nothing(run, dump, tmp_p
     """A random-init ViT as copy model with a forced cosine of 0.1 links nearly everything:
     the flow refuses, says which stage, how much and which flag, and rolls the run folder back
     to what it was before the flow: here it did not exist, so it does not exist after."""
-    from lvd.flows import cli
+    from lvd.cli import main as cli
     from lvd.pretrain.models.hf import export_hf
     from lvd.pretrain.models.vit import vit_tiny
 

@@ -51,7 +51,7 @@ def test_every_input_accounted_for(run):
     report = lg.verify_run(out)
     assert report.ok and report.inputs == len(rows_by_source(out))
     assert report.by_status == summary.by_status
-    # part 2: with no seeds and no target size, every image dedup kept is sharded
+    # with no seeds and no target size, every image dedup kept is sharded
     assert set(report.by_status) == {"sharded", "duplicate", "rejected"}
 
 

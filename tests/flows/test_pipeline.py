@@ -9,10 +9,10 @@ import pytest
 import torch
 from prefect_runs import run_artifacts
 
+from lvd.cli import main as cli
 from lvd.curation import testdata
 from lvd.curation.demo import build_knn_folders
 from lvd.curation.ledger import verify_run
-from lvd.flows import cli
 from lvd.flows.pretrain_flow import pictures_markdown, read_metrics
 
 

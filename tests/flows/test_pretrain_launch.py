@@ -24,7 +24,7 @@ def _spec(tmp_path, **kw) -> RanksCommand:
 def test_command_line_has_only_the_given_flags(tmp_path):
     spec = _spec(tmp_path, max_steps=5, deterministic=True)
     assert spec.command(resume=True) == [
-        sys.executable, "-m", "lvd.flows.cli", "pretrain", "--shards", str(tmp_path),
+        sys.executable, "-m", "lvd.cli", "pretrain", "--shards", str(tmp_path),
         "--recipe", "tiny", "--out", str(tmp_path / "run"), "--num-workers", "0", "--seed", "0",
         "--nproc-per-node", "2", "--max-steps", "5", "--deterministic", "--resume"]
     assert "--resume" not in spec.command(resume=False)

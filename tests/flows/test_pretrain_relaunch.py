@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from prefect_runs import run_artifacts
 
+from lvd.cli import main as cli
 from lvd.datasets import load_fashion_mnist, write_shards
-from lvd.flows import cli
 from lvd.flows.pretrain_flow import read_metrics
 from lvd.pretrain import checkpoint as ckpt
 from lvd.pretrain.failures import ResumeMismatchError

@@ -46,7 +46,7 @@ def by_kind(path: Path, kind: str) -> dict:
 
 def parse_lvd(command: str):
     """Parse an `lvd ...` command line with lvd's own parser, without running it."""
-    from lvd.flows.cli import build_parser
+    from lvd.cli.main import build_parser
 
     argv = shlex.split(command)
     assert argv[0] == "lvd", f"not an lvd command: {command!r}"

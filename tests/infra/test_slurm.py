@@ -81,7 +81,7 @@ def test_torchrun_and_lvd_command_lines_parse():
     assert run.rdzv_backend == "c10d" and run.rdzv_endpoint == "$head:$RDZV_PORT"
     assert run.nnodes == "$SLURM_NNODES" and run.nproc_per_node == "$GPUS_PER_NODE"
     assert run.rdzv_id == "$SLURM_JOB_ID"  # the same on every node of the job, new per job
-    assert run.module and run.training_script == "lvd.flows.cli"
+    assert run.module and run.training_script == "lvd.cli"
     args = parse_lvd(shlex.join(["lvd", *run.training_script_args]))
     assert args.command == "pretrain" and args.resume
     assert (args.shards, str(args.out), args.recipe) == (["$SHARDS"], "$OUT", "$RECIPE")

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from lvd.pretrain.failures import EXIT_REPEATS
+from lvd.cli.main import main
 from lvd.datasets import load_fashion_mnist, write_labelled_folder, write_shards
-from lvd.flows.cli import main
 from lvd.pretrain.checkpoint import load_teacher_backbone
+from lvd.pretrain.failures import EXIT_REPEATS
 
 
 @pytest.fixture(scope="module")

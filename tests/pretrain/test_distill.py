@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lvd.cli.main import main
 from lvd.datasets import load_fashion_mnist, write_shards
-from lvd.flows.cli import main
 from lvd.pretrain import checkpoint as ckpt
 from lvd.pretrain.data import MaskingConfig, MultiCropConfig, make_dataloader
 from lvd.pretrain.distill import distilled, load_frozen_teacher

@@ -16,7 +16,6 @@ from lvd.pretrain.models.hf import export_hf, load_hf
 from lvd.pretrain.models.load import load_backbone
 from lvd.pretrain.models.strict import StateDictMismatch
 
-
 SIZE = 56  # native size of the test models (4 x 4 patches)
 
 

@@ -10,8 +10,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from lvd.cli.main import main
 from lvd.datasets import load_fashion_mnist, write_shards
-from lvd.flows.cli import main
 from lvd.pretrain import checkpoint as ckpt
 from lvd.pretrain.init import InitMismatchError, apply_start, init_weights
 from lvd.pretrain.meta_arch import MetaArch

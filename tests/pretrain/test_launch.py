@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lvd.flows.cli import main
+from lvd.cli.main import main
 from lvd.pretrain import checkpoint as ckpt
 from lvd.pretrain.launch import LaunchSpec
 
@@ -134,7 +134,7 @@ def test_two_nodes_meet_at_rendezvous(shards, reference, tmp_path):  # noqa: F81
     name this host's rendezvous endpoint, one of them hosts the c10d store."""
     ref_out, ref_loss = reference
     out = tmp_path / "two-nodes"
-    cmd = [sys.executable, "-m", "lvd.flows.cli", *pretrain_args(shards, out), "--nnodes", "2",
+    cmd = [sys.executable, "-m", "lvd.cli", *pretrain_args(shards, out), "--nnodes", "2",
            "--nproc-per-node", "1", "--rdzv-endpoint", f"localhost:{free_port()}",
            "--rdzv-id", "test-two-nodes"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

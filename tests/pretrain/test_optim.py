@@ -7,7 +7,11 @@ from torch import nn
 
 from lvd.pretrain.models.vit import vit_tiny
 from lvd.pretrain.optim import (
-    apply_schedules, build_adamw, clip_gradients, param_groups, zero_last_layer_grads,
+    apply_schedules,
+    build_adamw,
+    clip_gradients,
+    param_groups,
+    zero_last_layer_grads,
 )
 
 DEPTH, DECAY = 2, 0.5

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lvd.flows.cli import main
+from lvd.cli.main import main
 from lvd.flows.pretrain_launch import RanksCommand
 from lvd.pretrain.failures import oom_message
 from lvd.pretrain.overrides import OverrideError, resolve_recipe, settings
@@ -171,7 +171,7 @@ def test_every_flag_in_the_oom_hint_is_real():
     assert "crops.n_local=8" in sets and "crops.n_local=4" in sets
     resolve_recipe("vitl14", sets=sets)  # each parses and applies
     flags = set(re.findall(r"(--[a-z][a-z-]+)", msg))
-    from lvd.flows.cli import build_parser
+    from lvd.cli.main import build_parser
 
     pretrain = build_parser()._subparsers._group_actions[0].choices["pretrain"]
     known = {s for a in pretrain._actions for s in a.option_strings}

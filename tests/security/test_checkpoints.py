@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 import torch
 
+from lvd.cli.main import main
 from lvd.datasets import load_fashion_mnist, write_labelled_folder, write_shards
-from lvd.flows.cli import main
 from lvd.pretrain import checkpoint as ckpt
 from lvd.pretrain.checkpoint import (
     CheckpointMeta,

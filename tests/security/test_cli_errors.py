@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from lvd.cli import checks
 from lvd.curation import testdata
-from lvd.flows.commands import checks
 
 from .test_network import token_cluster  # noqa: F401 - a `ray start --head` cluster with token auth
 
@@ -30,7 +30,7 @@ def lvd(tmp: Path, *argv, timeout=60, **env) -> tuple[subprocess.CompletedProces
     e = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PREFECT_"))}
     e.update(PREFECT_HOME=str(tmp / "prefect-home"), PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", **env)
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "lvd.flows.cli", *map(str, argv)], env=e, cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "lvd.cli", *map(str, argv)], env=e, cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
     return done, time.monotonic() - t0
 

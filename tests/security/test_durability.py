@@ -17,11 +17,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from plain_curate import curate_without_prefect
 from ray import cloudpickle
 
 from lvd import durable
-from plain_curate import curate_without_prefect
-
 from lvd.curation import ingest, isolate, ledger, runner, stages, testdata
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig

@@ -174,9 +174,10 @@ def test_folder_symlink_out_of_the_dump_is_not_read_nor_its_sidecar(tmp_path):
 
 
 def test_rejections_reach_the_ledger(ray_local, hostile_parquet, tmp_path):
+    from plain_curate import curate_without_prefect
+
     from lvd.curation import ledger
     from lvd.curation.dedup import DedupConfig
-    from plain_curate import curate_without_prefect
 
     path, reasons, _, _, requests = hostile_parquet
     table = curate_without_prefect([str(path)], tmp_path / "run", partition_size=4, ingest_cfg=IngestConfig(),
@@ -343,7 +344,7 @@ def test_wrong_typed_image_column_names_column_type_and_accepted_types(tmp_path,
 
 
 def test_tools_decode_only_allow_listed_formats_within_the_caps(tmp_path):
-    from lvd.tools.images import Raw, ImageRef, decode, open_checked_file, open_image, plan_units, read_raw
+    from lvd.tools.images import ImageRef, Raw, decode, open_checked_file, open_image, plan_units, read_raw
 
     img = Image.fromarray(testdata.photo("astronaut")).resize((64, 64))
     img.save(tmp_path / "a.png")
@@ -370,8 +371,8 @@ def test_tools_decode_only_allow_listed_formats_within_the_caps(tmp_path):
 
 
 def test_curate_cli_options_reach_the_ingest_config(tmp_path):
-    from lvd.flows.cli import build_parser
-    from lvd.flows.commands.curate import flow_kwargs
+    from lvd.cli.main import build_parser
+    from lvd.cli.options import flow_kwargs
 
     args = build_parser().parse_args(["curate", "--input", "x", "--out", "y", "--allow-root", str(tmp_path),
                                       "--allow-root", "/srv/imgs", "--allow-remote", "--max-bytes", "1000",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from .procs import LOOPBACK, free_port, kill_all, listening, pids_matching
+from .procs import LOOPBACK, free_port, kill_all, pids_matching
 
 RAY = str(Path(sys.executable).parent / "ray")
 
@@ -114,7 +114,7 @@ def test_join_token_cluster_as_the_user_would(token_cluster, tmp_path):
 
 
 ANALYTICS = """
-from lvd.flows.commands.curate import prepare_prefect_env
+from lvd.cli.curate import prepare_prefect_env
 prepare_prefect_env()
 from prefect.settings import get_current_settings
 print("ANALYTICS", get_current_settings().server.analytics_enabled)

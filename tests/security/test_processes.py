@@ -21,7 +21,7 @@ import pytest
 from lvd.curation import testdata
 from lvd.flows import watchdog
 
-from .procs import alive, cmdline, kill_all, tree
+from .procs import cmdline, kill_all, tree
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,7 +48,7 @@ def test_sigkill_leaves_no_process_and_next_run_marks_it_crashed(tmp_path):
     testdata.write_photo_jpegs(dump, 120, side=128)
     out = tmp_path / "run"
     env = env_for(tmp_path)
-    argv = [sys.executable, "-m", "lvd.flows.cli", "curate", "--input", str(dump), "--out", str(out),
+    argv = [sys.executable, "-m", "lvd.cli", "curate", "--input", str(dump), "--out", str(out),
             "--partition-size", "4"]
     with open(tmp_path / "first.log", "wb") as log:
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=log)

@@ -1,7 +1,7 @@
 """Run-folder ownership (lvd.runfolder): a run folder records its inputs and settings and is
 locked while a run works in it.
 
-Real everything: `lvd curate` through `lvd.flows.cli.main` against the session's Prefect
+Real everything: `lvd curate` through `lvd.cli.main.main` against the session's Prefect
 harness and local Ray; the concurrent run is a real `lvd curate` subprocess.
 """
 
@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from lvd import runfolder
+from lvd.cli import main as cli
 from lvd.curation import testdata
 from lvd.curation.ledger import verify_run
-from lvd.flows import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -165,7 +165,7 @@ def test_second_concurrent_run_is_refused(ray_local, prefect_harness, tmp_path, 
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(ROOT))
     address = ray_local.get_runtime_context().gcs_address
     with open(tmp_path / "first.log", "wb") as log:
-        first = subprocess.Popen([sys.executable, "-m", "lvd.flows.cli", *argv, "--ray-address", address],
+        first = subprocess.Popen([sys.executable, "-m", "lvd.cli", *argv, "--ray-address", address],
                                  env=env, cwd=ROOT, stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 240
@@ -209,7 +209,7 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
 def test_pipeline_out_of_another_run_refused_and_overwrite_keeps_foreign_files(tmp_path, dumps, capsys):
     """`lvd pipeline` records OUT like a curate run (refused before Prefect starts); its
     --overwrite deletes only the pipeline's outputs (the demo keeps its dump and k-NN folders)."""
-    from lvd.flows.commands import pipeline as command
+    from lvd.cli import pipeline as command
 
     a, b = dumps
     out = tmp_path / "p"
@@ -235,7 +235,7 @@ def test_settings_of_a_short_call_and_of_the_command_line_agree():
     """The command line spells out every option; a Python call passes few: same settings."""
     import inspect
 
-    from lvd.flows.commands.curate import curate_kwargs
+    from lvd.cli.options import curate_kwargs
     from lvd.flows.curate import curate as flow
 
     defaults = {k: p.default for k, p in inspect.signature(flow.fn).parameters.items()

@@ -184,7 +184,7 @@ def test_montage_size_and_content(tmp_path, index, embedded, photos):
 
 
 def test_cli_embed_index_search(tmp_path, capsys, tiny_backbone, folder, embedded):
-    from lvd.flows.cli import main
+    from lvd.cli.main import main
 
     with contextlib.chdir(tmp_path):  # the default montage goes to the current folder
         args = ["--images", str(folder), "--out", str(tmp_path / "emb"), "--size", str(SIZE), "--device", "cpu"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lvd.flows.cli import main
+from lvd.cli.main import main
 from lvd.tools.probe import (
     DenseProbeConfig,
     delta1,

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from lvd.flows.cli import main
+from lvd.cli.main import main
 from lvd.tools.features import load_model
 from lvd.tools.segment import mask_to_grid, prototype, segment, similarity_map
 from lvd.tools.viz import foreground_pca_rgb, oriented_first_component, patch_maps

@@ -154,7 +154,7 @@ def pipeline_run(prefect_server, tmp_path_factory) -> PipelineRun:
     dump = build_demo_dump(root / "dump", n_photos=2)
     train, val = build_knn_folders(root / "knn", per_class_train=3, per_class_val=2)
     out = root / "out"
-    argv = [sys.executable, "-m", "lvd.flows.cli", "pipeline", *[a for i in dump.inputs for a in ("--input", i)],
+    argv = [sys.executable, "-m", "lvd.cli", "pipeline", *[a for i in dump.inputs for a in ("--input", i)],
             "--out", str(out), "--recipe", "tiny", "--max-steps", "2", "--batch-size", "4",
             "--knn-train", str(train), "--knn-val", str(val), "--knn-k", "3", "--partition-size", "16"]
     env = {**os.environ, "PREFECT_API_URL": f"{prefect_server.url}/api",

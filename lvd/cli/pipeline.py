@@ -20,45 +20,22 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lvd.flows.commands.checks import (
-    add_run_folder_options,
-    error,
-    flow_failure,
-    folder_refusal,
-    problems,
-    quiet_console_tracebacks,
-    refuse,
-    run_mode,
-)
-from lvd.flows.commands.curate import (
+from lvd.cli.checks import error, flow_failure, folder_refusal, problems, quiet_console_tracebacks, refuse
+from lvd.cli.curate import prepare_prefect_env
+from lvd.cli.options import (
     add_copy_options,
     add_curate_options,
     add_hygiene_options,
+    add_run_folder_options,
     add_selection_options,
+    add_training_options,
     copy_kwargs,
     flow_kwargs,
     hygiene_kwargs,
     hygiene_problems,
-    part2_kwargs,
-    prepare_prefect_env,
+    run_mode,
+    selection_kwargs,
 )
-
-
-def add_training_options(p: argparse.ArgumentParser, *, max_steps: int | None) -> None:
-    """Options shared by `lvd pipeline` and `lvd demo`."""
-    p.add_argument("--recipe", default="tiny",
-                   help="pretraining recipe: tiny, vits14, vitb14, vitl14, vitg14 (default: tiny)")
-    p.add_argument("--max-steps", type=int, default=max_steps, metavar="N",
-                   help="stop pretraining after N steps (default: "
-                        + ("the recipe's full length)" if max_steps is None else f"{max_steps})"))
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="images per training step (default: the recipe's)")
-    p.add_argument("--num-workers", type=int, default=0,
-                   help="data-loading worker processes for training (0: in the training thread)")
-    p.add_argument("--knn-k", type=int, default=20, help="neighbours that vote in k-NN eval")
-    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
-                   help="training ranks on this machine (FSDP2; a rank that dies is relaunched "
-                        "from the last checkpoint); --batch-size is then per rank (default: 1)")
 
 
 def register(subparsers) -> None:
@@ -96,7 +73,7 @@ def pipeline_params(args: argparse.Namespace, *, inputs: list[str], out: Path, k
     curate_kw = flow_kwargs(args)
     embedder = curate_kw.pop("embedder")
     if hasattr(args, "retrieval"):  # `lvd pipeline` (the demo has no selection options)
-        selection = part2_kwargs(args)
+        selection = selection_kwargs(args)
         del selection["seeds"], selection["eval_sets"]  # pipeline parameters of their own
         curate_kw.update(selection)
         curate_kw.update(copy_kwargs(args))

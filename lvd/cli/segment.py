@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lvd.flows.commands import MODEL_HELP
+from lvd.cli.options import MODEL_HELP
 
 
 def register(subparsers) -> None:

@@ -1,4 +1,4 @@
-"""Curation part 2 end to end through the Prefect flow: real photos + copies (demo dump) as the
+"""Curation after dedup (copies, decontamination, selection, shards) end to end through the Prefect flow: real photos + copies (demo dump) as the
 pool, a seed set and an eval set, a small random ViT exported as a Hugging Face folder as the
 embedder. Copy detection and decontamination need no model (local features decide at a
 threshold calibrated on the pool's own images); the embedder only proposes candidates. As a
@@ -49,7 +49,7 @@ def embedder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("part2")
+    root = tmp_path_factory.mktemp("selection")
     dump = build_demo_dump(root / "dump", n_photos=6)
     photos = copies.real_photos()[:6]
     seeds = root / "seeds"
@@ -83,7 +83,7 @@ def run(ray_local, prefect_harness, data, embedder, tmp_path_factory):
                    return_state=True, **OPTS)
     first = (shard_digests(out), pq.read_table(out / "ledger.parquet"), stage_markers(out))
     again = curate(inputs=dump.inputs, out=str(out), seeds=[seeds], eval_sets=[evalset], embedder=embedder, **OPTS)
-    FIRST_RUN["id"] = state.state_details.flow_run_id  # whose artifacts test_part2_artifacts_reported reads
+    FIRST_RUN["id"] = state.state_details.flow_run_id  # whose artifacts test_selection_artifacts_reported reads
     return state.result(), again, out, first
 
 
@@ -168,7 +168,7 @@ def test_rerun_is_byte_identical(run):
 def test_tampered_shard_fails_verify(run, tmp_path):
     import shutil
 
-    from lvd.flows.cli import main
+    from lvd.cli.main import main
 
     _, _, out, _ = run
     copy = tmp_path / "run"
@@ -183,7 +183,7 @@ def test_tampered_shard_fails_verify(run, tmp_path):
     assert main(["verify", str(copy)]) == 1
 
 
-def test_part2_artifacts_reported(run):
+def test_selection_artifacts_reported(run):
     keys = [
         "curate-embed-pool-progress", "curate-embed-pool-counts", "curate-copydetect-counts",
         "curate-decontam-counts", "curate-cluster-counts", "curate-cluster-montage",

@@ -1,4 +1,4 @@
-"""Part-2 stages without Prefect, on the session's local Ray: shard everything with no
+"""The selection stages without Prefect, on the session's local Ray: shard everything with no
 embedder, hierarchical balanced retrieval and cluster-based retrieval with a small random ViT,
 and verify's shard-vs-ledger checks against hand-made breakages."""
 
@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lvd.curation import copies, ledger as lg, stages, stages_copy, stages_embed, stages_select
+from lvd.curation import copies, stages, stages_copy, stages_embed, stages_select
+from lvd.curation import ledger as lg
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.embed import EmbedConfig
@@ -187,8 +188,8 @@ def stages_embed_seed(seed_run):
     return seed_vectors(seed_run)
 
 
-def test_part2_without_embedder_is_refused(ray_local, prefect_harness, pool, tmp_path, capsys):
-    from lvd.flows import cli
+def test_selection_without_embedder_is_refused(ray_local, prefect_harness, pool, tmp_path, capsys):
+    from lvd.cli import main as cli
 
     argv = ["curate", "--input", pool, "--out", str(tmp_path / "r"), "--seeds", pool, "--target-size", "5"]
     assert cli.main(argv) == 2

@@ -1,7 +1,7 @@
 """Checks of `lvd curate`, `lvd pipeline` and `lvd demo` before Prefect or Ray start, and the
 one-line messages of failures that come later (disk full).
 
-`check(args)` (run by `lvd.flows.cli.main` before anything else: no Prefect, no Ray, no
+`check(args)` (run by `lvd.cli.main.main` before anything else: no Prefect, no Ray, no
 folder created) prints one `error:` line and returns 2 for parameters that cannot work
 (a missing input, an `--out` that is a file, an unknown `--embedder` / `--copy-model` path, a
 number out of range), and refuses a run folder that holds another run or is locked by
@@ -15,8 +15,8 @@ ENOSPC anywhere in `exc`'s chain (a Ray task's error keeps it as `cause`), else 
 from __future__ import annotations
 
 import argparse
-import logging
 import errno
+import logging
 import os
 import shutil
 import sys
@@ -26,22 +26,6 @@ from pathlib import Path
 NO_EMBEDDER = ("{what} need(s) image embeddings: pass --embedder (an lvd checkpoint, an official "
                "DINOv2 .pth file or a local Hugging Face Dinov2 folder), or run `lvd pipeline`, which "
                "pretrains a small bootstrap embedder on the pool when none is given")
-
-
-def run_mode(args: argparse.Namespace) -> str:
-    if getattr(args, "overwrite", False):
-        return "overwrite"
-    return "extend" if getattr(args, "extend", False) else "resume"
-
-
-def add_run_folder_options(p: argparse.ArgumentParser) -> None:
-    """--overwrite / --extend of `lvd curate` and `lvd pipeline` (lvd.runfolder)."""
-    g = p.add_mutually_exclusive_group()
-    g.add_argument("--overwrite", action="store_true",
-                   help="the --out folder holds another run: delete its outputs and start over")
-    g.add_argument("--extend", action="store_true",
-                   help="add these inputs to the run recorded in --out (its earlier inputs must still "
-                        "exist; the settings must match); without it another run's folder is refused")
 
 
 def _missing(paths, flag: str) -> list[str]:

@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from lvd.flows.commands import MODEL_HELP
+from lvd.cli.options import MODEL_HELP
 
 LAYOUT = "DIR/images/NAME.png|jpg with DIR/targets/NAME.npy (float) or NAME.png (16-bit)"
 

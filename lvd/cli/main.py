@@ -1,6 +1,6 @@
 """The `lvd` command line.
 
-Each sub-command lives in its own module under `lvd.flows.commands`; a module exposes
+Each sub-command lives in its own module under `lvd.cli`; a module exposes
 `register(subparsers)` which adds its parser and sets `func` (a callable taking the parsed
 `argparse.Namespace` and returning an exit code). Heavy imports (torch, ray, prefect) happen
 inside `func`, so `lvd --help` stays fast.
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
-        module = importlib.import_module(f"lvd.flows.commands.{name}")
+        module = importlib.import_module(f"lvd.cli.{name}")
         module.register(sub)
     return parser
 

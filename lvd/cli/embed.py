@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from lvd.flows.commands import MODEL_HELP
+from lvd.cli.options import MODEL_HELP
 
 
 def register(subparsers) -> None:

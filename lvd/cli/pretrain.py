@@ -2,7 +2,7 @@
 
 Launchers (one per call; each runs the same per-rank function, `lvd.pretrain.launch`):
 - default: one process (CPU, or a GPU when present); also what each rank runs when you start
-  `torchrun ... -m lvd.flows.cli pretrain ...` yourself;
+  `torchrun ... -m lvd.cli pretrain ...` yourself;
 - `--nproc-per-node N`: N FSDP2 ranks on this machine through torch's elastic launcher (what
   `torchrun --standalone` does); with `--nnodes M --rdzv-endpoint HOST:PORT`, run the same
   command on each of the M machines and they meet at that c10d rendezvous;

@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lvd.flows.commands.curate import add_curate_options
-from lvd.flows.commands.checks import problems, refuse
-from lvd.flows.commands.pipeline import add_training_options, precheck, run_pipeline
+from lvd.cli.checks import problems, refuse
+from lvd.cli.options import add_curate_options, add_training_options
+from lvd.cli.pipeline import precheck, run_pipeline
 
 DEMO_STEPS = 30
 
