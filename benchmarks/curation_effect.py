@@ -200,6 +200,16 @@ def cached_knn(ckpt: Path, train_dir: Path, val_dir: Path, size: int) -> float:
     return json.loads(cache.read_text())["top1"]
 
 
+def random_init_knn(out: Path, train_dir: Path, val_dir: Path, size: int) -> float:
+    """k-NN top-1 of both arms' initial weights (train() seeds 0 before building), cached."""
+    cache = out / "random_init_knn.json"
+    if not cache.exists():
+        torch.manual_seed(0)
+        backbone = tiny().backbone.build(img_size=size)
+        cache.write_text(evaluate_knn(backbone, train_dir, val_dir, size=size).to_json())
+    return json.loads(cache.read_text())["top1"]
+
+
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(args.threads)
@@ -229,7 +239,8 @@ def main() -> None:
     # k=20; tests/pretrain/test_training_breaks.py checks a report against a recomputation)
     reported = json.loads((latest_checkpoint(curated / "pretrain") / "eval_knn.json").read_text())
     rows = [("raw pool", composition(pool), cached_knn(latest_checkpoint(raw), train_dir, val_dir, size)),
-            ("curated (`lvd pipeline`)", composition(kept), reported["top1"])]
+            ("curated (`lvd pipeline`)", composition(kept), reported["top1"]),
+            ("neither: the same ViT at random init", None, random_init_knn(args.out, train_dir, val_dir, size))]
     n_train, n_val = reported["n_train"], reported["n_val"]
     print(f"\npool: {len(pool)} images ({dict(Counter(k for k, _, _ in pool))}); `tiny`, "
           f"{args.steps} steps of batch 32 on each; k-NN k=20 T=0.07, {n_train} "
@@ -238,8 +249,8 @@ def main() -> None:
     print("| pretraining data | images | " + " | ".join(COLUMNS) + " | k-NN top-1 |")
     print("|---|---|" + "---|" * len(COLUMNS) + "---|")
     for name, comp, top1 in rows:
-        counts = " | ".join(str(c) for c in comp)
-        print(f"| {name} | {sum(comp)} | {counts} | {100 * top1:.2f}% |")
+        counts = " | ".join(str(c) for c in comp) if comp else " | ".join(["-"] * len(COLUMNS))
+        print(f"| {name} | {sum(comp) if comp else '-'} | {counts} | {100 * top1:.2f}% |")
 
 
 if __name__ == "__main__":
