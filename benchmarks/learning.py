@@ -13,7 +13,8 @@ the same steps, and adds the teacher's and both students' rows (benchmarks/disti
 
 Needs /usr/share/datasets/fashion-mnist (`apt-get install dataset-fashion-mnist`).
 Run: .venv/bin/python benchmarks/learning.py [--curve 0,300,600,1200,2400] [--out /tmp/lvd-learning]
-(about an hour on 2 busy CPU cores for 2400 steps; --curve 0,100 gives a quick look).
+(2-5 s a step on 2 shared CPU cores: 1200 steps took 70 min here with other jobs running, so
+2400 take hours; --curve 0,100 gives a quick look, --curve 0,600 is the README pictures' run).
 Re-running reuses the run folder (resume) and the cached k-NN results under OUT.
 """
 
