@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lvd.curation import copydetect as cd
-from lvd.curation import fanout, runner, stages
+from lvd.curation import fanout, rundir, runner
 from lvd.curation.dedup import DUPLICATES_SCHEMA, EdgeSet, resolve
 from lvd.curation.guard import check_removal
 from lvd.curation.localfeat import FEATURE_SCHEMA, FeatureConfig, Features, features_row, set_threads
@@ -42,7 +42,6 @@ DECONTAM_SCHEMA = pa.schema([
     ("uid", pa.string()), ("matched_eval_uid", pa.string()), ("similarity", pa.float64()),
     ("eval_set", pa.string()), ("method", pa.string()),
 ])  # fmt: skip
-DECONTAM_FILE = "decontaminated.parquet"
 VERIFY_BATCH = 1024  # pairs per Ray verification task
 
 
@@ -81,7 +80,7 @@ class FeatFn:
 def run_copyfeat(run_dir: Path, cfg: FeatureConfig = FeatureConfig(), rcfg: runner.RunnerConfig = runner.RunnerConfig(),
                  progress: runner.ProgressFn | None = None) -> runner.StageReport:
     """Local features etc. of every accepted blob, one Ray task per ingest partition."""
-    return runner.map_partitions(FeatFn(cfg), feature_units(run_dir), run_dir / "copyfeat",
+    return runner.map_partitions(FeatFn(cfg), feature_units(run_dir), rundir.stage_dir(run_dir, "copyfeat"),
                                  cfg_hash=runner.config_hash(cfg), runner=rcfg, progress=progress)
 
 
@@ -99,12 +98,12 @@ class PoolFeatures:
 
 
 def read_features(run_dir: Path) -> PoolFeatures:
-    t = stages.unique_accepted(run_dir)
+    t = rundir.unique_accepted(run_dir)
     uids = t["uid"].to_pylist()
     w, h = t["width"].to_numpy().astype(np.int64), t["height"].to_numpy().astype(np.int64)
     pixels, aspect = w * h, w / np.maximum(h, 1)
     rows: dict[str, dict] = {}
-    for path in sorted((run_dir / "copyfeat").glob("part-*.parquet")):
+    for path in sorted(rundir.stage_dir(run_dir, "copyfeat").glob("part-*.parquet")):
         for r in pq.read_table(path).to_pylist():
             rows.setdefault(r["uid"], r)
     missing = [u for u in uids if u not in rows]
@@ -179,7 +178,7 @@ class Decider:
 def run_calibration(run_dir: Path, pool: PoolFeatures, cfg: cd.CopyDetectConfig, copy_model: tuple[str, dict] | None) -> cd.Calibration:
     """Known copies of a sample of the pool's own images: threshold, recall, false links."""
     rows = cd.calibration_sample(pool.uids.tolist(), cfg.calib_images, cfg.seed)
-    blobs = stages.read_blobs(run_dir, {pool.uids[r] for r in rows})
+    blobs = rundir.read_blobs(run_dir, {pool.uids[r] for r in rows})
     copies, distinct = cd.calibration_pairs([blobs[pool.uids[r]] for r in rows], cfg.seed)
     if copy_model is None:
         def score(pairs):
@@ -243,7 +242,7 @@ class CopyDetectFn:
         run, cfg = Path(self.run_dir), self.cfg
         pool = read_features(run)
         n = len(pool.uids)
-        copy_vecs = open_vectors(run / "copyvec").get(pool.uids) if self.copy_model else None
+        copy_vecs = open_vectors(rundir.vectors_dir(run, "copyembed")).get(pool.uids) if self.copy_model else None
         t_read = time.perf_counter()
         cal = run_calibration(run, pool, cfg, self.copy_model)
         t_cal = time.perf_counter()
@@ -310,10 +309,8 @@ def hash_groups(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def phash_pairs(uids: np.ndarray, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """The hash dedup stage's groups as (member, representative) row pairs."""
-    path = run_dir / "dedup" / "duplicates.parquet"
-    if not path.exists():
+    if (dups := rundir.hash_duplicates(run_dir)) is None:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    dups = pq.read_table(path)
     pos = {u: i for i, u in enumerate(uids.tolist())}
     a = np.array([pos[u] for u in dups["uid"].to_pylist()], np.int64)
     b = np.array([pos[u] for u in dups["duplicate_of"].to_pylist()], np.int64)
@@ -324,37 +321,31 @@ def _json_table(d: dict) -> pa.Table:
     return pa.table({"json": pa.array([json.dumps(d, sort_keys=True)], pa.string())})
 
 
-def read_json_output(path: Path) -> dict | None:
-    return json.loads(pq.read_table(path)["json"][0].as_py()) if path.exists() else None
-
-
 def calibration(run_dir: Path) -> cd.Calibration | None:
-    d = read_json_output(run_dir / "copydetect" / "duplicates.calibration.parquet")
+    d = rundir.copydetect_output(run_dir, "calibration")
     return cd.Calibration.from_dict(d) if d else None
 
 
 def copydetect_stats(run_dir: Path) -> dict | None:
-    return read_json_output(run_dir / "copydetect" / "duplicates.stats.parquet")
+    return rundir.copydetect_output(run_dir, "stats")
 
 
 def run_copydetect(run_dir: Path, cfg: cd.CopyDetectConfig, *, proposers: list[Path] = (),
                    copy_model: tuple[str, dict] | None = None,
                    rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
-    dirs = [run_dir / "dedup", run_dir / "copyfeat"] + [Path(p).parent / "embed" for p in proposers]
+    extra = [rundir.stage_dir(Path(p).parent, "embed") for p in proposers]  # the proposers' embed markers
     if copy_model:
-        dirs.append(run_dir / "copyembed")
-    unit = runner.WholeStage(fingerprint=stages.digest(*dirs), stem="duplicates")
+        extra.append(rundir.stage_dir(run_dir, "copyembed"))
+    unit = runner.WholeStage(fingerprint=rundir.input_digest(run_dir, "copydetect", *extra), stem="duplicates")
     fn = CopyDetectFn(str(run_dir), cfg, tuple(str(p) for p in proposers), copy_model)
-    return runner.map_partitions(fn, [unit], run_dir / "copydetect",
+    return runner.map_partitions(fn, [unit], rundir.stage_dir(run_dir, "copydetect"),
                                  cfg_hash=runner.config_hash(cfg, copy_model), runner=rcfg)
 
 
 def duplicates(run_dir: Path) -> pa.Table:
-    """The run's final duplicate table: copy detection's when it ran, else dedup's."""
-    for stage in ("copydetect", "dedup"):
-        if (p := run_dir / stage / "duplicates.parquet").exists():
-            return pq.read_table(p)
-    return DUPLICATES_SCHEMA.empty_table()
+    """The run's final duplicate groups (`rundir.duplicates`), empty before any dedup ran."""
+    found = rundir.duplicates(run_dir)
+    return DUPLICATES_SCHEMA.empty_table() if found is None else found
 
 
 # ---------------------------------------------------------------- decontamination
@@ -384,8 +375,9 @@ class DecontamFn:
             lists.append((_eval_vectors(ev.uids, set_of, eval_vecs), open_vectors(pool_dir).get(pool.uids)))
         copy_pool = copy_eval = None
         if self.copy_model:
-            copy_pool = open_vectors(run / "copyvec").get(pool.uids)
-            copy_eval = _eval_vectors(ev.uids, set_of, {k: str(Path(v) / "copyvec") for k, v in self.eval_dirs.items()})
+            copy_pool = open_vectors(rundir.vectors_dir(run, "copyembed")).get(pool.uids)
+            copy_eval = _eval_vectors(ev.uids, set_of, {k: str(rundir.vectors_dir(Path(v), "copyembed"))
+                                                        for k, v in self.eval_dirs.items()})
             lists.append((copy_eval, copy_pool))
         q, p = [qa], [pb]
         for eq, pv in lists:
@@ -463,28 +455,14 @@ def run_decontam(run_dir: Path, eval_dirs: dict[str, Path], cfg: cd.CopyDetectCo
     """Remove the pool's copies of eval images (`proposer`: the vector folder name, e.g.
     "vectors", of an embedder that also proposes candidates)."""
     names = sorted(eval_dirs)
-    dirs = [run_dir / "copydetect"] + [eval_dirs[n] / "copyfeat" for n in names]
+    dirs = [rundir.stage_dir(run_dir, "copydetect")] + [rundir.stage_dir(eval_dirs[n], "copyfeat") for n in names]
     proposers: tuple = ()
     if proposer:
         proposers = ((str(run_dir / proposer), {n: str(eval_dirs[n] / proposer) for n in names}),)
-        dirs += [run_dir / "embed"] + [eval_dirs[n] / "embed" for n in names]
+        dirs += [rundir.stage_dir(d, "embed") for d in (run_dir, *[eval_dirs[n] for n in names])]
     if copy_model:
-        dirs += [run_dir / "copyembed"] + [eval_dirs[n] / "copyembed" for n in names]
-    unit = runner.WholeStage(fingerprint=stages.digest(*dirs), stem="decontaminated")
+        dirs += [rundir.stage_dir(d, "copyembed") for d in (run_dir, *[eval_dirs[n] for n in names])]
+    unit = runner.WholeStage(fingerprint=rundir.digest(*dirs), stem="decontaminated")
     fn = DecontamFn(str(run_dir), {k: str(v) for k, v in eval_dirs.items()}, cfg, proposers, copy_model)
-    return runner.map_partitions(fn, [unit], run_dir / "decontam",
+    return runner.map_partitions(fn, [unit], rundir.stage_dir(run_dir, "decontam"),
                                  cfg_hash=runner.config_hash(cfg, names, copy_model, proposer), runner=rcfg)
-
-
-def decontaminated(run_dir: Path) -> pa.Table | None:
-    p = run_dir / "decontam" / DECONTAM_FILE
-    return pq.read_table(p) if p.exists() else None
-
-
-def candidates(run_dir: Path) -> list[str]:
-    """uids still in the running after dedup, copy detection and decontamination, sorted."""
-    uids = set(stages.unique_accepted(run_dir)["uid"].to_pylist())
-    uids -= set(duplicates(run_dir)["uid"].to_pylist())
-    if (dec := decontaminated(run_dir)) is not None:
-        uids -= set(dec["uid"].to_pylist())
-    return sorted(uids)

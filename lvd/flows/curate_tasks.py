@@ -120,7 +120,7 @@ def decontam_task(run_dir: Path, eval_dirs: dict[str, Path], cfg: CopyDetectConf
     progress = artifacts.Progress("curate-decontam-progress", "decontamination: copies of eval images")
     stages_copy.run_decontam(run_dir, eval_dirs, cfg, proposer=proposer, copy_model=copy_model, rcfg=rcfg)
     progress(1, 1)
-    t = stages_copy.decontaminated(run_dir)
+    t = rundir.decontaminated(run_dir)
     counts = Counter(t["eval_set"].to_pylist())
     get_run_logger().info("decontaminate: %d pool images removed as copies of eval images %s", t.num_rows, dict(counts))
     artifacts.count_table("curate-decontam-counts", "pool images removed per eval set (copies of its images, and their duplicates)",

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lvd.curation import copies, stages, stages_copy, stages_embed, stages_select
+from lvd.curation import copies, rundir, stages, stages_copy, stages_embed, stages_select
 from lvd.curation import ledger as lg
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
@@ -112,7 +112,7 @@ def test_hierarchical_balanced_retrieval_to_target(ray_local, pool, embedder, tm
     ingest_dedup([pool], run)
     stages_embed.run_embed(run, embedder, EMBED)
     copydetect(run)
-    cands = stages_copy.candidates(run)
+    cands = rundir.candidates(run)
     assert len(cands) == 8  # model-free copy detection leaves one image per photo
     stages_select.run_cluster(run, stages_select.ClusterConfig(k=4, hierarchical=True))
     run_retrieve(run, {}, RetrieveConfig(method="hierarchical", target=6))
@@ -174,7 +174,7 @@ def test_cluster_based_retrieval_takes_seeded_clusters(ray_local, pool, embedder
     assert not (run / "copydetect" / "duplicates.parquet").exists()
     assert not list((run / "copydetect").glob("*.done.json"))  # no done-marker either
     stages_copy.run_copydetect(run, CopyDetectConfig(threshold=-0.99, max_remove=1.0), copy_model=copy_model)
-    assert len(stages_copy.candidates(run)) == 1
+    assert len(rundir.candidates(run)) == 1
     d = pq.read_table(run / "copydetect" / "duplicates.parquet").to_pydict()
     assert {m for u, m in zip(d["uid"], d["method"]) if u not in phash} == {"copy-model"}
     assert stages_copy.calibration(run).method == "copy-model" and stages_copy.calibration(run).source == "user"
