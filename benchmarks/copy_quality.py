@@ -39,7 +39,10 @@ import numpy as np
 import pyarrow.compute as pc
 from PIL import Image
 
-from lvd.curation import copies, ledger, runner, stages, stages_copy, stages_embed
+from lvd.curation import copies, ledger, runner
+from lvd.curation.stages import ingest_dedup as stages
+from lvd.curation.stages import copy as stages_copy
+from lvd.curation.stages import embed as stages_embed
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.embed import EmbedConfig

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import ray
 
-from lvd.curation import runner, stages, testdata
+from lvd.curation import runner, testdata
+from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.ingest import IngestConfig
 
 

@@ -40,9 +40,9 @@ from lvd.curation.embed import EmbedConfig, Embedder
 from lvd.curation.ingest import IngestConfig, ingest_item, ingest_partition
 from lvd.curation.kmeans import KMeansConfig, kmeans
 from lvd.curation.knn_index import build_index, similar_pairs
-from lvd.curation.raw import RawItem
+from lvd.curation.sources.raw import RawItem
 from lvd.curation.shards import ShardConfig, ShardSample, write_shards
-from lvd.curation.stages import plan
+from lvd.curation.stages.ingest_dedup import plan
 from lvd.datasets import load_fashion_mnist
 
 DEFAULT_EMBEDDER = "/tmp/lvd-learning/run-600"

@@ -130,7 +130,7 @@ def cost(repeat: int) -> None:
 
     from lvd.curation import hygiene as hy
     from lvd.curation.ingest import _small_gray
-    from lvd.curation.shard_image import store_image
+    from lvd.curation.shards.image import store_image
     from lvd.curation.urlfilter import cap_domains
 
     arrs = [np.asarray(Image.fromarray(a).resize((512, 384))) for a in crops(48, seed=1)]

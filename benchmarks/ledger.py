@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lvd.curation import ledger, runner, stages
+from lvd.curation import ledger, runner
+from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.testdata import write_photo_jpegs

@@ -27,8 +27,8 @@ from PIL import Image, ImageOps
 
 from lvd.curation.copies import encode_original, real_photos
 from lvd.curation.pixels import to_rgb
-from lvd.curation.shard_check import check_shards
-from lvd.curation.shard_image import store_image
+from lvd.curation.shards.check import check_shards
+from lvd.curation.shards.image import store_image
 from lvd.curation.shards import ShardConfig, ShardSample, sample_json, write_shards
 
 

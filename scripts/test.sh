@@ -15,5 +15,8 @@ if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null && [[ $(id -u) 
     (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }) >/dev/null \
         || echo "warning: could not install chromium; the Prefect UI browser tests will be skipped" >&2
 fi
+# Lint and format first: seconds, and a failure names the file and line.
+.venv/bin/ruff check lvd tests benchmarks scripts infra
+.venv/bin/ruff format --check lvd tests benchmarks scripts infra
 export RAY_USAGE_STATS_ENABLED=0 PREFECT_SERVER_ANALYTICS_ENABLED=false
 exec .venv/bin/python -m pytest -m "not slow" "$@"

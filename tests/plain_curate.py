@@ -11,8 +11,8 @@ from lvd.curation import ledger, runner
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.shards import ShardConfig
-from lvd.curation.stages import plan, run_dedup, run_ingest
-from lvd.curation.stages_select import run_shards
+from lvd.curation.stages.ingest_dedup import plan, run_dedup, run_ingest
+from lvd.curation.stages.select import run_shards
 
 
 def curate_without_prefect(

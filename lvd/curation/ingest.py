@@ -40,7 +40,7 @@ from PIL import Image, ImageFile
 from lvd.curation import hygiene
 from lvd.curation.phash import PHASH256_SIZE, THUMB_SIDE, equalise, hash_bits, phash_bits, thumbnail, to_uint
 from lvd.curation.pixels import SWAPPING_ORIENTATIONS, apply_orientation, orientation, to_rgb
-from lvd.curation.raw import DEFAULT_MAX_BYTES, real_roots
+from lvd.curation.sources.raw import DEFAULT_MAX_BYTES, real_roots
 from lvd.curation.sources import Partition, RawItem, SourceLimits, iter_items
 
 INGEST_SCHEMA = pa.schema(

@@ -252,7 +252,7 @@ def verify_run(run_dir: Path | str, *, sub_run: bool | None = None) -> VerifyRep
     problems = [p for check in CHECKS if check is not check_shipped for p in check(_Run(ingest=ingest, ledger=ledger))]
     problems += check_shipped(_Run(ingest=ingest, ledger=both, manifest=uids))  # pool and shipped seeds
     if uids is not None:  # every tar against the manifest: checksums, keys, uids, decodable images
-        from lvd.curation.shard_check import check_shards
+        from lvd.curation.shards.check import check_shards
 
         problems += check_shards(rundir.shards_dir(run_dir)).problems
     problems += _sub_runs(run_dir)

@@ -14,7 +14,7 @@ for dedup and copy detection, 0.5 for decontamination) raises `MassRemovalError`
 then shows the largest groups as pictures, deletes what it created in the run folder, and
 fails with one message naming the stage, the fraction and the flag.
 
-Each task fans its stage out as Ray tasks over partitions (`lvd.curation.stages`), never one
+Each task fans its stage out as Ray tasks over partitions (`lvd.curation.stages.ingest_dedup`), never one
 Prefect task per image (about 0.2 s each through Prefect vs about 1 ms through Ray). Resume
 comes from the partition done-markers: a killed flow started again with the same `out`
 skips every done partition. Each stage reports a progress artifact while it runs, a table
@@ -39,7 +39,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from lvd import runfolder
-from lvd.curation import actor_runner, ledger, rundir, runner, snapshot, stages
+from lvd.curation import actor_runner, ledger, rundir, runner, snapshot
+from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation import hygiene as hyg
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
@@ -47,8 +48,8 @@ from lvd.curation.embed import EmbedConfig
 from lvd.curation.guard import MassRemovalError
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.shards import ShardConfig
-from lvd.curation.stages_retrieve import RetrieveConfig
-from lvd.curation.stages_select import ClusterConfig
+from lvd.curation.stages.retrieve import RetrieveConfig
+from lvd.curation.stages.select import ClusterConfig
 from lvd.flows import artifacts
 from lvd.flows import curate_tasks as tasks
 

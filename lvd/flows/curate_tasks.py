@@ -16,14 +16,18 @@ import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from lvd.curation import actor_runner, ledger, rundir, runner, stages, stages_copy, stages_embed, stages_select
+from lvd.curation import actor_runner, ledger, rundir, runner
+from lvd.curation.stages import ingest_dedup as stages
+from lvd.curation.stages import copy as stages_copy
+from lvd.curation.stages import embed as stages_embed
+from lvd.curation.stages import select as stages_select
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.embed import EmbedConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.localfeat import FeatureConfig
 from lvd.curation.shards import ShardConfig
-from lvd.curation.stages_retrieve import RetrieveConfig, run_retrieve
+from lvd.curation.stages.retrieve import RetrieveConfig, run_retrieve
 from lvd.flows import artifacts, pictures
 
 
@@ -197,7 +201,7 @@ def hygiene_task(run_dir: Path, inputs: list[str], partition_size: int, cfg, max
     per reason, a gallery of rejected and face-blurred examples, and one line per stage for the
     run summary (the NSFW line says when it is off)."""
     from lvd.curation import hygiene, urlfilter
-    from lvd.curation.shard_image import store_image
+    from lvd.curation.shards.image import store_image
 
     log = get_run_logger()
     capped = urlfilter.run_domain_cap(run_dir, max_per_domain)

@@ -28,7 +28,7 @@ from pathlib import Path
 from PIL import Image
 
 from lvd.curation.ingest import ImageRejected, IngestConfig, open_checked
-from lvd.curation.raw import InputRejected, read_local
+from lvd.curation.sources.raw import InputRejected, read_local
 
 TOOL_LIMITS = IngestConfig()  # formats allow-list and size caps: the same as `lvd curate`'s defaults
 

@@ -160,12 +160,12 @@ def test_sorted_unique_and_lsh_keys_match_their_references():
 
 
 def test_copy_stage_workers_import_no_torch():
-    """Ray workers unpickle the copy stages' functions and units from lvd.curation.stages_copy:
+    """Ray workers unpickle the copy stages' functions and units from lvd.curation.stages.copy:
     importing it must not pull in torch (seconds of CPU in every worker)."""
     import subprocess
     import sys
 
-    code = "import sys, lvd.curation.stages_copy, lvd.curation.copydetect; print('torch' in sys.modules)"
+    code = "import sys, lvd.curation.stages.copy, lvd.curation.copydetect; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -20,10 +20,11 @@ import torch
 from _node_removal import run_with_node_removal
 from ray import cloudpickle
 
-from lvd.curation import actor_runner, copies, runner, stages
+from lvd.curation import actor_runner, copies, runner
+from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.embed import EmbedConfig, Embedder
 from lvd.curation.ingest import IngestConfig
-from lvd.curation.stages_embed import EmbedFn, MakeEmbedder, embed_units, run_embed
+from lvd.curation.stages.embed import EmbedFn, MakeEmbedder, embed_units, run_embed
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -104,7 +105,7 @@ NODE_REMOVAL_WORK = """
 import sys
 from pathlib import Path
 from lvd.curation.embed import EmbedConfig
-from lvd.curation.stages_embed import run_embed
+from lvd.curation.stages.embed import run_embed
 
 def work(progress):
     run, backbone = Path(sys.argv[1]), sys.argv[2]

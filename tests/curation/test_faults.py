@@ -23,7 +23,8 @@ from _node_removal import run_with_node_removal
 from plain_curate import curate_without_prefect
 from ray import cloudpickle
 
-from lvd.curation import ledger, runner, stages, testdata
+from lvd.curation import ledger, runner, testdata
+from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
 
@@ -138,7 +139,8 @@ def test_worker_process_death_is_retried(ray_local, small_dump, tmp_path):
 NODE_REMOVAL_WORK = """
 import sys
 from pathlib import Path
-from lvd.curation import ledger, runner, stages
+from lvd.curation import ledger, runner
+from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
 

@@ -10,7 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from lvd.curation import copies, rundir, stages, stages_copy, stages_embed, stages_select
+from lvd.curation import copies, rundir
+from lvd.curation.stages import ingest_dedup as stages
+from lvd.curation.stages import copy as stages_copy
+from lvd.curation.stages import embed as stages_embed
+from lvd.curation.stages import select as stages_select
 from lvd.curation import ledger as lg
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
@@ -18,7 +22,7 @@ from lvd.curation.embed import EmbedConfig
 from lvd.curation.guard import MassRemovalError
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.shards import ShardConfig
-from lvd.curation.stages_retrieve import RetrieveConfig, run_retrieve
+from lvd.curation.stages.retrieve import RetrieveConfig, run_retrieve
 
 EMBED_KW = {"resize": 128, "crop": 112, "batch_size": 16, "decode_threads": 1}
 EMBED = EmbedConfig(**EMBED_KW)
@@ -183,7 +187,7 @@ def test_cluster_based_retrieval_takes_seeded_clusters(ray_local, pool, embedder
 
 
 def stages_embed_seed(seed_run):
-    from lvd.curation.stages_retrieve import seed_vectors
+    from lvd.curation.stages.retrieve import seed_vectors
 
     return seed_vectors(seed_run)
 

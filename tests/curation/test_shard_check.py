@@ -17,7 +17,7 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from lvd.curation.shard_check import check_shards, format_shard_report
+from lvd.curation.shards.check import check_shards, format_shard_report
 from lvd.curation.shards import ShardConfig, ShardSample, write_shards
 
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")

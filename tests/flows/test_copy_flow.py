@@ -67,7 +67,7 @@ def test_eval_copies_removed_and_little_else(run, dump):
 
 
 def test_copy_detection_ran_calibrated_and_reported(run):
-    from lvd.curation import stages_copy
+    from lvd.curation.stages import copy as stages_copy
 
     out, _ = run
     cal = stages_copy.calibration(out)

@@ -22,7 +22,7 @@ from prefect_runs import run_artifacts
 from lvd.curation import copies
 from lvd.curation import ledger as lg
 from lvd.curation.demo import build_demo_dump
-from lvd.curation.shard_check import check_shards
+from lvd.curation.shards.check import check_shards
 
 OPTS = dict(
     partition_size=16, shard_size=4,

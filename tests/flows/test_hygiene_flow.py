@@ -202,7 +202,7 @@ def test_faces_blurred_in_the_shards_and_nothing_else(run, dump):
 
 def test_table_and_gallery_artifacts(run_state, run):
     from lvd.curation import hygiene
-    from lvd.curation.shard_image import store_image
+    from lvd.curation.shards.image import store_image
     from lvd.flows.artifacts import thumbnail_png
 
     _, out = run

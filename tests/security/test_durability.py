@@ -21,7 +21,8 @@ from plain_curate import curate_without_prefect
 from ray import cloudpickle
 
 from lvd import durable
-from lvd.curation import ingest, isolate, ledger, runner, stages, testdata
+from lvd.curation import ingest, isolate, ledger, runner, testdata
+from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
 

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 import fsspec
 
-from lvd.curation.raw import (
+from lvd.curation.sources.raw import (
     CORRUPT_TAR_MEMBER,
     DEFAULT_MAX_BYTES,
     SIDECAR_MAX_BYTES,

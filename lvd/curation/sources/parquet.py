@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lvd.curation.raw import REMOTE_PROTOCOLS, InputRejected, SourceLimits, inside, read_capped, read_local
+from lvd.curation.sources.raw import REMOTE_PROTOCOLS, InputRejected, SourceLimits, inside, read_capped, read_local
 
 BYTES_COLUMNS = ("image", "jpg", "bytes", "image_bytes")
 PATH_COLUMNS = ("path", "image_path", "url")

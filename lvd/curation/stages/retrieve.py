@@ -28,7 +28,7 @@ from lvd.curation.knn_index import build_index
 from lvd.curation.retrieve import (
     BalancedConfig, ClusterRetrievalConfig, Retrieval, SampleRetrievalConfig, balanced, cluster_based, sample_based, union,
 )  # fmt: skip
-from lvd.curation.stages_select import flat_kmeans, read_clusters
+from lvd.curation.stages.select import flat_kmeans, read_clusters
 from lvd.curation.vectors import open_vectors
 
 METHODS = ("sample", "cluster", "hierarchical")

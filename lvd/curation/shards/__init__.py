@@ -43,7 +43,7 @@ from typing import Any, Literal
 import pyarrow as pa
 
 from lvd import durable
-from lvd.curation.shard_image import StoredImage, store_image
+from lvd.curation.shards.image import StoredImage, store_image
 
 MANIFEST = "manifest.parquet"
 KEY_DIGITS = 9

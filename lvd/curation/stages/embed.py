@@ -3,7 +3,7 @@
 Layout inside a run folder R (the pool run, or a seed / eval-set run under RUN/seeds/<name>,
 RUN/eval/<name>): `R/embed/part-NNNNNN.done.json`, one marker per ingest partition embedded;
 the vectors themselves in `R/vectors/` (`lvd.curation.vectors` store, keyed by uid). A copy
-model's descriptors use the same code under `R/copyembed` / `R/copyvec` (`lvd.curation.stages_copy`).
+model's descriptors use the same code under `R/copyembed` / `R/copyvec` (`lvd.curation.stages.copy`).
 """
 
 from __future__ import annotations

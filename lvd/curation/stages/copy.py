@@ -59,7 +59,7 @@ class FeatUnit:
 
 
 def feature_units(run_dir: Path) -> list[FeatUnit]:
-    from lvd.curation.stages_embed import embed_units  # the driver's import (torch), not the workers'
+    from lvd.curation.stages.embed import embed_units  # the driver's import (torch), not the workers'
 
     return [FeatUnit(u.index, u.fingerprint, u.blobs) for u in embed_units(run_dir)]
 

@@ -38,8 +38,9 @@ from typing import Literal
 
 import fsspec
 
-from lvd.curation import parquet_source, tar_source
-from lvd.curation.raw import (
+from lvd.curation.sources import parquet as parquet_source
+from lvd.curation.sources import tar as tar_source
+from lvd.curation.sources.raw import (
     CORRUPT_TAR_MEMBER,
     SIDECAR_MAX_BYTES,
     InputRejected,
