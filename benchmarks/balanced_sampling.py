@@ -74,12 +74,18 @@ def main() -> None:
         picked = balanced_sample(tree, args.target, seed=args.seed)
         rows[name] = (picked, time.perf_counter() - t)
 
-    print(f"pool {args.n}x{args.d}, {args.concepts} concepts, Zipf alpha={args.alpha}, target {args.target}, {args.threads} thread(s)")
+    print(
+        f"pool {args.n}x{args.d}, {args.concepts} concepts, Zipf alpha={args.alpha}, target {args.target}, {args.threads} thread(s)"
+    )
     base = spread(labels[rows["random sample"][0]], args.concepts)
-    print(f"{'selection':44s} {'n':>6s} {'entropy':>8s} {'/random':>8s} {'gini':>6s} {'/random':>8s} {'max share':>9s} {'concepts':>8s} {'fit s':>6s}")
+    print(
+        f"{'selection':44s} {'n':>6s} {'entropy':>8s} {'/random':>8s} {'gini':>6s} {'/random':>8s} {'max share':>9s} {'concepts':>8s} {'fit s':>6s}"
+    )
     for name, (picked, sec) in rows.items():
         ent, gini, top, covered = spread(labels[picked], args.concepts)
-        print(f"{name:44s} {len(picked):6d} {ent:8.3f} {ent / base[0]:8.3f} {gini:6.3f} {gini / base[1]:8.3f} {top:9.3f} {covered:8d} {sec:6.1f}")
+        print(
+            f"{name:44s} {len(picked):6d} {ent:8.3f} {ent / base[0]:8.3f} {gini:6.3f} {gini / base[1]:8.3f} {top:9.3f} {covered:8d} {sec:6.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -40,14 +40,14 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from lvd.curation import copies, ledger, runner
-from lvd.curation.stages import ingest_dedup as stages
-from lvd.curation.stages import copy as stages_copy
-from lvd.curation.stages import embed as stages_embed
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.embed import EmbedConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.localfeat import FeatureConfig
+from lvd.curation.stages import copy as stages_copy
+from lvd.curation.stages import embed as stages_embed
+from lvd.curation.stages import ingest_dedup as stages
 
 KINDS = tuple(k for k in copies.BENCH_KINDS)
 REAL_KINDS = tuple(copies.COPY_KINDS)
@@ -57,8 +57,9 @@ def _face(f: np.ndarray) -> Image.Image:
     return Image.fromarray((f * 255).astype(np.uint8)).resize((96, 96), Image.BICUBIC).convert("RGB")
 
 
-def real_dump(root: Path, n_products: int = 300, n_faces: int = 60, n_copied: int = 60,
-              seed: int = 7) -> copies.BenchTruth:
+def real_dump(
+    root: Path, n_products: int = 300, n_faces: int = 60, n_copied: int = 60, seed: int = 7
+) -> copies.BenchTruth:
     """The untuned real check: Fashion-MNIST *train* products (the bench dump uses the test
     split) and LFW faces 100-159 (it uses the first 100), all 96 px; `n_copied` of them get one
     copy per `copies.make_copies` kind (the older generator: other ranges than the bench
@@ -100,6 +101,7 @@ def _uid_of(run: Path) -> dict[str, str]:
 
 def score(root: Path, truth: copies.BenchTruth, uid_of: dict[str, str], rep_of: dict[str, str]) -> dict:
     """recall per kind, distinct originals merged (per group of look-alikes)."""
+
     def rep(rel: str) -> str | None:
         u = uid_of.get(str(root / rel))
         return rep_of.get(u, u) if u else None
@@ -116,8 +118,11 @@ def score(root: Path, truth: copies.BenchTruth, uid_of: dict[str, str], rep_of: 
     for name, rel in orig_file.items():
         groups.setdefault(rep(rel), []).append(name)
     merged = [n for g in groups.values() if len(g) > 1 for n in g]
-    return dict(recall={k: float(np.mean(v)) for k, v in found.items() if v}, merged=merged,
-                groups={g: {k: float(np.mean(v)) for k, v in kinds.items()} for g, kinds in by_group.items()})
+    return dict(
+        recall={k: float(np.mean(v)) for k, v in found.items() if v},
+        merged=merged,
+        groups={g: {k: float(np.mean(v)) for k, v in kinds.items()} for g, kinds in by_group.items()},
+    )
 
 
 def phash_baseline(root: Path, truth: copies.BenchTruth, radius: int = 8) -> dict:
@@ -186,11 +191,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--side", type=int, default=FeatureConfig().side, help="copy features' image side (px)")
     parser.add_argument("--n-features", type=int, default=FeatureConfig().n_features, help="ORB keypoints per image")
-    parser.add_argument("--max-verify", type=int, default=CopyDetectConfig().max_verify,
-                        help="candidates decided per image (--copy-candidates)")
-    parser.add_argument("--real", action="store_true",
-                        help="the untuned real check instead (real_dump: Fashion-MNIST train + LFW faces "
-                        "100-159, 96 px)")
+    parser.add_argument(
+        "--max-verify",
+        type=int,
+        default=CopyDetectConfig().max_verify,
+        help="candidates decided per image (--copy-candidates)",
+    )
+    parser.add_argument(
+        "--real",
+        action="store_true",
+        help="the untuned real check instead (real_dump: Fashion-MNIST train + LFW faces 100-159, 96 px)",
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lvd-copyq-"))
     root = Path(args.dump) if args.dump else tmp / "dump"
@@ -201,8 +212,9 @@ def main() -> None:
         truth = copies.BenchTruth.load(root) if args.dump else copies.write_bench_dump(root, seed=args.seed)
     kinds = REAL_KINDS if args.real else KINDS
     n_files = len(truth.files)
-    print(f"dump: {n_files} files ({len(truth.originals)} originals) at {root}, "
-          f"built in {time.perf_counter() - t:.1f}s")
+    print(
+        f"dump: {n_files} files ({len(truth.originals)} originals) at {root}, built in {time.perf_counter() - t:.1f}s"
+    )
     runner.init_ray()
     run = tmp / "run"
     clock = Clock()
@@ -211,8 +223,9 @@ def main() -> None:
     clock.run("hash dedup", stages.run_dedup, run, DedupConfig())
     n = stages.unique_accepted(run).num_rows
     uid_of = _uid_of(run)
-    cfg = CopyDetectConfig(max_remove=1.0, max_verify=args.max_verify,
-                           features=FeatureConfig(side=args.side, n_features=args.n_features))
+    cfg = CopyDetectConfig(
+        max_remove=1.0, max_verify=args.max_verify, features=FeatureConfig(side=args.side, n_features=args.n_features)
+    )
     clock.run("copy features", stages_copy.run_copyfeat, run, cfg.features)
     clock.run("copy detection", stages_copy.run_copydetect, run, cfg)
     stats_b, cal_b = stages_copy.copydetect_stats(run), stages_copy.calibration(run)
@@ -240,8 +253,10 @@ def main() -> None:
         for g, rec in sorted(s["groups"].items()):
             print(row(f"  {g}", dict(recall=rec, merged=[]), kinds=kinds))
     print(f"\ncalibration (b): {cal_b.summary()}")
-    print("  known-copy recall per calibration kind: "
-          + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(cal_b.recall.items())))
+    print(
+        "  known-copy recall per calibration kind: "
+        + ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(cal_b.recall.items()))
+    )
     report_cost(clock, stats_b, n, cfg)
     shutil.rmtree(tmp, ignore_errors=True)
 
@@ -249,25 +264,35 @@ def main() -> None:
 def report_cost(clock: Clock, s: dict, n: int, cfg: CopyDetectConfig) -> None:
     """Per-image wall and CPU time of each stage, the copy detection's split, and the ratio to
     the baseline (ingest + hash dedup) with and without the calibration's fixed cost."""
-    print(f"\ncost per image on {n} images ({runner_cpus()} CPUs; load average before: {os.getloadavg()[0]:.1f}), "
-          f"features at {cfg.features.side} px, {cfg.features.n_features} keypoints, {cfg.max_verify} candidates:")
+    print(
+        f"\ncost per image on {n} images ({runner_cpus()} CPUs; load average before: {os.getloadavg()[0]:.1f}), "
+        f"features at {cfg.features.side} px, {cfg.features.n_features} keypoints, {cfg.max_verify} candidates:"
+    )
     print(f"  {'':22s} {'wall ms':>8s} {'CPU ms':>8s}")
     for k in clock.wall:
         print(f"  {k:22s} {1000 * clock.wall[k] / n:8.2f} {1000 * clock.cpu[k] / n:8.2f}")
-    print(f"  copy detection (b) split (wall): calibration {s['seconds_calibrate']:.1f} s in all, candidates "
-          f"{1000 * s['seconds_candidates'] / n:.2f} ms, verification {1000 * s['seconds_verify'] / n:.2f} ms, "
-          f"chain split {1000 * s['seconds_split'] / n:.2f} ms")
-    print(f"  pairs verified: {s['candidates']} ({s['candidates'] / n:.1f} per image), "
-          f"{s['candidates'] / max(s['seconds_verify'], 1e-9):.0f} pairs/s")
+    print(
+        f"  copy detection (b) split (wall): calibration {s['seconds_calibrate']:.1f} s in all, candidates "
+        f"{1000 * s['seconds_candidates'] / n:.2f} ms, verification {1000 * s['seconds_verify'] / n:.2f} ms, "
+        f"chain split {1000 * s['seconds_split'] / n:.2f} ms"
+    )
+    print(
+        f"  pairs verified: {s['candidates']} ({s['candidates'] / n:.1f} per image), "
+        f"{s['candidates'] / max(s['seconds_verify'], 1e-9):.0f} pairs/s"
+    )
     for what, times in (("wall", clock.wall), ("CPU", clock.cpu)):
         base = times["ingest"] + times["hash dedup"]
         full = base + times["copy features"] + times["copy detection"]
-        print(f"ratio ({what}) vs baseline 'ingest + hash dedup' ({1000 * base / n:.2f} ms/image): "
-              f"curation with the copy detector {full / base:.2f}x")
+        print(
+            f"ratio ({what}) vs baseline 'ingest + hash dedup' ({1000 * base / n:.2f} ms/image): "
+            f"curation with the copy detector {full / base:.2f}x"
+        )
     base = clock.wall["ingest"] + clock.wall["hash dedup"]
     full = base + clock.wall["copy features"] + clock.wall["copy detection"] - s["seconds_calibrate"]
-    print(f"ratio (wall) without the calibration's fixed {s['seconds_calibrate']:.1f} s (a pool where it amortises): "
-          f"{full / base:.2f}x")
+    print(
+        f"ratio (wall) without the calibration's fixed {s['seconds_calibrate']:.1f} s (a pool where it amortises): "
+        f"{full / base:.2f}x"
+    )
 
 
 def runner_cpus() -> int:

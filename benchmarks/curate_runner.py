@@ -18,8 +18,8 @@ from pathlib import Path
 import ray
 
 from lvd.curation import runner, testdata
-from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.ingest import IngestConfig
+from lvd.curation.stages import ingest_dedup as stages
 
 
 def make_dump(root: Path, n_files: int) -> Path:

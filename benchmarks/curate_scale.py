@@ -40,8 +40,8 @@ from lvd.curation.embed import EmbedConfig, Embedder
 from lvd.curation.ingest import IngestConfig, ingest_item, ingest_partition
 from lvd.curation.kmeans import KMeansConfig, kmeans
 from lvd.curation.knn_index import build_index, similar_pairs
-from lvd.curation.sources.raw import RawItem
 from lvd.curation.shards import ShardConfig, ShardSample, write_shards
+from lvd.curation.sources.raw import RawItem
 from lvd.curation.stages.ingest_dedup import plan
 from lvd.datasets import load_fashion_mnist
 
@@ -66,7 +66,9 @@ class Meter:
         print("| stage | items | wall s | CPU s | CPU ms / item | CPU core-h / 1M items | max RSS after (MiB) |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for name, n, wall, cpu, rss in self.rows:
-            print(f"| {name} | {n} | {wall:.2f} | {cpu:.2f} | {1e3 * cpu / n:.3f} | {cpu / n * 1e6 / 3600:.2f} | {rss:.0f} |")
+            print(
+                f"| {name} | {n} | {wall:.2f} | {cpu:.2f} | {1e3 * cpu / n:.3f} | {cpu / n * 1e6 / 3600:.2f} | {rss:.0f} |"
+            )
 
 
 def write_pool(folder: Path, n: int, copies: int, side: int) -> None:
@@ -117,7 +119,9 @@ def main() -> None:
     p.add_argument("--side", type=int, default=128, help="side of the JPEGs written (px)")
     p.add_argument("--embedder", type=Path, default=Path(DEFAULT_EMBEDDER), help="lvd run folder")
     p.add_argument("--big", type=int, default=16, help="images embedded with a random ViT-L/14 at 224 px (0: skip)")
-    p.add_argument("--photos", type=int, default=190, help="real photos for the ingest / preprocess reference (0: skip)")
+    p.add_argument(
+        "--photos", type=int, default=190, help="real photos for the ingest / preprocess reference (0: skip)"
+    )
     args = p.parse_args()
     torch.set_num_threads(2)
     m = Meter()
@@ -133,34 +137,51 @@ def main() -> None:
         size = int(json.loads((args.embedder / "config.json").read_text())["crops"]["global_size"])
         from lvd.pretrain.checkpoint import load_teacher_backbone
 
-        emb = Embedder(load_teacher_backbone(args.embedder),
-                       EmbedConfig(resize=size, crop=size, batch_size=128, device="cpu", decode_threads=2))
+        emb = Embedder(
+            load_teacher_backbone(args.embedder),
+            EmbedConfig(resize=size, crop=size, batch_size=128, device="cpu", decode_threads=2),
+        )
         data = dict(zip(blobs["uid"].to_pylist(), blobs["data"].to_pylist()))
         uids = uniq["uid"].to_pylist()
         vecs = m.run(f"embed (ViT-Ti/14 at {size} px)", len(uids), lambda: emb.embed_images([data[u] for u in uids]))
         if args.big:
             from lvd.pretrain.models.vit import vit_large
 
-            big = Embedder(vit_large(num_register_tokens=4, img_size=224),
-                           EmbedConfig(batch_size=args.big, device="cpu", decode_threads=2))
-            m.run("embed (ViT-L/14 at 224 px, random)", args.big, lambda: big.embed_images([data[u] for u in uids[: args.big]]))
-        edges = m.run("embedding k-NN graph (k=64, exact flat)", len(uids), lambda: knn_edges(vecs, k=64, threshold=0.94))
+            big = Embedder(
+                vit_large(num_register_tokens=4, img_size=224),
+                EmbedConfig(batch_size=args.big, device="cpu", decode_threads=2),
+            )
+            m.run(
+                "embed (ViT-L/14 at 224 px, random)",
+                args.big,
+                lambda: big.embed_images([data[u] for u in uids[: args.big]]),
+            )
+        edges = m.run(
+            "embedding k-NN graph (k=64, exact flat)", len(uids), lambda: knn_edges(vecs, k=64, threshold=0.94)
+        )
         k = max(2, round(len(uids) ** 0.5))
         m.run(f"k-means (k={k}, spherical)", len(uids), lambda: kmeans(vecs.astype(np.float32), KMeansConfig(k=k)))
         rows = {r["uid"]: r for r in uniq.select(["uid", "width", "height"]).to_pylist()}
         src = dict(zip(records["uid"].to_pylist(), records["source"].to_pylist()))
-        samples = [ShardSample(uid=u, source=src[u], width=rows[u]["width"], height=rows[u]["height"], data=data[u]) for u in uids]
+        samples = [
+            ShardSample(uid=u, source=src[u], width=rows[u]["width"], height=rows[u]["height"], data=data[u])
+            for u in uids
+        ]
         m.run("shard write (WebDataset tars)", len(samples), lambda: write_shards(samples, out, ShardConfig()))
         shard_bytes = sum(f.stat().st_size for f in out.glob("*.tar"))
     if args.photos:
         real_photo_costs(m, args.photos)
-    print(f"\npool: {n_in} JPEGs ({args.side} px, q90; {args.copies} q50 copies), {len(uids)} unique, "
-          f"{len(dups)} pHash duplicates, {len(edges.a)} embedding edges at 0.94; "
-          f"RSS before stages {base_rss:.0f} MiB; torch threads 2\n")
+    print(
+        f"\npool: {n_in} JPEGs ({args.side} px, q90; {args.copies} q50 copies), {len(uids)} unique, "
+        f"{len(dups)} pHash duplicates, {len(edges.a)} embedding edges at 0.94; "
+        f"RSS before stages {base_rss:.0f} MiB; torch threads 2\n"
+    )
     m.print()
     rec_bytes = uniq.nbytes / len(uniq)
-    print(f"\nper-image bytes: dedup record (uid, sizes, phash, dhash, phash256, thumb16) {rec_bytes:.0f}; "
-          f"vector {vecs.shape[1]}-D float16 {2 * vecs.shape[1]}; shard {shard_bytes / len(samples):.0f}")
+    print(
+        f"\nper-image bytes: dedup record (uid, sizes, phash, dhash, phash256, thumb16) {rec_bytes:.0f}; "
+        f"vector {vecs.shape[1]}-D float16 {2 * vecs.shape[1]}; shard {shard_bytes / len(samples):.0f}"
+    )
 
 
 if __name__ == "__main__":

@@ -50,9 +50,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--knn-train", type=int, default=5000, help="labelled k-NN train subset")
     p.add_argument("--knn-val", type=int, default=2000, help="labelled k-NN val subset")
     p.add_argument("--bootstrap-steps", type=int, default=30, help="pipeline's bootstrap embedder")
-    p.add_argument("--copy-detection", action="store_true",
-                   help="run the pipeline's copy detection too (off: hash dedup only, which "
-                        "catches this pool's exact and brightness-shifted copies; ~4x the time)")
+    p.add_argument(
+        "--copy-detection",
+        action="store_true",
+        help="run the pipeline's copy detection too (off: hash dedup only, which "
+        "catches this pool's exact and brightness-shifted copies; ~4x the time)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--out", type=Path, default=Path("/tmp/lvd-curation-effect"), help="work folder")
     return p.parse_args()
@@ -60,14 +63,27 @@ def parse_args() -> argparse.Namespace:
 
 # ---------------------------------------------------------------- the uncurated pool
 
+
 def sample_photos() -> list[np.ndarray]:
     """RGB photos that ship inside scikit-image and scikit-learn (nothing is downloaded)."""
     import skimage.data
     from sklearn.datasets import load_sample_images
 
     photos = list(load_sample_images().images)
-    for name in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
-                 "hubble_deep_field", "camera", "coins", "moon", "page", "text", "clock"):
+    for name in (
+        "astronaut",
+        "coffee",
+        "chelsea",
+        "rocket",
+        "immunohistochemistry",
+        "hubble_deep_field",
+        "camera",
+        "coins",
+        "moon",
+        "page",
+        "text",
+        "clock",
+    ):
         try:
             img = np.asarray(getattr(skimage.data, name)())
         except Exception:  # a data file this skimage build does not ship
@@ -101,8 +117,7 @@ def junk(n: int, rng: np.random.Generator) -> list[np.ndarray]:
             img = rng.integers(0, 256, 3)[None, None] + rng.normal(0, 2, (size, size, 3))
         elif kind == 2:  # a gradient
             a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-            t = np.linspace(0, 1, size)[None, :, None] if rng.random() < 0.5 else \
-                np.linspace(0, 1, size)[:, None, None]
+            t = np.linspace(0, 1, size)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, size)[:, None, None]
             img = np.broadcast_to(a + (b - a) * t, (size, size, 3))
         else:  # stripes
             period = int(rng.integers(2, 12))
@@ -123,8 +138,9 @@ def build_pool(args: argparse.Namespace, x_train: np.ndarray) -> list[PoolItem]:
     for i, j in enumerate(rng.integers(0, len(fm), args.dups)):
         x = fm[j]
         if i % 2:  # near duplicate: brightness shift and noise
-            x = np.clip(x.astype(np.int16) + int(rng.integers(-12, 13))
-                        + rng.integers(-3, 4, x.shape), 0, 255).astype(np.uint8)
+            x = np.clip(x.astype(np.int16) + int(rng.integers(-12, 13)) + rng.integers(-3, 4, x.shape), 0, 255).astype(
+                np.uint8
+            )
         items.append(("dup", int(j), x))
     items += [("photo", -1, x) for x in photo_crops(args.photos, rng)]
     items += [("junk", -1, x) for x in junk(args.junk, rng)]
@@ -162,16 +178,38 @@ def curated_items(pool: list[PoolItem], manifest: Path) -> list[PoolItem]:
 
 # ---------------------------------------------------------------- the two arms
 
+
 def curate_and_train(args, pool_dir: Path, seeds_dir: Path, train_dir: Path, val_dir: Path) -> Path:
     """`lvd pipeline` on the pool (curation, then `tiny` for --steps); its run folder."""
     out = args.out / "curated"
     if latest_checkpoint(out / "pretrain") is not None and (out / "hf").exists():
         return out
-    cmd = [sys.executable, "-m", "lvd.cli", "pipeline", "--input", str(pool_dir),
-           "--seeds", str(seeds_dir), "--retrieval", "sample", "--out", str(out),
-           "--bootstrap-steps", str(args.bootstrap_steps), "--recipe", "tiny",
-           "--max-steps", str(args.steps), "--num-workers", "1",
-           "--knn-train", str(train_dir), "--knn-val", str(val_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lvd.cli",
+        "pipeline",
+        "--input",
+        str(pool_dir),
+        "--seeds",
+        str(seeds_dir),
+        "--retrieval",
+        "sample",
+        "--out",
+        str(out),
+        "--bootstrap-steps",
+        str(args.bootstrap_steps),
+        "--recipe",
+        "tiny",
+        "--max-steps",
+        str(args.steps),
+        "--num-workers",
+        "1",
+        "--knn-train",
+        str(train_dir),
+        "--knn-val",
+        str(val_dir),
+    ]
     if not args.copy_detection:
         cmd.append("--no-copy-detection")
     if out.exists():
@@ -187,8 +225,7 @@ def train_raw(args, pool: list[PoolItem]) -> Path:
         write_shards([x for _, _, x in pool], shard_dir, samples_per_shard=1000, size=56)
     shards = tuple(sorted(str(p) for p in shard_dir.glob("*.tar")))
     # the pipeline's pretraining: recipe `tiny`, seed 0, max_steps, one loader worker
-    train(TrainConfig(shards=shards, recipe=tiny(), out=run, max_steps=args.steps, resume=True,
-                      num_workers=1))
+    train(TrainConfig(shards=shards, recipe=tiny(), out=run, max_steps=args.steps, resume=True, num_workers=1))
     return run
 
 
@@ -238,14 +275,18 @@ def main() -> None:
     # the curated arm's k-NN is the one `lvd pipeline` reported (evaluate_knn, same folders,
     # k=20; tests/pretrain/test_training_breaks.py checks a report against a recomputation)
     reported = json.loads((latest_checkpoint(curated / "pretrain") / "eval_knn.json").read_text())
-    rows = [("raw pool", composition(pool), cached_knn(latest_checkpoint(raw), train_dir, val_dir, size)),
-            ("curated (`lvd pipeline`)", composition(kept), reported["top1"]),
-            ("neither: the same ViT at random init", None, random_init_knn(args.out, train_dir, val_dir, size))]
+    rows = [
+        ("raw pool", composition(pool), cached_knn(latest_checkpoint(raw), train_dir, val_dir, size)),
+        ("curated (`lvd pipeline`)", composition(kept), reported["top1"]),
+        ("neither: the same ViT at random init", None, random_init_knn(args.out, train_dir, val_dir, size)),
+    ]
     n_train, n_val = reported["n_train"], reported["n_val"]
-    print(f"\npool: {len(pool)} images ({dict(Counter(k for k, _, _ in pool))}); `tiny`, "
-          f"{args.steps} steps of batch 32 on each; k-NN k=20 T=0.07, {n_train} "
-          f"train / {n_val} val Fashion-MNIST images; pipeline {t_cur / 60:.1f} min, "
-          f"raw run {t_raw / 60:.1f} min this call\n")
+    print(
+        f"\npool: {len(pool)} images ({dict(Counter(k for k, _, _ in pool))}); `tiny`, "
+        f"{args.steps} steps of batch 32 on each; k-NN k=20 T=0.07, {n_train} "
+        f"train / {n_val} val Fashion-MNIST images; pipeline {t_cur / 60:.1f} min, "
+        f"raw run {t_raw / 60:.1f} min this call\n"
+    )
     print("| pretraining data | images | " + " | ".join(COLUMNS) + " | k-NN top-1 |")
     print("|---|---|" + "---|" * len(COLUMNS) + "---|")
     for name, comp, top1 in rows:

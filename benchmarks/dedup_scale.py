@@ -109,5 +109,6 @@ def main() -> None:
             print(f"{name:12s} n={n0}: all-pairs IndexBinaryFlat {flat_cpu:.3f}s cpu / ours {ours_cpu:.3f}s"
                   f" = {flat_cpu / max(ours_cpu, 1e-9):.1f}x")  # fmt: skip
 
+
 if __name__ == "__main__":
     main()

@@ -40,8 +40,14 @@ def throughput(emb: Embedder, n: int) -> None:
     photos = real_photos()
     blobs = [encode_original(photos[i % len(photos)][1]) for i in range(n)]
     cfg = emb.cfg
-    tf = T.Compose([T.Resize(cfg.resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(cfg.crop),
-                    T.ToTensor(), T.Normalize(cfg.mean, cfg.std)])
+    tf = T.Compose(
+        [
+            T.Resize(cfg.resize, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(cfg.crop),
+            T.ToTensor(),
+            T.Normalize(cfg.mean, cfg.std),
+        ]
+    )
     emb.embed_images(blobs[: cfg.batch_size])  # warm-up
     t0 = time.perf_counter()
     for s in range(0, n, cfg.batch_size):
@@ -54,8 +60,10 @@ def throughput(emb: Embedder, n: int) -> None:
     t0 = time.perf_counter()
     x = emb.preprocess(blobs[: cfg.batch_size], [str(i) for i in range(cfg.batch_size)])
     pre = (time.perf_counter() - t0) / cfg.batch_size
-    print(f"throughput on {emb.device} ({n} JPEGs, batch {cfg.batch_size}): baseline {n / base:.1f} img/s, "
-          f"Embedder {n / ours:.1f} img/s, ratio {base / ours:.2f}x; decode+preprocess {1e3 * pre:.1f} ms/img")
+    print(
+        f"throughput on {emb.device} ({n} JPEGs, batch {cfg.batch_size}): baseline {n / base:.1f} img/s, "
+        f"Embedder {n / ours:.1f} img/s, ratio {base / ours:.2f}x; decode+preprocess {1e3 * pre:.1f} ms/img"
+    )
 
 
 def main() -> None:

@@ -76,8 +76,7 @@ def init_group(device: torch.device) -> tuple[int, int]:
         with socket.socket() as s:  # a free port for the one-rank group's store
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -87,12 +86,20 @@ def init_group(device: torch.device) -> tuple[int, int]:
 def synthetic_batch(recipe, batch_size: int):
     c = recipe.crops
     g = torch.Generator().manual_seed(0)
-    samples = [Crops(global_crops=[torch.randn(3, c.global_size, c.global_size, generator=g) for _ in range(2)],
-                     local_crops=[torch.randn(3, c.local_size, c.local_size, generator=g) for _ in range(c.n_local)])
-               for _ in range(batch_size)]
+    samples = [
+        Crops(
+            global_crops=[torch.randn(3, c.global_size, c.global_size, generator=g) for _ in range(2)],
+            local_crops=[torch.randn(3, c.local_size, c.local_size, generator=g) for _ in range(c.n_local)],
+        )
+        for _ in range(batch_size)
+    ]
     m = recipe.masks
-    masking = MaskingConfig(sample_probability=m.sample_probability, ratio_min=m.ratio_min,
-                            ratio_max=m.ratio_max, patch_size=recipe.backbone.patch_size)
+    masking = MaskingConfig(
+        sample_probability=m.sample_probability,
+        ratio_min=m.ratio_min,
+        ratio_max=m.ratio_max,
+        patch_size=recipe.backbone.patch_size,
+    )
     return collate(samples, masking, np.random.default_rng(0))
 
 
@@ -111,8 +118,9 @@ def count_step_flops(meta, optimizer, batch, values, rt: Runtime) -> float:
     return float(counter.get_total_flops())
 
 
-def time_variant(name: str, meta, optimizer, batch, values, rt: Runtime, args,
-                 flops: float | None, peak: float | None) -> Row:
+def time_variant(
+    name: str, meta, optimizer, batch, values, rt: Runtime, args, flops: float | None, peak: float | None
+) -> Row:
     sync = torch.cuda.synchronize if rt.device.type == "cuda" else (lambda: None)
     if rt.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -163,8 +171,10 @@ def report(rows: list[Row], rt: Runtime, flops: float) -> None:
             print(f"{r.variant:<8} {'out of memory':>11}")
             continue
         total = None if r.images_per_s is None else r.images_per_s * rt.world_size
-        print(f"{r.variant:<8} {fmt(r.images_per_s, '11.1f')} {fmt(total, '10.1f')} "
-              f"{fmt(r.step_ms, '9.1f')} {fmt(r.peak_gib, '9.2f')} {fmt(r.mfu, '7.1%')}")
+        print(
+            f"{r.variant:<8} {fmt(r.images_per_s, '11.1f')} {fmt(total, '10.1f')} "
+            f"{fmt(r.step_ms, '9.1f')} {fmt(r.peak_gib, '9.2f')} {fmt(r.mfu, '7.1%')}"
+        )
     plain, fsdp = rows
     if plain.images_per_s and fsdp.images_per_s:
         print(f"fsdp2 / plain: throughput {fsdp.images_per_s / plain.images_per_s:.3f}x", end="")
@@ -189,9 +199,11 @@ def main() -> None:
     peak = peak_tflops(args, device)
     if rank == 0:
         name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-        print(f"recipe {recipe.name} ({recipe.backbone.arch}), batch {recipe.batch_size}/rank x {world} ranks "
-              f"on {name}, torch {torch.__version__}; {args.steps} timed steps after {args.warmup}; "
-              f"peak {peak} TFLOP/s")
+        print(
+            f"recipe {recipe.name} ({recipe.backbone.arch}), batch {recipe.batch_size}/rank x {world} ranks "
+            f"on {name}, torch {torch.__version__}; {args.steps} timed steps after {args.warmup}; "
+            f"peak {peak} TFLOP/s"
+        )
     plain_rt = replace(rt, world_size=1)  # the plain model never talks to other ranks
     plain, flops = run_variant("plain", recipe, batch, plain_rt, args, peak=peak)
     fsdp, _ = run_variant("fsdp2", recipe, batch, rt, args, flops=flops, peak=peak)

@@ -49,8 +49,10 @@ def parse_args() -> argparse.Namespace:
 def crops(mode: str, batch: int, global_px: int, local_px: int, device) -> list[torch.Tensor]:
     if mode == "single":
         return [torch.randn(batch, 3, global_px, global_px, device=device)]
-    return [torch.randn(2 * batch, 3, global_px, global_px, device=device),
-            torch.randn(8 * batch, 3, local_px, local_px, device=device)]
+    return [
+        torch.randn(2 * batch, 3, global_px, global_px, device=device),
+        torch.randn(8 * batch, 3, local_px, local_px, device=device),
+    ]
 
 
 def train_step(model, optimizer, inputs: list[torch.Tensor], device) -> None:
@@ -110,18 +112,32 @@ def main() -> None:
     sizes = (56, 28) if args.smoke else (224, 98)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
-    model = ARCHITECTURES[args.arch](img_size=sizes[0], num_register_tokens=args.registers, drop_path_rate=args.drop_path,
-                                     drop_path_uniform=True, **overrides).to(device).train()
+    model = (
+        ARCHITECTURES[args.arch](
+            img_size=sizes[0],
+            num_register_tokens=args.registers,
+            drop_path_rate=args.drop_path,
+            drop_path_uniform=True,
+            **overrides,
+        )
+        .to(device)
+        .train()
+    )
     if args.compile:
         for block in model.blocks:
             block.compile()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.04, fused=device.type == "cuda")
     n_params = sum(p.numel() for p in model.parameters())
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    print(f"{args.arch} ({n_params / 1e6:.0f}M params) on {name}, torch {torch.__version__}, bf16 autocast, "
-          f"AdamW, {args.steps} timed steps after {args.warmup} warmup, compile={args.compile}")
-    rows = [time_one(model, optimizer, mode, int(b), args, device, sizes)
-            for mode in args.modes.split(",") for b in args.batch_sizes.split(",")]
+    print(
+        f"{args.arch} ({n_params / 1e6:.0f}M params) on {name}, torch {torch.__version__}, bf16 autocast, "
+        f"AdamW, {args.steps} timed steps after {args.warmup} warmup, compile={args.compile}"
+    )
+    rows = [
+        time_one(model, optimizer, mode, int(b), args, device, sizes)
+        for mode in args.modes.split(",")
+        for b in args.batch_sizes.split(",")
+    ]
     print_table(rows)
 
 

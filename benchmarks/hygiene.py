@@ -30,9 +30,26 @@ from lvd.curation.ingest import IngestConfig, ingest_item
 from lvd.curation.sources import RawItem
 
 # Photographs the packages ship (colorwheel, logo, text, page... are graphics, not photos).
-PHOTOS = ("astronaut", "brick", "camera", "chelsea", "clock", "coffee", "coins", "grass", "gravel",
-          "hubble_deep_field", "immunohistochemistry", "moon", "retina", "rocket", "cell", "stereo_motorcycle",
-          "china", "flower")
+PHOTOS = (
+    "astronaut",
+    "brick",
+    "camera",
+    "chelsea",
+    "clock",
+    "coffee",
+    "coins",
+    "grass",
+    "gravel",
+    "hubble_deep_field",
+    "immunohistochemistry",
+    "moon",
+    "retina",
+    "rocket",
+    "cell",
+    "stereo_motorcycle",
+    "china",
+    "flower",
+)
 
 
 def photo(name: str) -> np.ndarray:
@@ -55,7 +72,7 @@ def crops(n: int, seed: int = 0) -> list[np.ndarray]:
         side = int(min(h, w) * rng.uniform(0.25, 1.0))
         y, x = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
         size = int(rng.integers(128, 513))
-        out.append(np.asarray(Image.fromarray(a[y:y + side, x:x + side]).resize((size, size))))
+        out.append(np.asarray(Image.fromarray(a[y : y + side, x : x + side]).resize((size, size))))
     return out
 
 
@@ -111,11 +128,15 @@ def recall(fcfg: FaceConfig) -> None:
     found = [len(detect_faces(_gray(a), fcfg)) for a in faces]
     false = [len(detect_faces(_gray(a), fcfg)) for a in none]
     print(f"== face detector {fcfg.detector or 'haarcascade_frontalface_alt2.xml'}")
-    print(f"astronaut (1 face): {found[0]} found; camera (cameraman, face in profile-ish, small): "
-          f"{len(detect_faces(_gray(photo('camera')), fcfg))} found")
+    print(
+        f"astronaut (1 face): {found[0]} found; camera (cameraman, face in profile-ish, small): "
+        f"{len(detect_faces(_gray(photo('camera')), fcfg))} found"
+    )
     print(f"LFW faces (skimage.data.lfw_subset, 100, upscaled 25->100 px): recall {sum(f >= 1 for f in found[1:])}/100")
-    print(f"images without faces ({len(none)}: package photos + LFW non-faces): "
-          f"{sum(f >= 1 for f in false)} with a detection")
+    print(
+        f"images without faces ({len(none)}: package photos + LFW non-faces): "
+        f"{sum(f >= 1 for f in false)} with a detection"
+    )
 
 
 def _gray(a: np.ndarray) -> Image.Image:
@@ -145,20 +166,26 @@ def cost(repeat: int) -> None:
     stages = {
         "quality filters (on ingest's small decode)": lambda: [hy.check_thumb(s, 512, 384, quality) for s in smalls],
         "url blocklist (20 domain rules, none match)": lambda: [hy.check_source(it.meta, block) for it in items],
-        "face detection (second decode, Haar cascade)": lambda: [hy.check_decoded(it.data, (512, 384), faces)
-                                                                 for it in items],
-        "nsfw (second decode, scripted 1-layer model)": lambda: [hy.check_decoded(it.data, (512, 384), nsfw_cfg)
-                                                                 for it in items],
+        "face detection (second decode, Haar cascade)": lambda: [
+            hy.check_decoded(it.data, (512, 384), faces) for it in items
+        ],
+        "nsfw (second decode, scripted 1-layer model)": lambda: [
+            hy.check_decoded(it.data, (512, 384), nsfw_cfg) for it in items
+        ],
         "domain cap (global count over the urls)": lambda: cap_domains(pairs, 10),
         "shard store with one face blurred (decode, blur, 4:4:4 re-encode)": lambda: [
-            store_image(it.data, max_side=None, quality=95, faces=((100, 80, 120, 120),)) for it in items],
+            store_image(it.data, max_side=None, quality=95, faces=((100, 80, 120, 120),)) for it in items
+        ],
         "shard store, original JPEG kept (no face)": lambda: [
-            store_image(it.data, max_side=None, quality=95) for it in items],
+            store_image(it.data, max_side=None, quality=95) for it in items
+        ],
     }
     base = lambda: [ingest_item(it, base_cfg) for it in items]  # noqa: E731
     base()
-    print(f"== cost per image, {len(items)} 512x384 JPEGs, torch threads {torch.get_num_threads()}, OpenCV threads "
-          f"{cv2.getNumThreads()}; baseline: ingest_item with no hygiene, {repeat} rounds alternating with each stage")
+    print(
+        f"== cost per image, {len(items)} 512x384 JPEGs, torch threads {torch.get_num_threads()}, OpenCV threads "
+        f"{cv2.getNumThreads()}; baseline: ingest_item with no hygiene, {repeat} rounds alternating with each stage"
+    )
     for name, fn in stages.items():
         fn()  # warm: model / cascade loads once per worker process
         ratios, times = [], []

@@ -79,7 +79,9 @@ def main() -> None:
         names = write_photo_jpegs(tmp, args.n, side=args.side)
         paths = [Path(tmp) / n for n in names]
         partitions = plan_partitions([tmp], files_per_partition=args.per_partition)
-        print(f"draft_side={cfg.draft_side}: {len(paths)} JPEGs of {args.side}px, {len(partitions)} partitions, os.cpu_count()={os.cpu_count()}")
+        print(
+            f"draft_side={cfg.draft_side}: {len(paths)} JPEGs of {args.side}px, {len(partitions)} partitions, os.cpu_count()={os.cpu_count()}"
+        )
         baseline(paths[:20]), single_process(partitions[:1], cfg)  # warm the page cache and imports
         import ray
 
@@ -106,10 +108,14 @@ def main() -> None:
             print(f"{label:42s}: {n / best[key]:7.1f} / {n / med[key]:7.1f} img/s  "
                   f"{best['base'] / best[key]:.2f}x ({med['base'] / med[key]:.2f}x)")  # fmt: skip
         cpu_ms = {k: 1000 * min(v) / n for k, v in cpu.items()}
-        print(f"    CPU time per image (immune to other processes' load): baseline {cpu_ms['base']:.2f} ms, "
-              f"ingest {cpu_ms['single']:.2f} ms, {cpu_ms['base'] / cpu_ms['single']:.2f}x")
-        print(f"    ray.init(num_cpus={args.cpus}) start-up: {startup:.2f} s; first (cold-worker) pass "
-              f"{n / t_cold:.1f} img/s, {best['base'] / t_cold:.2f}x; neither counted above")
+        print(
+            f"    CPU time per image (immune to other processes' load): baseline {cpu_ms['base']:.2f} ms, "
+            f"ingest {cpu_ms['single']:.2f} ms, {cpu_ms['base'] / cpu_ms['single']:.2f}x"
+        )
+        print(
+            f"    ray.init(num_cpus={args.cpus}) start-up: {startup:.2f} s; first (cold-worker) pass "
+            f"{n / t_cold:.1f} img/s, {best['base'] / t_cold:.2f}x; neither counted above"
+        )
         print("\ncProfile of (2), by own time:")
         print(profile(partitions, cfg, args.top))
 

@@ -70,7 +70,12 @@ def main() -> None:
         t = time.perf_counter()
         res = kmeans(x, KMeansConfig(k=args.k, niter=args.niter, seed=args.seed, **kw))
         sec = time.perf_counter() - t
-        runs[name] = (sec, inertia(x, res.centroids_KD, res.assign_N), partition_inertia(x, res.assign_N, args.k), f"{args.niter} iters")
+        runs[name] = (
+            sec,
+            inertia(x, res.centroids_KD, res.assign_N),
+            partition_inertia(x, res.assign_N, args.k),
+            f"{args.niter} iters",
+        )
 
     faiss_run("faiss euclidean (all points)", spherical=False, max_points_per_centroid=args.n)
     faiss_run("faiss euclidean (256/centroid sample)", spherical=False)
@@ -79,15 +84,28 @@ def main() -> None:
     with threadpool_limits(args.threads):
         t = time.perf_counter()
         # tol=0: run until labels stop changing or max_iter, like Faiss's fixed iteration count
-        ref = KMeans(n_clusters=args.k, n_init=1, max_iter=args.niter, tol=0.0, algorithm="lloyd", random_state=args.seed).fit(x)
+        ref = KMeans(
+            n_clusters=args.k, n_init=1, max_iter=args.niter, tol=0.0, algorithm="lloyd", random_state=args.seed
+        ).fit(x)
         sec = time.perf_counter() - t
-        runs["sklearn KMeans (lloyd)"] = (sec, inertia(x, ref.cluster_centers_, ref.labels_), partition_inertia(x, ref.labels_, args.k), f"{ref.n_iter_} iters")
+        runs["sklearn KMeans (lloyd)"] = (
+            sec,
+            inertia(x, ref.cluster_centers_, ref.labels_),
+            partition_inertia(x, ref.labels_, args.k),
+            f"{ref.n_iter_} iters",
+        )
 
     base_t, base_i, base_p, _ = runs["sklearn KMeans (lloyd)"]
-    print(f"k-means on {args.n}x{args.d} (unit rows, {args.concepts} concepts), k={args.k}, {args.threads} thread(s), faiss {faiss.__version__}")
-    print(f"{'method':40s} {'time s':>7s} {'t/sklearn':>9s} {'inertia':>9s} {'ratio':>7s} {'partition inertia':>18s} {'ratio':>7s}  iters")
+    print(
+        f"k-means on {args.n}x{args.d} (unit rows, {args.concepts} concepts), k={args.k}, {args.threads} thread(s), faiss {faiss.__version__}"
+    )
+    print(
+        f"{'method':40s} {'time s':>7s} {'t/sklearn':>9s} {'inertia':>9s} {'ratio':>7s} {'partition inertia':>18s} {'ratio':>7s}  iters"
+    )
     for name, (sec, ine, part, iters) in runs.items():
-        print(f"{name:40s} {sec:7.2f} {sec / base_t:9.3f} {ine:9.1f} {ine / base_i:7.4f} {part:18.1f} {part / base_p:7.4f}  {iters}")
+        print(
+            f"{name:40s} {sec:7.2f} {sec / base_t:9.3f} {ine:9.1f} {ine / base_i:7.4f} {part:18.1f} {part / base_p:7.4f}  {iters}"
+        )
 
 
 if __name__ == "__main__":

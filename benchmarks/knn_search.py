@@ -48,7 +48,9 @@ def bench(pool: np.ndarray, queries: np.ndarray, k: int, nprobes: list[int], nli
     ivf, t_ivf_build = timed(lambda: build_index(pool, ivf_cfg))
     nlist = faiss.extract_index_ivf(ivf).nlist
     print(f"\n{label}: pool {pool.shape[0]}x{pool.shape[1]}, {len(queries)} queries, k={k}, IVF nlist={nlist}")
-    print(f"build: exact {t_exact_build:.2f} s, IVF {t_ivf_build:.2f} s (train {nlist * ivf_cfg.train_points_per_list} points + add)")
+    print(
+        f"build: exact {t_exact_build:.2f} s, IVF {t_ivf_build:.2f} s (train {nlist * ivf_cfg.train_points_per_list} points + add)"
+    )
     print(f"{'index':18s} {'queries/s':>10s} {'speedup':>8s} {'recall@' + str(k):>10s}")
     qps_exact = len(queries) / t_exact
     print(f"{'exact FlatIP':18s} {qps_exact:10.0f} {1.0:8.2f} {1.0:10.4f}")
@@ -56,7 +58,9 @@ def bench(pool: np.ndarray, queries: np.ndarray, k: int, nprobes: list[int], nli
         faiss.extract_index_ivf(ivf).nprobe = nprobe
         got, sec = timed(lambda: search(ivf, queries, k))
         qps = len(queries) / sec
-        print(f"{'IVF nprobe=' + str(nprobe):18s} {qps:10.0f} {qps / qps_exact:8.2f} {recall(got.ids_QK, exact.ids_QK):10.4f}")
+        print(
+            f"{'IVF nprobe=' + str(nprobe):18s} {qps:10.0f} {qps / qps_exact:8.2f} {recall(got.ids_QK, exact.ids_QK):10.4f}"
+        )
 
 
 def main() -> None:
@@ -66,8 +70,18 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=2000, help="held-out queries")
     ap.add_argument("--k", type=int, default=10, help="neighbours")
     ap.add_argument("--concepts", type=int, default=2000, help="mixture centres")
-    ap.add_argument("--noise", type=float, default=0.1, help="per-coordinate noise before projection (0.1: a point's cosine to its centre ~0.6)")
-    ap.add_argument("--nlist", type=int, default=1024, help="IVF lists (library default: 4*sqrt(n); 1789 at 200k trains ~10x longer on 1 core)")
+    ap.add_argument(
+        "--noise",
+        type=float,
+        default=0.1,
+        help="per-coordinate noise before projection (0.1: a point's cosine to its centre ~0.6)",
+    )
+    ap.add_argument(
+        "--nlist",
+        type=int,
+        default=1024,
+        help="IVF lists (library default: 4*sqrt(n); 1789 at 200k trains ~10x longer on 1 core)",
+    )
     ap.add_argument("--nprobe", type=int, nargs="+", default=[4, 16, 64, 256], help="IVF lists probed")
     ap.add_argument("--threads", type=int, default=1, help="Faiss OpenMP threads")
     ap.add_argument("--seed", type=int, default=0)

@@ -38,23 +38,38 @@ from lvd.pretrain.train import TrainConfig, train
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--curve", default="0,300,600,1200,2400",
-                   help="comma-separated step budgets (batch 32) at which k-NN is measured")
-    p.add_argument("--train-images", type=int, default=20000,
-                   help="Fashion-MNIST training images written as pretraining shards")
+    p.add_argument(
+        "--curve",
+        default="0,300,600,1200,2400",
+        help="comma-separated step budgets (batch 32) at which k-NN is measured",
+    )
+    p.add_argument(
+        "--train-images", type=int, default=20000, help="Fashion-MNIST training images written as pretraining shards"
+    )
     p.add_argument("--knn-train", type=int, default=10000, help="labelled k-NN train subset")
     p.add_argument("--knn-val", type=int, default=2000, help="labelled k-NN val subset")
     p.add_argument("--num-workers", type=int, default=1, help="data-loading workers")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads (1 is fastest on a busy 2-core machine)")
-    p.add_argument("--no-train", action="store_true",
-                   help="only evaluate the checkpoints the curve run already has (a budget not "
-                        "reached is reported as such)")
-    p.add_argument("--distill-teacher", type=Path, default=None,
-                   help="a trained run whose teacher a fresh `tiny` student distils from")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy 2-core machine)"
+    )
+    p.add_argument(
+        "--no-train",
+        action="store_true",
+        help="only evaluate the checkpoints the curve run already has (a budget not reached is reported as such)",
+    )
+    p.add_argument(
+        "--distill-teacher",
+        type=Path,
+        default=None,
+        help="a trained run whose teacher a fresh `tiny` student distils from",
+    )
     p.add_argument("--distill-steps", type=int, default=300, help="steps of both distil rows")
-    p.add_argument("--distill-out", type=Path, default=Path("/tmp/lvd-distill"),
-                   help="work folder of the distil rows (benchmarks/distillation.py's --out)")
+    p.add_argument(
+        "--distill-out",
+        type=Path,
+        default=Path("/tmp/lvd-distill"),
+        help="work folder of the distil rows (benchmarks/distillation.py's --out)",
+    )
     p.add_argument("--out", type=Path, default=Path("/tmp/lvd-learning"), help="work folder")
     return p.parse_args(argv)
 
@@ -68,8 +83,7 @@ def prepare(args: argparse.Namespace) -> tuple[tuple[str, ...], Path, Path]:
     if not train_dir.exists():
         # k-NN "train" images are the last ones of the training split, disjoint from shards
         # only when train_images + knn_train <= 60000 (labels are never used in training)
-        write_labelled_folder(x_train[-args.knn_train :], y_train[-args.knn_train :],
-                              train_dir, size=56)
+        write_labelled_folder(x_train[-args.knn_train :], y_train[-args.knn_train :], train_dir, size=56)
         write_labelled_folder(x_test[: args.knn_val], y_test[: args.knn_val], val_dir, size=56)
     return tuple(sorted(str(p) for p in shard_dir.glob("*.tar"))), train_dir, val_dir
 
@@ -80,16 +94,22 @@ def raw_pixel_top1(args: argparse.Namespace) -> float:
     tr = torch.from_numpy(x_lab[-args.knn_train :].reshape(args.knn_train, -1).astype(np.float32))
     va = torch.from_numpy(x_test[: args.knn_val].reshape(args.knn_val, -1).astype(np.float32))
     mean = tr.mean(0, keepdim=True)  # centre, so cosine similarity compares shapes
-    return knn_top1(tr - mean, torch.from_numpy(y_lab[-args.knn_train :]), va - mean,
-                    torch.from_numpy(y_test[: args.knn_val]))
+    return knn_top1(
+        tr - mean, torch.from_numpy(y_lab[-args.knn_train :]), va - mean, torch.from_numpy(y_test[: args.knn_val])
+    )
 
 
 def curve_recipe(steps: int, checkpoints: list[int]) -> Recipe:
     """`tiny` with its schedules stretched over `steps` and a checkpoint at every budget."""
     base = tiny()
     every = int(np.gcd.reduce([s for s in checkpoints if s > 0] + [steps]))
-    return replace(base, epochs=max(1, steps // base.epoch_length), checkpoint_every=every,
-                   keep_checkpoints=steps // every + 1, log_every=50)
+    return replace(
+        base,
+        epochs=max(1, steps // base.epoch_length),
+        checkpoint_every=every,
+        keep_checkpoints=steps // every + 1,
+        log_every=50,
+    )
 
 
 def cached_knn(ckpt: Path, train_dir: Path, val_dir: Path, size: int) -> float:
@@ -105,8 +125,11 @@ def cached_knn(ckpt: Path, train_dir: Path, val_dir: Path, size: int) -> float:
 def train_run(shards, recipe: Recipe, out: Path, steps: int, args, **extra) -> float:
     """Train (or resume) to `steps`; the minutes this call spent training."""
     t0 = time.perf_counter()
-    train(TrainConfig(shards=shards, recipe=recipe, out=out, max_steps=steps, resume=True,
-                      num_workers=args.num_workers, **extra))
+    train(
+        TrainConfig(
+            shards=shards, recipe=recipe, out=out, max_steps=steps, resume=True, num_workers=args.num_workers, **extra
+        )
+    )
     return (time.perf_counter() - t0) / 60
 
 
@@ -123,8 +146,7 @@ def learning_curve(args, shards, train_dir: Path, val_dir: Path) -> list[tuple[s
     for steps in budgets:
         if steps == 0:
             torch.manual_seed(0)  # train() builds the initial weights after seeding with 0
-            top1 = evaluate_knn(recipe.backbone.build(img_size=size), train_dir, val_dir,
-                                size=size).top1
+            top1 = evaluate_knn(recipe.backbone.build(img_size=size), train_dir, val_dir, size=size).top1
         elif not checkpoint_dir(run, steps).exists():
             rows.append((f"`tiny`, {steps} steps", None))
             continue
@@ -146,13 +168,22 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).parent))
         from distillation import distillation_rows
 
-        rows += distillation_rows(args.distill_teacher, shards, train_dir, val_dir, args.distill_out,
-                                  steps=args.distill_steps, num_workers=args.num_workers)
+        rows += distillation_rows(
+            args.distill_teacher,
+            shards,
+            train_dir,
+            val_dir,
+            args.distill_out,
+            steps=args.distill_steps,
+            num_workers=args.num_workers,
+        )
     n_train = len(list(train_dir.rglob("*.png")))
     n_val = len(list(val_dir.rglob("*.png")))
-    print(f"\n`tiny` recipe, batch 32, one run whose schedule spans the largest budget; k-NN k=20 "
-          f"T=0.07 on {n_train} train / {n_val} val Fashion-MNIST images (the same split for "
-          "every row)\n")
+    print(
+        f"\n`tiny` recipe, batch 32, one run whose schedule spans the largest budget; k-NN k=20 "
+        f"T=0.07 on {n_train} train / {n_val} val Fashion-MNIST images (the same split for "
+        "every row)\n"
+    )
     print("| features | k-NN top-1 |")
     print("|---|---|")
     for name, top1 in rows:

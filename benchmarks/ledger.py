@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 from lvd.curation import ledger, runner
-from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
+from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.testdata import write_photo_jpegs
 
 
@@ -47,8 +47,12 @@ def main() -> None:
         t_verify = timed(ledger.verify_run, run)
     print(f"{args.n} inputs ({args.side} px JPEG), {len(parts)} partitions, {args.cpus} CPUs")
     print(f"{'stage':<22}{'seconds':>9}{'ms/input':>10}{'x ingest':>10}")
-    for name, t in (("ingest (baseline)", t_ingest), ("hash dedup", t_dedup), ("ledger: build + write", t_ledger),
-                    ("verify (no shards)", t_verify)):
+    for name, t in (
+        ("ingest (baseline)", t_ingest),
+        ("hash dedup", t_dedup),
+        ("ledger: build + write", t_ledger),
+        ("verify (no shards)", t_verify),
+    ):
         print(f"{name:<22}{t:>9.2f}{1000 * t / args.n:>10.3f}{t / t_ingest:>10.2f}")
     verdict = "meets" if t_ledger <= t_ingest / 5 else "misses"
     print(f"ledger / ingest = {t_ledger / t_ingest:.3f} ({verdict} the target of at most 0.2)")

@@ -63,8 +63,10 @@ def main() -> None:
         r_ours.append(rate(ours, img, args.images))
         r_off.append(rate(official, img, args.images))
     a, b = statistics.median(r_ours), statistics.median(r_off)
-    print(f"multi-crop 2x{cfg.global_size} + {cfg.n_local}x{cfg.local_size} of a 512px image, 1 thread: "
-          f"ours {a:.1f} img/s, official-style {b:.1f} img/s, ratio ours/official {a / b:.2f}")
+    print(
+        f"multi-crop 2x{cfg.global_size} + {cfg.n_local}x{cfg.local_size} of a 512px image, 1 thread: "
+        f"ours {a:.1f} img/s, official-style {b:.1f} img/s, ratio ours/official {a / b:.2f}"
+    )
 
 
 if __name__ == "__main__":

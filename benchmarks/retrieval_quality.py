@@ -79,7 +79,9 @@ def raw_pixels(pixels: np.ndarray) -> np.ndarray:
 
 def pick_seeds(y_train: np.ndarray, classes: tuple[int, ...], n: int, rng) -> np.ndarray:
     per = [n // len(classes) + (i < n % len(classes)) for i in range(len(classes))]
-    return np.concatenate([rng.choice(np.flatnonzero(y_train == c), size=m, replace=False) for c, m in zip(classes, per)])
+    return np.concatenate(
+        [rng.choice(np.flatnonzero(y_train == c), size=m, replace=False) for c, m in zip(classes, per)]
+    )
 
 
 def evaluate(name: str, pool_ND, seeds_by_set, y_pool, n_clusters: int) -> list[tuple]:
@@ -131,9 +133,13 @@ def main() -> None:
         seeds = [(n, c, fn(x_train[r])) for n, c, r in seed_rows]
         table += evaluate(name, pool_ND, seeds, y_pool, args.clusters)
         print(f"# {name}: {time.perf_counter() - t0:.1f} s (embed + index + k-means)")
-    print(f"\npool {args.pool} Fashion-MNIST test images at {size} px, {args.seeds} train seeds per set, "
-          f"{args.clusters} k-means clusters; embedder {args.embedder}\n")
-    print("| embedding | seed set (classes) | method | clusters used | retrieved | in seed classes | random (prior) | lift |")
+    print(
+        f"\npool {args.pool} Fashion-MNIST test images at {size} px, {args.seeds} train seeds per set, "
+        f"{args.clusters} k-means clusters; embedder {args.embedder}\n"
+    )
+    print(
+        "| embedding | seed set (classes) | method | clusters used | retrieved | in seed classes | random (prior) | lift |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|")
     names = {n: "+".join(FASHION_MNIST_CLASSES[i] for i in c) for n, c in SEED_SETS}
     for emb_name, set_name, method, n_cl, n, hit, prior in table:

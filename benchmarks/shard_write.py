@@ -27,9 +27,9 @@ from PIL import Image, ImageOps
 
 from lvd.curation.copies import encode_original, real_photos
 from lvd.curation.pixels import to_rgb
+from lvd.curation.shards import ShardConfig, ShardSample, sample_json, write_shards
 from lvd.curation.shards.check import check_shards
 from lvd.curation.shards.image import store_image
-from lvd.curation.shards import ShardConfig, ShardSample, sample_json, write_shards
 
 
 def make_samples(n: int) -> list[ShardSample]:
@@ -88,26 +88,36 @@ def main() -> None:
     runs: dict[str, Callable[[Path], object]] = {
         "baseline (wds.TarWriter, bytes as given)": lambda d: wds_baseline(samples, d, 100),
         "write_shards keep originals": lambda d: write_shards(samples, d, ShardConfig(shard_size=100)),
-        "write_shards re-encode all": lambda d: write_shards(samples, d, ShardConfig(shard_size=100, keep_original_jpeg=False)),
+        "write_shards re-encode all": lambda d: write_shards(
+            samples, d, ShardConfig(shard_size=100, keep_original_jpeg=False)
+        ),
         "write_shards max_side=256 (draft)": lambda d: write_shards(samples, d, small),
         "store max_side=256, full decode": lambda d: [store_without_draft(s.data, 256) for s in samples],
         "store PNG sources (1/4 of n)": lambda d: [store_image(s.data, max_side=None, quality=95) for s in png],
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
-    checks: dict[str, list[float]] = {"read tars (tarfile)": [], "check_shards decode=False": [], "check_shards decode=True": []}
+    checks: dict[str, list[float]] = {
+        "read tars (tarfile)": [],
+        "check_shards decode=False": [],
+        "check_shards decode=True": [],
+    }
     for r in range(args.rounds):
         for i, (name, fn) in enumerate(runs.items()):
             out = root / f"r{r}-{i}"
             out.mkdir()
-            times[name].append(timed(lambda: fn(out)))
+            times[name].append(timed(lambda fn=fn, out=out: fn(out)))
         keep = root / f"r{r}-1"
-        checks["read tars (tarfile)"].append(timed(lambda: read_tars(keep)))
-        checks["check_shards decode=False"].append(timed(lambda: check_shards(keep, decode=False)))
-        checks["check_shards decode=True"].append(timed(lambda: check_shards(keep)))
-    print(f"{args.samples} samples, {mb:.1f} MB of JPEG, median of {args.rounds} rounds; json e.g. {sample_json(samples[0], store_image(samples[0].data, max_side=256, quality=95))[:60]!r}")
+        checks["read tars (tarfile)"].append(timed(lambda keep=keep: read_tars(keep)))
+        checks["check_shards decode=False"].append(timed(lambda keep=keep: check_shards(keep, decode=False)))
+        checks["check_shards decode=True"].append(timed(lambda keep=keep: check_shards(keep)))
+    print(
+        f"{args.samples} samples, {mb:.1f} MB of JPEG, median of {args.rounds} rounds; json e.g. {sample_json(samples[0], store_image(samples[0].data, max_side=256, quality=95))[:60]!r}"
+    )
     _table(times, "baseline (wds.TarWriter, bytes as given)", args.samples)
     _table(checks, "read tars (tarfile)", args.samples)
-    draft, full = (statistics.median(times[k]) for k in ("write_shards max_side=256 (draft)", "store max_side=256, full decode"))
+    draft, full = (
+        statistics.median(times[k]) for k in ("write_shards max_side=256 (draft)", "store max_side=256, full decode")
+    )
     print(f"draft downscale speed-up on resize: {full / draft:.2f}x")
 
 

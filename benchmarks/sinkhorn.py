@@ -53,9 +53,12 @@ def main() -> None:
         runs["official"].append(timed(official_direct_exp, logits, 0.04))
     med = {k: statistics.median(v[1:]) for k, v in runs.items()}
     diff = (sinkhorn_knopp(logits, 0.04) - official_direct_exp(logits, 0.04)).abs().max().item()
-    print(f"B={args.rows} K={args.protos}: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items())
-          + f"; ratio shifted/official {med['shifted'] / med['official']:.2f}, "
-          f"log-space/official {med['log-space'] / med['official']:.2f}, max |diff| {diff:.2e}")
+    print(
+        f"B={args.rows} K={args.protos}: "
+        + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in med.items())
+        + f"; ratio shifted/official {med['shifted'] / med['official']:.2f}, "
+        f"log-space/official {med['log-space'] / med['official']:.2f}, max |diff| {diff:.2e}"
+    )
 
 
 if __name__ == "__main__":

@@ -77,10 +77,12 @@ def main() -> None:
         o = [t[column] for t in ours_s]
         t = [t[column] for t in theirs_s]
         paired = statistics.median(b / a for a, b in zip(o, t))
-        print(f"{label} ms  ours median {statistics.median(o) * 1e3:8.1f} min {min(o) * 1e3:8.1f} | "
-              f"timm median {statistics.median(t) * 1e3:8.1f} min {min(t) * 1e3:8.1f} | "
-              f"timm/ours: medians {statistics.median(t) / statistics.median(o):.3f} "
-              f"mins {min(t) / min(o):.3f} paired {paired:.3f}")
+        print(
+            f"{label} ms  ours median {statistics.median(o) * 1e3:8.1f} min {min(o) * 1e3:8.1f} | "
+            f"timm median {statistics.median(t) * 1e3:8.1f} min {min(t) * 1e3:8.1f} | "
+            f"timm/ours: medians {statistics.median(t) / statistics.median(o):.3f} "
+            f"mins {min(t) / min(o):.3f} paired {paired:.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -70,8 +70,9 @@ def main() -> None:
     runs = {"baseline (1 image per forward, full decode)": timed(baseline)}
     cfg = EmbedConfig(features=fcfg, ray=False)
     runs["embed, in process"] = timed(lambda: embed(model, folder, tmp / "a", cfg))
-    pcfg = EmbedConfig(features=FeatureConfig(size=args.size, batch_size=args.batch_size, device=args.device,
-                                              patches=True), ray=False)
+    pcfg = EmbedConfig(
+        features=FeatureConfig(size=args.size, batch_size=args.batch_size, device=args.device, patches=True), ray=False
+    )
     runs["embed, in process, + patch maps"] = timed(lambda: embed(model, folder, tmp / "b", pcfg))
     if not args.no_ray:
         from lvd.curation.runner import init_ray
@@ -80,8 +81,10 @@ def main() -> None:
         rcfg = EmbedConfig(features=fcfg, ray=True)
         runs["embed, 1 Ray actor (start-up included)"] = timed(lambda: embed(model.cpu(), folder, tmp / "c", rcfg))
     base = runs["baseline (1 image per forward, full decode)"]
-    print(f"{args.arch} at {args.size}px, {args.n} JPEGs, device {resolve_device(args.device)}, "
-          f"torch threads {torch.get_num_threads()}")
+    print(
+        f"{args.arch} at {args.size}px, {args.n} JPEGs, device {resolve_device(args.device)}, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     for name, sec in runs.items():
         print(f"  {name:45s} {args.n / sec:8.1f} img/s   x{base / sec:5.2f}")
 

@@ -22,8 +22,16 @@ from PIL import Image
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = (
-    "t-shirt", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle-boot",
+    "t-shirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle-boot",
 )
 _FILES = {"train": "train", "test": "t10k"}
 
@@ -44,8 +52,7 @@ def load_fashion_mnist(split: str, root: Path = FASHION_MNIST_DIR) -> tuple[np.n
     labels = root / f"{_FILES[split]}-labels-idx1-ubyte.gz"
     if not images.exists() or not labels.exists():
         raise FileNotFoundError(
-            f"Fashion-MNIST not found under {root}; install it with "
-            "`apt-get install dataset-fashion-mnist`"
+            f"Fashion-MNIST not found under {root}; install it with `apt-get install dataset-fashion-mnist`"
         )
     return _read_idx(images), _read_idx(labels).astype(np.int64)
 
@@ -55,13 +62,16 @@ def to_rgb(image: np.ndarray, size: int | None = None) -> Image.Image:
     img = Image.fromarray(image).convert("RGB")
     if size is not None and min(img.size) < size:
         scale = size / min(img.size)
-        img = img.resize((round(img.width * scale), round(img.height * scale)),
-                         Image.Resampling.BICUBIC)
+        img = img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BICUBIC)
     return img
 
 
 def write_labelled_folder(
-    images: np.ndarray, labels: np.ndarray, out: str | Path, *, size: int = 32,
+    images: np.ndarray,
+    labels: np.ndarray,
+    out: str | Path,
+    *,
+    size: int = 32,
     class_names: tuple[str, ...] = FASHION_MNIST_CLASSES,
 ) -> Path:
     """Write `OUT/<class>/<index>.png` (short side >= size); returns OUT."""
@@ -80,7 +90,11 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shards(
-    images: np.ndarray, out: str | Path, *, samples_per_shard: int = 256, size: int = 32,
+    images: np.ndarray,
+    out: str | Path,
+    *,
+    samples_per_shard: int = 256,
+    size: int = 32,
     quality: int = 95,
 ) -> list[Path]:
     """Write images as WebDataset shards plus manifest.parquet; returns the shard paths."""
@@ -103,18 +117,26 @@ def write_shards(
                 data = buf.getvalue()
                 uid = hashlib.sha256(data).hexdigest()
                 key = f"{i:09d}"
-                meta = {"uid": uid, "source": f"array::{i}", "width": img.width,
-                        "height": img.height, "cluster_ids": [], "retrieval": {},
-                        "jpg_width": img.width, "jpg_height": img.height}
+                meta = {
+                    "uid": uid,
+                    "source": f"array::{i}",
+                    "width": img.width,
+                    "height": img.height,
+                    "cluster_ids": [],
+                    "retrieval": {},
+                    "jpg_width": img.width,
+                    "jpg_height": img.height,
+                }
                 _add_member(tar, f"{key}.jpg", data)
-                _add_member(tar, f"{key}.json",
-                            json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
-                shard_rows.append({"key": key, "uid": uid, "source": meta["source"],
-                                   "shard": path.name})
+                _add_member(tar, f"{key}.json", json.dumps(meta, sort_keys=True, separators=(",", ":")).encode())
+                shard_rows.append({"key": key, "uid": uid, "source": meta["source"], "shard": path.name})
         os.replace(tmp, path)
         blob = path.read_bytes()
-        shard_info = {"shard_sha256": hashlib.sha256(blob).hexdigest(),
-                      "shard_samples": len(shard_rows), "shard_bytes": len(blob)}
+        shard_info = {
+            "shard_sha256": hashlib.sha256(blob).hexdigest(),
+            "shard_samples": len(shard_rows),
+            "shard_bytes": len(blob),
+        }
         rows += [{**r, **shard_info} for r in shard_rows]
         shards.append(path)
     pq.write_table(pa.Table.from_pylist(rows), out / "manifest.parquet")

@@ -124,8 +124,9 @@ def _flat(d, prefix="") -> dict:
 
 def settings_diff(recorded: dict, given: dict, limit: int = 4) -> list[str]:
     a, b = _flat(recorded), _flat(given)
-    diffs = [f"{k} {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in sorted(set(a) | set(b))
-             if a.get(k) != b.get(k)]
+    diffs = [
+        f"{k} {json.dumps(a.get(k))} -> {json.dumps(b.get(k))}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+    ]
     return diffs[:limit] + ([f"and {len(diffs) - limit} more"] if len(diffs) > limit else [])
 
 
@@ -146,22 +147,30 @@ def decide(run_dir: Path, record: dict | None, inputs: list[str], settings: dict
     where = str(run_dir)
     if record.get("settings") != settings:
         diff = "; ".join(settings_diff(record.get("settings") or {}, settings))
-        raise RunFolderError(f"{where} holds a run with other settings ({diff}): pass --overwrite to "
-                             "start it over, or another --out")
+        raise RunFolderError(
+            f"{where} holds a run with other settings ({diff}): pass --overwrite to start it over, or another --out"
+        )
     recorded = list(record.get("inputs") or [])
     new = [i for i in inputs if i not in recorded]
     dropped = [i for i in recorded if i not in inputs]
     if mode == "extend":
         gone = [i for i in recorded if not _exists(i)]
         if gone:
-            raise RunFolderError(f"--extend {where}: earlier input(s) no longer exist: {_short(gone)}; "
-                                 "restore them, or pass --overwrite to start over")
+            raise RunFolderError(
+                f"--extend {where}: earlier input(s) no longer exist: {_short(gone)}; "
+                "restore them, or pass --overwrite to start over"
+            )
         return Claim(run_dir, recorded + new, mode, "extended" if new else "resumed", added=new)
     if new or dropped:
-        what = "; ".join(x for x in (f"not given now: {_short(dropped)}" if dropped else "",
-                                     f"new: {_short(new)}" if new else "") if x)
-        raise RunFolderError(f"{where} holds a run of other inputs ({what}): pass --extend to add "
-                             "inputs, --overwrite to start over, or another --out")
+        what = "; ".join(
+            x
+            for x in (f"not given now: {_short(dropped)}" if dropped else "", f"new: {_short(new)}" if new else "")
+            if x
+        )
+        raise RunFolderError(
+            f"{where} holds a run of other inputs ({what}): pass --extend to add "
+            "inputs, --overwrite to start over, or another --out"
+        )
     return Claim(run_dir, recorded, mode, "resumed")
 
 
@@ -198,8 +207,9 @@ def _lock(run_dir: Path) -> None:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise _busy(run_dir) from None
         raise
-    info = dict(pid=os.getpid(), host=socket.gethostname(),
-                started=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    info = dict(
+        pid=os.getpid(), host=socket.gethostname(), started=dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    )
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(info).encode(), 0)
     _HELD[key] = [fd, 1]
@@ -225,8 +235,14 @@ def held() -> list[str]:
     return sorted(_HELD)
 
 
-def precheck(run_dir: str | Path, inputs: list[str], settings: dict, mode: str = "resume",
-             *, outputs: tuple[str, ...] | None = None) -> Claim:
+def precheck(
+    run_dir: str | Path,
+    inputs: list[str],
+    settings: dict,
+    mode: str = "resume",
+    *,
+    outputs: tuple[str, ...] | None = None,
+) -> Claim:
     """`claim`'s refusals without creating or writing anything (lock tested, not kept)."""
     run_dir = Path(run_dir).resolve()
     if run_dir.exists() and not run_dir.is_dir():
@@ -247,8 +263,10 @@ def precheck(run_dir: str | Path, inputs: list[str], settings: dict, mode: str =
 
 def _check_wipe(run_dir: Path, outputs: tuple[str, ...] | None = None) -> None:
     if outputs is None and _has_content(run_dir) and not any((run_dir / m).exists() for m in LVD_RUN_MARKS):
-        raise RunFolderError(f"--overwrite {run_dir}: not an lvd run folder (no {RECORD}, ingest/ or "
-                             "ledger.parquet) and not empty: refusing to delete it; use an empty or new --out")
+        raise RunFolderError(
+            f"--overwrite {run_dir}: not an lvd run folder (no {RECORD}, ingest/ or "
+            "ledger.parquet) and not empty: refusing to delete it; use an empty or new --out"
+        )
 
 
 def _wipe(run_dir: Path, outputs: tuple[str, ...] | None) -> None:
@@ -268,8 +286,16 @@ class claim:  # noqa: N801 - used like a function returning a context manager
     """Claim `run_dir` for a run of `inputs` with `settings` (module doc). The lock is taken
     and the record written on creation; leaving the `with` block releases the lock."""
 
-    def __init__(self, run_dir: str | Path, inputs: list[str], settings: dict, mode: str = "resume",
-                 *, outputs: tuple[str, ...] | None = None, kind: str = "curate") -> None:
+    def __init__(
+        self,
+        run_dir: str | Path,
+        inputs: list[str],
+        settings: dict,
+        mode: str = "resume",
+        *,
+        outputs: tuple[str, ...] | None = None,
+        kind: str = "curate",
+    ) -> None:
         from lvd import durable
 
         run_dir = Path(run_dir).resolve()
@@ -282,14 +308,21 @@ class claim:  # noqa: N801 - used like a function returning a context manager
             if mode == "overwrite":
                 _wipe(run_dir, outputs)
                 record = None
-            now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+            now = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
             entry = dict(at=now, mode=mode, action=c.action, pid=os.getpid(), host=socket.gethostname())
             if c.added:
                 entry["added"] = c.added
             if record is None or c.added or c.action != "resumed":
-                record = dict(format=FORMAT, version=1, kind=kind, created=(record or {}).get("created", now),
-                              inputs=c.inputs, input_stat=input_stat(c.inputs), settings=normalise(settings),
-                              history=[*(record or {}).get("history", []), entry][-50:])
+                record = dict(
+                    format=FORMAT,
+                    version=1,
+                    kind=kind,
+                    created=(record or {}).get("created", now),
+                    inputs=c.inputs,
+                    input_stat=input_stat(c.inputs),
+                    settings=normalise(settings),
+                    history=[*(record or {}).get("history", []), entry][-50:],
+                )
                 durable.write_bytes(run_dir / RECORD, json.dumps(record, indent=1).encode())
         except BaseException:
             _unlock(run_dir)
@@ -299,7 +332,7 @@ class claim:  # noqa: N801 - used like a function returning a context manager
     def release(self) -> None:
         _unlock(self.run_dir)
 
-    def __enter__(self) -> "claim":
+    def __enter__(self) -> claim:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -16,8 +16,14 @@ from lvd.curation.stages.select import run_shards
 
 
 def curate_without_prefect(
-    inputs: list[str], run_dir: Path, *, partition_size: int, ingest_cfg: IngestConfig,
-    dedup_cfg: DedupConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig(), shard_cfg: ShardConfig | None = None,
+    inputs: list[str],
+    run_dir: Path,
+    *,
+    partition_size: int,
+    ingest_cfg: IngestConfig,
+    dedup_cfg: DedupConfig,
+    rcfg: runner.RunnerConfig = runner.RunnerConfig(),
+    shard_cfg: ShardConfig | None = None,
     shard: bool = False,
 ) -> pa.Table:
     """Returns the ledger."""

@@ -16,8 +16,9 @@ def family(flow_run_id: UUID) -> list[UUID]:
     ids, todo = [flow_run_id], [flow_run_id]
     with get_client(sync_client=True) as c:
         while todo:
-            kids = c.read_flow_runs(flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=todo)))
+            kids = c.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=todo))
+            )
             todo = [k.id for k in kids if k.id not in ids]
             ids += todo
     return ids
@@ -29,6 +30,9 @@ def run_artifacts(flow_run_id: UUID, keys: list[str]) -> dict:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
     with get_client(sync_client=True) as c:
-        arts = c.read_artifacts(artifact_filter=ArtifactFilter(
-            key=ArtifactFilterKey(any_=keys), flow_run_id=ArtifactFilterFlowRunId(any_=family(flow_run_id))))
+        arts = c.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=keys), flow_run_id=ArtifactFilterFlowRunId(any_=family(flow_run_id))
+            )
+        )
     return {a.key: a for a in sorted(arts, key=lambda a: a.created)}

@@ -88,14 +88,20 @@ def test_the_cycle_finder_finds_a_cycle():
 
 
 # A path built from a run folder and another stage's folder name, e.g. `run_dir / "dedup"`.
-STAGE_PATH = re.compile(r'/\s*"(%s)"' % "|".join(map(re.escape, [*rundir.STAGES, *rundir.VECTORS.values(),
-                                                                rundir.SHARDS, rundir.LEDGER])))
+STAGE_PATH = re.compile(
+    r'/\s*"({})"'.format(
+        "|".join(map(re.escape, [*rundir.STAGES, *rundir.VECTORS.values(), rundir.SHARDS, rundir.LEDGER]))
+    )
+)
 
 
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_only_rundir_knows_where_stages_write(path):
     if path.name == "rundir.py":
         return
-    hits = [f"{path.name}:{i}: {line.strip()}" for i, line in enumerate(path.read_text().splitlines(), 1)
-            if STAGE_PATH.search(line)]
+    hits = [
+        f"{path.name}:{i}: {line.strip()}"
+        for i, line in enumerate(path.read_text().splitlines(), 1)
+        if STAGE_PATH.search(line)
+    ]
     assert not hits, "build run-folder paths through lvd.curation.rundir:\n" + "\n".join(hits)

@@ -23,9 +23,11 @@ import sys
 import traceback
 from pathlib import Path
 
-NO_EMBEDDER = ("{what} need(s) image embeddings: pass --embedder (an lvd checkpoint, an official "
-               "DINOv2 .pth file or a local Hugging Face Dinov2 folder), or run `lvd pipeline`, which "
-               "pretrains a small bootstrap embedder on the pool when none is given")
+NO_EMBEDDER = (
+    "{what} need(s) image embeddings: pass --embedder (an lvd checkpoint, an official "
+    "DINOv2 .pth file or a local Hugging Face Dinov2 folder), or run `lvd pipeline`, which "
+    "pretrains a small bootstrap embedder on the pool when none is given"
+)
 
 
 def _missing(paths, flag: str) -> list[str]:
@@ -63,12 +65,18 @@ def problems(args: argparse.Namespace, command: str) -> list[str]:
     found += _out_problem(args.out)
     for flag, spec in (("--embedder", args.embedder), ("--copy-model", getattr(args, "copy_model", None))):
         if spec is not None:
-            found += [m.replace("no such file or folder", "no such model file or folder")
-                      for m in _missing([spec], flag)]
-    for flag, value, low in (("--partition-size", args.partition_size, 1), ("--shard-size", args.shard_size, 1),
-                             ("--min-side", args.min_side, 1), ("--max-pixels", args.max_pixels, 1),
-                             ("--max-bytes", args.max_bytes, 1), ("--max-decoded-bytes", args.max_decoded_bytes, 1),
-                             ("--max-retries", args.max_retries, 0)):
+            found += [
+                m.replace("no such file or folder", "no such model file or folder") for m in _missing([spec], flag)
+            ]
+    for flag, value, low in (
+        ("--partition-size", args.partition_size, 1),
+        ("--shard-size", args.shard_size, 1),
+        ("--min-side", args.min_side, 1),
+        ("--max-pixels", args.max_pixels, 1),
+        ("--max-bytes", args.max_bytes, 1),
+        ("--max-decoded-bytes", args.max_decoded_bytes, 1),
+        ("--max-retries", args.max_retries, 0),
+    ):
         if value is not None and value < low:
             found.append(f"{flag} {value}: use at least {low}")
     for d in args.allow_root or []:
@@ -82,14 +90,18 @@ def problems(args: argparse.Namespace, command: str) -> list[str]:
         if r is not None and not 0 < r < 1:
             found.append(f"--copy-false-link-rate {r}: use a fraction in (0, 1)")
         if args.eval_sets and args.no_copy_detection:
-            found.append("--eval-sets: decontamination is copy detection against the eval images; "
-                         "drop --no-copy-detection")
+            found.append(
+                "--eval-sets: decontamination is copy detection against the eval images; drop --no-copy-detection"
+            )
         if args.copy_model and args.no_copy_detection:
             found.append("--copy-model is for copy detection; drop --no-copy-detection")
         if args.retrieval == "hierarchical" and args.target_size is None:
             found.append("--retrieval hierarchical samples the pool to a size: pass --target-size N")
-        for flag, value in (("--target-size", args.target_size), ("--clusters", args.clusters),
-                            ("--copy-candidates", args.copy_candidates)):
+        for flag, value in (
+            ("--target-size", args.target_size),
+            ("--clusters", args.clusters),
+            ("--copy-candidates", args.copy_candidates),
+        ):
             if value is not None and value < 1:
                 found.append(f"{flag} {value}: use at least 1")
     if command == "curate":
@@ -101,9 +113,12 @@ def problems(args: argparse.Namespace, command: str) -> list[str]:
 
         if args.recipe not in RECIPES:
             found.append(f"unknown recipe {args.recipe!r}: use one of {', '.join(sorted(RECIPES))}")
-        for flag, value in (("--max-steps", args.max_steps), ("--batch-size", args.batch_size),
-                            ("--nproc-per-node", args.nproc_per_node),
-                            ("--bootstrap-steps", getattr(args, "bootstrap_steps", None))):
+        for flag, value in (
+            ("--max-steps", args.max_steps),
+            ("--batch-size", args.batch_size),
+            ("--nproc-per-node", args.nproc_per_node),
+            ("--bootstrap-steps", getattr(args, "bootstrap_steps", None)),
+        ):
             if value is not None and value < 1:
                 found.append(f"{flag} {value}: use at least 1")
     if command == "pipeline":
@@ -187,7 +202,11 @@ def _stage_task(exc: BaseException) -> str | None:
     for e in _chain(exc):
         for frame, _ in traceback.walk_tb(e.__traceback__):
             obj = frame.f_globals.get(frame.f_code.co_name)
-            if type(obj).__name__ == "Task" and hasattr(obj, "name") and frame.f_globals.get("__name__", "").startswith("lvd."):
+            if (
+                type(obj).__name__ == "Task"
+                and hasattr(obj, "name")
+                and frame.f_globals.get("__name__", "").startswith("lvd.")
+            ):
                 name = obj.name
         if name:
             return name
@@ -214,8 +233,10 @@ def disk_full(exc: BaseException, out: str | Path) -> str | None:
         room = f" ({free // 1024} KiB free there)"
     except (OSError, StopIteration):
         room = ""
-    return (f"disk full writing {where} during {stage or 'the run'}{room}: free space (or pick another "
-            "--out) and run the same command again to resume")
+    return (
+        f"disk full writing {where} during {stage or 'the run'}{room}: free space (or pick another "
+        "--out) and run the same command again to resume"
+    )
 
 
 # ---------------------------------------------------------------- terminal logs
@@ -251,10 +272,14 @@ def quiet_console_tracebacks() -> None:
     """Prefect's terminal log lines without tracebacks (the command prints one `error:` line)."""
     import logging
 
-    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
-                                       if isinstance(lg, logging.Logger)]
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
     for lg in loggers:
         for h in lg.handlers:
-            if (isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
-                    and not isinstance(h.formatter, ShortConsoleFormatter)):
+            if (
+                isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)
+                and not isinstance(h.formatter, ShortConsoleFormatter)
+            ):
                 h.setFormatter(ShortConsoleFormatter(h.formatter or logging.Formatter()))

@@ -72,16 +72,33 @@ def prepare_prefect_env() -> str:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "curate", help="curate image dumps into a run folder (ingest, dedup, ledger)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "curate",
+        help="curate image dumps into a run folder (ingest, dedup, ledger)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--input", action="append", required=True, metavar="DUMP",
-                   help="folder of images, tar archive, parquet file or folder of them; repeatable")
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="DUMP",
+        help="folder of images, tar archive, parquet file or folder of them; repeatable",
+    )
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (reused to resume)")
-    p.add_argument("--seeds", action="append", default=[], metavar="DIR_OR_DUMP",
-                   help="seed set to retrieve pool images near; repeatable (needs --embedder)")
-    p.add_argument("--eval-sets", action="append", default=[], metavar="DIR",
-                   help="evaluation set whose copies are removed from the pool; repeatable")
+    p.add_argument(
+        "--seeds",
+        action="append",
+        default=[],
+        metavar="DIR_OR_DUMP",
+        help="seed set to retrieve pool images near; repeatable (needs --embedder)",
+    )
+    p.add_argument(
+        "--eval-sets",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="evaluation set whose copies are removed from the pool; repeatable",
+    )
     add_selection_options(p)
     add_copy_options(p)
     add_hygiene_options(p)
@@ -94,8 +111,7 @@ def run_curate(inputs: list[str], out: str, **kwargs) -> int:
     """Run the flow and print the accounting; 0 when every input is accounted for."""
     inputs = [str(i) for i in inputs]
     if twice := sorted({i for i in inputs if inputs.count(i) > 1}):
-        print(f"error: --input given more than once (each input must count once): {', '.join(twice)}",
-              file=sys.stderr)
+        print(f"error: --input given more than once (each input must count once): {', '.join(twice)}", file=sys.stderr)
         return 2
     where = prepare_prefect_env()
     from lvd import runfolder

@@ -24,11 +24,14 @@ DEMO_STEPS = 30
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "demo", help="run the whole pipeline on a built-in sample dump (CPU, offline)",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "demo",
+        help="run the whole pipeline on a built-in sample dump (CPU, offline)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--out", default="lvd-demo", metavar="DIR",
-                   help="folder for the sample dump and the run (default: ./lvd-demo)")
+    p.add_argument(
+        "--out", default="lvd-demo", metavar="DIR", help="folder for the sample dump and the run (default: ./lvd-demo)"
+    )
     add_training_options(p, max_steps=DEMO_STEPS)
     add_curate_options(p)
     p.set_defaults(func=main, check=check, partition_size=32, batch_size=16, overwrite=True)
@@ -50,6 +53,9 @@ def main(args: argparse.Namespace) -> int:
     print(f"      inputs: {', '.join(dump.inputs)}", flush=True)
     print(f"[2/3] building labelled k-NN folders under {out / 'knn'} ...", flush=True)
     train, val = build_knn_folders(out / "knn")
-    print(f"[3/3] Prefect flow `pipeline`: curate into {out / 'run'} -> pretrain `{args.recipe}` "
-          f"for {args.max_steps} steps -> k-NN eval -> export to {out / 'hf'} ...", flush=True)
+    print(
+        f"[3/3] Prefect flow `pipeline`: curate into {out / 'run'} -> pretrain `{args.recipe}` "
+        f"for {args.max_steps} steps -> k-NN eval -> export to {out / 'hf'} ...",
+        flush=True,
+    )
     return run_pipeline(args, inputs=dump.inputs, out=out, knn_train=str(train), knn_val=str(val))

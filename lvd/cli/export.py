@@ -7,13 +7,13 @@ from pathlib import Path
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "export", help="export a checkpoint's teacher backbone as a Hugging Face model folder"
+    p = subparsers.add_parser("export", help="export a checkpoint's teacher backbone as a Hugging Face model folder")
+    p.add_argument(
+        "checkpoint", metavar="CKPT", type=Path, help="a checkpoint dir (step_NNNNNNN) or a run's --out folder (latest)"
     )
-    p.add_argument("checkpoint", metavar="CKPT", type=Path,
-                   help="a checkpoint dir (step_NNNNNNN) or a run's --out folder (latest)")
-    p.add_argument("--hf", required=True, type=Path, metavar="OUT_DIR",
-                   help="folder to write (config.json + model.safetensors)")
+    p.add_argument(
+        "--hf", required=True, type=Path, metavar="OUT_DIR", help="folder to write (config.json + model.safetensors)"
+    )
     p.set_defaults(func=main)
 
 

@@ -21,8 +21,12 @@ COMMAND_MODULES = (
     "pretrain",
     "eval",
     "export",
-    "embed", "index", "search",
-    "viz", "segment", "probe",
+    "embed",
+    "index",
+    "search",
+    "viz",
+    "segment",
+    "probe",
 )
 
 

@@ -40,24 +40,55 @@ from lvd.cli.options import (
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "pipeline", help="curate -> pretrain -> k-NN eval -> export, as one Prefect flow",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "pipeline",
+        help="curate -> pretrain -> k-NN eval -> export, as one Prefect flow",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--input", action="append", required=True, metavar="DUMP",
-                   help="folder of images, tar archive, parquet file or folder of them; repeatable")
-    p.add_argument("--out", required=True, metavar="DIR",
-                   help="output folder: run/, pretrain/, hf/ (reused to resume curation)")
-    p.add_argument("--seeds", action="append", default=[], metavar="DIR_OR_DUMP",
-                   help="seed set to retrieve pool images near; repeatable")
-    p.add_argument("--eval-sets", action="append", default=[], metavar="DIR",
-                   help="evaluation set to decontaminate the pool against; repeatable")
-    p.add_argument("--bootstrap-steps", type=int, default=100, metavar="N",
-                   help="training steps of the bootstrap embedder, trained on the pool when --seeds "
-                        "or --target-size come without --embedder (default 100)")
-    p.add_argument("--knn-train", default=None, metavar="DIR",
-                   help="labelled training images DIR/<class>/*.png for k-NN eval (with --knn-val)")
-    p.add_argument("--knn-val", default=None, metavar="DIR",
-                   help="labelled validation images DIR/<class>/*.png for k-NN eval (with --knn-train)")
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="DUMP",
+        help="folder of images, tar archive, parquet file or folder of them; repeatable",
+    )
+    p.add_argument(
+        "--out", required=True, metavar="DIR", help="output folder: run/, pretrain/, hf/ (reused to resume curation)"
+    )
+    p.add_argument(
+        "--seeds",
+        action="append",
+        default=[],
+        metavar="DIR_OR_DUMP",
+        help="seed set to retrieve pool images near; repeatable",
+    )
+    p.add_argument(
+        "--eval-sets",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="evaluation set to decontaminate the pool against; repeatable",
+    )
+    p.add_argument(
+        "--bootstrap-steps",
+        type=int,
+        default=100,
+        metavar="N",
+        help="training steps of the bootstrap embedder, trained on the pool when --seeds "
+        "or --target-size come without --embedder (default 100)",
+    )
+    p.add_argument(
+        "--knn-train",
+        default=None,
+        metavar="DIR",
+        help="labelled training images DIR/<class>/*.png for k-NN eval (with --knn-val)",
+    )
+    p.add_argument(
+        "--knn-val",
+        default=None,
+        metavar="DIR",
+        help="labelled validation images DIR/<class>/*.png for k-NN eval (with --knn-train)",
+    )
     add_selection_options(p)
     add_copy_options(p)
     add_hygiene_options(p)
@@ -67,8 +98,17 @@ def register(subparsers) -> None:
     p.set_defaults(func=main, check=check)
 
 
-def pipeline_params(args: argparse.Namespace, *, inputs: list[str], out: Path, knn_train: str | None,
-                    knn_val: str | None, seeds=(), eval_sets=(), bootstrap_steps: int = 100) -> dict:
+def pipeline_params(
+    args: argparse.Namespace,
+    *,
+    inputs: list[str],
+    out: Path,
+    knn_train: str | None,
+    knn_val: str | None,
+    seeds=(),
+    eval_sets=(),
+    bootstrap_steps: int = 100,
+) -> dict:
     """The `pipeline` flow's parameters from the command's arguments."""
     curate_kw = flow_kwargs(args)
     embedder = curate_kw.pop("embedder")
@@ -78,12 +118,24 @@ def pipeline_params(args: argparse.Namespace, *, inputs: list[str], out: Path, k
         curate_kw.update(selection)
         curate_kw.update(copy_kwargs(args))
         curate_kw.update(hygiene_kwargs(args))
-    return dict(inputs=[str(i) for i in inputs], out=str(out), recipe=args.recipe,
-                max_steps=args.max_steps, batch_size=args.batch_size,
-                num_workers=args.num_workers, seeds=list(seeds), eval_sets=list(eval_sets),
-                embedder=embedder, bootstrap_steps=bootstrap_steps, knn_train=knn_train,
-                knn_val=knn_val, knn_k=args.knn_k, curate_options=curate_kw,
-                nproc_per_node=args.nproc_per_node, mode=run_mode(args))
+    return dict(
+        inputs=[str(i) for i in inputs],
+        out=str(out),
+        recipe=args.recipe,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        seeds=list(seeds),
+        eval_sets=list(eval_sets),
+        embedder=embedder,
+        bootstrap_steps=bootstrap_steps,
+        knn_train=knn_train,
+        knn_val=knn_val,
+        knn_k=args.knn_k,
+        curate_options=curate_kw,
+        nproc_per_node=args.nproc_per_node,
+        mode=run_mode(args),
+    )
 
 
 def precheck(params: dict) -> int:
@@ -91,8 +143,13 @@ def precheck(params: dict) -> int:
     from lvd import runfolder
 
     try:
-        runfolder.precheck(params["out"], params["inputs"], runfolder.pipeline_settings(params),
-                           params["mode"], outputs=runfolder.PIPELINE_OUTPUTS)
+        runfolder.precheck(
+            params["out"],
+            params["inputs"],
+            runfolder.pipeline_settings(params),
+            params["mode"],
+            outputs=runfolder.PIPELINE_OUTPUTS,
+        )
     except runfolder.RunFolderError as e:
         return folder_refusal(e)
     return 0
@@ -104,12 +161,28 @@ def check(args: argparse.Namespace) -> int:
     return precheck(_params(args))
 
 
-def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
-                 knn_train: str | None, knn_val: str | None, seeds=(), eval_sets=(),
-                 bootstrap_steps: int = 100) -> int:
+def run_pipeline(
+    args: argparse.Namespace,
+    *,
+    inputs: list[str],
+    out: Path,
+    knn_train: str | None,
+    knn_val: str | None,
+    seeds=(),
+    eval_sets=(),
+    bootstrap_steps: int = 100,
+) -> int:
     """Run the flow, print the accounting and results; 0 when everything holds."""
-    params = pipeline_params(args, inputs=inputs, out=out, knn_train=knn_train, knn_val=knn_val,
-                             seeds=seeds, eval_sets=eval_sets, bootstrap_steps=bootstrap_steps)
+    params = pipeline_params(
+        args,
+        inputs=inputs,
+        out=out,
+        knn_train=knn_train,
+        knn_val=knn_val,
+        seeds=seeds,
+        eval_sets=eval_sets,
+        bootstrap_steps=bootstrap_steps,
+    )
     where = prepare_prefect_env()
     from lvd import runfolder
     from lvd.curation import runner
@@ -134,8 +207,10 @@ def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
     report = verify_run(Path(s.curate.run_dir))
     print(format_report(report))
     p = s.pretrain
-    print(f"pretrained `{p.recipe}` steps {p.start_step}..{p.end_step}, last loss "
-          f"{'-' if p.last_loss is None else f'{p.last_loss:.4f}'}; checkpoint {p.checkpoint}")
+    print(
+        f"pretrained `{p.recipe}` steps {p.start_step}..{p.end_step}, last loss "
+        f"{'-' if p.last_loss is None else f'{p.last_loss:.4f}'}; checkpoint {p.checkpoint}"
+    )
     if p.knn_top1 is not None:
         print(f"k-NN top-1 of the teacher: {100 * p.knn_top1:.2f}%")
     print(f"Hugging Face model folder: {s.hf_dir}")
@@ -146,12 +221,26 @@ def run_pipeline(args: argparse.Namespace, *, inputs: list[str], out: Path,
 
 
 def _params(args: argparse.Namespace) -> dict:
-    return pipeline_params(args, inputs=args.input, out=Path(args.out).resolve(), knn_train=args.knn_train,
-                           knn_val=args.knn_val, seeds=args.seeds, eval_sets=args.eval_sets,
-                           bootstrap_steps=args.bootstrap_steps)
+    return pipeline_params(
+        args,
+        inputs=args.input,
+        out=Path(args.out).resolve(),
+        knn_train=args.knn_train,
+        knn_val=args.knn_val,
+        seeds=args.seeds,
+        eval_sets=args.eval_sets,
+        bootstrap_steps=args.bootstrap_steps,
+    )
 
 
 def main(args: argparse.Namespace) -> int:
-    return run_pipeline(args, inputs=args.input, out=Path(args.out).resolve(),
-                        knn_train=args.knn_train, knn_val=args.knn_val, seeds=args.seeds,
-                        eval_sets=args.eval_sets, bootstrap_steps=args.bootstrap_steps)
+    return run_pipeline(
+        args,
+        inputs=args.input,
+        out=Path(args.out).resolve(),
+        knn_train=args.knn_train,
+        knn_val=args.knn_val,
+        seeds=args.seeds,
+        eval_sets=args.eval_sets,
+        bootstrap_steps=args.bootstrap_steps,
+    )

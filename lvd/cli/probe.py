@@ -16,7 +16,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("probe", help="train and evaluate probes on frozen backbone features")
     sub = p.add_subparsers(dest="probe_command", metavar="PROBE", required=True)
     dense = sub.add_parser(
-        "dense", help="per-pixel depth or disparity from patch features",
+        "dense",
+        help="per-pixel depth or disparity from patch features",
         description=f"Folders hold {LAYOUT}. Target pixels that are not finite or not > 0 are "
         "ignored. Prints RMSE (and delta<1.25 for depth) of the probe and of predicting the "
         "training mean, over every valid pixel of --val.",
@@ -24,15 +25,27 @@ def register(subparsers) -> None:
     dense.add_argument("--model", required=True, metavar="M", help=MODEL_HELP)
     dense.add_argument("--train", required=True, type=Path, metavar="DIR", help=f"training data: {LAYOUT}")
     dense.add_argument("--val", required=True, type=Path, metavar="DIR", help="held-out data, same layout")
-    dense.add_argument("--target", choices=("depth", "disparity"), default="depth",
-                       help="what the maps hold (delta1 is reported for depth only; default depth)")
+    dense.add_argument(
+        "--target",
+        choices=("depth", "disparity"),
+        default="depth",
+        help="what the maps hold (delta1 is reported for depth only; default depth)",
+    )
     dense.add_argument("--head", choices=("linear", "mlp"), default="linear", help="probe head (default linear)")
-    dense.add_argument("--size", type=int, default=224,
-                       help="shorter image side fed to the backbone, a multiple of its patch size (default 224)")
+    dense.add_argument(
+        "--size",
+        type=int,
+        default=224,
+        help="shorter image side fed to the backbone, a multiple of its patch size (default 224)",
+    )
     dense.add_argument("--steps", type=int, default=300, help="full-batch AdamW steps (default 300)")
     dense.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default 0.01)")
-    dense.add_argument("--png-scale", type=float, default=1.0,
-                       help="16-bit target PNGs hold value * SCALE (e.g. 256 for KITTI depth; default 1)")
+    dense.add_argument(
+        "--png-scale",
+        type=float,
+        default=1.0,
+        help="16-bit target PNGs hold value * SCALE (e.g. 256 for KITTI depth; default 1)",
+    )
     dense.add_argument("--json", type=Path, default=None, metavar="OUT", help="also write the metrics as JSON")
     dense.add_argument("--device", default="auto", help="torch device (default: cuda when present, else cpu)")
     dense.set_defaults(func=main_dense)
@@ -49,8 +62,9 @@ def main_dense(args: argparse.Namespace) -> int:
         train_dense_probe,
     )
 
-    cfg = DenseProbeConfig(target=args.target, head=args.head, size=args.size, steps=args.steps,
-                           lr=args.lr, png_scale=args.png_scale)
+    cfg = DenseProbeConfig(
+        target=args.target, head=args.head, size=args.size, steps=args.steps, lr=args.lr, png_scale=args.png_scale
+    )
     backbone = load_model(args.model, device=args.device)
     train = read_dense_folder(args.train, cfg.png_scale)
     val = read_dense_folder(args.val, cfg.png_scale)

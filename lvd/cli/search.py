@@ -9,7 +9,8 @@ from pathlib import Path
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "search", help="find the images nearest to a query image in an lvd index",
+        "search",
+        help="find the images nearest to a query image in an lvd index",
         description="Embed the query as the indexed images were embedded (model, size and resize "
         "from INDEX/meta.json), print the k nearest (rank, cosine, id, path) and write a montage "
         "PNG: the query on the left, then the neighbours with rank and cosine under each.",
@@ -17,10 +18,15 @@ def register(subparsers) -> None:
     p.add_argument("--index", required=True, type=Path, metavar="INDEX", help="an lvd index --out folder")
     p.add_argument("--query", required=True, type=Path, metavar="IMG", help="query image file")
     p.add_argument("-k", type=int, default=10, help="neighbours to list (default 10)")
-    p.add_argument("--model", default=None,
-                   help="backbone to embed the query with (default: the one named in INDEX/meta.json)")
-    p.add_argument("--montage", type=Path, default=None,
-                   help="montage PNG to write (default: QUERY_STEM.neighbours.png in the current folder)")
+    p.add_argument(
+        "--model", default=None, help="backbone to embed the query with (default: the one named in INDEX/meta.json)"
+    )
+    p.add_argument(
+        "--montage",
+        type=Path,
+        default=None,
+        help="montage PNG to write (default: QUERY_STEM.neighbours.png in the current folder)",
+    )
     p.add_argument("--tile", type=int, default=160, help="montage tile side in pixels (default 160)")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists to visit (default: the index's)")
     p.add_argument("--device", default="auto", help="torch device (default: cuda when present, else cpu)")

@@ -11,23 +11,42 @@ from lvd.cli.options import MODEL_HELP
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "segment", help="segment an image by patch similarity to a masked reference image",
+        "segment",
+        help="segment an image by patch similarity to a masked reference image",
         description="The mean feature of the reference patches under MASK is compared (cosine) "
         "with every target patch; the map is upsampled to the target and thresholded. Writes "
         "[reference + mask | target | similarity | target + segment] to --out.",
     )
     p.add_argument("--model", required=True, metavar="M", help=MODEL_HELP)
     p.add_argument("--reference", required=True, type=Path, metavar="IMG", help="image showing the object")
-    p.add_argument("--mask", required=True, type=Path, metavar="MASK",
-                   help="mask of the object in the reference: an image of the reference's size, nonzero = object")
+    p.add_argument(
+        "--mask",
+        required=True,
+        type=Path,
+        metavar="MASK",
+        help="mask of the object in the reference: an image of the reference's size, nonzero = object",
+    )
     p.add_argument("--target", required=True, type=Path, metavar="IMG", help="image to segment")
     p.add_argument("--out", required=True, type=Path, metavar="PNG", help="picture to write")
-    p.add_argument("--mask-out", type=Path, default=None, metavar="PNG",
-                   help="also write the target's segment as a black/white PNG of the target's size")
-    p.add_argument("--size", type=int, default=448,
-                   help="shorter image side fed to the backbone, a multiple of its patch size (default 448)")
-    p.add_argument("--threshold", type=float, default=None,
-                   help="cosine similarity above which a pixel is in the segment (default: Otsu's threshold of the map)")
+    p.add_argument(
+        "--mask-out",
+        type=Path,
+        default=None,
+        metavar="PNG",
+        help="also write the target's segment as a black/white PNG of the target's size",
+    )
+    p.add_argument(
+        "--size",
+        type=int,
+        default=448,
+        help="shorter image side fed to the backbone, a multiple of its patch size (default 448)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=None,
+        help="cosine similarity above which a pixel is in the segment (default: Otsu's threshold of the map)",
+    )
     p.add_argument("--device", default="auto", help="torch device (default: cuda when present, else cpu)")
     p.set_defaults(func=main)
 
@@ -50,6 +69,8 @@ def main(args: argparse.Namespace) -> int:
     render_segmentation(reference, mask, target, seg).save(args.out)
     if args.mask_out is not None:
         Image.fromarray((seg.mask_HW * 255).astype(np.uint8)).save(args.mask_out)
-    print(f"wrote {args.out}: {seg.mask_HW.mean():.1%} of the target segmented at cosine > "
-          f"{seg.threshold:.3f} (prototype of {seg.reference_patches} reference patches)")
+    print(
+        f"wrote {args.out}: {seg.mask_HW.mean():.1%} of the target segmented at cosine > "
+        f"{seg.threshold:.3f} (prototype of {seg.reference_patches} reference patches)"
+    )
     return 0

@@ -10,7 +10,8 @@ from lvd.cli.options import MODEL_HELP
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "viz", help="picture what a backbone sees in one image (attention maps, patch PCA)",
+        "viz",
+        help="picture what a backbone sees in one image (attention maps, patch PCA)",
         description="Writes one PNG. Top row: the resized input, the last block's CLS attention "
         "(mean over heads), the foreground mask (first PCA component of the patch features above "
         "--threshold) and the PCA of the foreground patches as RGB. Below: each head's attention.",
@@ -18,10 +19,18 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, metavar="M", help=MODEL_HELP)
     p.add_argument("--image", required=True, type=Path, metavar="IMG", help="the image to look at")
     p.add_argument("--out", required=True, type=Path, metavar="PNG", help="picture to write")
-    p.add_argument("--size", type=int, default=448,
-                   help="shorter image side fed to the backbone, a multiple of its patch size (default 448)")
-    p.add_argument("--threshold", type=float, default=0.0,
-                   help="foreground: first PCA component above this many standard deviations (default 0)")
+    p.add_argument(
+        "--size",
+        type=int,
+        default=448,
+        help="shorter image side fed to the backbone, a multiple of its patch size (default 448)",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=0.0,
+        help="foreground: first PCA component above this many standard deviations (default 0)",
+    )
     p.add_argument("--device", default="auto", help="torch device (default: cuda when present, else cpu)")
     p.set_defaults(func=main)
 
@@ -36,6 +45,5 @@ def main(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     render_maps(maps).save(args.out)
     heads, h, w = maps.attention_Khw.shape
-    print(f"wrote {args.out}: {h}x{w} patches, {heads} heads, "
-          f"{maps.foreground_hw.mean():.0%} of patches foreground")
+    print(f"wrote {args.out}: {h}x{w} patches, {heads} heads, {maps.foreground_hw.mean():.0%} of patches foreground")
     return 0

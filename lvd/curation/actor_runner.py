@@ -69,7 +69,9 @@ def actor_pool(make_state: Callable[[], Any], acfg: ActorConfig, n_units: int) -
     after a restart); every actor is killed on leaving, whether the work finished or failed."""
     n, num_gpus = resources(acfg, n_units)
     cls = ray.remote(_Worker).options(
-        num_gpus=num_gpus, num_cpus=acfg.num_cpus, max_restarts=acfg.max_restarts,
+        num_gpus=num_gpus,
+        num_cpus=acfg.num_cpus,
+        max_restarts=acfg.max_restarts,
         max_task_retries=acfg.max_task_retries,
     )
     actors = [cls.remote(make_state) for _ in range(n)]

@@ -593,7 +593,11 @@ def make_bench_copy(orig: BenchOriginal, kind: str, seed: int = 0) -> tuple[byte
 
 
 def write_bench_dump(
-    root: str | Path, *, seed: int = 0, kinds: tuple[str, ...] = BENCH_KINDS, n_copied: int | None = None,
+    root: str | Path,
+    *,
+    seed: int = 0,
+    kinds: tuple[str, ...] = BENCH_KINDS,
+    n_copied: int | None = None,
     extra_broken: bool = True,
 ) -> BenchTruth:
     """Write the benchmark dump under `root` and return (and write as root/truth.json) its truth.
@@ -656,8 +660,14 @@ def split_sets(truth: BenchTruth, n_seeds: int = 12, n_eval: int = 6, seed: int 
 
 
 def write_bench_sets(
-    root: str | Path, truth: BenchTruth, seeds_dir: str | Path, eval_dir: str | Path, *,
-    n_seeds: int = 12, n_eval: int = 6, seed: int = 0,
+    root: str | Path,
+    truth: BenchTruth,
+    seeds_dir: str | Path,
+    eval_dir: str | Path,
+    *,
+    n_seeds: int = 12,
+    n_eval: int = 6,
+    seed: int = 0,
 ) -> tuple[list[str], list[str]]:
     """Copy the ORIGINAL files of `split_sets(truth, n_seeds, n_eval, seed)` into `seeds_dir`
     and `eval_dir` (same file names); the dump under `root` keeps them and their copies."""

@@ -100,7 +100,9 @@ def hamming(a_N32: np.ndarray, b_N32: np.ndarray) -> np.ndarray:
     return np.bitwise_count(_words(a_N32) ^ _words(b_N32)).sum(axis=1)
 
 
-def hash_candidates(nhash: np.ndarray, nhash_flip: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def hash_candidates(
+    nhash: np.ndarray, nhash_flip: np.ndarray, radius: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(a, b, bits) with a < b: images whose equalised 256-bit pHashes are within `radius`
     bits, directly or one against the other's mirror."""
     n = len(nhash)
@@ -116,8 +118,9 @@ def hash_candidates(nhash: np.ndarray, nhash_flip: np.ndarray, radius: int) -> t
     return _unique_pairs(a[ok], b[ok], d[ok])
 
 
-def mirror_hash_pairs(nhash: np.ndarray, nhash_flip: np.ndarray, radius: int, log_aspect: np.ndarray,
-                      max_aspect: float) -> tuple[np.ndarray, np.ndarray]:
+def mirror_hash_pairs(
+    nhash: np.ndarray, nhash_flip: np.ndarray, radius: int, log_aspect: np.ndarray, max_aspect: float
+) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (a < b) decided by hashes alone: one image's equalised pHash within `radius` bits
     of the other's mirror image's, aspect ratios agreeing: the hash dedup's equalised channel
     (same radius, same measured margin), for mirrored copies."""
@@ -163,7 +166,9 @@ def _unique_pairs(a, b, d):
     return a[first], b[first], d[first]
 
 
-def knn_lists(vecs_ND: np.ndarray, k: int, queries_QD: np.ndarray | None = None, *, exclude_self: bool = True) -> np.ndarray:
+def knn_lists(
+    vecs_ND: np.ndarray, k: int, queries_QD: np.ndarray | None = None, *, exclude_self: bool = True
+) -> np.ndarray:
     """int64 [Q, k]: each query's nearest pool rows (self excluded), -1 padded."""
     index = build_index(vecs_ND)
     q = vecs_ND if queries_QD is None else queries_QD
@@ -180,8 +185,17 @@ def knn_lists(vecs_ND: np.ndarray, k: int, queries_QD: np.ndarray | None = None,
     return ids
 
 
-def descriptor_candidates(feats: list[Features], k: int, *, n_desc: int = 100, tables: int = 4, bits: int = 16,
-                          min_shared: int = 4, max_bucket: int = 64, seed: int = 0) -> np.ndarray:
+def descriptor_candidates(
+    feats: list[Features],
+    k: int,
+    *,
+    n_desc: int = 100,
+    tables: int = 4,
+    bits: int = 16,
+    min_shared: int = 4,
+    max_bucket: int = 64,
+    seed: int = 0,
+) -> np.ndarray:
     """int64 [N, k]: each image's partners by shared local-descriptor keys, most shared first.
 
     Locality-sensitive hashing of ORB descriptors: `tables` keys of `bits` fixed random bits of
@@ -256,8 +270,13 @@ def lsh_keys(desc_M32: np.ndarray, pos_TB: np.ndarray, chunk: int = 1 << 16) -> 
     return out + (np.arange(tables, dtype=np.int64) << bits)
 
 
-def bounded_candidates(n: int, hash_pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
-                       knn: list[np.ndarray], max_verify: int, group: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def bounded_candidates(
+    n: int,
+    hash_pairs: tuple[np.ndarray, np.ndarray, np.ndarray],
+    knn: list[np.ndarray],
+    max_verify: int,
+    group: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """Unique pairs (a < b): each image proposes at most `max_verify` partners, its hash
     candidates first (closest first), then its neighbours of every proposer list, rank by rank.
     Partners with the image's own `group` label (already linked by the hash dedup) are not
@@ -326,8 +345,15 @@ def halves(img: Image.Image) -> tuple[bytes, bytes]:
 def diagonal_quadrants(img: Image.Image) -> list[tuple[bytes, bytes]]:
     """The two diagonal pairs of quadrants of `img`: distinct, and not mirror images either."""
     w, h = img.size
-    q = [_jpeg(img.crop(box), 92) for box in ((0, 0, w // 2, h // 2), (w - w // 2, h - h // 2, w, h),
-                                              (w - w // 2, 0, w, h // 2), (0, h - h // 2, w // 2, h))]
+    q = [
+        _jpeg(img.crop(box), 92)
+        for box in (
+            (0, 0, w // 2, h // 2),
+            (w - w // 2, h - h // 2, w, h),
+            (w - w // 2, 0, w, h // 2),
+            (0, h - h // 2, w // 2, h),
+        )
+    ]
     return [(q[0], q[1]), (q[2], q[3])]
 
 
@@ -370,10 +396,19 @@ class Calibration:
         return score >= self.threshold if self.method == METHOD_LOCAL else score > self.threshold
 
     def as_dict(self) -> dict:
-        return dict(method=self.method, threshold=self.threshold, source=self.source,
-                    false_link_rate=self.false_link_rate, false_links=self.false_links,
-                    distinct_pairs=self.distinct_pairs, recall=self.recall, copy_recall=self.copy_recall,
-                    copy_scores=self.copy_scores, distinct_scores=self.distinct_scores, images=self.images)
+        return dict(
+            method=self.method,
+            threshold=self.threshold,
+            source=self.source,
+            false_link_rate=self.false_link_rate,
+            false_links=self.false_links,
+            distinct_pairs=self.distinct_pairs,
+            recall=self.recall,
+            copy_recall=self.copy_recall,
+            copy_scores=self.copy_scores,
+            distinct_scores=self.distinct_scores,
+            images=self.images,
+        )
 
     @classmethod
     def from_dict(cls, d: dict) -> Calibration:
@@ -382,8 +417,10 @@ class Calibration:
 
     def summary(self) -> str:
         seen = f"{self.false_links} of {self.distinct_pairs} distinct pairs"
-        return (f"{self.method} threshold {self.threshold:g} ({self.source}): copy recall "
-                f"{100 * self.copy_recall:.1f}% on {self.images} pool images' known copies, false links {seen}")
+        return (
+            f"{self.method} threshold {self.threshold:g} ({self.source}): copy recall "
+            f"{100 * self.copy_recall:.1f}% on {self.images} pool images' known copies, false links {seen}"
+        )
 
 
 def choose_threshold(method: str, copy_scores: dict[str, list[float]], distinct: list[float], rate: float) -> float:
@@ -400,7 +437,8 @@ def choose_threshold(method: str, copy_scores: dict[str, list[float]], distinct:
         raise CopyModelUnfit(
             f"no known copy of the pool's images is more similar than its distinct pairs (cosine {hi:.4f}): "
             "this copy model cannot tell copies apart here; use an SSCD model, or drop --copy-model "
-            "to use model-free verification")
+            "to use model-free verification"
+        )
     return float((hi + above.min()) / 2.0)
 
 
@@ -408,16 +446,25 @@ class CopyModelUnfit(ValueError):
     """The copy model's calibration found no threshold that separates copies from distinct pairs."""
 
 
-def calibrate(method: str, copy_scores: dict[str, list[float]], distinct: list[float], cfg: CopyDetectConfig,
-              images: int) -> Calibration:
+def calibrate(
+    method: str, copy_scores: dict[str, list[float]], distinct: list[float], cfg: CopyDetectConfig, images: int
+) -> Calibration:
     if cfg.threshold is not None:
         t, source = float(cfg.threshold), "user"
     else:
         t, source = choose_threshold(method, copy_scores, distinct, cfg.false_link_rate), "calibrated"
-    cal = Calibration(method=method, threshold=t, source=source, false_link_rate=cfg.false_link_rate,
-                      false_links=0, distinct_pairs=len(distinct), recall={},
-                      copy_scores={k: [float(s) for s in v] for k, v in copy_scores.items()},
-                      distinct_scores=[float(s) for s in distinct], images=images)
+    cal = Calibration(
+        method=method,
+        threshold=t,
+        source=source,
+        false_link_rate=cfg.false_link_rate,
+        false_links=0,
+        distinct_pairs=len(distinct),
+        recall={},
+        copy_scores={k: [float(s) for s in v] for k, v in copy_scores.items()},
+        distinct_scores=[float(s) for s in distinct],
+        images=images,
+    )
     recall = {k: float(np.mean(cal.links(np.asarray(v, np.float64)))) if v else 0.0 for k, v in copy_scores.items()}
     false_links = int(np.sum(cal.links(np.asarray(distinct, np.float64))))
     return replace(cal, recall=recall, false_links=false_links)
@@ -435,7 +482,9 @@ def hash_key(uid: str, seed: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{uid}".encode()).digest()[:8], "big")
 
 
-def calibration_pairs(blobs: list[bytes], seed: int) -> tuple[dict[str, list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]:
+def calibration_pairs(
+    blobs: list[bytes], seed: int
+) -> tuple[dict[str, list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]:
     """(kind -> [(original, copy)], [(a, b) distinct]) as encoded images, from sampled blobs."""
     from lvd.curation.localfeat import decode_oriented
 
@@ -462,8 +511,9 @@ def calibration_pairs(blobs: list[bytes], seed: int) -> tuple[dict[str, list[tup
 
 def verify_pairs(feats: list[Features], a: np.ndarray, b: np.ndarray, cfg: VerifyConfig, enough: int) -> np.ndarray:
     """int [E]: verified scores of pairs (a[i], b[i])."""
-    return np.array([verify(feats[i], feats[j], cfg, enough=enough).score(cfg) for i, j in zip(a.tolist(), b.tolist())],
-                    np.int64)
+    return np.array(
+        [verify(feats[i], feats[j], cfg, enough=enough).score(cfg) for i, j in zip(a.tolist(), b.tolist())], np.int64
+    )
 
 
 @dataclass
@@ -475,8 +525,15 @@ class Split:
     unresolved: int  # members left alone after max_centres tries
 
 
-def split_chains(n: int, a: np.ndarray, b: np.ndarray, rank: np.ndarray, linked: Callable[[int, int], bool],
-                 max_centres: int, group: np.ndarray | None = None) -> Split:
+def split_chains(
+    n: int,
+    a: np.ndarray,
+    b: np.ndarray,
+    rank: np.ndarray,
+    linked: Callable[[int, int], bool],
+    max_centres: int,
+    group: np.ndarray | None = None,
+) -> Split:
     """Star components from linked pairs, so that no link goes through a third image.
 
     Rows with one `group` label (the hash dedup's groups: resized / recompressed versions of

@@ -118,7 +118,9 @@ class EdgeSet:
             arr = np.asarray(getattr(self, name), dtype=np.float64 if name == "distance" else np.int64)
             object.__setattr__(self, name, arr)
         if not (self.a.ndim == 1 and self.a.shape == self.b.shape == self.distance.shape):
-            raise ValueError(f"a, b, distance must be 1-D of one length: {self.a.shape}, {self.b.shape}, {self.distance.shape}")
+            raise ValueError(
+                f"a, b, distance must be 1-D of one length: {self.a.shape}, {self.b.shape}, {self.distance.shape}"
+            )
         if not self.method:
             raise ValueError("method must name how the edges were found, e.g. 'phash'")
 
@@ -229,7 +231,9 @@ def _clipped_pairs(rows: _Rows, cfg: DedupConfig) -> tuple[np.ndarray, np.ndarra
     return a[ok], b[ok]
 
 
-def clipped_thumb_residual(ta: np.ndarray, tb: np.ndarray, *, lo: int = 8, hi: int = 247, min_cells: int = 64) -> np.ndarray:
+def clipped_thumb_residual(
+    ta: np.ndarray, tb: np.ndarray, *, lo: int = 8, hi: int = 247, min_cells: int = 64
+) -> np.ndarray:
     """`thumb_residual` over the cells unsaturated in both thumbnails (inf when fewer than
     `min_cells`): clipping by a brightness change moves only saturated cells off the fit."""
     xa, xb = ta.astype(np.float32), tb.astype(np.float32)
@@ -275,7 +279,9 @@ def _collapse_identical(rows: _Rows, cfg: DedupConfig):
     keys += [x.view(np.uint8).reshape(len(rows.phash), -1) for x in (rows.verify, rows.thumb) if x is not None]
     # one byte string per row: a single memcmp sort, ~4x faster than lexsort over 40 key columns
     packed = np.ascontiguousarray(np.concatenate(keys, axis=1))
-    _, first, group = np.unique(packed.view(np.dtype((np.void, packed.shape[1]))).ravel(), return_index=True, return_inverse=True)
+    _, first, group = np.unique(
+        packed.view(np.dtype((np.void, packed.shape[1]))).ravel(), return_index=True, return_inverse=True
+    )
     chained = np.ones(len(group), dtype=bool)
     chained[first] = False  # np.unique's index is each group's smallest row
     members = np.flatnonzero(chained)
@@ -395,8 +401,11 @@ def find_near_duplicates(table: pa.Table, cfg: DedupConfig) -> pa.Table:
 
 def _fixed_width(table: pa.Table, name: str, nbytes: int) -> np.ndarray:
     """uint8 [n, nbytes] from a binary column written by ingest."""
-    what = {VERIFY_COLUMN: "verify_radius=None", THUMB_COLUMN: "max_thumb_residual=None",
-            EQUALISED_COLUMN: "equalised_radius=None"}[name]
+    what = {
+        VERIFY_COLUMN: "verify_radius=None",
+        THUMB_COLUMN: "max_thumb_residual=None",
+        EQUALISED_COLUMN: "equalised_radius=None",
+    }[name]
     if name not in table.column_names:
         raise ValueError(
             f"dedup needs the ingest column '{name}' (added to INGEST_SCHEMA with it): re-run ingest "

@@ -100,8 +100,9 @@ def build_demo_dump(root: Path | str, *, n_photos: int | None = None) -> DemoDum
 KNN_PHOTO_CLASSES = ("astronaut", "coffee", "chelsea")  # fallback classes without Fashion-MNIST
 
 
-def build_knn_folders(root: Path | str, *, per_class_train: int = 20, per_class_val: int = 10,
-                      size: int = 56) -> tuple[Path, Path]:
+def build_knn_folders(
+    root: Path | str, *, per_class_train: int = 20, per_class_val: int = 10, size: int = 56
+) -> tuple[Path, Path]:
     """Labelled folders ROOT/{train,val}/<class>/*.png for the demo's k-NN evaluation.
 
     Fashion-MNIST (10 classes) when the Debian dataset is installed; otherwise random crops
@@ -121,10 +122,15 @@ def build_knn_folders(root: Path | str, *, per_class_train: int = 20, per_class_
     except FileNotFoundError:
         _photo_crop_folders(train, val, per_class_train, per_class_val, size)
         return train, val
-    picks = np.concatenate([np.flatnonzero(y == c)[: per_class_train + per_class_val]
-                            for c in range(len(datasets.FASHION_MNIST_CLASSES))])
-    is_train = np.concatenate([np.arange(len(np.flatnonzero(y == c)[: per_class_train + per_class_val]))
-                               < per_class_train for c in range(len(datasets.FASHION_MNIST_CLASSES))])
+    picks = np.concatenate(
+        [np.flatnonzero(y == c)[: per_class_train + per_class_val] for c in range(len(datasets.FASHION_MNIST_CLASSES))]
+    )
+    is_train = np.concatenate(
+        [
+            np.arange(len(np.flatnonzero(y == c)[: per_class_train + per_class_val])) < per_class_train
+            for c in range(len(datasets.FASHION_MNIST_CLASSES))
+        ]
+    )
     datasets.write_labelled_folder(x[picks[is_train]], y[picks[is_train]], train, size=size)
     datasets.write_labelled_folder(x[picks[~is_train]], y[picks[~is_train]], val, size=size)
     return train, val

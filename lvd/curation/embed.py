@@ -56,7 +56,9 @@ class EmbedConfig:
 
     def __post_init__(self):
         if self.crop < 1 or self.resize < self.crop:
-            raise ValueError(f"resize={self.resize}, crop={self.crop}: need 1 <= crop <= resize (crop from the resized image)")
+            raise ValueError(
+                f"resize={self.resize}, crop={self.crop}: need 1 <= crop <= resize (crop from the resized image)"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: use a positive batch size")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -71,7 +73,9 @@ class EmbedDecodeError(ValueError):
     """A blob that Pillow cannot decode; `name` is its uid (or list position)."""
 
     def __init__(self, name: str, cause: BaseException):
-        super().__init__(f"cannot decode image {name}: {type(cause).__name__}: {cause} (ingest accepted it; was the blob changed?)")
+        super().__init__(
+            f"cannot decode image {name}: {type(cause).__name__}: {cause} (ingest accepted it; was the blob changed?)"
+        )
         self.name = name
 
 
@@ -99,7 +103,9 @@ class Embedder:
         if not self.scripted:
             patch = model.patch_embed.proj.kernel_size[0]
             if self.cfg.crop % patch:
-                raise ValueError(f"crop={self.cfg.crop} is not a multiple of the backbone's patch size {patch}: use e.g. {max(patch, self.cfg.crop // patch * patch)}")
+                raise ValueError(
+                    f"crop={self.cfg.crop} is not a multiple of the backbone's patch size {patch}: use e.g. {max(patch, self.cfg.crop // patch * patch)}"
+                )
         self.device = resolve_device(self.cfg.device)
         self.dtype = autocast_dtype(self.cfg.dtype, self.device)
         self.model = model.eval().to(self.device)
@@ -149,13 +155,19 @@ class Embedder:
         blobs = table["data"].to_pylist()
         nulls = [u for u, b in zip(uids, blobs) if u is None or b is None]
         if nulls:
-            raise ValueError(f"{len(nulls)} rows have a null uid or data (first: {nulls[0]!r}); pass accepted blobs only")
+            raise ValueError(
+                f"{len(nulls)} rows have a null uid or data (first: {nulls[0]!r}); pass accepted blobs only"
+            )
         return Embedded(np.array(uids, dtype=object), self.embed_images(blobs, uids))
 
     def preprocess(self, blobs: list[bytes], names: list[str]) -> torch.Tensor:
         """float32 [B, 3, crop, crop], normalised (on the CPU)."""
         work = list(zip(blobs, names))
-        arrays = list(self._pool.map(self._decode, work)) if self._pool and len(work) > 1 else [self._decode(w) for w in work]
+        arrays = (
+            list(self._pool.map(self._decode, work))
+            if self._pool and len(work) > 1
+            else [self._decode(w) for w in work]
+        )
         x_BHWC = torch.from_numpy(np.stack(arrays))
         x_BCHW = x_BHWC.permute(0, 3, 1, 2).float().div_(255.0)
         return (x_BCHW - self._mean) / self._std
@@ -181,8 +193,10 @@ class Embedder:
     def _script_dim(self) -> int:
         out = self.model(torch.zeros(1, 3, self.cfg.crop, self.cfg.crop, device=self.device))
         if not isinstance(out, torch.Tensor) or out.ndim != 2:
-            raise ValueError(f"a TorchScript copy model must map [B, 3, H, W] to [B, D] descriptors; got "
-                             f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}")
+            raise ValueError(
+                f"a TorchScript copy model must map [B, 3, H, W] to [B, D] descriptors; got "
+                f"{type(out).__name__} {tuple(getattr(out, 'shape', ()))}"
+            )
         return int(out.shape[1])
 
     def close(self) -> None:
@@ -202,7 +216,9 @@ def is_torchscript(spec: str | Path) -> bool:
     return any("/code/" in n for n in names) and any(n.endswith("constants.pkl") for n in names)
 
 
-def embed_part(embedder: Embedder, blobs_path: str | Path, out_dir: str | Path, part_index: int, *, read_rows: int = 1024) -> int:
+def embed_part(
+    embedder: Embedder, blobs_path: str | Path, out_dir: str | Path, part_index: int, *, read_rows: int = 1024
+) -> int:
     """Embed one ingest blobs file (`RUN/ingest/part-NNNNNN.blobs.parquet`) into the vector store
     part `part_index` of `out_dir`; returns the number of vectors. The per-partition call of an
     embed actor: blobs are read `read_rows` at a time, so only vectors accumulate in memory."""

@@ -51,8 +51,9 @@ class FaceConfig:
             if not self.detector_sha256:
                 object.__setattr__(self, "detector_sha256", _sha256(self.detector))
         if self.detect_side < 64 or self.scale_factor <= 1.0 or self.min_neighbors < 0 or self.min_face < 8:
-            raise ValueError(f"face config {self}: use detect_side >= 64, scale_factor > 1, min_neighbors >= 0, "
-                             "min_face >= 8")
+            raise ValueError(
+                f"face config {self}: use detect_side >= 64, scale_factor > 1, min_neighbors >= 0, min_face >= 8"
+            )
 
 
 def _sha256(path: str) -> str:
@@ -97,8 +98,9 @@ def detect_faces(img: Image.Image, cfg: FaceConfig) -> list[Box]:
     else:
         det = _detector(path, cfg.detector_sha256, "cascade")
         gray = cv2.equalizeHist(np.asarray(img.convert("L")))
-        rows = det.detectMultiScale(gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors,
-                                    minSize=(cfg.min_face, cfg.min_face))
+        rows = det.detectMultiScale(
+            gray, scaleFactor=cfg.scale_factor, minNeighbors=cfg.min_neighbors, minSize=(cfg.min_face, cfg.min_face)
+        )
     return sorted(_clip_box(r, img.size) for r in rows if r[2] > 0 and r[3] > 0)
 
 

@@ -12,12 +12,17 @@ from typing import Any
 
 import ray
 
-
 _NO_SHARED = object()
 
 
-def parallel_map(fn: Callable[..., Any], items: Sequence[Any], *, shared: Any = _NO_SHARED, num_cpus: float = 1.0,
-                 max_in_flight: int | None = None) -> list[Any]:
+def parallel_map(
+    fn: Callable[..., Any],
+    items: Sequence[Any],
+    *,
+    shared: Any = _NO_SHARED,
+    num_cpus: float = 1.0,
+    max_in_flight: int | None = None,
+) -> list[Any]:
     """[fn(x) for x in items] (or [fn(shared, x) ...]), as Ray tasks when Ray is running (at
     most `max_in_flight` at once, default twice the cluster's CPUs), else in this process.
     `shared` goes into the object store once (numpy arrays in it are read zero-copy by every

@@ -3,7 +3,6 @@ input raises before it writes anything, naming the stage, the fraction and the f
 
 from __future__ import annotations
 
-
 _HINT = {
     "dedup": "Check the hash radii (--phash-radius)",
     "copy detection": "Check --copy-threshold / --copy-model (the calibration is in the message above)",
@@ -14,8 +13,16 @@ _HINT = {
 class MassRemovalError(RuntimeError):
     """A stage would remove more than the allowed fraction of its input; nothing was written."""
 
-    def __init__(self, stage: str, removed: int, total: int, limit: float, flag: str,
-                 largest: list[list[str]] | None = None, detail: str = ""):
+    def __init__(
+        self,
+        stage: str,
+        removed: int,
+        total: int,
+        limit: float,
+        flag: str,
+        largest: list[list[str]] | None = None,
+        detail: str = "",
+    ):
         self.stage, self.removed, self.total, self.limit, self.flag = stage, removed, total, limit, flag
         self.largest = largest or []
         self.detail = detail
@@ -27,10 +34,20 @@ class MassRemovalError(RuntimeError):
         )
 
     def __reduce__(self):  # picklable through Ray
-        return (MassRemovalError, (self.stage, self.removed, self.total, self.limit, self.flag, self.largest, self.detail))
+        return (
+            MassRemovalError,
+            (self.stage, self.removed, self.total, self.limit, self.flag, self.largest, self.detail),
+        )
 
 
-def check_removal(stage: str, removed: int, total: int, limit: float, flag: str = "--max-remove-fraction",
-                  largest: list[list[str]] | None = None, detail: str = "") -> None:
+def check_removal(
+    stage: str,
+    removed: int,
+    total: int,
+    limit: float,
+    flag: str = "--max-remove-fraction",
+    largest: list[list[str]] | None = None,
+    detail: str = "",
+) -> None:
     if total and removed / total > limit:
         raise MassRemovalError(stage, removed, total, limit, flag, largest, detail)

@@ -32,7 +32,9 @@ STRATEGIES = ("random", "closest")
 class HierarchicalConfig:
     ks: tuple[int, ...]  # clusters per level, fine to coarse, e.g. (1000, 100, 10)
     resampling_steps: tuple[int, ...] | None = None  # per level; None: 0 at level 1, 10 above
-    sample_sizes: tuple[int, ...] | None = None  # points kept per cluster when resampling; None: half the mean cluster size
+    sample_sizes: tuple[int, ...] | None = (
+        None  # points kept per cluster when resampling; None: half the mean cluster size
+    )
     sample_strategy: str = "closest"  # resampled points: "closest" to their centroid, or "random"
     niter: int = 20  # Lloyd iterations of every k-means run
     nredo: int = 1
@@ -44,7 +46,9 @@ class HierarchicalConfig:
         if not self.ks or min(self.ks) < 1:
             raise ValueError(f"ks={self.ks}: give one positive k per level, fine to coarse, e.g. (1000, 100, 10)")
         if any(b >= a for a, b in zip(self.ks, self.ks[1:])):
-            raise ValueError(f"ks={self.ks}: each level must have fewer clusters than the one below it (fine to coarse)")
+            raise ValueError(
+                f"ks={self.ks}: each level must have fewer clusters than the one below it (fine to coarse)"
+            )
         for name in ("resampling_steps", "sample_sizes"):
             value = getattr(self, name)
             if value is not None and len(value) != len(self.ks):

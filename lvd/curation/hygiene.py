@@ -220,8 +220,10 @@ def from_options(opts: dict | None) -> tuple[HygieneConfig | None, int | None]:
     opts = dict(opts or {})
     unknown = set(opts) - {"quality", "url_blocklist", "url_allowlist", "max_per_domain", "faces", "nsfw"}
     if unknown:
-        raise ValueError(f"hygiene options {sorted(unknown)} unknown: use quality, url_blocklist, url_allowlist, "
-                         "max_per_domain, faces, nsfw")
+        raise ValueError(
+            f"hygiene options {sorted(unknown)} unknown: use quality, url_blocklist, url_allowlist, "
+            "max_per_domain, faces, nsfw"
+        )
     cfg = HygieneConfig(
         quality=opts.get("quality"), faces=opts.get("faces"), nsfw=opts.get("nsfw"),
         url_block=read_rules(opts["url_blocklist"]) if opts.get("url_blocklist") else (),

@@ -40,8 +40,8 @@ from PIL import Image, ImageFile
 from lvd.curation import hygiene
 from lvd.curation.phash import PHASH256_SIZE, THUMB_SIDE, equalise, hash_bits, phash_bits, thumbnail, to_uint
 from lvd.curation.pixels import SWAPPING_ORIENTATIONS, apply_orientation, orientation, to_rgb
-from lvd.curation.sources.raw import DEFAULT_MAX_BYTES, real_roots
 from lvd.curation.sources import Partition, RawItem, SourceLimits, iter_items
+from lvd.curation.sources.raw import DEFAULT_MAX_BYTES, real_roots
 
 INGEST_SCHEMA = pa.schema(
     [
@@ -120,11 +120,12 @@ class IngestConfig:
         if not 2 <= self.hash_size <= 8:
             raise ValueError(f"hash_size={self.hash_size}: use 2..8 so hash_size**2 bits fit in uint64")
         if self.draft_side < 4 * PHASH256_SIZE:
-            raise ValueError(f"draft_side={self.draft_side}: use >= {4 * PHASH256_SIZE} (the 256-bit pHash reads 64x64 pixels)")
+            raise ValueError(
+                f"draft_side={self.draft_side}: use >= {4 * PHASH256_SIZE} (the 256-bit pHash reads 64x64 pixels)"
+            )
         unknown = [f for f in self.formats if f not in Image.ID]
         if unknown:
             raise ValueError(f"formats {unknown} are not Pillow format ids; choose from {sorted(Image.ID)}")
-
 
     def source_limits(self) -> SourceLimits:
         return SourceLimits(max_bytes=self.max_bytes, allow_roots=self.allow_roots, allow_remote=self.allow_remote)

@@ -47,9 +47,13 @@ class KMeansConfig:
         if self.init not in _INIT_METHODS:
             raise ValueError(f"init={self.init!r}: use one of {sorted(_INIT_METHODS)}")
         if self.init != "random" and not hasattr(faiss, _INIT_METHODS[self.init]):
-            raise ValueError(f"init={self.init!r} needs faiss >= 1.12 (found {faiss.__version__}): upgrade, or use init='random'")
+            raise ValueError(
+                f"init={self.init!r} needs faiss >= 1.12 (found {faiss.__version__}): upgrade, or use init='random'"
+            )
         if self.max_points_per_centroid < 1:
-            raise ValueError(f"max_points_per_centroid={self.max_points_per_centroid}: use a positive cap (Faiss default 256)")
+            raise ValueError(
+                f"max_points_per_centroid={self.max_points_per_centroid}: use a positive cap (Faiss default 256)"
+            )
 
 
 @dataclass(frozen=True)

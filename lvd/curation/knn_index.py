@@ -76,7 +76,9 @@ def as_unit_float32(x_ND: np.ndarray, name: str = "x") -> np.ndarray:
         norms = np.linalg.norm(x, axis=1)
         worst = float(np.abs(norms - 1.0).max())
         if worst > _NORM_TOLERANCE:
-            raise ValueError(f"{name} rows must be L2-normalised (a norm is off by {worst:.3g}); divide by np.linalg.norm(x, axis=1, keepdims=True)")
+            raise ValueError(
+                f"{name} rows must be L2-normalised (a norm is off by {worst:.3g}); divide by np.linalg.norm(x, axis=1, keepdims=True)"
+            )
     return x
 
 

@@ -49,10 +49,7 @@ def read_duplicates(run_dir: Path) -> dict[str, tuple[str, str, float]]:
     if (table := rundir.duplicates(run_dir)) is None:
         return {}
     t = table.to_pydict()
-    return {
-        u: (rep, m, float(d))
-        for u, rep, m, d in zip(t["uid"], t["duplicate_of"], t["method"], t["distance"])
-    }
+    return {u: (rep, m, float(d)) for u, rep, m, d in zip(t["uid"], t["duplicate_of"], t["method"], t["distance"])}
 
 
 def read_decontaminated(run_dir: Path) -> dict[str, tuple[str, str, float]]:
@@ -60,7 +57,9 @@ def read_decontaminated(run_dir: Path) -> dict[str, tuple[str, str, float]]:
     if (table := rundir.decontaminated(run_dir)) is None:
         return {}
     t = table.to_pydict()
-    return {u: (e, m, 1.0 - float(c)) for u, e, m, c in zip(t["uid"], t["eval_set"], t["matched_eval_uid"], t["similarity"])}
+    return {
+        u: (e, m, 1.0 - float(c)) for u, e, m, c in zip(t["uid"], t["eval_set"], t["matched_eval_uid"], t["similarity"])
+    }
 
 
 def read_shipped(run_dir: Path) -> set[str] | None:
@@ -212,7 +211,9 @@ def check_shipped(run: _Run) -> list[str]:
     if missing := set(sharded) - set(run.manifest):
         problems.append(f"{len(missing)} sharded uids are not in the manifest: {_few(missing)}")
     kept = {u for u, st in zip(led["uid"], led["status"]) if st in KEPT}
-    removed = {u for u, st in zip(led["uid"], led["status"]) if st in ("duplicate", "decontaminated", "rejected")} - kept
+    removed = {
+        u for u, st in zip(led["uid"], led["status"]) if st in ("duplicate", "decontaminated", "rejected")
+    } - kept
     removed |= {u for u, st in zip(led["uid"], led["status"]) if st == "decontaminated"}
     if bad := removed & set(run.manifest):
         problems.append(f"{len(bad)} duplicate, decontaminated or rejected uids are in the shards: {_few(bad)}")
@@ -239,9 +240,15 @@ def verify_run(run_dir: Path | str, *, sub_run: bool | None = None) -> VerifyRep
     except (FileNotFoundError, pa.ArrowInvalid) as e:
         return VerifyReport(run_dir=run_dir, problems=[f"cannot read run: {e}"])
     if sub_run:  # a seed / eval run: its own accounting; shipping is checked from the top run
-        problems = [p for check in CHECKS if check is not check_shipped for p in check(_Run(ingest=ingest, ledger=ledger))]
-        return VerifyReport(run_dir=run_dir, inputs=len(ingest["source"]), problems=problems,
-                            by_status=dict(sorted(Counter(ledger["status"]).items())))
+        problems = [
+            p for check in CHECKS if check is not check_shipped for p in check(_Run(ingest=ingest, ledger=ledger))
+        ]
+        return VerifyReport(
+            run_dir=run_dir,
+            inputs=len(ingest["source"]),
+            problems=problems,
+            by_status=dict(sorted(Counter(ledger["status"]).items())),
+        )
     manifest = rundir.manifest_path(run_dir)
     try:
         uids = pq.read_table(manifest, columns=["uid"])["uid"].to_pylist() if manifest.exists() else None
@@ -258,9 +265,7 @@ def verify_run(run_dir: Path | str, *, sub_run: bool | None = None) -> VerifyRep
     problems += _sub_runs(run_dir)
     by_status = Counter(ledger["status"])
     if sum(by_status.values()) != len(ingest["source"]):
-        problems.append(
-            f"{len(ingest['source'])} inputs but {sum(by_status.values())} ledger rows"
-        )
+        problems.append(f"{len(ingest['source'])} inputs but {sum(by_status.values())} ledger rows")
     by_reason = Counter(f"{st}:{r}" for st, r in zip(ledger["status"], ledger["reason"]) if r)
     return VerifyReport(
         run_dir=run_dir,

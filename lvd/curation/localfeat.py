@@ -235,19 +235,25 @@ def _detect(orb, gray: np.ndarray) -> tuple[tuple, tuple]:
     h, w = gray.shape
     xy = np.array([k.pt for k in kps], np.float32)
     response = np.array([k.response for k in kps], np.float32)
-    cell = np.minimum(_GRID - 1, (xy[:, 1] * _GRID / h).astype(int)) * _GRID + np.minimum(_GRID - 1, (xy[:, 0] * _GRID / w).astype(int))
+    cell = np.minimum(_GRID - 1, (xy[:, 1] * _GRID / h).astype(int)) * _GRID + np.minimum(
+        _GRID - 1, (xy[:, 0] * _GRID / w).astype(int)
+    )
     order = np.lexsort((-response, cell))  # by cell, strongest first
     rank_in_cell = np.arange(len(order)) - np.searchsorted(cell[order], cell[order])
     per_cell = max(1, n // (_GRID * _GRID))
     first = order[rank_in_cell < per_cell]
     rest = order[rank_in_cell >= per_cell]
-    pick = np.concatenate([first[np.argsort(-response[first], kind="stable")], rest[np.argsort(-response[rest], kind="stable")]])[:n]
+    pick = np.concatenate(
+        [first[np.argsort(-response[first], kind="stable")], rest[np.argsort(-response[rest], kind="stable")]]
+    )[:n]
     keep, desc = detector.compute(gray, [kps[i] for i in pick.tolist()])
     if desc is None or not keep:
         return empty, empty
     direct = (np.array([k.pt for k in keep], np.float32).reshape(-1, 2), np.ascontiguousarray(desc, np.uint8))
-    mirrored = [cv2.KeyPoint(w - 1 - k.pt[0], k.pt[1], k.size, (180.0 - k.angle) % 360.0, k.response, k.octave, k.class_id)
-                for k in keep]
+    mirrored = [
+        cv2.KeyPoint(w - 1 - k.pt[0], k.pt[1], k.size, (180.0 - k.angle) % 360.0, k.response, k.octave, k.class_id)
+        for k in keep
+    ]
     keep_m, desc_m = detector.compute(np.ascontiguousarray(gray[:, ::-1]), mirrored)
     if desc_m is None or not keep_m:
         return direct, empty
@@ -274,8 +280,14 @@ def ratio_matches(da: np.ndarray, db: np.ndarray, ratio: float) -> tuple[np.ndar
     9x faster on 300 x 300 ORB descriptors, no DMatch objects)."""
     na, nb = len(da), len(db)
     d_AB = np.empty((na, nb), np.int32)
-    faiss.hammings(faiss.swig_ptr(np.ascontiguousarray(da)), faiss.swig_ptr(np.ascontiguousarray(db)),
-                   na, nb, DESC_BYTES, faiss.swig_ptr(d_AB))
+    faiss.hammings(
+        faiss.swig_ptr(np.ascontiguousarray(da)),
+        faiss.swig_ptr(np.ascontiguousarray(db)),
+        na,
+        nb,
+        DESC_BYTES,
+        faiss.swig_ptr(d_AB),
+    )
     nearest = d_AB.argmin(axis=1)
     rows = np.arange(na)
     best = d_AB[rows, nearest]
@@ -293,8 +305,9 @@ def _verify_one(pa_, da, size_a, pb, db, size_b, cfg: VerifyConfig, flipped: boo
         return Verdict(0, 0.0, 0.0, flipped)
     a, b = pa_[ia], pb[ib]
     cv2.setRNGSeed(0)  # RANSAC samples from OpenCV's RNG: same pair, same verdict
-    model, mask = cv2.estimateAffinePartial2D(a, b, method=cv2.RANSAC, ransacReprojThreshold=cfg.reproj_px,
-                                              maxIters=2000, confidence=0.995)
+    model, mask = cv2.estimateAffinePartial2D(
+        a, b, method=cv2.RANSAC, ransacReprojThreshold=cfg.reproj_px, maxIters=2000, confidence=0.995
+    )
     if model is None or mask is None:
         return Verdict(0, 0.0, 0.0, flipped)
     scale = float(np.hypot(model[0, 0], model[1, 0]))

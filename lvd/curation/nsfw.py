@@ -37,8 +37,9 @@ class NsfwConfig:
         if not os.path.isfile(self.model):
             raise ValueError(f"nsfw model {self.model!r}: no such file (TorchScript or ONNX)")
         if not self.model.lower().endswith((*TORCHSCRIPT_SUFFIXES, ".onnx")):
-            raise ValueError(f"nsfw model {self.model!r}: use a TorchScript ({', '.join(TORCHSCRIPT_SUFFIXES)}) "
-                             "or an .onnx file")
+            raise ValueError(
+                f"nsfw model {self.model!r}: use a TorchScript ({', '.join(TORCHSCRIPT_SUFFIXES)}) or an .onnx file"
+            )
         if not 0.0 < self.threshold < 1.0:
             raise ValueError(f"nsfw threshold {self.threshold}: use a probability in (0, 1)")
         if self.input_size < 16:

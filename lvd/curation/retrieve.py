@@ -237,13 +237,19 @@ def union(results: list[Retrieval]) -> Selection:
     """Merge retrievals over one pool into a `Selection` (first retrieval wins provenance)."""
     cat = lambda field: np.concatenate([getattr(r, field) for r in results]) if results else np.zeros(0)  # noqa: E731
     pool = cat("pool_idx").astype(np.int64)
-    source = np.concatenate([np.full(len(r.pool_idx), i, dtype=np.int64) for i, r in enumerate(results)]) if results else pool
+    source = (
+        np.concatenate([np.full(len(r.pool_idx), i, dtype=np.int64) for i, r in enumerate(results)])
+        if results
+        else pool
+    )
     order = np.lexsort((source, pool))  # per image, the earliest retrieval first
     pool, source = pool[order], source[order]
     first = np.r_[True, pool[1:] != pool[:-1]] if len(pool) else np.zeros(0, dtype=bool)
     repeats = np.diff(np.r_[np.flatnonzero(first), len(pool)])
     pick = order[first]
-    methods = np.concatenate([np.full(len(r.pool_idx), r.method) for r in results]) if results else np.zeros(0, dtype=str)
+    methods = (
+        np.concatenate([np.full(len(r.pool_idx), r.method) for r in results]) if results else np.zeros(0, dtype=str)
+    )
     return Selection(
         pool_idx=pool[first],
         source=source[first],

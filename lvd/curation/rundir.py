@@ -212,8 +212,10 @@ def apply_caps(run_dir: Path, records: pa.Table) -> pa.Table:
     if "reason" in records.column_names:
         cols["reason"] = pc.if_else(hit, "domain_capped", records["reason"])
     if "detail" in records.column_names:
-        details = [json.dumps({"rule": rule_of[s]}) if s in rule_of else d
-                   for s, d in zip(records["source"].to_pylist(), records["detail"].to_pylist())]
+        details = [
+            json.dumps({"rule": rule_of[s]}) if s in rule_of else d
+            for s, d in zip(records["source"].to_pylist(), records["detail"].to_pylist())
+        ]
         cols["detail"] = pa.array(details, pa.string())
     for name, col in cols.items():
         records = records.set_column(records.schema.get_field_index(name), name, col)

@@ -152,8 +152,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, *, dashboa
     with _loopback_only(True):
         # address="local": a new Ray of our own, never a cluster that happens to run on this
         # machine (ray.init() alone would join one started with `ray start`)
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=dashboard,
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+        )
 
 
 class _loopback_only:
@@ -323,8 +328,14 @@ def remove_stale(stage_dir: Path, partitions: Sequence[PartitionLike]) -> int:
     return len(stale)
 
 
-def plan_stage(stage_dir: Path, units: Sequence[PartitionLike], cfg_hash: str, *, checksums: bool = False,
-               progress: ProgressFn | None = None) -> tuple[StageReport, list[PartitionLike]]:
+def plan_stage(
+    stage_dir: Path,
+    units: Sequence[PartitionLike],
+    cfg_hash: str,
+    *,
+    checksums: bool = False,
+    progress: ProgressFn | None = None,
+) -> tuple[StageReport, list[PartitionLike]]:
     """The part of a stage run every executor shares: create the folder, drop stale files,
     and split the units into done (their markers go into the report) and to do."""
     stage_dir.mkdir(parents=True, exist_ok=True)
@@ -346,8 +357,9 @@ def plan_stage(stage_dir: Path, units: Sequence[PartitionLike], cfg_hash: str, *
     return report, todo
 
 
-def collect(report: StageReport, markers: Iterable[dict], n_units: int,
-            progress: ProgressFn | None = None) -> StageReport:
+def collect(
+    report: StageReport, markers: Iterable[dict], n_units: int, progress: ProgressFn | None = None
+) -> StageReport:
     """Record each finished unit's marker as it comes (progress after each); sorted report."""
     for marker in markers:
         report.ran.append(marker["index"])
@@ -380,9 +392,7 @@ def isolation_for(fn: StageFn):
     return getattr(fn, "isolation", None)
 
 
-def _run_bounded(
-    fn: StageFn, todo: Iterable[PartitionLike], stage_dir: Path, cfg_hash: str, runner: RunnerConfig
-):
+def _run_bounded(fn: StageFn, todo: Iterable[PartitionLike], stage_dir: Path, cfg_hash: str, runner: RunnerConfig):
     """Yield markers as Ray tasks finish, keeping at most `max_in_flight` submitted; partitions
     whose worker died after the retries go to the stage's isolation policy at the end."""
     remote = ray.remote(run_one).options(

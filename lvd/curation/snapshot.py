@@ -9,6 +9,7 @@ work rewrite nothing). The listing costs one stat per file: partitions, not imag
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -27,7 +28,10 @@ def take(run_dir: Path) -> Snapshot | None:
                 st = p.lstat()
             except FileNotFoundError:
                 continue
-            snap[str(p.relative_to(run_dir))] = (st.st_size if name in files else -1, st.st_mtime_ns if name in files else 0)
+            snap[str(p.relative_to(run_dir))] = (
+                st.st_size if name in files else -1,
+                st.st_mtime_ns if name in files else 0,
+            )
     return snap
 
 
@@ -48,8 +52,6 @@ def rollback(run_dir: Path, before: Snapshot | None) -> list[str]:
         if now[p][0] >= 0 or path.is_symlink():
             path.unlink(missing_ok=True)
         else:
-            try:
+            with contextlib.suppress(OSError):
                 path.rmdir()
-            except OSError:
-                pass
     return changed

@@ -127,8 +127,9 @@ def capped_table(records: pa.Table, max_per_domain: int) -> pa.Table:
     rules = cap_domains(pairs, max_per_domain)
     rows = [(s, u, rules[u]) for s, u in zip(rec["source"], rec["uid"]) if u in rules]
     rows.sort()
-    return pa.table({"source": [r[0] for r in rows], "uid": [r[1] for r in rows], "rule": [r[2] for r in rows]},
-                    schema=CAP_SCHEMA)
+    return pa.table(
+        {"source": [r[0] for r in rows], "uid": [r[1] for r in rows], "rule": [r[2] for r in rows]}, schema=CAP_SCHEMA
+    )
 
 
 def run_domain_cap(run_dir: Path, max_per_domain: int | None) -> pa.Table:
@@ -143,8 +144,9 @@ def run_domain_cap(run_dir: Path, max_per_domain: int | None) -> pa.Table:
         return pa.table({f.name: [] for f in CAP_SCHEMA}, schema=CAP_SCHEMA)
     if max_per_domain < 1:
         raise ValueError(f"max_per_domain={max_per_domain}: use at least 1 image per domain")
-    raw = pa.concat_tables([pq.read_table(p, columns=["source", "status", "uid", "meta"])
-                            for p in rundir.ingest_manifests(run_dir)])
+    raw = pa.concat_tables(
+        [pq.read_table(p, columns=["source", "status", "uid", "meta"]) for p in rundir.ingest_manifests(run_dir)]
+    )
     table = capped_table(raw, max_per_domain)
     path.parent.mkdir(parents=True, exist_ok=True)
     durable.write_parquet(path, table)

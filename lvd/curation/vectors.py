@@ -53,7 +53,9 @@ def write_vectors(folder: str | Path, part_index: int, uids, vecs_ND: np.ndarray
     uids = [str(u) for u in uids]
     vecs_ND = np.asarray(vecs_ND)
     if vecs_ND.dtype != np.float16 or vecs_ND.ndim != 2:
-        raise ValueError(f"vectors must be float16 [n, D], got {vecs_ND.dtype} {vecs_ND.shape}; cast with .astype(np.float16)")
+        raise ValueError(
+            f"vectors must be float16 [n, D], got {vecs_ND.dtype} {vecs_ND.shape}; cast with .astype(np.float16)"
+        )
     if len(uids) != len(vecs_ND):
         raise ValueError(f"{len(uids)} uids for {len(vecs_ND)} vectors: one uid per row")
     if len(set(uids)) != len(uids):

@@ -79,15 +79,14 @@ def duplicate_gallery_markdown(groups: list[tuple[str, list[tuple[str, str, floa
     lines = [
         "# Near-duplicate groups",
         "",
-        "Left: the representative kept; right: inputs dropped as its duplicates "
-        "(method, Hamming distance).",
+        "Left: the representative kept; right: inputs dropped as its duplicates (method, Hamming distance).",
         "",
         "| kept | duplicates |",
         "|---|---|",
     ]
     for rep, dups in groups[:MAX_GROUPS]:
         cells = [_img(blobs.get(rep), rep[:8])]
-        others = [_img(blobs.get(u), f"{u[:8]} {m} d={d:g}") for u, m, d in dups[:MAX_PER_GROUP - 1]]
+        others = [_img(blobs.get(u), f"{u[:8]} {m} d={d:g}") for u, m, d in dups[: MAX_PER_GROUP - 1]]
         lines.append(f"| {cells[0]} | {' '.join(others)} |")
     if not groups:
         lines.append("| (no near-duplicates found) | |")

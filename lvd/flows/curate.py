@@ -40,7 +40,6 @@ from prefect.cache_policies import NO_CACHE
 
 from lvd import runfolder
 from lvd.curation import actor_runner, ledger, rundir, runner, snapshot
-from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation import hygiene as hyg
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
@@ -48,6 +47,7 @@ from lvd.curation.embed import EmbedConfig
 from lvd.curation.guard import MassRemovalError
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.shards import ShardConfig
+from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.stages.retrieve import RetrieveConfig
 from lvd.curation.stages.select import ClusterConfig
 from lvd.flows import artifacts
@@ -91,8 +91,9 @@ class CurateSummary:
 
 
 @task(name="ingest", cache_policy=NO_CACHE)  # done-markers are the cache
-def ingest_task(inputs: list[str], run_dir: Path, partition_size: int, cfg: IngestConfig,
-                rcfg: runner.RunnerConfig) -> runner.StageReport:
+def ingest_task(
+    inputs: list[str], run_dir: Path, partition_size: int, cfg: IngestConfig, rcfg: runner.RunnerConfig
+) -> runner.StageReport:
     log = get_run_logger()
     partitions = stages.plan(inputs, partition_size)
     if not partitions:
@@ -103,14 +104,17 @@ def ingest_task(inputs: list[str], run_dir: Path, partition_size: int, cfg: Inge
     log.info("ingest: ran %d partitions, %d already done", len(rep.ran), len(rep.skipped))
     t = rundir.read_ingest(run_dir, ["status", "reason"])
     artifacts.count_table(
-        "curate-ingest-counts", "ingest: inputs per status and reason",
+        "curate-ingest-counts",
+        "ingest: inputs per status and reason",
         artifacts.status_reason_rows(t["status"].to_pylist(), t["reason"].to_pylist()),
     )
     return rep
 
 
 @task(name="dedup", cache_policy=NO_CACHE)  # done-markers are the cache
-def dedup_task(run_dir: Path, cfg: DedupConfig, rcfg: runner.RunnerConfig, max_remove: float = DEDUP_MAX_REMOVE) -> runner.StageReport:
+def dedup_task(
+    run_dir: Path, cfg: DedupConfig, rcfg: runner.RunnerConfig, max_remove: float = DEDUP_MAX_REMOVE
+) -> runner.StageReport:
     progress = artifacts.Progress("curate-dedup-progress", "dedup: global near-duplicate search")
     stage = stages.run_dedup(run_dir, cfg, rcfg, max_remove=max_remove)
     progress(1, 1)
@@ -126,7 +130,8 @@ def _report_duplicates(run_dir: Path) -> None:
         groups[kept].append((uid, method, float(dist)))
     get_run_logger().info("dedup: %d near-duplicate uids in %d groups", len(dups["uid"]), len(groups))
     artifacts.count_table(
-        "curate-dedup-counts", "dedup: near-duplicate uids per method",
+        "curate-dedup-counts",
+        "dedup: near-duplicate uids per method",
         [{"method": m, "duplicates": n} for m, n in sorted(Counter(dups["method"]).items())]
         + [{"method": "groups", "duplicates": len(groups)}],
     )
@@ -148,7 +153,8 @@ def ledger_task(run_dir: Path) -> ledger.VerifyReport:
     report = ledger.verify_run(run_dir)
     progress(1, 1)
     artifacts.count_table(
-        "curate-ledger-counts", "ledger: inputs per status and reason",
+        "curate-ledger-counts",
+        "ledger: inputs per status and reason",
         artifacts.status_reason_rows(table["status"].to_pylist(), table["reason"].to_pylist()),
     )
     log.info("ledger: %d inputs %s", report.inputs, report.by_status)
@@ -193,7 +199,9 @@ def curate(
     if needs and not embedder:
         raise ValueError(NO_EMBEDDER.format(what=", ".join(needs)))
     if eval_sets and not copy_detection:
-        raise ValueError("--eval-sets: decontamination is copy detection against the eval images; drop --no-copy-detection")
+        raise ValueError(
+            "--eval-sets: decontamination is copy detection against the eval images; drop --no-copy-detection"
+        )
     if copy_model and not copy_detection:
         raise ValueError("--copy-model is for copy detection; drop --no-copy-detection")
     if retrieval == "hierarchical" and target_size is None:
@@ -222,8 +230,13 @@ def curate(
         ing = ingest_task(inputs, run_dir, partition_size, ingest_cfg, rcfg)
         hygiene_lines = tasks.hygiene_task(run_dir, inputs, partition_size, hygiene_cfg, max_per_domain, ingest_cfg)
         dedup_task(run_dir, dedup_cfg, rcfg, copy_cfg.max_remove)
-        tasks.drop_stale_stages(run_dir, embedder=bool(embedder), eval_sets=bool(eval_sets),
-                             retrieve=bool(seeds) or target_size is not None, copy_detection=copy_detection)
+        tasks.drop_stale_stages(
+            run_dir,
+            embedder=bool(embedder),
+            eval_sets=bool(eval_sets),
+            retrieve=bool(seeds) or target_size is not None,
+            copy_detection=copy_detection,
+        )
         acfg = actor_runner.ActorConfig()
         subs: dict[str, dict[str, Path]] = {}
         if copy_detection:
@@ -238,15 +251,30 @@ def curate(
         for kind, paths in (("seeds", seeds), ("eval", eval_sets)):
             for name, path in tasks.sub_run_names(paths).items():
                 sub = subs.setdefault(kind, {})[name] = rundir.sub_run(run_dir, kind, name)
-                tasks.sub_run_task([path], sub, partition_size, sub_ingest_cfg, dedup_cfg, rcfg,
-                                copy_cfg.features if kind == "eval" else None)
+                tasks.sub_run_task(
+                    [path],
+                    sub,
+                    partition_size,
+                    sub_ingest_cfg,
+                    dedup_cfg,
+                    rcfg,
+                    copy_cfg.features if kind == "eval" else None,
+                )
                 if embedder:
                     tasks.embed_task(sub, f"{kind} {name}", embedder, embed_cfg, acfg)
                 if copy_spec and kind == "eval":
-                    tasks.embed_task(sub, f"{kind} {name}", copy_spec[0], EmbedConfig(**copy_spec[1]), acfg, copy_model=True)
+                    tasks.embed_task(
+                        sub, f"{kind} {name}", copy_spec[0], EmbedConfig(**copy_spec[1]), acfg, copy_model=True
+                    )
         if eval_sets:
-            tasks.decontam_task(run_dir, subs["eval"], decontam_cfg, rcfg, proposer="vectors" if embedder else None,
-                             copy_model=copy_spec)
+            tasks.decontam_task(
+                run_dir,
+                subs["eval"],
+                decontam_cfg,
+                rcfg,
+                proposer="vectors" if embedder else None,
+                copy_model=copy_spec,
+            )
         if embedder:
             tasks.cluster_task(run_dir, cluster_cfg, rcfg)
             if seeds or target_size is not None:
@@ -263,9 +291,14 @@ def curate(
     tasks.shard_task(run_dir, shard_cfg, rcfg)
     report = ledger_task(run_dir)
     return CurateSummary(
-        run_dir=str(run_dir), partitions=ing.total, ingest_ran=len(ing.ran),
-        ingest_skipped=len(ing.skipped), by_status=report.by_status,
-        by_reason=report.by_reason, problems=report.problems, hygiene=tuple(hygiene_lines),
+        run_dir=str(run_dir),
+        partitions=ing.total,
+        ingest_ran=len(ing.ran),
+        ingest_skipped=len(ing.skipped),
+        by_status=report.by_status,
+        by_reason=report.by_reason,
+        problems=report.problems,
+        hygiene=tuple(hygiene_lines),
     )
 
 
@@ -283,6 +316,9 @@ def _report_refusal(run_dir: Path, err: MassRemovalError) -> None:
 
     get_run_logger().error("%s", err)
     uids = {u for g in err.largest for u in g[: pictures.PER_ROW]}
-    md = pictures.components_markdown(f"{err.stage} refused: largest groups it would have removed",
-                                      err.largest, rundir.read_blobs(run_dir, uids, strict=False))
+    md = pictures.components_markdown(
+        f"{err.stage} refused: largest groups it would have removed",
+        err.largest,
+        rundir.read_blobs(run_dir, uids, strict=False),
+    )
     artifacts.gallery_artifact(f"curate-{err.stage.replace(' ', '-')}-refused", md)

@@ -17,16 +17,16 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from lvd.curation import actor_runner, ledger, rundir, runner
-from lvd.curation.stages import ingest_dedup as stages
-from lvd.curation.stages import copy as stages_copy
-from lvd.curation.stages import embed as stages_embed
-from lvd.curation.stages import select as stages_select
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.embed import EmbedConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.localfeat import FeatureConfig
 from lvd.curation.shards import ShardConfig
+from lvd.curation.stages import copy as stages_copy
+from lvd.curation.stages import embed as stages_embed
+from lvd.curation.stages import ingest_dedup as stages
+from lvd.curation.stages import select as stages_select
 from lvd.curation.stages.retrieve import RetrieveConfig, run_retrieve
 from lvd.flows import artifacts, pictures
 
@@ -44,8 +44,9 @@ def sub_run_names(paths: list[str]) -> dict[str, str]:
     return names
 
 
-def drop_stale_stages(run_dir: Path, *, embedder: bool, eval_sets: bool, retrieve: bool,
-                      copy_detection: bool = True) -> None:
+def drop_stale_stages(
+    run_dir: Path, *, embedder: bool, eval_sets: bool, retrieve: bool, copy_detection: bool = True
+) -> None:
     """Remove outputs of stages this run will not run (an earlier run with other options
     wrote them): the ledger and the shard stage would otherwise still read them. Vectors and
     features stay (costly, and keyed by uid and config)."""
@@ -55,18 +56,27 @@ def drop_stale_stages(run_dir: Path, *, embedder: bool, eval_sets: bool, retriev
 
 
 @task(name="embed", cache_policy=NO_CACHE)
-def embed_task(run_dir: Path, label: str, spec: str, cfg: EmbedConfig, acfg: actor_runner.ActorConfig,
-               *, copy_model: bool = False) -> runner.StageReport:
+def embed_task(
+    run_dir: Path, label: str, spec: str, cfg: EmbedConfig, acfg: actor_runner.ActorConfig, *, copy_model: bool = False
+) -> runner.StageReport:
     """Embed with the embedder (RUN/vectors), or with the copy model (RUN/copyvec)."""
     what = "copy-embed" if copy_model else "embed"
     stage = "copyembed" if copy_model else "embed"
     progress = artifacts.Progress(f"curate-{what}-{_key(label)}-progress", f"{what} {label}: partitions done")
     rep = stages_embed.run_embed(run_dir, spec, cfg, acfg, progress, stage=stage)
     n = sum(pq.read_table(rep.stage_dir / m["outputs"]["main"])["vectors"][0].as_py() for m in rep.markers.values())
-    get_run_logger().info("%s %s: %d vectors, %d partitions ran, %d done before", what, label, n, len(rep.ran), len(rep.skipped))
-    artifacts.count_table(f"curate-{what}-{_key(label)}-counts", f"{what} {label}", [
-        {"what": "vectors", "count": n}, {"what": "partitions run", "count": len(rep.ran)},
-        {"what": "partitions already done", "count": len(rep.skipped)}])
+    get_run_logger().info(
+        "%s %s: %d vectors, %d partitions ran, %d done before", what, label, n, len(rep.ran), len(rep.skipped)
+    )
+    artifacts.count_table(
+        f"curate-{what}-{_key(label)}-counts",
+        f"{what} {label}",
+        [
+            {"what": "vectors", "count": n},
+            {"what": "partitions run", "count": len(rep.ran)},
+            {"what": "partitions already done", "count": len(rep.skipped)},
+        ],
+    )
     return rep
 
 
@@ -75,8 +85,15 @@ def _key(label: str) -> str:
 
 
 @task(name="sub-run", cache_policy=NO_CACHE)
-def sub_run_task(inputs: list[str], run_dir: Path, partition_size: int, icfg: IngestConfig, dcfg: DedupConfig,
-                 rcfg: runner.RunnerConfig, fcfg: FeatureConfig | None = None) -> dict[str, int]:
+def sub_run_task(
+    inputs: list[str],
+    run_dir: Path,
+    partition_size: int,
+    icfg: IngestConfig,
+    dcfg: DedupConfig,
+    rcfg: runner.RunnerConfig,
+    fcfg: FeatureConfig | None = None,
+) -> dict[str, int]:
     """Ingest + dedup (+ copy features, for eval sets) + ledger of a seed or eval set in its own run folder."""
     run_dir.mkdir(parents=True, exist_ok=True)
     partitions = stages.plan(inputs, partition_size)
@@ -92,15 +109,23 @@ def sub_run_task(inputs: list[str], run_dir: Path, partition_size: int, icfg: In
 
 @task(name="copy-features", cache_policy=NO_CACHE)
 def copyfeat_task(run_dir: Path, cfg: FeatureConfig, rcfg: runner.RunnerConfig) -> runner.StageReport:
-    progress = artifacts.Progress("curate-copyfeat-progress", "copy features: ORB keypoints, global descriptor, equalised hashes")
+    progress = artifacts.Progress(
+        "curate-copyfeat-progress", "copy features: ORB keypoints, global descriptor, equalised hashes"
+    )
     rep = stages_copy.run_copyfeat(run_dir, cfg, rcfg, progress)
     get_run_logger().info("copy features: %d partitions ran, %d done before", len(rep.ran), len(rep.skipped))
     return rep
 
 
 @task(name="copy-detection", cache_policy=NO_CACHE)
-def copydetect_task(run_dir: Path, cfg: CopyDetectConfig, rcfg: runner.RunnerConfig, *, proposers: list[Path],
-                    copy_model: tuple[str, dict] | None) -> None:
+def copydetect_task(
+    run_dir: Path,
+    cfg: CopyDetectConfig,
+    rcfg: runner.RunnerConfig,
+    *,
+    proposers: list[Path],
+    copy_model: tuple[str, dict] | None,
+) -> None:
     log = get_run_logger()
     progress = artifacts.Progress("curate-copydetect-progress", "copy detection: candidates, calibration, decisions")
     stages_copy.run_copydetect(run_dir, cfg, proposers=proposers, copy_model=copy_model, rcfg=rcfg)
@@ -109,26 +134,46 @@ def copydetect_task(run_dir: Path, cfg: CopyDetectConfig, rcfg: runner.RunnerCon
     cal, stats = stages_copy.calibration(run_dir), stages_copy.copydetect_stats(run_dir)
     counts = Counter(d["method"].to_pylist())
     log.info("copy detection: %s", cal.summary())
-    log.info("copy detection: %d candidate pairs, %d linked, %d components split; duplicates %s",
-             stats["candidates"], stats["decided_links"], stats["components_split"], dict(counts))
-    artifacts.count_table("curate-copydetect-counts", "copy detection: duplicates per linking method, and the work done",
-                          [{"what": f"duplicates ({m})", "count": n} for m, n in sorted(counts.items())]
-                          + [{"what": k.replace("_", " "), "count": stats[k]} for k in
-                             ("images", "candidates", "hash_candidates", "decided_links", "components_split", "split_checks")])
+    log.info(
+        "copy detection: %d candidate pairs, %d linked, %d components split; duplicates %s",
+        stats["candidates"],
+        stats["decided_links"],
+        stats["components_split"],
+        dict(counts),
+    )
+    artifacts.count_table(
+        "curate-copydetect-counts",
+        "copy detection: duplicates per linking method, and the work done",
+        [{"what": f"duplicates ({m})", "count": n} for m, n in sorted(counts.items())]
+        + [
+            {"what": k.replace("_", " "), "count": stats[k]}
+            for k in ("images", "candidates", "hash_candidates", "decided_links", "components_split", "split_checks")
+        ],
+    )
     artifacts.gallery_artifact("curate-copydetect-calibration", pictures.calibration_markdown(cal.as_dict()))
 
 
 @task(name="decontaminate", cache_policy=NO_CACHE)
-def decontam_task(run_dir: Path, eval_dirs: dict[str, Path], cfg: CopyDetectConfig, rcfg: runner.RunnerConfig, *,
-                  proposer: str | None, copy_model: tuple[str, dict] | None) -> None:
+def decontam_task(
+    run_dir: Path,
+    eval_dirs: dict[str, Path],
+    cfg: CopyDetectConfig,
+    rcfg: runner.RunnerConfig,
+    *,
+    proposer: str | None,
+    copy_model: tuple[str, dict] | None,
+) -> None:
     progress = artifacts.Progress("curate-decontam-progress", "decontamination: copies of eval images")
     stages_copy.run_decontam(run_dir, eval_dirs, cfg, proposer=proposer, copy_model=copy_model, rcfg=rcfg)
     progress(1, 1)
     t = rundir.decontaminated(run_dir)
     counts = Counter(t["eval_set"].to_pylist())
     get_run_logger().info("decontaminate: %d pool images removed as copies of eval images %s", t.num_rows, dict(counts))
-    artifacts.count_table("curate-decontam-counts", "pool images removed per eval set (copies of its images, and their duplicates)",
-                          [{"eval_set": n, "removed": counts.get(n, 0)} for n in sorted(eval_dirs)])
+    artifacts.count_table(
+        "curate-decontam-counts",
+        "pool images removed per eval set (copies of its images, and their duplicates)",
+        [{"eval_set": n, "removed": counts.get(n, 0)} for n in sorted(eval_dirs)],
+    )
 
 
 @task(name="cluster", cache_policy=NO_CACHE)
@@ -137,8 +182,15 @@ def cluster_task(run_dir: Path, cfg: stages_select.ClusterConfig, rcfg: runner.R
     stages_select.run_cluster(run_dir, cfg, rcfg)
     progress(1, 1)
     t, h = stages_select.read_clusters(run_dir)
-    rows = [{"level": lvl, "clusters": len(h.levels[lvl - 1].centroids_KD),
-             "largest": int(h.sizes(lvl).max(initial=0)), "images": t.num_rows} for lvl in range(1, len(h.levels) + 1)]
+    rows = [
+        {
+            "level": lvl,
+            "clusters": len(h.levels[lvl - 1].centroids_KD),
+            "largest": int(h.sizes(lvl).max(initial=0)),
+            "images": t.num_rows,
+        }
+        for lvl in range(1, len(h.levels) + 1)
+    ]
     artifacts.count_table("curate-cluster-counts", "clusters per level (1 = finest)", rows)
     members: dict[int, list[str]] = defaultdict(list)
     for u, c in zip(t["uid"].to_pylist(), t["leaf"].to_pylist()):
@@ -176,7 +228,7 @@ def _retrieval_pictures(run_dir: Path, sel, seed_dirs: dict[str, Path]) -> None:
             pairs[(r["seed_set"], r["seed_uid"])].append((r["uid"], r["similarity"]))
     shown = dict(sorted(pairs.items())[: pictures.MAX_ROWS])
     blobs = rundir.read_blobs(run_dir, {u for got in shown.values() for u, _ in got[: pictures.PER_ROW]}, strict=False)
-    for (name, seed) in shown:
+    for name, seed in shown:
         blobs.update(rundir.read_blobs(seed_dirs[name], {seed}, strict=False))
     md = pictures.retrieval_markdown({seed: got for (_, seed), got in shown.items()}, blobs)
     artifacts.gallery_artifact("curate-retrieve-pairs", md)
@@ -187,16 +239,26 @@ def shard_task(run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig) -> No
     progress = artifacts.Progress("curate-shard-progress", "shard: WebDataset tars written")
     rep = stages_select.run_shards(run_dir, cfg, rcfg, progress)
     m = pq.read_table(rundir.manifest_path(run_dir), columns=["shard", "shard_bytes"]).to_pydict()
-    get_run_logger().info("shard: %d samples in %d tars (%d written now)", len(m["shard"]), len(set(m["shard"])), len(rep.ran))
-    artifacts.count_table("curate-shard-counts", "shards", [
-        {"what": "samples", "count": len(m["shard"])}, {"what": "tars", "count": len(set(m["shard"]))},
-        {"what": "tars written now", "count": len(rep.ran)}, {"what": "tars already done", "count": len(rep.skipped)},
-        {"what": "bytes", "count": int(sum(dict(zip(m["shard"], m["shard_bytes"])).values()))}])
+    get_run_logger().info(
+        "shard: %d samples in %d tars (%d written now)", len(m["shard"]), len(set(m["shard"])), len(rep.ran)
+    )
+    artifacts.count_table(
+        "curate-shard-counts",
+        "shards",
+        [
+            {"what": "samples", "count": len(m["shard"])},
+            {"what": "tars", "count": len(set(m["shard"]))},
+            {"what": "tars written now", "count": len(rep.ran)},
+            {"what": "tars already done", "count": len(rep.skipped)},
+            {"what": "bytes", "count": int(sum(dict(zip(m["shard"], m["shard_bytes"])).values()))},
+        ],
+    )
 
 
 @task(name="hygiene", cache_policy=NO_CACHE)
-def hygiene_task(run_dir: Path, inputs: list[str], partition_size: int, cfg, max_per_domain: int | None,
-                 icfg: IngestConfig) -> list[str]:
+def hygiene_task(
+    run_dir: Path, inputs: list[str], partition_size: int, cfg, max_per_domain: int | None, icfg: IngestConfig
+) -> list[str]:
     """The per-domain cap (global, after ingest), then the hygiene report: a table of rejections
     per reason, a gallery of rejected and face-blurred examples, and one line per stage for the
     run summary (the NSFW line says when it is off)."""
@@ -211,9 +273,12 @@ def hygiene_task(run_dir: Path, inputs: list[str], partition_size: int, cfg, max
     lines = _hygiene_lines(cfg, max_per_domain, counts, capped.num_rows, faces)
     for line in lines:
         log.info("%s", line)
-    artifacts.count_table("curate-hygiene-counts", "pool hygiene: inputs rejected per reason, faces blurred",
-                          [{"reason": r, "inputs": counts.get(r, 0)} for r in hygiene.REASONS]
-                          + [{"reason": "images with faces (blurred in the shards)", "inputs": len(faces)}])
+    artifacts.count_table(
+        "curate-hygiene-counts",
+        "pool hygiene: inputs rejected per reason, faces blurred",
+        [{"reason": r, "inputs": counts.get(r, 0)} for r in hygiene.REASONS]
+        + [{"reason": "images with faces (blurred in the shards)", "inputs": len(faces)}],
+    )
     shown: dict[str, list[dict]] = defaultdict(list)
     for r in records:
         if r["status"] == "rejected" and len(shown[r["reason"]]) < pictures.PER_ROW:
@@ -251,8 +316,9 @@ def _hygiene_lines(cfg, max_per_domain, counts: Counter, n_capped: int, faces: l
 
     q = cfg.quality if cfg else None
     urls = (len(cfg.url_block), len(cfg.url_allow)) if cfg else (0, 0)
-    quality = ", ".join(f"{r} {counts.get(r, 0)}"
-                        for r in ("near_constant", "extreme_aspect", "too_blurry", "mostly_border"))
+    quality = ", ".join(
+        f"{r} {counts.get(r, 0)}" for r in ("near_constant", "extreme_aspect", "too_blurry", "mostly_border")
+    )
     return [
         f"url filter: {'on' if any(urls) else 'off'} ({urls[0]} block rules, {urls[1]} allow rules): "
         f"url_blocked {counts.get('url_blocked', 0)}",

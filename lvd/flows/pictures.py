@@ -59,14 +59,20 @@ def histogram_png(before: np.ndarray, after: np.ndarray, width: int = 320, heigh
 
 
 def histogram_markdown(before: np.ndarray, after: np.ndarray) -> str:
-    return "\n".join([
-        "# Cluster sizes", "",
-        f"Grey: candidates per cluster ({int(np.sum(before))}); blue: selected ({int(np.sum(after))}), largest cluster first.",
-        "", f"![cluster sizes](data:image/png;base64,{histogram_png(before, after)})",
-    ])
+    return "\n".join(
+        [
+            "# Cluster sizes",
+            "",
+            f"Grey: candidates per cluster ({int(np.sum(before))}); blue: selected ({int(np.sum(after))}), largest cluster first.",
+            "",
+            f"![cluster sizes](data:image/png;base64,{histogram_png(before, after)})",
+        ]
+    )
 
 
-def score_histogram_png(copy: list[float], distinct: list[float], threshold: float, width: int = 400, height: int = 160) -> str:
+def score_histogram_png(
+    copy: list[float], distinct: list[float], threshold: float, width: int = 400, height: int = 160
+) -> str:
     """Base64 PNG: histograms of known-copy scores (blue, up) and distinct-pair scores (grey,
     down), each scaled to its own tallest bin, on one axis from the smallest score to the 95th
     percentile of the copies (at least twice the threshold), the threshold as a red line."""
@@ -103,18 +109,27 @@ def calibration_markdown(cal: dict) -> str:
     copy = [s for v in cal["copy_scores"].values() for s in v]
     unit = "RANSAC inliers spanning the image" if cal["method"] == "copy" else "cosine of the copy model"
     rows = [f"| {k} | {100 * r:.1f}% |" for k, r in sorted(cal["recall"].items())]
-    return "\n".join([
-        "# Copy threshold", "",
-        f"Score: {unit}. Threshold **{cal['threshold']:g}** ({cal['source']}), target false-link rate "
-        f"{100 * cal['false_link_rate']:.2f}%.", "",
-        f"Known copies of {cal['images']} pool images: recall **{100 * cal['copy_recall']:.1f}%**; "
-        f"distinct pairs (halves and diagonal quadrants of those images) linked: "
-        f"**{cal['false_links']} of {cal['distinct_pairs']}**.", "",
-        "Blue (up): known copies; grey (down): distinct pairs (each scaled to its tallest bar; scores "
-        "above the axis end are in its last bar); red: the threshold.", "",
-        f"![score histogram](data:image/png;base64,{score_histogram_png(copy, cal['distinct_scores'], cal['threshold'])})",
-        "", "| copy kind | recall |", "|---|---|", *rows,
-    ])
+    return "\n".join(
+        [
+            "# Copy threshold",
+            "",
+            f"Score: {unit}. Threshold **{cal['threshold']:g}** ({cal['source']}), target false-link rate "
+            f"{100 * cal['false_link_rate']:.2f}%.",
+            "",
+            f"Known copies of {cal['images']} pool images: recall **{100 * cal['copy_recall']:.1f}%**; "
+            f"distinct pairs (halves and diagonal quadrants of those images) linked: "
+            f"**{cal['false_links']} of {cal['distinct_pairs']}**.",
+            "",
+            "Blue (up): known copies; grey (down): distinct pairs (each scaled to its tallest bar; scores "
+            "above the axis end are in its last bar); red: the threshold.",
+            "",
+            f"![score histogram](data:image/png;base64,{score_histogram_png(copy, cal['distinct_scores'], cal['threshold'])})",
+            "",
+            "| copy kind | recall |",
+            "|---|---|",
+            *rows,
+        ]
+    )
 
 
 def components_markdown(title: str, groups: list[list[str]], blobs: dict[str, bytes]) -> str:
@@ -127,8 +142,9 @@ def components_markdown(title: str, groups: list[list[str]], blobs: dict[str, by
     return "\n".join(lines)
 
 
-def hygiene_markdown(rejected: dict[str, list[tuple[str, str, bytes | None]]],
-                     blurred: list[tuple[str, int, bytes | None]]) -> str:
+def hygiene_markdown(
+    rejected: dict[str, list[tuple[str, str, bytes | None]]], blurred: list[tuple[str, int, bytes | None]]
+) -> str:
     """Rejected examples per hygiene reason (label: the rule or value), then images whose faces
     were blurred, shown as the shards store them (blurred)."""
     lines = ["# Pool hygiene", "", "| reason | examples (rule or measured value) |", "|---|---|"]
@@ -137,7 +153,8 @@ def hygiene_markdown(rejected: dict[str, list[tuple[str, str, bytes | None]]],
     if not rejected:
         lines.append("| (nothing rejected by a hygiene filter) | |")
     lines += ["", "| faces blurred | as stored in the shards |", "|---|---|"]
-    cells = " ".join(_img(data, f"{source.rsplit('/', 1)[-1][:24]}: {n} face(s)")
-                     for source, n, data in blurred[:PER_ROW])
+    cells = " ".join(
+        _img(data, f"{source.rsplit('/', 1)[-1][:24]}: {n} face(s)") for source, n, data in blurred[:PER_ROW]
+    )
     lines.append(f"| {len(blurred)} shown | {cells or '(no faces found, or face blurring off)'} |")
     return "\n".join(lines)

@@ -75,8 +75,7 @@ def train_task(cfg) -> TrainOutcome:
     """Run train(cfg) in a thread; report its metrics lines as they appear."""
     from lvd.pretrain.train import train
 
-    follow = MetricsFollower(cfg.out / "metrics.jsonl", cfg.end_step,
-                             after_step=_first_step(cfg) - 1)
+    follow = MetricsFollower(cfg.out / "metrics.jsonl", cfg.end_step, after_step=_first_step(cfg) - 1)
     outcome: dict = {}
 
     def work() -> None:
@@ -112,18 +111,22 @@ def train_ranks_task(cfg, spec: RanksCommand, max_relaunches: int) -> TrainOutco
         step = 0 if last is None else ckpt.read_meta(last).step
         get_run_logger().warning(
             "pretrain: launch %d of %d ranks exited with code %d (a rank died or failed; "
-            "log %s); relaunching with --resume from %s", attempt, spec.nproc_per_node, code,
+            "log %s); relaunching with --resume from %s",
+            attempt,
+            spec.nproc_per_node,
+            code,
             cfg.out / f"launch-{attempt}.log",
-            last if last is not None else "the start (no complete checkpoint yet)")
+            last if last is not None else "the start (no complete checkpoint yet)",
+        )
         # steps after the checkpoint are trained again: forget the lines the dead run wrote
         MetricsLog(cfg.out / "metrics.jsonl", resume_step=step)
         follow.after_step = step - 1
 
-    outcome = launch_with_relaunches(spec, resume=cfg.resume, max_relaunches=max_relaunches,
-                                     on_poll=follow, before_relaunch=before_relaunch)
+    outcome = launch_with_relaunches(
+        spec, resume=cfg.resume, max_relaunches=max_relaunches, on_poll=follow, before_relaunch=before_relaunch
+    )
     follow.progress(cfg.end_step, cfg.end_step)
-    return TrainOutcome(start, cfg.end_step, ckpt.latest_checkpoint(cfg.out),
-                        relaunches=outcome.relaunches)
+    return TrainOutcome(start, cfg.end_step, ckpt.latest_checkpoint(cfg.out), relaunches=outcome.relaunches)
 
 
 @task(name="knn-eval", cache_policy=NO_CACHE)
@@ -136,14 +139,23 @@ def knn_task(checkpoint: Path, train_dir: str, val_dir: str, k: int, device: str
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     backbone = load_teacher_backbone(checkpoint).to(device)
-    result = evaluate_knn(backbone, train_dir, val_dir, size=backbone.config.img_size, k=k,
-                          device=device)
+    result = evaluate_knn(backbone, train_dir, val_dir, size=backbone.config.img_size, k=k, device=device)
     (checkpoint / "eval_knn.json").write_text(result.to_json() + "\n")
-    get_run_logger().info("k-NN top-1 %.2f%% (k=%d, %d train / %d val)", 100 * result.top1,
-                          result.k, result.n_train, result.n_val)
-    artifacts.count_table("pretrain-knn", "k-NN top-1 of the teacher CLS token", [
-        {"top1_percent": round(100 * result.top1, 2), "k": result.k,
-         "n_train": result.n_train, "n_val": result.n_val}])
+    get_run_logger().info(
+        "k-NN top-1 %.2f%% (k=%d, %d train / %d val)", 100 * result.top1, result.k, result.n_train, result.n_val
+    )
+    artifacts.count_table(
+        "pretrain-knn",
+        "k-NN top-1 of the teacher CLS token",
+        [
+            {
+                "top1_percent": round(100 * result.top1, 2),
+                "k": result.k,
+                "n_train": result.n_train,
+                "n_val": result.n_val,
+            }
+        ],
+    )
     return result
 
 
@@ -194,25 +206,52 @@ def pretrain(
     if (knn_train is None) != (knn_val is None):
         raise ValueError("k-NN evaluation needs both a labelled train folder and a val folder")
     if nproc_per_node < 1 or max_relaunches < 0:
-        raise ValueError(f"nproc_per_node {nproc_per_node} / max_relaunches {max_relaunches}: "
-                         "use at least 1 rank and 0 or more relaunches")
-    r = resolve_recipe(recipe, config=config, sets=sets or (), batch_size=batch_size,
-                       distill_from=distill_from)
-    cfg = TrainConfig(shards=tuple(expand_shards(shards)), recipe=r, out=Path(out).resolve(),
-                      max_steps=max_steps, resume=resume, num_workers=num_workers, seed=seed,
-                      device=device, deterministic=deterministic, init=init)
-    get_run_logger().info("pretrain: recipe %s, %d shards, %d rank(s), steps to %d -> %s",
-                          r.name, len(cfg.shards), nproc_per_node, cfg.end_step, cfg.out)
+        raise ValueError(
+            f"nproc_per_node {nproc_per_node} / max_relaunches {max_relaunches}: "
+            "use at least 1 rank and 0 or more relaunches"
+        )
+    r = resolve_recipe(recipe, config=config, sets=sets or (), batch_size=batch_size, distill_from=distill_from)
+    cfg = TrainConfig(
+        shards=tuple(expand_shards(shards)),
+        recipe=r,
+        out=Path(out).resolve(),
+        max_steps=max_steps,
+        resume=resume,
+        num_workers=num_workers,
+        seed=seed,
+        device=device,
+        deterministic=deterministic,
+        init=init,
+    )
+    get_run_logger().info(
+        "pretrain: recipe %s, %d shards, %d rank(s), steps to %d -> %s",
+        r.name,
+        len(cfg.shards),
+        nproc_per_node,
+        cfg.end_step,
+        cfg.out,
+    )
     if nproc_per_node == 1:
         result = train_task(cfg)
     else:  # what train() checks first, checked once before any process is started
         check_shard_files(cfg.shards)
         _check_resume_world_size(cfg, nproc_per_node)
-        spec = RanksCommand(shards=tuple(shards), recipe=recipe, out=cfg.out,
-                            nproc_per_node=nproc_per_node, max_steps=max_steps,
-                            batch_size=batch_size, num_workers=num_workers, seed=seed,
-                            device=device, deterministic=deterministic, config=config,
-                            sets=tuple(sets or ()), init=init, distill_from=distill_from)
+        spec = RanksCommand(
+            shards=tuple(shards),
+            recipe=recipe,
+            out=cfg.out,
+            nproc_per_node=nproc_per_node,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            device=device,
+            deterministic=deterministic,
+            config=config,
+            sets=tuple(sets or ()),
+            init=init,
+            distill_from=distill_from,
+        )
         result = train_ranks_task(cfg, spec, max_relaunches)
     rows = read_metrics(cfg.out / "metrics.jsonl")
     loss_table(rows)
@@ -220,14 +259,20 @@ def pretrain(
     if knn_train is not None and result.last_checkpoint is not None:
         knn = knn_task(result.last_checkpoint, knn_train, knn_val, knn_k, device).top1
     if (md := pictures_markdown(cfg.out / "pictures")) is not None:
-        create_markdown_artifact(markdown=md, key="pretrain-pictures",
-                                 description="patch PCA and CLS attention of the teacher")
+        create_markdown_artifact(
+            markdown=md, key="pretrain-pictures", description="patch PCA and CLS attention of the teacher"
+        )
     summary = PretrainSummary(
-        out=str(cfg.out), recipe=r.name, start_step=result.start_step, end_step=result.end_step,
+        out=str(cfg.out),
+        recipe=r.name,
+        start_step=result.start_step,
+        end_step=result.end_step,
         checkpoint=None if result.last_checkpoint is None else str(result.last_checkpoint),
-        last_loss=rows[-1]["loss"] if rows else None, knn_top1=knn,
+        last_loss=rows[-1]["loss"] if rows else None,
+        knn_top1=knn,
         relaunches=result.relaunches,
     )
-    create_markdown_artifact(markdown=summary_markdown(summary), key="pretrain-summary",
-                             description="pretraining summary")
+    create_markdown_artifact(
+        markdown=summary_markdown(summary), key="pretrain-summary", description="pretraining summary"
+    )
     return summary

@@ -51,17 +51,38 @@ class RanksCommand:
 
     def __post_init__(self) -> None:
         if self.nproc_per_node < 2:
-            raise ValueError(f"nproc_per_node {self.nproc_per_node}: a launch is for 2 or more "
-                             "ranks; one process trains in the flow's own task")
+            raise ValueError(
+                f"nproc_per_node {self.nproc_per_node}: a launch is for 2 or more "
+                "ranks; one process trains in the flow's own task"
+            )
 
     def command(self, *, resume: bool) -> list[str]:
-        cmd = [sys.executable, "-m", "lvd.cli", "pretrain", "--shards", *self.shards,
-               "--recipe", self.recipe, "--out", str(self.out),
-               "--num-workers", str(self.num_workers), "--seed", str(self.seed),
-               "--nproc-per-node", str(self.nproc_per_node)]
-        for flag, value in (("--max-steps", self.max_steps), ("--batch-size", self.batch_size),
-                            ("--device", self.device), ("--config", self.config),
-                            ("--init", self.init), ("--distill-from", self.distill_from)):
+        cmd = [
+            sys.executable,
+            "-m",
+            "lvd.cli",
+            "pretrain",
+            "--shards",
+            *self.shards,
+            "--recipe",
+            self.recipe,
+            "--out",
+            str(self.out),
+            "--num-workers",
+            str(self.num_workers),
+            "--seed",
+            str(self.seed),
+            "--nproc-per-node",
+            str(self.nproc_per_node),
+        ]
+        for flag, value in (
+            ("--max-steps", self.max_steps),
+            ("--batch-size", self.batch_size),
+            ("--device", self.device),
+            ("--config", self.config),
+            ("--init", self.init),
+            ("--distill-from", self.distill_from),
+        ):
             if value is not None:
                 cmd += [flag, str(value)]
         for setting in self.sets:
@@ -108,16 +129,16 @@ def _stop(proc: subprocess.Popen) -> None:
     _signal_group(proc.pid, signal.SIGKILL)
 
 
-def run_attempt(spec: RanksCommand, attempt: int, *, resume: bool,
-                on_poll: Callable[[], None]) -> int:
+def run_attempt(spec: RanksCommand, attempt: int, *, resume: bool, on_poll: Callable[[], None]) -> int:
     """One launch; `on_poll` runs every POLL_S seconds while it trains. Its exit code."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # logs as they happen, not at exit
     with log_path(spec.out, attempt).open("w") as log:
         log.write("$ " + " ".join(spec.command(resume=resume)) + "\n")
         log.flush()
         # its own session: stopping the flow stops the launcher and every rank
-        proc = subprocess.Popen(spec.command(resume=resume), stdout=log,
-                                stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            spec.command(resume=resume), stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         try:
             while proc.poll() is None:
                 time.sleep(POLL_S)
@@ -129,8 +150,12 @@ def run_attempt(spec: RanksCommand, attempt: int, *, resume: bool,
 
 
 def launch_with_relaunches(
-    spec: RanksCommand, *, resume: bool, max_relaunches: int,
-    on_poll: Callable[[], None], before_relaunch: Callable[[int, int], None],
+    spec: RanksCommand,
+    *,
+    resume: bool,
+    max_relaunches: int,
+    on_poll: Callable[[], None],
+    before_relaunch: Callable[[int, int], None],
 ) -> LaunchOutcome:
     """Run until an attempt exits 0; relaunch with --resume after a failure, at most
     `max_relaunches` times. `before_relaunch(attempt, exit_code)` runs before each relaunch
@@ -149,11 +174,13 @@ def launch_with_relaunches(
             raise LaunchFailed(
                 f"pretrain on {spec.nproc_per_node} ranks stopped on a failure a relaunch would repeat "
                 f"(exit code {code}); not relaunched after {attempt - 1} relaunch(es). "
-                f"Log {logs[-1]}, its end:\n{tail}")
+                f"Log {logs[-1]}, its end:\n{tail}"
+            )
         if attempt > max_relaunches:
             break
         before_relaunch(attempt, code)
     raise LaunchFailed(
         f"pretrain on {spec.nproc_per_node} ranks failed after {max_relaunches} relaunch(es) "
         f"(last exit code {code}); logs: {', '.join(map(str, logs))}. End of {logs[-1]}:\n"
-        f"{log_tail(logs[-1])}")
+        f"{log_tail(logs[-1])}"
+    )

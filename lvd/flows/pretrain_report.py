@@ -44,16 +44,23 @@ class MetricsFollower:
         for r in read_metrics(self.path):
             if r["step"] <= self.after_step:
                 continue
-            log.info("pretrain: step %d/%d loss %.4f lr %.2e (%.1f img/s)", r["step"] + 1,
-                     self.total, r["loss"], r["lr"], r.get("images_per_s", float("nan")))
+            log.info(
+                "pretrain: step %d/%d loss %.4f lr %.2e (%.1f img/s)",
+                r["step"] + 1,
+                self.total,
+                r["loss"],
+                r["lr"],
+                r.get("images_per_s", float("nan")),
+            )
             self.progress(r["step"] + 1, self.total)
             self.after_step = r["step"]
 
 
 def loss_table(rows: list[dict]) -> None:
     keys = ["step", "loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "entropy", "proto_usage"]
-    table = [{k: (r["step"] + 1 if k == "step" else round(r[k], 6)) for k in keys if k in r}
-             for r in rows[-TABLE_ROWS:]]
+    table = [
+        {k: (r["step"] + 1 if k == "step" else round(r[k], 6)) for k in keys if k in r} for r in rows[-TABLE_ROWS:]
+    ]
     artifacts.count_table("pretrain-losses", "pretrain: last logged losses and learning rate", table)
 
 
@@ -62,9 +69,15 @@ def pictures_markdown(folder: Path) -> str | None:
     pngs = sorted(folder.glob("step_*.png"))[-MAX_PICTURES:][::-1]
     if not pngs:
         return None
-    lines = ["# Teacher features", "",
-             ("Each row: a training crop, the first 3 PCA components of its patch features "
-              "as RGB, and the CLS token's attention over patches (last block)."), ""]
+    lines = [
+        "# Teacher features",
+        "",
+        (
+            "Each row: a training crop, the first 3 PCA components of its patch features "
+            "as RGB, and the CLS token's attention over patches (last block)."
+        ),
+        "",
+    ]
     for p in pngs:
         b64 = base64.b64encode(p.read_bytes()).decode("ascii")
         lines += [f"## {p.stem}", "", f"![{p.stem}](data:image/png;base64,{b64})", ""]
@@ -74,11 +87,18 @@ def pictures_markdown(folder: Path) -> str | None:
 def summary_markdown(s) -> str:
     knn = "not run (no labelled folders)" if s.knn_top1 is None else f"{100 * s.knn_top1:.2f}%"
     loss = "none logged" if s.last_loss is None else f"{s.last_loss:.4f}"
-    return "\n".join([
-        "# Pretraining summary", "",
-        "| | |", "|---|---|",
-        f"| recipe | `{s.recipe}` |", f"| steps | {s.start_step} -> {s.end_step} |",
-        f"| last loss | {loss} |", f"| k-NN top-1 | {knn} |",
-        f"| relaunches | {s.relaunches} |",
-        f"| checkpoint | `{s.checkpoint}` |", f"| output | `{s.out}` |",
-    ])
+    return "\n".join(
+        [
+            "# Pretraining summary",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| recipe | `{s.recipe}` |",
+            f"| steps | {s.start_step} -> {s.end_step} |",
+            f"| last loss | {loss} |",
+            f"| k-NN top-1 | {knn} |",
+            f"| relaunches | {s.relaunches} |",
+            f"| checkpoint | `{s.checkpoint}` |",
+            f"| output | `{s.out}` |",
+        ]
+    )

@@ -24,6 +24,7 @@ Linux only (it reads /proc); elsewhere `protect` does nothing.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime as dt
 import json
 import os
@@ -97,10 +98,8 @@ def supervise(parent: int, parent_start: str) -> None:
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for p, s in victims.items():
             if is_alive(p, s):
-                try:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(p, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
         deadline = time.monotonic() + GRACE_S
         while time.monotonic() < deadline and any(is_alive(p, s) for p, s in victims.items()):
             time.sleep(0.1)
@@ -111,8 +110,11 @@ def start_supervisor() -> subprocess.Popen | None:
         return None
     return subprocess.Popen(
         [sys.executable, "-m", "lvd.flows.watchdog", str(os.getpid()), start],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True, close_fds=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        close_fds=True,
     )
 
 
@@ -131,7 +133,7 @@ def register(command: str, out: str | None) -> Path:
     entry = dict(
         pid=pid, start=start_time(pid), host=socket.gethostname(), command=command,
         out=str(Path(out).resolve()) if out else None, cwd=os.getcwd(),
-        started_at=dt.datetime.now(dt.timezone.utc).isoformat(),
+        started_at=dt.datetime.now(dt.UTC).isoformat(),
     )  # fmt: skip
     folder = registry()
     folder.mkdir(parents=True, exist_ok=True)
@@ -161,7 +163,11 @@ def mark_stale_flow_runs(log=print) -> list[str]:
         return []
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
-        FlowFilter, FlowFilterName, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType,
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
     )  # fmt: skip
     from prefect.client.schemas.objects import StateType
     from prefect.states import Crashed
@@ -170,7 +176,9 @@ def mark_stale_flow_runs(log=print) -> list[str]:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(
             flow_filter=FlowFilter(name=FlowFilterName(any_=list(FLOWS))),
-            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+            ),
         )
         for run in runs:
             owner = _owner(run, records)

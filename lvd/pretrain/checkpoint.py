@@ -109,9 +109,7 @@ def checkpoint_dir(out: str | Path, step: int) -> Path:
 
 
 def is_complete(path: Path) -> bool:
-    return bool(STEP_DIR.match(path.name)) and (path / DCP_METADATA).is_file() and (
-        path / META_FILE
-    ).is_file()
+    return bool(STEP_DIR.match(path.name)) and (path / DCP_METADATA).is_file() and (path / META_FILE).is_file()
 
 
 def list_checkpoints(path: str | Path) -> list[Path]:
@@ -133,6 +131,7 @@ def latest_checkpoint(path: str | Path) -> Path | None:
 
 
 # ---------------------------------------------------------------- durable files
+
 
 def _fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -156,9 +155,9 @@ def _write_durable(path: Path, data: bytes) -> None:
 
 # ---------------------------------------------------------------- RNG state without pickle
 
+
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate()}
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -170,7 +169,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         # a node with fewer visible GPUs than the one that saved: the devices it has
-        for i, cuda in enumerate(state["cuda"][:torch.cuda.device_count()]):
+        for i, cuda in enumerate(state["cuda"][: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(cuda, i)
 
 
@@ -192,11 +191,18 @@ def save_rng_state(path: Path, state: dict[str, Any] | None = None) -> None:
     }
     for i, cuda in enumerate(state.get("cuda", [])):
         tensors[f"cuda_{i}"] = cuda.detach().cpu().contiguous()
-    header = {"format": RNG_FORMAT, "version": FORMAT_VERSION,
-              "cuda_devices": len(state.get("cuda", [])),
-              "numpy": {"name": np_name, "pos": int(np_pos), "has_gauss": int(np_has_gauss),
-                        "cached_gaussian": float(np_cached)},
-              "python": {"version": int(py_version), "gauss_next": py_gauss_next}}
+    header = {
+        "format": RNG_FORMAT,
+        "version": FORMAT_VERSION,
+        "cuda_devices": len(state.get("cuda", [])),
+        "numpy": {
+            "name": np_name,
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "cached_gaussian": float(np_cached),
+        },
+        "python": {"version": int(py_version), "gauss_next": py_gauss_next},
+    }
     _write_durable(path, save(tensors, metadata={"lvd": json.dumps(header)}))
 
 
@@ -212,18 +218,21 @@ def load_rng_state(path: Path) -> dict[str, Any]:
             raise ValueError("no lvd RNG header")
         npy, py = header["numpy"], header["python"]
         keys = tensors["numpy_keys"]
-        if (keys.dtype, tuple(keys.shape), tensors["torch"].dtype) != (
-                torch.int64, (624,), torch.uint8):
+        if (keys.dtype, tuple(keys.shape), tensors["torch"].dtype) != (torch.int64, (624,), torch.uint8):
             raise ValueError("unexpected tensor shapes or dtypes")
         gauss_next = py["gauss_next"]
         if gauss_next is not None and not isinstance(gauss_next, float):
             raise ValueError("python gauss_next is not a float")
         state = {
             "torch": tensors["torch"],
-            "numpy": (str(npy["name"]), keys.numpy().astype(np.uint32), int(npy["pos"]),
-                      int(npy["has_gauss"]), float(npy["cached_gaussian"])),
-            "python": (int(py["version"]),
-                       tuple(int(x) for x in tensors["python_internal"].tolist()), gauss_next),
+            "numpy": (
+                str(npy["name"]),
+                keys.numpy().astype(np.uint32),
+                int(npy["pos"]),
+                int(npy["has_gauss"]),
+                float(npy["cached_gaussian"]),
+            ),
+            "python": (int(py["version"]), tuple(int(x) for x in tensors["python_internal"].tolist()), gauss_next),
         }
         n_cuda = int(header.get("cuda_devices", 0))
         if n_cuda:
@@ -248,7 +257,8 @@ def _load_legacy_rng(path: Path) -> dict[str, Any]:
     except pickle.UnpicklingError as e:
         raise UnsafeCheckpointError(
             f"{path}: refusing to unpickle it (it holds more than RNG state, and loading it "
-            f"could run code): {str(e).splitlines()[0]}") from None
+            f"could run code): {str(e).splitlines()[0]}"
+        ) from None
     if not isinstance(state, dict) or not {"torch", "numpy", "python"} <= set(state):
         raise ValueError(f"{path} is not an lvd RNG state file")
     return state
@@ -257,14 +267,30 @@ def _load_legacy_rng(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- DCP metadata, restricted
 
 _DCP_METADATA_CLASSES = frozenset(
-    [("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING")]
-    + [("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-       ("torch", "Size"), ("torch.serialization", "_get_layout"),
-       ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
-       ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"),
-       ("collections", "OrderedDict")]
+    [
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ]
+    + [
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("pathlib", "Path"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+        ("pathlib", "PurePosixPath"),
+        ("pathlib", "PureWindowsPath"),
+        ("collections", "OrderedDict"),
+    ]
 )
 
 
@@ -278,13 +304,15 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _DCP_METADATA_CLASSES:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None),
-                                            (torch.dtype, torch.layout, torch.memory_format)):
+        if module == "torch" and isinstance(
+            getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)
+        ):
             return getattr(torch, name)
         raise UnsafeCheckpointError(
             f"{self.source}: refusing to unpickle {module}.{name}; a DCP .metadata file holds "
             "only torch.distributed.checkpoint metadata, so this one was not written by lvd "
-            "(loading it could run code)")
+            "(loading it could run code)"
+        )
 
     def persistent_load(self, pid: Any) -> Any:
         raise UnsafeCheckpointError(f"{self.source}: refusing a persistent id in DCP metadata")
@@ -299,11 +327,9 @@ def read_dcp_metadata(path: str | Path) -> Metadata:
     except UnsafeCheckpointError:
         raise
     except Exception as e:  # truncated, or allowed classes called with wrong arguments
-        raise ValueError(f"{path} is not a readable DCP metadata file: "
-                         f"{type(e).__name__}: {e}") from None
+        raise ValueError(f"{path} is not a readable DCP metadata file: {type(e).__name__}: {e}") from None
     if not isinstance(metadata, Metadata) or not isinstance(metadata.state_dict_metadata, dict):
-        raise UnsafeCheckpointError(f"{path} does not hold DCP Metadata "
-                                    f"(got {type(metadata).__name__})")
+        raise UnsafeCheckpointError(f"{path} does not hold DCP Metadata (got {type(metadata).__name__})")
     for info in (metadata.storage_data or {}).values():
         rel = getattr(info, "relative_path", None)
         if not isinstance(rel, str) or Path(rel).name != rel or rel in ("", ".", ".."):
@@ -335,7 +361,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
         except pickle.UnpicklingError as e:
             raise UnsafeCheckpointError(
                 f"checkpoint value {read_item.dest_index.fqn!r}: refusing to unpickle it "
-                f"(loading it could run code): {str(e).splitlines()[0]}") from None
+                f"(loading it could run code): {str(e).splitlines()[0]}"
+            ) from None
         # hand the checked plain value to the default planner, re-serialised by us
         clean = io.BytesIO()
         torch.save(obj, clean)
@@ -350,8 +377,12 @@ def _dcp_load(state: dict[str, Any], ckpt: Path, *, local: bool = False) -> None
     read_dcp_metadata(ckpt / DCP_METADATA)  # refuse a hostile file here, with its name
     try:
         with _quiet_single_process():
-            dcp.load(state, storage_reader=SafeFileSystemReader(ckpt),
-                     planner=SafeLoadPlanner(), no_dist=local or not _distributed())
+            dcp.load(
+                state,
+                storage_reader=SafeFileSystemReader(ckpt),
+                planner=SafeLoadPlanner(),
+                no_dist=local or not _distributed(),
+            )
     except dcp.api.CheckpointException as e:
         for exc, _ in e.failures.values():
             if isinstance(exc, UnsafeCheckpointError):
@@ -369,6 +400,7 @@ def load_state(ckpt: str | Path, state: dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------- the teacher backbone
 
+
 def _gather_backbone(teacher: Any) -> dict[str, torch.Tensor] | None:
     """The teacher backbone's full tensors on CPU (rank 0; None elsewhere). A collective
     under FSDP2: every rank walks the same keys."""
@@ -382,7 +414,7 @@ def _gather_backbone(teacher: Any) -> dict[str, torch.Tensor] | None:
             continue
         full = value.full_tensor() if isinstance(value, DTensor) else value
         if _rank() == 0:
-            out[key[len("backbone."):]] = full.detach().to("cpu").contiguous()
+            out[key[len("backbone.") :]] = full.detach().to("cpu").contiguous()
     return out if _rank() == 0 and out else None
 
 
@@ -391,10 +423,15 @@ def backbone_config(recipe: dict[str, Any], weights: dict[str, torch.Tensor], st
 
     r = Recipe.from_dict(recipe)
     depth = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
-    return {"format": BACKBONE_FORMAT, "version": FORMAT_VERSION, "step": step,
-            "backbone": asdict(r.backbone), "img_size": r.crops.global_size,
-            "embed_dim": int(weights["cls_token"].shape[-1]) if "cls_token" in weights else None,
-            "depth": depth}
+    return {
+        "format": BACKBONE_FORMAT,
+        "version": FORMAT_VERSION,
+        "step": step,
+        "backbone": asdict(r.backbone),
+        "img_size": r.crops.global_size,
+        "embed_dim": int(weights["cls_token"].shape[-1]) if "cls_token" in weights else None,
+        "depth": depth,
+    }
 
 
 def write_backbone(folder: Path, weights: dict[str, torch.Tensor], config: dict) -> None:
@@ -425,8 +462,13 @@ def _backbone_from_config(path: Path):
     bb, img_size = cfg.get("backbone"), cfg.get("img_size")
     if not isinstance(bb, dict):
         raise bad("no backbone section")
-    kinds = {"arch": (str,), "patch_size": (int,), "num_register_tokens": (int,),
-             "drop_path_rate": (int, float), "layerscale_init": (int, float)}
+    kinds = {
+        "arch": (str,),
+        "patch_size": (int,),
+        "num_register_tokens": (int,),
+        "drop_path_rate": (int, float),
+        "layerscale_init": (int, float),
+    }
     known = {f.name for f in fields(BackboneConfig)}
     for key, value in bb.items():
         if key not in known:
@@ -446,10 +488,12 @@ def _backbone_from_config(path: Path):
 
 
 def legacy_message(ckpt: Path) -> str:
-    return (f"{ckpt} has no {BACKBONE_WEIGHTS} / {BACKBONE_CONFIG}: an older lvd wrote it. lvd "
-            "loads a backbone only from those files, never from DCP's pickled files. To add "
-            f"them (DCP read through a restricted unpickler; run it only on a folder you "
-            f"trust): {CONVERT} {ckpt}")
+    return (
+        f"{ckpt} has no {BACKBONE_WEIGHTS} / {BACKBONE_CONFIG}: an older lvd wrote it. lvd "
+        "loads a backbone only from those files, never from DCP's pickled files. To add "
+        f"them (DCP read through a restricted unpickler; run it only on a folder you "
+        f"trust): {CONVERT} {ckpt}"
+    )
 
 
 def load_teacher_backbone(path: str | Path) -> torch.nn.Module:
@@ -474,6 +518,7 @@ def load_teacher_backbone(path: str | Path) -> torch.nn.Module:
 
 
 # ---------------------------------------------------------------- save / load
+
 
 def _rename_exchange(a: Path, b: Path) -> bool:
     """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False if unsupported."""
@@ -510,7 +555,11 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def save_checkpoint(
-    out: str | Path, state: dict[str, Any], meta: CheckpointMeta, *, keep: int,
+    out: str | Path,
+    state: dict[str, Any],
+    meta: CheckpointMeta,
+    *,
+    keep: int,
 ) -> Path:
     """Write `state` (nested dicts of tensors) + meta + this rank's RNG + the teacher
     backbone as safetensors; publish the step; only then keep the newest `keep`."""
@@ -569,7 +618,10 @@ def load_rank_rng(ckpt: Path, rank: int) -> dict[str, Any] | None:
 
 
 def load_checkpoint(
-    ckpt: str | Path, state: dict[str, Any], *, optional: tuple[str, ...] = ("optimizer",),
+    ckpt: str | Path,
+    state: dict[str, Any],
+    *,
+    optional: tuple[str, ...] = ("optimizer",),
 ) -> CheckpointMeta:
     """Load in place into `state` (same structure as saved) and restore this rank's RNG.
 
@@ -614,13 +666,12 @@ def restore_rank_rng(rng: dict[str, Any] | None, *, step: int) -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     ckpt = latest_checkpoint(path)
     if ckpt is None:
-        raise FileNotFoundError(
-            f"no complete checkpoint at {path}; pass a step_NNNNNNN dir or a run's --out folder"
-        )
+        raise FileNotFoundError(f"no complete checkpoint at {path}; pass a step_NNNNNNN dir or a run's --out folder")
     return ckpt
 
 
 # ---------------------------------------------------------------- converting old checkpoints
+
 
 def convert_checkpoint(ckpt: str | Path) -> list[str]:
     """Add the safetensors backbone and RNG files to a checkpoint an older lvd wrote.
@@ -651,7 +702,8 @@ def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog=CONVERT.rsplit(" ", 1)[0],
         description="Complete checkpoints written by an older lvd with the files this lvd "
-                    f"loads from ({BACKBONE_WEIGHTS}, {BACKBONE_CONFIG}, rng-rankR.safetensors).")
+        f"loads from ({BACKBONE_WEIGHTS}, {BACKBONE_CONFIG}, rng-rankR.safetensors).",
+    )
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="convert a checkpoint dir, or every one of a run's --out")
     c.add_argument("path", type=Path)

@@ -49,7 +49,8 @@ def _check_pair(recipe: Recipe, config: ViTConfig, spec: str) -> None:
         raise InitMismatchError(
             f"distillation teacher {spec} uses patch {config.patch_size}, the student "
             f"{recipe.backbone.patch_size}: iBOT pairs their patch tokens, so both need the "
-            f"same (--set backbone.patch_size={config.patch_size} and crop sizes to match)")
+            f"same (--set backbone.patch_size={config.patch_size} and crop sizes to match)"
+        )
     if not arch:
         return
     with torch.device("meta"):
@@ -58,7 +59,8 @@ def _check_pair(recipe: Recipe, config: ViTConfig, spec: str) -> None:
         raise InitMismatchError(
             f"recipe {recipe.name} distils from a {arch} teacher ({want.embed_dim} wide, "
             f"{len(want.blocks)} deep); {spec} is {config.embed_dim} wide, {config.depth} deep: "
-            "pass such a teacher, or accept any with --set distill.teacher_arch=")
+            "pass such a teacher, or accept any with --set distill.teacher_arch="
+        )
 
 
 def load_frozen_teacher(recipe: Recipe) -> FrozenTeacher:
@@ -71,7 +73,7 @@ def load_frozen_teacher(recipe: Recipe) -> FrozenTeacher:
     _check_pair(recipe, config, spec)
     with torch.device("meta"):
         target = _shapes(build_frozen_teacher(recipe, config))
-    backbone_target = {k[len("backbone."):]: s for k, s in target.items() if k.startswith("backbone.")}
+    backbone_target = {k[len("backbone.") :]: s for k, s in target.items() if k.startswith("backbone.")}
     tensors, report = match_backbone(source, backbone_target, spec)  # same config: all load
     heads, how = lvd_run_heads(spec, target)
     fresh = sorted(k for k in target if not k.startswith("backbone.") and k not in heads)
@@ -86,13 +88,18 @@ def apply_frozen(meta, teacher: FrozenTeacher) -> None:
 def refuse_unset_teacher(recipe: Recipe) -> None:
     """A `*_distill` recipe names a pair but no weights: say how to give them."""
     if recipe.distill.teacher_arch and not recipe.distill.enabled:
-        raise ValueError(f"recipe {recipe.name} distils from a frozen {recipe.distill.teacher_arch} "
-                         "teacher: pass its weights with --distill-from SPEC (an official .pth, "
-                         "an HF folder or an lvd run)")
+        raise ValueError(
+            f"recipe {recipe.name} distils from a frozen {recipe.distill.teacher_arch} "
+            "teacher: pass its weights with --distill-from SPEC (an official .pth, "
+            "an HF folder or an lvd run)"
+        )
 
 
 def distilled(student: Recipe, teacher: str | Path, *, teacher_arch: str = "") -> Recipe:
     """`student` distilled from the frozen teacher SPEC `teacher` (Python form of
     `--distill-from`); with the student's drop path off, as in the official recipe."""
-    return replace(student, backbone=replace(student.backbone, drop_path_rate=0.0),
-                   distill=DistillConfig(teacher=str(teacher), teacher_arch=teacher_arch))
+    return replace(
+        student,
+        backbone=replace(student.backbone, drop_path_rate=0.0),
+        distill=DistillConfig(teacher=str(teacher), teacher_arch=teacher_arch),
+    )

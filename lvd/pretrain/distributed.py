@@ -49,4 +49,3 @@ def all_ranks_mean(value: float, device: torch.device) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
-

@@ -62,8 +62,17 @@ def repeats(error: BaseException) -> bool:
     numerics: yes; a lost rank, a node or a network: no."""
     from lvd.pretrain.data.shard_stream import MissingShardsError
 
-    return isinstance(error, (ResumeMismatchError, ShardFilesError, MissingShardsError, NonFiniteLossError,
-                              torch.OutOfMemoryError, RepeatingFailure))
+    return isinstance(
+        error,
+        (
+            ResumeMismatchError,
+            ShardFilesError,
+            MissingShardsError,
+            NonFiniteLossError,
+            torch.OutOfMemoryError,
+            RepeatingFailure,
+        ),
+    )
 
 
 def _first_block_problem(path: str) -> str | None:
@@ -90,8 +99,9 @@ def check_shard_files(shards: Sequence[str]) -> None:
     if bad:
         more = f" (and {len(bad) - MAX_NAMED} more)" if len(bad) > MAX_NAMED else ""
         named = ", ".join(f"{p} ({why})" for p, why in bad[:MAX_NAMED])
-        raise ShardFilesError(f"unusable shards: {named}{more}; rewrite them (lvd curate) or leave "
-                         "them out of --shards")
+        raise ShardFilesError(
+            f"unusable shards: {named}{more}; rewrite them (lvd curate) or leave them out of --shards"
+        )
 
 
 def check_world_size(checkpoint: object, saved: ckpt.CheckpointMeta, current: int) -> None:
@@ -106,14 +116,16 @@ def check_world_size(checkpoint: object, saved: ckpt.CheckpointMeta, current: in
             "and it holds no data-stream positions (an older lvd wrote it), so the data position "
             "cannot be mapped to another number of ranks; relaunch with the same ranks in all "
             f"(--nproc-per-node x --nnodes, or --ray-workers, = {saved.world_size}) to resume, "
-            "or start a new run (another --out folder, or without --resume)")
+            "or start a new run (another --out folder, or without --resume)"
+        )
     streams = int(saved.data["plan"]["streams"])
     if current > streams:
         raise ResumeMismatchError(
             f"{checkpoint} was written by {saved.world_size} rank(s) of a run whose data is "
             f"{streams} streams; {current} ranks cannot share them (each rank reads whole "
             f"streams). Resume on at most {streams} ranks in all (--nproc-per-node x --nnodes, "
-            "or --ray-workers), or start a new run (another --out folder, or without --resume)")
+            "or --ray-workers), or start a new run (another --out folder, or without --resume)"
+        )
 
 
 def check_recipe(checkpoint: object, saved: Recipe, current: Recipe) -> None:
@@ -136,17 +148,17 @@ def checked_resume_point(out: Path, resume: bool, recipe: Recipe, world_size: in
     return last
 
 
-def oom_message(recipe: Recipe, *, world_size: int, step: int, bf16: bool,
-                device: torch.device | None = None) -> str:
+def oom_message(recipe: Recipe, *, world_size: int, step: int, bf16: bool, device: torch.device | None = None) -> str:
     """What to lower after CUDA ran out of memory at `step`, with this run's values."""
     c = recipe.crops
     memory = ""
     if device is not None and device.type == "cuda":
         gib = 2**30
-        memory = (f" ({torch.cuda.memory_allocated(device) / gib:.1f} GiB allocated, "
-                  f"{torch.cuda.max_memory_allocated(device) / gib:.1f} GiB peak)")
-    precision = ("bf16 autocast is already on" if bf16 else
-                 "train in bf16 (train on a GPU: bf16 autocast is used there)")
+        memory = (
+            f" ({torch.cuda.memory_allocated(device) / gib:.1f} GiB allocated, "
+            f"{torch.cuda.max_memory_allocated(device) / gib:.1f} GiB peak)"
+        )
+    precision = "bf16 autocast is already on" if bf16 else "train in bf16 (train on a GPU: bf16 autocast is used there)"
     return (
         f"CUDA out of memory at step {step}{memory}. Lower, in this order: "
         f"--batch-size (now {recipe.batch_size} images per rank); the number or size of the "

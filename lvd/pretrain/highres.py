@@ -61,23 +61,29 @@ def highres_settings(recipe: Recipe, run: str | Path, *, iters: int = ITERS) -> 
     }
 
 
-def highres_overrides(run: str | Path, config: str | Path | None = None,
-                      sets: list[str] = ()) -> tuple[Path, list[str]]:
+def highres_overrides(
+    run: str | Path, config: str | Path | None = None, sets: list[str] = ()
+) -> tuple[Path, list[str]]:
     """`--config` and `--set` arguments that give the phase: the run's config.json (its full
     recipe), the settings above, then the user's `sets`, for `overrides.resolve_recipe`."""
     if config is not None:
-        raise ValueError(f"--highres-from {run} takes the run's own config.json; change single "
-                         f"settings with --set instead of --config {config}")
+        raise ValueError(
+            f"--highres-from {run} takes the run's own config.json; change single "
+            f"settings with --set instead of --config {config}"
+        )
     last = run_checkpoint(run)
     config = last.parent.parent / "config.json"
     if not config.is_file():
-        raise FileNotFoundError(f"{config} is missing: --highres-from needs the run's config.json "
-                                "(train writes it into the run's --out folder)")
+        raise FileNotFoundError(
+            f"{config} is missing: --highres-from needs the run's config.json "
+            "(train writes it into the run's --out folder)"
+        )
     phase = [f"{k}={v}" for k, v in highres_settings(run_recipe(run), run).items()]
     return config, [*phase, *sets]
 
 
 # ---------------------------------------------------------------- the phase's start weights
+
 
 @dataclass(frozen=True)
 class PhaseReport:
@@ -127,7 +133,8 @@ def check_phase(recipe: Recipe) -> tuple[Path, Recipe]:
         raise PhaseMismatchError(
             f"{last} was trained with other {', '.join(differ)} than this recipe; a phase "
             "continues the run's model and changes only crops and schedules (drop the --set of "
-            f"{differ[0]}, or start from its backbone with --init {recipe.phase.from_run})")
+            f"{differ[0]}, or start from its backbone with --init {recipe.phase.from_run})"
+        )
     return last, run
 
 
@@ -138,8 +145,10 @@ def phase_start(recipe: Recipe) -> PhaseStart:
     last, run = check_phase(recipe)
     with torch.device("meta"):
         source = MetaArch(run)
-    state = {part: {k: torch.empty(v.shape, dtype=v.dtype) for k, v in getattr(source, part).state_dict().items()}
-             for part in PARTS}
+    state = {
+        part: {k: torch.empty(v.shape, dtype=v.dtype) for k, v in getattr(source, part).state_dict().items()}
+        for part in PARTS
+    }
     ckpt.load_state(last, state)
     grid = recipe.crops.global_size // recipe.backbone.patch_size
     resized = {}
@@ -164,15 +173,15 @@ def apply_phase_start(meta, start: PhaseStart) -> None:
             module.load_state_dict(start.tensors[part])
 
 
-def start_of_run(recipe: Recipe, *, init: str | None, rank: int, resuming: bool,
-                 out: Path) -> PhaseStart | None:
+def start_of_run(recipe: Recipe, *, init: str | None, rank: int, resuming: bool, out: Path) -> PhaseStart | None:
     """The phase start a fresh run of `recipe` needs (read on rank 0 only: the others build
     on the meta device and receive rank 0's weights), reported in OUT/phase.json."""
     if not recipe.phase.from_run or resuming:
         return None
     if init:
-        raise ValueError(f"--init {init} and phase.from_run={recipe.phase.from_run} both give the "
-                         "start weights; keep one")
+        raise ValueError(
+            f"--init {init} and phase.from_run={recipe.phase.from_run} both give the start weights; keep one"
+        )
     check_phase(recipe)  # every rank refuses, so none waits in a collective for rank 0
     if rank != 0:
         return None

@@ -46,8 +46,10 @@ class InitReport:
 
     def summary(self) -> str:
         resized = "".join(f"; {k} resized {a} -> {b}" for k, (a, b) in self.resized.items())
-        return (f"{len(self.loaded)} tensors loaded from {self.spec}{resized}; "
-                f"{len(self.fresh)} started fresh ({_short(self.fresh)}); heads {self.heads}")
+        return (
+            f"{len(self.loaded)} tensors loaded from {self.spec}{resized}; "
+            f"{len(self.fresh)} started fresh ({_short(self.fresh)}); heads {self.heads}"
+        )
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -75,15 +77,22 @@ def arch_hint(source: VisionTransformer) -> str:
     """The `--set` flags that give the recipe SPEC's backbone architecture."""
     cfg = source.config
     with torch.device("meta"):
-        match = [name for name, build in ARCHITECTURES.items()
-                 if (m := build()).embed_dim == cfg.embed_dim and len(m.blocks) == cfg.depth
-                 and m.config.ffn == cfg.ffn]
-    arch = (f"--set backbone.arch={match[0]}" if match else
-            "no lvd architecture has that shape (see lvd/pretrain/models/vit.py)")
-    return (f"SPEC is a {cfg.embed_dim}-wide, {cfg.depth}-deep {cfg.ffn} ViT with patch "
-            f"{cfg.patch_size} and {cfg.num_register_tokens} registers: {arch} "
-            f"--set backbone.patch_size={cfg.patch_size} "
-            f"--set backbone.num_register_tokens={cfg.num_register_tokens}")
+        match = [
+            name
+            for name, build in ARCHITECTURES.items()
+            if (m := build()).embed_dim == cfg.embed_dim and len(m.blocks) == cfg.depth and m.config.ffn == cfg.ffn
+        ]
+    arch = (
+        f"--set backbone.arch={match[0]}"
+        if match
+        else "no lvd architecture has that shape (see lvd/pretrain/models/vit.py)"
+    )
+    return (
+        f"SPEC is a {cfg.embed_dim}-wide, {cfg.depth}-deep {cfg.ffn} ViT with patch "
+        f"{cfg.patch_size} and {cfg.num_register_tokens} registers: {arch} "
+        f"--set backbone.patch_size={cfg.patch_size} "
+        f"--set backbone.num_register_tokens={cfg.num_register_tokens}"
+    )
 
 
 def _grid(shape: tuple[int, ...]) -> int | None:
@@ -91,8 +100,9 @@ def _grid(shape: tuple[int, ...]) -> int | None:
     return side if side * side == shape[1] - 1 else None
 
 
-def match_backbone(source: VisionTransformer, target: dict[str, tuple[int, ...]], spec: str,
-                   prefix: str = "backbone.") -> tuple[dict[str, torch.Tensor], InitReport]:
+def match_backbone(
+    source: VisionTransformer, target: dict[str, tuple[int, ...]], spec: str, prefix: str = "backbone."
+) -> tuple[dict[str, torch.Tensor], InitReport]:
     """SPEC's backbone tensors renamed to `prefix + key`, fitted to `target` shapes (module doc)."""
     sd = source.state_dict()
     extra = sorted(set(sd) - set(target))
@@ -111,14 +121,15 @@ def match_backbone(source: VisionTransformer, target: dict[str, tuple[int, ...]]
             wrong.append(f"{key}: SPEC {tuple(sd[key].shape)} vs recipe {shape}")
     if wrong or extra:
         parts = ([f"shape mismatch: {_short(wrong, 4)}"] if wrong else []) + (
-            [f"tensors the recipe's backbone has no place for: {_short(extra)}"] if extra else [])
-        raise InitMismatchError(f"{spec} does not fit the recipe's backbone: {' | '.join(parts)}; "
-                                f"{arch_hint(source)}")
+            [f"tensors the recipe's backbone has no place for: {_short(extra)}"] if extra else []
+        )
+        raise InitMismatchError(f"{spec} does not fit the recipe's backbone: {' | '.join(parts)}; {arch_hint(source)}")
     report = InitReport(spec=spec, loaded=sorted(tensors), resized=resized, fresh=fresh)
     return tensors, report
 
 
 # ---------------------------------------------------------------- heads of an lvd run
+
 
 def lvd_run_heads(spec: str, target: dict[str, tuple[int, ...]]) -> tuple[dict[str, torch.Tensor], str]:
     """The teacher heads an lvd run saved, for the head keys of `target` (`dino_head.*`,
@@ -134,17 +145,22 @@ def lvd_run_heads(spec: str, target: dict[str, tuple[int, ...]]) -> tuple[dict[s
     found = {k: s for k, s in wanted.items() if f"teacher.{k}" in saved}
     if not found:
         return {}, f"fresh ({last} saved no heads)"
-    wrong = [f"{k}: SPEC {tuple(saved[f'teacher.{k}'].size)} vs recipe {s}"
-             for k, s in found.items() if tuple(saved[f"teacher.{k}"].size) != s]
+    wrong = [
+        f"{k}: SPEC {tuple(saved[f'teacher.{k}'].size)} vs recipe {s}"
+        for k, s in found.items()
+        if tuple(saved[f"teacher.{k}"].size) != s
+    ]
     for head in HEADS:  # a head is taken whole or not at all
         mine = [k for k in wanted if k.startswith(head + ".")]
         have = [k for k in mine if k in found]
         if have and len(have) != len(mine):
             wrong.append(f"{head}: SPEC lacks {_short(sorted(set(mine) - set(have)))}")
     if wrong:
-        raise InitMismatchError(f"{spec}: the run's heads do not fit the recipe's: "
-                                f"{'; '.join(wrong)}; set the run's head sizes (--config "
-                                f"{path}/config.json, or --set dino_head.n_prototypes=...)")
+        raise InitMismatchError(
+            f"{spec}: the run's heads do not fit the recipe's: "
+            f"{'; '.join(wrong)}; set the run's head sizes (--config "
+            f"{path}/config.json, or --set dino_head.n_prototypes=...)"
+        )
     state = {"teacher": {k: torch.empty(s) for k, s in found.items()}}
     ckpt._dcp_load(state, last)  # the restricted reader of checkpoint.py (no pickled code)
     heads = sorted({k.split(".", 1)[0] for k in found})
@@ -153,6 +169,7 @@ def lvd_run_heads(spec: str, target: dict[str, tuple[int, ...]]) -> tuple[dict[s
 
 # ---------------------------------------------------------------- the student start
 
+
 def init_weights(spec: str | Path, recipe: Recipe) -> StartWeights:
     """Student (and teacher) start tensors from SPEC for `recipe`, and the report."""
     from lvd.pretrain.meta_arch import build_student
@@ -160,12 +177,11 @@ def init_weights(spec: str | Path, recipe: Recipe) -> StartWeights:
     spec = str(spec)
     with torch.device("meta"):
         target = _shapes(build_student(recipe))
-    backbone_target = {k[len("backbone."):]: s for k, s in target.items() if k.startswith("backbone.")}
+    backbone_target = {k[len("backbone.") :]: s for k, s in target.items() if k.startswith("backbone.")}
     tensors, report = match_backbone(load_backbone(spec), backbone_target, spec)
     heads, how = lvd_run_heads(spec, target)
     fresh = report.fresh + sorted(k for k in target if not k.startswith("backbone.") and k not in heads)
-    report = InitReport(spec=spec, loaded=sorted([*tensors, *heads]), resized=report.resized,
-                        fresh=fresh, heads=how)
+    report = InitReport(spec=spec, loaded=sorted([*tensors, *heads]), resized=report.resized, fresh=fresh, heads=how)
     return StartWeights({**tensors, **heads}, report)
 
 

@@ -54,8 +54,14 @@ def list_labelled_folder(root: str | Path) -> LabelledFolder:
 
 
 def knn_predict(
-    train_ND: torch.Tensor, train_labels_N: torch.Tensor, query_QD: torch.Tensor, *,
-    num_classes: int, k: int = 20, temperature: float = 0.07, chunk: int = 1024,
+    train_ND: torch.Tensor,
+    train_labels_N: torch.Tensor,
+    query_QD: torch.Tensor,
+    *,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
 ) -> torch.Tensor:
     """Class scores [Q, C] of L2-normalised queries against L2-normalised training features."""
     k = min(k, train_ND.shape[0])
@@ -71,13 +77,17 @@ def knn_predict(
 
 
 def knn_top1(
-    train_ND: torch.Tensor, train_labels_N: torch.Tensor, val_ND: torch.Tensor,
-    val_labels_N: torch.Tensor, *, k: int = 20, temperature: float = 0.07,
+    train_ND: torch.Tensor,
+    train_labels_N: torch.Tensor,
+    val_ND: torch.Tensor,
+    val_labels_N: torch.Tensor,
+    *,
+    k: int = 20,
+    temperature: float = 0.07,
 ) -> float:
     num_classes = int(max(train_labels_N.max(), val_labels_N.max())) + 1
     train_ND, val_ND = F.normalize(train_ND.float(), dim=1), F.normalize(val_ND.float(), dim=1)
-    scores = knn_predict(train_ND, train_labels_N, val_ND, num_classes=num_classes, k=k,
-                         temperature=temperature)
+    scores = knn_predict(train_ND, train_labels_N, val_ND, num_classes=num_classes, k=k, temperature=temperature)
     return float((scores.argmax(1) == val_labels_N).float().mean())
 
 
@@ -86,8 +96,7 @@ def load_image(path: Path, size: int) -> torch.Tensor:
     img = Image.open(path).convert("RGB")
     w, h = img.size
     scale = size / min(w, h)
-    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))),
-                     Image.Resampling.BICUBIC)
+    img = img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.Resampling.BICUBIC)
     left, top = (img.width - size) // 2, (img.height - size) // 2
     img = img.crop((left, top, left + size, top + size))
     x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
@@ -95,8 +104,9 @@ def load_image(path: Path, size: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def extract_cls(backbone: torch.nn.Module, paths: list[Path], *, size: int,
-                batch_size: int = 64, device: str | torch.device = "cpu") -> torch.Tensor:
+def extract_cls(
+    backbone: torch.nn.Module, paths: list[Path], *, size: int, batch_size: int = 64, device: str | torch.device = "cpu"
+) -> torch.Tensor:
     """Backbone CLS features [N, D] (float32, on CPU) of the images at `paths`."""
     backbone.eval()
     feats = []
@@ -107,8 +117,14 @@ def extract_cls(backbone: torch.nn.Module, paths: list[Path], *, size: int,
 
 
 def evaluate_knn(
-    backbone: torch.nn.Module, train_dir: str | Path, val_dir: str | Path, *, size: int,
-    k: int = 20, temperature: float = 0.07, batch_size: int = 64,
+    backbone: torch.nn.Module,
+    train_dir: str | Path,
+    val_dir: str | Path,
+    *,
+    size: int,
+    k: int = 20,
+    temperature: float = 0.07,
+    batch_size: int = 64,
     device: str | torch.device = "cpu",
 ) -> KnnResult:
     train, val = list_labelled_folder(train_dir), list_labelled_folder(val_dir)
@@ -116,7 +132,5 @@ def evaluate_knn(
         raise ValueError(f"class folders differ: train {train.classes} vs val {val.classes}")
     tr = extract_cls(backbone, train.paths, size=size, batch_size=batch_size, device=device)
     va = extract_cls(backbone, val.paths, size=size, batch_size=batch_size, device=device)
-    top1 = knn_top1(tr, torch.from_numpy(train.labels), va, torch.from_numpy(val.labels),
-                    k=k, temperature=temperature)
-    return KnnResult(top1=top1, k=k, temperature=temperature, n_train=len(train.paths),
-                     n_val=len(val.paths))
+    top1 = knn_top1(tr, torch.from_numpy(train.labels), va, torch.from_numpy(val.labels), k=k, temperature=temperature)
+    return KnnResult(top1=top1, k=k, temperature=temperature, n_train=len(train.paths), n_val=len(val.paths))

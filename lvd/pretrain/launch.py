@@ -56,11 +56,13 @@ class LaunchSpec:
         if self.kind not in KINDS:
             raise ValueError(f"launcher kind {self.kind!r} unknown; use one of {KINDS}")
         if self.nproc_per_node < 1 or self.nnodes < 1:
-            raise ValueError(f"--nproc-per-node {self.nproc_per_node} / --nnodes {self.nnodes}: "
-                             "use 1 or more")
+            raise ValueError(f"--nproc-per-node {self.nproc_per_node} / --nnodes {self.nnodes}: use 1 or more")
         if self.kind in ("local", "ray") and (self.nproc_per_node, self.nnodes) != (1, 1):
-            hint = ("set the number of Ray Train workers with --ray-workers"
-                    if self.kind == "ray" else "launch with kind='torchrun'")
+            hint = (
+                "set the number of Ray Train workers with --ray-workers"
+                if self.kind == "ray"
+                else "launch with kind='torchrun'"
+            )
             raise ValueError(f"--nproc-per-node/--nnodes are for torchrun and Slurm: {hint}")
         if self.kind == "torchrun":
             self._check_torchrun()
@@ -71,19 +73,22 @@ class LaunchSpec:
 
     def _check_torchrun(self) -> None:
         if self.nnodes > 1 and self.rdzv_endpoint is None:
-            raise ValueError(f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT: a free "
-                             "port on one node that every node reaches (e.g. node0:29500), "
-                             "given the same on every node")
+            raise ValueError(
+                f"--nnodes {self.nnodes} needs --rdzv-endpoint HOST:PORT: a free "
+                "port on one node that every node reaches (e.g. node0:29500), "
+                "given the same on every node"
+            )
         if self.rdzv_endpoint is not None:
             host, _, port = self.rdzv_endpoint.rpartition(":")
             if not host or not port.isdigit():
-                raise ValueError(f"--rdzv-endpoint {self.rdzv_endpoint!r}: write HOST:PORT, "
-                                 "e.g. node0:29500")
+                raise ValueError(f"--rdzv-endpoint {self.rdzv_endpoint!r}: write HOST:PORT, e.g. node0:29500")
 
     def _check_ray(self) -> None:
         if not self.ray_address:
-            raise ValueError("a Ray launch needs --ray-address: 'auto' (the cluster this "
-                             "machine belongs to), 'local' (a new one here) or HOST:PORT")
+            raise ValueError(
+                "a Ray launch needs --ray-address: 'auto' (the cluster this "
+                "machine belongs to), 'local' (a new one here) or HOST:PORT"
+            )
         if self.ray_workers < 1:
             raise ValueError(f"--ray-workers {self.ray_workers}: use 1 or more")
         if self.ray_cpus_per_worker <= 0 or self.ray_gpus_per_worker < 0:
@@ -95,9 +100,11 @@ class LaunchSpec:
         if self.slurm_time_min < 1:
             raise ValueError(f"--slurm-time-min {self.slurm_time_min}: use 1 or more minutes")
         if self.slurm_gpus_per_node not in (0, self.nproc_per_node):
-            raise ValueError(f"--slurm-gpus-per-node {self.slurm_gpus_per_node} with "
-                             f"--nproc-per-node {self.nproc_per_node}: one rank per GPU, so "
-                             "give both the same number (or 0 GPUs for CPU ranks)")
+            raise ValueError(
+                f"--slurm-gpus-per-node {self.slurm_gpus_per_node} with "
+                f"--nproc-per-node {self.nproc_per_node}: one rank per GPU, so "
+                "give both the same number (or 0 GPUs for CPU ranks)"
+            )
         if self.slurm_cpus_per_task is not None and self.slurm_cpus_per_task < 1:
             raise ValueError(f"--slurm-cpus-per-task {self.slurm_cpus_per_task}: use 1 or more")
         if self.slurm_local and self.nnodes > 1:
@@ -151,23 +158,30 @@ def _launch_torchrun(cfg: TrainConfig, spec: LaunchSpec) -> TrainResult:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if launched_by_torchrun():
-        raise RuntimeError("already inside torchrun: run lvd pretrain without "
-                           "--nproc-per-node/--nnodes there")
+        raise RuntimeError("already inside torchrun: run lvd pretrain without --nproc-per-node/--nnodes there")
     if spec.rdzv_endpoint is None:  # one node: what `torchrun --standalone` does
         endpoint, run_id = "localhost:0", f"lvd-{uuid.uuid4().hex[:8]}"
     else:
         endpoint, run_id = spec.rdzv_endpoint, spec.rdzv_id
-    config = LaunchConfig(min_nodes=spec.nnodes, max_nodes=spec.nnodes,
-                          nproc_per_node=spec.nproc_per_node, run_id=run_id,
-                          rdzv_backend="c10d", rdzv_endpoint=endpoint,
-                          max_restarts=0, start_method="spawn")
+    config = LaunchConfig(
+        min_nodes=spec.nnodes,
+        max_nodes=spec.nnodes,
+        nproc_per_node=spec.nproc_per_node,
+        run_id=run_id,
+        rdzv_backend="c10d",
+        rdzv_endpoint=endpoint,
+        max_restarts=0,
+        start_method="spawn",
+    )
     try:
         results = elastic_launch(config, train_rank)(cfg)  # keyed by global rank
     except ChildFailedError as e:
         if any(f.exitcode == EXIT_REPEATS for f in e.failures.values()):
             rank, failure = min((r, f) for r, f in e.failures.items() if f.exitcode == EXIT_REPEATS)
-            raise RepeatingFailure(f"rank {rank} stopped on a failure a relaunch would repeat "
-                                   f"(exit code {EXIT_REPEATS}): {_error_of(failure)}") from e
+            raise RepeatingFailure(
+                f"rank {rank} stopped on a failure a relaunch would repeat "
+                f"(exit code {EXIT_REPEATS}): {_error_of(failure)}"
+            ) from e
         raise
     return results[min(results)]
 
@@ -184,16 +198,24 @@ def _error_of(failure) -> str:
 
 
 def _result_to_dict(r: TrainResult) -> dict[str, Any]:
-    return {"out": str(r.out), "start_step": r.start_step, "end_step": r.end_step,
-            "last_checkpoint": None if r.last_checkpoint is None else str(r.last_checkpoint),
-            "losses": r.losses}
+    return {
+        "out": str(r.out),
+        "start_step": r.start_step,
+        "end_step": r.end_step,
+        "last_checkpoint": None if r.last_checkpoint is None else str(r.last_checkpoint),
+        "losses": r.losses,
+    }
 
 
 def _result_from_dict(d: dict[str, Any]) -> TrainResult:
     last = d["last_checkpoint"]
-    return TrainResult(out=Path(d["out"]), start_step=d["start_step"], end_step=d["end_step"],
-                       last_checkpoint=None if last is None else Path(last),
-                       losses=list(d["losses"]))
+    return TrainResult(
+        out=Path(d["out"]),
+        start_step=d["start_step"],
+        end_step=d["end_step"],
+        last_checkpoint=None if last is None else Path(last),
+        losses=list(d["losses"]),
+    )
 
 
 def _ray_worker(config: dict[str, Any]) -> None:
@@ -227,13 +249,14 @@ def _launch_ray(cfg: TrainConfig, spec: LaunchSpec) -> TrainResult:
     if spec.ray_use_gpu:
         resources["GPU"] = spec.ray_gpus_per_worker
     trainer = TorchTrainer(
-        _ray_worker, train_loop_config={"cfg": cfg},
-        scaling_config=ScalingConfig(num_workers=spec.ray_workers, use_gpu=spec.ray_use_gpu,
-                                     resources_per_worker=resources),
+        _ray_worker,
+        train_loop_config={"cfg": cfg},
+        scaling_config=ScalingConfig(
+            num_workers=spec.ray_workers, use_gpu=spec.ray_use_gpu, resources_per_worker=resources
+        ),
         torch_config=TorchConfig(backend="nccl" if spec.ray_use_gpu else "gloo"),
         # Ray's run state and the result checkpoint go under OUT (shared storage), not ~/ray_results
-        run_config=RunConfig(name=f"launch-{uuid.uuid4().hex[:8]}",
-                             storage_path=str(Path(cfg.out).resolve() / "ray")),
+        run_config=RunConfig(name=f"launch-{uuid.uuid4().hex[:8]}", storage_path=str(Path(cfg.out).resolve() / "ray")),
     )
     try:
         return _result_from_dict(trainer.fit().metrics[RESULT_KEY])
@@ -264,14 +287,18 @@ def submit_slurm(cfg: TrainConfig, spec: LaunchSpec):
     if spec.kind != "slurm":
         raise ValueError(f"submit_slurm needs a LaunchSpec of kind 'slurm', not {spec.kind!r}")
     if not spec.slurm_local and shutil.which("sbatch") is None:
-        raise RuntimeError("--slurm needs Slurm's sbatch on PATH (run on a login node); "
-                           "--slurm-local runs the job on this machine instead, for testing")
+        raise RuntimeError(
+            "--slurm needs Slurm's sbatch on PATH (run on a login node); "
+            "--slurm-local runs the job on this machine instead, for testing"
+        )
     folder = spec.slurm_folder or Path(cfg.out) / "slurm"
-    executor = submitit.AutoExecutor(folder=folder,
-                                     cluster="local" if spec.slurm_local else "slurm")
-    params: dict[str, Any] = {"name": "lvd-pretrain", "nodes": spec.nnodes,
-                              "tasks_per_node": spec.nproc_per_node,
-                              "timeout_min": spec.slurm_time_min}
+    executor = submitit.AutoExecutor(folder=folder, cluster="local" if spec.slurm_local else "slurm")
+    params: dict[str, Any] = {
+        "name": "lvd-pretrain",
+        "nodes": spec.nnodes,
+        "tasks_per_node": spec.nproc_per_node,
+        "timeout_min": spec.slurm_time_min,
+    }
     if spec.slurm_gpus_per_node:
         params["gpus_per_node"] = spec.slurm_gpus_per_node
     if spec.slurm_cpus_per_task:

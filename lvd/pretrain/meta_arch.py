@@ -97,14 +97,14 @@ class MetaArch(nn.Module):
             self.frozen_teacher = build_frozen_teacher(recipe, frozen_teacher)
             self.frozen_teacher.requires_grad_(False).eval()
         lc = recipe.loss
-        self.dino_loss = DINOLoss(recipe.dino_head.n_prototypes, student_temp=lc.student_temp,
-                                  center_momentum=lc.center_momentum)
+        self.dino_loss = DINOLoss(
+            recipe.dino_head.n_prototypes, student_temp=lc.student_temp, center_momentum=lc.center_momentum
+        )
         ibot_k = (recipe.ibot_head if lc.separate_ibot_head else recipe.dino_head).n_prototypes
-        self.ibot_loss = iBOTPatchLoss(ibot_k, student_temp=lc.student_temp,
-                                       center_momentum=lc.center_momentum)
+        self.ibot_loss = iBOTPatchLoss(ibot_k, student_temp=lc.student_temp, center_momentum=lc.center_momentum)
         self.koleo_loss = KoLeoLoss()
 
-    def train(self, mode: bool = True) -> "MetaArch":
+    def train(self, mode: bool = True) -> MetaArch:
         super().train(mode)
         self.teacher.eval()
         if self.frozen_teacher is not None:
@@ -135,8 +135,7 @@ class MetaArch(nn.Module):
     def _ibot_head(model: nn.ModuleDict) -> nn.Module:
         return model["ibot_head"] if "ibot_head" in model else model["dino_head"]
 
-    def _teacher_probs(self, loss: DINOLoss | iBOTPatchLoss, logits_NK: torch.Tensor,
-                       temp: float) -> torch.Tensor:
+    def _teacher_probs(self, loss: DINOLoss | iBOTPatchLoss, logits_NK: torch.Tensor, temp: float) -> torch.Tensor:
         if self.recipe.loss.centering == "sinkhorn_knopp":
             return loss.sinkhorn_knopp_teacher(logits_NK, temp)
         probs = loss.softmax_center_teacher(logits_NK, temp)
@@ -179,12 +178,12 @@ class MetaArch(nn.Module):
 
     def loss_terms(self, student: StudentOutputs, teacher: TeacherTargets, batch) -> LossTerms:
         lc = self.recipe.loss
-        dino = self.dino_loss(student.global_logits_GBK, student.local_logits_LBK,
-                              teacher.dino_probs_GBK)
+        dino = self.dino_loss(student.global_logits_GBK, student.local_logits_LBK, teacher.dino_probs_GBK)
         ibot = student.global_logits_GBK.new_zeros((), dtype=torch.float32)
         if student.ibot_logits_MK is not None:
-            ibot = self.ibot_loss(student.ibot_logits_MK, teacher.ibot_probs_MK,
-                                  batch.mask_weights, n_crops=batch.global_crops.shape[0])
+            ibot = self.ibot_loss(
+                student.ibot_logits_MK, teacher.ibot_probs_MK, batch.mask_weights, n_crops=batch.global_crops.shape[0]
+            )
         # KoLeo per global crop, so two views of one image are never nearest neighbours
         koleo = sum(self.koleo_loss(cls_BD) for cls_BD in student.global_cls_GBD)
         total = lc.dino_weight * dino + lc.ibot_weight * ibot + lc.koleo_weight * koleo

@@ -38,21 +38,32 @@ def layer_id(name: str, depth: int) -> int:
 
 
 def param_settings(
-    name: str, param: nn.Parameter, *, depth: int, layerwise_decay: float,
-    patch_embed_lr_mult: float, in_backbone: bool,
+    name: str,
+    param: nn.Parameter,
+    *,
+    depth: int,
+    layerwise_decay: float,
+    patch_embed_lr_mult: float,
+    in_backbone: bool,
 ) -> ParamSettings:
     lr_mult = layerwise_decay ** (depth + 1 - layer_id(name, depth)) if in_backbone else 1.0
     if "patch_embed" in name:
         lr_mult *= patch_embed_lr_mult
     no_decay = (
-        name.endswith("bias") or param.ndim <= 1 or "norm" in name or "gamma" in name
+        name.endswith("bias")
+        or param.ndim <= 1
+        or "norm" in name
+        or "gamma" in name
         or any(tok in name for tok in _TOKENS)
     )
     return ParamSettings(lr_mult, 0.0 if no_decay else 1.0, "last_layer" in name)
 
 
 def param_groups(
-    modules: dict[str, nn.Module], *, depth: int, layerwise_decay: float,
+    modules: dict[str, nn.Module],
+    *,
+    depth: int,
+    layerwise_decay: float,
     patch_embed_lr_mult: float,
 ) -> list[dict]:
     """Groups for `torch.optim.AdamW` over named modules; "backbone" gets layer-wise decay.
@@ -66,16 +77,24 @@ def param_groups(
             if not p.requires_grad:
                 continue
             s = param_settings(
-                name, p, depth=depth, layerwise_decay=layerwise_decay,
-                patch_embed_lr_mult=patch_embed_lr_mult, in_backbone=prefix == "backbone",
+                name,
+                p,
+                depth=depth,
+                layerwise_decay=layerwise_decay,
+                patch_embed_lr_mult=patch_embed_lr_mult,
+                in_backbone=prefix == "backbone",
             )
             grouped.setdefault(s, []).append(p)
     return [
-        {"params": ps, "lr_multiplier": s.lr_multiplier, "wd_multiplier": s.wd_multiplier,
-         "is_last_layer": s.is_last_layer}
-        for s, ps in sorted(grouped.items(), key=lambda kv: (kv[0].is_last_layer,
-                                                              -kv[0].lr_multiplier,
-                                                              kv[0].wd_multiplier))
+        {
+            "params": ps,
+            "lr_multiplier": s.lr_multiplier,
+            "wd_multiplier": s.wd_multiplier,
+            "is_last_layer": s.is_last_layer,
+        }
+        for s, ps in sorted(
+            grouped.items(), key=lambda kv: (kv[0].is_last_layer, -kv[0].lr_multiplier, kv[0].wd_multiplier)
+        )
     ]
 
 
@@ -85,7 +104,11 @@ def build_adamw(groups: list[dict], *, beta1: float, beta2: float) -> torch.opti
 
 
 def apply_schedules(
-    optimizer: torch.optim.Optimizer, *, lr: float, weight_decay: float, last_layer_lr: float,
+    optimizer: torch.optim.Optimizer,
+    *,
+    lr: float,
+    weight_decay: float,
+    last_layer_lr: float,
 ) -> None:
     for g in optimizer.param_groups:
         g["lr"] = (last_layer_lr if g["is_last_layer"] else lr) * g["lr_multiplier"]
@@ -115,7 +138,10 @@ def build_student_optimizer(student: dict[str, nn.Module], optim) -> torch.optim
     """AdamW over a MetaArch's student (backbone + heads) with the recipe's `OptimConfig`:
     layer-wise lr decay over the backbone's blocks, patch-embed lr multiplier, no weight
     decay on biases/norms/LayerScale/tokens (see `param_settings`)."""
-    groups = param_groups(student, depth=len(student["backbone"].blocks),
-                          layerwise_decay=optim.layerwise_decay,
-                          patch_embed_lr_mult=optim.patch_embed_lr_mult)
+    groups = param_groups(
+        student,
+        depth=len(student["backbone"].blocks),
+        layerwise_decay=optim.layerwise_decay,
+        patch_embed_lr_mult=optim.patch_embed_lr_mult,
+    )
     return build_adamw(groups, beta1=optim.beta1, beta2=optim.beta2)

@@ -36,6 +36,7 @@ class OverrideError(ValueError):
 
 # ---------------------------------------------------------------- the settings and their types
 
+
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -74,16 +75,23 @@ def _unknown(name: str, source: str) -> OverrideError:
     known = settings()
     if name in _sections():
         example = next(k for k in sorted(known) if k.startswith(name + "."))
-        return OverrideError(f"{source}: {name!r} is a section, set one of its fields "
-                             f"(e.g. {example}=...)")
+        return OverrideError(f"{source}: {name!r} is a section, set one of its fields (e.g. {example}=...)")
     near = closest(name, known)
-    hint = f"did you mean {', '.join(near)}?" if near else (
-        "valid settings are " + ", ".join(sorted(k for k in known if "." not in k))
-        + " and SECTION.FIELD for sections " + ", ".join(sorted(_sections())))
+    hint = (
+        f"did you mean {', '.join(near)}?"
+        if near
+        else (
+            "valid settings are "
+            + ", ".join(sorted(k for k in known if "." not in k))
+            + " and SECTION.FIELD for sections "
+            + ", ".join(sorted(_sections()))
+        )
+    )
     return OverrideError(f"{source}: unknown recipe setting {name!r}; {hint}")
 
 
 # ---------------------------------------------------------------- parsing one value
+
 
 def _parse_scalar(kind: type, value: Any) -> Any:
     """`value` (a string from the command line or a file, or a typed file value) as `kind`."""
@@ -158,6 +166,7 @@ def _type_name(kind: Any) -> str:
 
 # ---------------------------------------------------------------- mappings and assignments
 
+
 def parse_assignment(text: str) -> tuple[str, str]:
     """`section.field=value` -> (name, raw value); the value may itself contain '='."""
     name, sep, value = text.partition("=")
@@ -174,8 +183,7 @@ def flatten(mapping: Mapping[str, Any], source: str, prefix: str = "") -> dict[s
         name = f"{prefix}{key}"
         if not prefix and key in sections:
             if not isinstance(value, Mapping):
-                raise OverrideError(f"{source}: {key!r} is a section and needs a mapping of its "
-                                    f"fields, got {value!r}")
+                raise OverrideError(f"{source}: {key!r} is a section and needs a mapping of its fields, got {value!r}")
             out |= flatten(value, source, prefix=f"{key}.")
         else:
             out[name] = value
@@ -219,8 +227,9 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise OverrideError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: "
-                            f"{first}") from None
+        raise OverrideError(
+            f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {first}"
+        ) from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):
@@ -228,27 +237,34 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return dict(data)
 
 
-def resolve_recipe(name: str, *, config: str | Path | None = None, sets: Iterable[str] = (),
-                   batch_size: int | None = None, distill_from: str | None = None) -> Recipe:
+def resolve_recipe(
+    name: str,
+    *,
+    config: str | Path | None = None,
+    sets: Iterable[str] = (),
+    batch_size: int | None = None,
+    distill_from: str | None = None,
+) -> Recipe:
     """The one recipe builder of `lvd pretrain` and the `pretrain` flow (order: module doc)."""
     try:
         recipe = get_recipe(name)
     except ValueError as e:
         raise OverrideError(f"--recipe: {e}") from None
     if config is not None:
-        recipe = apply_overrides(recipe, flatten(read_config_file(config), f"--config {config}"),
-                                 source=f"--config {config}")
+        recipe = apply_overrides(
+            recipe, flatten(read_config_file(config), f"--config {config}"), source=f"--config {config}"
+        )
     for text in sets:
         key, value = parse_assignment(text)
         recipe = apply_overrides(recipe, {key: value}, source=f"--set {text}")
     if batch_size is not None:
         recipe = apply_overrides(recipe, {"batch_size": batch_size}, source="--batch-size")
     if distill_from is not None:
-        recipe = apply_overrides(recipe, {"distill.teacher": str(distill_from)},
-                                 source="--distill-from")
+        recipe = apply_overrides(recipe, {"distill.teacher": str(distill_from)}, source="--distill-from")
     if recipe.batch_size < MIN_BATCH:
         raise OverrideError(
             f"--batch-size {recipe.batch_size}: each rank needs at least {MIN_BATCH} images per step "
             "(the KoLeo loss compares every image with its nearest neighbour in the rank's batch); "
-            f"use --batch-size {MIN_BATCH} or more")
+            f"use --batch-size {MIN_BATCH} or more"
+        )
     return recipe

@@ -119,8 +119,10 @@ def parallelize(build: Callable[[], nn.Module], runtime: Runtime) -> nn.Module:
     shard_meta_arch(model, runtime)
     model.to_empty(device=runtime.device)
     set_model_state_dict(
-        model, full.state_dict() if full is not None else {},
-        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        model,
+        full.state_dict() if full is not None else {},
+        options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True),
+    )
     return model
 
 
@@ -136,14 +138,12 @@ def reshard(module: nn.Module) -> None:
             m.reshard()
 
 
-def unsharded_copy(module: nn.Module, build: Callable[[], nn.Module],
-                   runtime: Runtime) -> nn.Module | None:
+def unsharded_copy(module: nn.Module, build: Callable[[], nn.Module], runtime: Runtime) -> nn.Module | None:
     """A plain (unsharded) copy of `module` on rank 0 and None elsewhere; every rank must
     call it (the weights are gathered). In one process, `module` itself."""
     if runtime.world_size == 1:
         return module
-    sd = get_model_state_dict(
-        module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if runtime.rank != 0:
         return None
     copy = build()

@@ -59,8 +59,7 @@ def cls_attention(backbone: torch.nn.Module, x_B3HW: torch.Tensor) -> torch.Tens
 
 def heat(a_BHW: torch.Tensor) -> torch.Tensor:
     """A black-red-yellow-white colour map: [B, 3, H, W]."""
-    return torch.stack([(3 * a_BHW).clamp(0, 1), (3 * a_BHW - 1).clamp(0, 1),
-                        (3 * a_BHW - 2).clamp(0, 1)], dim=1)
+    return torch.stack([(3 * a_BHW).clamp(0, 1), (3 * a_BHW - 1).clamp(0, 1), (3 * a_BHW - 2).clamp(0, 1)], dim=1)
 
 
 def denormalise(x_B3HW: torch.Tensor) -> torch.Tensor:
@@ -75,8 +74,7 @@ def image_grid(columns: list[torch.Tensor]) -> Image.Image:
     return Image.fromarray((rows.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
 
 
-def write_pictures(backbone: torch.nn.Module, x_B3HW: torch.Tensor, out_dir: str | Path,
-                   tag: str) -> Path:
+def write_pictures(backbone: torch.nn.Module, x_B3HW: torch.Tensor, out_dir: str | Path, tag: str) -> Path:
     """Write OUT_DIR/TAG.png: rows of [image | patch PCA | CLS attention]; returns the path."""
     was_training = backbone.training
     backbone.eval()

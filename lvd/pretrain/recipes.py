@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 from lvd.pretrain.schedules import ScheduleConfig
 
@@ -68,8 +69,11 @@ class HeadConfig:
         from lvd.pretrain.losses import DINOHead
 
         return DINOHead(
-            in_dim=in_dim, out_dim=self.n_prototypes, hidden_dim=self.hidden_dim,
-            bottleneck_dim=self.bottleneck_dim, nlayers=self.n_layers,
+            in_dim=in_dim,
+            out_dim=self.n_prototypes,
+            hidden_dim=self.hidden_dim,
+            bottleneck_dim=self.bottleneck_dim,
+            nlayers=self.n_layers,
         )
 
 
@@ -153,8 +157,9 @@ class DistillConfig:
         from lvd.pretrain.models.vit import ARCHITECTURES
 
         if self.teacher_arch and self.teacher_arch not in ARCHITECTURES:
-            raise ValueError(f"unknown teacher_arch {self.teacher_arch!r}; choose one of "
-                             f"{sorted(ARCHITECTURES)} or '' (any)")
+            raise ValueError(
+                f"unknown teacher_arch {self.teacher_arch!r}; choose one of {sorted(ARCHITECTURES)} or '' (any)"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -210,12 +215,18 @@ class Recipe:
     def schedule_config(self, *, world_size: int = 1) -> ScheduleConfig:
         o, t = self.optim, self.teacher
         return ScheduleConfig(
-            total_iters=self.total_iters, epoch_length=self.epoch_length,
+            total_iters=self.total_iters,
+            epoch_length=self.epoch_length,
             global_batch_size=self.batch_size * world_size,
-            base_lr=o.base_lr, min_lr=o.min_lr, warmup_epochs=o.warmup_epochs,
-            weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
-            momentum=t.momentum, momentum_end=t.momentum_end,
-            teacher_temp_start=t.temp_start, teacher_temp=t.temp,
+            base_lr=o.base_lr,
+            min_lr=o.min_lr,
+            warmup_epochs=o.warmup_epochs,
+            weight_decay=o.weight_decay,
+            weight_decay_end=o.weight_decay_end,
+            momentum=t.momentum,
+            momentum_end=t.momentum_end,
+            teacher_temp_start=t.temp_start,
+            teacher_temp=t.temp,
             teacher_temp_warmup_epochs=t.temp_warmup_epochs,
             freeze_last_layer_epochs=o.freeze_last_layer_epochs,
         )
@@ -227,7 +238,7 @@ class Recipe:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Recipe":
+    def from_dict(cls, d: dict[str, Any]) -> Recipe:
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             if f.name not in d:
@@ -239,9 +250,16 @@ class Recipe:
 
 
 _SECTIONS = {
-    "backbone": BackboneConfig, "dino_head": HeadConfig, "ibot_head": HeadConfig,
-    "crops": CropsConfig, "masks": MaskConfig, "loss": LossConfig, "optim": OptimConfig,
-    "teacher": TeacherConfig, "distill": DistillConfig, "phase": PhaseConfig,
+    "backbone": BackboneConfig,
+    "dino_head": HeadConfig,
+    "ibot_head": HeadConfig,
+    "crops": CropsConfig,
+    "masks": MaskConfig,
+    "loss": LossConfig,
+    "optim": OptimConfig,
+    "teacher": TeacherConfig,
+    "distill": DistillConfig,
+    "phase": PhaseConfig,
 }
 
 
@@ -252,25 +270,28 @@ def _section_from_dict(cls, d: dict[str, Any]):
 
 # -- named recipes -------------------------------------------------------------------------
 
+
 def vits14() -> Recipe:
     return Recipe(name="vits14", backbone=BackboneConfig(arch="vit_small", drop_path_rate=0.1))
 
 
 def vitb14() -> Recipe:
-    return replace(vits14(), name="vitb14",
-                   backbone=BackboneConfig(arch="vit_base", drop_path_rate=0.3))
+    return replace(vits14(), name="vitb14", backbone=BackboneConfig(arch="vit_base", drop_path_rate=0.3))
 
 
 def _long_schedule(base: Recipe, *, name: str, arch: str, batch_size: int) -> Recipe:
     """DINOv2's ViT-L/g settings (train/vitl14.yaml, train/vitg14.yaml)."""
     big_head = HeadConfig(n_prototypes=131072, bottleneck_dim=384)
     return replace(
-        base, name=name, batch_size=batch_size, epochs=500,
+        base,
+        name=name,
+        batch_size=batch_size,
+        epochs=500,
         backbone=BackboneConfig(arch=arch, drop_path_rate=0.4),
-        dino_head=big_head, ibot_head=big_head,
+        dino_head=big_head,
+        ibot_head=big_head,
         loss=replace(base.loss, centering="sinkhorn_knopp", separate_ibot_head=True),
-        optim=replace(base.optim, base_lr=2e-4, warmup_epochs=80, weight_decay_end=0.2,
-                      layerwise_decay=1.0),
+        optim=replace(base.optim, base_lr=2e-4, warmup_epochs=80, weight_decay_end=0.2, layerwise_decay=1.0),
         teacher=replace(base.teacher, momentum=0.994),
     )
 
@@ -295,10 +316,16 @@ def tiny() -> Recipe:
     small_head = HeadConfig(n_prototypes=1024, hidden_dim=256, bottleneck_dim=64)
     base = vits14()
     return replace(
-        base, name="tiny", batch_size=32, epochs=10, epoch_length=100,
-        checkpoint_every=200, log_every=10,
+        base,
+        name="tiny",
+        batch_size=32,
+        epochs=10,
+        epoch_length=100,
+        checkpoint_every=200,
+        log_every=10,
         backbone=BackboneConfig(arch="vit_tiny", drop_path_rate=0.0, layerscale_init=1.0),
-        dino_head=small_head, ibot_head=small_head,
+        dino_head=small_head,
+        ibot_head=small_head,
         loss=replace(base.loss, centering="sinkhorn_knopp"),
         crops=replace(base.crops, global_size=56, local_size=28, n_local=2),
         optim=replace(base.optim, warmup_epochs=1, layerwise_decay=1.0),
@@ -311,11 +338,14 @@ def _distilled(student: Recipe, *, name: str, teacher: Recipe) -> Recipe:
     code): no stochastic depth in the student, and the teacher's head shapes (the targets
     are the teacher's own prototypes, so the student's heads need the same number)."""
     return replace(
-        student, name=name,
+        student,
+        name=name,
         backbone=replace(student.backbone, drop_path_rate=0.0),
-        dino_head=teacher.dino_head, ibot_head=teacher.ibot_head,
-        loss=replace(student.loss, centering=teacher.loss.centering,
-                     separate_ibot_head=teacher.loss.separate_ibot_head),
+        dino_head=teacher.dino_head,
+        ibot_head=teacher.ibot_head,
+        loss=replace(
+            student.loss, centering=teacher.loss.centering, separate_ibot_head=teacher.loss.separate_ibot_head
+        ),
         distill=DistillConfig(teacher_arch=teacher.backbone.arch),
     )
 
@@ -341,9 +371,15 @@ def tiny_distill() -> Recipe:
 
 
 RECIPES: dict[str, Callable[[], Recipe]] = {
-    "vits14": vits14, "vitb14": vitb14, "vitl14": vitl14, "vitg14": vitg14, "tiny": tiny,
-    "vits14_distill": vits14_distill, "vitb14_distill": vitb14_distill,
-    "vitl14_distill": vitl14_distill, "tiny_distill": tiny_distill,
+    "vits14": vits14,
+    "vitb14": vitb14,
+    "vitl14": vitl14,
+    "vitg14": vitg14,
+    "tiny": tiny,
+    "vits14_distill": vits14_distill,
+    "vitb14_distill": vitb14_distill,
+    "vitl14_distill": vitl14_distill,
+    "tiny_distill": tiny_distill,
 }
 
 

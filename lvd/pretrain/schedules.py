@@ -27,15 +27,18 @@ def linear(start: float, end: float, n: int) -> np.ndarray:
 
 
 def warmup_cosine(
-    *, peak: float, final: float, total: int, warmup: int = 0, warmup_start: float = 0.0,
+    *,
+    peak: float,
+    final: float,
+    total: int,
+    warmup: int = 0,
+    warmup_start: float = 0.0,
     freeze: int = 0,
 ) -> np.ndarray:
     """`freeze` zeros, a linear warmup to `peak`, then cosine to `final`; `total` values."""
     freeze, warmup = min(freeze, total), min(warmup, max(total - freeze, 0))
     rest = total - freeze - warmup
-    return np.concatenate(
-        [np.zeros(freeze), linear(warmup_start, peak, warmup), cosine(peak, final, rest)]
-    )
+    return np.concatenate([np.zeros(freeze), linear(warmup_start, peak, warmup), cosine(peak, final, rest)])
 
 
 def warmup_constant(*, start: float, value: float, total: int, warmup: int) -> np.ndarray:
@@ -127,7 +130,9 @@ def build_schedules(cfg: ScheduleConfig) -> Schedules:
         weight_decay=cosine(cfg.weight_decay, cfg.weight_decay_end, total),
         momentum=cosine(cfg.momentum, cfg.momentum_end, total),
         teacher_temp=warmup_constant(
-            start=cfg.teacher_temp_start, value=cfg.teacher_temp, total=total,
+            start=cfg.teacher_temp_start,
+            value=cfg.teacher_temp,
+            total=total,
             warmup=cfg.iters(cfg.teacher_temp_warmup_epochs),
         ),
         last_layer_lr=last_layer_lr,

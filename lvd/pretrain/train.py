@@ -103,23 +103,44 @@ def _make_loader(cfg: TrainConfig, rt: Runtime, start_batch: int, plan: DataPlan
     from lvd.pretrain.data import MaskingConfig, MultiCropConfig, make_dataloader
 
     r = cfg.recipe
-    crops = MultiCropConfig(global_size=r.crops.global_size, local_size=r.crops.local_size,
-                            n_local=r.crops.n_local, global_scale=r.crops.global_scale,
-                            local_scale=r.crops.local_scale)
-    masking = MaskingConfig(sample_probability=r.masks.sample_probability,
-                            ratio_min=r.masks.ratio_min, ratio_max=r.masks.ratio_max,
-                            patch_size=r.backbone.patch_size)
-    return iter(make_dataloader(
-        list(cfg.shards), batch_size=r.batch_size, rank=rt.rank, world_size=rt.world_size,
-        num_workers=cfg.num_workers, seed=cfg.seed, crops=crops, masking=masking,
-        start_batch=start_batch, plan=plan,
-    ))
+    crops = MultiCropConfig(
+        global_size=r.crops.global_size,
+        local_size=r.crops.local_size,
+        n_local=r.crops.n_local,
+        global_scale=r.crops.global_scale,
+        local_scale=r.crops.local_scale,
+    )
+    masking = MaskingConfig(
+        sample_probability=r.masks.sample_probability,
+        ratio_min=r.masks.ratio_min,
+        ratio_max=r.masks.ratio_max,
+        patch_size=r.backbone.patch_size,
+    )
+    return iter(
+        make_dataloader(
+            list(cfg.shards),
+            batch_size=r.batch_size,
+            rank=rt.rank,
+            world_size=rt.world_size,
+            num_workers=cfg.num_workers,
+            seed=cfg.seed,
+            crops=crops,
+            masking=masking,
+            start_batch=start_batch,
+            plan=plan,
+        )
+    )
 
 
 def _state(meta: MetaArch, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     student_sd, optim_sd = get_state_dict(meta.student, optimizer)
-    return {"student": student_sd, "teacher": meta.teacher.state_dict(), "optimizer": optim_sd,
-            "dino_loss": meta.dino_loss.state_dict(), "ibot_loss": meta.ibot_loss.state_dict()}
+    return {
+        "student": student_sd,
+        "teacher": meta.teacher.state_dict(),
+        "optimizer": optim_sd,
+        "dino_loss": meta.dino_loss.state_dict(),
+        "ibot_loss": meta.ibot_loss.state_dict(),
+    }
 
 
 def _restore(meta: MetaArch, optimizer: torch.optim.Optimizer, path: Path) -> ckpt.CheckpointMeta:
@@ -129,8 +150,7 @@ def _restore(meta: MetaArch, optimizer: torch.optim.Optimizer, path: Path) -> ck
     # Not strict: a parameter that had no AdamW state when saved (the frozen prototypes)
     # has none in the checkpoint; drop the placeholder state get_state_dict created for it
     # so the resumed optimizer matches the saved one exactly.
-    set_optimizer_state_dict(meta.student, optimizer, state["optimizer"],
-                             options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(meta.student, optimizer, state["optimizer"], options=StateDictOptions(strict=False))
     saved = set(state["optimizer"]["state"])
     for name, p in meta.student.named_parameters():
         if name not in saved:
@@ -159,8 +179,7 @@ class MetricsLog:
         self.path = path
         kept = []
         if path.exists():
-            kept = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["step"] < resume_step]
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] < resume_step]
         path.write_text("".join(ln + "\n" for ln in kept))
 
     def write(self, record: dict[str, Any]) -> None:
@@ -168,10 +187,8 @@ class MetricsLog:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
 
-def _train_step(meta: MetaArch, optimizer, batch, v: ScheduleValues, step: int,
-                rt: Runtime) -> StepOutput:
-    apply_schedules(optimizer, lr=v.lr, weight_decay=v.weight_decay,
-                    last_layer_lr=v.last_layer_lr)
+def _train_step(meta: MetaArch, optimizer, batch, v: ScheduleValues, step: int, rt: Runtime) -> StepOutput:
+    apply_schedules(optimizer, lr=v.lr, weight_decay=v.weight_decay, last_layer_lr=v.last_layer_lr)
     with rt.autocast():
         out = meta.step(batch, teacher_temp=v.teacher_temp)
     check_finite(out, step)
@@ -184,23 +201,34 @@ def _train_step(meta: MetaArch, optimizer, batch, v: ScheduleValues, step: int,
     return out
 
 
-def _save(cfg: TrainConfig, meta: MetaArch, optimizer, step: int, rt: Runtime,
-          picture_x: torch.Tensor | None, plan: DataPlan) -> Path:
-    info = ckpt.CheckpointMeta(step=step, data_batches=step, world_size=rt.world_size,
-                               recipe=cfg.recipe.to_dict(), data=checkpoint_data(plan, step))
-    path = ckpt.save_checkpoint(cfg.out, _state(meta, optimizer), info,
-                                keep=cfg.recipe.keep_checkpoints)
+def _save(
+    cfg: TrainConfig, meta: MetaArch, optimizer, step: int, rt: Runtime, picture_x: torch.Tensor | None, plan: DataPlan
+) -> Path:
+    info = ckpt.CheckpointMeta(
+        step=step,
+        data_batches=step,
+        world_size=rt.world_size,
+        recipe=cfg.recipe.to_dict(),
+        data=checkpoint_data(plan, step),
+    )
+    path = ckpt.save_checkpoint(cfg.out, _state(meta, optimizer), info, keep=cfg.recipe.keep_checkpoints)
     if cfg.pictures and picture_x is not None:
         # a sharded teacher cannot run on rank 0 alone: gather a plain copy there
-        backbone = unsharded_copy(meta.teacher["backbone"], lambda: cfg.recipe.backbone.build(
-            img_size=cfg.recipe.crops.global_size), rt)
+        backbone = unsharded_copy(
+            meta.teacher["backbone"], lambda: cfg.recipe.backbone.build(img_size=cfg.recipe.crops.global_size), rt
+        )
         if rt.rank == 0:
             write_pictures(backbone, picture_x, cfg.out / "pictures", f"step_{step:07d}")
     return path
 
 
-def _build(recipe: Recipe, rt: Runtime, start: StartWeights | None = None,
-           frozen: FrozenTeacher | None = None, phase: PhaseStart | None = None):
+def _build(
+    recipe: Recipe,
+    rt: Runtime,
+    start: StartWeights | None = None,
+    frozen: FrozenTeacher | None = None,
+    phase: PhaseStart | None = None,
+):
     def build() -> MetaArch:
         meta = MetaArch(recipe, frozen_teacher=None if frozen is None else frozen.config)
         if start is not None:
@@ -213,10 +241,14 @@ def _build(recipe: Recipe, rt: Runtime, start: StartWeights | None = None,
 
     meta = parallelize(build, rt)
     optimizer = build_adamw(
-        param_groups(dict(meta.student.items()), depth=len(meta.student["backbone"].blocks),
-                     layerwise_decay=recipe.optim.layerwise_decay,
-                     patch_embed_lr_mult=recipe.optim.patch_embed_lr_mult),
-        beta1=recipe.optim.beta1, beta2=recipe.optim.beta2,
+        param_groups(
+            dict(meta.student.items()),
+            depth=len(meta.student["backbone"].blocks),
+            layerwise_decay=recipe.optim.layerwise_decay,
+            patch_embed_lr_mult=recipe.optim.patch_embed_lr_mult,
+        ),
+        beta1=recipe.optim.beta1,
+        beta2=recipe.optim.beta2,
     )
     return meta, optimizer
 
@@ -230,14 +262,19 @@ def _write_pid(out: Path, rank: int) -> Path:
     return path
 
 
-def _step_or_explain(meta: MetaArch, optimizer, batch, v: ScheduleValues, step: int,
-                     rt: Runtime) -> StepOutput:
+def _step_or_explain(meta: MetaArch, optimizer, batch, v: ScheduleValues, step: int, rt: Runtime) -> StepOutput:
     try:
         return _train_step(meta, optimizer, batch, v, step, rt)
     except torch.OutOfMemoryError as e:
-        raise torch.OutOfMemoryError(oom_message(
-            meta.recipe, world_size=rt.world_size, step=step,
-            bf16=rt.autocast_dtype == torch.bfloat16, device=rt.device)) from e
+        raise torch.OutOfMemoryError(
+            oom_message(
+                meta.recipe,
+                world_size=rt.world_size,
+                step=step,
+                bf16=rt.autocast_dtype == torch.bfloat16,
+                device=rt.device,
+            )
+        ) from e
 
 
 def _start_weights(cfg: TrainConfig, rt: Runtime, *, resuming: bool):
@@ -259,7 +296,7 @@ def _start_weights(cfg: TrainConfig, rt: Runtime, *, resuming: bool):
 
 def train(cfg: TrainConfig) -> TrainResult:
     rt = setup_runtime(init_distributed(cfg.device))
-    check_shard_files(cfg.shards[rt.rank::rt.world_size])  # together: each shard read once
+    check_shard_files(cfg.shards[rt.rank :: rt.world_size])  # together: each shard read once
     last = checked_resume_point(cfg.out, cfg.resume, cfg.recipe, rt.world_size)
     torch.use_deterministic_algorithms(cfg.deterministic)
     recipe = cfg.recipe
@@ -280,9 +317,14 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     meta.train()
     # the checkpoint's data plan remapped to this layout (any world size: data/plan.py)
-    plan = plan_for(None if last is None else ckpt.read_meta(last).data, step=start,
-                    n_shards=len(expand_shards(cfg.shards)), world_size=rt.world_size,
-                    workers=cfg.num_workers, batch_size=recipe.batch_size)
+    plan = plan_for(
+        None if last is None else ckpt.read_meta(last).data,
+        step=start,
+        n_shards=len(expand_shards(cfg.shards)),
+        world_size=rt.world_size,
+        workers=cfg.num_workers,
+        batch_size=recipe.batch_size,
+    )
     loader = _make_loader(cfg, rt, start, plan)
     losses, picture_x, window, corrupt, tick = [], None, 0, 0, time.perf_counter()
     for step in range(start, cfg.end_step):
@@ -297,17 +339,23 @@ def train(cfg: TrainConfig) -> TrainResult:
             seconds, tick = time.perf_counter() - tick, time.perf_counter()
             corrupt = round(all_ranks_mean(corrupt, rt.device) * rt.world_size)  # a collective
             if metrics is not None:
-                metrics.write({
-                    "step": step, **losses[-1], "lr": v.lr, "wd": v.weight_decay,
-                    "momentum": v.momentum, "teacher_temp": v.teacher_temp,
-                    "entropy": out.entropy, "proto_usage": out.proto_usage,
-                    "images_per_s": window * recipe.batch_size * rt.world_size / seconds,
-                    # undecodable samples replaced since the last line, all ranks together
-                    "corrupt_samples": corrupt,
-                })
+                metrics.write(
+                    {
+                        "step": step,
+                        **losses[-1],
+                        "lr": v.lr,
+                        "wd": v.weight_decay,
+                        "momentum": v.momentum,
+                        "teacher_temp": v.teacher_temp,
+                        "entropy": out.entropy,
+                        "proto_usage": out.proto_usage,
+                        "images_per_s": window * recipe.batch_size * rt.world_size / seconds,
+                        # undecodable samples replaced since the last line, all ranks together
+                        "corrupt_samples": corrupt,
+                    }
+                )
             window = corrupt = 0
         if done % recipe.checkpoint_every == 0 or done == cfg.end_step:
             last = _save(cfg, meta, optimizer, done, rt, picture_x, plan)
     pid_file.unlink(missing_ok=True)  # a pid file left behind names a rank that died
-    return TrainResult(out=cfg.out, start_step=start, end_step=cfg.end_step,
-                       last_checkpoint=last, losses=losses)
+    return TrainResult(out=cfg.out, start_step=start, end_step=cfg.end_step, last_checkpoint=last, losses=losses)

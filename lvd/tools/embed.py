@@ -91,8 +91,9 @@ class UnitEmbedder:
         return UnitResult(unit.index, refs, feats.cls_BD, patches, skipped, self.grid)
 
 
-def embed(model: str | Path | torch.nn.Module, images: str | Path, out: str | Path,
-          cfg: EmbedConfig | None = None) -> Embeddings:
+def embed(
+    model: str | Path | torch.nn.Module, images: str | Path, out: str | Path, cfg: EmbedConfig | None = None
+) -> Embeddings:
     """Embed every image of a folder tree or of WebDataset shards into `out` (see `store`)."""
     cfg = cfg or EmbedConfig()
     if not isinstance(model, torch.nn.Module) and not Path(model).expanduser().exists():
@@ -116,9 +117,16 @@ def embed(model: str | Path | torch.nn.Module, images: str | Path, out: str | Pa
         raise ValueError(f"{images}: no units of work")
     f = cfg.features
     # a resolved path, so `lvd search` finds the model from another working directory
-    meta = {"model": type(model).__name__ if isinstance(model, torch.nn.Module) else model,
-            "images": str(images), "size": f.size, "resize": f.resize_side, "patches": f.patches,
-            "ray": use_ray, "units": len(units), "normalised": False}
+    meta = {
+        "model": type(model).__name__ if isinstance(model, torch.nn.Module) else model,
+        "images": str(images),
+        "size": f.size,
+        "resize": f.resize_side,
+        "patches": f.patches,
+        "ray": use_ray,
+        "units": len(units),
+        "normalised": False,
+    }
     return writer.close(meta)
 
 

@@ -45,7 +45,9 @@ class FeatureConfig:
 
     def __post_init__(self) -> None:
         if self.size < 1 or (self.resize is not None and self.resize < self.size):
-            raise ValueError(f"size={self.size}, resize={self.resize}: need 1 <= size <= resize (the crop comes from the resized image)")
+            raise ValueError(
+                f"size={self.size}, resize={self.resize}: need 1 <= size <= resize (the crop comes from the resized image)"
+            )
         if self.batch_size < 1:
             raise ValueError(f"batch_size={self.batch_size}: use at least 1 image per forward pass")
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -73,7 +75,9 @@ def patch_size(backbone: VisionTransformer) -> int:
 def check_size(backbone: VisionTransformer, size: int) -> None:
     p = patch_size(backbone)
     if size % p or size < p:
-        raise ValueError(f"size={size} is not a positive multiple of the backbone's patch size {p}: use e.g. {max(p, size // p * p)}")
+        raise ValueError(
+            f"size={size} is not a positive multiple of the backbone's patch size {p}: use e.g. {max(p, size // p * p)}"
+        )
 
 
 def load_model(spec: str | Path, *, device: str = "auto") -> VisionTransformer:
@@ -109,8 +113,9 @@ def full_pixels(image: Image.Image, size: int, patch: int) -> np.ndarray:
 
 
 @torch.inference_mode()
-def forward(backbone: VisionTransformer, x_BCHW: torch.Tensor, *, patches: bool = True,
-            dtype: str = "auto") -> Features:
+def forward(
+    backbone: VisionTransformer, x_BCHW: torch.Tensor, *, patches: bool = True, dtype: str = "auto"
+) -> Features:
     """Final-norm CLS [B, D] and patch map [B, h, w, D] (registers excluded) of normalised pixels."""
     h, w = backbone.patch_grid(x_BCHW)
     device = next(backbone.parameters()).device
@@ -124,8 +129,9 @@ def forward(backbone: VisionTransformer, x_BCHW: torch.Tensor, *, patches: bool 
     return Features(cls_BD, patches_BhwD)
 
 
-def patch_features(backbone: VisionTransformer, image: Image.Image, size: int, *,
-                   crop: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def patch_features(
+    backbone: VisionTransformer, image: Image.Image, size: int, *, crop: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """(cls_D, patches_hwD), float32 numpy, of one PIL image.
 
     The whole image goes in (shorter side `size`, a multiple of the patch; the longer side

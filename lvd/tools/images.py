@@ -84,9 +84,12 @@ def plan_units(spec: str | os.PathLike, *, chunk: int = 256) -> list[Unit]:
         return [Unit(index=i, shard=s, bound=count_samples(s)) for i, s in enumerate(shards)]
     root = Path(spec).expanduser()
     if not root.is_dir():
-        raise FileNotFoundError(f"--images {spec}: not a folder of images nor WebDataset shards (a .tar, a {{000..009}} pattern or a folder of shard-*.tar)")
-    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+        raise FileNotFoundError(
+            f"--images {spec}: not a folder of images nor WebDataset shards (a .tar, a {{000..009}} pattern or a folder of shard-*.tar)"
+        )
+    files = sorted(
+        p.relative_to(root).as_posix() for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
     if not files:
         raise ValueError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     chunks = [tuple(files[i : i + chunk]) for i in range(0, len(files), chunk)]

@@ -39,8 +39,9 @@ def _neighbour(hit: Hit, tile: int) -> Image.Image:
         return canvas
 
 
-def write_montage(query: Image.Image, hits: list[Hit], out: str | Path, *, tile: int = 160,
-                  query_label: str = "query") -> Path:
+def write_montage(
+    query: Image.Image, hits: list[Hit], out: str | Path, *, tile: int = 160, query_label: str = "query"
+) -> Path:
     """Write the montage of `query` and `hits` (best first) to `out` (PNG); returns the path."""
     font = ImageFont.load_default()
     width, height = montage_size(len(hits), tile)
@@ -65,4 +66,6 @@ def _caption(draw: ImageDraw.ImageDraw, x: int, tile: int, line1: str, line2: st
     draw.text((x, y), line1, fill=(0, 0, 0), font=font)
     # the id may be long (a relative path, a uid): keep its end, which names the file
     chars = max(4, tile // 6)
-    draw.text((x, y + 15), line2 if len(line2) <= chars else "..." + line2[-(chars - 3):], fill=(80, 80, 80), font=font)
+    draw.text(
+        (x, y + 15), line2 if len(line2) <= chars else "..." + line2[-(chars - 3) :], fill=(80, 80, 80), font=font
+    )

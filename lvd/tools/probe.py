@@ -115,14 +115,20 @@ def read_dense_folder(root: str | Path, png_scale: float = 1.0) -> list[DenseSam
     root = Path(root)
     images = sorted(p for p in (root / "images").glob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not images:
-        raise FileNotFoundError(f"{root}/images holds no image: lay out DIR/images/NAME.png and "
-                                "DIR/targets/NAME.npy (or a 16-bit NAME.png)")
+        raise FileNotFoundError(
+            f"{root}/images holds no image: lay out DIR/images/NAME.png and DIR/targets/NAME.npy (or a 16-bit NAME.png)"
+        )
     samples = []
     for image_path in images:
-        found = [p for p in (root / "targets" / f"{image_path.stem}.npy",
-                             root / "targets" / f"{image_path.stem}.png") if p.is_file()]
+        found = [
+            p
+            for p in (root / "targets" / f"{image_path.stem}.npy", root / "targets" / f"{image_path.stem}.png")
+            if p.is_file()
+        ]
         if not found:
-            raise FileNotFoundError(f"no target for {image_path.name}: add {root}/targets/{image_path.stem}.npy or .png")
+            raise FileNotFoundError(
+                f"no target for {image_path.name}: add {root}/targets/{image_path.stem}.npy or .png"
+            )
         image = open_checked_file(image_path).convert("RGB")
         samples.append(DenseSample(image_path.stem, image, read_target(found[0], png_scale)))
     return samples
@@ -176,19 +182,20 @@ def train_dense_probe(backbone: nn.Module, train: list[DenseSample], cfg: DenseP
     if not sum(len(y) for y in ys):
         raise ValueError(f"no training patch has >= {cfg.min_valid:.0%} valid target pixels")
     pixels = np.concatenate([s.target_HW[np.isfinite(s.target_HW)] for s in train])
-    return _fit(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)),
-                float(pixels.mean()), cfg)
+    return _fit(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), float(pixels.mean()), cfg)
 
 
-def evaluate_dense_probe(backbone: nn.Module, probe: DenseProbe, samples: list[DenseSample],
-                         cfg: DenseProbeConfig) -> DenseMetrics:
+def evaluate_dense_probe(
+    backbone: nn.Module, probe: DenseProbe, samples: list[DenseSample], cfg: DenseProbeConfig
+) -> DenseMetrics:
     """Probe and mean-predictor scores over every valid pixel of `samples` (at the targets'
     resolution: predictions are upsampled bilinearly from the patch grid)."""
     preds, truths = [], []
     for sample, patches_hwD in zip(samples, _features(backbone, samples, cfg.size)):
         pred_11hw = probe.predict(patches_hwD)[None, None]
-        pred_HW = F.interpolate(pred_11hw, size=sample.target_HW.shape, mode="bilinear",
-                                align_corners=False)[0, 0].numpy()
+        pred_HW = F.interpolate(pred_11hw, size=sample.target_HW.shape, mode="bilinear", align_corners=False)[
+            0, 0
+        ].numpy()
         valid_HW = np.isfinite(sample.target_HW)
         preds.append(pred_HW[valid_HW])
         truths.append(sample.target_HW[valid_HW])

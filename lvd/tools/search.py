@@ -78,7 +78,9 @@ class SearchIndex:
     def load(cls, root: str | Path, *, nprobe: int | None = None) -> SearchIndex:
         root = Path(root)
         if not (root / "meta.json").is_file():
-            raise FileNotFoundError(f"{root} is not an `lvd index` folder (no meta.json); build one with lvd index --out {root}")
+            raise FileNotFoundError(
+                f"{root} is not an `lvd index` folder (no meta.json); build one with lvd index --out {root}"
+            )
         meta = json.loads((root / "meta.json").read_text())
         index = faiss.read_index(str(root / "index.faiss"))
         if isinstance(index, faiss.IndexIVF):
@@ -89,8 +91,11 @@ class SearchIndex:
         """Raw or unit query vectors (normalised here); at most `k` hits each, best first."""
         nb = search(self.index, unit_rows(np.atleast_2d(queries_QD)), k)
         return [
-            [Hit(r + 1, int(i), self.ids[i], self.paths[i], float(s))
-             for r, (i, s) in enumerate(zip(ids, sims)) if i >= 0]
+            [
+                Hit(r + 1, int(i), self.ids[i], self.paths[i], float(s))
+                for r, (i, s) in enumerate(zip(ids, sims))
+                if i >= 0
+            ]
             for ids, sims in zip(nb.ids_QK, nb.sims_QK)
         ]
 
@@ -100,7 +105,9 @@ def build_index_dir(embeddings: str | Path, out: str | Path, cfg: IndexBuildConf
     cfg = cfg or IndexBuildConfig()
     emb = load_embeddings(embeddings)
     if len(emb.ids) == 0:
-        raise ValueError(f"{embeddings} holds no embedded images (all {len(emb.skipped)} inputs were skipped); nothing to index")
+        raise ValueError(
+            f"{embeddings} holds no embedded images (all {len(emb.skipped)} inputs were skipped); nothing to index"
+        )
     x_ND = unit_rows(emb.cls_ND)
     icfg = cfg.index_config()
     index = build_index(x_ND, icfg)
@@ -114,7 +121,9 @@ def build_index_dir(embeddings: str | Path, out: str | Path, cfg: IndexBuildConf
     meta = {
         "kind": "ivf" if is_ivf else "exact",
         "nlist": int(index.nlist) if is_ivf else None,
-        "nprobe": cfg.nprobe, "dim": int(index.d), "count": int(index.ntotal),
+        "nprobe": cfg.nprobe,
+        "dim": int(index.d),
+        "count": int(index.ntotal),
         "embeddings": str(Path(embeddings).resolve()),
         **{k: emb.meta.get(k) for k in ("model", "size", "resize")},
     }
@@ -131,7 +140,9 @@ def search_images(index: SearchIndex, images: list, k: int, *, model=None, devic
 
     spec = model if model is not None else index.meta.get("model")
     if spec is None or (isinstance(spec, str) and not Path(spec).exists()):
-        raise FileNotFoundError(f"the index names model {spec!r}, which is not here: pass --model (the backbone the images were embedded with)")
+        raise FileNotFoundError(
+            f"the index names model {spec!r}, which is not here: pass --model (the backbone the images were embedded with)"
+        )
     backbone = load_model(spec, device=device) if isinstance(spec, (str, Path)) else spec
     cfg = FeatureConfig(size=index.meta["size"], resize=index.meta["resize"], device=device)
     return index.search(extract_batch(backbone, images, cfg).cls_BD, k)

@@ -57,8 +57,9 @@ def mask_to_grid(mask_HW: np.ndarray, h: int, w: int) -> np.ndarray:
 def prototype(patches_hwD: np.ndarray, grid_mask_hw: np.ndarray) -> np.ndarray:
     """[D] unit vector: the mean of the L2-normalised masked patch features, normalised."""
     if not grid_mask_hw.any():
-        raise ValueError("the reference mask covers no patch by half or more: draw a larger mask "
-                         "or pass a larger --size")
+        raise ValueError(
+            "the reference mask covers no patch by half or more: draw a larger mask or pass a larger --size"
+        )
     chosen_PD = patches_hwD[grid_mask_hw]
     chosen_PD = chosen_PD / np.linalg.norm(chosen_PD, axis=1, keepdims=True).clip(1e-8)
     mean_D = chosen_PD.mean(0)
@@ -79,21 +80,29 @@ def otsu(values: np.ndarray) -> float:
     return float(threshold_otsu(values)) if np.ptp(values) > 0 else float(values.flat[0])
 
 
-def segment(backbone: torch.nn.Module, reference: Image.Image, mask: Image.Image | np.ndarray,
-            target: Image.Image, *, size: int = 448, threshold: float | None = None) -> Segmentation:
+def segment(
+    backbone: torch.nn.Module,
+    reference: Image.Image,
+    mask: Image.Image | np.ndarray,
+    target: Image.Image,
+    *,
+    size: int = 448,
+    threshold: float | None = None,
+) -> Segmentation:
     """Segment `target` by similarity to the `mask`ed part of `reference` (module docstring)."""
     mask_HW = mask_array(mask)
     if mask_HW.shape != (reference.height, reference.width):
-        raise ValueError(f"mask is {mask_HW.shape[1]}x{mask_HW.shape[0]} but the reference image is "
-                         f"{reference.width}x{reference.height}: the mask must have the reference's size")
+        raise ValueError(
+            f"mask is {mask_HW.shape[1]}x{mask_HW.shape[0]} but the reference image is "
+            f"{reference.width}x{reference.height}: the mask must have the reference's size"
+        )
     _, ref_hwD = patch_features(backbone, reference, size)
     grid_hw = mask_to_grid(mask_HW, *ref_hwD.shape[:2])
     proto_D = prototype(ref_hwD, grid_hw)
     _, tgt_hwD = patch_features(backbone, target, size)
     sim_HW = similarity_map(tgt_hwD, proto_D, (target.height, target.width))
     cut = otsu(sim_HW) if threshold is None else float(threshold)
-    return Segmentation(similarity_HW=sim_HW, mask_HW=sim_HW > cut, threshold=cut,
-                        reference_patches=int(grid_hw.sum()))
+    return Segmentation(similarity_HW=sim_HW, mask_HW=sim_HW > cut, threshold=cut, reference_patches=int(grid_hw.sum()))
 
 
 def _overlay(image: Image.Image, mask_HW: np.ndarray) -> np.ndarray:
@@ -102,18 +111,24 @@ def _overlay(image: Image.Image, mask_HW: np.ndarray) -> np.ndarray:
     return rgb
 
 
-def render_segmentation(reference: Image.Image, mask: Image.Image | np.ndarray, target: Image.Image,
-                        seg: Segmentation, *, height: int = 224) -> Image.Image:
+def render_segmentation(
+    reference: Image.Image, mask: Image.Image | np.ndarray, target: Image.Image, seg: Segmentation, *, height: int = 224
+) -> Image.Image:
     """[reference with its mask in red | target | similarity (min-max heat) | target with the
     segment in red], each scaled to `height` pixels high."""
     sim = torch.from_numpy(seg.similarity_HW)
     lo, hi = sim.min(), sim.max()
     sim_rgb = heat(((sim - lo) / (hi - lo).clamp_min(1e-8))[None])[0].permute(1, 2, 0).numpy() * 255
-    panels = [_overlay(reference, mask_array(mask)), np.asarray(target.convert("RGB"), np.float32),
-              sim_rgb, _overlay(target, seg.mask_HW)]
+    panels = [
+        _overlay(reference, mask_array(mask)),
+        np.asarray(target.convert("RGB"), np.float32),
+        sim_rgb,
+        _overlay(target, seg.mask_HW),
+    ]
     scaled = []
     for p in panels:
         img = Image.fromarray(p.round().clip(0, 255).astype(np.uint8))
-        scaled.append(np.asarray(img.resize((max(1, round(img.width * height / img.height)), height),
-                                            Image.Resampling.BILINEAR)))
+        scaled.append(
+            np.asarray(img.resize((max(1, round(img.width * height / img.height)), height), Image.Resampling.BILINEAR))
+        )
     return Image.fromarray(np.concatenate(scaled, axis=1))

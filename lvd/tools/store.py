@@ -82,8 +82,13 @@ class FeatureWriter:
         else:
             (self.out / "patches.npy").unlink(missing_ok=True)
         self._write_tables()
-        meta = {**meta, "count": n, "skipped": len(self.skipped), "dim": self.dim,
-                "grid": list(self.grid) if self.grid else None}
+        meta = {
+            **meta,
+            "count": n,
+            "skipped": len(self.skipped),
+            "dim": self.dim,
+            "grid": list(self.grid) if self.grid else None,
+        }
         tmp = self.out / (META + ".tmp")
         tmp.write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n")
         os.replace(tmp, self.out / META)
@@ -106,24 +111,33 @@ class FeatureWriter:
 
     def _write_tables(self) -> None:
         cls = np.load(self.out / "cls.npy", mmap_mode="r")
-        schema = pa.schema([("row", pa.int64()), ("id", pa.string()), ("path", pa.string()),
-                            ("cls", pa.list_(pa.float32()))])
+        schema = pa.schema(
+            [("row", pa.int64()), ("id", pa.string()), ("path", pa.string()), ("cls", pa.list_(pa.float32()))]
+        )
         with pq.ParquetWriter(self.out / "embeddings.parquet", schema) as writer:
             for s in range(0, max(len(self.refs), 1), _COPY_ROWS):
                 refs = self.refs[s : s + _COPY_ROWS]
                 vecs = np.ascontiguousarray(cls[s : s + len(refs)], dtype=np.float32)
                 offsets = pa.array(np.arange(len(refs) + 1, dtype=np.int32) * self.dim)
-                writer.write_table(pa.table({
-                    "row": pa.array(np.arange(s, s + len(refs), dtype=np.int64)),
-                    "id": pa.array([r.id for r in refs], pa.string()),
-                    "path": pa.array([r.path for r in refs], pa.string()),
-                    "cls": pa.ListArray.from_arrays(offsets, pa.array(vecs.reshape(-1))),
-                }, schema=schema))
-        skipped = pa.table({
-            "id": [s.ref.id for s in self.skipped],
-            "path": [s.ref.path for s in self.skipped],
-            "reason": [s.reason for s in self.skipped],
-        }, schema=SKIPPED_SCHEMA)
+                writer.write_table(
+                    pa.table(
+                        {
+                            "row": pa.array(np.arange(s, s + len(refs), dtype=np.int64)),
+                            "id": pa.array([r.id for r in refs], pa.string()),
+                            "path": pa.array([r.path for r in refs], pa.string()),
+                            "cls": pa.ListArray.from_arrays(offsets, pa.array(vecs.reshape(-1))),
+                        },
+                        schema=schema,
+                    )
+                )
+        skipped = pa.table(
+            {
+                "id": [s.ref.id for s in self.skipped],
+                "path": [s.ref.path for s in self.skipped],
+                "reason": [s.reason for s in self.skipped],
+            },
+            schema=SKIPPED_SCHEMA,
+        )
         pq.write_table(skipped, self.out / "skipped.parquet")
 
 

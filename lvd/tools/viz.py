@@ -65,8 +65,7 @@ def foreground_pca_rgb(patches_hwD: torch.Tensor, foreground_hw: torch.Tensor) -
 
 
 @torch.no_grad()
-def patch_maps(backbone: torch.nn.Module, image: Image.Image, *, size: int = 448,
-               threshold: float = 0.0) -> PatchMaps:
+def patch_maps(backbone: torch.nn.Module, image: Image.Image, *, size: int = 448, threshold: float = 0.0) -> PatchMaps:
     """Attention and PCA maps of `image` (see the module docstring)."""
     check_size(backbone, size)
     pixels_HW3 = full_pixels(image, size, patch_size(backbone))
@@ -96,11 +95,10 @@ def render_maps(maps: PatchMaps) -> Image.Image:
     mean_attn = heat(minmax(attn_Khw.mean(0, keepdim=True), (1, 2)))[0]
     fg = torch.from_numpy(maps.foreground_hw).float().expand(3, -1, -1)
     image_3HW = torch.from_numpy(np.asarray(maps.image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-    top = [image_3HW] + [_panel(m, H, W) for m in
-                         (mean_attn, fg, torch.from_numpy(maps.pca_rgb_hw3).permute(2, 0, 1))]
+    top = [image_3HW] + [_panel(m, H, W) for m in (mean_attn, fg, torch.from_numpy(maps.pca_rgb_hw3).permute(2, 0, 1))]
     heads = [_panel(m, H, W) for m in heat(minmax(attn_Khw, (1, 2)))]
     heads += [torch.zeros(3, H, W)] * (-len(heads) % HEADS_PER_ROW)
     rows = [torch.cat(top, dim=2)]
-    rows += [torch.cat(heads[i:i + HEADS_PER_ROW], dim=2) for i in range(0, len(heads), HEADS_PER_ROW)]
+    rows += [torch.cat(heads[i : i + HEADS_PER_ROW], dim=2) for i in range(0, len(heads), HEADS_PER_ROW)]
     grid_3HW = torch.cat(rows, dim=1)
     return Image.fromarray((grid_3HW.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))

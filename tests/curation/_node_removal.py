@@ -44,8 +44,9 @@ def run_with_node_removal(work_source: str, *args: str, timeout: float) -> dict:
     passes `progress` to the stage; returns its dict plus `removed_at` = (done, total)."""
     script = textwrap.dedent(work_source) + HARNESS
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    res = subprocess.run([sys.executable, "-c", script, *args], env=env,
-                         capture_output=True, text=True, timeout=timeout)
+    res = subprocess.run(
+        [sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, timeout=timeout
+    )
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     assert res.returncode == 0 and lines, res.stderr[-4000:]
-    return json.loads(lines[0][len("RESULT "):])
+    return json.loads(lines[0][len("RESULT ") :])

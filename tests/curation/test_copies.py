@@ -204,7 +204,7 @@ def test_bench_dump_layout_and_counts(dump, catalog):
 
 def test_bench_kinds_stay_in_their_documented_ranges(dump):
     root, truth = dump
-    seen = {k: 0 for k in cp.BENCH_KINDS}
+    seen = dict.fromkeys(cp.BENCH_KINDS, 0)
     flip_wins = []
     for rel, f in truth.files.items():
         kind = f["kind"]
@@ -259,7 +259,7 @@ def test_bench_kinds_stay_in_their_documented_ranges(dump):
             assert 0.5 <= p["scale"] <= 0.8 and 35 <= p["quality"] <= 70 and img.format == "JPEG"
             assert 0.75 <= p["factor"] <= 0.9 or 1.1 <= p["factor"] <= 1.3
             assert img.size == (round(w * p["scale"]), round(h * p["scale"]))
-    assert seen == {k: 213 for k in cp.BENCH_KINDS}
+    assert seen == dict.fromkeys(cp.BENCH_KINDS, 213)
     assert np.mean(flip_wins) > 0.9  # symmetric products/faces may look alike either way
     # both sides of the two-sided ranges and both variants/codecs occur
     params = [f["params"] for f in truth.files.values() if f["kind"] != "broken"]

@@ -105,8 +105,9 @@ def test_split_chains_breaks_a_chain_and_keeps_a_star():
     assert len(star.edges_a) == 3 and set(star.edges_b.tolist()) == {0} and star.extra_checks == 0
     # rows of one hash group (1 and 3, linked by their hash edge) move as a unit led by 1: 0
     # joins it through its own link with the leader; 2, linked only with the member 3, does not
-    grouped = cd.split_chains(4, np.array([0, 3, 1]), np.array([1, 2, 3]), np.arange(4), linked, 8,
-                              group=np.array([0, 1, 2, 1]))
+    grouped = cd.split_chains(
+        4, np.array([0, 3, 1]), np.array([1, 2, 3]), np.arange(4), linked, 8, group=np.array([0, 1, 2, 1])
+    )
     comp = {(min(x, y), max(x, y)) for x, y in zip(grouped.edges_a.tolist(), grouped.edges_b.tolist())}
     assert (1, 3) in comp and (0, 1) in comp and not any(2 in p for p in comp)
 
@@ -123,8 +124,11 @@ def test_ratio_matches_are_opencvs_knn_match_and_ratio_test(catalog):
     for fa in feats:
         for fb in feats:
             for db in (fb.desc, fb.desc_flip):
-                ref = sorted((m[0].queryIdx, m[0].trainIdx) for m in bf.knnMatch(fa.desc, db, k=2)
-                             if len(m) == 2 and m[0].distance < 0.8 * m[1].distance)
+                ref = sorted(
+                    (m[0].queryIdx, m[0].trainIdx)
+                    for m in bf.knnMatch(fa.desc, db, k=2)
+                    if len(m) == 2 and m[0].distance < 0.8 * m[1].distance
+                )
                 ia, ib = lf.ratio_matches(fa.desc, db, 0.8)
                 assert sorted(zip(ia.tolist(), ib.tolist())) == ref
 
@@ -133,8 +137,9 @@ def test_the_threshold_gate_decides_as_the_full_fit(catalog):
     """With `enough` (the run's threshold), pairs whose ratio matches cannot reach it are not
     fitted: every pair links or not exactly as with the full verification."""
     names = ["astronaut", "camera", "coins", "chelsea", "clock"]
-    items = [catalog[n].image for n in names] + [copies.make_bench_copy(catalog[n], k)[0]
-                                                  for n in names[:3] for k in ("crop40", "overlay", "flipped")]
+    items = [catalog[n].image for n in names] + [
+        copies.make_bench_copy(catalog[n], k)[0] for n in names[:3] for k in ("crop40", "overlay", "flipped")
+    ]
     feats = [_feat(x) for x in items]
     for fa in feats:
         for fb in feats:
@@ -184,8 +189,11 @@ def test_choose_threshold_links_at_most_the_rate():
 def test_calibration_on_real_photos(catalog):
     """Known copies of real photos (not the benchmark's kinds) are found; disjoint parts of one
     photo are not linked; a user threshold is reported with its own recall."""
-    imgs = [catalog[n].image for n in ("astronaut", "coffee_b0", "camera", "chelsea", "coins", "hubble_deep_field_r1c1")
-            if n in catalog][:5]
+    imgs = [
+        catalog[n].image
+        for n in ("astronaut", "coffee_b0", "camera", "chelsea", "coins", "hubble_deep_field_r1c1")
+        if n in catalog
+    ][:5]
     blobs = [_bytes(i) for i in imgs]
     pairs, distinct = cd.calibration_pairs(blobs, seed=0)
 

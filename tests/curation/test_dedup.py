@@ -21,7 +21,9 @@ from lvd.curation.dedup import (
 from lvd.curation.ingest import INGEST_SCHEMA, IngestConfig, ingest_item
 from lvd.curation.sources import RawItem
 
-HASH64 = dict(verify_radius=None, max_thumb_residual=None, equalised_radius=None, clipped_verify_radius=None)  # 64-bit hashes only (synthetic tests)
+HASH64 = dict(
+    verify_radius=None, max_thumb_residual=None, equalised_radius=None, clipped_verify_radius=None
+)  # 64-bit hashes only (synthetic tests)
 NOASPECT = dict(max_aspect_ratio=None, **HASH64)
 
 
@@ -71,7 +73,10 @@ def test_edges_equal_brute_force_at_and_beyond_radius(r1, r2):
 
 def test_verified_edges_equal_brute_force_and_ignore_row_order():
     rng = np.random.default_rng(11)
-    n, cfg = 1500, DedupConfig(phash_radius=8, dhash_radius=8, verify_radius=16, max_aspect_ratio=None, max_thumb_residual=None)
+    n, cfg = (
+        1500,
+        DedupConfig(phash_radius=8, dhash_radius=8, verify_radius=16, max_aspect_ratio=None, max_thumb_residual=None),
+    )
     p, d = _planted(n, seed=11, dists=[(8, 8)] * 6 + [(0, 0)] * 6)
     v = rng.integers(0, 256, (len(p), 32), dtype=np.uint8)
     for i in range(12):  # partners: 6 within 16 bits of the 256-bit code, 6 just outside
@@ -97,7 +102,9 @@ def test_identical_hashes_are_chained_not_all_pairs():
     d = np.full(500, 678, np.uint64)
     es = near_duplicate_edges(p, d, DedupConfig(**NOASPECT))
     assert len(es) == 499 and np.all(es.distance == 0)
-    t = find_near_duplicates(_table([f"u{i:03d}" for i in range(500)], p, d, w=[10] * 500, h=[10] * 500), DedupConfig(**HASH64))
+    t = find_near_duplicates(
+        _table([f"u{i:03d}" for i in range(500)], p, d, w=[10] * 500, h=[10] * 500), DedupConfig(**HASH64)
+    )
     assert t.num_rows == 499 and set(t["duplicate_of"].to_pylist()) == {"u000"}
 
 
@@ -184,7 +191,7 @@ def test_verified_edges_with_thumbs_equal_brute_force():
     v[n:] = v[:20]  # partners: equal 256-bit pHash
     thumbs = rng.integers(0, 200, (len(p), THUMB_CELLS)).astype(np.uint8)
     thumbs[n:] = thumbs[:20] + rng.integers(0, 3, (20, THUMB_CELLS)).astype(np.uint8)  # small noise
-    thumbs[n:n + 10, :8] += np.arange(10, dtype=np.uint8)[:, None] * 8  # local change 0..72 levels
+    thumbs[n : n + 10, :8] += np.arange(10, dtype=np.uint8)[:, None] * 8  # local change 0..72 levels
     p[[7, 8]], d[[7, 8]], v[[7, 8]] = p[6], d[6], v[6]  # equal hashes, distinct thumbs: no chaining
     aspect = np.ones(len(p))
     es = near_duplicate_edges(p, d, cfg, aspect=aspect, verify=v, thumb=thumbs)
@@ -224,8 +231,10 @@ def _pool(items: list[tuple[str, bytes]]) -> pa.Table:
         rec, _ = ingest_item(RawItem(uid, data, None), IngestConfig())
         assert rec["status"] == "accepted", (uid, rec["reason"])
         rows.append(rec)
-    return pa.Table.from_pylist(rows, schema=INGEST_SCHEMA).drop_columns(["uid"]).add_column(
-        0, "uid", pa.array([uid for uid, _ in items], pa.string())
+    return (
+        pa.Table.from_pylist(rows, schema=INGEST_SCHEMA)
+        .drop_columns(["uid"])
+        .add_column(0, "uid", pa.array([uid for uid, _ in items], pa.string()))
     )
 
 

@@ -60,16 +60,27 @@ def encode(arr: np.ndarray, fmt: str, **kw) -> bytes:
 def photos() -> list[tuple[str, np.ndarray]]:
     from skimage import data
 
-    return [("astronaut", data.astronaut()), ("coffee", data.coffee()), ("chelsea", data.chelsea()),
-            ("rocket", data.rocket()), ("camera", data.camera())]  # camera: grayscale
+    return [
+        ("astronaut", data.astronaut()),
+        ("coffee", data.coffee()),
+        ("chelsea", data.chelsea()),
+        ("rocket", data.rocket()),
+        ("camera", data.camera()),
+    ]  # camera: grayscale
 
 
 def reference(model, arrays) -> np.ndarray:
     """torchvision's DINOv2 eval transform and a plain forward, float32, normalised."""
     import torchvision.transforms as T
 
-    tf = T.Compose([T.Resize(RESIZE, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(CROP),
-                    T.ToTensor(), T.Normalize(CFG.mean, CFG.std)])
+    tf = T.Compose(
+        [
+            T.Resize(RESIZE, interpolation=T.InterpolationMode.BICUBIC),
+            T.CenterCrop(CROP),
+            T.ToTensor(),
+            T.Normalize(CFG.mean, CFG.std),
+        ]
+    )
     x = torch.stack([tf(Image.fromarray(a).convert("RGB")) for a in arrays])
     with torch.no_grad():
         cls = model(x).cls_BD
@@ -124,8 +135,11 @@ def test_embed_part_writes_a_vector_store_part(weights, photos, tmp_path):
     emb = Embedder(model, CFG)
     blobs = [encode(a, "JPEG", quality=90) for _, a in photos]
     uids = [f"uid{i}" for i in range(len(blobs))]
-    pq.write_table(pa.table({"uid": uids, "data": pa.array(blobs, pa.binary())}), tmp_path / "part-000007.blobs.parquet",
-                   row_group_size=2)
+    pq.write_table(
+        pa.table({"uid": uids, "data": pa.array(blobs, pa.binary())}),
+        tmp_path / "part-000007.blobs.parquet",
+        row_group_size=2,
+    )
     n = embed_part(emb, tmp_path / "part-000007.blobs.parquet", tmp_path / "vectors", 7, read_rows=2)
     store = open_vectors(tmp_path / "vectors")
     assert n == len(blobs) and store.part_indices == [7] and store.uids.tolist() == uids

@@ -21,9 +21,9 @@ from _node_removal import run_with_node_removal
 from ray import cloudpickle
 
 from lvd.curation import actor_runner, copies, runner
-from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.embed import EmbedConfig, Embedder
 from lvd.curation.ingest import IngestConfig
+from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.stages.embed import EmbedFn, MakeEmbedder, embed_units, run_embed
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -91,7 +91,11 @@ def test_killed_embedding_actor_gives_identical_vectors(ingested, backbone, refe
     assert len(units) == 3
     fn = DieOnce(EmbedFn(str(disturbed / "vectors")), victim=1, flag=str(flag))
     report = actor_runner.map_with_actors(
-        MakeEmbedder(backbone, EMBED), fn, units, disturbed / "embed", cfg_hash="h",
+        MakeEmbedder(backbone, EMBED),
+        fn,
+        units,
+        disturbed / "embed",
+        cfg_hash="h",
         acfg=actor_runner.ActorConfig(n_actors=1, max_restarts=2),
     )
     assert not flag.exists(), "the actor never reached the victim partition"

@@ -24,9 +24,9 @@ from plain_curate import curate_without_prefect
 from ray import cloudpickle
 
 from lvd.curation import ledger, runner, testdata
-from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
+from lvd.curation.stages import ingest_dedup as stages
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -63,10 +63,7 @@ def reference_ledger(dump: Path, out: Path, partition_size: int, shard: bool = F
 
 
 def markers(stage_dir: Path) -> dict[str, tuple[int, str]]:
-    return {
-        p.name: (p.stat().st_mtime_ns, p.read_text())
-        for p in stage_dir.glob(f"part-*{runner.MARKER_SUFFIX}")
-    }
+    return {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in stage_dir.glob(f"part-*{runner.MARKER_SUFFIX}")}
 
 
 def test_sigkill_mid_ingest_then_rerun_resumes(ray_local, prefect_harness, big_dump, tmp_path):
@@ -74,7 +71,9 @@ def test_sigkill_mid_ingest_then_rerun_resumes(ray_local, prefect_harness, big_d
 
     from lvd.cli import main as cli
 
-    want = reference_ledger(big_dump, tmp_path / "reference", 40, shard=True)  # as `lvd curate --no-copy-detection` without embedder
+    want = reference_ledger(
+        big_dump, tmp_path / "reference", 40, shard=True
+    )  # as `lvd curate --no-copy-detection` without embedder
     total = len(stages.plan([str(big_dump)], 40))
     out = tmp_path / "run"
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
@@ -84,7 +83,9 @@ def test_sigkill_mid_ingest_then_rerun_resumes(ray_local, prefect_harness, big_d
     with open(tmp_path / "child.log", "wb") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "lvd.cli", *argv, "--ray-address", address],
-            env=env, stdout=log, stderr=log,
+            env=env,
+            stdout=log,
+            stderr=log,
         )
         deadline = time.monotonic() + 120
         while proc.poll() is None and not markers(out / "ingest") and time.monotonic() < deadline:
@@ -126,8 +127,11 @@ def test_worker_process_death_is_retried(ray_local, small_dump, tmp_path):
     parts = stages.plan([str(small_dump)], 8)
     assert len(parts) >= 3
     rep = runner.map_partitions(
-        DieOnce(stages.IngestFn(ICFG), str(flag), 1), parts, out / "ingest",
-        cfg_hash=runner.config_hash(ICFG), runner=runner.RunnerConfig(max_retries=2),
+        DieOnce(stages.IngestFn(ICFG), str(flag), 1),
+        parts,
+        out / "ingest",
+        cfg_hash=runner.config_hash(ICFG),
+        runner=runner.RunnerConfig(max_retries=2),
     )
     assert not flag.exists()  # the worker really died once
     assert rep.ran == [p.index for p in parts]

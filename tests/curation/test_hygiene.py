@@ -29,8 +29,9 @@ def jpeg(a: np.ndarray, **kw) -> bytes:
 
 
 def ingest(data: bytes, hygiene: dict | None, meta: dict | None = None) -> dict:
-    return ingest_item(RawItem(source="x.jpg", data=data, error=None, meta=meta or {}),
-                       IngestConfig(hygiene=hygiene))[0]
+    return ingest_item(RawItem(source="x.jpg", data=data, error=None, meta=meta or {}), IngestConfig(hygiene=hygiene))[
+        0
+    ]
 
 
 # ---------------------------------------------------------------- quality filters
@@ -38,8 +39,9 @@ def ingest(data: bytes, hygiene: dict | None, meta: dict | None = None) -> dict:
 
 def test_laplacian_variance_against_a_loop():
     x = np.random.default_rng(0).integers(0, 255, (9, 7)).astype(np.float64)
-    lap = [x[i - 1, j] + x[i + 1, j] + x[i, j - 1] + x[i, j + 1] - 4 * x[i, j]
-           for i in range(1, 8) for j in range(1, 6)]
+    lap = [
+        x[i - 1, j] + x[i + 1, j] + x[i, j - 1] + x[i, j + 1] - 4 * x[i, j] for i in range(1, 8) for j in range(1, 6)
+    ]
     assert hy.laplacian_var(x) == pytest.approx(np.var(lap))
     assert hy.sharpness(x) == pytest.approx(np.var(lap) / x.var())
     assert hy.sharpness(np.full((8, 8), 7.0)) == 0.0
@@ -59,14 +61,19 @@ def test_each_filter_rejects_its_junk_and_can_be_turned_off(reason):
         "near_constant": np.full((200, 300, 3), (30, 140, 90), np.uint8),
         "extreme_aspect": np.asarray(Image.fromarray(a).resize((900, 45))),
         "too_blurry": np.asarray(Image.fromarray(a).filter(ImageFilter.GaussianBlur(24))),
-        "mostly_border": np.pad(np.asarray(Image.fromarray(a).resize((90, 60))), ((150, 150), (180, 180), (0, 0)),
-                                constant_values=255),
+        "mostly_border": np.pad(
+            np.asarray(Image.fromarray(a).resize((90, 60))), ((150, 150), (180, 180), (0, 0)), constant_values=255
+        ),
     }[reason]
     rec = ingest(jpeg(junk), {"quality": {}})
     assert (rec["status"], rec["reason"]) == ("rejected", reason)
     assert json.loads(rec["detail"])["metric"] == reason
-    field = {"near_constant": "min_contrast", "extreme_aspect": "max_aspect", "too_blurry": "min_sharpness",
-             "mostly_border": "max_border"}[reason]
+    field = {
+        "near_constant": "min_contrast",
+        "extreme_aspect": "max_aspect",
+        "too_blurry": "min_sharpness",
+        "mostly_border": "max_border",
+    }[reason]
     assert ingest(jpeg(junk), {"quality": {field: None}})["reason"] != reason
     assert ingest(jpeg(junk), None)["status"] == "accepted"  # no hygiene: ingest as before
 
@@ -115,13 +122,17 @@ def test_allowlist_and_where_urls_come_from():
 
 def test_url_blocked_before_decoding():
     rec = ingest(b"\xff\xd8\xff garbage", {"url_block": ("bad.org",)}, {"json": {"url": "https://a.bad.org/x"}})
-    assert (rec["reason"], json.loads(rec["detail"])) == ("url_blocked", {"rule": "blocklist: bad.org",
-                                                                         "url": "https://a.bad.org/x"})
+    assert (rec["reason"], json.loads(rec["detail"])) == (
+        "url_blocked",
+        {"rule": "blocklist: bad.org", "url": "https://a.bad.org/x"},
+    )
 
 
 def test_domain_cap_keeps_first_n_uids_per_domain():
-    pairs = [(u, f"https://{d}/{u}") for u, d in [("e", "a.com"), ("b", "a.com"), ("d", "www.a.com"), ("a", "b.com"),
-                                                  ("c", "a.com"), ("b", "a.com")]]
+    pairs = [
+        (u, f"https://{d}/{u}")
+        for u, d in [("e", "a.com"), ("b", "a.com"), ("d", "www.a.com"), ("a", "b.com"), ("c", "a.com"), ("b", "a.com")]
+    ]
     assert urlfilter.cap_domains(pairs, 2) == {"d": "max_per_domain=2: a.com", "e": "max_per_domain=2: a.com"}
     # a uid over the cap in one domain stays when another domain keeps it
     assert urlfilter.cap_domains(pairs + [("e", "https://c.com/e")], 2) == {"d": "max_per_domain=2: a.com"}
@@ -129,9 +140,16 @@ def test_domain_cap_keeps_first_n_uids_per_domain():
 
 def test_cap_applies_to_every_ingest_read(tmp_path):
     meta = lambda d: json.dumps({"json": {"url": f"https://{d}/x"}})  # noqa: E731
-    records = pa.table({"source": ["s1", "s2", "s3", "s4"], "status": ["accepted", "accepted", "rejected", "accepted"],
-                        "reason": [None, None, "corrupt", None], "uid": ["u2", "u1", None, "u3"],
-                        "meta": [meta("a.com"), meta("a.com"), meta("a.com"), "{}"], "detail": [None] * 4})
+    records = pa.table(
+        {
+            "source": ["s1", "s2", "s3", "s4"],
+            "status": ["accepted", "accepted", "rejected", "accepted"],
+            "reason": [None, None, "corrupt", None],
+            "uid": ["u2", "u1", None, "u3"],
+            "meta": [meta("a.com"), meta("a.com"), meta("a.com"), "{}"],
+            "detail": [None] * 4,
+        }
+    )
     capped = urlfilter.capped_table(records, 1)
     assert capped.to_pylist() == [{"source": "s1", "uid": "u2", "rule": "max_per_domain=1: a.com"}]
     path = rundir.cap_path(tmp_path)
@@ -152,7 +170,7 @@ def test_astronaut_face_found_by_the_bundled_and_a_plugged_in_cascade():
     img = Image.fromarray(photo("astronaut"))
     other = f"{cv2.data.haarcascades}haarcascade_frontalface_default.xml"
     for cfg in (FaceConfig(), FaceConfig(detector=other)):
-        (x, y, w, h), = detect_faces(img, cfg)
+        ((x, y, w, h),) = detect_faces(img, cfg)
         assert 150 < x + w / 2 < 260 and 60 < y + h / 2 < 170 and 60 < w < 140  # Eileen Collins' face
     assert len(FaceConfig(detector=other).detector_sha256) == 64
     assert detect_faces(Image.fromarray(photo("coffee")), FaceConfig()) == []
@@ -174,7 +192,7 @@ def test_blur_changes_only_whole_blocks_around_the_box():
     assert (x % 8, y % 8, w % 8, h % 8) == (0, 0, 0, 0) and x <= 177 - 14 and x + w >= 177 + 95 + 14
     out, a = np.asarray(blur_faces(rgb, [box])).astype(int), np.asarray(rgb).astype(int)
     mask = np.zeros(a.shape[:2], bool)
-    mask[y:y + h, x:x + w] = True
+    mask[y : y + h, x : x + w] = True
     assert np.array_equal(out[~mask], a[~mask]) and np.abs(out[mask] - a[mask]).mean() > 10
     assert scale_boxes([(10, 20, 30, 40)], (100, 200), (50, 100)) == [(5, 10, 15, 20)]
 
@@ -259,9 +277,16 @@ def red_flagger_onnx() -> bytes:
     keep = _f(1, "keepdims") + _f(3, 0) + _f(20, 2)
     mean = _f(1, "xw") + _f(2, "m") + _f(3, "mean") + _f(4, "ReduceMean") + _f(5, axes) + _f(5, keep)
     add = _f(1, "m") + _f(1, "b") + _f(2, "logit") + _f(3, "add") + _f(4, "Add")
-    graph = (_f(1, mul) + _f(1, mean) + _f(1, add) + _f(2, "red") + _f(5, init_w) + _f(5, init_b)
-             + _f(11, _f(1, "x") + _f(2, _tensor_type([1, 3, 224, 224])))
-             + _f(12, _f(1, "logit") + _f(2, _tensor_type([1]))))
+    graph = (
+        _f(1, mul)
+        + _f(1, mean)
+        + _f(1, add)
+        + _f(2, "red")
+        + _f(5, init_w)
+        + _f(5, init_b)
+        + _f(11, _f(1, "x") + _f(2, _tensor_type([1, 3, 224, 224])))
+        + _f(12, _f(1, "logit") + _f(2, _tensor_type([1])))
+    )
     return _f(1, 7) + _f(2, "lvd-test") + _f(7, graph) + _f(8, _f(1, "") + _f(2, 13))
 
 
@@ -310,10 +335,12 @@ def test_cli_options_become_the_flow_parameter(tmp_path):
     p = argparse.ArgumentParser()
     add_hygiene_options(p)
     assert hygiene_kwargs(p.parse_args([])) == {}
-    args = p.parse_args(["--quality", "max_aspect=4", "--quality", "max_border=off", "--blur-faces",
-                         "--max-per-domain", "2"])
-    assert hygiene_kwargs(args) == {"hygiene": {"quality": {"max_aspect": 4.0, "max_border": None}, "faces": {},
-                                                "max_per_domain": 2}}
+    args = p.parse_args(
+        ["--quality", "max_aspect=4", "--quality", "max_border=off", "--blur-faces", "--max-per-domain", "2"]
+    )
+    assert hygiene_kwargs(args) == {
+        "hygiene": {"quality": {"max_aspect": 4.0, "max_border": None}, "faces": {}, "max_per_domain": 2}
+    }
     assert hygiene_problems(p.parse_args(["--quality", "sharp=1"]))[0].startswith("--quality sharp=1: use NAME=VALUE")
     assert hygiene_problems(p.parse_args(["--max-per-domain", "0"])) == ["--max-per-domain 0: use at least 1"]
     assert "cannot read it" in hygiene_problems(p.parse_args(["--url-blocklist", str(tmp_path / "none.txt")]))[0]

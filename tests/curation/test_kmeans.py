@@ -58,7 +58,9 @@ def test_deterministic_for_a_seed():
 
 def test_euclidean_mode_matches_scikit_learn_inertia():
     x, _, _ = sphere_blobs(k=6, n=3000, d=16, noise=0.2, seed=3)
-    ours = kmeans(x, KMeansConfig(k=6, seed=0, nredo=3, spherical=False, niter=50, max_points_per_centroid=1000))  # no subsample
+    ours = kmeans(
+        x, KMeansConfig(k=6, seed=0, nredo=3, spherical=False, niter=50, max_points_per_centroid=1000)
+    )  # no subsample
     ref = KMeans(n_clusters=6, n_init=3, random_state=0).fit(x)
     assert ours.inertia == pytest.approx(ref.inertia_, rel=1e-4)
     assert adjusted_rand_score(ref.labels_, ours.assign_N) > 0.99  # a boundary point may differ

@@ -55,17 +55,25 @@ def write_dups(run: Path, rows: list[tuple]) -> None:
 @pytest.fixture
 def run(tmp_path) -> Path:
     # Partition 1 holds sources sorting before partition 0's, to check the global sort.
-    write_part(tmp_path, 0, [
-        ("d/z.png", "accepted", None, "A", 10, 10),   # later copy of A -> exact dup of A
-        ("d/y.png", "rejected", "corrupt", "X", 0, 0),
-        ("d/w.png", "accepted", None, "C", 30, 30),   # near-dup of B
-    ])
-    write_part(tmp_path, 1, [
-        ("a.tar::m1.jpg", "accepted", None, "A", 10, 10),  # first copy of A stays
-        ("a.tar::m2", "rejected", "tar_link", None, 0, 0),
-        ("b.parquet::0", "accepted", None, "B", 20, 20),
-        ("b.parquet::1", "accepted", None, "C", 30, 30),   # copy of C: also near-dup of B
-    ])
+    write_part(
+        tmp_path,
+        0,
+        [
+            ("d/z.png", "accepted", None, "A", 10, 10),  # later copy of A -> exact dup of A
+            ("d/y.png", "rejected", "corrupt", "X", 0, 0),
+            ("d/w.png", "accepted", None, "C", 30, 30),  # near-dup of B
+        ],
+    )
+    write_part(
+        tmp_path,
+        1,
+        [
+            ("a.tar::m1.jpg", "accepted", None, "A", 10, 10),  # first copy of A stays
+            ("a.tar::m2", "rejected", "tar_link", None, 0, 0),
+            ("b.parquet::0", "accepted", None, "B", 20, 20),
+            ("b.parquet::1", "accepted", None, "C", 30, 30),  # copy of C: also near-dup of B
+        ],
+    )
     write_dups(tmp_path, [("C", "B", "phash", 4.0)])
     return tmp_path
 
@@ -92,9 +100,7 @@ def test_verify_passes_and_counts(run):
     assert rep.ok, rep.problems
     assert rep.inputs == 7
     assert rep.by_status == {"accepted": 2, "duplicate": 3, "rejected": 2}
-    assert rep.by_reason == {
-        "duplicate:exact": 1, "duplicate:phash": 2, "rejected:corrupt": 1, "rejected:tar_link": 1
-    }
+    assert rep.by_reason == {"duplicate:exact": 1, "duplicate:phash": 2, "rejected:corrupt": 1, "rejected:tar_link": 1}
     assert "OK" in lg.format_report(rep)
 
 

@@ -41,7 +41,9 @@ def test_sample_based_finds_the_planted_neighbour(planted):
     order = np.argsort(rows)
     np.testing.assert_array_equal(res.pool_idx, rows[order])
     np.testing.assert_array_equal(res.seed_idx, np.arange(10)[order])
-    np.testing.assert_allclose(res.similarity, np.einsum("nd,nd->n", pool[res.pool_idx], seeds[res.seed_idx]), atol=1e-5)
+    np.testing.assert_allclose(
+        res.similarity, np.einsum("nd,nd->n", pool[res.pool_idx], seeds[res.seed_idx]), atol=1e-5
+    )
     assert (res.similarity > 0.9).all() and (res.cluster_id == -1).all() and res.method == "sample"
     assert res.counts.n_hits == 10 and res.counts.n_collisions == 0 and res.counts.n_selected == 10
     assert len(res.seeds_included) == 0
@@ -157,7 +159,9 @@ def test_union_keeps_each_image_once_with_the_first_retrievals_provenance(plante
     planted_rows = np.isin(sel.pool_idx, rows)
     assert (sel.source[planted_rows] == 0).all() and (sel.source[~planted_rows] == 1).all()
     assert set(sel.method) == {"sample"}
-    np.testing.assert_allclose(sel.similarity, np.einsum("nd,nd->n", pool[sel.pool_idx], seeds[sel.seed_idx]), atol=1e-5)
+    np.testing.assert_allclose(
+        sel.similarity, np.einsum("nd,nd->n", pool[sel.pool_idx], seeds[sel.seed_idx]), atol=1e-5
+    )
     clusters = kmeans(pool, KMeansConfig(k=10, seed=0))
     by_cluster = cluster_based(clusters, seeds[:1], ClusterRetrievalConfig(min_seeds=1, per_cluster=5))
     mixed = union([by_cluster, near])

@@ -65,9 +65,7 @@ def test_rerun_skips_done_partitions(ray_local, tmp_path):
     rn.map_partitions(squares, parts(), tmp_path, cfg_hash="c1")
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
     seen = []
-    rep = rn.map_partitions(
-        squares, parts(), tmp_path, cfg_hash="c1", progress=lambda d, t: seen.append((d, t))
-    )
+    rep = rn.map_partitions(squares, parts(), tmp_path, cfg_hash="c1", progress=lambda d, t: seen.append((d, t)))
     assert rep.ran == [] and rep.skipped == [0, 1, 2, 3]
     assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
     assert seen == [(4, 4)]
@@ -81,9 +79,7 @@ def test_changes_rerun_only_affected_partitions(ray_local, tmp_path):
     (tmp_path / "part-000003.done.json").unlink()  # killed before its marker
     (tmp_path / "part-000000.parquet.tmp-dead").write_bytes(b"half")  # killed mid-write
     seen = []
-    rep = rn.map_partitions(
-        squares, changed, tmp_path, cfg_hash="c1", progress=lambda d, t: seen.append(d)
-    )
+    rep = rn.map_partitions(squares, changed, tmp_path, cfg_hash="c1", progress=lambda d, t: seen.append(d))
     assert rep.ran == [1, 2, 3] and rep.skipped == [0]
     assert seen == [1, 2, 3, 4]
     rn.map_partitions(squares, changed[:3], tmp_path, cfg_hash="c1")  # input set shrank
@@ -103,10 +99,7 @@ def sleepy(p: Part) -> dict[str, pa.Table]:
 def test_max_in_flight_bounds_concurrency(ray_local, tmp_path):
     cfg = rn.RunnerConfig(max_in_flight=1)
     rn.map_partitions(sleepy, parts(4), tmp_path, cfg_hash="c", runner=cfg)
-    spans = sorted(
-        tuple(pq.read_table(tmp_path / f"part-{i:06d}.parquet").to_pylist()[0].values())
-        for i in range(4)
-    )
+    spans = sorted(tuple(pq.read_table(tmp_path / f"part-{i:06d}.parquet").to_pylist()[0].values()) for i in range(4))
     # One task at a time: each starts after the previous ended.
     assert all(b[0] >= a[1] for a, b in zip(spans, spans[1:]))
 
@@ -200,8 +193,14 @@ def test_actor_pool_kills_its_actors_when_the_stage_fails(ray_local, tmp_path):
     pids.mkdir()
     # the error is kept, as a flow that reports it does: its traceback holds the stage's frames
     with pytest.raises(Exception, match="unit 1 is bad") as error:
-        actor_runner.map_with_actors(functools.partial(_record_pid, str(pids)), _fails_on_unit_one, units,
-                                     tmp_path / "stage", cfg_hash="h", acfg=acfg)
+        actor_runner.map_with_actors(
+            functools.partial(_record_pid, str(pids)),
+            _fails_on_unit_one,
+            units,
+            tmp_path / "stage",
+            cfg_hash="h",
+            acfg=acfg,
+        )
     actors = [int(p.name) for p in pids.iterdir()]
     assert actors  # the actors did start
     deadline = time.monotonic() + 30

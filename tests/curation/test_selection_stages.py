@@ -11,10 +11,6 @@ import pytest
 import torch
 
 from lvd.curation import copies, rundir
-from lvd.curation.stages import ingest_dedup as stages
-from lvd.curation.stages import copy as stages_copy
-from lvd.curation.stages import embed as stages_embed
-from lvd.curation.stages import select as stages_select
 from lvd.curation import ledger as lg
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
@@ -22,6 +18,10 @@ from lvd.curation.embed import EmbedConfig
 from lvd.curation.guard import MassRemovalError
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.shards import ShardConfig
+from lvd.curation.stages import copy as stages_copy
+from lvd.curation.stages import embed as stages_embed
+from lvd.curation.stages import ingest_dedup as stages
+from lvd.curation.stages import select as stages_select
 from lvd.curation.stages.retrieve import RetrieveConfig, run_retrieve
 
 EMBED_KW = {"resize": 128, "crop": 112, "batch_size": 16, "decode_threads": 1}
@@ -99,7 +99,9 @@ def test_verify_catches_shard_ledger_mismatch(plain_run, tmp_path, breakage):
         t = pq.read_table(run / "ledger.parquet").to_pydict()
         i = t["status"].index("sharded")
         t["status"][i] = "unselected"
-        pq.write_table(pq.read_table(run / "ledger.parquet").from_pydict(t, schema=lg.LEDGER_SCHEMA), run / "ledger.parquet")
+        pq.write_table(
+            pq.read_table(run / "ledger.parquet").from_pydict(t, schema=lg.LEDGER_SCHEMA), run / "ledger.parquet"
+        )
         want = "manifest uids are not sharded"
     elif breakage == "extra_tar":
         shutil.copy(run / "shards" / "shard-000000.tar", run / "shards" / "shard-000099.tar")

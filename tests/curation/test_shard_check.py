@@ -17,8 +17,8 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from lvd.curation.shards.check import check_shards, format_shard_report
 from lvd.curation.shards import ShardConfig, ShardSample, write_shards
+from lvd.curation.shards.check import check_shards, format_shard_report
 
 _PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera")
 
@@ -113,7 +113,9 @@ def test_missing_and_extra_tars(shards):
 
 
 def test_corrupt_jpg_in_rehashed_tar(shards):
-    _rewrite_tar(shards, "shard-000000.tar", lambda m: {k: v[: len(v) // 2] if k == "000000001.jpg" else v for k, v in m.items()})
+    _rewrite_tar(
+        shards, "shard-000000.tar", lambda m: {k: v[: len(v) // 2] if k == "000000001.jpg" else v for k, v in m.items()}
+    )
     (problem,) = _only_problems(shards)
     assert problem.startswith("shard-000000.tar: 000000001: jpg does not decode")
     assert check_shards(shards, decode=False).ok  # the hash-only pass cannot see it
@@ -145,7 +147,10 @@ def test_manifest_row_missing(shards):
     table = pq.read_table(shards / "manifest.parquet")
     pq.write_table(table.filter(pc.not_equal(table["key"], "000000003")), shards / "manifest.parquet")
     problems = _only_problems(shards)
-    assert problems[0] == "manifest: shard-000001.tar should hold 2 samples but 1 rows list it (a row was removed or added)"
+    assert (
+        problems[0]
+        == "manifest: shard-000001.tar should hold 2 samples but 1 rows list it (a row was removed or added)"
+    )
     assert problems[1] == "shard-000001.tar: 1 samples listed, 2 in tar; missing keys [], unlisted keys ['000000003']"
     assert len(problems) == 2
 

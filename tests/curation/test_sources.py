@@ -129,7 +129,11 @@ def test_folder_of_tars_gives_one_partition_each(tmp_path):
     (tmp_path / "00000.json").write_text("{}")  # shares a tar's stem, but tars take no sidecars
     parts = plan_partitions([str(tmp_path)])
     got = [(p.index, p.kind, Path(p.uri).name, [Path(i).name for i in p.items]) for p in parts]
-    assert got == [(0, "files", tmp_path.name, ["00000.json"]), (1, "tar", "00000.tar", []), (2, "tar", "00001.tar", [])]
+    assert got == [
+        (0, "files", tmp_path.name, ["00000.json"]),
+        (1, "tar", "00000.tar", []),
+        (2, "tar", "00001.tar", []),
+    ]
 
 
 def test_hostile_tar_writes_nothing(tmp_path, monkeypatch):
@@ -194,9 +198,17 @@ def test_parquet_hf_struct_and_path_columns(tmp_path):
                       pa.struct([("bytes", pa.binary()), ("path", pa.string())]))  # fmt: skip
     hf = tmp_path / "hf.parquet"
     _parquet(hf, pa.table({"image": struct, "label": [1, 2]}))
-    assert [(i.data, i.meta) for i in _items([hf])] == [(b"inline", {"label": 1}), (b"file-a", {"label": 2, "path": "imgs/a.jpg"})]
+    assert [(i.data, i.meta) for i in _items([hf])] == [
+        (b"inline", {"label": 1}),
+        (b"file-a", {"label": 2, "path": "imgs/a.jpg"}),
+    ]
     paths = tmp_path / "paths.parquet"
-    rel_abs_missing_web = ["imgs/a.jpg", str(tmp_path / "imgs" / "a.jpg"), "imgs/missing.jpg", "https://x.invalid/a.jpg"]
+    rel_abs_missing_web = [
+        "imgs/a.jpg",
+        str(tmp_path / "imgs" / "a.jpg"),
+        "imgs/missing.jpg",
+        "https://x.invalid/a.jpg",
+    ]
     _parquet(paths, pa.table({"url": rel_abs_missing_web}))
     got = [(i.data, i.error) for i in _items([paths])]
     # web URLs are never fetched without --allow-remote (tests/security/test_inputs.py)
@@ -232,10 +244,20 @@ def test_fsspec_uri_folder_and_tar():
         info = tarfile.TarInfo("k.jpg")
         info.size = 1
         tf.addfile(info, io.BytesIO(b"K"))
-    fs.pipe({"/lvd-test/a.jpg": b"A", "/lvd-test/a.json": b'{"k": 1}', "/lvd-test/s/b.png": b"B", "/lvd-test/t.tar": buf.getvalue()})
+    fs.pipe(
+        {
+            "/lvd-test/a.jpg": b"A",
+            "/lvd-test/a.json": b'{"k": 1}',
+            "/lvd-test/s/b.png": b"B",
+            "/lvd-test/t.tar": buf.getvalue(),
+        }
+    )
     try:
         parts = plan_partitions(["memory://lvd-test"])
-        assert [(p.kind, p.uri) for p in parts] == [("files", "memory:///lvd-test"), ("tar", "memory:///lvd-test/t.tar")]
+        assert [(p.kind, p.uri) for p in parts] == [
+            ("files", "memory:///lvd-test"),
+            ("tar", "memory:///lvd-test/t.tar"),
+        ]
         got = [(i.source, i.data, i.meta) for p in parts for i in iter_items(p)]
         assert got == [("memory:///lvd-test/a.jpg", b"A", {"json": {"k": 1}}), ("memory:///lvd-test/s/b.png", b"B", {}),
                        ("memory:///lvd-test/t.tar::k.jpg", b"K", {})]  # fmt: skip

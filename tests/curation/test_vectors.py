@@ -16,8 +16,12 @@ def unit16(n: int, d: int, seed: int) -> np.ndarray:
 @pytest.fixture()
 def store_dir(tmp_path):
     # parts written out of order, one of them empty; uids of different lengths
-    parts = {2: (["c0", "c1"], unit16(2, 8, 2)), 0: ([f"a{i}" for i in range(5)], unit16(5, 8, 0)),
-             1: ([], np.zeros((0, 8), np.float16)), 3: (["d-long-uid"], unit16(1, 8, 3))}
+    parts = {
+        2: (["c0", "c1"], unit16(2, 8, 2)),
+        0: ([f"a{i}" for i in range(5)], unit16(5, 8, 0)),
+        1: ([], np.zeros((0, 8), np.float16)),
+        3: (["d-long-uid"], unit16(1, 8, 3)),
+    }
     for idx, (uids, vecs) in parts.items():
         write_vectors(tmp_path, idx, uids, vecs)
     return tmp_path, parts

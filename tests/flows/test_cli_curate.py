@@ -28,8 +28,19 @@ def test_help_lists_commands():
 def test_curate_then_verify_then_tamper(ray_local, prefect_harness, small_dump, tmp_path, capsys):
     folder, tar, bad, tar_expect = small_dump
     run = tmp_path / "run"
-    argv = ["curate", "--input", str(folder), "--input", str(tar), "--out", str(run),
-            "--partition-size", "4", "--min-side", "100"]
+    argv = [
+        "curate",
+        "--input",
+        str(folder),
+        "--input",
+        str(tar),
+        "--out",
+        str(run),
+        "--partition-size",
+        "4",
+        "--min-side",
+        "100",
+    ]
     assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "OK: every input is accounted for" in printed and "PREFECT_HOME" in printed
@@ -46,8 +57,11 @@ def test_curate_then_verify_then_tamper(ray_local, prefect_harness, small_dump, 
     # the chelsea and hubble crops ship
     big = {s.rsplit("/", 1)[1]: r for s, r in rows.items() if "/big/" in s}
     assert sorted(n for n, r in big.items() if r["status"] == "sharded") == ["photo_00001.jpg", "photo_00004.jpg"]
-    for name, member in (("photo_00000.jpg", "../escape.jpg"), ("photo_00002.jpg", "sample.jpg"),
-                         ("photo_00003.jpg", "/abs/x.jpg")):
+    for name, member in (
+        ("photo_00000.jpg", "../escape.jpg"),
+        ("photo_00002.jpg", "sample.jpg"),
+        ("photo_00003.jpg", "/abs/x.jpg"),
+    ):
         whole = rows[f"{tar}::{member}"]
         assert whole["status"] == "sharded" and big[name]["status"] == "duplicate", (name, big[name])
         assert big[name]["duplicate_of"] == whole["uid"], name

@@ -139,8 +139,12 @@ def test_rerun_skips_done_work_and_gives_same_ledger(run, dump):
 
 def test_stage_artifacts_reported(run_state):
     keys = [
-        "curate-ingest-progress", "curate-ingest-counts", "curate-dedup-progress",
-        "curate-dedup-counts", "curate-dedup-groups", "curate-ledger-progress",
+        "curate-ingest-progress",
+        "curate-ingest-counts",
+        "curate-dedup-progress",
+        "curate-dedup-counts",
+        "curate-dedup-groups",
+        "curate-ledger-progress",
         "curate-ledger-counts",
     ]
     latest = run_artifacts(run_state[0].state_details.flow_run_id, keys)  # this run's, not another test's

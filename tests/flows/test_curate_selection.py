@@ -12,6 +12,7 @@ import io
 import json
 import re
 import tarfile
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -25,13 +26,16 @@ from lvd.curation.demo import build_demo_dump
 from lvd.curation.shards.check import check_shards
 
 OPTS = dict(
-    partition_size=16, shard_size=4,
+    partition_size=16,
+    shard_size=4,
     embed={"resize": 128, "crop": 112, "batch_size": 16, "decode_threads": 1},
-    copydetect={"k": 8}, retrieve={"include_seeds": True},
+    copydetect={"k": 8},
+    retrieve={"include_seeds": True},
 )
 
 
 FIRST_RUN: dict = {}  # the module's first curate flow run id, set by the `run` fixture
+
 
 @pytest.fixture(scope="module")
 def embedder(tmp_path_factory):
@@ -59,7 +63,7 @@ def data(tmp_path_factory):
     evalset = root / "evalset"
     evalset.mkdir()
     contaminant = sorted(dump.near_copies)[0]  # a pool original, byte for byte in the eval set
-    eval_bytes = open(contaminant, "rb").read()
+    eval_bytes = Path(contaminant).read_bytes()
     (evalset / "test.jpg").write_bytes(eval_bytes)
     return dump, str(seeds), str(evalset), contaminant, hashlib.sha256(eval_bytes).hexdigest()
 
@@ -79,8 +83,15 @@ def run(ray_local, prefect_harness, data, embedder, tmp_path_factory):
 
     dump, seeds, evalset, _, _ = data
     out = tmp_path_factory.mktemp("run")
-    state = curate(inputs=dump.inputs, out=str(out), seeds=[seeds], eval_sets=[evalset], embedder=embedder,
-                   return_state=True, **OPTS)
+    state = curate(
+        inputs=dump.inputs,
+        out=str(out),
+        seeds=[seeds],
+        eval_sets=[evalset],
+        embedder=embedder,
+        return_state=True,
+        **OPTS,
+    )
     first = (shard_digests(out), pq.read_table(out / "ledger.parquet"), stage_markers(out))
     again = curate(inputs=dump.inputs, out=str(out), seeds=[seeds], eval_sets=[evalset], embedder=embedder, **OPTS)
     FIRST_RUN["id"] = state.state_details.flow_run_id  # whose artifacts test_selection_artifacts_reported reads
@@ -129,11 +140,15 @@ def test_shards_hold_exactly_the_selection(run):
     assert len(seeds_shipped) == 2  # --include-seeds: both seed photos (new bytes) ship
     sharded = sorted(r["uid"] for r in led if r["status"] == "sharded")
     manifest = pq.read_table(out / "shards" / "manifest.parquet").to_pydict()
-    assert sorted(manifest["uid"]) == sorted(sharded + seeds_shipped) and len(set(manifest["uid"])) == len(manifest["uid"])
+    assert sorted(manifest["uid"]) == sorted(sharded + seeds_shipped) and len(set(manifest["uid"])) == len(
+        manifest["uid"]
+    )
     sel = pq.read_table(out / "retrieve" / "selection.parquet").to_pydict()
     assert sorted(sel["uid"]) == sharded and 0 < len(sharded) <= 2 * 4  # k=4 per seed, collisions kept once
     assert set(sel["seed_set"]) == {"seeds"} and set(sel["seed_uid"]) <= set(seeds_shipped)
-    removed = {r["uid"] for r in led if r["status"] in ("duplicate", "decontaminated") and r["duplicate_of"] != r["uid"]}
+    removed = {
+        r["uid"] for r in led if r["status"] in ("duplicate", "decontaminated") and r["duplicate_of"] != r["uid"]
+    }
     removed -= {r["uid"] for r in led if r["status"] == "sharded"}  # exact copies share the shipped uid
     assert not removed & set(manifest["uid"])
     assert check_shards(out / "shards").ok
@@ -158,8 +173,17 @@ def test_rerun_is_byte_identical(run):
     _, again, out, (digests, ledger_before, markers_before) = run
     assert again.ok and again.ingest_ran == 0
     stages_done = {k.split("/")[-2] for k in markers_before}
-    assert {"ingest", "dedup", "copyfeat", "embed", "copydetect", "decontam", "cluster", "retrieve",
-            "shard_parts"} <= stages_done
+    assert {
+        "ingest",
+        "dedup",
+        "copyfeat",
+        "embed",
+        "copydetect",
+        "decontam",
+        "cluster",
+        "retrieve",
+        "shard_parts",
+    } <= stages_done
     assert stage_markers(out) == markers_before  # every stage resumed from its markers: nothing redone
     assert digests and shard_digests(out) == digests
     assert pq.read_table(out / "ledger.parquet").equals(ledger_before)
@@ -185,10 +209,17 @@ def test_tampered_shard_fails_verify(run, tmp_path):
 
 def test_selection_artifacts_reported(run):
     keys = [
-        "curate-embed-pool-progress", "curate-embed-pool-counts", "curate-copydetect-counts",
-        "curate-decontam-counts", "curate-cluster-counts", "curate-cluster-montage",
-        "curate-retrieve-counts", "curate-retrieve-histogram", "curate-retrieve-pairs",
-        "curate-shard-progress", "curate-shard-counts",
+        "curate-embed-pool-progress",
+        "curate-embed-pool-counts",
+        "curate-copydetect-counts",
+        "curate-decontam-counts",
+        "curate-cluster-counts",
+        "curate-cluster-montage",
+        "curate-retrieve-counts",
+        "curate-retrieve-histogram",
+        "curate-retrieve-pairs",
+        "curate-shard-progress",
+        "curate-shard-counts",
     ]
     latest = run_artifacts(FIRST_RUN["id"], keys)  # the first run's, not another test's
     assert set(latest) == set(keys)
@@ -205,8 +236,10 @@ def test_selection_artifacts_reported(run):
 
 def folder_digests(out) -> dict[str, str]:
     """Every file (sha256) and folder under `out`."""
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
-            for p in sorted(out.rglob("*"))}
+    return {
+        str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+        for p in sorted(out.rglob("*"))
+    }
 
 
 def test_copy_model_linking_everything_completes_then_is_refused(ray_local, prefect_harness, data, embedder, tmp_path):

@@ -37,8 +37,15 @@ class RedFlagger(torch.nn.Module):
 
 def model_flags(data: bytes) -> bool:
     """What the model says about one image, computed here, outside the pipeline."""
-    x = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(data))).convert("RGB").resize((224, 224),
-                   Image.Resampling.BILINEAR), np.float32) / 255
+    x = (
+        np.asarray(
+            ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+            .convert("RGB")
+            .resize((224, 224), Image.Resampling.BILINEAR),
+            np.float32,
+        )
+        / 255
+    )
     logit = float(RedFlagger()(torch.from_numpy(x.transpose(2, 0, 1)[None].copy())))
     return 1 / (1 + np.exp(-logit)) >= THRESHOLD
 
@@ -46,8 +53,10 @@ def model_flags(data: bytes) -> bool:
 def lfw_faces(n: int) -> list[np.ndarray]:
     import skimage.data
 
-    return [np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((100, 100), Image.Resampling.BICUBIC))
-            for a in skimage.data.lfw_subset()[:n]]
+    return [
+        np.asarray(Image.fromarray((a * 255).astype(np.uint8)).resize((100, 100), Image.Resampling.BICUBIC))
+        for a in skimage.data.lfw_subset()[:n]
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -58,15 +67,23 @@ def dump(tmp_path_factory):
     clean = [bench.photo(p) for p in bench.PHOTOS] + bench.crops(40, seed=3) + lfw_faces(6)
     rng = np.random.default_rng(0)
     photos = [bench.photo(p) for p in ("astronaut", "coffee", "rocket", "chelsea")]
-    junk = {"near_constant": [np.full((200, 300, 3), c, np.uint8) for c in ((120, 40, 200), (250, 250, 250))],
-            "too_blurry": [np.asarray(Image.fromarray(p).filter(ImageFilter.GaussianBlur(max(p.shape[:2]) / 25)))
-                           for p in photos[1:]],
-            "extreme_aspect": [np.asarray(Image.fromarray(p).resize((800, 40))) for p in photos[:3]]}
+    junk = {
+        "near_constant": [np.full((200, 300, 3), c, np.uint8) for c in ((120, 40, 200), (250, 250, 250))],
+        "too_blurry": [
+            np.asarray(Image.fromarray(p).filter(ImageFilter.GaussianBlur(max(p.shape[:2]) / 25))) for p in photos[1:]
+        ],
+        "extreme_aspect": [np.asarray(Image.fromarray(p).resize((800, 40))) for p in photos[:3]],
+    }
     red = [np.clip(rng.normal(0, 40, (120, 160, 3)) + (200, 30, 30), 0, 255).astype(np.uint8) for _ in range(3)]
     blocked = [np.asarray(Image.fromarray(p).rotate(90 * (i + 1))) for i, p in enumerate(photos[1:])]
     capped = bench.crops(5, seed=11)
-    groups = {"clean": clean, **{f"junk_{k}": v for k, v in junk.items()}, "red": red, "blocked": blocked,
-              "capped": capped}
+    groups = {
+        "clean": clean,
+        **{f"junk_{k}": v for k, v in junk.items()},
+        "red": red,
+        "blocked": blocked,
+        "capped": capped,
+    }
     kinds, i = {}, 0
     for kind, arrs in groups.items():
         for a in arrs:
@@ -88,10 +105,16 @@ def run_state(ray_local, prefect_harness, dump, tmp_path_factory):
 
     folder, root, _, model = dump
     out = tmp_path_factory.mktemp("run")
-    hygiene = {"url_blocklist": str(root / "block.txt"), "max_per_domain": CAP, "quality": {}, "faces": {},
-               "nsfw": {"model": str(model), "threshold": THRESHOLD}}
-    state = curate(inputs=[str(folder)], out=str(out), partition_size=16, copy_detection=False, hygiene=hygiene,
-                   return_state=True)
+    hygiene = {
+        "url_blocklist": str(root / "block.txt"),
+        "max_per_domain": CAP,
+        "quality": {},
+        "faces": {},
+        "nsfw": {"model": str(model), "threshold": THRESHOLD},
+    }
+    state = curate(
+        inputs=[str(folder)], out=str(out), partition_size=16, copy_detection=False, hygiene=hygiene, return_state=True
+    )
     return state, out
 
 
@@ -119,8 +142,8 @@ def test_junk_rejected_with_its_reason(run, dump):
     led = rows(out)
     for source, kind in dump[2].items():
         if kind.startswith("junk_"):
-            assert (led[source]["status"], led[source]["reason"]) == ("rejected", kind[len("junk_"):]), source
-            assert json.loads(led[source]["detail"])["metric"] == kind[len("junk_"):]
+            assert (led[source]["status"], led[source]["reason"]) == ("rejected", kind[len("junk_") :]), source
+            assert json.loads(led[source]["detail"])["metric"] == kind[len("junk_") :]
 
 
 def test_blocked_domain_rejected_naming_the_rule(run, dump):
@@ -152,8 +175,11 @@ def test_clean_photos_lose_at_most_two_percent_to_the_quality_filters(run, dump)
 def test_nsfw_rejects_what_the_model_flags_and_nothing_else(run, dump):
     _, out = run
     led = rows(out)
-    reached = [s for s, r in led.items() if r["reason"] not in ("url_blocked", "near_constant", "too_blurry",
-                                                                   "extreme_aspect", "mostly_border")]
+    reached = [
+        s
+        for s, r in led.items()
+        if r["reason"] not in ("url_blocked", "near_constant", "too_blurry", "extreme_aspect", "mostly_border")
+    ]
     flagged = {s for s in reached if model_flags(Path(s).read_bytes())}
     assert {s for s, k in dump[2].items() if k == "red"} <= flagged  # it flags the red images (and a red crop)
     assert {s for s, r in led.items() if r["reason"] == "nsfw"} == flagged
@@ -195,7 +221,7 @@ def test_faces_blurred_in_the_shards_and_nothing_else(run, dump):
         mask = np.zeros(stored.shape[:2], bool)
         for b in boxes:
             x, y, w, h = blur_region(b, decoded.size)
-            mask[y:y + h, x:x + w] = True
+            mask[y : y + h, x : x + w] = True
         assert np.array_equal(stored[~mask], unblurred[~mask]), source  # the rest: byte-for-byte
         assert np.abs(stored[mask] - unblurred[mask]).mean() > 3, source  # the face region changed
 

@@ -24,9 +24,18 @@ def pipeline_run(ray_local, prefect_harness, tmp_path_factory):
     testdata.write_photo_jpegs(root / "dump" / "photos", 6, side=96)
     testdata.write_bad_inputs(root / "dump" / "bad")
     train, val = build_knn_folders(root / "knn", per_class_train=3, per_class_val=2)
-    state = pipeline(inputs=[str(root / "dump")], out=str(root / "out"), recipe="tiny",
-                     max_steps=2, batch_size=4, knn_train=str(train), knn_val=str(val), knn_k=3,
-                     curate_options={"partition_size": 4}, return_state=True)
+    state = pipeline(
+        inputs=[str(root / "dump")],
+        out=str(root / "out"),
+        recipe="tiny",
+        max_steps=2,
+        batch_size=4,
+        knn_train=str(train),
+        knn_val=str(val),
+        knn_k=3,
+        curate_options={"partition_size": 4},
+        return_state=True,
+    )
     return root, state
 
 
@@ -46,8 +55,11 @@ def test_subflows_complete_and_outputs_exist(pipeline_run):
     assert state.is_completed()
     summary = state.result()
     with _client() as c:
-        children = c.read_flow_runs(flow_run_filter=FlowRunFilter(
-            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])))
+        children = c.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
         names = sorted(c.read_flow(r.flow_id).name for r in children)
     assert names == ["curate", "pretrain"] and all(r.state.is_completed() for r in children)
 
@@ -78,8 +90,15 @@ def test_exported_folder_is_the_teacher(pipeline_run):
 
 
 def test_artifacts_are_reported(pipeline_run):
-    keys = ["pretrain-progress", "pretrain-losses", "pretrain-knn", "pretrain-pictures",
-            "pretrain-summary", "pipeline-summary", "curate-ledger-counts"]
+    keys = [
+        "pretrain-progress",
+        "pretrain-losses",
+        "pretrain-knn",
+        "pretrain-pictures",
+        "pretrain-summary",
+        "pipeline-summary",
+        "curate-ledger-counts",
+    ]
     latest = run_artifacts(pipeline_run[1].state_details.flow_run_id, keys)  # this pipeline and its subflows
     assert sorted(latest) == sorted(keys)
     assert latest["pretrain-progress"].data == 100.0
@@ -95,19 +114,41 @@ def test_parameters_refused_before_any_work(prefect_harness, tmp_path):
 
     out = tmp_path / "out"
     with pytest.raises(ValueError) as err:
-        pipeline(inputs=[str(tmp_path / "missing")], out=str(out), recipe="vitx99", max_steps=0,
-                 knn_train=str(tmp_path), nproc_per_node=0)
+        pipeline(
+            inputs=[str(tmp_path / "missing")],
+            out=str(out),
+            recipe="vitx99",
+            max_steps=0,
+            knn_train=str(tmp_path),
+            nproc_per_node=0,
+        )
     text = str(err.value)
-    for want in ("--input", "no such file", "unknown recipe 'vitx99'", "tiny", "--max-steps 0",
-                 "both --knn-train and --knn-val", "--nproc-per-node 0"):
+    for want in (
+        "--input",
+        "no such file",
+        "unknown recipe 'vitx99'",
+        "tiny",
+        "--max-steps 0",
+        "both --knn-train and --knn-val",
+        "--nproc-per-node 0",
+    ):
         assert want in text, want
     assert not out.exists()
 
 
 def test_cli_refuses_with_exit_code_2(prefect_harness, tmp_path, capsys):
     out = tmp_path / "out"
-    argv = ["pipeline", "--input", str(tmp_path / "nothing"), "--out", str(out), "--recipe", "tiny",
-            "--retrieval", "hierarchical"]
+    argv = [
+        "pipeline",
+        "--input",
+        str(tmp_path / "nothing"),
+        "--out",
+        str(out),
+        "--recipe",
+        "tiny",
+        "--retrieval",
+        "hierarchical",
+    ]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert "--input" in err and "pass --target-size N" in err and not out.exists()
@@ -117,8 +158,17 @@ def test_help_documents_every_flag():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command").choices["pipeline"]
     flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
-    assert {"--input", "--out", "--seeds", "--eval-sets", "--recipe", "--max-steps", "--knn-train",
-            "--knn-val", "--nproc-per-node"} <= {s for a in flags for s in a.option_strings}
+    assert {
+        "--input",
+        "--out",
+        "--seeds",
+        "--eval-sets",
+        "--recipe",
+        "--max-steps",
+        "--knn-train",
+        "--knn-val",
+        "--nproc-per-node",
+    } <= {s for a in flags for s in a.option_strings}
     assert all(a.help for a in flags)
 
 
@@ -145,9 +195,15 @@ def test_bootstrap_embedder_without_embedder(ray_local, prefect_harness, tmp_pat
     testdata.write_photo_jpegs(tmp_path / "pool", 12, side=96)
     testdata.write_photo_jpegs(tmp_path / "seeds", 4, side=96, seed=3)
     out = tmp_path / "out"
-    s = pipeline(inputs=[str(tmp_path / "pool")], out=str(out), max_steps=1, batch_size=4,
-                 seeds=[str(tmp_path / "seeds")], bootstrap_steps=1,
-                 curate_options={"partition_size": 4})
+    s = pipeline(
+        inputs=[str(tmp_path / "pool")],
+        out=str(out),
+        max_steps=1,
+        batch_size=4,
+        seeds=[str(tmp_path / "seeds")],
+        bootstrap_steps=1,
+        curate_options={"partition_size": 4},
+    )
     assert s.bootstrapped and s.embedder == str(out / "bootstrap" / "pretrain")
     assert verify_run(out / "bootstrap" / "run").by_status == {"sharded": 12}  # the pool alone
     assert not (out / "bootstrap" / "run" / "copydetect").exists()  # hash dedup only

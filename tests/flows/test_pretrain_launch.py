@@ -24,9 +24,27 @@ def _spec(tmp_path, **kw) -> RanksCommand:
 def test_command_line_has_only_the_given_flags(tmp_path):
     spec = _spec(tmp_path, max_steps=5, deterministic=True)
     assert spec.command(resume=True) == [
-        sys.executable, "-m", "lvd.cli", "pretrain", "--shards", str(tmp_path),
-        "--recipe", "tiny", "--out", str(tmp_path / "run"), "--num-workers", "0", "--seed", "0",
-        "--nproc-per-node", "2", "--max-steps", "5", "--deterministic", "--resume"]
+        sys.executable,
+        "-m",
+        "lvd.cli",
+        "pretrain",
+        "--shards",
+        str(tmp_path),
+        "--recipe",
+        "tiny",
+        "--out",
+        str(tmp_path / "run"),
+        "--num-workers",
+        "0",
+        "--seed",
+        "0",
+        "--nproc-per-node",
+        "2",
+        "--max-steps",
+        "5",
+        "--deterministic",
+        "--resume",
+    ]
     assert "--resume" not in spec.command(resume=False)
     with pytest.raises(ValueError, match="2 or more ranks"):
         _spec(tmp_path, nproc_per_node=1)
@@ -45,8 +63,13 @@ def test_gives_up_after_the_allowed_relaunches_naming_the_logs(tmp_path):
     spec = CrashingRanks(shards=(str(tmp_path),), recipe="tiny", nproc_per_node=2, out=tmp_path / "run")
     relaunched: list[tuple[int, int]] = []
     with pytest.raises(LaunchFailed) as err:
-        launch_with_relaunches(spec, resume=False, max_relaunches=1, on_poll=lambda: None,
-                               before_relaunch=lambda a, c: relaunched.append((a, c)))
+        launch_with_relaunches(
+            spec,
+            resume=False,
+            max_relaunches=1,
+            on_poll=lambda: None,
+            before_relaunch=lambda a, c: relaunched.append((a, c)),
+        )
     message = str(err.value)
     logs = [spec.out / "launch-1.log", spec.out / "launch-2.log"]
     assert relaunched == [(1, 1)]
@@ -62,16 +85,27 @@ def test_gives_up_after_the_allowed_relaunches_naming_the_logs(tmp_path):
 def test_a_failure_that_would_repeat_is_not_relaunched(bad, tmp_path):
     """Bad inputs and settings: `lvd pretrain` exits with EXIT_REPEATS and the flow stops there."""
     (tmp_path / "shard-000000.tar").write_bytes(b"")
-    spec = _spec(tmp_path, **{"shards": {"shards": (str(tmp_path / "no-shards-here"),)},
-                              "recipe": {"recipe": "no-such-recipe"},
-                              "setting": {"sets": ("optim.no_such_field=1",)}}[bad])
+    spec = _spec(
+        tmp_path,
+        **{
+            "shards": {"shards": (str(tmp_path / "no-shards-here"),)},
+            "recipe": {"recipe": "no-such-recipe"},
+            "setting": {"sets": ("optim.no_such_field=1",)},
+        }[bad],
+    )
     relaunched: list[tuple[int, int]] = []
     with pytest.raises(LaunchFailed) as err:
-        launch_with_relaunches(spec, resume=False, max_relaunches=2, on_poll=lambda: None,
-                               before_relaunch=lambda a, c: relaunched.append((a, c)))
+        launch_with_relaunches(
+            spec,
+            resume=False,
+            max_relaunches=2,
+            on_poll=lambda: None,
+            before_relaunch=lambda a, c: relaunched.append((a, c)),
+        )
     assert relaunched == []
     message = str(err.value)
     assert f"a relaunch would repeat (exit code {EXIT_REPEATS})" in message and "not relaunched" in message
-    assert {"shards": str(tmp_path / "no-shards-here"), "recipe": "no-such-recipe",
-            "setting": "optim.no_such_field"}[bad] in message  # the tail of the log: the CLI's error line
+    assert {"shards": str(tmp_path / "no-shards-here"), "recipe": "no-such-recipe", "setting": "optim.no_such_field"}[
+        bad
+    ] in message  # the tail of the log: the CLI's error line
     assert not (spec.out / "launch-2.log").exists()

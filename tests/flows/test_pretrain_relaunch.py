@@ -69,9 +69,11 @@ def _warnings(flow_run_id) -> list[str]:
 
     APILogWorker.drain_all(timeout=10)  # logs reach the API in batches
     with get_client(sync_client=True) as c:
-        logs = c.read_logs(log_filter=LogFilter(
-            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
-            level=LogFilterLevel(ge_=logging.WARNING)))
+        logs = c.read_logs(
+            log_filter=LogFilter(
+                flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]), level=LogFilterLevel(ge_=logging.WARNING)
+            )
+        )
     return [x.message for x in logs]
 
 
@@ -81,18 +83,47 @@ def test_killed_rank_is_relaunched_from_the_checkpoint(prefect_harness, shards, 
     out = tmp_path / "run"
     # the first checkpoint, from the command line the flow launches (here in-process:
     # one torch import fewer than a child process)
-    assert cli.main(["pretrain", "--shards", str(shards), "--recipe", "tiny", "--out", str(out),
-                     "--batch-size", "4", "--num-workers", "0", "--nproc-per-node", "2",
-                     "--deterministic", "--max-steps", str(FIRST_END)]) == 0
+    assert (
+        cli.main(
+            [
+                "pretrain",
+                "--shards",
+                str(shards),
+                "--recipe",
+                "tiny",
+                "--out",
+                str(out),
+                "--batch-size",
+                "4",
+                "--num-workers",
+                "0",
+                "--nproc-per-node",
+                "2",
+                "--deterministic",
+                "--max-steps",
+                str(FIRST_END),
+            ]
+        )
+        == 0
+    )
     assert ckpt.read_meta(ckpt.latest_checkpoint(out)).world_size == 2
     assert not list((out / "ranks").glob("*.pid"))  # ranks that finished remove theirs
     first_rows = read_metrics(out / "metrics.jsonl")
 
     killer = RankKiller(out)
     killer.start()
-    state = pretrain(shards=[str(shards)], out=str(out), recipe="tiny", batch_size=4,
-                     num_workers=0, nproc_per_node=2, deterministic=True, max_steps=END,
-                     resume=True, return_state=True)
+    state = pretrain(
+        shards=[str(shards)],
+        out=str(out),
+        recipe="tiny",
+        batch_size=4,
+        num_workers=0,
+        nproc_per_node=2,
+        deterministic=True,
+        max_steps=END,
+        resume=True,
+        return_state=True,
+    )
     killer.join(1)
     assert killer.pid is not None, "rank 1 was never killed"
     assert state.is_completed()
@@ -129,6 +160,13 @@ def test_killed_rank_is_relaunched_from_the_checkpoint(prefect_harness, shards, 
     # (one per shard here); 5 ranks are refused before any process starts
     logs = sorted(out.glob("launch-*.log"))
     with pytest.raises(ResumeMismatchError, match="written by 2 rank.*4 streams; 5 ranks"):
-        pretrain(shards=[str(shards)], out=str(out), recipe="tiny", batch_size=4,
-                 nproc_per_node=5, max_steps=END + 2, resume=True)
+        pretrain(
+            shards=[str(shards)],
+            out=str(out),
+            recipe="tiny",
+            batch_size=4,
+            nproc_per_node=5,
+            max_steps=END + 2,
+            resume=True,
+        )
     assert sorted(out.glob("launch-*.log")) == logs

@@ -148,7 +148,7 @@ def test_dockerfile_pins_torch_and_installs_project():
     assert re.search(r"pip install\b[^&;]*\btorch==2\.14\.1\b[^&;]*\btorchvision==0\.29\.1\b", runs)
     assert re.search(r"pip install \.(\s|$)", runs), "the project is not installed"
     assert "python3.11" in runs and ("cuda" in base.lower() or "BASE_IMAGE" in base)
-    assert "nvidia/cuda" in dict((a.split("=")[0], a) for w, a in ins if w == "ARG")["BASE_IMAGE"]
+    assert "nvidia/cuda" in {a.split("=")[0]: a for w, a in ins if w == "ARG"}["BASE_IMAGE"]
     copies = " ".join(a for w, a in ins if w == "COPY")
     assert "pyproject.toml" in copies and "lvd" in copies.split()
     # Same pins as the project itself.
@@ -217,8 +217,9 @@ def test_raycluster_groups_resources_and_volume():
         if name != "head":
             assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], name
         pod = group["template"]["spec"]
-        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
-                  for v in pod["volumes"] if "persistentVolumeClaim" in v}
+        claims = {
+            v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+        }
         for c in k8s_containers(group["template"]):
             res = c["resources"]
             for part in ("requests", "limits"):
@@ -290,7 +291,7 @@ def test_prefect_yaml_pull_step_and_inactive_schedule():
 
     raw = load_all(PREFECT_YAML)[0]
     (step,) = raw["pull"]
-    (name, kwargs), = step.items()
+    ((name, kwargs),) = step.items()
     assert name == "prefect.deployments.steps.set_working_directory"
     assert set(kwargs) == {"directory"} and callable(pull.set_working_directory)
     schedules = [s for d in prefect_deployments() for s in (d.schedules or [])]
@@ -348,10 +349,14 @@ def test_readme_commands_exist():
     assert len(cmds) >= 4, f"README shows too few lvd commands: {cmds}"
     for cmd in cmds:
         parse_lvd(cmd)
-    for cmd in (f"prefect work-pool create {POOL} --type process", "prefect deploy --all",
-                f"prefect worker start --pool {POOL}", "prefect deployment run 'curate/local'",
-                "PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://", "prefect server start"):
+    for cmd in (
+        f"prefect work-pool create {POOL} --type process",
+        "prefect deploy --all",
+        f"prefect worker start --pool {POOL}",
+        "prefect deployment run 'curate/local'",
+        "PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://",
+        "prefect server start",
+    ):
         assert cmd in text, f"README lacks {cmd!r}"
     for path in (DOCKERFILE, CLUSTER, RAYCLUSTER, RAYJOB, COMPOSE, PREFECT_YAML):
         assert str(path.relative_to(ROOT)) in text, f"README does not describe {path.name}"
-

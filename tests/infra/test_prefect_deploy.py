@@ -44,8 +44,7 @@ def test_local_deployment_runs_on_a_process_worker(prefect_harness, tmp_path):
     prefect = [sys.executable, "-m", "prefect"]
 
     def sh(*args: str, timeout: int = 300) -> str:
-        res = subprocess.run([*prefect, *args], cwd=ROOT, env=env, capture_output=True,
-                             text=True, timeout=timeout)
+        res = subprocess.run([*prefect, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
         assert res.returncode == 0, f"prefect {' '.join(args)}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         return res.stdout + res.stderr
 

@@ -12,9 +12,19 @@ from .test_configs import ROOT, image_refs, parse_lvd
 
 SBATCH = ROOT / "infra" / "slurm" / "pretrain.sbatch"
 # the sbatch long options the script uses (from `man sbatch`); a typo is not among them
-SBATCH_OPTIONS = {"--job-name", "--nodes", "--ntasks-per-node", "--gpus-per-node",
-                  "--cpus-per-task", "--mem", "--time", "--requeue", "--output",
-                  "--partition", "--account"}
+SBATCH_OPTIONS = {
+    "--job-name",
+    "--nodes",
+    "--ntasks-per-node",
+    "--gpus-per-node",
+    "--cpus-per-task",
+    "--mem",
+    "--time",
+    "--requeue",
+    "--output",
+    "--partition",
+    "--account",
+}
 
 
 def header_and_body() -> tuple[list[str], list[str]]:
@@ -65,8 +75,7 @@ def test_header_is_read_by_sbatch_and_asks_for_gpu_nodes():
 
 
 def test_script_is_valid_bash():
-    done = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
 
 
@@ -75,7 +84,7 @@ def test_torchrun_and_lvd_command_lines_parse():
 
     (line,) = [c for c in commands() if c.startswith("srun ")]
     argv = shlex.split(line)
-    srun_args, torchrun_args = argv[:argv.index("torchrun")], argv[argv.index("torchrun") + 1:]
+    srun_args, torchrun_args = argv[: argv.index("torchrun")], argv[argv.index("torchrun") + 1 :]
     assert "--kill-on-bad-exit=1" in srun_args and "--ntasks-per-node=1" in srun_args
     run = get_args_parser().parse_args(torchrun_args)  # torchrun's own parser
     assert run.rdzv_backend == "c10d" and run.rdzv_endpoint == "$head:$RDZV_PORT"
@@ -98,4 +107,4 @@ def test_rendezvous_host_gpus_and_image():
     # the image named in the example is the project's image (enroot spells registry#image)
     (example,) = re.findall(r"e\.g\. (\S+#\S+)", text)
     assert example.replace("#", "/", 1) in set(image_refs().values())
-    assert "--container-image=\"$LVD_IMAGE\"" in script and "/data:/data" in script
+    assert '--container-image="$LVD_IMAGE"' in script and "/data:/data" in script

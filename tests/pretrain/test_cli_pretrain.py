@@ -24,15 +24,42 @@ def data(tmp_path_factory):
 
 def test_pretrain_eval_export(data, capsys):
     out = data / "run"
-    rc = main(["pretrain", "--shards", str(data / "shards"), "--recipe", "tiny", "--out", str(out),
-               "--max-steps", "3", "--batch-size", "4", "--num-workers", "0"])
+    rc = main(
+        [
+            "pretrain",
+            "--shards",
+            str(data / "shards"),
+            "--recipe",
+            "tiny",
+            "--out",
+            str(out),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert rc == 0
     assert "trained steps 0..3 of recipe tiny" in capsys.readouterr().out
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # log_every 10: last step
     assert (out / "checkpoints" / "step_0000003" / ".metadata").is_file()
 
-    rc = main(["eval", "knn", "--checkpoint", str(out), "--train", str(data / "train"),
-               "--val", str(data / "val"), "--k", "5"])
+    rc = main(
+        [
+            "eval",
+            "knn",
+            "--checkpoint",
+            str(out),
+            "--train",
+            str(data / "train"),
+            "--val",
+            str(data / "val"),
+            "--k",
+            "5",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     result = json.loads((out / "checkpoints" / "step_0000003" / "eval_knn.json").read_text())
@@ -54,16 +81,28 @@ def test_pretrain_eval_export(data, capsys):
 
 def test_pretrain_reports_missing_shards(tmp_path):
     with pytest.raises(SystemExit, match="missing shards"):
-        main(["pretrain", "--shards", str(tmp_path / "none"), "--recipe", "tiny",
-              "--out", str(tmp_path / "o")])
+        main(["pretrain", "--shards", str(tmp_path / "none"), "--recipe", "tiny", "--out", str(tmp_path / "o")])
 
 
 def test_pretrain_refuses_batch_size_one_before_training(data, tmp_path):
     # KoLeo needs a nearest neighbour within each rank's batch: refused with one line,
     # before any model is built or file written (was a traceback from inside the loss)
     with pytest.raises(SystemExit) as e:
-        main(["pretrain", "--shards", str(data / "shards"), "--recipe", "tiny",
-              "--out", str(tmp_path / "o"), "--batch-size", "1", "--num-workers", "0"])
+        main(
+            [
+                "pretrain",
+                "--shards",
+                str(data / "shards"),
+                "--recipe",
+                "tiny",
+                "--out",
+                str(tmp_path / "o"),
+                "--batch-size",
+                "1",
+                "--num-workers",
+                "0",
+            ]
+        )
     message = str(e.value)  # printed on stderr; the exit code says a relaunch would repeat it
     assert e.value.code == EXIT_REPEATS
     assert message.startswith("lvd pretrain: error: --batch-size 1:") and "\n" not in message
@@ -75,8 +114,21 @@ def test_pretrain_on_two_ranks_then_resume(data, capsys):
     """`--nproc-per-node 2`: two gloo ranks with FSDP2 write one sharded checkpoint that a
     single process reads, and a 2-rank `--resume` continues from it."""
     out = data / "run2"
-    args = ["pretrain", "--shards", str(data / "shards"), "--recipe", "tiny", "--out", str(out),
-            "--batch-size", "4", "--num-workers", "0", "--nproc-per-node", "2"]
+    args = [
+        "pretrain",
+        "--shards",
+        str(data / "shards"),
+        "--recipe",
+        "tiny",
+        "--out",
+        str(out),
+        "--batch-size",
+        "4",
+        "--num-workers",
+        "0",
+        "--nproc-per-node",
+        "2",
+    ]
     assert main([*args, "--max-steps", "2"]) == 0
     assert "trained steps 0..2 of recipe tiny" in capsys.readouterr().out
     meta = json.loads((out / "checkpoints" / "step_0000002" / "meta.json").read_text())

@@ -67,8 +67,15 @@ def official_vit(*, ffn: str = "mlp", depth: int = DEPTH, seed: int = 0) -> Dino
     """The official backbone with random non-trivial weights (LayerScale, biases, mask token)."""
     torch.manual_seed(seed)
     model = DinoVisionTransformer(
-        img_size=SIZE, patch_size=PATCH, embed_dim=D, depth=depth, num_heads=HEADS, init_values=1.0,
-        ffn_layer=ffn, block_chunks=0, block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention),
+        img_size=SIZE,
+        patch_size=PATCH,
+        embed_dim=D,
+        depth=depth,
+        num_heads=HEADS,
+        init_values=1.0,
+        ffn_layer=ffn,
+        block_chunks=0,
+        block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention),
     )
     with torch.no_grad():
         for p in model.parameters():
@@ -77,8 +84,16 @@ def official_vit(*, ffn: str = "mlp", depth: int = DEPTH, seed: int = 0) -> Dino
 
 
 def lvd_twin(official: DinoVisionTransformer, *, ffn: str = "mlp", depth: int = DEPTH) -> VisionTransformer:
-    model = VisionTransformer(img_size=SIZE, patch_size=PATCH, embed_dim=D, depth=depth, num_heads=HEADS,
-                              ffn=ffn, layerscale_init=1.0, num_register_tokens=0)
+    model = VisionTransformer(
+        img_size=SIZE,
+        patch_size=PATCH,
+        embed_dim=D,
+        depth=depth,
+        num_heads=HEADS,
+        ffn=ffn,
+        layerscale_init=1.0,
+        num_register_tokens=0,
+    )
     load_official_state_dict(model, official.state_dict())
     return model.eval()
 
@@ -215,7 +230,8 @@ def test_ibot_centering_loss_and_center_update_match():
 def test_ibot_sinkhorn_teacher_matches(one_rank_group):
     teacher = _logits(30, 48, seed=11, scale=0.5)
     ref = OfficialiBOTLoss(48).sinkhorn_knopp_teacher(
-        teacher, teacher_temp=0.07, n_masked_patches_tensor=torch.tensor([30]))
+        teacher, teacher_temp=0.07, n_masked_patches_tensor=torch.tensor([30])
+    )
     torch.testing.assert_close(iBOTPatchLoss(48).sinkhorn_knopp_teacher(teacher, 0.07), ref, atol=1e-6, rtol=1e-5)
 
 
@@ -277,12 +293,21 @@ def test_collate_masks_match_the_official_collate():
     sample = ({"global_crops": [torch.zeros(3, 2, 2)] * 2, "local_crops": [torch.zeros(3, 1, 1)]}, None)
     official = MaskingGenerator(grid, min_num_patches=1, max_num_patches=0.5 * n_tokens)
     random.seed(5)
-    ref = collate_data_and_cast([sample] * n_images, (cfg.ratio_min, cfg.ratio_max), cfg.sample_probability,
-                                torch.float32, n_tokens=n_tokens, mask_generator=official)
+    ref = collate_data_and_cast(
+        [sample] * n_images,
+        (cfg.ratio_min, cfg.ratio_max),
+        cfg.sample_probability,
+        torch.float32,
+        n_tokens=n_tokens,
+        mask_generator=official,
+    )
     random.seed(5)
     got = BlockMaskGenerator.from_config(grid, cfg).sample_masks(
-        2 * n_images, ratio_range=(cfg.ratio_min, cfg.ratio_max), masked_fraction=cfg.sample_probability,
-        rng=PythonRandom())
+        2 * n_images,
+        ratio_range=(cfg.ratio_min, cfg.ratio_max),
+        masked_fraction=cfg.sample_probability,
+        rng=PythonRandom(),
+    )
     # the official strata come from a float32 linspace, ours float64: a target on an integer
     # edge could part the two; this seed has none
     np.testing.assert_array_equal(got, ref["collated_masks"].numpy())
@@ -303,15 +328,22 @@ def _find(compose, kind):
 
 def test_multicrop_parameters_match_the_official_augmentation():
     c = _official_defaults()["crops"]
-    theirs = DataAugmentationDINO(c["global_crops_scale"], c["local_crops_scale"], c["local_crops_number"],
-                                  global_crops_size=c["global_crops_size"], local_crops_size=c["local_crops_size"])
+    theirs = DataAugmentationDINO(
+        c["global_crops_scale"],
+        c["local_crops_scale"],
+        c["local_crops_number"],
+        global_crops_size=c["global_crops_size"],
+        local_crops_size=c["local_crops_size"],
+    )
     cfg = MultiCropConfig()
     ours = MultiCrop(cfg)
     assert (cfg.global_size, cfg.n_local) == (c["global_crops_size"], c["local_crops_number"])
     assert cfg.global_scale == tuple(c["global_crops_scale"]) and cfg.local_scale == tuple(c["local_crops_scale"])
     assert cfg.local_size == 98 and c["local_crops_size"] == 96  # departure: 7 whole patches of 14
-    for official_geo, mine, size in ((theirs.geometric_augmentation_global, ours.global_transforms[0], 224),
-                                     (theirs.geometric_augmentation_local, ours.local_transform, 98)):
+    for official_geo, mine, size in (
+        (theirs.geometric_augmentation_global, ours.global_transforms[0], 224),
+        (theirs.geometric_augmentation_local, ours.local_transform, 98),
+    ):
         (rrc,), (mine_rrc,) = official_geo.transforms[:1], mine.transforms[:1]
         assert tuple(rrc.scale) == tuple(mine_rrc.scale) and rrc.interpolation.value == mine_rrc.interpolation.value
         assert tuple(mine_rrc.size) == (size, size)
@@ -327,8 +359,11 @@ def test_multicrop_parameters_match_the_official_augmentation():
     norm = _find(theirs.normalize, transforms.Normalize)[0]
     assert tuple(norm.mean) == cfg.mean and tuple(norm.std) == cfg.std
     # blur: official RandomApply p is 1 - the stated p; lvd applies the stated (paper) p
-    applied = [theirs.global_transfo1.transforms[1].p, theirs.global_transfo2.transforms[1].transforms[0].p,
-               theirs.local_transfo.transforms[1].p]
+    applied = [
+        theirs.global_transfo1.transforms[1].p,
+        theirs.global_transfo2.transforms[1].transforms[0].p,
+        theirs.local_transfo.transforms[1].p,
+    ]
     assert [1 - p for p in applied] == pytest.approx([*cfg.global_blur_p, cfg.local_blur_p])
     blur = theirs.global_transfo1.transforms[1].transforms[0]
     assert blur.kernel_size == (9, 9) and tuple(blur.sigma) == (0.1, 2.0)
@@ -337,24 +372,60 @@ def test_multicrop_parameters_match_the_official_augmentation():
 def test_vits14_recipe_is_the_official_default_config():
     c, r = _official_defaults(), vits14()
     assert (r.dino_head.n_prototypes, r.dino_head.hidden_dim, r.dino_head.bottleneck_dim, r.dino_head.n_layers) == (
-        c["dino"]["head_n_prototypes"], c["dino"]["head_hidden_dim"], c["dino"]["head_bottleneck_dim"],
-        c["dino"]["head_nlayers"])
+        c["dino"]["head_n_prototypes"],
+        c["dino"]["head_hidden_dim"],
+        c["dino"]["head_bottleneck_dim"],
+        c["dino"]["head_nlayers"],
+    )
     assert (r.loss.dino_weight, r.loss.koleo_weight, r.loss.ibot_weight) == (
-        c["dino"]["loss_weight"], c["dino"]["koleo_loss_weight"], c["ibot"]["loss_weight"])
+        c["dino"]["loss_weight"],
+        c["dino"]["koleo_loss_weight"],
+        c["ibot"]["loss_weight"],
+    )
     assert (r.masks.ratio_min, r.masks.ratio_max) == tuple(c["ibot"]["mask_ratio_min_max"])
     assert r.masks.sample_probability == c["ibot"]["mask_sample_probability"]
     assert r.loss.separate_ibot_head == c["ibot"]["separate_head"] and r.loss.centering == c["train"]["centering"]
     t, o = c["teacher"], c["optim"]
-    assert (r.teacher.momentum, r.teacher.momentum_end, r.teacher.temp_start, r.teacher.temp,
-            r.teacher.temp_warmup_epochs) == (t["momentum_teacher"], t["final_momentum_teacher"],
-                                              t["warmup_teacher_temp"], t["teacher_temp"],
-                                              t["warmup_teacher_temp_epochs"])
-    assert (r.epochs, r.optim.weight_decay, r.optim.weight_decay_end, r.optim.base_lr, r.optim.warmup_epochs,
-            r.optim.min_lr, r.optim.clip_grad, r.optim.freeze_last_layer_epochs, r.optim.layerwise_decay,
-            r.optim.patch_embed_lr_mult, r.optim.beta1, r.optim.beta2) == (
-        o["epochs"], o["weight_decay"], o["weight_decay_end"], o["base_lr"], o["warmup_epochs"], o["min_lr"],
-        o["clip_grad"], o["freeze_last_layer_epochs"], o["layerwise_decay"], o["patch_embed_lr_mult"],
-        o["adamw_beta1"], o["adamw_beta2"])
+    assert (
+        r.teacher.momentum,
+        r.teacher.momentum_end,
+        r.teacher.temp_start,
+        r.teacher.temp,
+        r.teacher.temp_warmup_epochs,
+    ) == (
+        t["momentum_teacher"],
+        t["final_momentum_teacher"],
+        t["warmup_teacher_temp"],
+        t["teacher_temp"],
+        t["warmup_teacher_temp_epochs"],
+    )
+    assert (
+        r.epochs,
+        r.optim.weight_decay,
+        r.optim.weight_decay_end,
+        r.optim.base_lr,
+        r.optim.warmup_epochs,
+        r.optim.min_lr,
+        r.optim.clip_grad,
+        r.optim.freeze_last_layer_epochs,
+        r.optim.layerwise_decay,
+        r.optim.patch_embed_lr_mult,
+        r.optim.beta1,
+        r.optim.beta2,
+    ) == (
+        o["epochs"],
+        o["weight_decay"],
+        o["weight_decay_end"],
+        o["base_lr"],
+        o["warmup_epochs"],
+        o["min_lr"],
+        o["clip_grad"],
+        o["freeze_last_layer_epochs"],
+        o["layerwise_decay"],
+        o["patch_embed_lr_mult"],
+        o["adamw_beta1"],
+        o["adamw_beta2"],
+    )
     assert (r.batch_size, r.epoch_length) == (c["train"]["batch_size_per_gpu"], c["train"]["OFFICIAL_EPOCH_LENGTH"])
     # the default file says patch 16; the released /14 models override it (their train yamls
     # are not in this package)
@@ -366,22 +437,33 @@ def test_vits14_recipe_is_the_official_default_config():
 
 def _step_recipe(centering: str):
     base = tiny()
-    return replace(base, backbone=replace(base.backbone, num_register_tokens=0),  # no registers upstream
-                   loss=replace(base.loss, centering=centering))
+    return replace(
+        base,
+        backbone=replace(base.backbone, num_register_tokens=0),  # no registers upstream
+        loss=replace(base.loss, centering=centering),
+    )
 
 
 def _official_models(meta: MetaArch):
     """Official student and teacher (backbone + DINOHead) holding lvd's weights."""
+
     def build(side: dict) -> torch.nn.ModuleDict:
         bb = side["backbone"]
         vit = DinoVisionTransformer(
-            img_size=SIZE, patch_size=PATCH, embed_dim=bb.embed_dim, depth=len(bb.blocks),
-            num_heads=bb.config.num_heads, init_values=1.0, block_chunks=0,
-            block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention))
+            img_size=SIZE,
+            patch_size=PATCH,
+            embed_dim=bb.embed_dim,
+            depth=len(bb.blocks),
+            num_heads=bb.config.num_heads,
+            init_values=1.0,
+            block_chunks=0,
+            block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention),
+        )
         vit.load_state_dict(bb.state_dict())
         h = meta.recipe.dino_head
-        head = OfficialHead(bb.embed_dim, h.n_prototypes, nlayers=h.n_layers, hidden_dim=h.hidden_dim,
-                            bottleneck_dim=h.bottleneck_dim)
+        head = OfficialHead(
+            bb.embed_dim, h.n_prototypes, nlayers=h.n_layers, hidden_dim=h.hidden_dim, bottleneck_dim=h.bottleneck_dim
+        )
         sd = {k: v for k, v in side["dino_head"].state_dict().items() if k != "last_layer.weight"}
         v = side["dino_head"].state_dict()["last_layer.weight"]
         head.load_state_dict({**sd, "last_layer.weight_v": v, "last_layer.weight_g": torch.ones(v.shape[0], 1)})
@@ -409,8 +491,9 @@ def official_step(student, teacher, losses, batch: Batch, *, centering: str, tea
             ibot_loss.update_center(t_patch.unsqueeze(0))
         else:
             t_dino = dino_loss.sinkhorn_knopp_teacher(t_cls, teacher_temp=teacher_temp).view(n_global, -1, K)
-            t_ibot = ibot_loss.sinkhorn_knopp_teacher(t_patch, teacher_temp=teacher_temp,
-                                                      n_masked_patches_tensor=torch.tensor([n_masked]))
+            t_ibot = ibot_loss.sinkhorn_knopp_teacher(
+                t_patch, teacher_temp=teacher_temp, n_masked_patches_tensor=torch.tensor([n_masked])
+            )
     glob = student["backbone"](batch.global_crops, masks=masks, is_training=True)
     loc = student["backbone"](batch.local_crops, is_training=True)
     s_loc = student["dino_head"](loc["x_norm_clstoken"])
@@ -419,8 +502,13 @@ def official_step(student, teacher, losses, batch: Batch, *, centering: str, tea
     dino = dino_loss(list(s_loc.chunk(n_local)), t_dino) / (n_global_terms + n_local_terms)
     dino = dino + dino_loss([s_glob], [t_dino.flatten(0, 1)]) * 2 / (n_global_terms + n_local_terms)
     koleo = 0.1 * sum(koleo_loss(p) for p in glob["x_norm_clstoken"].chunk(2))
-    ibot = ibot_loss.forward_masked(s_patch, t_ibot, student_masks_flat=masks, n_masked_patches=n_masked,
-                                    masks_weight=batch.mask_weights) * 2 * (1.0 / n_global)
+    ibot = (
+        ibot_loss.forward_masked(
+            s_patch, t_ibot, student_masks_flat=masks, n_masked_patches=n_masked, masks_weight=batch.mask_weights
+        )
+        * 2
+        * (1.0 / n_global)
+    )
     total = dino + koleo + ibot
     total.backward()
     return {"total": total, "dino": dino, "koleo": koleo, "ibot": ibot}
@@ -428,13 +516,21 @@ def official_step(student, teacher, losses, batch: Batch, *, centering: str, tea
 
 def _batch(n_images: int = 6) -> Batch:
     torch.manual_seed(20)
-    masks = torch.from_numpy(BlockMaskGenerator.from_config((4, 4), MaskingConfig()).sample_masks(
-        2 * n_images, rng=np.random.default_rng(3)))
+    masks = torch.from_numpy(
+        BlockMaskGenerator.from_config((4, 4), MaskingConfig()).sample_masks(2 * n_images, rng=np.random.default_rng(3))
+    )
     n = masks.sum(1, keepdim=True).clamp(min=1).float()
-    return Batch(global_crops=torch.randn(2 * n_images, 3, SIZE, SIZE),
-                 local_crops=torch.randn(2 * n_images, 3, 28, 28), masks=masks,
-                 mask_indices=masks.flatten().nonzero().flatten(), mask_weights=(1 / n).expand_as(masks)[masks],
-                 mask_upperbound=int(masks.sum()), n_global=2, n_local=2, n_images=n_images)
+    return Batch(
+        global_crops=torch.randn(2 * n_images, 3, SIZE, SIZE),
+        local_crops=torch.randn(2 * n_images, 3, 28, 28),
+        masks=masks,
+        mask_indices=masks.flatten().nonzero().flatten(),
+        mask_weights=(1 / n).expand_as(masks)[masks],
+        mask_upperbound=int(masks.sum()),
+        n_global=2,
+        n_local=2,
+        n_images=n_images,
+    )
 
 
 def _official_update_teacher(student, teacher, m: float) -> None:

@@ -34,8 +34,7 @@ def _short(r):
 def _teacher_run(shards, out, arch):
     r = _short(tiny())
     r = replace(r, backbone=replace(r.backbone, arch=arch))
-    train(TrainConfig(shards=shards, recipe=r, out=out, max_steps=2, num_workers=0,
-                      pictures=False, seed=5))
+    train(TrainConfig(shards=shards, recipe=r, out=out, max_steps=2, num_workers=0, pictures=False, seed=5))
     return out
 
 
@@ -54,11 +53,26 @@ def same_teacher(shards, tmp_path_factory):
 def _batches(recipe, shards, n):
     c, m = recipe.crops, recipe.masks
     loader = make_dataloader(
-        list(shards), batch_size=recipe.batch_size, rank=0, world_size=1, num_workers=0, seed=0,
-        crops=MultiCropConfig(global_size=c.global_size, local_size=c.local_size, n_local=c.n_local,
-                              global_scale=c.global_scale, local_scale=c.local_scale),
-        masking=MaskingConfig(sample_probability=m.sample_probability, ratio_min=m.ratio_min,
-                              ratio_max=m.ratio_max, patch_size=recipe.backbone.patch_size))
+        list(shards),
+        batch_size=recipe.batch_size,
+        rank=0,
+        world_size=1,
+        num_workers=0,
+        seed=0,
+        crops=MultiCropConfig(
+            global_size=c.global_size,
+            local_size=c.local_size,
+            n_local=c.n_local,
+            global_scale=c.global_scale,
+            local_scale=c.local_scale,
+        ),
+        masking=MaskingConfig(
+            sample_probability=m.sample_probability,
+            ratio_min=m.ratio_min,
+            ratio_max=m.ratio_max,
+            patch_size=recipe.backbone.patch_size,
+        ),
+    )
     it = iter(loader)
     return [next(it) for _ in range(n)]
 
@@ -71,8 +85,12 @@ def _state(module):
 def test_frozen_teacher_is_loaded_and_never_moves_while_the_student_learns(shards, which, request):
     teacher = request.getfixturevalue(f"{which}_teacher")
     arch = "vit_small" if which == "wide" else "vit_tiny"
-    recipe = _short(replace(get_recipe("tiny_distill"), distill=replace(
-        get_recipe("tiny_distill").distill, teacher=str(teacher), teacher_arch=arch)))
+    recipe = _short(
+        replace(
+            get_recipe("tiny_distill"),
+            distill=replace(get_recipe("tiny_distill").distill, teacher=str(teacher), teacher_arch=arch),
+        )
+    )
     frozen = load_frozen_teacher(recipe)
     assert frozen.report.heads.startswith("from ") and frozen.report.fresh == []
     torch.manual_seed(0)
@@ -95,8 +113,7 @@ def test_frozen_teacher_is_loaded_and_never_moves_while_the_student_learns(shard
         assert out.losses.ibot > 0  # iBOT targets from the teacher at the sampled positions
     for key, value in _state(meta.frozen_teacher).items():
         assert torch.equal(value, loaded[key]), f"frozen teacher moved: {key}"
-    assert not meta.frozen_teacher.training and not any(
-        p.requires_grad for p in meta.frozen_teacher.parameters())
+    assert not meta.frozen_teacher.training and not any(p.requires_grad for p in meta.frozen_teacher.parameters())
     moved = [k for k, v in _state(meta.student).items() if not torch.equal(v, student0[k])]
     assert "backbone.blocks.0.attn.qkv.weight" in moved
     # the EMA of the student (the released model) moves towards it
@@ -141,9 +158,25 @@ def test_pairs_and_missing_teachers_are_refused(shards, wide_teacher, tmp_path):
 
 def test_cli_distils_on_cpu_and_reports_the_teacher(shards, wide_teacher, tmp_path):
     out = tmp_path / "student"
-    rc = main(["pretrain", "--shards", *shards, "--recipe", "tiny_distill", "--out", str(out),
-               "--distill-from", str(wide_teacher), "--max-steps", "3", "--batch-size", "8",
-               "--num-workers", "0"])
+    rc = main(
+        [
+            "pretrain",
+            "--shards",
+            *shards,
+            "--recipe",
+            "tiny_distill",
+            "--out",
+            str(out),
+            "--distill-from",
+            str(wide_teacher),
+            "--max-steps",
+            "3",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert rc == 0
     report = json.loads((out / "distill.json").read_text())
     assert report["spec"] == str(wide_teacher) and report["heads"].startswith("from ")

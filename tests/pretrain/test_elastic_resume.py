@@ -30,12 +30,18 @@ from lvd.pretrain.data.shard_stream import SlotSpec, raw_stream
 from pretrain.test_fsdp import shards, torchrun  # noqa: F401 -- `shards` is a fixture
 
 B = 4  # images per rank per step (the test recipe's batch size)
-LOADER = dict(batch_size=B, seed=0, shuffle_buffer=8, shuffle_shards=2,
-              crops=MultiCropConfig(global_size=28, local_size=14, n_local=1),
-              masking=MaskingConfig(patch_size=14))
+LOADER = dict(
+    batch_size=B,
+    seed=0,
+    shuffle_buffer=8,
+    shuffle_shards=2,
+    crops=MultiCropConfig(global_size=28, local_size=14, n_local=1),
+    masking=MaskingConfig(patch_size=14),
+)
 
 
 # ---------------------------------------------------------------- the plan's arithmetic
+
 
 def _simulate(plan: DataPlan, steps: int) -> list[int]:
     """Stream positions after `steps` steps, by playing every batch of every rank."""
@@ -51,17 +57,19 @@ def _simulate(plan: DataPlan, steps: int) -> list[int]:
     return pos
 
 
-@pytest.mark.parametrize("streams, world, workers, batch", [
-    (8, 1, 1, 3), (8, 2, 3, 5), (8, 3, 2, 4), (5, 2, 4, 2), (4, 4, 1, 1), (64, 6, 8, 7)])
+@pytest.mark.parametrize(
+    "streams, world, workers, batch",
+    [(8, 1, 1, 3), (8, 2, 3, 5), (8, 3, 2, 4), (5, 2, 4, 2), (4, 4, 1, 1), (64, 6, 8, 7)],
+)
 def test_positions_equal_a_batch_by_batch_simulation(streams, world, workers, batch):
-    plan = DataPlan(streams=streams, step=3, positions=tuple(range(streams)), world_size=world,
-                    workers=workers, batch_size=batch)
+    plan = DataPlan(
+        streams=streams, step=3, positions=tuple(range(streams)), world_size=world, workers=workers, batch_size=batch
+    )
     for steps in (0, 1, 2, 7, 13):
         assert list(plan.positions_at(3 + steps)) == _simulate(plan, steps), steps
         assert sum(plan.positions_at(3 + steps)) - sum(plan.positions) == steps * world * batch
     # every stream belongs to exactly one rank, and within it to exactly one worker
-    owned = [v for r in range(world) for w in range(plan.n_workers(r))
-             for v in plan.worker_streams(r, w)]
+    owned = [v for r in range(world) for w in range(plan.n_workers(r)) for v in plan.worker_streams(r, w)]
     assert sorted(owned) == list(range(streams))
 
 
@@ -79,13 +87,16 @@ def test_same_layout_keeps_the_segment_another_starts_a_new_one():
 
 # ---------------------------------------------------------------- sample accounting, real shards
 
-def _read(shards: list[str], plan: DataPlan | None, *, world: int, start: int, steps: int,
-          workers: int = 0) -> tuple[list[str], DataPlan]:
+
+def _read(
+    shards: list[str], plan: DataPlan | None, *, world: int, start: int, steps: int, workers: int = 0
+) -> tuple[list[str], DataPlan]:
     """uids every rank's loader yields for steps [start, start + steps), and the plan used."""
     seen = []
     for rank in range(world):
-        loader = make_dataloader(shards, rank=rank, world_size=world, num_workers=workers,
-                                 start_batch=start, plan=plan, **LOADER)
+        loader = make_dataloader(
+            shards, rank=rank, world_size=world, num_workers=workers, start_batch=start, plan=plan, **LOADER
+        )
         seen += [u for b in itertools.islice(iter(loader), steps) for u in b.uids]
     used = plan or fresh_plan(n_shards=len(shards), world_size=world, workers=workers, batch_size=B)
     return seen, used.resumed(start, world_size=world, workers=workers, batch_size=B)
@@ -99,12 +110,12 @@ def _stream_uids(shards: list[str], plan: DataPlan, v: int, begin: int, end: int
 
 def _between(shards, plan, begin: tuple[int, ...], end: tuple[int, ...]) -> Counter:
     """The samples each stream holds between two position vectors."""
-    return Counter(u for v in range(plan.streams)
-                   for u in _stream_uids(shards, plan, v, begin[v], end[v]))
+    return Counter(u for v in range(plan.streams) for u in _stream_uids(shards, plan, v, begin[v], end[v]))
 
 
-@pytest.mark.parametrize("before, after", [((2, 0), (1, 0)), ((1, 0), (2, 0)), ((1, 0), (1, 2))],
-                         ids=["2to1", "1to2", "1to1-more-workers"])
+@pytest.mark.parametrize(
+    "before, after", [((2, 0), (1, 0)), ((1, 0), (2, 0)), ((1, 0), (1, 2))], ids=["2to1", "1to2", "1to1-more-workers"]
+)
 def test_resume_on_another_layout_repeats_and_skips_no_sample(shards, before, after):  # noqa: F811
     k, n = 3, 3
     (w0, j0), (w1, j1) = before, after

@@ -22,8 +22,7 @@ from lvd.pretrain.train import TrainConfig, train
 @pytest.fixture(scope="module")
 def good_shard(tmp_path_factory) -> str:
     x, _ = load_fashion_mnist("test")
-    return str(write_shards(x[:8], tmp_path_factory.mktemp("good"), samples_per_shard=8,
-                            size=56)[0])
+    return str(write_shards(x[:8], tmp_path_factory.mktemp("good"), samples_per_shard=8, size=56)[0])
 
 
 def _bad_shards(folder):
@@ -33,8 +32,7 @@ def _bad_shards(folder):
     tarfile.open(no_members, "w").close()  # a valid tar with nothing in it: zero blocks
     not_tar = folder / "shard-000003.tar"
     not_tar.write_bytes(b"<html>502 Bad Gateway</html>" * 40)  # a failed download
-    return {str(empty): "empty file", str(no_members): "no samples (empty tar)",
-            str(not_tar): "not a tar file"}
+    return {str(empty): "empty file", str(no_members): "no samples (empty tar)", str(not_tar): "not a tar file"}
 
 
 def test_unusable_shards_are_named_with_the_reason(good_shard, tmp_path):
@@ -50,8 +48,7 @@ def test_unusable_shards_are_named_with_the_reason(good_shard, tmp_path):
 
 def test_train_refuses_them_before_building(good_shard, tmp_path):
     bad = _bad_shards(tmp_path)
-    cfg = TrainConfig(shards=(good_shard, *bad), recipe=tiny(), out=tmp_path / "run",
-                      max_steps=1, num_workers=0)
+    cfg = TrainConfig(shards=(good_shard, *bad), recipe=tiny(), out=tmp_path / "run", max_steps=1, num_workers=0)
     with pytest.raises(ValueError, match="not a tar file"):
         train(cfg)
     assert not (tmp_path / "run").exists()  # nothing written
@@ -74,16 +71,23 @@ def _jpeg(name: str, size: int) -> bytes:
 def test_corrupt_samples_are_counted_in_metrics(tmp_path):
     """8 samples, 1 truncated JPEG; 2 steps of 4 read the shard exactly once."""
     shard = tmp_path / "shard-000000.tar"
-    names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "horse",
-             "immunohistochemistry", "cat"]
+    names = ["astronaut", "coffee", "chelsea", "rocket", "camera", "horse", "immunohistochemistry", "cat"]
     with wds.TarWriter(str(shard)) as w:
         for i, name in enumerate(names):
             jpg = _jpeg(name, 64 + i)
-            w.write({"__key__": f"{i:06d}", "jpg": jpg[:300] if i == 5 else jpg,
-                     "json": json.dumps({"uid": f"u{i}"}).encode()})
+            w.write(
+                {
+                    "__key__": f"{i:06d}",
+                    "jpg": jpg[:300] if i == 5 else jpg,
+                    "json": json.dumps({"uid": f"u{i}"}).encode(),
+                }
+            )
     recipe = replace(tiny(), batch_size=4, log_every=1)
-    train(TrainConfig(shards=(str(shard),), recipe=recipe, out=tmp_path / "run", max_steps=2,
-                      num_workers=0, pictures=False))
+    train(
+        TrainConfig(
+            shards=(str(shard),), recipe=recipe, out=tmp_path / "run", max_steps=2, num_workers=0, pictures=False
+        )
+    )
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [0, 1]  # one line per step, from rank 0 only
     assert sum(x["corrupt_samples"] for x in lines) == 1
@@ -92,10 +96,16 @@ def test_corrupt_samples_are_counted_in_metrics(tmp_path):
 def test_out_of_memory_message_names_what_to_lower():
     r = replace(get_recipe("vitl14"), batch_size=24)
     message = oom_message(r, world_size=4, step=1234, bf16=True, device=torch.device("cpu"))
-    for part in ("step 1234", "--batch-size (now 24 images per rank)",
-                 f"crops.n_local={r.crops.n_local}", f"crops.local_size={r.crops.local_size}",
-                 "--recipe vitl14", "more ranks (now 4", "--nproc-per-node x --nnodes",
-                 "bf16 autocast is already on"):
+    for part in (
+        "step 1234",
+        "--batch-size (now 24 images per rank)",
+        f"crops.n_local={r.crops.n_local}",
+        f"crops.local_size={r.crops.local_size}",
+        "--recipe vitl14",
+        "more ranks (now 4",
+        "--nproc-per-node x --nnodes",
+        "bf16 autocast is already on",
+    ):
         assert part in message, (part, message)
     assert r.crops.n_local == 8 and r.crops.local_size == 98  # the numbers shown are real
     fp32 = oom_message(tiny(), world_size=1, step=0, bf16=False)

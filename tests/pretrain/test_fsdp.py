@@ -21,10 +21,16 @@ SCRIPTS = Path(__file__).parent / "_dist_scripts"
 
 def torchrun(nproc: int, script: str, *args) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={nproc}", str(SCRIPTS / script), *map(str, args)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180,
-                          check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        str(SCRIPTS / script),
+        *map(str, args),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
@@ -63,8 +69,16 @@ def test_two_rank_resume_is_exact(shards, tmp_path):
     spec = importlib.util.spec_from_file_location("run_train", SCRIPTS / "run_train.py")
     run_train = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(run_train)
-    cfg = TrainConfig(shards=tuple(shards), recipe=run_train.test_recipe(), out=tmp_path / "c",
-                      max_steps=2, num_workers=0, seed=0, deterministic=True, pictures=False)
+    cfg = TrainConfig(
+        shards=tuple(shards),
+        recipe=run_train.test_recipe(),
+        out=tmp_path / "c",
+        max_steps=2,
+        num_workers=0,
+        seed=0,
+        deterministic=True,
+        pictures=False,
+    )
     result = launch(cfg, LaunchSpec(kind="torchrun", nproc_per_node=2))
     assert result.losses == _losses(a, 0, 0)[:2]
 

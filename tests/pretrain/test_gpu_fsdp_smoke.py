@@ -10,8 +10,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_fsdp.py"
 
 
 def test_gpu_fsdp_benchmark_smoke_runs_on_cpu():
-    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = done.stdout
     flops = float(re.search(r"model FLOPs per step and rank: ([\d,.]+) GFLOP", out)[1].replace(",", ""))

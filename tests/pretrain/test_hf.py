@@ -24,8 +24,17 @@ def real_images(size: int) -> torch.Tensor:
     from skimage import data
 
     photos = [data.astronaut(), data.rocket(), data.coffee()]
-    x = torch.stack([F.interpolate(torch.from_numpy(p[..., :3]).permute(2, 0, 1)[None].float() / 255,
-                                   size=(size, size), mode="bilinear", antialias=True)[0] for p in photos])
+    x = torch.stack(
+        [
+            F.interpolate(
+                torch.from_numpy(p[..., :3]).permute(2, 0, 1)[None].float() / 255,
+                size=(size, size),
+                mode="bilinear",
+                antialias=True,
+            )[0]
+            for p in photos
+        ]
+    )
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     return (x - mean[:, None, None]) / std[:, None, None]
 
@@ -112,9 +121,13 @@ def test_transformers5_weight_names_load(tmp_path):
             gate, up = v.chunk(2)
             renamed[k.replace("weights_in", "gate_proj")], renamed[k.replace("weights_in", "up_proj")] = gate, up
             continue
-        for a, b in (("attention.attention.query", "attention.q_proj"), ("attention.attention.key", "attention.k_proj"),
-                     ("attention.attention.value", "attention.v_proj"), ("attention.output.dense", "attention.o_proj"),
-                     ("mlp.weights_out", "mlp.down_proj")):
+        for a, b in (
+            ("attention.attention.query", "attention.q_proj"),
+            ("attention.attention.key", "attention.k_proj"),
+            ("attention.attention.value", "attention.v_proj"),
+            ("attention.output.dense", "attention.o_proj"),
+            ("mlp.weights_out", "mlp.down_proj"),
+        ):
             k = k.replace(a, b)
         renamed[k] = v.contiguous()
     save_file(renamed, tmp_path / "model.safetensors")

@@ -37,8 +37,16 @@ def _test_recipe() -> Recipe:
 
 
 def _config(shards, recipe, out, steps) -> TrainConfig:  # noqa: F811
-    return TrainConfig(shards=tuple(shards), recipe=recipe, out=out, max_steps=steps,
-                       num_workers=0, seed=0, deterministic=True, pictures=False)
+    return TrainConfig(
+        shards=tuple(shards),
+        recipe=recipe,
+        out=out,
+        max_steps=steps,
+        num_workers=0,
+        seed=0,
+        deterministic=True,
+        pictures=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +93,9 @@ def test_phase_starts_from_the_runs_weights_and_trains(run, shards, tmp_path):  
     torch.manual_seed(123)  # another seed than the run's: nothing may come from the init
     meta, _ = _build(recipe, rt, phase=start)
     report = json.loads((out / "phase.json").read_text())
-    assert report["resized"] == {f"{p}.backbone.pos_embed": [[1, 17, 192], [1, 37, 192]]
-                                 for p in ("student", "teacher")}
+    assert report["resized"] == {
+        f"{p}.backbone.pos_embed": [[1, 17, 192], [1, 37, 192]] for p in ("student", "teacher")
+    }
 
     # the run's own state, restored the way a resume does (not the phase's reader)
     saved_recipe = _test_recipe()
@@ -107,8 +116,7 @@ def test_phase_starts_from_the_runs_weights_and_trains(run, shards, tmp_path):  
     # position embeddings: the run's 4x4 grid interpolated to 6x6 by the official formula
     torch.testing.assert_close(teacher["pos_embed"], _official_interpolation(written["pos_embed"], 6))
     student_pos = saved.student["backbone"].pos_embed.detach()
-    torch.testing.assert_close(meta.student["backbone"].pos_embed.detach(),
-                               _official_interpolation(student_pos, 6))
+    torch.testing.assert_close(meta.student["backbone"].pos_embed.detach(), _official_interpolation(student_pos, 6))
 
     # the phase trains: finite losses at 84 px, its checkpoint records the phase recipe
     result = train(_config(shards, recipe, out, PHASE_STEPS))

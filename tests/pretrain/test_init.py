@@ -65,9 +65,27 @@ def test_training_from_an_official_file_starts_from_it_and_stays_finite(shards, 
     sd = official_file(tmp_path / "official.pth")
     # Step 0 runs at lr 0 (warmup) and teacher momentum 1: the weights cannot move, so the
     # teacher saved after it must be the file's tensors bit for bit, through the whole CLI.
-    rc = main(["pretrain", "--shards", *shards, "--recipe", "tiny", "--out", str(tmp_path / "a"),
-               "--init", str(tmp_path / "official.pth"), "--max-steps", "1", "--batch-size", "8",
-               "--num-workers", "0", "--set", "teacher.momentum=1.0"])
+    rc = main(
+        [
+            "pretrain",
+            "--shards",
+            *shards,
+            "--recipe",
+            "tiny",
+            "--out",
+            str(tmp_path / "a"),
+            "--init",
+            str(tmp_path / "official.pth"),
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "8",
+            "--num-workers",
+            "0",
+            "--set",
+            "teacher.momentum=1.0",
+        ]
+    )
     assert rc == 0
     saved = load_backbone(tmp_path / "a").state_dict()
     for key, value in sd.items():
@@ -75,8 +93,17 @@ def test_training_from_an_official_file_starts_from_it_and_stays_finite(shards, 
     report = json.loads((tmp_path / "a" / "init.json").read_text())
     assert report["spec"] == str(tmp_path / "official.pth") and "backbone.cls_token" in report["loaded"]
 
-    result = train(TrainConfig(shards=shards, recipe=_recipe(), out=tmp_path / "b", max_steps=20,
-                               init=str(tmp_path / "official.pth"), num_workers=0, pictures=False))
+    result = train(
+        TrainConfig(
+            shards=shards,
+            recipe=_recipe(),
+            out=tmp_path / "b",
+            max_steps=20,
+            init=str(tmp_path / "official.pth"),
+            num_workers=0,
+            pictures=False,
+        )
+    )
     assert len(result.losses) == 20
     assert all(torch.isfinite(torch.tensor(list(x.values()))).all() for x in result.losses)
 
@@ -106,15 +133,33 @@ def test_shape_mismatch_is_refused_naming_tensor_shapes_and_flags(tmp_path):
 def test_cli_refuses_a_mismatched_init_in_one_line(shards, tmp_path):
     official_file(tmp_path / "narrow.pth", width=128, depth=3)
     with pytest.raises(SystemExit) as e:
-        main(["pretrain", "--shards", *shards, "--recipe", "tiny", "--out", str(tmp_path / "o"),
-              "--init", str(tmp_path / "narrow.pth"), "--max-steps", "1", "--num-workers", "0"])
+        main(
+            [
+                "pretrain",
+                "--shards",
+                *shards,
+                "--recipe",
+                "tiny",
+                "--out",
+                str(tmp_path / "o"),
+                "--init",
+                str(tmp_path / "narrow.pth"),
+                "--max-steps",
+                "1",
+                "--num-workers",
+                "0",
+            ]
+        )
     msg = str(e.value)
     assert msg.startswith("lvd pretrain: error:") and "cls_token" in msg and "\n" not in msg
 
 
 def test_init_from_an_lvd_run_takes_its_teacher_backbone_and_heads(shards, tmp_path):
-    first = train(TrainConfig(shards=shards, recipe=_recipe(), out=tmp_path / "a", max_steps=2,
-                              num_workers=0, pictures=False, seed=3))
+    first = train(
+        TrainConfig(
+            shards=shards, recipe=_recipe(), out=tmp_path / "a", max_steps=2, num_workers=0, pictures=False, seed=3
+        )
+    )
     state = {"teacher": dict(MetaArch(_recipe()).teacher.state_dict())}
     ckpt._dcp_load(state, first.last_checkpoint)  # the run's teacher, as saved
     start = init_weights(tmp_path / "a", _recipe())

@@ -38,8 +38,9 @@ def test_matches_sklearn_weighted_knn():
 
     ntr, nva = F.normalize(xtr, dim=1).double().numpy(), F.normalize(xva, dim=1).double().numpy()
     # cosine distance d = 1 - sim, so exp(sim / T) = exp((1 - d) / T)
-    ref = KNeighborsClassifier(n_neighbors=k, metric="cosine",
-                               weights=lambda d: np.exp((1 - d) / t)).fit(ntr, ytr.numpy())
+    ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", weights=lambda d: np.exp((1 - d) / t)).fit(
+        ntr, ytr.numpy()
+    )
     expected = float((ref.predict(nva) == yva.numpy()).mean())
     assert ours == pytest.approx(expected)
     assert 0.3 < ours < 1.0  # a real signal, not a degenerate answer

@@ -31,8 +31,17 @@ def real_images(size: int) -> torch.Tensor:
     from skimage import data
 
     photos = [data.astronaut(), data.chelsea(), data.coffee()]
-    x = torch.stack([F.interpolate(torch.from_numpy(p).permute(2, 0, 1)[None].float() / 255, size=(size, size),
-                                   mode="bilinear", antialias=True)[0] for p in photos])
+    x = torch.stack(
+        [
+            F.interpolate(
+                torch.from_numpy(p).permute(2, 0, 1)[None].float() / 255,
+                size=(size, size),
+                mode="bilinear",
+                antialias=True,
+            )[0]
+            for p in photos
+        ]
+    )
     mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
     return (x - mean[:, None, None]) / std[:, None, None]
 
@@ -56,20 +65,32 @@ def official_state_dict(*, ffn="mlp", registers=0, chunks=0, seed=0) -> dict[str
         # block_chunks > 0: chunk c holds blocks [c*size, (c+1)*size) under their global index
         b = f"blocks.{i // (DEPTH // chunks)}.{i}." if chunks else f"blocks.{i}."
         sd |= {
-            b + "norm1.weight": rnd(D, shift=1.0), b + "norm1.bias": rnd(D),
-            b + "attn.qkv.weight": rnd(3 * D, D), b + "attn.qkv.bias": rnd(3 * D),
-            b + "attn.proj.weight": rnd(D, D), b + "attn.proj.bias": rnd(D),
+            b + "norm1.weight": rnd(D, shift=1.0),
+            b + "norm1.bias": rnd(D),
+            b + "attn.qkv.weight": rnd(3 * D, D),
+            b + "attn.qkv.bias": rnd(3 * D),
+            b + "attn.proj.weight": rnd(D, D),
+            b + "attn.proj.bias": rnd(D),
             b + "ls1.gamma": rnd(D, scale=0.5),
-            b + "norm2.weight": rnd(D, shift=1.0), b + "norm2.bias": rnd(D),
+            b + "norm2.weight": rnd(D, shift=1.0),
+            b + "norm2.bias": rnd(D),
             b + "ls2.gamma": rnd(D, scale=0.5),
         }
         if ffn == "mlp":
-            sd |= {b + "mlp.fc1.weight": rnd(4 * D, D), b + "mlp.fc1.bias": rnd(4 * D),
-                   b + "mlp.fc2.weight": rnd(D, 4 * D), b + "mlp.fc2.bias": rnd(D)}
+            sd |= {
+                b + "mlp.fc1.weight": rnd(4 * D, D),
+                b + "mlp.fc1.bias": rnd(4 * D),
+                b + "mlp.fc2.weight": rnd(D, 4 * D),
+                b + "mlp.fc2.bias": rnd(D),
+            }
         else:
             hidden = (int(4 * D * 2 / 3) + 7) // 8 * 8  # SwiGLUFFNFused
-            sd |= {b + "mlp.w12.weight": rnd(2 * hidden, D), b + "mlp.w12.bias": rnd(2 * hidden),
-                   b + "mlp.w3.weight": rnd(D, hidden), b + "mlp.w3.bias": rnd(D)}
+            sd |= {
+                b + "mlp.w12.weight": rnd(2 * hidden, D),
+                b + "mlp.w12.bias": rnd(2 * hidden),
+                b + "mlp.w3.weight": rnd(D, hidden),
+                b + "mlp.w3.bias": rnd(D),
+            }
     sd |= {"norm.weight": rnd(D, shift=1.0), "norm.bias": rnd(D)}
     return sd
 
@@ -78,8 +99,9 @@ def timm_reference(sd: dict[str, torch.Tensor], *, ffn: str, registers: int) -> 
     from timm.layers import SwiGLUPacked
     from timm.models import vision_transformer as timm_vit
 
-    kwargs = dict(img_size=GRID * 14, patch_size=14, embed_dim=D, depth=DEPTH, num_heads=D // 64,
-                  init_values=1e-5, num_classes=0)
+    kwargs = dict(
+        img_size=GRID * 14, patch_size=14, embed_dim=D, depth=DEPTH, num_heads=D // 64, init_values=1e-5, num_classes=0
+    )
     if registers:
         kwargs |= dict(reg_tokens=registers, no_embed_class=True)
     if ffn == "swiglu":
@@ -132,8 +154,10 @@ def test_block_chunked_training_layout_loads_like_the_flat_one():
     [
         (lambda sd: sd.pop("blocks.1.ls2.gamma"), r"missing keys: \['blocks.1.ls2.gamma'\]"),
         (lambda sd: sd.__setitem__("blocks.0.attn.q_norm.weight", torch.ones(D)), "unexpected keys: .*q_norm"),
-        (lambda sd: sd.__setitem__("blocks.2.mlp.fc1.bias", torch.zeros(3)),
-         r"wrong shapes: .*blocks.2.mlp.fc1.bias: file \(3,\)"),
+        (
+            lambda sd: sd.__setitem__("blocks.2.mlp.fc1.bias", torch.zeros(3)),
+            r"wrong shapes: .*blocks.2.mlp.fc1.bias: file \(3,\)",
+        ),
     ],
 )
 def test_loading_is_strict(damage, expected):

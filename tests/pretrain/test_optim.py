@@ -39,8 +39,7 @@ def _settings(modules):
     for g in groups:
         for p in g["params"]:
             by_id[id(p)] = (g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"])
-    return groups, {f"{m}.{n}": by_id[id(p)] for m, mod in modules.items()
-                    for n, p in mod.named_parameters()}
+    return groups, {f"{m}.{n}": by_id[id(p)] for m, mod in modules.items() for n, p in mod.named_parameters()}
 
 
 # (lr multiplier, wd multiplier, is_last_layer), written out by hand for depth 2, decay 0.5:
@@ -81,8 +80,9 @@ def test_one_step_matches_plain_adamw():
     modules = _modules()
     ref = {k: __import__("copy").deepcopy(m) for k, m in modules.items()}
     lr, wd = 1e-2, 0.04
-    opt = build_adamw(param_groups(modules, depth=DEPTH, layerwise_decay=DECAY,
-                                   patch_embed_lr_mult=0.2), beta1=0.9, beta2=0.999)
+    opt = build_adamw(
+        param_groups(modules, depth=DEPTH, layerwise_decay=DECAY, patch_embed_lr_mult=0.2), beta1=0.9, beta2=0.999
+    )
     apply_schedules(opt, lr=lr, weight_decay=wd, last_layer_lr=0.0)
     _, settings = _settings(modules)
     ref_params = {f"{m}.{n}": p for m, mod in ref.items() for n, p in mod.named_parameters()}
@@ -90,8 +90,9 @@ def test_one_step_matches_plain_adamw():
     ref_opts = []
     for name, p in ref_params.items():
         lr_mult, wd_mult, is_last = settings[name]
-        ref_opts.append(torch.optim.AdamW([p], lr=0.0 if is_last else lr * lr_mult,
-                                          weight_decay=wd * wd_mult, betas=(0.9, 0.999)))
+        ref_opts.append(
+            torch.optim.AdamW([p], lr=0.0 if is_last else lr * lr_mult, weight_decay=wd * wd_mult, betas=(0.9, 0.999))
+        )
 
     x = torch.randn(3, 3, 28, 28)
     for ms in (modules, ref):
@@ -112,8 +113,9 @@ def test_one_step_matches_plain_adamw():
 
 def test_frozen_prototype_grads_dropped_and_clipping():
     modules = _modules()
-    opt = build_adamw(param_groups(modules, depth=DEPTH, layerwise_decay=DECAY,
-                                   patch_embed_lr_mult=0.2), beta1=0.9, beta2=0.999)
+    opt = build_adamw(
+        param_groups(modules, depth=DEPTH, layerwise_decay=DECAY, patch_embed_lr_mult=0.2), beta1=0.9, beta2=0.999
+    )
     apply_schedules(opt, lr=1e-3, weight_decay=0.04, last_layer_lr=0.0)
     out = modules["dino_head"](modules["backbone"](torch.randn(2, 3, 28, 28)).cls_BD)
     (1e4 * out.sum()).backward()
@@ -121,6 +123,5 @@ def test_frozen_prototype_grads_dropped_and_clipping():
     assert modules["dino_head"].last_layer.weight.grad is None
     norms = clip_gradients(modules, 3.0)
     assert norms["backbone"] > 3.0  # the pre-clip norm is reported
-    after = torch.nn.utils.get_total_norm(
-        [p.grad for p in modules["backbone"].parameters() if p.grad is not None])
+    after = torch.nn.utils.get_total_norm([p.grad for p in modules["backbone"].parameters() if p.grad is not None])
     assert after == pytest.approx(3.0, rel=1e-4)

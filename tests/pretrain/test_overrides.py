@@ -19,11 +19,20 @@ from lvd.pretrain.recipes import Recipe, get_recipe, tiny
 # Values that differ from `tiny`'s and that the recipe's checks accept; other settings get a
 # generic new value of their type (see `_other`).
 SPECIAL = {
-    "backbone.arch": "vit_small", "backbone.patch_size": 7, "loss.centering": "centering",
-    "crops.global_size": 70, "crops.local_size": 42, "crops.global_scale": (0.4, 0.9),
-    "crops.local_scale": (0.1, 0.3), "masks.ratio_min": 0.2, "masks.ratio_max": 0.6,
-    "distill.teacher": "/some/teacher.pth", "distill.teacher_arch": "vit_base",
-    "backbone.drop_path_rate": 0.25, "name": "mine", "phase.from_run": "/some/run",
+    "backbone.arch": "vit_small",
+    "backbone.patch_size": 7,
+    "loss.centering": "centering",
+    "crops.global_size": 70,
+    "crops.local_size": 42,
+    "crops.global_scale": (0.4, 0.9),
+    "crops.local_scale": (0.1, 0.3),
+    "masks.ratio_min": 0.2,
+    "masks.ratio_max": 0.6,
+    "distill.teacher": "/some/teacher.pth",
+    "distill.teacher_arch": "vit_base",
+    "backbone.drop_path_rate": 0.25,
+    "name": "mine",
+    "phase.from_run": "/some/run",
 }
 
 
@@ -82,7 +91,8 @@ def test_config_file_sets_all_at_once_and_set_wins_over_it(tmp_path):
             continue  # patch and crop sizes are checked together; set separately above
         section, _, field = name.rpartition(".")
         (nested.setdefault(section, {}) if section else nested)[field] = (
-            list(value) if isinstance(value, tuple) else value)
+            list(value) if isinstance(value, tuple) else value
+        )
     for suffix, dump in ((".yaml", yaml.safe_dump), (".json", json.dumps)):
         path = tmp_path / f"c{suffix}"
         path.write_text(dump(nested))
@@ -101,17 +111,24 @@ def test_a_runs_config_json_gives_back_its_recipe(tmp_path):
 
 
 def test_values_are_typed_and_bad_ones_refused_in_one_line():
-    r = resolve_recipe("tiny", sets=["loss.separate_ibot_head=yes", "optim.base_lr=4e-3",
-                                     "crops.local_scale=(0.1, 0.2)", "epochs=7"])
+    r = resolve_recipe(
+        "tiny", sets=["loss.separate_ibot_head=yes", "optim.base_lr=4e-3", "crops.local_scale=(0.1, 0.2)", "epochs=7"]
+    )
     assert r.loss.separate_ibot_head is True and r.optim.base_lr == 0.004
     assert r.crops.local_scale == (0.1, 0.2) and isinstance(r.epochs, int)
     for bad, expected in [
-        ("crops.n_local=four", "want an integer"), ("epochs=2.5", "want an integer"),
-        ("optim.base_lr=fast", "want a number"), ("loss.separate_ibot_head=maybe", "true or false"),
-        ("crops.local_scale=0.1", "2 comma-separated"), ("backbone.drop_path_rate=1.5", "[0, 1)"),
-        ("backbone.arch=vit_huge", "unknown arch"), ("crops.local_scale=0.3,0.1", "min <= max"),
-        ("crops.n_local=-1", "n_local >= 0"), ("loss.centering=none", "centering must be"),
-        ("crops.global_size=50", "multiple of patch size"), ("crops.n_local", "SECTION.FIELD=VALUE"),
+        ("crops.n_local=four", "want an integer"),
+        ("epochs=2.5", "want an integer"),
+        ("optim.base_lr=fast", "want a number"),
+        ("loss.separate_ibot_head=maybe", "true or false"),
+        ("crops.local_scale=0.1", "2 comma-separated"),
+        ("backbone.drop_path_rate=1.5", "[0, 1)"),
+        ("backbone.arch=vit_huge", "unknown arch"),
+        ("crops.local_scale=0.3,0.1", "min <= max"),
+        ("crops.n_local=-1", "n_local >= 0"),
+        ("loss.centering=none", "centering must be"),
+        ("crops.global_size=50", "multiple of patch size"),
+        ("crops.n_local", "SECTION.FIELD=VALUE"),
     ]:
         with pytest.raises(OverrideError, match=re.escape(expected)) as e:
             resolve_recipe("tiny", sets=[bad])
@@ -119,15 +136,22 @@ def test_values_are_typed_and_bad_ones_refused_in_one_line():
 
 
 def test_unknown_keys_name_the_closest_valid_ones(tmp_path):
-    for key, near in [("crops.nlocal", "crops.n_local"), ("n_local", "crops.n_local"),
-                      ("optim.lr", "optim.min_lr"), ("teacher.temperature", "teacher.temp"),
-                      ("batchsize", "batch_size")]:
+    for key, near in [
+        ("crops.nlocal", "crops.n_local"),
+        ("n_local", "crops.n_local"),
+        ("optim.lr", "optim.min_lr"),
+        ("teacher.temperature", "teacher.temp"),
+        ("batchsize", "batch_size"),
+    ]:
         with pytest.raises(OverrideError, match=re.escape(near)) as e:
             resolve_recipe("tiny", sets=[f"{key}=1"])
         assert "\n" not in str(e.value) and f"unknown recipe setting {key!r}" in str(e.value)
     (tmp_path / "c.yaml").write_text("crops:\n  nlocal: 2\n")
-    with pytest.raises(OverrideError, match=r"--config .*c.yaml: unknown recipe setting 'crops.nlocal'; "
-                                            r"did you mean crops.n_local"):
+    with pytest.raises(
+        OverrideError,
+        match=r"--config .*c.yaml: unknown recipe setting 'crops.nlocal'; "
+        r"did you mean crops.n_local",
+    ):
         resolve_recipe("tiny", config=tmp_path / "c.yaml")
     (tmp_path / "s.yaml").write_text("crops: 4\n")
     with pytest.raises(OverrideError, match="is a section"):
@@ -139,11 +163,24 @@ def test_unknown_keys_name_the_closest_valid_ones(tmp_path):
 
 def test_cli_refuses_a_wrong_key_with_one_line_before_anything_runs(tmp_path):
     with pytest.raises(SystemExit) as e:
-        main(["pretrain", "--shards", str(tmp_path / "none"), "--recipe", "tiny",
-              "--out", str(tmp_path / "o"), "--set", "crops.nlocal=2"])
+        main(
+            [
+                "pretrain",
+                "--shards",
+                str(tmp_path / "none"),
+                "--recipe",
+                "tiny",
+                "--out",
+                str(tmp_path / "o"),
+                "--set",
+                "crops.nlocal=2",
+            ]
+        )
     msg = str(e.value)
-    assert msg == ("lvd pretrain: error: --set crops.nlocal=2: unknown recipe setting "
-                   "'crops.nlocal'; did you mean crops.n_local, crops.local_size, crops.local_scale?")
+    assert msg == (
+        "lvd pretrain: error: --set crops.nlocal=2: unknown recipe setting "
+        "'crops.nlocal'; did you mean crops.n_local, crops.local_size, crops.local_scale?"
+    )
     assert not (tmp_path / "o").exists()
 
 
@@ -153,15 +190,36 @@ def test_the_run_records_the_overridden_recipe(tmp_path):
     x, _ = load_fashion_mnist("test")
     write_shards(x[:16], tmp_path / "shards", samples_per_shard=16, size=56)
     (tmp_path / "c.yaml").write_text("crops: {n_local: 1}\noptim: {base_lr: 0.001}\n")
-    rc = main(["pretrain", "--shards", str(tmp_path / "shards"), "--recipe", "tiny",
-               "--out", str(tmp_path / "run"), "--config", str(tmp_path / "c.yaml"),
-               "--set", "masks.ratio_max=0.4", "--batch-size", "4", "--max-steps", "1",
-               "--num-workers", "0"])
+    rc = main(
+        [
+            "pretrain",
+            "--shards",
+            str(tmp_path / "shards"),
+            "--recipe",
+            "tiny",
+            "--out",
+            str(tmp_path / "run"),
+            "--config",
+            str(tmp_path / "c.yaml"),
+            "--set",
+            "masks.ratio_max=0.4",
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "1",
+            "--num-workers",
+            "0",
+        ]
+    )
     assert rc == 0
     saved = Recipe.from_dict(json.loads((tmp_path / "run" / "config.json").read_text()))
-    expected = replace(tiny(), batch_size=4, crops=replace(tiny().crops, n_local=1),
-                       optim=replace(tiny().optim, base_lr=0.001),
-                       masks=replace(tiny().masks, ratio_max=0.4))
+    expected = replace(
+        tiny(),
+        batch_size=4,
+        crops=replace(tiny().crops, n_local=1),
+        optim=replace(tiny().optim, base_lr=0.001),
+        masks=replace(tiny().masks, ratio_max=0.4),
+    )
     assert saved == expected
 
 
@@ -179,13 +237,25 @@ def test_every_flag_in_the_oom_hint_is_real():
 
 
 def test_the_flows_multi_rank_command_passes_the_overrides_on(tmp_path):
-    spec = RanksCommand(shards=("s",), recipe="tiny", out=tmp_path, nproc_per_node=2,
-                        config="c.yaml", sets=("crops.n_local=2", "optim.base_lr=1e-3"),
-                        init="w.pth", distill_from="t.pth")
+    spec = RanksCommand(
+        shards=("s",),
+        recipe="tiny",
+        out=tmp_path,
+        nproc_per_node=2,
+        config="c.yaml",
+        sets=("crops.n_local=2", "optim.base_lr=1e-3"),
+        init="w.pth",
+        distill_from="t.pth",
+    )
     cmd = spec.command(resume=False)
-    for pair in (["--config", "c.yaml"], ["--set", "crops.n_local=2"], ["--set", "optim.base_lr=1e-3"],
-                 ["--init", "w.pth"], ["--distill-from", "t.pth"]):
-        assert any(cmd[i:i + 2] == pair for i in range(len(cmd))), pair
+    for pair in (
+        ["--config", "c.yaml"],
+        ["--set", "crops.n_local=2"],
+        ["--set", "optim.base_lr=1e-3"],
+        ["--init", "w.pth"],
+        ["--distill-from", "t.pth"],
+    ):
+        assert any(cmd[i : i + 2] == pair for i in range(len(cmd))), pair
 
 
 def test_help_lists_the_new_flags(capsys):

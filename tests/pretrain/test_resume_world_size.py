@@ -35,16 +35,28 @@ def test_unmappable_resumes_are_refused_before_building(shards, tmp_path: Path):
     # more ranks than streams: each rank reads whole streams
     for ranks in (1, 3, 4):
         check_world_size(last, saved, ranks)
-    with pytest.raises(ResumeMismatchError, match=r"data is 4 streams; 5 ranks cannot share them"
-                                                  r".*at most 4 ranks in all"):
+    with pytest.raises(
+        ResumeMismatchError,
+        match=r"data is 4 streams; 5 ranks cannot share them"
+        r".*at most 4 ranks in all",
+    ):
         check_world_size(last, saved, 5)
 
     # an older lvd's checkpoint: meta.json without the data plan, resumed on 1 process
     meta = json.loads((last / ckpt.META_FILE).read_text())
     del meta["data"]
     (last / ckpt.META_FILE).write_text(json.dumps(meta))
-    cfg = TrainConfig(shards=tuple(shards), recipe=_test_recipe(), out=out, max_steps=2,
-                      resume=True, num_workers=0, seed=0, deterministic=True, pictures=False)
+    cfg = TrainConfig(
+        shards=tuple(shards),
+        recipe=_test_recipe(),
+        out=out,
+        max_steps=2,
+        resume=True,
+        num_workers=0,
+        seed=0,
+        deterministic=True,
+        pictures=False,
+    )
     with pytest.raises(ResumeMismatchError) as err:
         train(cfg)
     message = str(err.value)

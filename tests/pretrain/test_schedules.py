@@ -12,8 +12,9 @@ from lvd.pretrain.schedules import build_schedules, cosine, scaled_lr
 
 def _cfg(**kw):
     """The official ViT-S/14 schedule values (vits14 recipe), over 1000 steps of batch 256."""
-    base = dataclasses.replace(get_recipe("vits14").schedule_config(), total_iters=1000,
-                               epoch_length=10, global_batch_size=256)
+    base = dataclasses.replace(
+        get_recipe("vits14").schedule_config(), total_iters=1000, epoch_length=10, global_batch_size=256
+    )
     return dataclasses.replace(base, **kw)
 
 

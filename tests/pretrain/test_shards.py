@@ -108,7 +108,7 @@ def test_same_seed_same_stream_other_seed_other_stream(shard_dir):
     assert [x.uids for x in a] == [x.uids for x in b]
     assert all(torch.equal(x.global_crops, y.global_crops) and torch.equal(x.masks, y.masks) for x, y in zip(a, b))
     assert [x.uids for x in a] != [x.uids for x in c]
-    assert set(u for x in a for u in x.uids) == GOOD_UIDS
+    assert {u for x in a for u in x.uids} == GOOD_UIDS
 
 
 def test_header_counts_match_samples_read(shard_dir):

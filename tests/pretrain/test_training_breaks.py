@@ -41,8 +41,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def small_recipe() -> Recipe:
     """`tiny` at batch 8 with a checkpoint per step, and no warm-up: the student moves at once."""
     base = tiny()
-    return replace(base, batch_size=8, checkpoint_every=1, keep_checkpoints=3, log_every=1,
-                   optim=replace(base.optim, warmup_epochs=0, base_lr=0.1))
+    return replace(
+        base,
+        batch_size=8,
+        checkpoint_every=1,
+        keep_checkpoints=3,
+        log_every=1,
+        optim=replace(base.optim, warmup_epochs=0, base_lr=0.1),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +82,9 @@ def test_one_step_teacher_is_the_exact_ema_of_the_student(data, tmp_path):
     m = build_schedules(recipe.schedule_config()).at(1).momentum
     assert 0.9 < m < 1.0
     moved = 0.0
-    for (name, t0), t1, s1 in zip(before.teacher.state_dict().items(), after.teacher.state_dict().values(),
-                                  after.student.state_dict().values()):
+    for (name, t0), t1, s1 in zip(
+        before.teacher.state_dict().items(), after.teacher.state_dict().values(), after.student.state_dict().values()
+    ):
         expected = m * t0 + (1 - m) * s1
         torch.testing.assert_close(t1, expected, atol=1e-7, rtol=1e-6, msg=name)
         moved = max(moved, float((s1 - t1).abs().max()))
@@ -90,14 +97,23 @@ def test_one_step_teacher_is_the_exact_ema_of_the_student(data, tmp_path):
 def _batch(recipe: Recipe, n_images: int = 6) -> Batch:
     g = torch.Generator().manual_seed(0)
     c, grid = recipe.crops, recipe.crops.global_size // recipe.backbone.patch_size
-    masks = torch.from_numpy(BlockMaskGenerator.from_config((grid, grid), MaskingConfig()).sample_masks(
-        2 * n_images, rng=np.random.default_rng(0)))
+    masks = torch.from_numpy(
+        BlockMaskGenerator.from_config((grid, grid), MaskingConfig()).sample_masks(
+            2 * n_images, rng=np.random.default_rng(0)
+        )
+    )
     n = masks.sum(1, keepdim=True).clamp(min=1).float()
-    return Batch(global_crops=torch.randn(2 * n_images, 3, c.global_size, c.global_size, generator=g),
-                 local_crops=torch.randn(c.n_local * n_images, 3, c.local_size, c.local_size, generator=g),
-                 masks=masks, mask_indices=masks.flatten().nonzero().flatten(),
-                 mask_weights=(1 / n).expand_as(masks)[masks], mask_upperbound=int(masks.sum()),
-                 n_global=2, n_local=c.n_local, n_images=n_images)
+    return Batch(
+        global_crops=torch.randn(2 * n_images, 3, c.global_size, c.global_size, generator=g),
+        local_crops=torch.randn(c.n_local * n_images, 3, c.local_size, c.local_size, generator=g),
+        masks=masks,
+        mask_indices=masks.flatten().nonzero().flatten(),
+        mask_weights=(1 / n).expand_as(masks)[masks],
+        mask_upperbound=int(masks.sum()),
+        n_global=2,
+        n_local=c.n_local,
+        n_images=n_images,
+    )
 
 
 def test_total_loss_is_the_weighted_sum_of_the_loss_modules():
@@ -125,8 +141,9 @@ def test_total_loss_is_the_weighted_sum_of_the_loss_modules():
     for name, ref in (("dino", dino), ("ibot", ibot), ("koleo", koleo)):
         torch.testing.assert_close(getattr(out, name).detach(), ref, atol=1e-5, rtol=1e-5, msg=name)
     assert abs(float(koleo)) > 0.01 and float(ibot) > 0.01  # each weight matters in the sum
-    torch.testing.assert_close(out.total.detach(), w.dino_weight * dino + w.ibot_weight * ibot
-                               + w.koleo_weight * koleo, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        out.total.detach(), w.dino_weight * dino + w.ibot_weight * ibot + w.koleo_weight * koleo, atol=1e-5, rtol=1e-5
+    )
 
 
 def test_local_crops_carry_gradient():
@@ -193,8 +210,15 @@ def _weighted_knn_top1(train_x, train_y, val_x, val_y, k: int = 20, temp: float 
 def test_reported_knn_is_the_checkpoints(data, tmp_path, prefect_harness):
     from lvd.flows.pretrain_flow import pretrain
 
-    summary = pretrain(shards=list(data.shards), out=str(tmp_path / "run"), recipe="tiny", max_steps=2,
-                       batch_size=8, knn_train=str(data.train), knn_val=str(data.val))
+    summary = pretrain(
+        shards=list(data.shards),
+        out=str(tmp_path / "run"),
+        recipe="tiny",
+        max_steps=2,
+        batch_size=8,
+        knn_train=str(data.train),
+        knn_val=str(data.val),
+    )
     ckpt = Path(summary.checkpoint)
     written = json.loads((ckpt / "eval_knn.json").read_text())
     meta = _load_models(ckpt, replace(tiny(), batch_size=8))
@@ -207,21 +231,34 @@ def test_reported_knn_is_the_checkpoints(data, tmp_path, prefect_harness):
 # ---------------------------------------------------------------- (f) the benchmark's FLOPs
 
 
-def _vit_forward_flops(n: int, h: int, w: int, *, dim: int, depth: int, hidden: int, patch: int,
-                       registers: int) -> float:
+def _vit_forward_flops(
+    n: int, h: int, w: int, *, dim: int, depth: int, hidden: int, patch: int, registers: int
+) -> float:
     """Matmul FLOPs (2 per multiply-add) of n images through the ViT: patch embedding, then per
     block qkv, scores, attention x values, projection and the two MLP layers."""
     tokens = 1 + registers + h * w
     embed = 2 * h * w * 3 * patch * patch * dim
-    block = 2 * tokens * dim * 3 * dim + 2 * 2 * tokens * tokens * dim + 2 * tokens * dim * dim \
+    block = (
+        2 * tokens * dim * 3 * dim
+        + 2 * 2 * tokens * tokens * dim
+        + 2 * tokens * dim * dim
         + 2 * 2 * tokens * dim * hidden
+    )
     return n * (embed + depth * block)
 
 
 def _head_flops(rows: int, dim: int, recipe: Recipe) -> float:
     hd = recipe.dino_head
-    return 2 * rows * (dim * hd.hidden_dim + hd.hidden_dim ** 2 * (hd.n_layers - 2)
-                       + hd.hidden_dim * hd.bottleneck_dim + hd.bottleneck_dim * hd.n_prototypes)
+    return (
+        2
+        * rows
+        * (
+            dim * hd.hidden_dim
+            + hd.hidden_dim**2 * (hd.n_layers - 2)
+            + hd.hidden_dim * hd.bottleneck_dim
+            + hd.bottleneck_dim * hd.n_prototypes
+        )
+    )
 
 
 def analytic_step_flops(recipe: Recipe, batch: Batch) -> float:
@@ -229,15 +266,20 @@ def analytic_step_flops(recipe: Recipe, batch: Batch) -> float:
     = 2x its forward (no input gradient for the patch embedding: the images need none)."""
     bb = recipe.backbone.build(img_size=recipe.crops.global_size)
     cfg = bb.config
-    vit = dict(dim=cfg.embed_dim, depth=cfg.depth, hidden=cfg.ffn_hidden_dim, patch=cfg.patch_size,
-               registers=cfg.num_register_tokens)
+    vit = dict(
+        dim=cfg.embed_dim,
+        depth=cfg.depth,
+        hidden=cfg.ffn_hidden_dim,
+        patch=cfg.patch_size,
+        registers=cfg.num_register_tokens,
+    )
     g, loc = recipe.crops.global_size // cfg.patch_size, recipe.crops.local_size // cfg.patch_size
     G, L, B, M = batch.n_global, batch.n_local, batch.n_images, batch.n_masked
     global_fwd = _vit_forward_flops(G * B, g, g, **vit)
     local_fwd = _vit_forward_flops(L * B, loc, loc, **vit)
     teacher = global_fwd + _head_flops(G * B + M, cfg.embed_dim, recipe)
     student = global_fwd + local_fwd + _head_flops(G * B + L * B + M, cfg.embed_dim, recipe)
-    embed_input_grad = 2 * (G * B * g * g + L * B * loc * loc) * 3 * cfg.patch_size ** 2 * cfg.embed_dim
+    embed_input_grad = 2 * (G * B * g * g + L * B * loc * loc) * 3 * cfg.patch_size**2 * cfg.embed_dim
     koleo = G * 2 * B * B * cfg.embed_dim
     return teacher + 3 * student - embed_input_grad + koleo
 

@@ -3,6 +3,7 @@ listening sockets, and killing what a test started, by pid only."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -97,10 +98,8 @@ def kill_all(pids, grace: float = 3.0) -> None:
     pids = [p for p in pids if p != os.getpid()]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and any(alive(p) for p in pids):
             time.sleep(0.1)

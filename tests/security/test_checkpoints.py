@@ -58,8 +58,10 @@ def data(tmp_path_factory):
     x, y = load_fashion_mnist("test")
     write_shards(x[:32], root / "shards", samples_per_shard=16, size=56)
     write_labelled_folder(x[100:104], y[100:104], root / "images", size=56)
-    assert main(["pretrain", "--shards", str(root / "shards"), "--out", str(root / "good"),
-                 "--max-steps", "2", *TRAIN]) == 0
+    assert (
+        main(["pretrain", "--shards", str(root / "shards"), "--out", str(root / "good"), "--max-steps", "2", *TRAIN])
+        == 0
+    )
     image = next((root / "images").rglob("*.png"))
     mask = root / "mask.png"
     from PIL import Image
@@ -127,18 +129,71 @@ def _hostile_value(good: Path, dest: Path, marker: Path) -> Path:
 def _model_commands(data, model: Path, out: Path) -> list[tuple[str, list[str]]]:
     img, root = str(data["image"]), data["root"]
     return [
-        ("viz", ["viz", "--model", str(model), "--image", img, "--out", str(out / "v.png"),
-                 "--size", "56"]),
-        ("embed", ["embed", "--model", str(model), "--images", str(root / "images"),
-                   "--out", str(out / "emb"), "--size", "56", "--no-ray"]),
+        ("viz", ["viz", "--model", str(model), "--image", img, "--out", str(out / "v.png"), "--size", "56"]),
+        (
+            "embed",
+            [
+                "embed",
+                "--model",
+                str(model),
+                "--images",
+                str(root / "images"),
+                "--out",
+                str(out / "emb"),
+                "--size",
+                "56",
+                "--no-ray",
+            ],
+        ),
         ("export", ["export", str(model), "--hf", str(out / "hf")]),
-        ("segment", ["segment", "--model", str(model), "--reference", img, "--mask",
-                     str(data["mask"]), "--target", img, "--out", str(out / "s.png"),
-                     "--size", "56"]),
-        ("probe", ["probe", "dense", "--model", str(model), "--train", str(root / "images"),
-                   "--val", str(root / "images"), "--size", "56"]),
-        ("eval knn", ["eval", "knn", "--checkpoint", str(model), "--train",
-                      str(root / "images"), "--val", str(root / "images"), "--k", "1"]),
+        (
+            "segment",
+            [
+                "segment",
+                "--model",
+                str(model),
+                "--reference",
+                img,
+                "--mask",
+                str(data["mask"]),
+                "--target",
+                img,
+                "--out",
+                str(out / "s.png"),
+                "--size",
+                "56",
+            ],
+        ),
+        (
+            "probe",
+            [
+                "probe",
+                "dense",
+                "--model",
+                str(model),
+                "--train",
+                str(root / "images"),
+                "--val",
+                str(root / "images"),
+                "--size",
+                "56",
+            ],
+        ),
+        (
+            "eval knn",
+            [
+                "eval",
+                "knn",
+                "--checkpoint",
+                str(model),
+                "--train",
+                str(root / "images"),
+                "--val",
+                str(root / "images"),
+                "--k",
+                "1",
+            ],
+        ),
     ]
 
 
@@ -146,8 +201,23 @@ def _model_commands(data, model: Path, out: Path) -> list[tuple[str, list[str]]]
 def index(data):
     """A genuine search index (embedded with the genuine run) to query with hostile models."""
     root = data["root"]
-    assert main(["embed", "--model", str(data["good"]), "--images", str(root / "images"),
-                 "--out", str(root / "emb"), "--size", "56", "--no-ray"]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(data["good"]),
+                "--images",
+                str(root / "images"),
+                "--out",
+                str(root / "emb"),
+                "--size",
+                "56",
+                "--no-ray",
+            ]
+        )
+        == 0
+    )
     assert main(["index", "--embeddings", str(root / "emb"), "--out", str(root / "idx")]) == 0
     return root / "idx"
 
@@ -162,15 +232,16 @@ def test_model_commands_never_unpickle_a_run_folder(data, index, tmp_path, capsy
             assert ckpt.BACKBONE_WEIGHTS in str(e.value), name
             assert not marker.exists(), name
         # search: --model, and a hostile index whose meta.json names the run
-        assert main(["search", "--index", str(index), "--query", str(data["image"]),
-                     "--model", str(model), "-k", "1"]) == 2
+        assert (
+            main(["search", "--index", str(index), "--query", str(data["image"]), "--model", str(model), "-k", "1"])
+            == 2
+        )
         assert "convert" in capsys.readouterr().err
         evil_index = tmp_path / "evil-index"
         shutil.copytree(index, evil_index, dirs_exist_ok=True)
         meta = json.loads((evil_index / "meta.json").read_text())
         (evil_index / "meta.json").write_text(json.dumps({**meta, "model": str(model)}))
-        assert main(["search", "--index", str(evil_index), "--query", str(data["image"]),
-                     "-k", "1"]) == 2
+        assert main(["search", "--index", str(evil_index), "--query", str(data["image"]), "-k", "1"]) == 2
         assert "convert" in capsys.readouterr().err
         # the library entry points: load_backbone and curate's embedder
         from lvd.curation.embed import Embedder
@@ -190,8 +261,7 @@ def test_resume_refuses_hostile_pickles(data, tmp_path):
     shards = str(data["root"] / "shards")
 
     def resume(run: Path) -> None:
-        main(["pretrain", "--shards", shards, "--out", str(run), "--resume", "--max-steps", "3",
-              *TRAIN])
+        main(["pretrain", "--shards", shards, "--out", str(run), "--resume", "--max-steps", "3", *TRAIN])
 
     def refused(run: Path, pattern: str) -> None:  # one `error:` line naming the file
         with pytest.raises(SystemExit) as e:
@@ -199,16 +269,22 @@ def test_resume_refuses_hostile_pickles(data, tmp_path):
         message = str(e.value)
         assert re.match(r"lvd pretrain: error: \S*" + pattern, message) and "\n" not in message
 
-    refused(_hostile_run(data["good"], tmp_path / "a", marker),
-            r"step_0000002/\.metadata: refusing to unpickle builtins\.exec")
-    refused(_nested_metadata(data["good"], tmp_path / "b", marker),
-            r"step_0000002/\.metadata: refusing to unpickle builtins\.exec")
+    refused(
+        _hostile_run(data["good"], tmp_path / "a", marker),
+        r"step_0000002/\.metadata: refusing to unpickle builtins\.exec",
+    )
+    refused(
+        _nested_metadata(data["good"], tmp_path / "b", marker),
+        r"step_0000002/\.metadata: refusing to unpickle builtins\.exec",
+    )
     run = _copy_run(data["good"], tmp_path / "c")  # genuine DCP files, hostile old RNG file
     _legacy(run)
     (_step(run) / "rng-rank0.pt").write_bytes(pickle.dumps(Payload(marker), protocol=2))
     refused(run, r"step_0000002/rng-rank0\.pt: refusing to unpickle")
-    refused(_hostile_value(data["good"], tmp_path / "d", marker),
-            r"step_0000002: checkpoint value 'optimizer\.param_groups\.0\.lr': refusing to unpickle")
+    refused(
+        _hostile_value(data["good"], tmp_path / "d", marker),
+        r"step_0000002: checkpoint value 'optimizer\.param_groups\.0\.lr': refusing to unpickle",
+    )
     # the library call raises the error itself
     with pytest.raises(UnsafeCheckpointError, match=r"\.metadata: refusing to unpickle"):
         load_checkpoint(_step(tmp_path / "a"), {"optimizer": {}})
@@ -256,9 +332,14 @@ def test_restricted_unpickler_admits_dcp_metadata_only(data, tmp_path):
 
 
 def _draws() -> list:
-    return [random.random(), random.gauss(0, 1), float(np.random.randn()),
-            np.random.randint(0, 2**31, 4).tolist(), torch.rand(3).tolist(),
-            torch.randint(0, 1000, (3,)).tolist()]
+    return [
+        random.random(),
+        random.gauss(0, 1),
+        float(np.random.randn()),
+        np.random.randint(0, 2**31, 4).tolist(),
+        torch.rand(3).tolist(),
+        torch.randint(0, 1000, (3,)).tolist(),
+    ]
 
 
 def test_rng_round_trip_without_pickle(tmp_path):
@@ -289,8 +370,10 @@ def test_rng_round_trip_without_pickle(tmp_path):
 
 
 def _state(value: float) -> dict:
-    return {"teacher": {"backbone.cls_token": torch.full((1, 1, 8), value)},
-            "dino_loss": {"center": torch.full((4,), value)}}
+    return {
+        "teacher": {"backbone.cls_token": torch.full((1, 1, 8), value)},
+        "dino_loss": {"center": torch.full((4,), value)},
+    }
 
 
 def _saved_value(step_dir: Path) -> float:
@@ -300,8 +383,12 @@ def _saved_value(step_dir: Path) -> float:
 
 
 def test_crash_while_publishing_keeps_the_old_step(tmp_path, monkeypatch):
-    meta = lambda step: CheckpointMeta(step=step, data_batches=step, world_size=1,  # noqa: E731
-                                       recipe=tiny().to_dict())
+    meta = lambda step: CheckpointMeta(
+        step=step,
+        data_batches=step,
+        world_size=1,  # noqa: E731
+        recipe=tiny().to_dict(),
+    )
     save_checkpoint(tmp_path, _state(1.0), meta(2), keep=1)
     step2 = tmp_path / "checkpoints" / "step_0000002"
 
@@ -327,5 +414,4 @@ def test_crash_while_publishing_keeps_the_old_step(tmp_path, monkeypatch):
     assert _saved_value(step2) == 4.0
     save_checkpoint(tmp_path, _state(5.0), meta(3), keep=1)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_0000003"]
-    assert not list((tmp_path / "checkpoints").glob("*.tmp")) and not list(
-        (tmp_path / "checkpoints").glob("*.old"))
+    assert not list((tmp_path / "checkpoints").glob("*.tmp")) and not list((tmp_path / "checkpoints").glob("*.old"))

@@ -30,8 +30,14 @@ def lvd(tmp: Path, *argv, timeout=60, **env) -> tuple[subprocess.CompletedProces
     e = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PREFECT_"))}
     e.update(PREFECT_HOME=str(tmp / "prefect-home"), PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", **env)
     t0 = time.monotonic()
-    done = subprocess.run([sys.executable, "-m", "lvd.cli", *map(str, argv)], env=e, cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, "-m", "lvd.cli", *map(str, argv)],
+        env=e,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     return done, time.monotonic() - t0
 
 
@@ -56,7 +62,10 @@ def test_out_that_is_a_file_is_one_line(tmp_path):
     dump = tmp_path / "dump"
     testdata.write_photo_jpegs(dump, 1, side=64)
     (tmp_path / "file").write_text("x")
-    for out, what in ((tmp_path / "file", "it is a file"), (tmp_path / "file" / "run", f"{tmp_path / 'file'} is a file")):
+    for out, what in (
+        (tmp_path / "file", "it is a file"),
+        (tmp_path / "file" / "run", f"{tmp_path / 'file'} is a file"),
+    ):
         for command in ("curate", "pipeline", "demo"):
             argv = [command, "--out", out] + ([] if command == "demo" else ["--input", dump])
             done, took = lvd(tmp_path, *argv)
@@ -67,12 +76,29 @@ def test_out_that_is_a_file_is_one_line(tmp_path):
 def test_unknown_model_paths_and_bad_numbers_all_in_one_line(tmp_path):
     dump = tmp_path / "dump"
     dump.mkdir()
-    done, took = lvd(tmp_path, "curate", "--input", dump, "--out", tmp_path / "o",
-                     "--embedder", tmp_path / "dinov2.pth", "--copy-model", tmp_path / "sscd.pt",
-                     "--partition-size", "0", "--max-remove-fraction", "1.5")
+    done, took = lvd(
+        tmp_path,
+        "curate",
+        "--input",
+        dump,
+        "--out",
+        tmp_path / "o",
+        "--embedder",
+        tmp_path / "dinov2.pth",
+        "--copy-model",
+        tmp_path / "sscd.pt",
+        "--partition-size",
+        "0",
+        "--max-remove-fraction",
+        "1.5",
+    )
     line = one_error_line(done)
-    for want in (f"--embedder {tmp_path / 'dinov2.pth'}: no such model", f"--copy-model {tmp_path / 'sscd.pt'}: no such model",
-                 "--partition-size 0", "--max-remove-fraction 1.5"):
+    for want in (
+        f"--embedder {tmp_path / 'dinov2.pth'}: no such model",
+        f"--copy-model {tmp_path / 'sscd.pt'}: no such model",
+        "--partition-size 0",
+        "--max-remove-fraction 1.5",
+    ):
         assert want in line, want
     assert done.returncode == 2 and took < 3 and not (tmp_path / "o").exists()
     # argparse's own refusals are one line too
@@ -89,8 +115,18 @@ def test_refused_ray_address_is_one_line_before_prefect(token_cluster, tmp_path)
     home = tmp_path / "home"
     (home / ".ray").mkdir(parents=True)
     (home / ".ray" / "auth_token").write_text(uuid.uuid4().hex * 2)  # another machine's token
-    done, took = lvd(tmp_path, "curate", "--input", dump, "--out", tmp_path / "o", "--ray-address", address,
-                     timeout=240, HOME=str(home))
+    done, took = lvd(
+        tmp_path,
+        "curate",
+        "--input",
+        dump,
+        "--out",
+        tmp_path / "o",
+        "--ray-address",
+        address,
+        timeout=240,
+        HOME=str(home),
+    )
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert done.returncode == 2 and len(errors) == 1, done.stderr[-3000:]
     assert "refused" in errors[0] and str(home / ".ray" / "auth_token") in errors[0]
@@ -135,7 +171,9 @@ def test_enospc_inside_a_ray_task_maps_to_path_and_stage(ray_local, tiny_disk):
     assert msg.startswith("disk full writing ") and " during " in msg
     # a write() on an open file names no path: the run folder and its stage folder then
     plain = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(run / "shards" / "shard-000000.tar"))
-    assert checks.disk_full(plain, run).startswith(f"disk full writing {run / 'shards' / 'shard-000000.tar'} during shards")
+    assert checks.disk_full(plain, run).startswith(
+        f"disk full writing {run / 'shards' / 'shard-000000.tar'} during shards"
+    )
     assert checks.disk_full(ValueError("x"), run) is None
 
 
@@ -143,8 +181,18 @@ def test_disk_full_run_is_one_line_naming_path_and_stage(tiny_disk, tmp_path):
     dump = tmp_path / "dump"
     testdata.write_photo_jpegs(dump, 30, side=256)  # ~0.5 MB of JPEG; ingest keeps the bytes
     (tmp_path / "home").mkdir()
-    done, took = lvd(tmp_path, "curate", "--input", dump, "--out", tiny_disk / "run", "--partition-size", "4",
-                     timeout=400, HOME=str(tmp_path / "home"))
+    done, took = lvd(
+        tmp_path,
+        "curate",
+        "--input",
+        dump,
+        "--out",
+        tiny_disk / "run",
+        "--partition-size",
+        "4",
+        timeout=400,
+        HOME=str(tmp_path / "home"),
+    )
     errors = [ln for ln in done.stderr.splitlines() if ln.startswith("error:")]
     assert done.returncode == 1 and len(errors) == 1, done.stderr[-4000:]
     assert errors[0].startswith(f"error: disk full writing {tiny_disk / 'run'}"), errors

@@ -22,9 +22,9 @@ from ray import cloudpickle
 
 from lvd import durable
 from lvd.curation import ingest, isolate, ledger, runner, testdata
-from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
+from lvd.curation.stages import ingest_dedup as stages
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -60,7 +60,9 @@ def test_same_size_corruption_needs_the_checksum_flag(ray_local, tmp_path):
     data[len(data) // 2] ^= 0xFF  # bit rot: same size, other bytes
     out.write_bytes(bytes(data))
     assert runner.map_partitions(numbers, parts, tmp_path, cfg_hash="c").ran == []
-    rep = runner.map_partitions(numbers, parts, tmp_path, cfg_hash="c", runner=runner.RunnerConfig(verify_checksums=True))
+    rep = runner.map_partitions(
+        numbers, parts, tmp_path, cfg_hash="c", runner=runner.RunnerConfig(verify_checksums=True)
+    )
     assert rep.ran == [0] and rep.skipped == [1]
     assert pq.read_table(out)["x"].to_pylist()[:2] == [0, 1]
 
@@ -138,7 +140,10 @@ def test_input_that_kills_its_worker_is_rejected_not_fatal(ray_local, killer_dum
     inputs = [str(killer_dump / "photos"), str(killer_dump / "members.tar")]
     partitions = stages.plan(inputs, 5)
     rep = runner.map_partitions(
-        DiesOnInput(cfg), partitions, tmp_path / "ingest", cfg_hash=runner.config_hash(cfg),
+        DiesOnInput(cfg),
+        partitions,
+        tmp_path / "ingest",
+        cfg_hash=runner.config_hash(cfg),
         runner=runner.RunnerConfig(max_retries=1),
     )
     assert sorted(rep.ran) == [p.index for p in partitions]

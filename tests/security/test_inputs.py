@@ -135,7 +135,9 @@ def test_hf_struct_path_field_obeys_the_same_rules(tmp_path):
     (tmp_path / "outside.jpg").write_bytes(_jpeg())
     (tmp_path / "dump").mkdir()
     struct_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    cells = pa.array([{"bytes": None, "path": "../outside.jpg"}, {"bytes": None, "path": "https://127.0.0.1:9/a.jpg"}], struct_t)
+    cells = pa.array(
+        [{"bytes": None, "path": "../outside.jpg"}, {"bytes": None, "path": "https://127.0.0.1:9/a.jpg"}], struct_t
+    )
     path = tmp_path / "dump" / "hf.parquet"
     pq.write_table(pa.table({"image": cells}), path)
     assert [(i.data, i.error) for p in plan_partitions([str(path)]) for i in iter_items(p)] == [
@@ -149,13 +151,21 @@ def test_remote_parquet_dump_reads_only_inside_its_own_folder():
 
     fs = fsspec.filesystem("memory")
     buf = io.BytesIO()
-    pq.write_table(pa.table({"path": ["a.jpg", "../up/b.jpg", "sub/../a.jpg", "/t12/up/b.jpg", "memory:///t12/up/b.jpg"]}), buf)
+    pq.write_table(
+        pa.table({"path": ["a.jpg", "../up/b.jpg", "sub/../a.jpg", "/t12/up/b.jpg", "memory:///t12/up/b.jpg"]}), buf
+    )
     fs.pipe({"/t12/d/p.parquet": buf.getvalue(), "/t12/d/a.jpg": b"A", "/t12/up/b.jpg": b"B"})
     try:
         got = [(i.data, i.error) for p in plan_partitions(["memory://t12/d/p.parquet"]) for i in iter_items(p)]
     finally:
         fs.rm("/t12", recursive=True)
-    assert got == [(b"A", None), (None, "path_outside_root"), (b"A", None), (None, "path_outside_root"), (None, "remote_path")]
+    assert got == [
+        (b"A", None),
+        (None, "path_outside_root"),
+        (b"A", None),
+        (None, "path_outside_root"),
+        (None, "remote_path"),
+    ]
 
 
 def test_folder_symlink_out_of_the_dump_is_not_read_nor_its_sidecar(tmp_path):
@@ -195,7 +205,9 @@ def _zero_png(path: Path, width: int, height: int) -> None:
     comp, row = zlib.compressobj(9), b"\x00" * (1 + 4 * width)
     idat = b"".join([*(comp.compress(row) for _ in range(height)), comp.flush()])
     with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + testdata._png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0)))
+        f.write(
+            b"\x89PNG\r\n\x1a\n" + testdata._png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 6, 0, 0, 0))
+        )
         f.write(testdata._png_chunk(b"IDAT", idat) + testdata._png_chunk(b"IEND", b""))
 
 
@@ -231,7 +243,9 @@ print(json.dumps({"grew": peak() - before, "records": [[r["source"], r["status"]
 
 
 def _measure(path: Path) -> dict:
-    out = subprocess.run([sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    out = subprocess.run(
+        [sys.executable, "-c", _MEASURE, str(path)], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -317,10 +331,15 @@ def test_symlink_loop_is_named_as_such(tmp_path):
     (dump / "c.jpg").symlink_to(tmp_path / "o1")  # a loop outside the dump: still named a loop
     (dump / "ok.jpg").write_bytes(_jpeg())
     records = _records([dump])
-    assert [records[str(dump / n)]["reason"] for n in ("a.jpg", "b.jpg", "c.jpg", "ok.jpg")] == ["symlink_loop"] * 3 + [None]
+    assert [records[str(dump / n)]["reason"] for n in ("a.jpg", "b.jpg", "c.jpg", "ok.jpg")] == ["symlink_loop"] * 3 + [
+        None
+    ]
     table = dump / "paths.parquet"  # a Parquet path cell naming the loop says so too
     pq.write_table(pa.table({"path": ["a.jpg", "ok.jpg"]}), table)
-    assert [(i.error, i.data is None) for p in plan_partitions([str(table)]) for i in iter_items(p)][0] == ("symlink_loop", True)
+    assert [(i.error, i.data is None) for p in plan_partitions([str(table)]) for i in iter_items(p)][0] == (
+        "symlink_loop",
+        True,
+    )
     loop = tmp_path / "loop"
     loop.symlink_to(loop)
     with pytest.raises(ValueError, match="symlink loop"):
@@ -355,8 +374,14 @@ def test_tools_decode_only_allow_listed_formats_within_the_caps(tmp_path):
     with open(tmp_path / "d.png", "wb") as f:
         f.truncate(100 << 20)
     assert decode(Raw(ImageRef("a", "a"), (tmp_path / "a.png").read_bytes()), 32).image.size == (64, 64)
-    assert decode(Raw(ImageRef("b", "b"), (tmp_path / "b.tga").read_bytes()), 32).reason == "decode_error: ImageRejected: not_image"
-    assert decode(Raw(ImageRef("c", "c"), (tmp_path / "c.png").read_bytes()), 32).reason == "decode_error: ImageRejected: too_large"
+    assert (
+        decode(Raw(ImageRef("b", "b"), (tmp_path / "b.tga").read_bytes()), 32).reason
+        == "decode_error: ImageRejected: not_image"
+    )
+    assert (
+        decode(Raw(ImageRef("c", "c"), (tmp_path / "c.png").read_bytes()), 32).reason
+        == "decode_error: ImageRejected: too_large"
+    )
     (unit,) = plan_units(tmp_path)
     assert {r.ref.id: r.reason for r in read_raw(unit)}["d.png"].startswith("read_error: too_many_bytes")
     for name, reason in (("b.tga", "not_image"), ("c.png", "too_large"), ("d.png", "too_many_bytes")):

@@ -42,8 +42,12 @@ ray.shutdown()
 def test_local_ray_listens_on_loopback_only(tmp_path):
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run(
-        [sys.executable, "-c", LOCAL], env=clean_env(tmp_path, PYTHONPATH=str(root)), cwd=root,
-        capture_output=True, text=True, timeout=240,
+        [sys.executable, "-c", LOCAL],
+        env=clean_env(tmp_path, PYTHONPATH=str(root)),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     (line,) = [ln for ln in out.stdout.splitlines() if ln.startswith("LISTEN ")]
@@ -65,8 +69,22 @@ def token_cluster():
     port = free_port()
     # Loopback-only, the same switch lvd's local Ray uses: nothing listens beyond 127.0.0.1.
     env = clean_env(home, RAY_AUTH_MODE="token", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
-    cmd = [RAY, "start", "--head", "--port", str(port), "--node-ip-address", "127.0.0.1",
-           "--num-cpus", "1", "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp]
+    cmd = [
+        RAY,
+        "start",
+        "--head",
+        "--port",
+        str(port),
+        "--node-ip-address",
+        "127.0.0.1",
+        "--num-cpus",
+        "1",
+        "--include-dashboard",
+        "false",
+        "--disable-usage-stats",
+        "--temp-dir",
+        temp,
+    ]
     try:
         started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stderr[-3000:]
@@ -91,8 +109,12 @@ ray.shutdown()
 def join(home: Path, address: str) -> subprocess.CompletedProcess:
     root = Path(__file__).resolve().parents[2]
     return subprocess.run(
-        [sys.executable, "-c", JOIN, address], env=clean_env(home, PYTHONPATH=str(root)), cwd=root,
-        capture_output=True, text=True, timeout=240,
+        [sys.executable, "-c", JOIN, address],
+        env=clean_env(home, PYTHONPATH=str(root)),
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
 
 

@@ -28,8 +28,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def env_for(tmp: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "PREFECT_"))}
-    env.update(HOME=str(tmp / "home"), PREFECT_HOME=str(tmp / "prefect"), RAY_USAGE_STATS_ENABLED="0",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.update(
+        HOME=str(tmp / "home"),
+        PREFECT_HOME=str(tmp / "prefect"),
+        RAY_USAGE_STATS_ENABLED="0",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+    )
     (tmp / "home").mkdir(exist_ok=True)
     return env
 
@@ -48,8 +53,7 @@ def test_sigkill_leaves_no_process_and_next_run_marks_it_crashed(tmp_path):
     testdata.write_photo_jpegs(dump, 120, side=128)
     out = tmp_path / "run"
     env = env_for(tmp_path)
-    argv = [sys.executable, "-m", "lvd.cli", "curate", "--input", str(dump), "--out", str(out),
-            "--partition-size", "4"]
+    argv = [sys.executable, "-m", "lvd.cli", "curate", "--input", str(dump), "--out", str(out), "--partition-size", "4"]
     with open(tmp_path / "first.log", "wb") as log:
         proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=log)
     started: dict[int, str] = {}
@@ -84,5 +88,7 @@ def test_sigkill_leaves_no_process_and_next_run_marks_it_crashed(tmp_path):
     said = again.stdout + again.stderr
     assert f"({runs[0][0]}) of {out} Crashed" in said  # the user is told which run and why
     # no telemetry attempt from the temporary server (PREFECT_SERVER_ANALYTICS_ENABLED=false)
-    assert not [ln for ln in said.splitlines() if "ERROR" in ln and ("analytics" in ln.lower() or "telemetry" in ln.lower())]
+    assert not [
+        ln for ln in said.splitlines() if "ERROR" in ln and ("analytics" in ln.lower() or "telemetry" in ln.lower())
+    ]
     assert not list((tmp_path / "prefect" / "lvd-processes").glob("*.json"))  # both records gone

@@ -40,8 +40,11 @@ def curate(*argv) -> list[str]:
 
 def listing(folder: Path) -> dict[str, tuple[int, int]]:
     """Every file with size and mtime, but the lock (it names its latest holder)."""
-    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
 
 
 def sources(run: Path) -> set[str]:
@@ -123,8 +126,11 @@ def test_overwrite_replaces_the_run(ray_local, prefect_harness, dumps, tmp_path)
     assert sources(run) and all(s.startswith(str(b)) for s in sources(run))
     blobs = pq.read_table(sorted((run / "ingest").glob("*.parquet"))[0])
     assert blobs.num_rows
-    ingested = {s for p in (run / "ingest").glob("part-*[0-9].parquet")
-                for s in pq.read_table(p, columns=["source"])["source"].to_pylist()}
+    ingested = {
+        s
+        for p in (run / "ingest").glob("part-*[0-9].parquet")
+        for s in pq.read_table(p, columns=["source"])["source"].to_pylist()
+    }
     assert ingested == sources(run)  # no part of the first run is left behind
     assert verify_run(run).ok
     record = json.loads((run / "run.json").read_text())
@@ -165,8 +171,13 @@ def test_second_concurrent_run_is_refused(ray_local, prefect_harness, tmp_path, 
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value(), PYTHONPATH=str(ROOT))
     address = ray_local.get_runtime_context().gcs_address
     with open(tmp_path / "first.log", "wb") as log:
-        first = subprocess.Popen([sys.executable, "-m", "lvd.cli", *argv, "--ray-address", address],
-                                 env=env, cwd=ROOT, stdout=log, stderr=log)
+        first = subprocess.Popen(
+            [sys.executable, "-m", "lvd.cli", *argv, "--ray-address", address],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=log,
+        )
     try:
         deadline = time.monotonic() + 240
         while first.poll() is None and not _locked(run / ".lock") and time.monotonic() < deadline:
@@ -189,11 +200,17 @@ def test_second_concurrent_run_is_refused(ray_local, prefect_harness, tmp_path, 
 
 
 def test_lock_is_released_when_the_holder_is_killed(tmp_path):
-    holder = ("import sys, time; from lvd import runfolder; "
-              "runfolder.claim(sys.argv[1], [sys.argv[1]], {}); print('held', flush=True); time.sleep(60)")
+    holder = (
+        "import sys, time; from lvd import runfolder; "
+        "runfolder.claim(sys.argv[1], [sys.argv[1]], {}); print('held', flush=True); time.sleep(60)"
+    )
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-c", holder, str(run)], cwd=ROOT, stdout=subprocess.PIPE,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder, str(run)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     try:
         assert proc.stdout.readline().strip() == b"held"
         with pytest.raises(runfolder.RunFolderBusy, match=f"pid {proc.pid}, started"):
@@ -238,8 +255,11 @@ def test_settings_of_a_short_call_and_of_the_command_line_agree():
     from lvd.cli.options import curate_kwargs
     from lvd.flows.curate import curate as flow
 
-    defaults = {k: p.default for k, p in inspect.signature(flow.fn).parameters.items()
-                if p.default is not inspect.Parameter.empty}
+    defaults = {
+        k: p.default
+        for k, p in inspect.signature(flow.fn).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     assert runfolder.curate_settings({}) == runfolder.curate_settings(defaults)
     args = cli.build_parser().parse_args(["curate", "--input", "x", "--out", "y"])
     assert runfolder.curate_settings(curate_kwargs(args)) == runfolder.curate_settings({})

@@ -68,8 +68,7 @@ def index(tmp_path_factory, embedded):
 
 
 def test_layout_shapes_and_row_order(embedded, folder, photos):
-    ids = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.*")
-                 if p.stem in dict(photos))
+    ids = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.*") if p.stem in dict(photos))
     assert embedded.ids == ids and len(ids) == 8
     assert embedded.paths == [str(folder / i) for i in ids]
     assert embedded.cls_ND.shape == (8, 192) and embedded.cls_ND.dtype == np.float32
@@ -103,8 +102,9 @@ def test_shards_give_the_folder_vectors(tmp_path, tiny_backbone, photos, embedde
     from lvd.curation.shards import ShardConfig, ShardSample, write_shards
 
     blobs = {name: jpeg(img) for name, img in photos}
-    samples = [ShardSample(uid=hashlib.sha256(b).hexdigest(), source=n, width=1, height=1, data=b)
-               for n, b in blobs.items()]
+    samples = [
+        ShardSample(uid=hashlib.sha256(b).hexdigest(), source=n, width=1, height=1, data=b) for n, b in blobs.items()
+    ]
     write_shards(samples, tmp_path / "shards", ShardConfig(shard_size=3))
     with tarfile.open(tmp_path / "shards" / "shard-000099.tar", "w") as tar:
         for name, payload in (("x1.json", b'{"uid": "only-json"}'), ("x2.jpg", b"\xff\xd8broken")):
@@ -195,7 +195,9 @@ def test_cli_embed_index_search(tmp_path, capsys, tiny_backbone, folder, embedde
         assert main(["index", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")]) == 0
         assert "indexed 8 images (D=192, exact)" in capsys.readouterr().out
         query = folder / embedded.ids[0]
-        assert main(["search", "--index", str(tmp_path / "idx"), "--query", str(query), "-k", "3", "--device", "cpu"]) == 0
+        assert (
+            main(["search", "--index", str(tmp_path / "idx"), "--query", str(query), "-k", "3", "--device", "cpu"]) == 0
+        )
         lines = capsys.readouterr().out.splitlines()
         rank, score, hit_id, path = lines[0].split()
         assert (rank, hit_id, path) == ("1", embedded.ids[0], str(query)) and float(score) > 0.9999

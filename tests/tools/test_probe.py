@@ -50,9 +50,27 @@ def motorcycle_strips(tmp_path_factory):
 def test_lvd_probe_dense_beats_the_mean_on_held_out_strips(tiny_backbone, motorcycle_strips, tmp_path, capsys):
     root, train_maps, val_maps = motorcycle_strips
     out = tmp_path / "metrics.json"
-    assert main(["probe", "dense", "--model", str(tiny_backbone.lvd), "--train", str(root / "train"),
-                 "--val", str(root / "val"), "--target", "disparity", "--size", "168",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "probe",
+                "dense",
+                "--model",
+                str(tiny_backbone.lvd),
+                "--train",
+                str(root / "train"),
+                "--val",
+                str(root / "val"),
+                "--target",
+                "disparity",
+                "--size",
+                "168",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(out.read_text())
     train_px = np.concatenate([m[np.isfinite(m)] for m in train_maps]).astype(np.float64)
     val_px = np.concatenate([m[np.isfinite(m)] for m in val_maps]).astype(np.float64)
@@ -72,7 +90,9 @@ def test_mlp_head_depth_metrics(tiny_backbone, motorcycle_strips):
     train, val = read_dense_folder(root / "train"), read_dense_folder(root / "val")
     probe = train_dense_probe(tiny_backbone.model, train, cfg)
     metrics = evaluate_dense_probe(tiny_backbone.model, probe, val, cfg)
-    print(f"MLP: RMSE {metrics.rmse:.2f} vs {metrics.mean_rmse:.2f}, d1 {metrics.delta1:.3f} vs {metrics.mean_delta1:.3f}")
+    print(
+        f"MLP: RMSE {metrics.rmse:.2f} vs {metrics.mean_rmse:.2f}, d1 {metrics.delta1:.3f} vs {metrics.mean_delta1:.3f}"
+    )
     assert metrics.rmse < metrics.mean_rmse
     assert 0 <= metrics.mean_delta1 <= 1 and 0 <= metrics.delta1 <= 1
 
@@ -86,10 +106,9 @@ def test_rmse_and_delta1_by_hand():
 
 
 def test_patch_targets_average_valid_pixels():
-    target = np.array([[1, 3, 5, 5],
-                       [np.nan, 2, 5, 5],
-                       [np.nan, np.nan, 7, np.nan],
-                       [np.nan, 4, np.nan, np.nan]], np.float32)
+    target = np.array(
+        [[1, 3, 5, 5], [np.nan, 2, 5, 5], [np.nan, np.nan, 7, np.nan], [np.nan, 4, np.nan, np.nan]], np.float32
+    )
     got = patch_targets(target, 2, 2, min_valid=0.5)
     np.testing.assert_allclose(got[0], [2.0, 5.0])  # (1 + 3 + 2) / 3, all four valid
     assert np.isnan(got[1, 0])  # 1 of 4 valid < 0.5

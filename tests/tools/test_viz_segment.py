@@ -22,15 +22,28 @@ def _photo(photos, name: str) -> Image.Image:
 
 def _panels(picture: Image.Image, width: int, height: int) -> list[np.ndarray]:
     a = np.asarray(picture)
-    return [a[r:r + height, c:c + width] for r in range(0, a.shape[0], height)
-            for c in range(0, a.shape[1], width)]
+    return [a[r : r + height, c : c + width] for r in range(0, a.shape[0], height) for c in range(0, a.shape[1], width)]
 
 
 def test_lvd_viz_writes_a_nontrivial_picture(tiny_backbone, photos, tmp_path):
     _photo(photos, "astronaut").save(tmp_path / "astronaut.png")
     out = tmp_path / "pics" / "viz.png"
-    assert main(["viz", "--model", str(tiny_backbone.lvd), "--image", str(tmp_path / "astronaut.png"),
-                 "--out", str(out), "--size", "112"]) == 0
+    assert (
+        main(
+            [
+                "viz",
+                "--model",
+                str(tiny_backbone.lvd),
+                "--image",
+                str(tmp_path / "astronaut.png"),
+                "--out",
+                str(out),
+                "--size",
+                "112",
+            ]
+        )
+        == 0
+    )
     picture = Image.open(out)
     # astronaut is square: 112 x 112 panels, a top row of 4 and one row of the 3 heads (+ 1 blank)
     assert picture.size == (4 * 112, 2 * 112)
@@ -55,7 +68,7 @@ def test_attention_matches_transformers(tiny_backbone, photos):
     x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     with torch.no_grad():
         attn_BHTT = hf(pixel_values=x, output_attentions=True).attentions[-1]
-    theirs_Khw = attn_BHTT[0, :, 0, 1 + 4:].reshape(3, 5, 8).numpy()
+    theirs_Khw = attn_BHTT[0, :, 0, 1 + 4 :].reshape(3, 5, 8).numpy()
     np.testing.assert_allclose(maps.attention_Khw, theirs_Khw, atol=1e-5)
     assert (maps.attention_Khw.sum((1, 2)) < 1).all()  # the CLS and register shares are left out
 
@@ -94,7 +107,7 @@ def _pasted(photos) -> tuple[Image.Image, np.ndarray]:
     canvas = Image.new("RGB", (448, 336), (128, 128, 128))
     canvas.paste(_photo(photos, "chelsea").resize((224, 168), Image.Resampling.BICUBIC), (112, 84))
     mask = np.zeros((336, 448), bool)
-    mask[84:84 + 168, 112:112 + 224] = True
+    mask[84 : 84 + 168, 112 : 112 + 224] = True
     return canvas, mask
 
 
@@ -103,9 +116,28 @@ def test_lvd_segment_finds_a_pasted_photo_in_itself(tiny_backbone, photos, tmp_p
     scene.save(tmp_path / "scene.png")
     Image.fromarray(mask.astype(np.uint8) * 255).save(tmp_path / "mask.png")
     out, mask_out = tmp_path / "seg.png", tmp_path / "segment-mask.png"
-    assert main(["segment", "--model", str(tiny_backbone.official), "--reference", str(tmp_path / "scene.png"),
-                 "--mask", str(tmp_path / "mask.png"), "--target", str(tmp_path / "scene.png"),
-                 "--out", str(out), "--mask-out", str(mask_out), "--size", "168"]) == 0
+    assert (
+        main(
+            [
+                "segment",
+                "--model",
+                str(tiny_backbone.official),
+                "--reference",
+                str(tmp_path / "scene.png"),
+                "--mask",
+                str(tmp_path / "mask.png"),
+                "--target",
+                str(tmp_path / "scene.png"),
+                "--out",
+                str(out),
+                "--mask-out",
+                str(mask_out),
+                "--size",
+                "168",
+            ]
+        )
+        == 0
+    )
     got = np.asarray(Image.open(mask_out)) > 0
     assert got.shape == mask.shape
     iou = (got & mask).sum() / (got | mask).sum()
@@ -135,9 +167,9 @@ def test_mask_to_grid_keeps_patches_at_least_half_covered():
 def test_similarity_is_cosine_to_the_mean_of_unit_features():
     patches = np.array([[[3.0, 0.0], [0.0, 1.0]], [[1.0, 1.0], [-2.0, 0.0]]], np.float32)  # 2 x 2 x 2
     proto = prototype(patches, np.array([[True, True], [False, False]]))
-    np.testing.assert_allclose(proto, [2 ** -0.5, 2 ** -0.5], rtol=1e-6)  # mean of (1,0), (0,1)
+    np.testing.assert_allclose(proto, [2**-0.5, 2**-0.5], rtol=1e-6)  # mean of (1,0), (0,1)
     sim = similarity_map(patches, proto, (2, 2))  # same size: no resampling
-    np.testing.assert_allclose(sim, [[2 ** -0.5, 2 ** -0.5], [1.0, -(2 ** -0.5)]], rtol=1e-5)
+    np.testing.assert_allclose(sim, [[2**-0.5, 2**-0.5], [1.0, -(2**-0.5)]], rtol=1e-5)
 
 
 def test_segment_rejects_bad_masks(tiny_backbone, photos):

@@ -116,18 +116,37 @@ def prefect_server(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect-ui-home")
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           # The UI asks the API at these host and port; `--port` alone leaves it on 4200.
-           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port)}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # The UI asks the API at these host and port; `--port` alone leaves it on 4200.
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+    }
     env.pop("PREFECT_API_URL", None)
     LOGS.mkdir(parents=True, exist_ok=True)
     log, pid_file = LOGS / "server.log", LOGS / "server.pid"
     prefect = Path(sys.executable).with_name("prefect")
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-             "--no-scheduler", "--no-late-runs", "--analytics-off"],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(prefect),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-scheduler",
+                "--no-late-runs",
+                "--analytics-off",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     pid_file.write_text(f"{proc.pid}\n")
     try:
         _wait_healthy(proc, url, log)
@@ -154,21 +173,47 @@ def pipeline_run(prefect_server, tmp_path_factory) -> PipelineRun:
     dump = build_demo_dump(root / "dump", n_photos=2)
     train, val = build_knn_folders(root / "knn", per_class_train=3, per_class_val=2)
     out = root / "out"
-    argv = [sys.executable, "-m", "lvd.cli", "pipeline", *[a for i in dump.inputs for a in ("--input", i)],
-            "--out", str(out), "--recipe", "tiny", "--max-steps", "2", "--batch-size", "4",
-            "--knn-train", str(train), "--knn-val", str(val), "--knn-k", "3", "--partition-size", "16"]
-    env = {**os.environ, "PREFECT_API_URL": f"{prefect_server.url}/api",
-           "PREFECT_HOME": str(prefect_server.home)}
+    argv = [
+        sys.executable,
+        "-m",
+        "lvd.cli",
+        "pipeline",
+        *[a for i in dump.inputs for a in ("--input", i)],
+        "--out",
+        str(out),
+        "--recipe",
+        "tiny",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--knn-train",
+        str(train),
+        "--knn-val",
+        str(val),
+        "--knn-k",
+        "3",
+        "--partition-size",
+        "16",
+    ]
+    env = {**os.environ, "PREFECT_API_URL": f"{prefect_server.url}/api", "PREFECT_HOME": str(prefect_server.home)}
     log = LOGS / "pipeline.log"
     with open(log, "w") as f:
-        rc = subprocess.run(argv, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=PIPELINE_TIMEOUT_S,
-                            cwd=root).returncode
+        rc = subprocess.run(
+            argv, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=PIPELINE_TIMEOUT_S, cwd=root
+        ).returncode
     assert rc == 0, f"lvd pipeline exited with {rc}:\n{_tail(log)}"
     runs = _post(prefect_server, "flow_runs/filter", {"flows": {"name": {"any_": ["pipeline"]}}})
     assert len(runs) == 1, runs
-    children = _post(prefect_server, "flow_runs/filter",
-                     {"flow_runs": {"parent_flow_run_id": {"any_": [runs[0]["id"]]}}})
+    children = _post(
+        prefect_server, "flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [runs[0]["id"]]}}}
+    )
     flows = {f["id"]: f["name"] for f in _post(prefect_server, "flows/filter", {})}
-    return PipelineRun(server=prefect_server, flow_run_id=runs[0]["id"], flow_run_name=runs[0]["name"],
-                       children={flows[c["flow_id"]]: c for c in children}, out=out,
-                       expected_rejections=dict(Counter(dump.rejections.values())))
+    return PipelineRun(
+        server=prefect_server,
+        flow_run_id=runs[0]["id"],
+        flow_run_name=runs[0]["name"],
+        children={flows[c["flow_id"]]: c for c in children},
+        out=out,
+        expected_rejections=dict(Counter(dump.rejections.values())),
+    )

@@ -19,8 +19,15 @@ from playwright.sync_api import expect, sync_playwright
 CHROMIUM = Path("/usr/bin/chromium")
 # Without the background-networking flags Chromium phones home and, on a closed network,
 # stalls on refused connections.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 RENDER_TIMEOUT_MS = 60_000  # the UI fetches and draws after load; slow on a busy 2-core machine
 
 pytestmark = pytest.mark.browser  # needs Debian's Chromium (scripts/test.sh installs it as root)
@@ -78,9 +85,14 @@ def test_flow_run_page_shows_completed_stages(pipeline_run, page, screenshot):
     _open_run(page, run, run.flow_run_id)
     _visible(page, run.flow_run_name, "Completed", "pipeline")
     # The flow logs one line per stage; the timeline above them is a canvas (no text).
-    _visible(page, "pipeline [1/4] curate 3 input(s)", "pipeline [2/4] pretrain tiny",
-             "pipeline [3/4] k-NN top-1:", "pipeline [4/4] export the teacher backbone",
-             "export: teacher backbone of")
+    _visible(
+        page,
+        "pipeline [1/4] curate 3 input(s)",
+        "pipeline [2/4] pretrain tiny",
+        "pipeline [3/4] k-NN top-1:",
+        "pipeline [4/4] export the teacher backbone",
+        "export: teacher backbone of",
+    )
     screenshot(page, "01-pipeline-run-logs")
 
     _tab(page, "Subflow Runs")
@@ -106,9 +118,16 @@ def test_curate_subflow_shows_its_tasks_and_artifacts(pipeline_run, page, screen
     screenshot(page, "04-curate-task-runs")
 
     _tab(page, "Artifacts")
-    _visible(page, "curate-ledger-counts", "ledger: inputs per status and reason",
-             "curate-dedup-counts", "curate-dedup-groups", "duplicate groups, side by side",
-             "curate-copydetect-counts", "curate-copydetect-calibration")
+    _visible(
+        page,
+        "curate-ledger-counts",
+        "ledger: inputs per status and reason",
+        "curate-dedup-counts",
+        "curate-dedup-groups",
+        "duplicate groups, side by side",
+        "curate-copydetect-counts",
+        "curate-copydetect-calibration",
+    )
     screenshot(page, "05-curate-artifacts")
 
 
@@ -152,8 +171,14 @@ def test_pretrain_subflow_shows_loss_table(pipeline_run, page, screenshot):
     for task in ("train", "knn-eval"):
         expect(page.get_by_text(re.compile(rf"^{task}-[0-9a-f]{{3}}$")).first).to_be_visible()
     _tab(page, "Artifacts")
-    _visible(page, "pretrain-losses", "pretrain: last logged losses and learning rate",
-             "pretrain-knn", "pretrain-pictures", "pretrain-progress")
+    _visible(
+        page,
+        "pretrain-losses",
+        "pretrain: last logged losses and learning rate",
+        "pretrain-knn",
+        "pretrain-pictures",
+        "pretrain-progress",
+    )
     screenshot(page, "08-pretrain-artifacts")
 
     _open_latest_artifact(page, run, "pretrain-losses")
@@ -172,6 +197,12 @@ def test_pipeline_summary_shows_knn_top1(pipeline_run, page, screenshot):
     run = pipeline_run
     _open_latest_artifact(page, run, "pipeline-summary")
     knn = json.loads(next((run.out / "pretrain" / "checkpoints").glob("step_*/eval_knn.json")).read_text())
-    _visible(page, "Pipeline summary", "inputs by status", "k-NN top-1",
-             f"{100 * knn['top1']:.2f}%", "steps 0 -> 2, relaunches 0")
+    _visible(
+        page,
+        "Pipeline summary",
+        "inputs by status",
+        "k-NN top-1",
+        f"{100 * knn['top1']:.2f}%",
+        "steps 0 -> 2, relaunches 0",
+    )
     screenshot(page, "10-pipeline-summary")

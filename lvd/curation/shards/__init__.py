@@ -187,7 +187,9 @@ def write_manifest(
         rows["key"] += info.keys
         rows["uid"] += info.uids
         rows["source"] += info.sources
-        per_shard = dict(shard=info.name, shard_sha256=info.sha256, shard_samples=info.n_samples, shard_bytes=info.bytes)
+        per_shard = dict(
+            shard=info.name, shard_sha256=info.sha256, shard_samples=info.n_samples, shard_bytes=info.bytes
+        )
         for col, value in per_shard.items():
             rows[col] += [value] * info.n_samples
     meta = {b"lvd.shard_config": json.dumps(asdict(cfg), sort_keys=True).encode()} if cfg else None
@@ -234,7 +236,10 @@ def sample_json(sample: ShardSample, stored: StoredImage) -> bytes:
 def _add_sample(tar: tarfile.TarFile, key: str, sample: ShardSample, cfg: ShardConfig) -> None:
     try:
         stored = store_image(
-            sample.data, max_side=cfg.max_side, quality=cfg.jpeg_quality, keep_original=cfg.keep_original_jpeg,
+            sample.data,
+            max_side=cfg.max_side,
+            quality=cfg.jpeg_quality,
+            keep_original=cfg.keep_original_jpeg,
             faces=sample.faces,
         )
     except Exception as e:

@@ -126,7 +126,9 @@ def _group(rows: dict[str, list]) -> tuple[dict[str, _Listed], list[str]]:
 
 def _check_folder(shards_dir: Path, listed: dict[str, _Listed]) -> list[str]:
     on_disk = {p.name for p in shards_dir.glob("shard-*.tar")}
-    problems = [f"{name}: listed in the manifest but missing from {shards_dir}" for name in listed if name not in on_disk]
+    problems = [
+        f"{name}: listed in the manifest but missing from {shards_dir}" for name in listed if name not in on_disk
+    ]
     problems += [f"{name}: in {shards_dir} but not in the manifest" for name in sorted(on_disk - set(listed))]
     for tmp in sorted(shards_dir.glob(".*.tmp")):
         problems.append(f"{tmp.name}: temp file of an interrupted write; delete it and rerun the shard stage")

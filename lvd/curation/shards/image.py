@@ -37,8 +37,9 @@ class StoredImage:
     original: bool  # the source bytes, untouched
 
 
-def store_image(data: bytes, *, max_side: int | None, quality: int, keep_original: bool = True,
-                faces=()) -> StoredImage:
+def store_image(
+    data: bytes, *, max_side: int | None, quality: int, keep_original: bool = True, faces=()
+) -> StoredImage:
     """The JPEG bytes to store for one source image (see module doc); raises on undecodable bytes."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # ingest bounded pixels

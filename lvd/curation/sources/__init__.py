@@ -155,7 +155,9 @@ def _raise_bad_link(root: str, uri: str) -> None:
         os.stat(root)
     except OSError as err:
         if err.errno == errno.ELOOP:
-            raise ValueError(f"input {uri!r} is a symlink loop ({err.strerror}): point it at a real folder, tar or parquet file") from None
+            raise ValueError(
+                f"input {uri!r} is a symlink loop ({err.strerror}): point it at a real folder, tar or parquet file"
+            ) from None
     raise ValueError(f"input {uri!r} is a broken symlink to {os.readlink(root)!r}: fix the link or pass the real path")
 
 
@@ -219,9 +221,12 @@ def _split_folder(entries, found: _Found) -> None:
         low = path.lower()
         if low.endswith(TAR_SUFFIXES):
             found.tars.append(path)
-        elif low.endswith(".parquet") and path[: -len(".parquet")] in bookkeeping:
-            continue
-        elif low.endswith("_stats.json") and path[: -len("_stats.json")] in bookkeeping:
+        elif (
+            low.endswith(".parquet")
+            and path[: -len(".parquet")] in bookkeeping
+            or low.endswith("_stats.json")
+            and path[: -len("_stats.json")] in bookkeeping
+        ):
             continue
         elif low.endswith(".parquet"):
             found.parquets.append(path)
@@ -306,5 +311,3 @@ def _folder_sidecars(path: str, roots) -> dict:
         except (OSError, ValueError, InputRejected):
             continue  # no sidecar (or unreadable, too big, outside the dump): metadata is optional
     return meta
-
-

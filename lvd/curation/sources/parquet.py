@@ -99,7 +99,11 @@ def iter_rows(uri: str, start: int, stop: int, limits: SourceLimits = SourceLimi
         pf = pq.ParquetFile(f, read_dictionary=[leaf] if column.kind != "path" else None)
         groups, first_row = _row_groups_for(pf, start, stop)
         row = first_row
-        batches = pf.iter_batches(batch_size=_batch_rows(pf, groups, column, limits.max_bytes), row_groups=groups) if groups else ()
+        batches = (
+            pf.iter_batches(batch_size=_batch_rows(pf, groups, column, limits.max_bytes), row_groups=groups)
+            if groups
+            else ()
+        )
         for batch in batches:
             lo, hi = max(start - row, 0), min(stop - row, batch.num_rows)
             if hi > lo:
@@ -111,7 +115,9 @@ def iter_rows(uri: str, start: int, stop: int, limits: SourceLimits = SourceLimi
 
 def _batch_rows(pf: pq.ParquetFile, groups: list[int], column: ImageColumn, max_bytes: int) -> int:
     """Rows per batch so a batch's image cells average about `max_bytes` (1..1024 rows)."""
-    leaves = [i for i in range(pf.metadata.num_columns) if pf.metadata.schema.column(i).path.split(".")[0] == column.name]
+    leaves = [
+        i for i in range(pf.metadata.num_columns) if pf.metadata.schema.column(i).path.split(".")[0] == column.name
+    ]
     worst = 1.0
     for g in groups:
         rg = pf.metadata.row_group(g)
@@ -120,7 +126,9 @@ def _batch_rows(pf: pq.ParquetFile, groups: list[int], column: ImageColumn, max_
     return int(min(1024, max(1, max_bytes // worst)))
 
 
-def _batch_items(batch: pa.RecordBatch, first: int, column: ImageColumn, uri: str, limits: SourceLimits) -> Iterator[dict]:
+def _batch_items(
+    batch: pa.RecordBatch, first: int, column: ImageColumn, uri: str, limits: SourceLimits
+) -> Iterator[dict]:
     """One row at a time: a cell's length is read from Arrow before it is copied to Python, and
     only one row's image is ever a Python object."""
     cells = batch.column(column.name)

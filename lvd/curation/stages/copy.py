@@ -77,11 +77,21 @@ class FeatFn:
         return {"": pa.Table.from_pylist(rows, schema=FEATURE_SCHEMA)}
 
 
-def run_copyfeat(run_dir: Path, cfg: FeatureConfig = FeatureConfig(), rcfg: runner.RunnerConfig = runner.RunnerConfig(),
-                 progress: runner.ProgressFn | None = None) -> runner.StageReport:
+def run_copyfeat(
+    run_dir: Path,
+    cfg: FeatureConfig = FeatureConfig(),
+    rcfg: runner.RunnerConfig = runner.RunnerConfig(),
+    progress: runner.ProgressFn | None = None,
+) -> runner.StageReport:
     """Local features etc. of every accepted blob, one Ray task per ingest partition."""
-    return runner.map_partitions(FeatFn(cfg), feature_units(run_dir), rundir.stage_dir(run_dir, "copyfeat"),
-                                 cfg_hash=runner.config_hash(cfg), runner=rcfg, progress=progress)
+    return runner.map_partitions(
+        FeatFn(cfg),
+        feature_units(run_dir),
+        rundir.stage_dir(run_dir, "copyfeat"),
+        cfg_hash=runner.config_hash(cfg),
+        runner=rcfg,
+        progress=progress,
+    )
 
 
 @dataclass
@@ -108,8 +118,10 @@ def read_features(run_dir: Path) -> PoolFeatures:
             rows.setdefault(r["uid"], r)
     missing = [u for u in uids if u not in rows]
     if missing:
-        raise RuntimeError(f"{run_dir}/copyfeat has no features for {len(missing)} accepted images "
-                           f"(first {missing[0]}): the copyfeat stage did not finish")
+        raise RuntimeError(
+            f"{run_dir}/copyfeat has no features for {len(missing)} accepted images "
+            f"(first {missing[0]}): the copyfeat stage did not finish"
+        )
     ordered = [rows[u] for u in uids]
     n = len(ordered)
     glob = np.stack([np.frombuffer(r["glob"], np.float32) for r in ordered]) if n else np.zeros((0, 144), np.float32)
@@ -134,7 +146,9 @@ class VerifyBatch:
         return cd.verify_pairs(feats, pairs[:, 0], pairs[:, 1], self.cfg.verify, self.enough).tolist()
 
 
-def verify_many(feats: list[Features], a: np.ndarray, b: np.ndarray, cfg: cd.CopyDetectConfig, enough: int) -> np.ndarray:
+def verify_many(
+    feats: list[Features], a: np.ndarray, b: np.ndarray, cfg: cd.CopyDetectConfig, enough: int
+) -> np.ndarray:
     """Scores of pairs (a, b), verified in Ray tasks of VERIFY_BATCH pairs; the features go
     into the object store once and every task reads them from there."""
     pairs = np.stack([np.asarray(a, np.int64), np.asarray(b, np.int64)], axis=1)
@@ -146,7 +160,9 @@ def verify_many(feats: list[Features], a: np.ndarray, b: np.ndarray, cfg: cd.Cop
 class Decider:
     """Scores and decides pairs by local features, or by a copy model's cosine."""
 
-    def __init__(self, feats: list[Features], copy_vecs: np.ndarray | None, cal: cd.Calibration, cfg: cd.CopyDetectConfig):
+    def __init__(
+        self, feats: list[Features], copy_vecs: np.ndarray | None, cal: cd.Calibration, cfg: cd.CopyDetectConfig
+    ):
         self.feats, self.vecs, self.cal, self.cfg = feats, copy_vecs, cal, cfg
         self.checks = 0
 
@@ -157,7 +173,9 @@ class Decider:
     def scores(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         self.checks += len(a)
         if self.vecs is not None:
-            return np.einsum("nd,nd->n", self.vecs[a].astype(np.float32), self.vecs[b].astype(np.float32)).astype(np.float64)
+            return np.einsum("nd,nd->n", self.vecs[a].astype(np.float32), self.vecs[b].astype(np.float32)).astype(
+                np.float64
+            )
         return verify_many(self.feats, a, b, self.cfg, int(np.ceil(self.cal.threshold))).astype(np.float64)
 
     def links(self, scores: np.ndarray) -> np.ndarray:
@@ -175,18 +193,22 @@ class Decider:
 # ---------------------------------------------------------------- calibration
 
 
-def run_calibration(run_dir: Path, pool: PoolFeatures, cfg: cd.CopyDetectConfig, copy_model: tuple[str, dict] | None) -> cd.Calibration:
+def run_calibration(
+    run_dir: Path, pool: PoolFeatures, cfg: cd.CopyDetectConfig, copy_model: tuple[str, dict] | None
+) -> cd.Calibration:
     """Known copies of a sample of the pool's own images: threshold, recall, false links."""
     rows = cd.calibration_sample(pool.uids.tolist(), cfg.calib_images, cfg.seed)
     blobs = rundir.read_blobs(run_dir, {pool.uids[r] for r in rows})
     copies, distinct = cd.calibration_pairs([blobs[pool.uids[r]] for r in rows], cfg.seed)
     if copy_model is None:
+
         def score(pairs):
             if not pairs:
                 return []
             feats = _features_of([d for pair in pairs for d in pair], cfg)
             idx = np.arange(len(pairs)) * 2
             return verify_many(feats, idx, idx + 1, cfg, 1 << 30).tolist()
+
         method = cd.METHOD_LOCAL
     else:
         emb = _copy_embedder(copy_model)
@@ -197,6 +219,7 @@ def run_calibration(run_dir: Path, pool: PoolFeatures, cfg: cd.CopyDetectConfig,
             va = emb.embed_images([x for x, _ in pairs]).astype(np.float32)
             vb = emb.embed_images([y for _, y in pairs]).astype(np.float32)
             return np.einsum("nd,nd->n", va, vb).astype(np.float64).tolist()
+
         method = cd.METHOD_MODEL
     copy_scores = {k: score(v) for k, v in copies.items()}
     return cd.calibrate(method, copy_scores, score(distinct), cfg, images=len(rows))
@@ -266,19 +289,40 @@ class CopyDetectFn:
         rank = representative_rank(pool.pixels, pool.uids)
         split = cd.split_chains(n, ea, eb, rank, decider.linked, cfg.max_centres, group=groups)
         t_split = time.perf_counter()
-        dist = dict(zip(zip(np.minimum(a, b)[keep].tolist(), np.maximum(a, b)[keep].tolist()),
-                        decider.distance(scores[keep]).tolist()))
+        dist = dict(
+            zip(
+                zip(np.minimum(a, b)[keep].tolist(), np.maximum(a, b)[keep].tolist()),
+                decider.distance(scores[keep]).tolist(),
+            )
+        )
         phash = set(zip(np.minimum(pa_, pb_).tolist(), np.maximum(pa_, pb_).tolist()))
         sets = _edge_sets(split, phash, dist, decider, groups)
         table = resolve(pool.uids, pool.pixels, sets)
-        check_removal("copy detection", table.num_rows, n, cfg.max_remove,
-                         largest=cd.largest_groups(pool.uids, split.edges_a, split.edges_b),
-                         detail=cal.summary() + ". ")
-        stats = dict(images=n, candidates=len(a), hash_candidates=len(hp[0]), decided_links=int(keep.sum()),
-                     phash_links=len(pa_), components_split=split.components_split, split_checks=split.extra_checks,
-                     unresolved=split.unresolved, duplicates=table.num_rows, method=cal.method,
-                     seconds_read=t_read - t0, seconds_calibrate=t_cal - t_read, seconds_candidates=t_cand - t_cal,
-                     seconds_verify=t_verify - t_cand, seconds_split=t_split - t_verify)
+        check_removal(
+            "copy detection",
+            table.num_rows,
+            n,
+            cfg.max_remove,
+            largest=cd.largest_groups(pool.uids, split.edges_a, split.edges_b),
+            detail=cal.summary() + ". ",
+        )
+        stats = dict(
+            images=n,
+            candidates=len(a),
+            hash_candidates=len(hp[0]),
+            decided_links=int(keep.sum()),
+            phash_links=len(pa_),
+            components_split=split.components_split,
+            split_checks=split.extra_checks,
+            unresolved=split.unresolved,
+            duplicates=table.num_rows,
+            method=cal.method,
+            seconds_read=t_read - t0,
+            seconds_calibrate=t_cal - t_read,
+            seconds_candidates=t_cand - t_cal,
+            seconds_verify=t_verify - t_cand,
+            seconds_split=t_split - t_verify,
+        )
         return {"": table, "calibration": _json_table(cal.as_dict()), "stats": _json_table(stats)}
 
 
@@ -295,7 +339,9 @@ def _edge_sets(split: cd.Split, phash: set, dist: dict, decider: Decider, group:
         by[method][0].append(key[0])
         by[method][1].append(key[1])
         by[method][2].append(d)
-    return [EdgeSet(k, np.array(a, np.int64), np.array(b, np.int64), np.array(d, np.float64)) for k, (a, b, d) in by.items()]
+    return [
+        EdgeSet(k, np.array(a, np.int64), np.array(b, np.int64), np.array(d, np.float64)) for k, (a, b, d) in by.items()
+    ]
 
 
 def hash_groups(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -330,16 +376,22 @@ def copydetect_stats(run_dir: Path) -> dict | None:
     return rundir.copydetect_output(run_dir, "stats")
 
 
-def run_copydetect(run_dir: Path, cfg: cd.CopyDetectConfig, *, proposers: list[Path] = (),
-                   copy_model: tuple[str, dict] | None = None,
-                   rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
+def run_copydetect(
+    run_dir: Path,
+    cfg: cd.CopyDetectConfig,
+    *,
+    proposers: list[Path] = (),
+    copy_model: tuple[str, dict] | None = None,
+    rcfg: runner.RunnerConfig = runner.RunnerConfig(),
+) -> runner.StageReport:
     extra = [rundir.stage_dir(Path(p).parent, "embed") for p in proposers]  # the proposers' embed markers
     if copy_model:
         extra.append(rundir.stage_dir(run_dir, "copyembed"))
     unit = runner.WholeStage(fingerprint=rundir.input_digest(run_dir, "copydetect", *extra), stem="duplicates")
     fn = CopyDetectFn(str(run_dir), cfg, tuple(str(p) for p in proposers), copy_model)
-    return runner.map_partitions(fn, [unit], rundir.stage_dir(run_dir, "copydetect"),
-                                 cfg_hash=runner.config_hash(cfg, copy_model), runner=rcfg)
+    return runner.map_partitions(
+        fn, [unit], rundir.stage_dir(run_dir, "copydetect"), cfg_hash=runner.config_hash(cfg, copy_model), runner=rcfg
+    )
 
 
 def duplicates(run_dir: Path) -> pa.Table:
@@ -376,8 +428,9 @@ class DecontamFn:
         copy_pool = copy_eval = None
         if self.copy_model:
             copy_pool = open_vectors(rundir.vectors_dir(run, "copyembed")).get(pool.uids)
-            copy_eval = _eval_vectors(ev.uids, set_of, {k: str(rundir.vectors_dir(Path(v), "copyembed"))
-                                                        for k, v in self.eval_dirs.items()})
+            copy_eval = _eval_vectors(
+                ev.uids, set_of, {k: str(rundir.vectors_dir(Path(v), "copyembed")) for k, v in self.eval_dirs.items()}
+            )
             lists.append((copy_eval, copy_pool))
         q, p = [qa], [pb]
         for eq, pv in lists:
@@ -398,9 +451,14 @@ class DecontamFn:
             if pi not in best or s > best[pi][0]:
                 best[pi] = (s, qi)
         out = _with_components(pool.uids, best, duplicates(run), ev.uids, set_of, decider)
-        check_removal("decontamination", out.num_rows, n, cfg.max_remove,
-                         largest=[[str(pool.uids[r]) for r in list(best)[:8]]],
-                         detail=cal.summary() + f"; {len(best)} pool images matched {e} eval images. ")
+        check_removal(
+            "decontamination",
+            out.num_rows,
+            n,
+            cfg.max_remove,
+            largest=[[str(pool.uids[r]) for r in list(best)[:8]]],
+            detail=cal.summary() + f"; {len(best)} pool images matched {e} eval images. ",
+        )
         return {"": out}
 
 
@@ -420,8 +478,15 @@ def _with_components(uids, best, dups: pa.Table, eval_uids, set_of, decider: Dec
             continue
         s, qi = hit
         sim = 1.0 - float(decider.distance(np.array([s]))[0])
-        rows.append({"uid": u, "matched_eval_uid": str(eval_uids[qi]), "similarity": sim,
-                     "eval_set": set_of[str(eval_uids[qi])], "method": decider.method})
+        rows.append(
+            {
+                "uid": u,
+                "matched_eval_uid": str(eval_uids[qi]),
+                "similarity": sim,
+                "eval_set": set_of[str(eval_uids[qi])],
+                "method": decider.method,
+            }
+        )
     return pa.Table.from_pylist(rows, schema=DECONTAM_SCHEMA).sort_by([("uid", "ascending")])
 
 
@@ -446,12 +511,22 @@ def _eval_features(eval_dirs: dict[str, Path]) -> tuple[PoolFeatures, dict[str, 
 
 def _eval_vectors(uids: np.ndarray, set_of: dict[str, str], dirs: dict[str, str]) -> np.ndarray:
     stores = {name: open_vectors(d) for name, d in dirs.items()}
-    return np.concatenate([stores[set_of[u]].get([u]) for u in uids.tolist()]) if len(uids) else np.zeros((0, 1), np.float16)
+    return (
+        np.concatenate([stores[set_of[u]].get([u]) for u in uids.tolist()])
+        if len(uids)
+        else np.zeros((0, 1), np.float16)
+    )
 
 
-def run_decontam(run_dir: Path, eval_dirs: dict[str, Path], cfg: cd.CopyDetectConfig, *,
-                 proposer: str | None = None, copy_model: tuple[str, dict] | None = None,
-                 rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
+def run_decontam(
+    run_dir: Path,
+    eval_dirs: dict[str, Path],
+    cfg: cd.CopyDetectConfig,
+    *,
+    proposer: str | None = None,
+    copy_model: tuple[str, dict] | None = None,
+    rcfg: runner.RunnerConfig = runner.RunnerConfig(),
+) -> runner.StageReport:
     """Remove the pool's copies of eval images (`proposer`: the vector folder name, e.g.
     "vectors", of an embedder that also proposes candidates)."""
     names = sorted(eval_dirs)
@@ -464,5 +539,10 @@ def run_decontam(run_dir: Path, eval_dirs: dict[str, Path], cfg: cd.CopyDetectCo
         dirs += [rundir.stage_dir(d, "copyembed") for d in (run_dir, *[eval_dirs[n] for n in names])]
     unit = runner.WholeStage(fingerprint=rundir.digest(*dirs), stem="decontaminated")
     fn = DecontamFn(str(run_dir), {k: str(v) for k, v in eval_dirs.items()}, cfg, proposers, copy_model)
-    return runner.map_partitions(fn, [unit], rundir.stage_dir(run_dir, "decontam"),
-                                 cfg_hash=runner.config_hash(cfg, names, copy_model, proposer), runner=rcfg)
+    return runner.map_partitions(
+        fn,
+        [unit],
+        rundir.stage_dir(run_dir, "decontam"),
+        cfg_hash=runner.config_hash(cfg, names, copy_model, proposer),
+        runner=rcfg,
+    )

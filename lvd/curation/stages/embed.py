@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from lvd.curation import actor_runner, rundir, runner
 from lvd.curation.embed import EmbedConfig, Embedder, embed_part
+
 __all__ = ["EmbedFn", "EmbedUnit", "MakeEmbedder", "embed_units", "run_embed", "spec_fingerprint"]
 
 
@@ -65,12 +66,22 @@ def spec_fingerprint(spec: str | Path) -> str:
 
 
 def run_embed(
-    run_dir: Path, spec: str, cfg: EmbedConfig, acfg: actor_runner.ActorConfig = actor_runner.ActorConfig(),
-    progress: runner.ProgressFn | None = None, *, stage: str = "embed",
+    run_dir: Path,
+    spec: str,
+    cfg: EmbedConfig,
+    acfg: actor_runner.ActorConfig = actor_runner.ActorConfig(),
+    progress: runner.ProgressFn | None = None,
+    *,
+    stage: str = "embed",
 ) -> runner.StageReport:
     """Embed every accepted blob of `run_dir` into the stage's vector store (one part per
     partition; markers in the stage's folder): `embed` for the embedder, `copyembed` for a copy model."""
     return actor_runner.map_with_actors(
-        MakeEmbedder(str(spec), cfg), EmbedFn(str(rundir.vectors_dir(run_dir, stage))), embed_units(run_dir),
-        rundir.stage_dir(run_dir, stage), cfg_hash=runner.config_hash(str(spec), spec_fingerprint(spec), cfg), acfg=acfg, progress=progress,
+        MakeEmbedder(str(spec), cfg),
+        EmbedFn(str(rundir.vectors_dir(run_dir, stage))),
+        embed_units(run_dir),
+        rundir.stage_dir(run_dir, stage),
+        cfg_hash=runner.config_hash(str(spec), spec_fingerprint(spec), cfg),
+        acfg=acfg,
+        progress=progress,
     )

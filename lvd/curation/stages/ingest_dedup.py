@@ -59,9 +59,7 @@ def _largest(dups: pa.Table, top: int = 4, per: int = 8) -> list[list[str]]:
 
 
 def plan(inputs: list[str], partition_size: int) -> list[Partition]:
-    return plan_partitions(
-        inputs, files_per_partition=partition_size, parquet_rows_per_partition=partition_size
-    )
+    return plan_partitions(inputs, files_per_partition=partition_size, parquet_rows_per_partition=partition_size)
 
 
 def run_ingest(
@@ -72,8 +70,12 @@ def run_ingest(
     progress: runner.ProgressFn | None = None,
 ) -> runner.StageReport:
     return runner.map_partitions(
-        IngestFn(cfg), partitions, rundir.stage_dir(run_dir, "ingest"), cfg_hash=runner.config_hash(cfg),
-        runner=rcfg, progress=progress,
+        IngestFn(cfg),
+        partitions,
+        rundir.stage_dir(run_dir, "ingest"),
+        cfg_hash=runner.config_hash(cfg),
+        runner=rcfg,
+        progress=progress,
     )
 
 
@@ -84,6 +86,9 @@ def run_dedup(
     nothing, when it would drop more than `max_remove` of the unique accepted images."""
     unit = runner.WholeStage(fingerprint=ingest_fingerprint(run_dir), stem="duplicates")
     return runner.map_partitions(
-        DedupFn(str(run_dir), cfg, max_remove), [unit], rundir.stage_dir(run_dir, "dedup"), cfg_hash=runner.config_hash(cfg),
+        DedupFn(str(run_dir), cfg, max_remove),
+        [unit],
+        rundir.stage_dir(run_dir, "dedup"),
+        cfg_hash=runner.config_hash(cfg),
         runner=rcfg,
     )

@@ -26,7 +26,14 @@ import pyarrow as pa
 from lvd.curation import rundir, runner
 from lvd.curation.knn_index import build_index
 from lvd.curation.retrieve import (
-    BalancedConfig, ClusterRetrievalConfig, Retrieval, SampleRetrievalConfig, balanced, cluster_based, sample_based, union,
+    BalancedConfig,
+    ClusterRetrievalConfig,
+    Retrieval,
+    SampleRetrievalConfig,
+    balanced,
+    cluster_based,
+    sample_based,
+    union,
 )  # fmt: skip
 from lvd.curation.stages.select import flat_kmeans, read_clusters
 from lvd.curation.vectors import open_vectors
@@ -74,15 +81,19 @@ class RetrieveFn:
                 seed_uids.append(s_uids)
                 results.append(self._retrieve(index, clusters, s_vecs))
         sel = union(results)
-        table = pa.table({
-            "uid": pa.array(uids[sel.pool_idx].tolist(), pa.string()),
-            "method": pa.array(sel.method.tolist(), pa.string()),
-            "seed_set": pa.array([names[s] for s in sel.source.tolist()], pa.string()),
-            "seed_uid": pa.array([seed_uids[s][i] if i >= 0 else None
-                                  for s, i in zip(sel.source.tolist(), sel.seed_idx.tolist())], pa.string()),
-            "cluster_id": pa.array(sel.cluster_id, pa.int64()),
-            "similarity": pa.array(np.round(sel.similarity.astype(np.float64), 6), pa.float64()),
-        }).sort_by([("uid", "ascending")])
+        table = pa.table(
+            {
+                "uid": pa.array(uids[sel.pool_idx].tolist(), pa.string()),
+                "method": pa.array(sel.method.tolist(), pa.string()),
+                "seed_set": pa.array([names[s] for s in sel.source.tolist()], pa.string()),
+                "seed_uid": pa.array(
+                    [seed_uids[s][i] if i >= 0 else None for s, i in zip(sel.source.tolist(), sel.seed_idx.tolist())],
+                    pa.string(),
+                ),
+                "cluster_id": pa.array(sel.cluster_id, pa.int64()),
+                "similarity": pa.array(np.round(sel.similarity.astype(np.float64), 6), pa.float64()),
+            }
+        ).sort_by([("uid", "ascending")])
         counts = [dict(seed_set=n, overlaps=sel.n_overlaps, **asdict(r.counts)) for n, r in zip(names, results)]
         return {"": table, "counts": pa.Table.from_pylist(counts), "seeds": self._seeds(run, names, seed_uids, results)}
 
@@ -94,9 +105,13 @@ class RetrieveFn:
             for i in r.seeds_included.tolist():
                 if uids[i] not in pool_uids:
                     rows.setdefault(uids[i], (name, self.seed_dirs[name]))
-        return pa.table({"uid": pa.array(sorted(rows), pa.string()),
-                         "seed_set": pa.array([rows[u][0] for u in sorted(rows)], pa.string()),
-                         "run": pa.array([rows[u][1] for u in sorted(rows)], pa.string())})
+        return pa.table(
+            {
+                "uid": pa.array(sorted(rows), pa.string()),
+                "seed_set": pa.array([rows[u][0] for u in sorted(rows)], pa.string()),
+                "run": pa.array([rows[u][1] for u in sorted(rows)], pa.string()),
+            }
+        )
 
     def _target(self) -> int:
         if self.cfg.target is None:
@@ -105,10 +120,18 @@ class RetrieveFn:
 
     def _retrieve(self, index, clusters, seeds_SD: np.ndarray) -> Retrieval:
         if self.cfg.method == "sample":
-            return sample_based(index, seeds_SD, SampleRetrievalConfig(
-                k=self.cfg.k, max_images=self.cfg.target, include_seeds=self.cfg.include_seeds))
-        cfg = ClusterRetrievalConfig(min_seeds=self.cfg.min_seeds, per_cluster=self.cfg.per_cluster,
-                                     max_images=self.cfg.target, seed=self.cfg.seed, include_seeds=self.cfg.include_seeds)
+            return sample_based(
+                index,
+                seeds_SD,
+                SampleRetrievalConfig(k=self.cfg.k, max_images=self.cfg.target, include_seeds=self.cfg.include_seeds),
+            )
+        cfg = ClusterRetrievalConfig(
+            min_seeds=self.cfg.min_seeds,
+            per_cluster=self.cfg.per_cluster,
+            max_images=self.cfg.target,
+            seed=self.cfg.seed,
+            include_seeds=self.cfg.include_seeds,
+        )
         return cluster_based(flat_kmeans(clusters[1]), seeds_SD, cfg)
 
 
@@ -118,10 +141,16 @@ def seed_vectors(seed_dir: Path) -> tuple[list[str], np.ndarray]:
     return uids, open_vectors(rundir.vectors_dir(seed_dir)).get(uids)
 
 
-def run_retrieve(run_dir: Path, seed_dirs: dict[str, Path], cfg: RetrieveConfig,
-                 rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
+def run_retrieve(
+    run_dir: Path, seed_dirs: dict[str, Path], cfg: RetrieveConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig()
+) -> runner.StageReport:
     seeds = [rundir.stage_dir(seed_dirs[n], s) for n in sorted(seed_dirs) for s in ("dedup", "embed")]
     unit = runner.WholeStage(fingerprint=rundir.input_digest(run_dir, "retrieve", *seeds), stem="selection")
     fn = RetrieveFn(str(run_dir), {k: str(v) for k, v in seed_dirs.items()}, cfg)
-    return runner.map_partitions(fn, [unit], rundir.stage_dir(run_dir, "retrieve"),
-                                 cfg_hash=runner.config_hash(cfg, sorted(seed_dirs)), runner=rcfg)
+    return runner.map_partitions(
+        fn,
+        [unit],
+        rundir.stage_dir(run_dir, "retrieve"),
+        cfg_hash=runner.config_hash(cfg, sorted(seed_dirs)),
+        runner=rcfg,
+    )

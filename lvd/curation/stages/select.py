@@ -31,7 +31,14 @@ from lvd.curation import rundir, runner
 from lvd.curation.hierarchical import HierarchicalConfig, Hierarchy, Level, hierarchical_kmeans
 from lvd.curation.kmeans import KMeansConfig, KMeansResult, kmeans
 from lvd.curation.shards import (
-    MANIFEST_SCHEMA, ShardConfig, ShardInfo, ShardSample, plan_shards, shard_name, write_manifest, write_shard,
+    MANIFEST_SCHEMA,
+    ShardConfig,
+    ShardInfo,
+    ShardSample,
+    plan_shards,
+    shard_name,
+    write_manifest,
+    write_shard,
 )  # fmt: skip
 from lvd.curation.vectors import open_vectors
 
@@ -76,15 +83,21 @@ class ClusterFn:
             km = kmeans(x, KMeansConfig(k=ks[0], niter=self.cfg.niter, seed=self.cfg.seed))
             h = Hierarchy(levels=(Level(km.centroids_KD, km.assign_N, 0),), score_N=km.score_N)
         ids = [h.labels(lvl).tolist() for lvl in range(len(h.levels), 0, -1)]
-        return {"": _clusters_table(uids, h.levels[0].assign, h.score_N, [list(c) for c in zip(*ids)]),
-                "tree": _tree_table(h.levels)}
+        return {
+            "": _clusters_table(uids, h.levels[0].assign, h.score_N, [list(c) for c in zip(*ids)]),
+            "tree": _tree_table(h.levels),
+        }
 
 
 def _clusters_table(uids, leaf, score, cluster_ids) -> pa.Table:
-    return pa.table({
-        "uid": pa.array(uids, pa.string()), "leaf": pa.array(np.asarray(leaf, np.int64)),
-        "score": pa.array(np.asarray(score, np.float32)), "cluster_ids": pa.array(cluster_ids, pa.list_(pa.int64())),
-    })
+    return pa.table(
+        {
+            "uid": pa.array(uids, pa.string()),
+            "leaf": pa.array(np.asarray(leaf, np.int64)),
+            "score": pa.array(np.asarray(score, np.float32)),
+            "cluster_ids": pa.array(cluster_ids, pa.list_(pa.int64())),
+        }
+    )
 
 
 def _tree_table(levels) -> pa.Table:
@@ -94,15 +107,27 @@ def _tree_table(levels) -> pa.Table:
         for c, (vec, parent) in enumerate(zip(lvl.centroids_KD, parents)):
             rows["level"].append(depth), rows["cluster"].append(c)
             rows["parent"].append(int(parent)), rows["centroid"].append(vec.tolist())
-    return pa.table({"level": pa.array(rows["level"], pa.int32()), "cluster": pa.array(rows["cluster"], pa.int64()),
-                     "parent": pa.array(rows["parent"], pa.int64()),
-                     "centroid": pa.array(rows["centroid"], pa.list_(pa.float32()))})
+    return pa.table(
+        {
+            "level": pa.array(rows["level"], pa.int32()),
+            "cluster": pa.array(rows["cluster"], pa.int64()),
+            "parent": pa.array(rows["parent"], pa.int64()),
+            "centroid": pa.array(rows["centroid"], pa.list_(pa.float32())),
+        }
+    )
 
 
-def run_cluster(run_dir: Path, cfg: ClusterConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig()) -> runner.StageReport:
+def run_cluster(
+    run_dir: Path, cfg: ClusterConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig()
+) -> runner.StageReport:
     unit = runner.WholeStage(fingerprint=rundir.input_digest(run_dir, "cluster"), stem="clusters")
-    return runner.map_partitions(ClusterFn(str(run_dir), cfg), [unit], rundir.stage_dir(run_dir, "cluster"),
-                                 cfg_hash=runner.config_hash(cfg), runner=rcfg)
+    return runner.map_partitions(
+        ClusterFn(str(run_dir), cfg),
+        [unit],
+        rundir.stage_dir(run_dir, "cluster"),
+        cfg_hash=runner.config_hash(cfg),
+        runner=rcfg,
+    )
 
 
 def read_clusters(run_dir: Path) -> tuple[pa.Table, Hierarchy] | None:
@@ -143,12 +168,25 @@ class ShardFn:
         blobs: dict[str, bytes] = {}
         for blob_run in sorted({r["blob_run"] for r in unit.rows}):
             blobs.update(rundir.read_blobs(Path(blob_run), {r["uid"] for r in unit.rows if r["blob_run"] == blob_run}))
-        samples = [ShardSample(data=blobs[r["uid"]], **{k: v for k, v in r.items() if k != "blob_run"}) for r in unit.rows]
+        samples = [
+            ShardSample(data=blobs[r["uid"]], **{k: v for k, v in r.items() if k != "blob_run"}) for r in unit.rows
+        ]
         info = write_shard(unit.index, samples, rundir.shards_dir(run), self.cfg)
         n = info.n_samples
-        return {"": pa.table({"key": info.keys, "uid": info.uids, "source": info.sources, "shard": [info.name] * n,
-                              "shard_sha256": [info.sha256] * n, "shard_samples": [n] * n, "shard_bytes": [info.bytes] * n},
-                             schema=MANIFEST_SCHEMA)}
+        return {
+            "": pa.table(
+                {
+                    "key": info.keys,
+                    "uid": info.uids,
+                    "source": info.sources,
+                    "shard": [info.name] * n,
+                    "shard_sha256": [info.sha256] * n,
+                    "shard_samples": [n] * n,
+                    "shard_bytes": [info.bytes] * n,
+                },
+                schema=MANIFEST_SCHEMA,
+            )
+        }
 
 
 def shard_rows(run_dir: Path) -> list[dict]:
@@ -164,14 +202,34 @@ def shard_rows(run_dir: Path) -> list[dict]:
     clusters = read_clusters(run_dir)
     cids = dict(zip(clusters[0]["uid"].to_pylist(), clusters[0]["cluster_ids"].to_pylist())) if clusters else {}
     first = _first_records(run_dir)
-    rows = [dict(uid=u, source=first[u]["source"], width=first[u]["width"], height=first[u]["height"],
-                 cluster_ids=tuple(cids.get(u, ())), retrieval=retrieval.get(u, {}), blob_run=str(run_dir),
-                 faces=face_boxes(first[u].get("detail"))) for u in uids]
+    rows = [
+        dict(
+            uid=u,
+            source=first[u]["source"],
+            width=first[u]["width"],
+            height=first[u]["height"],
+            cluster_ids=tuple(cids.get(u, ())),
+            retrieval=retrieval.get(u, {}),
+            blob_run=str(run_dir),
+            faces=face_boxes(first[u].get("detail")),
+        )
+        for u in uids
+    ]
     for seed_run in sorted({s["run"] for s in seeds.values()}):
         rec = _first_records(Path(seed_run))
-        rows += [dict(uid=u, source=rec[u]["source"], width=rec[u]["width"], height=rec[u]["height"], cluster_ids=(),
-                      retrieval={"method": "seed", "seed_set": s["seed_set"]}, blob_run=seed_run)
-                 for u, s in seeds.items() if s["run"] == seed_run]
+        rows += [
+            dict(
+                uid=u,
+                source=rec[u]["source"],
+                width=rec[u]["width"],
+                height=rec[u]["height"],
+                cluster_ids=(),
+                retrieval={"method": "seed", "seed_set": s["seed_set"]},
+                blob_run=seed_run,
+            )
+            for u, s in seeds.items()
+            if s["run"] == seed_run
+        ]
     return sorted(rows, key=lambda r: r["uid"])
 
 
@@ -192,14 +250,18 @@ def _first_records(run_dir: Path) -> dict[str, dict]:
     return first
 
 
-def run_shards(run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig(),
-               progress: runner.ProgressFn | None = None) -> runner.StageReport:
+def run_shards(
+    run_dir: Path,
+    cfg: ShardConfig,
+    rcfg: runner.RunnerConfig = runner.RunnerConfig(),
+    progress: runner.ProgressFn | None = None,
+) -> runner.StageReport:
     """Write one tar per Ray task (resumable per shard), then the manifest."""
     rows = shard_rows(run_dir)
     cfg_hash = runner.config_hash(cfg)
     units = []
     for i, r in enumerate(plan_shards(len(rows), cfg.shard_size)):
-        part = tuple(rows[r.start:r.stop])
+        part = tuple(rows[r.start : r.stop])
         fp = runner.config_hash(json.dumps(part, sort_keys=True, default=list))
         units.append(ShardUnit(index=i, fingerprint=fp, rows=part))
     shards_dir, parts_dir = rundir.shards_dir(run_dir), rundir.stage_dir(run_dir, "shard_parts")
@@ -211,8 +273,9 @@ def run_shards(run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig = runn
     for u in units:  # a marker vouches for its tar only while the tar is there
         if not (shards_dir / shard_name(u.index)).exists():
             runner.marker_path(parts_dir, runner.stem_of(u)).unlink(missing_ok=True)
-    rep = runner.map_partitions(ShardFn(str(run_dir), cfg), units, parts_dir, cfg_hash=cfg_hash,
-                                runner=rcfg, progress=progress)
+    rep = runner.map_partitions(
+        ShardFn(str(run_dir), cfg), units, parts_dir, cfg_hash=cfg_hash, runner=rcfg, progress=progress
+    )
     infos = [_info(pq.read_table(parts_dir / rep.markers[u.index]["outputs"]["main"])) for u in units]
     write_manifest(infos, shards_dir, cfg)
     return rep
@@ -220,5 +283,12 @@ def run_shards(run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig = runn
 
 def _info(t: pa.Table) -> ShardInfo:
     d = t.to_pydict()
-    return ShardInfo(name=d["shard"][0], n_samples=len(d["key"]), sha256=d["shard_sha256"][0], bytes=d["shard_bytes"][0],
-                     keys=tuple(d["key"]), uids=tuple(d["uid"]), sources=tuple(d["source"]))
+    return ShardInfo(
+        name=d["shard"][0],
+        n_samples=len(d["key"]),
+        sha256=d["shard_sha256"][0],
+        bytes=d["shard_bytes"][0],
+        keys=tuple(d["key"]),
+        uids=tuple(d["uid"]),
+        sources=tuple(d["source"]),
+    )

@@ -74,7 +74,8 @@ class DataPlan:
                 f"this run's data is {self.streams} streams, fixed when it started (ranks x "
                 f"reader workers then, or min(shards, {MIN_STREAMS}) if more); {self.world_size} "
                 f"ranks cannot share them. Resume on at most {self.streams} ranks, or start a new "
-                "run (another --out) on this many")
+                "run (another --out) on this many"
+            )
 
     def rank_streams(self, rank: int) -> list[int]:
         return list(range(rank, self.streams, self.world_size))
@@ -84,7 +85,7 @@ class DataPlan:
         return min(self.workers, len(self.rank_streams(rank)))
 
     def worker_streams(self, rank: int, logical: int) -> list[int]:
-        return self.rank_streams(rank)[logical::self.n_workers(rank)]
+        return self.rank_streams(rank)[logical :: self.n_workers(rank)]
 
     def _taken(self, rank: int, logical: int, step: int) -> int:
         """Samples logical worker `logical` of `rank` took in [self.step, step)."""
@@ -109,16 +110,21 @@ class DataPlan:
         return tuple(out)
 
     def same_layout(self, *, world_size: int, workers: int, batch_size: int) -> bool:
-        return (self.world_size, self.workers, self.batch_size) == (
-            world_size, max(workers, 1), batch_size)
+        return (self.world_size, self.workers, self.batch_size) == (world_size, max(workers, 1), batch_size)
 
     def resumed(self, step: int, *, world_size: int, workers: int, batch_size: int) -> DataPlan:
         """The plan to read on from `step` with this layout: this segment when the layout is
         the same, else a new segment starting at `step` from the positions reached."""
         if self.same_layout(world_size=world_size, workers=workers, batch_size=batch_size):
             return self
-        return DataPlan(streams=self.streams, step=step, positions=self.positions_at(step),
-                        world_size=world_size, workers=max(workers, 1), batch_size=batch_size)
+        return DataPlan(
+            streams=self.streams,
+            step=step,
+            positions=self.positions_at(step),
+            world_size=world_size,
+            workers=max(workers, 1),
+            batch_size=batch_size,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "positions": list(self.positions)}
@@ -133,12 +139,19 @@ class DataPlan:
 
 def fresh_plan(*, n_shards: int, world_size: int, workers: int, batch_size: int) -> DataPlan:
     streams = default_streams(n_shards, world_size, workers)
-    return DataPlan(streams=streams, step=0, positions=(0,) * streams, world_size=world_size,
-                    workers=max(workers, 1), batch_size=batch_size)
+    return DataPlan(
+        streams=streams,
+        step=0,
+        positions=(0,) * streams,
+        world_size=world_size,
+        workers=max(workers, 1),
+        batch_size=batch_size,
+    )
 
 
-def plan_for(saved: dict[str, Any] | None, *, step: int, n_shards: int, world_size: int,
-             workers: int, batch_size: int) -> DataPlan:
+def plan_for(
+    saved: dict[str, Any] | None, *, step: int, n_shards: int, world_size: int, workers: int, batch_size: int
+) -> DataPlan:
     """The plan a run reads from `step` on: a new run's, or a checkpoint's `data` remapped
     to this layout. A checkpoint without one (older lvd) resumes as if its run had been
     read with this layout from step 0, which is exact only on its own layout."""

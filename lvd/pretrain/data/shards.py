@@ -98,9 +98,7 @@ def sample_seed(seed: int, rank: int, batch_index: int, i: int) -> int:
 class ShardStream(IterableDataset):
     """Yields ready `Batch`es of one rank; use with DataLoader(batch_size=None)."""
 
-    def __init__(
-        self, shards: list[str], cfg: ShardDataConfig, *, rank: int, plan: DataPlan, start_batch: int
-    ) -> None:
+    def __init__(self, shards: list[str], cfg: ShardDataConfig, *, rank: int, plan: DataPlan, start_batch: int) -> None:
         super().__init__()
         self.shards, self.cfg, self.plan = shards, cfg, plan
         self.rank, self.start_batch = rank, start_batch
@@ -110,9 +108,17 @@ class ShardStream(IterableDataset):
         """The logical worker's streams from `start_batch` on, one sample of each in turn."""
         start = self.plan.worker_start(self.rank, logical, self.start_batch)
         streams = [
-            raw_stream(self.shards, SlotSpec(seed=self.cfg.seed, slot=v, n_slots=self.plan.streams,
-                                             buffer=self.cfg.shuffle_buffer, group=self.cfg.shuffle_shards),
-                       skip=skip)
+            raw_stream(
+                self.shards,
+                SlotSpec(
+                    seed=self.cfg.seed,
+                    slot=v,
+                    n_slots=self.plan.streams,
+                    buffer=self.cfg.shuffle_buffer,
+                    group=self.cfg.shuffle_shards,
+                ),
+                skip=skip,
+            )
             for v, skip in zip(start.streams, start.skips)
         ]
         for t in itertools.count(start.turn):
@@ -204,8 +210,9 @@ def loader_from_config(
         raise ValueError(f"start_batch={start_batch}: must be >= 0")
     paths = expand_shards(shards)
     if plan is None:
-        plan = fresh_plan(n_shards=len(paths), world_size=world_size, workers=cfg.num_workers,
-                          batch_size=cfg.batch_size)
+        plan = fresh_plan(
+            n_shards=len(paths), world_size=world_size, workers=cfg.num_workers, batch_size=cfg.batch_size
+        )
     plan = plan.resumed(start_batch, world_size=world_size, workers=cfg.num_workers, batch_size=cfg.batch_size)
     dataset = ShardStream(paths, cfg, rank=rank, plan=plan, start_batch=start_batch)
     workers = plan.n_workers(rank) if cfg.num_workers > 0 else 0

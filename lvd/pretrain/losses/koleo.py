@@ -23,8 +23,10 @@ class KoLeoLoss(nn.Module):
 
     def forward(self, x_BD: torch.Tensor) -> torch.Tensor:
         if x_BD.shape[0] < 2:
-            raise ValueError(f"KoLeo needs at least 2 vectors per batch, got {x_BD.shape[0]}: "
-                             "train with a per-rank batch size of 2 or more")
+            raise ValueError(
+                f"KoLeo needs at least 2 vectors per batch, got {x_BD.shape[0]}: "
+                "train with a per-rank batch size of 2 or more"
+            )
         # float32: the log of small distances is unreliable in bf16/fp16
         x_BD = F.normalize(x_BD.float(), p=2, dim=-1, eps=self.eps)
         with torch.no_grad():

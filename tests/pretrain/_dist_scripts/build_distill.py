@@ -33,8 +33,9 @@ def main() -> None:
     student = get_model_state_dict(meta.student, options=StateDictOptions(full_state_dict=True))
     student_bad = [k for k, v in start.tensors.items() if not torch.equal(student[k], v)]
     with open(f"{out}-rank{rt.rank}.json", "w") as f:
-        json.dump({"frozen_bad": frozen_bad, "student_bad": student_bad,
-                   "n": [len(frozen.tensors), len(start.tensors)]}, f)
+        json.dump(
+            {"frozen_bad": frozen_bad, "student_bad": student_bad, "n": [len(frozen.tensors), len(start.tensors)]}, f
+        )
     close_distributed()
 
 

@@ -39,10 +39,15 @@ def rank_slice(batch, rank: int, world: int):
 
     masks = part(batch.masks, batch.n_global)
     per_crop = masks.sum(1, keepdim=True).clamp(min=1).float()
-    return replace(batch, global_crops=part(batch.global_crops, batch.n_global),
-                   local_crops=part(batch.local_crops, batch.n_local), masks=masks,
-                   mask_indices=masks.flatten().nonzero().flatten(),
-                   mask_weights=(1.0 / per_crop).expand_as(masks)[masks], n_images=b)
+    return replace(
+        batch,
+        global_crops=part(batch.global_crops, batch.n_global),
+        local_crops=part(batch.local_crops, batch.n_local),
+        masks=masks,
+        mask_indices=masks.flatten().nonzero().flatten(),
+        mask_weights=(1.0 / per_crop).expand_as(masks)[masks],
+        n_images=b,
+    )
 
 
 def main() -> None:
@@ -52,24 +57,36 @@ def main() -> None:
     r = tiny()
     # KoLeo is per rank by design (see parallel.py), so it is off here: with it on, the
     # trajectories would differ after the first update and only step 0 would compare.
-    recipe = replace(r, batch_size=GLOBAL_BATCH // rt.world_size, epochs=4, epoch_length=2,
-                     loss=replace(r.loss, koleo_weight=0.0))
+    recipe = replace(
+        r, batch_size=GLOBAL_BATCH // rt.world_size, epochs=4, epoch_length=2, loss=replace(r.loss, koleo_weight=0.0)
+    )
     torch.manual_seed(0)
     meta, optimizer = _build(recipe, rt)
     meta.train()
     schedules = build_schedules(recipe.schedule_config(world_size=rt.world_size))
     c = recipe.crops
-    crops = MultiCrop(MultiCropConfig(global_size=c.global_size, local_size=c.local_size,
-                                      n_local=c.n_local, global_scale=c.global_scale,
-                                      local_scale=c.local_scale))
+    crops = MultiCrop(
+        MultiCropConfig(
+            global_size=c.global_size,
+            local_size=c.local_size,
+            n_local=c.n_local,
+            global_scale=c.global_scale,
+            local_scale=c.local_scale,
+        )
+    )
     m = recipe.masks
-    masking = MaskingConfig(sample_probability=m.sample_probability, ratio_min=m.ratio_min,
-                            ratio_max=m.ratio_max, patch_size=recipe.backbone.patch_size)
+    masking = MaskingConfig(
+        sample_probability=m.sample_probability,
+        ratio_min=m.ratio_min,
+        ratio_max=m.ratio_max,
+        patch_size=recipe.backbone.patch_size,
+    )
     images, _ = load_fashion_mnist("test")
     rows = []
     for step in range(STEPS):
-        samples = [crops(Image.fromarray(images[step * GLOBAL_BATCH + i]), seed=1000 * step + i)
-                   for i in range(GLOBAL_BATCH)]
+        samples = [
+            crops(Image.fromarray(images[step * GLOBAL_BATCH + i]), seed=1000 * step + i) for i in range(GLOBAL_BATCH)
+        ]
         batch = collate(samples, masking, np.random.default_rng(step))
         batch = rank_slice(batch, rt.rank, rt.world_size)
         out = _train_step(meta, optimizer, batch, schedules.at(step), step, rt)

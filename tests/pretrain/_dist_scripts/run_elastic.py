@@ -55,13 +55,23 @@ def _flat(tree, prefix=""):
 def _probe_batch(recipe, rt):
     """One fixed global batch of PROBE_IMAGES test images; this rank's contiguous slice."""
     c, m = recipe.crops, recipe.masks
-    crops = MultiCrop(MultiCropConfig(global_size=c.global_size, local_size=c.local_size,
-                                      n_local=c.n_local, global_scale=c.global_scale,
-                                      local_scale=c.local_scale))
+    crops = MultiCrop(
+        MultiCropConfig(
+            global_size=c.global_size,
+            local_size=c.local_size,
+            n_local=c.n_local,
+            global_scale=c.global_scale,
+            local_scale=c.local_scale,
+        )
+    )
     images, _ = load_fashion_mnist("test")
     samples = [crops(Image.fromarray(images[1000 + i]), seed=i) for i in range(PROBE_IMAGES)]
-    masking = MaskingConfig(sample_probability=m.sample_probability, ratio_min=m.ratio_min,
-                            ratio_max=m.ratio_max, patch_size=recipe.backbone.patch_size)
+    masking = MaskingConfig(
+        sample_probability=m.sample_probability,
+        ratio_min=m.ratio_min,
+        ratio_max=m.ratio_max,
+        patch_size=recipe.backbone.patch_size,
+    )
     batch = collate(samples, masking, np.random.default_rng(0))
     return _module("equal_batch").rank_slice(batch, rt.rank, rt.world_size)
 
@@ -107,9 +117,19 @@ def main() -> None:
     torch.use_deterministic_algorithms(True)
     if resume == "1":
         dump_restored(out, recipe, rt)
-    result = train(TrainConfig(shards=tuple(shards), recipe=recipe, out=out, max_steps=int(steps),
-                               resume=resume == "1", num_workers=0, seed=0, deterministic=True,
-                               pictures=False))
+    result = train(
+        TrainConfig(
+            shards=tuple(shards),
+            recipe=recipe,
+            out=out,
+            max_steps=int(steps),
+            resume=resume == "1",
+            num_workers=0,
+            seed=0,
+            deterministic=True,
+            pictures=False,
+        )
+    )
     (out / f"losses-rank{rt.rank}-from{result.start_step}.json").write_text(json.dumps(result.losses))
     if resume == "0":
         dump_restored(out, recipe, rt)

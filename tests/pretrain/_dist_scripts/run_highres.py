@@ -37,10 +37,22 @@ def main() -> None:
     full = StateDictOptions(full_state_dict=True, cpu_offload=True)
     state = get_model_state_dict(meta, options=full)  # a collective over the shards
     if rt.rank == 0:
-        torch.save({k: v for k, v in state.items() if k.startswith(("student.", "teacher."))},
-                   out / f"phase-start-w{rt.world_size}.pt")
-    result = train(TrainConfig(shards=tuple(shards), recipe=recipe, out=out, max_steps=PHASE_STEPS,
-                               num_workers=0, seed=0, deterministic=True, pictures=False))
+        torch.save(
+            {k: v for k, v in state.items() if k.startswith(("student.", "teacher."))},
+            out / f"phase-start-w{rt.world_size}.pt",
+        )
+    result = train(
+        TrainConfig(
+            shards=tuple(shards),
+            recipe=recipe,
+            out=out,
+            max_steps=PHASE_STEPS,
+            num_workers=0,
+            seed=0,
+            deterministic=True,
+            pictures=False,
+        )
+    )
     (out / f"losses-rank{rt.rank}.json").write_text(json.dumps(result.losses))
     close_distributed()
 
