@@ -39,6 +39,7 @@ from lvd.cli.checks import error, flow_failure, folder_refusal, problems, quiet_
 from lvd.cli.options import (
     add_copy_options,
     add_curate_options,
+    add_dump_options,
     add_hygiene_options,
     add_run_folder_options,
     add_selection_options,
@@ -77,28 +78,8 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--input",
-        action="append",
-        required=True,
-        metavar="DUMP",
-        help="folder of images, tar archive, parquet file or folder of them; repeatable",
-    )
+    add_dump_options(p)
     p.add_argument("--out", required=True, metavar="RUN", help="run folder (reused to resume)")
-    p.add_argument(
-        "--seeds",
-        action="append",
-        default=[],
-        metavar="DIR_OR_DUMP",
-        help="seed set to retrieve pool images near; repeatable (needs --embedder)",
-    )
-    p.add_argument(
-        "--eval-sets",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="evaluation set whose copies are removed from the pool; repeatable",
-    )
     add_selection_options(p)
     add_copy_options(p)
     add_hygiene_options(p)

@@ -14,6 +14,32 @@ from pathlib import Path
 MODEL_HELP = "an lvd checkpoint dir or run --out folder, an official DINOv2 .pth, or a Hugging Face Dinov2 folder"
 
 
+def add_dump_options(p: argparse.ArgumentParser) -> None:
+    """What `lvd curate` and `lvd pipeline` read: the pool's dumps, seed sets and eval sets."""
+    p.add_argument(
+        "--input",
+        action="append",
+        required=True,
+        metavar="DUMP",
+        help="folder of images, tar archive, parquet file or folder of them; repeatable",
+    )
+    p.add_argument(
+        "--seeds",
+        action="append",
+        default=[],
+        metavar="DIR_OR_DUMP",
+        help="seed set to retrieve pool images near; repeatable (needs an embedder: --embedder, or the "
+        "pipeline's bootstrap)",
+    )
+    p.add_argument(
+        "--eval-sets",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="evaluation set whose copies are removed from the pool; repeatable",
+    )
+
+
 def add_curate_options(p: argparse.ArgumentParser) -> None:
     """Options shared by `lvd curate` and `lvd demo`."""
     p.add_argument("--ray-address", default=None, help="Ray cluster to join (default: RAY_ADDRESS, else a local Ray)")

@@ -25,6 +25,7 @@ from lvd.cli.curate import prepare_prefect_env
 from lvd.cli.options import (
     add_copy_options,
     add_curate_options,
+    add_dump_options,
     add_hygiene_options,
     add_run_folder_options,
     add_selection_options,
@@ -45,29 +46,9 @@ def register(subparsers) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--input",
-        action="append",
-        required=True,
-        metavar="DUMP",
-        help="folder of images, tar archive, parquet file or folder of them; repeatable",
-    )
+    add_dump_options(p)
     p.add_argument(
         "--out", required=True, metavar="DIR", help="output folder: run/, pretrain/, hf/ (reused to resume curation)"
-    )
-    p.add_argument(
-        "--seeds",
-        action="append",
-        default=[],
-        metavar="DIR_OR_DUMP",
-        help="seed set to retrieve pool images near; repeatable",
-    )
-    p.add_argument(
-        "--eval-sets",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="evaluation set to decontaminate the pool against; repeatable",
     )
     p.add_argument(
         "--bootstrap-steps",
