@@ -10,10 +10,10 @@ if [[ ! -d /usr/share/datasets/fashion-mnist ]] && command -v apt-get >/dev/null
     (apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }) >/dev/null \
         || echo "warning: could not install dataset-fashion-mnist; tests that need it will fail" >&2
 fi
-# Debian's Chromium drives the Prefect UI in tests/ui (browser tests; skipped without it).
+# Debian's Chromium drives the Prefect UI in tests/ui (browser tests; they fail without it).
 if [[ ! -x /usr/bin/chromium ]] && command -v apt-get >/dev/null && [[ $(id -u) == 0 ]]; then
     (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q chromium || { apt-get update -q && apt-get install -y -q chromium; }) >/dev/null \
-        || echo "warning: could not install chromium; the Prefect UI browser tests will be skipped" >&2
+        || echo "warning: could not install chromium; the Prefect UI browser tests will fail" >&2
 fi
 # Lint and format first: seconds, and a failure names the file and line.
 .venv/bin/ruff check lvd tests benchmarks scripts infra
