@@ -183,15 +183,16 @@ def test_montage_size_and_content(tmp_path, index, embedded, photos):
         assert sheet[GAP + 64 + 2 :, x0 : x0 + 64].min() < 100
 
 
-def test_cli_embed_index_search(tmp_path, capsys, tiny_backbone, folder, embedded):
+def test_cli_embed_index_search(tmp_path, capsys, ray_local, tiny_backbone, folder, embedded):
     from lvd.cli.main import main
 
     with contextlib.chdir(tmp_path):  # the default montage goes to the current folder
         args = ["--images", str(folder), "--out", str(tmp_path / "emb"), "--size", str(SIZE), "--device", "cpu"]
         assert main(["embed", "--model", str(tmp_path / "nope"), *args]) == 2
         assert "--model" in capsys.readouterr().err and not (tmp_path / "emb").exists()
-        assert main(["embed", "--model", str(tiny_backbone.official), *args, "--no-ray"]) == 0
-        assert "embedded 8 images in process (D=192) " in capsys.readouterr().out
+        # the command's Ray path on the session's real local Ray (the in-process path: test above)
+        assert main(["embed", "--model", str(tiny_backbone.official), *args, "--ray"]) == 0
+        assert "embedded 8 images on Ray (D=192) " in capsys.readouterr().out
         assert main(["index", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "idx")]) == 0
         assert "indexed 8 images (D=192, exact)" in capsys.readouterr().out
         query = folder / embedded.ids[0]
