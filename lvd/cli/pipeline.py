@@ -142,28 +142,10 @@ def check(args: argparse.Namespace) -> int:
     return precheck(_params(args))
 
 
-def run_pipeline(
-    args: argparse.Namespace,
-    *,
-    inputs: list[str],
-    out: Path,
-    knn_train: str | None,
-    knn_val: str | None,
-    seeds=(),
-    eval_sets=(),
-    bootstrap_steps: int = 100,
-) -> int:
-    """Run the flow, print the accounting and results; 0 when everything holds."""
-    params = pipeline_params(
-        args,
-        inputs=inputs,
-        out=out,
-        knn_train=knn_train,
-        knn_val=knn_val,
-        seeds=seeds,
-        eval_sets=eval_sets,
-        bootstrap_steps=bootstrap_steps,
-    )
+def run_pipeline(args: argparse.Namespace, **sources) -> int:
+    """Run the flow, print the accounting and results; 0 when everything holds. `sources`:
+    `pipeline_params`'s keywords (inputs, out, knn folders, seeds, eval sets, bootstrap steps)."""
+    params = pipeline_params(args, **sources)
     where = prepare_prefect_env()
     from lvd import runfolder
     from lvd.curation import runner
@@ -180,7 +162,7 @@ def run_pipeline(
     try:
         s = pipeline(**params)
     except Exception as e:  # refused folder or parameters, a guard, no shards, disk full: one line
-        if (code := flow_failure(e, out)) is None:
+        if (code := flow_failure(e, params["out"])) is None:
             raise
         return code
     finally:
