@@ -1,0 +1,215 @@
+"""A memory budget per worker, and the partition sizes that follow from it by construction.
+
+One knob, `--worker-memory` (say `4GiB`): the most resident memory one Ray worker process of a
+partitioned global stage may take. Every partition size is derived from it, never chosen by
+hand, so a bigger pool means more partitions (more tasks, more actors), never bigger ones:
+
+    data_bytes(B)          = (B - WORKER_BASE_BYTES) * FILL       bytes a worker may give to partition data
+    vector_shard_rows      = data_bytes / vector_row_bytes(D, index)     rows one index / k-means actor holds
+    hash_bucket_count(N)   = ceil(N * HASH_RECORD_BYTES * SKEW / data_bytes)   buckets of the hash shuffle
+    query_block_rows       = data_bytes / 4 / (4*D + 24*k)            queries searched at once
+    ingest_partition_cap   = data_bytes / (2 * mean input bytes)      files per ingest partition at most
+
+WORKER_BASE_BYTES is what an idle Ray worker takes before it holds any data (measured: 145 MB
+resident with numpy, pyarrow and faiss imported; 256 MiB kept). FILL = 0.5 leaves the other half
+of the rest for the temporaries of a partition's work (an Arrow column turned into numpy, a sort
+buffer, faiss's search blocks), so the peak stays under B when the rows fit the data bytes.
+
+The driver never holds partition data: it plans partitions, passes paths and reduces small
+results (k-means partial sums are k*D floats, kNN merges one query block at a time), so its
+peak does not grow with N (benchmarks/curate_scale.py measures both).
+
+Ray must not put more workers on a node than their budgets fit: `ray_options(budget)` gives
+the `memory=` resource to pass to `.remote`/`.options` of every task and actor of these
+stages (Ray then schedules at most node memory / B of them per node).
+
+Sizing a cluster for a pool of N images with D-dimensional vectors (`cluster_size`):
+
+    pool bytes   = N * vector_row_bytes(D, index)      (+ N * HASH_RECORD_BYTES for the hash stage)
+    workers      = ceil(pool bytes / data_bytes(B))     the vector shards that must be resident at once
+    per node     = min(cores, floor(node RAM * 0.9 / B))
+    nodes        = ceil(workers / per node)
+    hours        = sum over stages of N * CPU s per row / (nodes * per node * 3600)
+                   + N / (GPUs * images per second per GPU) / 3600      (embedding)
+
+Usage by a stage (all pure functions, no Ray needed to call them):
+
+    b = WorkerBudget(parse_bytes("4GiB"))
+    rows = vector_shard_rows(b, dim=1024, index="ivf")      # rows per shard actor
+    buckets = hash_bucket_count(n_records, b)                # buckets of the hash shuffle
+    block = query_block_rows(b, dim=1024, k=64)
+    Actor.options(**ray_options(b)).remote(...)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+WORKER_BASE_BYTES = 256 * MiB  # an idle Ray worker with numpy, pyarrow, faiss: 145 MB measured
+FILL = 0.5  # share of (budget - base) given to partition data; the rest is for temporaries
+# One hash record of the dedup shuffle in memory: uid (64 hex + offset), width, height, phash,
+# dhash (8 each), phash256, nphash256 (32 each), thumb16 (256), a bucket key and row id (16).
+HASH_RECORD_BYTES = 68 + 4 * 8 + 2 * 32 + 256 + 16
+SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)
+MAX_QUERY_BLOCK = 65_536
+INDEX_KINDS = ("flat", "ivf", "ivfpq")
+_UNITS = {
+    "": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+    "t": 1000**4, "tb": 1000**4, "kib": KiB, "mib": MiB, "gib": GiB, "tib": TiB,
+}  # fmt: skip
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str | int) -> int:
+    """'4GiB', '512MiB', '1.5G' (decimal), '4e9' or an int -> bytes; a clear error otherwise."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS:
+        raise ValueError(f"memory size {text!r}: use a number with a unit, e.g. 4GiB, 512MiB, 8G or 2e9")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: float) -> str:
+    """Bytes in binary units, 3 significant digits: 4.00 GiB."""
+    for unit, size in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if abs(n) >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f} B"
+
+
+@dataclass(frozen=True)
+class WorkerBudget:
+    """The most resident memory one worker process may take (bytes), and its data share."""
+
+    worker_bytes: int
+    base_bytes: int = WORKER_BASE_BYTES
+    fill: float = FILL
+
+    def __post_init__(self) -> None:
+        if self.worker_bytes < 2 * self.base_bytes:
+            raise ValueError(
+                f"worker memory {format_bytes(self.worker_bytes)}: use at least {format_bytes(2 * self.base_bytes)} "
+                f"(an idle worker takes {format_bytes(self.base_bytes)} before it holds any data)"
+            )
+        if not 0 < self.fill <= 1:
+            raise ValueError(f"fill={self.fill}: use a fraction in (0, 1]")
+
+    @classmethod
+    def parse(cls, text: str | int) -> WorkerBudget:
+        return cls(parse_bytes(text))
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of partition data one worker may hold at once."""
+        return int((self.worker_bytes - self.base_bytes) * self.fill)
+
+
+def vector_row_bytes(dim: int, index: str = "flat", *, pq_bytes: int = 0) -> int:
+    """Resident bytes per vector row in one shard: the fp16 row read from its part (2*D), the
+    float32 copy faiss holds (4*D; `ivfpq`: `pq_bytes` code bytes instead), the int64 id (8),
+    and for IVF the list entry's id (8)."""
+    if index not in INDEX_KINDS:
+        raise ValueError(f"index={index!r}: use one of {', '.join(INDEX_KINDS)}")
+    if dim < 1:
+        raise ValueError(f"dim={dim}: vectors have at least one dimension")
+    if index == "ivfpq":
+        if pq_bytes < 1:
+            raise ValueError("index='ivfpq' needs pq_bytes (code bytes per vector, e.g. dim // 4)")
+        return pq_bytes + 8 + 8  # vectors are added block by block: their fp16 rows never all resident
+    return 2 * dim + 4 * dim + 8 + (8 if index == "ivf" else 0)
+
+
+def vector_shard_rows(budget: WorkerBudget, dim: int, index: str = "flat", *, pq_bytes: int = 0) -> int:
+    """Rows of D-dimensional vectors one shard (index actor or k-means actor) may hold."""
+    return max(1, budget.data_bytes // vector_row_bytes(dim, index, pq_bytes=pq_bytes))
+
+
+def shard_count(n_rows: int, budget: WorkerBudget, dim: int, index: str = "flat", *, pq_bytes: int = 0) -> int:
+    """Shards (resident at once) that `n_rows` vectors need under `budget`."""
+    return max(1, math.ceil(n_rows / vector_shard_rows(budget, dim, index, pq_bytes=pq_bytes)))
+
+
+def hash_bucket_count(n_records: int, budget: WorkerBudget, *, record_bytes: int = HASH_RECORD_BYTES) -> int:
+    """Buckets of the hash shuffle so that one bucket (at SKEW times its share) fits a worker."""
+    return max(1, math.ceil(n_records * record_bytes * SKEW / budget.data_bytes))
+
+
+def hash_bucket_rows(budget: WorkerBudget, *, record_bytes: int = HASH_RECORD_BYTES) -> int:
+    """Hash records one worker may hold (a bucket, a component partition of uids)."""
+    return max(1, budget.data_bytes // record_bytes)
+
+
+def query_block_rows(budget: WorkerBudget, dim: int, k: int) -> int:
+    """Queries searched at once: each holds its float32 vector (4*D) and, twice (a shard's
+    answer and the merge), k distances and ids (24*k); a quarter of the data bytes."""
+    if k < 1:
+        raise ValueError(f"k={k}: ask for at least one neighbour")
+    return int(min(MAX_QUERY_BLOCK, max(1, budget.data_bytes // 4 // (4 * dim + 24 * k))))
+
+
+def kmeans_shard_rows(budget: WorkerBudget, dim: int, k: int) -> int:
+    """Rows one Lloyd actor may hold: fp16 rows (2*D) and an assignment (8) each, after the
+    centroids, the partial sums and a float32 block of rows being assigned (3 * k * D * 4)."""
+    fixed = 3 * k * dim * 4
+    if fixed >= budget.data_bytes:
+        raise ValueError(
+            f"k={k} centroids of dim {dim} take {format_bytes(fixed)} per worker, more than the budget's "
+            f"data share {format_bytes(budget.data_bytes)}: raise --worker-memory"
+        )
+    return max(1, (budget.data_bytes - fixed) // (2 * dim + 8))
+
+
+def ingest_partition_cap(budget: WorkerBudget, *, mean_input_bytes: int = 200 * KiB) -> int:
+    """Files per ingest partition at most: a partition holds its inputs' encoded bytes (and their
+    hash records) until it writes them; half the data share for them, the other half for the
+    decode of one image (bounded apart by --max-decoded-bytes)."""
+    return max(1, budget.data_bytes // (2 * max(1, mean_input_bytes)))
+
+
+def ray_options(budget: WorkerBudget) -> dict:
+    """Keyword arguments for `.options(...)` of a stage's tasks and actors: Ray's `memory`
+    resource, so a node runs at most (its memory resource / budget) of them at once."""
+    return {"memory": int(budget.worker_bytes)}
+
+
+@dataclass(frozen=True)
+class ClusterSize:
+    """What a pool needs under one budget (see the module doc's formula)."""
+
+    n_images: int
+    vector_bytes: int  # the pool's resident vector bytes (vector_row_bytes * N)
+    hash_bytes: int  # the pool's hash records (HASH_RECORD_BYTES * N)
+    workers: int  # workers whose budgets hold the vectors at once
+    workers_per_node: int
+    nodes: int
+
+
+def cluster_size(
+    n_images: int,
+    dim: int,
+    budget: WorkerBudget,
+    *,
+    node_memory: int,
+    node_cores: int,
+    index: str = "flat",
+    pq_bytes: int = 0,
+) -> ClusterSize:
+    """Workers and nodes for `n_images` under `budget` on nodes of `node_memory` / `node_cores`."""
+    vec = n_images * vector_row_bytes(dim, index, pq_bytes=pq_bytes)
+    workers = max(1, math.ceil(vec / budget.data_bytes))
+    per_node = min(node_cores, int(node_memory * 0.9) // budget.worker_bytes)
+    if per_node < 1:
+        raise ValueError(f"a node of {format_bytes(node_memory)} holds no worker of {format_bytes(budget.worker_bytes)}")
+    return ClusterSize(
+        n_images=n_images,
+        vector_bytes=vec,
+        hash_bytes=n_images * HASH_RECORD_BYTES,
+        workers=workers,
+        workers_per_node=per_node,
+        nodes=math.ceil(workers / per_node),
+    )
