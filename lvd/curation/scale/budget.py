@@ -44,8 +44,11 @@ Usage by a stage (all pure functions, no Ray needed to call them):
 from __future__ import annotations
 
 import math
+import os
 import re
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 WORKER_BASE_BYTES = 256 * MiB  # an idle Ray worker with numpy, pyarrow, faiss: 145 MB measured
@@ -204,7 +207,9 @@ def cluster_size(
     workers = max(1, math.ceil(vec / budget.data_bytes))
     per_node = min(node_cores, int(node_memory * 0.9) // budget.worker_bytes)
     if per_node < 1:
-        raise ValueError(f"a node of {format_bytes(node_memory)} holds no worker of {format_bytes(budget.worker_bytes)}")
+        raise ValueError(
+            f"a node of {format_bytes(node_memory)} holds no worker of {format_bytes(budget.worker_bytes)}"
+        )
     return ClusterSize(
         n_images=n_images,
         vector_bytes=vec,
@@ -213,3 +218,94 @@ def cluster_size(
         workers_per_node=per_node,
         nodes=math.ceil(workers / per_node),
     )
+
+
+# Checking the budget: peak resident memory of the driver and of every Ray worker it started.
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")  # per-node daemons, not workers
+
+
+def ray_worker_pids(root: int | None = None) -> dict[int, str]:
+    """{pid: process title} of the Ray worker processes (titles `ray::...`) descended from
+    `root` (default: this process, which started a local Ray or a `cluster_utils.Cluster`)."""
+    children: dict[int, list[int]] = {}
+    titles: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+        titles[int(entry)] = cmd
+    out, todo = {}, [root or os.getpid()]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            todo.append(pid)
+            if titles.get(pid, "").startswith("ray::") and titles[pid] not in RAY_AGENTS:
+                out[pid] = titles[pid]
+    return out
+
+
+def peak_rss(pid: int) -> int | None:
+    """VmHWM (the kernel's peak resident set, bytes) of `pid`, or None once it has exited."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    line = next((ln for ln in status.splitlines() if ln.startswith("VmHWM:")), None)
+    return int(line.split()[1]) * KiB if line else None
+
+
+def reset_peak_rss(pid: int) -> None:
+    """Restart `pid`'s VmHWM from its current RSS (Linux clear_refs 5), so a window's peak is
+    its own and not an earlier stage's."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+@dataclass
+class PeakWatch:
+    """Peak RSS of this process (the driver) and of each Ray worker process it started, over a
+    `with` block: VmHWM is reset at entry and polled every `interval` s (a worker that exits
+    is known by its last poll), so short-lived actors are caught too."""
+
+    interval: float = 0.05
+    driver: int = 0
+    workers: dict[int, tuple[str, int]] = field(default_factory=dict)  # pid -> (last title, peak)
+
+    def __enter__(self) -> PeakWatch:
+        for pid in [os.getpid(), *ray_worker_pids()]:
+            reset_peak_rss(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.poll()
+
+    def poll(self) -> None:
+        self.driver = max(self.driver, peak_rss(os.getpid()) or 0)
+        for pid, title in ray_worker_pids().items():
+            peak = peak_rss(pid)
+            if peak is not None:
+                old = self.workers.get(pid, ("", 0))
+                busy = title if not title.startswith("ray::IDLE") else old[0] or title
+                self.workers[pid] = (busy, max(old[1], peak))
+
+    @property
+    def worker_max(self) -> int:
+        """The largest peak of any worker in the window."""
+        return max((p for _, p in self.workers.values()), default=0)
