@@ -15,7 +15,10 @@ random ViT-L/14 at 224 px, the size curation uses, for the CPU cost of a real ba
 The extrapolation (printed after the table) scales the linear stages by N and uses the
 published growth of dedup candidates (N^1.16, benchmarks/dedup_scale.py).
 
-Run: .venv/bin/python benchmarks/curate_scale.py [--n 3000] [--copies 150] [--side 128]
+The partitioned global stages (memory per worker, 10^5..10^7 synthetic images, 1 and 2
+workers) are measured by benchmarks/curate_scale.py.
+
+Run: .venv/bin/python benchmarks/curate_cost.py [--n 3000] [--copies 150] [--side 128]
      [--embedder /tmp/lvd-learning/run-600] [--big 16]
 """
 
