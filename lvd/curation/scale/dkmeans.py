@@ -1,0 +1,274 @@
+"""Spherical k-means over Ray actors that each hold one shard of a vector folder.
+
+The pool's float16 vectors stay in their per-partition parts (`lvd.curation.vectors`); no process
+concatenates them. Each actor loads one shard (a block-aligned range of pool rows, read from the
+parts' memory maps) and keeps it in RAM. Every Lloyd iteration the driver puts the centroids in
+the object store once, each actor returns its per-cluster partial sums, counts and inertia
+(`lloyd.Partials`, k x D int64 + k counts), and the driver reduces them and renormalises
+(`lloyd.update`). Because the sums are exact integers and every row is scored in the same BLAS
+call wherever it lives, the result equals `lloyd.lloyd` in one process bit for bit from the same
+initial centroids (and same `block_rows`), whatever the number of actors. Initial centroids come
+from a seeded sample that the actors holding those rows send (k-means++ on the sample, or k
+random rows). An actor killed with its node is restarted by Ray (`max_restarts`), reloads its
+shard, and the iteration's call is retried: the partials are a pure function of shard and
+centroids, so the result does not change.
+
+Memory per actor: rows x 2D bytes (its shard) + 12 bytes per row (last assignment and score)
++ one block's scratch, block_rows x (4k + 12D) bytes (`lloyd.default_block_rows` keeps that near
+32 MiB) + 16kD bytes for sums. Driver: 2 x 16kD bytes for centroids and reduced sums, plus the
+init sample (`init_sample` x 8D); the labels come back only when asked (12 bytes per row; with
+`out_dir` each actor writes its own Parquet part instead and the driver holds none).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import resource
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from lvd.curation import lloyd
+from lvd.curation.vectors import part_paths
+
+_UIDS = re.compile(r"^part-(\d{6})\.uids\.parquet$")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DKMeansConfig:
+    lloyd: lloyd.LloydConfig  # k, iterations, seeding, block size: the single-process reference's config
+    n_actors: int | None = None  # None: N / rows_per_actor when given, else one per CPU of the cluster
+    rows_per_actor: int | None = None  # most rows one actor holds (rounded up to whole blocks)
+    actor_cpus: float = 1.0  # CPUs each actor reserves
+    max_restarts: int = 2  # Ray restarts an actor lost with its node this often (it reloads its shard)
+
+    def __post_init__(self):
+        if self.n_actors is not None and self.n_actors < 1:
+            raise ValueError(f"n_actors={self.n_actors}: use at least 1, or None")
+        if self.rows_per_actor is not None and self.rows_per_actor < 1:
+            raise ValueError(f"rows_per_actor={self.rows_per_actor}: use at least 1 row, or None")
+        if self.actor_cpus < 0:
+            raise ValueError(f"actor_cpus={self.actor_cpus}: use 0 or more")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Pool rows `first .. first + n` (block-aligned), found in the parts `npys` whose first store
+    rows are `offsets`; `store_rows` maps them to store rows when the pool is a subset (None: the
+    pool is the whole folder, pool row = store row)."""
+
+    first: int
+    n: int
+    npys: tuple[str, ...]
+    offsets: tuple[int, ...]
+    store_rows: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ActorStats:
+    rows: int
+    peak_rss_bytes: int  # the actor process's peak resident set (ru_maxrss)
+    node: str
+
+
+@dataclass(frozen=True)
+class DKMeansResult:
+    centroids_KD: np.ndarray  # float32 unit rows
+    sizes_K: np.ndarray  # int64 rows per cluster
+    inertia: float  # sum of squared distances to the assigned centroids
+    similarity: float  # sum of cosines to the assigned centroids
+    assign_N: np.ndarray | None  # int64 cluster per pool row (None when written to out_dir)
+    score_N: np.ndarray | None  # float32 cosine to it
+    actors: tuple[ActorStats, ...] = field(default=())
+
+
+def folder_parts(folder: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
+    """(part .npy paths, their row counts) of a vector folder's complete parts, from the .npy
+    headers alone: no uid is read, so planning costs nothing per row."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no vector folder (run the embed stage first)")
+    indices = sorted(int(m.group(1)) for n in folder.iterdir() if (m := _UIDS.match(n.name)))
+    npys = tuple(str(part_paths(folder, i)[0]) for i in indices)
+    return npys, np.array([np.load(p, mmap_mode="r").shape[0] for p in npys], np.int64)
+
+
+def plan_shards(npys, counts, n_shards: int, block_rows: int, store_rows=None) -> list[ShardSpec]:
+    """At most `n_shards` consecutive, block-aligned ranges of the pool's rows."""
+    offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(counts)[:-1]]))
+    n = int(np.sum(counts)) if store_rows is None else len(store_rows)
+    per = max(1, math.ceil(math.ceil(n / max(1, n_shards)) / block_rows)) * block_rows
+    specs = []
+    for first in range(0, n, per):
+        rows = None if store_rows is None else np.asarray(store_rows[first : first + per], np.int64)
+        specs.append(ShardSpec(first, min(per, n - first), tuple(npys), offsets, rows))
+    return specs
+
+
+def load_shard(spec: ShardSpec) -> np.ndarray:
+    """float16 [n, D] rows of one shard, read part by part from the memory maps."""
+    rows = spec.store_rows if spec.store_rows is not None else np.arange(spec.first, spec.first + spec.n)
+    part = np.searchsorted(spec.offsets, rows, side="right") - 1
+    out = None
+    for p in np.unique(part):
+        mm = np.load(spec.npys[p], mmap_mode="r")
+        out = np.empty((len(rows), mm.shape[1]), np.float16) if out is None else out
+        sel = part == p
+        out[sel] = mm[rows[sel] - spec.offsets[p]]
+    return out
+
+
+class ShardActor:
+    """One shard in RAM; answers the driver's per-iteration calls (`lloyd.Shard`)."""
+
+    def __init__(self, spec: ShardSpec, block_rows: int):
+        self.spec = spec
+        self.shard = lloyd.Shard(load_shard(spec), spec.first, block_rows)
+
+    def partials(self, c32_KD: np.ndarray) -> lloyd.Partials:
+        return self.shard.partials(c32_KD)
+
+    def farthest(self, m: int) -> lloyd.Farthest:
+        return self.shard.farthest(m)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return self.shard.take(rows)
+
+    def labels(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.shard.assign_N, self.shard.score_N
+
+    def write_labels(self, path: str) -> int:
+        """The last pass's labels as one Parquet part: `row` (pool row), `uid` (from the parts'
+        uids files), `cluster`, `score`; returns the rows written."""
+        rows = np.arange(self.spec.first, self.spec.first + self.spec.n)
+        table = pa.table(
+            {
+                "row": pa.array(rows),
+                "uid": pa.array(self._uids(), pa.string()),
+                "cluster": pa.array(self.shard.assign_N),
+                "score": pa.array(self.shard.score_N),
+            }
+        )
+        pq.write_table(table, path)
+        return len(rows)
+
+    def _uids(self) -> list[str]:
+        spec = self.spec
+        rows = spec.store_rows if spec.store_rows is not None else np.arange(spec.first, spec.first + spec.n)
+        part = np.searchsorted(spec.offsets, rows, side="right") - 1
+        out = np.empty(len(rows), object)
+        for p in np.unique(part):
+            uid_file = Path(spec.npys[p]).with_suffix(".uids.parquet")
+            uids = pq.read_table(uid_file, columns=["uid"])["uid"].to_numpy(zero_copy_only=False)
+            out[part == p] = uids[rows[part == p] - spec.offsets[p]]
+        return out.tolist()
+
+    def stats(self) -> ActorStats:
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return ActorStats(self.spec.n, int(peak_kib) * 1024, ray.get_runtime_context().get_node_id())
+
+
+def dkmeans(
+    folder: str | Path,
+    cfg: DKMeansConfig,
+    *,
+    store_rows: np.ndarray | None = None,
+    init_KD: np.ndarray | None = None,
+    out_dir: str | Path | None = None,
+) -> DKMeansResult:
+    """Cluster the vectors of `folder` (all of them, or the store rows `store_rows`, in that
+    order) over Ray actors. `init_KD` overrides the seeded initial centroids. With `out_dir` the
+    actors write their labels as `labels-NNNNNN.parquet` there and the result holds none."""
+    npys, counts = folder_parts(folder)
+    n = int(counts.sum()) if store_rows is None else len(store_rows)
+    d = np.load(npys[0], mmap_mode="r").shape[1] if npys else 0
+    if n < cfg.lloyd.k:
+        raise ValueError(f"k={cfg.lloyd.k} clusters need at least {cfg.lloyd.k} vectors, got {n}: lower k")
+    block_rows = cfg.lloyd.blocks(d)
+    specs = plan_shards(npys, counts, _n_actors(cfg, n), block_rows, store_rows)
+    cls = ray.remote(ShardActor).options(
+        num_cpus=cfg.actor_cpus,
+        scheduling_strategy="SPREAD",
+        max_restarts=cfg.max_restarts,
+        max_task_retries=cfg.max_restarts,
+    )
+    actors = [cls.remote(spec, block_rows) for spec in specs]
+    try:
+        init = init_KD if init_KD is not None else lloyd.init_centroids(_taker(actors, specs), n, cfg.lloyd)
+        c32, total = lloyd.iterate(_partials(actors), _farthest(actors), init, cfg.lloyd.niter)
+        assign, score = _labels(actors, out_dir)
+        stats = tuple(ray.get([a.stats.remote() for a in actors]))
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return DKMeansResult(c32, total.counts_K, total.inertia, total.similarity, assign, score, stats)
+
+
+def _n_actors(cfg: DKMeansConfig, n: int) -> int:
+    if cfg.n_actors is not None:
+        return cfg.n_actors
+    if cfg.rows_per_actor is not None:
+        return math.ceil(n / cfg.rows_per_actor)
+    cpus = ray.cluster_resources().get("CPU", 1)
+    return max(1, int(cpus // cfg.actor_cpus) if cfg.actor_cpus else int(cpus))
+
+
+def _partials(actors):
+    def run(c32_KD):
+        ref = ray.put(c32_KD)  # one copy in the object store, read by every actor
+        return ray.get([a.partials.remote(ref) for a in actors])
+
+    return run
+
+
+def _farthest(actors):
+    return lambda m: ray.get([a.farthest.remote(m) for a in actors])
+
+
+def _taker(actors, specs: list[ShardSpec]):
+    """take(sorted pool rows) -> their float16 vectors, each asked of the actor holding it."""
+    firsts = np.array([s.first for s in specs])
+
+    def take(rows: np.ndarray) -> np.ndarray:
+        owner = np.searchsorted(firsts, rows, side="right") - 1
+        got = ray.get([actors[i].take.remote(rows[owner == i]) for i in np.unique(owner)])
+        return np.concatenate(got)
+
+    return take
+
+
+def _labels(actors, out_dir) -> tuple[np.ndarray | None, np.ndarray | None]:
+    if out_dir is None:
+        got = ray.get([a.labels.remote() for a in actors])
+        return np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ray.get([a.write_labels.remote(str(out / f"labels-{i:06d}.parquet")) for i, a in enumerate(actors)])
+    return None, None
+
+
+def cluster_vector_folder(
+    folder: str | Path,
+    k: int,
+    *,
+    n_actors: int | None = None,
+    rows_per_actor: int | None = None,
+    niter: int = 20,
+    seed: int = 0,
+    out_dir: str | Path | None = None,
+    actor_cpus: float = 1.0,
+) -> DKMeansResult:
+    """Spherical k-means of every vector in a vector folder over Ray actors (the benchmark's
+    entry point); with `out_dir` the labels go to Parquet parts and the driver holds none."""
+    cfg = DKMeansConfig(
+        lloyd=lloyd.LloydConfig(k=k, niter=niter, seed=seed),
+        n_actors=n_actors,
+        rows_per_actor=rows_per_actor,
+        actor_cpus=actor_cpus,
+    )
+    return dkmeans(folder, cfg, out_dir=out_dir)

@@ -1,0 +1,166 @@
+"""Distributed spherical k-means (lvd.curation.scale.dkmeans) against the single-process Lloyd
+(lvd.curation.lloyd): the same centroids and labels bit for bit from the same seed, on the
+session's Ray and on a 3-node `ray.cluster_utils.Cluster` (in a subprocess, since the session's
+Ray is already initialised in this process)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from lvd.curation.lloyd import LloydConfig, lloyd
+from lvd.curation.scale.dkmeans import DKMeansConfig, cluster_vector_folder, dkmeans, folder_parts, plan_shards
+from lvd.curation.vectors import open_vectors, write_vectors
+
+PART_SIZES = (700, 0, 1300, 1000)  # uneven, one part empty: shards cut across parts
+
+
+def blobs16(n: int, d: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((k, d))
+    x = centres[rng.integers(0, k, n)] / np.sqrt(d) * 3 + 0.3 * rng.standard_normal((n, d)) / np.sqrt(d)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def write_folder(folder, x16: np.ndarray) -> None:
+    start = 0
+    for i, size in enumerate(PART_SIZES):
+        write_vectors(folder, i, [f"u{r:05d}" for r in range(start, start + size)], x16[start : start + size])
+        start += size
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vectors")
+    x16 = blobs16(sum(PART_SIZES), 16, 12, seed=0)
+    write_folder(path, x16)
+    return path, x16
+
+
+LCFG = LloydConfig(k=12, niter=8, seed=3, block_rows=128)
+
+
+def assert_same(got, want) -> None:
+    np.testing.assert_array_equal(got.centroids_KD, want.centroids_KD)
+    np.testing.assert_array_equal(got.assign_N, want.assign_N)
+    np.testing.assert_array_equal(got.score_N, want.score_N)
+    np.testing.assert_array_equal(got.sizes_K, np.bincount(want.assign_N, minlength=len(want.centroids_KD)))
+    assert got.inertia == pytest.approx(want.inertia, rel=1e-12)
+
+
+def test_distributed_equals_single_process_from_the_same_seed(ray_local, folder):
+    path, x16 = folder
+    want = lloyd(x16, LCFG)
+    for n_actors in (1, 2):
+        got = dkmeans(path, DKMeansConfig(lloyd=LCFG, n_actors=n_actors))
+        assert_same(got, want)
+        assert [a.rows for a in got.actors] == ([3000] if n_actors == 1 else [1536, 1464])
+    # the labels are a real clustering: unit centroids, every row on its most similar one
+    np.testing.assert_allclose(np.linalg.norm(want.centroids_KD, axis=1), 1.0, atol=1e-6)
+    sims = x16.astype(np.float32) @ want.centroids_KD.T
+    np.testing.assert_array_equal(want.assign_N, sims.argmax(axis=1))
+    # each centroid is the normalised sum of its members under the previous step's labels: one
+    # more step from the result moves nothing on well-separated blobs
+    again = lloyd(x16, LloydConfig(k=12, niter=1, block_rows=128), init_KD=want.centroids_KD)
+    np.testing.assert_allclose(again.centroids_KD, want.centroids_KD, atol=2e-3)
+
+
+def test_subset_in_given_order_and_random_init(ray_local, folder):
+    path, x16 = folder
+    rows = np.random.default_rng(1).permutation(len(x16))[:2100]  # a candidate subset, in its own order
+    cfg = LloydConfig(k=9, niter=6, seed=5, init="random", block_rows=256)
+    want = lloyd(x16[rows], cfg)
+    got = dkmeans(path, DKMeansConfig(lloyd=cfg, n_actors=2), store_rows=rows)
+    assert_same(got, want)
+
+
+def test_empty_clusters_are_reseeded_deterministically(ray_local, folder):
+    path, x16 = folder
+    init = np.repeat(x16[:4].astype(np.float64), 3, axis=0)  # 12 centroids, each value 3 times
+    cfg = LloydConfig(k=12, niter=6, block_rows=128)
+    want = lloyd(x16, cfg, init_KD=init)
+    got = dkmeans(path, DKMeansConfig(lloyd=cfg, n_actors=2), init_KD=init)
+    assert_same(got, want)
+    assert (got.sizes_K > 0).all()  # the 8 duplicates started empty and were given rows
+
+
+def test_labels_written_by_the_actors(ray_local, folder, tmp_path):
+    path, x16 = folder
+    got = cluster_vector_folder(path, 12, n_actors=2, niter=8, seed=3, out_dir=tmp_path)
+    assert got.assign_N is None
+    table = pq.read_table(tmp_path).sort_by("row")
+    ref = dkmeans(path, DKMeansConfig(lloyd=LloydConfig(k=12, niter=8, seed=3), n_actors=1))
+    np.testing.assert_array_equal(table["cluster"].to_numpy(), ref.assign_N)
+    assert table["uid"].to_pylist() == open_vectors(path).uids.tolist()
+
+
+def test_shards_are_block_aligned_and_cover_the_pool(folder):
+    path, _ = folder
+    npys, counts = folder_parts(path)
+    assert counts.tolist() == list(PART_SIZES)
+    specs = plan_shards(npys, counts, 3, 128)
+    assert [s.first for s in specs] == [0, 1024, 2048] and [s.n for s in specs] == [1024, 1024, 952]
+
+
+def test_errors_name_the_fix(ray_local, folder):
+    path, _ = folder
+    with pytest.raises(ValueError, match="lower k"):
+        dkmeans(path, DKMeansConfig(lloyd=LloydConfig(k=4000)))
+    with pytest.raises(ValueError, match="n_actors"):
+        DKMeansConfig(lloyd=LCFG, n_actors=0)
+    with pytest.raises(ValueError, match="init"):
+        LloydConfig(k=3, init="bogus")
+    with pytest.raises(FileNotFoundError, match="embed stage"):
+        dkmeans(path / "missing", DKMeansConfig(lloyd=LCFG))
+
+
+CLUSTER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import ray
+    from ray.cluster_utils import Cluster
+    from lvd.curation.lloyd import LloydConfig, lloyd
+    from lvd.curation.scale.dkmeans import DKMeansConfig, dkmeans
+    from lvd.curation.vectors import open_vectors
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        cfg = LloydConfig(k=12, niter=8, seed=3, block_rows=128)
+        got = dkmeans(sys.argv[1], DKMeansConfig(lloyd=cfg, n_actors=3))
+        want = lloyd(open_vectors(sys.argv[1]).load().vecs_ND, cfg)
+        print("RESULT " + json.dumps({
+            "centroids_equal": bool(np.array_equal(got.centroids_KD, want.centroids_KD)),
+            "labels_equal": bool(np.array_equal(got.assign_N, want.assign_N)),
+            "nodes": len({a.node for a in got.actors}),
+            "rows": [a.rows for a in got.actors],
+        }))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_three_node_cluster_equals_single_process(folder):
+    path, _ = folder
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run(
+        [sys.executable, "-c", CLUSTER_SCRIPT, str(path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert res.returncode == 0 and lines, res.stderr[-4000:]
+    got = json.loads(lines[0][len("RESULT ") :])
+    assert got == {"centroids_equal": True, "labels_equal": True, "nodes": 3, "rows": [1024, 1024, 952]}
