@@ -418,3 +418,45 @@ def _fixed_width(table: pa.Table, name: str, nbytes: int) -> np.ndarray:
     if len(data) != table.num_rows * nbytes:
         raise ValueError(f"column '{name}' must hold {nbytes} bytes per row")
     return np.frombuffer(data, np.uint8).reshape(table.num_rows, nbytes)
+
+
+# ---------------------------------------------------------------- for partitioned callers
+
+
+@dataclass(frozen=True)
+class CandidateCode:
+    """One exact candidate search of `near_duplicate_edges`: pairs within `radius` bits of the
+    ingest column `column` are compared by channel `channel`."""
+
+    channel: str
+    column: str
+    radius: int
+
+
+def candidate_codes(cfg: DedupConfig) -> list[CandidateCode]:
+    """Every candidate search `near_duplicate_edges` runs under `cfg` (keep the two in step).
+
+    Every pair it links is within `radius` bits of `column` for one entry, so a caller that
+    buckets rows by these codes (pigeonhole, `lvd.curation.scale.hashdedup`) sees every pair."""
+    if cfg.verify_radius is not None:
+        out = [CandidateCode("main", VERIFY_COLUMN, cfg.verify_radius)]
+    else:
+        out = [CandidateCode("main", "phash", cfg.phash_radius)]
+    if cfg.clipped_verify_radius is not None and cfg.verify_radius is not None and cfg.max_thumb_residual is not None:
+        out.append(CandidateCode("clipped", VERIFY_COLUMN, cfg.clipped_verify_radius))
+    if cfg.equalised_radius is not None:
+        out.append(CandidateCode("equalised", EQUALISED_COLUMN, cfg.equalised_radius))
+    return out
+
+
+def table_edges(table: pa.Table, cfg: DedupConfig) -> EdgeSet:
+    """`near_duplicate_edges` of a table with `find_near_duplicates`'s columns (rows: positions)."""
+    width = table["width"].to_numpy().astype(np.int64)
+    height = table["height"].to_numpy().astype(np.int64)
+    verify = _fixed_width(table, VERIFY_COLUMN, 32) if cfg.verify_radius is not None else None
+    thumb = _fixed_width(table, THUMB_COLUMN, THUMB_CELLS) if cfg.max_thumb_residual is not None else None
+    equalised = _fixed_width(table, EQUALISED_COLUMN, 32) if cfg.equalised_radius is not None else None
+    return near_duplicate_edges(
+        table["phash"].to_numpy(), table["dhash"].to_numpy(), cfg,
+        aspect=width / np.maximum(height, 1), verify=verify, thumb=thumb, equalised=equalised,
+    )  # fmt: skip
