@@ -84,11 +84,26 @@ def test_subset_in_given_order_and_random_init(ray_local, folder):
 def test_empty_clusters_are_reseeded_deterministically(ray_local, folder):
     path, x16 = folder
     init = np.repeat(x16[:4].astype(np.float64), 3, axis=0)  # 12 centroids, each value 3 times
+    first = lloyd(x16, LloydConfig(k=12, niter=0, block_rows=128), init_KD=init)
+    empty = np.flatnonzero(first.sizes() == 0)
+    assert len(empty) == 8  # ties go to the lower id: the copies start empty
+    # one step later each empty cluster, in id order, sits on one of the rows farthest from
+    # their centroid, farthest first (ties by row)
+    far = np.lexsort((np.arange(len(x16)), first.score_N))[:8]
+    for n_actors in (None, 2):
+        cfg = LloydConfig(k=12, niter=1, block_rows=128)
+        step = (
+            lloyd(x16, cfg, init_KD=init)
+            if n_actors is None
+            else dkmeans(path, DKMeansConfig(lloyd=cfg, n_actors=2), init_KD=init)
+        )
+        unit_far = x16[far].astype(np.float64) / np.linalg.norm(x16[far].astype(np.float64), axis=1, keepdims=True)
+        np.testing.assert_array_equal(step.centroids_KD[empty], unit_far.astype(np.float32))
     cfg = LloydConfig(k=12, niter=6, block_rows=128)
     want = lloyd(x16, cfg, init_KD=init)
     got = dkmeans(path, DKMeansConfig(lloyd=cfg, n_actors=2), init_KD=init)
     assert_same(got, want)
-    assert (got.sizes_K > 0).all()  # the 8 duplicates started empty and were given rows
+    assert (got.sizes_K > 0).all()
 
 
 def test_labels_written_by_the_actors(ray_local, folder, tmp_path):
