@@ -48,7 +48,7 @@ RECORD = "run.json"
 LOCK = ".lock"
 MODES = ("resume", "extend", "overwrite")
 FORMAT = "lvd-run-folder"
-LVD_RUN_MARKS = ("ingest", "ledger.parquet", RECORD)
+LVD_RUN_MARKS = ("ingest", "ledger", "ledger.parquet", RECORD)
 PIPELINE_OUTPUTS = ("run", "pretrain", "hf", "bootstrap")  # what `lvd pipeline --overwrite` deletes
 
 

@@ -1,7 +1,7 @@
 """`lvd pipeline`: curate dumps, pretrain DINOv2 on the shards, evaluate and export, in one
 Prefect flow (`pipeline`, with `curate` and `pretrain` as subflows).
 
-Output under --out: run/ (curation run folder: ledger.parquet, shards/), pretrain/
+Output under --out: run/ (curation run folder: ledger/, shards/), pretrain/
 (config.json, metrics.jsonl, checkpoints/, pictures/), hf/ (the teacher backbone as a
 Hugging Face Dinov2 folder, loadable with transformers' AutoModel).
 
@@ -148,7 +148,7 @@ def run_pipeline(args: argparse.Namespace, **sources) -> int:
     params = pipeline_params(args, **sources)
     where = prepare_prefect_env()
     from lvd import runfolder
-    from lvd.curation import runner
+    from lvd.curation import rundir, runner
     from lvd.curation.ledger import format_report, verify_run
 
     try:  # a refused join is one line, before the flow starts
@@ -177,7 +177,7 @@ def run_pipeline(args: argparse.Namespace, **sources) -> int:
     if p.knn_top1 is not None:
         print(f"k-NN top-1 of the teacher: {100 * p.knn_top1:.2f}%")
     print(f"Hugging Face model folder: {s.hf_dir}")
-    print(f"run folder: {s.curate.run_dir}  (ledger: {Path(s.curate.run_dir) / 'ledger.parquet'})")
+    print(f"run folder: {s.curate.run_dir}  (ledger: {rundir.ledger_path(s.curate.run_dir)})")
     print(f"check it again any time with: lvd verify {s.curate.run_dir}")
     print(where)
     return 0 if report.ok else 1

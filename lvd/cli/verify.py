@@ -1,7 +1,9 @@
 """`lvd verify RUN`: check a run's accounting (every input exactly once, with its reason), every
 shard tar against RUN/shards/manifest.parquet (sha256, size, keys, uids, decodable images) and
 the manifest against the ledger (every `sharded` uid shipped exactly once and nothing else; no
-duplicate or decontaminated image in any shard), and the seed / eval-set runs' own ledgers."""
+duplicate or decontaminated image in any shard), and the seed / eval-set runs' own ledgers.
+The ledger's parts are checked in parallel as Ray tasks (a local Ray, or --ray-address), then
+across parts by uid range; the findings come back as one report."""
 
 from __future__ import annotations
 
@@ -13,12 +15,20 @@ def register(subparsers) -> None:
         "verify", help="check a run folder's accounting and shards; exits 1 and says what is broken"
     )
     p.add_argument("run", metavar="RUN", help="run folder written by `lvd curate`")
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        metavar="ADDR",
+        help="Ray cluster to check on (default: RAY_ADDRESS, else a local Ray on this machine's CPUs)",
+    )
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    from lvd.curation import runner
     from lvd.curation.ledger import format_report, verify_run
 
+    runner.init_ray(getattr(args, "ray_address", None))
     report = verify_run(args.run)
     print(format_report(report))
     return 0 if report.ok else 1

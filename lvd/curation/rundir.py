@@ -22,7 +22,8 @@ done-markers of its upstream folders) and which folders a run with other options
       retrieve/                  selection{,.seeds,.counts}.parquet
       shard_parts/ shards/       per-shard parts; shard-*.tar + manifest.parquet (written last)
       seeds/NAME/ eval/NAME/     sub-runs with the same layout
-      ledger.parquet             one row per input (lvd.curation.ledger)
+      ledger/                    part-N.parquet (one row per input) + _done.json last (lvd.curation.ledger);
+                                 runs before it: ledger.parquet (still read)
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
     Stage("shard_parts", ("dedup", "copydetect", "decontam", "retrieve"), ("part-*.parquet",)),
 )}  # fmt: skip
 VECTORS = {"embed": "vectors", "copyembed": "copyvec"}  # embedding stages keep vectors beside their markers
-SHARDS, MANIFEST, LEDGER = "shards", "manifest.parquet", "ledger.parquet"
+SHARDS, MANIFEST, LEDGER = "shards", "manifest.parquet", "ledger"
+LEGACY_LEDGER = "ledger.parquet"  # the one-file ledger of runs before the partitioned one (read, never written)
 SUB_RUNS = ("seeds", "eval")
 # ingest columns the duplicate stages never need
 NOT_FOR_DEDUP = {"meta", "reason", "format", "nbytes"}
@@ -225,8 +227,12 @@ def apply_caps(run_dir: Path, records: pa.Table) -> pa.Table:
 # ---------------------------------------------------------------- duplicates, decontamination
 
 
-def _table(path: Path) -> pa.Table | None:
-    return pq.read_table(path) if path.exists() else None
+def _table(path: Path, uids=None) -> pa.Table | None:
+    """The table at `path` (None if absent); with `uids`, only their rows (a bounded read)."""
+    if not path.exists():
+        return None
+    wanted = None if uids is None else pc.field("uid").isin(pa.array(list(uids), pa.string()))
+    return pq.read_table(path, filters=wanted)
 
 
 def hash_duplicates(run_dir: Path) -> pa.Table | None:
@@ -234,10 +240,11 @@ def hash_duplicates(run_dir: Path) -> pa.Table | None:
     return _table(Path(run_dir) / "dedup" / "duplicates.parquet")
 
 
-def duplicates(run_dir: Path) -> pa.Table | None:
-    """The run's final duplicate groups: copy detection's when it ran, else hash dedup's."""
+def duplicates(run_dir: Path, uids=None) -> pa.Table | None:
+    """The run's final duplicate groups: copy detection's when it ran, else hash dedup's
+    (only the rows of `uids` when given)."""
     for stage in ("copydetect", "dedup"):
-        if (t := _table(Path(run_dir) / stage / "duplicates.parquet")) is not None:
+        if (t := _table(Path(run_dir) / stage / "duplicates.parquet", uids)) is not None:
             return t
     return None
 
@@ -248,8 +255,8 @@ def copydetect_output(run_dir: Path, what: str) -> dict | None:
     return json.loads(t["json"][0].as_py()) if t is not None else None
 
 
-def decontaminated(run_dir: Path) -> pa.Table | None:
-    return _table(Path(run_dir) / "decontam" / "decontaminated.parquet")
+def decontaminated(run_dir: Path, uids=None) -> pa.Table | None:
+    return _table(Path(run_dir) / "decontam" / "decontaminated.parquet", uids)
 
 
 def candidates(run_dir: Path) -> list[str]:
@@ -290,10 +297,12 @@ def manifest_path(run_dir: Path) -> Path:
 
 
 def ledger_path(run_dir: Path) -> Path:
+    """The ledger's folder (its parts and done-marker: lvd.curation.ledger)."""
     return Path(run_dir) / LEDGER
 
 
 def is_sub_run(run_dir: Path) -> bool:
     """A seed or eval set's folder inside a run that has a ledger of its own."""
     run_dir = Path(run_dir)
-    return run_dir.parent.name in SUB_RUNS and ledger_path(run_dir.parent.parent).exists()
+    top = run_dir.parent.parent
+    return run_dir.parent.name in SUB_RUNS and (ledger_path(top).exists() or (top / LEGACY_LEDGER).exists())

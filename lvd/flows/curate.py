@@ -147,15 +147,15 @@ def _report_duplicates(run_dir: Path) -> None:
 def ledger_task(run_dir: Path) -> ledger.VerifyReport:
     log = get_run_logger()
     progress = artifacts.Progress("curate-ledger-progress", "ledger: accounting of every input")
-    for seed_run in sorted(p.parent for p in run_dir.glob("seeds/*/ledger.parquet")):
-        ledger.write_ledger(seed_run)  # shipped seeds (include_seeds) become `sharded` there
-    table = ledger.write_ledger(run_dir)
+    for seed_run in ledger.sub_runs(run_dir, ("seeds",)):
+        ledger.write_parts(seed_run)  # shipped seeds (include_seeds) become `sharded` there
+    written = ledger.write_parts(run_dir)
     report = ledger.verify_run(run_dir)
     progress(1, 1)
     artifacts.count_table(
         "curate-ledger-counts",
         "ledger: inputs per status and reason",
-        artifacts.status_reason_rows(table["status"].to_pylist(), table["reason"].to_pylist()),
+        written.count_rows(),
     )
     log.info("ledger: %d inputs %s", report.inputs, report.by_status)
     for problem in report.problems:

@@ -103,8 +103,7 @@ def sub_run_task(
     stages.run_dedup(run_dir, dcfg, rcfg)
     if fcfg is not None:
         stages_copy.run_copyfeat(run_dir, fcfg, rcfg)
-    table = ledger.write_ledger(run_dir)
-    return dict(Counter(table["status"].to_pylist()))
+    return ledger.write_parts(run_dir).by_status
 
 
 @task(name="copy-features", cache_policy=NO_CACHE)

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from _node_removal import run_with_node_removal
 from plain_curate import curate_without_prefect
@@ -96,13 +95,13 @@ def test_sigkill_mid_ingest_then_rerun_resumes(ray_local, prefect_harness, big_d
     time.sleep(2.0)  # let Ray reap the dead driver's tasks before taking the snapshot
     before = markers(out / "ingest")
     assert 0 < len(before) < total, f"kill landed outside ingest: {len(before)}/{total} done"
-    assert not (out / "ledger.parquet").exists()
+    assert not ledger.has_ledger(out)
 
     assert cli.main(argv) == 0  # started again, in this process
     after = markers(out / "ingest")
     assert len(after) == total
     assert {k: after[k] for k in before} == before  # done partitions were not redone
-    assert pq.read_table(out / "ledger.parquet").equals(want)
+    assert ledger.read_ledger(out).equals(want)
 
 
 @dataclass(frozen=True)
@@ -167,5 +166,5 @@ def test_node_removed_mid_stage(ray_local, small_dump, tmp_path):
     done_at_removal, seen_total = result["removed_at"]
     assert seen_total == total and done_at_removal < total  # removed mid-stage
     assert result["ran"] == total
-    assert pq.read_table(out / "ledger.parquet").equals(want)
+    assert ledger.read_ledger(out).equals(want)
     assert ledger.verify_run(out).ok

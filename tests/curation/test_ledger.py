@@ -1,4 +1,5 @@
-"""Ledger: exact copies by source order, near-duplicates by representative, verify catches tampering.
+"""Ledger: exact copies by source order, near-duplicates by representative, written as parts
+in parallel and equal to the single-process reference; verify catches tampering in one part.
 
 Manifests are written by hand here so the expected ledger can be computed by hand.
 """
@@ -6,6 +7,7 @@ Manifests are written by hand here so the expected ledger can be computed by han
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from lvd.curation import ledger as lg
+from lvd.curation import rundir
+
+
+@pytest.fixture(autouse=True)
+def _ray(ray_local):
+    """The ledger writes and checks its parts as Ray tasks on the session's Ray."""
 
 
 def write_part(run: Path, index: int, rows: list[tuple]) -> None:
@@ -78,25 +86,76 @@ def run(tmp_path) -> Path:
     return tmp_path
 
 
-def test_ledger_rows_hand_computed(run):
+HAND = [
+    ("a.tar::m1.jpg", "accepted", None, "A", None, None, 10, 10),
+    ("a.tar::m2", "rejected", "tar_link", None, None, None, 0, 0),
+    ("b.parquet::0", "accepted", None, "B", None, None, 20, 20),
+    ("b.parquet::1", "duplicate", "phash", "C", "B", 4.0, 30, 30),
+    ("d/w.png", "duplicate", "phash", "C", "B", 4.0, 30, 30),
+    ("d/y.png", "rejected", "corrupt", "X", None, None, 0, 0),
+    ("d/z.png", "duplicate", "exact", "A", "A", 0.0, 10, 10),
+]
+
+
+def part_file(run: Path, index: int) -> Path:
+    return rundir.ledger_path(run) / lg.part_name(index)
+
+
+def test_ledger_rows_hand_computed_in_parts(run):
     t = lg.write_ledger(run)
     assert t.schema == lg.LEDGER_SCHEMA
-    assert pq.read_table(run / "ledger.parquet").equals(t)
-    rows = [tuple(r.values()) for r in t.to_pylist()]
-    assert rows == [
-        ("a.tar::m1.jpg", "accepted", None, "A", None, None, 10, 10),
-        ("a.tar::m2", "rejected", "tar_link", None, None, None, 0, 0),
-        ("b.parquet::0", "accepted", None, "B", None, None, 20, 20),
-        ("b.parquet::1", "duplicate", "phash", "C", "B", 4.0, 30, 30),
-        ("d/w.png", "duplicate", "phash", "C", "B", 4.0, 30, 30),
-        ("d/y.png", "rejected", "corrupt", "X", None, None, 0, 0),
-        ("d/z.png", "duplicate", "exact", "A", "A", 0.0, 10, 10),
-    ]
+    assert [tuple(r.values()) for r in t.to_pylist()] == HAND
+    assert t.equals(lg.build_ledger(run))  # the single-process reference
+    # one part per ingest partition, each its own inputs sorted by source; the marker names them
+    for index, sources in ((0, ["d/w.png", "d/y.png", "d/z.png"]), (1, [r[0] for r in HAND[:4]])):
+        assert pq.read_table(part_file(run, index))["source"].to_pylist() == sources
+    marker = lg.read_marker(run)
+    assert marker["rows"] == 7 and sorted(marker["parts"]) == [lg.part_name(0), lg.part_name(1)]
+    assert not (rundir.ledger_path(run) / lg.WORK).exists()
+
+
+def random_run(root: Path, seed: int, parts: int = 5, per_part: int = 40) -> Path:
+    """Partitions with exact copies inside and across partitions, rejections, near-duplicate
+    groups, decontaminated uids and a shard manifest."""
+    rng = random.Random(seed)
+    uids = [f"{rng.getrandbits(64):016x}" for _ in range(60)]
+    sources = rng.sample(range(10_000), parts * per_part)
+    for p in range(parts):
+        rows = []
+        for s in sources[p * per_part : (p + 1) * per_part]:
+            if rng.random() < 0.15:
+                rows.append((f"s{s:05d}", "rejected", rng.choice(["corrupt", "too_small"]), None, 0, 0))
+            else:
+                rows.append((f"s{s:05d}", "accepted", None, rng.choice(uids), 8, 8))
+        write_part(root, p, rows)
+    near = rng.sample(uids, 12)
+    write_dups(root, [(u, uids[0] if u != uids[0] else uids[1], "phash", 2.0) for u in near])
+    (root / "decontam").mkdir()
+    dec = [u for u in uids if u not in near][:3]
+    pq.write_table(
+        pa.table({"uid": dec, "eval_set": ["ev"] * 3, "matched_eval_uid": ["e1"] * 3, "similarity": [0.9] * 3}),
+        root / "decontam" / "decontaminated.parquet",
+    )
+    (root / "shards").mkdir()
+    kept = sorted(set(uids) - set(near) - set(dec))
+    pq.write_table(pa.table({"uid": kept[::2]}), root / "shards" / "manifest.parquet")
+    return root
+
+
+@pytest.mark.parametrize("range_rows", [1_000_000, 7])
+def test_partitioned_ledger_equals_the_single_table(tmp_path, range_rows):
+    run = random_run(tmp_path, seed=range_rows)
+    want = lg.build_ledger(run)
+    statuses = set(want["status"].to_pylist())
+    assert statuses == {"rejected", "duplicate", "decontaminated", "sharded", "unselected"}
+    assert "exact" in want["reason"].to_pylist()
+    lg.write_parts(run, range_rows=range_rows)  # 7 rows per range: about 25 uid ranges
+    assert lg.read_ledger(run).equals(want)
 
 
 def test_verify_passes_and_counts(run):
     lg.write_ledger(run)
-    rep = lg.verify_run(run)
+    rep = lg.verify_run(run, range_rows=2)
     assert rep.ok, rep.problems
     assert rep.inputs == 7
     assert rep.by_status == {"accepted": 2, "duplicate": 3, "rejected": 2}
@@ -104,46 +163,98 @@ def test_verify_passes_and_counts(run):
     assert "OK" in lg.format_report(rep)
 
 
-def tamper(run: Path, fn) -> lg.VerifyReport:
-    t = pq.read_table(run / "ledger.parquet").to_pylist()
-    t = fn(t)
-    pq.write_table(pa.Table.from_pylist(t, schema=lg.LEDGER_SCHEMA), run / "ledger.parquet")
-    return lg.verify_run(run)
+def tamper(run: Path, index: int, fn) -> lg.VerifyReport:
+    """Rewrite ledger part `index` through `fn(rows) -> rows`, then verify."""
+    path = part_file(run, index)
+    rows = fn(pq.read_table(path).to_pylist())
+    pq.write_table(pa.Table.from_pylist(rows, schema=lg.LEDGER_SCHEMA), path)
+    return lg.verify_run(run, range_rows=2)
 
 
 def test_verify_catches_dropped_row(run):
     lg.write_ledger(run)
-    rep = tamper(run, lambda t: t[1:])
-    assert not rep.ok and any("missing" in p and "a.tar::m1.jpg" in p for p in rep.problems)
+    rep = tamper(run, 1, lambda t: t[1:])
+    assert not rep.ok and any("missing" in p and "a.tar::m1.jpg" in p for p in rep.problems), rep.problems
+    assert any("size differs" in p and lg.part_name(1) in p for p in rep.problems)
+    assert "6 ledger rows" in " ".join(rep.problems)
 
 
 def test_verify_catches_double_count(run):
     lg.write_ledger(run)
-    rep = tamper(run, lambda t: t + [t[0]])
-    assert any("more than once" in p for p in rep.problems)
+    rep = tamper(run, 0, lambda t: t + [t[0]])
+    assert any("counted more than once" in p and "d/w.png" in p for p in rep.problems), rep.problems
+
+
+def test_verify_catches_a_kept_uid_in_two_parts(run):
+    lg.write_ledger(run)
+
+    def keep_the_copy(t):  # d/z.png is the later copy of A, kept in part 1
+        t[2].update(status="accepted", reason=None, duplicate_of=None, distance=None)
+        return t
+
+    rep = tamper(run, 0, keep_the_copy)
+    assert any("accepted more than once" in p and "A" in p for p in rep.problems), rep.problems
 
 
 def test_verify_catches_dangling_duplicate(run):
     lg.write_ledger(run)
 
     def point_at_rejected(t):
-        t[6]["duplicate_of"] = "X"
+        t[2]["duplicate_of"] = "X"
         return t
 
-    rep = tamper(run, point_at_rejected)
-    assert any("d/z.png" in p and "accepted uid" in p for p in rep.problems)
+    rep = tamper(run, 0, point_at_rejected)
+    assert any("d/z.png" in p and "accepted uid" in p for p in rep.problems), rep.problems
 
 
-def test_verify_catches_unrejected_input(run):
+@pytest.mark.parametrize(
+    ("row", "change", "want"),
+    [
+        (1, {"status": "accepted", "reason": None}, "rejection disagrees"),  # d/y.png was corrupt
+        (1, {"status": "kept"}, "unknown status"),
+        (0, {"status": "accepted", "reason": None, "duplicate_of": None}, "near-duplicate"),  # d/w.png ~ B
+    ],
+)
+def test_verify_catches_a_wrong_status(run, row, change, want):
     lg.write_ledger(run)
 
-    def accept_corrupt(t):
-        t[5].update(status="accepted", reason=None)
+    def wrong(t):
+        t[row].update(change)
         return t
 
-    rep = tamper(run, accept_corrupt)
-    assert any("rejection disagrees" in p and "d/y.png" in p for p in rep.problems)
+    rep = tamper(run, 0, wrong)
+    assert any(want in p and t in p for p in rep.problems for t in ("d/y.png", "kept", "d/w.png")), rep.problems
     assert "BROKEN" in lg.format_report(rep)
+
+
+def test_a_ledger_without_its_done_marker_is_not_read(run):
+    lg.write_ledger(run)
+    (rundir.ledger_path(run) / lg.DONE).unlink()  # a writer killed before its last step
+    with pytest.raises(FileNotFoundError, match="no complete ledger"):
+        lg.read_ledger(run)
+    rep = lg.verify_run(run)
+    assert not rep.ok and "no complete ledger" in rep.problems[0]
+    part_file(run, 0).unlink()
+    lg.write_parts(run)  # written again: complete
+    assert lg.verify_run(run).ok
+
+
+def test_a_missing_part_is_reported(run):
+    lg.write_ledger(run)
+    part_file(run, 1).unlink()
+    rep = lg.verify_run(run)
+    assert any("cannot be read" in p and lg.part_name(1) in p for p in rep.problems), rep.problems
+
+
+def test_old_single_file_ledger_is_read_and_verified(run):
+    want = lg.build_ledger(run)
+    pq.write_table(want, lg.legacy_ledger(run))  # a run folder from before the partitioned ledger
+    assert lg.read_ledger(run).equals(want) and lg.verify_run(run).ok
+    rows = want.to_pylist()
+    pq.write_table(pa.Table.from_pylist(rows[1:], schema=lg.LEDGER_SCHEMA), lg.legacy_ledger(run))
+    assert any("missing" in p and "a.tar::m1.jpg" in p for p in lg.verify_run(run).problems)
+    lg.write_parts(run)  # a new ledger replaces the old file
+    assert not lg.legacy_ledger(run).exists() and lg.read_ledger(run).equals(want)
 
 
 def test_verify_reports_missing_ledger(tmp_path):

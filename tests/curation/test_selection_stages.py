@@ -81,7 +81,7 @@ def plain_run(ray_local, pool, tmp_path_factory):
 
 
 def test_without_embedder_every_kept_image_is_sharded(plain_run):
-    led = pq.read_table(plain_run / "ledger.parquet").to_pylist()
+    led = lg.read_ledger(plain_run).to_pylist()
     kept = sorted(r["uid"] for r in led if r["status"] not in ("duplicate", "rejected"))
     assert {r["status"] for r in led} <= {"sharded", "duplicate"}
     manifest = pq.read_table(plain_run / "shards" / "manifest.parquet").to_pydict()
@@ -96,12 +96,10 @@ def test_verify_catches_shard_ledger_mismatch(plain_run, tmp_path, breakage):
     run = tmp_path / "run"
     shutil.copytree(plain_run, run)
     if breakage == "unselect":  # the ledger says one shipped image was not selected
-        t = pq.read_table(run / "ledger.parquet").to_pydict()
-        i = t["status"].index("sharded")
-        t["status"][i] = "unselected"
-        pq.write_table(
-            pq.read_table(run / "ledger.parquet").from_pydict(t, schema=lg.LEDGER_SCHEMA), run / "ledger.parquet"
-        )
+        path = next(p for p in lg.ledger_files(run) if "sharded" in pq.read_table(p)["status"].to_pylist())
+        t = pq.read_table(path).to_pydict()
+        t["status"][t["status"].index("sharded")] = "unselected"
+        pq.write_table(pq.read_table(path).from_pydict(t, schema=pq.read_schema(path)), path)
         want = "manifest uids are not sharded"
     elif breakage == "extra_tar":
         shutil.copy(run / "shards" / "shard-000000.tar", run / "shards" / "shard-000099.tar")

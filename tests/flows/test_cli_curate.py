@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from lvd.cli import main as cli
+from lvd.curation import ledger as lg
 from lvd.curation import testdata
 
 
@@ -45,7 +46,7 @@ def test_curate_then_verify_then_tamper(ray_local, prefect_harness, small_dump, 
     printed = capsys.readouterr().out
     assert "OK: every input is accounted for" in printed and "PREFECT_HOME" in printed
 
-    rows = {r["source"]: r for r in pq.read_table(run / "ledger.parquet").to_pylist()}
+    rows = {r["source"]: r for r in lg.read_ledger(run).to_pylist()}
     n_files = 5 + 2 + len(bad)
     n_tar = len(tar_expect)
     assert len(rows) == n_files + n_tar
@@ -69,9 +70,10 @@ def test_curate_then_verify_then_tamper(ray_local, prefect_harness, small_dump, 
     assert cli.main(["verify", str(run)]) == 0
     assert "OK" in capsys.readouterr().out
 
-    table = pq.read_table(run / "ledger.parquet")
-    dropped = table.slice(0, 1)["source"][0].as_py()
-    pq.write_table(table.slice(1), run / "ledger.parquet")
+    part = lg.ledger_files(run)[0]  # drop one row of one ledger part
+    table = pq.read_table(part)
+    dropped = table["source"][0].as_py()
+    pq.write_table(table.slice(1), part)
     assert cli.main(["verify", str(run)]) == 1
     printed = capsys.readouterr().out
     assert "BROKEN" in printed and "missing from the ledger" in printed and dropped in printed
@@ -96,6 +98,6 @@ def test_demo_runs_end_to_end(ray_local, prefect_harness, tmp_path, capsys):
     assert "prefect server start" in printed and str(tmp_path / "demo" / "run") in printed
     assert "k-NN top-1 of the teacher:" in printed and "steps 0..2" in printed
     assert (tmp_path / "demo" / "hf" / "config.json").is_file()
-    ledger = pq.read_table(tmp_path / "demo" / "run" / "ledger.parquet")
+    ledger = lg.read_ledger(tmp_path / "demo" / "run")
     statuses = set(ledger["status"].to_pylist())
     assert statuses == {"sharded", "duplicate", "rejected"}  # no seeds, no target: all kept images ship

@@ -57,7 +57,7 @@ def run(ray_local, prefect_harness, dump):
 def test_eval_copies_removed_and_little_else(run, dump):
     out, _ = run
     root, truth, evals, _ = dump
-    status = {r["source"]: r["status"] for r in pq.read_table(out / "ledger.parquet").to_pylist()}
+    status = {r["source"]: r["status"] for r in lg.read_ledger(out).to_pylist()}
     family = {f"{root / 'dump' / rel}" for rel, f in truth.files.items() if f.get("original") in evals}
     assert len(family) > len(evals) * 4  # originals + their copies are in the pool
     removed = [s != "sharded" for p, s in status.items() if p in family]

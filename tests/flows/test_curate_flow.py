@@ -7,7 +7,6 @@ import base64
 import io
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from prefect_runs import run_artifacts
@@ -36,7 +35,7 @@ def run(run_state):
 
 
 def rows_by_source(out) -> dict[str, dict]:
-    return {r["source"]: r for r in pq.read_table(out / "ledger.parquet").to_pylist()}
+    return {r["source"]: r for r in lg.read_ledger(out).to_pylist()}
 
 
 def root(row: dict) -> str:
@@ -129,12 +128,12 @@ def test_rerun_skips_done_work_and_gives_same_ledger(run, dump):
     from lvd.flows.curate import curate
 
     summary, out = run
-    before = pq.read_table(out / "ledger.parquet")
+    before = lg.read_ledger(out)
     dedup_marker = (out / "dedup" / "duplicates.done.json").stat().st_mtime_ns
     again = curate(inputs=dump.inputs, out=str(out), partition_size=16)
     assert again.ingest_ran == 0 and again.ingest_skipped == summary.partitions
     assert (out / "dedup" / "duplicates.done.json").stat().st_mtime_ns == dedup_marker
-    assert pq.read_table(out / "ledger.parquet").equals(before)
+    assert lg.read_ledger(out).equals(before)
 
 
 def test_stage_artifacts_reported(run_state):

@@ -92,14 +92,14 @@ def run(ray_local, prefect_harness, data, embedder, tmp_path_factory):
         return_state=True,
         **OPTS,
     )
-    first = (shard_digests(out), pq.read_table(out / "ledger.parquet"), stage_markers(out))
+    first = (shard_digests(out), lg.read_ledger(out), stage_markers(out))
     again = curate(inputs=dump.inputs, out=str(out), seeds=[seeds], eval_sets=[evalset], embedder=embedder, **OPTS)
     FIRST_RUN["id"] = state.state_details.flow_run_id  # whose artifacts test_selection_artifacts_reported reads
     return state.result(), again, out, first
 
 
 def rows(out) -> list[dict]:
-    return pq.read_table(out / "ledger.parquet").to_pylist()
+    return lg.read_ledger(out).to_pylist()
 
 
 def test_verify_passes_and_every_input_accounted(run, data):
@@ -135,7 +135,7 @@ def test_contaminated_component_removed_whole(run, data):
 def test_shards_hold_exactly_the_selection(run):
     _, _, out, _ = run
     led = rows(out)
-    seed_led = pq.read_table(out / "seeds" / "seeds" / "ledger.parquet").to_pylist()
+    seed_led = lg.read_ledger(out / "seeds" / "seeds").to_pylist()
     seeds_shipped = sorted(r["uid"] for r in seed_led if r["status"] == "sharded")
     assert len(seeds_shipped) == 2  # --include-seeds: both seed photos (new bytes) ship
     sharded = sorted(r["uid"] for r in led if r["status"] == "sharded")
@@ -186,7 +186,7 @@ def test_rerun_is_byte_identical(run):
     } <= stages_done
     assert stage_markers(out) == markers_before  # every stage resumed from its markers: nothing redone
     assert digests and shard_digests(out) == digests
-    assert pq.read_table(out / "ledger.parquet").equals(ledger_before)
+    assert lg.read_ledger(out).equals(ledger_before)
 
 
 def test_tampered_shard_fails_verify(run, tmp_path):

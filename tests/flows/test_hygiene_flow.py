@@ -11,7 +11,6 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image, ImageFilter, ImageOps
@@ -125,7 +124,7 @@ def run(run_state):
 
 
 def rows(out) -> dict[str, dict]:
-    return {r["source"]: r for r in pq.read_table(out / "ledger.parquet").to_pylist()}
+    return {r["source"]: r for r in lg.read_ledger(out).to_pylist()}
 
 
 def test_verify_passes_and_summary_names_each_stage(run):

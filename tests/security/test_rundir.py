@@ -20,6 +20,7 @@ import pytest
 
 from lvd import runfolder
 from lvd.cli import main as cli
+from lvd.curation import ledger as lg
 from lvd.curation import testdata
 from lvd.curation.ledger import verify_run
 
@@ -48,7 +49,7 @@ def listing(folder: Path) -> dict[str, tuple[int, int]]:
 
 
 def sources(run: Path) -> set[str]:
-    return set(pq.read_table(run / "ledger.parquet", columns=["source"])["source"].to_pylist())
+    return set(lg.read_ledger(run, ["source"])["source"].to_pylist())
 
 
 def error_lines(text: str) -> list[str]:
