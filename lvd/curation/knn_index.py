@@ -17,6 +17,14 @@ Memory (float32 vectors of dimension D, exclusive of Faiss's small fixed overhea
   4*D*nlist for the centroids. D=384: 1544 B, 1.54 GB per million; D=768: 3.08 GB per million.
 Search allocates 12*k bytes per query (float32 sims + int64 ids); queries go in batches of
 `search(..., query_batch=)` so that stays bounded.
+
+Results are canonical: the k most similar rows, ties broken by the lower id. Faiss itself keeps
+whichever tied rows its scan met first (which depends on how the rows are laid out, so a
+sharded index, `lvd.curation.scale.shardindex`, would disagree with one index), and its float32
+inner products differ by an ulp with the batch's shape. So `search` asks Faiss for a few more
+than k, re-scores exact (flat) candidates in float64 from the stored vectors, sorts by
+(similarity, id), and searches again with more for the queries whose k-th similarity is within
+`_SIM_SLACK` of the last one Faiss returned (a tie may continue past it).
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ import faiss
 import numpy as np
 
 _NORM_TOLERANCE = 1e-2  # float16 storage leaves norms around 1 +- 1e-3
+# Bound on Faiss's float32 rounding of a unit-vector inner product (d * 2**-24 at d = 1,536 is 9e-5).
+_SIM_SLACK = 1e-4
+_EXTRA = 16  # candidates asked beyond k, so most queries settle their ties in one Faiss call
+_RESCORE_FLOATS = 1 << 22  # float64 values gathered at once when re-scoring (32 MiB)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,19 +122,31 @@ def build_index(x_ND: np.ndarray, cfg: IndexConfig | None = None) -> faiss.Index
 
 
 def _trained_ivf(x: np.ndarray, cfg: IndexConfig) -> faiss.Index:
-    n, d = x.shape
-    nlist = cfg.lists_for(n)
+    index = new_ivf(x.shape[1], cfg.lists_for(len(x)), cfg)
+    index.train(x[training_rows(len(x), index.nlist, cfg)])
+    return index
+
+
+def new_ivf(d: int, nlist: int, cfg: IndexConfig, *, pq_m: int | None = None) -> faiss.IndexIVF:
+    """An untrained inner-product IVF (IVF-PQ with `pq_m` bytes per code) whose k-means is seeded and spherical."""
     quantizer = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-    # Seeded sample so the same pool always gives the same lists (Faiss would sample itself,
-    # but from its own fixed seed and with a warning when the sample is large).
-    n_train = min(n, nlist * cfg.train_points_per_list)
-    rows = np.sort(np.random.default_rng(cfg.seed).choice(n, size=n_train, replace=False))
+    if pq_m is None:
+        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    else:
+        index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
     index.cp.seed = cfg.seed
     index.cp.spherical = True  # unit centroids: list assignment by cosine, like the queries
     index.cp.max_points_per_centroid = cfg.train_points_per_list
-    index.train(x[rows])
+    index.own_fields = True  # the index keeps its quantizer alive
+    quantizer.this.disown()
     return index
+
+
+def training_rows(n: int, nlist: int, cfg: IndexConfig) -> np.ndarray:
+    """Sorted rows of a pool of `n` to train `nlist` lists on: a seeded sample, so the same pool
+    always gives the same lists (Faiss would sample itself, from its own fixed seed)."""
+    n_train = min(n, nlist * cfg.train_points_per_list)
+    return np.sort(np.random.default_rng(cfg.seed).choice(n, size=n_train, replace=False))
 
 
 def search(index: faiss.Index, queries_QD: np.ndarray, k: int, *, query_batch: int = 16_384) -> Neighbours:
@@ -138,13 +162,45 @@ def search(index: faiss.Index, queries_QD: np.ndarray, k: int, *, query_batch: i
         raise ValueError(f"queries have dimension {q.shape[1]}, the index {index.d}")
     sims = np.full((len(q), k), -np.inf, dtype=np.float32)
     ids = np.full((len(q), k), -1, dtype=np.int64)
-    kk = min(k, index.ntotal)
-    for start in range(0, len(q) if kk else 0, query_batch):
-        s, i = index.search(q[start : start + query_batch], kk)
-        sims[start : start + len(s), :kk] = s
-        ids[start : start + len(s), :kk] = i
-    sims[ids < 0] = -np.inf
+    for start in range(0, len(q) if index.ntotal else 0, query_batch):
+        s, i = top_k(index, q[start : start + query_batch], k)
+        sims[start : start + len(s)] = s
+        ids[start : start + len(s)] = i
     return Neighbours(sims, ids)
+
+
+def top_k(index: faiss.Index, q_QD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(sims, ids) [Q, k] of float32 unit queries: canonical (ties by lower id), -inf / -1 padded."""
+    rescore = isinstance(index, faiss.IndexFlat)
+    sims = np.full((len(q_QD), k), -np.inf, dtype=np.float32)
+    ids = np.full((len(q_QD), k), -1, dtype=np.int64)
+    todo, want = np.arange(len(q_QD)), min(index.ntotal, k + _EXTRA)
+    while len(todo):
+        raw_s, raw_i = index.search(q_QD[todo], want)
+        s = _rescored(index, q_QD[todo], raw_i) if rescore else raw_s.copy()
+        s[raw_i < 0] = -np.inf
+        order = np.lexsort((raw_i, -s))[:, :k]
+        s, i = np.take_along_axis(s, order, 1), np.take_along_axis(raw_i, order, 1)
+        i[~np.isfinite(s)] = -1
+        kth = s[:, -1] if s.shape[1] == k else np.full(len(s), -np.inf, np.float32)
+        slack = _SIM_SLACK if rescore else 0.0
+        # settled: Faiss listed every candidate, or its last one is clearly below the k-th
+        settled = (want >= index.ntotal) | (raw_i[:, -1] < 0) | (raw_s[:, -1] < kth - slack)
+        sims[todo[settled], : s.shape[1]] = s[settled]
+        ids[todo[settled], : i.shape[1]] = i[settled]
+        todo, want = todo[~settled], min(index.ntotal, 2 * want)
+    return sims, ids
+
+
+def _rescored(index: faiss.Index, q_QD: np.ndarray, ids_QK: np.ndarray) -> np.ndarray:
+    """float32 [Q, K]: query . stored row, summed in float64 (the same value whatever the batch)."""
+    out = np.full(ids_QK.shape, -np.inf, dtype=np.float32)
+    step = max(1, _RESCORE_FLOATS // max(1, ids_QK.shape[1] * q_QD.shape[1]))
+    for a in range(0, len(q_QD), step):
+        i = ids_QK[a : a + step]
+        rows = index.reconstruct_batch(np.maximum(i, 0).ravel()).reshape(*i.shape, -1).astype(np.float64)
+        out[a : a + step] = np.einsum("qkd,qd->qk", rows, q_QD[a : a + step].astype(np.float64))
+    return out
 
 
 class Pairs(NamedTuple):
@@ -165,7 +221,11 @@ def similar_pairs(x_ND: np.ndarray, index: faiss.Index, *, k: int, threshold: fl
     nb = search(index, x_ND, k + 1)  # +1: each row finds itself first
     q_QK = np.broadcast_to(np.arange(len(nb.ids_QK))[:, None], nb.ids_QK.shape)
     keep = (nb.ids_QK >= 0) & (nb.ids_QK != q_QK) & (nb.sims_QK > threshold)
-    a, b, s = q_QK[keep], nb.ids_QK[keep], nb.sims_QK[keep]
+    return unique_pairs(q_QK[keep], nb.ids_QK[keep], nb.sims_QK[keep])
+
+
+def unique_pairs(a: np.ndarray, b: np.ndarray, s: np.ndarray) -> Pairs:
+    """Directed hits (a, b, sim) as undirected pairs lo < hi, each once with its best similarity."""
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     order = np.lexsort((-s, hi, lo))  # per (lo, hi) the best similarity first
     lo, hi, s = lo[order], hi[order], s[order]

@@ -1,0 +1,410 @@
+"""A k-NN index spread over Ray actors, each holding one shard of a vector folder.
+
+The pool's vectors stay where the embed stage wrote them (`lvd.curation.vectors`: float16
+parts). A shard is a contiguous range of parts; its actor reads them (memory-mapped, in blocks)
+into its own Faiss index, so no process ever holds the pool. Queries go out in blocks of
+`query_block` to every shard; each answers its top k and the driver merges them by
+(similarity, lower id), the order `knn_index.search` gives, so:
+- exact mode (`IndexFlatIP` per shard) returns what one `knn_index` exact search over the
+  same rows returns, bit for bit (`knn_index.search` re-scores and settles ties canonically);
+- IVF mode (`IndexIVFFlat`, or IVF-PQ with `pq_m`) shares one coarse quantiser, trained in
+  the driver on a seeded sample of the rows (`knn_index.training_rows`) read from the parts;
+  each shard probes the same `nprobe` lists. Recall@k against exact search is measured in
+  tests/curation/test_shardindex.py and benchmarks (notes/h14k.md).
+
+Memory: a shard actor holds 4*D (+8 for IVF) bytes per row (IVF-PQ: pq_m + 8), so
+`rows_per_shard` sizes it; the driver holds one query block (query_block * D * 4 bytes), the
+shards' answers to it (n_shards * query_block * k * 12 bytes) and the k-means sample when
+training. Pool-against-itself searches (`self_neighbours`, `similar_pairs`) walk the pool in
+query blocks, so only their results grow with N.
+
+GPU: when the cluster has GPUs (`ray.cluster_resources()["GPU"]`) and this Faiss has GPU
+support (the `lvd[gpu]` extra: faiss-gpu-cu12), each shard actor asks for one GPU and moves
+its index there (`faiss.StandardGpuResources`); otherwise everything runs on CPU.
+Without a running Ray (a notebook, a unit test of a caller) the shards live in this process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import faiss
+import numpy as np
+import ray
+
+from lvd.curation import knn_index
+from lvd.curation.knn_index import IndexConfig, Neighbours, Pairs, as_unit_float32
+from lvd.curation.vectors import open_vectors, part_paths
+
+MODES = ("auto", "exact", "ivf")
+_PART = re.compile(r"^part-(\d{6})\.uids\.parquet$")
+_READ_ROWS = 65_536  # rows converted to float32 at once when a shard loads its parts
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShardConfig:
+    """How to shard; `index` says exact vs IVF (its `exact_below`) and the IVF's lists."""
+
+    index: IndexConfig = field(default_factory=IndexConfig)
+    mode: str = "auto"  # "exact": flat per shard; "ivf"; "auto": exact below index.exact_below rows
+    sharded_above: int = 200_000  # callers keep one in-process index for pools smaller than this
+    rows_per_shard: int = 5_000_000  # a shard takes whole parts up to about this many rows
+    n_shards: int | None = None  # None: from rows_per_shard (never more than the parts)
+    query_block: int = 16_384  # queries sent to the shards at once
+    pq_m: int | None = None  # IVF-PQ with pq_m bytes per vector (D % pq_m == 0); None: IVF-Flat
+    num_cpus: float = 1.0  # per shard actor
+    use_gpu: bool | None = None  # None: GPU actors when the cluster has GPUs and Faiss supports them
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode={self.mode!r}: use one of {MODES}")
+        for name in ("rows_per_shard", "query_block"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: use a positive number")
+        if self.n_shards is not None and self.n_shards < 1:
+            raise ValueError(f"n_shards={self.n_shards}: use None (from rows_per_shard) or at least 1")
+        if self.sharded_above < 0:
+            raise ValueError(f"sharded_above={self.sharded_above}: use 0 (always sharded) or a pool size")
+        if self.pq_m is not None and self.pq_m < 1:
+            raise ValueError(f"pq_m={self.pq_m}: use None (IVF-Flat) or bytes per code dividing D")
+
+    def exact_for(self, n: int) -> bool:
+        return self.mode == "exact" or (self.mode == "auto" and n < self.index.exact_below)
+
+
+# ---------------------------------------------------------------- the folder's parts
+
+
+class PartRows(NamedTuple):
+    """Rows of one part that an index holds, and their ids."""
+
+    part: int  # part index (file name)
+    n: int  # rows indexed
+    first_id: int  # with rows None: every row r of the part, id first_id + r
+    rows: np.ndarray | None = None  # int64 chosen rows within the part
+    ids: np.ndarray | None = None  # int64 their ids
+
+    def id_array(self) -> np.ndarray:
+        return np.arange(self.first_id, self.first_id + self.n) if self.ids is None else self.ids
+
+    def row_array(self) -> np.ndarray:
+        return np.arange(self.n) if self.rows is None else self.rows
+
+
+def list_parts(folder: str | Path) -> list[tuple[int, int]]:
+    """(part index, rows) of every complete part (its uids file exists), in part order;
+    reads only the .npy headers."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no vector folder (run the embed stage first)")
+    out = []
+    for name in sorted(os.listdir(folder)):
+        if m := _PART.match(name):
+            npy = part_paths(folder, int(m.group(1)))[0]
+            out.append((int(m.group(1)), len(np.load(npy, mmap_mode="r", allow_pickle=False))))
+    return out
+
+
+def _choose(folder: Path, parts: list[tuple[int, int]], uids) -> list[PartRows]:
+    """Per part, the rows to index: all, numbered in store order (no per-row arrays), or the
+    rows of `uids`, numbered by position in `uids`."""
+    starts = np.concatenate([[0], np.cumsum([n for _, n in parts])]).astype(np.int64)
+    if uids is None:
+        return [PartRows(p, n, int(s)) for (p, n), s in zip(parts, starts)]
+    store_rows = open_vectors(folder).rows(uids)
+    part_of = np.searchsorted(starts, store_rows, side="right") - 1
+    out = []
+    for j, (p, _) in enumerate(parts):
+        ids = np.flatnonzero(part_of == j).astype(np.int64)  # ascending positions in uids
+        out.append(PartRows(p, len(ids), -1, store_rows[ids] - starts[j], ids))
+    return out
+
+
+def _plan(chosen: list[PartRows], cfg: ShardConfig) -> list[list[PartRows]]:
+    """Contiguous runs of parts with about equal indexed rows, one per shard (no empty one)."""
+    counts = np.array([p.n for p in chosen], np.int64)
+    total = int(counts.sum())
+    if not total:
+        return []
+    n = cfg.n_shards or -(-total // cfg.rows_per_shard)
+    n = max(1, min(n, int((counts > 0).sum())))
+    cut = np.searchsorted(np.cumsum(counts), [total * j / n for j in range(1, n)], side="left") + 1
+    groups = [[chosen[i] for i in g if chosen[i].n] for g in np.split(np.arange(len(chosen)), cut)]
+    return [g for g in groups if g]
+
+
+class _Layout:
+    """Where the vectors of some parts' chosen rows live, walked by position in id order."""
+
+    def __init__(self, folder: Path, chosen: list[PartRows], d: int):
+        self.folder, self.chosen, self.d = folder, [p for p in chosen if p.n], d
+        self.full = all(p.rows is None for p in self.chosen)
+        if self.full:  # O(parts): ids are each part's range, parts in id order
+            self.cum = np.concatenate([[0], np.cumsum([p.n for p in self.chosen])]).astype(np.int64)
+        else:
+            ids = np.concatenate([p.id_array() for p in self.chosen])
+            order = np.argsort(ids, kind="stable")
+            self.ids = ids[order]
+            self.j = np.concatenate([np.full(p.n, j) for j, p in enumerate(self.chosen)])[order]
+            self.rows = np.concatenate([p.row_array() for p in self.chosen])[order]
+
+    def __len__(self) -> int:
+        return int(self.cum[-1]) if self.full else len(self.ids)
+
+    def take(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float32 [n, D]) of the rows at `positions` (0-based, in id order)."""
+        if self.full:
+            j = np.searchsorted(self.cum, positions, side="right") - 1
+            rows = positions - self.cum[j]
+            ids = np.array([self.chosen[a].first_id for a in range(len(self.chosen))], np.int64)[j] + rows
+        else:
+            j, rows, ids = self.j[positions], self.rows[positions], self.ids[positions]
+        x = np.empty((len(positions), self.d), np.float32)
+        for a in np.unique(j):
+            sel = j == a
+            vecs = np.load(part_paths(self.folder, self.chosen[a].part)[0], mmap_mode="r", allow_pickle=False)
+            x[sel] = vecs[rows[sel]]
+        return ids, x
+
+    def blocks(self, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for s in range(0, len(self), rows):
+            yield self.take(np.arange(s, min(s + rows, len(self))))
+
+
+# ---------------------------------------------------------------- one shard
+
+
+class Shard:
+    """One shard's Faiss index over its parts' chosen rows; answers top-k with global ids."""
+
+    def __init__(self, folder: str, parts: list[PartRows], template: bytes | None, d: int, gpu: bool):
+        layout = _Layout(Path(folder), parts, d)
+        index = faiss.IndexFlatIP(d) if template is None else faiss.deserialize_index(np.frombuffer(template, "u1"))
+        if gpu:
+            self._res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._res, 0, index)
+        # rows added in ascending id order, so Faiss's local ids sort like the global ones
+        ids = []
+        for block_ids, x in layout.blocks(_READ_ROWS):
+            index.add(x)
+            ids.append(block_ids)
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        self.index = index
+
+    def set_nprobe(self, nprobe: int) -> None:
+        faiss.extract_index_ivf(self.index).nprobe = nprobe
+
+    def size(self) -> int:
+        return int(self.index.ntotal)
+
+    def node_id(self) -> str | None:
+        """The Ray node holding this shard (None in-process): where the shards went."""
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+    def search(self, q_QD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(sims, global ids) [Q, k], best first, ties by lower id; -inf / -1 padded."""
+        if not self.index.ntotal or not len(q_QD):
+            return np.full((len(q_QD), k), -np.inf, np.float32), np.full((len(q_QD), k), -1, np.int64)
+        nb = knn_index.search(self.index, q_QD, k, query_batch=len(q_QD))
+        return nb.sims_QK, np.where(nb.ids_QK >= 0, self.ids[np.maximum(nb.ids_QK, 0)], -1)
+
+
+def merge(answers: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> Neighbours:
+    """The k best of the shards' answers per query: similarity descending, ties by lower id."""
+    sims = np.concatenate([a[0] for a in answers], axis=1)
+    ids = np.concatenate([a[1] for a in answers], axis=1)
+    ids = np.where(np.isfinite(sims), ids, np.iinfo(np.int64).max)  # padding sorts last
+    order = np.lexsort((ids, -sims))[:, :k]
+    sims, ids = np.take_along_axis(sims, order, 1), np.take_along_axis(ids, order, 1)
+    ids[~np.isfinite(sims)] = -1
+    return Neighbours(sims.astype(np.float32), ids.astype(np.int64))
+
+
+# ---------------------------------------------------------------- the driver
+
+
+class ShardedIndex:
+    """Shards of a vector folder on Ray actors (or in this process without Ray).
+
+    Ids are store rows (every part's rows, in part order) or, when built for `uids`, positions
+    in `uids`. Use as a context manager, or `close()`, to free the actors.
+    """
+
+    def __init__(self, layout: _Layout, plan: list[list[PartRows]], template: bytes | None, cfg: ShardConfig):
+        self.cfg, self.d, self._layout = cfg, layout.d, layout
+        self.exact = template is None
+        self.gpu = _gpu_wanted(cfg.use_gpu)
+        self.shard_rows = [sum(p.n for p in g) for g in plan]
+        args = [(str(layout.folder), g, template, layout.d, self.gpu) for g in plan]
+        if ray.is_initialized():
+            actor = ray.remote(Shard).options(
+                num_cpus=cfg.num_cpus, num_gpus=1 if self.gpu else 0, max_restarts=2, max_task_retries=2
+            )
+            self._shards = [actor.remote(*a) for a in args]
+        else:
+            self._shards = [Shard(*a) for a in args]
+        if not self.exact:
+            self._call("set_nprobe", cfg.index.nprobe)
+
+    def __len__(self) -> int:
+        return sum(self.shard_rows)
+
+    @property
+    def n_shards(self) -> int:
+        return len(self._shards)
+
+    def node_ids(self) -> list[str | None]:
+        return self._call("node_id")
+
+    def _call(self, method: str, *args) -> list:
+        if not self._shards or not ray.is_initialized() or isinstance(self._shards[0], Shard):
+            return [getattr(s, method)(*args) for s in self._shards]
+        refs = [ray.put(a) if isinstance(a, np.ndarray) else a for a in args]
+        return ray.get([getattr(s, method).remote(*refs) for s in self._shards])
+
+    def neighbours(self, queries_QD: np.ndarray, k: int) -> Neighbours:
+        """The k most similar indexed rows of every query (L2-normalised), best first."""
+        if k < 1:
+            raise ValueError(f"k={k}: ask for at least one neighbour")
+        q = as_unit_float32(queries_QD, "queries")
+        if len(q) and q.shape[1] != self.d:
+            raise ValueError(f"queries have dimension {q.shape[1]}, the index {self.d}")
+        out = [self._block(q[s : s + self.cfg.query_block], k) for s in range(0, len(q), self.cfg.query_block)]
+        if not out:
+            return Neighbours(np.zeros((0, k), np.float32), np.zeros((0, k), np.int64))
+        return Neighbours(np.concatenate([o.sims_QK for o in out]), np.concatenate([o.ids_QK for o in out]))
+
+    def _block(self, q: np.ndarray, k: int) -> Neighbours:
+        if not self._shards:
+            return Neighbours(np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
+        return merge(self._call("search", q, k), k)
+
+    def query_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, float32 vectors) of the indexed rows, `query_block` at a time, in id order."""
+        return self._layout.blocks(self.cfg.query_block)
+
+    def self_neighbours(self, k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids [B], neighbour ids [B, k]) per query block: each indexed row's k nearest other
+        rows (itself dropped wherever it ranks), -1 padded; what copydetect.knn_lists gives."""
+        for ids, x in self.query_blocks():
+            nb = self.neighbours(x, min(k + 1, len(self)))
+            yield ids, drop_self(nb.ids_QK, ids, k)
+
+    def knn_lists(self, k: int) -> np.ndarray:
+        """int64 [N, k]: `self_neighbours` for every indexed row, in id order (N * k * 8 bytes)."""
+        out = [nb for _, nb in self.self_neighbours(k)]
+        return np.concatenate(out) if out else np.zeros((0, k), np.int64)
+
+    def similar_pairs(self, *, k: int, threshold: float) -> Pairs:
+        """`knn_index.similar_pairs` over the indexed rows: pairs (a < b) among each other's k
+        nearest with cosine > threshold, each once with its larger similarity; built per query
+        block, so the driver holds one block plus the pairs kept."""
+        a, b, s = [], [], []
+        for ids, x in self.query_blocks():
+            nb = self.neighbours(x, k + 1)
+            q = np.broadcast_to(ids[:, None], nb.ids_QK.shape)
+            keep = (nb.ids_QK >= 0) & (nb.ids_QK != q) & (nb.sims_QK > threshold)
+            a.append(q[keep]), b.append(nb.ids_QK[keep]), s.append(nb.sims_QK[keep])
+        return knn_index.unique_pairs(*(np.concatenate(v) if v else np.zeros(0) for v in (a, b, s)))
+
+    def close(self) -> None:
+        if self._shards and not isinstance(self._shards[0], Shard):
+            for s in self._shards:
+                ray.kill(s)
+        self._shards = []
+
+    def __enter__(self) -> ShardedIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def drop_self(ids_QK: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+    """int64 [Q, k]: each row's neighbours without its own id, order kept, -1 padded."""
+    ids = np.where(ids_QK == self_ids[:, None], -1, ids_QK)
+    ids = np.take_along_axis(ids, np.argsort(ids < 0, axis=1, kind="stable"), axis=1)[:, :k]
+    return np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1) if ids.shape[1] < k else ids
+
+
+def build(folder: str | Path, uids=None, cfg: ShardConfig | None = None) -> ShardedIndex:
+    """A sharded index over a vector folder (`vectors.open_vectors` layout): all rows (ids =
+    store rows) or those of `uids` (ids = positions in `uids`)."""
+    cfg = cfg or ShardConfig()
+    folder = Path(folder)
+    parts = list_parts(folder)
+    chosen = _choose(folder, parts, uids)
+    layout = _Layout(folder, chosen, _dim(folder, parts))
+    n = len(layout)
+    template = None if cfg.exact_for(n) or n == 0 else _trained_template(layout, cfg)
+    return ShardedIndex(layout, _plan(chosen, cfg), template, cfg)
+
+
+def _dim(folder: Path, parts: list[tuple[int, int]]) -> int:
+    dims = {np.load(part_paths(folder, p)[0], mmap_mode="r").shape[1] for p, n in parts if n}
+    if len(dims) > 1:
+        raise ValueError(f"{folder}: parts have different dimensions {sorted(dims)}: one folder per backbone")
+    return dims.pop() if dims else 0
+
+
+def _trained_template(layout: _Layout, cfg: ShardConfig) -> bytes:
+    """An empty IVF, its quantiser trained on a seeded sample of the indexed rows, read from the
+    parts (the rows `knn_index` would train on for the same pool in id order)."""
+    d, n = layout.d, len(layout)
+    if cfg.pq_m is not None and d % cfg.pq_m:
+        raise ValueError(f"pq_m={cfg.pq_m} must divide the dimension {d}")
+    index = knn_index.new_ivf(d, cfg.index.lists_for(n), cfg.index, pq_m=cfg.pq_m)
+    _, sample = layout.take(knn_index.training_rows(n, index.nlist, cfg.index))
+    index.train(as_unit_float32(sample, "training sample"))
+    return faiss.serialize_index(index).tobytes()
+
+
+def _gpu_wanted(use_gpu: bool | None) -> bool:
+    """GPU shard actors: asked for (or auto) and both the cluster and Faiss have GPUs."""
+    has_faiss = hasattr(faiss, "StandardGpuResources")
+    cluster = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else knn_index.gpu_wanted(None)
+    if use_gpu and not (has_faiss and cluster):
+        raise RuntimeError("use_gpu=True but the cluster has no GPU or Faiss no GPU support: pip install 'lvd[gpu]'")
+    return bool(has_faiss and cluster) and use_gpu is not False
+
+
+def knn_lists(
+    folder: str | Path,
+    uids,
+    k: int,
+    queries_QD: np.ndarray | None = None,
+    *,
+    exclude_self: bool = True,
+    cfg: ShardConfig | None = None,
+) -> np.ndarray:
+    """int64 [Q, k]: copydetect.knn_lists over the vectors of `uids` in `folder`, ids = positions
+    in `uids`. Below `cfg.sharded_above` rows one in-process exact/IVF index (as before);
+    above, a sharded index, the pool walked in query blocks."""
+    cfg = cfg or ShardConfig()
+    if len(uids) < cfg.sharded_above:
+        return _local_knn_lists(open_vectors(folder).get(uids), k, queries_QD, exclude_self, cfg.index)
+    with build(folder, uids, cfg) as index:
+        if queries_QD is None and exclude_self:
+            return index.knn_lists(k)
+        if queries_QD is None:
+            queries_QD = np.concatenate([x for _, x in index.query_blocks()])
+        ids = index.neighbours(queries_QD, k).ids_QK
+        return ids
+
+
+def _local_knn_lists(vecs_ND, k, queries_QD, exclude_self: bool, icfg: IndexConfig) -> np.ndarray:
+    """copydetect.knn_lists, written out here (copydetect imports this package's callers)."""
+    q = vecs_ND if queries_QD is None else queries_QD
+    if not len(q) or not len(vecs_ND):
+        return np.full((len(q), k), -1, np.int64)
+    index = knn_index.build_index(vecs_ND, icfg)
+    ids = knn_index.search(index, np.asarray(q), min(k + 1, len(vecs_ND))).ids_QK
+    if exclude_self and queries_QD is None:
+        return drop_self(ids, np.arange(len(ids)), k)
+    ids = ids[:, :k]
+    return np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1) if ids.shape[1] < k else ids

@@ -1,0 +1,226 @@
+"""Sharded k-NN (lvd.curation.scale.shardindex) against one in-process Faiss index.
+
+Exact mode must give `knn_index.search`'s answer bit for bit (ids and similarities, ties
+included); IVF mode must reach recall@k >= 0.95 against exact search, and with one shared
+quantiser it gives what one IVF index gives. Shards run as actors on the session's Ray, and
+once on a 3-node `ray.cluster_utils.Cluster` (in a subprocess: the session's Ray is this
+process's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lvd.curation import copydetect, knn_index, vectors
+from lvd.curation.knn_index import IndexConfig
+from lvd.curation.scale import shardindex as si
+
+PART_ROWS = (500, 700, 0, 300, 900, 600, 400)  # uneven, one empty part
+D = 32
+
+
+def mixture(n: int, seed: int) -> np.ndarray:
+    """Unit vectors around 40 centres (clustered like embeddings), float16 as the embed stage stores them."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((40, D))
+    x = centres[rng.integers(0, 40, n)] + 0.6 * rng.standard_normal((n, D))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A vector folder of 3,400 rows in 7 parts; rows 50, 2000 and 3000 are one vector (one per shard) (exact ties)."""
+    x = mixture(sum(PART_ROWS), 0)
+    x[2000] = x[3000] = x[50]
+    folder = tmp_path_factory.mktemp("vectors")
+    start = 0
+    for j, n in enumerate(PART_ROWS):
+        vectors.write_vectors(folder, j, [f"u{start + i:05d}" for i in range(n)], x[start : start + n])
+        start += n
+    return folder, x
+
+
+def exact(x: np.ndarray, q: np.ndarray, k: int) -> knn_index.Neighbours:
+    return knn_index.search(knn_index.build_index(x), q, k)
+
+
+def recall(approx: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.mean([len(np.intersect1d(a[a >= 0], r)) / len(r) for a, r in zip(approx, ref)]))
+
+
+EXACT3 = si.ShardConfig(mode="exact", n_shards=3, query_block=97, num_cpus=0.5)
+IVF3 = si.ShardConfig(index=IndexConfig(nlist=48, nprobe=12), mode="ivf", n_shards=3, num_cpus=0.5)
+
+
+def test_exact_sharded_equals_one_index(pool, ray_local):
+    folder, x = pool
+    q = np.concatenate([x[::9], mixture(100, 1)])
+    with si.build(folder, cfg=EXACT3) as index:
+        assert index.n_shards == 3 and index.shard_rows == [1200, 1200, 1000]
+        assert index.exact and len(index) == len(x)
+        got, ref = index.neighbours(q, 16), exact(x, q, 16)
+        np.testing.assert_array_equal(got.ids_QK, ref.ids_QK)
+        np.testing.assert_array_equal(got.sims_QK, ref.sims_QK)
+        # the pool against itself: copy candidates as copydetect.knn_lists, and the pair graph
+        np.testing.assert_array_equal(index.knn_lists(8), copydetect.knn_lists(x, 8))
+        pairs = index.similar_pairs(k=8, threshold=0.5)
+        want = knn_index.similar_pairs(x, knn_index.build_index(x), k=8, threshold=0.5)
+        for a, b in zip(pairs, want):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_ties_go_to_the_lower_id_across_shards(pool, ray_local):
+    """Rows 50, 2000, 3000 are one vector in three shards: k=2 must keep 50 and 2000."""
+    folder, x = pool
+    with si.build(folder, cfg=EXACT3) as index:
+        nb = index.neighbours(x[[3000]], 2)
+    assert nb.ids_QK.tolist() == [[50, 2000]] and nb.sims_QK[0, 0] == nb.sims_QK[0, 1]
+    assert exact(x, x[[3000]], 2).ids_QK.tolist() == [[50, 2000]]
+
+
+def test_a_subset_by_uid_is_numbered_by_position(pool, ray_local):
+    """Built for some uids (shuffled), ids are positions in that list, as `store.get(uids)` + one index."""
+    folder, x = pool
+    rng = np.random.default_rng(2)
+    rows = rng.permutation(len(x))[:2000]
+    uids = [f"u{r:05d}" for r in rows]
+    q = mixture(150, 3)
+    with si.build(folder, uids, EXACT3) as index:
+        got = index.neighbours(q, 10)
+        blocks = list(index.query_blocks())
+    ref = exact(x[rows], q, 10)
+    np.testing.assert_array_equal(got.ids_QK, ref.ids_QK)
+    np.testing.assert_array_equal(got.sims_QK, ref.sims_QK)
+    np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), np.arange(2000))
+    np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), x[rows].astype(np.float32))
+
+
+def test_ivf_recall_against_exact_and_equal_to_one_ivf(pool, ray_local):
+    folder, x = pool
+    q = mixture(300, 4)
+    with si.build(folder, cfg=IVF3) as index:
+        assert not index.exact and index.n_shards == 3
+        got = index.neighbours(q, 10)
+    ref = exact(x, q, 10)
+    r = recall(got.ids_QK, ref.ids_QK)
+    assert r >= 0.95, r
+    # one quantiser trained on the same sample: the shards together are one IVF index
+    one = knn_index.search(knn_index.build_index(x, IndexConfig(exact_below=0, nlist=48, nprobe=12)), q, 10)
+    np.testing.assert_array_equal(got.ids_QK, one.ids_QK)
+
+
+def test_ivf_pq_option(pool, ray_local):
+    folder, x = pool
+    cfg = si.ShardConfig(index=IndexConfig(nlist=16, nprobe=16), mode="ivf", n_shards=2, pq_m=16, num_cpus=0.5)
+    q = mixture(200, 5)
+    with si.build(folder, cfg=cfg) as index:
+        got = index.neighbours(q, 10)
+    assert recall(got.ids_QK, exact(x, q, 10).ids_QK) > 0.5  # 16-byte codes of 32 floats: coarse by design
+    with pytest.raises(ValueError, match="must divide the dimension"):
+        si.build(folder, cfg=si.ShardConfig(mode="ivf", pq_m=5))
+
+
+def test_folder_knn_lists_match_copydetect_both_ways(pool, ray_local):
+    """The call sites' function: in-process below `sharded_above`, sharded above; same answer."""
+    folder, x = pool
+    uids = [f"u{r:05d}" for r in range(0, len(x), 2)]
+    sub, evals = x[::2], mixture(40, 6)
+    for cfg in (si.ShardConfig(), si.ShardConfig(sharded_above=0, n_shards=3, query_block=256, num_cpus=0.5)):
+        np.testing.assert_array_equal(si.knn_lists(folder, uids, 12, cfg=cfg), copydetect.knn_lists(sub, 12))
+        np.testing.assert_array_equal(
+            si.knn_lists(folder, uids, 12, evals, exclude_self=False, cfg=cfg),
+            copydetect.knn_lists(sub, 12, evals, exclude_self=False),
+        )
+
+
+def test_merge_is_a_global_top_k():
+    """Per-shard answers merged: best similarity first, ties by the lower id, padding last."""
+    inf = np.inf
+    a = (np.array([[0.9, 0.5, -inf]], np.float32), np.array([[7, 3, -1]]))
+    b = (np.array([[0.95, 0.5, 0.1]], np.float32), np.array([[12, 1, 40]]))
+    c = (np.array([[-inf, -inf, -inf]], np.float32), np.array([[-1, -1, -1]]))
+    nb = si.merge([a, b, c], 4)
+    assert nb.ids_QK.tolist() == [[12, 7, 1, 3]]
+    assert nb.sims_QK[0].tolist() == pytest.approx([0.95, 0.9, 0.5, 0.5])
+    nb = si.merge([a, c], 4)
+    assert nb.ids_QK.tolist() == [[7, 3, -1, -1]] and np.isneginf(nb.sims_QK[0, 2:]).all()
+
+
+def test_bad_configs_say_what_to_change(tmp_path):
+    with pytest.raises(ValueError, match="mode="):
+        si.ShardConfig(mode="fast")
+    with pytest.raises(ValueError, match="n_shards="):
+        si.ShardConfig(n_shards=0)
+    with pytest.raises(FileNotFoundError, match="embed stage"):
+        si.build(tmp_path / "missing")
+
+
+def test_cpu_here_and_gpu_asked_for_raises(ray_local):
+    """This machine has no GPU: shards are CPU actors, and use_gpu=True says how to get one."""
+    assert si._gpu_wanted(None) is False
+    with pytest.raises(RuntimeError, match=r"lvd\[gpu\]"):
+        si._gpu_wanted(True)
+
+
+CLUSTER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import ray
+    from ray.cluster_utils import Cluster
+    from lvd.curation.knn_index import IndexConfig
+    from lvd.curation.scale import shardindex as si
+
+    folder, queries = sys.argv[1], np.load(sys.argv[2])
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    for _ in range(3):
+        cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        out = {}
+        for name, cfg in [
+            ("exact", si.ShardConfig(mode="exact", n_shards=3, query_block=128)),
+            ("ivf", si.ShardConfig(index=IndexConfig(nlist=48, nprobe=12), mode="ivf", n_shards=3)),
+        ]:
+            with si.build(folder, cfg=cfg) as index:
+                nb = index.neighbours(queries, 10)
+                out[name] = {"ids": nb.ids_QK.tolist(), "sims": nb.sims_QK.tolist(), "nodes": index.node_ids()}
+        print("RESULT " + json.dumps(out))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_three_node_cluster_gives_the_single_process_result(pool, tmp_path):
+    """One shard per node (3 nodes of 1 CPU, the head has none): exact identical, IVF recall >= 0.95."""
+    folder, x = pool
+    q = np.concatenate([x[::17], mixture(100, 7)]).astype(np.float32)
+    np.save(tmp_path / "q.npy", q)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run(
+        [sys.executable, "-c", CLUSTER, str(folder), str(tmp_path / "q.npy")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert res.returncode == 0 and lines, res.stderr[-4000:]
+    out = json.loads(lines[0][len("RESULT ") :])
+    ref = exact(x, q, 10)
+    assert len(set(out["exact"]["nodes"])) == 3
+    np.testing.assert_array_equal(np.array(out["exact"]["ids"]), ref.ids_QK)
+    np.testing.assert_array_equal(np.array(out["exact"]["sims"], np.float32), ref.sims_QK)
+    assert recall(np.array(out["ivf"]["ids"]), ref.ids_QK) >= 0.95
