@@ -1,0 +1,306 @@
+"""Partitioned global curation stages at 10^5, 10^6 and 10^7 images: wall time and the peak
+memory of the driver and of every Ray worker, on 1 and 2 workers, and what that means for a
+142M / 1.2B-image pool.
+
+Pool: `lvd.curation.scale.synthetic` writes a run folder as ingest and embed would leave it
+(hash records with 2% planted near-copy chains across partitions; d=128 float16 vectors in
+256 clusters, in parts of 25,000 rows), once per size under `--pool-root` (kept for reruns).
+Each (size, workers) runs in a fresh subprocess with its own local Ray of `num_cpus = workers`
+(so no earlier run's heap or Ray worker lingers), and each stage there runs inside
+`budget.PeakWatch`: the driver's and every Ray worker process's VmHWM (/proc/<pid>/status,
+reset with clear_refs at the stage's start, polled every 50 ms so actors that exit are caught).
+The partition sizes come from `--worker-memory` through `lvd.curation.scale.budget`.
+
+Stages (each from the module that implements it; one that has not landed is reported missing):
+hash dedup + connected components (scale.hashdedup / scale.components), sharded kNN
+(scale.shardindex), distributed k-means (scale.dkmeans), the partitioned ledger (ledger).
+Baseline, same subprocess: the single-process path of the same work (`dedup.find_near_duplicates`
+on the whole table, `lloyd.lloyd` on the whole pool) for sizes up to `--baseline-max`: its peak
+is what the driver held before (it grows with N; the partitioned driver's must not).
+
+Sizing (printed last): workers and nodes from the budget formula (budget.cluster_size), CPU
+hours from the measured worker-seconds per row extrapolated with the exponent measured between
+the two largest sizes, GPU hours for embedding from a stated throughput; beside the paper's
+20 nodes x 8 V100 in under 2 days for 1.2B images.
+
+Run: .venv/bin/python benchmarks/curate_scale.py                       # 1e5 on 1 and 2 workers, ~2 min
+     .venv/bin/python benchmarks/curate_scale.py --sizes 1e5,1e6,1e7 --worker-memory 3GiB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lvd.curation.scale import budget as B
+from lvd.curation.scale.synthetic import PoolSpec, write_pool
+
+STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger")
+KMEANS_K, KMEANS_ITERS, KNN_K = 256, 3, 16
+KNN_QUERIES = 20_000  # queries searched against the whole sharded pool at every size
+
+
+@dataclass(frozen=True)
+class Ctx:
+    run_dir: Path
+    spec: PoolSpec
+    budget: B.WorkerBudget
+    workers: int
+
+
+@dataclass
+class Row:
+    n: int
+    workers: int
+    stage: str
+    wall_s: float | None
+    driver_peak: int
+    worker_peaks: list[int]  # one per Ray worker process that ran in the stage
+    note: str = ""
+
+
+# ---------------------------------------------------------------- stages
+
+
+def stage_kmeans(ctx: Ctx) -> str:
+    from lvd.curation.scale import dkmeans
+
+    rows = B.kmeans_shard_rows(ctx.budget, ctx.spec.dim, KMEANS_K)
+    n_actors = max(ctx.workers, math.ceil(ctx.spec.n / rows))
+    res = dkmeans.cluster_vector_folder(
+        ctx.run_dir / "vectors",
+        KMEANS_K,
+        n_actors=n_actors,
+        niter=KMEANS_ITERS,
+        out_dir=ctx.run_dir / "kmeans",
+        actor_cpus=ctx.workers / n_actors,
+    )
+    return f"k={KMEANS_K}, {KMEANS_ITERS} iters, {n_actors} actors, inertia {res.inertia:.1f}"
+
+
+def baseline_kmeans(ctx: Ctx) -> str:
+    from lvd.curation import lloyd
+    from lvd.curation.vectors import open_vectors
+
+    x16 = open_vectors(ctx.run_dir / "vectors").load().vecs_ND
+    res = lloyd.lloyd(x16, lloyd.LloydConfig(k=KMEANS_K, niter=KMEANS_ITERS))
+    return f"one process, inertia {res.inertia:.1f}"
+
+
+def baseline_dedup(ctx: Ctx) -> str:
+    from lvd.curation import rundir
+    from lvd.curation.dedup import DedupConfig, find_near_duplicates
+
+    dups = find_near_duplicates(rundir.unique_accepted(ctx.run_dir), DedupConfig())
+    return f"one process, {dups.num_rows} duplicates"
+
+
+STAGE_FNS = {"k-means": stage_kmeans}
+BASELINES = {"hash dedup": baseline_dedup, "k-means": baseline_kmeans}
+
+
+# ---------------------------------------------------------------- one (size, workers) run
+
+
+def measure(fn, ctx: Ctx) -> tuple[float, B.PeakWatch, str]:
+    with B.PeakWatch() as watch:
+        t0 = time.perf_counter()
+        note = fn(ctx)
+        wall = time.perf_counter() - t0
+    return wall, watch, note
+
+
+def run_one(run_dir: Path, spec: PoolSpec, workers: int, worker_memory: int, baseline: bool) -> list[Row]:
+    """Every stage on one pool under a fresh local Ray of `workers` CPUs (this is the subprocess)."""
+    import ray
+
+    ctx = Ctx(run_dir, spec, B.WorkerBudget(worker_memory), workers)
+    ray.init(
+        address="local",
+        num_cpus=workers,
+        include_dashboard=False,
+        log_to_driver=False,
+        object_store_memory=512 * B.MiB,
+    )
+    rows = []
+    try:
+        for stage in STAGES:
+            fn = STAGE_FNS.get(stage)
+            if fn is None:
+                rows.append(Row(spec.n, workers, stage, None, 0, [], "missing: its module has not landed"))
+                continue
+            wall, w, note = measure(fn, ctx)
+            rows.append(Row(spec.n, workers, stage, wall, w.driver, sorted(p for _, p in w.workers.values()), note))
+    finally:
+        ray.shutdown()
+    if baseline:
+        for stage, fn in BASELINES.items():
+            wall, w, note = measure(fn, ctx)
+            rows.append(Row(spec.n, 0, f"{stage} (baseline)", wall, w.driver, [], note))
+    return rows
+
+
+def spawn(args, n: int, workers: int, baseline: bool) -> list[Row]:
+    cmd = [sys.executable, __file__, "--one", str(n), str(workers), "--pool-root", str(args.pool_root)]
+    cmd += ["--worker-memory", str(args.worker_memory), "--baseline-max", str(n if baseline else 0)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    if res.returncode != 0 or not lines:
+        raise RuntimeError(f"size {n} on {workers} workers failed:\n{res.stderr[-3000:]}")
+    return [Row(**r) for r in json.loads(lines[0][len("RESULT ") :])]
+
+
+def pool_dir(root: Path, n: int) -> Path:
+    return Path(root) / f"pool-{n:.0e}".replace("+0", "")
+
+
+# ---------------------------------------------------------------- report
+
+
+def mib(b: float) -> str:
+    return f"{b / B.MiB:,.0f}"
+
+
+def print_table(rows: list[Row], budget: B.WorkerBudget) -> None:
+    print(f"\nworker budget {B.format_bytes(budget.worker_bytes)} (data share {B.format_bytes(budget.data_bytes)})\n")
+    print("| N | workers | stage | wall s | driver peak MiB | worker peaks MiB | max worker / budget | note |")
+    print("|---:|---:|---|---:|---:|---|---:|---|")
+    for r in rows:
+        if r.wall_s is None:
+            print(f"| {r.n:.0e} | {r.workers} | {r.stage} | - | - | - | - | {r.note} |")
+            continue
+        peaks = ", ".join(mib(p) for p in r.worker_peaks) or "-"
+        frac = f"{max(r.worker_peaks) / budget.worker_bytes:.2f}" if r.worker_peaks else "-"
+        workers = r.workers or "driver only"
+        print(
+            f"| {r.n:.0e} | {workers} | {r.stage} | {r.wall_s:.1f} | {mib(r.driver_peak)} | {peaks} | {frac} | {r.note} |"
+        )
+
+
+def print_growth(rows: list[Row]) -> None:
+    """Driver peak per size (flat?) and the largest worker peak per size and worker count."""
+    done = [r for r in rows if r.wall_s is not None and r.workers]
+    sizes = sorted({r.n for r in done})
+    if len(sizes) < 2:
+        return
+    print("\nPeak RSS against N (max over the partitioned stages; MiB):\n")
+    print("| N | driver | max worker, 1 worker | max worker, 2 workers | baseline (one process) |")
+    print("|---:|---:|---:|---:|---:|")
+    for n in sizes:
+        at = [r for r in done if r.n == n]
+        base = [r.driver_peak for r in rows if r.n == n and not r.workers]
+        cells = [max(r.driver_peak for r in at)]
+        for w in (1, 2):
+            cells.append(max((max(r.worker_peaks, default=0) for r in at if r.workers == w), default=0))
+        print(
+            f"| {n:.0e} | "
+            + " | ".join(mib(c) if c else "-" for c in cells)
+            + f" | {mib(max(base)) if base else '-'} |"
+        )
+
+
+# ---------------------------------------------------------------- sizing
+
+
+def cpu_rate(rows: list[Row], stage: str) -> tuple[float, float, int] | None:
+    """(worker-seconds per row at the largest size, growth exponent, that size) of a stage."""
+    pts = sorted((r.n, r.wall_s * r.workers) for r in rows if r.stage == stage and r.wall_s and r.workers)
+    if not pts:
+        return None
+    n1, c1 = pts[-1]
+    smaller = [p for p in pts if p[0] < n1]
+    slope = math.log(c1 / smaller[-1][1]) / math.log(n1 / smaller[-1][0]) if smaller else 1.0
+    return c1 / n1, max(1.0, slope), n1
+
+
+def print_sizing(rows: list[Row], args) -> None:
+    """Nodes, GPUs and hours for 142M and 1.2B images, next to the paper's 20 x 8 V100."""
+    b = B.WorkerBudget(B.parse_bytes(args.node_worker_memory))
+    print(
+        f"\nSizing (formula in lvd/curation/scale/budget.py): D={args.dim_at_scale} fp16 vectors, IVF-PQ "
+        f"{args.pq_bytes} B codes; worker budget {B.format_bytes(b.worker_bytes)}; node = "
+        f"{args.node_cores} cores, {B.format_bytes(B.parse_bytes(args.node_memory))}, {args.gpus_per_node} GPUs; "
+        f"embedding at {args.gpu_images_per_s} img/s per GPU (estimate, not measured here); "
+        f"CPU stages from this run's worker-seconds per row, times (N / N_measured)^(slope - 1)\n"
+    )
+    print("| pool | index | vector bytes | workers | nodes (memory) | CPU stages core-h | nodes for 48 h | "
+          "embed GPU-h | GPUs | total h on those nodes |")  # fmt: skip
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in (142_000_000, 1_200_000_000):
+        core_h = 0.0
+        for stage in STAGES:
+            if rate := cpu_rate(rows, stage):
+                per_row, slope, n0 = rate
+                core_h += per_row * n * (n / n0) ** (slope - 1) / 3600
+        gpu_h = n / args.gpu_images_per_s / 3600
+        for index, pq in (("flat", 0), ("ivfpq", args.pq_bytes)):
+            size = B.cluster_size(
+                n, args.dim_at_scale, b, node_memory=B.parse_bytes(args.node_memory), node_cores=args.node_cores,
+                index=index, pq_bytes=pq,
+            )  # fmt: skip
+            nodes = max(
+                size.nodes, math.ceil(core_h / 48 / args.node_cores), math.ceil(gpu_h / 48 / args.gpus_per_node)
+            )
+            gpus = nodes * args.gpus_per_node
+            hours = core_h / (nodes * args.node_cores) + gpu_h / gpus
+            print(
+                f"| {n / 1e6:,.0f}M | {index} | {B.format_bytes(size.vector_bytes)} | {size.workers} | {size.nodes} | "
+                f"{core_h:,.0f} | {nodes} | {gpu_h:,.0f} | {gpus} | {hours:.1f} |"
+            )
+    print("| 1,200M | paper (Oquab et al. 2023) | | | | | 20 | | 160 V100 | < 48 |")
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="1e5", help="pool sizes, comma-separated (1e5,1e6,1e7)")
+    p.add_argument("--workers", default="1,2", help="Ray CPUs (workers) per run, comma-separated")
+    p.add_argument("--worker-memory", type=B.parse_bytes, default=B.parse_bytes("3GiB"), help="budget per worker")
+    p.add_argument("--pool-root", type=Path, default=Path("/tmp/lvd-curate-scale"), help="where pools are kept")
+    p.add_argument("--baseline-max", type=float, default=1e6, help="run the one-process baseline up to this size")
+    p.add_argument("--one", nargs=2, type=float, metavar=("N", "WORKERS"), help=argparse.SUPPRESS)
+    g = p.add_argument_group("sizing table")
+    g.add_argument(
+        "--dim-at-scale", type=int, default=1024, help="embedding dim (ViT-L: 1024; the paper's ViT-H: 1280)"
+    )
+    g.add_argument("--pq-bytes", type=int, default=64, help="IVF-PQ code bytes per vector")
+    g.add_argument("--node-worker-memory", default="16GiB", help="budget per worker on the sized cluster")
+    g.add_argument("--node-memory", default="512GiB", help="RAM per node")
+    g.add_argument("--node-cores", type=int, default=64, help="CPU cores per node")
+    g.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node")
+    g.add_argument("--gpu-images-per-s", type=float, default=300.0,
+                   help="embedding throughput per GPU (V100 fp16, ViT-L/14 at 224 px: ~160 GFLOP/img at ~50 TFLOP/s)")  # fmt: skip
+    args = p.parse_args()
+    if args.one:
+        n, workers = int(args.one[0]), int(args.one[1])
+        spec = PoolSpec(n=n)
+        rows = run_one(pool_dir(args.pool_root, n), spec, workers, args.worker_memory, n <= args.baseline_max)
+        print("RESULT " + json.dumps([asdict(r) for r in rows]))
+        return
+    sizes = [int(float(s)) for s in args.sizes.split(",")]
+    workers = [int(w) for w in args.workers.split(",")]
+    rows: list[Row] = []
+    for n in sizes:
+        t0 = time.perf_counter()
+        write_pool(PoolSpec(n=n), pool_dir(args.pool_root, n))
+        print(f"pool {n:.0e}: {pool_dir(args.pool_root, n)} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        for i, w in enumerate(workers):
+            rows += spawn(args, n, w, baseline=i == 0 and n <= args.baseline_max)
+            print(f"  {n:.0e} on {w} workers done", flush=True)
+    print_table(rows, B.WorkerBudget(args.worker_memory))
+    print_growth(rows)
+    print_sizing(rows, args)
+
+
+if __name__ == "__main__":
+    main()
