@@ -102,14 +102,18 @@ class Hierarchy:
 
 def hierarchical_kmeans(x_ND: np.ndarray, cfg: HierarchicalConfig) -> Hierarchy:
     """Build the tree over the rows of `x_ND` (L2-normalised). Needs at least ks[0] rows."""
-    x = as_unit_float32(x_ND)
-    levels: list[Level] = []
-    items, score_N = x, None
-    for depth, k in enumerate(cfg.ks):
-        level, score = _fit_level(items, k, depth, cfg)
-        levels.append(level)
-        score_N = score if depth == 0 else score_N
-        items = level.centroids_KD
+    first, score_N = _fit_level(as_unit_float32(x_ND), cfg.ks[0], 0, cfg)
+    return build_upper_levels(first, score_N, cfg)
+
+
+def build_upper_levels(first: Level, score_N: np.ndarray, cfg: HierarchicalConfig) -> Hierarchy:
+    """The tree above a level-1 clustering however it was made (in this process, or over Ray
+    actors by `scale.dkmeans`): level l + 1 clusters level l's centroids, as Vo et al. do."""
+    if len(first.centroids_KD) != cfg.ks[0]:
+        raise ValueError(f"level 1 has {len(first.centroids_KD)} clusters, the config asks for ks[0]={cfg.ks[0]}")
+    levels = [first]
+    for depth, k in enumerate(cfg.ks[1:], start=1):
+        levels.append(_fit_level(levels[-1].centroids_KD, k, depth, cfg)[0])
     return Hierarchy(levels=tuple(levels), score_N=score_N)
 
 

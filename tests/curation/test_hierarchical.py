@@ -136,3 +136,45 @@ def test_budget_above_pool_returns_every_point(skewed):
 def test_config_errors_name_the_fix(kwargs, message):
     with pytest.raises(ValueError, match=message):
         HierarchicalConfig(**kwargs)
+
+
+def dominant_pool(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One dominant concept (3,000 near copies of 30 variants of one image class, 2/3 of the
+    pool) and a long tail of 100 concepts with 15 images each; label 0 is the dominant one."""
+    rng = np.random.default_rng(seed)
+    d = 32
+    variants = unit(unit(rng.standard_normal((1, d))) + 0.25 * rng.standard_normal((30, d)))
+    dominant = unit(variants[rng.integers(0, 30, 3000)] + 0.05 * rng.standard_normal((3000, d)))
+    tail_centres = unit(rng.standard_normal((100, d)))
+    tail = unit(tail_centres[np.repeat(np.arange(100), 15)] + 0.15 * rng.standard_normal((1500, d)))
+    return np.concatenate([dominant, tail]), np.r_[np.zeros(3000, int), 1 + np.repeat(np.arange(100), 15)]
+
+
+def dominant_leaves(h, labels: np.ndarray) -> int:
+    """Level-1 clusters whose members are mostly the dominant concept."""
+    share = np.bincount(h.levels[0].assign, weights=labels == 0, minlength=len(h.levels[0].centroids_KD))
+    return int((share / np.maximum(1, h.sizes(1)) > 0.5).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_resampling_moves_centroids_and_mass_off_the_dominant_concept(seed):
+    """Vo et al. sec. 4: resampling spreads the centroids towards a uniform cover, so the dense
+    concept holds fewer clusters and balanced sampling gives it less mass than the same tree
+    without resampling, which already gives it less than random sampling."""
+    x, labels = dominant_pool(seed)
+    plain = hierarchical_kmeans(x, HierarchicalConfig(ks=(50, 8), resampling_steps=(0, 0), seed=seed))
+    resampled = hierarchical_kmeans(x, HierarchicalConfig(ks=(50, 8), resampling_steps=(5, 5), seed=seed))
+    assert [lvl.resampling_steps_run for lvl in resampled.levels] == [5, 5]
+    # the resampled level-1 centroids are the ones the points were assigned to, and moved
+    sims = x @ resampled.levels[0].centroids_KD.T
+    np.testing.assert_array_equal(resampled.levels[0].assign, sims.argmax(axis=1))
+    assert dominant_leaves(resampled, labels) <= 0.6 * dominant_leaves(plain, labels)  # 24-25 -> 11-12
+    target = 600
+    mass = {
+        "random": (labels[np.random.default_rng(seed).choice(len(x), target, replace=False)] == 0).mean(),
+        "plain": (labels[balanced_sample(plain, target, seed=seed)] == 0).mean(),
+        "resampled": (labels[balanced_sample(resampled, target, seed=seed)] == 0).mean(),
+    }
+    assert mass["random"] > 0.6  # 2/3 of the pool
+    assert mass["plain"] < 0.6 * mass["random"]  # measured 0.20-0.36
+    assert mass["resampled"] < 0.8 * mass["plain"]  # measured 0.12-0.23
