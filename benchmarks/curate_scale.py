@@ -39,12 +39,15 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lvd.curation.scale import budget as B
 from lvd.curation.scale.synthetic import PoolSpec, write_pool
 
 STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger")
 KMEANS_K, KMEANS_ITERS, KNN_K = 256, 3, 16
 KNN_QUERIES = 20_000  # queries searched against the whole sharded pool at every size
+KNN_NLIST, KNN_NPROBE = 1024, 16  # IVF lists fixed across sizes (the driver trains the quantiser)
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,37 @@ def stage_kmeans(ctx: Ctx) -> str:
     return f"k={KMEANS_K}, {KMEANS_ITERS} iters, {n_actors} actors, inertia {res.inertia:.1f}"
 
 
+def stage_knn(ctx: Ctx) -> str:
+    """The k nearest pool vectors of KNN_QUERIES pool rows, over shard actors sized by the budget."""
+    from lvd.curation.knn_index import IndexConfig
+    from lvd.curation.scale import shardindex
+    from lvd.curation.vectors import open_vectors
+
+    dim, n = ctx.spec.dim, ctx.spec.n
+    index = "flat" if n < IndexConfig().exact_below else "ivf"
+    rows = B.vector_shard_rows(ctx.budget, dim, index)
+    shards = max(ctx.workers, math.ceil(n / rows))
+    cfg = shardindex.ShardConfig(
+        index=IndexConfig(nlist=KNN_NLIST, nprobe=KNN_NPROBE),
+        rows_per_shard=math.ceil(n / shards),
+        query_block=B.query_block_rows(ctx.budget, dim, KNN_K),
+        num_cpus=ctx.workers / shards,
+    )
+    first = next(open_vectors(ctx.run_dir / "vectors").blocks(KNN_QUERIES)).vecs_ND  # part 0's first rows
+    with shardindex.build(ctx.run_dir / "vectors", cfg=cfg) as sharded:
+        nb = sharded.neighbours(first.astype(np.float32), KNN_K)
+        got = sharded.n_shards
+    hit = float(np.mean(nb.ids_QK[:, 0] == np.arange(len(first))))
+    return f"{index}, {got} shards, {len(first)} queries k={KNN_K}, self found first {hit:.3f}"
+
+
+def stage_ledger(ctx: Ctx) -> str:
+    from lvd.curation import ledger
+
+    summary = ledger.write_parts(ctx.run_dir, range_rows=B.ledger_range_rows(ctx.budget))
+    return f"{summary.parts} parts, {summary.rows} rows, {summary.by_status}"
+
+
 def baseline_kmeans(ctx: Ctx) -> str:
     from lvd.curation import lloyd
     from lvd.curation.vectors import open_vectors
@@ -102,7 +136,7 @@ def baseline_dedup(ctx: Ctx) -> str:
     return f"one process, {dups.num_rows} duplicates"
 
 
-STAGE_FNS = {"k-means": stage_kmeans}
+STAGE_FNS = {"sharded kNN": stage_knn, "k-means": stage_kmeans, "ledger": stage_ledger}
 BASELINES = {"hash dedup": baseline_dedup, "k-means": baseline_kmeans}
 
 

@@ -9,6 +9,7 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
     hash_bucket_count(N)   = ceil(N * HASH_RECORD_BYTES * SKEW / data_bytes)   buckets of the hash shuffle
     query_block_rows       = data_bytes / 4 / (4*D + 24*k)            queries searched at once
     ingest_partition_cap   = data_bytes / (2 * mean input bytes)      files per ingest partition at most
+    ledger_range_rows      = data_bytes / LEDGER_ROW_BYTES            uids per ledger / verify range task
 
 WORKER_BASE_BYTES is what an idle Ray worker takes before it holds any data (measured: 145 MB
 resident with numpy, pyarrow and faiss imported; 256 MiB kept). FILL = 0.5 leaves the other half
@@ -56,6 +57,7 @@ FILL = 0.5  # share of (budget - base) given to partition data; the rest is for 
 # One hash record of the dedup shuffle in memory: uid (64 hex + offset), width, height, phash,
 # dhash (8 each), phash256, nphash256 (32 each), thumb16 (256), a bucket key and row id (16).
 HASH_RECORD_BYTES = 68 + 4 * 8 + 2 * 32 + 256 + 16
+LEDGER_ROW_BYTES = 150  # a (uid, source) pair as Python strings (the ledger's 2M-row range: ~300 MB)
 SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)
 MAX_QUERY_BLOCK = 65_536
 INDEX_KINDS = ("flat", "ivf", "ivfpq")
@@ -172,6 +174,11 @@ def ingest_partition_cap(budget: WorkerBudget, *, mean_input_bytes: int = 200 * 
     hash records) until it writes them; half the data share for them, the other half for the
     decode of one image (bounded apart by --max-decoded-bytes)."""
     return max(1, budget.data_bytes // (2 * max(1, mean_input_bytes)))
+
+
+def ledger_range_rows(budget: WorkerBudget) -> int:
+    """uids one ledger or verify range task holds (`ledger.write_parts(range_rows=...)`)."""
+    return max(1, budget.data_bytes // LEDGER_ROW_BYTES)
 
 
 def ray_options(budget: WorkerBudget) -> dict:
