@@ -98,7 +98,7 @@ class Code:
 @dataclass(frozen=True)
 class HashDedupReport:
     duplicates: Path  # DUPLICATES_SCHEMA rows, sorted by uid
-    records: int  # input records (accepted, one per uid)
+    records: int  # input records compared (accepted, one per uid)
     copies: int  # chunk-pass records sent (records x chunks)
     edges: int
     phases: int  # star steps of the components
@@ -142,8 +142,8 @@ def partitioned_duplicates(
     work = Path(work_dir)
     opts = {"num_cpus": 1, "max_retries": 3, **shuffle.task_options}
     E, B = shuffle.exact_buckets, shuffle.buckets
-    records = sum(_wave(_exact_map, [(s, i, str(work), E) for i, s in enumerate(sources)], opts))
-    _wave(_exact_reduce, [(str(work), e) for e in range(E)], opts)
+    _wave(_exact_map, [(s, i, str(work), E) for i, s in enumerate(sources)], opts)
+    records = sum(_wave(_exact_reduce, [(str(work), e) for e in range(E)], opts))
     codes = codes_of(cfg, _code_bits(work))
     copies = sum(_wave(_chunk_map, [(str(work), e, codes, B) for e in range(E)], opts))
     edges = sum(_wave(_chunk_reduce, [(str(work), b, codes, cfg, shuffle.brute_group) for b in range(B)], opts))
@@ -283,8 +283,9 @@ def _exact_map(source: Source, index: int, work: str, E: int) -> int:
     return t.num_rows
 
 
-def _exact_reduce(work: str, e: int) -> None:
-    """One record per uid; records equal in every compared column chain to the first."""
+def _exact_reduce(work: str, e: int) -> int:
+    """One record per uid; records equal in every compared column chain to the first.
+    Returns the bucket's number of uids."""
     files = sorted((Path(work) / "exact" / f"b{e}").glob("*.parquet"))
     t = pa.concat_tables([pq.read_table(f) for f in files]).sort_by(_RID)
     uids = t["uid"].to_numpy(zero_copy_only=False)
@@ -296,6 +297,7 @@ def _exact_reduce(work: str, e: int) -> None:
     members = np.flatnonzero(~np.isin(np.arange(t.num_rows), first))
     _write(_edges(t, first[group[members]], members, "exact", np.zeros(len(members))), Path(work) / "edges" / f"exact-{e}.parquet")  # fmt: skip
     _write(t.take(np.sort(first)), Path(work) / "reps" / f"e{e}.parquet")
+    return t.num_rows
 
 
 def _edges(t: pa.Table, a: np.ndarray, b: np.ndarray, channel: str, distance: np.ndarray) -> pa.Table:

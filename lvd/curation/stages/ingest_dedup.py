@@ -7,11 +7,15 @@ without Prefect (fault tests, notebooks).
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
 
 from lvd.curation import rundir, runner
 from lvd.curation.dedup import DedupConfig, find_near_duplicates
@@ -19,7 +23,13 @@ from lvd.curation.guard import check_removal
 from lvd.curation.ingest import IngestConfig, ingest_partition
 from lvd.curation.isolate import IngestIsolation
 from lvd.curation.rundir import digest, ingest_fingerprint, read_blobs, unique_accepted  # noqa: F401 -- re-exported
+from lvd.curation.scale.hashdedup import ShuffleConfig, partitioned_duplicates, run_sources
 from lvd.curation.sources import Partition, plan_partitions
+
+# ingest records (all statuses) from which run_dedup shuffles by default: the single task then
+# holds ~1.7 GiB at 10^6 images (issue 14), and the shuffle's fixed cost (~20 s of Ray tasks on
+# 2 cores for 3,000 records) is small next to its work
+PARTITIONED_MIN_RECORDS = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -80,11 +90,25 @@ def run_ingest(
 
 
 def run_dedup(
-    run_dir: Path, cfg: DedupConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig(), *, max_remove: float = 1.0
+    run_dir: Path,
+    cfg: DedupConfig,
+    rcfg: runner.RunnerConfig = runner.RunnerConfig(),
+    *,
+    max_remove: float = 1.0,
+    partitioned: bool | None = None,
+    shuffle: ShuffleConfig | None = None,
 ) -> runner.StageReport:
-    """One global Ray task (dedup compares everything with everything); refuses, writing
-    nothing, when it would drop more than `max_remove` of the unique accepted images."""
+    """Hash dedup of the run; refuses, writing nothing, when it would drop more than
+    `max_remove` of the unique accepted images.
+
+    Two paths, one output (tests/curation/test_scale_hashdedup.py checks they are equal):
+    one global Ray task holding the pool (small pools), or the shuffle of
+    `lvd.curation.scale.hashdedup` (no task holds the pool). `partitioned` True / False
+    forces one; None picks the shuffle when the run has at least PARTITIONED_MIN_RECORDS
+    ingest records. `shuffle` sizes it (buckets, partitions)."""
     unit = runner.WholeStage(fingerprint=ingest_fingerprint(run_dir), stem="duplicates")
+    if partitioned or (partitioned is None and _ingest_records(run_dir) >= PARTITIONED_MIN_RECORDS):
+        return _run_partitioned(run_dir, unit, cfg, rcfg, max_remove, shuffle or ShuffleConfig())
     return runner.map_partitions(
         DedupFn(str(run_dir), cfg, max_remove),
         [unit],
@@ -92,3 +116,32 @@ def run_dedup(
         cfg_hash=runner.config_hash(cfg),
         runner=rcfg,
     )
+
+
+def _ingest_records(run_dir: Path) -> int:
+    return sum(m["rows"]["main"] for m in rundir.ingest_markers(run_dir).values())
+
+
+def _run_partitioned(run_dir, unit, cfg, rcfg, max_remove, shuffle) -> runner.StageReport:
+    """The shuffle path: scratch under RUN/dedup/shuffle (dropped after), then one task
+    checks the guard and writes duplicates.parquet and its marker as the single task would."""
+    stage_dir = rundir.stage_dir(run_dir, "dedup")
+    cfg_hash = runner.config_hash(cfg)  # same outputs as the single task: same identity
+    report, todo = runner.plan_stage(stage_dir, [unit], cfg_hash, checksums=rcfg.verify_checksums)
+    if not todo:
+        return report
+    work = stage_dir / "shuffle"
+    shutil.rmtree(work, ignore_errors=True)
+    opts = {"num_cpus": rcfg.num_cpus, "max_retries": rcfg.max_retries, **shuffle.task_options}
+    shuffle = dataclasses.replace(shuffle, task_options=opts)
+    done = partitioned_duplicates(run_sources(run_dir), cfg, work, shuffle)
+    finish = ray.remote(_finish_partitioned).options(**opts)
+    marker = ray.get(finish.remote(str(done.duplicates), done.records, unit, str(stage_dir), cfg_hash, max_remove))
+    shutil.rmtree(work, ignore_errors=True)
+    return runner.collect(report, [marker], 1)
+
+
+def _finish_partitioned(path: str, records: int, unit, stage_dir: str, cfg_hash: str, max_remove: float) -> dict:
+    dups = pq.read_table(path)
+    check_removal("dedup", dups.num_rows, records, max_remove, largest=_largest(dups))
+    return runner.write_outputs({"": dups}, unit, stage_dir, cfg_hash)
