@@ -12,11 +12,18 @@ import sys
 import textwrap
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
+from lvd.curation import rundir, testdata
+from lvd.curation.dedup import DedupConfig
+from lvd.curation.ingest import IngestConfig
 from lvd.curation.lloyd import LloydConfig, lloyd
 from lvd.curation.scale.dkmeans import DKMeansConfig, cluster_vector_folder, dkmeans, folder_parts, plan_shards
+from lvd.curation.stages import ingest_dedup
+from lvd.curation.stages import select as stages_select
 from lvd.curation.vectors import open_vectors, write_vectors
 
 PART_SIZES = (700, 0, 1300, 1000)  # uneven, one part empty: shards cut across parts
@@ -136,13 +143,67 @@ def test_errors_name_the_fix(ray_local, folder):
         dkmeans(path / "missing", DKMeansConfig(lloyd=LCFG))
 
 
+@pytest.fixture(scope="module")
+def run_with_vectors(ray_local, tmp_path_factory):
+    """A run folder (ingest + dedup of 40 photos) whose vector folder holds the candidates'
+    vectors in two parts, out of uid order, beside 7 vectors of images that are not candidates."""
+    root, run = tmp_path_factory.mktemp("photos"), tmp_path_factory.mktemp("run")
+    testdata.write_photo_jpegs(root, 40, side=48)
+    ingest_dedup.run_ingest(ingest_dedup.plan([str(root)], 20), run, IngestConfig())
+    ingest_dedup.run_dedup(run, DedupConfig())
+    uids = rundir.candidates(run)[::-1] + [f"not-a-candidate-{i}" for i in range(7)]
+    x16 = blobs16(len(uids), 16, 5, seed=2)
+    write_vectors(rundir.vectors_dir(run), 0, uids[:20], x16[:20])
+    write_vectors(rundir.vectors_dir(run), 1, uids[20:], x16[20:])
+    return run
+
+
+def test_cluster_stage_on_ray_equals_the_stage_in_one_task(run_with_vectors):
+    run = run_with_vectors
+    got = {}
+    for engine, actors, hierarchical in (("lloyd", None, True), ("ray", 2, True), ("auto", 1, False)):
+        cfg = stages_select.ClusterConfig(
+            k=6, hierarchical=hierarchical, engine=engine, actors=actors, block_rows=16, distributed_above=30
+        )
+        stages_select.run_cluster(run, cfg)
+        got[engine] = rundir.clusters(run)
+    assert got["lloyd"][0]["uid"].to_pylist() == rundir.candidates(run) and got["lloyd"][0].num_rows >= 30
+    assert sorted(set(got["lloyd"][1]["level"].to_pylist())) == [0, 1]  # ks (6, 2)
+    assert got["ray"][0].equals(got["lloyd"][0]) and got["ray"][1].equals(got["lloyd"][1])
+    # "auto" went to Ray (above distributed_above): a flat tree with the same level 1
+    flat, tree = got["auto"]
+    assert flat.select(["uid", "leaf", "score"]).equals(got["lloyd"][0].select(["uid", "leaf", "score"]))
+    assert tree.equals(
+        got["lloyd"][1]
+        .filter(pc.equal(got["lloyd"][1]["level"], 0))
+        .set_column(2, "parent", pa.array([-1] * 6, pa.int64()))
+    )
+    # the level-1 labels are the single-process Lloyd's on the candidates' vectors, in uid order
+    x = open_vectors(rundir.vectors_dir(run)).get(rundir.candidates(run))
+    want = lloyd(x, stages_select.ClusterConfig(k=6, block_rows=16).lloyd(6))
+    assert got["lloyd"][0]["leaf"].to_pylist() == want.assign_N.tolist()
+
+
+def test_auto_engine_distributes_above_the_threshold():
+    cfg = stages_select.ClusterConfig(distributed_above=1000)
+    assert cfg.engine_for(999) == "faiss" and cfg.engine_for(1000) == "ray"
+    assert stages_select.ClusterConfig(engine="lloyd").engine_for(10**9) == "lloyd"
+    with pytest.raises(ValueError, match="engine"):
+        stages_select.ClusterConfig(engine="spark")
+    with pytest.raises(ValueError, match="rows_per_actor"):
+        stages_select.ClusterConfig(rows_per_actor=0)
+
+
 CLUSTER_SCRIPT = textwrap.dedent(
     """
     import json, sys
     import numpy as np
     import ray
     from ray.cluster_utils import Cluster
-    from lvd.curation.lloyd import LloydConfig, lloyd
+    from lvd.curation import rundir, testdata
+from lvd.curation.dedup import DedupConfig
+from lvd.curation.ingest import IngestConfig
+from lvd.curation.lloyd import LloydConfig, lloyd
     from lvd.curation.scale.dkmeans import DKMeansConfig, dkmeans
     from lvd.curation.vectors import open_vectors
 

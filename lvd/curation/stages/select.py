@@ -4,7 +4,11 @@
   uid): `uid`, `leaf` (level-1 cluster), `score` (cosine to its centroid), `cluster_ids` (one
   id per level, coarsest first, as the shard JSON wants); `clusters.tree.parquet`: `level`
   (0 = finest), `cluster`, `parent` (cluster one level up, -1 at the top), `centroid`. Flat
-  spherical k-means is a one-level tree; `hierarchical=True` builds Vo et al.'s tree.
+  spherical k-means is a one-level tree; `hierarchical=True` builds Vo et al.'s tree. The
+  level-1 k-means runs in this task with Faiss for pools below `distributed_above` candidates,
+  and from there over Ray actors holding shards of the vector parts (`scale.dkmeans`; the
+  levels above cluster its centroids here); `engine="lloyd"` is that Lloyd in this task, equal
+  to the distributed result bit for bit.
 - `RUN/retrieve/selection.parquet`: the selected uids with provenance (`method`, `seed_set`,
   `seed_uid`, `cluster_id`, `similarity`); `selection.counts.parquet`: one row per seed set
   (or `*` for balanced sampling) with `retrieve.RetrievalCounts`, collisions included.
@@ -28,8 +32,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lvd.curation import rundir, runner
-from lvd.curation.hierarchical import HierarchicalConfig, Hierarchy, Level, hierarchical_kmeans
+from lvd.curation.hierarchical import HierarchicalConfig, Hierarchy, Level, build_upper_levels, hierarchical_kmeans
 from lvd.curation.kmeans import KMeansConfig, KMeansResult, kmeans
+from lvd.curation.lloyd import LloydConfig, lloyd
+from lvd.curation.scale.dkmeans import DKMeansConfig, dkmeans
 from lvd.curation.shards import (
     MANIFEST_SCHEMA,
     ShardConfig,
@@ -42,6 +48,8 @@ from lvd.curation.shards import (
 )  # fmt: skip
 from lvd.curation.vectors import open_vectors
 
+ENGINES = ("auto", "faiss", "lloyd", "ray")
+
 
 @dataclass(frozen=True, kw_only=True)
 class ClusterConfig:
@@ -50,12 +58,30 @@ class ClusterConfig:
     levels: int = 3  # most levels of the tree
     niter: int = 20
     seed: int = 0
+    # level-1 k-means: "faiss" (in this task), "lloyd" (lvd.curation.lloyd in this task), "ray" (the
+    # same Lloyd over Ray actors holding vector shards), "auto" (faiss below distributed_above, else ray)
+    engine: str = "auto"
+    distributed_above: int = 1_000_000  # candidates from which "auto" distributes
+    actors: int | None = None  # "ray": actors; None: rows_per_actor, else one per CPU of the cluster
+    rows_per_actor: int | None = None  # "ray": most rows one actor holds
+    block_rows: int | None = None  # "lloyd"/"ray": rows scored at once (shards are whole blocks); None: ~32 MiB
 
     def __post_init__(self):
         if self.k is not None and self.k < 1:
             raise ValueError(f"k={self.k}: use at least one cluster, or None for sqrt(#images)")
         if self.levels < 1:
             raise ValueError(f"levels={self.levels}: use at least one level")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r}: use one of {ENGINES}")
+        DKMeansConfig(lloyd=self.lloyd(1), n_actors=self.actors, rows_per_actor=self.rows_per_actor)
+
+    def lloyd(self, k: int) -> LloydConfig:
+        return LloydConfig(k=k, niter=self.niter, seed=self.seed, block_rows=self.block_rows)
+
+    def engine_for(self, n: int) -> str:
+        if self.engine != "auto":
+            return self.engine
+        return "ray" if n >= self.distributed_above else "faiss"
 
     def ks(self, n: int) -> tuple[int, ...]:
         ks = [max(1, min(n, self.k or round(math.sqrt(n))))]
@@ -75,18 +101,35 @@ class ClusterFn:
         uids = rundir.candidates(run)
         if not uids:
             return {"": _clusters_table([], np.zeros(0, np.int64), np.zeros(0), []), "tree": _tree_table(())}
-        x = open_vectors(rundir.vectors_dir(run)).get(uids)
-        ks = self.cfg.ks(len(uids))
-        if self.cfg.hierarchical and len(ks) > 1:
-            h = hierarchical_kmeans(x, HierarchicalConfig(ks=ks, niter=self.cfg.niter, seed=self.cfg.seed))
-        else:
-            km = kmeans(x, KMeansConfig(k=ks[0], niter=self.cfg.niter, seed=self.cfg.seed))
-            h = Hierarchy(levels=(Level(km.centroids_KD, km.assign_N, 0),), score_N=km.score_N)
+        h = self.tree(rundir.vectors_dir(run), uids)
         ids = [h.labels(lvl).tolist() for lvl in range(len(h.levels), 0, -1)]
         return {
             "": _clusters_table(uids, h.levels[0].assign, h.score_N, [list(c) for c in zip(*ids)]),
             "tree": _tree_table(h.levels),
         }
+
+    def tree(self, vectors: Path, uids: list[str]) -> Hierarchy:
+        ks, cfg = self.cfg.ks(len(uids)), self.cfg
+        hcfg = HierarchicalConfig(ks=ks, niter=cfg.niter, seed=cfg.seed)
+        engine = cfg.engine_for(len(uids))
+        if engine == "faiss" and cfg.hierarchical and len(ks) > 1:
+            return hierarchical_kmeans(open_vectors(vectors).get(uids), hcfg)
+        if engine == "faiss":
+            km = kmeans(open_vectors(vectors).get(uids), KMeansConfig(k=ks[0], niter=cfg.niter, seed=cfg.seed))
+            return Hierarchy(levels=(Level(km.centroids_KD, km.assign_N, 0),), score_N=km.score_N)
+        first, score = _lloyd_level1(vectors, uids, ks[0], cfg, engine)
+        return build_upper_levels(first, score, hcfg) if cfg.hierarchical else Hierarchy((first,), score)
+
+
+def _lloyd_level1(vectors: Path, uids: list[str], k: int, cfg: ClusterConfig, engine: str) -> tuple[Level, np.ndarray]:
+    """Level 1 by the exact Lloyd, in this task or over Ray actors (the same result bit for bit)."""
+    store, lcfg = open_vectors(vectors), cfg.lloyd(k)
+    if engine == "lloyd":
+        res = lloyd(store.get(uids), lcfg)
+        return Level(res.centroids_KD, res.assign_N, 0), res.score_N
+    dcfg = DKMeansConfig(lloyd=lcfg, n_actors=cfg.actors, rows_per_actor=cfg.rows_per_actor)
+    res = dkmeans(vectors, dcfg, store_rows=store.rows(uids))
+    return Level(res.centroids_KD, res.assign_N, 0), res.score_N
 
 
 def _clusters_table(uids, leaf, score, cluster_ids) -> pa.Table:
