@@ -40,12 +40,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from lvd.curation.scale import budget as B
 from lvd.curation.scale.synthetic import PoolSpec, write_pool
 
 STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger")
 KMEANS_K, KMEANS_ITERS, KNN_K = 256, 3, 16
+HASH_COPIES = 50  # records the chunk pass sends per record (scale.hashdedup: 29 + 21 chunks)
 KNN_QUERIES = 20_000  # queries searched against the whole sharded pool at every size
 KNN_NLIST, KNN_NPROBE = 1024, 16  # IVF lists fixed across sizes (the driver trains the quantiser)
 
@@ -56,6 +58,10 @@ class Ctx:
     spec: PoolSpec
     budget: B.WorkerBudget
     workers: int
+
+
+class Skip(Exception):
+    """A stage that cannot run at this size on this machine; the message says why."""
 
 
 @dataclass
@@ -86,6 +92,51 @@ def stage_kmeans(ctx: Ctx) -> str:
         actor_cpus=ctx.workers / n_actors,
     )
     return f"k={KMEANS_K}, {KMEANS_ITERS} iters, {n_actors} actors, inertia {res.inertia:.1f}"
+
+
+def shuffle_config(ctx: Ctx, n_edges: int):
+    from lvd.curation.scale.hashdedup import ShuffleConfig
+
+    return ShuffleConfig(
+        buckets=max(2 * ctx.workers, B.hash_bucket_count(ctx.spec.n * HASH_COPIES, ctx.budget)),
+        exact_buckets=max(2 * ctx.workers, B.hash_bucket_count(ctx.spec.n, ctx.budget)),
+        partitions=max(2 * ctx.workers, B.component_partitions(n_edges, ctx.budget)),
+        task_options=B.ray_options(ctx.budget),
+    )
+
+
+def stage_hashdedup(ctx: Ctx) -> str:
+    """Bucketed hash dedup (with its connected components) into a scratch folder."""
+    import shutil
+
+    from lvd.curation.dedup import DedupConfig
+    from lvd.curation.scale import hashdedup
+
+    need = ctx.spec.n * HASH_COPIES * B.HASH_RECORD_BYTES
+    if need > shutil.disk_usage(ctx.run_dir).free * 0.8:
+        raise Skip(f"skipped: its shuffle writes ~{B.format_bytes(need)} (N x {HASH_COPIES} records), over this disk")
+    work = ctx.run_dir / f"hashdedup-{ctx.workers}"
+    shutil.rmtree(work, ignore_errors=True)
+    rep = hashdedup.partitioned_duplicates(
+        hashdedup.run_sources(ctx.run_dir), DedupConfig(), work, shuffle_config(ctx, ctx.spec.n)
+    )
+    return f"incl. components; {rep.records} records, {rep.edges} edges, {rep.phases} star phases"
+
+
+def stage_components(ctx: Ctx) -> str:
+    """The connected components alone, again, over the edge partitions the hash stage wrote."""
+    from lvd.curation.scale import components
+
+    work = ctx.run_dir / f"hashdedup-{ctx.workers}"
+    files = sorted((work / "edges").glob("*.parquet"))
+    if not files:
+        raise Skip("skipped: no edge partitions (the hash stage did not run)")
+    edges = sum(pq.read_metadata(f).num_rows for f in files)
+    cfg = components.ComponentsConfig(
+        partitions=shuffle_config(ctx, edges).partitions, task_options=B.ray_options(ctx.budget)
+    )
+    rep = components.components(files, work / "components-again", cfg)
+    return f"{edges} edges in {len(files)} parts, {cfg.partitions} partitions, {rep.phases} star phases"
 
 
 def stage_knn(ctx: Ctx) -> str:
@@ -136,7 +187,13 @@ def baseline_dedup(ctx: Ctx) -> str:
     return f"one process, {dups.num_rows} duplicates"
 
 
-STAGE_FNS = {"sharded kNN": stage_knn, "k-means": stage_kmeans, "ledger": stage_ledger}
+STAGE_FNS = {
+    "hash dedup": stage_hashdedup,
+    "components": stage_components,
+    "sharded kNN": stage_knn,
+    "k-means": stage_kmeans,
+    "ledger": stage_ledger,
+}
 BASELINES = {"hash dedup": baseline_dedup, "k-means": baseline_kmeans}
 
 
@@ -170,7 +227,11 @@ def run_one(run_dir: Path, spec: PoolSpec, workers: int, worker_memory: int, bas
             if fn is None:
                 rows.append(Row(spec.n, workers, stage, None, 0, [], "missing: its module has not landed"))
                 continue
-            wall, w, note = measure(fn, ctx)
+            try:
+                wall, w, note = measure(fn, ctx)
+            except Skip as e:
+                rows.append(Row(spec.n, workers, stage, None, 0, [], str(e)))
+                continue
             rows.append(Row(spec.n, workers, stage, wall, w.driver, sorted(p for _, p in w.workers.values()), note))
     finally:
         ray.shutdown()
@@ -275,10 +336,10 @@ def print_sizing(rows: list[Row], args) -> None:
                 per_row, slope, n0 = rate
                 core_h += per_row * n * (n / n0) ** (slope - 1) / 3600
         gpu_h = n / args.gpu_images_per_s / 3600
-        for index, pq in (("flat", 0), ("ivfpq", args.pq_bytes)):
+        for index, pq_bytes in (("flat", 0), ("ivfpq", args.pq_bytes)):
             size = B.cluster_size(
                 n, args.dim_at_scale, b, node_memory=B.parse_bytes(args.node_memory), node_cores=args.node_cores,
-                index=index, pq_bytes=pq,
+                index=index, pq_bytes=pq_bytes,
             )  # fmt: skip
             nodes = max(
                 size.nodes, math.ceil(core_h / 48 / args.node_cores), math.ceil(gpu_h / 48 / args.gpus_per_node)

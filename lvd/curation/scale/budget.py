@@ -10,6 +10,7 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
     query_block_rows       = data_bytes / 4 / (4*D + 24*k)            queries searched at once
     ingest_partition_cap   = data_bytes / (2 * mean input bytes)      files per ingest partition at most
     ledger_range_rows      = data_bytes / LEDGER_ROW_BYTES            uids per ledger / verify range task
+    component_partitions(E) = ceil(2 * E * EDGE_ROW_BYTES * SKEW / data_bytes)   node partitions of the components
 
 WORKER_BASE_BYTES is what an idle Ray worker takes before it holds any data (measured: 145 MB
 resident with numpy, pyarrow and faiss imported; 256 MiB kept). FILL = 0.5 leaves the other half
@@ -57,6 +58,7 @@ FILL = 0.5  # share of (budget - base) given to partition data; the rest is for 
 # One hash record of the dedup shuffle in memory: uid (64 hex + offset), width, height, phash,
 # dhash (8 each), phash256, nphash256 (32 each), thumb16 (256), a bucket key and row id (16).
 HASH_RECORD_BYTES = 68 + 4 * 8 + 2 * 32 + 256 + 16
+EDGE_ROW_BYTES = 150  # one direction of an edge in the components: two node keys (19 digits + 64-hex uid)
 LEDGER_ROW_BYTES = 150  # a (uid, source) pair as Python strings (the ledger's 2M-row range: ~300 MB)
 SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)
 MAX_QUERY_BLOCK = 65_536
@@ -174,6 +176,12 @@ def ingest_partition_cap(budget: WorkerBudget, *, mean_input_bytes: int = 200 * 
     hash records) until it writes them; half the data share for them, the other half for the
     decode of one image (bounded apart by --max-decoded-bytes)."""
     return max(1, budget.data_bytes // (2 * max(1, mean_input_bytes)))
+
+
+def component_partitions(n_edges: int, budget: WorkerBudget, *, edge_bytes: int = EDGE_ROW_BYTES) -> int:
+    """Node partitions of the connected components: a task holds its partition's edges both
+    ways and as many new ones (`scale.components`), at SKEW times its share."""
+    return max(1, math.ceil(2 * n_edges * edge_bytes * SKEW / budget.data_bytes))
 
 
 def ledger_range_rows(budget: WorkerBudget) -> int:

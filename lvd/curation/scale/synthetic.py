@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,19 @@ def records(spec: PoolSpec, part: int) -> pa.Table:
         "meta": [None] * n,
         "detail": [None] * n,
     }
+    for f in INGEST_SCHEMA:  # columns ingest gained since: codes copy their source's, masks are empty
+        if f.name not in cols:
+            cols[f.name] = _other_column(spec, f, src) if pa.types.is_fixed_size_binary(f.type) else [None] * n
     return pa.table({f.name: pa.array(cols[f.name], f.type) for f in INGEST_SCHEMA}, schema=INGEST_SCHEMA)
+
+
+def _other_column(spec: PoolSpec, f: pa.Field, src: np.ndarray) -> pa.Array:
+    width = f.type.byte_width
+    if "sat" in f.name:  # a mask of clipped cells: none
+        return _fixed(np.zeros((len(src), width), np.uint8))
+    key = 100 + zlib.crc32(f.name.encode()) % 1000
+    words = _stream(spec, src, key, math.ceil(width / 8)).view(np.uint8).reshape(len(src), -1)
+    return _fixed(np.ascontiguousarray(words[:, :width]))
 
 
 def _fixed(a_NB: np.ndarray) -> pa.Array:
@@ -165,7 +178,7 @@ def write_pool(spec: PoolSpec, run_dir: Path, *, vectors_too: bool = True) -> Pa
     run_dir = Path(run_dir)
     ingest_dir, vec_dir = run_dir / "ingest", run_dir / "vectors"
     ingest_dir.mkdir(parents=True, exist_ok=True)
-    cfg = runner.config_hash(spec)
+    cfg = runner.config_hash(spec, INGEST_SCHEMA.names)  # a new ingest column rewrites the pool
     for part in range(spec.parts):
         unit = _Part(part, f"synthetic-{part}")
         if not runner.is_done(ingest_dir, unit, cfg):
