@@ -56,8 +56,9 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 WORKER_BASE_BYTES = 256 * MiB  # an idle Ray worker with numpy, pyarrow, faiss: 145 MB measured
 FILL = 0.5  # share of (budget - base) given to partition data; the rest is for temporaries
 # One hash record of the dedup shuffle in memory: uid (64 hex + offset), width, height, phash,
-# dhash (8 each), phash256, nphash256 (32 each), thumb16 (256), a bucket key and row id (16).
-HASH_RECORD_BYTES = 68 + 4 * 8 + 2 * 32 + 256 + 16
+# dhash (8 each), phash256, nphash256 (32 each), cphash256 (4 x 32), sat16 (64), thumb16 (256),
+# a bucket key and row id (16).
+HASH_RECORD_BYTES = 68 + 4 * 8 + 2 * 32 + 128 + 64 + 256 + 16
 EDGE_ROW_BYTES = 150  # one direction of an edge in the components: two node keys (19 digits + 64-hex uid)
 LEDGER_ROW_BYTES = 150  # a (uid, source) pair as Python strings (the ledger's 2M-row range: ~300 MB)
 SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)

@@ -1,0 +1,170 @@
+"""The partitioned global stages on one run folder, as a script the scale tests run in a
+subprocess (a driver they can SIGKILL, or one that owns a `ray.cluster_utils.Cluster`).
+
+    python _scale_work.py RUN OUT [--address ADDR] [--budget 600MiB] [--cluster-removal]
+
+Stages, in order, each leaving its result under OUT (compared between runs by the tests):
+  hash dedup  scale.hashdedup.partitioned_duplicates -> OUT/duplicates.parquet (also RUN/dedup/,
+              where the ledger reads it)
+  k-means     scale.dkmeans over the vector parts   -> OUT/centroids.npy, OUT/labels.parquet
+  kNN         scale.shardindex exact, 300 queries   -> OUT/knn_ids.npy, OUT/knn_sims.npy
+  ledger      ledger.write_parts                    -> OUT/ledger.parquet (read_ledger)
+Partition sizes come from the budget (lvd.curation.scale.budget). OUT/<stage>.started is
+written when a stage starts and OUT/<stage>.done when its outputs are written, so a test knows
+where a run is. With --cluster-removal the script starts a Cluster (head without CPUs, 3 worker
+nodes of 1 CPU), runs every stage once into OUT/reference, then again into OUT with one worker
+node removed (and a fresh one added) while each stage runs, and prints RESULT {json} with the
+times of removal and of each stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from lvd.curation import ledger, rundir
+from lvd.curation.dedup import DedupConfig
+from lvd.curation.scale import budget as B
+
+STAGES = ("hash dedup", "k-means", "kNN", "ledger")
+K, NITER, KNN_K, QUERIES = 8, 6, 5, 300
+
+
+def hash_dedup(run: Path, out: Path, b: B.WorkerBudget) -> None:
+    from lvd.curation.scale import hashdedup
+
+    n = sum(pq.read_metadata(p).num_rows for p in rundir.ingest_manifests(run))
+    shuffle = hashdedup.ShuffleConfig(
+        buckets=max(3, B.hash_bucket_count(n * 50, b)),
+        exact_buckets=max(3, B.hash_bucket_count(n, b)),
+        partitions=max(3, B.component_partitions(n, b)),
+        task_options=B.ray_options(b),
+    )
+    rep = hashdedup.partitioned_duplicates(hashdedup.run_sources(run), DedupConfig(), run / "hashwork", shuffle)
+    table = pq.read_table(rep.duplicates)
+    (run / "dedup").mkdir(exist_ok=True)
+    pq.write_table(table, run / "dedup" / "duplicates.parquet")
+    pq.write_table(table, out / "duplicates.parquet")
+
+
+def kmeans(run: Path, out: Path, b: B.WorkerBudget) -> None:
+    from lvd.curation.lloyd import LloydConfig
+    from lvd.curation.scale import dkmeans
+
+    n = sum(np.load(p, mmap_mode="r").shape[0] for p in (run / "vectors").glob("part-*.npy"))
+    dim = np.load(next((run / "vectors").glob("part-*.npy")), mmap_mode="r").shape[1]
+    n_actors = max(3, math.ceil(n / B.kmeans_shard_rows(b, dim, K)))
+    cfg = dkmeans.DKMeansConfig(lloyd=LloydConfig(k=K, niter=NITER, seed=1), n_actors=n_actors, actor_cpus=0.25)
+    res = dkmeans.dkmeans(run / "vectors", cfg, out_dir=run / "kmeans")
+    np.save(out / "centroids.npy", res.centroids_KD)
+    labels = pa.concat_tables([pq.read_table(p) for p in sorted((run / "kmeans").glob("labels-*.parquet"))])
+    pq.write_table(labels, out / "labels.parquet")
+
+
+def knn(run: Path, out: Path, b: B.WorkerBudget) -> None:
+    from lvd.curation.scale import shardindex
+    from lvd.curation.vectors import open_vectors
+
+    store = open_vectors(run / "vectors")
+    rows = B.vector_shard_rows(b, store.dim, "flat")
+    cfg = shardindex.ShardConfig(
+        mode="exact",
+        rows_per_shard=max(1, min(rows, math.ceil(len(store) / 3))),
+        query_block=min(100, B.query_block_rows(b, store.dim, KNN_K)),
+        num_cpus=0.25,
+    )
+    queries = store.take(np.arange(0, len(store), max(1, len(store) // QUERIES))).astype(np.float32)
+    with shardindex.build(run / "vectors", cfg=cfg) as index:
+        nb = index.neighbours(queries, KNN_K)
+    np.save(out / "knn_ids.npy", nb.ids_QK)
+    np.save(out / "knn_sims.npy", nb.sims_QK)
+
+
+def write_ledger(run: Path, out: Path, b: B.WorkerBudget) -> None:
+    ledger.write_parts(run, range_rows=min(2_000, B.ledger_range_rows(b)))
+    pq.write_table(ledger.read_ledger(run), out / "ledger.parquet")
+
+
+FNS = {"hash dedup": hash_dedup, "k-means": kmeans, "kNN": knn, "ledger": write_ledger}
+
+
+def run_stages(run: Path, out: Path, b: B.WorkerBudget, before=None, after=None) -> dict[str, tuple[float, float]]:
+    """Every stage in order; returns {stage: (start, end)} (time.time())."""
+    out.mkdir(parents=True, exist_ok=True)
+    times = {}
+    for stage in STAGES:
+        (out / f"{stage}.started").touch()
+        if before:
+            before(stage)
+        t0 = time.time()
+        FNS[stage](run, out, b)
+        times[stage] = (t0, time.time())
+        if after:
+            after(stage)
+        (out / f"{stage}.done").touch()
+    return times
+
+
+def with_node_removal(run: Path, out: Path, b: B.WorkerBudget) -> dict:
+    """Reference run, then a run that loses a worker node in the middle of every stage."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    try:
+        ref_run = run.with_name(run.name + "-reference")
+        shutil.copytree(run, ref_run)
+        ref = run_stages(ref_run, out / "reference", b)
+        removed: dict[str, float] = {}
+        timers: dict[str, threading.Thread] = {}
+
+        def remove_later(stage: str) -> None:
+            start, end = ref[stage]
+
+            def remove():
+                time.sleep(0.4 * (end - start))
+                cluster.remove_node(nodes.pop(0))  # its tasks and actors die with it
+                removed[stage] = time.time()
+                nodes.append(cluster.add_node(num_cpus=1))  # capacity back for retries / restarts
+
+            timers[stage] = threading.Thread(target=remove)
+            timers[stage].start()
+
+        faulted = run_stages(run, out, b, before=remove_later, after=lambda stage: timers[stage].join())
+        return {"reference": ref, "faulted": faulted, "removed": removed}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("run", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--address", default=None)
+    p.add_argument("--budget", default="600MiB")
+    p.add_argument("--cluster-removal", action="store_true")
+    args = p.parse_args()
+    b = B.WorkerBudget(B.parse_bytes(args.budget))
+    if args.cluster_removal:
+        print("RESULT " + json.dumps(with_node_removal(args.run, args.out, b)), flush=True)
+        return
+    ray.init(address=args.address, log_to_driver=False)
+    times = run_stages(args.run, args.out, b)
+    print("RESULT " + json.dumps(times), flush=True)
+
+
+if __name__ == "__main__":
+    main()
