@@ -103,6 +103,29 @@ def add_curate_options(p: argparse.ArgumentParser) -> None:
     )
 
 
+def worker_memory(text: str) -> int:
+    """--worker-memory's value in bytes (4GiB, 512MiB, 8G, 2e9), refused below what a worker needs."""
+    from lvd.curation.scale.budget import WorkerBudget
+
+    try:
+        return WorkerBudget.parse(text).worker_bytes
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_scale_options(p: argparse.ArgumentParser, default: str | None = None) -> None:
+    """The memory budget per worker of the partitioned global stages (lvd.curation.scale.budget):
+    the partition sizes (vector shard rows, hash buckets, query blocks) are derived from it."""
+    p.add_argument(
+        "--worker-memory",
+        type=worker_memory,
+        default=worker_memory(default) if default else None,
+        metavar="SIZE",
+        help="most resident memory of one Ray worker of the partitioned stages (e.g. 4GiB); the partitions "
+        "are sized so a worker stays under it, and Ray's memory resource keeps nodes from overpacking",
+    )
+
+
 def add_selection_options(p: argparse.ArgumentParser) -> None:
     """The embedding-based options of `lvd curate` and `lvd pipeline` (they need an embedder)."""
     p.add_argument(
