@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from lvd.cli.options import add_scale_options
 from lvd.curation.scale import budget as B
 from lvd.curation.scale.synthetic import PoolSpec, write_pool
 
@@ -112,7 +113,7 @@ def stage_hashdedup(ctx: Ctx) -> str:
     from lvd.curation.dedup import DedupConfig
     from lvd.curation.scale import hashdedup
 
-    need = ctx.spec.n * HASH_COPIES * B.HASH_RECORD_BYTES
+    need = 2 * ctx.spec.n * HASH_COPIES * B.HASH_RECORD_BYTES  # measured: 5.2 GB at 1e5 (Parquet of random codes)
     if need > shutil.disk_usage(ctx.run_dir).free * 0.8:
         raise Skip(f"skipped: its shuffle writes ~{B.format_bytes(need)} (N x {HASH_COPIES} records), over this disk")
     work = ctx.run_dir / f"hashdedup-{ctx.workers}"
@@ -125,6 +126,8 @@ def stage_hashdedup(ctx: Ctx) -> str:
 
 def stage_components(ctx: Ctx) -> str:
     """The connected components alone, again, over the edge partitions the hash stage wrote."""
+    import shutil
+
     from lvd.curation.scale import components
 
     work = ctx.run_dir / f"hashdedup-{ctx.workers}"
@@ -136,6 +139,7 @@ def stage_components(ctx: Ctx) -> str:
         partitions=shuffle_config(ctx, edges).partitions, task_options=B.ray_options(ctx.budget)
     )
     rep = components.components(files, work / "components-again", cfg)
+    shutil.rmtree(work, ignore_errors=True)  # the shuffle's scratch: GBs per 1e5 records
     return f"{edges} edges in {len(files)} parts, {cfg.partitions} partitions, {rep.phases} star phases"
 
 
@@ -208,7 +212,9 @@ def measure(fn, ctx: Ctx) -> tuple[float, B.PeakWatch, str]:
     return wall, watch, note
 
 
-def run_one(run_dir: Path, spec: PoolSpec, workers: int, worker_memory: int, baseline: bool) -> list[Row]:
+def run_one(
+    run_dir: Path, spec: PoolSpec, workers: int, worker_memory: int, baseline: bool, stages: list[str]
+) -> list[Row]:
     """Every stage on one pool under a fresh local Ray of `workers` CPUs (this is the subprocess)."""
     import ray
 
@@ -222,7 +228,7 @@ def run_one(run_dir: Path, spec: PoolSpec, workers: int, worker_memory: int, bas
     )
     rows = []
     try:
-        for stage in STAGES:
+        for stage in stages:
             fn = STAGE_FNS.get(stage)
             if fn is None:
                 rows.append(Row(spec.n, workers, stage, None, 0, [], "missing: its module has not landed"))
@@ -245,6 +251,7 @@ def run_one(run_dir: Path, spec: PoolSpec, workers: int, worker_memory: int, bas
 def spawn(args, n: int, workers: int, baseline: bool) -> list[Row]:
     cmd = [sys.executable, __file__, "--one", str(n), str(workers), "--pool-root", str(args.pool_root)]
     cmd += ["--worker-memory", str(args.worker_memory), "--baseline-max", str(n if baseline else 0)]
+    cmd += ["--dim", str(args.dim), "--part-rows", str(args.part_rows), "--stages", args.stages]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -253,8 +260,14 @@ def spawn(args, n: int, workers: int, baseline: bool) -> list[Row]:
     return [Row(**r) for r in json.loads(lines[0][len("RESULT ") :])]
 
 
-def pool_dir(root: Path, n: int) -> Path:
-    return Path(root) / f"pool-{n:.0e}".replace("+0", "")
+def pool_spec(args, n: int) -> PoolSpec:
+    return PoolSpec(n=n, dim=args.dim, part_rows=args.part_rows)
+
+
+def pool_dir(root: Path, spec: PoolSpec) -> Path:
+    default = spec.dim == PoolSpec(n=2).dim and spec.part_rows == PoolSpec(n=2).part_rows
+    suffix = "" if default else f"-d{spec.dim}-p{spec.part_rows}"
+    return Path(root) / (f"pool-{spec.n:.0e}".replace("+0", "") + suffix)
 
 
 # ---------------------------------------------------------------- report
@@ -360,9 +373,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="1e5", help="pool sizes, comma-separated (1e5,1e6,1e7)")
     p.add_argument("--workers", default="1,2", help="Ray CPUs (workers) per run, comma-separated")
-    p.add_argument("--worker-memory", type=B.parse_bytes, default=B.parse_bytes("3GiB"), help="budget per worker")
+    add_scale_options(p, default="3GiB")
     p.add_argument("--pool-root", type=Path, default=Path("/tmp/lvd-curate-scale"), help="where pools are kept")
     p.add_argument("--baseline-max", type=float, default=1e6, help="run the one-process baseline up to this size")
+    p.add_argument("--dim", type=int, default=128, help="vector dimension of the synthetic pool")
+    p.add_argument("--part-rows", type=int, default=25_000, help="rows per ingest / vector part of the pool")
+    p.add_argument("--stages", default=",".join(STAGES), help=f"stages to run, comma-separated ({', '.join(STAGES)})")
     p.add_argument("--one", nargs=2, type=float, metavar=("N", "WORKERS"), help=argparse.SUPPRESS)
     g = p.add_argument_group("sizing table")
     g.add_argument(
@@ -378,17 +394,24 @@ def main() -> None:
     args = p.parse_args()
     if args.one:
         n, workers = int(args.one[0]), int(args.one[1])
-        spec = PoolSpec(n=n)
-        rows = run_one(pool_dir(args.pool_root, n), spec, workers, args.worker_memory, n <= args.baseline_max)
+        spec = pool_spec(args, n)
+        stages = [s for s in args.stages.split(",") if s]
+        rows = run_one(
+            pool_dir(args.pool_root, spec), spec, workers, args.worker_memory, n <= args.baseline_max, stages
+        )
         print("RESULT " + json.dumps([asdict(r) for r in rows]))
         return
+    unknown = set(args.stages.split(",")) - set(STAGES)
+    if unknown:
+        p.error(f"--stages: unknown {sorted(unknown)}; use some of {', '.join(STAGES)}")
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
     rows: list[Row] = []
     for n in sizes:
         t0 = time.perf_counter()
-        write_pool(PoolSpec(n=n), pool_dir(args.pool_root, n))
-        print(f"pool {n:.0e}: {pool_dir(args.pool_root, n)} ready in {time.perf_counter() - t0:.0f} s", flush=True)
+        spec = pool_spec(args, n)
+        write_pool(spec, pool_dir(args.pool_root, spec))
+        print(f"pool {n:.0e}: {pool_dir(args.pool_root, spec)} ready in {time.perf_counter() - t0:.0f} s", flush=True)
         for i, w in enumerate(workers):
             rows += spawn(args, n, w, baseline=i == 0 and n <= args.baseline_max)
             print(f"  {n:.0e} on {w} workers done", flush=True)

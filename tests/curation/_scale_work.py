@@ -1,7 +1,7 @@
 """The partitioned global stages on one run folder, as a script the scale tests run in a
 subprocess (a driver they can SIGKILL, or one that owns a `ray.cluster_utils.Cluster`).
 
-    python _scale_work.py RUN OUT [--address ADDR] [--budget 600MiB] [--cluster-removal]
+    python _scale_work.py RUN OUT [--address ADDR] [--budget 600MiB] [--resume] [--cluster-removal]
 
 Stages, in order, each leaving its result under OUT (compared between runs by the tests):
   hash dedup  scale.hashdedup.partitioned_duplicates -> OUT/duplicates.parquet (also RUN/dedup/,
@@ -98,11 +98,16 @@ def write_ledger(run: Path, out: Path, b: B.WorkerBudget) -> None:
 FNS = {"hash dedup": hash_dedup, "k-means": kmeans, "kNN": knn, "ledger": write_ledger}
 
 
-def run_stages(run: Path, out: Path, b: B.WorkerBudget, before=None, after=None) -> dict[str, tuple[float, float]]:
-    """Every stage in order; returns {stage: (start, end)} (time.time())."""
+def run_stages(
+    run: Path, out: Path, b: B.WorkerBudget, before=None, after=None, resume: bool = False
+) -> dict[str, tuple[float, float]]:
+    """Every stage in order (with `resume`, those without OUT/<stage>.done, as a flow skips
+    finished stages); returns {stage: (start, end)} (time.time())."""
     out.mkdir(parents=True, exist_ok=True)
     times = {}
     for stage in STAGES:
+        if resume and (out / f"{stage}.done").exists():
+            continue
         (out / f"{stage}.started").touch()
         if before:
             before(stage)
@@ -156,13 +161,14 @@ def main() -> None:
     p.add_argument("--address", default=None)
     p.add_argument("--budget", default="600MiB")
     p.add_argument("--cluster-removal", action="store_true")
+    p.add_argument("--resume", action="store_true", help="skip the stages OUT/<stage>.done marks finished")
     args = p.parse_args()
     b = B.WorkerBudget(B.parse_bytes(args.budget))
     if args.cluster_removal:
         print("RESULT " + json.dumps(with_node_removal(args.run, args.out, b)), flush=True)
         return
     ray.init(address=args.address, log_to_driver=False)
-    times = run_stages(args.run, args.out, b)
+    times = run_stages(args.run, args.out, b, resume=args.resume)
     print("RESULT " + json.dumps(times), flush=True)
 
 

@@ -1,0 +1,88 @@
+"""A SIGKILLed driver in the middle of each partitioned global stage, then a rerun: the same
+outputs as a run that was never interrupted.
+
+The driver is tests/curation/_scale_work.py in a subprocess joined to the session's Ray (as
+`lvd curate --ray-address` would be): hash dedup + components, distributed k-means, the sharded
+kNN and the partitioned ledger, in order, on a synthetic run folder. The test kills it with
+SIGKILL while stage 1 runs, starts it again (finished stages are skipped, as the flow skips
+done stages) and kills that one while stage 2 runs, and so on; the last start runs to the end.
+Every output (duplicate groups, centroids and labels, neighbour ids and similarities, the
+ledger) must then equal the uninterrupted run's, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from lvd.curation.scale.synthetic import PoolSpec, expected_duplicates, write_pool
+
+WORK = Path(__file__).with_name("_scale_work.py")
+STAGES = ("hash dedup", "k-means", "kNN", "ledger")
+SPEC = PoolSpec(n=4_000, dim=32, part_rows=500, copy_every=20, centres=16)
+
+
+def driver(run: Path, out: Path, address: str, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv = [sys.executable, str(WORK), str(run), str(out), "--address", address, "--resume"]
+    return subprocess.Popen(argv, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+
+
+def finish(proc: subprocess.Popen, log: Path, timeout: float = 900) -> dict:
+    assert proc.wait(timeout=timeout) == 0, log.read_text()[-4000:]
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("RESULT ")]
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def kill_during(proc: subprocess.Popen, out: Path, stage: str, delay: float, log: Path) -> None:
+    """SIGKILL the driver `delay` s after `stage` started, if it has not finished by then."""
+    deadline = time.monotonic() + 900
+    while not (out / f"{stage}.started").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(delay)
+    assert proc.poll() is None, f"driver ended before the kill: {log.read_text()[-3000:]}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / f"{stage}.done").exists(), f"{stage} finished before the kill landed (delay {delay:.2f} s)"
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("scale-pool")
+    return write_pool(SPEC, root / "run")
+
+
+@pytest.mark.slow
+def test_sigkill_in_each_partitioned_stage_then_rerun_gives_identical_outputs(ray_local, pool, tmp_path):
+    address = ray_local.get_runtime_context().gcs_address
+    ref_run, run = tmp_path / "ref-run", tmp_path / "run"
+    shutil.copytree(pool, ref_run)
+    shutil.copytree(pool, run)
+    ref_out, out, log = tmp_path / "ref", tmp_path / "out", tmp_path / "driver.log"
+    walls = {s: end - start for s, (start, end) in finish(driver(ref_run, ref_out, address, log), log).items()}
+    for stage in STAGES:  # each start is killed in the next stage that has not finished
+        kill_during(driver(run, out, address, log), out, stage, 0.4 * walls[stage], log)
+        time.sleep(2.0)  # let Ray reap the dead driver's tasks and actors
+        for done in STAGES[: STAGES.index(stage)]:
+            assert (out / f"{done}.done").exists()
+    finish(driver(run, out, address, log), log)
+    for name in ("duplicates.parquet", "labels.parquet", "ledger.parquet"):
+        assert pq.read_table(out / name).equals(pq.read_table(ref_out / name)), name
+    for name in ("centroids.npy", "knn_ids.npy", "knn_sims.npy"):
+        np.testing.assert_array_equal(np.load(out / name), np.load(ref_out / name), err_msg=name)
+    # the reference itself is right: every planted copy grouped, every row in the ledger once
+    dups = pq.read_table(ref_out / "duplicates.parquet").to_pydict()
+    assert set(expected_duplicates(SPEC)) <= set(dups["uid"]) | set(dups["duplicate_of"])
+    led = pq.read_table(ref_out / "ledger.parquet")
+    assert sorted(led["source"].to_pylist()) == [f"synthetic/{i:09d}.jpg" for i in range(SPEC.n)]
+    assert led["status"].to_pylist().count("duplicate") == len(dups["uid"]) > 0
