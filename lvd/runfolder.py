@@ -368,7 +368,7 @@ def curate_settings(params: dict) -> dict:
     out["dedup"] = asdict(DedupConfig(**(out.get("dedup") or {})))
     for key in ("seeds", "eval_sets"):
         out[key] = _paths(out.get(key))
-    for key in ("embedder", "copy_model"):
+    for key in ("embedder", "copy_model", "vectors"):
         if out.get(key):
             out[key] = resolve_input(out[key])
     for key in ("embed", "copydetect", "cluster", "retrieve", "shard"):

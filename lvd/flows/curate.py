@@ -7,7 +7,9 @@ only propose (`lvd.curation.copydetect`); `copy_model` (SSCD TorchScript or any 
 decides by a calibrated cosine instead. Clustering and retrieval need an embedder
 (`embedder`: lvd checkpoint, official DINOv2 `.pth` or HF Dinov2 folder); without one, seeds
 and a target size are refused with a clear error, and the run ships every image that is not a
-duplicate, a copy or contaminated.
+duplicate, a copy or contaminated. `vectors` (a folder of precomputed embeddings keyed by uid or
+source) stands in for the embedder on the pool, and on seed / eval sets when no embedder is given
+(`lvd.curation.stages.embed.run_given`).
 
 Guard: a stage that would remove more than `max_remove_fraction` of its input (default: 0.9
 for dedup and copy detection, 0.5 for decontamination) raises `MassRemovalError`; the flow
@@ -55,7 +57,8 @@ from lvd.flows import curate_tasks as tasks
 
 NO_EMBEDDER = (
     "{what} need(s) image embeddings: pass --embedder (an lvd checkpoint, an official DINOv2 "
-    ".pth file or a local Hugging Face Dinov2 folder), or run `lvd pipeline`, which pretrains a "
+    ".pth file or a local Hugging Face Dinov2 folder) or --vectors DIR (precomputed), or run "
+    "`lvd pipeline`, which pretrains a "
     "small bootstrap embedder on the pool when none is given."
 )
 DEDUP_MAX_REMOVE = 0.9  # default guard of dedup and copy detection (copy-heavy dumps exist)
@@ -175,6 +178,7 @@ def curate(
     seeds: list[str] | None = None,
     eval_sets: list[str] | None = None,
     embedder: str | None = None,
+    vectors: str | None = None,
     retrieval: str = "sample",
     target_size: int | None = None,
     shard_size: int = 1000,
@@ -196,7 +200,8 @@ def curate(
         raise ValueError(f"partition_size={partition_size}: use at least 1 input per partition")
     seeds, eval_sets = list(seeds or []), list(eval_sets or [])
     needs = [w for w, on in (("--seeds", seeds), ("--target-size", target_size is not None)) if on]
-    if needs and not embedder:
+    embeds = bool(embedder or vectors)  # vectors given (the pool's; sub-runs' too without an embedder) or computed
+    if needs and not embeds:
         raise ValueError(NO_EMBEDDER.format(what=", ".join(needs)))
     if eval_sets and not copy_detection:
         raise ValueError(
@@ -232,7 +237,7 @@ def curate(
         dedup_task(run_dir, dedup_cfg, rcfg, copy_cfg.max_remove)
         tasks.drop_stale_stages(
             run_dir,
-            embedder=bool(embedder),
+            embedder=embeds,
             eval_sets=bool(eval_sets),
             retrieve=bool(seeds) or target_size is not None,
             copy_detection=copy_detection,
@@ -241,12 +246,14 @@ def curate(
         subs: dict[str, dict[str, Path]] = {}
         if copy_detection:
             tasks.copyfeat_task(run_dir, copy_cfg.features, rcfg)
-        if embedder:
+        if vectors:
+            tasks.embed_task(run_dir, "pool", vectors, embed_cfg, acfg, given=True)
+        elif embedder:
             tasks.embed_task(run_dir, "pool", embedder, embed_cfg, acfg)
         if copy_spec:
             tasks.embed_task(run_dir, "pool", copy_spec[0], EmbedConfig(**copy_spec[1]), acfg, copy_model=True)
         if copy_detection:
-            proposers = [rundir.vectors_dir(run_dir)] if embedder else []
+            proposers = [rundir.vectors_dir(run_dir)] if embeds else []
             tasks.copydetect_task(run_dir, copy_cfg, rcfg, proposers=proposers, copy_model=copy_spec)
         for kind, paths in (("seeds", seeds), ("eval", eval_sets)):
             for name, path in tasks.sub_run_names(paths).items():
@@ -262,6 +269,8 @@ def curate(
                 )
                 if embedder:
                     tasks.embed_task(sub, f"{kind} {name}", embedder, embed_cfg, acfg)
+                elif vectors:
+                    tasks.embed_task(sub, f"{kind} {name}", vectors, embed_cfg, acfg, given=True)
                 if copy_spec and kind == "eval":
                     tasks.embed_task(
                         sub, f"{kind} {name}", copy_spec[0], EmbedConfig(**copy_spec[1]), acfg, copy_model=True
@@ -272,10 +281,10 @@ def curate(
                 subs["eval"],
                 decontam_cfg,
                 rcfg,
-                proposer="vectors" if embedder else None,
+                proposer="vectors" if embeds else None,
                 copy_model=copy_spec,
             )
-        if embedder:
+        if embeds:
             tasks.cluster_task(run_dir, cluster_cfg, rcfg)
             if seeds or target_size is not None:
                 tasks.retrieve_task(run_dir, subs.get("seeds", {}), retrieve_cfg, rcfg)

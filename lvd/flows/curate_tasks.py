@@ -57,13 +57,24 @@ def drop_stale_stages(
 
 @task(name="embed", cache_policy=NO_CACHE)
 def embed_task(
-    run_dir: Path, label: str, spec: str, cfg: EmbedConfig, acfg: actor_runner.ActorConfig, *, copy_model: bool = False
+    run_dir: Path,
+    label: str,
+    spec: str,
+    cfg: EmbedConfig,
+    acfg: actor_runner.ActorConfig,
+    *,
+    copy_model: bool = False,
+    given: bool = False,
 ) -> runner.StageReport:
-    """Embed with the embedder (RUN/vectors), or with the copy model (RUN/copyvec)."""
+    """Embed with the embedder (RUN/vectors), or with the copy model (RUN/copyvec); `given`:
+    `spec` is a folder of precomputed vectors, imported instead (stages.embed.run_given)."""
     what = "copy-embed" if copy_model else "embed"
     stage = "copyembed" if copy_model else "embed"
     progress = artifacts.Progress(f"curate-{what}-{_key(label)}-progress", f"{what} {label}: partitions done")
-    rep = stages_embed.run_embed(run_dir, spec, cfg, acfg, progress, stage=stage)
+    if given:
+        rep = stages_embed.run_given(run_dir, spec, progress, stage=stage)
+    else:
+        rep = stages_embed.run_embed(run_dir, spec, cfg, acfg, progress, stage=stage)
     n = sum(pq.read_table(rep.stage_dir / m["outputs"]["main"])["vectors"][0].as_py() for m in rep.markers.values())
     get_run_logger().info(
         "%s %s: %d vectors, %d partitions ran, %d done before", what, label, n, len(rep.ran), len(rep.skipped)

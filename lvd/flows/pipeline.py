@@ -225,7 +225,7 @@ def pipeline(
         root, inputs, runfolder.pipeline_settings(params), mode, outputs=runfolder.PIPELINE_OUTPUTS, kind="pipeline"
     ).inputs
     curate_kw = {**(curate_options or {}), "mode": "extend" if mode == "extend" else "resume"}
-    bootstrapped = embedder is None and bool(seeds or curate_kw.get("target_size"))
+    bootstrapped = embedder is None and not curate_kw.get("vectors") and bool(seeds or curate_kw.get("target_size"))
     if bootstrapped:
         embedder = _bootstrap(root / "bootstrap", inputs, bootstrap_steps, batch_size, curate_kw)
     log.info("pipeline [1/4] curate %d input(s) -> %s", len(inputs), root / "run")
