@@ -146,6 +146,15 @@ def add_selection_options(p: argparse.ArgumentParser) -> None:
         "--clusters", type=int, default=None, metavar="K", help="k-means clusters (finest level); default sqrt(#images)"
     )
     p.add_argument("--include-seeds", action="store_true", help="ship the seed images too (sample / cluster retrieval)")
+    p.add_argument(
+        "--vectors",
+        default=None,
+        metavar="DIR",
+        help="precomputed embeddings of the pool instead of running --embedder on it: Parquet files with a uid or "
+        "source column and a vector column (vector or embedding), or NAME.npy [n, D] beside NAME.uids.parquet; "
+        "L2-normalised on import; an accepted image without a vector, a NaN or a repeated key is refused. Seed and "
+        "eval-set images must be in DIR too unless --embedder is given",
+    )
 
 
 def add_copy_options(p: argparse.ArgumentParser) -> None:
@@ -387,6 +396,7 @@ def selection_kwargs(args: argparse.Namespace) -> dict:
         target_size=args.target_size,
         retrieve={"include_seeds": True} if args.include_seeds else {},
         cluster={} if args.clusters is None else {"k": args.clusters},
+        vectors=str(Path(args.vectors).resolve()) if args.vectors else None,
     )
 
 
