@@ -50,7 +50,7 @@ STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger")
 KMEANS_K, KMEANS_ITERS, KNN_K = 256, 3, 16
 HASH_COPIES = 50  # records the chunk pass sends per record (scale.hashdedup: 29 + 21 chunks)
 KNN_QUERIES = 20_000  # queries searched against the whole sharded pool at every size
-KNN_NLIST, KNN_NPROBE = 1024, 16  # IVF lists fixed across sizes (the driver trains the quantiser)
+KNN_NLIST, KNN_NPROBE = 512, 8  # IVF lists fixed in N: the driver trains the quantiser on 64 * nlist rows
 
 
 @dataclass(frozen=True)
