@@ -15,6 +15,8 @@ Parquet parts under a scratch folder:
    earlier chunk (so a pair is seen in one bucket only) and within R bits, and verifies
    them with `dedup.table_edges` on the records they touch, in the input's order: the
    single-process check, all channels, so any new per-pair check applies here unchanged.
+   A code column with variants (the equalised channel's clipped codes) sends each of a
+   record's codes; pairs of two variants are not candidates, as in dedup.
 3. components (`scale.components`) over the edge partitions, then one row per
    non-representative uid, sorted by uid: `DUPLICATES_SCHEMA`, equal to the single process.
 
@@ -29,7 +31,8 @@ process's order when parts are in source order, as ingest writes them.
 
 Memory: a map task holds one input part and one bucket of its output; a reduce task holds one
 bucket (the records sent to it, ~430 B each: `budget.HASH_RECORD_BYTES`) and its pairs.
-Records are copied once per chunk: sum over codes of m (50 with the default config: 29 chunks of phash256, 21 of nphash256), so
+Records are copied once per chunk and code version: sum over codes of m * (1 + variants),
+134 with the default config (29 chunks of phash256; 21 of nphash256 and its 4 clipped codes), so
 `budget.hash_bucket_count` should be given N * copies records. The final table (one row per
 duplicate) is assembled by one task, not by the driver.
 """
@@ -93,6 +96,9 @@ class Code:
     radius: int
     channels: str  # dedup channel names searched on this column, '+'-joined
     bounds: tuple[int, ...]  # chunk k covers bits bounds[k]:bounds[k+1]
+    # a column of more codes per row, each searched against the others' `column` code
+    # (dedup.CandidateCode.variants); a record is sent once per chunk of each of its codes
+    variants: str | None = None
 
 
 @dataclass(frozen=True)
@@ -122,15 +128,18 @@ def codes_of(cfg: dedup.DedupConfig, nbits_of: dict[str, int]) -> list[Code]:
     """The chunking of each column `dedup.candidate_codes` searches (largest radius per column)."""
     radius: dict[str, int] = {}
     names: dict[str, list[str]] = {}
+    variants: dict[str, str | None] = {}
     for c in dedup.candidate_codes(cfg):
         radius[c.column] = max(radius.get(c.column, 0), c.radius)
         names.setdefault(c.column, []).append(c.channel)
+        if variants.setdefault(c.column, c.variants) != c.variants:
+            raise ValueError(f"column {c.column!r}: channels search it with other variant columns")
     out = []
     for column in sorted(radius):
         nbits = nbits_of[column]
         m = max(radius[column] + 1, math.ceil(nbits / 64))  # chunk values fit one uint64
         bounds = tuple(k * nbits // m for k in range(m + 1))
-        out.append(Code(column, radius[column], "+".join(names[column]), bounds))
+        out.append(Code(column, radius[column], "+".join(names[column]), bounds, variants[column]))
     return out
 
 
@@ -212,7 +221,8 @@ def _row_bytes(table: pa.Table, columns: list[str]) -> np.ndarray:
             raw = np.frombuffer(col.buffers()[1], np.uint8)[col.offset * width : (col.offset + len(col)) * width]
             parts.append(raw.reshape(len(col), width))
         elif pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-            parts.append(np.ascontiguousarray(col.to_numpy()).view(np.uint8).reshape(len(col), -1))
+            arr = np.ascontiguousarray(col.to_numpy())
+            parts.append(arr.view(np.uint8).reshape(len(col), arr.dtype.itemsize))
         else:
             raise ValueError(f"column {c!r} ({col.type}) cannot be compared byte by byte; drop it from the hash parts")
     return np.ascontiguousarray(np.concatenate(parts, axis=1)) if parts else np.zeros((table.num_rows, 0), np.uint8)
@@ -244,6 +254,18 @@ def _compared(table: pa.Table) -> list[str]:
 def _code_words(table: pa.Table, column: str) -> np.ndarray:
     """uint64 [n, w]: a code column's bits as words (a uint64 column is one word)."""
     return _row_bytes(table, [column]).view(np.uint64)
+
+
+def _versions(table: pa.Table, code: Code) -> np.ndarray:
+    """uint64 [n, 1 + V, w]: each record's `code.column` code, then its V variant codes."""
+    plain = _code_words(table, code.column)
+    if code.variants is None:
+        return plain[:, None]
+    more = _code_words(table, code.variants)
+    if more.shape[1] % plain.shape[1]:
+        raise ValueError(f"column {code.variants!r} must hold whole codes of {code.column!r}'s width")
+    more = more.reshape(len(plain), more.shape[1] // plain.shape[1], plain.shape[1])
+    return np.concatenate([plain[:, None], more], axis=1)
 
 
 def _chunk_values(words: np.ndarray, bounds: tuple[int, ...]) -> np.ndarray:
@@ -314,22 +336,28 @@ def _edges(t: pa.Table, a: np.ndarray, b: np.ndarray, channel: str, distance: np
 
 
 def _chunk_map(work: str, e: int, codes: list[Code], B: int) -> int:
-    """Each record once per (code, chunk), to bucket hash(code, chunk, value) mod B."""
+    """Each record once per (code, chunk, version), to bucket hash(code, chunk, value) mod B."""
     t = pq.read_table(Path(work) / "reps" / f"e{e}.parquet")
-    rows, units, buckets = [], [], []
+    if t.num_rows == 0:
+        return 0
+    rows, units, which, buckets = [], [], [], []
     unit = 0
     for ci, code in enumerate(codes):
-        values = _chunk_values(_code_words(t, code.column), code.bounds)
-        for k in range(values.shape[1]):
-            h = _mix(values[:, k] ^ _mix(np.uint64(ci << 16 | k)))
-            rows.append(np.arange(t.num_rows))
-            units.append(np.full(t.num_rows, unit, np.int32))
-            buckets.append((h % np.uint64(B)).astype(np.int64))
+        versions = _versions(t, code)
+        values = [_chunk_values(np.ascontiguousarray(versions[:, j]), code.bounds) for j in range(versions.shape[1])]
+        for k in range(len(code.bounds) - 1):
+            for j, vals in enumerate(values):
+                h = _mix(vals[:, k] ^ _mix(np.uint64(ci << 16 | k)))
+                rows.append(np.arange(t.num_rows))
+                units.append(np.full(t.num_rows, unit, np.int32))
+                which.append(np.full(t.num_rows, j, np.int8))
+                buckets.append((h % np.uint64(B)).astype(np.int64))
             unit += 1
-    rows, units, buckets = np.concatenate(rows), np.concatenate(units), np.concatenate(buckets)
+    rows, units, which, buckets = (np.concatenate(x) for x in (rows, units, which, buckets))
     for b in range(B):
         pick = np.flatnonzero(buckets == b)
         part = t.take(rows[pick]).append_column("_unit", pa.array(units[pick], pa.int32()))
+        part = part.append_column("_which", pa.array(which[pick], pa.int8()))
         _write(part, Path(work) / "chunks" / f"b{b}" / f"e{e}.parquet")
     return len(rows)
 
@@ -340,11 +368,15 @@ def _units(codes: list[Code]) -> list[tuple[Code, int]]:
 
 def _chunk_reduce(work: str, b: int, codes: list[Code], cfg: dedup.DedupConfig, brute_group: int) -> int:
     files = sorted((Path(work) / "chunks" / f"b{b}").glob("*.parquet"))
+    if not files:  # no record was sent here
+        _write(EDGE_SCHEMA.empty_table(), Path(work) / "edges" / f"b{b}.parquet")
+        return 0
     t = pa.concat_tables([pq.read_table(f) for f in files])
     units = t["_unit"].to_numpy()
     parts = []
     for u, (code, k) in enumerate(_units(codes)):
-        sub = t.filter(pa.array(units == u)).sort_by(_RID).drop_columns(["_unit"])
+        sub = t.filter(pa.array(units == u)).sort_by([(_RID, "ascending"), ("_which", "ascending")])
+        sub = sub.drop_columns(["_unit"])
         if sub.num_rows > 1:
             parts.append(_unit_edges(sub, code, k, cfg, brute_group))
     edges = pa.concat_tables(parts) if parts else EDGE_SCHEMA.empty_table()
@@ -353,18 +385,26 @@ def _chunk_reduce(work: str, b: int, codes: list[Code], cfg: dedup.DedupConfig, 
 
 
 def _unit_edges(sub: pa.Table, code: Code, k: int, cfg: dedup.DedupConfig, brute_group: int) -> pa.Table:
-    """Verified pairs of one (code, chunk k) in one bucket whose first common chunk is k."""
-    words = _code_words(sub, code.column)
+    """Verified pairs of records of one (code, chunk k) in one bucket: pairs of codes (one of
+    them a record's `code.column` code) that agree on chunk k, on no earlier chunk, and are
+    within the radius; dedup.table_edges decides which of those record pairs are edges."""
+    which = sub["_which"].to_numpy()
+    rids, first, rec = np.unique(sub[_RID].to_numpy(), return_index=True, return_inverse=True)
+    versions = _versions(sub, code)
+    words = np.ascontiguousarray(versions[np.arange(sub.num_rows), which])  # the code each row was sent for
     values = _chunk_values(words, code.bounds)
     a, b = _same_chunk_pairs(values[:, k], words, code.radius, brute_group)
-    keep = _ours(a, b, words, values, k, code.radius)
-    touched = np.unique(np.concatenate([a[keep], b[keep]]))
+    ok = (rec[a] != rec[b]) & ((which[a] == 0) | (which[b] == 0)) & _ours(a, b, words, values, k, code.radius)
+    ra, rb = np.minimum(rec[a[ok]], rec[b[ok]]), np.maximum(rec[a[ok]], rec[b[ok]])
+    pairs = np.unique(ra * len(rids) + rb)
+    touched = np.unique(np.concatenate([ra, rb]))
     if len(touched) < 2:
         return EDGE_SCHEMA.empty_table()
-    found = dedup.table_edges(sub.take(touched), cfg)  # touched is sorted: rows stay in input order
+    records = sub.take(first).drop_columns(["_which"])  # one row per record, in input order
+    found = dedup.table_edges(records.take(touched), cfg)
     ea, eb = touched[found.a], touched[found.b]
-    keep = _ours(ea, eb, words, values, k, code.radius)
-    return _edges(sub, ea[keep], eb[keep], code.channels, found.distance[keep])
+    keep = np.isin(np.minimum(ea, eb) * len(rids) + np.maximum(ea, eb), pairs)
+    return _edges(records, ea[keep], eb[keep], code.channels, found.distance[keep])
 
 
 def _ours(a, b, words, values, k: int, radius: int) -> np.ndarray:

@@ -1,0 +1,290 @@
+"""The partitioned hash dedup (lvd.curation.scale.hashdedup) and connected components
+(scale.components) give exactly the single-process result: real copies through a run folder,
+a synthetic pool with a pair for each channel at its hardest, a 1,000-node path, random graphs
+against dedup.resolve, and (slow) a 3-node `ray.cluster_utils.Cluster` in a subprocess."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from lvd.curation import rundir
+from lvd.curation.copies import make_copies, real_photos
+from lvd.curation.dedup import CLIPPED_CODES, DedupConfig, EdgeSet, find_near_duplicates, resolve
+from lvd.curation.scale import hashdedup
+from lvd.curation.scale.components import ComponentsConfig, components, rounds_bound
+from lvd.curation.scale.hashdedup import ShuffleConfig, folder_sources, partitioned_duplicates
+from lvd.curation.stages import ingest_dedup as stages
+
+SMALL = ShuffleConfig(buckets=3, exact_buckets=2, partitions=2)
+
+
+def _codes(rng, n: int, nbytes: int) -> np.ndarray:
+    return rng.integers(0, 256, (n, nbytes), dtype=np.uint8)
+
+
+def _flip(code: np.ndarray, bits: list[int]) -> np.ndarray:
+    out = code.copy()
+    for b in bits:
+        out[b // 8] ^= np.uint8(1 << (b % 8))
+    return out
+
+
+def synthetic_pool(n: int = 300, seed: int = 0) -> tuple[pa.Table, dict[str, tuple[int, int]]]:
+    """Random hash records plus one planted case per channel; returns the table and the
+    planted (row, row) pairs by name."""
+    rng = np.random.default_rng(seed)
+    p, d = rng.integers(0, 2**63, n, dtype=np.uint64), rng.integers(0, 2**63, n, dtype=np.uint64)
+    v, e, ce = _codes(rng, n, 32), _codes(rng, n, 32), _codes(rng, n, 32 * CLIPPED_CODES)
+    t = rng.integers(20, 200, (n, 256), dtype=np.uint8)
+    w, h = rng.choice([64, 96], n).astype(np.int32), np.full(n, 64, np.int32)
+    cases = {}
+
+    def like(dst, src, *, bits_v=(), bits_e=None, thumb=True):
+        p[dst], d[dst] = p[src] ^ np.uint64(0b101), d[src] ^ np.uint64(0b11)  # 2 bits each
+        v[dst] = _flip(v[src], list(bits_v))
+        if bits_e is not None:  # else nphash256 stays random: only the channel under test links them
+            e[dst] = _flip(e[src], bits_e)
+        t[dst] = np.clip(t[src].astype(int) + rng.integers(-2, 3, 256), 0, 255) if thumb else t[dst]
+        w[dst], h[dst] = w[src], h[src]
+
+    like(1, 0, bits_v=range(0, 120, 10))  # main channel: 12 bits of pHash-256
+    like(2, 1, bits_v=range(3, 40, 10))  # ... and a third member through the second
+    cases["main"] = (0, 1)
+    for k in (4, 5, 6):  # identical records: the exact pass
+        p[k], d[k], v[k], e[k], ce[k], t[k], w[k], h[k] = p[3], d[3], v[3], e[3], ce[3], t[3], w[3], h[3]
+    cases["exact"] = (3, 4)
+    like(8, 7, bits_v=[b * 8 for b in range(24)])  # pHash-256 at 24 bits: only the clipped channel
+    cases["clipped"] = (7, 8)
+    # nphash256 at exactly its radius 20, one bit in each of its first 20 chunks (of 21): the
+    # only common chunk is the last; every other column random, aspect equal
+    bounds = [k * 256 // 21 for k in range(22)]
+    e[10] = _flip(e[9], bounds[:20])
+    w[10], h[10], t[10] = w[9], h[9], np.clip(t[9].astype(int) + rng.integers(-2, 3, 256), 0, 255)
+    cases["equalised"] = (9, 10)
+    # one of row 13's clipped codes (the third) within 20 bits of row 14's equalised code
+    e[14] = _flip(ce[13, 64:96], bounds[1:21])
+    w[14], h[14], t[14] = w[13], h[13], t[13]
+    cases["clipped code"] = (13, 14)
+    like(12, 11, bits_v=range(0, 80, 10), thumb=False)  # close hashes, another thumbnail: no edge
+    cases["decoy"] = (11, 12)
+    table = pa.table(
+        {
+            "uid": [f"{x:064x}" for x in rng.integers(0, 2**62, n)],
+            "width": w, "height": h,
+            "phash": pa.array(p, pa.uint64()), "dhash": pa.array(d, pa.uint64()),
+            "phash256": pa.array([r.tobytes() for r in v], pa.binary(32)),
+            "thumb16": pa.array([r.tobytes() for r in t], pa.binary(256)),
+            "nphash256": pa.array([r.tobytes() for r in e], pa.binary(32)),
+            "cphash256": pa.array([r.tobytes() for r in ce], pa.binary(32 * CLIPPED_CODES)),
+            "sat16": pa.array([bytes(64)] * n, pa.binary(64)),  # no saturated cells
+        }
+    )  # fmt: skip
+    return table, cases
+
+
+def write_parts(table: pa.Table, folder, parts: int = 3) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    step = -(-table.num_rows // parts)
+    for i in range(parts):
+        pq.write_table(table.slice(i * step, step), folder / f"part-{i}.parquet")
+
+
+def _linked(dups: pa.Table, table: pa.Table, a: int, b: int) -> bool:
+    rep = dict(zip(dups["uid"].to_pylist(), dups["duplicate_of"].to_pylist()))
+    ua, ub = table["uid"][a].as_py(), table["uid"][b].as_py()
+    return rep.get(ua, ua) == rep.get(ub, ub)
+
+
+def test_synthetic_pool_equals_single_process_with_every_channel(ray_local, tmp_path):
+    table, cases = synthetic_pool()
+    want = find_near_duplicates(table, DedupConfig())
+    for name in ("main", "exact", "clipped", "equalised", "clipped code"):
+        assert _linked(want, table, *cases[name]), name  # each planted case is a real duplicate
+    assert not _linked(want, table, *cases["decoy"])
+    write_parts(table, tmp_path / "parts")
+    rep = partitioned_duplicates(folder_sources(tmp_path / "parts"), DedupConfig(), tmp_path / "work", SMALL)
+    got = pq.read_table(rep.duplicates)
+    assert got.equals(want), (got.to_pydict(), want.to_pydict())
+    edges = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "work" / "edges").glob("*.parquet"))])
+    assert set(edges["channel"].to_pylist()) == {"exact", "main+clipped", "equalised"}
+    seen: dict = {}  # a pair of pHash-256 codes is answered in one bucket: that of their first common chunk
+    for f in sorted((tmp_path / "work" / "edges").glob("b*.parquet")):
+        t = pq.read_table(f).filter(pc.equal(pq.read_table(f)["channel"], "main+clipped"))
+        for pair in set(zip(t["uid_a"].to_pylist(), t["uid_b"].to_pylist())):
+            assert seen.setdefault(pair, f.name) == f.name, pair
+    assert len(seen) == 4  # 0-1, 1-2, 0-2 (0 and 2 are within radius too), 7-8
+    copies = 29 + 21 * (1 + CLIPPED_CODES)  # chunks x code versions per record
+    assert rep.records == table.num_rows and rep.copies == (table.num_rows - 3) * copies
+
+
+def test_bad_parts_get_a_clear_error(ray_local, tmp_path):
+    table, _ = synthetic_pool(40)
+    write_parts(table.drop_columns(["dhash"]), tmp_path / "parts", 1)
+    with pytest.raises(ValueError, match="dhash"):
+        partitioned_duplicates(folder_sources(tmp_path / "parts"), DedupConfig(), tmp_path / "work", SMALL)
+    with pytest.raises(FileNotFoundError):
+        folder_sources(tmp_path / "empty")
+
+
+def _copies_folder(folder, photos: int = 8) -> None:
+    """Real photos, each with its copies (lvd.curation.copies), plus a lossless twin of one
+    (other bytes, same pixels: the exact pass)."""
+    folder.mkdir()
+    for seed, (name, img) in enumerate(real_photos()[:photos]):
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        (folder / f"{name}-orig.png").write_bytes(buf.getvalue())
+        for kind, data in make_copies(img, seed=seed).items():
+            (folder / f"{name}-{kind}.img").write_bytes(data)
+        if seed == 0:
+            buf = io.BytesIO()
+            img.save(buf, format="BMP")
+            (folder / f"{name}-twin.bmp").write_bytes(buf.getvalue())
+
+
+def test_run_folder_partitioned_equals_single_task_on_real_copies(ray_local, tmp_path):
+    _copies_folder(tmp_path / "in")
+    single, shuffled = tmp_path / "single", tmp_path / "shuffled"
+    stages.run_ingest(stages.plan([str(tmp_path / "in")], 9), single, stages.IngestConfig())
+    shutil.copytree(single, shuffled)
+    stages.run_dedup(single, DedupConfig(), partitioned=False)
+    report = stages.run_dedup(shuffled, DedupConfig(), partitioned=True, shuffle=SMALL)
+    want, got = rundir.hash_duplicates(single), rundir.hash_duplicates(shuffled)
+    assert want.num_rows >= 20 and got.equals(want)
+    rec = rundir.read_ingest(single, ["source", "uid"])
+    uid = {os.path.basename(s): u for s, u in zip(rec["source"].to_pylist(), rec["uid"].to_pylist())}
+    rep = dict(zip(got["uid"].to_pylist(), got["duplicate_of"].to_pylist()))
+    group = {name: rep.get(u, u) for name, u in uid.items()}
+    first = real_photos()[0][0]
+    assert group[f"{first}-twin.bmp"] == group[f"{first}-orig.png"] == group[f"{first}-resized.img"]
+    assert report.ran == [0] and not (shuffled / "dedup" / "shuffle").exists()
+    marker = rundir.markers(shuffled / "dedup")[0]
+    assert marker["config_hash"] == rundir.markers(single / "dedup")[0]["config_hash"]
+    assert stages.run_dedup(shuffled, DedupConfig(), partitioned=True).skipped == [0]  # resumes as done
+
+
+def test_pool_size_picks_the_path(monkeypatch, ray_local, tmp_path):
+    """partitioned=None shuffles from PARTITIONED_MIN_RECORDS ingest records on."""
+    _copies_folder(tmp_path / "in", photos=2)
+    run = tmp_path / "run"
+    stages.run_ingest(stages.plan([str(tmp_path / "in")], 9), run, stages.IngestConfig())
+    seen = []
+    real = hashdedup.partitioned_duplicates
+    monkeypatch.setattr(stages, "partitioned_duplicates", lambda *a: seen.append(1) or real(*a))
+    monkeypatch.setattr(stages, "PARTITIONED_MIN_RECORDS", stages._ingest_records(run) + 1)
+    stages.run_dedup(run, DedupConfig())
+    assert seen == []
+    shutil.rmtree(run / "dedup")
+    monkeypatch.setattr(stages, "PARTITIONED_MIN_RECORDS", stages._ingest_records(run))
+    stages.run_dedup(run, DedupConfig())
+    assert seen == [1]
+
+
+# ---------------------------------------------------------------- components
+
+
+def _edge_files(folder, a, b, pixels: dict, dist, parts: int = 3) -> list:
+    folder.mkdir(parents=True, exist_ok=True)
+    files = []
+    for i, s in enumerate(np.array_split(np.arange(len(a)), parts)):
+        t = pa.table({
+            "uid_a": [a[j] for j in s], "uid_b": [b[j] for j in s],
+            "pixels_a": [pixels[a[j]] for j in s], "pixels_b": [pixels[b[j]] for j in s],
+            "channel": ["x"] * len(s), "distance": [float(dist[j]) for j in s],
+        })  # fmt: skip
+        files.append(folder / f"e{i}.parquet")
+        pq.write_table(t, files[-1])
+    return files
+
+
+def _resolved(report) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in report.outputs]).sort_by("uid")
+
+
+def test_chain_converges_in_log_steps_to_the_single_process_representative(ray_local, tmp_path):
+    n = 1000
+    rng = np.random.default_rng(0)
+    uids = [f"u{i:05d}" for i in rng.permutation(n)]  # ranks in random order along the path
+    pixels = dict(zip(uids, rng.integers(1, 4, n).tolist()))
+    dist = rng.integers(0, 9, n - 1)
+    files = _edge_files(tmp_path / "edges", uids[:-1], uids[1:], pixels, dist)
+    report = components(files, tmp_path / "work", ComponentsConfig(partitions=3))
+    want = resolve(uids, [pixels[u] for u in uids], [EdgeSet("phash", np.arange(n - 1), np.arange(1, n), dist)])
+    got = _resolved(report)
+    assert got.equals(want.select(["uid", "duplicate_of", "distance"]))
+    assert report.phases <= rounds_bound(n), report.changed  # min-label propagation needs ~n rounds here
+
+
+def test_random_graphs_equal_resolve(ray_local, tmp_path):
+    """Several components, repeated edges and both directions, pixel ties broken by uid."""
+    rng = np.random.default_rng(1)
+    n, m = 300, 260
+    uids = [f"{x:064x}" for x in rng.integers(0, 2**62, n)]
+    pixels = dict(zip(uids, rng.choice([100, 200, 300], n).tolist()))
+    a, b = rng.integers(0, n, m), rng.integers(0, n, m)
+    keep = a != b
+    a, b, dist = a[keep], b[keep], rng.integers(0, 9, keep.sum()).astype(float)
+    a, b, dist = np.r_[a, b[:20]], np.r_[b, a[:20]], np.r_[dist, dist[:20] + 1]  # repeats, both ways
+    files = _edge_files(tmp_path / "edges", [uids[i] for i in a], [uids[i] for i in b], pixels, dist, parts=4)
+    report = components(files, tmp_path / "work", ComponentsConfig(partitions=4))
+    want = resolve(uids, [pixels[u] for u in uids], [EdgeSet("phash", np.minimum(a, b), np.maximum(a, b), dist)])
+    assert want.num_rows > 100 and len(set(want["duplicate_of"].to_pylist())) > 5
+    assert _resolved(report).equals(want.select(["uid", "duplicate_of", "distance"]))
+
+
+# ---------------------------------------------------------------- a 3-node cluster
+
+CLUSTER_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import pyarrow.parquet as pq
+    import ray
+    from ray.cluster_utils import Cluster
+    from lvd.curation.dedup import DedupConfig
+    from lvd.curation.scale.hashdedup import ShuffleConfig, folder_sources, partitioned_duplicates
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        folder = Path(sys.argv[1])
+        shuffle = ShuffleConfig(buckets=4, exact_buckets=3, partitions=3)
+        rep = partitioned_duplicates(folder_sources(folder / "parts"), DedupConfig(), folder / "work", shuffle)
+        got = pq.read_table(rep.duplicates)
+        print("RESULT " + json.dumps({"equal": got.equals(pq.read_table(folder / "want.parquet")),
+                                      "rows": got.num_rows, "nodes": len(ray.nodes())}))
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    """
+)
+
+
+@pytest.mark.slow
+def test_three_node_cluster_equals_single_process(tmp_path):
+    table, _ = synthetic_pool(600, seed=3)
+    write_parts(table, tmp_path / "parts", 4)
+    want = find_near_duplicates(table, DedupConfig())
+    pq.write_table(want, tmp_path / "want.parquet")
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run(
+        [sys.executable, "-c", CLUSTER_SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True, timeout=600
+    )
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert res.returncode == 0 and lines, res.stderr[-4000:]
+    assert json.loads(lines[0][len("RESULT ") :]) == {"equal": True, "rows": want.num_rows, "nodes": 3}
