@@ -40,7 +40,7 @@ class LloydConfig:
     seed: int = 0  # which rows seed the centroids
     init: str = "kmeans++"  # k-means++ on a seeded sample of rows, or k "random" rows
     init_sample: int | None = None  # rows sampled for k-means++; None: max(64 * k, 8192), at most N
-    block_rows: int | None = None  # rows per scoring block; None: default_block_rows(k, D)
+    block_rows: int | None = None  # rows per scoring block; None: default_block_rows(N, k, D)
 
     def __post_init__(self):
         if self.k < 1:
@@ -54,18 +54,20 @@ class LloydConfig:
         if self.block_rows is not None and self.block_rows < 1:
             raise ValueError(f"block_rows={self.block_rows}: use a positive number of rows, or None")
 
-    def blocks(self, d: int) -> int:
-        return self.block_rows or default_block_rows(self.k, d)
+    def blocks(self, n: int, d: int) -> int:
+        return self.block_rows or default_block_rows(n, self.k, d)
 
     def sample_size(self, n: int) -> int:
         return min(n, self.init_sample or max(64 * self.k, 8192))
 
 
-def default_block_rows(k: int, d: int) -> int:
+def default_block_rows(n: int, k: int, d: int) -> int:
     """Rows per block: a power of two keeping a block's float32 scores [B, k] and float64 rows
-    [B, D] near 32 MiB (between 256 and 65,536 rows)."""
-    rows = (32 << 20) // (8 * max(k, d))
-    return int(min(65_536, max(256, 2 ** math.floor(math.log2(max(rows, 1))))))
+    [B, D] within 32 MiB, and small enough that a pool has 64 blocks or more (the last block of a
+    shard is padded: a block much larger than the pool would score mostly zeros); 256 to 65,536."""
+    by_memory = 2 ** math.floor(math.log2(max(1, (32 << 20) // (8 * max(k, d)))))
+    by_pool = 2 ** math.ceil(math.log2(max(1, math.ceil(n / 64))))
+    return int(min(65_536, max(256, min(by_memory, by_pool))))
 
 
 class Partials(NamedTuple):
@@ -241,7 +243,7 @@ def lloyd(x_ND: np.ndarray, cfg: LloydConfig, *, init_KD: np.ndarray | None = No
     x16 = np.ascontiguousarray(x_ND, dtype=np.float16)
     if x16.ndim != 2:
         raise ValueError(f"x must be a 2-D [N, D] matrix, got shape {x16.shape}")
-    shard = Shard(x16, 0, cfg.blocks(x16.shape[1]))
+    shard = Shard(x16, 0, cfg.blocks(*x16.shape))
     init = init_KD if init_KD is not None else init_centroids(shard.take, len(x16), cfg)
     if len(init) != cfg.k:
         raise ValueError(f"init_KD has {len(init)} rows for k={cfg.k}: give one initial centroid per cluster")

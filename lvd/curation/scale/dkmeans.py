@@ -13,11 +13,12 @@ random rows). An actor killed with its node is restarted by Ray (`max_restarts`)
 shard, and the iteration's call is retried: the partials are a pure function of shard and
 centroids, so the result does not change.
 
-Memory per actor: rows x 2D bytes (its shard) + 12 bytes per row (last assignment and score)
-+ one block's scratch, block_rows x (4k + 12D) bytes (`lloyd.default_block_rows` keeps that near
-32 MiB) + 16kD bytes for sums. Driver: 2 x 16kD bytes for centroids and reduced sums, plus the
-init sample (`init_sample` x 8D); the labels come back only when asked (12 bytes per row; with
-`out_dir` each actor writes its own Parquet part instead and the driver holds none).
+Memory per actor: rows x (2D + 12) bytes (its shard, plus the last pass's cluster and score)
++ one block's scratch, about block_rows x (4k + 14D) bytes (`lloyd.default_block_rows` keeps it
+within ~64 MiB) + 12kD bytes (float32 centroids, int64 sums). Driver: ~32kD bytes (centroids,
+the running int64 sum and the actor answer being added), plus the init sample
+(`init_sample` x 8D); the labels come back only when asked (12 bytes per row; with `out_dir`
+each actor writes its own Parquet part and the driver holds none).
 """
 
 from __future__ import annotations
@@ -189,7 +190,7 @@ def dkmeans(
     d = np.load(npys[0], mmap_mode="r").shape[1] if npys else 0
     if n < cfg.lloyd.k:
         raise ValueError(f"k={cfg.lloyd.k} clusters need at least {cfg.lloyd.k} vectors, got {n}: lower k")
-    block_rows = cfg.lloyd.blocks(d)
+    block_rows = cfg.lloyd.blocks(n, d)
     specs = plan_shards(npys, counts, _n_actors(cfg, n), block_rows, store_rows)
     cls = ray.remote(ShardActor).options(
         num_cpus=cfg.actor_cpus,
@@ -219,9 +220,21 @@ def _n_actors(cfg: DKMeansConfig, n: int) -> int:
 
 
 def _partials(actors):
+    """partials(centroids) -> [their sum over the actors], folded in as each actor answers so
+    the driver holds two k x D sums, not one per actor (int64 sums: the order changes nothing;
+    the float totals are added in actor order)."""
+
     def run(c32_KD):
         ref = ray.put(c32_KD)  # one copy in the object store, read by every actor
-        return ray.get([a.partials.remote(ref) for a in actors])
+        pending = {a.partials.remote(ref): i for i, a in enumerate(actors)}
+        sums, counts, floats = None, None, np.zeros((len(actors), 2))
+        while pending:
+            [done], _ = ray.wait(list(pending), num_returns=1)
+            p = ray.get(done)
+            floats[pending.pop(done)] = (p.inertia, p.similarity)
+            sums = p.sums_KD.copy() if sums is None else np.add(sums, p.sums_KD, out=sums)
+            counts = p.counts_K if counts is None else counts + p.counts_K
+        return [lloyd.Partials(sums, counts, *(float(sum(col)) for col in floats.T))]
 
     return run
 
