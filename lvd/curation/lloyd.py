@@ -8,9 +8,9 @@ could not reproduce it; this one is written so that the split changes nothing, b
   cluster sums are kept as int64 counts of 2**-24 (`Partials.sums_KD`): exact whatever the
   order of the additions, hence the same from one shard or from many.
 - Scores (cosines) are computed in blocks of `block_rows` rows at block-aligned row positions,
-  the last block zero-padded, and shards start at multiples of `block_rows`: every row goes
-  through the same BLAS call in the same place whichever worker holds it (a row's float32 dot
-  products otherwise depend on the shape of the matrix around it).
+  and shards start at multiples of `block_rows` (only the pool's last block is short): every
+  row goes through the same BLAS call in the same place whichever worker holds it (a row's
+  float32 dot products otherwise depend on the shape of the matrix around it).
 Update: a centroid is the sum of its rows divided by its norm (spherical k-means, Faiss's
 `spherical=True` rule). An empty cluster takes, in cluster order, one of the rows farthest from
 their centroid (lowest cosine, ties by row): scikit-learn's rule, made deterministic. Assignment
@@ -63,8 +63,8 @@ class LloydConfig:
 
 def default_block_rows(n: int, k: int, d: int) -> int:
     """Rows per block: a power of two keeping a block's float32 scores [B, k] and float64 rows
-    [B, D] within 32 MiB, and small enough that a pool has 64 blocks or more (the last block of a
-    shard is padded: a block much larger than the pool would score mostly zeros); 256 to 65,536."""
+    [B, D] within 32 MiB, and small enough that a pool has 64 blocks or more (shards are whole
+    blocks: smaller blocks spread a small pool over more actors); 256 to 65,536."""
     by_memory = 2 ** math.floor(math.log2(max(1, (32 << 20) // (8 * max(k, d)))))
     by_pool = 2 ** math.ceil(math.log2(max(1, math.ceil(n / 64))))
     return int(min(65_536, max(256, min(by_memory, by_pool))))
@@ -107,7 +107,7 @@ class Shard:
         c_sq = np.einsum("kd,kd->k", c32_KD, c32_KD, dtype=np.float64)
         for s in range(0, len(self.x16_ND), self.block_rows):
             x = self.x16_ND[s : s + self.block_rows]
-            assign, score = _nearest(x, c32_KD, self.block_rows)
+            assign, score = _nearest(x, c32_KD)
             self.assign_N[s : s + len(x)], self.score_N[s : s + len(x)] = assign, score
             sums += _group_sums(x, assign, k)
             x_sq = np.einsum("nd,nd->n", x, x, dtype=np.float64)
@@ -127,12 +127,9 @@ class Shard:
         return self.x16_ND[np.asarray(rows, np.int64) - self.first]
 
 
-def _nearest(x16_BD: np.ndarray, c32_KD: np.ndarray, block_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    """(cluster, cosine) of each row; the block is padded to `block_rows` so the BLAS call, and
-    with it every row's float32 result, is the same wherever the block comes from."""
-    x = np.zeros((block_rows, x16_BD.shape[1]), np.float32)
-    x[: len(x16_BD)] = x16_BD
-    sims = (x @ c32_KD.T)[: len(x16_BD)]
+def _nearest(x16_BD: np.ndarray, c32_KD: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(cluster, cosine) of each row of one block."""
+    sims = x16_BD.astype(np.float32) @ c32_KD.T
     assign = sims.argmax(axis=1)  # first maximum: ties go to the lower id
     return assign.astype(np.int64), sims[np.arange(len(sims)), assign]
 
