@@ -121,7 +121,8 @@ def run_stages(
 
 
 def with_node_removal(run: Path, out: Path, b: B.WorkerBudget) -> dict:
-    """Reference run, then a run that loses a worker node in the middle of every stage."""
+    """Reference run, then a run that loses a worker node in the middle of every stage. The
+    stage runs in a thread: Ray adds nodes from the main thread only (signal handlers)."""
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
@@ -132,26 +133,34 @@ def with_node_removal(run: Path, out: Path, b: B.WorkerBudget) -> dict:
         ref_run = run.with_name(run.name + "-reference")
         shutil.copytree(run, ref_run)
         ref = run_stages(ref_run, out / "reference", b)
-        removed: dict[str, float] = {}
-        timers: dict[str, threading.Thread] = {}
-
-        def remove_later(stage: str) -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        removed, faulted = {}, {}
+        for stage in STAGES:
             start, end = ref[stage]
-
-            def remove():
-                time.sleep(0.4 * (end - start))
+            failed: list[BaseException] = []
+            worker = threading.Thread(target=_stage_in_thread, args=(stage, run, out, b, faulted, failed))
+            worker.start()
+            time.sleep(0.4 * (end - start))
+            if worker.is_alive():
                 cluster.remove_node(nodes.pop(0))  # its tasks and actors die with it
                 removed[stage] = time.time()
                 nodes.append(cluster.add_node(num_cpus=1))  # capacity back for retries / restarts
-
-            timers[stage] = threading.Thread(target=remove)
-            timers[stage].start()
-
-        faulted = run_stages(run, out, b, before=remove_later, after=lambda stage: timers[stage].join())
+            worker.join()
+            if failed:
+                raise failed[0]
         return {"reference": ref, "faulted": faulted, "removed": removed}
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _stage_in_thread(stage: str, run: Path, out: Path, b: B.WorkerBudget, times: dict, failed: list) -> None:
+    try:
+        t0 = time.time()
+        FNS[stage](run, out, b)
+        times[stage] = (t0, time.time())
+    except BaseException as e:  # re-raised by the main thread
+        failed.append(e)
 
 
 def main() -> None:
