@@ -63,8 +63,8 @@ def test_partition_sizes_follow_the_budget():
     assert B.shard_count(10**7, b, 128) == -(-(10**7) // ((384 << 20) // 776))
     # twice the budget holds (about) twice the rows: the partition grows with the budget, not with N
     assert B.vector_shard_rows(B.WorkerBudget(2 << 30), 128) > 2 * B.vector_shard_rows(b, 128)
-    # hash buckets: N records * bytes * skew 2 over the data share
-    assert B.hash_bucket_count(10**7, b) == -(-(10**7 * B.HASH_RECORD_BYTES * 2) // (384 << 20))
+    # hash buckets: N records * bytes * the measured working factor 3 over the data share
+    assert B.hash_bucket_count(10**7, b) == -(-(10**7 * B.HASH_RECORD_BYTES * 3) // (384 << 20))
     assert B.hash_bucket_count(10**8, b) >= 10 * (B.hash_bucket_count(10**7, b) - 1)
     # k-means: centroids, sums and a float32 block come off first
     assert B.kmeans_shard_rows(b, 128, 1000) == ((384 << 20) - 3 * 1000 * 128 * 4) // (2 * 128 + 8)

@@ -6,7 +6,7 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
 
     data_bytes(B)          = (B - WORKER_BASE_BYTES) * FILL       bytes a worker may give to partition data
     vector_shard_rows      = data_bytes / vector_row_bytes(D, index)     rows one index / k-means actor holds
-    hash_bucket_count(N)   = ceil(N * HASH_RECORD_BYTES * SKEW / data_bytes)   buckets of the hash shuffle
+    hash_bucket_count(N)   = ceil(N * HASH_RECORD_BYTES * HASH_WORK / data_bytes)   buckets of the hash shuffle
     query_block_rows       = data_bytes / 4 / (4*D + 24*k)            queries searched at once
     ingest_partition_cap   = data_bytes / (2 * mean input bytes)      files per ingest partition at most
     ledger_range_rows      = data_bytes / LEDGER_ROW_BYTES            uids per ledger / verify range task
@@ -62,6 +62,11 @@ HASH_RECORD_BYTES = 68 + 4 * 8 + 2 * 32 + 128 + 64 + 256 + 16
 EDGE_ROW_BYTES = 150  # one direction of an edge in the components: two node keys (19 digits + 64-hex uid)
 LEDGER_ROW_BYTES = 150  # a (uid, source) pair as Python strings (the ledger's 2M-row range: ~300 MB)
 SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)
+# A hash chunk-reduce task peaks at HASH_WORK x its records' bytes over the data share: measured
+# 3.45 GB for 1.0M shuffled records (3.3 KB each, 2.6 x 628 B / FILL; benchmarks/curate_scale.py,
+# 1e5 pool, 5 buckets), where SKEW = 2 let it pass a 3 GiB budget. Its copies, per-chunk
+# filters and verification hold several copies of a record at once.
+HASH_WORK = 3.0
 MAX_QUERY_BLOCK = 65_536
 INDEX_KINDS = ("flat", "ivf", "ivfpq")
 _UNITS = {
@@ -143,8 +148,10 @@ def shard_count(n_rows: int, budget: WorkerBudget, dim: int, index: str = "flat"
 
 
 def hash_bucket_count(n_records: int, budget: WorkerBudget, *, record_bytes: int = HASH_RECORD_BYTES) -> int:
-    """Buckets of the hash shuffle so that one bucket (at SKEW times its share) fits a worker."""
-    return max(1, math.ceil(n_records * record_bytes * SKEW / budget.data_bytes))
+    """Buckets of the hash shuffle so that one bucket's reduce task (HASH_WORK times its
+    records' bytes, measured) fits a worker; `n_records` counts every copy the shuffle sends
+    (scale.hashdedup sends each record once per chunk: ~50 with the default dedup config)."""
+    return max(1, math.ceil(n_records * record_bytes * HASH_WORK / budget.data_bytes))
 
 
 def hash_bucket_rows(budget: WorkerBudget, *, record_bytes: int = HASH_RECORD_BYTES) -> int:
