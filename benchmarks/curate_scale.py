@@ -242,7 +242,7 @@ def run_one(
     finally:
         ray.shutdown()
     if baseline:
-        for stage, fn in BASELINES.items():
+        for stage, fn in ((s, f) for s, f in BASELINES.items() if s in stages):
             wall, w, note = measure(fn, ctx)
             rows.append(Row(spec.n, 0, f"{stage} (baseline)", wall, w.driver, [], note))
     return rows
