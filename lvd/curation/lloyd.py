@@ -97,7 +97,7 @@ class Shard:
         if first % block_rows:
             raise ValueError(f"a shard starts at a multiple of block_rows={block_rows}, not at row {first}")
         self.x16_ND, self.first, self.block_rows = x16_ND, first, block_rows
-        self.assign_N = np.zeros(len(x16_ND), np.int64)
+        self.assign_N = np.zeros(len(x16_ND), np.int32)  # 8 bytes a row with the score (k < 2**31)
         self.score_N = np.zeros(len(x16_ND), np.float32)
 
     def partials(self, c32_KD: np.ndarray) -> Partials:
@@ -109,7 +109,7 @@ class Shard:
             x = self.x16_ND[s : s + self.block_rows]
             assign, score = _nearest(x, c32_KD)
             self.assign_N[s : s + len(x)], self.score_N[s : s + len(x)] = assign, score
-            sums += _group_sums(x, assign, k)
+            _add_group_sums(sums, x, assign)
             x_sq = np.einsum("nd,nd->n", x, x, dtype=np.float64)
             inertia += float((x_sq - 2 * score.astype(np.float64) + c_sq[assign]).sum())
             similarity += float(score.sum(dtype=np.float64))
@@ -134,15 +134,13 @@ def _nearest(x16_BD: np.ndarray, c32_KD: np.ndarray) -> tuple[np.ndarray, np.nda
     return assign.astype(np.int64), sims[np.arange(len(sims)), assign]
 
 
-def _group_sums(x16_BD: np.ndarray, assign_B: np.ndarray, k: int) -> np.ndarray:
-    """int64 [k, D] sums of the rows per cluster in units of 2**-24 (exact: float64 holds the
-    block's partial sums of float16 values without rounding)."""
+def _add_group_sums(sums_KD: np.ndarray, x16_BD: np.ndarray, assign_B: np.ndarray) -> None:
+    """Add the block's rows to their clusters' int64 sums, in units of 2**-24 (exact: float64
+    holds a block's partial sums of float16 values without rounding)."""
     order = np.argsort(assign_B, kind="stable")
     groups, starts = np.unique(assign_B[order], return_index=True)
-    out = np.zeros((k, x16_BD.shape[1]), np.int64)
     block = np.add.reduceat(x16_BD[order].astype(np.float64), starts, axis=0)
-    out[groups] = (block * SCALE).astype(np.int64)
-    return out
+    sums_KD[groups] += (block * SCALE).astype(np.int64)
 
 
 def reduce(parts: Sequence[Partials]) -> Partials:
@@ -245,4 +243,5 @@ def lloyd(x_ND: np.ndarray, cfg: LloydConfig, *, init_KD: np.ndarray | None = No
     if len(init) != cfg.k:
         raise ValueError(f"init_KD has {len(init)} rows for k={cfg.k}: give one initial centroid per cluster")
     c32, total = iterate(lambda c: [shard.partials(c)], lambda m: [shard.farthest(m)], init, cfg.niter)
-    return KMeansResult(c32, shard.assign_N.copy(), shard.score_N.copy(), total.inertia, total.similarity, True)
+    assign = shard.assign_N.astype(np.int64)
+    return KMeansResult(c32, assign, shard.score_N.copy(), total.inertia, total.similarity, True)

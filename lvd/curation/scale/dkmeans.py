@@ -13,9 +13,10 @@ random rows). An actor killed with its node is restarted by Ray (`max_restarts`)
 shard, and the iteration's call is retried: the partials are a pure function of shard and
 centroids, so the result does not change.
 
-Memory per actor: rows x (2D + 12) bytes (its shard, plus the last pass's cluster and score)
-+ one block's scratch, about block_rows x (4k + 14D) bytes (`lloyd.default_block_rows` keeps it
-within ~64 MiB) + 12kD bytes (float32 centroids, int64 sums). Driver: ~32kD bytes (centroids,
+Memory per actor: rows x (2D + 8) bytes (its shard, plus the last pass's int32 cluster and
+float32 score) + one block's scratch, about block_rows x (4k + 14D) bytes
+(`lloyd.default_block_rows` keeps it within ~64 MiB) + 20kD bytes (float32 centroids, int64
+sums, the block's float64 group sums at most). Driver: ~32kD bytes (centroids,
 the running int64 sum and the actor answer being added), plus the init sample
 (`init_sample` x 8D); the labels come back only when asked (12 bytes per row; with `out_dir`
 each actor writes its own Parquet part and the driver holds none).
@@ -151,7 +152,7 @@ class ShardActor:
             {
                 "row": pa.array(rows),
                 "uid": pa.array(self._uids(), pa.string()),
-                "cluster": pa.array(self.shard.assign_N),
+                "cluster": pa.array(self.shard.assign_N.astype(np.int64)),
                 "score": pa.array(self.shard.score_N),
             }
         )
@@ -258,7 +259,7 @@ def _taker(actors, specs: list[ShardSpec]):
 def _labels(actors, out_dir) -> tuple[np.ndarray | None, np.ndarray | None]:
     if out_dir is None:
         got = ray.get([a.labels.remote() for a in actors])
-        return np.concatenate([g[0] for g in got]), np.concatenate([g[1] for g in got])
+        return np.concatenate([g[0] for g in got]).astype(np.int64), np.concatenate([g[1] for g in got])
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ray.get([a.write_labels.remote(str(out / f"labels-{i:06d}.parquet")) for i, a in enumerate(actors)])
