@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from lvd.curation import fanout, rundir, runner
 from lvd.curation.dedup import DUPLICATES_SCHEMA, EdgeSet, resolve
 from lvd.curation.guard import check_removal
 from lvd.curation.localfeat import FEATURE_SCHEMA, FeatureConfig, Features, features_row, set_threads
+from lvd.curation.scale import shardindex
 from lvd.curation.unionfind import representative_rank
 from lvd.curation.vectors import open_vectors
 
@@ -275,7 +277,8 @@ class CopyDetectFn:
         groups = hash_groups(n, pa_, pb_)
         hp = cd.hash_candidates(pool.nhash, pool.nhash_flip, cfg.hash_radius)
         knn = [cd.descriptor_candidates(pool.feats, cfg.k), cd.knn_lists(pool.glob, cfg.k)]
-        knn += [cd.knn_lists(open_vectors(d).get(pool.uids), cfg.k) for d in self.proposers]
+        # embedder vectors searched where they lie: one index in-process, sharded over Ray when large
+        knn += [shardindex.knn_lists(d, pool.uids, cfg.k) for d in self.proposers]
         if copy_vecs is not None:
             knn.append(cd.knn_lists(copy_vecs, cfg.k))
         a, b = cd.bounded_candidates(n, hp, knn, cfg.max_verify, group=groups)
@@ -424,7 +427,9 @@ class DecontamFn:
         qa, pb = cd.cross_hash_candidates(ev.nhash, pool.nhash, pool.nhash_flip, cfg.hash_radius)
         lists = [(ev.glob, pool.glob)]
         for pool_dir, eval_vecs in self.proposers:
-            lists.append((_eval_vectors(ev.uids, set_of, eval_vecs), open_vectors(pool_dir).get(pool.uids)))
+            # the pool's vectors stay in their folder (sharded over Ray when large); the eval set is small
+            pool_knn = partial(shardindex.knn_lists, pool_dir, pool.uids)
+            lists.append((_eval_vectors(ev.uids, set_of, eval_vecs), pool_knn))
         copy_pool = copy_eval = None
         if self.copy_model:
             copy_pool = open_vectors(rundir.vectors_dir(run, "copyembed")).get(pool.uids)
@@ -434,7 +439,8 @@ class DecontamFn:
             lists.append((copy_eval, copy_pool))
         q, p = [qa], [pb]
         for eq, pv in lists:
-            ids = cd.knn_lists(np.asarray(pv), cfg.k, np.asarray(eq), exclude_self=False)
+            search = pv if callable(pv) else partial(cd.knn_lists, np.asarray(pv))
+            ids = search(cfg.k, np.asarray(eq), exclude_self=False)
             rows = np.repeat(np.arange(e), ids.shape[1])
             q.append(rows[ids.ravel() >= 0])
             p.append(ids.ravel()[ids.ravel() >= 0])
