@@ -19,6 +19,7 @@ All inputs are L2-normalised embeddings; indices are row positions of the pool /
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -26,6 +27,9 @@ import numpy as np
 from lvd.curation.hierarchical import STRATEGIES, Hierarchy, balanced_sample, take_per_group, water_fill
 from lvd.curation.kmeans import KMeansResult, assign_to_centroids
 from lvd.curation.knn_index import as_unit_float32, search
+
+if TYPE_CHECKING:
+    from lvd.curation.scale.shardindex import ShardedIndex
 
 METHODS = ("sample", "cluster", "balanced")
 
@@ -112,10 +116,11 @@ class Retrieval:
             raise ValueError("pool_idx, seed_idx, cluster_id and similarity must have one length")
 
 
-def sample_based(index: faiss.Index, seeds_SD: np.ndarray, cfg: SampleRetrievalConfig) -> Retrieval:
-    """The `cfg.k` nearest pool images of every seed; `index` is `knn_index.build_index(pool)`."""
+def sample_based(index: faiss.Index | ShardedIndex, seeds_SD: np.ndarray, cfg: SampleRetrievalConfig) -> Retrieval:
+    """The `cfg.k` nearest pool images of every seed; `index` is `knn_index.build_index(pool)`, or
+    a pool sharded over Ray actors (`scale.shardindex.build`; the same neighbours in exact mode)."""
     seeds = as_unit_float32(seeds_SD, "seeds")
-    nb = search(index, seeds, cfg.k)
+    nb = search(index, seeds, cfg.k) if isinstance(index, faiss.Index) else index.neighbours(seeds, cfg.k)
     seed_SK = np.broadcast_to(np.arange(len(seeds))[:, None], nb.ids_QK.shape)
     ok = nb.ids_QK >= 0
     if cfg.min_similarity is not None:

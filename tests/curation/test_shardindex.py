@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lvd.curation import copydetect, knn_index, vectors
+from lvd.curation import copydetect, knn_index, rundir, vectors
 from lvd.curation.knn_index import IndexConfig
+from lvd.curation.retrieve import SampleRetrievalConfig, sample_based
 from lvd.curation.scale import shardindex as si
+from lvd.curation.stages.retrieve import RetrieveConfig, RetrieveFn
 
 PART_ROWS = (500, 700, 0, 300, 900, 600, 400)  # uneven, one empty part
 D = 32
@@ -139,6 +142,28 @@ def test_folder_knn_lists_match_copydetect_both_ways(pool, ray_local):
             si.knn_lists(folder, uids, 12, evals, exclude_self=False, cfg=cfg),
             copydetect.knn_lists(sub, 12, evals, exclude_self=False),
         )
+
+
+def test_retrieval_stage_sharded_above_the_threshold_gives_the_same_selection(pool, ray_local, tmp_path):
+    """The retrieve stage's pool index: in-process by default, sharded with knn.sharded_above=0;
+    sample-based retrieval (k=4 per seed, collisions merged) picks the same rows either way."""
+    folder, x = pool
+    run = tmp_path / "run"
+    shutil.copytree(folder, rundir.vectors_dir(run))
+    uids = np.array([f"u{r:05d}" for r in range(1, len(x), 3)], dtype=object)
+    seeds = mixture(30, 8)
+    picked = []
+    for knn in (si.ShardConfig(), si.ShardConfig(sharded_above=0, n_shards=3, num_cpus=0.5)):
+        fn = RetrieveFn(str(run), {}, RetrieveConfig(knn=knn))
+        index = fn._pool_index(run, uids)
+        assert isinstance(index, si.ShardedIndex) == (knn.sharded_above == 0)
+        picked.append(sample_based(index, seeds, SampleRetrievalConfig(k=4)))
+        if isinstance(index, si.ShardedIndex):
+            index.close()
+    one, sharded = picked
+    assert one.counts == sharded.counts and one.counts.n_collisions > 0
+    for name in ("pool_idx", "seed_idx", "similarity"):
+        np.testing.assert_array_equal(getattr(sharded, name), getattr(one, name))
 
 
 def test_merge_is_a_global_top_k():

@@ -20,7 +20,8 @@ query blocks, so only their results grow with N.
 
 GPU: when the cluster has GPUs (`ray.cluster_resources()["GPU"]`) and this Faiss has GPU
 support (the `lvd[gpu]` extra: faiss-gpu-cu12), each shard actor asks for one GPU and moves
-its index there (`faiss.StandardGpuResources`); otherwise everything runs on CPU.
+its index there (`faiss.StandardGpuResources`); otherwise everything runs on CPU. On GPU the
+exact mode equals the CPU answer up to float rounding (only CPU flat indexes are re-scored).
 Without a running Ray (a notebook, a unit test of a caller) the shards live in this process.
 """
 
@@ -61,6 +62,8 @@ class ShardConfig:
     use_gpu: bool | None = None  # None: GPU actors when the cluster has GPUs and Faiss supports them
 
     def __post_init__(self):
+        if isinstance(self.index, dict):  # from flow parameters (JSON)
+            object.__setattr__(self, "index", IndexConfig(**self.index))
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: use one of {MODES}")
         for name in ("rows_per_shard", "query_block"):

@@ -17,7 +17,7 @@ not) stands for it. The seed runs' ledgers then mark shipped seeds `sharded`.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ from lvd.curation.retrieve import (
     sample_based,
     union,
 )  # fmt: skip
+from lvd.curation.scale import shardindex
 from lvd.curation.stages.select import flat_kmeans, read_clusters
 from lvd.curation.vectors import open_vectors
 
@@ -50,12 +51,17 @@ class RetrieveConfig:
     per_cluster: int = 10_000  # images per qualifying cluster (cluster)
     include_seeds: bool = False  # ship the seed images themselves too
     seed: int = 0
+    # the pool's k-NN index (sample): one in-process index below knn.sharded_above candidates, else
+    # sharded over Ray actors (exact below knn.index.exact_below rows, IVF above)
+    knn: shardindex.ShardConfig = field(default_factory=shardindex.ShardConfig)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: use one of {METHODS}")
         if self.target is not None and self.target < 0:
             raise ValueError(f"target={self.target}: use a non-negative number of images, or None")
+        if isinstance(self.knn, dict):  # from flow parameters (JSON)
+            object.__setattr__(self, "knn", shardindex.ShardConfig(**self.knn))
 
 
 @dataclass(frozen=True)
@@ -73,13 +79,16 @@ class RetrieveFn:
             results = [balanced(clusters[1], BalancedConfig(target=self._target(), seed=self.cfg.seed))]
         else:
             names = sorted(self.seed_dirs)
-            pool = open_vectors(rundir.vectors_dir(run)).get(uids)
-            index = build_index(pool) if self.cfg.method == "sample" else None
+            index = self._pool_index(run, uids) if self.cfg.method == "sample" else None
             results, seed_uids = [], []
-            for name in names:
-                s_uids, s_vecs = seed_vectors(Path(self.seed_dirs[name]))
-                seed_uids.append(s_uids)
-                results.append(self._retrieve(index, clusters, s_vecs))
+            try:
+                for name in names:
+                    s_uids, s_vecs = seed_vectors(Path(self.seed_dirs[name]))
+                    seed_uids.append(s_uids)
+                    results.append(self._retrieve(index, clusters, s_vecs))
+            finally:
+                if isinstance(index, shardindex.ShardedIndex):
+                    index.close()
         sel = union(results)
         table = pa.table(
             {
@@ -112,6 +121,13 @@ class RetrieveFn:
                 "run": pa.array([rows[u][1] for u in sorted(rows)], pa.string()),
             }
         )
+
+    def _pool_index(self, run: Path, uids: np.ndarray):
+        """The candidates' vectors indexed: in this process when few, else sharded over Ray actors."""
+        folder = rundir.vectors_dir(run)
+        if len(uids) < self.cfg.knn.sharded_above:
+            return build_index(open_vectors(folder).get(uids), self.cfg.knn.index)
+        return shardindex.build(folder, uids, self.cfg.knn)
 
     def _target(self) -> int:
         if self.cfg.target is None:
