@@ -233,7 +233,7 @@ def _detect(orb, gray: np.ndarray) -> tuple[tuple, tuple]:
     if not kps:
         return empty, empty
     h, w = gray.shape
-    xy = np.array([k.pt for k in kps], np.float32)
+    xy = cv2.KeyPoint_convert(kps).reshape(-1, 2)  # float32 [n, 2], the same values as k.pt
     response = np.array([k.response for k in kps], np.float32)
     cell = np.minimum(_GRID - 1, (xy[:, 1] * _GRID / h).astype(int)) * _GRID + np.minimum(
         _GRID - 1, (xy[:, 0] * _GRID / w).astype(int)
@@ -249,7 +249,7 @@ def _detect(orb, gray: np.ndarray) -> tuple[tuple, tuple]:
     keep, desc = detector.compute(gray, [kps[i] for i in pick.tolist()])
     if desc is None or not keep:
         return empty, empty
-    direct = (np.array([k.pt for k in keep], np.float32).reshape(-1, 2), np.ascontiguousarray(desc, np.uint8))
+    direct = (cv2.KeyPoint_convert(keep).reshape(-1, 2), np.ascontiguousarray(desc, np.uint8))
     mirrored = [
         cv2.KeyPoint(w - 1 - k.pt[0], k.pt[1], k.size, (180.0 - k.angle) % 360.0, k.response, k.octave, k.class_id)
         for k in keep
@@ -257,7 +257,7 @@ def _detect(orb, gray: np.ndarray) -> tuple[tuple, tuple]:
     keep_m, desc_m = detector.compute(np.ascontiguousarray(gray[:, ::-1]), mirrored)
     if desc_m is None or not keep_m:
         return direct, empty
-    return direct, (np.array([k.pt for k in keep_m], np.float32).reshape(-1, 2), np.ascontiguousarray(desc_m, np.uint8))
+    return direct, (cv2.KeyPoint_convert(keep_m).reshape(-1, 2), np.ascontiguousarray(desc_m, np.uint8))
 
 
 def verify(fa: Features, fb: Features, cfg: VerifyConfig = VerifyConfig(), *, enough: int = 1 << 30) -> Verdict:
