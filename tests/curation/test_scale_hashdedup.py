@@ -67,14 +67,16 @@ def synthetic_pool(n: int = 300, seed: int = 0) -> tuple[pa.Table, dict[str, tup
     cases["exact"] = (3, 4)
     like(8, 7, bits_v=[b * 8 for b in range(24)])  # pHash-256 at 24 bits: only the clipped channel
     cases["clipped"] = (7, 8)
-    # nphash256 at exactly its radius 20, one bit in each of its first 20 chunks (of 21): the
-    # only common chunk is the last; every other column random, aspect equal
-    bounds = [k * 256 // 21 for k in range(22)]
-    e[10] = _flip(e[9], bounds[:20])
+    # nphash256 at exactly its radius R, one bit in each chunk of a split into R: no common
+    # chunk there, so only the split into R + 1 (pigeonhole) finds it; other columns random
+    r = DedupConfig().equalised_radius
+    e[10] = _flip(e[9], [k * 256 // r for k in range(r)])
+    bounds = [k * 256 // (r + 1) for k in range(r + 2)]
     w[10], h[10], t[10] = w[9], h[9], np.clip(t[9].astype(int) + rng.integers(-2, 3, 256), 0, 255)
     cases["equalised"] = (9, 10)
-    # one of row 13's clipped codes (the third) within 20 bits of row 14's equalised code
-    e[14] = _flip(ce[13, 64:96], bounds[1:21])
+    # one of row 13's clipped codes (the third) within R bits of row 14's equalised code,
+    # agreeing on the first of R + 1 chunks only
+    e[14] = _flip(ce[13, 64:96], bounds[1 : r + 1])
     w[14], h[14], t[14] = w[13], h[13], t[13]
     cases["clipped code"] = (13, 14)
     like(12, 11, bits_v=range(0, 80, 10), thumb=False)  # close hashes, another thumbnail: no edge
@@ -125,7 +127,8 @@ def test_synthetic_pool_equals_single_process_with_every_channel(ray_local, tmp_
         for pair in set(zip(t["uid_a"].to_pylist(), t["uid_b"].to_pylist())):
             assert seen.setdefault(pair, f.name) == f.name, pair
     assert len(seen) == 4  # 0-1, 1-2, 0-2 (0 and 2 are within radius too), 7-8
-    copies = 29 + 21 * (1 + CLIPPED_CODES)  # chunks x code versions per record
+    cfg = DedupConfig()  # chunks x code versions per record
+    copies = cfg.clipped_verify_radius + 1 + (cfg.equalised_radius + 1) * (1 + CLIPPED_CODES)
     assert rep.records == table.num_rows and rep.copies == (table.num_rows - 3) * copies
 
 
