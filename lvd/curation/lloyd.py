@@ -99,21 +99,25 @@ class Shard:
         self.x16_ND, self.first, self.block_rows = x16_ND, first, block_rows
         self.assign_N = np.zeros(len(x16_ND), np.int32)  # 8 bytes a row with the score (k < 2**31)
         self.score_N = np.zeros(len(x16_ND), np.float32)
+        self.x_sq = float(sum(np.einsum("nd,nd->", b, b, dtype=np.float64) for b in self._blocks()))
+
+    def _blocks(self):
+        for s in range(0, len(self.x16_ND), self.block_rows):
+            yield self.x16_ND[s : s + self.block_rows]
 
     def partials(self, c32_KD: np.ndarray) -> Partials:
         """Assign every row to its nearest centroid and sum the rows per cluster."""
         k, d = c32_KD.shape
-        sums, inertia, similarity = np.zeros((k, d), np.int64), 0.0, 0.0
-        c_sq = np.einsum("kd,kd->k", c32_KD, c32_KD, dtype=np.float64)
-        for s in range(0, len(self.x16_ND), self.block_rows):
-            x = self.x16_ND[s : s + self.block_rows]
+        sums, similarity = np.zeros((k, d), np.int64), 0.0
+        for s, x in zip(range(0, len(self.x16_ND), self.block_rows), self._blocks()):
             assign, score = _nearest(x, c32_KD)
             self.assign_N[s : s + len(x)], self.score_N[s : s + len(x)] = assign, score
             _add_group_sums(sums, x, assign)
-            x_sq = np.einsum("nd,nd->n", x, x, dtype=np.float64)
-            inertia += float((x_sq - 2 * score.astype(np.float64) + c_sq[assign]).sum())
             similarity += float(score.sum(dtype=np.float64))
         counts = np.bincount(self.assign_N, minlength=k).astype(np.int64)
+        # sum of |x - c|^2 = sum |x|^2 - 2 sum x.c + sum_k count_k |c_k|^2
+        c_sq = np.einsum("kd,kd->k", c32_KD, c32_KD, dtype=np.float64)
+        inertia = self.x_sq - 2 * similarity + float(counts @ c_sq)
         return Partials(sums, counts, inertia, similarity)
 
     def farthest(self, m: int) -> Farthest:
