@@ -128,18 +128,25 @@ def random_run(root: Path, seed: int, parts: int = 5, per_part: int = 40) -> Pat
             else:
                 rows.append((f"s{s:05d}", "accepted", None, rng.choice(uids), 8, 8))
         write_part(root, p, rows)
-    near = rng.sample(uids, 12)
-    write_dups(root, [(u, uids[0] if u != uids[0] else uids[1], "phash", 2.0) for u in near])
+    used = sorted(_accepted(root))
+    rep = used[0]  # the near-duplicates' representative: a kept uid
+    near = rng.sample(used[1:], 12)
+    write_dups(root, [(u, rep, "phash", 2.0) for u in near])
     (root / "decontam").mkdir()
-    dec = [u for u in uids if u not in near][:3]
+    dec = [u for u in used[1:] if u not in near][:3]
     pq.write_table(
         pa.table({"uid": dec, "eval_set": ["ev"] * 3, "matched_eval_uid": ["e1"] * 3, "similarity": [0.9] * 3}),
         root / "decontam" / "decontaminated.parquet",
     )
     (root / "shards").mkdir()
-    kept = sorted(set(uids) - set(near) - set(dec))
+    kept = sorted(set(used) - set(near) - set(dec))
     pq.write_table(pa.table({"uid": kept[::2]}), root / "shards" / "manifest.parquet")
     return root
+
+
+def _accepted(root: Path) -> set[str]:
+    rows = [r for p in (root / "ingest").glob("part-*.parquet") for r in pq.read_table(p).to_pylist()]
+    return {r["uid"] for r in rows if r["status"] == "accepted"}
 
 
 @pytest.mark.parametrize("range_rows", [1_000_000, 7])
@@ -151,6 +158,8 @@ def test_partitioned_ledger_equals_the_single_table(tmp_path, range_rows):
     assert "exact" in want["reason"].to_pylist()
     lg.write_parts(run, range_rows=range_rows)  # 7 rows per range: about 25 uid ranges
     assert lg.read_ledger(run).equals(want)
+    # duplicates point across uid ranges; sub_run: no shard tars here to check against the manifest
+    assert lg.verify_run(run, sub_run=True, range_rows=range_rows).ok
 
 
 def test_verify_passes_and_counts(run):
@@ -237,6 +246,16 @@ def test_a_ledger_without_its_done_marker_is_not_read(run):
     part_file(run, 0).unlink()
     lg.write_parts(run)  # written again: complete
     assert lg.verify_run(run).ok
+
+
+def test_a_writer_that_fails_midway_leaves_no_complete_ledger(run):
+    lg.write_ledger(run)
+    (run / "dedup" / "duplicates.parquet").write_bytes(b"not parquet")  # round 3 cannot join it
+    with pytest.raises(Exception, match="(?i)parquet"):
+        lg.write_parts(run)
+    assert not lg.has_ledger(run)  # the earlier ledger's marker went first: no mix of old and new parts
+    with pytest.raises(FileNotFoundError, match="no complete ledger"):
+        lg.read_ledger(run)
 
 
 def test_a_missing_part_is_reported(run):
