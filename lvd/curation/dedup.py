@@ -32,6 +32,7 @@ representative (most pixels, then smallest uid), the method that linked it and a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -39,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 
 from lvd.curation.hamming_pairs import candidate_pairs
+from lvd.curation.phash import CLIP_FACTORS
 from lvd.curation.unionfind import UnionFind, components, representative_rank
 
 DUPLICATES_SCHEMA = pa.schema(
@@ -48,8 +50,12 @@ HASH_BITS = 64
 VERIFY_BITS = 256
 VERIFY_COLUMN = "phash256"
 EQUALISED_COLUMN = "nphash256"
+CLIPPED_CODES_COLUMN = "cphash256"  # len(phash.CLIP_FACTORS) more equalised codes per row
+SATURATED_COLUMN = "sat16"  # two 256-bit cell masks: light-saturated, dark-saturated
 THUMB_COLUMN = "thumb16"
 THUMB_CELLS = 256  # 16x16 uint8 cell means (ingest.thumbnail)
+CODE_BYTES = VERIFY_BITS // 8
+CLIPPED_CODES = len(CLIP_FACTORS)
 _QUERY_BATCH = 1 << 16  # pairs per batch of the thumbnail check
 
 
@@ -68,11 +74,21 @@ class DedupConfig:
     # products differing by a pocket or a print reach ~39.
     max_thumb_residual: float | None = 30.0
     # A second channel for strong brightness / contrast changes, which clip and so break the
-    # checks above: pairs whose 256-bit pHashes of the histogram-equalised image (ingest column
-    # `nphash256`) are within this many bits, aspect ratios agreeing. Copies measured <= 22
-    # bits (one at 36 of 116), distinct real photos and faces >= 72, Fashion-MNIST products
-    # >= 42 (benchmarks/copy_quality.py). None: off.
-    equalised_radius: int | None = 20
+    # checks above. Candidates: pairs whose 256-bit pHashes of the equalised image (ingest
+    # column `nphash256`, `phash.stable_equalise`) are within this many bits, or one image's
+    # within it of one of the other's clipped codes (`cphash256`: the image brightened
+    # x1.15..x1.75, equalised), aspect ratios agreeing. Verified by `unclipped_residual`: the
+    # thumbnails must fit affinely on the cells no saturated pixel touches (within
+    # `max_unclipped_residual` gray levels, on at least `min_unclipped_cells` cells). Measured
+    # (benchmarks/dedup_quality.py --brightness): brightened / contrast copies <= 6.1 (median
+    # 1.2), the closest distinct Fashion-MNIST products >= 14.4. None: off.
+    equalised_radius: int | None = 24
+    max_unclipped_residual: float = 8.0
+    min_unclipped_cells: int = 16
+    # Pairs whose plain equalised codes are this close need no residual check: textured JPEG
+    # photos fit no better than ~10-12 gray levels (draft-decode and JPEG noise in every cell),
+    # and their brightened copies stay within 4-6 bits; distinct Fashion-MNIST products >= 16.
+    equalised_sure_radius: int = 8
     # A third channel, for clipping brightness changes: pHash and dHash within their radii,
     # pHash-256 within `clipped_verify_radius`, and the thumbnail residual measured on the cells
     # that are not saturated (< 8 or > 247 gray levels) in either image (at least 64 of them)
@@ -98,6 +114,14 @@ class DedupConfig:
             raise ValueError(f"equalised_radius={self.equalised_radius}: use 0..127 bits, or None")
         if self.max_thumb_residual is not None and not 0 <= self.max_thumb_residual <= 255:
             raise ValueError(f"max_thumb_residual={self.max_thumb_residual}: use 0..255 gray levels, or None")
+        if not 0 <= self.max_unclipped_residual <= 255:
+            raise ValueError(f"max_unclipped_residual={self.max_unclipped_residual}: use 0..255 gray levels")
+        if self.equalised_radius is not None and not 0 <= self.equalised_sure_radius <= self.equalised_radius:
+            raise ValueError(f"equalised_sure_radius={self.equalised_sure_radius}: use 0..equalised_radius")
+        if not 3 <= self.min_unclipped_cells <= THUMB_CELLS:
+            raise ValueError(
+                f"min_unclipped_cells={self.min_unclipped_cells}: use 3..{THUMB_CELLS} (an affine fit needs 3)"
+            )
 
 
 @dataclass(frozen=True)
@@ -141,12 +165,16 @@ def near_duplicate_edges(
     verify: np.ndarray | None = None,
     thumb: np.ndarray | None = None,
     equalised: np.ndarray | None = None,
+    clipped_codes: np.ndarray | None = None,
+    saturated: np.ndarray | None = None,
 ) -> EdgeSet:
     """All pairs (a < b) of rows that are near-duplicates under `cfg`; distance = pHash bits.
 
     With `cfg.equalised_radius`, `equalised` (uint8 [n, 32], the `nphash256` column) adds the
-    pairs within that radius whose aspect ratios agree (the brightness / contrast channel);
-    without `equalised` that channel is skipped (`find_near_duplicates` requires the column).
+    brightness / contrast channel, which also needs `thumb` and `saturated` (uint8 [n, 64],
+    `sat16`) for its check, and searches `clipped_codes` (uint8 [n, 128], `cphash256`) when
+    given; without `equalised` that channel is skipped (`find_near_duplicates` requires the
+    columns).
 
     `aspect` (width / height per row) is needed when `cfg.max_aspect_ratio` is set; `verify`
     (uint8 [n, 32], the 256-bit pHash) when `cfg.verify_radius` is set; `thumb` (uint8 [n, 256])
@@ -154,11 +182,11 @@ def near_duplicate_edges(
     index is built on the 256-bit codes (radius `verify_radius`): longer codes make finer
     buckets, so fewer probes than the 64-bit pHash at radius 8.
     """
-    phash, dhash = np.asarray(phash, dtype=np.uint64), np.asarray(dhash, dtype=np.uint64)
-    if phash.shape != dhash.shape or phash.ndim != 1:
-        raise ValueError(f"phash {phash.shape} and dhash {dhash.shape} must be 1-D of one length")
-    n = len(phash)
-    rows = _Rows(phash, dhash, _log_aspect(aspect, n, cfg), _verify_words(verify, n, cfg), _thumbs(thumb, n, cfg))
+    rows = _make_rows(
+        phash, dhash, cfg, aspect=aspect, verify=verify, thumb=thumb, equalised=equalised,
+        clipped_codes=clipped_codes, saturated=saturated,
+    )  # fmt: skip
+    phash = rows.phash
     first, chain = _collapse_identical(rows, cfg)
     if rows.verify is None:
         a, b = candidate_pairs(phash[first][:, None], cfg.phash_radius)
@@ -170,11 +198,23 @@ def near_duplicate_edges(
     if cfg.clipped_verify_radius is not None and rows.verify is not None and rows.thumb is not None:
         ca, cb = _clipped_pairs(rows, cfg)
         a, b = np.concatenate([a, ca]), np.concatenate([b, cb])
-    if cfg.equalised_radius is not None and equalised is not None:
-        ea, eb = _equalised_pairs(_fixed_words(equalised, n, "equalised"), rows.log_aspect, cfg)
-        a, b = np.concatenate([a, ea]), np.concatenate([b, eb])
+    if rows.equalised is not None:
+        ea, eb = equalised_candidates(rows.equalised, cfg.equalised_radius)
+        ok = verify_pairs(rows, "equalised", ea, eb, cfg)
+        a, b = np.concatenate([a, ea[ok]]), np.concatenate([b, eb[ok]])
     dist = np.bitwise_count(phash[a] ^ phash[b]).astype(np.float64)
     return EdgeSet("phash", np.minimum(a, b), np.maximum(a, b), dist)
+
+
+def _make_rows(phash, dhash, cfg: DedupConfig, *, aspect, verify, thumb, equalised, clipped_codes, saturated):
+    phash, dhash = np.asarray(phash, dtype=np.uint64), np.asarray(dhash, dtype=np.uint64)
+    if phash.shape != dhash.shape or phash.ndim != 1:
+        raise ValueError(f"phash {phash.shape} and dhash {dhash.shape} must be 1-D of one length")
+    n = len(phash)
+    rows = _Rows(phash, dhash, _log_aspect(aspect, n, cfg), _verify_words(verify, n, cfg), _thumbs(thumb, n, cfg))
+    if cfg.equalised_radius is not None and equalised is not None:
+        rows = _with_equalised(rows, n, equalised, clipped_codes, thumb, saturated)
+    return rows
 
 
 @dataclass(frozen=True)
@@ -184,6 +224,32 @@ class _Rows:
     log_aspect: np.ndarray | None  # float64 [n]
     verify: np.ndarray | None  # uint64 [n, 4]: the 256-bit pHash as words
     thumb: np.ndarray | None  # uint8 [n, 256]: 16x16 cell means
+    # the equalised channel's: uint64 [n, 1 + CLIPPED_CODES or 1, 4] codes (plain first),
+    # thumbnails (given even when max_thumb_residual is None), uint8 [n, 64] saturation masks
+    equalised: np.ndarray | None = None
+    eq_thumb: np.ndarray | None = None
+    saturated: np.ndarray | None = None
+
+
+def _with_equalised(rows: _Rows, n: int, equalised, clipped_codes, thumb, saturated) -> _Rows:
+    """`rows` with the equalised channel's arrays, checked (see near_duplicate_edges)."""
+    if thumb is None or saturated is None:
+        raise ValueError("cfg.equalised_radius is set: pass thumb= and saturated= (sat16) too, or set it to None")
+    codes = [_fixed_words(equalised, n, "equalised")[:, None]]
+    if clipped_codes is not None:
+        clipped = np.ascontiguousarray(clipped_codes, dtype=np.uint8)
+        if clipped.shape != (n, CLIPPED_CODES * CODE_BYTES):
+            raise ValueError(f"clipped_codes must be uint8 [{n}, {CLIPPED_CODES * CODE_BYTES}], got {clipped.shape}")
+        codes.append(clipped.view(np.uint64).reshape(n, CLIPPED_CODES, 4))
+    saturated = np.ascontiguousarray(saturated, dtype=np.uint8)
+    if saturated.shape != (n, 2 * THUMB_CELLS // 8):
+        raise ValueError(f"saturated must be uint8 [{n}, {2 * THUMB_CELLS // 8}], got {saturated.shape}")
+    eq_thumb = np.ascontiguousarray(thumb, dtype=np.uint8)
+    if eq_thumb.shape != (n, THUMB_CELLS):
+        raise ValueError(f"thumb must be uint8 [{n}, {THUMB_CELLS}], got {eq_thumb.shape}")
+    return dataclasses.replace(
+        rows, equalised=np.concatenate(codes, axis=1), eq_thumb=eq_thumb, saturated=saturated
+    )  # fmt: skip
 
 
 def _log_aspect(aspect: np.ndarray | None, n: int, cfg: DedupConfig) -> np.ndarray | None:
@@ -215,9 +281,26 @@ def _aspect_ok(log_aspect: np.ndarray, a: np.ndarray, b: np.ndarray, cfg: DedupC
     return np.abs(log_aspect[a] - log_aspect[b]) <= math.log(cfg.max_aspect_ratio) + 1e-12
 
 
+def verify_pairs(rows: _Rows, channel: str, a: np.ndarray, b: np.ndarray, cfg: DedupConfig) -> np.ndarray:
+    """bool [E]: which candidate pairs (row positions a, b) pass every check of `channel`.
+
+    The per-pair step between a channel's candidates and `resolve`: 'main' (`_agree`),
+    'clipped' (`_clipped_ok`), 'equalised' (`_equalised_ok`). `rows` from `table_rows`.
+    Each check reads the two rows only, so pairs may come from any candidate search."""
+    checks = {"main": _agree, "clipped": _clipped_ok, "equalised": _equalised_ok}
+    if channel not in checks:
+        raise ValueError(f"channel {channel!r}: use one of {sorted(checks)}")
+    return checks[channel](np.asarray(a, np.int64), np.asarray(b, np.int64), rows, cfg)
+
+
 def _clipped_pairs(rows: _Rows, cfg: DedupConfig) -> tuple[np.ndarray, np.ndarray]:
     """The clipped-brightness channel (DedupConfig.clipped_verify_radius)."""
     a, b = candidate_pairs(rows.verify, cfg.clipped_verify_radius)
+    ok = verify_pairs(rows, "clipped", a, b, cfg)
+    return a[ok], b[ok]
+
+
+def _clipped_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
     ok = np.bitwise_count(rows.verify[a] ^ rows.verify[b]).sum(axis=1) <= cfg.clipped_verify_radius
     ok &= np.bitwise_count(rows.phash[a] ^ rows.phash[b]) <= cfg.phash_radius
     if cfg.dhash_radius is not None:
@@ -228,7 +311,7 @@ def _clipped_pairs(rows: _Rows, cfg: DedupConfig) -> tuple[np.ndarray, np.ndarra
     for start in range(0, len(idx), _QUERY_BATCH):
         i = idx[start : start + _QUERY_BATCH]
         ok[i] = clipped_thumb_residual(rows.thumb[a[i]], rows.thumb[b[i]]) <= cfg.clipped_max_residual
-    return a[ok], b[ok]
+    return ok
 
 
 def clipped_thumb_residual(
@@ -245,12 +328,66 @@ def clipped_thumb_residual(
     return np.where(m.sum(axis=1) >= min_cells, res, np.inf)
 
 
-def _equalised_pairs(words: np.ndarray, log_aspect: np.ndarray | None, cfg: DedupConfig):
-    a, b = candidate_pairs(words, cfg.equalised_radius)
-    ok = np.bitwise_count(words[a] ^ words[b]).sum(axis=1) <= cfg.equalised_radius
-    if log_aspect is not None:
-        ok &= _aspect_ok(log_aspect, a, b, cfg)
-    return a[ok], b[ok]
+def equalised_candidates(codes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (a < b, unique) of rows with a code of one within `radius` bits of the other's
+    plain code (codes: uint64 [n, k, 4], plain first): the equalised channel's candidates.
+    All n*k codes go into one search; pairs of two clipped codes are dropped after it."""
+    n, k = codes.shape[:2]
+    flat = np.ascontiguousarray(codes).reshape(n * k, codes.shape[2])
+    a, b = candidate_pairs(flat, radius)
+    ok = np.bitwise_count(flat[a] ^ flat[b]).sum(axis=1) <= radius
+    ok &= ((a % k == 0) | (b % k == 0)) & (a // k != b // k)
+    ra, rb = a[ok] // k, b[ok] // k
+    pairs = np.unique(np.minimum(ra, rb) * n + np.maximum(ra, rb))
+    return pairs // n, pairs % n
+
+
+def _equalised_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
+    ok = np.ones(len(a), dtype=bool)
+    if rows.log_aspect is not None:
+        ok &= _aspect_ok(rows.log_aspect, a, b, cfg)
+    plain = rows.equalised[:, 0]
+    sure = np.bitwise_count(plain[a] ^ plain[b]).sum(axis=1) <= cfg.equalised_sure_radius
+    idx = np.flatnonzero(ok & ~sure)
+    for start in range(0, len(idx), _QUERY_BATCH):
+        i = idx[start : start + _QUERY_BATCH]
+        res = unclipped_residual(
+            rows.eq_thumb[a[i]], rows.eq_thumb[b[i]], rows.saturated[a[i]], rows.saturated[b[i]],
+            min_cells=cfg.min_unclipped_cells,
+        )  # fmt: skip
+        ok[i] = res <= cfg.max_unclipped_residual
+    return ok
+
+
+def unclipped_residual(
+    ta: np.ndarray, tb: np.ndarray, sat_a: np.ndarray, sat_b: np.ndarray, *, min_cells: int = 16
+) -> np.ndarray:
+    """float [E]: how far two thumbnails are from one brightness / contrast change, in gray levels.
+
+    Such a change maps every pixel it does not clip affinely (x -> s*x + o, s > 0), so the
+    cell means of cells without a saturated pixel (`sat16`: packed [light | dark] cell masks,
+    uint8 [E, 64]) fit affinely both ways; a distinct look-alike differs locally (a strap, a
+    sole, a collar), which no affine map explains. The residual (`thumb_residual`'s, on those
+    cells) is the smaller of two cell sets: without light-saturated cells (brightening clips
+    only the top; dark cells keep their support) and without any saturated cell (contrast clips
+    both ends). inf where a set has fewer than `min_cells` cells or the fit is not increasing.
+    """
+    light = np.unpackbits(sat_a[:, :32], axis=1) | np.unpackbits(sat_b[:, :32], axis=1)
+    dark = np.unpackbits(sat_a[:, 32:], axis=1) | np.unpackbits(sat_b[:, 32:], axis=1)
+    best = np.full(len(ta), np.inf)
+    for clipped in (light, light | dark):
+        best = np.minimum(best, _masked_fit_residual(ta, tb, clipped == 0, min_cells))
+    return best
+
+
+def _masked_fit_residual(ta: np.ndarray, tb: np.ndarray, m: np.ndarray, min_cells: int) -> np.ndarray:
+    xa, xb = ta.astype(np.float32), tb.astype(np.float32)
+    cnt = np.maximum(m.sum(axis=1, keepdims=True), 1)
+    xa = np.where(m, xa - (xa * m).sum(axis=1, keepdims=True) / cnt, 0.0)
+    xb = np.where(m, xb - (xb * m).sum(axis=1, keepdims=True) / cnt, 0.0)
+    res = np.maximum(_fit_residual(xa, xb), _fit_residual(xb, xa))
+    increasing = (xa * xb).sum(axis=1) > 0
+    return np.where((m.sum(axis=1) >= min_cells) & increasing, res, np.inf)
 
 
 def _thumbs(thumb: np.ndarray | None, n: int, cfg: DedupConfig) -> np.ndarray | None:
@@ -389,14 +526,24 @@ def find_near_duplicates(table: pa.Table, cfg: DedupConfig) -> pa.Table:
         raise ValueError(f"columns {nulls} have nulls: pass accepted records only")
     width = cols["width"].to_numpy().astype(np.int64)
     height = cols["height"].to_numpy().astype(np.int64)
-    verify = _fixed_width(table, VERIFY_COLUMN, 32) if cfg.verify_radius is not None else None
-    thumb = _fixed_width(table, THUMB_COLUMN, THUMB_CELLS) if cfg.max_thumb_residual is not None else None
-    equalised = _fixed_width(table, EQUALISED_COLUMN, 32) if cfg.equalised_radius is not None else None
-    edges = near_duplicate_edges(
-        cols["phash"].to_numpy(), cols["dhash"].to_numpy(), cfg,
-        aspect=width / np.maximum(height, 1), verify=verify, thumb=thumb, equalised=equalised,
-    )  # fmt: skip
+    edges = near_duplicate_edges(cols["phash"].to_numpy(), cols["dhash"].to_numpy(), cfg, **_code_arrays(table, cfg))
     return resolve(cols["uid"].to_numpy(zero_copy_only=False), width * height, [edges])
+
+
+def _code_arrays(table: pa.Table, cfg: DedupConfig) -> dict:
+    """near_duplicate_edges' keyword arrays from an ingest table (the columns `cfg` reads)."""
+    width = table["width"].to_numpy().astype(np.int64)
+    height = table["height"].to_numpy().astype(np.int64)
+    out = dict(aspect=width / np.maximum(height, 1))
+    if cfg.verify_radius is not None:
+        out["verify"] = _fixed_width(table, VERIFY_COLUMN, CODE_BYTES)
+    if cfg.max_thumb_residual is not None or cfg.equalised_radius is not None:
+        out["thumb"] = _fixed_width(table, THUMB_COLUMN, THUMB_CELLS)
+    if cfg.equalised_radius is not None:
+        out["equalised"] = _fixed_width(table, EQUALISED_COLUMN, CODE_BYTES)
+        out["clipped_codes"] = _fixed_width(table, CLIPPED_CODES_COLUMN, CLIPPED_CODES * CODE_BYTES)
+        out["saturated"] = _fixed_width(table, SATURATED_COLUMN, 2 * THUMB_CELLS // 8)
+    return out
 
 
 def _fixed_width(table: pa.Table, name: str, nbytes: int) -> np.ndarray:
@@ -405,6 +552,8 @@ def _fixed_width(table: pa.Table, name: str, nbytes: int) -> np.ndarray:
         VERIFY_COLUMN: "verify_radius=None",
         THUMB_COLUMN: "max_thumb_residual=None",
         EQUALISED_COLUMN: "equalised_radius=None",
+        CLIPPED_CODES_COLUMN: "equalised_radius=None",
+        SATURATED_COLUMN: "equalised_radius=None",
     }[name]
     if name not in table.column_names:
         raise ValueError(
@@ -431,6 +580,10 @@ class CandidateCode:
     channel: str
     column: str
     radius: int
+    # A column of more codes per row (CODE_BYTES each): pairs where one of them is within
+    # `radius` of the other row's `column` code are candidates too (equalised channel:
+    # `cphash256`, see `equalised_candidates`). None: `column` against `column` only.
+    variants: str | None = None
 
 
 def candidate_codes(cfg: DedupConfig) -> list[CandidateCode]:
@@ -445,18 +598,15 @@ def candidate_codes(cfg: DedupConfig) -> list[CandidateCode]:
     if cfg.clipped_verify_radius is not None and cfg.verify_radius is not None and cfg.max_thumb_residual is not None:
         out.append(CandidateCode("clipped", VERIFY_COLUMN, cfg.clipped_verify_radius))
     if cfg.equalised_radius is not None:
-        out.append(CandidateCode("equalised", EQUALISED_COLUMN, cfg.equalised_radius))
+        out.append(CandidateCode("equalised", EQUALISED_COLUMN, cfg.equalised_radius, CLIPPED_CODES_COLUMN))
     return out
 
 
 def table_edges(table: pa.Table, cfg: DedupConfig) -> EdgeSet:
     """`near_duplicate_edges` of a table with `find_near_duplicates`'s columns (rows: positions)."""
-    width = table["width"].to_numpy().astype(np.int64)
-    height = table["height"].to_numpy().astype(np.int64)
-    verify = _fixed_width(table, VERIFY_COLUMN, 32) if cfg.verify_radius is not None else None
-    thumb = _fixed_width(table, THUMB_COLUMN, THUMB_CELLS) if cfg.max_thumb_residual is not None else None
-    equalised = _fixed_width(table, EQUALISED_COLUMN, 32) if cfg.equalised_radius is not None else None
-    return near_duplicate_edges(
-        table["phash"].to_numpy(), table["dhash"].to_numpy(), cfg,
-        aspect=width / np.maximum(height, 1), verify=verify, thumb=thumb, equalised=equalised,
-    )  # fmt: skip
+    return near_duplicate_edges(table["phash"].to_numpy(), table["dhash"].to_numpy(), cfg, **_code_arrays(table, cfg))
+
+
+def table_rows(table: pa.Table, cfg: DedupConfig) -> _Rows:
+    """The rows `verify_pairs` checks, from a table with `find_near_duplicates`'s columns."""
+    return _make_rows(table["phash"].to_numpy(), table["dhash"].to_numpy(), cfg, **_code_arrays(table, cfg))

@@ -18,7 +18,10 @@ decoded fully, converted to RGB (alpha composited on white, 16-bit scaled to 8 b
 reduced. The hashes are then imagehash's pHash and dHash of that small image, plus the 256-bit
 pHash (`phash256`, hash_size=16) and a 16x16 grid of cell means (`thumb16`), which dedup uses
 to verify candidates; all computed as matrix products (`hash_bits`, `thumbnail`): within a
-few bits of hashing the full-size decode.
+few bits of hashing the full-size decode. For brightness / contrast copies: the pHash-256 of
+the equalised image (`nphash256`), of the image clipped as if brightened x1.15..x1.75
+(`cphash256`, 4 codes) and which thumbnail cells hold a clipped pixel (`sat16`):
+`phash.brightness_codes`, `phash.saturation_masks`.
 
 Hash bit order: imagehash's boolean array flattened row-major, first bit most significant, so
 `phash == int(str(imagehash.phash(img)), 16)` and `phash256 == np.packbits(
@@ -38,7 +41,16 @@ import pyarrow as pa
 from PIL import Image, ImageFile
 
 from lvd.curation import hygiene
-from lvd.curation.phash import PHASH256_SIZE, THUMB_SIDE, equalise, hash_bits, phash_bits, thumbnail, to_uint
+from lvd.curation.phash import (
+    CLIP_FACTORS,
+    PHASH256_SIZE,
+    THUMB_SIDE,
+    brightness_codes,
+    hash_bits,
+    saturation_masks,
+    thumbnail,
+    to_uint,
+)  # fmt: skip
 from lvd.curation.pixels import SWAPPING_ORIENTATIONS, apply_orientation, orientation, to_rgb
 from lvd.curation.sources import Partition, RawItem, SourceLimits, iter_items
 from lvd.curation.sources.raw import DEFAULT_MAX_BYTES, real_roots
@@ -57,7 +69,9 @@ INGEST_SCHEMA = pa.schema(
         pa.field("dhash", pa.uint64()),
         pa.field("phash256", pa.binary(32)),
         pa.field("thumb16", pa.binary(THUMB_SIDE**2)),
-        pa.field("nphash256", pa.binary(32)),  # pHash-256 of the histogram-equalised image
+        pa.field("nphash256", pa.binary(32)),  # pHash-256 of the equalised image (phash.brightness_codes)
+        pa.field("cphash256", pa.binary(32 * len(CLIP_FACTORS))),  # ... of it clipped as if brightened
+        pa.field("sat16", pa.binary(2 * THUMB_SIDE**2 // 8)),  # thumb16 cells with a light / dark clipped pixel
         pa.field("meta", pa.string()),
         pa.field("detail", pa.string()),  # JSON: a hygiene rejection's rule / value, an image's face boxes
     ]
@@ -168,6 +182,7 @@ def ingest_item(item: RawItem, cfg: IngestConfig) -> tuple[dict, bytes | None]:
         source=item.source, status="rejected", reason=item.error, format=None, width=None, height=None,
         uid=hashlib.sha256(data).hexdigest() if data is not None else None,
         nbytes=len(data) if data is not None else None, phash=None, dhash=None, phash256=None, thumb16=None, nphash256=None,
+        cphash256=None, sat16=None,
         meta=json.dumps(item.meta, sort_keys=True, default=str), detail=None,
     )  # fmt: skip
     if item.error is not None:
@@ -236,10 +251,11 @@ def _decode_and_hash(data: bytes | None, cfg: IngestConfig) -> dict:
         raise _Reject(bad[0], **info, detail=json.dumps(bad[1], sort_keys=True))
     x_HW = np.asarray(small, dtype=np.float64)  # one conversion for all hashes
     phash, dhash, phash256 = hash_bits(x_HW, cfg.hash_size)
+    equalised = brightness_codes(x_HW)
     return dict(
         info, phash=to_uint(phash), dhash=to_uint(dhash), phash256=np.packbits(phash256).tobytes(),
-        thumb16=thumbnail(x_HW).tobytes(),
-        nphash256=np.packbits(phash_bits(equalise(x_HW), PHASH256_SIZE)).tobytes(),
+        thumb16=thumbnail(x_HW).tobytes(), nphash256=equalised[0].tobytes(), cphash256=equalised[1:].tobytes(),
+        sat16=np.packbits(saturation_masks(x_HW)).tobytes(),
     )  # fmt: skip
 
 

@@ -17,6 +17,10 @@ from PIL import Image
 
 PHASH256_SIZE = 16  # imagehash hash_size of ingest's `phash256` column: 16x16 = 256 bits
 THUMB_SIDE = 16  # ingest's `thumb16`: 16x16 grayscale cell means, uint8 row-major (256 bytes)
+# Top clip levels (max / f) of the `cphash256` codes: brightness x1.15..x1.75 (brightness_codes)
+CLIP_FACTORS = (1.15, 1.3, 1.5, 1.75)
+EQUALISE_MERGE = 4  # levels this close to the darkest / brightest one join it (stable_equalise)
+SATURATED = (5, 250)  # gray levels counted as clipped dark / light (saturation_masks)
 
 
 def hash_bits(gray: Image.Image | np.ndarray, hash_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -52,6 +56,73 @@ def equalise(x_HW: np.ndarray) -> np.ndarray:
     cdf = np.cumsum(counts)
     mid = (cdf - counts / 2) / max(cdf[-1], 1.0)
     return (mid * 255.0)[levels]
+
+
+def stable_equalise(x_HW: np.ndarray, merge: int = EQUALISE_MERGE) -> np.ndarray:
+    """float64 equalised copy of a grayscale image that clipping leaves alone: the input of the
+    `nphash256` codes (`brightness_codes`).
+
+    Levels within `merge` of the darkest / brightest level present join it (JPEG ringing
+    around a clipped area); the brightest level maps to its lower rank and the darkest to its
+    upper rank, other levels to their mid-rank. A brightening copy clips light pixels into the
+    white mass; with mid-ranks the mass's value would move with its size (a product shot's
+    white background, ~0.6 -> ~0.7), with its lower rank it stays where the pixels below it
+    end, and those keep their ranks (benchmarks/dedup_quality.py: brightened 81 -> 91% of
+    copies within 20 bits)."""
+    levels = _levels(x_HW)
+    return _equalise_table(np.bincount(levels.ravel(), minlength=256), merge)[levels]
+
+
+def brightness_codes(x_HW: np.ndarray) -> np.ndarray:
+    """uint8 [1 + len(CLIP_FACTORS), 32]: pHash-256 of `stable_equalise(x)` (ingest column
+    `nphash256`), then of the image with its top clipped at max / f for each f in CLIP_FACTORS
+    (column `cphash256`): what x looks like brightened by f, equalised. A copy brightened by
+    ~f lands near one of its original's clipped codes, where the plain equalised codes may be
+    40-100 bits apart (light garments fading into a white background). Each clipped image's
+    equalisation is a 256-entry table of the one histogram (levels above the clip join it)."""
+    levels = _levels(x_HW)
+    counts = np.bincount(levels.ravel(), minlength=256)
+    tables = [_equalise_table(counts, EQUALISE_MERGE)]
+    top = float(levels.max())
+    for f in CLIP_FACTORS:
+        clip = int(np.rint(top / f))  # = rint(min(x, top / f)) for the integer levels here
+        below = np.minimum(np.arange(256), clip)
+        tables.append(_equalise_table(np.bincount(below, weights=counts, minlength=256), EQUALISE_MERGE)[below])
+    return np.stack([np.packbits(_phash(t[levels], PHASH256_SIZE)) for t in tables])
+
+
+def _levels(x_HW: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(np.asarray(x_HW, dtype=np.float64)), 0, 255).astype(np.intp)
+
+
+def _equalise_table(counts: np.ndarray, merge: int) -> np.ndarray:
+    """float64 [256]: `stable_equalise`'s value of each gray level, from the level counts."""
+    present = np.flatnonzero(counts)
+    lo, hi = present[0], present[-1]
+    source = np.arange(256)
+    source = np.where(source >= hi - merge, hi, np.where(source <= lo + merge, lo, source))
+    counts = np.bincount(source, weights=counts, minlength=256)
+    cdf = np.cumsum(counts)
+    total = max(cdf[-1], 1.0)
+    rank = cdf - counts / 2
+    rank[hi], rank[lo] = cdf[hi] - counts[hi], cdf[lo]
+    if lo == hi:
+        rank[lo] = total / 2
+    return (rank / total * 255.0)[source]
+
+
+def saturation_masks(x_HW: np.ndarray) -> np.ndarray:
+    """bool [2, 256]: the cells of the 16x16 thumbnail grid holding a pixel >= SATURATED[1]
+    (row 0) or <= SATURATED[0] (row 1), as ingest's `sat16` column. A brightness or contrast
+    change is affine on pixels it does not clip, so cells free of saturated pixels in both
+    images must fit affinely (dedup.unclipped_residual); cell means alone cannot tell a
+    half-clipped cell from a darker one."""
+    levels = np.rint(np.asarray(x_HW, dtype=np.float64))
+    rows = (_area_rows(THUMB_SIDE, levels.shape[0]) > 0).astype(np.float64)
+    cols = (_area_rows(THUMB_SIDE, levels.shape[1]) > 0).astype(np.float64)
+    hi = rows @ (levels >= SATURATED[1]).astype(np.float64) @ cols.T
+    lo = rows @ (levels <= SATURATED[0]).astype(np.float64) @ cols.T
+    return np.stack([hi.ravel() > 0, lo.ravel() > 0])
 
 
 def _phash(x_HW: np.ndarray, hash_size: int) -> np.ndarray:

@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import functools
 import io
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from PIL import Image, ImageEnhance
 
 from lvd.curation.copies import COPY_KINDS, encode_original, fashion_mnist, make_copies, real_photos
 from lvd.curation.dedup import (
     THUMB_CELLS,
     DedupConfig,
     EdgeSet,
+    equalised_candidates,
     find_near_duplicates,
     near_duplicate_edges,
     resolve,
     thumb_residual,
+    unclipped_residual,
 )  # fmt: skip
 from lvd.curation.ingest import INGEST_SCHEMA, IngestConfig, ingest_item
+from lvd.curation.phash import CLIP_FACTORS, brightness_codes, saturation_masks, stable_equalise
 from lvd.curation.sources import RawItem
+from lvd.datasets import load_fashion_mnist
 
 HASH64 = dict(
     verify_radius=None, max_thumb_residual=None, equalised_radius=None, clipped_verify_radius=None
@@ -307,3 +313,181 @@ def test_equal_runs_gives_every_pair_of_equal_keys_once():
     a, b = _equal_runs(np.array([5, 5, 5, 2, 5, 7, 2], np.uint64))
     got = {tuple(sorted(p)) for p in zip(a.tolist(), b.tolist())}
     assert got == {(0, 1), (0, 2), (0, 4), (1, 2), (1, 4), (2, 4), (3, 6)} and len(a) == 7
+
+
+# ---- brightness / contrast channel: equalised codes, clipped codes, unclipped residual -----
+
+
+def test_stable_equalise_by_hand_and_levels_below_a_clip_keep_their_values():
+    x = np.array([[0, 0, 10, 20], [30, 30, 255, 255]], float)
+    # counts 2,1,1,2,2 of 8; darkest -> upper rank 2, brightest -> lower rank 6, others mid-rank
+    assert np.allclose(stable_equalise(x), np.array([[2, 2, 2.5, 3.5], [5, 5, 6, 6]]) / 8 * 255)
+    # clipped at 25 (a brightening copy's white mass): the levels below keep their values
+    assert np.allclose(stable_equalise(np.minimum(x, 25)), np.array([[2, 2, 2.5, 3.5], [4, 4, 4, 4]]) / 8 * 255)
+    ringing = x.copy()
+    ringing[1, 2] = 252  # within EQUALISE_MERGE of the brightest level: joins it
+    assert np.allclose(stable_equalise(ringing), stable_equalise(x))
+
+
+@functools.cache
+def _fashion(split: str) -> np.ndarray:
+    return load_fashion_mnist(split)[0]
+
+
+def _product(i: int, side: int = 112) -> Image.Image:
+    """Fashion-MNIST test image i as a white-background product shot (as copies' bench dump)."""
+    img = Image.fromarray(_fashion("test")[i]).resize((side, side), Image.Resampling.BICUBIC)
+    return Image.fromarray(255 - np.asarray(img))
+
+
+def _gray(img: Image.Image) -> np.ndarray:
+    return np.asarray(img.convert("L"), np.float64)
+
+
+def test_brightened_product_lands_on_its_originals_clipped_code():
+    """Brightening by f clips the light garment into the white; the original's code clipped at
+    max / f (cphash256) is where the copy's plain code lands, far closer than the plain codes."""
+    near, plain = [], []
+    for i in (0, 1, 2, 3, 5, 8):
+        img = _product(i)
+        for k, f in enumerate(CLIP_FACTORS):
+            orig, copy = brightness_codes(_gray(img)), brightness_codes(_gray(ImageEnhance.Brightness(img).enhance(f)))
+            near.append(np.unpackbits(orig[1 + k] ^ copy[0]).sum())
+            plain.append(np.unpackbits(orig[0] ^ copy[0]).sum())
+    assert max(near) <= 12 and np.median(plain) > 2 * np.median(near) + 10, (near, plain)
+
+
+def _mask_reference(x: np.ndarray) -> np.ndarray:
+    """Per cell of the 16x16 grid: any overlapping pixel >= 250 / <= 5 (a loop over cells)."""
+    h, w = x.shape
+    out = np.zeros((2, 16, 16), bool)
+    for r in range(16):
+        rows = [i for i in range(h) if i + 1 > r * h / 16 and i < (r + 1) * h / 16]
+        for c in range(16):
+            cols = [j for j in range(w) if j + 1 > c * w / 16 and j < (c + 1) * w / 16]
+            cell = x[np.ix_(rows, cols)]
+            out[0, r, c], out[1, r, c] = (cell >= 250).any(), (cell <= 5).any()
+    return out.reshape(2, 256)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (70, 53), (128, 96)])
+def test_saturation_masks_match_a_loop_over_cells(shape):
+    rng = np.random.default_rng(shape[1])
+    x = rng.integers(6, 250, shape).astype(float)
+    for value in (255, 250, 0, 5):
+        x[tuple(rng.integers(0, s, 12) for s in shape)] = value
+    x[tuple(rng.integers(0, s, 12) for s in shape)] = 249  # not saturated
+    assert np.array_equal(saturation_masks(x), _mask_reference(x))
+
+
+def _unclipped_reference(ta, tb, sa, sb, min_cells) -> float:
+    """Trusted reference: lstsq (scale + offset) on each cell set, both ways; the smaller set value."""
+    light = np.unpackbits(sa[:32]) | np.unpackbits(sb[:32])
+    dark = np.unpackbits(sa[32:]) | np.unpackbits(sb[32:])
+    best = np.inf
+    for clipped in (light, light | dark):
+        m = clipped == 0
+        if m.sum() < min_cells:
+            continue
+        worst, slopes = 0.0, []
+        for x, y in ((ta[m], tb[m]), (tb[m], ta[m])):
+            design = np.stack([x.astype(float), np.ones(m.sum())], axis=1)
+            coef, *_ = np.linalg.lstsq(design, y.astype(float), rcond=None)
+            worst, slopes = max(worst, float(np.abs(design @ coef - y).max())), slopes + [coef[0]]
+        if min(slopes) > 0:
+            best = min(best, worst)
+    return best
+
+
+def test_unclipped_residual_matches_a_reference_and_fits_clipped_brightening_away():
+    rng = np.random.default_rng(7)
+    n = 40
+    ta = rng.integers(20, 180, (n, THUMB_CELLS)).astype(np.uint8)
+    tb = np.rint(1.3 * ta.astype(float) + 5).astype(np.uint8)  # brightness + contrast, <= 239
+    light = np.zeros((n, THUMB_CELLS), bool)
+    light[:, :100] = rng.random((n, 100)) < 0.6  # clipped cells: anything goes there
+    tb[light] = 255 - rng.integers(0, 60, light.sum()).astype(np.uint8)
+    dark = np.zeros((n, THUMB_CELLS), bool)
+    dark[:, 200:] = True
+    sa = np.concatenate([np.packbits(np.zeros_like(light), axis=1), np.packbits(dark, axis=1)], axis=1)
+    sb = np.concatenate([np.packbits(light, axis=1), np.packbits(dark, axis=1)], axis=1)
+    assert np.all(unclipped_residual(ta, tb, sa, sb) < 1.0)  # fits away wherever nothing clipped
+    tb[:20, 150] = np.clip(tb[:20, 150].astype(int) + 40, 0, 255)  # a local difference (a strap)
+    tb[20:30] = 255 - tb[20:30]  # an inverted image: decreasing fit
+    sb[30:, :] = 255  # nothing unclipped left: no support
+    sb[30:35, :32] = np.packbits(light[30:35], axis=1)  # light clipped only: dark cells remain
+    got = unclipped_residual(ta, tb, sa, sb, min_cells=16)
+    want = [_unclipped_reference(ta[i], tb[i], sa[i], sb[i], 16) for i in range(n)]
+    assert np.allclose(got, want, atol=0.05), np.c_[got, want][np.abs(got - want) > 0.05]
+    assert np.all(got[:20] > 20) and np.all(np.isinf(got[20:30])) and np.all(np.isinf(got[35:]))
+    assert np.all(got[30:35] < 1.0)  # the light-only cell set keeps the dark cells' support
+
+
+def test_equalised_candidates_equal_brute_force():
+    rng = np.random.default_rng(3)
+    n, k, radius = 300, 1 + len(CLIP_FACTORS), 12
+    codes = rng.integers(0, 256, (n, k, 32), dtype=np.uint8)
+
+    def near(code, bits):
+        out = np.unpackbits(code)
+        out[rng.choice(256, bits, replace=False)] ^= 1
+        return np.packbits(out)
+
+    for i in range(10):  # planted: plain~plain, plain~clipped (both ways), clipped~clipped only
+        codes[100 + i, 0] = near(codes[i, 0], radius)
+        codes[120 + i, 0] = near(codes[20 + i, 1 + i % 4], radius - 1)
+        codes[140 + i, 2] = near(codes[40 + i, 0], radius)
+        codes[160 + i, 3] = near(codes[60 + i, 2], 1)  # not a candidate: neither code is plain
+        codes[180 + i, 0] = near(codes[80 + i, 0], radius + 1)  # one bit too far
+    words = codes.view(np.uint64)
+    a, b = equalised_candidates(words, radius)
+    d = np.bitwise_count(words[:, None, :, None] ^ words[None, :, None, :]).sum(-1)  # [n, n, k, k]
+    best = np.minimum(d[:, :, 0, :].min(-1), d[:, :, :, 0].min(-1))
+    want = {(i, j) for i, j in zip(*np.nonzero(np.triu(best <= radius, 1)))}
+    assert set(zip(a.tolist(), b.tolist())) == want and len(a) == len(want)
+    assert {(i, 100 + i) for i in range(10)} | {(20 + i, 120 + i) for i in range(10)} <= want
+    assert {(40 + i, 140 + i) for i in range(10)} <= want
+    assert not {(60 + i, 160 + i) for i in range(10)} & want and not {(80 + i, 180 + i) for i in range(10)} & want
+
+
+# Fashion-MNIST train products whose equalised codes are within 12-20 bits of another's (or of
+# its clipped codes): sandals, sneakers, shirts (closest pairs among 20,000, h11b's notes).
+LOOKALIKES = (22170, 37182, 31053, 48194, 42944, 49362, 7963, 52412, 24535, 36921, 40700, 18303, 41959)
+
+
+@pytest.fixture(scope="module")
+def brightened_pool() -> pa.Table:
+    items = []
+    for i in LOOKALIKES:
+        img = Image.fromarray(_fashion("train")[i]).resize((64, 64), Image.Resampling.BICUBIC)
+        for tag, im in (("look", img), ("lookinv", Image.fromarray(255 - np.asarray(img)))):
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            items.append((f"{tag}{i}:orig", buf.getvalue()))
+    rng = np.random.default_rng(0)
+    for i in rng.choice(10000, 60, replace=False).tolist():
+        img = _product(i)
+        for kind, im in (("orig", img), ("brightened", ImageEnhance.Brightness(img).enhance(rng.uniform(1.2, 1.45)))):
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            items.append((f"prod{i}:{kind}", buf.getvalue()))
+    return _pool(items)
+
+
+def test_brightened_products_found_and_lookalike_products_kept_apart(brightened_pool):
+    """White-background products brightened x1.2-1.45 (light garments fade into the white):
+    measured 53 of 60 found (the 7 misses keep < 16 unclipped cells), 9 without the channel;
+    the look-alike products (black- and white-background) stay apart, and would merge if the
+    channel linked its candidates unchecked."""
+
+    def found(cfg):
+        rep = _groups(brightened_pool, find_near_duplicates(brightened_pool, cfg))
+        return _recall(rep, "brightened")[0], rep
+
+    recall, rep = found(DedupConfig())
+    assert recall >= 0.85, recall
+    _no_originals_merged(rep)
+    assert found(DedupConfig(equalised_radius=None))[0] < 0.3
+    unchecked = found(DedupConfig(equalised_sure_radius=24))[1]
+    originals = [u for u in unchecked if u.endswith(":orig")]
+    assert len({unchecked[u] for u in originals}) < len(originals)  # look-alikes merge without the check
