@@ -120,6 +120,8 @@ def records(spec: PoolSpec, part: int) -> pa.Table:
         "phash256": _fixed(p256),
         "thumb16": _fixed(thumb.astype(np.uint8)),
         "nphash256": _fixed(n256),
+        "cphash256": _fixed(_stream(spec, src, 8, 16).view(np.uint8).reshape(n, 128)),
+        "sat16": _fixed(np.zeros((n, 64), np.uint8)),  # no clipped cell
         "meta": [None] * n,
         "detail": [None] * n,
     }
