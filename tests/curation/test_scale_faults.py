@@ -64,7 +64,8 @@ def pool(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_sigkill_in_each_partitioned_stage_then_rerun_gives_identical_outputs(ray_local, pool, tmp_path):
-    address = ray_local.get_runtime_context().gcs_address
+    # the session's Ray listens on loopback only (runner.init_ray); its gcs_address names the LAN IP
+    address = "127.0.0.1:" + ray_local.get_runtime_context().gcs_address.rsplit(":", 1)[1]
     ref_run, run = tmp_path / "ref-run", tmp_path / "run"
     shutil.copytree(pool, ref_run)
     shutil.copytree(pool, run)
