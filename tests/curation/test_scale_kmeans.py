@@ -200,10 +200,7 @@ CLUSTER_SCRIPT = textwrap.dedent(
     import numpy as np
     import ray
     from ray.cluster_utils import Cluster
-    from lvd.curation import rundir, testdata
-from lvd.curation.dedup import DedupConfig
-from lvd.curation.ingest import IngestConfig
-from lvd.curation.lloyd import LloydConfig, lloyd
+    from lvd.curation.lloyd import LloydConfig, lloyd
     from lvd.curation.scale.dkmeans import DKMeansConfig, dkmeans
     from lvd.curation.vectors import open_vectors
 
