@@ -176,7 +176,9 @@ def main() -> None:
     if args.cluster_removal:
         print("RESULT " + json.dumps(with_node_removal(args.run, args.out, b)), flush=True)
         return
-    ray.init(address=args.address, log_to_driver=False)
+    from lvd.curation import runner
+
+    runner.init_ray(args.address)  # as `lvd curate --ray-address` joins (loopback kept loopback)
     times = run_stages(args.run, args.out, b, resume=args.resume)
     print("RESULT " + json.dumps(times), flush=True)
 
