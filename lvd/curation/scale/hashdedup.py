@@ -155,7 +155,9 @@ def partitioned_duplicates(
     records = sum(_wave(_exact_reduce, [(str(work), e) for e in range(E)], opts))
     codes = codes_of(cfg, _code_bits(work))
     copies = sum(_wave(_chunk_map, [(str(work), e, codes, B) for e in range(E)], opts))
-    edges = sum(_wave(_chunk_reduce, [(str(work), b, codes, cfg, shuffle.brute_group) for b in range(B)], opts))
+    _wave(_chunk_reduce, [(str(work), b, codes, E, shuffle.brute_group) for b in range(B)], opts)
+    _wave(_fetch, [(str(work), e) for e in range(E)], opts)
+    edges = sum(_wave(_verify, [(str(work), b, cfg) for b in range(B)], opts))
     files = sorted((work / "edges").glob("*.parquet"))
     comp_cfg = ComponentsConfig(partitions=shuffle.partitions, task_options=shuffle.task_options)
     comps = components(files, work / "components", comp_cfg)
@@ -270,11 +272,13 @@ def _versions(table: pa.Table, code: Code) -> np.ndarray:
 
 def _chunk_values(words: np.ndarray, bounds: tuple[int, ...]) -> np.ndarray:
     """uint64 [n, m]: the value of each chunk (bits bounds[k]:bounds[k+1], little-endian)."""
-    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")
+    raw = np.ascontiguousarray(words).view(np.uint8)
     out = np.zeros((len(words), len(bounds) - 1), np.uint64)
     for k in range(len(bounds) - 1):
+        lo, hi = bounds[k], bounds[k + 1]
+        bits = np.unpackbits(raw[:, lo // 8 : (hi + 7) // 8], axis=1, bitorder="little")
         packed = np.zeros((len(words), 8), np.uint8)
-        chunk = np.packbits(bits[:, bounds[k] : bounds[k + 1]], axis=1, bitorder="little")
+        chunk = np.packbits(bits[:, lo % 8 : lo % 8 + hi - lo], axis=1, bitorder="little")
         packed[:, : chunk.shape[1]] = chunk
         out[:, k] = packed.view(np.uint64).ravel()
     return out
@@ -336,11 +340,12 @@ def _edges(t: pa.Table, a: np.ndarray, b: np.ndarray, channel: str, distance: np
 
 
 def _chunk_map(work: str, e: int, codes: list[Code], B: int) -> int:
-    """Each record once per (code, chunk, version), to bucket hash(code, chunk, value) mod B."""
+    """Each record's key once per (code, chunk, code version), to bucket hash(code, chunk,
+    value) mod B: its id, its home part, and the code of that version (not the record)."""
     t = pq.read_table(Path(work) / "reps" / f"e{e}.parquet")
     if t.num_rows == 0:
         return 0
-    rows, units, which, buckets = [], [], [], []
+    rids, keys, units, which, buckets = [], [], [], [], []
     unit = 0
     for ci, code in enumerate(codes):
         versions = _versions(t, code)
@@ -348,70 +353,130 @@ def _chunk_map(work: str, e: int, codes: list[Code], B: int) -> int:
         for k in range(len(code.bounds) - 1):
             for j, vals in enumerate(values):
                 h = _mix(vals[:, k] ^ _mix(np.uint64(ci << 16 | k)))
-                rows.append(np.arange(t.num_rows))
+                rids.append(t[_RID].to_numpy())
+                keys.append(versions[:, j])
                 units.append(np.full(t.num_rows, unit, np.int32))
                 which.append(np.full(t.num_rows, j, np.int8))
                 buckets.append((h % np.uint64(B)).astype(np.int64))
             unit += 1
-    rows, units, which, buckets = (np.concatenate(x) for x in (rows, units, which, buckets))
+    buckets = np.concatenate(buckets)
+    table = pa.table({
+        _RID: np.concatenate(rids), "_unit": np.concatenate(units), "_which": np.concatenate(which),
+        "_home": np.full(len(buckets), e, np.int32), "_code": _binary_rows(keys),
+    })  # fmt: skip
     for b in range(B):
-        pick = np.flatnonzero(buckets == b)
-        part = t.take(rows[pick]).append_column("_unit", pa.array(units[pick], pa.int32()))
-        part = part.append_column("_which", pa.array(which[pick], pa.int8()))
-        _write(part, Path(work) / "chunks" / f"b{b}" / f"e{e}.parquet")
-    return len(rows)
+        _write(table.take(np.flatnonzero(buckets == b)), Path(work) / "chunks" / f"b{b}" / f"e{e}.parquet")
+    return len(buckets)
+
+
+def _binary_rows(blocks: list[np.ndarray]) -> pa.Array:
+    """A binary array with one value per row of each uint64 [n_i, w_i] block, in order."""
+    widths = np.concatenate([np.full(len(x), 8 * x.shape[1], np.int64) for x in blocks])
+    offsets = np.r_[0, np.cumsum(widths)].astype(np.int64)
+    data = b"".join(np.ascontiguousarray(x).tobytes() for x in blocks)
+    return pa.Array.from_buffers(pa.large_binary(), len(widths), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
 
 
 def _units(codes: list[Code]) -> list[tuple[Code, int]]:
     return [(code, k) for code in codes for k in range(len(code.bounds) - 1)]
 
 
-def _chunk_reduce(work: str, b: int, codes: list[Code], cfg: dedup.DedupConfig, brute_group: int) -> int:
+PAIR_SCHEMA = pa.schema([("rid_a", pa.int64()), ("rid_b", pa.int64()), ("channel", pa.string())])
+
+
+def _chunk_reduce(work: str, b: int, codes: list[Code], E: int, brute_group: int) -> None:
+    """Candidate record pairs of bucket b (every unit), and requests for their records."""
     files = sorted((Path(work) / "chunks" / f"b{b}").glob("*.parquet"))
-    if not files:  # no record was sent here
+    t = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    parts = []
+    units = t["_unit"].to_numpy() if t is not None else np.zeros(0, np.int32)
+    for u, (code, k) in enumerate(_units(codes)):
+        sub = t.filter(pa.array(units == u)) if t is not None else None
+        if sub is not None and sub.num_rows > 1:
+            ra, rb = _unit_pairs(sub.sort_by([(_RID, "ascending"), ("_which", "ascending")]), code, k, brute_group)
+            parts.append(pa.table({"rid_a": ra, "rid_b": rb, "channel": [code.channels] * len(ra)}, schema=PAIR_SCHEMA))
+    pairs = pa.concat_tables(parts) if parts else PAIR_SCHEMA.empty_table()
+    _write(pairs, Path(work) / "pairs" / f"b{b}.parquet")
+    touched = np.unique(np.concatenate([pairs["rid_a"].to_numpy(), pairs["rid_b"].to_numpy()]))
+    home = t.select([_RID, "_home"]).group_by(_RID).aggregate([("_home", "min")]) if t is not None else None
+    if home is not None and len(touched):
+        home = home.filter(pc.is_in(home[_RID], pa.array(touched)))
+        where = home["_home_min"].to_numpy()
+        for e in range(E):
+            ask = home[_RID].to_numpy()[where == e]
+            if len(ask):
+                _write(pa.table({_RID: ask}), Path(work) / "requests" / f"e{e}" / f"b{b}.parquet")
+
+
+def _fetch(work: str, e: int) -> None:
+    """Send the records of part e that buckets asked for (whole records, once per bucket)."""
+    asks = sorted((Path(work) / "requests" / f"e{e}").glob("*.parquet"))
+    if not asks:
+        return
+    t = pq.read_table(Path(work) / "reps" / f"e{e}.parquet")
+    for f in asks:
+        rows = t.filter(pc.is_in(t[_RID], pq.read_table(f)[_RID]))
+        _write(rows, Path(work) / "fetched" / f.stem / f"e{e}.parquet")
+
+
+def _verify(work: str, b: int, cfg: dedup.DedupConfig) -> int:
+    """Bucket b's candidate pairs checked by dedup.table_edges on the records they touch, in
+    input order; edges that are candidates here are written (the others' bucket has them)."""
+    pairs = pq.read_table(Path(work) / "pairs" / f"b{b}.parquet")
+    files = sorted((Path(work) / "fetched" / f"b{b}").glob("*.parquet"))
+    if pairs.num_rows == 0 or not files:
         _write(EDGE_SCHEMA.empty_table(), Path(work) / "edges" / f"b{b}.parquet")
         return 0
-    t = pa.concat_tables([pq.read_table(f) for f in files])
-    units = t["_unit"].to_numpy()
-    parts = []
-    for u, (code, k) in enumerate(_units(codes)):
-        sub = t.filter(pa.array(units == u)).sort_by([(_RID, "ascending"), ("_which", "ascending")])
-        sub = sub.drop_columns(["_unit"])
-        if sub.num_rows > 1:
-            parts.append(_unit_edges(sub, code, k, cfg, brute_group))
-    edges = pa.concat_tables(parts) if parts else EDGE_SCHEMA.empty_table()
+    records = pa.concat_tables([pq.read_table(f) for f in files]).sort_by(_RID)
+    found = dedup.table_edges(records, cfg)
+    rid = records[_RID].to_numpy()
+    cand = pairs.group_by(["rid_a", "rid_b"]).aggregate([("channel", "min")])
+    got = pa.table({"rid_a": rid[found.a], "rid_b": rid[found.b], "i": np.arange(len(found))})
+    hit = got.join(cand, ["rid_a", "rid_b"], join_type="inner").sort_by("i")
+    i = hit["i"].to_numpy()
+    pos_a, pos_b = found.a[i], found.b[i]
+    edges = _edges(records, pos_a, pos_b, "", found.distance[i]).set_column(4, "channel", hit["channel_min"])
     _write(edges, Path(work) / "edges" / f"b{b}.parquet")
     return edges.num_rows
 
 
-def _unit_edges(sub: pa.Table, code: Code, k: int, cfg: dedup.DedupConfig, brute_group: int) -> pa.Table:
-    """Verified pairs of records of one (code, chunk k) in one bucket: pairs of codes (one of
-    them a record's `code.column` code) that agree on chunk k, on no earlier chunk, and are
-    within the radius; dedup.table_edges decides which of those record pairs are edges."""
+def _unit_pairs(sub: pa.Table, code: Code, k: int, brute_group: int) -> tuple[np.ndarray, np.ndarray]:
+    """Record pairs (rid_a < rid_b) of one (code, chunk k) in one bucket: pairs of codes (one
+    of them a record's `code.column` code) that agree on chunk k, on no earlier chunk, and are
+    within the radius."""
     which = sub["_which"].to_numpy()
-    rids, first, rec = np.unique(sub[_RID].to_numpy(), return_index=True, return_inverse=True)
-    versions = _versions(sub, code)
-    words = np.ascontiguousarray(versions[np.arange(sub.num_rows), which])  # the code each row was sent for
-    values = _chunk_values(words, code.bounds)
-    a, b = _same_chunk_pairs(values[:, k], words, code.radius, brute_group)
-    ok = (rec[a] != rec[b]) & ((which[a] == 0) | (which[b] == 0)) & _ours(a, b, words, values, k, code.radius)
-    ra, rb = np.minimum(rec[a[ok]], rec[b[ok]]), np.maximum(rec[a[ok]], rec[b[ok]])
-    pairs = np.unique(ra * len(rids) + rb)
-    touched = np.unique(np.concatenate([ra, rb]))
-    if len(touched) < 2:
-        return EDGE_SCHEMA.empty_table()
-    records = sub.take(first).drop_columns(["_which"])  # one row per record, in input order
-    found = dedup.table_edges(records.take(touched), cfg)
-    ea, eb = touched[found.a], touched[found.b]
-    keep = np.isin(np.minimum(ea, eb) * len(rids) + np.maximum(ea, eb), pairs)
-    return _edges(records, ea[keep], eb[keep], code.channels, found.distance[keep])
+    rec = sub[_RID].to_numpy()
+    words = _binary_words(sub["_code"])
+    key = _chunk_values(words, code.bounds[k : k + 2])[:, 0]
+    a, b = _same_chunk_pairs(key, words, code.radius, brute_group)
+    keep = (rec[a] != rec[b]) & ((which[a] == 0) | (which[b] == 0))
+    a, b = a[keep], b[keep]
+    keep = _ours(a, b, words, key, code.bounds[: k + 1], code.radius)
+    ra, rb = rec[a[keep]], rec[b[keep]]
+    pairs = np.unique(np.stack([np.minimum(ra, rb), np.maximum(ra, rb)], axis=1), axis=0)
+    return pairs[:, 0], pairs[:, 1]
 
 
-def _ours(a, b, words, values, k: int, radius: int) -> np.ndarray:
-    """Pairs this unit answers for: agreeing on chunk k and on no earlier chunk, within radius."""
-    ok = values[a, k] == values[b, k]
-    ok &= (values[a, :k] != values[b, :k]).all(axis=1)
-    ok &= np.bitwise_count(words[a] ^ words[b]).sum(axis=1) <= radius
+def _binary_words(col: pa.ChunkedArray) -> np.ndarray:
+    """uint64 [n, w] from a binary column of equal-length codes."""
+    arr = col.combine_chunks()
+    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + len(arr) + 1]
+    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    return data.view(np.uint64).reshape(len(arr), -1)
+
+
+def _ours(a, b, words, key, earlier: tuple[int, ...], radius: int) -> np.ndarray:
+    """Pairs this unit answers for: agreeing on its chunk (`key`), within radius, and on no
+    earlier chunk (bounds `earlier`). Cheapest test first, each on the survivors of the last."""
+    ok = key[a] == key[b]
+    idx = np.flatnonzero(ok)
+    dist = np.zeros(len(idx), np.int64)
+    for w in range(words.shape[1]):  # word by word: no [pairs, words] temporaries
+        col = words[:, w]
+        dist += np.bitwise_count(col[a[idx]] ^ col[b[idx]])
+    idx = idx[dist <= radius]
+    ok[:] = False
+    ok[idx] = (_chunk_values(words[a[idx]], earlier) != _chunk_values(words[b[idx]], earlier)).all(axis=1)
     return ok
 
 
