@@ -9,15 +9,19 @@ Parquet parts under a scratch folder:
    and passes the first ones on (`reps/`): a pool of a thousand blank images sends one.
 2. chunk pass. For every code `dedup.candidate_codes` names (one per column, at the largest
    radius R of its channels) the code is cut into m >= R+1 chunks: two codes within R bits
-   agree exactly on at least one chunk (pigeonhole). A map task per `reps/` part writes
-   each record once per chunk k to bucket hash(column, k, chunk value) mod `buckets`. A
-   reduce task per bucket takes, per (column, k), the pairs agreeing on chunk k and on no
-   earlier chunk (so a pair is seen in one bucket only) and within R bits, and verifies
-   them with `dedup.table_edges` on the records they touch, in the input's order: the
-   single-process check, all channels, so any new per-pair check applies here unchanged.
-   A code column with variants (the equalised channel's clipped codes) sends each of a
-   record's codes; pairs of two variants are not candidates, as in dedup.
-3. components (`scale.components`) over the edge partitions, then one row per
+   agree exactly on at least one chunk (pigeonhole). A map task per `reps/` part sends each
+   record's key (its id, its home part and the code: ~60 B, not the record) once per chunk
+   k to bucket hash(column, k, chunk value) mod `buckets`; a column with variants (the
+   equalised channel's clipped codes) sends each of a record's codes. A reduce task per
+   bucket takes, per (column, k), the pairs of codes agreeing on chunk k and on no earlier
+   chunk (so a pair is seen in one bucket only), within R bits, one of them a record's own
+   `column` code (as dedup: two variants are no candidate), and asks the records' home parts
+   for them.
+3. fetch and verify. A task per `reps/` part sends the asked-for records to each bucket; a
+   task per bucket runs `dedup.table_edges` on them, in input order (the single-process
+   check, all channels: a new per-pair check applies here unchanged), and keeps the edges
+   that are its candidates (`edges/`: uid_a, uid_b, pixels, channel, distance).
+4. components (`scale.components`) over the edge partitions, then one row per
    non-representative uid, sorted by uid: `DUPLICATES_SCHEMA`, equal to the single process.
 
 Why the output is equal: every pair the single process links is within its channel's
@@ -29,12 +33,13 @@ identical (its collapse: equal hashes and aspect bucket, not equal size) are mat
 the first of them in input order; records are ordered by (part, row), which is the single
 process's order when parts are in source order, as ingest writes them.
 
-Memory: a map task holds one input part and one bucket of its output; a reduce task holds one
-bucket (the records sent to it, ~430 B each: `budget.HASH_RECORD_BYTES`) and its pairs.
-Records are copied once per chunk and code version: sum over codes of m * (1 + variants),
-134 with the default config (29 chunks of phash256; 21 of nphash256 and its 4 clipped codes), so
-`budget.hash_bucket_count` should be given N * copies records. The final table (one row per
-duplicate) is assembled by one task, not by the driver.
+Memory: an exact-pass task holds one input part or one bucket (N / exact_buckets records of
+~430 B, `budget.HASH_RECORD_BYTES`); a chunk reduce task holds the keys of its bucket
+(N * copies / buckets keys of ~60 B) and their candidate pairs; a verify task holds the
+records its candidates touch. Keys are sent once per chunk and code version: sum over codes
+of m * (1 + variants), 154 per record with the default config (29 chunks of phash256, 25 of
+nphash256 and of each of its 4 clipped codes). The final table (one row per duplicate) is
+assembled by one task, not by the driver.
 """
 
 from __future__ import annotations
@@ -67,7 +72,7 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 class ShuffleConfig:
     """Sizes of the shuffle (`budget.hash_bucket_count` gives them from a memory budget)."""
 
-    buckets: int = 16  # B: buckets of the chunk pass; a reduce task holds ~N * copies / B records
+    buckets: int = 16  # B: buckets of the chunk pass; a reduce task holds ~N * copies / B keys
     exact_buckets: int = 8  # buckets of the exact pass; a reduce task holds ~N / exact_buckets records
     partitions: int = 8  # node partitions of the connected components
     brute_group: int = 512  # rows sharing a chunk compared all-pairs up to this many, else indexed
@@ -105,7 +110,7 @@ class Code:
 class HashDedupReport:
     duplicates: Path  # DUPLICATES_SCHEMA rows, sorted by uid
     records: int  # input records compared (accepted, one per uid)
-    copies: int  # chunk-pass records sent (records x chunks)
+    copies: int  # chunk-pass keys sent (records x chunks x code versions)
     edges: int
     phases: int  # star steps of the components
 
