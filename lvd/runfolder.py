@@ -19,7 +19,7 @@ it, what went in:
   giving them again is fine); the settings must match.
 - `overwrite`: the run's outputs are deleted (`outputs`: the names to delete; default all
   but the lock), then the folder is claimed afresh. A non-empty folder that holds neither
-  `run.json` nor an lvd run (`ingest/`, `ledger.parquet`) is refused, never wiped.
+  `run.json` nor an lvd run (`ingest/`, `ledger/`, `ledger.parquet`) is refused, never wiped.
 The lock is `fcntl.flock` on `RUN/.lock` (pid, host, start time inside): a second process is
 refused with "another lvd run (pid N, started T) holds RUN"; the OS releases it when the
 holder exits or is killed. In one process claims nest (the pipeline claims OUT, its curate
@@ -264,7 +264,7 @@ def precheck(
 def _check_wipe(run_dir: Path, outputs: tuple[str, ...] | None = None) -> None:
     if outputs is None and _has_content(run_dir) and not any((run_dir / m).exists() for m in LVD_RUN_MARKS):
         raise RunFolderError(
-            f"--overwrite {run_dir}: not an lvd run folder (no {RECORD}, ingest/ or "
+            f"--overwrite {run_dir}: not an lvd run folder (no {RECORD}, ingest/, ledger/ or "
             "ledger.parquet) and not empty: refusing to delete it; use an empty or new --out"
         )
 
