@@ -48,7 +48,6 @@ from lvd.curation.scale.synthetic import PoolSpec, write_pool
 
 STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger")
 KMEANS_K, KMEANS_ITERS, KNN_K = 256, 3, 16
-HASH_COPIES = 50  # records the chunk pass sends per record (scale.hashdedup: 29 + 21 chunks)
 KNN_QUERIES = 20_000  # queries searched against the whole sharded pool at every size
 KNN_NLIST, KNN_NPROBE = 512, 8  # IVF lists fixed in N: the driver trains the quantiser on 64 * nlist rows
 
@@ -95,11 +94,15 @@ def stage_kmeans(ctx: Ctx) -> str:
     return f"k={KMEANS_K}, {KMEANS_ITERS} iters, {n_actors} actors, inertia {res.inertia:.1f}"
 
 
+def n_keys(ctx: Ctx) -> int:
+    return ctx.spec.n * B.HASH_KEY_COPIES
+
+
 def shuffle_config(ctx: Ctx, n_edges: int):
     from lvd.curation.scale.hashdedup import ShuffleConfig
 
     return ShuffleConfig(
-        buckets=max(2 * ctx.workers, B.hash_bucket_count(ctx.spec.n * HASH_COPIES, ctx.budget)),
+        buckets=max(2 * ctx.workers, B.hash_bucket_count(n_keys(ctx), ctx.budget, record_bytes=B.HASH_KEY_BYTES)),
         exact_buckets=max(2 * ctx.workers, B.hash_bucket_count(ctx.spec.n, ctx.budget)),
         partitions=max(2 * ctx.workers, B.component_partitions(n_edges, ctx.budget)),
         task_options=B.ray_options(ctx.budget),
@@ -113,9 +116,9 @@ def stage_hashdedup(ctx: Ctx) -> str:
     from lvd.curation.dedup import DedupConfig
     from lvd.curation.scale import hashdedup
 
-    need = 2 * ctx.spec.n * HASH_COPIES * B.HASH_RECORD_BYTES  # measured: 5.2 GB at 1e5 (Parquet of random codes)
+    need = 2 * (n_keys(ctx) * B.HASH_KEY_BYTES + ctx.spec.n * B.HASH_RECORD_BYTES)  # keys + the exact pass
     if need > shutil.disk_usage(ctx.run_dir).free * 0.8:
-        raise Skip(f"skipped: its shuffle writes ~{B.format_bytes(need)} (N x {HASH_COPIES} records), over this disk")
+        raise Skip(f"skipped: its shuffle writes ~{B.format_bytes(need)}, over this disk's free space")
     work = ctx.run_dir / f"hashdedup-{ctx.workers}"
     shutil.rmtree(work, ignore_errors=True)
     rep = hashdedup.partitioned_duplicates(

@@ -6,7 +6,8 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
 
     data_bytes(B)          = (B - WORKER_BASE_BYTES) * FILL       bytes a worker may give to partition data
     vector_shard_rows      = data_bytes / vector_row_bytes(D, index)     rows one index / k-means actor holds
-    hash_bucket_count(N)   = ceil(N * HASH_RECORD_BYTES * HASH_WORK / data_bytes)   buckets of the hash shuffle
+    hash_bucket_count(N)   = ceil(N * HASH_RECORD_BYTES * HASH_WORK / data_bytes)   buckets of the exact pass
+    hash_bucket_count(N * HASH_KEY_COPIES, record_bytes=HASH_KEY_BYTES)       buckets of the chunk (key) pass
     query_block_rows       = data_bytes / 4 / (4*D + 24*k)            queries searched at once
     ingest_partition_cap   = data_bytes / (2 * mean input bytes)      files per ingest partition at most
     ledger_range_rows      = data_bytes / LEDGER_ROW_BYTES            uids per ledger / verify range task
@@ -59,6 +60,9 @@ FILL = 0.5  # share of (budget - base) given to partition data; the rest is for 
 # dhash (8 each), phash256, nphash256 (32 each), cphash256 (4 x 32), sat16 (64), thumb16 (256),
 # a bucket key and row id (16).
 HASH_RECORD_BYTES = 68 + 4 * 8 + 2 * 32 + 128 + 64 + 256 + 16
+# One key of scale.hashdedup's chunk shuffle (id, home part, the code: ~60 B, its module doc); it
+# sends HASH_KEY_COPIES of them per record (chunks x code versions with the default dedup config).
+HASH_KEY_BYTES, HASH_KEY_COPIES = 60, 154
 EDGE_ROW_BYTES = 150  # one direction of an edge in the components: two node keys (19 digits + 64-hex uid)
 LEDGER_ROW_BYTES = 150  # a (uid, source) pair as Python strings (the ledger's 2M-row range: ~300 MB)
 SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)
