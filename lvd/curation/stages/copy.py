@@ -247,12 +247,13 @@ class Decider:
 
 
 def run_calibration(
-    run_dir: Path, pool: PoolFeatures, cfg: cd.CopyDetectConfig, copy_model: tuple[str, dict] | None
+    run_dir: Path, uids: list[str], cfg: cd.CopyDetectConfig, copy_model: tuple[str, dict] | None
 ) -> cd.Calibration:
-    """Known copies of a sample of the pool's own images: threshold, recall, false links."""
-    rows = cd.calibration_sample(pool.uids.tolist(), cfg.calib_images, cfg.seed)
-    blobs = rundir.read_blobs(run_dir, {pool.uids[r] for r in rows})
-    copies, distinct = cd.calibration_pairs([blobs[pool.uids[r]] for r in rows], cfg.seed)
+    """Known copies of a sample of the pool's own images (`uids`: the unique accepted ones):
+    threshold, recall, false links."""
+    rows = cd.calibration_sample(uids, cfg.calib_images, cfg.seed)
+    blobs = rundir.read_blobs(run_dir, {uids[r] for r in rows})
+    copies, distinct = cd.calibration_pairs([blobs[uids[r]] for r in rows], cfg.seed)
     if copy_model is None:
         copy_scores, distinct_scores = _local_scores(copies, distinct, cfg)
         return cd.calibrate(cd.METHOD_LOCAL, copy_scores, distinct_scores, cfg, images=len(rows))
@@ -338,13 +339,15 @@ class CopyDetectFn:
     def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
         t0 = time.perf_counter()
         run, cfg = Path(self.run_dir), self.cfg
-        pool = read_features(run)
-        n = len(pool.uids)
-        copy_vecs = open_vectors(rundir.vectors_dir(run, "copyembed")).get(pool.uids) if self.copy_model else None
-        t_read = time.perf_counter()
-        # the calibration's Ray tasks run while this task finds the candidates (they do not need it)
+        # the calibration's Ray tasks run while this task reads the features and finds the
+        # candidates (it needs neither)
         with ThreadPoolExecutor(1) as pool_:
-            cal_job = pool_.submit(_timed, run_calibration, run, pool, cfg, self.copy_model)
+            uids = rundir.unique_accepted(run)["uid"].to_pylist()
+            cal_job = pool_.submit(_timed, run_calibration, run, uids, cfg, self.copy_model)
+            pool = read_features(run)
+            n = len(pool.uids)
+            copy_vecs = open_vectors(rundir.vectors_dir(run, "copyembed")).get(pool.uids) if self.copy_model else None
+            t_read = time.perf_counter()
             a, b, pa_, pb_, groups, hp = self._candidates(run, pool, copy_vecs)
             t_cand = time.perf_counter()
             cal, seconds_cal = cal_job.result()
