@@ -491,3 +491,16 @@ def test_brightened_products_found_and_lookalike_products_kept_apart(brightened_
     unchecked = found(DedupConfig(equalised_sure_radius=24))[1]
     originals = [u for u in unchecked if u.endswith(":orig")]
     assert len({unchecked[u] for u in originals}) < len(originals)  # look-alikes merge without the check
+
+
+def test_ingest_writes_the_brightness_columns():
+    """nphash256 / cphash256 / sat16 are brightness_codes and saturation_masks of ingest's gray
+    (a 64 px grayscale PNG is hashed as it is)."""
+    img = _product(4, side=64)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    rec, _ = ingest_item(RawItem("p", buf.getvalue(), None), IngestConfig())
+    codes, x = brightness_codes(_gray(img)), _gray(img)
+    assert rec["nphash256"] == codes[0].tobytes() and rec["cphash256"] == codes[1:].tobytes()
+    assert rec["sat16"] == np.packbits(saturation_masks(x)).tobytes()
+    assert saturation_masks(x)[0].sum() > 100  # the white background is light-saturated
