@@ -19,9 +19,11 @@ step in a row change nothing.
 
 Rounds: O(log^2 n) steps proven, O(log n) observed (the paper; a 1,000-node path with random
 ranks converged in 20 steps, where min-label propagation needed 727 rounds and propagation
-with pointer jumping 188; `tests/curation/test_scale_hashdedup.py` checks `rounds_bound`). Memory of one task: one
-partition's edges, both ways (2E/P rows of two keys, ~150 B each with a 64-hex uid), and the
-same again for its new edges; edges never grow past 2E + V. The driver holds paths and counts.
+with pointer jumping 188; `tests/curation/test_scale_hashdedup.py` checks `rounds_bound`).
+
+Memory of one task: one partition's edges, both ways (2E/P rows of two keys, ~150 B each with
+a 64-hex uid), and the same again for its new edges; edges never grow past 2E + V. The driver
+holds paths and counts.
 """
 
 from __future__ import annotations
