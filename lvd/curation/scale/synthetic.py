@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from lvd.curation import runner
+from lvd.curation import rundir, runner
 from lvd.curation.ingest import BLOB_SCHEMA, INGEST_SCHEMA
 from lvd.curation.vectors import write_vectors
 
@@ -178,7 +178,7 @@ def write_pool(spec: PoolSpec, run_dir: Path, *, vectors_too: bool = True) -> Pa
     """Write the pool into `run_dir` (ingest parts with markers, vector parts); a part already
     written (marker present, vectors present) is kept, so a second call is cheap."""
     run_dir = Path(run_dir)
-    ingest_dir, vec_dir = run_dir / "ingest", run_dir / "vectors"
+    ingest_dir, vec_dir = rundir.stage_dir(run_dir, "ingest"), rundir.vectors_dir(run_dir)
     ingest_dir.mkdir(parents=True, exist_ok=True)
     cfg = runner.config_hash(spec, INGEST_SCHEMA.names)  # a new ingest column rewrites the pool
     for part in range(spec.parts):
