@@ -36,10 +36,11 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import pyarrow as pa
 
-from lvd.curation.hamming_pairs import candidate_pairs
+from lvd.curation.hamming_pairs import _multihash_params, candidate_pairs
 from lvd.curation.phash import CLIP_FACTORS
 from lvd.curation.unionfind import UnionFind, components, representative_rank
 
@@ -331,14 +332,27 @@ def clipped_thumb_residual(
 def equalised_candidates(codes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
     """Pairs (a < b, unique) of rows with a code of one within `radius` bits of the other's
     plain code (codes: uint64 [n, k, 4], plain first): the equalised channel's candidates.
-    All n*k codes go into one search; pairs of two clipped codes are dropped after it."""
-    n, k = codes.shape[:2]
-    flat = np.ascontiguousarray(codes).reshape(n * k, codes.shape[2])
-    a, b = candidate_pairs(flat, radius)
-    ok = np.bitwise_count(flat[a] ^ flat[b]).sum(axis=1) <= radius
-    ok &= ((a % k == 0) | (b % k == 0)) & (a // k != b // k)
-    ra, rb = a[ok] // k, b[ok] // k
-    pairs = np.unique(np.minimum(ra, rb) * n + np.maximum(ra, rb))
+
+    One Faiss multi-hash index (`hamming_pairs`' parameters, exact by pigeonhole) holds all
+    n*k codes and only the n plain codes query it: pairs of two clipped codes are never
+    formed, and 1/k of the queries of a self-join (12k rows: 33 s -> ~7 s under load)."""
+    n, k, w = codes.shape
+    nbits = 64 * w
+    flat = np.ascontiguousarray(codes).view(np.uint8).reshape(n * k, nbits // 8)
+    if n < 2:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    nhash, b, nflip = _multihash_params(radius, n * k, nbits)
+    index = faiss.IndexBinaryMultiHash(nbits, nhash, b)
+    index.nflip = nflip
+    index.add(flat)
+    plain = np.ascontiguousarray(flat[::k])
+    keys = []
+    for start in range(0, n, _QUERY_BATCH):
+        lims, _, ids = index.range_search(plain[start : start + _QUERY_BATCH], radius + 1)  # strict <
+        q = start + np.repeat(np.arange(len(lims) - 1), np.diff(lims).astype(np.int64))
+        r = ids.astype(np.int64) // k
+        keys.append(np.minimum(q, r)[q != r] * n + np.maximum(q, r)[q != r])
+    pairs = np.unique(np.concatenate(keys))
     return pairs // n, pairs % n
 
 
