@@ -153,21 +153,43 @@ def row(name: str, s: dict, extra: str = "", kinds: tuple[str, ...] = KINDS) -> 
     return f"{name:22s} {cells} {len(s['merged']):7d}  {extra}"
 
 
-def cpu_seconds() -> float:
+class CpuMeter:
     """CPU seconds (user + system) of this process and every process below it (the local Ray's
-    raylet and workers), reaped children included: a cost that other load on the machine
-    barely moves, unlike wall time."""
-    from lvd.flows.watchdog import descendants
+    raylet and workers), sampled every `every` seconds in a thread: a process that exits keeps
+    its last sample. Children's cumulative times are not read: a Ray worker reaped outside this
+    tree took its CPU with it (a stage then read less CPU than it used, even negative), and
+    one reaped inside would count twice. A cost that other load moves less than wall time."""
 
-    total = 0.0
-    for pid in [os.getpid(), *descendants(os.getpid())]:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(x) for x in fields[11:15])  # utime, stime, cutime, cstime
-    return total / os.sysconf("SC_CLK_TCK")
+    def __init__(self, every: float = 0.2):
+        import threading
+
+        self.last: dict[tuple[int, int], float] = {}  # (pid, start time) -> CPU seconds
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, every: float) -> None:
+        while not self._stop.wait(every):
+            self.sample()
+
+    def sample(self) -> None:
+        from lvd.flows.watchdog import descendants
+
+        tick = os.sysconf("SC_CLK_TCK")
+        for pid in [os.getpid(), *descendants(os.getpid())]:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            with self._lock:
+                self.last[(pid, int(fields[19]))] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    def total(self) -> float:
+        self.sample()
+        with self._lock:
+            return sum(self.last.values())
 
 
 class Clock:
@@ -176,11 +198,12 @@ class Clock:
     def __init__(self):
         self.wall: dict[str, float] = {}
         self.cpu: dict[str, float] = {}
+        self.meter = CpuMeter()
 
     def run(self, name: str, fn, *args, **kwargs):
-        c, t = cpu_seconds(), time.perf_counter()
+        c, t = self.meter.total(), time.perf_counter()
         out = fn(*args, **kwargs)
-        self.wall[name], self.cpu[name] = time.perf_counter() - t, cpu_seconds() - c
+        self.wall[name], self.cpu[name] = time.perf_counter() - t, self.meter.total() - c
         return out
 
 
