@@ -23,8 +23,10 @@ hours from the measured worker-seconds per row extrapolated with the exponent me
 the two largest sizes, GPU hours for embedding from a stated throughput; beside the paper's
 20 nodes x 8 V100 in under 2 days for 1.2B images.
 
-Run: .venv/bin/python benchmarks/curate_scale.py                       # 1e5 on 1 and 2 workers, ~2 min
-     .venv/bin/python benchmarks/curate_scale.py --sizes 1e5,1e6,1e7 --worker-memory 3GiB
+Run: .venv/bin/python benchmarks/curate_scale.py           # 3e4 and 1e5 on 1 and 2 workers, hash stages at 3e4
+     .venv/bin/python benchmarks/curate_scale.py --sizes 1e5,1e6 --stages "sharded kNN,k-means,ledger"
+     .venv/bin/python benchmarks/curate_scale.py --sizes 1e7 --workers 2 --stages "sharded kNN,k-means,ledger"
+     .venv/bin/python benchmarks/curate_scale.py --sizes 1e5 --hash-max 1e5 --stages "hash dedup,components"
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ class Ctx:
     spec: PoolSpec
     budget: B.WorkerBudget
     workers: int
+    hash_max: float = math.inf
 
 
 class Skip(Exception):
@@ -116,6 +119,8 @@ def stage_hashdedup(ctx: Ctx) -> str:
     from lvd.curation.dedup import DedupConfig
     from lvd.curation.scale import hashdedup
 
+    if ctx.spec.n > ctx.hash_max:
+        raise Skip(f"skipped: above --hash-max {ctx.hash_max:.0e} (the shuffle takes 15+ min at 1e5 on 2 loaded cores)")
     need = 2 * (n_keys(ctx) * B.HASH_KEY_BYTES + ctx.spec.n * B.HASH_RECORD_BYTES)  # keys + the exact pass
     if need > shutil.disk_usage(ctx.run_dir).free * 0.8:
         raise Skip(f"skipped: its shuffle writes ~{B.format_bytes(need)}, over this disk's free space")
@@ -216,12 +221,18 @@ def measure(fn, ctx: Ctx) -> tuple[float, B.PeakWatch, str]:
 
 
 def run_one(
-    run_dir: Path, spec: PoolSpec, workers: int, worker_memory: int, baseline: bool, stages: list[str]
+    run_dir: Path,
+    spec: PoolSpec,
+    workers: int,
+    worker_memory: int,
+    baseline: bool,
+    stages: list[str],
+    hash_max: float = math.inf,
 ) -> list[Row]:
     """Every stage on one pool under a fresh local Ray of `workers` CPUs (this is the subprocess)."""
     import ray
 
-    ctx = Ctx(run_dir, spec, B.WorkerBudget(worker_memory), workers)
+    ctx = Ctx(run_dir, spec, B.WorkerBudget(worker_memory), workers, hash_max)
     ray.init(
         address="local",
         num_cpus=workers,
@@ -255,6 +266,7 @@ def spawn(args, n: int, workers: int, baseline: bool) -> list[Row]:
     cmd = [sys.executable, __file__, "--one", str(n), str(workers), "--pool-root", str(args.pool_root)]
     cmd += ["--worker-memory", str(args.worker_memory), "--baseline-max", str(n if baseline else 0)]
     cmd += ["--dim", str(args.dim), "--part-rows", str(args.part_rows), "--stages", args.stages]
+    cmd += ["--hash-max", str(args.hash_max)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -347,7 +359,7 @@ def print_sizing(rows: list[Row], args) -> None:
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n in (142_000_000, 1_200_000_000):
         core_h = 0.0
-        for stage in STAGES:
+        for stage in (s for s in STAGES if s != "components"):  # the hash dedup stage includes them
             if rate := cpu_rate(rows, stage):
                 per_row, slope, n0 = rate
                 core_h += per_row * n * (n / n0) ** (slope - 1) / 3600
@@ -374,7 +386,8 @@ def print_sizing(rows: list[Row], args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--sizes", default="1e5", help="pool sizes, comma-separated (1e5,1e6,1e7)")
+    p.add_argument("--sizes", default="3e4,1e5", help="pool sizes, comma-separated (1e5,1e6,1e7)")
+    p.add_argument("--hash-max", type=float, default=3e4, help="run hash dedup + components up to this size")
     p.add_argument("--workers", default="1,2", help="Ray CPUs (workers) per run, comma-separated")
     add_scale_options(p, default="3GiB")
     p.add_argument("--pool-root", type=Path, default=Path("/tmp/lvd-curate-scale"), help="where pools are kept")
