@@ -538,18 +538,28 @@ def split_chains(
 
     Rows with one `group` label (the hash dedup's groups: resized / recompressed versions of
     one image, verified by their own stricter rule) form one unit, led by its best-ranked row.
-    Per connected component, units (largest first, then in `rank` order) join the first centre unit
-    whose leader is linked with their own leader (a decided edge, else `linked`), else become
-    a centre; after `max_centres` centres a unit stays alone. One false decision between two
-    members of different units therefore cannot merge them. Returns edges member -> unit
-    leader and leader -> centre leader."""
+    Per connected component, units (largest first, then in `rank` order) join the first centre
+    unit that their leader has a decided edge with (with any member of the centre unit, or any
+    member of theirs with the centre's leader: a unit's members are versions of one image, and
+    its leader may be its JPEG q25 version, which a 40% crop does not match), else whose leader
+    `linked` says is linked with theirs; else they become a centre; after `max_centres`
+    centres a unit stays alone. Every join is a direct link with the centre unit, never one
+    through a third unit. Returns edges member -> unit leader and leader -> centre leader."""
     labels = np.arange(n) if group is None else np.asarray(group)
     a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
     uf = UnionFind(n)
     uf.union_edges(a, b)
     roots = uf.roots()
     unit_links = {(min(x, y), max(x, y)) for x, y in zip(labels[a].tolist(), labels[b].tolist()) if x != y}
-    leader_links = set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
+    decided = set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
+
+    def direct(rows: list[int], centre: list[int]) -> bool:
+        """A decided edge between one unit's leader and any member of the other."""
+        return any(
+            (min(x, y), max(x, y)) in decided
+            for x, y in [(rows[0], m) for m in centre] + [(m, centre[0]) for m in rows]
+        )
+
     comps: dict[int, dict[int, list[int]]] = {}
     for i in np.argsort(rank, kind="stable").tolist():
         comps.setdefault(int(roots[i]), {}).setdefault(int(labels[i]), []).append(i)
@@ -568,8 +578,7 @@ def split_chains(
             tried = centres[:max_centres]
             # centres this unit has a decided link with first; the leaders decide either way
             for c in sorted(tried, key=lambda c: (min(lab, c), max(lab, c)) not in unit_links):
-                key = (min(rows[0], units[c][0]), max(rows[0], units[c][0]))
-                if key in leader_links:
+                if direct(rows, units[c]):
                     home = c
                     break
                 checks += 1

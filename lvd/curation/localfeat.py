@@ -16,8 +16,11 @@ fits a similarity transform (RANSAC, deterministic seed, scale within 1/2..2 sin
 images share one size), and returns the inlier count and the containment of the frames: A's
 frame mapped into B's, the overlap over each frame's area; the larger must be >= 0.85 (one
 image lies inside the other: a crop, an overlay) and the smaller >= 0.3 (it keeps enough of
-the other). A burst-like neighbour overlaps only partly and fails. The mirror of B is tried
-only when the direct match is not already conclusive.
+the other). A burst-like neighbour overlaps only partly and fails. Inliers count once per
+place (3 px: ORB finds one corner at several scales), and their convex hull must cover 5% of
+the overlap: a look-alike detail (two trousers' crotch) or a shared sticker matches in one
+patch. The pair is taken in one order whatever the caller's, so the verdict is symmetric. The
+mirror of B is tried only when the direct match is not already conclusive.
 
 `global_descriptor(img)`: a 144-d model-free vector for k-NN candidate search when no embedder
 is given: an HSV colour histogram (8 hue x 4 saturation x 4 value) and a mirror-folded histogram
@@ -91,6 +94,14 @@ class VerifyConfig:
     # keeping a quarter of the area at ~2; a tighter range also refuses degenerate fits that
     # shrink one image's keypoints into a dense patch of the other's.
     max_scale: float = 2.0  # the transform's scale stays within [1/max_scale, max_scale]
+    # Inliers count once per `inlier_cell` x `inlier_cell` pixels of each image (the smaller
+    # count of the two): ORB finds one corner at several pyramid levels, a pixel or two
+    # apart, and those are one piece of evidence, not several.
+    inlier_cell: float = 3.0
+    # The inliers' convex hull must cover this fraction of the frames' overlap: a shared
+    # sticker, caption or one look-alike detail matches in one small patch (measured on the
+    # benchmark dump: <= 0.07 for every such pair; copies' links mostly >= 0.15).
+    min_spread: float = 0.05
 
     def __post_init__(self):
         if not 0 < self.ratio < 1:
@@ -101,6 +112,10 @@ class VerifyConfig:
             raise ValueError(f"min_contained={self.min_contained}, min_kept={self.min_kept}: use fractions in [0, 1]")
         if not self.max_scale >= 1:
             raise ValueError(f"max_scale={self.max_scale}: use >= 1")
+        if not 0 <= self.inlier_cell <= 64 or not 0 <= self.min_spread <= 1:
+            raise ValueError(
+                f"inlier_cell={self.inlier_cell}, min_spread={self.min_spread}: use 0..64 pixels and a fraction"
+            )
 
 
 @dataclass(frozen=True)
@@ -125,23 +140,27 @@ class Features:
 
 
 class Verdict(tuple):
-    """(inliers, contained, kept, flipped) of the better orientation: RANSAC inliers, how much
-    of the smaller-overlap image's frame lies in the other's, how much of the other's frame it
-    keeps; `score` is what thresholds see."""
+    """(inliers, contained, kept, flipped, spread) of the better orientation: RANSAC inliers
+    (distinct places, `VerifyConfig.inlier_cell`), how much of the smaller-overlap image's
+    frame lies in the other's, how much of the other's frame it keeps, and the inliers' convex
+    hull over the frames' overlap; `score` is what thresholds see."""
 
     __slots__ = ()
 
-    def __new__(cls, inliers: int, contained: float, kept: float, flipped: bool):
-        return super().__new__(cls, (int(inliers), float(contained), float(kept), bool(flipped)))
+    def __new__(cls, inliers: int, contained: float, kept: float, flipped: bool, spread: float = 0.0):
+        return super().__new__(cls, (int(inliers), float(contained), float(kept), bool(flipped), float(spread)))
 
     inliers = property(lambda self: self[0])
     contained = property(lambda self: self[1])
     kept = property(lambda self: self[2])
     flipped = property(lambda self: self[3])
+    spread = property(lambda self: self[4])
 
     def score(self, cfg: VerifyConfig) -> int:
-        """Inliers when one image lies within the other, else 0 (a partial overlap is no copy)."""
-        return self.inliers if self.contained >= cfg.min_contained and self.kept >= cfg.min_kept else 0
+        """Inliers when one image lies within the other and the inliers spread over their
+        overlap, else 0 (a partial overlap is no copy; nor is one shared patch)."""
+        ok = self.contained >= cfg.min_contained and self.kept >= cfg.min_kept and self.spread >= cfg.min_spread
+        return self.inliers if ok else 0
 
 
 NO_MATCH = Verdict(0, 0.0, 0.0, False)
@@ -213,7 +232,10 @@ _GRID = 4  # keypoints are spread over a GRID x GRID layout of the image
 def _orb(cfg: FeatureConfig):
     if cfg not in _ORB_CACHE:
         _ORB_CACHE[cfg] = (
-            cv2.ORB_create(nfeatures=2 * cfg.n_features, fastThreshold=cfg.fast_threshold),
+            # ORB keeps its strongest keypoints per pyramid level before the grid picks: with
+            # 2x the budget a sticker's corners took nearly all of them (the overlay copies
+            # then matched their originals nowhere else); 8x leaves every cell candidates
+            cv2.ORB_create(nfeatures=8 * cfg.n_features, fastThreshold=cfg.fast_threshold),
             cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)),
             cfg.n_features,
         )
@@ -240,7 +262,7 @@ def _detect(orb, gray: np.ndarray) -> tuple[tuple, tuple]:
     )
     order = np.lexsort((-response, cell))  # by cell, strongest first
     rank_in_cell = np.arange(len(order)) - np.searchsorted(cell[order], cell[order])
-    per_cell = max(1, n // (_GRID * _GRID))
+    per_cell = max(1, n // (2 * _GRID * _GRID))  # half the budget spread over the cells, half the strongest
     first = order[rank_in_cell < per_cell]
     rest = order[rank_in_cell >= per_cell]
     pick = np.concatenate(
@@ -264,13 +286,22 @@ def verify(fa: Features, fb: Features, cfg: VerifyConfig = VerifyConfig(), *, en
     """The better of (A vs B) and (A vs mirrored B); the mirror is skipped once the direct
     match scores `enough` (the caller's threshold: more cannot change its decision). With a
     threshold given, an orientation whose ratio-test matches are fewer than `enough` is not
-    fitted at all (its inliers could not reach it): it scores 0, which decides the same."""
+    fitted at all (its inliers could not reach it): it scores 0, which decides the same.
+    Symmetric: the pair is taken in one order whichever comes first (Lowe's test and RANSAC
+    are not), so verify(A, B) and verify(B, A) give one verdict (pool, calibration and
+    eval-set pairs are ordered differently)."""
+    if _order_key(fb) < _order_key(fa):
+        fa, fb = fb, fa
     gate = 3 if enough >= 1 << 30 else max(3, enough)
     direct = _verify_one(fa.kp, fa.desc, fa.size, fb.kp, fb.desc, fb.size, cfg, False, gate)
     if direct.score(cfg) >= enough:
         return direct
     mirrored = _verify_one(fa.kp, fa.desc, fa.size, fb.kp_flip, fb.desc_flip, fb.size, cfg, True, gate)
     return max(direct, mirrored, key=lambda v: (v.score(cfg), v.inliers))
+
+
+def _order_key(f: Features) -> tuple:
+    return f.size, len(f.desc), f.desc.tobytes(), f.kp.tobytes()
 
 
 def ratio_matches(da: np.ndarray, db: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
@@ -313,15 +344,30 @@ def _verify_one(pa_, da, size_a, pb, db, size_b, cfg: VerifyConfig, flipped: boo
     scale = float(np.hypot(model[0, 0], model[1, 0]))
     if not 1.0 / cfg.max_scale <= scale <= cfg.max_scale:
         return Verdict(0, 0.0, 0.0, flipped)
-    n = int(mask.ravel().astype(bool).sum())
-    contained, kept = containment(model, size_a, size_b)
-    return Verdict(n, contained, kept, flipped)
+    inl = mask.ravel().astype(bool)
+    n = min(distinct_places(a[inl], cfg.inlier_cell), distinct_places(b[inl], cfg.inlier_cell))
+    inter, area_a = _overlap(model, size_a, size_b)
+    if inter <= 0 or area_a <= 0:
+        return Verdict(n, 0.0, 0.0, flipped)
+    in_a, in_b = inter / area_a, inter / float(size_b[0] * size_b[1])
+    spread = _hull_area(b[inl]) / inter  # both in B's pixels
+    return Verdict(n, max(in_a, in_b), min(in_a, in_b), flipped, spread)
 
 
-def containment(model_A_to_B: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, int]) -> tuple[float, float]:
-    """(contained, kept) of the two frames under a 2x3 transform A -> B: the overlap area over
-    each frame's own area, the larger (how much the contained image lies in the other) and the
-    smaller (how much of the other it keeps)."""
+def distinct_places(pts: np.ndarray, cell: float) -> int:
+    """Points counted once per `cell` x `cell` square (all of them when cell is 0)."""
+    if cell <= 0 or not len(pts):
+        return len(pts)
+    q = np.floor(pts / cell).astype(np.int64)
+    return len(np.unique(q[:, 0] * (1 << 20) + q[:, 1]))
+
+
+def _hull_area(pts: np.ndarray) -> float:
+    return float(cv2.contourArea(cv2.convexHull(np.ascontiguousarray(pts, np.float32)))) if len(pts) >= 3 else 0.0
+
+
+def _overlap(model_A_to_B: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, int]) -> tuple[float, float]:
+    """(overlap area, A's frame area), both in B's pixels, under a 2x3 transform A -> B."""
     (wa, ha), (wb, hb) = size_a, size_b
     if min(wa, ha, wb, hb) <= 0:
         return 0.0, 0.0
@@ -329,10 +375,17 @@ def containment(model_A_to_B: np.ndarray, size_a: tuple[int, int], size_b: tuple
     mapped = corners @ model_A_to_B[:, :2].T.astype(np.float32) + model_A_to_B[:, 2].astype(np.float32)
     frame_b = np.array([[0, 0], [wb, 0], [wb, hb], [0, hb]], np.float32)
     inter, _ = cv2.intersectConvexConvex(mapped.reshape(-1, 1, 2), frame_b.reshape(-1, 1, 2))
-    area_a = abs(float(cv2.contourArea(mapped)))  # A's frame, in B's pixels
+    return float(inter), abs(float(cv2.contourArea(mapped)))  # A's frame, in B's pixels
+
+
+def containment(model_A_to_B: np.ndarray, size_a: tuple[int, int], size_b: tuple[int, int]) -> tuple[float, float]:
+    """(contained, kept) of the two frames under a 2x3 transform A -> B: the overlap area over
+    each frame's own area, the larger (how much the contained image lies in the other) and the
+    smaller (how much of the other it keeps)."""
+    inter, area_a = _overlap(model_A_to_B, size_a, size_b)
     if area_a <= 0:
         return 0.0, 0.0
-    in_a, in_b = inter / area_a, inter / float(wb * hb)
+    in_a, in_b = inter / area_a, inter / float(size_b[0] * size_b[1])
     return max(in_a, in_b), min(in_a, in_b)
 
 
