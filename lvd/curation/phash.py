@@ -6,6 +6,11 @@ Each resize and DCT is folded into one [k, side] matrix per axis, cached per ima
 hash costs two small matmuls instead of Pillow resizes (which cost more than ingest's draft
 decode saves: benchmarks/ingest.py). Bits match imagehash on the same image up to Pillow's
 8-bit rounding inside its resize (a bit or two near the median).
+
+For brightness / contrast copies (dedup's equalised channel): `brightness_codes` (pHash-256 of
+a clip-stable equalisation, `stable_equalise`, of the image and of it clipped as if brightened
+x1.15..x1.75) and `saturation_masks` (which thumbnail cells hold a clipped pixel).
+`equalise` (mid-ranks) stays for the copy features' hashes (`localfeat`).
 """
 
 from __future__ import annotations
