@@ -160,6 +160,12 @@ def test_split_chains_breaks_a_chain_and_keeps_a_star():
     )
     pairs = {(min(x, y), max(x, y)) for x, y in zip(chain.edges_a.tolist(), chain.edges_b.tolist())}
     assert pairs == {(0, 1), (0, 2)} and chain.components_split == 1
+    # one leader takes part in every join: units {0, 1} and {2, 3} tied only member to member
+    # (1 ~ 3) stay apart
+    apart = cd.split_chains(
+        4, np.array([0, 2, 1]), np.array([1, 3, 3]), np.arange(4), lambda i, j: False, 8, group=np.array([0, 0, 2, 2])
+    )
+    assert apart.components_split == 1 and len(apart.edges_a) == 2
 
 
 def test_ratio_matches_are_opencvs_knn_match_and_ratio_test(catalog):
