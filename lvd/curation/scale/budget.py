@@ -60,9 +60,11 @@ FILL = 0.5  # share of (budget - base) given to partition data; the rest is for 
 # dhash (8 each), phash256, nphash256 (32 each), cphash256 (4 x 32), sat16 (64), thumb16 (256),
 # a bucket key and row id (16).
 HASH_RECORD_BYTES = 68 + 4 * 8 + 2 * 32 + 128 + 64 + 256 + 16
-# One key of scale.hashdedup's chunk shuffle (id, home part, the code: ~60 B, its module doc); it
-# sends HASH_KEY_COPIES of them per record (chunks x code versions with the default dedup config).
-HASH_KEY_BYTES, HASH_KEY_COPIES = 60, 154
+# One key of scale.hashdedup's chunk shuffle (id, home part, the code: ~60 B, its module doc), as
+# sized here: 66 B, so that 66 x HASH_WORK / FILL = 396 B covers the 390 B per key measured at a
+# chunk-reduce task's peak (2.2M keys, 1.15 GB; benchmarks/curate_scale.py, 1e5 pool). It sends
+# HASH_KEY_COPIES keys per record (chunks x code versions with the default dedup config).
+HASH_KEY_BYTES, HASH_KEY_COPIES = 66, 154
 EDGE_ROW_BYTES = 150  # one direction of an edge in the components: two node keys (19 digits + 64-hex uid)
 LEDGER_ROW_BYTES = 150  # a (uid, source) pair as Python strings (the ledger's 2M-row range: ~300 MB)
 SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)
