@@ -63,7 +63,11 @@ class CopyDetectConfig:
     hash_radius: int = 24  # bits of the 256-bit equalised pHash within which pairs are candidates
     threshold: float | None = None  # user's threshold (inliers, or cosine with a copy model)
     false_link_rate: float = 0.005  # calibration target among the hardest distinct pairs (one photo's parts)
-    calib_images: int = 64  # pool images that get known copies for calibration
+    calib_images: int = 64  # pool images sampled for calibration (their parts: the distinct pairs)
+    # of those, how many also get known copies with model-free verification (its threshold reads
+    # only the distinct pairs; the copies give the recall report): 32 saves a quarter of the
+    # calibration's features. A copy model's threshold reads the copies too: all get them there.
+    calib_copy_images: int = 32
     max_remove: float = 0.5  # guard: refuse to remove more than this fraction of the input
     max_centres: int = 64  # chain splitting: centres tried per member before it stays alone
     seed: int = 0
@@ -79,6 +83,8 @@ class CopyDetectConfig:
             raise ValueError(f"false_link_rate={self.false_link_rate}: use a small fraction, e.g. 0.002")
         if self.calib_images < 4:
             raise ValueError(f"calib_images={self.calib_images}: sample at least 4 images")
+        if not 1 <= self.calib_copy_images:
+            raise ValueError(f"calib_copy_images={self.calib_copy_images}: copy at least 1 image")
         if not 0 < self.max_remove <= 1:
             raise ValueError(f"max_remove={self.max_remove}: use a fraction in (0, 1]")
         if self.max_centres < 1:
@@ -483,9 +489,10 @@ def hash_key(uid: str, seed: int) -> int:
 
 
 def calibration_pairs(
-    blobs: list[bytes], seed: int
+    blobs: list[bytes], seed: int, copies_of: int | None = None
 ) -> tuple[dict[str, list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]:
-    """(kind -> [(original, copy)], [(a, b) distinct]) as encoded images, from sampled blobs."""
+    """(kind -> [(original, copy)], [(a, b) distinct]) as encoded images, from sampled blobs;
+    known copies of the first `copies_of` blobs only (None: all), distinct pairs of all."""
     from lvd.curation.localfeat import decode_oriented
 
     copies: dict[str, list[tuple[bytes, bytes]]] = {k: [] for k in CALIB_KINDS}
@@ -497,9 +504,10 @@ def calibration_pairs(
             s = 640 / max(img.size)
             img = img.resize((max(1, round(img.size[0] * s)), max(1, round(img.size[1] * s))), Image.Resampling.BICUBIC)
         imgs.append(img)
-        orig = _jpeg(img, 92)
-        for kind, data_c in known_copies(img, np.random.default_rng([seed, i])).items():
-            copies[kind].append((orig, data_c))
+        if copies_of is None or i < copies_of:
+            orig = _jpeg(img, 92)
+            for kind, data_c in known_copies(img, np.random.default_rng([seed, i])).items():
+                copies[kind].append((orig, data_c))
         distinct.append(halves(img))
         distinct += diagonal_quadrants(img)
         distinct.append(thirds(img))

@@ -264,6 +264,16 @@ def test_calibration_on_real_photos(catalog):
     assert user.source == "user" and user.copy_recall == 0.0 and "user" in user.summary()
 
 
+def test_calibration_copies_of_a_part_keep_every_distinct_pair(catalog):
+    """Known copies of the first `copies_of` sampled images only (the recall report), distinct
+    pairs of all of them (the model-free threshold reads only those): the same pairs as in full."""
+    blobs = [_bytes(catalog[n].image) for n in ("astronaut", "camera", "chelsea") if n in catalog]
+    full_copies, full_distinct = cd.calibration_pairs(blobs, seed=0)
+    part_copies, part_distinct = cd.calibration_pairs(blobs, seed=0, copies_of=2)
+    assert part_distinct == full_distinct
+    assert part_copies == {k: v[:2] for k, v in full_copies.items()} and all(len(v) == 2 for v in part_copies.values())
+
+
 def test_candidates_propose_crops_flips_and_overlays(catalog):
     names = [n for n, o in catalog.items() if o.group in ("tile", "photo")][:40]
     items = [(n, catalog[n].image) for n in names]

@@ -253,10 +253,11 @@ def run_calibration(
     threshold, recall, false links."""
     rows = cd.calibration_sample(uids, cfg.calib_images, cfg.seed)
     blobs = rundir.read_blobs(run_dir, {uids[r] for r in rows})
-    copies, distinct = cd.calibration_pairs([blobs[uids[r]] for r in rows], cfg.seed)
+    copies_of = cfg.calib_copy_images if copy_model is None else None  # see CopyDetectConfig
+    copies, distinct = cd.calibration_pairs([blobs[uids[r]] for r in rows], cfg.seed, copies_of)
     if copy_model is None:
         copy_scores, distinct_scores = _local_scores(copies, distinct, cfg)
-        return cd.calibrate(cd.METHOD_LOCAL, copy_scores, distinct_scores, cfg, images=len(rows))
+        return cd.calibrate(cd.METHOD_LOCAL, copy_scores, distinct_scores, cfg, images=min(len(rows), copies_of))
     emb = _copy_embedder(copy_model)
 
     def score(pairs):
