@@ -54,18 +54,17 @@ def test_curate_then_verify_then_tamper(ray_local, prefect_harness, small_dump, 
     assert [(r["status"], r["reason"]) for r in small] == [("rejected", "too_small")] * 2  # --min-side
     # big/ holds crops (55-100% of the side, resized) of astronaut, chelsea, coffee, rocket and
     # hubble_deep_field; the tar holds astronaut, rocket and coffee whole: copy detection (on by
-    # default, model-free) finds those three crops as copies of the larger tar images, and only
-    # the chelsea and hubble crops ship
+    # default, model-free) finds the astronaut and coffee crops (70% and 62% of the photo kept)
+    # as copies of the larger tar images; the rocket crop keeps 38% of a mostly blank sky, below
+    # the 60% the detector promises, so it may go either way; chelsea and hubble always ship
     big = {s.rsplit("/", 1)[1]: r for s, r in rows.items() if "/big/" in s}
-    assert sorted(n for n, r in big.items() if r["status"] == "sharded") == ["photo_00001.jpg", "photo_00004.jpg"]
-    for name, member in (
-        ("photo_00000.jpg", "../escape.jpg"),
-        ("photo_00002.jpg", "sample.jpg"),
-        ("photo_00003.jpg", "/abs/x.jpg"),
-    ):
+    assert big["photo_00001.jpg"]["status"] == big["photo_00004.jpg"]["status"] == "sharded"
+    for name, member in (("photo_00000.jpg", "../escape.jpg"), ("photo_00002.jpg", "sample.jpg")):
         whole = rows[f"{tar}::{member}"]
         assert whole["status"] == "sharded" and big[name]["status"] == "duplicate", (name, big[name])
         assert big[name]["duplicate_of"] == whole["uid"], name
+    rocket = big["photo_00003.jpg"]
+    assert rocket["status"] == "sharded" or rocket["duplicate_of"] == rows[f"{tar}::/abs/x.jpg"]["uid"]
 
     assert cli.main(["verify", str(run)]) == 0
     assert "OK" in capsys.readouterr().out
