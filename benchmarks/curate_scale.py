@@ -413,7 +413,13 @@ def main() -> None:
         spec = pool_spec(args, n)
         stages = [s for s in args.stages.split(",") if s]
         rows = run_one(
-            pool_dir(args.pool_root, spec), spec, workers, args.worker_memory, n <= args.baseline_max, stages
+            pool_dir(args.pool_root, spec),
+            spec,
+            workers,
+            args.worker_memory,
+            n <= args.baseline_max,
+            stages,
+            args.hash_max,
         )
         print("RESULT " + json.dumps([asdict(r) for r in rows]))
         return
