@@ -83,7 +83,7 @@ class CopyDetectConfig:
             raise ValueError(f"false_link_rate={self.false_link_rate}: use a small fraction, e.g. 0.002")
         if self.calib_images < 4:
             raise ValueError(f"calib_images={self.calib_images}: sample at least 4 images")
-        if not 1 <= self.calib_copy_images:
+        if self.calib_copy_images < 1:
             raise ValueError(f"calib_copy_images={self.calib_copy_images}: copy at least 1 image")
         if not 0 < self.max_remove <= 1:
             raise ValueError(f"max_remove={self.max_remove}: use a fraction in (0, 1]")
