@@ -45,5 +45,6 @@ def main(out: Path) -> None:
     Image.fromarray(product.astype(np.uint8) * 255).save(out / "fmnist-sneaker-mask.png")
     _product(images, labels, BOOT, 3).save(out / "fmnist-boot.png")
 
+
 if __name__ == "__main__":
     main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path("/tmp/lvd-readme"))
