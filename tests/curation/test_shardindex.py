@@ -249,3 +249,52 @@ def test_three_node_cluster_gives_the_single_process_result(pool, tmp_path):
     np.testing.assert_array_equal(np.array(out["exact"]["ids"]), ref.ids_QK)
     np.testing.assert_array_equal(np.array(out["exact"]["sims"], np.float32), ref.sims_QK)
     assert recall(np.array(out["ivf"]["ids"]), ref.ids_QK) >= 0.95
+
+
+def _pool_sized(folder: Path, parts: int, rows: int = 2_000) -> Path:
+    """`parts` parts of `rows` vectors (d=8); part j's uids are p{j}-{i}, so a small pool's
+    uids are all in a larger one."""
+    for j in range(parts):
+        x = np.random.default_rng(j).standard_normal((rows, 8))
+        x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+        vectors.write_vectors(folder, j, [f"p{j}-{i}" for i in range(rows)], x)
+    return folder
+
+
+def _pool_sized_items(obj, n: int, path: str = "index") -> list[str]:
+    """Where the driver-side object graph (this module's objects, arrays, containers; not the
+    shards) holds an array or list of n items or more."""
+    if isinstance(obj, np.ndarray):
+        return [path] if obj.size >= n else []
+    if isinstance(obj, (list, tuple)):
+        found = [path] if len(obj) >= n else []
+        return found + [p for i, v in enumerate(obj) for p in _pool_sized_items(v, n, f"{path}[{i}]")]
+    if isinstance(obj, dict):
+        return [p for key, v in obj.items() for p in _pool_sized_items(v, n, f"{path}.{key}")]
+    if type(obj).__module__ == si.__name__ and not isinstance(obj, si.Shard) and hasattr(obj, "__dict__"):
+        return _pool_sized_items(vars(obj), n, path)
+    return []
+
+
+def test_the_driver_holds_nothing_pool_sized(tmp_path, ray_local):
+    """The driver keeps O(parts) and one query block, whatever N: no pool-sized array in the
+    index it returns, and its Python-allocation peak (tracemalloc: numpy reports to it) while
+    building for a uid subset and walking it does not grow from a 10,000- to a 120,000-row pool."""
+    import tracemalloc
+
+    small, big = _pool_sized(tmp_path / "small", 5), _pool_sized(tmp_path / "big", 60)
+    uids = [f"p{j}-{i}" for j in range(5) for i in range(0, 2_000, 40)]  # 250 uids in both pools
+    cfg = si.ShardConfig(mode="exact", n_shards=2, query_block=64, num_cpus=0.5)
+    with si.build(big, cfg=cfg) as index:
+        assert len(index) == 120_000 and _pool_sized_items(index, 2_001) == []
+    peaks, answers = [], []
+    for folder in (small, big):
+        tracemalloc.start()
+        with si.build(folder, uids, cfg) as index:
+            assert len(index) == len(uids) and _pool_sized_items(index, len(uids)) == []
+            answers.append([nb for _, nb in index.self_neighbours(5)])
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    np.testing.assert_array_equal(np.concatenate(answers[0]), np.concatenate(answers[1]))
+    # mapping the big pool's 120,000 uids in the driver costs several MB (bytes + sort + rows)
+    assert peaks[1] - peaks[0] < 1_000_000, peaks

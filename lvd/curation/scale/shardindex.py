@@ -36,6 +36,7 @@ from typing import NamedTuple
 
 import faiss
 import numpy as np
+import pyarrow.parquet as pq
 import ray
 
 from lvd.curation import knn_index
@@ -113,19 +114,63 @@ def list_parts(folder: str | Path) -> list[tuple[int, int]]:
     return out
 
 
-def _choose(folder: Path, parts: list[tuple[int, int]], uids) -> list[PartRows]:
-    """Per part, the rows to index: all, numbered in store order (no per-row arrays), or the
-    rows of `uids`, numbered by position in `uids`."""
+def _choose(parts: list[tuple[int, int]]) -> list[PartRows]:
+    """Every row of every part, numbered in store order (no per-row arrays)."""
     starts = np.concatenate([[0], np.cumsum([n for _, n in parts])]).astype(np.int64)
-    if uids is None:
-        return [PartRows(p, n, int(s)) for (p, n), s in zip(parts, starts)]
-    store_rows = open_vectors(folder).rows(uids)
-    part_of = np.searchsorted(starts, store_rows, side="right") - 1
+    return [PartRows(p, n, int(s)) for (p, n), s in zip(parts, starts)]
+
+
+def _part_uids(folder: Path, part: int) -> np.ndarray:
+    """bytes [n]: one part's uids, row order (one part in memory at a time)."""
+    uids = pq.read_table(part_paths(folder, part)[1], columns=["uid"])["uid"].to_pylist()
+    return np.array([u.encode() for u in uids], dtype=bytes) if uids else np.zeros(0, "S1")
+
+
+def _matches(mine: np.ndarray, want_sorted: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of `mine`, positions in the wanted list) of every wanted uid found in `mine`,
+    by ascending position; a uid wanted twice matches twice (as `VectorStore.rows`)."""
+    width = max(mine.dtype.itemsize, want_sorted.dtype.itemsize)
+    mine, want_sorted = mine.astype(f"S{width}"), want_sorted.astype(f"S{width}")
+    lo = np.searchsorted(want_sorted, mine, side="left")
+    hits = np.searchsorted(want_sorted, mine, side="right") - lo
+    rows = np.repeat(np.arange(len(mine), dtype=np.int64), hits)
+    first = np.repeat(lo - (np.cumsum(hits) - hits), hits)
+    pos = order[first + np.arange(len(rows))].astype(np.int64)
+    o = np.argsort(pos, kind="stable")
+    return rows[o], pos[o]
+
+
+def _sorted_wanted(uids) -> tuple[np.ndarray, np.ndarray]:
+    want = np.array([str(u).encode() for u in uids], dtype=bytes) if len(uids) else np.zeros(0, "S1")
+    order = np.argsort(want, kind="stable")
+    return want[order], order
+
+
+def _own_rows(folder: Path, parts: list[PartRows], uids) -> list[PartRows]:
+    """A shard's share of `uids`: per part of its own, the rows it holds of them, numbered by
+    position in `uids`. Run by the shard, so only it reads its parts' uids (the driver never
+    maps the pool's uids)."""
+    want, order = _sorted_wanted(uids)
     out = []
-    for j, (p, _) in enumerate(parts):
-        ids = np.flatnonzero(part_of == j).astype(np.int64)  # ascending positions in uids
-        out.append(PartRows(p, len(ids), -1, store_rows[ids] - starts[j], ids))
+    for p in parts:
+        rows, pos = _matches(_part_uids(folder, p.part), want, order)
+        out.append(PartRows(p.part, len(pos), -1, rows, pos))
     return out
+
+
+def _sample_vectors(folder: Path, parts: list[tuple[int, int]], d: int, uids) -> np.ndarray:
+    """float32 [len(uids), D]: the vectors of a few uids (the IVF training sample), in that
+    order, read part by part (the driver holds one part's uids at a time)."""
+    want, order = _sorted_wanted(uids)
+    x, found = np.empty((len(want), d), np.float32), np.zeros(len(want), bool)
+    for p, _ in parts:
+        rows, pos = _matches(_part_uids(folder, p), want, order)
+        if len(pos):
+            x[pos] = np.load(part_paths(folder, p)[0], mmap_mode="r", allow_pickle=False)[rows]
+            found[pos] = True
+    if not found.all():
+        raise KeyError(f"uid {list(uids)[int(np.argmin(found))]!r} is not in the vector store")
+    return x
 
 
 def _plan(chosen: list[PartRows], cfg: ShardConfig) -> list[list[PartRows]]:
@@ -185,8 +230,10 @@ class _Layout:
 class Shard:
     """One shard's Faiss index over its parts' chosen rows; answers top-k with global ids."""
 
-    def __init__(self, folder: str, parts: list[PartRows], template: bytes | None, d: int, gpu: bool):
-        layout = _Layout(Path(folder), parts, d)
+    def __init__(self, folder: str, parts: list[PartRows], template: bytes | None, d: int, gpu: bool, uids=None):
+        if uids is not None:  # built for a subset: this shard finds its own parts' rows of it
+            parts = _own_rows(Path(folder), parts, uids)
+        self._layout = layout = _Layout(Path(folder), parts, d)
         index = faiss.IndexFlatIP(d) if template is None else faiss.deserialize_index(np.frombuffer(template, "u1"))
         if gpu:
             self._res = faiss.StandardGpuResources()
@@ -204,6 +251,17 @@ class Shard:
 
     def size(self) -> int:
         return int(self.index.ntotal)
+
+    def ids_held(self) -> np.ndarray:
+        """The global ids of this shard's rows (asked for only to name a missing uid)."""
+        return self.ids
+
+    def rows_between(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, float32 [n, D]) of this shard's rows with lo <= id < hi, in id order."""
+        a, b = np.searchsorted(self.ids, [lo, hi])
+        if b <= a:
+            return np.zeros(0, np.int64), np.zeros((0, self._layout.d), np.float32)
+        return self._layout.take(np.arange(a, b))
 
     def node_id(self) -> str | None:
         """The Ray node holding this shard (None in-process): where the shards went."""
@@ -236,14 +294,22 @@ class ShardedIndex:
 
     Ids are store rows (every part's rows, in part order) or, when built for `uids`, positions
     in `uids`. Use as a context manager, or `close()`, to free the actors.
+
+    The driver's memory does not grow with the pool: it keeps O(parts) (the full layout) and
+    one query block. Built for `uids`, the list goes to the shards (one object-store copy),
+    each shard maps its own parts' uids, and query blocks come back from the shards.
     """
 
-    def __init__(self, layout: _Layout, plan: list[list[PartRows]], template: bytes | None, cfg: ShardConfig):
-        self.cfg, self.d, self._layout = cfg, layout.d, layout
+    def __init__(
+        self, layout: _Layout, plan: list[list[PartRows]], template: bytes | None, cfg: ShardConfig, uids=None
+    ):
+        self.cfg, self.d, self._folder = cfg, layout.d, layout.folder
+        self._layout = layout if uids is None else None  # O(parts); a subset's rows live in the shards
         self.exact = template is None
         self.gpu = _gpu_wanted(cfg.use_gpu)
-        self.shard_rows = [sum(p.n for p in g) for g in plan]
-        args = [(str(layout.folder), g, template, layout.d, self.gpu) for g in plan]
+        if uids is not None and ray.is_initialized():
+            uids = ray.put(uids)  # one copy for every shard (a ref, not N rows, in the driver)
+        args = [(str(layout.folder), g, template, layout.d, self.gpu, uids) for g in plan]
         if ray.is_initialized():
             actor = ray.remote(Shard).options(
                 num_cpus=cfg.num_cpus, num_gpus=1 if self.gpu else 0, max_restarts=2, max_task_retries=2
@@ -251,6 +317,7 @@ class ShardedIndex:
             self._shards = [actor.remote(*a) for a in args]
         else:
             self._shards = [Shard(*a) for a in args]
+        self.shard_rows = [sum(p.n for p in g) for g in plan] if uids is None else self._call("size")
         if not self.exact:
             self._call("set_nprobe", cfg.index.nprobe)
 
@@ -288,8 +355,18 @@ class ShardedIndex:
         return merge(self._call("search", q, k), k)
 
     def query_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(ids, float32 vectors) of the indexed rows, `query_block` at a time, in id order."""
-        return self._layout.blocks(self.cfg.query_block)
+        """(ids, float32 vectors) of the indexed rows, `query_block` at a time, in id order
+        (a subset's blocks are read by the shards holding their rows)."""
+        if self._layout is not None:
+            return self._layout.blocks(self.cfg.query_block)
+        return self._shard_blocks()
+
+    def _shard_blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for lo in range(0, len(self), self.cfg.query_block):
+            got = self._call("rows_between", lo, min(lo + self.cfg.query_block, len(self)))
+            ids = np.concatenate([g[0] for g in got])
+            order = np.argsort(ids, kind="stable")
+            yield ids[order], np.concatenate([g[1] for g in got])[order]
 
     def self_neighbours(self, k: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids [B], neighbour ids [B, k]) per query block: each indexed row's k nearest other
@@ -341,11 +418,31 @@ def build(folder: str | Path, uids=None, cfg: ShardConfig | None = None) -> Shar
     cfg = cfg or ShardConfig()
     folder = Path(folder)
     parts = list_parts(folder)
-    chosen = _choose(folder, parts, uids)
+    chosen = _choose(parts)  # a subset's shards: planned by store rows, each finds its own rows
     layout = _Layout(folder, chosen, _dim(folder, parts))
-    n = len(layout)
-    template = None if cfg.exact_for(n) or n == 0 else _trained_template(layout, cfg)
-    return ShardedIndex(layout, _plan(chosen, cfg), template, cfg)
+    n = len(layout) if uids is None else len(uids)
+
+    def sample(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if uids is None:
+            return layout.take(pos)
+        return pos, _sample_vectors(folder, parts, layout.d, [uids[int(i)] for i in pos])
+
+    template = None if cfg.exact_for(n) or n == 0 else _trained_template(n, layout.d, sample, cfg)
+    index = ShardedIndex(layout, _plan(chosen, cfg), template, cfg, uids)
+    if len(index) != n:
+        _missing(index, n, uids)
+    return index
+
+
+def _missing(index: ShardedIndex, n: int, uids) -> None:
+    """Close the index and name a uid that no shard holds (or say one is stored twice)."""
+    held = np.zeros(n, bool)
+    for ids in index._call("ids_held"):
+        held[ids] = True
+    index.close()
+    if held.all():
+        raise KeyError(f"{n} uids asked for, some stored in more than one part: one part per uid")
+    raise KeyError(f"uid {uids[int(np.argmin(held))]!r} is not in the vector store")
 
 
 def _dim(folder: Path, parts: list[tuple[int, int]]) -> int:
@@ -355,14 +452,14 @@ def _dim(folder: Path, parts: list[tuple[int, int]]) -> int:
     return dims.pop() if dims else 0
 
 
-def _trained_template(layout: _Layout, cfg: ShardConfig) -> bytes:
+def _trained_template(n: int, d: int, take, cfg: ShardConfig) -> bytes:
     """An empty IVF, its quantiser trained on a seeded sample of the indexed rows, read from the
-    parts (the rows `knn_index` would train on for the same pool in id order)."""
-    d, n = layout.d, len(layout)
+    parts (the rows `knn_index` would train on for the same pool in id order); `take(ids)`
+    gives (ids, float32 vectors)."""
     if cfg.pq_m is not None and d % cfg.pq_m:
         raise ValueError(f"pq_m={cfg.pq_m} must divide the dimension {d}")
     index = knn_index.new_ivf(d, cfg.index.lists_for(n), cfg.index, pq_m=cfg.pq_m)
-    _, sample = layout.take(knn_index.training_rows(n, index.nlist, cfg.index))
+    _, sample = take(knn_index.training_rows(n, index.nlist, cfg.index))
     index.train(as_unit_float32(sample, "training sample"))
     return faiss.serialize_index(index).tobytes()
 
