@@ -155,7 +155,7 @@ def stage_knn(ctx: Ctx) -> str:
     """The k nearest pool vectors of KNN_QUERIES pool rows, over shard actors sized by the budget."""
     from lvd.curation.knn_index import IndexConfig
     from lvd.curation.scale import shardindex
-    from lvd.curation.vectors import open_vectors
+    from lvd.curation.vectors import part_paths
 
     dim, n = ctx.spec.dim, ctx.spec.n
     index = "flat" if n < IndexConfig().exact_below else "ivf"
@@ -167,7 +167,8 @@ def stage_knn(ctx: Ctx) -> str:
         query_block=B.query_block_rows(ctx.budget, dim, KNN_K),
         num_cpus=ctx.workers / shards,
     )
-    first = next(open_vectors(ctx.run_dir / "vectors").blocks(KNN_QUERIES)).vecs_ND  # part 0's first rows
+    # part 0's first rows, read alone: open_vectors would hold every pool uid (64 B a row) in the driver
+    first = np.load(part_paths(ctx.run_dir / "vectors", 0)[0], mmap_mode="r")[:KNN_QUERIES]
     with shardindex.build(ctx.run_dir / "vectors", cfg=cfg) as sharded:
         nb = sharded.neighbours(first.astype(np.float32), KNN_K)
         got = sharded.n_shards
