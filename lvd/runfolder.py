@@ -343,7 +343,8 @@ class claim:  # noqa: N801 - used like a function returning a context manager
 
 # Flow parameters that do not change outputs: where and how robustly it runs, the guard's limit
 # (a refused run wrote nothing), training length (more steps is a resume), data loading.
-CURATE_IGNORED = ("inputs", "out", "mode", "max_retries", "ray_address", "max_remove_fraction")
+# worker_memory sizes partitions only (the partitioned stages equal the one-process ones)
+CURATE_IGNORED = ("inputs", "out", "mode", "max_retries", "ray_address", "max_remove_fraction", "worker_memory")
 # The `curate` flow's defaults that are not None (a caller passing fewer parameters means
 # these); tests/security/test_rundir.py checks them against the flow's signature.
 CURATE_DEFAULTS = dict(partition_size=256, retrieval="sample", shard_size=1000, copy_detection=True)

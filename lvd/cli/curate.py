@@ -42,6 +42,7 @@ from lvd.cli.options import (
     add_dump_options,
     add_hygiene_options,
     add_run_folder_options,
+    add_scale_options,
     add_selection_options,
     curate_kwargs,
     hygiene_problems,
@@ -84,6 +85,7 @@ def register(subparsers) -> None:
     add_copy_options(p)
     add_hygiene_options(p)
     add_curate_options(p)
+    add_scale_options(p)
     add_run_folder_options(p)
     p.set_defaults(func=main, check=check)
 

@@ -121,8 +121,10 @@ def add_scale_options(p: argparse.ArgumentParser, default: str | None = None) ->
         type=worker_memory,
         default=worker_memory(default) if default else None,
         metavar="SIZE",
-        help="most resident memory of one Ray worker of the partitioned stages (e.g. 4GiB); the partitions "
-        "are sized so a worker stays under it, and Ray's memory resource keeps nodes from overpacking",
+        help="most resident memory of one Ray worker of the partitioned stages (e.g. 4GiB, at least 512MiB): the "
+        "hash dedup's shuffle (forced when the one-task dedup would not fit), the distributed k-means and the "
+        "sharded k-NN (pools large enough to use them) and the ledger's ranges are sized so a worker stays under "
+        "it; the shuffle's tasks also ask Ray for that memory. Default: fixed sizes",
     )
 
 
@@ -420,6 +422,12 @@ def hygiene_kwargs(args: argparse.Namespace) -> dict:
 
 def curate_kwargs(args: argparse.Namespace) -> dict:
     """The `curate` flow's parameters from `lvd curate`'s arguments (all but inputs, out)."""
+    scale = {"worker_memory": args.worker_memory} if getattr(args, "worker_memory", None) else {}
     return dict(
-        **flow_kwargs(args), **selection_kwargs(args), **copy_kwargs(args), **hygiene_kwargs(args), mode=run_mode(args)
+        **flow_kwargs(args),
+        **selection_kwargs(args),
+        **copy_kwargs(args),
+        **hygiene_kwargs(args),
+        **scale,
+        mode=run_mode(args),
     )

@@ -28,6 +28,7 @@ from lvd.cli.options import (
     add_dump_options,
     add_hygiene_options,
     add_run_folder_options,
+    add_scale_options,
     add_selection_options,
     add_training_options,
     copy_kwargs,
@@ -75,6 +76,7 @@ def register(subparsers) -> None:
     add_hygiene_options(p)
     add_training_options(p, max_steps=None)
     add_curate_options(p)
+    add_scale_options(p)
     add_run_folder_options(p)
     p.set_defaults(func=main, check=check)
 
@@ -99,6 +101,8 @@ def pipeline_params(
         curate_kw.update(selection)
         curate_kw.update(copy_kwargs(args))
         curate_kw.update(hygiene_kwargs(args))
+    if getattr(args, "worker_memory", None):
+        curate_kw["worker_memory"] = args.worker_memory
     return dict(
         inputs=[str(i) for i in inputs],
         out=str(out),

@@ -48,6 +48,7 @@ from lvd.curation.dedup import DedupConfig
 from lvd.curation.embed import EmbedConfig
 from lvd.curation.guard import MassRemovalError
 from lvd.curation.ingest import IngestConfig
+from lvd.curation.scale.budget import WorkerBudget, ledger_range_rows
 from lvd.curation.shards import ShardConfig
 from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.stages.retrieve import RetrieveConfig
@@ -116,10 +117,15 @@ def ingest_task(
 
 @task(name="dedup", cache_policy=NO_CACHE)  # done-markers are the cache
 def dedup_task(
-    run_dir: Path, cfg: DedupConfig, rcfg: runner.RunnerConfig, max_remove: float = DEDUP_MAX_REMOVE
+    run_dir: Path,
+    cfg: DedupConfig,
+    rcfg: runner.RunnerConfig,
+    max_remove: float = DEDUP_MAX_REMOVE,
+    budget: WorkerBudget | None = None,
 ) -> runner.StageReport:
     progress = artifacts.Progress("curate-dedup-progress", "dedup: global near-duplicate search")
-    stage = stages.run_dedup(run_dir, cfg, rcfg, max_remove=max_remove)
+    partitioned, shuffle = tasks.dedup_sizes(tasks.ingest_records(run_dir), budget) if budget else (None, None)
+    stage = stages.run_dedup(run_dir, cfg, rcfg, max_remove=max_remove, partitioned=partitioned, shuffle=shuffle)
     progress(1, 1)
     _report_duplicates(run_dir)
     return stage
@@ -147,12 +153,14 @@ def _report_duplicates(run_dir: Path) -> None:
 
 
 @task(name="ledger", cache_policy=NO_CACHE)  # done-markers are the cache
-def ledger_task(run_dir: Path) -> ledger.VerifyReport:
+def ledger_task(run_dir: Path, budget: WorkerBudget | None = None) -> ledger.VerifyReport:
     log = get_run_logger()
     progress = artifacts.Progress("curate-ledger-progress", "ledger: accounting of every input")
+    # the range rows change how the ledger is split into files, not its rows
+    sizes = {"range_rows": ledger_range_rows(budget)} if budget else {}
     for seed_run in ledger.sub_runs(run_dir, ("seeds",)):
-        ledger.write_parts(seed_run)  # shipped seeds (include_seeds) become `sharded` there
-    written = ledger.write_parts(run_dir)
+        ledger.write_parts(seed_run, **sizes)  # shipped seeds (include_seeds) become `sharded` there
+    written = ledger.write_parts(run_dir, **sizes)
     report = ledger.verify_run(run_dir)
     progress(1, 1)
     artifacts.count_table(
@@ -192,10 +200,12 @@ def curate(
     shard: dict | None = None,
     hygiene: dict | None = None,
     mode: str = "resume",
+    worker_memory: int | str | None = None,
 ) -> CurateSummary:
     """Curate `inputs` into the run folder `out` (see the module doc for the stages; `mode`:
     resume | extend | overwrite, see lvd.runfolder)."""
     params = dict(locals())  # as given: the run folder records the ones that change outputs
+    budget = WorkerBudget.parse(worker_memory) if worker_memory else None  # refuses a too-small one
     if partition_size < 1:
         raise ValueError(f"partition_size={partition_size}: use at least 1 input per partition")
     seeds, eval_sets = list(seeds or []), list(eval_sets or [])
@@ -234,7 +244,7 @@ def curate(
     try:
         ing = ingest_task(inputs, run_dir, partition_size, ingest_cfg, rcfg)
         hygiene_lines = tasks.hygiene_task(run_dir, inputs, partition_size, hygiene_cfg, max_per_domain, ingest_cfg)
-        dedup_task(run_dir, dedup_cfg, rcfg, copy_cfg.max_remove)
+        dedup_task(run_dir, dedup_cfg, rcfg, copy_cfg.max_remove, budget)
         tasks.drop_stale_stages(
             run_dir,
             embedder=embeds,
@@ -285,9 +295,9 @@ def curate(
                 copy_model=copy_spec,
             )
         if embeds:
-            tasks.cluster_task(run_dir, cluster_cfg, rcfg)
+            tasks.cluster_task(run_dir, cluster_cfg, rcfg, budget)
             if seeds or target_size is not None:
-                tasks.retrieve_task(run_dir, subs.get("seeds", {}), retrieve_cfg, rcfg)
+                tasks.retrieve_task(run_dir, subs.get("seeds", {}), retrieve_cfg, rcfg, budget)
     except Exception as e:
         refused = _refusal(e)
         if refused is None:
@@ -298,7 +308,7 @@ def curate(
             get_run_logger().warning("files changed before the refusal (not restored): %s", changed[:5])
         raise refused from None
     tasks.shard_task(run_dir, shard_cfg, rcfg)
-    report = ledger_task(run_dir)
+    report = ledger_task(run_dir, budget)
     return CurateSummary(
         run_dir=str(run_dir),
         partitions=ing.total,

@@ -6,6 +6,8 @@ Done-markers are the cache (NO_CACHE): a rerun skips what is done and redoes not
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 import shutil
 from collections import Counter, defaultdict
@@ -22,6 +24,8 @@ from lvd.curation.dedup import DedupConfig
 from lvd.curation.embed import EmbedConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.localfeat import FeatureConfig
+from lvd.curation.scale import budget as B
+from lvd.curation.scale.hashdedup import ShuffleConfig
 from lvd.curation.shards import ShardConfig
 from lvd.curation.stages import copy as stages_copy
 from lvd.curation.stages import embed as stages_embed
@@ -186,9 +190,69 @@ def decontam_task(
     )
 
 
+def ingest_records(run_dir: Path) -> int:
+    """Ingest records of the run (all statuses): what the dedup's one task would hold."""
+    return sum(m["rows"]["main"] for m in rundir.ingest_markers(run_dir).values())
+
+
+def dedup_sizes(n_records: int, budget: B.WorkerBudget | None) -> tuple[bool | None, ShuffleConfig | None]:
+    """`run_dedup`'s `partitioned` and `shuffle` under a worker budget ((None, None) without one:
+    today's choice and sizes). The one-task path holds every record (HASH_RECORD_BYTES x HASH_WORK
+    each): when that is over the budget's data share the shuffle is forced. The budget only raises
+    the bucket counts above the defaults. Outputs are the same either way (scale.hashdedup equals
+    the one task), so none of this enters the dedup fingerprint."""
+    if budget is None:
+        return None, None
+    d = ShuffleConfig()
+    keys = n_records * B.HASH_KEY_COPIES
+    shuffle = ShuffleConfig(
+        buckets=max(d.buckets, B.hash_bucket_count(keys, budget, record_bytes=B.HASH_KEY_BYTES)),
+        exact_buckets=max(d.exact_buckets, B.hash_bucket_count(n_records, budget)),
+        partitions=d.partitions,  # the edge count is not known before the shuffle
+        task_options=B.ray_options(budget),
+    )
+    one_task = n_records * B.HASH_RECORD_BYTES * B.HASH_WORK
+    return (True if one_task > budget.data_bytes else None), shuffle
+
+
+def _pool_vectors(run_dir: Path) -> tuple[int, int]:
+    """Rows and dimension of the pool's vectors (memory-mapped: nothing read)."""
+    from lvd.curation.vectors import open_vectors
+
+    store = open_vectors(rundir.vectors_dir(run_dir))
+    return len(store), store.dim
+
+
+def cluster_sizes(
+    cfg: stages_select.ClusterConfig, n_rows: int, dim: int, budget: B.WorkerBudget | None
+) -> stages_select.ClusterConfig:
+    """`cfg` with the distributed k-means' rows per actor from the budget, only where the pool is
+    large enough for the distributed engine (smaller pools keep `cfg`, so their fingerprint)."""
+    distributed = cfg.engine == "ray" or (cfg.engine == "auto" and n_rows >= cfg.distributed_above)
+    if budget is None or not distributed or cfg.actors is not None or cfg.rows_per_actor is not None:
+        return cfg
+    k = cfg.k or max(1, round(math.sqrt(n_rows)))
+    return dataclasses.replace(cfg, rows_per_actor=B.kmeans_shard_rows(budget, dim, k))
+
+
+def retrieve_sizes(cfg: RetrieveConfig, n_rows: int, dim: int, budget: B.WorkerBudget | None) -> RetrieveConfig:
+    """`cfg` with the sharded k-NN's rows per shard and query block from the budget, only where the
+    pool is sharded (smaller pools keep `cfg`, so their fingerprint)."""
+    if budget is None or n_rows < cfg.knn.sharded_above:
+        return cfg
+    index = "ivf" if cfg.knn.pq_m is None else "ivfpq"  # ivf: the larger of flat / ivf rows
+    rows = B.vector_shard_rows(budget, dim, index, pq_bytes=cfg.knn.pq_m or 0)
+    knn = dataclasses.replace(cfg.knn, rows_per_shard=rows, query_block=B.query_block_rows(budget, dim, cfg.k))
+    return dataclasses.replace(cfg, knn=knn)
+
+
 @task(name="cluster", cache_policy=NO_CACHE)
-def cluster_task(run_dir: Path, cfg: stages_select.ClusterConfig, rcfg: runner.RunnerConfig) -> None:
+def cluster_task(
+    run_dir: Path, cfg: stages_select.ClusterConfig, rcfg: runner.RunnerConfig, budget: B.WorkerBudget | None = None
+) -> None:
     progress = artifacts.Progress("curate-cluster-progress", "cluster: spherical k-means")
+    if budget is not None:
+        cfg = cluster_sizes(cfg, *_pool_vectors(run_dir), budget)
     stages_select.run_cluster(run_dir, cfg, rcfg)
     progress(1, 1)
     t, h = stages_select.read_clusters(run_dir)
@@ -212,8 +276,16 @@ def cluster_task(run_dir: Path, cfg: stages_select.ClusterConfig, rcfg: runner.R
 
 
 @task(name="retrieve", cache_policy=NO_CACHE)
-def retrieve_task(run_dir: Path, seed_dirs: dict[str, Path], cfg: RetrieveConfig, rcfg: runner.RunnerConfig) -> None:
+def retrieve_task(
+    run_dir: Path,
+    seed_dirs: dict[str, Path],
+    cfg: RetrieveConfig,
+    rcfg: runner.RunnerConfig,
+    budget: B.WorkerBudget | None = None,
+) -> None:
     progress = artifacts.Progress("curate-retrieve-progress", "retrieve: seeds / balanced sampling")
+    if budget is not None:
+        cfg = retrieve_sizes(cfg, *_pool_vectors(run_dir), budget)
     run_retrieve(run_dir, seed_dirs, cfg, rcfg)
     progress(1, 1)
     sel = rundir.selection(run_dir)

@@ -42,6 +42,7 @@ BASE_CURATE_KEYS = (
     "shard_size",
     "max_remove_fraction",
     "mode",
+    "worker_memory",
 )
 
 
