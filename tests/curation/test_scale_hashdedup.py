@@ -22,7 +22,6 @@ import pytest
 from lvd.curation import rundir
 from lvd.curation.copies import make_copies, real_photos
 from lvd.curation.dedup import CLIPPED_CODES, DedupConfig, EdgeSet, find_near_duplicates, resolve
-from lvd.curation.scale import hashdedup
 from lvd.curation.scale.components import ComponentsConfig, components, rounds_bound
 from lvd.curation.scale.hashdedup import ShuffleConfig, folder_sources, partitioned_duplicates
 from lvd.curation.stages import ingest_dedup as stages
@@ -178,21 +177,17 @@ def test_run_folder_partitioned_equals_single_task_on_real_copies(ray_local, tmp
     assert stages.run_dedup(shuffled, DedupConfig(), partitioned=True).skipped == [0]  # resumes as done
 
 
-def test_pool_size_picks_the_path(monkeypatch, ray_local, tmp_path):
-    """partitioned=None shuffles from PARTITIONED_MIN_RECORDS ingest records on."""
+def test_pool_size_picks_the_path(ray_local, tmp_path):
+    """partitioned=None shuffles from `min_records` ingest records on; True / False force a path."""
     _copies_folder(tmp_path / "in", photos=2)
     run = tmp_path / "run"
     stages.run_ingest(stages.plan([str(tmp_path / "in")], 9), run, stages.IngestConfig())
-    seen = []
-    real = hashdedup.partitioned_duplicates
-    monkeypatch.setattr(stages, "partitioned_duplicates", lambda *a: seen.append(1) or real(*a))
-    monkeypatch.setattr(stages, "PARTITIONED_MIN_RECORDS", stages._ingest_records(run) + 1)
-    stages.run_dedup(run, DedupConfig())
-    assert seen == []
-    shutil.rmtree(run / "dedup")
-    monkeypatch.setattr(stages, "PARTITIONED_MIN_RECORDS", stages._ingest_records(run))
-    stages.run_dedup(run, DedupConfig())
-    assert seen == [1]
+    n = stages._ingest_records(run)
+    assert n > 0
+    assert not stages.shuffles(run, None, min_records=n + 1)
+    assert stages.shuffles(run, None, min_records=n)
+    assert not stages.shuffles(run, None)  # the default threshold is far above a test pool
+    assert stages.shuffles(run, True, min_records=n + 1) and not stages.shuffles(run, False, min_records=n)
 
 
 # ---------------------------------------------------------------- components

@@ -107,7 +107,7 @@ def run_dedup(
     forces one; None picks the shuffle when the run has at least PARTITIONED_MIN_RECORDS
     ingest records. `shuffle` sizes it (buckets, partitions)."""
     unit = runner.WholeStage(fingerprint=ingest_fingerprint(run_dir), stem="duplicates")
-    if partitioned or (partitioned is None and _ingest_records(run_dir) >= PARTITIONED_MIN_RECORDS):
+    if shuffles(run_dir, partitioned):
         return _run_partitioned(run_dir, unit, cfg, rcfg, max_remove, shuffle or ShuffleConfig())
     return runner.map_partitions(
         DedupFn(str(run_dir), cfg, max_remove),
@@ -116,6 +116,14 @@ def run_dedup(
         cfg_hash=runner.config_hash(cfg),
         runner=rcfg,
     )
+
+
+def shuffles(run_dir: Path, partitioned: bool | None, min_records: int | None = None) -> bool:
+    """Whether `run_dedup` takes the shuffle: forced by `partitioned`, else from `min_records`
+    (default PARTITIONED_MIN_RECORDS) ingest records on."""
+    if partitioned is not None:
+        return partitioned
+    return _ingest_records(run_dir) >= (PARTITIONED_MIN_RECORDS if min_records is None else min_records)
 
 
 def _ingest_records(run_dir: Path) -> int:
