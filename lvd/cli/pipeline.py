@@ -187,9 +187,9 @@ def run_pipeline(args: argparse.Namespace, **sources) -> int:
     return 0 if report.ok else 1
 
 
-def _params(args: argparse.Namespace) -> dict:
-    return pipeline_params(
-        args,
+def _sources(args: argparse.Namespace) -> dict:
+    """`pipeline_params`'s keywords from `lvd pipeline`'s own arguments."""
+    return dict(
         inputs=args.input,
         out=Path(args.out).resolve(),
         knn_train=args.knn_train,
@@ -198,16 +198,11 @@ def _params(args: argparse.Namespace) -> dict:
         eval_sets=args.eval_sets,
         bootstrap_steps=args.bootstrap_steps,
     )
+
+
+def _params(args: argparse.Namespace) -> dict:
+    return pipeline_params(args, **_sources(args))
 
 
 def main(args: argparse.Namespace) -> int:
-    return run_pipeline(
-        args,
-        inputs=args.input,
-        out=Path(args.out).resolve(),
-        knn_train=args.knn_train,
-        knn_val=args.knn_val,
-        seeds=args.seeds,
-        eval_sets=args.eval_sets,
-        bootstrap_steps=args.bootstrap_steps,
-    )
+    return run_pipeline(args, **_sources(args))
