@@ -113,6 +113,16 @@ def worker_memory(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def add_image_size_option(p: argparse.ArgumentParser) -> None:
+    """--size of `lvd viz` and `lvd segment`."""
+    p.add_argument(
+        "--size",
+        type=int,
+        default=448,
+        help="shorter image side fed to the backbone, a multiple of its patch size (default 448)",
+    )
+
+
 def add_scale_options(p: argparse.ArgumentParser, default: str | None = None) -> None:
     """The memory budget per worker of the partitioned global stages (lvd.curation.scale.budget):
     the partition sizes (vector shard rows, hash buckets, query blocks) are derived from it."""

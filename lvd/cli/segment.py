@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lvd.cli.options import MODEL_HELP
+from lvd.cli.options import MODEL_HELP, add_image_size_option
 
 
 def register(subparsers) -> None:
@@ -35,12 +35,7 @@ def register(subparsers) -> None:
         metavar="PNG",
         help="also write the target's segment as a black/white PNG of the target's size",
     )
-    p.add_argument(
-        "--size",
-        type=int,
-        default=448,
-        help="shorter image side fed to the backbone, a multiple of its patch size (default 448)",
-    )
+    add_image_size_option(p)
     p.add_argument(
         "--threshold",
         type=float,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lvd.cli.options import MODEL_HELP
+from lvd.cli.options import MODEL_HELP, add_image_size_option
 
 
 def register(subparsers) -> None:
@@ -19,12 +19,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, metavar="M", help=MODEL_HELP)
     p.add_argument("--image", required=True, type=Path, metavar="IMG", help="the image to look at")
     p.add_argument("--out", required=True, type=Path, metavar="PNG", help="picture to write")
-    p.add_argument(
-        "--size",
-        type=int,
-        default=448,
-        help="shorter image side fed to the backbone, a multiple of its patch size (default 448)",
-    )
+    add_image_size_option(p)
     p.add_argument(
         "--threshold",
         type=float,
