@@ -44,6 +44,19 @@ def parallel_map(
     return [results[i] for i in range(len(items))]
 
 
+def starmap(fn: Callable[..., Any], jobs: Sequence[tuple], *, max_in_flight: int | None = None) -> list[Any]:
+    """[fn(*job) for job in jobs] through `parallel_map` (Ray tasks when Ray runs)."""
+    return parallel_map(_Star(fn), jobs, max_in_flight=max_in_flight)
+
+
+class _Star:
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, job: tuple) -> Any:
+        return self.fn(*job)
+
+
 def _collect(pending: dict, results: dict) -> None:
     done, _ = ray.wait(list(pending), num_returns=1)
     for ref in done:

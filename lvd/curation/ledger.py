@@ -174,31 +174,13 @@ def build_ledger(run_dir: Path) -> pa.Table:
 # ---------------------------------------------------------------- Ray plumbing
 
 
-_REMOTES: dict = {}
-
-
 def ray_map(fn, jobs: list[tuple], max_in_flight: int | None = None) -> list:
-    """`[fn(*job) for job in jobs]` as Ray tasks (1 CPU each), at most `max_in_flight` at once
-    (default: twice the cluster's CPUs), results in job order. Starts a local Ray if none runs."""
-    import ray
-
-    from lvd.curation import runner
+    """`[fn(*job) for job in jobs]` as Ray tasks, results in job order (`fanout.starmap`), on
+    the running Ray or a local one started here."""
+    from lvd.curation import fanout, runner
 
     runner.init_ray()
-    if fn not in _REMOTES:
-        _REMOTES[fn] = ray.remote(num_cpus=1, max_retries=3)(fn)
-    remote = _REMOTES[fn]
-    limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
-    results: list = [None] * len(jobs)
-    pending: dict = {}
-    for i, job in enumerate(jobs):
-        if len(pending) >= limit:
-            (ready,), _ = ray.wait(list(pending), num_returns=1)
-            results[pending.pop(ready)] = ray.get(ready)
-        pending[remote.remote(*job)] = i
-    for ref, i in pending.items():
-        results[i] = ray.get(ref)
-    return results
+    return fanout.starmap(fn, jobs, max_in_flight=max_in_flight)
 
 
 def _ranges(samples: list[str], n_ranges: int) -> list[tuple[str | None, str | None]]:
