@@ -28,6 +28,7 @@ from lvd.curation.scale import budget as B
 from lvd.curation.scale.hashdedup import ShuffleConfig
 from lvd.curation.shards import ShardConfig
 from lvd.curation.stages import copy as stages_copy
+from lvd.curation.stages import decontam as stages_decontam
 from lvd.curation.stages import embed as stages_embed
 from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.stages import select as stages_select
@@ -178,7 +179,7 @@ def decontam_task(
     copy_model: tuple[str, dict] | None,
 ) -> None:
     progress = artifacts.Progress("curate-decontam-progress", "decontamination: copies of eval images")
-    stages_copy.run_decontam(run_dir, eval_dirs, cfg, proposer=proposer, copy_model=copy_model, rcfg=rcfg)
+    stages_decontam.run_decontam(run_dir, eval_dirs, cfg, proposer=proposer, copy_model=copy_model, rcfg=rcfg)
     progress(1, 1)
     t = rundir.decontaminated(run_dir)
     counts = Counter(t["eval_set"].to_pylist())
