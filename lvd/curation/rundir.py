@@ -249,6 +249,15 @@ def duplicates(run_dir: Path, uids=None) -> pa.Table | None:
     return None
 
 
+def duplicates_file(run_dir: Path) -> Path | None:
+    """The file `duplicates` reads (copy detection's, else hash dedup's), for readers that
+    stream it in batches (partitioned decontamination); None before any dedup ran."""
+    for stage in ("copydetect", "dedup"):
+        if (path := Path(run_dir) / stage / "duplicates.parquet").exists():
+            return path
+    return None
+
+
 def copydetect_output(run_dir: Path, what: str) -> dict | None:
     """One of copy detection's one-row JSON outputs ('calibration', 'stats'), or None."""
     t = _table(Path(run_dir) / "copydetect" / f"duplicates.{what}.parquet")

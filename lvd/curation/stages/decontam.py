@@ -9,19 +9,29 @@ detection's calibrated `Decider`.
 
 from __future__ import annotations
 
+import re
+import shutil
+import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
 
+from lvd import durable
 from lvd.curation import copydetect as cd
 from lvd.curation import rundir, runner
 from lvd.curation.guard import check_removal
+from lvd.curation.knn_index import IndexConfig, build_index, search
+from lvd.curation.localfeat import Features
 from lvd.curation.scale import shardindex
 from lvd.curation.stages.copy import Decider, PoolFeatures, calibration, duplicates, read_features
-from lvd.curation.vectors import open_vectors
+from lvd.curation.stages.ingest_dedup import PARTITIONED_MIN_RECORDS
+from lvd.curation.vectors import open_vectors, part_paths
 
 DECONTAM_SCHEMA = pa.schema([
     ("uid", pa.string()), ("matched_eval_uid", pa.string()), ("similarity", pa.float64()),
@@ -155,9 +165,16 @@ def run_decontam(
     proposer: str | None = None,
     copy_model: tuple[str, dict] | None = None,
     rcfg: runner.RunnerConfig = runner.RunnerConfig(),
+    partitioned: bool | None = None,
+    buckets: int | None = None,
 ) -> runner.StageReport:
     """Remove the pool's copies of eval images (`proposer`: the vector folder name, e.g.
-    "vectors", of an embedder that also proposes candidates)."""
+    "vectors", of an embedder that also proposes candidates).
+
+    Two paths, one output (tests/curation/test_decontam_scale.py checks they are equal): one
+    Ray task holding the pool (`DecontamFn`), or Ray tasks per pool part (`_run_partitioned`).
+    `partitioned` True / False forces one; None partitions from PARTITIONED_MIN_RECORDS ingest
+    records on. `buckets`: pool-index buckets of the partitioned path (None: from the records)."""
     names = sorted(eval_dirs)
     dirs = [rundir.stage_dir(run_dir, "copydetect")] + [rundir.stage_dir(eval_dirs[n], "copyfeat") for n in names]
     proposers: tuple = ()
@@ -168,10 +185,424 @@ def run_decontam(
         dirs += [rundir.stage_dir(d, "copyembed") for d in (run_dir, *[eval_dirs[n] for n in names])]
     unit = runner.WholeStage(fingerprint=rundir.digest(*dirs), stem="decontaminated")
     fn = DecontamFn(str(run_dir), {k: str(v) for k, v in eval_dirs.items()}, cfg, proposers, copy_model)
-    return runner.map_partitions(
-        fn,
-        [unit],
-        rundir.stage_dir(run_dir, "decontam"),
-        cfg_hash=runner.config_hash(cfg, names, copy_model, proposer),
-        runner=rcfg,
+    cfg_hash = runner.config_hash(cfg, names, copy_model, proposer)  # both paths: same outputs, same identity
+    if partitions(run_dir, partitioned):
+        return _run_partitioned(fn, unit, cfg_hash, rcfg, buckets)
+    return runner.map_partitions(fn, [unit], rundir.stage_dir(run_dir, "decontam"), cfg_hash=cfg_hash, runner=rcfg)
+
+
+# ---------------------------------------------------------------- the partitioned path
+#
+# No process holds the pool. Four waves of Ray tasks over scratch Parquet under RUN/decontam/work:
+# 0. pool index: each ingest partition's accepted records (caps applied) and each copyfeat part's
+#    uids go to `buckets` files by crc32(uid); a task per bucket keeps each uid's first record in
+#    source order (`rundir.unique_accepted`'s row order: (source, ingest part, row)) and its
+#    features' part (the first copyfeat part holding it, as `read_features`): the pool, by home part.
+# 1. candidates: a task per copyfeat part reads its members' features (and vectors) and searches
+#    the eval images among them: each eval image's top k per list, written as (list, eval row,
+#    similarity, order key, uid) rows. The driver merges these files one at a time into each
+#    eval image's global top k (ties by the order key: the single search's lower row).
+# 2. decide: a task per part verifies its hash candidates and the merged k-NN pairs that fall in
+#    it with the calibrated Decider; each matched pool image keeps its best eval image.
+# 3. finish: one task joins the matches with the duplicate groups (streamed in batches), checks
+#    the guard and writes decontaminated.parquet and its marker as the single task would.
+
+_ORDER = [("source", "ascending"), ("part", "ascending"), ("row", "ascending")]
+INDEX_SCHEMA = pa.schema([
+    ("uid", pa.string()), ("source", pa.string()), ("part", pa.int64()), ("row", pa.int64()), ("home", pa.int64()),
+])  # fmt: skip
+_FEAT_PART = re.compile(r"part-(\d{6})\.parquet$")
+RECORD_ROWS_PER_BUCKET = 2_000_000  # pool-index records one bucket task holds (~150 B each)
+
+
+@dataclass(frozen=True)
+class EvalSide:
+    """Everything about the eval sets a partition task needs: one object in the object store."""
+
+    feats: PoolFeatures
+    set_of: dict[str, str]
+    queries: list[np.ndarray]  # per k-NN list after the model-free descriptor: the eval vectors
+    copy_vecs: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class PartJob:
+    """Picklable task settings shared by the partition waves."""
+
+    run_dir: str
+    work: str
+    cfg: cd.CopyDetectConfig
+    lists: tuple[str, ...]  # vector folders of the pool, per k-NN list after the descriptor
+    copy_vecs: str | None  # the copy model's vector folder of the pool
+    cal: cd.Calibration | None = None
+
+
+def partitions(run_dir: Path, force: bool | None = None) -> bool:
+    """Whether `run_decontam` takes the partitioned path: `force`, else from
+    PARTITIONED_MIN_RECORDS ingest records on (the dedup stage's threshold)."""
+    if force is not None:
+        return force
+    return sum(m["rows"]["main"] for m in rundir.ingest_markers(run_dir).values()) >= PARTITIONED_MIN_RECORDS
+
+
+def _bucket_of(uids: list[str], buckets: int) -> np.ndarray:
+    return np.array([zlib.crc32(u.encode()) % buckets for u in uids], np.int64)
+
+
+def _index_map(job: PartJob, item: tuple[int, str | None, str | None], buckets: int) -> None:
+    """Wave 0 map: one ingest partition's accepted records and one copyfeat part's uids, by bucket."""
+    index, manifest, feats = item
+    out = Path(job.work) / "map"
+    if manifest:
+        t = rundir.apply_caps(Path(job.run_dir), pq.read_table(manifest, columns=["uid", "status", "source"]))
+        rows = np.flatnonzero(t["status"].to_numpy(zero_copy_only=False) == "accepted")
+        rec = pa.table({
+            "uid": t["uid"].take(rows), "source": t["source"].take(rows),
+            "part": np.full(len(rows), index, np.int64), "row": rows.astype(np.int64),
+        })  # fmt: skip
+        _write_buckets(rec, out, f"r{index:06d}", buckets)
+    if feats:
+        uids = pq.read_table(feats, columns=["uid"])["uid"]
+        _write_buckets(
+            pa.table({"uid": uids, "home": np.full(len(uids), index, np.int64)}), out, f"h{index:06d}", buckets
+        )
+
+
+def _write_buckets(t: pa.Table, out: Path, stem: str, buckets: int) -> None:
+    b = _bucket_of(t["uid"].to_pylist(), buckets)
+    for k in range(buckets):
+        _write(t.filter(pa.array(b == k)), out / f"b{k:05d}" / f"{stem}.parquet")
+
+
+def _write(t: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    durable.write_parquet(path, t)
+
+
+def _index_reduce(job: PartJob, bucket: int) -> dict[int, int]:
+    """Wave 0 reduce: one bucket's pool uids with their order key and home part; -> members per home."""
+    d = Path(job.work) / "map" / f"b{bucket:05d}"
+    rec = _concat([pq.read_table(p) for p in sorted(d.glob("r*.parquet"))], ["uid", "source", "part", "row"])
+    homes = _concat([pq.read_table(p) for p in sorted(d.glob("h*.parquet"))], ["uid", "home"])
+    rec = rec.sort_by([("uid", "ascending"), *_ORDER])
+    u = rec["uid"].to_numpy(zero_copy_only=False)
+    rec = rec.filter(pa.array(np.r_[True, u[1:] != u[:-1]] if len(u) else np.zeros(0, bool)))
+    home = homes.group_by("uid").aggregate([("home", "min")]).rename_columns(["uid", "home"])
+    pool = rec.join(home, "uid", join_type="left outer")
+    if (missing := pool.filter(pc.is_null(pool["home"]))).num_rows:
+        first = min(missing["uid"].to_pylist())
+        raise RuntimeError(
+            f"{job.run_dir}/copyfeat has no features for {missing.num_rows} accepted images "
+            f"(first {first}): the copyfeat stage did not finish"
+        )
+    pool = pool.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA).sort_by([("home", "ascending"), *_ORDER])
+    path = Path(job.work) / "pool" / f"b{bucket:05d}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pool, path, row_group_size=65_536)  # scratch: home ranges skip row groups on read
+    counts = pool.group_by("home").aggregate([("uid", "count")])
+    return dict(zip(counts["home"].to_pylist(), counts["uid_count"].to_pylist()))
+
+
+def _concat(tables: list[pa.Table], names: list[str]) -> pa.Table:
+    return pa.concat_tables([t.select(names) for t in tables]) if tables else pa.table({n: [] for n in names})
+
+
+@dataclass
+class Part:
+    """One home part's pool members in pool order, with their features (and vectors)."""
+
+    keys: pa.Table  # INDEX_SCHEMA rows
+    feats: PoolFeatures
+    vecs: list[np.ndarray]  # per k-NN list after the descriptor
+    copy_vecs: np.ndarray | None
+
+
+def _load_part(job: PartJob, home: int) -> Part:
+    pools = sorted((Path(job.work) / "pool").glob("b*.parquet"))
+    keys = pa.concat_tables([pq.read_table(p, filters=pc.field("home") == home) for p in pools]).sort_by(_ORDER)
+    uids = keys["uid"].to_pylist()
+    path = rundir.stage_dir(Path(job.run_dir), "copyfeat") / f"{runner.part_name(home)}.parquet"
+    t = pq.read_table(path, filters=pc.field("uid").isin(pa.array(uids, pa.string())))
+    rows: dict[str, dict] = {}
+    for r in t.to_pylist():
+        rows.setdefault(r["uid"], r)
+    ordered = [rows[u] for u in uids]
+    n = len(ordered)
+    glob = np.stack([np.frombuffer(r["glob"], np.float32) for r in ordered]) if n else np.zeros((0, 144), np.float32)
+    nh = np.frombuffer(b"".join(r["nhash"] for r in ordered), np.uint8).reshape(n, 32)
+    nf = np.frombuffer(b"".join(r["nhash_flip"] for r in ordered), np.uint8).reshape(n, 32)
+    none = np.zeros(n, np.int64)  # pixels / aspect: not used by decontamination
+    feats = PoolFeatures(np.asarray(uids, dtype=object), none, none.astype(np.float64),
+                         [Features.from_row(r) for r in ordered], glob, nh, nf)  # fmt: skip
+    vecs = [_part_vectors(d, home, uids) for d in job.lists]
+    copy = _part_vectors(job.copy_vecs, home, uids) if job.copy_vecs else None
+    return Part(keys, feats, vecs, copy)
+
+
+def _part_vectors(folder: str, home: int, uids: list[str]) -> np.ndarray:
+    """float16 [len(uids), D]: the vectors of `uids`, read from the store part of the same index
+    (the embedder's part of that ingest partition holds them) and, for any not there, from the
+    other parts one at a time; never the whole store's uid list."""
+    want = {u: i for i, u in enumerate(uids)}
+    out: np.ndarray | None = None
+    left = set(uids)
+    npy0, _ = part_paths(folder, home)
+    others = sorted(p for p in Path(folder).glob("part-*.npy") if p != npy0)
+    for npy in [npy0, *others] if npy0.exists() else others:
+        if not left:
+            break
+        have = pq.read_table(npy.with_suffix(".uids.parquet"), columns=["uid"])["uid"].to_pylist()
+        hit = [(r, want[u]) for r, u in enumerate(have) if u in left]
+        if not hit:
+            continue
+        vecs = np.load(npy, mmap_mode="r", allow_pickle=False)
+        if out is None:
+            out = np.zeros((len(uids), vecs.shape[1]), np.float16)
+        src, dst = np.array([h[0] for h in hit]), np.array([h[1] for h in hit])
+        out[dst] = vecs[src]
+        left -= {uids[d] for d in dst.tolist()}
+    if left:
+        raise KeyError(f"{folder}: no vector for {len(left)} pool images, e.g. {sorted(left)[:3]}")
+    return out if out is not None else np.zeros((0, 1), np.float16)
+
+
+KNN_SCHEMA = pa.schema([
+    ("list", pa.int64()), ("q", pa.int64()), ("sim", pa.float32()), ("source", pa.string()), ("part", pa.int64()),
+    ("row", pa.int64()), ("uid", pa.string()), ("home", pa.int64()),
+])  # fmt: skip
+
+
+def _candidates(job: PartJob, home: int, ev: EvalSide) -> str:
+    """Wave 1: each eval image's top k among this part, per k-NN list (rows in pool order, so a
+    tie goes to the lower row as in one search over the pool)."""
+    part = _load_part(job, home)
+    lists = [(ev.feats.glob, part.feats.glob), *zip(ev.queries, part.vecs)]
+    if part.copy_vecs is not None:
+        lists.append((ev.copy_vecs, part.copy_vecs))
+    out = []
+    n = part.keys.num_rows
+    for li, (q, pool) in enumerate(lists):
+        if not n or not len(q):
+            continue
+        index = build_index(np.asarray(pool), IndexConfig(exact_below=n + 1, use_gpu=False))
+        nb = search(index, np.asarray(q), min(job.cfg.k, n))
+        qi, ids = np.nonzero(nb.ids_QK >= 0)
+        rows = nb.ids_QK[qi, ids]
+        t = part.keys.take(pa.array(rows))
+        out.append(pa.table({
+            "list": np.full(len(rows), li, np.int64), "q": qi.astype(np.int64), "sim": nb.sims_QK[qi, ids],
+            "source": t["source"], "part": t["part"], "row": t["row"], "uid": t["uid"], "home": t["home"],
+        }, schema=KNN_SCHEMA))  # fmt: skip
+    path = Path(job.work) / "knn" / f"{runner.part_name(home)}.parquet"
+    _write(pa.concat_tables(out) if out else KNN_SCHEMA.empty_table(), path)
+    return str(path)
+
+
+def _top_k(t: pa.Table, k: int) -> pa.Table:
+    """Each (list, eval row)'s k best: similarity descending, then pool order."""
+    t = t.sort_by([("list", "ascending"), ("q", "ascending"), ("sim", "descending"), *_ORDER])
+    g = t["list"].to_numpy() * (1 << 32) + t["q"].to_numpy()
+    if not len(g):
+        return t
+    start = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
+    rank = np.arange(len(g)) - np.repeat(start, np.diff(np.r_[start, len(g)]))
+    return t.filter(pa.array(rank < k))
+
+
+MATCH_SCHEMA = pa.schema([
+    ("uid", pa.string()), ("source", pa.string()), ("part", pa.int64()), ("row", pa.int64()),
+    ("score", pa.float64()), ("q", pa.int64()), ("first_q", pa.int64()),
+])  # fmt: skip
+
+
+def _decide(job: PartJob, item: tuple[int, pa.Table], ev: EvalSide) -> tuple[str, int]:
+    """Wave 2: decide this part's hash candidates and its merged k-NN pairs; each matched pool
+    image keeps its best eval image (the lower eval row on a tie) and its first hit's eval row."""
+    home, knn = item
+    part = _load_part(job, home)
+    n, e, cfg = part.keys.num_rows, len(ev.feats.uids), job.cfg
+    qa, pb = cd.cross_hash_candidates(ev.feats.nhash, part.feats.nhash, part.feats.nhash_flip, cfg.hash_radius)
+    row_of = {u: i for i, u in enumerate(part.feats.uids.tolist())}
+    kq = knn["q"].to_numpy().astype(np.int64)
+    kp = np.array([row_of[u] for u in knn["uid"].to_pylist()], np.int64)
+    key = np.unique(np.concatenate([qa * n + pb, kq * n + kp]))
+    q_rows, p_rows = key // max(n, 1), key % max(n, 1)
+    feats = ev.feats.feats + part.feats.feats
+    vecs = None
+    if part.copy_vecs is not None:
+        vecs = np.concatenate([ev.copy_vecs, part.copy_vecs]).astype(np.float32)
+    decider = Decider(feats, vecs, job.cal, cfg)
+    scores = decider.scores(q_rows, p_rows + e)
+    hit = decider.links(scores)
+    best: dict[int, tuple[float, int, int]] = {}
+    for qi, pi, s in zip(q_rows[hit].tolist(), p_rows[hit].tolist(), scores[hit].tolist()):
+        if pi not in best:
+            best[pi] = (s, qi, qi)
+        elif s > best[pi][0]:
+            best[pi] = (s, qi, best[pi][2])
+    rows = sorted(best)
+    t = part.keys.take(pa.array(rows, pa.int64()))
+    out = pa.table({
+        "uid": t["uid"], "source": t["source"], "part": t["part"], "row": t["row"],
+        "score": [best[r][0] for r in rows], "q": [best[r][1] for r in rows], "first_q": [best[r][2] for r in rows],
+    }, schema=MATCH_SCHEMA)  # fmt: skip
+    path = Path(job.work) / "match" / f"{runner.part_name(home)}.parquet"
+    _write(out, path)
+    return str(path), len(rows)
+
+
+def _finish(job: PartJob, item: tuple, ev: EvalSide) -> dict:
+    """Wave 3: matches -> groups -> guard -> decontaminated.parquet and its marker."""
+    matches, n, unit, stage_dir, cfg_hash = item
+    e = len(ev.feats.uids)
+    if not n or not e:
+        return runner.write_outputs({"": DECONTAM_SCHEMA.empty_table()}, unit, stage_dir, cfg_hash)
+    m = _concat([pq.read_table(p) for p in matches], MATCH_SCHEMA.names).cast(MATCH_SCHEMA)
+    decider = Decider([], None if ev.copy_vecs is None else ev.copy_vecs, job.cal, job.cfg)
+    out = _groups_of(job, m, ev, decider)
+    first = m.sort_by([("first_q", "ascending"), *_ORDER])["uid"].to_pylist()[:8]
+    check_removal(
+        "decontamination",
+        out.num_rows,
+        n,
+        job.cfg.max_remove,
+        largest=[first],
+        detail=job.cal.summary() + f"; {m.num_rows} pool images matched {e} eval images. ",
     )
+    return runner.write_outputs({"": out}, unit, stage_dir, cfg_hash)
+
+
+def _groups_of(job: PartJob, m: pa.Table, ev: EvalSide, decider: Decider) -> pa.Table:
+    """`_with_components` without the pool: the matched images (small: what the guard bounds)
+    are joined with the duplicate groups read in batches; group members are looked up in the pool
+    index (only pool images are removed). Holds the matches, their groups and the output rows."""
+    m = m.sort_by(_ORDER)  # pool order: a group's tie goes to its first matched image, as in one pass
+    best = dict(zip(m["uid"].to_pylist(), zip(m["score"].to_pylist(), m["q"].to_pylist())))
+    path = rundir.duplicates_file(Path(job.run_dir))
+    label = {u: u for u in best}
+    for uid, rep in _dup_batches(path):
+        for u, r in zip(uid, rep):
+            if u in label:
+                label[u] = r
+    group_best: dict[str, tuple[float, int]] = {}
+    for u, hit in best.items():
+        g = label[u]
+        if g not in group_best or hit[0] > group_best[g][0]:
+            group_best[g] = hit
+    member, relabelled = {}, set()  # member uid -> its group; groups whose label is itself a member elsewhere
+    for uid, rep in _dup_batches(path):
+        for u, r in zip(uid, rep):
+            if r in group_best:
+                member[u] = r
+            if u in group_best:
+                relabelled.add(u)  # rep.get(g, g) != g: g is not in its own group
+    for g in group_best:
+        if g not in relabelled:
+            member.setdefault(g, g)
+    in_pool = _pool_members(job, set(member) - set(best))
+    rows = []
+    for u in sorted(set(best) | in_pool):
+        s, qi = best.get(u) or group_best[member[u]]
+        euid = str(ev.feats.uids[qi])
+        sim = 1.0 - float(decider.distance(np.array([s]))[0])
+        rows.append(dict(uid=u, matched_eval_uid=euid, similarity=sim, eval_set=ev.set_of[euid], method=decider.method))
+    return pa.Table.from_pylist(rows, schema=DECONTAM_SCHEMA).sort_by([("uid", "ascending")])
+
+
+def _dup_batches(path: Path | None, rows: int = 65_536):
+    if path is None:
+        return
+    for b in pq.ParquetFile(path).iter_batches(batch_size=rows, columns=["uid", "duplicate_of"]):
+        yield b.column(0).to_pylist(), b.column(1).to_pylist()
+
+
+def _pool_members(job: PartJob, uids: set[str]) -> set[str]:
+    if not uids:
+        return set()
+    want = pc.field("uid").isin(pa.array(sorted(uids), pa.string()))
+    found = set()
+    for p in sorted((Path(job.work) / "pool").glob("b*.parquet")):
+        found |= set(pq.read_table(p, columns=["uid"], filters=want)["uid"].to_pylist())
+    return found
+
+
+def _map(rcfg: runner.RunnerConfig, fn, job: PartJob, items: list, *shared) -> list:
+    """[fn(job, x, *shared) for x in items] as Ray tasks, at most `max_in_flight` at once."""
+    remote = ray.remote(fn).options(num_cpus=rcfg.num_cpus, max_retries=rcfg.max_retries, retry_exceptions=False)
+    limit = rcfg.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+    job_ref = ray.put(job)
+    results: dict[int, object] = {}
+    pending: dict = {}
+    for i, x in enumerate(items):
+        while len(pending) >= limit:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            results[pending.pop(done[0])] = ray.get(done[0])
+        pending[remote.remote(job_ref, x, *shared)] = i
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        results[pending.pop(done[0])] = ray.get(done[0])
+    return [results[i] for i in range(len(items))]
+
+
+def _eval_side(fn: DecontamFn) -> EvalSide:
+    ev, set_of = _eval_features({k: Path(v) for k, v in fn.eval_dirs.items()})
+    queries = [_eval_vectors(ev.uids, set_of, eval_vecs) for _, eval_vecs in fn.proposers]
+    copy = None
+    if fn.copy_model:
+        dirs = {k: str(rundir.vectors_dir(Path(v), "copyembed")) for k, v in fn.eval_dirs.items()}
+        copy = _eval_vectors(ev.uids, set_of, dirs)
+    return EvalSide(ev, set_of, queries, copy)
+
+
+def _run_partitioned(
+    fn: DecontamFn, unit: runner.WholeStage, cfg_hash: str, rcfg: runner.RunnerConfig, buckets: int | None
+) -> runner.StageReport:
+    """The partitioned path (module section above): same marker identity and output as `DecontamFn`."""
+    run = Path(fn.run_dir)
+    stage_dir = rundir.stage_dir(run, "decontam")
+    report, todo = runner.plan_stage(stage_dir, [unit], cfg_hash, checksums=rcfg.verify_checksums)
+    if not todo:
+        return report
+    cal = calibration(run)
+    if cal is None:
+        raise RuntimeError(f"{run}/copydetect has no calibration: run copy detection before decontamination")
+    work = stage_dir / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    lists = tuple(p for p, _ in fn.proposers)
+    copy_dir = str(rundir.vectors_dir(run, "copyembed")) if fn.copy_model else None
+    job = PartJob(str(run), str(work), fn.cfg, lists, copy_dir, cal)
+    n, homes = _pool_index(job, rcfg, buckets)
+    ev = ray.put(_eval_side(fn))  # the eval sets go into the object store once; every task reads them there
+    matches: list[str] = []
+    if n and homes:
+        found = _map(rcfg, _candidates, job, homes, ev)
+        merged = KNN_SCHEMA.empty_table()
+        for path in found:  # one part's top k at a time: the driver holds O(eval images x k x lists)
+            merged = _top_k(pa.concat_tables([merged, pq.read_table(path).cast(KNN_SCHEMA)]), fn.cfg.k)
+        home_of = merged["home"].to_numpy()
+        items = [(h, merged.filter(pa.array(home_of == h)).select(["q", "uid"])) for h in homes]
+        matches = [p for p, _ in _map(rcfg, _decide, job, items, ev)]
+    marker = _map(rcfg, _finish, job, [(matches, n, unit, str(stage_dir), cfg_hash)], ev)[0]
+    shutil.rmtree(work, ignore_errors=True)
+    return runner.collect(report, [marker], 1)
+
+
+def _pool_index(job: PartJob, rcfg: runner.RunnerConfig, buckets: int | None) -> tuple[int, list[int]]:
+    """Wave 0: the pool by home part; -> (pool size, home parts with members)."""
+    run = Path(job.run_dir)
+    manifests = dict(zip(sorted(rundir.ingest_markers(run)), rundir.ingest_manifests(run)))
+    found = [(_FEAT_PART.match(p.name), p) for p in rundir.stage_dir(run, "copyfeat").glob("part-*.parquet")]
+    feats = {int(m.group(1)): p for m, p in found if m}
+    records = sum(m["rows"]["main"] for m in rundir.ingest_markers(run).values())
+    b = buckets or max(1, -(-records // RECORD_ROWS_PER_BUCKET))
+    items = [(i, _str(manifests.get(i)), _str(feats.get(i))) for i in sorted(set(manifests) | set(feats))]
+    _map(rcfg, _index_map, job, items, b)
+    counts: dict[int, int] = {}
+    for c in _map(rcfg, _index_reduce, job, list(range(b))):
+        for h, k in c.items():
+            counts[h] = counts.get(h, 0) + k
+    return sum(counts.values()), sorted(counts)
+
+
+def _str(p: Path | None) -> str | None:
+    return None if p is None else str(p)

@@ -1,0 +1,220 @@
+"""Partitioned decontamination (stages.decontam `_run_partitioned`) gives the single task's
+decontaminated.parquet byte for byte, on the session's Ray and on a 3-node
+`ray.cluster_utils.Cluster`; the mass-removal guard trips with the same message before anything
+is written.
+
+The pool is built so that the partitioned path's global steps matter: 7 real photos and their
+copies in partitions of 6 files; a photo's pixels saved twice as PNG (two uids, identical
+features: a tie in every k-NN list and in every verification score, between partitions); the
+partitions of the second input come first while its sources sort last (pool order is source
+order, not partition order); an exact copy of a file in two partitions (one uid, two records);
+k = 2, so each eval image's top k is a choice among partitions; given vectors as an embedder
+proposer. Two eval sets hold resized copies of three photos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from lvd.curation import copies, rundir
+from lvd.curation.copydetect import CopyDetectConfig
+from lvd.curation.dedup import DedupConfig
+from lvd.curation.guard import MassRemovalError
+from lvd.curation.ingest import IngestConfig
+from lvd.curation.stages import copy as stages_copy
+from lvd.curation.stages import decontam
+from lvd.curation.stages import ingest_dedup as stages
+from lvd.curation.vectors import write_vectors
+
+COPY = CopyDetectConfig(k=2, max_remove=0.95)
+EVAL_PHOTOS = {"set_a": (0, 2), "set_b": (4,)}
+
+
+def _png(img: Image.Image, level: int) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="PNG", compress_level=level)
+    return buf.getvalue()
+
+
+def _write_inputs(root: Path) -> tuple[list[Path], dict[str, Path]]:
+    photos = copies.real_photos()[:7]
+    a, z, ev = root / "a_first", root / "z_second", root / "evals"
+    for d in (a, z):
+        d.mkdir(parents=True)
+    for i, (name, img) in enumerate(photos):
+        home = a if i % 2 else z
+        (home / f"{name}.jpg").write_bytes(copies.encode_original(img))
+        for kind, blob in copies.make_copies(img, seed=i).items():
+            if kind not in ("exact", "resized"):
+                (home / f"{name}__{kind}.img").write_bytes(blob)
+    # the same pixels twice (PNG at two compression levels: two uids), one in each input
+    name, img = photos[0]
+    (a / f"{name}__png1.png").write_bytes(_png(img, 1))
+    (z / f"{name}__png9.png").write_bytes(_png(img, 9))
+    # one file's bytes in both inputs: one uid, two records
+    shutil.copy(z / f"{name}.jpg", a / f"{name}__again.jpg")
+    evals = {}
+    for set_name, which in EVAL_PHOTOS.items():
+        d = ev / set_name
+        d.mkdir(parents=True)
+        for i in which:
+            (d / f"{photos[i][0]}.jpg").write_bytes(copies.make_copies(photos[i][1], seed=100 + i)["resized"])
+        evals[set_name] = d
+    return [z, a], evals  # z's partitions first, a's sources sort first
+
+
+def _given_vectors(run: Path, seed: int = 0) -> None:
+    """A proposer's vectors per ingest partition (what `lvd curate --vectors` imports): each
+    image's vector is its descriptor's, projected and a little noisy."""
+    rng = np.random.default_rng(seed)
+    proj = np.random.default_rng(7).standard_normal((144, 32)).astype(np.float32)
+    feats = {}
+    for p in sorted(rundir.stage_dir(run, "copyfeat").glob("part-*.parquet")):
+        for r in pq.read_table(p, columns=["uid", "glob"]).to_pylist():
+            feats.setdefault(r["uid"], np.frombuffer(r["glob"], np.float32))
+    for index, m in sorted(rundir.ingest_markers(run).items()):
+        t = pq.read_table(run / "ingest" / m["outputs"]["main"], columns=["uid", "status"])
+        uids = sorted({u for u, s in zip(t["uid"].to_pylist(), t["status"].to_pylist()) if s == "accepted"})
+        if not uids:
+            continue
+        v = np.stack([feats[u] @ proj for u in uids]) + 0.05 * rng.standard_normal((len(uids), 32))
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        write_vectors(run / "vectors", index, uids, v.astype(np.float16))
+
+
+@pytest.fixture(scope="module")
+def runs(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("decontam_scale")
+    inputs, eval_inputs = _write_inputs(root / "in")
+    run = root / "run"
+    stages.run_ingest(stages.plan([str(p) for p in inputs], 6), run, IngestConfig())
+    stages.run_dedup(run, DedupConfig())
+    stages_copy.run_copyfeat(run)
+    stages_copy.run_copydetect(run, COPY)
+    _given_vectors(run)
+    evals = {}
+    for name, d in eval_inputs.items():
+        ev = rundir.sub_run(run, "eval", name)
+        stages.run_ingest(stages.plan([str(d)], 6), ev, IngestConfig())
+        stages_copy.run_copyfeat(ev)
+        _given_vectors(ev, seed=1)
+        evals[name] = ev
+    return run, evals
+
+
+def _decontam(run: Path, evals: dict, partitioned: bool, *, cfg=COPY, proposer="vectors", buckets=None) -> dict:
+    """Run the stage afresh; -> {file name: bytes} of RUN/decontam (scratch must be gone)."""
+    shutil.rmtree(run / "decontam", ignore_errors=True)
+    decontam.run_decontam(run, evals, cfg, proposer=proposer, partitioned=partitioned, buckets=buckets)
+    return {p.name: p.read_bytes() for p in sorted((run / "decontam").iterdir())}
+
+
+@pytest.mark.parametrize("proposer", [None, "vectors"])
+def test_partitioned_equals_one_task_byte_for_byte(runs, proposer):
+    run, evals = runs
+    one = _decontam(run, evals, False, proposer=proposer)
+    parts = _decontam(run, evals, True, proposer=proposer, buckets=3)
+    assert set(one) == {"decontaminated.parquet", "decontaminated.done.json"}
+    assert parts == one
+    t = pq.read_table(io.BytesIO(one["decontaminated.parquet"]))
+    assert t.num_rows >= 6 and set(t["eval_set"].to_pylist()) == {"set_a", "set_b"}, t.to_pylist()
+
+
+def test_the_pool_spans_partitions_with_ties(runs):
+    """The fixture exercises what it claims: several parts, source order != partition order,
+    a uid recorded in two partitions, and two uids with identical features."""
+    run, _ = runs
+    assert len(list((run / "copyfeat").glob("part-*.parquet"))) >= 5
+    t = rundir.read_ingest(run, ["uid", "source", "status"]).to_pylist()
+    again = [r["uid"] for r in t if r["source"].endswith("__again.jpg")]
+    assert len(again) == 1 and sum(r["uid"] == again[0] for r in t) == 2
+    pool = stages_copy.read_features(run)
+    png = [i for i, u in enumerate(pool.uids) if any(r["uid"] == u and "__png" in r["source"] for r in t)]
+    assert len(png) == 2 and np.array_equal(pool.glob[png[0]], pool.glob[png[1]])
+
+
+def test_path_chosen_by_pool_size(runs, monkeypatch):
+    run, _ = runs
+    assert not decontam.partitions(run)
+    assert decontam.partitions(run, True) and not decontam.partitions(run, False)
+    monkeypatch.setattr(decontam, "PARTITIONED_MIN_RECORDS", 10)
+    assert decontam.partitions(run)
+
+
+def test_guard_trips_with_the_same_message_and_writes_nothing(runs):
+    run, evals = runs
+    strict = CopyDetectConfig(k=2, max_remove=0.05)
+    messages = []
+    for partitioned in (False, True):
+        shutil.rmtree(run / "decontam", ignore_errors=True)
+        with pytest.raises(MassRemovalError) as e:
+            decontam.run_decontam(run, evals, strict, partitioned=partitioned)
+        err = e.value  # a RayTaskError that is also a MassRemovalError (str: Ray's traceback, then the message)
+        messages.append(
+            (err.stage, err.removed, err.total, err.limit, err.detail, err.largest, str(err).split("\n")[-1])
+        )
+        assert not (run / "decontam" / "decontaminated.parquet").exists()
+        assert not (run / "decontam" / "decontaminated.done.json").exists()
+    assert messages[0] == messages[1]
+    assert "decontamination would remove" in messages[0][-1] and messages[0][5][0], messages[0]
+
+
+CLUSTER_SCRIPT = """
+import json, shutil, sys
+from pathlib import Path
+import ray
+from ray.cluster_utils import Cluster
+from lvd.curation.copydetect import CopyDetectConfig
+from lvd.curation.stages import decontam
+
+run, evals = Path(sys.argv[1]), json.loads(sys.argv[2])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+try:
+    for _ in range(3):
+        cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    shutil.rmtree(run / "decontam", ignore_errors=True)
+    decontam.run_decontam(run, {k: Path(v) for k, v in evals.items()}, CopyDetectConfig(k=2, max_remove=0.95),
+                          proposer="vectors", partitioned=True, buckets=3)
+    nodes = len([n for n in ray.nodes() if n["Alive"]])
+    out = {p.name: p.read_bytes().hex() for p in sorted((run / "decontam").iterdir())}
+    print("RESULT " + json.dumps({"nodes": nodes, "files": out}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+def test_partitioned_on_a_three_node_cluster_equals_one_task(runs, tmp_path):
+    run, evals = runs
+    one = _decontam(run, evals, False)
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("decontam"))
+    copy_evals = {k: rundir.sub_run(copy, "eval", k) for k in evals}
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv = [sys.executable, "-c", CLUSTER_SCRIPT, str(copy), json.dumps({k: str(v) for k, v in copy_evals.items()})]
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert res.returncode == 0 and lines, res.stderr[-4000:]
+    got = json.loads(lines[-1][len("RESULT ") :])
+    assert got["nodes"] == 4
+    files = {k: bytes.fromhex(v) for k, v in got["files"].items()}
+    assert files["decontaminated.parquet"] == one["decontaminated.parquet"]
+    # the marker names the same input and config and the same output bytes (its paths are the copy's)
+    assert (
+        hashlib.sha256(files["decontaminated.parquet"]).hexdigest()
+        == json.loads(one["decontaminated.done.json"])["files"]["decontaminated.parquet"]["sha256"]
+    )
