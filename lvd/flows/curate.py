@@ -264,7 +264,7 @@ def curate(
             tasks.embed_task(run_dir, "pool", copy_spec[0], EmbedConfig(**copy_spec[1]), acfg, copy_model=True)
         if copy_detection:
             proposers = [rundir.vectors_dir(run_dir)] if embeds else []
-            tasks.copydetect_task(run_dir, copy_cfg, rcfg, proposers=proposers, copy_model=copy_spec)
+            tasks.copydetect_task(run_dir, copy_cfg, rcfg, proposers=proposers, copy_model=copy_spec, budget=budget)
         for kind, paths in (("seeds", seeds), ("eval", eval_sets)):
             for name, path in tasks.sub_run_names(paths).items():
                 sub = subs.setdefault(kind, {})[name] = rundir.sub_run(run_dir, kind, name)
@@ -293,6 +293,7 @@ def curate(
                 rcfg,
                 proposer="vectors" if embeds else None,
                 copy_model=copy_spec,
+                budget=budget,
             )
         if embeds:
             tasks.cluster_task(run_dir, cluster_cfg, rcfg, budget)

@@ -25,6 +25,7 @@ from lvd.curation.embed import EmbedConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.localfeat import FeatureConfig
 from lvd.curation.scale import budget as B
+from lvd.curation.scale import shardindex
 from lvd.curation.scale.hashdedup import ShuffleConfig
 from lvd.curation.shards import ShardConfig
 from lvd.curation.stages import copy as stages_copy
@@ -140,10 +141,12 @@ def copydetect_task(
     *,
     proposers: list[Path],
     copy_model: tuple[str, dict] | None,
+    budget: B.WorkerBudget | None = None,
 ) -> None:
     log = get_run_logger()
     progress = artifacts.Progress("curate-copydetect-progress", "copy detection: candidates, calibration, decisions")
-    stages_copy.run_copydetect(run_dir, cfg, proposers=proposers, copy_model=copy_model, rcfg=rcfg)
+    with B.job_budget(budget):  # the proposers' k-NN (scale.shardindex.knn_lists, in the stage's task) sizes by it
+        stages_copy.run_copydetect(run_dir, cfg, proposers=proposers, copy_model=copy_model, rcfg=rcfg)
     progress(1, 1)
     d = rundir.duplicates(run_dir)
     cal, stats = stages_copy.calibration(run_dir), stages_copy.copydetect_stats(run_dir)
@@ -177,9 +180,11 @@ def decontam_task(
     *,
     proposer: str | None,
     copy_model: tuple[str, dict] | None,
+    budget: B.WorkerBudget | None = None,
 ) -> None:
     progress = artifacts.Progress("curate-decontam-progress", "decontamination: copies of eval images")
-    stages_decontam.run_decontam(run_dir, eval_dirs, cfg, proposer=proposer, copy_model=copy_model, rcfg=rcfg)
+    with B.job_budget(budget):  # the pool's k-NN (scale.shardindex.knn_lists, in the stage's task) sizes by it
+        stages_decontam.run_decontam(run_dir, eval_dirs, cfg, proposer=proposer, copy_model=copy_model, rcfg=rcfg)
     progress(1, 1)
     t = rundir.decontaminated(run_dir)
     counts = Counter(t["eval_set"].to_pylist())
@@ -228,23 +233,24 @@ def cluster_sizes(
     cfg: stages_select.ClusterConfig, n_rows: int, dim: int, budget: B.WorkerBudget | None
 ) -> stages_select.ClusterConfig:
     """`cfg` with the distributed k-means' rows per actor from the budget, only where the pool is
-    large enough for the distributed engine (smaller pools keep `cfg`, so their fingerprint)."""
+    large enough for the distributed engine (smaller pools keep `cfg`, so their fingerprint).
+    The actors themselves also size by the job's budget (`scale.dkmeans`, `cluster_task`)."""
     distributed = cfg.engine == "ray" or (cfg.engine == "auto" and n_rows >= cfg.distributed_above)
     if budget is None or not distributed or cfg.actors is not None or cfg.rows_per_actor is not None:
         return cfg
     k = cfg.k or max(1, round(math.sqrt(n_rows)))
-    return dataclasses.replace(cfg, rows_per_actor=B.kmeans_shard_rows(budget, dim, k))
+    block_rows = cfg.lloyd(k).blocks(n_rows, dim)
+    return dataclasses.replace(cfg, rows_per_actor=B.kmeans_shard_rows(budget, dim, k, block_rows=block_rows))
 
 
 def retrieve_sizes(cfg: RetrieveConfig, n_rows: int, dim: int, budget: B.WorkerBudget | None) -> RetrieveConfig:
-    """`cfg` with the sharded k-NN's rows per shard and query block from the budget, only where the
-    pool is sharded (smaller pools keep `cfg`, so their fingerprint)."""
-    if budget is None or n_rows < cfg.knn.sharded_above:
+    """`cfg` with the sharded k-NN sized by the budget (`shardindex.sized`: rows per shard, query
+    block, and sharded at all when the pool does not fit one worker), only where the pool is
+    sharded (smaller pools keep `cfg`, so their fingerprint)."""
+    if budget is None:
         return cfg
-    index = "ivf" if cfg.knn.pq_m is None else "ivfpq"  # ivf: the larger of flat / ivf rows
-    rows = B.vector_shard_rows(budget, dim, index, pq_bytes=cfg.knn.pq_m or 0)
-    knn = dataclasses.replace(cfg.knn, rows_per_shard=rows, query_block=B.query_block_rows(budget, dim, cfg.k))
-    return dataclasses.replace(cfg, knn=knn)
+    knn = shardindex.sized(dataclasses.replace(cfg.knn, budget=budget), n_rows, dim, cfg.k, subset=True)
+    return cfg if n_rows < knn.sharded_above else dataclasses.replace(cfg, knn=knn)
 
 
 @task(name="cluster", cache_policy=NO_CACHE)
@@ -254,7 +260,8 @@ def cluster_task(
     progress = artifacts.Progress("curate-cluster-progress", "cluster: spherical k-means")
     if budget is not None:
         cfg = cluster_sizes(cfg, *_pool_vectors(run_dir), budget)
-    stages_select.run_cluster(run_dir, cfg, rcfg)
+    with B.job_budget(budget):  # the k-means actors (scale.dkmeans, in the stage's task) size by it
+        stages_select.run_cluster(run_dir, cfg, rcfg)
     progress(1, 1)
     t, h = stages_select.read_clusters(run_dir)
     rows = [
@@ -287,7 +294,8 @@ def retrieve_task(
     progress = artifacts.Progress("curate-retrieve-progress", "retrieve: seeds / balanced sampling")
     if budget is not None:
         cfg = retrieve_sizes(cfg, *_pool_vectors(run_dir), budget)
-    run_retrieve(run_dir, seed_dirs, cfg, rcfg)
+    with B.job_budget(budget):
+        run_retrieve(run_dir, seed_dirs, cfg, rcfg)
     progress(1, 1)
     sel = rundir.selection(run_dir)
     counts = rundir.selection(run_dir, "counts").to_pylist()

@@ -66,8 +66,8 @@ def test_partition_sizes_follow_the_budget():
     # hash buckets: N records * bytes * the measured working factor 3 over the data share
     assert B.hash_bucket_count(10**7, b) == -(-(10**7 * B.HASH_RECORD_BYTES * 3) // (384 << 20))
     assert B.hash_bucket_count(10**8, b) >= 10 * (B.hash_bucket_count(10**7, b) - 1)
-    # k-means: centroids, sums and a float32 block come off first
-    assert B.kmeans_shard_rows(b, 128, 1000) == ((384 << 20) - 3 * 1000 * 128 * 4) // (2 * 128 + 8)
+    # k-means: centroids, sums (20kD) and one block's scratch come off first
+    assert B.kmeans_shard_rows(b, 128, 1000) == ((384 << 20) - 20 * 1000 * 128) // (2 * 128 + 8)
     with pytest.raises(ValueError, match="raise --worker-memory"):
         B.kmeans_shard_rows(b, 1024, 100_000)
     assert B.query_block_rows(b, 1024, 64) == (384 << 20) // 4 // (4 * 1024 + 24 * 64)

@@ -6,6 +6,7 @@ Ray is already initialised in this process)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from lvd.curation import rundir, testdata
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.lloyd import LloydConfig, lloyd
+from lvd.curation.scale import budget as B
 from lvd.curation.scale.dkmeans import DKMeansConfig, cluster_vector_folder, dkmeans, folder_parts, plan_shards
 from lvd.curation.stages import ingest_dedup
 from lvd.curation.stages import select as stages_select
@@ -77,6 +79,22 @@ def test_distributed_equals_single_process_from_the_same_seed(ray_local, folder)
     # more step from the result moves nothing on well-separated blobs
     again = lloyd(x16, LloydConfig(k=12, niter=1, block_rows=128), init_KD=want.centroids_KD)
     np.testing.assert_allclose(again.centroids_KD, want.centroids_KD, atol=2e-3)
+
+
+def test_a_small_budget_gives_more_actors_each_within_it_and_the_same_result(ray_local, folder):
+    """Under a worker budget the actor count follows from it (whole blocks of at most
+    `budget.kmeans_shard_rows` rows each), and each actor holds the Ray memory its shard needs."""
+    path, x16 = folder
+    small = B.WorkerBudget(256 * B.KiB, base_bytes=128 * B.KiB)  # a 64 KiB data share
+    got = dkmeans(path, DKMeansConfig(lloyd=LCFG, n_actors=1, actor_cpus=0.25, budget=small))
+    assert_same(got, lloyd(x16, LCFG))
+    fixed = 20 * 12 * 16 + 128 * (4 * 12 + 14 * 16)  # centroids and sums, one block's scratch
+    fits = (small.data_bytes - fixed) // (2 * 16 + 8)
+    assert fits == B.kmeans_shard_rows(small, 16, 12, block_rows=128) == 672
+    assert [a.rows for a in got.actors] == [640] * 4 + [440]  # 5 actors of whole 128-row blocks, not 1
+    for a in got.actors:
+        assert a.memory == small.base_bytes + 2 * (a.rows * 40 + fixed) <= small.worker_bytes  # Ray's reservation
+    assert math.ceil(3000 / 640) == len(got.actors)
 
 
 def test_subset_in_given_order_and_random_init(ray_local, folder):

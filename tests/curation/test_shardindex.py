@@ -9,6 +9,7 @@ process's).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import pytest
 from lvd.curation import copydetect, knn_index, rundir, vectors
 from lvd.curation.knn_index import IndexConfig
 from lvd.curation.retrieve import SampleRetrievalConfig, sample_based
+from lvd.curation.scale import budget as B
 from lvd.curation.scale import shardindex as si
 from lvd.curation.stages.retrieve import RetrieveConfig, RetrieveFn
 
@@ -104,6 +106,45 @@ def test_a_subset_by_uid_is_numbered_by_position(pool, ray_local):
     np.testing.assert_array_equal(got.sims_QK, ref.sims_QK)
     np.testing.assert_array_equal(np.concatenate([b[0] for b in blocks]), np.arange(2000))
     np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), x[rows].astype(np.float32))
+
+
+def test_a_small_budget_gives_more_shards_each_within_it_and_the_same_answer(pool, ray_local):
+    """Under a worker budget the shard count follows from it: shards of at most
+    `budget.knn_shard_rows` rows, each actor holding the Ray memory its rows and fixed bytes need."""
+    folder, x = pool
+    small = B.WorkerBudget(768 * B.KiB, base_bytes=256 * B.KiB)  # a 256 KiB data share
+    cfg = si.ShardConfig(mode="exact", query_block=64, num_cpus=0.25, budget=small)
+    sized = si.sized(cfg, len(x), D, 8)
+    fixed = 64 * (4 * D + 24 * (8 + 16))  # one query block's queries and answers
+    assert sized.rows_per_shard == (small.data_bytes - fixed) // (6 * D + 8) == 1085
+    with si.build(folder, cfg=cfg, k=8) as index:
+        assert index.shard_rows == [500, 1000, 900, 1000]  # parts 500 | 700 + 300 | 900 | 600 + 400
+        memory = [small.base_bytes + 2 * (rows * (6 * D + 8) + fixed) for rows in index.shard_rows]
+        assert index.memory == memory == index._call("assigned_memory")  # what Ray reserved for each
+        assert max(memory) <= small.worker_bytes
+        np.testing.assert_array_equal(index.knn_lists(8), copydetect.knn_lists(x, 8))
+    roomy = dataclasses.replace(cfg, budget=B.WorkerBudget(8 * B.MiB, base_bytes=B.MiB))
+    with si.build(folder, cfg=roomy, k=8) as index:
+        assert index.n_shards == 1 and index.memory[0] < roomy.budget.worker_bytes
+
+
+def test_knn_lists_in_a_stage_task_is_sharded_by_the_job_budget(pool, ray_local):
+    """Copy detection calls knn_lists in its stage's Ray task with no budget of its own: the job's
+    (`budget.job_budget`, set by the flow) shards a pool that one worker cannot hold."""
+    folder, x = pool
+    rows = np.random.default_rng(5).permutation(len(x))[:1700]
+    uids = [f"u{r:05d}" for r in rows]
+    small = B.WorkerBudget(4 * B.MiB, base_bytes=B.MiB)
+
+    @ray_local.remote
+    def stage_task(folder, uids):
+        cfg = si.ShardConfig(num_cpus=0.25)
+        return si.sized(cfg, len(uids), D, 12, subset=True), si.knn_lists(folder, uids, 12, cfg=cfg)
+
+    with B.job_budget(small):
+        sized, lists = ray_local.get(stage_task.remote(str(folder), uids))
+    assert sized.budget == small and sized.sharded_above <= len(uids) < si.ShardConfig().sharded_above
+    np.testing.assert_array_equal(lists, copydetect.knn_lists(x[rows], 12))
 
 
 def test_ivf_recall_against_exact_and_equal_to_one_ivf(pool, ray_local):

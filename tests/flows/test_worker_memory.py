@@ -1,14 +1,24 @@
 """`lvd curate --worker-memory`: the budget reaches the partitioned stages, changes no output, and a
-too-small one is refused before any work (exit 2)."""
+too-small one is refused before any work (exit 2). The sizing formulas of lvd.curation.scale.budget
+that the stages use (actor memory, k-NN shard rows, k-means actor rows, component partitions) are
+checked by value, so dropping a term fails here; the job budget reaches stages run in Ray tasks."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from lvd.cli import main as cli
 from lvd.curation import ledger as lg
 from lvd.curation import testdata
 from lvd.curation.scale import budget as B
+from lvd.curation.scale import components as comp
+from lvd.curation.scale import shardindex as si
 from lvd.curation.stages.retrieve import RetrieveConfig
 from lvd.curation.stages.select import ClusterConfig
 from lvd.flows import curate as flow
@@ -31,12 +41,141 @@ def test_budget_sizes_follow_it_and_no_budget_keeps_todays():
     cfg = ClusterConfig()
     assert tasks.cluster_sizes(cfg, 10_000, 128, BUDGET) is cfg  # one-task k-means: fingerprint kept
     big = tasks.cluster_sizes(cfg, 4_000_000, 128, BUDGET)
-    assert big.rows_per_actor == B.kmeans_shard_rows(BUDGET, 128, 2000)
+    assert big.rows_per_actor == B.kmeans_shard_rows(BUDGET, 128, 2000, block_rows=2048)  # lloyd's block at 4M
     rcfg = RetrieveConfig()
     assert tasks.retrieve_sizes(rcfg, 10_000, 128, BUDGET) is rcfg
     knn = tasks.retrieve_sizes(rcfg, 4_000_000, 128, BUDGET).knn
-    assert knn.rows_per_shard == B.vector_shard_rows(BUDGET, 128, "ivf")
-    assert knn.query_block == B.query_block_rows(BUDGET, 128, rcfg.k)
+    assert knn.budget == BUDGET and knn.query_block == min(16_384, B.query_block_rows(BUDGET, 128, rcfg.k))
+    nlist = rcfg.knn.index.lists_for(4_000_000)
+    fixed = B.knn_shard_fixed_bytes(128, rcfg.k, query_rows=knn.query_block, nlist=nlist, n_uids=si.UID_CHUNK)
+    assert knn.rows_per_shard == (BUDGET.data_bytes - fixed) // B.vector_row_bytes(128, "ivf")
+    # a pool that one worker cannot hold is sharded whatever the default threshold says
+    tight = tasks.retrieve_sizes(RetrieveConfig(), 150_000, 1024, BUDGET).knn
+    assert tight.sharded_above == tight.rows_per_shard + 1 <= 150_000 < RetrieveConfig().knn.sharded_above
+
+
+MiB = B.MiB
+
+
+def test_actor_memory_is_the_base_plus_what_it_holds_over_fill_at_most_the_budget():
+    b = B.WorkerBudget(1 << 30)  # base 256 MiB, fill 0.5: data share 384 MiB
+    assert B.actor_memory(b, 0) == 256 * MiB
+    assert B.actor_memory(b, 100 * MiB) == (256 + 200) * MiB
+    assert B.actor_memory(b, b.data_bytes) == b.worker_bytes  # a full partition asks for the budget
+    assert B.actor_memory(b, 10 * b.data_bytes) == b.worker_bytes  # never more
+    small = B.WorkerBudget(4 * MiB, base_bytes=MiB, fill=0.25)
+    assert B.actor_memory(small, 100_000) == MiB + 400_000
+
+
+def test_knn_shard_rows_leave_room_for_the_query_block_quantiser_and_uids():
+    b = B.WorkerBudget(1 << 30)
+    q, k, d = 1_000, 10, 128
+    search = q * (4 * d + 24 * (k + B.KNN_EXTRA))
+    assert B.knn_shard_fixed_bytes(d, k, query_rows=q) == search
+    assert B.knn_shard_fixed_bytes(d, k, query_rows=q, nlist=512) == search + 512 * d * 4
+    assert B.knn_shard_fixed_bytes(d, k, query_rows=q, nlist=512, pq_bytes=16) == search + 512 * d * 4 + 256 * d * 4
+    assert B.knn_shard_fixed_bytes(d, k, query_rows=q, n_uids=1000) == search + 1000 * B.KNN_UID_BYTES
+    fixed = search + 512 * d * 4
+    rows = B.knn_shard_rows(b, d, k, query_rows=q, index="ivf", nlist=512)
+    assert rows == (384 * MiB - fixed) // (6 * d + 16)
+    assert B.knn_shard_rows(b, d, k, query_rows=q, index="ivfpq", nlist=512, pq_bytes=16) == (
+        384 * MiB - fixed - 256 * d * 4
+    ) // (16 + 16)
+    # the memory a shard asks for: its rows and fixed bytes over fill, plus the base; a full shard asks for B
+    assert B.knn_shard_memory(b, 1_000, d, k, query_rows=q, index="ivf", nlist=512) == 256 * MiB + 2 * (
+        1_000 * 784 + fixed
+    )
+    assert B.knn_shard_memory(b, rows, d, k, query_rows=q, index="ivf", nlist=512) <= b.worker_bytes
+    assert B.knn_shard_memory(b, rows + 200, d, k, query_rows=q, index="ivf", nlist=512) == b.worker_bytes
+    with pytest.raises(ValueError, match="raise --worker-memory"):
+        B.knn_shard_rows(b, d, k, query_rows=q, n_uids=2_000_000)  # 720 MB of uids per shard
+
+
+def test_kmeans_actor_rows_leave_room_for_centroids_and_a_block():
+    b = B.WorkerBudget(1 << 30)
+    d, k, blk = 128, 1000, 4096
+    fixed = 20 * k * d + blk * (4 * k + 14 * d)
+    assert B.kmeans_fixed_bytes(d, k, block_rows=blk) == fixed
+    assert B.kmeans_shard_rows(b, d, k, block_rows=blk) == (384 * MiB - fixed) // (2 * d + 8)
+    assert B.kmeans_actor_memory(b, 10_000, d, k, block_rows=blk) == 256 * MiB + 2 * (10_000 * 264 + fixed)
+    with pytest.raises(ValueError, match="raise --worker-memory"):
+        B.kmeans_shard_rows(b, 1024, 100_000)
+
+
+def test_component_partitions_follow_the_edges_and_the_budget():
+    b = B.WorkerBudget(1 << 30)
+    # a star step holds its partition's edges both ways and as many new ones, SKEW times its share
+    for e in (0, 1, 10**6, 10**7, 10**9):
+        assert B.component_partitions(e, b) == max(1, math.ceil(4 * e * B.EDGE_ROW_BYTES * B.SKEW / (384 * MiB)))
+    assert B.component_partitions(10**7, b) == 30
+    assert B.component_partitions(10**7, B.WorkerBudget(4 << 30)) == 6  # a bigger budget: fewer partitions
+    # the components take at least the budget's count, the budget from the tasks' Ray memory too
+    assert comp.partitions_for(comp.ComponentsConfig(), 10**7) == 8  # no budget: as configured
+    assert comp.partitions_for(comp.ComponentsConfig(budget=b), 10**7) == 30
+    assert comp.partitions_for(comp.ComponentsConfig(task_options=B.ray_options(b)), 10**7) == 30
+    assert comp.partitions_for(comp.ComponentsConfig(budget=b), 10**5) == 8
+
+
+def _edges(folder, n_nodes: int, n_edges: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    uids = [f"{x:064x}" for x in rng.integers(0, 2**62, n_nodes)]
+    pixels = rng.choice([100, 200, 300], n_nodes)
+    a, b = rng.integers(0, n_nodes, n_edges), rng.integers(0, n_nodes, n_edges)
+    keep = a != b
+    a, b = a[keep], b[keep]
+    folder.mkdir(parents=True)
+    files = []
+    for i, s in enumerate(np.array_split(np.arange(len(a)), 3)):
+        t = pa.table({
+            "uid_a": [uids[a[j]] for j in s], "uid_b": [uids[b[j]] for j in s],
+            "pixels_a": pixels[a[s]], "pixels_b": pixels[b[s]],
+            "channel": ["x"] * len(s), "distance": rng.integers(0, 9, len(s)).astype(float),
+        })  # fmt: skip
+        files.append(folder / f"e{i}.parquet")
+        pq.write_table(t, files[-1])
+    return files
+
+
+def _components(report) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in report.outputs]).sort_by("uid")
+
+
+def test_components_under_a_small_budget_use_more_partitions_and_give_the_same_groups(ray_local, tmp_path):
+    files = _edges(tmp_path / "edges", 400, 700, seed=0)
+    e = comp.edge_count(files)
+    assert e == sum(pq.read_metadata(f).num_rows for f in files) > 600
+    one = comp.components(files, tmp_path / "one", comp.ComponentsConfig(partitions=1))
+    tiny = B.WorkerBudget(2 * MiB, base_bytes=MiB)  # 512 KiB of edges per task
+    cfg = comp.ComponentsConfig(partitions=1, budget=tiny, task_options={"num_cpus": 0.5})
+    report = comp.components(files, tmp_path / "budget", cfg)
+    assert len(report.outputs) == B.component_partitions(e, tiny) == math.ceil(4 * e * 150 * 2 / (512 * 1024)) > 1
+    assert _components(report).equals(_components(one))
+
+
+def test_the_job_budget_reaches_ray_tasks_and_their_actors_and_is_cleared_after(ray_local):
+    ray = ray_local
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def seen(self):
+            b = B.current()
+            return None if b is None else dataclasses.astuple(b)
+
+    @ray.remote(num_cpus=0)
+    def in_a_task():  # as copy detection's k-NN runs: in a stage's task, an actor started from it
+        mine = B.current()
+        probe = Probe.remote()
+        return None if mine is None else dataclasses.astuple(mine), ray.get(probe.seen.remote())
+
+    small = B.WorkerBudget(4 * MiB, base_bytes=MiB)
+    assert ray.get(in_a_task.remote()) == (None, None)
+    with B.job_budget(small):
+        assert B.current() == small
+        assert ray.get(in_a_task.remote()) == (dataclasses.astuple(small),) * 2
+        with B.job_budget(BUDGET):
+            assert ray.get(in_a_task.remote())[0] == dataclasses.astuple(BUDGET)
+        assert ray.get(in_a_task.remote())[0] == dataclasses.astuple(small)  # the outer one back
+    assert B.current() is None and ray.get(in_a_task.remote()) == (None, None)
 
 
 def _curate(folder, tar, run, *extra) -> int:

@@ -5,13 +5,17 @@ partitioned global stage may take. Every partition size is derived from it, neve
 hand, so a bigger pool means more partitions (more tasks, more actors), never bigger ones:
 
     data_bytes(B)          = (B - WORKER_BASE_BYTES) * FILL       bytes a worker may give to partition data
-    vector_shard_rows      = data_bytes / vector_row_bytes(D, index)     rows one index / k-means actor holds
+    vector_shard_rows      = data_bytes / vector_row_bytes(D, index)     rows of vectors that fit the data share
+    knn_shard_rows         = (data_bytes - knn_shard_fixed_bytes) / vector_row_bytes(D, index)   rows per k-NN shard
+    knn_shard_fixed_bytes  = Q * (4*D + 24*(k+16)) + nlist*D*4 [+ 256*D*4 PQ] + uids * KNN_UID_BYTES
+    kmeans_shard_rows      = (data_bytes - 20*k*D - block_rows*(4k + 14D)) / (2*D + 8)      rows per k-means actor
     hash_bucket_count(N)   = ceil(N * HASH_RECORD_BYTES * HASH_WORK / data_bytes)   buckets of the exact pass
     hash_bucket_count(N * HASH_KEY_COPIES, record_bytes=HASH_KEY_BYTES)       buckets of the chunk (key) pass
     query_block_rows       = data_bytes / 4 / (4*D + 24*k)            queries searched at once
     ingest_partition_cap   = data_bytes / (2 * mean input bytes)      files per ingest partition at most
     ledger_range_rows      = data_bytes / LEDGER_ROW_BYTES            uids per ledger / verify range task
-    component_partitions(E) = ceil(2 * E * EDGE_ROW_BYTES * SKEW / data_bytes)   node partitions of the components
+    component_partitions(E) = ceil(2 * E * 2 * EDGE_ROW_BYTES * SKEW / data_bytes)   node partitions of the components
+    actor_memory(held)     = min(B, WORKER_BASE_BYTES + held / FILL)   Ray `memory=` of an actor holding `held` bytes
 
 WORKER_BASE_BYTES is what an idle Ray worker takes before it holds any data (measured: 145 MB
 resident with numpy, pyarrow and faiss imported; 256 MiB kept). FILL = 0.5 leaves the other half
@@ -24,7 +28,15 @@ peak does not grow with N (benchmarks/curate_scale.py measures both).
 
 Ray must not put more workers on a node than their budgets fit: `ray_options(budget)` gives
 the `memory=` resource to pass to `.remote`/`.options` of every task and actor of these
-stages (Ray then schedules at most node memory / B of them per node).
+stages (Ray then schedules at most node memory / B of them per node). An actor that knows what
+it will hold asks for `actor_memory(held)` instead (a k-NN shard: its rows and fixed bytes; a
+k-means actor: its shard and fixed bytes): a full partition asks for exactly B, a smaller one
+for less, so Ray packs as many as their sizes allow and no more.
+
+Stages that run inside a Ray task (copy detection's and decontamination's k-NN, the cluster
+stage's k-means) learn the flow's budget from `current()`: `job_budget(b)` sets it for this
+process and, through Ray's GCS key-value store keyed by the job id, for every task and actor of
+the same Ray job (the flow's tasks set it around those stages; lvd/flows/curate_tasks.py).
 
 Sizing a cluster for a pool of N images with D-dimensional vectors (`cluster_size`):
 
@@ -46,11 +58,13 @@ Usage by a stage (all pure functions, no Ray needed to call them):
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
 import threading
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
@@ -66,6 +80,11 @@ HASH_RECORD_BYTES = 68 + 4 * 8 + 2 * 32 + 128 + 64 + 256 + 16
 # HASH_KEY_COPIES keys per record (chunks x code versions with the default dedup config).
 HASH_KEY_BYTES, HASH_KEY_COPIES = 66, 154
 EDGE_ROW_BYTES = 150  # one direction of an edge in the components: two node keys (19 digits + 64-hex uid)
+# One uid of the caller's list, held by every shard of a k-NN index built for a subset (each maps
+# its own parts' rows of it): 290 B measured at the peak of `shardindex._sorted_wanted` for
+# 64-hex uids in an object array (tracemalloc, 2e5 uids), + 67 B of its pickle from the object store.
+KNN_UID_BYTES = 360
+KNN_EXTRA = 16  # candidates knn_index.search asks Faiss for beyond k (its `_EXTRA`)
 LEDGER_ROW_BYTES = 150  # a (uid, source) pair as Python strings (the ledger's 2M-row range: ~300 MB)
 SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)
 # A hash chunk-reduce task peaks at HASH_WORK x its records' bytes over the data share: measured
@@ -173,16 +192,89 @@ def query_block_rows(budget: WorkerBudget, dim: int, k: int) -> int:
     return int(min(MAX_QUERY_BLOCK, max(1, budget.data_bytes // 4 // (4 * dim + 24 * k))))
 
 
-def kmeans_shard_rows(budget: WorkerBudget, dim: int, k: int) -> int:
-    """Rows one Lloyd actor may hold: fp16 rows (2*D) and an assignment (8) each, after the
-    centroids, the partial sums and a float32 block of rows being assigned (3 * k * D * 4)."""
-    fixed = 3 * k * dim * 4
+def actor_memory(budget: WorkerBudget, held_bytes: int) -> int:
+    """Ray's `memory=` for an actor that will hold `held_bytes` of partition data: the idle
+    worker (base) plus the data and its temporaries (held / fill), never more than the budget.
+    A partition sized to the data share asks for exactly the budget; a smaller one for less."""
+    need = budget.base_bytes + math.ceil(max(0, held_bytes) / budget.fill)
+    return int(min(budget.worker_bytes, need))
+
+
+def _rows_after(budget: WorkerBudget, fixed: int, row_bytes: int, what: str) -> int:
+    """Rows of `row_bytes` that fit the data share after `fixed` bytes; a clear error if none do."""
     if fixed >= budget.data_bytes:
         raise ValueError(
-            f"k={k} centroids of dim {dim} take {format_bytes(fixed)} per worker, more than the budget's "
-            f"data share {format_bytes(budget.data_bytes)}: raise --worker-memory"
+            f"{what} take {format_bytes(fixed)} per worker, more than the budget's data share "
+            f"{format_bytes(budget.data_bytes)}: raise --worker-memory"
         )
-    return max(1, (budget.data_bytes - fixed) // (2 * dim + 8))
+    return max(1, (budget.data_bytes - fixed) // row_bytes)
+
+
+def knn_shard_fixed_bytes(
+    dim: int, k: int, *, query_rows: int, nlist: int = 0, pq_bytes: int = 0, n_uids: int = 0
+) -> int:
+    """A k-NN shard actor's bytes besides its rows: one query block (float32 queries, and the
+    shard's answer of k + KNN_EXTRA candidates: 4*D + 24*(k + KNN_EXTRA) per query), the IVF's
+    coarse centroids (nlist x D float32) and PQ codebooks (256 x D float32), and, built for a
+    subset, the caller's uid list (n_uids x KNN_UID_BYTES)."""
+    search = query_rows * (4 * dim + 24 * (k + KNN_EXTRA))
+    quantiser = nlist * dim * 4 + (256 * dim * 4 if pq_bytes else 0)
+    return search + quantiser + n_uids * KNN_UID_BYTES
+
+
+def knn_shard_rows(
+    budget: WorkerBudget,
+    dim: int,
+    k: int,
+    *,
+    query_rows: int,
+    index: str = "flat",
+    nlist: int = 0,
+    pq_bytes: int = 0,
+    n_uids: int = 0,
+) -> int:
+    """Rows one k-NN shard actor may hold: what is left of the data share after its fixed bytes
+    (`knn_shard_fixed_bytes`), over the bytes of a row (`vector_row_bytes`)."""
+    fixed = knn_shard_fixed_bytes(dim, k, query_rows=query_rows, nlist=nlist, pq_bytes=pq_bytes, n_uids=n_uids)
+    row = vector_row_bytes(dim, index, pq_bytes=pq_bytes)
+    return _rows_after(budget, fixed, row, f"a k-NN shard's query block, quantiser and uid list (dim {dim}, k={k})")
+
+
+def knn_shard_memory(
+    budget: WorkerBudget,
+    rows: int,
+    dim: int,
+    k: int,
+    *,
+    query_rows: int,
+    index: str = "flat",
+    nlist: int = 0,
+    pq_bytes: int = 0,
+    n_uids: int = 0,
+) -> int:
+    """Ray `memory=` of a k-NN shard actor holding `rows` rows (`actor_memory` of its rows and
+    fixed bytes)."""
+    fixed = knn_shard_fixed_bytes(dim, k, query_rows=query_rows, nlist=nlist, pq_bytes=pq_bytes, n_uids=n_uids)
+    return actor_memory(budget, rows * vector_row_bytes(dim, index, pq_bytes=pq_bytes) + fixed)
+
+
+def kmeans_fixed_bytes(dim: int, k: int, *, block_rows: int = 0) -> int:
+    """A Lloyd actor's bytes besides its rows (scale.dkmeans' module doc): float32 centroids,
+    int64 sums and a block's float64 group sums (20*k*D at most), and one block's scratch
+    (block_rows x (4*k + 14*D): its scores and float32 / float64 rows)."""
+    return 20 * k * dim + block_rows * (4 * k + 14 * dim)
+
+
+def kmeans_shard_rows(budget: WorkerBudget, dim: int, k: int, *, block_rows: int = 0) -> int:
+    """Rows one Lloyd actor may hold: fp16 rows (2*D) and the last pass's int32 cluster and
+    float32 score (8) each, after its fixed bytes (`kmeans_fixed_bytes`)."""
+    fixed = kmeans_fixed_bytes(dim, k, block_rows=block_rows)
+    return _rows_after(budget, fixed, 2 * dim + 8, f"k={k} centroids of dim {dim} and a block of {block_rows} rows")
+
+
+def kmeans_actor_memory(budget: WorkerBudget, rows: int, dim: int, k: int, *, block_rows: int = 0) -> int:
+    """Ray `memory=` of a Lloyd actor holding `rows` rows (`actor_memory` of its shard and fixed bytes)."""
+    return actor_memory(budget, rows * (2 * dim + 8) + kmeans_fixed_bytes(dim, k, block_rows=block_rows))
 
 
 def ingest_partition_cap(budget: WorkerBudget, *, mean_input_bytes: int = 200 * KiB) -> int:
@@ -193,9 +285,12 @@ def ingest_partition_cap(budget: WorkerBudget, *, mean_input_bytes: int = 200 * 
 
 
 def component_partitions(n_edges: int, budget: WorkerBudget, *, edge_bytes: int = EDGE_ROW_BYTES) -> int:
-    """Node partitions of the connected components: a task holds its partition's edges both
-    ways and as many new ones (`scale.components`), at SKEW times its share."""
-    return max(1, math.ceil(2 * n_edges * edge_bytes * SKEW / budget.data_bytes))
+    """Node partitions of the connected components: a star step's task holds its partition's
+    edges both ways (2E / P rows) and as many new ones (`scale.components`), at SKEW times its
+    share, within the data share."""
+    if n_edges < 0:
+        raise ValueError(f"n_edges={n_edges}: count edges from 0")
+    return max(1, math.ceil(2 * n_edges * 2 * edge_bytes * SKEW / budget.data_bytes))
 
 
 def ledger_range_rows(budget: WorkerBudget) -> int:
@@ -207,6 +302,69 @@ def ray_options(budget: WorkerBudget) -> dict:
     """Keyword arguments for `.options(...)` of a stage's tasks and actors: Ray's `memory`
     resource, so a node runs at most (its memory resource / budget) of them at once."""
     return {"memory": int(budget.worker_bytes)}
+
+
+# The budget of a run, for stages run inside Ray tasks (copy detection, decontamination, cluster).
+_KV_NAMESPACE, _KV_KEY = "lvd", "worker_budget:"
+_current: WorkerBudget | None = None  # this process's, set by job_budget
+
+
+def _job_key() -> bytes | None:
+    """The GCS key of this Ray job's budget (None without a running Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    return (_KV_KEY + ray.get_runtime_context().get_job_id()).encode()
+
+
+def _kv(op: str, key: bytes, value: bytes | None = None):
+    """Ray's GCS key-value store (`ray.experimental.internal_kv`, what Ray's own libraries use);
+    None when it cannot be reached (the budget is then unknown there: partitions keep their sizes)."""
+    from ray.experimental import internal_kv
+
+    try:
+        if op == "put":
+            return internal_kv._internal_kv_put(key, value, overwrite=True, namespace=_KV_NAMESPACE)
+        if op == "del":
+            return internal_kv._internal_kv_del(key, namespace=_KV_NAMESPACE)
+        return internal_kv._internal_kv_get(key, namespace=_KV_NAMESPACE)
+    except Exception:  # noqa: BLE001 - an unreachable store means "no budget", never a failed stage
+        return None
+
+
+def _publish(budget: WorkerBudget | None) -> None:
+    if (key := _job_key()) is None:
+        return
+    if budget is None:
+        _kv("del", key)
+    else:
+        _kv("put", key, json.dumps(asdict(budget)).encode())
+
+
+@contextmanager
+def job_budget(budget: WorkerBudget | None):
+    """Within the block, `current()` gives `budget` here and in every task and actor of this
+    Ray job (None: no budget); the previous one is restored after."""
+    global _current
+    before = _current
+    _current = budget
+    _publish(budget)
+    try:
+        yield budget
+    finally:
+        _current = before
+        _publish(before)
+
+
+def current() -> WorkerBudget | None:
+    """The budget set by `job_budget` in this process, else the one this Ray job published
+    (a stage running in a Ray task), else None."""
+    if _current is not None:
+        return _current
+    key = _job_key()
+    raw = _kv("get", key) if key is not None else None
+    return WorkerBudget(**json.loads(raw)) if raw else None
 
 
 @dataclass(frozen=True)

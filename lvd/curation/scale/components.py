@@ -23,7 +23,10 @@ with pointer jumping 188; `tests/curation/test_scale_hashdedup.py` checks `round
 
 Memory of one task: one partition's edges, both ways (2E/P rows of two keys, ~150 B each with
 a 64-hex uid), and the same again for its new edges; edges never grow past 2E + V. The driver
-holds paths and counts.
+holds paths and counts. Under a worker budget (`ComponentsConfig.budget`, else the Ray `memory`
+of `task_options`, else the job's `budget.current()`) P is at least
+`budget.component_partitions(E)`, E counted from the edge files' Parquet footers, so a task's
+edges fit the budget's data share however many edges there are.
 """
 
 from __future__ import annotations
@@ -41,6 +44,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
+from lvd.curation.scale import budget as B
+
 PIXELS_DIGITS = 19  # int64 pixel counts fit 19 decimal digits
 _PIXELS_TOP = 10**PIXELS_DIGITS - 1
 ADJ_SCHEMA = pa.schema([("src", pa.string()), ("dst", pa.string()), ("distance", pa.float64())])
@@ -49,9 +54,10 @@ RESULT_SCHEMA = pa.schema([("uid", pa.string()), ("duplicate_of", pa.string()), 
 
 @dataclass(frozen=True, kw_only=True)
 class ComponentsConfig:
-    partitions: int = 8  # P: node partitions; a task holds ~1/P of the edges and nodes
+    partitions: int = 8  # P: node partitions; a task holds ~1/P of the edges and nodes (at least; `partitions_for`)
     max_phases: int = 1_000  # a guard against a bug: star phases are O(log^2 n) (module doc)
     task_options: dict = field(default_factory=dict)  # Ray options of every task (budget.ray_options)
+    budget: B.WorkerBudget | None = None  # None: from task_options' memory, else the job's budget
 
     def __post_init__(self):
         if self.partitions < 1:
@@ -99,7 +105,7 @@ def components(edge_files: list[Path], work_dir: Path, cfg: ComponentsConfig = C
     if work.exists():
         shutil.rmtree(work)  # a rerun after a crash starts its scratch over
     opts = {"num_cpus": 1, "max_retries": 3, **cfg.task_options}
-    P = cfg.partitions
+    P = partitions_for(cfg, edge_count(edge_files))
     _wave(_scatter, [(str(f), str(work), i, P) for i, f in enumerate(edge_files)], opts)
     _wave(_first_star, [(str(work), j) for j in range(P)], opts)
     changed: list[int] = []
@@ -113,6 +119,24 @@ def components(edge_files: list[Path], work_dir: Path, cfg: ComponentsConfig = C
         raise RuntimeError(f"components: no fixed point after {cfg.max_phases} phases (a bug; changes {changed[-6:]})")
     outs = _wave(_result, [(str(work), j) for j in range(P)], opts)
     return ComponentsReport(outputs=[Path(p) for p in outs], phases=len(changed), changed=changed)
+
+
+def edge_count(edge_files: list[Path]) -> int:
+    """Edges in the files, from their Parquet footers (no row is read)."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in edge_files)
+
+
+def partitions_for(cfg: ComponentsConfig, n_edges: int) -> int:
+    """P: `cfg.partitions`, or more when n_edges need more under the budget
+    (`budget.component_partitions`)."""
+    budget = cfg.budget or _task_budget(cfg.task_options) or B.current()
+    return cfg.partitions if budget is None else max(cfg.partitions, B.component_partitions(n_edges, budget))
+
+
+def _task_budget(task_options: dict) -> B.WorkerBudget | None:
+    """The budget whose `ray_options` the tasks were given (their Ray `memory`), if any."""
+    memory = int(task_options.get("memory") or 0)
+    return B.WorkerBudget(memory) if memory >= 2 * B.WORKER_BASE_BYTES else None
 
 
 def _wave(fn, args: list[tuple], opts: dict) -> list:

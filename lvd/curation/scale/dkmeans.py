@@ -20,6 +20,12 @@ sums, the block's float64 group sums at most). Driver: ~32kD bytes (centroids,
 the running int64 sum and the actor answer being added), plus the init sample
 (`init_sample` x 8D); the labels come back only when asked (12 bytes per row; with `out_dir`
 each actor writes its own Parquet part and the driver holds none).
+
+Under a worker budget (`DKMeansConfig.budget`, else the job's `budget.current()`, set from
+`--worker-memory`) an actor holds at most `budget.kmeans_shard_rows` rows (whole blocks), so the
+number of actors follows from the pool and the budget, and each actor asks Ray for the memory it
+will hold (`budget.kmeans_actor_memory` of its rows, at most the budget). The result does not
+depend on the number of actors.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import pyarrow.parquet as pq
 import ray
 
 from lvd.curation import lloyd
+from lvd.curation.scale import budget as B
 from lvd.curation.vectors import part_paths
 
 _UIDS = re.compile(r"^part-(\d{6})\.uids\.parquet$")
@@ -48,8 +55,11 @@ class DKMeansConfig:
     rows_per_actor: int | None = None  # most rows one actor holds (rounded up to whole blocks)
     actor_cpus: float = 1.0  # CPUs each actor reserves
     max_restarts: int = 2  # Ray restarts an actor lost with its node this often (it reloads its shard)
+    budget: B.WorkerBudget | None = None  # per-worker memory budget; None: the job's (`budget.current()`)
 
     def __post_init__(self):
+        if isinstance(self.budget, (int, str)):
+            object.__setattr__(self, "budget", B.WorkerBudget.parse(self.budget))
         if self.n_actors is not None and self.n_actors < 1:
             raise ValueError(f"n_actors={self.n_actors}: use at least 1, or None")
         if self.rows_per_actor is not None and self.rows_per_actor < 1:
@@ -76,6 +86,7 @@ class ActorStats:
     rows: int
     peak_rss_bytes: int  # the actor process's peak resident set (ru_maxrss)
     node: str
+    memory: int = 0  # Ray's `memory` resource assigned to the actor (0: none asked, no budget)
 
 
 @dataclass(frozen=True)
@@ -172,7 +183,9 @@ class ShardActor:
 
     def stats(self) -> ActorStats:
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return ActorStats(self.spec.n, int(peak_kib) * 1024, ray.get_runtime_context().get_node_id())
+        ctx = ray.get_runtime_context()
+        memory = int(ctx.get_assigned_resources().get("memory", 0))
+        return ActorStats(self.spec.n, int(peak_kib) * 1024, ctx.get_node_id(), memory)
 
 
 def dkmeans(
@@ -192,14 +205,19 @@ def dkmeans(
     if n < cfg.lloyd.k:
         raise ValueError(f"k={cfg.lloyd.k} clusters need at least {cfg.lloyd.k} vectors, got {n}: lower k")
     block_rows = cfg.lloyd.blocks(n, d)
-    specs = plan_shards(npys, counts, _n_actors(cfg, n), block_rows, store_rows)
-    cls = ray.remote(ShardActor).options(
+    budget = cfg.budget or B.current()
+    specs = plan_shards(npys, counts, n_actors_for(cfg, n, d, block_rows, budget), block_rows, store_rows)
+    opts = dict(
         num_cpus=cfg.actor_cpus,
         scheduling_strategy="SPREAD",
         max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_restarts,
     )
-    actors = [cls.remote(spec, block_rows) for spec in specs]
+    memory = [actor_memory(budget, s.n, d, cfg.lloyd.k, block_rows) for s in specs]
+    cls = ray.remote(ShardActor)
+    actors = [
+        cls.options(**opts, **({"memory": m} if m else {})).remote(spec, block_rows) for spec, m in zip(specs, memory)
+    ]
     try:
         init = init_KD if init_KD is not None else lloyd.init_centroids(_taker(actors, specs), n, cfg.lloyd)
         c32, total = lloyd.iterate(_partials(actors), _farthest(actors), init, cfg.lloyd.niter)
@@ -211,13 +229,26 @@ def dkmeans(
     return DKMeansResult(c32, total.counts_K, total.inertia, total.similarity, assign, score, stats)
 
 
-def _n_actors(cfg: DKMeansConfig, n: int) -> int:
+def n_actors_for(cfg: DKMeansConfig, n: int, d: int, block_rows: int, budget: B.WorkerBudget | None = None) -> int:
+    """Actors for n rows: `n_actors`, else n / `rows_per_actor`, else one per CPU; under a budget
+    at least as many as keep each actor's whole blocks within `budget.kmeans_shard_rows`."""
     if cfg.n_actors is not None:
-        return cfg.n_actors
-    if cfg.rows_per_actor is not None:
-        return math.ceil(n / cfg.rows_per_actor)
-    cpus = ray.cluster_resources().get("CPU", 1)
-    return max(1, int(cpus // cfg.actor_cpus) if cfg.actor_cpus else int(cpus))
+        wanted = cfg.n_actors
+    elif cfg.rows_per_actor is not None:
+        wanted = math.ceil(n / cfg.rows_per_actor)
+    else:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        wanted = max(1, int(cpus // cfg.actor_cpus) if cfg.actor_cpus else int(cpus))
+    if budget is None:
+        return wanted
+    fits = B.kmeans_shard_rows(budget, d, cfg.lloyd.k, block_rows=block_rows)
+    per = max(block_rows, fits // block_rows * block_rows)  # plan_shards gives whole blocks: at most `per` rows
+    return max(wanted, math.ceil(n / per))
+
+
+def actor_memory(budget: B.WorkerBudget | None, rows: int, d: int, k: int, block_rows: int) -> int | None:
+    """Ray `memory=` of an actor holding `rows` (None without a budget)."""
+    return None if budget is None else B.kmeans_actor_memory(budget, rows, d, k, block_rows=block_rows)
 
 
 def _partials(actors):

@@ -16,7 +16,15 @@ Memory: a shard actor holds 4*D (+8 for IVF) bytes per row (IVF-PQ: pq_m + 8), s
 `rows_per_shard` sizes it; the driver holds one query block (query_block * D * 4 bytes), the
 shards' answers to it (n_shards * query_block * k * 12 bytes) and the k-means sample when
 training. Pool-against-itself searches (`self_neighbours`, `similar_pairs`) walk the pool in
-query blocks, so only their results grow with N.
+query blocks, so only their results grow with N. Built for a subset, the caller's uids go to
+the shards in chunks of UID_CHUNK (each shard holds one chunk at a time, not the list).
+
+Under a worker budget (`ShardConfig.budget`, else the job's `budget.current()`, set from
+`--worker-memory`), `sized` derives the query block, the rows per shard (`budget.knn_shard_rows`:
+the data share less the query block, quantiser and uid chunk) and the pool size above which the
+index is sharded at all; the plan then cuts shards of at most that many rows (whole parts), so
+the shard count follows from the pool and the budget, and every actor asks Ray for the memory
+it will hold (`budget.knn_shard_memory`, at most the budget).
 
 GPU: when the cluster has GPUs (`ray.cluster_resources()["GPU"]`) and this Faiss has GPU
 support (the `lvd[gpu]` extra: faiss-gpu-cu12), each shard actor asks for one GPU and moves
@@ -27,6 +35,8 @@ Without a running Ray (a notebook, a unit test of a caller) the shards live in t
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import re
 from collections.abc import Iterator, Sequence
@@ -41,11 +51,15 @@ import ray
 
 from lvd.curation import knn_index
 from lvd.curation.knn_index import IndexConfig, Neighbours, Pairs, as_unit_float32
+from lvd.curation.scale import budget as B
 from lvd.curation.vectors import open_vectors, part_paths
 
 MODES = ("auto", "exact", "ivf")
 _PART = re.compile(r"^part-(\d{6})\.uids\.parquet$")
 _READ_ROWS = 65_536  # rows converted to float32 at once when a shard loads its parts
+UID_CHUNK = 65_536  # uids of a subset sent to the shards per object (a shard holds one chunk at a time)
+DEFAULT_K = 64  # neighbours the index is sized for when the caller does not say (copy detection's k)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -61,10 +75,16 @@ class ShardConfig:
     pq_m: int | None = None  # IVF-PQ with pq_m bytes per vector (D % pq_m == 0); None: IVF-Flat
     num_cpus: float = 1.0  # per shard actor
     use_gpu: bool | None = None  # None: GPU actors when the cluster has GPUs and Faiss supports them
+    # per-worker memory budget (`sized`): None takes the job's (`budget.current()`, --worker-memory)
+    budget: B.WorkerBudget | None = None
 
     def __post_init__(self):
         if isinstance(self.index, dict):  # from flow parameters (JSON)
             object.__setattr__(self, "index", IndexConfig(**self.index))
+        if isinstance(self.budget, dict):
+            object.__setattr__(self, "budget", B.WorkerBudget(**self.budget))
+        elif isinstance(self.budget, (int, str)):
+            object.__setattr__(self, "budget", B.WorkerBudget.parse(self.budget))
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: use one of {MODES}")
         for name in ("rows_per_shard", "query_block"):
@@ -79,6 +99,43 @@ class ShardConfig:
 
     def exact_for(self, n: int) -> bool:
         return self.mode == "exact" or (self.mode == "auto" and n < self.index.exact_below)
+
+    def kind_for(self, n: int) -> str:
+        """The index kind (`budget.INDEX_KINDS`) a pool of n rows gets."""
+        return "flat" if self.exact_for(n) else ("ivf" if self.pq_m is None else "ivfpq")
+
+    def shard_memory(self, rows: int, n: int, dim: int, k: int, *, subset: bool) -> int | None:
+        """Ray `memory=` of a shard actor holding `rows` of a pool of n (None without a budget)."""
+        if self.budget is None:
+            return None
+        return B.knn_shard_memory(self.budget, rows, dim, k, **_fixed(self, n, dim, subset))
+
+
+def _fixed(cfg: ShardConfig, n: int, dim: int, subset: bool) -> dict:
+    """`budget.knn_shard_*` keyword arguments: what a shard holds besides its rows."""
+    kind = cfg.kind_for(n)
+    return dict(
+        query_rows=cfg.query_block,
+        index=kind,
+        nlist=0 if kind == "flat" else cfg.index.lists_for(n),
+        pq_bytes=cfg.pq_m or 0,
+        n_uids=min(n, UID_CHUNK) if subset else 0,
+    )
+
+
+def sized(cfg: ShardConfig, n: int, dim: int, k: int = DEFAULT_K, *, subset: bool = False) -> ShardConfig:
+    """`cfg` under its budget (`cfg.budget`, else the job's `budget.current()`): query blocks of at
+    most `budget.query_block_rows`, shards of at most `budget.knn_shard_rows` rows, and sharded
+    at all (`sharded_above`) when the pool has more rows than one worker may hold. No budget:
+    `cfg` itself. Sizes never change results (shards merge to one index's answer)."""
+    b = cfg.budget or B.current()
+    if b is None or not dim:
+        return cfg
+    cfg = dataclasses.replace(cfg, budget=b, query_block=min(cfg.query_block, B.query_block_rows(b, dim, k)))
+    rows = B.knn_shard_rows(b, dim, k, **_fixed(cfg, n, dim, subset))
+    return dataclasses.replace(
+        cfg, rows_per_shard=min(cfg.rows_per_shard, rows), sharded_above=min(cfg.sharded_above, rows + 1)
+    )
 
 
 # ---------------------------------------------------------------- the folder's parts
@@ -146,15 +203,32 @@ def _sorted_wanted(uids) -> tuple[np.ndarray, np.ndarray]:
     return want[order], order
 
 
-def _own_rows(folder: Path, parts: list[PartRows], uids) -> list[PartRows]:
-    """A shard's share of `uids`: per part of its own, the rows it holds of them, numbered by
-    position in `uids`. Run by the shard, so only it reads its parts' uids (the driver never
-    maps the pool's uids)."""
-    want, order = _sorted_wanted(uids)
+def _uid_chunks(uids) -> list[tuple[int, object]]:
+    """(offset, chunk) of `uids` by UID_CHUNK; with Ray each chunk is an object-store ref, so a
+    shard fetches one at a time and never holds the caller's whole list."""
     out = []
-    for p in parts:
-        rows, pos = _matches(_part_uids(folder, p.part), want, order)
-        out.append(PartRows(p.part, len(pos), -1, rows, pos))
+    for s in range(0, len(uids), UID_CHUNK):
+        chunk = uids[s : s + UID_CHUNK]
+        out.append((s, ray.put(chunk) if ray.is_initialized() else chunk))
+    return out
+
+
+def _own_rows(folder: Path, parts: list[PartRows], chunks: list[tuple[int, object]]) -> list[PartRows]:
+    """A shard's share of the caller's uids (`_uid_chunks`): per part of its own, the rows it
+    holds of them, numbered by position in the list. Run by the shard, so only it reads its
+    parts' uids (the driver never maps the pool's uids); one chunk of the list at a time."""
+    mine = [_part_uids(folder, p.part) for p in parts]
+    got: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in parts]
+    for offset, chunk in chunks:
+        want, order = _sorted_wanted(ray.get(chunk) if isinstance(chunk, ray.ObjectRef) else chunk)
+        for j, m in enumerate(mine):
+            rows, pos = _matches(m, want, order)
+            got[j].append((rows, pos + offset))
+    out = []
+    for p, g in zip(parts, got):
+        rows = np.concatenate([r for r, _ in g]) if g else np.zeros(0, np.int64)
+        pos = np.concatenate([q for _, q in g]) if g else np.zeros(0, np.int64)
+        out.append(PartRows(p.part, len(pos), -1, rows, pos))  # chunks in order: positions ascend
     return out
 
 
@@ -174,13 +248,47 @@ def _sample_vectors(folder: Path, parts: list[tuple[int, int]], d: int, uids) ->
 
 
 def _plan(chosen: list[PartRows], cfg: ShardConfig) -> list[list[PartRows]]:
-    """Contiguous runs of parts with about equal indexed rows, one per shard (no empty one)."""
+    """Contiguous runs of parts with about equal indexed rows, one per shard (no empty one).
+    Under a budget every run keeps within `rows_per_shard`: the equal cut with the fewest
+    shards that does (a few more tried), else runs packed greedily in order. Parts are whole:
+    a part larger than that gets a shard of its own, over it, and a warning."""
     counts = np.array([p.n for p in chosen], np.int64)
-    total = int(counts.sum())
+    total, nonempty = int(counts.sum()), int((counts > 0).sum())
     if not total:
         return []
     n = cfg.n_shards or -(-total // cfg.rows_per_shard)
-    n = max(1, min(n, int((counts > 0).sum())))
+    if cfg.budget is None:
+        return _cut(chosen, counts, max(1, min(n, nonempty)))
+    limit = cfg.rows_per_shard
+    n = max(1, min(max(n, -(-total // limit)), nonempty))
+    for m in range(n, min(nonempty, 2 * n + 8) + 1):
+        groups = _cut(chosen, counts, m)
+        if max(_rows(g) for g in groups) <= limit:
+            return groups
+    groups = _greedy(chosen, limit)
+    if (big := max(_rows(g) for g in groups)) > limit:
+        log.warning("a vector part of %d rows is more than a shard may hold under the budget (%d rows)", big, limit)
+    return groups
+
+
+def _greedy(chosen: list[PartRows], limit: int) -> list[list[PartRows]]:
+    """Runs of parts in order, each as long as it stays within `limit` rows."""
+    groups: list[list[PartRows]] = []
+    for p in (p for p in chosen if p.n):
+        if groups and _rows(groups[-1]) + p.n <= limit:
+            groups[-1].append(p)
+        else:
+            groups.append([p])
+    return groups
+
+
+def _rows(group: list[PartRows]) -> int:
+    return sum(p.n for p in group)
+
+
+def _cut(chosen: list[PartRows], counts: np.ndarray, n: int) -> list[list[PartRows]]:
+    """n contiguous runs of parts with about equal rows (empty runs and parts dropped)."""
+    total = int(counts.sum())
     cut = np.searchsorted(np.cumsum(counts), [total * j / n for j in range(1, n)], side="left") + 1
     groups = [[chosen[i] for i in g if chosen[i].n] for g in np.split(np.arange(len(chosen)), cut)]
     return [g for g in groups if g]
@@ -231,7 +339,7 @@ class Shard:
     """One shard's Faiss index over its parts' chosen rows; answers top-k with global ids."""
 
     def __init__(self, folder: str, parts: list[PartRows], template: bytes | None, d: int, gpu: bool, uids=None):
-        if uids is not None:  # built for a subset: this shard finds its own parts' rows of it
+        if uids is not None:  # built for a subset (`_uid_chunks`): this shard finds its own parts' rows of it
             parts = _own_rows(Path(folder), parts, uids)
         self._layout = layout = _Layout(Path(folder), parts, d)
         index = faiss.IndexFlatIP(d) if template is None else faiss.deserialize_index(np.frombuffer(template, "u1"))
@@ -267,6 +375,12 @@ class Shard:
         """The Ray node holding this shard (None in-process): where the shards went."""
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
+    def assigned_memory(self) -> int:
+        """Ray's `memory` resource this shard's actor holds (0 in-process or when none was asked)."""
+        if not ray.is_initialized():
+            return 0
+        return int(ray.get_runtime_context().get_assigned_resources().get("memory", 0))
+
     def search(self, q_QD: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(sims, global ids) [Q, k], best first, ties by lower id; -inf / -1 padded."""
         if not self.index.ntotal or not len(q_QD):
@@ -296,25 +410,34 @@ class ShardedIndex:
     in `uids`. Use as a context manager, or `close()`, to free the actors.
 
     The driver's memory does not grow with the pool: it keeps O(parts) (the full layout) and
-    one query block. Built for `uids`, the list goes to the shards (one object-store copy),
-    each shard maps its own parts' uids, and query blocks come back from the shards.
+    one query block. Built for `uids`, the list goes to the shards in chunks (one object-store
+    copy each), each shard maps its own parts' uids, and query blocks come back from the shards.
+    `memory` (per shard, under a budget) is each actor's Ray `memory=` request.
     """
 
     def __init__(
-        self, layout: _Layout, plan: list[list[PartRows]], template: bytes | None, cfg: ShardConfig, uids=None
+        self,
+        layout: _Layout,
+        plan: list[list[PartRows]],
+        template: bytes | None,
+        cfg: ShardConfig,
+        uids=None,
+        memory: list[int | None] | None = None,
     ):
         self.cfg, self.d, self._folder = cfg, layout.d, layout.folder
         self._layout = layout if uids is None else None  # O(parts); a subset's rows live in the shards
         self.exact = template is None
         self.gpu = _gpu_wanted(cfg.use_gpu)
-        if uids is not None and ray.is_initialized():
-            uids = ray.put(uids)  # one copy for every shard (a ref, not N rows, in the driver)
-        args = [(str(layout.folder), g, template, layout.d, self.gpu, uids) for g in plan]
+        self.memory = list(memory) if memory is not None else [None] * len(plan)
+        # refs to the uid chunks (N / UID_CHUNK of them) stay alive while a restarted shard may need them
+        self._uid_chunks = None if uids is None else _uid_chunks(uids)
+        args = [(str(layout.folder), g, template, layout.d, self.gpu, self._uid_chunks) for g in plan]
         if ray.is_initialized():
-            actor = ray.remote(Shard).options(
-                num_cpus=cfg.num_cpus, num_gpus=1 if self.gpu else 0, max_restarts=2, max_task_retries=2
-            )
-            self._shards = [actor.remote(*a) for a in args]
+            opts = dict(num_cpus=cfg.num_cpus, num_gpus=1 if self.gpu else 0, max_restarts=2, max_task_retries=2)
+            actor = ray.remote(Shard)
+            self._shards = [
+                actor.options(**opts, **({"memory": m} if m else {})).remote(*a) for a, m in zip(args, self.memory)
+            ]
         else:
             self._shards = [Shard(*a) for a in args]
         self.shard_rows = [sum(p.n for p in g) for g in plan] if uids is None else self._call("size")
@@ -412,15 +535,16 @@ def drop_self(ids_QK: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
     return np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1) if ids.shape[1] < k else ids
 
 
-def build(folder: str | Path, uids=None, cfg: ShardConfig | None = None) -> ShardedIndex:
+def build(folder: str | Path, uids=None, cfg: ShardConfig | None = None, *, k: int = DEFAULT_K) -> ShardedIndex:
     """A sharded index over a vector folder (`vectors.open_vectors` layout): all rows (ids =
-    store rows) or those of `uids` (ids = positions in `uids`)."""
-    cfg = cfg or ShardConfig()
+    store rows) or those of `uids` (ids = positions in `uids`). Under a budget (`sized`, for
+    searches of up to `k` neighbours) the shards and their memory requests follow from it."""
     folder = Path(folder)
     parts = list_parts(folder)
     chosen = _choose(parts)  # a subset's shards: planned by store rows, each finds its own rows
     layout = _Layout(folder, chosen, _dim(folder, parts))
     n = len(layout) if uids is None else len(uids)
+    cfg = sized(cfg or ShardConfig(), n, layout.d, k, subset=uids is not None)
 
     def sample(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if uids is None:
@@ -428,7 +552,9 @@ def build(folder: str | Path, uids=None, cfg: ShardConfig | None = None) -> Shar
         return pos, _sample_vectors(folder, parts, layout.d, [uids[int(i)] for i in pos])
 
     template = None if cfg.exact_for(n) or n == 0 else _trained_template(n, layout.d, sample, cfg)
-    index = ShardedIndex(layout, _plan(chosen, cfg), template, cfg, uids)
+    plan = _plan(chosen, cfg)
+    memory = [cfg.shard_memory(_rows(g), n, layout.d, k, subset=uids is not None) for g in plan]
+    index = ShardedIndex(layout, plan, template, cfg, uids, memory)
     if len(index) != n:
         _missing(index, n, uids)
     return index
@@ -484,11 +610,15 @@ def knn_lists(
 ) -> np.ndarray:
     """int64 [Q, k]: copydetect.knn_lists over the vectors of `uids` in `folder`, ids = positions
     in `uids`. Below `cfg.sharded_above` rows one in-process exact/IVF index (as before);
-    above, a sharded index, the pool walked in query blocks."""
+    above, a sharded index, the pool walked in query blocks. Under a worker budget (`cfg.budget`,
+    else the job's, `sized`) a pool larger than one worker may hold is sharded whatever
+    `sharded_above` says, in shards sized by the budget."""
     cfg = cfg or ShardConfig()
+    if cfg.budget is not None or B.current() is not None:
+        cfg = sized(cfg, len(uids), _dim(Path(folder), list_parts(folder)), k, subset=True)
     if len(uids) < cfg.sharded_above:
         return _local_knn_lists(open_vectors(folder).get(uids), k, queries_QD, exclude_self, cfg.index)
-    with build(folder, uids, cfg) as index:
+    with build(folder, uids, cfg, k=k) as index:
         if queries_QD is None and exclude_self:
             return index.knn_lists(k)
         if queries_QD is None:
