@@ -14,6 +14,7 @@ proposer. Two eval sets hold resized copies of three photos.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -24,6 +25,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
@@ -33,12 +35,15 @@ from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.guard import MassRemovalError
 from lvd.curation.ingest import IngestConfig
+from lvd.curation.runner import RunnerConfig
 from lvd.curation.stages import copy as stages_copy
 from lvd.curation.stages import decontam
 from lvd.curation.stages import ingest_dedup as stages
+from lvd.curation.urlfilter import CAP_SCHEMA
 from lvd.curation.vectors import write_vectors
 
-COPY = CopyDetectConfig(k=2, max_remove=0.95)
+COPY_KW = dict(k=2, max_remove=0.95, calib_images=12, calib_copy_images=6)  # a small calibration: fast
+COPY = CopyDetectConfig(**COPY_KW)
 EVAL_PHOTOS = {"set_a": (0, 2), "set_b": (4,)}
 
 
@@ -145,6 +150,31 @@ def test_the_pool_spans_partitions_with_ties(runs):
     assert len(png) == 2 and np.array_equal(pool.glob[png[0]], pool.glob[png[1]])
 
 
+@pytest.mark.parametrize("capped", [False, True])
+def test_pool_index_is_the_single_pool_in_its_order(runs, tmp_path, capped):
+    """Wave 0 gives `read_features`'s pool (unique accepted uids, caps applied) and its order
+    (source order, across parts): capped, the uid recorded twice keeps its other record's
+    place, and an image whose one record is capped leaves the pool."""
+    run, _ = runs
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("decontam", "eval"))
+    if capped:
+        t = rundir.read_ingest(copy, ["uid", "source", "status"]).to_pylist()
+        cap = [r for r in t if r["source"].endswith(("__again.jpg", "__cropped.img")) and r["status"] == "accepted"]
+        rows = {"source": [r["source"] for r in cap], "uid": [r["uid"] for r in cap], "rule": ["test"] * len(cap)}
+        rundir.cap_path(copy).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(rows, schema=CAP_SCHEMA), rundir.cap_path(copy))
+    job = decontam.PartJob(str(copy), str(tmp_path / "work"), COPY, (), None)
+    n, homes = decontam._pool_index(job, RunnerConfig(), 3)
+    keys = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "work" / "pool").glob("*.parquet"))])
+    want = stages_copy.read_features(copy).uids.tolist()
+    assert n == len(want) and homes == sorted(set(keys["home"].to_pylist()))
+    assert keys.sort_by(decontam._ORDER)["uid"].to_pylist() == want
+    assert keys.sort_by([("home", "ascending"), *decontam._ORDER])["uid"].to_pylist() != want  # order spans parts
+    if capped:
+        assert len(want) < len(stages_copy.read_features(run).uids)
+
+
 def test_path_chosen_by_pool_size(runs, monkeypatch):
     run, _ = runs
     assert not decontam.partitions(run)
@@ -155,7 +185,7 @@ def test_path_chosen_by_pool_size(runs, monkeypatch):
 
 def test_guard_trips_with_the_same_message_and_writes_nothing(runs):
     run, evals = runs
-    strict = CopyDetectConfig(k=2, max_remove=0.05)
+    strict = dataclasses.replace(COPY, max_remove=0.05)
     messages = []
     for partitioned in (False, True):
         shutil.rmtree(run / "decontam", ignore_errors=True)
@@ -179,15 +209,15 @@ from ray.cluster_utils import Cluster
 from lvd.curation.copydetect import CopyDetectConfig
 from lvd.curation.stages import decontam
 
-run, evals = Path(sys.argv[1]), json.loads(sys.argv[2])
+run, evals, kw = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
 try:
     for _ in range(3):
         cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address)
     shutil.rmtree(run / "decontam", ignore_errors=True)
-    decontam.run_decontam(run, {k: Path(v) for k, v in evals.items()}, CopyDetectConfig(k=2, max_remove=0.95),
-                          proposer="vectors", partitioned=True, buckets=3)
+    evals = {k: Path(v) for k, v in evals.items()}
+    decontam.run_decontam(run, evals, CopyDetectConfig(**kw), proposer="vectors", partitioned=True, buckets=3)
     nodes = len([n for n in ray.nodes() if n["Alive"]])
     out = {p.name: p.read_bytes().hex() for p in sorted((run / "decontam").iterdir())}
     print("RESULT " + json.dumps({"nodes": nodes, "files": out}))
@@ -206,6 +236,7 @@ def test_partitioned_on_a_three_node_cluster_equals_one_task(runs, tmp_path):
     copy_evals = {k: rundir.sub_run(copy, "eval", k) for k in evals}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     argv = [sys.executable, "-c", CLUSTER_SCRIPT, str(copy), json.dumps({k: str(v) for k, v in copy_evals.items()})]
+    argv.append(json.dumps(COPY_KW))
     res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
     assert res.returncode == 0 and lines, res.stderr[-4000:]

@@ -212,7 +212,8 @@ INDEX_SCHEMA = pa.schema([
     ("uid", pa.string()), ("source", pa.string()), ("part", pa.int64()), ("row", pa.int64()), ("home", pa.int64()),
 ])  # fmt: skip
 _FEAT_PART = re.compile(r"part-(\d{6})\.parquet$")
-RECORD_ROWS_PER_BUCKET = 2_000_000  # pool-index records one bucket task holds (~150 B each)
+RECORD_ROWS_PER_BUCKET = 2_000_000
+_GROUP_ROWS = 16_384  # scratch row groups: a filter on bucket / home reads only the groups in range  # pool-index records one bucket task holds (~150 B each)
 
 
 @dataclass(frozen=True)
@@ -269,21 +270,24 @@ def _index_map(job: PartJob, item: tuple[int, str | None, str | None], buckets: 
 
 
 def _write_buckets(t: pa.Table, out: Path, stem: str, buckets: int) -> None:
-    b = _bucket_of(t["uid"].to_pylist(), buckets)
-    for k in range(buckets):
-        _write(t.filter(pa.array(b == k)), out / f"b{k:05d}" / f"{stem}.parquet")
+    """One file per map task, sorted by bucket (row groups of one bucket range, so a reduce
+    task's `bucket ==` filter skips the others): P files, not P x buckets."""
+    t = t.append_column("bucket", pa.array(_bucket_of(t["uid"].to_pylist(), buckets))).sort_by("bucket")
+    _write(t, out / f"{stem}.parquet", row_group_size=_GROUP_ROWS)
 
 
-def _write(t: pa.Table, path: Path) -> None:
+def _write(t: pa.Table, path: Path, **kwargs) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    durable.write_parquet(path, t)
+    durable.write_parquet(path, t, **kwargs)  # whole files by rename: a retried task leaves no half file
 
 
 def _index_reduce(job: PartJob, bucket: int) -> dict[int, int]:
     """Wave 0 reduce: one bucket's pool uids with their order key and home part; -> members per home."""
-    d = Path(job.work) / "map" / f"b{bucket:05d}"
-    rec = _concat([pq.read_table(p) for p in sorted(d.glob("r*.parquet"))], ["uid", "source", "part", "row"])
-    homes = _concat([pq.read_table(p) for p in sorted(d.glob("h*.parquet"))], ["uid", "home"])
+    d, mine = Path(job.work) / "map", pc.field("bucket") == bucket
+    rec = _concat(
+        [pq.read_table(p, filters=mine) for p in sorted(d.glob("r*.parquet"))], ["uid", "source", "part", "row"]
+    )
+    homes = _concat([pq.read_table(p, filters=mine) for p in sorted(d.glob("h*.parquet"))], ["uid", "home"])
     rec = rec.sort_by([("uid", "ascending"), *_ORDER])
     u = rec["uid"].to_numpy(zero_copy_only=False)
     rec = rec.filter(pa.array(np.r_[True, u[1:] != u[:-1]] if len(u) else np.zeros(0, bool)))
@@ -296,9 +300,7 @@ def _index_reduce(job: PartJob, bucket: int) -> dict[int, int]:
             f"(first {first}): the copyfeat stage did not finish"
         )
     pool = pool.select(INDEX_SCHEMA.names).cast(INDEX_SCHEMA).sort_by([("home", "ascending"), *_ORDER])
-    path = Path(job.work) / "pool" / f"b{bucket:05d}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pool, path, row_group_size=65_536)  # scratch: home ranges skip row groups on read
+    _write(pool, Path(job.work) / "pool" / f"b{bucket:05d}.parquet", row_group_size=_GROUP_ROWS)  # home ranges
     counts = pool.group_by("home").aggregate([("uid", "count")])
     return dict(zip(counts["home"].to_pylist(), counts["uid_count"].to_pylist()))
 
