@@ -147,6 +147,20 @@ def test_knn_lists_in_a_stage_task_is_sharded_by_the_job_budget(pool, ray_local)
     np.testing.assert_array_equal(lists, copydetect.knn_lists(x[rows], 12))
 
 
+def test_a_subset_goes_to_the_shards_in_uid_chunks(pool, ray_local, monkeypatch):
+    """The caller's uids reach the shards in chunks (no shard holds the whole list): positions
+    across chunk borders, and a uid asked for twice, come out as one index over `store.get(uids)`."""
+    folder, x = pool
+    monkeypatch.setattr(si, "UID_CHUNK", 300)  # 2,001 uids: 7 chunks
+    rows = np.r_[np.random.default_rng(4).permutation(len(x))[:2000], 7]
+    rows[1500] = 7  # store row 7 wanted twice, in different chunks
+    uids = [f"u{r:05d}" for r in rows]
+    with si.build(folder, uids, EXACT3) as index:
+        assert len(index._uid_chunks) == 7 and len(index) == len(uids)
+        got = index.knn_lists(6)
+    np.testing.assert_array_equal(got, copydetect.knn_lists(x[rows], 6))
+
+
 def test_ivf_recall_against_exact_and_equal_to_one_ivf(pool, ray_local):
     folder, x = pool
     q = mixture(300, 4)

@@ -233,3 +233,43 @@ def test_the_flow_refuses_a_too_small_budget_before_claiming_the_folder(tmp_path
     with pytest.raises(ValueError, match="use at least 512 MiB"):
         flow.curate.fn([str(tmp_path)], str(tmp_path / "run"), worker_memory="1KiB")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_copy_decontam_cluster_and_retrieve_tasks_run_their_stage_under_the_job_budget(
+    prefect_harness, monkeypatch, tmp_path
+):
+    """Those stages run in a Ray task that takes no budget parameter: the flow's task sets the
+    job budget around them (and clears it after). Each stage is stopped as it starts."""
+    from prefect import flow
+
+    from lvd.curation.copydetect import CopyDetectConfig
+    from lvd.curation.runner import RunnerConfig
+
+    class Started(Exception):
+        pass
+
+    seen = {}
+
+    def stage(name):
+        def run(*a, **kw):
+            seen[name] = B.current()
+            raise Started(name)
+
+        return run
+
+    monkeypatch.setattr(tasks.stages_copy, "run_copydetect", stage("copy"))
+    monkeypatch.setattr(tasks.stages_decontam, "run_decontam", stage("decontam"))
+    monkeypatch.setattr(tasks.stages_select, "run_cluster", stage("cluster"))
+    monkeypatch.setattr(tasks, "run_retrieve", stage("retrieve"))
+    monkeypatch.setattr(tasks, "_pool_vectors", lambda run: (10, 8))
+    cfg, rcfg = CopyDetectConfig(), RunnerConfig()
+    calls = {
+        "copy": lambda: tasks.copydetect_task(tmp_path, cfg, rcfg, proposers=[], copy_model=None, budget=BUDGET),
+        "decontam": lambda: tasks.decontam_task(tmp_path, {}, cfg, rcfg, proposer=None, copy_model=None, budget=BUDGET),
+        "cluster": lambda: tasks.cluster_task(tmp_path, ClusterConfig(), rcfg, BUDGET),
+        "retrieve": lambda: tasks.retrieve_task(tmp_path, {}, RetrieveConfig(), rcfg, BUDGET),
+    }
+    for name, call in calls.items():
+        with pytest.raises(Started, match=name):
+            flow(name=f"budget-{name}")(call)()
+        assert seen[name] == BUDGET and B.current() is None
