@@ -32,7 +32,7 @@ from PIL import Image
 
 from lvd.curation import copies, rundir
 from lvd.curation.copydetect import CopyDetectConfig
-from lvd.curation.dedup import DedupConfig
+from lvd.curation.dedup import DUPLICATES_SCHEMA, DedupConfig
 from lvd.curation.guard import MassRemovalError
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.runner import RunnerConfig
@@ -44,7 +44,7 @@ from lvd.curation.vectors import write_vectors
 
 COPY_KW = dict(k=2, max_remove=0.95, calib_images=12, calib_copy_images=6)  # a small calibration: fast
 COPY = CopyDetectConfig(**COPY_KW)
-EVAL_PHOTOS = {"set_a": (0, 2), "set_b": (4,)}
+EVAL_PHOTOS = {"set_a": (0, 2), "set_b": (0, 4)}  # photo 0 twice: its copies match two eval images
 
 
 def _png(img: Image.Image, level: int) -> bytes:
@@ -75,7 +75,8 @@ def _write_inputs(root: Path) -> tuple[list[Path], dict[str, Path]]:
         d = ev / set_name
         d.mkdir(parents=True)
         for i in which:
-            (d / f"{photos[i][0]}.jpg").write_bytes(copies.make_copies(photos[i][1], seed=100 + i)["resized"])
+            blob = copies.make_copies(photos[i][1], seed=100 + i + len(evals))["resized"]
+            (d / f"{photos[i][0]}.jpg").write_bytes(blob)
         evals[set_name] = d
     return [z, a], evals  # z's partitions first, a's sources sort first
 
@@ -150,6 +151,32 @@ def test_the_pool_spans_partitions_with_ties(runs):
     assert len(png) == 2 and np.array_equal(pool.glob[png[0]], pool.glob[png[1]])
 
 
+def _cap(run: Path, endings: tuple[str, ...]) -> None:
+    """A domain cap (as `lvd curate --max-per-domain` writes it) on the records whose source ends so."""
+    t = rundir.read_ingest(run, ["uid", "source", "status"]).to_pylist()
+    cap = [r for r in t if r["source"].endswith(endings) and r["status"] == "accepted"]
+    rows = {"source": [r["source"] for r in cap], "uid": [r["uid"] for r in cap], "rule": ["test"] * len(cap)}
+    rundir.cap_path(run).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows, schema=CAP_SCHEMA), rundir.cap_path(run))
+
+
+def test_capped_after_copy_detection_equal(runs, tmp_path):
+    """Images capped after copy detection are still in its groups but no longer in the pool:
+    both paths leave them out (the partitioned one looks group members up in its pool index)."""
+    run, evals = runs
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("decontam"))
+    _cap(copy, ("__cropped.img", "__again.jpg"))
+    copy_evals = {k: rundir.sub_run(copy, "eval", k) for k in evals}
+    one = _decontam(copy, copy_evals, False)
+    assert _decontam(copy, copy_evals, True, buckets=2) == one
+    capped = set(pq.read_table(rundir.cap_path(copy))["uid"].to_pylist())
+    dups = set(pq.read_table(copy / "copydetect" / "duplicates.parquet")["uid"].to_pylist())
+    removed = set(pq.read_table(io.BytesIO(one["decontaminated.parquet"]))["uid"].to_pylist())
+    gone = capped - set(stages_copy.read_features(copy).uids.tolist())
+    assert gone & dups and not gone & removed  # in the groups, out of the pool, not removed
+
+
 @pytest.mark.parametrize("capped", [False, True])
 def test_pool_index_is_the_single_pool_in_its_order(runs, tmp_path, capped):
     """Wave 0 gives `read_features`'s pool (unique accepted uids, caps applied) and its order
@@ -159,11 +186,7 @@ def test_pool_index_is_the_single_pool_in_its_order(runs, tmp_path, capped):
     copy = tmp_path / "run"
     shutil.copytree(run, copy, ignore=shutil.ignore_patterns("decontam", "eval"))
     if capped:
-        t = rundir.read_ingest(copy, ["uid", "source", "status"]).to_pylist()
-        cap = [r for r in t if r["source"].endswith(("__again.jpg", "__cropped.img")) and r["status"] == "accepted"]
-        rows = {"source": [r["source"] for r in cap], "uid": [r["uid"] for r in cap], "rule": ["test"] * len(cap)}
-        rundir.cap_path(copy).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.table(rows, schema=CAP_SCHEMA), rundir.cap_path(copy))
+        _cap(copy, ("__again.jpg", "__cropped.img"))
     job = decontam.PartJob(str(copy), str(tmp_path / "work"), COPY, (), None)
     n, homes = decontam._pool_index(job, RunnerConfig(), 3)
     keys = pa.concat_tables([pq.read_table(p) for p in sorted((tmp_path / "work" / "pool").glob("*.parquet"))])
@@ -173,6 +196,54 @@ def test_pool_index_is_the_single_pool_in_its_order(runs, tmp_path, capped):
     assert keys.sort_by([("home", "ascending"), *decontam._ORDER])["uid"].to_pylist() != want  # order spans parts
     if capped:
         assert len(want) < len(stages_copy.read_features(run).uids)
+
+
+def test_group_expansion_equals_the_single_pass_on_ties(runs, tmp_path):
+    """`_groups_of` (matches joined with the duplicate groups read in batches) against
+    `_with_components` (the single task's pass over the pool) on designed cases: two members of
+    one group tied on score with different eval images (the first in pool order names the
+    group), a member that is not in the pool, a representative that is itself someone's
+    duplicate (not in its own group), a matched image whose own match beats its group's."""
+    run, _ = runs
+    cal = stages_copy.calibration(run)
+    uids = [f"u{i}" for i in range(10)]  # pool order
+    dups = {"u2": "u1", "u3": "u1", "u6": "u5", "x": "u5", "u8": "u7", "u7": "u9", "u4": "u0"}
+    best = {3: (20.0, 0), 2: (20.0, 1), 6: (9.0, 2), 8: (7.0, 1), 9: (5.0, 0), 4: (12.0, 2), 0: (30.0, 1)}
+    eval_uids = np.array(["e0", "e1", "e2"], dtype=object)
+    set_of = {"e0": "a", "e1": "a", "e2": "b"}
+    table = pa.table(
+        {
+            "uid": list(dups),
+            "duplicate_of": list(dups.values()),
+            "method": ["copy"] * len(dups),
+            "distance": [0.1] * len(dups),
+        },
+        schema=DUPLICATES_SCHEMA,
+    )
+    decider = stages_copy.Decider([], None, cal, COPY)
+    want = decontam._with_components(np.array(uids, dtype=object), best, table, eval_uids, set_of, decider)
+    (tmp_path / "run" / "copydetect").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "run" / "copydetect" / "duplicates.parquet", row_group_size=2)
+    index = {"uid": uids, "source": [f"s{i}" for i in range(10)], "part": [0] * 10, "row": list(range(10))}
+    (tmp_path / "work" / "pool").mkdir(parents=True)
+    pq.write_table(
+        pa.table({**index, "home": [0] * 10}, schema=decontam.INDEX_SCHEMA), tmp_path / "work" / "pool" / "b0.parquet"
+    )
+    m = pa.table(
+        {
+            **{k: [v[r] for r in sorted(best)] for k, v in index.items()},
+            "score": [best[r][0] for r in sorted(best)],
+            "q": [best[r][1] for r in sorted(best)],
+            "first_q": [best[r][1] for r in sorted(best)],
+        },
+        schema=decontam.MATCH_SCHEMA,
+    ).take([3, 0, 6, 1, 5, 2, 4])  # the parts' order is not the pool's
+    job = decontam.PartJob(str(tmp_path / "run"), str(tmp_path / "work"), COPY, (), None, cal)
+    feats = stages_copy.PoolFeatures(eval_uids, *[None] * 6)
+    got = decontam._groups_of(job, m, decontam.EvalSide(feats, set_of, [], None), decider, rows=3)
+    assert got.equals(want), (got.to_pylist(), want.to_pylist())
+    assert dict(zip(want["uid"].to_pylist(), want["matched_eval_uid"].to_pylist()))["u1"] == "e1"  # the tie
+    assert "x" not in want["uid"].to_pylist() and "u9" in want["uid"].to_pylist()
 
 
 def test_path_chosen_by_pool_size(runs, monkeypatch):

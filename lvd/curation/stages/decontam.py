@@ -474,7 +474,7 @@ def _finish(job: PartJob, item: tuple, ev: EvalSide) -> dict:
     return runner.write_outputs({"": out}, unit, stage_dir, cfg_hash)
 
 
-def _groups_of(job: PartJob, m: pa.Table, ev: EvalSide, decider: Decider) -> pa.Table:
+def _groups_of(job: PartJob, m: pa.Table, ev: EvalSide, decider: Decider, rows: int = 65_536) -> pa.Table:
     """`_with_components` without the pool: the matched images (small: what the guard bounds)
     are joined with the duplicate groups read in batches; group members are looked up in the pool
     index (only pool images are removed). Holds the matches, their groups and the output rows."""
@@ -482,7 +482,7 @@ def _groups_of(job: PartJob, m: pa.Table, ev: EvalSide, decider: Decider) -> pa.
     best = dict(zip(m["uid"].to_pylist(), zip(m["score"].to_pylist(), m["q"].to_pylist())))
     path = rundir.duplicates_file(Path(job.run_dir))
     label = {u: u for u in best}
-    for uid, rep in _dup_batches(path):
+    for uid, rep in _dup_batches(path, rows):
         for u, r in zip(uid, rep):
             if u in label:
                 label[u] = r
@@ -492,7 +492,7 @@ def _groups_of(job: PartJob, m: pa.Table, ev: EvalSide, decider: Decider) -> pa.
         if g not in group_best or hit[0] > group_best[g][0]:
             group_best[g] = hit
     member, relabelled = {}, set()  # member uid -> its group; groups whose label is itself a member elsewhere
-    for uid, rep in _dup_batches(path):
+    for uid, rep in _dup_batches(path, rows):
         for u, r in zip(uid, rep):
             if r in group_best:
                 member[u] = r
