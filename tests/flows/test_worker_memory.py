@@ -273,3 +273,15 @@ def test_the_copy_decontam_cluster_and_retrieve_tasks_run_their_stage_under_the_
         with pytest.raises(Started, match=name):
             flow(name=f"budget-{name}")(call)()
         assert seen[name] == BUDGET and B.current() is None
+
+
+def test_actors_that_must_be_resident_at_once_share_the_cpus_or_are_refused(ray_local):
+    """More shards than the cluster's CPUs would wait forever for a CPU: they share them instead;
+    more memory than the cluster has is a clear error, not a hang."""
+    cpus, memory = ray_local.cluster_resources()["CPU"], ray_local.cluster_resources()["memory"]
+    assert B.resident_cpus(1.0, [None] * int(cpus)) == 1.0
+    assert B.resident_cpus(1.0, [None] * int(4 * cpus)) == 0.25
+    assert B.resident_cpus(0.25, [None] * int(4 * cpus)) == 0.25
+    assert B.resident_cpus(1.0, [int(memory) // 8] * 4) == min(1.0, cpus / 4)
+    with pytest.raises(RuntimeError, match="resident at once .* add nodes"):
+        B.resident_cpus(1.0, [int(memory) // 2 + 1] * 2)

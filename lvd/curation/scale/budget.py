@@ -304,6 +304,29 @@ def ray_options(budget: WorkerBudget) -> dict:
     return {"memory": int(budget.worker_bytes)}
 
 
+def resident_cpus(num_cpus: float, memory: list[int | None]) -> float:
+    """CPUs each of a set of actors that must all be resident at once (k-NN shards, k-means
+    actors: one per entry of `memory`, their Ray memory requests) asks for: `num_cpus`, or the
+    running cluster's CPUs shared among them when it has fewer (they work in turn; Ray would
+    otherwise wait forever for the ones it cannot place). A clear error when their memory
+    requests together exceed the cluster's memory resource."""
+    import ray
+
+    if not ray.is_initialized() or not memory:
+        return num_cpus
+    res = ray.cluster_resources()
+    need, have = sum(m or 0 for m in memory), res.get("memory", 0)
+    if need > have:
+        raise RuntimeError(
+            f"{len(memory)} partitions must be resident at once and ask for {format_bytes(need)} of memory in all; "
+            f"the Ray cluster has {format_bytes(have)}: add nodes"
+        )
+    cpus = res.get("CPU", 0)
+    if cpus <= 0 or num_cpus * len(memory) <= cpus:
+        return num_cpus
+    return math.floor(cpus / len(memory) * 1e4) / 1e4
+
+
 # The budget of a run, for stages run inside Ray tasks (copy detection, decontamination, cluster).
 _KV_NAMESPACE, _KV_KEY = "lvd", "worker_budget:"
 _current: WorkerBudget | None = None  # this process's, set by job_budget

@@ -207,13 +207,13 @@ def dkmeans(
     block_rows = cfg.lloyd.blocks(n, d)
     budget = cfg.budget or B.current()
     specs = plan_shards(npys, counts, n_actors_for(cfg, n, d, block_rows, budget), block_rows, store_rows)
+    memory = [actor_memory(budget, s.n, d, cfg.lloyd.k, block_rows) for s in specs]
     opts = dict(
-        num_cpus=cfg.actor_cpus,
+        num_cpus=B.resident_cpus(cfg.actor_cpus, memory),  # every actor resident at once
         scheduling_strategy="SPREAD",
         max_restarts=cfg.max_restarts,
         max_task_retries=cfg.max_restarts,
     )
-    memory = [actor_memory(budget, s.n, d, cfg.lloyd.k, block_rows) for s in specs]
     cls = ray.remote(ShardActor)
     actors = [
         cls.options(**opts, **({"memory": m} if m else {})).remote(spec, block_rows) for spec, m in zip(specs, memory)

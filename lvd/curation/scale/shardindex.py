@@ -433,7 +433,8 @@ class ShardedIndex:
         self._uid_chunks = None if uids is None else _uid_chunks(uids)
         args = [(str(layout.folder), g, template, layout.d, self.gpu, self._uid_chunks) for g in plan]
         if ray.is_initialized():
-            opts = dict(num_cpus=cfg.num_cpus, num_gpus=1 if self.gpu else 0, max_restarts=2, max_task_retries=2)
+            cpus = B.resident_cpus(cfg.num_cpus, self.memory)  # every shard resident at once
+            opts = dict(num_cpus=cpus, num_gpus=1 if self.gpu else 0, max_restarts=2, max_task_retries=2)
             actor = ray.remote(Shard)
             self._shards = [
                 actor.options(**opts, **({"memory": m} if m else {})).remote(*a) for a, m in zip(args, self.memory)
