@@ -53,6 +53,7 @@ from lvd.curation.unionfind import UnionFind
 METHOD_LOCAL = "copy"  # dedup method name of edges decided by local-feature verification
 METHOD_MODEL = "copy-model"  # ... by a copy model's cosine
 MIN_INLIERS = 12  # a floor for the calibrated inlier threshold: random matches give fewer
+COUNT_RANGE = 1 << 23  # `_counted` counts with n * n counters up to this many (n <= 2,896 images; 64 MiB)
 CALIB_KINDS = ("resized", "jpeg30", "crop64", "brighter", "contrast", "flipped", "caption")
 
 
@@ -226,27 +227,21 @@ def descriptor_candidates(
     keys, owners = key_owner // n, key_owner % n
     starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
     sizes = np.diff(np.r_[starts, len(keys)])
-    pa_, pb_ = [], []
+    pair_keys = []
     for size in np.unique(sizes):
         if size < 2 or size > max_bucket:
             continue
         idx = starts[sizes == size]
-        members = owners[idx[:, None] + np.arange(size)]  # [buckets, size]
+        members = owners[idx[:, None] + np.arange(size)]  # [buckets, size], ascending in each bucket
         ii, jj = np.triu_indices(size, 1)
-        pa_.append(members[:, ii].ravel())
-        pb_.append(members[:, jj].ravel())
-    if not pa_:
+        pair_keys.append((members[:, ii] * n + members[:, jj]).ravel())  # a < b: key a * n + b
+    if not pair_keys:
         return out
-    a, b = np.concatenate(pa_), np.concatenate(pb_)
-    pair, count = _counted(np.minimum(a, b) * n + np.maximum(a, b), n * n)
+    pair, count = _counted(np.concatenate(pair_keys), n * n)
     keep = count >= min_shared
     pair, count = pair[keep], count[keep]
     a, b = pair // n, pair % n
-    src = np.concatenate([a, b])
-    dst = np.concatenate([b, a])
-    cnt = np.concatenate([count, count])
-    order = np.lexsort((dst, -cnt, src))
-    src, dst = src[order], dst[order]
+    src, dst = _by_source_most_shared(np.concatenate([a, b]), np.concatenate([b, a]), np.concatenate([count, count]), n)
     first = np.searchsorted(src, np.arange(n))
     rank = np.arange(len(src)) - first[src]
     ok = rank < k
@@ -254,9 +249,26 @@ def descriptor_candidates(
     return out
 
 
+def _by_source_most_shared(src: np.ndarray, dst: np.ndarray, cnt: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(src, dst) ordered by src, then most shared first, then dst: np.lexsort((dst, -cnt, src))
+    as one sort of a single int64 key where it fits (2-3x faster on the millions of pairs)."""
+    top = int(cnt.max()) + 1 if len(cnt) else 1
+    if n * n * top >= 1 << 62:
+        order = np.lexsort((dst, -cnt, src))
+        return src[order], dst[order]
+    key = np.sort((src * top + (top - 1 - cnt)) * n + dst)
+    return key // (top * n), key % n
+
+
 def _counted(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
-    """(unique keys, their counts) by one sort, in int32 when every key is below 2**31 (the
-    millions of bucket pairs of `descriptor_candidates`: 3x faster than np.unique's int64)."""
+    """(unique keys, their counts): by counting where the key range is small (a pool of a few
+    thousand images: n * n counters, no sort), else by one sort, in int32 when every key is
+    below 2**31 (the millions of bucket pairs of `descriptor_candidates`: 3x faster than
+    np.unique's int64)."""
+    if bound <= COUNT_RANGE:
+        counts = np.bincount(keys, minlength=bound)
+        found = np.flatnonzero(counts)
+        return found.astype(np.int64), counts[found]
     keys = keys.astype(np.int32) if bound < 1 << 31 else keys.copy()
     keys.sort()
     start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
@@ -265,14 +277,19 @@ def _counted(keys: np.ndarray, bound: int) -> tuple[np.ndarray, np.ndarray]:
 
 def lsh_keys(desc_M32: np.ndarray, pos_TB: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
     """int64 [M, T]: table t's key of each descriptor, the bits at `pos_TB[t]` (unpackbits
-    order: bit p is bit 7 - p % 8 of byte p // 8) read as a number, plus t << B."""
+    order: bit p is bit 7 - p % 8 of byte p // 8) read as a number, plus t << B. Built bit by
+    bit from the descriptors' byte columns (4x less work than an [M, T, B] int64 product)."""
     tables, bits = pos_TB.shape
-    byte, shift = pos_TB // 8, 7 - pos_TB % 8
-    weights = 1 << np.arange(bits, dtype=np.int64)
     out = np.empty((len(desc_M32), tables), np.int64)
     for s in range(0, len(desc_M32), chunk):
-        b_MTB = (desc_M32[s : s + chunk][:, byte] >> shift) & 1
-        out[s : s + chunk] = b_MTB.astype(np.int64) @ weights
+        block, cols = desc_M32[s : s + chunk], {}
+        for t in range(tables):
+            key = np.zeros(len(block), np.int64)
+            for j, p in enumerate(pos_TB[t].tolist()):
+                if p // 8 not in cols:
+                    cols[p // 8] = block[:, p // 8].astype(np.int64)
+                key |= ((cols[p // 8] >> (7 - p % 8)) & 1) << j
+            out[s : s + chunk, t] = key
     return out + (np.arange(tables, dtype=np.int64) << bits)
 
 

@@ -219,6 +219,15 @@ def features(data: bytes, cfg: FeatureConfig = FeatureConfig()) -> Features:
     return Features.from_row(features_row("", data, cfg))
 
 
+def local_features(data: bytes, cfg: FeatureConfig = FeatureConfig()) -> Features:
+    """The local features of `features` alone, without the global descriptor and the hashes
+    that only candidate search reads (calibration's images are verified, never searched):
+    the same arrays, ~15% less CPU."""
+    gray, _ = feature_gray(data, cfg.side)
+    (kp, desc), (kp_f, desc_f) = _detect(_orb(cfg), gray)
+    return Features(kp, desc, kp_f, desc_f, (gray.shape[1], gray.shape[0]))
+
+
 def _fit(shape, side: int) -> tuple[int, int]:
     h, w = shape[:2]
     s = min(1.0, side / max(h, w))
@@ -359,7 +368,8 @@ def distinct_places(pts: np.ndarray, cell: float) -> int:
     if cell <= 0 or not len(pts):
         return len(pts)
     q = np.floor(pts / cell).astype(np.int64)
-    return len(np.unique(q[:, 0] * (1 << 20) + q[:, 1]))
+    key = np.sort(q[:, 0] * (1 << 20) + q[:, 1])  # one sort: numpy 2.4's np.unique hashes first, 3x slower here
+    return int(np.count_nonzero(key[1:] != key[:-1])) + 1
 
 
 def _hull_area(pts: np.ndarray) -> float:

@@ -64,6 +64,15 @@ def test_features_are_the_reference_features(images):
     assert {k: _digest(lf.features_row("", d)) for k, d in images.items()} == GOLDEN
 
 
+def test_local_features_are_the_features_local_part(images):
+    """Calibration describes its images by `local_features` (no global descriptor, no hashes)."""
+    for data in images.values():
+        full, local = lf.features(data), lf.local_features(data)
+        for x, y in ((full.kp, local.kp), (full.desc, local.desc), (full.kp_flip, local.kp_flip)):
+            assert x.dtype == y.dtype and np.array_equal(x, y)
+        assert np.array_equal(full.desc_flip, local.desc_flip) and full.size == local.size
+
+
 def _photo_features() -> list[lf.Features]:
     """Real photos and copies of them (crop, mirror, recompression): links and non-links."""
     out = []
@@ -125,3 +134,59 @@ def test_copy_features_are_found_once_per_uid(ray_local, tmp_path):
     assert len(uids) == len(set(uids)) == 4
     pool = stages_copy.read_features(run)
     assert len(pool.feats) == 4
+
+
+def test_pair_counting_and_candidate_order_match_their_references(monkeypatch):
+    """`_counted` by counting (small key range), by int32 and by int64 sorts; the candidate
+    order by one int64 key and by lexsort: each as np.unique / np.lexsort."""
+    rng = np.random.default_rng(1)
+    x = rng.integers(0, 3000, 20_000) * 977  # repeats, keys beyond 16 bits
+    ref = np.unique(x, return_counts=True)
+    for bound, count_range in ((3000 * 977, cd.COUNT_RANGE), (3000 * 977, 0), (1 << 40, 0)):
+        monkeypatch.setattr(cd, "COUNT_RANGE", count_range)
+        got = cd._counted(x, bound)
+        assert got[0].dtype == np.int64 and np.array_equal(got[0], ref[0]) and np.array_equal(got[1], ref[1])
+    n = 50
+    src, dst = rng.integers(0, n, 4000), rng.integers(0, n, 4000)
+    cnt = rng.integers(4, 9, 4000)  # many ties in count: dst breaks them
+    order = np.lexsort((dst, -cnt, src))
+    for big in (n, 1 << 30):  # one key; a pool too large for it: lexsort
+        got = cd._by_source_most_shared(src, dst, cnt, big)
+        assert np.array_equal(got[0], src[order]) and np.array_equal(got[1], dst[order])
+
+
+def test_distinct_places_count_as_unique_cells():
+    rng = np.random.default_rng(2)
+    for m in (1, 2, 40, 300):
+        pts = rng.uniform(0, 64, (m, 2)).astype(np.float32)
+        q = np.floor(pts / 3.0).astype(np.int64)
+        assert lf.distinct_places(pts, 3.0) == len(np.unique(q, axis=0))
+    assert lf.distinct_places(np.zeros((0, 2), np.float32), 3.0) == 0
+    assert lf.distinct_places(np.ones((5, 2), np.float32), 0) == 5
+
+
+def _reference_descriptor_candidates(feats, k, n_desc=100, tables=4, bits=16, min_shared=4, max_bucket=64, seed=0):
+    """Per image pair, the LSH keys both hold (in buckets of at most max_bucket images), by sets."""
+    pos = np.random.default_rng(seed).permutation(8 * 32)[: tables * bits].reshape(tables, bits)
+    keys = []
+    for f in feats:
+        d = np.concatenate([f.desc[:n_desc], f.desc_flip[:n_desc]])
+        keys.append(set(cd.lsh_keys(d, pos).ravel().tolist()) if len(d) else set())
+    holders: dict[int, int] = {}
+    for ks in keys:
+        for key in ks:
+            holders[key] = holders.get(key, 0) + 1
+    out = np.full((len(feats), k), -1, np.int64)
+    for i, ki in enumerate(keys):
+        shared = [(-sum(holders[x] <= max_bucket for x in ki & kj), j) for j, kj in enumerate(keys) if j != i]
+        ranked = sorted(s for s in shared if -s[0] >= min_shared)[:k]
+        out[i, : len(ranked)] = [j for _, j in ranked]
+    return out
+
+
+@pytest.mark.parametrize("max_bucket", [64, 5])  # 5: the copies' shared buckets are skipped too
+def test_descriptor_candidates_are_the_shared_key_reference(max_bucket):
+    feats = _photo_features()
+    got = cd.descriptor_candidates(feats, 6, max_bucket=max_bucket)
+    assert np.array_equal(got, _reference_descriptor_candidates(feats, 6, max_bucket=max_bucket))
+    assert (got >= 0).sum() >= 12  # copies share keys: partners found

@@ -33,7 +33,15 @@ from lvd.curation import copydetect as cd
 from lvd.curation import fanout, rundir, runner
 from lvd.curation.dedup import DUPLICATES_SCHEMA, EdgeSet, resolve
 from lvd.curation.guard import check_removal
-from lvd.curation.localfeat import DESC_BYTES, FEATURE_SCHEMA, FeatureConfig, Features, features_row, set_threads
+from lvd.curation.localfeat import (
+    DESC_BYTES,
+    FEATURE_SCHEMA,
+    FeatureConfig,
+    Features,
+    features_row,
+    local_features,
+    set_threads,
+)
 from lvd.curation.scale import shardindex
 from lvd.curation.unionfind import representative_rank
 from lvd.curation.vectors import open_vectors
@@ -306,7 +314,7 @@ class _ScorePairs:
         set_threads(1)
         uniq = list(dict.fromkeys(d for pair in pairs for d in pair))
         row = {d: i for i, d in enumerate(uniq)}
-        feats = [Features.from_row(features_row("", d, self.cfg.features)) for d in uniq]
+        feats = [local_features(d, self.cfg.features) for d in uniq]
         a = np.array([row[x] for x, _ in pairs], np.int64)
         b = np.array([row[y] for _, y in pairs], np.int64)
         return cd.verify_pairs(feats, a, b, self.cfg.verify, 1 << 30).tolist()
