@@ -5,6 +5,20 @@ duplicate group, are copies of an eval-set image (`uid`, `matched_eval_uid`, `si
 (1 - distance, as in `stages.copy`), `eval_set`, `method`). Candidates come from hashes, the
 model-free global descriptor and any proposing embedder; pairs are decided by the copy
 detection's calibrated `Decider`.
+
+Two paths, one output (`run_decontam` picks by pool size, `partitioned=` forces):
+- `DecontamFn`: one Ray task reads the whole pool's features: memory O(pool) (the local
+  features, ~10-30 KB an image).
+- `_run_partitioned` (the section at the end): Ray tasks per copyfeat part, the eval sets
+  broadcast once through the object store. A task holds O(eval + one part): the eval sets'
+  features, one part's features and vectors, or one bucket of the pool index (uid, source, part,
+  row, home: ~150 B a record, RECORD_ROWS_PER_BUCKET a bucket). The driver holds O(eval x k x
+  lists) (the merged top k, one part's top k beside it) and O(parts) counts; the finishing task
+  holds the matches and their groups' members (at most what is removed, which the guard bounds)
+  and streams the duplicate groups in batches. Exact search in every part (a pool above
+  `IndexConfig.exact_below` gets IVF in the single task, so there the two may differ: the
+  partitioned path is the exact one); tests/curation/test_decontam_scale.py checks byte
+  equality on small pools.
 """
 
 from __future__ import annotations
@@ -201,7 +215,9 @@ def run_decontam(
 # 1. candidates: a task per copyfeat part reads its members' features (and vectors) and searches
 #    the eval images among them: each eval image's top k per list, written as (list, eval row,
 #    similarity, order key, uid) rows. The driver merges these files one at a time into each
-#    eval image's global top k (ties by the order key: the single search's lower row).
+#    eval image's global top k (ties by the order key: the single search's lower row). An embedder
+#    proposer's pool vectors are searched here too, part by part, with the same canonical exact
+#    search as `scale.shardindex` (whose `knn_lists` takes the pool's uid list: O(pool) in the caller).
 # 2. decide: a task per part verifies its hash candidates and the merged k-NN pairs that fall in
 #    it with the calibrated Decider; each matched pool image keeps its best eval image.
 # 3. finish: one task joins the matches with the duplicate groups (streamed in batches), checks
