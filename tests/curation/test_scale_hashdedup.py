@@ -23,7 +23,14 @@ from lvd.curation import rundir
 from lvd.curation.copies import make_copies, real_photos
 from lvd.curation.dedup import CLIPPED_CODES, DedupConfig, EdgeSet, find_near_duplicates, resolve
 from lvd.curation.scale.components import ComponentsConfig, components, rounds_bound
-from lvd.curation.scale.hashdedup import ShuffleConfig, folder_sources, partitioned_duplicates
+from lvd.curation.scale.hashdedup import (
+    Code,
+    ShuffleConfig,
+    _CodeIndex,
+    _SortedIndex,
+    folder_sources,
+    partitioned_duplicates,
+)
 from lvd.curation.stages import ingest_dedup as stages
 
 SMALL = ShuffleConfig(buckets=3, exact_buckets=2, partitions=2)
@@ -126,9 +133,93 @@ def test_synthetic_pool_equals_single_process_with_every_channel(ray_local, tmp_
         for pair in set(zip(t["uid_a"].to_pylist(), t["uid_b"].to_pylist())):
             assert seen.setdefault(pair, f.name) == f.name, pair
     assert len(seen) == 4  # 0-1, 1-2, 0-2 (0 and 2 are within radius too), 7-8
-    cfg = DedupConfig()  # chunks x code versions per record
-    copies = cfg.clipped_verify_radius + 1 + (cfg.equalised_radius + 1) * (1 + CLIPPED_CODES)
-    assert rep.records == table.num_rows and rep.copies == (table.num_rows - 3) * copies
+    assert rep.records == table.num_rows and rep.blocks == 4  # 2 exact buckets x ceil(3 / 2) blocks
+    assert rep.candidates == _brute_candidates(table.filter(pa.array(~np.isin(np.arange(table.num_rows), [4, 5, 6]))))
+
+
+def _words(table: pa.Table, column: str, per_row: int = 1) -> np.ndarray:
+    raw = np.frombuffer(b"".join(table[column].to_pylist()), np.uint8).copy()
+    return raw.view(np.uint64).reshape(table.num_rows, per_row, 4)
+
+
+def _brute_candidates(table: pa.Table) -> int:
+    """Record pairs within the clipped radius on pHash-256, or with one's equalised code within
+    the equalised radius of any code of the other's (all pairs compared)."""
+    cfg = DedupConfig()
+    v, e = _words(table, "phash256")[:, 0], _words(table, "nphash256")[:, 0]
+    versions = np.concatenate([e[:, None], _words(table, "cphash256", CLIPPED_CODES)], axis=1)
+    near = np.bitwise_count(v[:, None] ^ v[None]).sum(-1) <= cfg.clipped_verify_radius
+    eq = (np.bitwise_count(e[:, None, None] ^ versions[None]).sum(-1) <= cfg.equalised_radius).any(-1)
+    near |= eq | eq.T
+    return int(np.triu(near, 1).sum())
+
+
+def _code_table(rng, n: int) -> pa.Table:
+    e, ce = _codes(rng, n, 32), _codes(rng, n, 32 * CLIPPED_CODES)
+    return pa.table({"nphash256": pa.array(list(map(bytes, e)), pa.binary(32)),
+                     "cphash256": pa.array(list(map(bytes, ce)), pa.binary(32 * CLIPPED_CODES))})  # fmt: skip
+
+
+def test_block_pairs_search_variants_both_ways():
+    """Between two blocks, a record's equalised code near a clipped code of the other block's
+    record is found whichever block holds the clipped code (and a block against itself);
+    two clipped codes alike make no pair. Brute force over all code versions."""
+    rng, r = np.random.default_rng(6), DedupConfig().equalised_radius
+    mine, other = _code_table(rng, 60), _code_table(rng, 70)
+    mv, ov = _words(mine, "nphash256")[:, 0], _words(other, "nphash256")[:, 0]
+    mc, oc = _words(mine, "cphash256", CLIPPED_CODES), _words(other, "cphash256", CLIPPED_CODES)
+    flip = lambda c: _flip(c.view(np.uint8), list(rng.choice(256, r, replace=False))).view(np.uint64)  # noqa: E731
+    mc[7, 2], oc[3, 1] = flip(ov[5]), flip(mv[11])  # a clipped code on either side
+    mc[20, 0], oc[30, 3] = flip(np.zeros(4, np.uint64)), flip(np.zeros(4, np.uint64))  # clipped vs clipped
+    mine = mine.set_column(
+        1, "cphash256", pa.array([x.tobytes() for x in mc.reshape(60, -1)], pa.binary(32 * CLIPPED_CODES))
+    )
+    other = other.set_column(
+        1, "cphash256", pa.array([x.tobytes() for x in oc.reshape(70, -1)], pa.binary(32 * CLIPPED_CODES))
+    )
+    code = Code("nphash256", r, "equalised", "cphash256")
+    index = _CodeIndex(mine, code)
+    for block, same in ((other, False), (mine, True)):
+        a_v, a_c = _words(block, "nphash256")[:, 0], _words(block, "cphash256", CLIPPED_CODES)
+        a_all = np.concatenate([a_v[:, None], a_c], axis=1)
+        m_all = np.concatenate([mv[:, None], mc], axis=1)
+        near = (np.bitwise_count(a_v[:, None, None] ^ m_all[None]).sum(-1) <= r).any(-1)
+        near |= (np.bitwise_count(a_all[:, :, None] ^ mv[None, None]).sum(-1) <= r).any(1)
+        if same:
+            np.fill_diagonal(near, False)
+        q, x = index.pairs(block, same=same)
+        assert set(zip(q.tolist(), x.tolist())) == set(zip(*np.nonzero(near)))
+    assert {(5, 7), (3, 11)} <= set(zip(*index.pairs(other, same=False)))
+    assert (30, 20) not in set(zip(*index.pairs(other, same=False)))
+
+
+def test_sorted_index_finds_exactly_the_pairs_within_radius():
+    """Planted pairs at the radius, two differing bits in as many of the index's chunks as the
+    radius allows and the odd one in another (only that chunk, with one flip, holds them),
+    and one bit over it; random codes elsewhere: the index's pairs are the brute-force pairs."""
+    rng = np.random.default_rng(4)
+    for radius, nx in ((45, 2000), (28, 3000), (8, 800)):
+        w = 1 if radius == 8 else 4
+        codes = rng.integers(0, 2**63, (nx, w), dtype=np.uint64) << np.uint64(1) | rng.integers(
+            0, 2, (nx, w), dtype=np.uint64
+        )
+        index = _SortedIndex(codes, radius)
+        queries = rng.integers(0, 2**63, (300, w), dtype=np.uint64)
+        for q in range(200):
+            bits, chunks = [], rng.permutation(len(index.bounds) - 1)
+            for c in chunks:
+                lo, hi = index.bounds[c], index.bounds[c + 1]
+                take = min(2, radius + (q % 2) - len(bits))  # odd q: one bit over the radius
+                bits += list(rng.choice(np.arange(lo, hi), take, replace=False))
+            code = codes[rng.integers(nx)].copy()
+            for b in bits:
+                code[b // 64] ^= np.uint64(1) << np.uint64(b % 64)
+            queries[q] = code
+        dist = sum(np.bitwise_count(queries[:, None, k] ^ codes[None, :, k]) for k in range(w))
+        want = set(zip(*np.nonzero(dist <= radius)))
+        q, x = index.search(queries)
+        assert set(zip(q.tolist(), x.tolist())) == want and len(q) == len(want)
+        assert len(want) >= 100  # the planted pairs at the radius
 
 
 def test_bad_parts_get_a_clear_error(ray_local, tmp_path):

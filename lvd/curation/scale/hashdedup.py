@@ -1,45 +1,47 @@
 """Hash near-duplicate dedup partitioned over Ray: no process holds the pool.
 
-The same decision as `dedup.find_near_duplicates`, reached by a shuffle over bucketed
-Parquet parts under a scratch folder:
+The same decision as `dedup.find_near_duplicates`, reached over Parquet parts under a
+scratch folder:
 
 1. exact pass. A map task per input part writes each record to bucket hash(record) mod
    `exact_buckets`. A reduce task per bucket keeps one record per uid, links records equal
    in every compared column to the first of them (edges of distance 0, channel `exact`),
-   and passes the first ones on (`reps/`): a pool of a thousand blank images sends one.
-2. chunk pass. For every code `dedup.candidate_codes` names (one per column, at the largest
-   radius R of its channels) the code is cut into m >= R+1 chunks: two codes within R bits
-   agree exactly on at least one chunk (pigeonhole). A map task per `reps/` part sends each
-   record's key (its id, its home part and the code: ~60 B, not the record) once per chunk
-   k to bucket hash(column, k, chunk value) mod `buckets`; a column with variants (the
-   equalised channel's clipped codes) sends each of a record's codes. A reduce task per
-   bucket takes, per (column, k), the pairs of codes agreeing on chunk k and on no earlier
-   chunk (so a pair is seen in one bucket only), within R bits, one of them a record's own
-   `column` code (as dedup: two variants are no candidate), and asks the records' home parts
-   for them.
-3. fetch and verify. A task per `reps/` part sends the asked-for records to each bucket; a
-   task per bucket runs `dedup.table_edges` on them, in input order (the single-process
-   check, all channels: a new per-pair check applies here unchanged), and keeps the edges
-   that are its candidates (`edges/`: uid_a, uid_b, pixels, channel, distance).
+   and passes the first ones on, cut into blocks (`reps/`: `buckets` blocks in all, at least
+   one per bucket): a pool of a thousand blank images sends one.
+2. block pairs. For every code `dedup.candidate_codes` names (one per column, at the largest
+   radius R of its channels) a task per block j indexes block j's codes (`_SortedIndex`:
+   exact by pigeonhole over chunks with one flip, as the single process's Faiss multi-hash
+   index, on 1/blocks of the pool) and queries it with blocks 0..j, one at a time, so every
+   pair of records is looked at by exactly one task: that of its later block. A column with
+   variants (the equalised channel's clipped codes) is searched as dedup does, one record's
+   `column` code against any code of the other: block j's versions are indexed and queried
+   by block i's `column` codes, and block i's versions indexed and queried by block j's.
+   Candidate pairs: within R bits, one code a record's own `column` code.
+3. verify, same task. `dedup.table_edges` on the records the candidates touch (read from their
+   blocks, in input order: the single-process check, all channels, so a new per-pair check
+   applies here unchanged) and keeps the edges that are its candidates (`edges/`: uid_a,
+   uid_b, pixels, channel, distance).
 4. components (`scale.components`) over the edge partitions, then one row per
    non-representative uid, sorted by uid: `DUPLICATES_SCHEMA`, equal to the single process.
 
 Why the output is equal: every pair the single process links is within its channel's
-radius on its code, so both records meet in the bucket of their first common chunk, where
-the same verification runs on them; verification looks at the two records only, and
-`dedup.resolve`'s representative (most pixels, then smallest uid) and distance (smallest
-pHash distance over a node's edges) depend only on the edges. One caveat: rows dedup treats as
-identical (its collapse: equal hashes and aspect bucket, not equal size) are matched through
-the first of them in input order; records are ordered by (part, row), which is the single
-process's order when parts are in source order, as ingest writes them.
+radius on its code, so the task of the pair's later block finds it (the index is exact),
+and runs the same verification on the two records; verification looks at the two
+records only, and `dedup.resolve`'s representative (most pixels, then smallest uid) and
+distance (smallest pHash distance over a node's edges) depend only on the edges. One caveat:
+rows dedup treats as identical (its collapse: equal hashes and aspect bucket, not equal size)
+are matched through the first of them in input order; records are ordered by (part, row),
+which is the single process's order when parts are in source order, as ingest writes them.
 
 Memory: an exact-pass task holds one input part or one bucket (N / exact_buckets records of
-~430 B, `budget.HASH_RECORD_BYTES`); a chunk reduce task holds the keys of its bucket
-(N * copies / buckets keys of ~60 B) and their candidate pairs; a verify task holds the
-records its candidates touch. Keys are sent once per chunk and code version: sum over codes
-of m * (1 + variants), 154 per record with the default config (29 chunks of phash256, 25 of
-nphash256 and of each of its 4 clipped codes). The final table (one row per duplicate) is
-assembled by one task, not by the driver.
+~430 B, `budget.HASH_RECORD_BYTES`); a block-pair task holds block j's codes and indexes
+(~`PAIR_RECORD_BYTES` per record, measured) plus one other block's codes, its candidate pairs
+and the records they touch. Work: each record queries (blocks + 1) / 2 indexes of N / blocks
+codes; the single process queries one of N codes (fewer blocks: less work, more memory).
+Before this, a shuffle of ~60 B keys (154 per record: one per 9-10 bit chunk of each code
+version) compared all pairs of equal chunks: work grew as N^2 / 2^9
+(benchmarks/partitioned_dedup.py --baseline-tree runs it).
+The final table (one row per duplicate) is assembled by one task, not by the driver.
 """
 
 from __future__ import annotations
@@ -55,7 +57,6 @@ import pyarrow.parquet as pq
 import ray
 
 from lvd.curation import dedup, rundir
-from lvd.curation.hamming_pairs import candidate_pairs
 from lvd.curation.scale.components import ComponentsConfig, _write, components
 
 EDGE_SCHEMA = pa.schema(
@@ -66,20 +67,27 @@ METHOD = "phash"  # the method name dedup.near_duplicate_edges gives its edges
 _NOT_COMPARED = rundir.NOT_FOR_DEDUP | {"status", "source", "detail"}
 _RID = "_rid"  # (input part << 32) | row: the input order, and a record's id in the shuffle
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_QUERY_BATCH = 1 << 14  # queries looked up at once: bounds the lookup and candidate arrays
+_CHUNK_BITS = 22  # widest chunk of a _SortedIndex: a table of 2^22 starts (32 MiB) per chunk
+# Bytes per record of a block-pair task's block j at its peak (codes, the indexes of the
+# default config's two code columns, the other block, candidates), measured: see notes / README.
+PAIR_RECORD_BYTES = 3000
 
 
 @dataclass(frozen=True, kw_only=True)
 class ShuffleConfig:
     """Sizes of the shuffle (`budget.hash_bucket_count` gives them from a memory budget)."""
 
-    buckets: int = 16  # B: buckets of the chunk pass; a reduce task holds ~N * copies / B keys
+    # blocks of the pair pass (at least one per exact bucket; each bucket's records are cut into
+    # ceil(buckets / exact_buckets)): a task indexes one block (~N / blocks records) and queries
+    # it with the blocks before it; fewer blocks, less work (each record queries (blocks + 1) / 2)
+    buckets: int = 16
     exact_buckets: int = 8  # buckets of the exact pass; a reduce task holds ~N / exact_buckets records
     partitions: int = 8  # node partitions of the connected components
-    brute_group: int = 512  # rows sharing a chunk compared all-pairs up to this many, else indexed
     task_options: dict = field(default_factory=dict)  # Ray options of every task (budget.ray_options)
 
     def __post_init__(self):
-        for name in ("buckets", "exact_buckets", "partitions", "brute_group"):
+        for name in ("buckets", "exact_buckets", "partitions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: use at least 1")
 
@@ -95,14 +103,13 @@ class Source:
 
 @dataclass(frozen=True)
 class Code:
-    """A code column the chunk pass buckets on: its largest radius, its chunks' bit ranges."""
+    """A code column the pair pass searches: its largest radius over dedup's channels."""
 
     column: str
     radius: int
     channels: str  # dedup channel names searched on this column, '+'-joined
-    bounds: tuple[int, ...]  # chunk k covers bits bounds[k]:bounds[k+1]
     # a column of more codes per row, each searched against the others' `column` code
-    # (dedup.CandidateCode.variants); a record is sent once per chunk of each of its codes
+    # (dedup.CandidateCode.variants)
     variants: str | None = None
 
 
@@ -110,7 +117,8 @@ class Code:
 class HashDedupReport:
     duplicates: Path  # DUPLICATES_SCHEMA rows, sorted by uid
     records: int  # input records compared (accepted, one per uid)
-    copies: int  # chunk-pass keys sent (records x chunks x code versions)
+    blocks: int  # blocks of the pair pass
+    candidates: int  # record pairs within a code's radius (each looked at by one task)
     edges: int
     phases: int  # star steps of the components
 
@@ -130,7 +138,8 @@ def folder_sources(folder: Path) -> list[Source]:
 
 
 def codes_of(cfg: dedup.DedupConfig, nbits_of: dict[str, int]) -> list[Code]:
-    """The chunking of each column `dedup.candidate_codes` searches (largest radius per column)."""
+    """Each column `dedup.candidate_codes` searches, at its largest radius (`nbits_of`: the bits
+    of the records' fixed-width columns, to refuse a column that is missing or not a code)."""
     radius: dict[str, int] = {}
     names: dict[str, list[str]] = {}
     variants: dict[str, str | None] = {}
@@ -141,10 +150,9 @@ def codes_of(cfg: dedup.DedupConfig, nbits_of: dict[str, int]) -> list[Code]:
             raise ValueError(f"column {c.column!r}: channels search it with other variant columns")
     out = []
     for column in sorted(radius):
-        nbits = nbits_of[column]
-        m = max(radius[column] + 1, math.ceil(nbits / 64))  # chunk values fit one uint64
-        bounds = tuple(k * nbits // m for k in range(m + 1))
-        out.append(Code(column, radius[column], "+".join(names[column]), bounds, variants[column]))
+        if nbits_of.get(column, 0) % 8 or not nbits_of.get(column):
+            raise ValueError(f"column {column!r}: dedup searches it as a code; the records have no such column")
+        out.append(Code(column, radius[column], "+".join(names[column]), variants[column]))
     return out
 
 
@@ -155,20 +163,23 @@ def partitioned_duplicates(
     the table in `work_dir/duplicates.parquet`. Needs a running Ray."""
     work = Path(work_dir)
     opts = {"num_cpus": 1, "max_retries": 3, **shuffle.task_options}
-    E, B = shuffle.exact_buckets, shuffle.buckets
+    E = shuffle.exact_buckets
+    S = math.ceil(shuffle.buckets / E)  # blocks per exact bucket
     _wave(_exact_map, [(s, i, str(work), E) for i, s in enumerate(sources)], opts)
-    records = sum(_wave(_exact_reduce, [(str(work), e) for e in range(E)], opts))
+    records = sum(_wave(_exact_reduce, [(str(work), e, S) for e in range(E)], opts))
     codes = codes_of(cfg, _code_bits(work))
-    copies = sum(_wave(_chunk_map, [(str(work), e, codes, B) for e in range(E)], opts))
-    _wave(_chunk_reduce, [(str(work), b, codes, E, shuffle.brute_group) for b in range(B)], opts)
-    _wave(_fetch, [(str(work), e) for e in range(E)], opts)
-    edges = sum(_wave(_verify, [(str(work), b, cfg) for b in range(B)], opts))
+    blocks = [str(work / "reps" / _block_name(e, s)) for e in range(E) for s in range(S)]
+    # the last blocks' tasks query the most blocks: started first, so the waves end together
+    done = _wave(_block_pairs, [(str(work), blocks, j, codes, cfg) for j in reversed(range(len(blocks)))], opts)
+    candidates, edges = (sum(x) for x in zip(*done))
     files = sorted((work / "edges").glob("*.parquet"))
     comp_cfg = ComponentsConfig(partitions=shuffle.partitions, task_options=shuffle.task_options)
     comps = components(files, work / "components", comp_cfg)
     out = work / "duplicates.parquet"
     ray.get(ray.remote(_assemble).options(**opts).remote([str(p) for p in comps.outputs], str(out)))
-    return HashDedupReport(duplicates=out, records=records, copies=copies, edges=edges, phases=comps.phases)
+    return HashDedupReport(
+        duplicates=out, records=records, blocks=len(blocks), candidates=candidates, edges=edges, phases=comps.phases
+    )
 
 
 def assemble(outputs: list[Path]) -> pa.Table:
@@ -196,7 +207,7 @@ def _wave(fn, args: list[tuple], opts: dict) -> list:
     return ray.get([remote.remote(*a) for a in args])
 
 
-# ---------------------------------------------------------------- reading and keys
+# ---------------------------------------------------------------- reading and codes
 
 
 def read_source(source: Source) -> pa.Table:
@@ -275,20 +286,6 @@ def _versions(table: pa.Table, code: Code) -> np.ndarray:
     return np.concatenate([plain[:, None], more], axis=1)
 
 
-def _chunk_values(words: np.ndarray, bounds: tuple[int, ...]) -> np.ndarray:
-    """uint64 [n, m]: the value of each chunk (bits bounds[k]:bounds[k+1], little-endian)."""
-    raw = np.ascontiguousarray(words).view(np.uint8)
-    out = np.zeros((len(words), len(bounds) - 1), np.uint64)
-    for k in range(len(bounds) - 1):
-        lo, hi = bounds[k], bounds[k + 1]
-        bits = np.unpackbits(raw[:, lo // 8 : (hi + 7) // 8], axis=1, bitorder="little")
-        packed = np.zeros((len(words), 8), np.uint8)
-        chunk = np.packbits(bits[:, lo % 8 : lo % 8 + hi - lo], axis=1, bitorder="little")
-        packed[:, : chunk.shape[1]] = chunk
-        out[:, k] = packed.view(np.uint64).ravel()
-    return out
-
-
 def _code_bits(work: Path) -> dict[str, int]:
     """Bits of every fixed-width column of the records (from one reps part's schema)."""
     schema = pq.read_schema(next((work / "reps").glob("*.parquet")))
@@ -314,9 +311,9 @@ def _exact_map(source: Source, index: int, work: str, E: int) -> int:
     return t.num_rows
 
 
-def _exact_reduce(work: str, e: int) -> int:
-    """One record per uid; records equal in every compared column chain to the first.
-    Returns the bucket's number of uids."""
+def _exact_reduce(work: str, e: int, S: int) -> int:
+    """One record per uid; records equal in every compared column chain to the first, the
+    first ones written as S blocks. Returns the bucket's number of uids."""
     files = sorted((Path(work) / "exact" / f"b{e}").glob("*.parquet"))
     t = pa.concat_tables([pq.read_table(f) for f in files]).sort_by(_RID)
     uids = t["uid"].to_numpy(zero_copy_only=False)
@@ -327,8 +324,15 @@ def _exact_reduce(work: str, e: int) -> int:
     group = group.ravel()
     members = np.flatnonzero(~np.isin(np.arange(t.num_rows), first))
     _write(_edges(t, first[group[members]], members, "exact", np.zeros(len(members))), Path(work) / "edges" / f"exact-{e}.parquet")  # fmt: skip
-    _write(t.take(np.sort(first)), Path(work) / "reps" / f"e{e}.parquet")
+    reps = t.take(np.sort(first))
+    cuts = [k * reps.num_rows // S for k in range(S + 1)]
+    for k in range(S):
+        _write(reps.slice(cuts[k], cuts[k + 1] - cuts[k]), Path(work) / "reps" / _block_name(e, k))
     return t.num_rows
+
+
+def _block_name(e: int, s: int) -> str:
+    return f"e{e:05d}-s{s:05d}.parquet"
 
 
 def _edges(t: pa.Table, a: np.ndarray, b: np.ndarray, channel: str, distance: np.ndarray) -> pa.Table:
@@ -341,174 +345,141 @@ def _edges(t: pa.Table, a: np.ndarray, b: np.ndarray, channel: str, distance: np
     )  # fmt: skip
 
 
-# ---------------------------------------------------------------- chunk pass
-
-
-def _chunk_map(work: str, e: int, codes: list[Code], B: int) -> int:
-    """Each record's key once per (code, chunk, code version), to bucket hash(code, chunk,
-    value) mod B: its id, its home part, and the code of that version (not the record)."""
-    t = pq.read_table(Path(work) / "reps" / f"e{e}.parquet")
-    if t.num_rows == 0:
-        return 0
-    rids, keys, units, which, buckets = [], [], [], [], []
-    unit = 0
-    for ci, code in enumerate(codes):
-        versions = _versions(t, code)
-        values = [_chunk_values(np.ascontiguousarray(versions[:, j]), code.bounds) for j in range(versions.shape[1])]
-        for k in range(len(code.bounds) - 1):
-            for j, vals in enumerate(values):
-                h = _mix(vals[:, k] ^ _mix(np.uint64(ci << 16 | k)))
-                rids.append(t[_RID].to_numpy())
-                keys.append(versions[:, j])
-                units.append(np.full(t.num_rows, unit, np.int32))
-                which.append(np.full(t.num_rows, j, np.int8))
-                buckets.append((h % np.uint64(B)).astype(np.int64))
-            unit += 1
-    buckets = np.concatenate(buckets)
-    table = pa.table({
-        _RID: np.concatenate(rids), "_unit": np.concatenate(units), "_which": np.concatenate(which),
-        "_home": np.full(len(buckets), e, np.int32), "_code": _binary_rows(keys),
-    })  # fmt: skip
-    for b in range(B):
-        _write(table.take(np.flatnonzero(buckets == b)), Path(work) / "chunks" / f"b{b}" / f"e{e}.parquet")
-    return len(buckets)
-
-
-def _binary_rows(blocks: list[np.ndarray]) -> pa.Array:
-    """A binary array with one value per row of each uint64 [n_i, w_i] block, in order."""
-    widths = np.concatenate([np.full(len(x), 8 * x.shape[1], np.int64) for x in blocks])
-    offsets = np.r_[0, np.cumsum(widths)].astype(np.int64)
-    data = b"".join(np.ascontiguousarray(x).tobytes() for x in blocks)
-    return pa.Array.from_buffers(pa.large_binary(), len(widths), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-
-
-def _units(codes: list[Code]) -> list[tuple[Code, int]]:
-    return [(code, k) for code in codes for k in range(len(code.bounds) - 1)]
-
+# ---------------------------------------------------------------- block pairs and verification
 
 PAIR_SCHEMA = pa.schema([("rid_a", pa.int64()), ("rid_b", pa.int64()), ("channel", pa.string())])
 
 
-def _chunk_reduce(work: str, b: int, codes: list[Code], E: int, brute_group: int) -> None:
-    """Candidate record pairs of bucket b (every unit), and requests for their records."""
-    files = sorted((Path(work) / "chunks" / f"b{b}").glob("*.parquet"))
-    t = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+def _block_pairs(work: str, blocks: list[str], j: int, codes: list[Code], cfg: dedup.DedupConfig) -> tuple[int, int]:
+    """The candidate pairs between block j and each block i <= j, verified (module doc, steps 2
+    and 3); edges to `edges/b{j}`. Returns (candidate pairs, edges)."""
+    columns = [_RID, *sorted({c for code in codes for c in (code.column, code.variants) if c})]
+    mine = pq.read_table(blocks[j], columns=columns)
+    found, hit = [], []
+    if mine.num_rows:
+        indexes = [_CodeIndex(mine, code) for code in codes]
+        for i in range(j + 1):
+            other = mine if i == j else pq.read_table(blocks[i], columns=columns)
+            for index in indexes:
+                a, b = index.pairs(other, same=i == j)
+                ra, rb = other[_RID].to_numpy()[a], mine[_RID].to_numpy()[b]
+                found.append(pa.table(
+                    {"rid_a": np.minimum(ra, rb), "rid_b": np.maximum(ra, rb),
+                     "channel": pa.array([index.code.channels] * len(a), pa.string())}, schema=PAIR_SCHEMA,
+                ))  # fmt: skip
+                hit += [i] if len(a) else []
+    cand = pa.concat_tables(found) if found else PAIR_SCHEMA.empty_table()
+    cand = cand.group_by(["rid_a", "rid_b"]).aggregate([("channel", "min")])
+    edges = _verify([blocks[i] for i in sorted(set(hit) | ({j} if hit else set()))], cand, cfg)
+    _write(edges, Path(work) / "edges" / f"b{j:05d}.parquet")
+    return cand.num_rows, edges.num_rows
+
+
+class _CodeIndex:
+    """One block's codes of one column (a record's `column` code, then its variants), every
+    version indexed for exact search within `code.radius`."""
+
+    def __init__(self, block: pa.Table, code: Code):
+        self.code = code
+        versions = _versions(block, code)  # uint64 [n, k, w]
+        n, self.k, w = versions.shape
+        self.every = _SortedIndex(versions.reshape(n * self.k, w), code.radius)
+        self.plain = np.ascontiguousarray(versions[:, 0])
+
+    def pairs(self, other: pa.Table, *, same: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(rows of `other`, rows of this block) with one's `column` code within the radius of
+        a code of the other's; `same`: `other` is this block (a record never pairs itself)."""
+        if other.num_rows == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        versions = _versions(other, self.code)
+        q, r = self.every.search(versions[:, 0])
+        r //= self.k
+        if self.k > 1 and not same:  # this block's `column` codes against other's variants:
+            # an index of other's codes, not k - 1 queries per record (indexing a code is cheaper)
+            vr, vq = _SortedIndex(versions.reshape(-1, versions.shape[2]), self.code.radius).search(self.plain)
+            q, r = np.concatenate([q, vq // self.k]), np.concatenate([r, vr])
+        keep = q != r if same else slice(None)
+        return q[keep], r[keep]
+
+
+class _SortedIndex:
+    """Exact search of codes within `radius` bits, by pigeonhole with one flip: two codes within
+    R bits agree, up to one bit, on one of m >= ceil((R + 1) / 2) disjoint chunks. Per chunk the
+    codes are sorted by their value, with a table of where each value starts (chunks of at most
+    `_CHUNK_BITS` bits, ~log2(8 n): 2^bits entries); a query looks up its value and its one-bit flips and
+    checks the full distance of what it finds. Faiss's `IndexBinaryMultiHash` (the single
+    process's index) does the same with hash maps, but adds a code in ~30 us here (13 map
+    inserts) against ~1 us for a sort, and np.searchsorted spends ~100 ns a lookup."""
+
+    def __init__(self, codes: np.ndarray, radius: int):
+        self.codes, self.radius = np.ascontiguousarray(codes), radius  # uint64 [n, w]
+        nbits = 64 * codes.shape[1]
+        # chunks about 8x as many values as codes: ~n / 8 codes per value, ~256 lookups a query
+        width = min(_CHUNK_BITS, max(8, math.ceil(math.log2(max(len(codes), 2))) + 3))
+        m = max(math.ceil((radius + 1) / 2), math.ceil(nbits / width))
+        self.bounds = [k * nbits // m for k in range(m + 1)]
+        self.tables = []
+        for k in range(m):
+            key = _chunk(self.codes, self.bounds[k], self.bounds[k + 1]).astype(np.int64)
+            starts = np.zeros((1 << (self.bounds[k + 1] - self.bounds[k])) + 1, np.int32)  # n < 2^31
+            np.cumsum(np.bincount(key, minlength=len(starts) - 1), out=starts[1:])
+            self.tables.append((starts, np.argsort(key, kind="stable").astype(np.int32)))
+
+    def search(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(query row, code row) of every code within the radius of a query (each pair once)."""
+        queries = np.ascontiguousarray(queries)
+        found = [np.zeros(0, np.int64)]
+        n = max(len(self.codes), 1)
+        for start in range(0, len(queries), _QUERY_BATCH):
+            batch = queries[start : start + _QUERY_BATCH]
+            for k, table in enumerate(self.tables):
+                q, x = self._chunk_hits(batch, k, table)
+                found.append((start + q) * n + x)
+        pair = np.unique(np.concatenate(found))
+        return pair // n, pair % n
+
+    def _chunk_hits(self, batch: np.ndarray, k: int, table) -> tuple[np.ndarray, np.ndarray]:
+        starts, order = table
+        lo, hi = self.bounds[k], self.bounds[k + 1]
+        flips = np.r_[0, np.left_shift(1, np.arange(hi - lo, dtype=np.int64))]
+        probe = (_chunk(batch, lo, hi).astype(np.int64)[:, None] ^ flips[None, :]).ravel()
+        first = starts[probe]
+        size = starts[probe + 1] - first
+        hit = np.flatnonzero(size)
+        first, size = first[hit].astype(np.int64), size[hit].astype(np.int64)
+        q = np.repeat(hit // len(flips), size)
+        x = order[np.repeat(first - np.cumsum(size) + size, size) + np.arange(size.sum())]
+        dist = np.zeros(len(q), np.int64)
+        for w in range(self.codes.shape[1]):  # word by word: no [pairs, words] temporaries
+            dist += np.bitwise_count(batch[q, w] ^ self.codes[x, w])
+        keep = dist <= self.radius
+        return q[keep], x[keep]
+
+
+def _chunk(words: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """uint64 [n]: bits lo:hi (at most 32) of each row of uint64 [n, w] (bit b: word b // 64)."""
+    w, shift = divmod(lo, 64)
+    value = words[:, w] >> np.uint64(shift)
+    if shift + hi - lo > 64:
+        value |= words[:, w + 1] << np.uint64(64 - shift)
+    return value & np.uint64((1 << (hi - lo)) - 1)
+
+
+def _verify(blocks: list[str], cand: pa.Table, cfg: dedup.DedupConfig) -> pa.Table:
+    """`dedup.table_edges` on the records the candidate pairs touch (read from `blocks`), in
+    input order; the edges that are candidates, with the smallest candidate channel name."""
+    if cand.num_rows == 0:
+        return EDGE_SCHEMA.empty_table()
+    touched = pa.array(np.unique(np.concatenate([cand["rid_a"].to_numpy(), cand["rid_b"].to_numpy()])))
     parts = []
-    units = t["_unit"].to_numpy() if t is not None else np.zeros(0, np.int32)
-    for u, (code, k) in enumerate(_units(codes)):
-        sub = t.filter(pa.array(units == u)) if t is not None else None
-        if sub is not None and sub.num_rows > 1:
-            ra, rb = _unit_pairs(sub.sort_by([(_RID, "ascending"), ("_which", "ascending")]), code, k, brute_group)
-            parts.append(pa.table({"rid_a": ra, "rid_b": rb, "channel": [code.channels] * len(ra)}, schema=PAIR_SCHEMA))
-    pairs = pa.concat_tables(parts) if parts else PAIR_SCHEMA.empty_table()
-    _write(pairs, Path(work) / "pairs" / f"b{b}.parquet")
-    touched = np.unique(np.concatenate([pairs["rid_a"].to_numpy(), pairs["rid_b"].to_numpy()]))
-    home = t.select([_RID, "_home"]).group_by(_RID).aggregate([("_home", "min")]) if t is not None else None
-    if home is not None and len(touched):
-        home = home.filter(pc.is_in(home[_RID], pa.array(touched)))
-        where = home["_home_min"].to_numpy()
-        for e in range(E):
-            ask = home[_RID].to_numpy()[where == e]
-            if len(ask):
-                _write(pa.table({_RID: ask}), Path(work) / "requests" / f"e{e}" / f"b{b}.parquet")
-
-
-def _fetch(work: str, e: int) -> None:
-    """Send the records of part e that buckets asked for (whole records, once per bucket)."""
-    asks = sorted((Path(work) / "requests" / f"e{e}").glob("*.parquet"))
-    if not asks:
-        return
-    t = pq.read_table(Path(work) / "reps" / f"e{e}.parquet")
-    for f in asks:
-        rows = t.filter(pc.is_in(t[_RID], pq.read_table(f)[_RID]))
-        _write(rows, Path(work) / "fetched" / f.stem / f"e{e}.parquet")
-
-
-def _verify(work: str, b: int, cfg: dedup.DedupConfig) -> int:
-    """Bucket b's candidate pairs checked by dedup.table_edges on the records they touch, in
-    input order; edges that are candidates here are written (the others' bucket has them)."""
-    pairs = pq.read_table(Path(work) / "pairs" / f"b{b}.parquet")
-    files = sorted((Path(work) / "fetched" / f"b{b}").glob("*.parquet"))
-    if pairs.num_rows == 0 or not files:
-        _write(EDGE_SCHEMA.empty_table(), Path(work) / "edges" / f"b{b}.parquet")
-        return 0
-    records = pa.concat_tables([pq.read_table(f) for f in files]).sort_by(_RID)
+    for path in blocks:
+        t = pq.read_table(path)
+        parts.append(t.filter(pc.is_in(t[_RID], touched)))
+    records = pa.concat_tables(parts).sort_by(_RID)
     found = dedup.table_edges(records, cfg)
     rid = records[_RID].to_numpy()
-    cand = pairs.group_by(["rid_a", "rid_b"]).aggregate([("channel", "min")])
     got = pa.table({"rid_a": rid[found.a], "rid_b": rid[found.b], "i": np.arange(len(found))})
     hit = got.join(cand, ["rid_a", "rid_b"], join_type="inner").sort_by("i")
     i = hit["i"].to_numpy()
-    pos_a, pos_b = found.a[i], found.b[i]
-    edges = _edges(records, pos_a, pos_b, "", found.distance[i]).set_column(4, "channel", hit["channel_min"])
-    _write(edges, Path(work) / "edges" / f"b{b}.parquet")
-    return edges.num_rows
-
-
-def _unit_pairs(sub: pa.Table, code: Code, k: int, brute_group: int) -> tuple[np.ndarray, np.ndarray]:
-    """Record pairs (rid_a < rid_b) of one (code, chunk k) in one bucket: pairs of codes (one
-    of them a record's `code.column` code) that agree on chunk k, on no earlier chunk, and are
-    within the radius."""
-    which = sub["_which"].to_numpy()
-    rec = sub[_RID].to_numpy()
-    words = _binary_words(sub["_code"])
-    key = _chunk_values(words, code.bounds[k : k + 2])[:, 0]
-    a, b = _same_chunk_pairs(key, words, code.radius, brute_group)
-    keep = (rec[a] != rec[b]) & ((which[a] == 0) | (which[b] == 0))
-    a, b = a[keep], b[keep]
-    keep = _ours(a, b, words, key, code.bounds[: k + 1], code.radius)
-    ra, rb = rec[a[keep]], rec[b[keep]]
-    pairs = np.unique(np.stack([np.minimum(ra, rb), np.maximum(ra, rb)], axis=1), axis=0)
-    return pairs[:, 0], pairs[:, 1]
-
-
-def _binary_words(col: pa.ChunkedArray) -> np.ndarray:
-    """uint64 [n, w] from a binary column of equal-length codes."""
-    arr = col.combine_chunks()
-    offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset : arr.offset + len(arr) + 1]
-    data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
-    return data.view(np.uint64).reshape(len(arr), -1)
-
-
-def _ours(a, b, words, key, earlier: tuple[int, ...], radius: int) -> np.ndarray:
-    """Pairs this unit answers for: agreeing on its chunk (`key`), within radius, and on no
-    earlier chunk (bounds `earlier`). Cheapest test first, each on the survivors of the last."""
-    ok = key[a] == key[b]
-    idx = np.flatnonzero(ok)
-    dist = np.zeros(len(idx), np.int64)
-    for w in range(words.shape[1]):  # word by word: no [pairs, words] temporaries
-        col = words[:, w]
-        dist += np.bitwise_count(col[a[idx]] ^ col[b[idx]])
-    idx = idx[dist <= radius]
-    ok[:] = False
-    ok[idx] = (_chunk_values(words[a[idx]], earlier) != _chunk_values(words[b[idx]], earlier)).all(axis=1)
-    return ok
-
-
-def _same_chunk_pairs(key: np.ndarray, words: np.ndarray, radius: int, brute_group: int):
-    """Pairs (i < j) of rows with equal `key`: all of them in groups up to `brute_group`
-    rows, those within `radius` bits (hamming_pairs.candidate_pairs) in bigger ones."""
-    order = np.argsort(key, kind="stable")
-    sk = key[order]
-    starts = np.flatnonzero(np.r_[True, sk[1:] != sk[:-1]])
-    sizes = np.diff(np.r_[starts, len(sk)])
-    parts_a, parts_b = [], []
-    small = np.repeat(sizes <= brute_group, sizes)
-    so, sks = order[small], sk[small]
-    step = 1
-    pos = np.flatnonzero(sks[1:] == sks[:-1]) if len(sks) > 1 else np.zeros(0, np.int64)
-    while len(pos):
-        parts_a.append(so[pos])
-        parts_b.append(so[pos + step])
-        step += 1
-        pos = pos[pos + step < len(sks)]
-        pos = pos[sks[pos + step] == sks[pos]]
-    for s, n in zip(starts[sizes > brute_group], sizes[sizes > brute_group]):
-        rows = order[s : s + n]
-        ga, gb = candidate_pairs(words[rows], radius)
-        parts_a.append(rows[ga])
-        parts_b.append(rows[gb])
-    if not parts_a:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    a, b = np.concatenate(parts_a).astype(np.int64), np.concatenate(parts_b).astype(np.int64)
-    return np.minimum(a, b), np.maximum(a, b)
+    edges = _edges(records, found.a[i], found.b[i], "", found.distance[i])
+    return edges.set_column(4, "channel", hit["channel_min"])
