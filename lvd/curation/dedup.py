@@ -17,7 +17,7 @@ copy per kind, 20,000 Fashion-MNIST products upscaled to 64 px):
   verify_radius 16.
 Strong brightness / contrast changes clip, which moves pHash, dHash and the thumbnail fit;
 the equalised channel finds those: candidates from the equalised 256-bit pHash (`nphash256`)
-and four codes of the image clipped as if brightened (`cphash256`), checked by an affine fit of
+and seven codes of the image clipped as if brightened (`cphash256`), checked by an affine fit of
 the thumbnails on the cells no saturated pixel touches (`sat16`, `unclipped_residual`): a
 brightness / contrast change is affine where it does not clip, a distinct look-alike product
 differs locally. Bench dump (benchmarks/dedup_quality.py --bench-dump): brightened copies
@@ -88,7 +88,7 @@ class DedupConfig:
     # checks above. Candidates: pairs whose 256-bit pHashes of the equalised image (ingest
     # column `nphash256`, `phash.stable_equalise`) are within this many bits, or one image's
     # within it of one of the other's clipped codes (`cphash256`: the image brightened
-    # x1.15..x1.75, equalised), aspect ratios agreeing. Verified by `unclipped_residual`: the
+    # x1.1..x1.75, equalised), aspect ratios agreeing. Verified by `unclipped_residual`: the
     # thumbnails must fit affinely on the cells no saturated pixel touches (within
     # `max_unclipped_residual` gray levels, on at least `min_unclipped_cells` cells). Measured
     # (benchmarks/dedup_quality.py --bench-dump): brightened / contrast copies median 1.2, p90
@@ -111,6 +111,24 @@ class DedupConfig:
     # (benchmarks/dedup_quality.py). None: off.
     clipped_verify_radius: int | None = 28
     clipped_max_residual: float = 14.0
+    # A fourth channel, for soft images (small faces, patches and products upscaled, then JPEG
+    # q15-40 or resized): their 256-bit pHash and dHash bits ride on near-zero high frequencies
+    # and flip (an untuned dump's LFW patches at q20: pHash-256 34 and 38 bits, dHash 13), while
+    # the 64-bit pHash (2-4 bits) and the thumbnails (fit within 2.8-3.2 gray levels) hold.
+    # Candidates: 64-bit pHash within `soft_phash_radius`; linked when the thumbnails fit by an
+    # increasing scale + offset within `soft_max_residual` gray levels, either way round.
+    # Needs the thumbnails (max_thumb_residual set; else off).
+    # Distinct Fashion-MNIST products with pHash <= 10 (1.2M pairs among 40,000) fit no better
+    # than 14.7 (benchmarks/dedup_quality.py --bench-dump); the limit is half that. (The fit on
+    # unclipped cells only, `unclipped_residual`, is no use here: distinct products reach 3.1.)
+    # None: off.
+    soft_max_residual: float | None = 7.0
+    soft_phash_radius: int = 8
+    # Thumbnails flatter than this (standard deviation of the 256 cell means, gray levels) take
+    # no part in the equalised and soft channels: the equalised codes and affine fits of a
+    # near-blank image are noise (two blank patches, light grey and black, had equal all-zero
+    # equalised codes and were linked as a sure pair).
+    min_thumb_spread: float = 4.0
 
     def __post_init__(self):
         if not 0 <= self.phash_radius < HASH_BITS // 2:
@@ -131,6 +149,12 @@ class DedupConfig:
             raise ValueError(f"max_unclipped_residual={self.max_unclipped_residual}: use 0..255 gray levels")
         if self.equalised_radius is not None and not 0 <= self.equalised_sure_radius <= self.equalised_radius:
             raise ValueError(f"equalised_sure_radius={self.equalised_sure_radius}: use 0..equalised_radius")
+        if self.soft_max_residual is not None and not 0 <= self.soft_max_residual <= 255:
+            raise ValueError(f"soft_max_residual={self.soft_max_residual}: use 0..255 gray levels, or None")
+        if not 0 <= self.soft_phash_radius < HASH_BITS // 2:
+            raise ValueError(f"soft_phash_radius={self.soft_phash_radius}: use 0..31")
+        if not self.min_thumb_spread >= 0:
+            raise ValueError(f"min_thumb_spread={self.min_thumb_spread}: use >= 0 gray levels")
         if not 3 <= self.min_unclipped_cells <= THUMB_CELLS:
             raise ValueError(
                 f"min_unclipped_cells={self.min_unclipped_cells}: use 3..{THUMB_CELLS} (an affine fit needs 3)"
@@ -187,7 +211,7 @@ def near_duplicate_edges(
     brightness / contrast channel, which also needs `thumb` and `saturated` (uint8 [n, 64],
     `sat16`) for its check, and searches `clipped_codes` (uint8 [n, 128], `cphash256`) when
     given; without `equalised` that channel is skipped (`find_near_duplicates` requires the
-    columns).
+    columns). The soft channel runs when `cfg.soft_max_residual` and `cfg.max_thumb_residual` are set.
 
     `aspect` (width / height per row) is needed when `cfg.max_aspect_ratio` is set; `verify`
     (uint8 [n, 32], the 256-bit pHash) when `cfg.verify_radius` is set; `thumb` (uint8 [n, 256])
@@ -215,11 +239,27 @@ def near_duplicate_edges(
         ea, eb = equalised_candidates(rows.equalised, cfg.equalised_radius)
         ok = verify_pairs(rows, "equalised", ea, eb, cfg)
         a, b = np.concatenate([a, ea[ok]]), np.concatenate([b, eb[ok]])
+    if cfg.soft_max_residual is not None and rows.thumb is not None:
+        sa, sb = candidate_pairs(phash[first][:, None], cfg.soft_phash_radius)
+        sa, sb = first[sa], first[sb]
+        ok = verify_pairs(rows, "soft", sa, sb, cfg)
+        a, b = np.concatenate([a, sa[ok]]), np.concatenate([b, sb[ok]])
     dist = np.bitwise_count(phash[a] ^ phash[b]).astype(np.float64)
     return EdgeSet("phash", np.minimum(a, b), np.maximum(a, b), dist)
 
 
-def _make_rows(phash, dhash, cfg: DedupConfig, *, aspect, verify, thumb, equalised, clipped_codes, saturated):
+def _make_rows(
+    phash,
+    dhash,
+    cfg: DedupConfig,
+    *,
+    aspect,
+    verify=None,
+    thumb=None,
+    equalised=None,
+    clipped_codes=None,
+    saturated=None,
+):
     phash, dhash = np.asarray(phash, dtype=np.uint64), np.asarray(dhash, dtype=np.uint64)
     if phash.shape != dhash.shape or phash.ndim != 1:
         raise ValueError(f"phash {phash.shape} and dhash {dhash.shape} must be 1-D of one length")
@@ -227,6 +267,9 @@ def _make_rows(phash, dhash, cfg: DedupConfig, *, aspect, verify, thumb, equalis
     rows = _Rows(phash, dhash, _log_aspect(aspect, n, cfg), _verify_words(verify, n, cfg), _thumbs(thumb, n, cfg))
     if cfg.equalised_radius is not None and equalised is not None:
         rows = _with_equalised(rows, n, equalised, clipped_codes, thumb, saturated)
+    any_thumb = rows.thumb if rows.thumb is not None else rows.eq_thumb
+    if any_thumb is not None:  # the equalised and soft channels' flatness guard (min_thumb_spread)
+        rows = dataclasses.replace(rows, spread=any_thumb.astype(np.float32).std(axis=1))
     return rows
 
 
@@ -242,6 +285,7 @@ class _Rows:
     equalised: np.ndarray | None = None
     eq_thumb: np.ndarray | None = None
     saturated: np.ndarray | None = None
+    spread: np.ndarray | None = None  # float32 [n]: std of each thumbnail's cells
 
 
 def _with_equalised(rows: _Rows, n: int, equalised, clipped_codes, thumb, saturated) -> _Rows:
@@ -298,9 +342,10 @@ def verify_pairs(rows: _Rows, channel: str, a: np.ndarray, b: np.ndarray, cfg: D
     """bool [E]: which candidate pairs (row positions a, b) pass every check of `channel`.
 
     The per-pair step between a channel's candidates and `resolve`: 'main' (`_agree`),
-    'clipped' (`_clipped_ok`), 'equalised' (`_equalised_ok`). `rows` from `table_rows`.
+    'clipped' (`_clipped_ok`), 'equalised' (`_equalised_ok`), 'soft' (`_soft_ok`). `rows` from
+    `table_rows`.
     Each check reads the two rows only, so pairs may come from any candidate search."""
-    checks = {"main": _agree, "clipped": _clipped_ok, "equalised": _equalised_ok}
+    checks = {"main": _agree, "clipped": _clipped_ok, "equalised": _equalised_ok, "soft": _soft_ok}
     if channel not in checks:
         raise ValueError(f"channel {channel!r}: use one of {sorted(checks)}")
     return checks[channel](np.asarray(a, np.int64), np.asarray(b, np.int64), rows, cfg)
@@ -369,7 +414,7 @@ def equalised_candidates(codes: np.ndarray, radius: int) -> tuple[np.ndarray, np
 
 
 def _equalised_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
-    ok = np.ones(len(a), dtype=bool)
+    ok = _spread_ok(a, b, rows, cfg)
     if rows.log_aspect is not None:
         ok &= _aspect_ok(rows.log_aspect, a, b, cfg)
     plain = rows.equalised[:, 0]
@@ -383,6 +428,34 @@ def _equalised_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
         )  # fmt: skip
         ok[i] = res <= cfg.max_unclipped_residual
     return ok
+
+
+def _spread_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
+    """Neither thumbnail is near-blank (DedupConfig.min_thumb_spread)."""
+    return (rows.spread[a] >= cfg.min_thumb_spread) & (rows.spread[b] >= cfg.min_thumb_spread)
+
+
+def _soft_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
+    """The soft channel's check (DedupConfig.soft_max_residual)."""
+    ok = np.bitwise_count(rows.phash[a] ^ rows.phash[b]) <= cfg.soft_phash_radius
+    ok &= _spread_ok(a, b, rows, cfg)
+    if rows.log_aspect is not None:
+        ok &= _aspect_ok(rows.log_aspect, a, b, cfg)
+    idx = np.flatnonzero(ok)
+    for start in range(0, len(idx), _QUERY_BATCH):
+        i = idx[start : start + _QUERY_BATCH]
+        ok[i] = increasing_thumb_residual(rows.thumb[a[i]], rows.thumb[b[i]]) <= cfg.soft_max_residual
+    return ok
+
+
+def increasing_thumb_residual(ta: np.ndarray, tb: np.ndarray) -> np.ndarray:
+    """`thumb_residual`, inf where the fit is not increasing (an inverted image fits by a
+    negative scale; no brightness, contrast or codec change does that)."""
+    xa, xb = ta.astype(np.float32), tb.astype(np.float32)
+    xa -= xa.mean(axis=1, keepdims=True)
+    xb -= xb.mean(axis=1, keepdims=True)
+    res = np.maximum(_fit_residual(xa, xb), _fit_residual(xb, xa))
+    return np.where((xa * xb).sum(axis=1) > 0, res, np.inf)
 
 
 def unclipped_residual(
@@ -625,6 +698,8 @@ def candidate_codes(cfg: DedupConfig) -> list[CandidateCode]:
         out.append(CandidateCode("clipped", VERIFY_COLUMN, cfg.clipped_verify_radius))
     if cfg.equalised_radius is not None:
         out.append(CandidateCode("equalised", EQUALISED_COLUMN, cfg.equalised_radius, CLIPPED_CODES_COLUMN))
+    if cfg.soft_max_residual is not None and cfg.max_thumb_residual is not None:
+        out.append(CandidateCode("soft", "phash", cfg.soft_phash_radius))
     return out
 
 

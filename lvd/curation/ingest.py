@@ -19,8 +19,8 @@ reduced. The hashes are then imagehash's pHash and dHash of that small image, pl
 pHash (`phash256`, hash_size=16) and a 16x16 grid of cell means (`thumb16`), which dedup uses
 to verify candidates; all computed as matrix products (`hash_bits`, `thumbnail`): within a
 few bits of hashing the full-size decode. For brightness / contrast copies: the pHash-256 of
-the equalised image (`nphash256`), of the image clipped as if brightened x1.15..x1.75
-(`cphash256`, 4 codes) and which thumbnail cells hold a clipped pixel (`sat16`):
+the equalised image (`nphash256`), of the image clipped as if brightened x1.1..x1.75
+(`cphash256`, 7 codes) and which thumbnail cells hold a clipped pixel (`sat16`):
 `phash.brightness_codes`, `phash.saturation_masks`.
 
 Hash bit order: imagehash's boolean array flattened row-major, first bit most significant, so

@@ -9,7 +9,7 @@ decode saves: benchmarks/ingest.py). Bits match imagehash on the same image up t
 
 For brightness / contrast copies (dedup's equalised channel): `brightness_codes` (pHash-256 of
 a clip-stable equalisation, `stable_equalise`, of the image and of it clipped as if brightened
-x1.15..x1.75) and `saturation_masks` (which thumbnail cells hold a clipped pixel).
+x1.1..x1.75) and `saturation_masks` (which thumbnail cells hold a clipped pixel).
 `equalise` (mid-ranks) stays for the copy features' hashes (`localfeat`).
 """
 
@@ -22,8 +22,11 @@ from PIL import Image
 
 PHASH256_SIZE = 16  # imagehash hash_size of ingest's `phash256` column: 16x16 = 256 bits
 THUMB_SIDE = 16  # ingest's `thumb16`: 16x16 grayscale cell means, uint8 row-major (256 bytes)
-# Top clip levels (max / f) of the `cphash256` codes: brightness x1.15..x1.75 (brightness_codes)
-CLIP_FACTORS = (1.15, 1.3, 1.5, 1.75)
+# Top clip levels (max / f) of the `cphash256` codes: brightness x1.1..x1.75 (brightness_codes).
+# Steps of ~7%: a copy's code moves ~20 bits for 0.05 of clip factor (an untuned dump's product
+# brightened x~1.24: 12 bits from the x1.25 code, 34 and 32 from the x1.15 and x1.3 codes of
+# the earlier 4-code grid, so no candidate at radius 24).
+CLIP_FACTORS = (1.1, 1.18, 1.26, 1.35, 1.45, 1.6, 1.75)
 EQUALISE_MERGE = 4  # levels this close to the darkest / brightest one join it (stable_equalise)
 SATURATED = (5, 250)  # gray levels counted as clipped dark / light (saturation_masks)
 

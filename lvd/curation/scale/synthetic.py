@@ -32,6 +32,7 @@ from lvd.curation.ingest import BLOB_SCHEMA, INGEST_SCHEMA
 from lvd.curation.vectors import write_vectors
 
 _M = np.uint64(0xFFFFFFFFFFFFFFFF)
+CLIPPED_WORDS = INGEST_SCHEMA.field("cphash256").type.byte_width // 8  # uint64 words of the clipped codes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,7 +121,7 @@ def records(spec: PoolSpec, part: int) -> pa.Table:
         "phash256": _fixed(p256),
         "thumb16": _fixed(thumb.astype(np.uint8)),
         "nphash256": _fixed(n256),
-        "cphash256": _fixed(_stream(spec, src, 8, 16).view(np.uint8).reshape(n, 128)),
+        "cphash256": _fixed(_stream(spec, src, 8, CLIPPED_WORDS).view(np.uint8).reshape(n, 8 * CLIPPED_WORDS)),
         "sat16": _fixed(np.zeros((n, 64), np.uint8)),  # no clipped cell
         "meta": [None] * n,
         "detail": [None] * n,
