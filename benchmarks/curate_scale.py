@@ -23,10 +23,10 @@ hours from the measured worker-seconds per row extrapolated with the exponent me
 the two largest sizes, GPU hours for embedding from a stated throughput; beside the paper's
 20 nodes x 8 V100 in under 2 days for 1.2B images.
 
-Run: .venv/bin/python benchmarks/curate_scale.py           # 3e4 and 1e5 on 1 and 2 workers, hash stages at 3e4
+Run: .venv/bin/python benchmarks/curate_scale.py           # 3e4 and 1e5 on 1 and 2 workers, every stage
      .venv/bin/python benchmarks/curate_scale.py --sizes 1e5,1e6 --stages "sharded kNN,k-means,ledger"
      .venv/bin/python benchmarks/curate_scale.py --sizes 1e7 --workers 2 --stages "sharded kNN,k-means,ledger"
-     .venv/bin/python benchmarks/curate_scale.py --sizes 1e5 --hash-max 1e5 --stages "hash dedup,components"
+     .venv/bin/python benchmarks/curate_scale.py --sizes 1e5,1e6 --stages "hash dedup,components" --baseline-max 1e5
 """
 
 from __future__ import annotations
@@ -97,16 +97,15 @@ def stage_kmeans(ctx: Ctx) -> str:
     return f"k={KMEANS_K}, {KMEANS_ITERS} iters, {n_actors} actors, inertia {res.inertia:.1f}"
 
 
-def n_keys(ctx: Ctx) -> int:
-    return ctx.spec.n * B.HASH_KEY_COPIES
-
-
 def shuffle_config(ctx: Ctx, n_edges: int):
-    from lvd.curation.scale.hashdedup import ShuffleConfig
+    """Exact buckets from the records' bytes, pair blocks from hashdedup.PAIR_RECORD_BYTES (a
+    block-pair task's measured peak per record of its block), under the worker budget."""
+    from lvd.curation.scale.hashdedup import PAIR_RECORD_BYTES, ShuffleConfig
 
+    exact = max(2 * ctx.workers, B.hash_bucket_count(ctx.spec.n, ctx.budget))
     return ShuffleConfig(
-        buckets=max(2 * ctx.workers, B.hash_bucket_count(n_keys(ctx), ctx.budget, record_bytes=B.HASH_KEY_BYTES)),
-        exact_buckets=max(2 * ctx.workers, B.hash_bucket_count(ctx.spec.n, ctx.budget)),
+        buckets=max(exact, math.ceil(ctx.spec.n * PAIR_RECORD_BYTES / ctx.budget.data_bytes)),
+        exact_buckets=exact,
         partitions=max(2 * ctx.workers, B.component_partitions(n_edges, ctx.budget)),
         task_options=B.ray_options(ctx.budget),
     )
@@ -120,8 +119,8 @@ def stage_hashdedup(ctx: Ctx) -> str:
     from lvd.curation.scale import hashdedup
 
     if ctx.spec.n > ctx.hash_max:
-        raise Skip(f"skipped: above --hash-max {ctx.hash_max:.0e} (the shuffle takes 15+ min at 1e5 on 2 loaded cores)")
-    need = 2 * (n_keys(ctx) * B.HASH_KEY_BYTES + ctx.spec.n * B.HASH_RECORD_BYTES)  # keys + the exact pass
+        raise Skip(f"skipped: above --hash-max {ctx.hash_max:.0e}")
+    need = 2 * ctx.spec.n * B.HASH_RECORD_BYTES  # the exact pass's buckets and the blocks
     if need > shutil.disk_usage(ctx.run_dir).free * 0.8:
         raise Skip(f"skipped: its shuffle writes ~{B.format_bytes(need)}, over this disk's free space")
     work = ctx.run_dir / f"hashdedup-{ctx.workers}"
@@ -388,7 +387,7 @@ def print_sizing(rows: list[Row], args) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", default="3e4,1e5", help="pool sizes, comma-separated (1e5,1e6,1e7)")
-    p.add_argument("--hash-max", type=float, default=3e4, help="run hash dedup + components up to this size")
+    p.add_argument("--hash-max", type=float, default=1e6, help="run hash dedup + components up to this size")
     p.add_argument("--workers", default="1,2", help="Ray CPUs (workers) per run, comma-separated")
     add_scale_options(p, default="3GiB")
     p.add_argument("--pool-root", type=Path, default=Path("/tmp/lvd-curate-scale"), help="where pools are kept")

@@ -21,7 +21,7 @@ import pytest
 
 from lvd.curation import rundir
 from lvd.curation.copies import make_copies, real_photos
-from lvd.curation.dedup import CLIPPED_CODES, DedupConfig, EdgeSet, find_near_duplicates, resolve
+from lvd.curation.dedup import CLIPPED_CODES, DedupConfig, EdgeSet, candidate_codes, find_near_duplicates, resolve
 from lvd.curation.scale.components import ComponentsConfig, components, rounds_bound
 from lvd.curation.scale.hashdedup import (
     Code,
@@ -138,19 +138,23 @@ def test_synthetic_pool_equals_single_process_with_every_channel(ray_local, tmp_
 
 
 def _words(table: pa.Table, column: str, per_row: int = 1) -> np.ndarray:
+    """uint64 [n, per_row, w] codes of a fixed-width binary or a uint64 column."""
+    if pa.types.is_integer(table[column].type):
+        return table[column].to_numpy().astype(np.uint64).reshape(-1, 1, 1)
     raw = np.frombuffer(b"".join(table[column].to_pylist()), np.uint8).copy()
-    return raw.view(np.uint64).reshape(table.num_rows, per_row, 4)
+    return raw.view(np.uint64).reshape(table.num_rows, per_row, -1)
 
 
 def _brute_candidates(table: pa.Table) -> int:
-    """Record pairs within the clipped radius on pHash-256, or with one's equalised code within
-    the equalised radius of any code of the other's (all pairs compared)."""
-    cfg = DedupConfig()
-    v, e = _words(table, "phash256")[:, 0], _words(table, "nphash256")[:, 0]
-    versions = np.concatenate([e[:, None], _words(table, "cphash256", CLIPPED_CODES)], axis=1)
-    near = np.bitwise_count(v[:, None] ^ v[None]).sum(-1) <= cfg.clipped_verify_radius
-    eq = (np.bitwise_count(e[:, None, None] ^ versions[None]).sum(-1) <= cfg.equalised_radius).any(-1)
-    near |= eq | eq.T
+    """Record pairs within the radius of a search `dedup.candidate_codes` names, one record's
+    `column` code against any code of the other's (all pairs compared)."""
+    near = np.zeros((table.num_rows, table.num_rows), bool)
+    for c in candidate_codes(DedupConfig()):
+        plain = _words(table, c.column)[:, 0]
+        versions = [plain[:, None]] + ([_words(table, c.variants, CLIPPED_CODES)] if c.variants else [])
+        versions = np.concatenate(versions, axis=1)
+        hit = (np.bitwise_count(plain[:, None, None] ^ versions[None]).sum(-1) <= c.radius).any(-1)
+        near |= hit | hit.T
     return int(np.triu(near, 1).sum())
 
 
