@@ -31,7 +31,7 @@ import pytest
 from PIL import Image
 
 from lvd.curation import copies, rundir
-from lvd.curation.copydetect import CopyDetectConfig
+from lvd.curation.copydetect import METHOD_MODEL, CopyDetectConfig
 from lvd.curation.dedup import DUPLICATES_SCHEMA, DedupConfig
 from lvd.curation.guard import MassRemovalError
 from lvd.curation.ingest import IngestConfig
@@ -81,7 +81,7 @@ def _write_inputs(root: Path) -> tuple[list[Path], dict[str, Path]]:
     return [z, a], evals  # z's partitions first, a's sources sort first
 
 
-def _given_vectors(run: Path, seed: int = 0) -> None:
+def _given_vectors(run: Path, seed: int = 0, folder: str = "vectors") -> None:
     """A proposer's vectors per ingest partition (what `lvd curate --vectors` imports): each
     image's vector is its descriptor's, projected and a little noisy."""
     rng = np.random.default_rng(seed)
@@ -97,7 +97,7 @@ def _given_vectors(run: Path, seed: int = 0) -> None:
             continue
         v = np.stack([feats[u] @ proj for u in uids]) + 0.05 * rng.standard_normal((len(uids), 32))
         v /= np.linalg.norm(v, axis=1, keepdims=True)
-        write_vectors(run / "vectors", index, uids, v.astype(np.float16))
+        write_vectors(run / folder, index, uids, v.astype(np.float16))
 
 
 @pytest.fixture(scope="module")
@@ -246,6 +246,29 @@ def test_group_expansion_equals_the_single_pass_on_ties(runs, tmp_path):
     assert "x" not in want["uid"].to_pylist() and "u7" not in want["uid"].to_pylist()  # u7 is in u9's group
 
 
+def test_copy_model_vectors_decide_equal(runs, tmp_path):
+    """With a copy model (its vectors given here, as a model would write them to RUN/copyvec, and
+    a cosine calibration), both paths search and decide by those vectors, with equal output."""
+    run, evals = runs
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("decontam"))
+    copy_evals = {k: rundir.sub_run(copy, "eval", k) for k in evals}
+    for d, seed in [(copy, 0), *[(e, 1) for e in copy_evals.values()]]:
+        _given_vectors(d, seed, folder="copyvec")
+    cal = {**stages_copy.calibration(copy).as_dict(), "method": METHOD_MODEL, "threshold": 0.97}
+    path = copy / "copydetect" / "duplicates.calibration.parquet"
+    pq.write_table(pa.table({"json": [json.dumps(cal, sort_keys=True)]}), path)
+    kw = dict(proposer=None, copy_model=("given-vectors", {}))
+    shutil.rmtree(copy / "decontam", ignore_errors=True)
+    decontam.run_decontam(copy, copy_evals, COPY, partitioned=False, **kw)
+    one = {p.name: p.read_bytes() for p in sorted((copy / "decontam").iterdir())}
+    shutil.rmtree(copy / "decontam")
+    decontam.run_decontam(copy, copy_evals, COPY, partitioned=True, buckets=2, **kw)
+    assert {p.name: p.read_bytes() for p in sorted((copy / "decontam").iterdir())} == one
+    t = pq.read_table(io.BytesIO(one["decontaminated.parquet"]))
+    assert t.num_rows >= 3 and set(t["method"].to_pylist()) == {METHOD_MODEL}, t.to_pylist()
+
+
 def test_path_chosen_by_pool_size(runs, monkeypatch):
     run, _ = runs
     assert not decontam.partitions(run)
@@ -277,7 +300,7 @@ import json, shutil, sys
 from pathlib import Path
 import ray
 from ray.cluster_utils import Cluster
-from lvd.curation.copydetect import CopyDetectConfig
+from lvd.curation.copydetect import METHOD_MODEL, CopyDetectConfig
 from lvd.curation.stages import decontam
 
 run, evals, kw = Path(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
