@@ -17,6 +17,7 @@ from lvd.curation.dedup import (
     EdgeSet,
     equalised_candidates,
     find_near_duplicates,
+    increasing_thumb_residual,
     near_duplicate_edges,
     resolve,
     thumb_residual,
@@ -491,6 +492,9 @@ def test_brightened_products_found_and_lookalike_products_kept_apart(brightened_
     unchecked = found(DedupConfig(equalised_sure_radius=24))[1]
     originals = [u for u in unchecked if u.endswith(":orig")]
     assert len({unchecked[u] for u in originals}) < len(originals)  # look-alikes merge without the check
+    # the soft channel's limit (7 gray levels): these look-alikes fit within 18 (2 merge there)
+    loose = found(DedupConfig(soft_max_residual=18.0))[1]
+    assert len({loose[u] for u in originals}) < len(originals)
 
 
 def test_ingest_writes_the_brightness_columns():
@@ -504,3 +508,90 @@ def test_ingest_writes_the_brightness_columns():
     assert rec["nphash256"] == codes[0].tobytes() and rec["cphash256"] == codes[1:].tobytes()
     assert rec["sat16"] == np.packbits(saturation_masks(x)).tobytes()
     assert saturation_masks(x)[0].sum() > 100  # the white background is light-saturated
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.convert("RGB").save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def _lfw(i: int, side: int = 120) -> Image.Image:
+    """Row i of skimage's LFW subset (0-99 faces, 100-199 non-face patches), upscaled: soft."""
+    import skimage.data
+
+    return Image.fromarray((skimage.data.lfw_subset()[i] * 255).astype(np.uint8)).resize(
+        (side, side), Image.Resampling.BICUBIC
+    )
+
+
+def test_brightened_products_between_the_clip_levels_land_near_a_clipped_code():
+    """Products brightened x1.18-1.32 (between the older grid's x1.15 and x1.3 codes) through
+    the real ingest: the copy's plain equalised code lies within the channel's radius of one of
+    its original's codes. Measured (100 products): max 18 bits, p90 8; with the older 4-code
+    grid 2 copies were beyond 24 bits (max 32), p90 12."""
+    rng = np.random.default_rng(5)
+    dist = []
+    for img in fashion_mnist(100, size=112, seed=5, split="test"):
+        copy = _jpeg(ImageEnhance.Brightness(img).enhance(rng.uniform(1.18, 1.32)), 90)
+        (orig, _), (cp, _) = (ingest_item(RawItem("x", d, None), IngestConfig()) for d in (_png(img), copy))
+        codes = np.frombuffer(orig["nphash256"] + orig["cphash256"], np.uint8).reshape(-1, 32)
+        dist.append(np.unpackbits(codes ^ np.frombuffer(cp["nphash256"], np.uint8), axis=1).sum(axis=1).min())
+    assert len(codes) == 1 + len(CLIP_FACTORS)
+    assert max(dist) <= DedupConfig().equalised_radius and np.percentile(dist, 90) <= 10, sorted(dist)[-5:]
+
+
+@pytest.fixture(scope="module")
+def soft_pool() -> pa.Table:
+    """LFW non-face patches (soft, low contrast) at 120 px with a JPEG q15-25 copy each, and
+    the 100 LFW faces as distinct look-alikes."""
+    rng = np.random.default_rng(3)
+    items = [(f"face{i}:orig", _png(_lfw(i))) for i in range(100)]
+    for i in range(100, 160):
+        items += [(f"patch{i}:orig", _png(_lfw(i))), (f"patch{i}:jpeg", _jpeg(_lfw(i), int(rng.integers(15, 26))))]
+    return _pool(items)
+
+
+def test_soft_channel_finds_jpeg_copies_of_soft_images_and_keeps_faces_apart(soft_pool):
+    """JPEG q15-25 flips pHash-256 / dHash bits of soft patches (no high frequencies to hash)
+    while their 64-bit pHash and thumbnails hold: the soft channel finds them. Measured: 47/60
+    with it, 21/60 without, 30/60 at soft_phash_radius 2; no original merged. Without the
+    flatness guard (min_thumb_spread 0) 3 near-blank patches merge with each other."""
+
+    def found(cfg):
+        rep = _groups(soft_pool, find_near_duplicates(soft_pool, cfg))
+        return _recall(rep, "jpeg")[0], rep
+
+    recall, rep = found(DedupConfig())
+    assert recall >= 0.75, recall
+    _no_originals_merged(rep)
+    assert found(DedupConfig(soft_max_residual=None))[0] <= 0.5
+    assert found(DedupConfig(soft_phash_radius=2))[0] <= 0.6  # the pHash moves 4-8 bits
+    unguarded = found(DedupConfig(min_thumb_spread=0.0))[1]
+    originals = [u for u in unguarded if u.endswith(":orig")]
+    assert len({unguarded[u] for u in originals}) < len(originals)
+
+
+def test_near_blank_patches_are_not_linked_by_their_equalised_codes():
+    """Two blank LFW patches (a light grey one, levels 233-236, and a black one, 0-3) equalise
+    to the same flat image, so their equalised codes were equal (a sure pair, linked unchecked);
+    thumbnails flatter than min_thumb_spread keep out of the equalised and soft channels."""
+    pool = _pool([("light:orig", _png(_lfw(163))), ("black:orig", _png(_lfw(174)))])
+    assert pool["nphash256"][0] == pool["nphash256"][1]  # the trap
+    assert find_near_duplicates(pool, DedupConfig()).num_rows == 0
+    assert find_near_duplicates(pool, DedupConfig(min_thumb_spread=0.0)).num_rows == 1
+
+
+def test_increasing_thumb_residual_refuses_an_inverted_thumbnail():
+    """The soft channel's fit: brightness / contrast fit away (as thumb_residual), but the
+    negative image, which thumb_residual fits exactly, is refused (inf)."""
+    t = np.asarray(_lfw(5, side=16).convert("L"), np.uint8).reshape(1, THUMB_CELLS)
+    brighter = np.clip(t.astype(np.float64) * 0.8 + 30, 0, 255).astype(np.uint8)
+    assert increasing_thumb_residual(t, brighter)[0] <= 1.0
+    assert thumb_residual(t, 255 - t)[0] <= 1e-3 and increasing_thumb_residual(t, 255 - t)[0] == np.inf
