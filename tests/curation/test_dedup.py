@@ -595,3 +595,30 @@ def test_increasing_thumb_residual_refuses_an_inverted_thumbnail():
     brighter = np.clip(t.astype(np.float64) * 0.8 + 30, 0, 255).astype(np.uint8)
     assert increasing_thumb_residual(t, brighter)[0] <= 1.0
     assert thumb_residual(t, 255 - t)[0] <= 1e-3 and increasing_thumb_residual(t, 255 - t)[0] == np.inf
+
+
+def test_every_linked_pair_is_within_a_candidate_code(soft_pool):
+    """`candidate_codes` names every search (the partitioned dedup buckets by it): each edge
+    the single process links, soft channel's included, is within one entry's radius."""
+    from lvd.curation.dedup import candidate_codes, table_edges
+
+    cfg = DedupConfig()
+    edges = table_edges(soft_pool, cfg)
+    covered = np.zeros(len(edges), bool)
+    for code in candidate_codes(cfg):
+        col = soft_pool[code.column]
+        if pa.types.is_integer(col.type):
+            bits = np.bitwise_count(col.to_numpy()[edges.a] ^ col.to_numpy()[edges.b])
+        else:
+            x = np.frombuffer(b"".join(col.to_pylist()), np.uint8).reshape(len(soft_pool), -1)
+            v = x if code.variants is None else np.frombuffer(b"".join(soft_pool[code.variants].to_pylist()), np.uint8)
+            v = v.reshape(len(soft_pool), -1, x.shape[1])
+            bits = np.minimum(
+                np.unpackbits(x[edges.a, None] ^ v[edges.b], axis=2).sum(axis=2).min(axis=1),
+                np.unpackbits(x[edges.b, None] ^ v[edges.a], axis=2).sum(axis=2).min(axis=1),
+            )
+            if code.variants is not None:  # the plain codes against each other too
+                bits = np.minimum(bits, np.unpackbits(x[edges.a] ^ x[edges.b], axis=1).sum(axis=1))
+        covered |= bits <= code.radius
+    assert len(edges) > 60 and covered.all(), int((~covered).sum())
+    assert "soft" in {c.channel for c in candidate_codes(cfg)}
