@@ -54,11 +54,16 @@ SETTINGS = {
     "default": DedupConfig(),  # 8/8 + pHash-256 <= 16 + thumbnail <= 30, equalised <= 24 + residual, clipped <= 28
     "no clipped channel": DedupConfig(clipped_verify_radius=None),
     "no equalised channel": DedupConfig(equalised_radius=None),
+    "no soft channel": DedupConfig(soft_max_residual=None),
+    "soft limit 14": DedupConfig(soft_max_residual=14.0),  # 2x the default: look-alikes stay >= ~15
+    "no flatness guard": DedupConfig(min_thumb_spread=0.0),
     "equalised unchecked": DedupConfig(equalised_sure_radius=24),  # every candidate <= 24 bits linked
     "equalised residual only": DedupConfig(equalised_sure_radius=0),
     "clipped 32": DedupConfig(clipped_verify_radius=32),
     "clipped 32, dHash 12": DedupConfig(clipped_verify_radius=32, dhash_radius=12),
-    "hashes before (no new channels)": DedupConfig(clipped_verify_radius=None, equalised_radius=None),
+    "hashes before (no new channels)": DedupConfig(
+        clipped_verify_radius=None, equalised_radius=None, soft_max_residual=None
+    ),
     "64bit 8/8": DedupConfig(phash_radius=8, dhash_radius=8, equalised_radius=None, clipped_verify_radius=None, **H64),
 }
 

@@ -96,7 +96,17 @@ def brightness_codes(x_HW: np.ndarray) -> np.ndarray:
         clip = int(np.rint(top / f))  # = rint(min(x, top / f)) for the integer levels here
         below = np.minimum(np.arange(256), clip)
         tables.append(_equalise_table(np.bincount(below, weights=counts, minlength=256), EQUALISE_MERGE)[below])
-    return np.stack([np.packbits(_phash(t[levels], PHASH256_SIZE)) for t in tables])
+    return np.packbits(_phash_batch(np.stack([t[levels] for t in tables]), PHASH256_SIZE), axis=1)
+
+
+def _phash_batch(x_KHW: np.ndarray, hash_size: int) -> np.ndarray:
+    """bool [K, hash_size**2]: `_phash` of K images of one shape, in one batched matmul."""
+    k, h, w = x_KHW.shape
+    low = (_dct_lanczos(hash_size, h) @ x_KHW @ _dct_lanczos(hash_size, w).T).reshape(k, -1)
+    low = np.round(low, 6)
+    ordered, half = np.sort(low, axis=1), low.shape[1] // 2
+    mid = ordered[:, half] if low.shape[1] % 2 else (ordered[:, half - 1] + ordered[:, half]) / 2
+    return low > mid[:, None]
 
 
 def _levels(x_HW: np.ndarray) -> np.ndarray:

@@ -622,3 +622,15 @@ def test_every_linked_pair_is_within_a_candidate_code(soft_pool):
         covered |= bits <= code.radius
     assert len(edges) > 60 and covered.all(), int((~covered).sum())
     assert "soft" in {c.channel for c in candidate_codes(cfg)}
+
+
+def test_brightness_codes_are_phashes_of_the_equalised_and_clipped_images():
+    """The batched hashing in brightness_codes equals pHash-256 of each image one at a time: of
+    stable_equalise(x), then of x clipped at max / f, equalised (non-square, as ingest sees)."""
+    from lvd.curation.phash import phash_bits
+
+    x = _gray(_lfw(7, side=70).crop((0, 0, 70, 53)))
+    codes = brightness_codes(x)
+    clipped = [np.minimum(x, np.rint(x.max() / f)) for f in CLIP_FACTORS]
+    expect = [phash_bits(stable_equalise(y), 16) for y in [x, *clipped]]
+    assert np.array_equal(codes, np.packbits(np.array(expect), axis=1))
