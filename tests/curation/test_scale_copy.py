@@ -165,6 +165,15 @@ def test_the_guard_trips_the_same_way(paths, tmp_path):
     assert str(err) == str(want) and err.largest == want.largest  # the pictures the flow shows come from .largest
 
 
+def test_pool_size_picks_the_path(paths):
+    run = paths[0]
+    assert copyscale.chooses(run, None, min_images=10) and not copyscale.chooses(run, None, min_images=10**6)
+    assert not copyscale.chooses(run, None, ("copy-model.pt", {}), min_images=10)  # cosine decisions: one task
+    assert copyscale.chooses(run, True) and not copyscale.chooses(run, False, min_images=10)
+    with pytest.raises(ValueError, match="local features only"):
+        copyscale.run_partitioned(run, CFG, None, copy_model=("copy-model.pt", {}))
+
+
 def test_per_image_bound_is_bounded_candidates():
     """bound_rows over any split of the images into ranges gives bounded_candidates' pairs:
     random hash pairs with tied distances, kNN lists with holes and repeats, hash groups."""
