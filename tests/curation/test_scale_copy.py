@@ -161,7 +161,9 @@ def test_the_guard_trips_the_same_way(paths, tmp_path):
     big = sorted((sorted(g) for g in groups.values()), key=lambda g: (-len(g), g[0]))[:4]
     cal = cd.Calibration.from_dict(rundir.copydetect_output(single, "calibration"))
     largest = [[uids[i] for i in g[:8]] for g in big]
-    want = MassRemovalError("copy detection", len(dups["uid"]), len(uids), 0.3, "--max-remove-fraction", largest, cal.summary() + ". ")  # fmt: skip
+    want = MassRemovalError(
+        "copy detection", len(dups["uid"]), len(uids), 0.3, "--max-remove-fraction", largest, cal.summary() + ". "
+    )
     assert str(err) == str(want) and err.largest == want.largest  # the pictures the flow shows come from .largest
 
 
@@ -192,7 +194,9 @@ def test_per_image_bound_is_bounded_candidates():
         max_verify = int(rng.integers(1, 8))
         want = cd.bounded_candidates(n, (ha, hb, hd), knn, max_verify, group=group)
         lab = group
-        hrows = pd.DataFrame({"i": np.r_[ha, hb], "j": np.r_[hb, ha], "d": np.r_[hd, hd], "pa": np.r_[ha, ha], "pb": np.r_[hb, hb]})  # fmt: skip
+        hrows = pd.DataFrame(
+            {"i": np.r_[ha, hb], "j": np.r_[hb, ha], "d": np.r_[hd, hd], "pa": np.r_[ha, ha], "pb": np.r_[hb, hb]}
+        )
         krows = pd.DataFrame(
             [(i, int(ids[i, r]), r, li) for li, ids in enumerate(knn) for i in range(n) for r in range(ids.shape[1])],
             columns=["i", "j", "rank", "l"],

@@ -353,7 +353,9 @@ def _feat_gather(work: str, r: int, lo: int, hi: int, L: int) -> None:
     pos = np.arange(lo, hi, dtype=np.int64)
     _write(t.append_column("pos", pa.array(pos)), Path(work) / "feats" / f"r{r}.parquet")
     n = t.num_rows
-    glob = np.stack([np.frombuffer(g, np.float32) for g in t["glob"].to_pylist()]) if n else np.zeros((0, 144), np.float32)  # fmt: skip
+    glob = (
+        np.stack([np.frombuffer(g, np.float32) for g in t["glob"].to_pylist()]) if n else np.zeros((0, 144), np.float32)
+    )
     _glob_part(Path(work) / "glob", r, t["uid"], glob)
     la = pq.read_table(Path(work) / "nodes" / f"r{r}.parquet")["log_aspect"]
     hashes = t.select(["nhash", "nhash_flip"]).append_column("pos", pa.array(pos)).append_column("log_aspect", la)
@@ -440,7 +442,10 @@ def _mirror_unique(work: str, r: int) -> int:
     if not t.num_rows:
         return 0
     t = t.group_by(["a", "b"]).aggregate([])
-    _write(_edges(t["a"].to_numpy(), t["b"].to_numpy(), np.zeros(t.num_rows)), Path(work) / "hedges" / f"mirror-r{r}.parquet")  # fmt: skip
+    _write(
+        _edges(t["a"].to_numpy(), t["b"].to_numpy(), np.zeros(t.num_rows)),
+        Path(work) / "hedges" / f"mirror-r{r}.parquet",
+    )
     return t.num_rows
 
 
@@ -489,7 +494,7 @@ def _lsh_count(work: str, r: int, S: int) -> None:
 
 def _dedup_edges(run: Path, work: Path, lookup, opts) -> int:
     """The hash dedup stage's groups as hash edges (member, representative), a task per row group."""
-    path = Path(run) / "dedup" / "duplicates.parquet"
+    path = rundir.stage_dir(run, "dedup") / "duplicates.parquet"
     if not path.exists():
         return 0
     groups = pq.ParquetFile(path).num_row_groups
@@ -612,11 +617,18 @@ def _verify(work: str, group: str, cfg: cd.CopyDetectConfig, cal: dict, S: int) 
     touch; decided edges (distance 1 / (1 + inliers)) to cedges/. Returns (pairs, links)."""
     set_threads(1)
     cal_ = cd.Calibration.from_dict(cal)
-    t = _read_dir(Path(work) / "cand" / group, _PAIR).group_by(["a", "b"]).aggregate([]).sort_by([("a", "ascending"), ("b", "ascending")])  # fmt: skip
+    t = (
+        _read_dir(Path(work) / "cand" / group, _PAIR)
+        .group_by(["a", "b"])
+        .aggregate([])
+        .sort_by([("a", "ascending"), ("b", "ascending")])
+    )
     a, b = t["a"].to_numpy(), t["b"].to_numpy()
     need = np.unique(np.concatenate([a, b]))
     feats = _features(work, need, S)
-    scores = cd.verify_pairs(feats, np.searchsorted(need, a), np.searchsorted(need, b), cfg.verify, int(np.ceil(cal_.threshold))).astype(np.float64)  # fmt: skip
+    scores = cd.verify_pairs(
+        feats, np.searchsorted(need, a), np.searchsorted(need, b), cfg.verify, int(np.ceil(cal_.threshold))
+    ).astype(np.float64)
     keep = cal_.links(scores)
     _write(_edges(a[keep], b[keep], 1.0 / (1.0 + scores[keep])), Path(work) / "cedges" / f"{group}.parquet")
     return len(a), int(keep.sum())
@@ -630,7 +642,7 @@ def _to_groups(path: str, work: str, S: int, G: int) -> None:
     lab = _labels_of(Path(work), "clabel", a, S)
     t = pa.table({"a": a, "b": b, "phash": np.full(len(a), Path(path).parent.name == "hedges"),
                   "distance": e["distance"].to_numpy()}, schema=_GRP)  # fmt: skip
-    _scatter(t, (_mix(lab.astype(np.uint64)) % np.uint64(G)).astype(np.int64), Path(work) / "grp", Path(path).stem, "g")  # fmt: skip
+    _scatter(t, (_mix(lab.astype(np.uint64)) % np.uint64(G)).astype(np.int64), Path(work) / "grp", Path(path).stem, "g")
 
 
 def _split(work: str, g: int, cfg: cd.CopyDetectConfig, cal: dict, S: int) -> dict:
