@@ -6,17 +6,18 @@ position in `rundir.unique_accepted` (the single process's row order, so every t
 same way) and cut into ranges of `part_rows` positions (`r{r}`):
 
 1. features: a task per `copyfeat` part sends its rows to their ranges; a task per range keeps
-   the first row per image (as `read_features`), writes `feats/r{r}` and the model-free global
-   descriptor as a vector part (`glob/`), and sends two kinds of keys on:
-   - equalised-hash chunks: `nhash` and `nhash_flip` cut into R+1 chunks (R = the larger of
-     `hash_radius` and the mirror radius) to bucket hash(chunk, value): the pigeonhole shuffle of
-     `scale.hashdedup` (its `_same_chunk_pairs` / `_ours`: a code pair is answered in the bucket
-     of its first common chunk only);
-   - local-descriptor LSH keys (`copydetect.descriptor_candidates`' keys) to bucket hash(key).
-2. buckets: a hash bucket gives candidate pairs (within `hash_radius`, any of the four code
-   combinations, smallest distance kept later) and mirrored-hash pairs (already decided, as
-   `copydetect.mirror_hash_pairs`); an LSH bucket gives pairs of images sharing a key, counted
-   per pair in the range of its first image, kept from `min_shared` on, ranked per image.
+   the first row per image (as `read_features`), writes `feats/r{r}`, the model-free global
+   descriptor as a float32 vector part (`glob/`) and the equalised hashes (`hashes/r{r}`), and
+   sends its local-descriptor LSH keys (`copydetect.descriptor_candidates`' keys, one per key
+   and image) to bucket hash(key).
+2. pairs: a task per range j compares its equalised hashes with those of every range i <= j
+   (block pairs, as `scale.hashdedup`: each pair of ranges is one task's) with the single
+   process's exact search (`hamming_pairs.candidate_pairs`, R = the larger of `hash_radius` and
+   the mirror radius): candidate pairs (within `hash_radius`, any of the four code / mirror
+   code combinations, the smallest distance kept by the bound) and mirrored-hash pairs
+   (already decided, as `copydetect.mirror_hash_pairs`). An LSH bucket gives pairs of images
+   sharing a key; they are counted per pair in the range of its first image, kept from
+   `min_shared` keys on, and ranked per image (most keys, then position).
 3. kNN lists of the global descriptor and of every proposer folder from `scale.shardindex`
    (sharded, canonical ties), written per range block by block.
 4. hash groups: `scale.components` over the decided hash edges (the dedup stage's groups and the
@@ -35,8 +36,8 @@ same way) and cut into ranges of `part_rows` positions (`r{r}`):
 
 The mass-removal guard gets the same counts and largest groups as the single process.
 
-Memory: a task holds one range's rows (or one bucket's keys, or one pair group's features, or
-one component group). The driver holds the pool's uid list (`unique_accepted`: uid, width,
+Memory: a task holds one range's rows (or two ranges' hashes, or one bucket's keys, or one
+pair group's features, or one component group). The driver holds the pool's uid list (`unique_accepted`: uid, width,
 height, ~100 B an image), which the calibration sample and a proposer index for uids need too,
 and one kNN query block at a time. Copy-model decisions (`--copy-model`) are not partitioned.
 """
