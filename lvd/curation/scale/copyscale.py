@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -178,40 +177,39 @@ def partitioned_copydetect(
     mirror_radius: int = 20,
 ) -> dict:
     """All steps of the module doc; returns paths and counts (the table: `duplicates`). Needs Ray."""
-    from lvd.curation.stages.copy import run_calibration
-
     t0 = time.perf_counter()
     run, work = Path(run_dir), Path(work_dir)
     opts = {"num_cpus": 1, "max_retries": 3, **scale.task_options}
     S = scale.part_rows
-    with ThreadPoolExecutor(1) as pool_:
-        t = rundir.unique_accepted(run).select(["uid", "width", "height"])
-        uids = t["uid"].to_pylist()
-        cal_job = pool_.submit(_timed, run_calibration, run, uids, cfg, None)
-        n = len(uids)
-        ranges = [(r, r * S, min(n, (r + 1) * S)) for r in range(-(-n // S))]
-        _write_nodes(t, work, ranges)
-        lookup = ray.put(_lookup(uids))
-        del t
-        files = sorted(rundir.stage_dir(run, "copyfeat").glob("part-*.parquet"))
-        _wave(_feat_scatter, [(str(f), c, lookup, S, str(work)) for c, f in enumerate(files)], opts)
-        _wave(_feat_gather, [(str(work), r, lo, hi, scale.lsh_buckets) for r, lo, hi in ranges], opts)
-        t_read = time.perf_counter()
-        rad = dict(R=max(cfg.hash_radius, mirror_radius), hash=cfg.hash_radius, mirror=mirror_radius, S=S)
-        _wave(_hash_pairs, [(str(work), r, rad) for r, _, _ in ranges], opts)
-        _wave(_lsh_reduce, [(str(work), b, S) for b in range(scale.lsh_buckets)], opts)
-        _wave(_lsh_count, [(str(work), r, S) for r, _, _ in ranges], opts)
-        mirrors = sum(_wave(_mirror_unique, [(str(work), r) for r, _, _ in ranges], opts))
-        dedup_rows = _dedup_edges(run, work, lookup, opts)
-        comp = replace(ComponentsConfig(), partitions=scale.partitions, task_options=scale.task_options)
-        _labels(sorted((work / "hedges").glob("*.parquet")), work / "hcomp", work / "hlabel", S, comp, opts)
-        _knn(work / "glob", uids, cfg.k, 1, work, S, scale.knn)
-        for li, d in enumerate(proposers):
-            _knn(Path(d), uids, cfg.k, 2 + li, work, S, scale.knn)
-        del uids
-        bound = _wave(_bound, [(str(work), r, lo, hi, cfg.k, cfg.max_verify, S) for r, lo, hi in ranges], opts)
-        t_cand = time.perf_counter()
-        cal, seconds_cal = cal_job.result()
+    t = rundir.unique_accepted(run).select(["uid", "width", "height"])
+    uids = t["uid"].to_pylist()
+    # the calibration (its own Ray tasks, as in the single task) runs in a task of its own
+    # while the candidates are found: it decodes images, which the driver should not hold
+    cal_job = ray.remote(_calibrate).options(**opts).remote(str(run), ray.put(uids), cfg)
+    n = len(uids)
+    ranges = [(r, r * S, min(n, (r + 1) * S)) for r in range(-(-n // S))]
+    _write_nodes(t, work, ranges)
+    lookup = ray.put(_lookup(uids))
+    del t
+    files = sorted(rundir.stage_dir(run, "copyfeat").glob("part-*.parquet"))
+    _wave(_feat_scatter, [(str(f), c, lookup, S, str(work)) for c, f in enumerate(files)], opts)
+    _wave(_feat_gather, [(str(work), r, lo, hi, scale.lsh_buckets) for r, lo, hi in ranges], opts)
+    t_read = time.perf_counter()
+    rad = dict(R=max(cfg.hash_radius, mirror_radius), hash=cfg.hash_radius, mirror=mirror_radius, S=S)
+    _wave(_hash_pairs, [(str(work), r, rad) for r, _, _ in ranges], opts)
+    _wave(_lsh_reduce, [(str(work), b, S) for b in range(scale.lsh_buckets)], opts)
+    _wave(_lsh_count, [(str(work), r, S) for r, _, _ in ranges], opts)
+    mirrors = sum(_wave(_mirror_unique, [(str(work), r) for r, _, _ in ranges], opts))
+    dedup_rows = _dedup_edges(run, work, lookup, opts)
+    comp = replace(ComponentsConfig(), partitions=scale.partitions, task_options=scale.task_options)
+    _labels(sorted((work / "hedges").glob("*.parquet")), work / "hcomp", work / "hlabel", S, comp, opts)
+    _knn(work / "glob", uids, cfg.k, 1, work, S, scale.knn)
+    for li, d in enumerate(proposers):
+        _knn(Path(d), uids, cfg.k, 2 + li, work, S, scale.knn)
+    del uids
+    bound = _wave(_bound, [(str(work), r, lo, hi, cfg.k, cfg.max_verify, S) for r, lo, hi in ranges], opts)
+    t_cand = time.perf_counter()
+    cal, seconds_cal = ray.get(cal_job)
     t_cal = time.perf_counter()
     groups = sorted(p.name for p in (work / "cand").iterdir()) if (work / "cand").exists() else []
     decided = _wave(_verify, [(str(work), g, cfg, cal.as_dict(), S) for g in groups], opts)
@@ -247,9 +245,12 @@ def partitioned_copydetect(
     return dict(duplicates=str(out), images=n, stats=stats, calibration=cal.as_dict(), largest=[g[2] for g in largest])
 
 
-def _timed(fn, *args):
+def _calibrate(run: str, uids: list[str], cfg: cd.CopyDetectConfig) -> tuple[cd.Calibration, float]:
+    """stages.copy.run_calibration, unchanged, and its seconds."""
+    from lvd.curation.stages.copy import run_calibration
+
     t = time.perf_counter()
-    return fn(*args), time.perf_counter() - t
+    return run_calibration(Path(run), uids, cfg, None), time.perf_counter() - t
 
 
 def _wave(fn, args: list[tuple], opts: dict) -> list:
