@@ -194,6 +194,14 @@ def test_pool_index_is_the_single_pool_in_its_order(runs, tmp_path, capped):
     assert n == len(want) and homes == sorted(set(keys["home"].to_pylist()))
     assert keys.sort_by(decontam._ORDER)["uid"].to_pylist() == want
     assert keys.sort_by([("home", "ascending"), *decontam._ORDER])["uid"].to_pylist() != want  # order spans parts
+    # a part's task sees its members in pool order (its search's ties go to the lower pool row), same features
+    pool = stages_copy.read_features(copy)
+    home_of = dict(zip(keys["uid"].to_pylist(), keys["home"].to_pylist()))
+    for h in homes:
+        part = decontam._load_part(job, h)
+        rows = [i for i, u in enumerate(want) if home_of[u] == h]
+        assert part.feats.uids.tolist() == [want[i] for i in rows]
+        assert np.array_equal(part.feats.glob, pool.glob[rows]) and np.array_equal(part.feats.nhash, pool.nhash[rows])
     if capped:
         assert len(want) < len(stages_copy.read_features(run).uids)
 
