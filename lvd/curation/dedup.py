@@ -23,11 +23,16 @@ brightness / contrast change is affine where it does not clip, a distinct look-a
 differs locally. Bench dump (benchmarks/dedup_quality.py --bench-dump): brightened copies
 92.0 -> 98.6%, 0 of 40,000 Fashion-MNIST products merged. Crops, flips and overlays are for
 copy detection (`lvd.curation.copydetect`, a later EdgeSet).
+Soft images (small faces, patches, products upscaled) lose pHash-256 / dHash bits to JPEG or
+resizing (nothing high-frequency to hash) while the 64-bit pHash and thumbnails hold: the soft
+channel links pHash <= 8 pairs whose thumbnails fit by an increasing scale + offset within 7
+gray levels (benchmarks/copy_heldout.py, an untuned dump: JPEG q15-40 copies 95.1 -> 100%).
+Near-blank thumbnails take no part in the equalised and soft channels (`min_thumb_spread`).
 
-Structure, per channel ('main', 'clipped', 'equalised'): candidate pairs (`candidate_codes`
+Structure, per channel ('main', 'clipped', 'equalised', 'soft'): candidate pairs (`candidate_codes`
 names each search: column, radius, extra codes) -> `verify_pairs(rows, channel, a, b, cfg)`,
 the per-pair check of a list of candidate pairs (rows from `table_rows`) -> `resolve`.
-`near_duplicate_edges` runs all three; `table_edges` is it on an ingest table.
+`near_duplicate_edges` runs all four; `table_edges` is it on an ingest table.
 
 Candidates (never all pairs) come from `hamming_pairs.candidate_pairs` on the 256-bit code
 (sorted chunk keys: 14 s CPU at 1e6 rows, benchmarks/dedup_scale.py), or on the pHash when
