@@ -87,16 +87,14 @@ def _png(img: Image.Image) -> bytes:
 
 def both_paths(run: Path, prop: Path, cfg=CFG, scale=SCALE) -> tuple[Path, Path]:
     """The run copied twice; the single task on one, the partitioned path on the other."""
-    from lvd.curation import runner
     from lvd.curation.stages import copy as stages_copy
 
     single, parted = run.parent / "single", run.parent / "parted"
     for d in (single, parted):
         shutil.rmtree(d, ignore_errors=True)
         shutil.copytree(run, d)
-    stages_copy.run_copydetect(single, cfg, proposers=[prop])
-    unit = runner.WholeStage(fingerprint=rundir.input_digest(parted, "copydetect"), stem="duplicates")
-    copyscale.run_partitioned(parted, cfg, unit, proposers=[prop], scale=scale)
+    stages_copy.run_copydetect(single, cfg, proposers=[prop])  # below PARTITIONED_MIN_IMAGES: one task
+    stages_copy.run_copydetect(parted, cfg, proposers=[prop], partitioned=True, scale=scale)
     return single, parted
 
 
@@ -107,7 +105,7 @@ def same_outputs(single: Path, parted: Path) -> dict:
     assert b.equals(a), a.to_pandas().compare(b.to_pandas()) if a.num_rows == b.num_rows else (a.num_rows, b.num_rows)
     sa, sb = (rundir.copydetect_output(r, "stats") for r in (single, parted))
     strip = lambda s: {k: v for k, v in s.items() if not k.startswith(TIMINGS)}  # noqa: E731
-    assert strip(sb) == strip(sa)
+    assert strip(sb) == strip(sa) and sb["partitioned"] and "partitioned" not in sa  # each path ran
     assert rundir.copydetect_output(parted, "calibration") == rundir.copydetect_output(single, "calibration")
     return sa
 
@@ -129,16 +127,11 @@ def test_partitioned_copy_detection_equals_the_single_task(paths):
 
 def guard_error(run: Path, prop: Path, partitioned: bool, max_remove: float) -> MassRemovalError:
     """The error of copy detection refusing at `max_remove` (nothing written), unwrapped."""
-    from lvd.curation import runner
     from lvd.curation.stages import copy as stages_copy
 
     cfg = replace(CFG, max_remove=max_remove)
     with pytest.raises(Exception) as info:
-        if partitioned:
-            unit = runner.WholeStage(fingerprint=rundir.input_digest(run, "copydetect"), stem="duplicates")
-            copyscale.run_partitioned(run, cfg, unit, proposers=[prop], scale=SCALE)
-        else:
-            stages_copy.run_copydetect(run, cfg, proposers=[prop])
+        stages_copy.run_copydetect(run, cfg, proposers=[prop], partitioned=partitioned, scale=SCALE)
     err = getattr(info.value, "cause", None) or info.value  # both raise it through a Ray task
     assert isinstance(err, MassRemovalError), repr(info.value)
     assert not (run / "copydetect" / "duplicates.parquet").exists()
