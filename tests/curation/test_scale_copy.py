@@ -166,7 +166,7 @@ def test_pool_size_picks_the_path(paths):
     assert not copyscale.chooses(run, None, ("copy-model.pt", {}), min_images=10)  # cosine decisions: one task
     assert copyscale.chooses(run, True) and not copyscale.chooses(run, False, min_images=10)
     with pytest.raises(ValueError, match="local features only"):
-        copyscale.run_partitioned(run, CFG, None, copy_model=("copy-model.pt", {}))
+        copyscale.run_partitioned(run, CFG, None, parts=None, copy_model=("copy-model.pt", {}))
 
 
 def test_per_image_bound_is_bounded_candidates():

@@ -47,6 +47,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -115,11 +116,23 @@ def chooses(run_dir: Path, partitioned: bool | None, copy_model=None, min_images
     return sum(m["rows"]["main"] for m in rundir.ingest_markers(run_dir).values()) >= limit
 
 
+@dataclass(frozen=True)
+class StageParts:
+    """What this path reuses from `stages.copy`, handed over by `run_copydetect` (the stage imports
+    this module, not the reverse): pickled by reference, so each Ray task imports the stage's own."""
+
+    calibrate: Callable  # run_calibration(run_dir, uids, cfg, copy_model) -> Calibration
+    decider: Callable  # Decider(feats, copy_vecs, cal, cfg): scores, links, linked, distance
+    edge_sets: Callable  # _edge_sets(split, phash, dist, decider, group) -> [EdgeSet]
+    json_table: Callable  # _json_table(dict) -> one-row table
+
+
 def run_partitioned(
     run_dir: Path,
     cfg: cd.CopyDetectConfig,
     unit: runner.WholeStage,
     *,
+    parts: StageParts | None,
     proposers=(),
     copy_model=None,
     rcfg: runner.RunnerConfig = runner.RunnerConfig(),
@@ -143,24 +156,22 @@ def run_partitioned(
     scale = replace(scale, task_options=opts)
     work = stage_dir / "scale"
     shutil.rmtree(work, ignore_errors=True)
-    got = partitioned_copydetect(run_dir, cfg, work, scale, proposers=proposers, mirror_radius=mirror_radius)
+    got = partitioned_copydetect(run_dir, cfg, work, parts, scale, proposers=proposers, mirror_radius=mirror_radius)
     finish = ray.remote(_finish).options(**opts)
-    marker = ray.get(finish.remote(got, cfg, unit, str(stage_dir), cfg_hash))
+    marker = ray.get(finish.remote(got, cfg, unit, str(stage_dir), cfg_hash, parts))
     shutil.rmtree(work, ignore_errors=True)
     return runner.collect(report, [marker], 1)
 
 
-def _finish(got: dict, cfg: cd.CopyDetectConfig, unit, stage_dir: str, cfg_hash: str) -> dict:
+def _finish(got: dict, cfg: cd.CopyDetectConfig, unit, stage_dir: str, cfg_hash: str, parts: StageParts) -> dict:
     """The guard, then the single task's three outputs and its marker."""
-    from lvd.curation.stages.copy import _json_table
-
     table = pq.read_table(got["duplicates"])
     cal = cd.Calibration.from_dict(got["calibration"])
     check_removal(
         "copy detection", table.num_rows, got["images"], cfg.max_remove, largest=got["largest"],
         detail=cal.summary() + ". ",
     )  # fmt: skip
-    outputs = {"": table, "calibration": _json_table(cal.as_dict()), "stats": _json_table(got["stats"])}
+    outputs = {"": table, "calibration": parts.json_table(cal.as_dict()), "stats": parts.json_table(got["stats"])}
     return runner.write_outputs(outputs, unit, stage_dir, cfg_hash)
 
 
@@ -171,6 +182,7 @@ def partitioned_copydetect(
     run_dir: Path,
     cfg: cd.CopyDetectConfig,
     work_dir: Path,
+    parts: StageParts,
     scale: CopyScaleConfig = CopyScaleConfig(),
     *,
     proposers=(),
@@ -185,7 +197,7 @@ def partitioned_copydetect(
     uids = t["uid"].to_pylist()
     # the calibration (its own Ray tasks, as in the single task) runs in a task of its own
     # while the candidates are found: it decodes images, which the driver should not hold
-    cal_job = ray.remote(_calibrate).options(**opts).remote(str(run), ray.put(uids), cfg)
+    cal_job = ray.remote(_calibrate).options(**opts).remote(str(run), ray.put(uids), cfg, parts)
     n = len(uids)
     ranges = [(r, r * S, min(n, (r + 1) * S)) for r in range(-(-n // S))]
     _write_nodes(t, work, ranges)
@@ -217,7 +229,7 @@ def partitioned_copydetect(
     edge_files = sorted((work / "cedges").glob("*.parquet")) + sorted((work / "hedges").glob("*.parquet"))
     _labels(edge_files, work / "ccomp", work / "clabel", S, comp, opts)
     _wave(_to_groups, [(str(f), str(work), S, scale.groups) for f in edge_files], opts)
-    split = _wave(_split, [(str(work), g, cfg, cal.as_dict(), S) for g in range(scale.groups)], opts)
+    split = _wave(_split, [(str(work), g, cfg, cal.as_dict(), S, parts) for g in range(scale.groups)], opts)
     out = work / "duplicates.parquet"
     ray.get(ray.remote(_assemble).options(**opts).remote(str(work / "pieces"), str(out)))
     t_split = time.perf_counter()
@@ -245,12 +257,10 @@ def partitioned_copydetect(
     return dict(duplicates=str(out), images=n, stats=stats, calibration=cal.as_dict(), largest=[g[2] for g in largest])
 
 
-def _calibrate(run: str, uids: list[str], cfg: cd.CopyDetectConfig) -> tuple[cd.Calibration, float]:
+def _calibrate(run: str, uids: list[str], cfg: cd.CopyDetectConfig, parts: StageParts) -> tuple:
     """stages.copy.run_calibration, unchanged, and its seconds."""
-    from lvd.curation.stages.copy import run_calibration
-
     t = time.perf_counter()
-    return run_calibration(Path(run), uids, cfg, None), time.perf_counter() - t
+    return parts.calibrate(Path(run), uids, cfg, None), time.perf_counter() - t
 
 
 def _wave(fn, args: list[tuple], opts: dict) -> list:
@@ -647,11 +657,9 @@ def _to_groups(path: str, work: str, S: int, G: int) -> None:
     _scatter(t, (_mix(lab.astype(np.uint64)) % np.uint64(G)).astype(np.int64), Path(work) / "grp", Path(path).stem, "g")
 
 
-def _split(work: str, g: int, cfg: cd.CopyDetectConfig, cal: dict, S: int) -> dict:
+def _split(work: str, g: int, cfg: cd.CopyDetectConfig, cal: dict, S: int, parts: StageParts) -> dict:
     """Group g's components: split_chains, the star edges' methods and distances, resolve;
     each component is whole here, so these are the single process's rows."""
-    from lvd.curation.stages.copy import Decider, _edge_sets
-
     set_threads(1)
     none = dict(rows=0, components_split=0, split_checks=0, unresolved=0, largest=[])
     e = _read_dir(Path(work) / "grp" / f"g{g}", _GRP)
@@ -663,7 +671,7 @@ def _split(work: str, g: int, cfg: cd.CopyDetectConfig, cal: dict, S: int) -> di
     uids = np.asarray(nodes["uid"].to_pylist(), dtype=object)
     pixels = nodes["pixels"].to_numpy()
     group = _labels_of(Path(work), "hlabel", members, S)
-    decider = Decider(_features(work, members, S), None, cd.Calibration.from_dict(cal), cfg)
+    decider = parts.decider(_features(work, members, S), None, cd.Calibration.from_dict(cal), cfg)
     la, lb = np.searchsorted(members, a), np.searchsorted(members, b)
     copy = ~ph
     ea, eb = np.concatenate([la[copy], la[ph]]), np.concatenate([lb[copy], lb[ph]])
@@ -672,7 +680,7 @@ def _split(work: str, g: int, cfg: cd.CopyDetectConfig, cal: dict, S: int) -> di
     ca, cb = np.minimum(la[copy], lb[copy]), np.maximum(la[copy], lb[copy])
     dist = dict(zip(zip(ca.tolist(), cb.tolist()), e["distance"].to_numpy()[copy].tolist()))
     phash = set(zip(np.minimum(la[ph], lb[ph]).tolist(), np.maximum(la[ph], lb[ph]).tolist()))
-    table = resolve(uids, pixels, _edge_sets(split, phash, dist, decider, group))
+    table = resolve(uids, pixels, parts.edge_sets(split, phash, dist, decider, group))
     _write(table, Path(work) / "pieces" / f"g{g}.parquet")
     return dict(
         rows=table.num_rows,

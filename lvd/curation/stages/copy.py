@@ -513,14 +513,15 @@ def run_copydetect(
     """One Ray task holding the pool, or `scale.copyscale`'s partitioned path (the same outputs):
     `partitioned` True / False forces one, None partitions from copyscale.PARTITIONED_MIN_IMAGES
     ingest records on (model-free decisions only); `scale` (copyscale.CopyScaleConfig) sizes it."""
-    from lvd.curation.scale import copyscale  # it imports this module
+    from lvd.curation.scale import copyscale
 
     extra = [rundir.stage_dir(Path(p).parent, "embed") for p in proposers]  # the proposers' embed markers
     if copy_model:
         extra.append(rundir.stage_dir(run_dir, "copyembed"))
     unit = runner.WholeStage(fingerprint=rundir.input_digest(run_dir, "copydetect", *extra), stem="duplicates")
     if copyscale.chooses(run_dir, partitioned, copy_model):
-        kw = dict(proposers=proposers, copy_model=copy_model, rcfg=rcfg, scale=scale)
+        parts = copyscale.StageParts(run_calibration, Decider, _edge_sets, _json_table)  # reused as they are
+        kw = dict(parts=parts, proposers=proposers, copy_model=copy_model, rcfg=rcfg, scale=scale)
         return copyscale.run_partitioned(run_dir, cfg, unit, **kw)
     fn = CopyDetectFn(str(run_dir), cfg, tuple(str(p) for p in proposers), copy_model)
     return runner.map_partitions(
