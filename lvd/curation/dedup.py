@@ -27,7 +27,7 @@ Soft images (small faces, patches, products upscaled) lose pHash-256 / dHash bit
 resizing (nothing high-frequency to hash) while the 64-bit pHash and thumbnails hold: the soft
 channel links pHash <= 8 pairs whose thumbnails fit by an increasing scale + offset within 7
 gray levels (benchmarks/copy_heldout.py, an untuned dump: JPEG q15-40 copies 95.1 -> 100%).
-Near-blank thumbnails take no part in the equalised and soft channels (`min_thumb_spread`).
+Pairs of near-blank thumbnails take no part in the equalised and soft channels (`min_thumb_spread`).
 
 Structure, per channel ('main', 'clipped', 'equalised', 'soft'): candidate pairs (`candidate_codes`
 names each search: column, radius, extra codes) -> `verify_pairs(rows, channel, a, b, cfg)`,
@@ -132,7 +132,10 @@ class DedupConfig:
     # Thumbnails flatter than this (standard deviation of the 256 cell means, gray levels) take
     # no part in the equalised and soft channels: the equalised codes and affine fits of a
     # near-blank image are noise (two blank patches, light grey and black, had equal all-zero
-    # equalised codes and were linked as a sure pair).
+    # equalised codes and were linked as a sure pair). A pair is kept out when BOTH are this
+    # flat: near-blank codes collide with each other, not with a textured image's; a brick wall
+    # darkened x0.65 (its fine texture averaged away by the 16x16 cells: 3.1) still pairs with
+    # its original (4.8). No single cut separates them: some near-blank LFW patches measure 2-4.
     min_thumb_spread: float = 4.0
 
     def __post_init__(self):
@@ -436,8 +439,8 @@ def _equalised_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
 
 
 def _spread_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
-    """Neither thumbnail is near-blank (DedupConfig.min_thumb_spread)."""
-    return (rows.spread[a] >= cfg.min_thumb_spread) & (rows.spread[b] >= cfg.min_thumb_spread)
+    """Not both thumbnails near-blank (DedupConfig.min_thumb_spread)."""
+    return (rows.spread[a] >= cfg.min_thumb_spread) | (rows.spread[b] >= cfg.min_thumb_spread)
 
 
 def _soft_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
