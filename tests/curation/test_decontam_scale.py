@@ -9,7 +9,9 @@ features: a tie in every k-NN list and in every verification score, between part
 partitions of the second input come first while its sources sort last (pool order is source
 order, not partition order); an exact copy of a file in two partitions (one uid, two records);
 k = 2, so each eval image's top k is a choice among partitions; given vectors as an embedder
-proposer. Two eval sets hold resized copies of three photos.
+proposer. Two eval sets hold resized copies of three photos; a third holds a soft LFW face
+(120 px) whose copies in the pool (the same file, JPEG q20, brightened) only the hash dedup's
+rules link, beside look-alike faces (test_decontam_hash.py tests that decision alone).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from PIL import Image, ImageEnhance
 
 from lvd.curation import copies, rundir
 from lvd.curation.copydetect import METHOD_MODEL, CopyDetectConfig
@@ -45,12 +47,36 @@ from lvd.curation.vectors import write_vectors
 COPY_KW = dict(k=2, max_remove=0.95, calib_images=12, calib_copy_images=6)  # a small calibration: fast
 COPY = CopyDetectConfig(**COPY_KW)
 EVAL_PHOTOS = {"set_a": (0, 2), "set_b": (0, 4)}  # photo 0 twice: its copies match two eval images
+FACE, LOOKALIKES = 166, (10, 11, 101, 103)  # LFW rows: the eval patch (0-4 ORB inliers to its copies), distinct ones
 
 
 def _png(img: Image.Image, level: int) -> bytes:
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="PNG", compress_level=level)
     return buf.getvalue()
+
+
+def lfw(i: int, side: int = 120) -> Image.Image:
+    """Row i of skimage's LFW subset (0-99: faces), upscaled bicubic: soft, little texture
+    (as in test_decontam_hash.py)."""
+    import skimage.data
+
+    x = (skimage.data.lfw_subset()[i] * 255).astype(np.uint8)
+    return Image.fromarray(x).resize((side, side), Image.Resampling.BICUBIC).convert("RGB")
+
+
+def png(img: Image.Image) -> bytes:
+    return _png(img, 6)
+
+
+def face_copies(img: Image.Image) -> dict[str, bytes]:
+    """The same file, JPEG q20, brightened x1.25 (JPEG q90)."""
+    out = {}
+    for kind, im, q in (("q20", img, 20), ("bright", ImageEnhance.Brightness(img).enhance(1.25), 90)):
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=q)
+        out[kind] = buf.getvalue()
+    return {"same": png(img), **out}
 
 
 def _write_inputs(root: Path) -> tuple[list[Path], dict[str, Path]]:
@@ -78,6 +104,13 @@ def _write_inputs(root: Path) -> tuple[list[Path], dict[str, Path]]:
             blob = copies.make_copies(photos[i][1], seed=100 + i + len(evals))["resized"]
             (d / f"{photos[i][0]}.jpg").write_bytes(blob)
         evals[set_name] = d
+    for i, (kind, blob) in enumerate(face_copies(lfw(FACE)).items()):  # spread over both inputs
+        ((a, z)[i % 2] / f"face{FACE}__{kind}.{'png' if kind == 'same' else 'jpg'}").write_bytes(blob)
+    for i in LOOKALIKES:
+        ((a, z)[i % 2] / f"face{i}.png").write_bytes(png(lfw(i)))
+    (ev / "set_faces").mkdir()
+    (ev / "set_faces" / f"face{FACE}.png").write_bytes(png(lfw(FACE)))
+    evals["set_faces"] = ev / "set_faces"
     return [z, a], evals  # z's partitions first, a's sources sort first
 
 
@@ -135,7 +168,32 @@ def test_partitioned_equals_one_task_byte_for_byte(runs, proposer):
     assert set(one) == {"decontaminated.parquet", "decontaminated.done.json"}
     assert parts == one
     t = pq.read_table(io.BytesIO(one["decontaminated.parquet"]))
-    assert t.num_rows >= 6 and set(t["eval_set"].to_pylist()) == {"set_a", "set_b"}, t.to_pylist()
+    assert t.num_rows >= 6 and set(t["eval_set"].to_pylist()) == {"set_a", "set_b", "set_faces"}, t.to_pylist()
+
+
+def test_soft_face_family_removed_by_the_hash_rules_lookalikes_kept(runs):
+    """The eval face's copies (the same file, JPEG q20, brightened) are removed, decided by the
+    hash dedup's rules (method phash, similarity 1.0) although local features cannot link them;
+    the look-alike faces stay. Both paths (the byte equality above covers them)."""
+    run, evals = runs
+    one = pq.read_table(io.BytesIO(_decontam(run, evals, False)["decontaminated.parquet"]))
+    src = rundir.read_ingest(run, ["uid", "source"])
+    name = {u: Path(s).name for u, s in zip(src["uid"].to_pylist(), src["source"].to_pylist())}
+    removed = {
+        name[u]: (m, sim, e)
+        for u, m, sim, e in zip(*[one[c].to_pylist() for c in ("uid", "method", "similarity", "eval_set")])
+    }
+    family = {f"face{FACE}__same.png", f"face{FACE}__q20.jpg", f"face{FACE}__bright.jpg"}
+    for f in family:
+        assert removed.get(f) == ("phash", 1.0, "set_faces"), (f, removed.get(f))
+    assert not {f"face{i}.png" for i in LOOKALIKES} & set(removed), removed
+    # without the hash decision local features decide: they do not link the soft face's copies
+    pool = stages_copy.read_features(run)
+    ev = stages_copy.read_features(evals["set_faces"])
+    decider = stages_copy.Decider(ev.feats + pool.feats, None, stages_copy.calibration(run), COPY)
+    rows = [i for i, u in enumerate(pool.uids.tolist()) if name[u] in family]
+    scores = decider.scores(np.zeros(len(rows), np.int64), np.array(rows) + 1)
+    assert not decider.links(scores).any(), scores
 
 
 def test_the_pool_spans_partitions_with_ties(runs):
@@ -274,7 +332,7 @@ def test_copy_model_vectors_decide_equal(runs, tmp_path):
     decontam.run_decontam(copy, copy_evals, COPY, partitioned=True, buckets=2, **kw)
     assert {p.name: p.read_bytes() for p in sorted((copy / "decontam").iterdir())} == one
     t = pq.read_table(io.BytesIO(one["decontaminated.parquet"]))
-    assert t.num_rows >= 3 and set(t["method"].to_pylist()) == {METHOD_MODEL}, t.to_pylist()
+    assert t.num_rows >= 3 and set(t["method"].to_pylist()) == {METHOD_MODEL, "phash"}, t.to_pylist()
 
 
 def test_path_chosen_by_pool_size(runs, monkeypatch):

@@ -4,7 +4,11 @@
 duplicate group, are copies of an eval-set image (`uid`, `matched_eval_uid`, `similarity`
 (1 - distance, as in `stages.copy`), `eval_set`, `method`). Candidates come from hashes, the
 model-free global descriptor and any proposing embedder; pairs are decided by the copy
-detection's calibrated `Decider`.
+detection's calibrated `Decider`, except those the hash dedup's own rules link (`hash_matches`:
+`dedup.candidate_codes` searched between the eval images and the pool, `dedup.verify_pairs`):
+copies without local features, as copy detection takes the hash dedup's links as decided
+(method `phash`, similarity 1.0). A soft 120 px face gets fewer inliers than the calibrated
+threshold even against its own byte-identical copy; its hashes still match.
 
 Two paths, one output (`run_decontam` picks by pool size, `partitioned=` forces):
 - `DecontamFn`: one Ray task reads the whole pool's features: memory O(pool) (the local
@@ -38,11 +42,12 @@ import ray
 
 from lvd import durable
 from lvd.curation import copydetect as cd
-from lvd.curation import rundir, runner
+from lvd.curation import dedup, rundir, runner
 from lvd.curation.guard import check_removal
 from lvd.curation.knn_index import IndexConfig, build_index, search
 from lvd.curation.localfeat import Features
 from lvd.curation.scale import shardindex
+from lvd.curation.scale.hashdedup import Code, _SortedIndex, _versions
 from lvd.curation.stages.copy import Decider, PoolFeatures, calibration, duplicates, read_features
 from lvd.curation.stages.ingest_dedup import PARTITIONED_MIN_RECORDS
 from lvd.curation.vectors import open_vectors, part_paths
@@ -51,6 +56,8 @@ DECONTAM_SCHEMA = pa.schema([
     ("uid", pa.string()), ("matched_eval_uid", pa.string()), ("similarity", pa.float64()),
     ("eval_set", pa.string()), ("method", pa.string()),
 ])  # fmt: skip
+HASH_METHOD = "phash"  # the method of a pair the hash dedup links (its own name for its links)
+HASH_COLUMNS = ("uid", "width", "height", "phash", "dhash", "phash256", "thumb16", "nphash256", "cphash256", "sat16")
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class DecontamFn:
     cfg: cd.CopyDetectConfig
     proposers: tuple[tuple[str, dict[str, str]], ...]  # (pool vectors, {eval set: its vectors})
     copy_model: tuple[str, dict] | None
+    dedup_cfg: dedup.DedupConfig = dedup.DedupConfig()  # the hash dedup's rules (the run's dedup config)
 
     def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
         run, cfg = Path(self.run_dir), self.cfg
@@ -72,6 +80,8 @@ class DecontamFn:
         if not n or not e:
             return {"": DECONTAM_SCHEMA.empty_table()}
         qa, pb = cd.cross_hash_candidates(ev.nhash, pool.nhash, pool.nhash_flip, cfg.hash_radius)
+        ev_hash = _eval_hashes({k: Path(v) for k, v in self.eval_dirs.items()}, ev.uids, set_of)
+        hq, hp = hash_matches(ev_hash, _pool_hashes(run, pool.uids), self.dedup_cfg)
         lists = [(ev.glob, pool.glob)]
         for pool_dir, eval_vecs in self.proposers:
             # the pool's vectors stay in their folder (sharded over Ray when large); the eval set is small
@@ -84,7 +94,7 @@ class DecontamFn:
                 ev.uids, set_of, {k: str(rundir.vectors_dir(Path(v), "copyembed")) for k, v in self.eval_dirs.items()}
             )
             lists.append((copy_eval, copy_pool))
-        q, p = [qa], [pb]
+        q, p = [qa, hq], [pb, hp]
         for eq, pv in lists:
             search = pv if callable(pv) else partial(cd.knn_lists, np.asarray(pv))
             ids = search(cfg.k, np.asarray(eq), exclude_self=False)
@@ -97,8 +107,7 @@ class DecontamFn:
         feats = ev.feats + pool.feats
         vecs = None if copy_pool is None else np.concatenate([copy_eval, copy_pool]).astype(np.float32)
         decider = Decider(feats, vecs, cal, cfg)
-        scores = decider.scores(q_rows, p_rows + e)
-        hit = decider.links(scores)
+        scores, hit = _decide_pairs(decider, q_rows, p_rows, e, np.isin(key, hq * n + hp))
         best: dict[int, tuple[float, int]] = {}
         for qi, pi, s in zip(q_rows[hit].tolist(), p_rows[hit].tolist(), scores[hit].tolist()):
             if pi not in best or s > best[pi][0]:
@@ -130,17 +139,100 @@ def _with_components(uids, best, dups: pa.Table, eval_uids, set_of, decider: Dec
         if hit is None:
             continue
         s, qi = hit
-        sim = 1.0 - float(decider.distance(np.array([s]))[0])
+        sim, method = _similarity(decider, s)
         rows.append(
             {
                 "uid": u,
                 "matched_eval_uid": str(eval_uids[qi]),
                 "similarity": sim,
                 "eval_set": set_of[str(eval_uids[qi])],
-                "method": decider.method,
+                "method": method,
             }
         )
     return pa.Table.from_pylist(rows, schema=DECONTAM_SCHEMA).sort_by([("uid", "ascending")])
+
+
+def _decide_pairs(decider: Decider, q_rows, p_rows, e: int, hashed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, links) of (eval row, pool row) pairs. Pairs the hash dedup links (`hashed`) are
+    copies without local features: score inf, so they win over any verified score (similarity
+    1.0, method `phash`); the others are scored and decided by the calibrated decider."""
+    scores, hit = np.full(len(q_rows), np.inf), np.asarray(hashed, bool).copy()
+    rest = np.flatnonzero(~hit)
+    if len(rest):
+        scores[rest] = decider.scores(q_rows[rest], p_rows[rest] + e)
+        hit[rest] = decider.links(scores[rest])
+    return scores, hit
+
+
+def _similarity(decider: Decider, score: float) -> tuple[float, str]:
+    """(similarity, method) of a match's score: a hash-linked pair is (1.0, `phash`)."""
+    if score == np.inf:
+        return 1.0, HASH_METHOD
+    return 1.0 - float(decider.distance(np.array([score]))[0]), decider.method
+
+
+def hash_matches(ev: pa.Table, pool: pa.Table, cfg: dedup.DedupConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(eval row, pool row), unique, sorted: the pairs the hash dedup would link if both images
+    were in one pool. Per channel of `dedup.candidate_codes`, the pairs within its radius (one
+    image's code against any code of the other, as dedup's candidates) are checked by
+    `dedup.verify_pairs` on the two records. Tables: ingest hash columns (HASH_COLUMNS)."""
+    e, n = ev.num_rows, pool.num_rows
+    none = np.zeros(0, np.int64)
+    if not e or not n:
+        return none, none
+    cols = [c for c in HASH_COLUMNS if c in ev.column_names and c in pool.column_names]
+    rows = dedup.table_rows(pa.concat_tables([ev.select(cols), pool.select(cols).cast(ev.select(cols).schema)]), cfg)
+    q, p = [none], [none]
+    for code in dedup.candidate_codes(cfg):
+        cq, cp = _code_pairs(ev, pool, Code(code.column, code.radius, code.channel, code.variants))
+        ok = dedup.verify_pairs(rows, code.channel, cq, cp + e, cfg)
+        q.append(cq[ok])
+        p.append(cp[ok])
+    key = np.unique(np.concatenate(q) * n + np.concatenate(p))
+    return key // n, key % n
+
+
+def _code_pairs(ev: pa.Table, pool: pa.Table, code: Code) -> tuple[np.ndarray, np.ndarray]:
+    """(eval row, pool row) with one's `code.column` code within `code.radius` bits of a code of
+    the other (its variants too): exact, by the partitioned dedup's pigeonhole index
+    (`scale.hashdedup`), over the eval codes (small), queried by the pool's codes. O(pool) work,
+    never eval x pool comparisons."""
+    ve, vp = _versions(ev, code), _versions(pool, code)  # uint64 [rows, versions, words]
+    k, w, n = ve.shape[1], ve.shape[2], len(vp)
+    pi, qv = _SortedIndex(ve.reshape(-1, w), code.radius).search(vp[:, 0])  # pool code vs every eval code
+    q, p = [qv // k], [pi]
+    if k > 1:  # every pool code vs the eval images' `column` codes
+        pv, qi = _SortedIndex(np.ascontiguousarray(ve[:, 0]), code.radius).search(vp.reshape(-1, w))
+        q.append(qi)
+        p.append(pv // k)
+    key = np.unique(np.concatenate(q) * n + np.concatenate(p))
+    return key // n, key % n
+
+
+def _hash_table(t: pa.Table, uids, where: str) -> pa.Table:
+    """`t`'s rows of `uids` in that order (one per uid), the hash columns only."""
+    pos = {u: i for i, u in enumerate(t["uid"].to_pylist())}
+    if missing := [u for u in uids if u not in pos]:
+        raise RuntimeError(f"{where}: no accepted ingest record for {len(missing)} images, e.g. {missing[:3]}")
+    return t.select([c for c in HASH_COLUMNS if c in t.column_names]).take(pa.array([pos[u] for u in uids], pa.int64()))
+
+
+def _pool_hashes(run_dir: Path, uids: np.ndarray) -> pa.Table:
+    return _hash_table(rundir.unique_accepted(run_dir), uids.tolist(), str(run_dir))
+
+
+def _eval_hashes(eval_dirs: dict[str, Path], uids: np.ndarray, set_of: dict[str, str]) -> pa.Table:
+    """The eval images' ingest hash records, in `uids` order (each from its set's run)."""
+    parts, order = [], []
+    for name in sorted(eval_dirs):
+        mine = [u for u in uids.tolist() if set_of[u] == name]
+        if mine:
+            parts.append(_hash_table(rundir.unique_accepted(eval_dirs[name]), mine, str(eval_dirs[name])))
+            order += mine
+    if not parts:
+        return pa.table({"uid": pa.array([], pa.string())})
+    row = {u: i for i, u in enumerate(order)}
+    return pa.concat_tables(parts).take(pa.array([row[u] for u in uids.tolist()], pa.int64()))
 
 
 def _eval_features(eval_dirs: dict[str, Path]) -> tuple[PoolFeatures, dict[str, str]]:
@@ -181,9 +273,12 @@ def run_decontam(
     rcfg: runner.RunnerConfig = runner.RunnerConfig(),
     partitioned: bool | None = None,
     buckets: int | None = None,
+    dedup_cfg: dedup.DedupConfig | None = None,
 ) -> runner.StageReport:
     """Remove the pool's copies of eval images (`proposer`: the vector folder name, e.g.
-    "vectors", of an embedder that also proposes candidates).
+    "vectors", of an embedder that also proposes candidates). `dedup_cfg`: the hash dedup's
+    rules (the run's dedup config; None: the default): pairs they link are copies undecided by
+    local features.
 
     Two paths, one output (tests/curation/test_decontam_scale.py checks they are equal): one
     Ray task holding the pool (`DecontamFn`), or Ray tasks per pool part (`_run_partitioned`).
@@ -198,8 +293,9 @@ def run_decontam(
     if copy_model:
         dirs += [rundir.stage_dir(d, "copyembed") for d in (run_dir, *[eval_dirs[n] for n in names])]
     unit = runner.WholeStage(fingerprint=rundir.digest(*dirs), stem="decontaminated")
-    fn = DecontamFn(str(run_dir), {k: str(v) for k, v in eval_dirs.items()}, cfg, proposers, copy_model)
-    cfg_hash = runner.config_hash(cfg, names, copy_model, proposer)  # both paths: same outputs, same identity
+    dcfg = dedup_cfg or dedup.DedupConfig()
+    fn = DecontamFn(str(run_dir), {k: str(v) for k, v in eval_dirs.items()}, cfg, proposers, copy_model, dcfg)
+    cfg_hash = runner.config_hash(cfg, names, copy_model, proposer, dcfg)  # both paths: same outputs, same identity
     if partitions(run_dir, partitioned):
         return _run_partitioned(fn, unit, cfg_hash, rcfg, buckets)
     return runner.map_partitions(fn, [unit], rundir.stage_dir(run_dir, "decontam"), cfg_hash=cfg_hash, runner=rcfg)
@@ -218,8 +314,10 @@ def run_decontam(
 #    eval image's global top k (ties by the order key: the single search's lower row). An embedder
 #    proposer's pool vectors are searched here too, part by part, with the same canonical exact
 #    search as `scale.shardindex` (whose `knn_lists` takes the pool's uid list: O(pool) in the caller).
-# 2. decide: a task per part verifies its hash candidates and the merged k-NN pairs that fall in
-#    it with the calibrated Decider; each matched pool image keeps its best eval image.
+# 2. decide: a task per part links the eval images to its members the hash dedup's rules link
+#    (`hash_matches`, its members' ingest hash records read at their (part, row)), and verifies
+#    its other hash candidates and the merged k-NN pairs that fall in it with the calibrated
+#    Decider; each matched pool image keeps its best eval image.
 # 3. finish: one task joins the matches with the duplicate groups (streamed in batches), checks
 #    the guard and writes decontaminated.parquet and its marker as the single task would.
 
@@ -240,6 +338,7 @@ class EvalSide:
     set_of: dict[str, str]
     queries: list[np.ndarray]  # per k-NN list after the model-free descriptor: the eval vectors
     copy_vecs: np.ndarray | None
+    hashes: pa.Table | None = None  # the eval images' ingest hash records (HASH_COLUMNS), in feats.uids order
 
 
 @dataclass(frozen=True)
@@ -252,6 +351,7 @@ class PartJob:
     lists: tuple[str, ...]  # vector folders of the pool, per k-NN list after the descriptor
     copy_vecs: str | None  # the copy model's vector folder of the pool
     cal: cd.Calibration | None = None
+    dedup_cfg: dedup.DedupConfig = dedup.DedupConfig()  # the hash dedup's rules
 
 
 def partitions(run_dir: Path, force: bool | None = None) -> bool:
@@ -440,18 +540,20 @@ def _decide(job: PartJob, item: tuple[int, pa.Table], ev: EvalSide) -> tuple[str
     part = _load_part(job, home)
     n, e, cfg = part.keys.num_rows, len(ev.feats.uids), job.cfg
     qa, pb = cd.cross_hash_candidates(ev.feats.nhash, part.feats.nhash, part.feats.nhash_flip, cfg.hash_radius)
+    hq = hp = np.zeros(0, np.int64)
+    if ev.hashes is not None:
+        hq, hp = hash_matches(ev.hashes, _part_hashes(job, part.keys), job.dedup_cfg)
     row_of = {u: i for i, u in enumerate(part.feats.uids.tolist())}
     kq = knn["q"].to_numpy().astype(np.int64)
     kp = np.array([row_of[u] for u in knn["uid"].to_pylist()], np.int64)
-    key = np.unique(np.concatenate([qa * n + pb, kq * n + kp]))
+    key = np.unique(np.concatenate([qa * n + pb, hq * n + hp, kq * n + kp]))
     q_rows, p_rows = key // max(n, 1), key % max(n, 1)
     feats = ev.feats.feats + part.feats.feats
     vecs = None
     if part.copy_vecs is not None:
         vecs = np.concatenate([ev.copy_vecs, part.copy_vecs]).astype(np.float32)
     decider = Decider(feats, vecs, job.cal, cfg)
-    scores = decider.scores(q_rows, p_rows + e)
-    hit = decider.links(scores)
+    scores, hit = _decide_pairs(decider, q_rows, p_rows, e, np.isin(key, hq * n + hp))
     best: dict[int, tuple[float, int, int]] = {}
     for qi, pi, s in zip(q_rows[hit].tolist(), p_rows[hit].tolist(), scores[hit].tolist()):
         if pi not in best:
@@ -467,6 +569,23 @@ def _decide(job: PartJob, item: tuple[int, pa.Table], ev: EvalSide) -> tuple[str
     path = Path(job.work) / "match" / f"{runner.part_name(home)}.parquet"
     _write(out, path)
     return str(path), len(rows)
+
+
+def _part_hashes(job: PartJob, keys: pa.Table) -> pa.Table:
+    """The ingest hash records of a part's members (keys: INDEX_SCHEMA rows), in keys' order:
+    each read at its (ingest part, row), one ingest partition's hash columns at a time."""
+    run = Path(job.run_dir)
+    manifests = dict(zip(sorted(rundir.ingest_markers(run)), rundir.ingest_manifests(run)))
+    part, row = keys["part"].to_numpy(), keys["row"].to_numpy()
+    pieces, order = [], []
+    for i in np.unique(part).tolist():
+        cols = [c for c in HASH_COLUMNS if c in pq.read_schema(manifests[i]).names]
+        sel = np.flatnonzero(part == i)
+        pieces.append(pq.read_table(manifests[i], columns=cols).take(pa.array(row[sel])))
+        order.append(sel)
+    if not pieces:
+        return pa.table({"uid": pa.array([], pa.string())})
+    return pa.concat_tables(pieces).take(pa.array(np.argsort(np.concatenate(order), kind="stable")))
 
 
 def _finish(job: PartJob, item: tuple, ev: EvalSide) -> dict:
@@ -522,8 +641,8 @@ def _groups_of(job: PartJob, m: pa.Table, ev: EvalSide, decider: Decider, rows: 
     for u in sorted(set(best) | in_pool):
         s, qi = best.get(u) or group_best[member[u]]
         euid = str(ev.feats.uids[qi])
-        sim = 1.0 - float(decider.distance(np.array([s]))[0])
-        rows.append(dict(uid=u, matched_eval_uid=euid, similarity=sim, eval_set=ev.set_of[euid], method=decider.method))
+        sim, method = _similarity(decider, s)
+        rows.append(dict(uid=u, matched_eval_uid=euid, similarity=sim, eval_set=ev.set_of[euid], method=method))
     return pa.Table.from_pylist(rows, schema=DECONTAM_SCHEMA).sort_by([("uid", "ascending")])
 
 
@@ -569,7 +688,8 @@ def _eval_side(fn: DecontamFn) -> EvalSide:
     if fn.copy_model:
         dirs = {k: str(rundir.vectors_dir(Path(v), "copyembed")) for k, v in fn.eval_dirs.items()}
         copy = _eval_vectors(ev.uids, set_of, dirs)
-    return EvalSide(ev, set_of, queries, copy)
+    hashes = _eval_hashes({k: Path(v) for k, v in fn.eval_dirs.items()}, ev.uids, set_of)
+    return EvalSide(ev, set_of, queries, copy, hashes)
 
 
 def _run_partitioned(
@@ -588,7 +708,7 @@ def _run_partitioned(
     shutil.rmtree(work, ignore_errors=True)
     lists = tuple(p for p, _ in fn.proposers)
     copy_dir = str(rundir.vectors_dir(run, "copyembed")) if fn.copy_model else None
-    job = PartJob(str(run), str(work), fn.cfg, lists, copy_dir, cal)
+    job = PartJob(str(run), str(work), fn.cfg, lists, copy_dir, cal, fn.dedup_cfg)
     n, homes = _pool_index(job, rcfg, buckets)
     ev = ray.put(_eval_side(fn))  # the eval sets go into the object store once; every task reads them there
     matches: list[str] = []
