@@ -294,6 +294,7 @@ def curate(
                 proposer="vectors" if embeds else None,
                 copy_model=copy_spec,
                 budget=budget,
+                dedup_cfg=dedup_cfg,
             )
         if embeds:
             tasks.cluster_task(run_dir, cluster_cfg, rcfg, budget)

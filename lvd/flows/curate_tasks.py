@@ -181,10 +181,13 @@ def decontam_task(
     proposer: str | None,
     copy_model: tuple[str, dict] | None,
     budget: B.WorkerBudget | None = None,
+    dedup_cfg: DedupConfig | None = None,  # the hash dedup's rules: pairs they link are copies
 ) -> None:
     progress = artifacts.Progress("curate-decontam-progress", "decontamination: copies of eval images")
     with B.job_budget(budget):  # the pool's k-NN (scale.shardindex.knn_lists, in the stage's task) sizes by it
-        stages_decontam.run_decontam(run_dir, eval_dirs, cfg, proposer=proposer, copy_model=copy_model, rcfg=rcfg)
+        stages_decontam.run_decontam(
+            run_dir, eval_dirs, cfg, proposer=proposer, copy_model=copy_model, rcfg=rcfg, dedup_cfg=dedup_cfg
+        )
     progress(1, 1)
     t = rundir.decontaminated(run_dir)
     counts = Counter(t["eval_set"].to_pylist())
