@@ -298,8 +298,7 @@ def report_cost(clock: Clock, s: dict, n: int, cfg: CopyDetectConfig) -> None:
     print(
         f"  copy detection (b) split (wall): reading features {1000 * s['seconds_read'] / n:.2f} ms, candidates "
         f"{1000 * s['seconds_candidates'] / n:.2f} ms, calibration {s['seconds_calibrate']:.1f} s in all (beside "
-        f"the candidates and the verification; {wait:.1f} s waited for), verification "
-        f"{1000 * s['seconds_verify'] / n:.2f} ms, "
+        f"the candidates; {wait:.1f} s after them), verification {1000 * s['seconds_verify'] / n:.2f} ms, "
         f"chain split {1000 * s['seconds_split'] / n:.2f} ms"
     )
     print(
@@ -316,7 +315,7 @@ def report_cost(clock: Clock, s: dict, n: int, cfg: CopyDetectConfig) -> None:
     base = clock.wall["ingest"] + clock.wall["hash dedup"]
     full = base + clock.wall["copy features"] + clock.wall["copy detection"] - wait
     print(
-        f"ratio (wall) without the {wait:.1f} s waited for the calibration's fixed part (a pool where it "
+        f"ratio (wall) without the calibration's fixed {wait:.1f} s after the candidates (a pool where it "
         f"amortises): {full / base:.2f}x"
     )
 

@@ -190,22 +190,3 @@ def test_descriptor_candidates_are_the_shared_key_reference(max_bucket):
     got = cd.descriptor_candidates(feats, 6, max_bucket=max_bucket)
     assert np.array_equal(got, _reference_descriptor_candidates(feats, 6, max_bucket=max_bucket))
     assert (got >= 0).sum() >= 12  # copies share keys: partners found
-
-
-@pytest.mark.parametrize("threshold", [12, 20, 40])
-@pytest.mark.parametrize("user", [False, True])
-def test_verification_before_the_threshold_decides_as_after_it(threshold, user):
-    """Pairs verified at the threshold's floor while calibrating, then those between the floor
-    and the calibrated threshold again: the links and their scores of verifying at it alone."""
-    from dataclasses import replace
-
-    feats = _photo_features()
-    a, b = (x.astype(np.int64) for x in np.triu_indices(len(feats), 1))
-    cfg = replace(CFG, threshold=threshold) if user else CFG
-    cal = cd.calibrate(cd.METHOD_LOCAL, {}, [], replace(CFG, threshold=threshold), images=0)
-    scores, (got, seconds), waited = stages_copy.verify_while_calibrating(feats, a, b, cfg, lambda: (cal, 1.5))
-    assert got is cal and seconds == 1.5 and waited[0] <= waited[1]
-    ref = cd.verify_pairs(feats, a, b, CFG.verify, threshold)
-    assert np.array_equal(scores >= threshold, ref >= threshold) and (ref >= threshold).sum() >= 9
-    high = scores >= (threshold if user else cd.MIN_INLIERS)
-    assert np.array_equal(scores[high], ref[high])

@@ -341,9 +341,8 @@ class CopyDetectFn:
     def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
         t0 = time.perf_counter()
         run, cfg = Path(self.run_dir), self.cfg
-        # the calibration's Ray tasks run while this task reads the features, finds the
-        # candidates and verifies them (it needs none of that; verification needs only the
-        # threshold's floor first, see `verify_while_calibrating`)
+        # the calibration's Ray tasks run while this task reads the features and finds the
+        # candidates (it needs neither)
         with ThreadPoolExecutor(1) as pool_:
             uids = rundir.unique_accepted(run)["uid"].to_pylist()
             cal_job = pool_.submit(_timed, run_calibration, run, uids, cfg, self.copy_model)
@@ -353,15 +352,10 @@ class CopyDetectFn:
             t_read = time.perf_counter()
             a, b, pa_, pb_, groups, hp = self._candidates(run, pool, copy_vecs)
             t_cand = time.perf_counter()
-            if self.copy_model is None:
-                scores, (cal, seconds_cal), wait = verify_while_calibrating(pool.feats, a, b, cfg, cal_job.result)
-            else:
-                wait = time.perf_counter()
-                cal, seconds_cal = cal_job.result()
-                wait = (wait, time.perf_counter())
+            cal, seconds_cal = cal_job.result()
+        t_cal = time.perf_counter()
         decider = Decider(pool.feats, copy_vecs, cal, cfg)
-        if self.copy_model is not None:
-            scores = decider.scores(a, b)
+        scores = decider.scores(a, b)
         keep = decider.links(scores)
         t_verify = time.perf_counter()
         ea = np.concatenate([a[keep], pa_])
@@ -398,10 +392,10 @@ class CopyDetectFn:
             duplicates=table.num_rows,
             method=cal.method,
             seconds_read=t_read - t0,
-            seconds_calibrate=seconds_cal,  # overlaps the candidates (and the verification, model-free)
-            seconds_calibrate_wait=wait[1] - wait[0],  # what it added
+            seconds_calibrate=seconds_cal,  # overlaps the candidates
+            seconds_calibrate_wait=t_cal - t_cand,  # what it added after them
             seconds_candidates=t_cand - t_read,
-            seconds_verify=t_verify - t_cand - (wait[1] - wait[0]),
+            seconds_verify=t_verify - t_cal,
             seconds_split=t_split - t_verify,
         )
         return {"": table, "calibration": _json_table(cal.as_dict()), "stats": _json_table(stats)}
@@ -421,28 +415,6 @@ class CopyDetectFn:
             knn.append(cd.knn_lists(copy_vecs, cfg.k))
         a, b = cd.bounded_candidates(n, hp, knn, cfg.max_verify, group=groups)
         return a, b, pa_, pb_, groups, hp
-
-
-def verify_while_calibrating(
-    feats: list[Features], a: np.ndarray, b: np.ndarray, cfg: cd.CopyDetectConfig, calibration
-):
-    """(scores, calibration(), (start, end) of the wait for it): the model-free scores of pairs
-    (a, b) as `Decider.scores` gives them at the calibrated threshold T, found while the
-    calibration still runs. Verification gates at the threshold's floor F (MIN_INLIERS, or the
-    user's threshold) before T is known; a gate only skips work that cannot reach it, so every
-    score >= T, and every score < F, decides as at gate T (the same fits; `localfeat.verify`).
-    Only pairs scoring F..T-1 (the mirror was skipped once the direct match reached F) are
-    verified again at gate T. Links and their scores are those of verifying at T alone."""
-    floor = cd.MIN_INLIERS if cfg.threshold is None else int(np.ceil(cfg.threshold))
-    scores = verify_many(feats, a, b, cfg, floor)
-    t = time.perf_counter()
-    got = calibration()
-    waited = (t, time.perf_counter())
-    enough = int(np.ceil(got[0].threshold))
-    redo = np.arange(len(a)) if enough < floor else np.flatnonzero((scores >= floor) & (scores < enough))
-    if len(redo):
-        scores[redo] = verify_many(feats, a[redo], b[redo], cfg, enough)
-    return scores, got, waited
 
 
 def _timed(fn, *args):
