@@ -83,8 +83,9 @@ def test_soft_face_copies_linked_and_lookalike_faces_not(faces):
 
 
 def test_the_pairs_are_those_dedup_links_in_one_pool(faces):
-    """Exactly the hash dedup's relation: every (eval, pool) pair `find_near_duplicates` puts
-    directly in one group on the union of both tables is found, and nothing it keeps apart."""
+    """The hash dedup's relation: on the union of both tables `find_near_duplicates` puts every
+    found pair in one group, and (here, where its groups are an image and its copies) every
+    (eval, pool) pair of one group is found."""
     ev, pool, _ = faces
     q, p = decontam.hash_matches(ev, pool, DedupConfig())
     both = pa.concat_tables(
