@@ -98,13 +98,13 @@ def stage_kmeans(ctx: Ctx) -> str:
 
 
 def shuffle_config(ctx: Ctx, n_edges: int):
-    """Exact buckets from the records' bytes, pair blocks from hashdedup.PAIR_RECORD_BYTES (a
+    """Exact buckets from the records' bytes, pair blocks from budget.hash_block_count (a
     block-pair task's measured peak per record of its block), under the worker budget."""
-    from lvd.curation.scale.hashdedup import PAIR_RECORD_BYTES, ShuffleConfig
+    from lvd.curation.scale.hashdedup import ShuffleConfig
 
     exact = max(2 * ctx.workers, B.hash_bucket_count(ctx.spec.n, ctx.budget))
     return ShuffleConfig(
-        buckets=max(exact, math.ceil(ctx.spec.n * PAIR_RECORD_BYTES / ctx.budget.data_bytes)),
+        buckets=max(exact, B.hash_block_count(ctx.spec.n, ctx.budget)),
         exact_buckets=exact,
         partitions=max(2 * ctx.workers, B.component_partitions(n_edges, ctx.budget)),
         task_options=B.ray_options(ctx.budget),

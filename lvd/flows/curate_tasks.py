@@ -208,15 +208,16 @@ def dedup_sizes(n_records: int, budget: B.WorkerBudget | None) -> tuple[bool | N
     """`run_dedup`'s `partitioned` and `shuffle` under a worker budget ((None, None) without one:
     today's choice and sizes). The one-task path holds every record (HASH_RECORD_BYTES x HASH_WORK
     each): when that is over the budget's data share the shuffle is forced. The budget only raises
-    the bucket counts above the defaults. Outputs are the same either way (scale.hashdedup equals
-    the one task), so none of this enters the dedup fingerprint."""
+    the exact buckets above the default; the pair blocks are the fewest that fit (at least one
+    per exact bucket), since each record queries (blocks + 1) / 2 of them. Outputs are the same
+    either way (scale.hashdedup equals the one task), so none of this enters the dedup fingerprint."""
     if budget is None:
         return None, None
     d = ShuffleConfig()
-    keys = n_records * B.HASH_KEY_COPIES
+    exact = max(d.exact_buckets, B.hash_bucket_count(n_records, budget))
     shuffle = ShuffleConfig(
-        buckets=max(d.buckets, B.hash_bucket_count(keys, budget, record_bytes=B.HASH_KEY_BYTES)),
-        exact_buckets=max(d.exact_buckets, B.hash_bucket_count(n_records, budget)),
+        buckets=max(exact, B.hash_block_count(n_records, budget)),  # the fewest that fit: blocks cost work
+        exact_buckets=exact,
         partitions=d.partitions,  # the edge count is not known before the shuffle
         task_options=B.ray_options(budget),
     )

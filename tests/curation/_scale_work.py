@@ -45,7 +45,7 @@ def hash_dedup(run: Path, out: Path, b: B.WorkerBudget) -> None:
 
     n = sum(pq.read_metadata(p).num_rows for p in rundir.ingest_manifests(run))
     shuffle = hashdedup.ShuffleConfig(
-        buckets=max(3, B.hash_bucket_count(n * B.HASH_KEY_COPIES, b, record_bytes=B.HASH_KEY_BYTES)),
+        buckets=max(3, B.hash_block_count(n, b)),
         exact_buckets=max(3, B.hash_bucket_count(n, b)),
         partitions=max(3, B.component_partitions(n, b)),
         task_options=B.ray_options(b),

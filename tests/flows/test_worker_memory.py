@@ -31,11 +31,11 @@ def test_budget_sizes_follow_it_and_no_budget_keeps_todays():
     assert tasks.dedup_sizes(7, None) == (None, None)
     partitioned, shuffle = tasks.dedup_sizes(7, BUDGET)  # a small run: the one task still fits
     assert partitioned is None and shuffle.task_options == {"memory": BUDGET.worker_bytes}
-    assert (shuffle.buckets, shuffle.exact_buckets) == (16, 8)  # never below the defaults
+    assert (shuffle.buckets, shuffle.exact_buckets) == (8, 8)  # one block per exact bucket: blocks cost work
     partitioned, shuffle = tasks.dedup_sizes(200_000, BUDGET)  # 200k records x 1.9 KB > 172 MiB
     assert partitioned is True
-    assert shuffle.buckets == B.hash_bucket_count(200_000 * B.HASH_KEY_COPIES, BUDGET, record_bytes=B.HASH_KEY_BYTES)
-    assert shuffle.buckets > 16 and shuffle.exact_buckets == 8
+    assert shuffle.buckets == B.hash_block_count(200_000, BUDGET) == -(-200_000 * 8200 // BUDGET.data_bytes)
+    assert shuffle.buckets == 10 and shuffle.exact_buckets == 8
     assert tasks.dedup_sizes(10**6, BUDGET)[1].exact_buckets == B.hash_bucket_count(10**6, BUDGET) > 8
 
     cfg = ClusterConfig()

@@ -10,7 +10,7 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
     knn_shard_fixed_bytes  = Q * (4*D + 24*(k+16)) + nlist*D*4 [+ 256*D*4 PQ] + uids * KNN_UID_BYTES
     kmeans_shard_rows      = (data_bytes - 20*k*D - block_rows*(4k + 14D)) / (2*D + 8)      rows per k-means actor
     hash_bucket_count(N)   = ceil(N * HASH_RECORD_BYTES * HASH_WORK / data_bytes)   buckets of the exact pass
-    hash_bucket_count(N * HASH_KEY_COPIES, record_bytes=HASH_KEY_BYTES)       buckets of the chunk (key) pass
+    hash_block_count(N)    = ceil(N * PAIR_RECORD_BYTES / data_bytes)                 blocks of the pair pass
     query_block_rows       = data_bytes / 4 / (4*D + 24*k)            queries searched at once
     ingest_partition_cap   = data_bytes / (2 * mean input bytes)      files per ingest partition at most
     ledger_range_rows      = data_bytes / LEDGER_ROW_BYTES            uids per ledger / verify range task
@@ -74,11 +74,11 @@ FILL = 0.5  # share of (budget - base) given to partition data; the rest is for 
 # dhash (8 each), phash256, nphash256 (32 each), cphash256 (4 x 32), sat16 (64), thumb16 (256),
 # a bucket key and row id (16).
 HASH_RECORD_BYTES = 68 + 4 * 8 + 2 * 32 + 128 + 64 + 256 + 16
-# One key of scale.hashdedup's chunk shuffle (id, home part, the code: ~60 B, its module doc), as
-# sized here: 66 B, so that 66 x HASH_WORK / FILL = 396 B covers the 390 B per key measured at a
-# chunk-reduce task's peak (2.2M keys, 1.15 GB; benchmarks/curate_scale.py, 1e5 pool). It sends
-# HASH_KEY_COPIES keys per record (chunks x code versions with the default dedup config).
-HASH_KEY_BYTES, HASH_KEY_COPIES = 66, 154
+# Bytes per record of a scale.hashdedup block-pair task's block at its peak (codes and per-chunk
+# tables of every searched column, the other block's index, candidates of a query batch, the
+# blocks read to verify), measured: 10^6 records in 4 blocks, a worker peaked at 2,201 MiB over
+# its ~256 MiB idle base (benchmarks/curate_scale.py, 1 worker): 8.2 KB per record of a block.
+PAIR_RECORD_BYTES = 8200
 EDGE_ROW_BYTES = 150  # one direction of an edge in the components: two node keys (19 digits + 64-hex uid)
 # One uid of the caller's list, held by every shard of a k-NN index built for a subset (each maps
 # its own parts' rows of it): 290 B measured at the peak of `shardindex._sorted_wanted` for
@@ -177,6 +177,13 @@ def hash_bucket_count(n_records: int, budget: WorkerBudget, *, record_bytes: int
     records' bytes, measured) fits a worker; `n_records` counts every copy the shuffle sends
     (scale.hashdedup sends each record once per chunk: ~50 with the default dedup config)."""
     return max(1, math.ceil(n_records * record_bytes * HASH_WORK / budget.data_bytes))
+
+
+def hash_block_count(n_records: int, budget: WorkerBudget) -> int:
+    """Blocks of the hash dedup's pair pass so that a block-pair task (PAIR_RECORD_BYTES per
+    record of its block) fits a worker. More blocks mean more work (each record queries
+    (blocks + 1) / 2 block indexes), so this is the fewest that fit, not a parallelism knob."""
+    return max(1, math.ceil(n_records * PAIR_RECORD_BYTES / budget.data_bytes))
 
 
 def hash_bucket_rows(budget: WorkerBudget, *, record_bytes: int = HASH_RECORD_BYTES) -> int:

@@ -57,6 +57,7 @@ import pyarrow.parquet as pq
 import ray
 
 from lvd.curation import dedup, rundir
+from lvd.curation.scale.budget import PAIR_RECORD_BYTES  # noqa: F401 - measured there, named in this doc
 from lvd.curation.scale.components import ComponentsConfig, _write, components
 
 EDGE_SCHEMA = pa.schema(
@@ -69,16 +70,11 @@ _RID = "_rid"  # (input part << 32) | row: the input order, and a record's id in
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _QUERY_BATCH = 1 << 14  # queries looked up at once: bounds the lookup and candidate arrays
 _CHUNK_BITS = 22  # widest chunk of a _SortedIndex: a table of 2^22 starts (32 MiB) per chunk
-# Bytes per record of a block-pair task's block j at its peak (codes and per-chunk tables of
-# every searched column, the other block's index, candidates of a query batch, the blocks read to
-# verify), measured: 10^6 records in 4 blocks, a worker peaked at 2,201 MiB over its ~256 MiB idle
-# base (benchmarks/curate_scale.py, 1 worker): 8.2 KB per record of a 250,000-record block.
-PAIR_RECORD_BYTES = 8200
 
 
 @dataclass(frozen=True, kw_only=True)
 class ShuffleConfig:
-    """Sizes of the shuffle (`budget.hash_bucket_count` gives them from a memory budget)."""
+    """Sizes of the shuffle (`budget.hash_block_count` and `hash_bucket_count` give them from a budget)."""
 
     # blocks of the pair pass (at least one per exact bucket; each bucket's records are cut into
     # ceil(buckets / exact_buckets)): a task indexes one block (~N / blocks records) and queries
