@@ -181,7 +181,9 @@ def write_pool(spec: PoolSpec, run_dir: Path, *, vectors_too: bool = True) -> Pa
     run_dir = Path(run_dir)
     ingest_dir, vec_dir = rundir.stage_dir(run_dir, "ingest"), rundir.vectors_dir(run_dir)
     ingest_dir.mkdir(parents=True, exist_ok=True)
-    cfg = runner.config_hash(spec, INGEST_SCHEMA.names)  # a new ingest column rewrites the pool
+    # a new ingest column, or a column's new width (cphash256 grew from 4 to 7 clipped codes),
+    # rewrites the pool: the schema's text names both
+    cfg = runner.config_hash(spec, INGEST_SCHEMA.to_string(show_schema_metadata=False))
     for part in range(spec.parts):
         unit = _Part(part, f"synthetic-{part}")
         if not runner.is_done(ingest_dir, unit, cfg):
