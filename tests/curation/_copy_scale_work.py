@@ -1,0 +1,69 @@
+"""One partitioned copy stage on a prepared run folder, as a driver the fault tests SIGKILL.
+
+    python _copy_scale_work.py {copydetect,decontam} RUN OUT --address ADDR
+
+copydetect: stages.copy.run_copydetect(RUN, partitioned=True) with RUN/proposer as proposer,
+decontam: stages.decontam.run_decontam(RUN, RUN/eval/*, partitioned=True, proposer "vectors").
+Small parts (tests/curation/test_copy_scale_faults.py) so each stage runs several task waves.
+OUT/<stage>.started is written when the stage starts and OUT/<stage>.done when it returned,
+so the test knows where the driver is; prints RESULT {"seconds": wall}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from lvd.curation.copydetect import CopyDetectConfig  # noqa: E402
+from lvd.curation.scale.copyscale import CopyScaleConfig  # noqa: E402
+
+# as tests/curation/test_scale_copy.py (33 images: 7 ranges of 5, 3 groups / partitions)
+COPY_CFG = CopyDetectConfig(k=8, max_verify=6, max_remove=0.95, calib_images=8, calib_copy_images=2)
+COPY_SCALE = CopyScaleConfig(part_rows=5, lsh_buckets=3, groups=3, partitions=3)
+# as tests/curation/test_decontam_scale.py (its pool in ingest parts of 6 files), 3 index buckets
+DECONTAM_CFG = CopyDetectConfig(k=2, max_remove=0.95, calib_images=12, calib_copy_images=6)
+DECONTAM_BUCKETS = 3
+SCRATCH = {"copydetect": "copydetect/scale", "decontam": "decontam/work"}  # the stages' wave outputs
+OUTPUT = {"copydetect": "copydetect/duplicates.parquet", "decontam": "decontam/decontaminated.parquet"}
+
+
+def copydetect(run: Path) -> None:
+    from lvd.curation.stages import copy as stages_copy
+
+    stages_copy.run_copydetect(run, COPY_CFG, proposers=[run / "proposer"], partitioned=True, scale=COPY_SCALE)
+
+
+def decontam(run: Path) -> None:
+    from lvd.curation.stages import decontam as stage
+
+    evals = {d.name: d for d in sorted((run / "eval").iterdir())}
+    stage.run_decontam(run, evals, DECONTAM_CFG, proposer="vectors", partitioned=True, buckets=DECONTAM_BUCKETS)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("stage", choices=("copydetect", "decontam"))
+    p.add_argument("run", type=Path)
+    p.add_argument("out", type=Path)
+    p.add_argument("--address", default=None)
+    args = p.parse_args()
+    from lvd.curation import runner
+
+    runner.init_ray(args.address)  # as `lvd curate --ray-address` joins
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.stage}.started").touch()
+    t0 = time.time()
+    {"copydetect": copydetect, "decontam": decontam}[args.stage](args.run)
+    wall = time.time() - t0
+    (args.out / f"{args.stage}.done").touch()
+    print("RESULT " + json.dumps({"seconds": wall}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
