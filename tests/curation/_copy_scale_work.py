@@ -46,13 +46,66 @@ def decontam(run: Path) -> None:
     stage.run_decontam(run, evals, DECONTAM_CFG, proposer="vectors", partitioned=True, buckets=DECONTAM_BUCKETS)
 
 
+def with_node_removal(stage: str, run: Path, out: Path) -> dict:
+    """On a Cluster (head without CPUs, 3 worker nodes of 1 CPU): the stage on a copy of RUN
+    (OUT/reference), then on RUN with one worker node removed (and a fresh one added) once the
+    stage's first waves wrote scratch. The stage runs in a thread: Ray adds nodes from the main
+    thread only. -> {"removed": whether the node went while the stage ran, "seconds": ...}."""
+    import shutil
+    import threading
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    fn = {"copydetect": copydetect, "decontam": decontam}[stage]
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    try:
+        ref = out / "reference"
+        shutil.copytree(run, ref)
+        t0 = time.time()
+        fn(ref)
+        t_ref = time.time() - t0
+        failed: list[BaseException] = []
+        worker = threading.Thread(target=lambda: _catch(fn, run, failed))
+        worker.start()
+        scratch, removed = run / SCRATCH[stage], False
+        while worker.is_alive():
+            if scratch.exists() and len([p for p in scratch.rglob("*") if p.is_file()]) >= 2:
+                cluster.remove_node(nodes.pop(0))  # its tasks die with it
+                removed = not (run / OUTPUT[stage]).exists()
+                nodes.append(cluster.add_node(num_cpus=1))
+                break
+            time.sleep(0.01)
+        worker.join()
+        if failed:
+            raise failed[0]
+        return {"removed": removed, "seconds_reference": t_ref}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _catch(fn, run: Path, failed: list) -> None:
+    try:
+        fn(run)
+    except BaseException as e:  # re-raised by the main thread
+        failed.append(e)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("stage", choices=("copydetect", "decontam"))
     p.add_argument("run", type=Path)
     p.add_argument("out", type=Path)
     p.add_argument("--address", default=None)
+    p.add_argument("--cluster-removal", action="store_true", help="a Cluster losing a worker node mid-stage")
     args = p.parse_args()
+    if args.cluster_removal:
+        print("RESULT " + json.dumps(with_node_removal(args.stage, args.run, args.out)), flush=True)
+        return
     from lvd.curation import runner
 
     runner.init_ray(args.address)  # as `lvd curate --ray-address` joins

@@ -120,3 +120,22 @@ def test_sigkill_in_partitioned_copy_detection_then_rerun_gives_identical_output
 @pytest.mark.slow
 def test_sigkill_in_partitioned_decontamination_then_rerun_gives_identical_outputs(ray_local, decontam_run, tmp_path):
     check_kill_and_rerun("decontam", decontam_run, ray_local, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["copydetect", "decontam"])
+def test_worker_node_removed_mid_stage_gives_identical_outputs(stage, copy_run, decontam_run, tmp_path):
+    """A 3-node Cluster (in the driver subprocess; the session's Ray is another) loses a worker
+    node while the stage's waves run: its tasks are retried elsewhere, the outputs unchanged."""
+    run, log = tmp_path / "run", tmp_path / "driver.log"
+    shutil.copytree(copy_run if stage == "copydetect" else decontam_run, run)
+    shutil.rmtree(run / stage, ignore_errors=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    argv = [sys.executable, str(WORK), stage, str(run), str(tmp_path / "out"), "--cluster-removal"]
+    proc = subprocess.Popen(argv, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    res = finish(proc, log)
+    assert res["removed"], res  # the node went before the stage's output existed
+    want, got = outputs(tmp_path / "out" / "reference", stage), outputs(run, stage)
+    assert sorted(got) == sorted(want) and pq.read_metadata(run / W.OUTPUT[stage]).num_rows > 0
+    for name in want:
+        assert got[name] == want[name], f"{stage}: {name} differs after the node removal"
