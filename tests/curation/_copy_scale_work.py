@@ -72,20 +72,37 @@ def with_node_removal(stage: str, run: Path, out: Path) -> dict:
         worker = threading.Thread(target=lambda: _catch(fn, run, failed))
         worker.start()
         scratch, removed = run / SCRATCH[stage], False
+        killed: list[str] = []
         while worker.is_alive():
             if scratch.exists() and len([p for p in scratch.rglob("*") if p.is_file()]) >= 2:
-                cluster.remove_node(nodes.pop(0))  # its tasks die with it
-                removed = not (run / OUTPUT[stage]).exists()
-                nodes.append(cluster.add_node(num_cpus=1))
-                break
+                busy = _running(nodes)  # a node running one of the stage's tasks now
+                if busy is not None:
+                    node, killed = busy
+                    nodes.remove(node)
+                    cluster.remove_node(node)  # its tasks die with it
+                    removed = not (run / OUTPUT[stage]).exists()
+                    nodes.append(cluster.add_node(num_cpus=1))
+                    break
             time.sleep(0.01)
         worker.join()
         if failed:
             raise failed[0]
-        return {"removed": removed, "seconds_reference": t_ref}
+        return {"removed": removed, "killed_tasks": killed, "seconds_reference": t_ref}
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def _running(nodes: list) -> tuple[object, list[str]] | None:
+    """(a worker node, the names of the tasks it runs now), or None when none runs one."""
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(filters=[("state", "=", "RUNNING")], raise_on_missing_output=False)
+    for node in nodes:
+        names = [t.name for t in tasks if t.node_id == node.node_id]
+        if names:
+            return node, names
+    return None
 
 
 def _catch(fn, run: Path, failed: list) -> None:
