@@ -6,7 +6,9 @@ The driver is tests/curation/_copy_scale_work.py in a subprocess joined to the s
 test_scale_copy.py and test_decontam_scale.py build from real photos, with small parts so each
 stage runs several waves of Ray tasks. The kill lands once the stage's first wave has written
 scratch outputs and before the stage's output exists; the rerun then starts the stage over
-(it clears the scratch) and must write what the uninterrupted run wrote.
+(it clears the scratch) and must write what the uninterrupted run wrote. On a 3-node
+`ray.cluster_utils.Cluster` (in the driver), a worker node running one of the stage's tasks is
+removed mid-stage: the tasks are retried elsewhere and the outputs are the same.
 """
 
 from __future__ import annotations
