@@ -373,11 +373,7 @@ def _clipped_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
         ok &= np.bitwise_count(rows.dhash[a] ^ rows.dhash[b]) <= cfg.dhash_radius
     if rows.log_aspect is not None:
         ok &= _aspect_ok(rows.log_aspect, a, b, cfg)
-    idx = np.flatnonzero(ok)
-    for start in range(0, len(idx), _QUERY_BATCH):
-        i = idx[start : start + _QUERY_BATCH]
-        ok[i] = clipped_thumb_residual(rows.thumb[a[i]], rows.thumb[b[i]]) <= cfg.clipped_max_residual
-    return ok
+    return _thumbs_fit(ok, a, b, rows.thumb, clipped_thumb_residual, cfg.clipped_max_residual)
 
 
 def clipped_thumb_residual(
@@ -449,11 +445,7 @@ def _soft_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
     ok &= _spread_ok(a, b, rows, cfg)
     if rows.log_aspect is not None:
         ok &= _aspect_ok(rows.log_aspect, a, b, cfg)
-    idx = np.flatnonzero(ok)
-    for start in range(0, len(idx), _QUERY_BATCH):
-        i = idx[start : start + _QUERY_BATCH]
-        ok[i] = increasing_thumb_residual(rows.thumb[a[i]], rows.thumb[b[i]]) <= cfg.soft_max_residual
-    return ok
+    return _thumbs_fit(ok, a, b, rows.thumb, increasing_thumb_residual, cfg.soft_max_residual)
 
 
 def increasing_thumb_residual(ta: np.ndarray, tb: np.ndarray) -> np.ndarray:
@@ -542,10 +534,17 @@ def _agree(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
     if rows.verify is not None:
         ok &= np.bitwise_count(rows.verify[a] ^ rows.verify[b]).sum(axis=1) <= cfg.verify_radius
     if rows.thumb is not None:  # last: costs 256 cells per pair, so only on survivors
-        idx = np.flatnonzero(ok)
-        for start in range(0, len(idx), _QUERY_BATCH):
-            i = idx[start : start + _QUERY_BATCH]
-            ok[i] = thumb_residual(rows.thumb[a[i]], rows.thumb[b[i]]) <= cfg.max_thumb_residual
+        ok = _thumbs_fit(ok, a, b, rows.thumb, thumb_residual, cfg.max_thumb_residual)
+    return ok
+
+
+def _thumbs_fit(ok: np.ndarray, a, b, thumb: np.ndarray, residual, limit: float) -> np.ndarray:
+    """`ok` narrowed to the pairs whose thumbnails fit within `limit` by `residual`, computed on
+    the survivors only (256 cells per pair), _QUERY_BATCH pairs at a time."""
+    idx = np.flatnonzero(ok)
+    for start in range(0, len(idx), _QUERY_BATCH):
+        i = idx[start : start + _QUERY_BATCH]
+        ok[i] = residual(thumb[a[i]], thumb[b[i]]) <= limit
     return ok
 
 

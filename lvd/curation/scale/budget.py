@@ -247,22 +247,12 @@ def knn_shard_rows(
     return _rows_after(budget, fixed, row, f"a k-NN shard's query block, quantiser and uid list (dim {dim}, k={k})")
 
 
-def knn_shard_memory(
-    budget: WorkerBudget,
-    rows: int,
-    dim: int,
-    k: int,
-    *,
-    query_rows: int,
-    index: str = "flat",
-    nlist: int = 0,
-    pq_bytes: int = 0,
-    n_uids: int = 0,
-) -> int:
+def knn_shard_memory(budget: WorkerBudget, rows: int, dim: int, k: int, *, query_rows: int, **shape) -> int:
     """Ray `memory=` of a k-NN shard actor holding `rows` rows (`actor_memory` of its rows and
-    fixed bytes)."""
-    fixed = knn_shard_fixed_bytes(dim, k, query_rows=query_rows, nlist=nlist, pq_bytes=pq_bytes, n_uids=n_uids)
-    return actor_memory(budget, rows * vector_row_bytes(dim, index, pq_bytes=pq_bytes) + fixed)
+    fixed bytes); `shape`: `knn_shard_rows`' index, nlist, pq_bytes and n_uids."""
+    index = shape.pop("index", "flat")
+    fixed = knn_shard_fixed_bytes(dim, k, query_rows=query_rows, **shape)
+    return actor_memory(budget, rows * vector_row_bytes(dim, index, pq_bytes=shape.get("pq_bytes", 0)) + fixed)
 
 
 def kmeans_fixed_bytes(dim: int, k: int, *, block_rows: int = 0) -> int:
