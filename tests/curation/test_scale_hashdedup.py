@@ -27,6 +27,7 @@ from lvd.curation.scale.hashdedup import (
     Code,
     ShuffleConfig,
     _CodeIndex,
+    _plan,
     _SortedIndex,
     folder_sources,
     partitioned_duplicates,
@@ -137,6 +138,26 @@ def test_synthetic_pool_equals_single_process_with_every_channel(ray_local, tmp_
     assert rep.candidates == _brute_candidates(table.filter(pa.array(~np.isin(np.arange(table.num_rows), [4, 5, 6]))))
 
 
+def _plant(rng, code: np.ndarray, index, k0: int, over: int, outside: bool) -> np.ndarray:
+    """`code` with bits flipped so that every chunk but k0 differs in flips + 1 bits (over its
+    radius) and k0 in flips + over bits; `outside`: one of k0's bits moved to bits no chunk
+    holds. At over=0 the distance is exactly the radius for a plan with sum(flips + 1) = R + 1,
+    and any bits the plan leaves to reach R go to k0 (a plan that covers less misses the pair)."""
+    bounds, flips = index.bounds, index.flips
+    take = [f + 1 for f in flips]
+    take[k0] = flips[k0] + over + max(0, index.radius - (sum(take) - 1))
+    bits = []
+    for k, t in enumerate(take):
+        bits += list(rng.choice(np.arange(bounds[k], bounds[k + 1]), t, replace=False))
+    if outside and take[k0]:
+        bits.remove(next(b for b in bits if bounds[k0] <= b < bounds[k0 + 1]))
+        bits.append(int(rng.integers(bounds[-1], 64 * code.shape[0])))
+    out = code.copy()
+    for b in bits:
+        out[b // 64] ^= np.uint64(1) << np.uint64(b % 64)
+    return out
+
+
 def _words(table: pa.Table, column: str, per_row: int = 1) -> np.ndarray:
     """uint64 [n, per_row, w] codes of a fixed-width binary or a uint64 column."""
     if pa.types.is_integer(table[column].type):
@@ -198,32 +219,37 @@ def test_block_pairs_search_variants_both_ways():
 
 
 def test_sorted_index_finds_exactly_the_pairs_within_radius():
-    """Planted pairs at the radius, two differing bits in as many of the index's chunks as the
-    radius allows and the odd one in another (only that chunk, with one flip, holds them),
-    and one bit over it; random codes elsewhere: the index's pairs are the brute-force pairs."""
+    """Planted pairs at the radius that only one chunk can find (every other chunk one bit
+    over its flips, that chunk at its flips; or one bit outside every chunk), the same one
+    bit over the radius, random codes elsewhere: the index's pairs are the brute-force pairs.
+    Plans: `_plan`'s (sum of flips + 1 = radius + 1) and given ones with uneven widths, 2-3
+    flips and bits no chunk holds."""
     rng = np.random.default_rng(4)
-    for radius, nx in ((45, 2000), (28, 3000), (8, 800)):
-        w = 1 if radius == 8 else 4
+    cases = [
+        (45, 4, 2000, None), (28, 4, 3000, None), (24, 4, 3000, None), (8, 1, 800, None), (8, 1, 5000, None),
+        (8, 1, 600, ((22, 2), (21, 2), (21, 2))),
+        (28, 4, 800, ((22, 3), (20, 2), (17, 2), (15, 1), (13, 1), (12, 1), (11, 1)) + ((10, 0),) * 11),
+        (16, 4, 800, ((21, 3), (19, 3), (12, 2), (9, 1), (9, 1), (8, 0), (7, 0))),
+    ]  # fmt: skip
+    for radius, w, nx, plan in cases:
         codes = rng.integers(0, 2**63, (nx, w), dtype=np.uint64) << np.uint64(1) | rng.integers(
             0, 2, (nx, w), dtype=np.uint64
         )
-        index = _SortedIndex(codes, radius)
-        queries = rng.integers(0, 2**63, (300, w), dtype=np.uint64)
-        for q in range(200):
-            bits, chunks = [], rng.permutation(len(index.bounds) - 1)
-            for c in chunks:
-                lo, hi = index.bounds[c], index.bounds[c + 1]
-                take = min(2, radius + (q % 2) - len(bits))  # odd q: one bit over the radius
-                bits += list(rng.choice(np.arange(lo, hi), take, replace=False))
-            code = codes[rng.integers(nx)].copy()
-            for b in bits:
-                code[b // 64] ^= np.uint64(1) << np.uint64(b % 64)
-            queries[q] = code
+        index = _SortedIndex(codes, radius, plan)
+        chunks = len(index.flips)
+        assert sum(f + 1 for f in index.flips) == radius + 1, index.flips  # tight: the cheapest plan is
+        queries = rng.integers(0, 2**63, (4 * chunks + 100, w), dtype=np.uint64)
+        outside = index.bounds[-1] < 64 * w
+        for q in range(4 * chunks):  # per chunk: at R, at R + 1, at R with a bit outside, at R + 1 so
+            k0 = q % chunks
+            queries[q] = _plant(rng, codes[rng.integers(nx)], index, k0, q // chunks % 2, outside and q >= 2 * chunks)
         dist = sum(np.bitwise_count(queries[:, None, k] ^ codes[None, :, k]) for k in range(w))
         want = set(zip(*np.nonzero(dist <= radius)))
         q, x = index.search(queries)
-        assert set(zip(q.tolist(), x.tolist())) == want and len(q) == len(want)
-        assert len(want) >= 100  # the planted pairs at the radius
+        assert set(zip(q.tolist(), x.tolist())) == want and len(q) == len(want), (radius, plan)
+        planted = [p for p in want if p[0] < 4 * chunks]
+        assert len(planted) >= 2 * chunks and all(p[0] // chunks % 2 == 0 for p in planted)  # at R: in; R + 1: out
+    assert _plan(64, 8, 18) == ((22, 2), (21, 2), (21, 2))  # the pHash at 250,000 codes: 3 chunks, 2 flips
 
 
 def test_bad_parts_get_a_clear_error(ray_local, tmp_path):
