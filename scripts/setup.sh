@@ -12,11 +12,11 @@ if [[ ! -x .venv/bin/python ]]; then
 fi
 stamp=".venv/.lvd-installed${extras}"
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-    .venv/bin/pip install -q -e ".${extras}"
+    .venv/bin/pip install -q --no-cache-dir -e ".${extras}"
     touch "$stamp"
 fi
 if [[ -n "$extras" ]] && ! .venv/bin/pip show -q dinov2 >/dev/null 2>&1; then
     # The official DINOv2 code (April 2023) for tests/pretrain/test_dinov2_parity.py, without
     # its pins (torch 2.0, xformers, cuml): the tests import only its pure-torch modules.
-    .venv/bin/pip install -q --no-deps dinov2==0.0.1.dev2
+    .venv/bin/pip install -q --no-cache-dir --no-deps dinov2==0.0.1.dev2
 fi
