@@ -73,7 +73,10 @@ _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _PROBES = 1 << 15  # lookups of a _SortedIndex at once: temporaries in cache (2^22 at once: 3x slower a lookup)
 _CHUNK_BITS = 22  # widest chunk of a _SortedIndex: a table of 2^22 starts (16 MiB) per chunk
 _MAX_FLIPS = 4  # most flips per chunk _plan considers (C(22, 4) = 7,315 masks)
-_LOOKUP, _CHECK = 1.0, 10.0  # a lookup ~5-10 ns, a candidate ~80 ns (random gathers of starts, order, words)
+# _plan's costs in lookups (~5-10 ns each here): a candidate's check (~80 ns: random gathers of
+# starts, order and code words); per indexed code and chunk, a table entry (~5 ns: bincount,
+# cumsum) and the sort (~40 ns), as if each code were queried once (a block's is, at least)
+_LOOKUP, _CHECK, _TABLE, _SORT = 1.0, 10.0, 0.7, 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -433,7 +436,7 @@ class _SortedIndex:
         key = _chunk(codes, self.bounds[k], self.bounds[k + 1])
         count = np.bincount(key.astype(np.intp), minlength=1 << (self.bounds[k + 1] - self.bounds[k]))
         starts = np.zeros(len(count) + 1, np.int32)  # n < 2^31
-        np.cumsum(count, out=starts[1:])
+        np.cumsum(count.astype(np.int32), out=starts[1:])
         # a value's presence, one byte each: most lookups miss, and a gather of this 4x smaller
         # table, then starts only for the hits, is ~3x faster a lookup than two gathers of starts
         return count > 0, starts, _argsort_bits(key, self.bounds[k + 1] - self.bounds[k])
@@ -477,12 +480,13 @@ def _plan(nbits: int, radius: int, size_bits: int) -> tuple[tuple[int, int], ...
     """Chunks (width, flips) of `_SortedIndex` for `nbits`-bit codes at `radius`, ~2^size_bits
     codes indexed: sum(flips + 1) = radius + 1, widths summing to at most nbits, each at most
     `_CHUNK_BITS` and size_bits + 4 (a table of <= 16 entries a code); the cheapest by
-    sum over chunks of masks x (`_LOOKUP` + `_CHECK` x codes / 2^width), a dynamic program over
+    sum over chunks of masks x (`_LOOKUP` + `_CHECK` x codes / 2^width) + a code's share of the
+    chunk's table and sort (`_TABLE` x 2^width / codes + `_SORT`): a dynamic program over
     (points, bits used)."""
     need = radius + 1
     top = min(_CHUNK_BITS, size_bits + 4, nbits)
     options = [
-        (w, f, _lookups(w, f) * (_LOOKUP + _CHECK * 2.0 ** (size_bits - w)))
+        (w, f, _lookups(w, f) * (_LOOKUP + _CHECK * 2.0 ** (size_bits - w)) + _TABLE * 2.0 ** (w - size_bits) + _SORT)
         for w in range(1, top + 1) for f in range(min(_MAX_FLIPS, w - 1) + 1)
     ]  # fmt: skip
     cost = np.full((need + 1, nbits + 1), np.inf)
@@ -522,11 +526,11 @@ def _masks(width: int, flips: int) -> np.ndarray:
 def _argsort_bits(key: np.ndarray, bits: int) -> np.ndarray:
     """int32 order sorting `key` (uint64 values of `bits` bits): LSD radix by 16-bit digits
     (numpy's stable argsort of uint16 is a radix sort: ~4x faster than sorting int64)."""
-    order = np.argsort((key & np.uint64(0xFFFF)).astype(np.uint16), kind="stable")
+    order = np.argsort((key & np.uint64(0xFFFF)).astype(np.uint16), kind="stable").astype(np.int32)
     for shift in range(16, bits, 16):
-        digit = ((key[order] >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.uint16)
-        order = order[np.argsort(digit, kind="stable")]
-    return order.astype(np.int32)
+        digit = ((key >> np.uint64(shift)) & np.uint64(0xFFFF)).astype(np.uint16)
+        order = order[np.argsort(digit[order], kind="stable")]
+    return order
 
 
 def _chunk(words: np.ndarray, lo: int, hi: int) -> np.ndarray:
