@@ -190,3 +190,43 @@ def test_descriptor_candidates_are_the_shared_key_reference(max_bucket):
     got = cd.descriptor_candidates(feats, 6, max_bucket=max_bucket)
     assert np.array_equal(got, _reference_descriptor_candidates(feats, 6, max_bucket=max_bucket))
     assert (got >= 0).sum() >= 12  # copies share keys: partners found
+
+
+def _exact_pair(n: int = 20) -> list[lf.Features]:
+    """Two images whose n keypoints (one per 3 px place) match one to one and all fit: the
+    score, the inliers, the ratio matches and their places are all n (a gate off by one at
+    any of them refuses the pair at threshold n)."""
+    rng = np.random.default_rng(3)
+    xy = np.stack(np.meshgrid(np.arange(5) * 45 + 20.0, np.arange(4) * 55 + 20.0), -1).reshape(-1, 2)[:n]
+    desc = rng.integers(0, 256, (n, lf.DESC_BYTES), dtype=np.uint8)
+    mirrored = np.c_[255 - xy[:, 0], xy[:, 1]].astype(np.float32)
+    return [
+        lf.Features(xy.astype(np.float32), desc, mirrored, rng.integers(0, 256, desc.shape, dtype=np.uint8), (256, 256))
+        for _ in range(2)
+    ]
+
+
+def test_verification_gates_decide_as_the_full_fit():
+    """With a threshold, an orientation scores 0 as soon as its score provably stays below it
+    (ratio matches, their distinct places on either side, RANSAC inliers, their distinct
+    places): every pair links exactly as the full fit of each orientation says, with its
+    score, at thresholds on either side of every score (the tightest gates)."""
+    feats, cfg = _photo_features() + _exact_pair(), CFG.verify
+    a, b = np.triu_indices(len(feats), 1)
+    full = []  # (direct, mirrored) scores of the full fits, the pair in verify's order
+    for i, j in zip(a.tolist(), b.tolist()):
+        fa, fb = feats[i], feats[j]
+        if lf._order_key(fb) < lf._order_key(fa):
+            fa, fb = fb, fa
+        full.append(
+            tuple(
+                lf._verify_one(fa.kp, fa.desc, fa.size, kp, desc, fb.size, cfg, flipped).score(cfg)
+                for kp, desc, flipped in ((fb.kp, fb.desc, False), (fb.kp_flip, fb.desc_flip, True))
+            )
+        )
+    scores = {s for pair in full for s in pair if s >= cd.MIN_INLIERS}
+    assert len(scores) >= 8 and any(m > d for d, m in full)  # links of many scores, some mirrored only
+    for t in sorted({t for s in scores for t in (s - 1, s, s + 1)}):
+        want = [d if d >= t else m if m >= t else -1 for d, m in full]
+        got = cd.verify_pairs(feats, a, b, cfg, t)
+        assert [g if g >= t else -1 for g in got.tolist()] == want, t
