@@ -66,10 +66,9 @@ class CopyDetectConfig:
     false_link_rate: float = 0.005  # calibration target among the hardest distinct pairs (one photo's parts)
     calib_images: int = 64  # pool images sampled for calibration (their parts: the distinct pairs)
     # of those, how many also get known copies with model-free verification (its threshold reads
-    # only the distinct pairs; the copies give the recall report, 7 kinds x 16 = 112 copies):
-    # 16 describes 640 images (32: 768; all 64: 1,024). A copy model's threshold reads the
-    # copies too: all get them there.
-    calib_copy_images: int = 16
+    # only the distinct pairs; the copies give the recall report): 32 saves a quarter of the
+    # calibration's features. A copy model's threshold reads the copies too: all get them there.
+    calib_copy_images: int = 32
     max_remove: float = 0.5  # guard: refuse to remove more than this fraction of the input
     max_centres: int = 64  # chain splitting: centres tried per member before it stays alone
     seed: int = 0
