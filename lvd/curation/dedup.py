@@ -48,6 +48,7 @@ representative (most pixels, then smallest uid), the method that linked it and a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 
@@ -73,6 +74,10 @@ THUMB_CELLS = 256  # 16x16 uint8 cell means (ingest.thumbnail)
 CODE_BYTES = VERIFY_BITS // 8
 CLIPPED_CODES = len(CLIP_FACTORS)
 _QUERY_BATCH = 1 << 16  # pairs per batch of the thumbnail check
+# The soft channel tries gamma curves only on pairs whose increasing fit is within this many
+# gray levels: the held-out gamma copies it recovers fit within 41 (seeds 101, 202), while ~94%
+# of its candidates (distinct look-alike products) are beyond 64, so 15x fewer curve fits.
+_CURVE_REACH = 64.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,15 +117,17 @@ class DedupConfig:
     # clipped codes are all-white noise):
     # - a power curve: gamma (and the JPEG of a strong brightness change) bends the gray map,
     #   which the affine check cannot follow, so a pair that fails it is checked again with
-    #   one thumbnail raised to each of `equalised_gammas` (x -> 255 (x / 255)^g), same limit;
+    #   one thumbnail raised to each of `fit_gammas` (x -> 255 (x / 255)^g), same limit;
     # - a clipped code: one image's plain code within `clipped_code_sure_radius` bits of one
     #   of the other's clipped codes (the original brightened into clipping as the copy was),
     #   where the copy has too few unclipped cells left to fit (a product on white x1.3+).
+    # The soft channel tries the same curves (on all cells, its own limit).
     # Measured on benchmarks/copy_heldout.py's untuned pools (built on --seed 101, then run on
     # 202, 11, 23; README): distinct textured candidates fit a power curve no closer than 8.3
-    # and 18.1 gray levels (seeds 101, 202); plain-vs-clipped codes of distinct textured images
-    # were never within 12 bits among 9,900 products. () / None: off.
-    equalised_gammas: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.12, 1.25, 1.4, 1.6, 1.8, 2.0)
+    # and 18.1 gray levels (seeds 101, 202; soft candidates, pHash <= 10: 37.2 and 19.9);
+    # plain-vs-clipped codes of distinct textured images were never within 12 bits among
+    # 9,900 products. () / None: off.
+    fit_gammas: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.12, 1.25, 1.4, 1.6, 1.8, 2.0)
     clipped_code_sure_radius: int | None = 8
     # A third channel, for clipping brightness changes: pHash and dHash within their radii,
     # pHash-256 within `clipped_verify_radius`, and the thumbnail residual measured on the cells
@@ -178,8 +185,8 @@ class DedupConfig:
             raise ValueError(f"soft_phash_radius={self.soft_phash_radius}: use 0..31")
         if self.clipped_code_sure_radius is not None and not 0 <= self.clipped_code_sure_radius <= 24:
             raise ValueError(f"clipped_code_sure_radius={self.clipped_code_sure_radius}: use 0..24 bits, or None")
-        if not all(0.2 <= g <= 5.0 for g in self.equalised_gammas):
-            raise ValueError(f"equalised_gammas={self.equalised_gammas}: use powers in 0.2..5, or () for none")
+        if not all(0.2 <= g <= 5.0 for g in self.fit_gammas):
+            raise ValueError(f"fit_gammas={self.fit_gammas}: use powers in 0.2..5, or () for none")
         if not self.min_thumb_spread >= 0:
             raise ValueError(f"min_thumb_spread={self.min_thumb_spread}: use >= 0 gray levels")
         if not 3 <= self.min_unclipped_cells <= THUMB_CELLS:
@@ -449,9 +456,9 @@ def _equalised_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
         ta, tb, sa, sb = rows.eq_thumb[a[i]], rows.eq_thumb[b[i]], rows.saturated[a[i]], rows.saturated[b[i]]
         fit = unclipped_residual(ta, tb, sa, sb, min_cells=cfg.min_unclipped_cells) <= cfg.max_unclipped_residual
         curved = textured[i] & ~fit
-        if cfg.equalised_gammas and curved.any():
+        if cfg.fit_gammas and curved.any():
             c = np.flatnonzero(curved)
-            res = power_unclipped_residual(ta[c], tb[c], sa[c], sb[c], cfg.equalised_gammas, cfg.min_unclipped_cells)
+            res = power_unclipped_residual(ta[c], tb[c], sa[c], sb[c], cfg.fit_gammas, cfg.min_unclipped_cells)
             fit[c] = res <= cfg.max_unclipped_residual
         if cfg.clipped_code_sure_radius is not None and rows.equalised.shape[1] > 1:
             c = np.flatnonzero(textured[i] & ~fit)
@@ -492,7 +499,24 @@ def _soft_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
     ok &= _spread_ok(a, b, rows, cfg)
     if rows.log_aspect is not None:
         ok &= _aspect_ok(rows.log_aspect, a, b, cfg)
-    return _thumbs_fit(ok, a, b, rows.thumb, increasing_thumb_residual, cfg.soft_max_residual)
+    residual = functools.partial(_soft_residual, gammas=cfg.fit_gammas, limit=cfg.soft_max_residual)
+    return _thumbs_fit(ok, a, b, rows.thumb, residual, cfg.soft_max_residual)
+
+
+def _soft_residual(ta: np.ndarray, tb: np.ndarray, gammas, limit: float) -> np.ndarray:
+    """`increasing_thumb_residual`, or where that is over `limit` but within `_CURVE_REACH`, the
+    best fit after a gamma curve (DedupConfig.fit_gammas; a flat side fails it both ways)."""
+    res = increasing_thumb_residual(ta, tb)
+    near = np.flatnonzero((res > limit) & (res <= _CURVE_REACH)) if gammas else []
+    if len(near):
+        res[near] = np.minimum(res[near], power_thumb_residual(ta[near], tb[near], gammas))
+    return res
+
+
+def power_thumb_residual(ta: np.ndarray, tb: np.ndarray, gammas) -> np.ndarray:
+    """`increasing_thumb_residual` after the best of `gammas` applied to `ta` (x -> 255 (x / 255)^g)."""
+    x = ta.astype(np.float32) / 255.0
+    return np.min([increasing_thumb_residual(255.0 * x**g, tb) for g in gammas], axis=0)
 
 
 def increasing_thumb_residual(ta: np.ndarray, tb: np.ndarray) -> np.ndarray:
