@@ -1,7 +1,8 @@
 """The copy detector's cost work decides exactly as before: each speedup (cheaper keypoint
 handling, packed features for verification tasks, one round of calibration tasks that
-describes each image once, features found once per uid) is checked against the plain
-computation it replaced, on real images (scikit-image)."""
+describes each image once, features found once per uid, verification that stops once a score
+provably stays below the threshold) is checked against the plain computation it replaced, on
+real images (scikit-image)."""
 
 from __future__ import annotations
 
