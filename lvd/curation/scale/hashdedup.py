@@ -479,12 +479,13 @@ class _SortedIndex:
 def _plan(nbits: int, radius: int, size_bits: int) -> tuple[tuple[int, int], ...]:
     """Chunks (width, flips) of `_SortedIndex` for `nbits`-bit codes at `radius`, ~2^size_bits
     codes indexed: sum(flips + 1) = radius + 1, widths summing to at most nbits, each at most
-    `_CHUNK_BITS` and size_bits + 4 (a table of <= 16 entries a code); the cheapest by
+    `_CHUNK_BITS` and size_bits + 2 (a table of <= 4 entries a code: + 4 took
+    1.5x the memory at 62,500 codes for no speed); the cheapest by
     sum over chunks of masks x (`_LOOKUP` + `_CHECK` x codes / 2^width) + a code's share of the
     chunk's table and sort (`_TABLE` x 2^width / codes + `_SORT`): a dynamic program over
     (points, bits used)."""
     need = radius + 1
-    top = min(_CHUNK_BITS, size_bits + 4, nbits)
+    top = min(_CHUNK_BITS, size_bits + 2, nbits)
     options = [
         (w, f, _lookups(w, f) * (_LOOKUP + _CHECK * 2.0 ** (size_bits - w)) + _TABLE * 2.0 ** (w - size_bits) + _SORT)
         for w in range(1, top + 1) for f in range(min(_MAX_FLIPS, w - 1) + 1)
