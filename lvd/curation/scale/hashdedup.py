@@ -40,8 +40,8 @@ and the records they touch. Work: each record queries (blocks + 1) / 2 indexes o
 codes; the single process queries one of N codes (fewer blocks: less work, more memory). A
 query's lookups are fixed by its plan, but its candidates grow with the index (tables are at
 most 2^22): the candidate checks over all tasks grow as N^2 whatever the blocks (most of the
-pair pass at 250,000-record blocks); only wider chunks (fewer bits per radius point: the
-256-bit codes at R=24-28 allow ~10) would lower them.
+pair pass at 250,000-record blocks); only chunks wider than 2^22 tables allow, with more
+flips each, would lower them (the 256-bit codes at R=24-28 have 9-10 bits per unit of radius).
 Before this, a shuffle of ~60 B keys (154 per record: one per 9-10 bit chunk of each code
 version) compared all pairs of equal chunks: work grew as N^2 / 2^9
 (benchmarks/partitioned_dedup.py --baseline-tree runs it).
