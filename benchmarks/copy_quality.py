@@ -21,7 +21,13 @@ Cost per image on this machine: ingest, hash dedup, copy features, copy detectio
 split into calibration, candidates, verification); the pairs verified per second; and the
 ratio of curation with the copy detector to ingest + hash dedup (the baseline, same run).
 
-Run: .venv/bin/python benchmarks/copy_quality.py [--embedder RUN] [--dump DIR]
+`--web-size PX` re-encodes every image of the dump, originals and copies alike, upscaled so that
+its longer side is PX (bicubic; same name and format, JPEG / WebP at q90; broken files as they
+are): the same copies at the sizes of a web dump. Ingest's cost grows with the file (reading,
+hashing the bytes, decoding), copy features decode to 256 px whatever the size, so the ratio
+to the baseline depends on the images' size: report the dump's sizes with it.
+
+Run: .venv/bin/python benchmarks/copy_quality.py [--embedder RUN] [--dump DIR] [--web-size 1024]
 """
 
 from __future__ import annotations
@@ -225,6 +231,9 @@ def main() -> None:
         action="store_true",
         help="the untuned real check instead (real_dump: Fashion-MNIST train + LFW faces 100-159, 96 px)",
     )
+    parser.add_argument(
+        "--web-size", type=int, default=None, metavar="PX", help="upscale every image to a longer side of PX first"
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="lvd-copyq-"))
     root = Path(args.dump) if args.dump else tmp / "dump"
@@ -238,6 +247,8 @@ def main() -> None:
     print(
         f"dump: {n_files} files ({len(truth.originals)} originals) at {root}, built in {time.perf_counter() - t:.1f}s"
     )
+    if args.web_size:
+        root = web_sized(root, tmp / "web", args.web_size)
     runner.init_ray()
     run = tmp / "run"
     clock = Clock()
@@ -282,6 +293,32 @@ def main() -> None:
     )
     report_cost(clock, stats_b, n, cfg)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def web_sized(root: Path, out: Path, side: int) -> Path:
+    """A copy of the dump under `out` with every image upscaled to a longer side of `side` (see
+    the module doc); prints the files' sizes."""
+    sizes, formats = [], {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}
+    for p in sorted(root.rglob("*")):
+        q = out / p.relative_to(root)
+        if p.is_dir():
+            continue
+        q.parent.mkdir(parents=True, exist_ok=True)
+        if p.parent.name == "broken" or p.suffix.lower() not in formats:
+            shutil.copy(p, q)
+            continue
+        im = Image.open(p)
+        im.load()
+        scale = side / max(im.size)
+        if scale > 1:
+            im = im.resize((round(im.width * scale), round(im.height * scale)), Image.Resampling.BICUBIC)
+        fmt = formats[p.suffix.lower()]
+        im = im.convert("RGB") if fmt == "JPEG" else im
+        im.save(q, format=fmt, **({} if fmt == "PNG" else {"quality": 90}))
+        sizes.append((q.stat().st_size, max(im.size)))
+    kb = np.array([b for b, _ in sizes]) / 1024
+    print(f"web-sized to {side} px: {len(sizes)} images, file KB median {np.median(kb):.0f} mean {kb.mean():.0f}")
+    return out
 
 
 def report_cost(clock: Clock, s: dict, n: int, cfg: CopyDetectConfig) -> None:
