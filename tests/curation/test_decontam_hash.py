@@ -9,12 +9,10 @@ the stage, byte-equal, the face family removed) is in tests/curation/test_decont
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow as pa
 import pytest
-from PIL import Image, ImageEnhance
+from _images import face_copies, lfw, png
 
 from lvd.curation.dedup import DedupConfig, find_near_duplicates
 from lvd.curation.ingest import INGEST_SCHEMA, IngestConfig, ingest_item
@@ -25,31 +23,6 @@ from lvd.curation.stages import decontam
 # (threshold on the untuned dump: 25); rows 0-99, faces, get ~200
 EVAL_FACES = (100, 124, 166)  # eval images (106: its brightened copy is no hash dedup link)
 LOOKALIKES = [*range(10, 40), *range(101, 160, 2)]  # other rows: faces and patches of one size and look
-
-
-def lfw(i: int, side: int = 120) -> Image.Image:
-    """Row i of skimage's LFW subset (0-99: faces), upscaled bicubic: soft, little texture."""
-    import skimage.data
-
-    x = (skimage.data.lfw_subset()[i] * 255).astype(np.uint8)
-    return Image.fromarray(x).resize((side, side), Image.Resampling.BICUBIC).convert("RGB")
-
-
-def png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def jpeg(img: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def face_copies(img: Image.Image) -> dict[str, bytes]:
-    """The eval face's copies an untuned dump holds: the same file, JPEG q20, brightened x1.25."""
-    return {"same": png(img), "q20": jpeg(img, 20), "bright": jpeg(ImageEnhance.Brightness(img).enhance(1.25), 90)}
 
 
 def records(items: list[tuple[str, bytes]]) -> pa.Table:

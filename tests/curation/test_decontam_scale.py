@@ -30,7 +30,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageEnhance
+from _images import face_copies, lfw, png
+from PIL import Image
 
 from lvd.curation import copies, rundir
 from lvd.curation.copydetect import METHOD_MODEL, CopyDetectConfig
@@ -54,29 +55,6 @@ def _png(img: Image.Image, level: int) -> bytes:
     buf = io.BytesIO()
     img.convert("RGB").save(buf, format="PNG", compress_level=level)
     return buf.getvalue()
-
-
-def lfw(i: int, side: int = 120) -> Image.Image:
-    """Row i of skimage's LFW subset (0-99: faces), upscaled bicubic: soft, little texture
-    (as in test_decontam_hash.py)."""
-    import skimage.data
-
-    x = (skimage.data.lfw_subset()[i] * 255).astype(np.uint8)
-    return Image.fromarray(x).resize((side, side), Image.Resampling.BICUBIC).convert("RGB")
-
-
-def png(img: Image.Image) -> bytes:
-    return _png(img, 6)
-
-
-def face_copies(img: Image.Image) -> dict[str, bytes]:
-    """The same file, JPEG q20, brightened x1.25 (JPEG q90)."""
-    out = {}
-    for kind, im, q in (("q20", img, 20), ("bright", ImageEnhance.Brightness(img).enhance(1.25), 90)):
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=q)
-        out[kind] = buf.getvalue()
-    return {"same": png(img), **out}
 
 
 def _write_inputs(root: Path) -> tuple[list[Path], dict[str, Path]]:

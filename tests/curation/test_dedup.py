@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-import io
 
 import numpy as np
 import pyarrow as pa
 import pytest
+from _images import jpeg, lfw, png
 from PIL import Image, ImageEnhance
 
 from lvd.curation.copies import COPY_KINDS, encode_original, fashion_mnist, make_copies, real_photos
@@ -298,9 +298,7 @@ def test_strict_64bit_setting_finds_exact_copies_only_reliably(photo_pool):
 def test_fashion_mnist_no_false_merges_with_defaults():
     items = []
     for i, img in enumerate(fashion_mnist(5000, seed=1)):
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        items.append((f"f{i:05d}", buf.getvalue()))
+        items.append((f"f{i:05d}", png(img)))
     pool = _pool(items)
     assert find_near_duplicates(pool, DedupConfig()).num_rows == 0
     # the guards matter: pHash alone at a radius that finds most resized copies merges products
@@ -462,16 +460,12 @@ def brightened_pool() -> pa.Table:
     for i in LOOKALIKES:
         img = Image.fromarray(_fashion("train")[i]).resize((64, 64), Image.Resampling.BICUBIC)
         for tag, im in (("look", img), ("lookinv", Image.fromarray(255 - np.asarray(img)))):
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            items.append((f"{tag}{i}:orig", buf.getvalue()))
+            items.append((f"{tag}{i}:orig", png(im)))
     rng = np.random.default_rng(0)
     for i in rng.choice(10000, 60, replace=False).tolist():
         img = _product(i)
         for kind, im in (("orig", img), ("brightened", ImageEnhance.Brightness(img).enhance(rng.uniform(1.2, 1.45)))):
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            items.append((f"prod{i}:{kind}", buf.getvalue()))
+            items.append((f"prod{i}:{kind}", png(im)))
     return _pool(items)
 
 
@@ -510,12 +504,12 @@ def test_gamma_copies_fit_a_power_curve_and_lookalikes_do_not():
     for i, img in enumerate(fashion_mnist(60, size=112, seed=9, split="test")):
         g = float(rng.choice([rng.uniform(0.55, 0.75), rng.uniform(1.35, 1.7)]))
         lut = [round(255 * (v / 255) ** g) for v in range(256)]
-        items += [(f"prod{i}:orig", _png(img)), (f"prod{i}:gamma", _jpeg(img.convert("RGB").point(lut * 3), 90))]
+        items += [(f"prod{i}:orig", png(img)), (f"prod{i}:gamma", jpeg(img.convert("RGB").point(lut * 3), 90))]
     for i in LOOKALIKES:
         # 64 px as in brightened_pool (at 112 px, 48194 and 31053, two flip-flops 5 gray levels
         # apart on average, already merge without the curve)
         img = Image.fromarray(_fashion("train")[i]).resize((64, 64), Image.Resampling.BICUBIC)
-        items += [(f"look{i}:orig", _png(img)), (f"lookinv{i}:orig", _png(Image.fromarray(255 - np.asarray(img))))]
+        items += [(f"look{i}:orig", png(img)), (f"lookinv{i}:orig", png(Image.fromarray(255 - np.asarray(img))))]
     pool = _pool(items)
     rep = _groups(pool, find_near_duplicates(pool, DedupConfig()))
     assert _recall(rep, "gamma") == (1.0, [])
@@ -529,12 +523,12 @@ def test_gamma_copies_of_soft_patches_and_faces_kept_apart():
     faces: measured 53 of 60 found (45 with affine fits only; the power curve helps in the soft
     channel too, whose candidates are the 64-bit pHash's), and no two distinct images merge."""
     rng = np.random.default_rng(11)
-    items = [(f"face{i}:orig", _png(_lfw(i))) for i in range(100)]
+    items = [(f"face{i}:orig", png(lfw(i, rgb=False))) for i in range(100)]
     for i in range(100, 160):
-        img = _lfw(i, 150)
+        img = lfw(i, 150, rgb=False)
         g = float(rng.choice([rng.uniform(0.55, 0.75), rng.uniform(1.35, 1.7)]))
         lut = [round(255 * (v / 255) ** g) for v in range(256)]
-        items += [(f"patch{i}:orig", _png(img)), (f"patch{i}:gamma", _jpeg(img.convert("RGB").point(lut * 3), 90))]
+        items += [(f"patch{i}:orig", png(img)), (f"patch{i}:gamma", jpeg(img.convert("RGB").point(lut * 3), 90))]
     pool = _pool(items)
     rep = _groups(pool, find_near_duplicates(pool, DedupConfig()))
     assert _recall(rep, "gamma")[0] >= 0.85, _recall(rep, "gamma")
@@ -547,34 +541,11 @@ def test_ingest_writes_the_brightness_columns():
     """nphash256 / cphash256 / sat16 are brightness_codes and saturation_masks of ingest's gray
     (a 64 px grayscale PNG is hashed as it is)."""
     img = _product(4, side=64)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    rec, _ = ingest_item(RawItem("p", buf.getvalue(), None), IngestConfig())
+    rec, _ = ingest_item(RawItem("p", png(img), None), IngestConfig())
     codes, x = brightness_codes(_gray(img)), _gray(img)
     assert rec["nphash256"] == codes[0].tobytes() and rec["cphash256"] == codes[1:].tobytes()
     assert rec["sat16"] == np.packbits(saturation_masks(x)).tobytes()
     assert saturation_masks(x)[0].sum() > 100  # the white background is light-saturated
-
-
-def _png(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _jpeg(img: Image.Image, quality: int) -> bytes:
-    buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
-
-
-def _lfw(i: int, side: int = 120) -> Image.Image:
-    """Row i of skimage's LFW subset (0-99 faces, 100-199 non-face patches), upscaled: soft."""
-    import skimage.data
-
-    return Image.fromarray((skimage.data.lfw_subset()[i] * 255).astype(np.uint8)).resize(
-        (side, side), Image.Resampling.BICUBIC
-    )
 
 
 def test_brightened_products_between_the_clip_levels_land_near_a_clipped_code():
@@ -585,8 +556,8 @@ def test_brightened_products_between_the_clip_levels_land_near_a_clipped_code():
     rng = np.random.default_rng(5)
     dist = []
     for img in fashion_mnist(100, size=112, seed=5, split="test"):
-        copy = _jpeg(ImageEnhance.Brightness(img).enhance(rng.uniform(1.18, 1.32)), 90)
-        (orig, _), (cp, _) = (ingest_item(RawItem("x", d, None), IngestConfig()) for d in (_png(img), copy))
+        copy = jpeg(ImageEnhance.Brightness(img).enhance(rng.uniform(1.18, 1.32)), 90)
+        (orig, _), (cp, _) = (ingest_item(RawItem("x", d, None), IngestConfig()) for d in (png(img), copy))
         codes = np.frombuffer(orig["nphash256"] + orig["cphash256"], np.uint8).reshape(-1, 32)
         dist.append(np.unpackbits(codes ^ np.frombuffer(cp["nphash256"], np.uint8), axis=1).sum(axis=1).min())
     assert len(codes) == 1 + len(CLIP_FACTORS)
@@ -598,9 +569,12 @@ def soft_pool() -> pa.Table:
     """LFW non-face patches (soft, low contrast) at 120 px with a JPEG q15-25 copy each, and
     the 100 LFW faces as distinct look-alikes."""
     rng = np.random.default_rng(3)
-    items = [(f"face{i}:orig", _png(_lfw(i))) for i in range(100)]
+    items = [(f"face{i}:orig", png(lfw(i, rgb=False))) for i in range(100)]
     for i in range(100, 160):
-        items += [(f"patch{i}:orig", _png(_lfw(i))), (f"patch{i}:jpeg", _jpeg(_lfw(i), int(rng.integers(15, 26))))]
+        items += [
+            (f"patch{i}:orig", png(lfw(i, rgb=False))),
+            (f"patch{i}:jpeg", jpeg(lfw(i, rgb=False), int(rng.integers(15, 26)))),
+        ]
     return _pool(items)
 
 
@@ -628,7 +602,7 @@ def test_near_blank_patches_are_not_linked_by_their_equalised_codes():
     """Two blank LFW patches (a light grey one, levels 233-236, and a black one, 0-3) equalise
     to the same flat image, so their equalised codes were equal (a sure pair, linked unchecked);
     thumbnails flatter than min_thumb_spread keep out of the equalised and soft channels."""
-    pool = _pool([("light:orig", _png(_lfw(163))), ("black:orig", _png(_lfw(174)))])
+    pool = _pool([("light:orig", png(lfw(163, rgb=False))), ("black:orig", png(lfw(174, rgb=False)))])
     assert pool["nphash256"][0] == pool["nphash256"][1]  # the trap
     assert find_near_duplicates(pool, DedupConfig()).num_rows == 0
     assert find_near_duplicates(pool, DedupConfig(min_thumb_spread=0.0)).num_rows == 1
@@ -637,7 +611,7 @@ def test_near_blank_patches_are_not_linked_by_their_equalised_codes():
 def test_increasing_thumb_residual_refuses_an_inverted_thumbnail():
     """The soft channel's fit: brightness / contrast fit away (as thumb_residual), but the
     negative image, which thumb_residual fits exactly, is refused (inf)."""
-    t = np.asarray(_lfw(5, side=16).convert("L"), np.uint8).reshape(1, THUMB_CELLS)
+    t = np.asarray(lfw(5, side=16, rgb=False).convert("L"), np.uint8).reshape(1, THUMB_CELLS)
     brighter = np.clip(t.astype(np.float64) * 0.8 + 30, 0, 255).astype(np.uint8)
     assert increasing_thumb_residual(t, brighter)[0] <= 1.0
     assert thumb_residual(t, 255 - t)[0] <= 1e-3 and increasing_thumb_residual(t, 255 - t)[0] == np.inf
@@ -675,7 +649,7 @@ def test_brightness_codes_are_phashes_of_the_equalised_and_clipped_images():
     stable_equalise(x), then of x clipped at max / f, equalised (non-square, as ingest sees)."""
     from lvd.curation.phash import phash_bits
 
-    x = _gray(_lfw(7, side=70).crop((0, 0, 70, 53)))
+    x = _gray(lfw(7, side=70, rgb=False).crop((0, 0, 70, 53)))
     codes = brightness_codes(x)
     clipped = [np.minimum(x, np.rint(x.max() / f)) for f in CLIP_FACTORS]
     expect = [phash_bits(stable_equalise(y), 16) for y in [x, *clipped]]
