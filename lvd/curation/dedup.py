@@ -481,10 +481,10 @@ def power_unclipped_residual(
     """float [E]: `unclipped_residual` after the best of `gammas` applied to `ta`
     (x -> 255 (x / 255)^g): how far the pair is from a gamma curve followed by a brightness /
     contrast change. 0 and 255 map to themselves, so the saturated cells stay the same."""
-    x = ta.astype(np.float32) / 255.0
+    x, masks = ta.astype(np.float32) / 255.0, _unclipped_masks(sat_a, sat_b)  # the masks once, not per curve
     best = np.full(len(ta), np.inf)
     for g in gammas:
-        best = np.minimum(best, unclipped_residual(255.0 * x**g, tb, sat_a, sat_b, min_cells=min_cells))
+        best = np.minimum(best, _unclipped_fit(255.0 * x**g, tb, masks, min_cells))
     return best
 
 
@@ -542,11 +542,20 @@ def unclipped_residual(
     only the top; dark cells keep their support) and without any saturated cell (contrast clips
     both ends). inf where a set has fewer than `min_cells` cells or the fit is not increasing.
     """
+    return _unclipped_fit(ta, tb, _unclipped_masks(sat_a, sat_b), min_cells)
+
+
+def _unclipped_masks(sat_a: np.ndarray, sat_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """`unclipped_residual`'s two cell sets: no light-saturated cell, no saturated cell."""
     light = np.unpackbits(sat_a[:, :32], axis=1) | np.unpackbits(sat_b[:, :32], axis=1)
     dark = np.unpackbits(sat_a[:, 32:], axis=1) | np.unpackbits(sat_b[:, 32:], axis=1)
+    return light == 0, (light | dark) == 0
+
+
+def _unclipped_fit(ta: np.ndarray, tb: np.ndarray, masks, min_cells: int) -> np.ndarray:
     best = np.full(len(ta), np.inf)
-    for clipped in (light, light | dark):
-        best = np.minimum(best, _masked_fit_residual(ta, tb, clipped == 0, min_cells))
+    for m in masks:
+        best = np.minimum(best, _masked_fit_residual(ta, tb, m, min_cells))
     return best
 
 
