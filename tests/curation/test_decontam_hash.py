@@ -83,7 +83,7 @@ def test_search_is_exact_against_all_pairs(faces):
     for code in decontam.dedup.candidate_codes(DedupConfig()):
         c = decontam.Code(code.column, code.radius, code.channel, code.variants)
         q, p = decontam._code_pairs(ev, pool, c)
-        ve, vp = decontam._versions(ev, c), decontam._versions(pool, c)
+        ve, vp = decontam.code_versions(ev, c), decontam.code_versions(pool, c)
         d_ev = np.bitwise_count(ve[:, None, :, None, :] ^ vp[None, :, None, :, :]).sum(-1)  # [e, n, ke, kp]
         near = (d_ev[:, :, 0, :] <= code.radius).any(-1) | (d_ev[:, :, :, 0] <= code.radius).any(-1)
         want = np.argwhere(near)

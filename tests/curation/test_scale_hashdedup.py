@@ -26,9 +26,9 @@ from lvd.curation.scale.components import ComponentsConfig, components, rounds_b
 from lvd.curation.scale.hashdedup import (
     Code,
     ShuffleConfig,
+    SortedIndex,
     _CodeIndex,
     _plan,
-    _SortedIndex,
     folder_sources,
     partitioned_duplicates,
 )
@@ -235,7 +235,7 @@ def test_sorted_index_finds_exactly_the_pairs_within_radius():
         codes = rng.integers(0, 2**63, (nx, w), dtype=np.uint64) << np.uint64(1) | rng.integers(
             0, 2, (nx, w), dtype=np.uint64
         )
-        index = _SortedIndex(codes, radius, plan)
+        index = SortedIndex(codes, radius, plan)
         chunks = len(index.flips)
         assert sum(f + 1 for f in index.flips) == radius + 1, index.flips  # tight: the cheapest plan is
         queries = rng.integers(0, 2**63, (4 * chunks + 100, w), dtype=np.uint64)

@@ -9,7 +9,7 @@ scratch folder:
    and passes the first ones on, cut into blocks (`reps/`: `buckets` blocks in all, at least
    one per bucket): a pool of a thousand blank images sends one.
 2. block pairs. For every code `dedup.candidate_codes` names (one per column, at the largest
-   radius R of its channels) a task per block j indexes block j's codes (`_SortedIndex`:
+   radius R of its channels) a task per block j indexes block j's codes (`SortedIndex`:
    exact multi-index hashing, chunks with up to f flips each planned per code width, radius
    and block size, on 1/blocks of the pool) and queries it with blocks 0..j, one at a time, so every
    pair of records is looked at by exactly one task: that of its later block. A column with
@@ -74,8 +74,8 @@ METHOD = "phash"  # the method name dedup.near_duplicate_edges gives its edges
 _NOT_COMPARED = rundir.NOT_FOR_DEDUP | {"status", "source", "detail"}
 _RID = "_rid"  # (input part << 32) | row: the input order, and a record's id in the shuffle
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_PROBES = 1 << 15  # lookups of a _SortedIndex at once: temporaries in cache (2^22 at once: 3x slower a lookup)
-_CHUNK_BITS = 22  # widest chunk of a _SortedIndex: a table of 2^22 starts (16 MiB) per chunk
+_PROBES = 1 << 15  # lookups of a SortedIndex at once: temporaries in cache (2^22 at once: 3x slower a lookup)
+_CHUNK_BITS = 22  # widest chunk of a SortedIndex: a table of 2^22 starts (16 MiB) per chunk
 _MAX_FLIPS = 4  # most flips per chunk _plan considers (C(22, 4) = 7,315 masks)
 # _plan's costs in lookups (~5-10 ns each here): a candidate's check (~80 ns: random gathers of
 # starts, order and code words); per indexed code and chunk, a table entry (~5 ns: bincount,
@@ -283,7 +283,7 @@ def _code_words(table: pa.Table, column: str) -> np.ndarray:
     return _row_bytes(table, [column]).view(np.uint64)
 
 
-def _versions(table: pa.Table, code: Code) -> np.ndarray:
+def code_versions(table: pa.Table, code: Code) -> np.ndarray:
     """uint64 [n, 1 + V, w]: each record's `code.column` code, then its V variant codes."""
     plain = _code_words(table, code.column)
     if code.variants is None:
@@ -390,9 +390,9 @@ class _CodeIndex:
 
     def __init__(self, block: pa.Table, code: Code):
         self.code = code
-        versions = _versions(block, code)  # uint64 [n, k, w]
+        versions = code_versions(block, code)  # uint64 [n, k, w]
         n, self.k, w = versions.shape
-        self.every = _SortedIndex(versions.reshape(n * self.k, w), code.radius)
+        self.every = SortedIndex(versions.reshape(n * self.k, w), code.radius)
         self.plain = np.ascontiguousarray(versions[:, 0])
 
     def pairs(self, other: pa.Table, *, same: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -400,18 +400,18 @@ class _CodeIndex:
         a code of the other's; `same`: `other` is this block (a record never pairs itself)."""
         if other.num_rows == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        versions = _versions(other, self.code)
+        versions = code_versions(other, self.code)
         q, r = self.every.search(versions[:, 0])
         r //= self.k
         if self.k > 1 and not same:  # this block's `column` codes against other's variants:
             # an index of other's codes, not k - 1 queries per record (indexing a code is cheaper)
-            vr, vq = _SortedIndex(versions.reshape(-1, versions.shape[2]), self.code.radius).search(self.plain)
+            vr, vq = SortedIndex(versions.reshape(-1, versions.shape[2]), self.code.radius).search(self.plain)
             q, r = np.concatenate([q, vq // self.k]), np.concatenate([r, vr])
         keep = q != r if same else slice(None)
         return q[keep], r[keep]
 
 
-class _SortedIndex:
+class SortedIndex:
     """Exact search of codes within `radius` bits by multi-index hashing: the codes are cut into
     chunks k of width w_k searched with f_k flips, sum_k (f_k + 1) > radius (generalised
     pigeonhole: two codes differing in at least f_k + 1 bits of every chunk differ in more than
@@ -481,7 +481,7 @@ class _SortedIndex:
 
 @functools.lru_cache(maxsize=256)
 def _plan(nbits: int, radius: int, size_bits: int) -> tuple[tuple[int, int], ...]:
-    """Chunks (width, flips) of `_SortedIndex` for `nbits`-bit codes at `radius`, ~2^size_bits
+    """Chunks (width, flips) of `SortedIndex` for `nbits`-bit codes at `radius`, ~2^size_bits
     codes indexed: sum(flips + 1) = radius + 1, widths summing to at most nbits, each at most
     `_CHUNK_BITS` and size_bits + 2 (a table of <= 4 entries a code: + 4 took
     1.5x the memory at 62,500 codes for no speed); the cheapest by

@@ -47,7 +47,7 @@ from lvd.curation.guard import check_removal
 from lvd.curation.knn_index import IndexConfig, build_index, search
 from lvd.curation.localfeat import Features
 from lvd.curation.scale import shardindex
-from lvd.curation.scale.hashdedup import Code, _SortedIndex, _versions
+from lvd.curation.scale.hashdedup import Code, SortedIndex, code_versions
 from lvd.curation.stages.copy import Decider, PoolFeatures, calibration, duplicates, read_features
 from lvd.curation.stages.ingest_dedup import PARTITIONED_MIN_RECORDS
 from lvd.curation.vectors import open_vectors, part_paths
@@ -197,12 +197,12 @@ def _code_pairs(ev: pa.Table, pool: pa.Table, code: Code) -> tuple[np.ndarray, n
     the other (its variants too): exact, by the partitioned dedup's pigeonhole index
     (`scale.hashdedup`), over the eval codes (small), queried by the pool's codes. O(pool) work,
     never eval x pool comparisons."""
-    ve, vp = _versions(ev, code), _versions(pool, code)  # uint64 [rows, versions, words]
+    ve, vp = code_versions(ev, code), code_versions(pool, code)  # uint64 [rows, versions, words]
     k, w, n = ve.shape[1], ve.shape[2], len(vp)
-    pi, qv = _SortedIndex(ve.reshape(-1, w), code.radius).search(vp[:, 0])  # pool code vs every eval code
+    pi, qv = SortedIndex(ve.reshape(-1, w), code.radius).search(vp[:, 0])  # pool code vs every eval code
     q, p = [qv // k], [pi]
     if k > 1:  # every pool code vs the eval images' `column` codes
-        pv, qi = _SortedIndex(np.ascontiguousarray(ve[:, 0]), code.radius).search(vp.reshape(-1, w))
+        pv, qi = SortedIndex(np.ascontiguousarray(ve[:, 0]), code.radius).search(vp.reshape(-1, w))
         q.append(qi)
         p.append(pv // k)
     key = np.unique(np.concatenate(q) * n + np.concatenate(p))
