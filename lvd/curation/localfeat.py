@@ -17,7 +17,8 @@ images share one size), and returns the inlier count and the containment of the 
 frame mapped into B's, the overlap over each frame's area; the larger must be >= 0.85 (one
 image lies inside the other: a crop, an overlay) and the smaller >= 0.3 (it keeps enough of
 the other). A burst-like neighbour overlaps only partly and fails. Inliers count once per
-place (3 px: ORB finds one corner at several scales), and their convex hull must cover 5% of
+place (3 px of the source image: ORB finds one corner at several scales, and an image upscaled
+to the feature side has no more places than its own pixels), and their convex hull must cover 5% of
 the overlap: a look-alike detail (two trousers' crotch) or a shared sticker matches in one
 patch. The pair is taken in one order whatever the caller's, so the verdict is symmetric. The
 mirror of B is tried only when the direct match is not already conclusive.
@@ -61,8 +62,11 @@ FEATURE_SCHEMA = pa.schema(
         pa.field("glob", pa.binary()),  # float32 [GLOBAL_DIM] global descriptor
         pa.field("nhash", pa.binary(32)),  # 256-bit pHash of the equalised image
         pa.field("nhash_flip", pa.binary(32)),  # same of its mirror
+        pa.field("up", pa.float32()),  # feature pixels per decoded-image pixel, >= 1 (`Features.up`)
     ]
 )
+# The copyfeat stage's outputs change with this (part of its config hash): 2 added `up`.
+FEATURES_VERSION = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,9 +99,13 @@ class VerifyConfig:
     # keeping a quarter of the area at ~2; a tighter range also refuses degenerate fits that
     # shrink one image's keypoints into a dense patch of the other's.
     max_scale: float = 2.0  # the transform's scale stays within [1/max_scale, max_scale]
-    # Inliers count once per `inlier_cell` x `inlier_cell` pixels of each image (the smaller
-    # count of the two): ORB finds one corner at several pyramid levels, a pixel or two
-    # apart, and those are one piece of evidence, not several.
+    # Inliers count once per `inlier_cell` x `inlier_cell` pixels of each image's *source*
+    # (the smaller count of the two): ORB finds one corner at several pyramid levels, a pixel
+    # or two apart, and those are one piece of evidence, not several. An image smaller than
+    # the feature side is upscaled to it (`Features.up` feature pixels per source pixel), and
+    # its corners a few feature pixels apart are one source pixel: counted in feature pixels,
+    # two 96 px product shots of one cut (a distinct look-alike pair) scored up to 19, in
+    # source pixels 14, while their copies kept their scores (README, "Copy detection").
     inlier_cell: float = 3.0
     # The inliers' convex hull must cover this fraction of the frames' overlap: a shared
     # sticker, caption or one look-alike detail matches in one small patch (measured on the
@@ -128,6 +136,7 @@ class Features:
     kp_flip: np.ndarray
     desc_flip: np.ndarray
     size: tuple[int, int] = (0, 0)  # feature image width, height
+    up: float = 1.0  # feature pixels per source pixel (>= 1: the image was upscaled to the side)
 
     @classmethod
     def from_row(cls, row: dict) -> Features:
@@ -137,6 +146,7 @@ class Features:
             np.frombuffer(row["kp_flip"], np.float32).reshape(-1, 2),
             np.frombuffer(row["desc_flip"], np.uint8).reshape(-1, DESC_BYTES),
             (int(row["fw"]), int(row["fh"])),
+            float(row["up"]),
         )
 
 
@@ -190,20 +200,27 @@ def decode_oriented(data: bytes, side: int) -> Image.Image:
 def feature_gray(data: bytes, side: int) -> tuple[np.ndarray, np.ndarray]:
     """(gray uint8 [h, w], rgb uint8 [h, w, 3]) of encoded image bytes, EXIF-oriented, longer
     side scaled to `side` (JPEG draft decoding first when the file is larger)."""
+    gray, rgb, _ = feature_images(data, side)
+    return gray, rgb
+
+
+def feature_images(data: bytes, side: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """`feature_gray`'s images and `Features.up`: feature pixels per decoded pixel, at least 1
+    (a JPEG draft-decoded smaller is still larger than `side`: 1)."""
     rgb = np.asarray(decode_oriented(data, side))
     h, w = rgb.shape[:2]
     scale = side / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     rgb = cv2.resize(rgb, size, interpolation=interp)
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), rgb
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), rgb, max(1.0, float(scale))
 
 
 def features_row(uid: str, data: bytes, cfg: FeatureConfig = FeatureConfig()) -> dict:
     """One FEATURE_SCHEMA row for an accepted image's bytes."""
     from lvd.curation.phash import PHASH256_SIZE, equalise, phash_bits
 
-    gray, rgb = feature_gray(data, cfg.side)
+    gray, rgb, up = feature_images(data, cfg.side)
     (kp, desc), (kp_f, desc_f) = _detect(_orb(cfg), gray)
     eq = equalise(cv2.resize(gray, (HASH_SIDE, HASH_SIDE), interpolation=cv2.INTER_AREA))
     small = cv2.resize(rgb, _fit(rgb.shape, GLOBAL_SIDE), interpolation=cv2.INTER_AREA)
@@ -213,6 +230,7 @@ def features_row(uid: str, data: bytes, cfg: FeatureConfig = FeatureConfig()) ->
         "glob": global_descriptor(small).tobytes(),
         "nhash": np.packbits(phash_bits(eq, PHASH256_SIZE)).tobytes(),
         "nhash_flip": np.packbits(phash_bits(eq[:, ::-1], PHASH256_SIZE)).tobytes(),
+        "up": up,
     }  # fmt: skip
 
 
@@ -224,9 +242,9 @@ def local_features(data: bytes, cfg: FeatureConfig = FeatureConfig()) -> Feature
     """The local features of `features` alone, without the global descriptor and the hashes
     that only candidate search reads (calibration's images are verified, never searched):
     the same arrays, ~15% less CPU."""
-    gray, _ = feature_gray(data, cfg.side)
+    gray, _, up = feature_images(data, cfg.side)
     (kp, desc), (kp_f, desc_f) = _detect(_orb(cfg), gray)
-    return Features(kp, desc, kp_f, desc_f, (gray.shape[1], gray.shape[0]))
+    return Features(kp, desc, kp_f, desc_f, (gray.shape[1], gray.shape[0]), up)
 
 
 def _fit(shape, side: int) -> tuple[int, int]:
@@ -303,15 +321,16 @@ def verify(fa: Features, fb: Features, cfg: VerifyConfig = VerifyConfig(), *, en
     if _order_key(fb) < _order_key(fa):
         fa, fb = fb, fa
     need = 0 if enough >= 1 << 30 else enough
-    direct = _verify_one(fa.kp, fa.desc, fa.size, fb.kp, fb.desc, fb.size, cfg, False, need)
+    ups = (fa.up, fb.up)
+    direct = _verify_one(fa.kp, fa.desc, fa.size, fb.kp, fb.desc, fb.size, cfg, False, need, ups)
     if direct.score(cfg) >= enough:
         return direct
-    mirrored = _verify_one(fa.kp, fa.desc, fa.size, fb.kp_flip, fb.desc_flip, fb.size, cfg, True, need)
+    mirrored = _verify_one(fa.kp, fa.desc, fa.size, fb.kp_flip, fb.desc_flip, fb.size, cfg, True, need, ups)
     return max(direct, mirrored, key=lambda v: (v.score(cfg), v.inliers))
 
 
 def _order_key(f: Features) -> tuple:
-    return f.size, len(f.desc), f.desc.tobytes(), f.kp.tobytes()
+    return f.size, len(f.desc), f.desc.tobytes(), f.kp.tobytes(), f.up
 
 
 _INT32_MAX = np.iinfo(np.int32).max
@@ -341,19 +360,23 @@ def ratio_matches(da: np.ndarray, db: np.ndarray, ratio: float) -> tuple[np.ndar
     return np.flatnonzero(ok), nearest[ok]
 
 
-def _verify_one(pa_, da, size_a, pb, db, size_b, cfg: VerifyConfig, flipped: bool, need: int = 0) -> Verdict:
+def _verify_one(
+    pa_, da, size_a, pb, db, size_b, cfg: VerifyConfig, flipped: bool, need: int = 0, ups=(1.0, 1.0)
+) -> Verdict:
     """One orientation's verdict; with `need` > 0 (the caller's threshold) it scores 0 as soon
     as its score provably stays below `need`, skipping the rest: the score counts distinct
     places of RANSAC inliers, which are a subset of the ratio-test matches, so it is at most
     the matches' count, their distinct places on either side, and the inliers' count (on the
-    benchmark dump a fifth of the fits and four fifths of what follows them are skipped)."""
+    benchmark dump a fifth of the fits and four fifths of what follows them are skipped).
+    `ups`: each side's `Features.up`, so places are its source image's cells."""
+    cell_a, cell_b = cfg.inlier_cell * ups[0], cfg.inlier_cell * ups[1]
     if len(da) < 2 or len(db) < 2:
         return NO_MATCH
     ia, ib = ratio_matches(da, db, cfg.ratio)
     if len(ia) < max(3, need):
         return Verdict(0, 0.0, 0.0, flipped)
     a, b = pa_[ia], pb[ib]
-    if need and min(distinct_places(a, cfg.inlier_cell), distinct_places(b, cfg.inlier_cell)) < need:
+    if need and min(distinct_places(a, cell_a), distinct_places(b, cell_b)) < need:
         return Verdict(0, 0.0, 0.0, flipped)
     cv2.setRNGSeed(0)  # RANSAC samples from OpenCV's RNG: same pair, same verdict
     model, mask = cv2.estimateAffinePartial2D(
@@ -367,7 +390,7 @@ def _verify_one(pa_, da, size_a, pb, db, size_b, cfg: VerifyConfig, flipped: boo
     inl = mask.ravel().astype(bool)
     if need and np.count_nonzero(inl) < need:
         return Verdict(0, 0.0, 0.0, flipped)
-    n = min(distinct_places(a[inl], cfg.inlier_cell), distinct_places(b[inl], cfg.inlier_cell))
+    n = min(distinct_places(a[inl], cell_a), distinct_places(b[inl], cell_b))
     if n < need:
         return Verdict(0, 0.0, 0.0, flipped)
     inter, area_a = _overlap(model, size_a, size_b)

@@ -117,7 +117,7 @@ def calibration_markdown(cal: dict) -> str:
             f"{100 * cal['false_link_rate']:.2f}%.",
             "",
             f"Known copies of {cal['images']} pool images: recall **{100 * cal['copy_recall']:.1f}%**; "
-            f"distinct pairs (halves and diagonal quadrants of those images) linked: "
+            f"distinct pairs (top and bottom halves, diagonal quadrants and top and bottom thirds of those images) linked: "
             f"**{cal['false_links']} of {cal['distinct_pairs']}**.",
             "",
             "Blue (up): known copies; grey (down): distinct pairs (each scaled to its tallest bar; scores "

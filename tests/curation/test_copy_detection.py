@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from _images import jpeg, png
 from PIL import Image, ImageEnhance
 
 from lvd.curation import copies
@@ -272,6 +273,50 @@ def test_calibration_copies_of_a_part_keep_every_distinct_pair(catalog):
     part_copies, part_distinct = cd.calibration_pairs(blobs, seed=0, copies_of=2)
     assert part_distinct == full_distinct
     assert part_copies == {k: v[:2] for k, v in full_copies.items()} and all(len(v) == 2 for v in part_copies.values())
+
+
+def test_calibration_parts_of_mirror_symmetric_products_are_distinct():
+    """A shirt's left half is its right half mirrored: a flipped copy, which the detector
+    rightly links (the first product here scores 26 that way). Calibration's distinct pairs
+    are therefore split top from bottom: no part pair of these products links, so the
+    threshold stays at the floor whatever products the sample draws (with left / right halves
+    one such product set it at 27; on a product dump it ranged 15-33 over sampling seeds)."""
+    prods = copies.fashion_mnist(48, size=112, seed=3, split="test")
+    w, h = prods[0].size
+    mirrored = [_score(p.crop((0, 0, w // 2, h)), p.crop((w - w // 2, 0, w, h))) for p in prods]
+    assert max(mirrored) >= 2 * cd.MIN_INLIERS  # the hazard is in this data
+    _, distinct = cd.calibration_pairs([png(p) for p in prods], seed=0, copies_of=0)
+    scores = [lf.verify(_feat(x), _feat(y)).score(VCFG) for x, y in distinct]
+    assert len(scores) == 4 * len(prods) and max(scores) < cd.MIN_INLIERS, sorted(scores)[-5:]
+    assert cd.choose_threshold(cd.METHOD_LOCAL, {}, scores, 0.005) == cd.MIN_INLIERS
+
+
+def test_inliers_count_in_source_pixels_so_look_alike_products_stay_apart():
+    """200 product shots of 28 px upscaled to 112 px: an upscaled image's corners a few feature
+    pixels apart are one source pixel. Counted in source pixels no two distinct products link;
+    in feature pixels two look-alike pairs did (12 and 14 inliers: two plain long-sleeve tops,
+    two dresses), merging distinct originals on an untuned dump. Their crops still link."""
+    from dataclasses import replace
+
+    prods = copies.fashion_mnist(7200, size=112, seed=3, split="train")[7000:7200]
+    feats = [lf.local_features(png(p)) for p in prods]
+    assert feats[0].up == pytest.approx(256 / 112)
+    n = len(feats)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    source = max(lf.verify(feats[i], feats[j]).score(VCFG) for i, j in pairs)
+    assert source < cd.MIN_INLIERS
+    flat = [replace(f, up=1.0) for f in feats]  # counted in feature pixels
+    linked = sum(lf.verify(flat[i], flat[j]).score(VCFG) >= cd.MIN_INLIERS for i, j in pairs)
+    assert linked >= 2
+    rng = np.random.default_rng(0)
+    crops = 0
+    for p, f in zip(prods[:40], feats):
+        cw = ch = round(112 * 0.8)  # keeps 64% of the image
+        x0, y0 = (int(v) for v in rng.integers(0, 112 - cw + 1, 2))
+        crops += (
+            lf.verify(f, lf.local_features(jpeg(p.crop((x0, y0, x0 + cw, y0 + ch)), 90))).score(VCFG) >= cd.MIN_INLIERS
+        )
+    assert crops >= 34, crops
 
 
 def test_candidates_propose_crops_flips_and_overlays(catalog):

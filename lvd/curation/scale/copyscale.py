@@ -376,7 +376,9 @@ def _feat_gather(work: str, r: int, lo: int, hi: int, L: int) -> None:
 
 
 def _feature_list(t: pa.Table) -> list[Features]:
-    return [Features.from_row(x) for x in t.select(["kp", "desc", "kp_flip", "desc_flip", "fw", "fh"]).to_pylist()]
+    return [
+        Features.from_row(x) for x in t.select(["kp", "desc", "kp_flip", "desc_flip", "fw", "fh", "up"]).to_pylist()
+    ]
 
 
 def _glob_part(folder: Path, r: int, uids: pa.ChunkedArray, glob: np.ndarray) -> None:

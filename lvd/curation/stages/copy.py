@@ -36,6 +36,7 @@ from lvd.curation.guard import check_removal
 from lvd.curation.localfeat import (
     DESC_BYTES,
     FEATURE_SCHEMA,
+    FEATURES_VERSION,
     FeatureConfig,
     Features,
     features_row,
@@ -105,7 +106,7 @@ def run_copyfeat(
         FeatFn(cfg),
         feature_units(run_dir),
         rundir.stage_dir(run_dir, "copyfeat"),
-        cfg_hash=runner.config_hash(cfg),
+        cfg_hash=runner.config_hash(cfg, FEATURES_VERSION),
         runner=rcfg,
         progress=progress,
     )
@@ -164,6 +165,7 @@ class PackedFeatures:
     desc_flip: np.ndarray
     start_flip: np.ndarray
     size: np.ndarray  # int64 [N, 2] feature image width, height
+    up: np.ndarray  # float64 [N] Features.up
 
     @classmethod
     def of(cls, feats: list[Features]) -> PackedFeatures:
@@ -176,7 +178,8 @@ class PackedFeatures:
         kpf, start_f = flat([f.kp_flip for f in feats], 2, np.float32)
         descf, _ = flat([f.desc_flip for f in feats], DESC_BYTES, np.uint8)
         size = np.array([f.size for f in feats], np.int64).reshape(-1, 2)
-        return cls(kp, desc, start, kpf, descf, start_f, size)
+        up = np.array([f.up for f in feats], np.float64)
+        return cls(kp, desc, start, kpf, descf, start_f, size, up)
 
     def __len__(self) -> int:
         return len(self.size)
@@ -184,7 +187,9 @@ class PackedFeatures:
     def __getitem__(self, i: int) -> Features:
         s, e, sf, ef = self.start[i], self.start[i + 1], self.start_flip[i], self.start_flip[i + 1]
         w, h = self.size[i].tolist()
-        return Features(self.kp[s:e], self.desc[s:e], self.kp_flip[sf:ef], self.desc_flip[sf:ef], (w, h))
+        return Features(
+            self.kp[s:e], self.desc[s:e], self.kp_flip[sf:ef], self.desc_flip[sf:ef], (w, h), float(self.up[i])
+        )
 
 
 @dataclass(frozen=True)
