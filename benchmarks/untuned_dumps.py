@@ -1,0 +1,196 @@
+"""Two untuned dumps for the main job, and what its ledger did with them.
+
+Each dump is real images that ship with packages (Fashion-MNIST rows no test or benchmark uses,
+LFW faces, scikit-image / scikit-learn photos), 40 originals copied by a hand-written PIL
+generator (not `lvd.curation.copies`), 8 of those originals as an eval set, 10 other products
+as seeds, and 3 broken files:
+- dump 1: Fashion-MNIST train 5000-5239 at 112 px, LFW 160-199 at 120 px, 7 grey skimage
+  photos and the 2 scikit-learn photos; copies: half size, JPEG q20, brightness x1.1-1.4,
+  contrast x0.6-0.8, 70-90% crops, mirror;
+- dump 2: Fashion-MNIST train 7000-7199 at 112 px, LFW 0-39 at 180 px, two crops of each of 4
+  skimage colour photos and the 2 scikit-learn photos; copies: the same kinds with JPEG q15-30,
+  brightness x1.2-1.5, 65-85% crops, and a gamma curve (0.6-0.8 or 1.3-1.6).
+
+`write N DIR` writes DIR/pool, DIR/seeds, DIR/eval and DIR/truth.json. Then run the main job on
+it (`lvd pipeline --input DIR/pool --seeds DIR/seeds --eval-sets DIR/eval --out OUT
+--max-steps 20 --bootstrap-steps 20`), and `read DIR OUT` reads OUT's ledger against the
+truth: statuses, rejected files with reasons, copies that joined their original's group per
+kind, distinct originals merged, eval-family files removed, other images decontaminated.
+
+Run: .venv/bin/python benchmarks/untuned_dumps.py write 2 /tmp/u2 && ... && .venv/bin/python
+benchmarks/untuned_dumps.py read /tmp/u2 /tmp/u2-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+BROKEN = {"broken.jpg": b"\xff\xd8\xff\xe0junk", "empty.png": b"", "notimg.jpg": b"hello"}
+
+
+def _jpg(im: Image.Image, q: int) -> bytes:
+    b = io.BytesIO()
+    im.convert("RGB").save(b, "JPEG", quality=q)
+    return b.getvalue()
+
+
+def _png(im: Image.Image) -> bytes:
+    b = io.BytesIO()
+    im.save(b, "PNG")
+    return b.getvalue()
+
+
+def _originals(which: int) -> list[tuple[str, Image.Image]]:
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    from lvd.curation import copies
+
+    def face(f, side):
+        return Image.fromarray((f * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC).convert("RGB")
+
+    if which == 1:
+        prods = copies.fashion_mnist(5300, size=112, seed=3, split="train")[5000:5240]
+        faces = [face(f, 120) for f in skimage.data.lfw_subset()[160:200]]
+        names = ("camera", "moon", "page", "text", "brick", "grass", "gravel")
+        grey = [Image.fromarray(getattr(skimage.data, n)()).convert("RGB") for n in names]
+    else:
+        prods = copies.fashion_mnist(7200, size=112, seed=3, split="train")[7000:7200]
+        faces = [face(f, 180) for f in skimage.data.lfw_subset()[0:40]]
+        boxes = ((40, 40, 360, 300), (100, 60, 420, 380))
+        names = ("astronaut", "chelsea", "coffee", "rocket")
+        grey = [
+            Image.fromarray(getattr(skimage.data, n)()[..., :3]).convert("RGB").crop(b) for n in names for b in boxes
+        ]
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    return (
+        [(f"p{i:03d}", im) for i, im in enumerate(prods)]
+        + [(f"f{i:02d}", im) for i, im in enumerate(faces)]
+        + [(f"g{i}", im) for i, im in enumerate(grey)]
+        + [(f"s{i}", im) for i, im in enumerate(photos)]
+    )
+
+
+def _copies(which: int, im: Image.Image, rng: np.random.Generator) -> dict[str, bytes]:
+    w, h = im.size
+    c = rng.uniform(0.7, 0.9) if which == 1 else rng.uniform(0.65, 0.85)
+    cw, ch = int(w * c), int(h * c)
+    x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+    out = {
+        "half": _jpg(im.resize((max(32, w // 2), max(32, h // 2))), 80),
+        "q20": _jpg(im, 20 if which == 1 else int(rng.integers(15, 31))),
+        "bright": _jpg(
+            ImageEnhance.Brightness(im).enhance(rng.uniform(1.1, 1.4) if which == 1 else rng.uniform(1.2, 1.5)), 90
+        ),
+        "contrast": _jpg(ImageEnhance.Contrast(im).enhance(rng.uniform(0.6, 0.8)), 90),
+        "crop": _jpg(im.crop((x, y, x + cw, y + ch)), 88),
+        "mirror": _jpg(ImageOps.mirror(im), 88),
+    }
+    if which == 2:
+        g = float(rng.choice([rng.uniform(0.6, 0.8), rng.uniform(1.3, 1.6)]))
+        out["gamma"] = _jpg(im.point([round(255 * (v / 255) ** g) for v in range(256)] * 3), 90)
+    return out
+
+
+def write(which: int, root: Path) -> None:
+    from lvd.curation import copies
+
+    pool, seeds, ev = root / "pool", root / "seeds", root / "eval"
+    for d in (pool, seeds, ev):
+        d.mkdir(parents=True, exist_ok=True)
+    imgs = _originals(which)
+    rng = np.random.default_rng(2026 if which == 1 else 77)
+    truth: dict[str, list[str]] = {}
+    copied = rng.choice(len(imgs), 40, replace=False).tolist()
+    for i, (n, im) in enumerate(imgs):
+        (pool / f"{n}.png").write_bytes(_png(im))
+        truth[f"{n}.png"] = [n, "original"]
+        if i in copied:
+            for k, data in _copies(which, im, rng).items():
+                (pool / f"{n}__{k}.jpg").write_bytes(data)
+                truth[f"{n}__{k}.jpg"] = [n, k]
+    evals = [imgs[i][0] for i in copied[:8]]
+    for n in evals:
+        (ev / f"{n}.png").write_bytes((pool / f"{n}.png").read_bytes())
+    lo = 5300 if which == 1 else 7300
+    for i, im in enumerate(copies.fashion_mnist(lo + 100, size=112, seed=3, split="train")[lo : lo + 10]):
+        im.save(seeds / f"seed{i}.png")
+    for n, data in BROKEN.items():
+        (pool / n).write_bytes(data)
+        truth[n] = ["broken", "broken"]
+    (root / "truth.json").write_text(json.dumps({"truth": truth, "evals": evals}))
+    print(f"dump {which}: {len(truth)} files, {len(imgs)} originals, 40 copied; eval originals {evals}")
+
+
+def read(root: Path, out: Path) -> None:
+    from lvd.curation import ledger as lg
+
+    t = json.loads((root / "truth.json").read_text())
+    truth, evals = t["truth"], set(t["evals"])
+    rows = lg.read_ledger(str(out / "run")).to_pylist()
+    by_uid = {r["uid"]: r for r in rows if r["uid"]}
+
+    def name(r):
+        return Path(r["source"]).name
+
+    def family(r):
+        return truth[name(r)][0]
+
+    def top(r):  # the group's representative
+        for _ in range(20):
+            if r["status"] != "duplicate" or r.get("duplicate_of") not in by_uid:
+                break
+            r = by_uid[r["duplicate_of"]]
+        return r["uid"]
+
+    print("statuses", dict(collections.Counter(r["status"] for r in rows)))
+    print("rejected", [(name(r), r["reason"]) for r in rows if r["status"] == "rejected"])
+    original = {family(r): r for r in rows if truth[name(r)][1] == "original"}
+    joined: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for r in rows:
+        f, k = truth[name(r)]
+        if k in ("original", "broken"):
+            continue
+        joined[k][1] += 1
+        joined[k][0] += top(r) == top(original[f]) or (r["status"] == "decontaminated" and f in evals)
+    print("copies that joined their original's group, per kind", {k: f"{a}/{b}" for k, (a, b) in joined.items()})
+    merged = [
+        (name(r), name(by_uid[r["duplicate_of"]]), r["reason"])
+        for r in rows
+        if r["status"] == "duplicate"
+        and truth[name(r)][1] == "original"
+        and family(by_uid[r["duplicate_of"]]) != family(r)
+    ]
+    print("distinct originals merged", len(merged), merged[:10])
+    fam = [r for r in rows if family(r) in evals]
+    shipped = [name(r) for r in fam if r["status"] in ("sharded", "unselected")]
+    print(f"eval-family files {len(fam)}, removed {len(fam) - len(shipped)}, still in the pool {shipped}")
+    others = [r for r in rows if family(r) not in evals | {"broken"}]
+    print("other images decontaminated", sum(r["status"] == "decontaminated" for r in others), "of", len(others))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    w = sub.add_parser("write", help="write dump N (1 or 2) to DIR")
+    w.add_argument("which", type=int, choices=(1, 2))
+    w.add_argument("dir", type=Path)
+    r = sub.add_parser("read", help="read a pipeline run's ledger (OUT) against the dump's truth (DIR)")
+    r.add_argument("dir", type=Path)
+    r.add_argument("out", type=Path)
+    args = parser.parse_args()
+    if args.cmd == "write":
+        write(args.which, args.dir)
+    else:
+        read(args.dir, args.out)
+
+
+if __name__ == "__main__":
+    main()
