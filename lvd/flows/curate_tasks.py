@@ -169,6 +169,9 @@ def copydetect_task(
         ],
     )
     artifacts.gallery_artifact("curate-copydetect-calibration", pictures.calibration_markdown(cal.as_dict()))
+    weak = stages_copy.weakest_links(run_dir, pictures.MAX_ROWS)
+    blobs = rundir.read_blobs(run_dir, {u for w in weak for u in w[:2]}, strict=False)
+    artifacts.gallery_artifact("curate-copydetect-weakest", pictures.weakest_links_markdown(weak, blobs, cal.threshold))
 
 
 @task(name="decontaminate", cache_policy=NO_CACHE)

@@ -132,6 +132,31 @@ def calibration_markdown(cal: dict) -> str:
     )
 
 
+def weakest_links_markdown(links: list[tuple[str, str, str, float]], blobs: dict[str, bytes], threshold: float) -> str:
+    """One row per decided copy link with the least evidence (`stages.copy.weakest_links`):
+    its score, the image and the one it was linked to. Distinct look-alikes show here first. A
+    score below the threshold is a pair whose hash groups were joined by a decided link between
+    other versions (chain splitting's units): said so on the row."""
+    lines = [
+        "# Copy detection: the weakest links",
+        "",
+        f"The decided links with the least evidence (threshold {threshold:g}). If two of these are "
+        "different objects, raise `--copy-threshold` above their score, or decide with `--copy-model`.",
+        "",
+        "| score | image | linked to |",
+        "|---|---|---|",
+    ]
+    for uid, other, method, score in links[:MAX_ROWS]:
+        shown = f"{score:g} inliers" if method == "copy" else f"cosine {score:.3f}"
+        if (score < threshold) if method == "copy" else (score <= threshold):
+            # chain splitting joined their hash groups: the decided link is with a version of one
+            shown += " (linked through a hash duplicate of one of them)"
+        lines.append(f"| {shown} | {_img(blobs.get(uid), uid[:8])} | {_img(blobs.get(other), other[:8])} |")
+    if not links:
+        lines.append("| (no link decided by the copy detector) | | |")
+    return "\n".join(lines)
+
+
 def components_markdown(title: str, groups: list[list[str]], blobs: dict[str, bytes]) -> str:
     """One row per component (largest first): a few of its images."""
     lines = [f"# {title}", "", "| component | images |", "|---|---|"]

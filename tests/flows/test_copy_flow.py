@@ -79,6 +79,35 @@ def test_copy_detection_ran_calibrated_and_reported(run):
     assert {"copy", "phash"} <= set(d["method"].to_pylist())  # crops/overlays need the detector
 
 
+def test_weakest_links_are_shown(run):
+    """The decided links with the least evidence, weakest first, as pictures in the Prefect UI:
+    where a distinct look-alike would show."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    from lvd.curation.stages import copy as stages_copy
+
+    out, _ = run
+    weak = stages_copy.weakest_links(out, 6)
+    d = pq.read_table(out / "copydetect" / "duplicates.parquet").to_pylist()
+    inliers = sorted(round(1 / r["distance"] - 1) for r in d if r["method"] == "copy")
+    assert [s for *_, s in weak] == inliers[: len(weak)] and len(weak) == min(6, len(inliers))
+    threshold = stages_copy.calibration(out).threshold
+    with get_client(sync_client=True) as c:
+        (art,) = c.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["curate-copydetect-weakest"])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    rows = [line for line in art.data.splitlines() if line.startswith("| ") and "inliers" in line]
+    assert len(rows) == len(weak) and art.data.count("](data:image/png;base64,") == 2 * len(weak)
+    for line, (uid, _, _, score) in zip(rows, weak):
+        assert line.startswith(f"| {score:g} inliers") and f"![{uid[:8]}](data:image/png;base64," in line
+        # below the threshold only when joined through a hash duplicate (chain splitting's units)
+        assert ("through a hash duplicate" in line) == (score < threshold), line
+
+
 def test_a_bad_copy_setting_trips_the_guard_and_changes_nothing(run, dump, tmp_path, capsys):
     """A random-init ViT as copy model with a forced cosine of 0.1 links nearly everything:
     the flow refuses, says which stage, how much and which flag, and rolls the run folder back

@@ -473,6 +473,19 @@ def calibration(run_dir: Path) -> cd.Calibration | None:
     return cd.Calibration.from_dict(d) if d else None
 
 
+def weakest_links(run_dir: Path, n: int) -> list[tuple[str, str, str, float]]:
+    """(uid, duplicate_of, method, score) of the `n` decided copy links with the least evidence
+    (fewest inliers, or lowest cosine), weakest first: where a look-alike would show."""
+    d = duplicates(run_dir).to_pylist()
+    links = [r for r in d if r["method"] in (cd.METHOD_LOCAL, cd.METHOD_MODEL)]
+    links.sort(key=lambda r: (-r["distance"], r["uid"]))
+
+    def score(r) -> float:
+        return round(1.0 / r["distance"] - 1.0) if r["method"] == cd.METHOD_LOCAL else 1.0 - r["distance"]
+
+    return [(r["uid"], r["duplicate_of"], r["method"], float(score(r))) for r in links[:n]]
+
+
 def copydetect_stats(run_dir: Path) -> dict | None:
     return rundir.copydetect_output(run_dir, "stats")
 
