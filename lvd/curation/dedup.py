@@ -453,12 +453,14 @@ def _equalised_ok(a, b, rows: _Rows, cfg: DedupConfig) -> np.ndarray:
     idx = np.flatnonzero(ok & ~sure)
     for start in range(0, len(idx), _QUERY_BATCH):
         i = idx[start : start + _QUERY_BATCH]
-        ta, tb, sa, sb = rows.eq_thumb[a[i]], rows.eq_thumb[b[i]], rows.saturated[a[i]], rows.saturated[b[i]]
-        fit = unclipped_residual(ta, tb, sa, sb, min_cells=cfg.min_unclipped_cells) <= cfg.max_unclipped_residual
+        ta, tb = rows.eq_thumb[a[i]], rows.eq_thumb[b[i]]
+        masks = _unclipped_masks(rows.saturated[a[i]], rows.saturated[b[i]])  # once: the curves reuse them
+        fit = _unclipped_fit(ta, tb, masks, cfg.min_unclipped_cells) <= cfg.max_unclipped_residual
         curved = textured[i] & ~fit
         if cfg.fit_gammas and curved.any():
             c = np.flatnonzero(curved)
-            res = power_unclipped_residual(ta[c], tb[c], sa[c], sb[c], cfg.fit_gammas, cfg.min_unclipped_cells)
+            sub = tuple(m[c] for m in masks)
+            res = _power_unclipped_fit(ta[c], tb[c], sub, cfg.fit_gammas, cfg.min_unclipped_cells)
             fit[c] = res <= cfg.max_unclipped_residual
         if cfg.clipped_code_sure_radius is not None and rows.equalised.shape[1] > 1:
             c = np.flatnonzero(textured[i] & ~fit)
@@ -475,13 +477,12 @@ def _clipped_code_distance(codes: np.ndarray, a: np.ndarray, b: np.ndarray) -> n
     return np.minimum(ab, ba)
 
 
-def power_unclipped_residual(
-    ta: np.ndarray, tb: np.ndarray, sat_a: np.ndarray, sat_b: np.ndarray, gammas, min_cells: int = 16
-) -> np.ndarray:
-    """float [E]: `unclipped_residual` after the best of `gammas` applied to `ta`
-    (x -> 255 (x / 255)^g): how far the pair is from a gamma curve followed by a brightness /
-    contrast change. 0 and 255 map to themselves, so the saturated cells stay the same."""
-    x, masks = ta.astype(np.float32) / 255.0, _unclipped_masks(sat_a, sat_b)  # the masks once, not per curve
+def _power_unclipped_fit(ta: np.ndarray, tb: np.ndarray, masks, gammas, min_cells: int) -> np.ndarray:
+    """float [E]: `unclipped_residual` (its cell sets already unpacked, `_unclipped_masks`)
+    after the best of `gammas` applied to `ta` (x -> 255 (x / 255)^g): how far the pair is from
+    a gamma curve followed by a brightness / contrast change. 0 and 255 map to themselves, so
+    the saturated cells stay the same."""
+    x = ta.astype(np.float32) / 255.0
     best = np.full(len(ta), np.inf)
     for g in gammas:
         best = np.minimum(best, _unclipped_fit(255.0 * x**g, tb, masks, min_cells))
