@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lvd.curation import copydetect as cd
@@ -475,15 +476,21 @@ def calibration(run_dir: Path) -> cd.Calibration | None:
 
 def weakest_links(run_dir: Path, n: int) -> list[tuple[str, str, str, float]]:
     """(uid, duplicate_of, method, score) of the `n` decided copy links with the least evidence
-    (fewest inliers, or lowest cosine), weakest first: where a look-alike would show."""
-    d = duplicates(run_dir).to_pylist()
-    links = [r for r in d if r["method"] in (cd.METHOD_LOCAL, cd.METHOD_MODEL)]
-    links.sort(key=lambda r: (-r["distance"], r["uid"]))
+    (fewest inliers, or lowest cosine), weakest first: where a look-alike would show. Arrow's
+    top-k over the table's columns: no Python row per duplicate."""
+    d = duplicates(run_dir)
+    d = d.filter(pc.is_in(d["method"], pa.array([cd.METHOD_LOCAL, cd.METHOD_MODEL])))
+    if not d.num_rows or n < 1:
+        return []
+    top = d.take(
+        pc.select_k_unstable(d, k=min(n, d.num_rows), sort_keys=[("distance", "descending"), ("uid", "ascending")])
+    )
 
-    def score(r) -> float:
-        return round(1.0 / r["distance"] - 1.0) if r["method"] == cd.METHOD_LOCAL else 1.0 - r["distance"]
+    def score(method: str, distance: float) -> float:
+        return round(1.0 / distance - 1.0) if method == cd.METHOD_LOCAL else 1.0 - distance
 
-    return [(r["uid"], r["duplicate_of"], r["method"], float(score(r))) for r in links[:n]]
+    cols = [top[c].to_pylist() for c in ("uid", "duplicate_of", "method", "distance")]
+    return [(u, o, m, float(score(m, dist))) for u, o, m, dist in zip(*cols)]
 
 
 def copydetect_stats(run_dir: Path) -> dict | None:
