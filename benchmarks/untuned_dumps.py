@@ -9,7 +9,11 @@ as seeds, and 3 broken files:
   contrast x0.6-0.8, 70-90% crops, mirror;
 - dump 2: Fashion-MNIST train 7000-7199 at 112 px, LFW 0-39 at 180 px, two crops of each of 4
   skimage colour photos and the 2 scikit-learn photos; copies: the same kinds with JPEG q15-30,
-  brightness x1.2-1.5, 65-85% crops, and a gamma curve (0.6-0.8 or 1.3-1.6).
+  brightness x1.2-1.5, 65-85% crops, and a gamma curve (0.6-0.8 or 1.3-1.6);
+- dump 3: Fashion-MNIST train 9000-9239 at 140 px, LFW 60-99 at 150 px, 200 px windows of
+  skimage's cat and the 2 scikit-learn photos (none overlapping); copies of other kinds: WebP
+  q40, 55% size (bilinear), darker x0.6-0.75, 70-85% crops, mirror, a caption band, a black
+  letterbox border.
 
 `write N DIR` writes DIR/pool, DIR/seeds, DIR/eval and DIR/truth.json. Then run the main job on
 it (`lvd pipeline --input DIR/pool --seeds DIR/seeds --eval-sets DIR/eval --out OUT
@@ -56,6 +60,21 @@ def _originals(which: int) -> list[tuple[str, Image.Image]]:
     def face(f, side):
         return Image.fromarray((f * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC).convert("RGB")
 
+    if which == 3:
+        prods = copies.fashion_mnist(9240, size=140, seed=3, split="train")[9000:9240]
+        faces = [face(f, 150) for f in skimage.data.lfw_subset()[60:100]]
+        big = [skimage.data.cat()] + list(load_sample_images().images)
+        tiles = [
+            Image.fromarray(a[y : y + 200, x : x + 200])
+            for a in big
+            for y in range(0, a.shape[0] - 199, 200)
+            for x in range(0, a.shape[1] - 199, 200)
+        ]
+        return (
+            [(f"p{i:03d}", im) for i, im in enumerate(prods)]
+            + [(f"f{i:02d}", im) for i, im in enumerate(faces)]
+            + [(f"t{i:02d}", im) for i, im in enumerate(tiles)]
+        )
     if which == 1:
         prods = copies.fashion_mnist(5300, size=112, seed=3, split="train")[5000:5240]
         faces = [face(f, 120) for f in skimage.data.lfw_subset()[160:200]]
@@ -80,6 +99,8 @@ def _originals(which: int) -> list[tuple[str, Image.Image]]:
 
 def _copies(which: int, im: Image.Image, rng: np.random.Generator) -> dict[str, bytes]:
     w, h = im.size
+    if which == 3:
+        return _copies3(im, rng)
     c = rng.uniform(0.7, 0.9) if which == 1 else rng.uniform(0.65, 0.85)
     cw, ch = int(w * c), int(h * c)
     x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
@@ -99,6 +120,33 @@ def _copies(which: int, im: Image.Image, rng: np.random.Generator) -> dict[str, 
     return out
 
 
+def _copies3(im: Image.Image, rng: np.random.Generator) -> dict[str, bytes]:
+    from PIL import ImageDraw
+
+    w, h = im.size
+    webp = io.BytesIO()
+    im.convert("RGB").save(webp, "WEBP", quality=40)
+    c = rng.uniform(0.7, 0.85)
+    cw, ch = int(w * c), int(h * c)
+    x, y = rng.integers(0, w - cw + 1), rng.integers(0, h - ch + 1)
+    cap = im.convert("RGB")
+    band = round(h * 0.15)
+    ImageDraw.Draw(cap).rectangle((0, h - band, w, h), fill=(20, 20, 20))
+    ImageDraw.Draw(cap).text((4, h - band + 2), "photo 2026", fill=(230, 230, 230))
+    pad = round(0.12 * max(w, h))
+    box = Image.new("RGB", (w + 2 * pad, h + 2 * pad), (0, 0, 0))
+    box.paste(im.convert("RGB"), (pad, pad))
+    return {
+        "webp": webp.getvalue(),
+        "small": _jpg(im.resize((max(32, round(w * 0.55)), max(32, round(h * 0.55))), Image.BILINEAR), 85),
+        "dark": _jpg(ImageEnhance.Brightness(im).enhance(rng.uniform(0.6, 0.75)), 90),
+        "crop": _jpg(im.crop((x, y, x + cw, y + ch)), 88),
+        "mirror": _jpg(ImageOps.mirror(im), 88),
+        "caption": _jpg(cap, 88),
+        "border": _jpg(box, 88),
+    }
+
+
 def write(which: int, root: Path) -> None:
     from lvd.curation import copies
 
@@ -106,7 +154,7 @@ def write(which: int, root: Path) -> None:
     for d in (pool, seeds, ev):
         d.mkdir(parents=True, exist_ok=True)
     imgs = _originals(which)
-    rng = np.random.default_rng(2026 if which == 1 else 77)
+    rng = np.random.default_rng({1: 2026, 2: 77, 3: 3003}[which])
     truth: dict[str, list[str]] = {}
     copied = rng.choice(len(imgs), 40, replace=False).tolist()
     for i, (n, im) in enumerate(imgs):
@@ -119,7 +167,7 @@ def write(which: int, root: Path) -> None:
     evals = [imgs[i][0] for i in copied[:8]]
     for n in evals:
         (ev / f"{n}.png").write_bytes((pool / f"{n}.png").read_bytes())
-    lo = 5300 if which == 1 else 7300
+    lo = {1: 5300, 2: 7300, 3: 9500}[which]
     for i, im in enumerate(copies.fashion_mnist(lo + 100, size=112, seed=3, split="train")[lo : lo + 10]):
         im.save(seeds / f"seed{i}.png")
     for n, data in BROKEN.items():
@@ -179,8 +227,8 @@ def read(root: Path, out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    w = sub.add_parser("write", help="write dump N (1 or 2) to DIR")
-    w.add_argument("which", type=int, choices=(1, 2))
+    w = sub.add_parser("write", help="write dump N (1, 2 or 3) to DIR")
+    w.add_argument("which", type=int, choices=(1, 2, 3))
     w.add_argument("dir", type=Path)
     r = sub.add_parser("read", help="read a pipeline run's ledger (OUT) against the dump's truth (DIR)")
     r.add_argument("dir", type=Path)
