@@ -3,12 +3,15 @@
 A run of real photos (scikit-image), their hash-level copies (dedup groups), crops, overlays and
 mirror images (verified and mirrored-hash links), with a proposer vector folder: the single task
 (`stages.copy.run_copydetect`) and the partitioned path write the same duplicates.parquet and
-the same counts, on the session's Ray and (slow) on a 3-node `ray.cluster_utils.Cluster`. The
+the same counts, deciding by local features or by a copy model's cosine (a TorchScript file the
+test makes, embedded by the copy-embed stage), on the session's Ray and (slow) on a 3-node
+`ray.cluster_utils.Cluster`. The
 per-image candidate bound is checked alone against `copydetect.bounded_candidates`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -23,6 +26,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import skimage.data
+import torch
 from PIL import Image
 
 from lvd.curation import copies, rundir
@@ -36,6 +40,7 @@ from lvd.curation.vectors import write_vectors
 CFG = cd.CopyDetectConfig(k=8, max_verify=6, max_remove=0.95, calib_images=8, calib_copy_images=2)
 SCALE = copyscale.CopyScaleConfig(part_rows=5, lsh_buckets=3, groups=3, partitions=3)
 TIMINGS = ("seconds_", "partitioned")
+COSINE = 0.9  # this random descriptor's cosines: links, and chains that split
 
 
 def make_run(root: Path) -> tuple[Path, Path]:
@@ -163,10 +168,62 @@ def test_the_guard_trips_the_same_way(paths, tmp_path):
 def test_pool_size_picks_the_path(paths):
     run = paths[0]
     assert copyscale.chooses(run, None, min_images=10) and not copyscale.chooses(run, None, min_images=10**6)
-    assert not copyscale.chooses(run, None, ("copy-model.pt", {}), min_images=10)  # cosine decisions: one task
+    assert copyscale.chooses(run, None, ("copy-model.pt", {}), min_images=10)  # cosine decisions partition too
     assert copyscale.chooses(run, True) and not copyscale.chooses(run, False, min_images=10)
-    with pytest.raises(ValueError, match="local features only"):
-        copyscale.run_partitioned(run, CFG, None, parts=None, copy_model=("copy-model.pt", {}))
+
+
+class _TinyDescriptor(torch.nn.Module):
+    """A small copy model in the SSCD file format (TorchScript): a strided conv, pooled."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4).flatten(1)
+
+
+def copy_model_paths(run: Path, prop: Path, root: Path, scale=SCALE) -> dict:
+    """With --copy-model (a TorchScript descriptor embedded into RUN/copyvec by the real
+    copy-embed stage): the single task and the partitioned path on copies of `run` give the
+    same outputs; their stats, and the candidates of the same run without the model."""
+    from lvd.curation.embed import EmbedConfig
+    from lvd.curation.stages import copy as stages_copy
+    from lvd.curation.stages import embed as stages_embed
+
+    torch.manual_seed(0)
+    model = root / "sscd_like.torchscript.pt"
+    torch.jit.script(_TinyDescriptor()).save(str(model))
+    ecfg = EmbedConfig(resize=64, crop=64, batch_size=8, decode_threads=1)
+    base = root / "model-run"
+    shutil.copytree(run, base)
+    stages_embed.run_embed(base, str(model), ecfg, stage="copyembed")
+    copy_model = (str(model), dataclasses.asdict(ecfg))
+    # a user threshold (reported as a calibrated one would be); room for the copy model's neighbours
+    cfg = replace(CFG, threshold=COSINE, max_verify=16)
+    single, parted, local = root / "model-single", root / "model-parted", root / "model-local"
+    for d in (single, parted, local):
+        shutil.copytree(base, d)
+    stages_copy.run_copydetect(local, replace(cfg, threshold=None), proposers=[prop], partitioned=False)
+    stages_copy.run_copydetect(single, cfg, proposers=[prop], copy_model=copy_model, partitioned=False)
+    stages_copy.run_copydetect(parted, cfg, proposers=[prop], copy_model=copy_model, partitioned=True, scale=scale)
+    stats = same_outputs(single, parted)
+    dups = pq.read_table(parted / "copydetect" / "duplicates.parquet")
+    return dict(stats, local_candidates=rundir.copydetect_output(local, "stats")["candidates"],
+                methods=sorted(set(dups["method"].to_pylist())))  # fmt: skip
+
+
+def check_copy_model_stats(stats: dict) -> None:
+    assert stats["method"] == cd.METHOD_MODEL and cd.METHOD_MODEL in stats["methods"], stats
+    assert stats["candidates"] > stats["decided_links"] > 0, stats
+    assert stats["candidates"] > stats["local_candidates"], stats  # the model's neighbours were proposed
+    assert stats["components_split"] >= 1 and stats["split_checks"] >= 1, stats  # the split decides by cosine too
+
+
+def test_copy_model_decisions_partitioned_equal_the_single_task(paths, tmp_path):
+    """The partitioned path proposes with a copy model's vectors, decides and splits by their
+    cosine in its own tasks, and writes the single task's table, counts and calibration."""
+    check_copy_model_stats(copy_model_paths(paths[0], paths[1], tmp_path))
 
 
 def test_per_image_bound_is_bounded_candidates():
@@ -242,6 +299,7 @@ def _cluster_main(root: Path) -> None:
             err = guard_error(fresh, prop, partitioned, 0.3)
             errors.append((str(err), err.largest))
         assert errors[0] == errors[1], errors
+        check_copy_model_stats(copy_model_paths(run, prop, root, scale=sharded))
         nodes = len({n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU")})
         print("RESULT " + json.dumps({"nodes": nodes, "stats": stats}), flush=True)
     finally:

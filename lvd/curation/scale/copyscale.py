@@ -18,8 +18,9 @@ same way) and cut into ranges of `part_rows` positions (`r{r}`):
    (already decided, as `copydetect.mirror_hash_pairs`). An LSH bucket gives pairs of images
    sharing a key; they are counted per pair in the range of its first image, kept from
    `min_shared` keys on, and ranked per image (most keys, then position).
-3. kNN lists of the global descriptor and of every proposer folder from `scale.shardindex`
-   (sharded, canonical ties), written per range block by block.
+3. kNN lists of the global descriptor, of every proposer folder and of the copy model's vectors
+   (`RUN/copyvec`, with `--copy-model`) from `scale.shardindex` (sharded, canonical ties),
+   written per range block by block.
 4. hash groups: `scale.components` over the decided hash edges (the dedup stage's groups and the
    mirrored pairs): a label per image, written per range.
 5. bound: a task per range applies `copydetect.bounded_candidates`' per-image rule to its own
@@ -28,7 +29,9 @@ same way) and cut into ranges of `part_rows` positions (`r{r}`):
    image's own proposals only, so it gives the single process's pairs exactly.
 6. verify: candidate pairs grouped by (range a, range b); a task loads the features of those
    two ranges' rows it needs and decides its pairs (`copydetect.verify_pairs`, calibrated
-   threshold from `stages.copy.run_calibration`, unchanged). Decided edges: `cedges/`.
+   threshold from `stages.copy.run_calibration`, unchanged). With a copy model its vectors
+   (scattered from `RUN/copyvec`'s parts to the ranges of their images, `cvec/`) are loaded
+   instead and the stage's `Decider` scores their cosine. Decided edges: `cedges/`.
 7. components (`scale.components`) of decided + hash edges; edges go to component groups by
    label, and a task per group runs `split_chains`, `_edge_sets` and `dedup.resolve` on each of
    its components (a component's members, edges and features are small). `resolve` is local to
@@ -39,7 +42,7 @@ The mass-removal guard gets the same counts and largest groups as the single pro
 Memory: a task holds one range's rows (or two ranges' hashes, or one bucket's keys, or one
 pair group's features, or one component group). The driver holds the pool's uid list (`unique_accepted`: uid, width,
 height, ~100 B an image), which the calibration sample and a proposer index for uids need too,
-and one kNN query block at a time. Copy-model decisions (`--copy-model`) are not partitioned.
+and one kNN query block at a time.
 """
 
 from __future__ import annotations
@@ -110,8 +113,6 @@ def chooses(run_dir: Path, partitioned: bool | None, copy_model=None, min_images
     """Whether run_copydetect takes this path: forced by `partitioned`, else from the pool size."""
     if partitioned is not None:
         return partitioned
-    if copy_model is not None:
-        return False  # copy-model decisions are not partitioned
     limit = PARTITIONED_MIN_IMAGES if min_images is None else min_images
     return sum(m["rows"]["main"] for m in rundir.ingest_markers(run_dir).values()) >= limit
 
@@ -141,11 +142,6 @@ def run_partitioned(
 ) -> runner.StageReport:
     """run_copydetect's partitioned path: the same outputs and marker as the single task
     (scratch under RUN/copydetect/scale, removed after); the guard refuses before writing."""
-    if copy_model is not None:
-        raise ValueError(
-            "partitioned copy detection decides by local features only: run --copy-model on the single-task "
-            "path (partitioned=False)"
-        )
     stage_dir = rundir.stage_dir(run_dir, "copydetect")
     cfg_hash = runner.config_hash(cfg, copy_model)  # the single task's identity: same outputs
     report, todo = runner.plan_stage(stage_dir, [unit], cfg_hash, checksums=rcfg.verify_checksums)
@@ -156,7 +152,9 @@ def run_partitioned(
     scale = replace(scale, task_options=opts)
     work = stage_dir / "scale"
     shutil.rmtree(work, ignore_errors=True)
-    got = partitioned_copydetect(run_dir, cfg, work, parts, scale, proposers=proposers, mirror_radius=mirror_radius)
+    got = partitioned_copydetect(
+        run_dir, cfg, work, parts, scale, proposers=proposers, copy_model=copy_model, mirror_radius=mirror_radius
+    )
     finish = ray.remote(_finish).options(**opts)
     marker = ray.get(finish.remote(got, cfg, unit, str(stage_dir), cfg_hash, parts))
     shutil.rmtree(work, ignore_errors=True)
@@ -186,6 +184,7 @@ def partitioned_copydetect(
     scale: CopyScaleConfig = CopyScaleConfig(),
     *,
     proposers=(),
+    copy_model: tuple[str, dict] | None = None,
     mirror_radius: int = 20,
 ) -> dict:
     """All steps of the module doc; returns paths and counts (the table: `duplicates`). Needs Ray."""
@@ -197,7 +196,7 @@ def partitioned_copydetect(
     uids = t["uid"].to_pylist()
     # the calibration (its own Ray tasks, as in the single task) runs in a task of its own
     # while the candidates are found: it decodes images, which the driver should not hold
-    cal_job = ray.remote(_calibrate).options(**opts).remote(str(run), ray.put(uids), cfg, parts)
+    cal_job = ray.remote(_calibrate).options(**opts).remote(str(run), ray.put(uids), cfg, parts, copy_model)
     n = len(uids)
     ranges = [(r, r * S, min(n, (r + 1) * S)) for r in range(-(-n // S))]
     _write_nodes(t, work, ranges)
@@ -206,6 +205,13 @@ def partitioned_copydetect(
     files = sorted(rundir.stage_dir(run, "copyfeat").glob("part-*.parquet"))
     _wave(_feat_scatter, [(str(f), c, lookup, S, str(work)) for c, f in enumerate(files)], opts)
     _wave(_feat_gather, [(str(work), r, lo, hi, scale.lsh_buckets) for r, lo, hi in ranges], opts)
+    copy_vecs = rundir.vectors_dir(run, "copyembed") if copy_model is not None else None
+    if copy_vecs is not None:  # the copy model's vectors to the ranges of their images (`cvec/`)
+        _wave(
+            _vec_scatter,
+            [(str(copy_vecs), i, c, lookup, S, str(work)) for c, i in enumerate(_vec_parts(copy_vecs))],
+            opts,
+        )
     t_read = time.perf_counter()
     rad = dict(R=max(cfg.hash_radius, mirror_radius), hash=cfg.hash_radius, mirror=mirror_radius, S=S)
     _wave(_hash_pairs, [(str(work), r, rad) for r, _, _ in ranges], opts)
@@ -218,18 +224,21 @@ def partitioned_copydetect(
     _knn(work / "glob", uids, cfg.k, 1, work, S, scale.knn)
     for li, d in enumerate(proposers):
         _knn(Path(d), uids, cfg.k, 2 + li, work, S, scale.knn)
+    if copy_vecs is not None:  # the copy model proposes too, after the embedders (as the single task)
+        _knn(copy_vecs, uids, cfg.k, 2 + len(proposers), work, S, scale.knn)
     del uids
     bound = _wave(_bound, [(str(work), r, lo, hi, cfg.k, cfg.max_verify, S) for r, lo, hi in ranges], opts)
     t_cand = time.perf_counter()
     cal, seconds_cal = ray.get(cal_job)
     t_cal = time.perf_counter()
     groups = sorted(p.name for p in (work / "cand").iterdir()) if (work / "cand").exists() else []
-    decided = _wave(_verify, [(str(work), g, cfg, cal.as_dict(), S) for g in groups], opts)
+    model = copy_vecs is not None
+    decided = _wave(_verify, [(str(work), g, cfg, cal.as_dict(), S, parts, model) for g in groups], opts)
     t_verify = time.perf_counter()
     edge_files = sorted((work / "cedges").glob("*.parquet")) + sorted((work / "hedges").glob("*.parquet"))
     _labels(edge_files, work / "ccomp", work / "clabel", S, comp, opts)
     _wave(_to_groups, [(str(f), str(work), S, scale.groups) for f in edge_files], opts)
-    split = _wave(_split, [(str(work), g, cfg, cal.as_dict(), S, parts) for g in range(scale.groups)], opts)
+    split = _wave(_split, [(str(work), g, cfg, cal.as_dict(), S, parts, model) for g in range(scale.groups)], opts)
     out = work / "duplicates.parquet"
     ray.get(ray.remote(_assemble).options(**opts).remote(str(work / "pieces"), str(out)))
     t_split = time.perf_counter()
@@ -257,10 +266,10 @@ def partitioned_copydetect(
     return dict(duplicates=str(out), images=n, stats=stats, calibration=cal.as_dict(), largest=[g[2] for g in largest])
 
 
-def _calibrate(run: str, uids: list[str], cfg: cd.CopyDetectConfig, parts: StageParts) -> tuple:
+def _calibrate(run: str, uids: list[str], cfg: cd.CopyDetectConfig, parts: StageParts, copy_model=None) -> tuple:
     """stages.copy.run_calibration, unchanged, and its seconds."""
     t = time.perf_counter()
-    return parts.calibrate(Path(run), uids, cfg, None), time.perf_counter() - t
+    return parts.calibrate(Path(run), uids, cfg, copy_model), time.perf_counter() - t
 
 
 def _wave(fn, args: list[tuple], opts: dict) -> list:
@@ -618,6 +627,41 @@ def _other_groups(work: str, rows: pd.DataFrame, S: int) -> pd.DataFrame:
 # ---------------------------------------------------------------- deciding, components, splitting
 
 
+def _vec_parts(folder: Path) -> list[int]:
+    """Part indices of a vector folder's complete parts (`vectors.open_vectors`' rule: the uids file)."""
+    return sorted(int(f.name[len("part-") : -len(".uids.parquet")]) for f in Path(folder).glob("part-*.uids.parquet"))
+
+
+def _vec_scatter(folder: str, index: int, c: int, lookup, S: int, work: str) -> None:
+    """A copy-model vector part's rows to the ranges of their images (`cvec/`): position, part
+    order and row (the store's first row of a uid wins, as `VectorStore.get`), float16 bytes."""
+    from lvd.curation.vectors import part_paths
+
+    npy, uid_file = part_paths(folder, index)
+    vecs = np.load(npy, mmap_mode="r", allow_pickle=False)
+    pos = _positions(lookup, pq.read_table(uid_file, columns=["uid"])["uid"].to_pylist())
+    keep = np.flatnonzero(pos >= 0)
+    v = np.ascontiguousarray(vecs[keep], np.float16)
+    col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(max(1, 2 * v.shape[1])), len(keep), [None, pa.py_buffer(v)])
+    t = pa.table({"pos": pos[keep], "_c": np.full(len(keep), c, np.int64), "_row": keep.astype(np.int64), "vec": col})
+    _scatter(t, pos[keep] // S, Path(work) / "cvec", f"c{c}")
+
+
+def _copy_vectors(work: str, pos: np.ndarray, S: int) -> np.ndarray:
+    """float16 [len(pos), D]: the copy model's vectors of the given positions (sorted)."""
+    t = _read_ranges(Path(work), "cvec", pos, S)
+    if t is not None and t.num_rows:
+        t = t.sort_by([("pos", "ascending"), ("_c", "ascending"), ("_row", "ascending")])
+        p = t["pos"].to_numpy()
+        t = t.filter(pa.array(np.r_[True, p[1:] != p[:-1]]))
+    if t is None or t.num_rows != len(pos):
+        got = 0 if t is None else t.num_rows
+        raise RuntimeError(
+            f"copyvec has no vectors for {len(pos) - got} accepted images: the copy-embed stage did not finish"
+        )
+    return np.frombuffer(b"".join(t["vec"].to_pylist()), np.float16).reshape(len(pos), -1)
+
+
 def _features(work: str, pos: np.ndarray, S: int) -> list[Features]:
     """Features of the given positions (sorted), read from the ranges they fall in."""
     t = _read_ranges(Path(work), "feats", pos, S).sort_by("pos")
@@ -626,9 +670,12 @@ def _features(work: str, pos: np.ndarray, S: int) -> list[Features]:
     return _feature_list(t)
 
 
-def _verify(work: str, group: str, cfg: cd.CopyDetectConfig, cal: dict, S: int) -> tuple[int, int]:
-    """One (range a, range b) group's candidate pairs decided on the features of the rows they
-    touch; decided edges (distance 1 / (1 + inliers)) to cedges/. Returns (pairs, links)."""
+def _verify(
+    work: str, group: str, cfg: cd.CopyDetectConfig, cal: dict, S: int, parts: StageParts, model: bool = False
+) -> tuple[int, int]:
+    """One (range a, range b) group's candidate pairs decided on the features (or the copy
+    model's vectors) of the rows they touch; decided edges (the decider's distance: 1 / (1 +
+    inliers), or 1 - cosine) to cedges/. Returns (pairs, links)."""
     set_threads(1)
     cal_ = cd.Calibration.from_dict(cal)
     t = (
@@ -639,12 +686,15 @@ def _verify(work: str, group: str, cfg: cd.CopyDetectConfig, cal: dict, S: int) 
     )
     a, b = t["a"].to_numpy(), t["b"].to_numpy()
     need = np.unique(np.concatenate([a, b]))
-    feats = _features(work, need, S)
-    scores = cd.verify_pairs(
-        feats, np.searchsorted(need, a), np.searchsorted(need, b), cfg.verify, int(np.ceil(cal_.threshold))
-    ).astype(np.float64)
-    keep = cal_.links(scores)
-    _write(_edges(a[keep], b[keep], 1.0 / (1.0 + scores[keep])), Path(work) / "cedges" / f"{group}.parquet")
+    ia, ib = np.searchsorted(need, a), np.searchsorted(need, b)
+    if model:  # a cosine per pair (the Decider's own; no nested Ray fan-out either way)
+        decider = parts.decider([], _copy_vectors(work, need, S), cal_, cfg)
+        scores = decider.scores(ia, ib)
+    else:
+        decider = parts.decider(_features(work, need, S), None, cal_, cfg)
+        scores = cd.verify_pairs(decider.feats, ia, ib, cfg.verify, int(np.ceil(cal_.threshold))).astype(np.float64)
+    keep = decider.links(scores)
+    _write(_edges(a[keep], b[keep], decider.distance(scores[keep])), Path(work) / "cedges" / f"{group}.parquet")
     return len(a), int(keep.sum())
 
 
@@ -659,7 +709,9 @@ def _to_groups(path: str, work: str, S: int, G: int) -> None:
     _scatter(t, (_mix(lab.astype(np.uint64)) % np.uint64(G)).astype(np.int64), Path(work) / "grp", Path(path).stem, "g")
 
 
-def _split(work: str, g: int, cfg: cd.CopyDetectConfig, cal: dict, S: int, parts: StageParts) -> dict:
+def _split(
+    work: str, g: int, cfg: cd.CopyDetectConfig, cal: dict, S: int, parts: StageParts, model: bool = False
+) -> dict:
     """Group g's components: split_chains, the star edges' methods and distances, resolve;
     each component is whole here, so these are the single process's rows."""
     set_threads(1)
@@ -673,7 +725,11 @@ def _split(work: str, g: int, cfg: cd.CopyDetectConfig, cal: dict, S: int, parts
     uids = np.asarray(nodes["uid"].to_pylist(), dtype=object)
     pixels = nodes["pixels"].to_numpy()
     group = _labels_of(Path(work), "hlabel", members, S)
-    decider = parts.decider(_features(work, members, S), None, cd.Calibration.from_dict(cal), cfg)
+    cal_ = cd.Calibration.from_dict(cal)
+    if model:
+        decider = parts.decider([], _copy_vectors(work, members, S), cal_, cfg)
+    else:
+        decider = parts.decider(_features(work, members, S), None, cal_, cfg)
     la, lb = np.searchsorted(members, a), np.searchsorted(members, b)
     copy = ~ph
     ea, eb = np.concatenate([la[copy], la[ph]]), np.concatenate([lb[copy], lb[ph]])

@@ -417,8 +417,8 @@ class CopyDetectFn:
         knn = [cd.descriptor_candidates(pool.feats, cfg.k), cd.knn_lists(pool.glob, cfg.k)]
         # embedder vectors searched where they lie: one index in-process, sharded over Ray when large
         knn += [shardindex.knn_lists(d, pool.uids, cfg.k) for d in self.proposers]
-        if copy_vecs is not None:
-            knn.append(cd.knn_lists(copy_vecs, cfg.k))
+        if copy_vecs is not None:  # searched where they lie too, as the partitioned path does
+            knn.append(shardindex.knn_lists(rundir.vectors_dir(run, "copyembed"), pool.uids, cfg.k))
         a, b = cd.bounded_candidates(n, hp, knn, cfg.max_verify, group=groups)
         return a, b, pa_, pb_, groups, hp
 
@@ -509,7 +509,8 @@ def run_copydetect(
 ) -> runner.StageReport:
     """One Ray task holding the pool, or `scale.copyscale`'s partitioned path (the same outputs):
     `partitioned` True / False forces one, None partitions from copyscale.PARTITIONED_MIN_IMAGES
-    ingest records on (model-free decisions only); `scale` (copyscale.CopyScaleConfig) sizes it."""
+    ingest records on (local-feature or copy-model decisions); `scale` (copyscale.CopyScaleConfig)
+    sizes it."""
     from lvd.curation.scale import copyscale
 
     extra = [rundir.stage_dir(Path(p).parent, "embed") for p in proposers]  # the proposers' embed markers
