@@ -140,6 +140,39 @@ def test_copy_features_are_found_once_per_uid(ray_local, tmp_path):
     assert len(pool.feats) == 4
 
 
+def test_skipped_uids_found_by_buckets_in_ray_tasks_equal_the_driver_set(ray_local, tmp_path, monkeypatch):
+    """From SKIP_TASKS_FROM partitions on, the uids a partition skips come from uid buckets in
+    Ray tasks (no process holds the pool's uids): the same skips and fingerprints as the one
+    set, for a uid in three partitions, a duplicate inside one partition and one first seen
+    late; copy features then find each uid once."""
+    from lvd.curation.dedup import DedupConfig
+    from lvd.curation.ingest import IngestConfig
+    from lvd.curation.stages import ingest_dedup as stages
+
+    src = tmp_path / "in"
+    src.mkdir()
+    img = {k: _jpeg(getattr(skimage.data, k)()) for k in ("astronaut", "chelsea", "coffee", "camera", "coins")}
+    names = {"a0": "astronaut", "a1": "chelsea", "a2": "coffee", "b0": "astronaut", "b1": "camera", "b2": "camera",
+             "c0": "astronaut", "c1": "camera", "c2": "coins", "d0": "coins", "d1": "chelsea"}  # fmt: skip
+    for name, photo in names.items():
+        (src / f"{name}.jpg").write_bytes(img[photo])
+    run = tmp_path / "run"
+    stages.run_ingest(stages.plan([str(src)], 3), run, IngestConfig())
+    stages.run_dedup(run, DedupConfig())
+    uid = {k: hashlib.sha256(v).hexdigest() for k, v in img.items()}
+    one = stages_copy.feature_units(run, partitioned=False)
+    tasks = stages_copy.feature_units(run, partitioned=True)
+    want = [set(), {uid["astronaut"]}, {uid["astronaut"], uid["camera"]}, {uid["coins"], uid["chelsea"]}]
+    assert [u.skipped() for u in one] == want == [u.skipped() for u in tasks]
+    assert [u.fingerprint for u in one] == [u.fingerprint for u in tasks]
+    assert [u.index for u in one] == [u.index for u in tasks] and tasks[2].skip_file and not tasks[0].skip_file
+    monkeypatch.setattr(stages_copy, "SKIP_TASKS_FROM", 1)  # run_copyfeat takes the bucketed units
+    stages_copy.run_copyfeat(run)
+    uids = [u for p in sorted((run / "copyfeat").glob("part-*.parquet")) for u in pq.read_table(p)["uid"].to_pylist()]
+    assert sorted(uids) == sorted(uid.values())
+    assert not (run / "copyfeat" / "skip").exists()  # scratch, gone after the stage
+
+
 def test_pair_counting_and_candidate_order_match_their_references(monkeypatch):
     """`_counted` by counting (small key range), by int32 and by int64 sorts; the candidate
     order by one int64 key and by lexsort: each as np.unique / np.lexsort."""

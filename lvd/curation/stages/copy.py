@@ -59,26 +59,132 @@ class FeatUnit:
     """One ingest partition's blobs file (as `stages_embed.EmbedUnit`, but defined here: a
     Ray worker unpickling this imports no torch, which took seconds of CPU per worker), and
     the uids whose features an earlier partition already finds (exact duplicates: the same
-    bytes, the same features; 8% of the benchmark dump's accepted blobs)."""
+    bytes, the same features; 8% of the benchmark dump's accepted blobs): in `skip`, or in
+    the Parquet file `skip_file` (`uid` column) when found by Ray tasks (`feature_units`)."""
 
     index: int
     fingerprint: str
     blobs: str
     skip: frozenset[str] = frozenset()
+    skip_file: str | None = None
+
+    def skipped(self) -> set[str]:
+        if self.skip_file is None:
+            return set(self.skip)
+        return set(self.skip) | set(pq.read_table(self.skip_file, columns=["uid"])["uid"].to_pylist())
 
 
-def feature_units(run_dir: Path) -> list[FeatUnit]:
+SKIP_TASKS_FROM = 32  # ingest partitions from which `feature_units` finds the skipped uids in Ray tasks
+SKIP_UIDS_PER_BUCKET = 1 << 21  # uids one of those tasks holds (~150 B each in Arrow and sets)
+
+
+def feature_units(run_dir: Path, *, partitioned: bool | None = None) -> list[FeatUnit]:
+    """A unit per ingest partition, skipping the uids an earlier partition holds. In this
+    process (every uid in one set) below SKIP_TASKS_FROM partitions; from there (or with
+    `partitioned=True`) by uid buckets in Ray tasks, so no process holds the pool's uids: the
+    same units and fingerprints either way."""
     from lvd.curation.stages.embed import embed_units  # the driver's import (torch), not the workers'
 
+    embed = embed_units(run_dir)
+    if partitioned is None:
+        partitioned = len(embed) >= SKIP_TASKS_FROM
+    if partitioned:
+        return _feature_units_bucketed(run_dir, embed)
     units, seen = [], set()
-    for u in embed_units(run_dir):
+    for u in embed:
         uids = set(pq.read_table(u.blobs, columns=["uid"])["uid"].to_pylist())
         skip = frozenset(uids & seen)
         seen |= uids
-        # a partition is redone when what it skips changes (an earlier partition was re-ingested)
-        fingerprint = f"{u.fingerprint}:{runner.config_hash(sorted(skip))}" if skip else u.fingerprint
-        units.append(FeatUnit(u.index, fingerprint, u.blobs, skip))
+        units.append(FeatUnit(u.index, _skip_fingerprint(u.fingerprint, skip), u.blobs, skip))
     return units
+
+
+def _skip_fingerprint(fingerprint: str, skip) -> str:
+    """A partition is redone when what it skips changes (an earlier partition was re-ingested)."""
+    return f"{fingerprint}:{runner.config_hash(sorted(skip))}" if skip else fingerprint
+
+
+def _feature_units_bucketed(run_dir: Path, embed: list) -> list[FeatUnit]:
+    """feature_units' rule in three waves of Ray tasks (`fanout.parallel_map`) over files
+    under RUN/copyfeat/skip/: each partition's uids to buckets by crc32; per bucket, each uid's
+    first partition and the later ones that hold it; per partition with skips, its sorted list
+    (the `skip_file`) and its fingerprint. The driver holds a count per partition."""
+    import shutil
+
+    work = rundir.stage_dir(run_dir, "copyfeat") / "skip"
+    shutil.rmtree(work, ignore_errors=True)
+    records = sum(m["rows"]["main"] for m in rundir.ingest_markers(run_dir).values())
+    buckets = max(1, -(-records // SKIP_UIDS_PER_BUCKET))
+    fanout.parallel_map(_SkipMap(str(work), buckets), [(u.index, u.blobs) for u in embed])
+    got = fanout.parallel_map(_SkipReduce(str(work)), list(range(buckets)))
+    has = sorted({p for found in got for p in found})
+    digests = dict(zip(has, fanout.parallel_map(_SkipGather(str(work)), has)))
+    units = []
+    for u in embed:
+        if u.index in digests:
+            fingerprint = f"{u.fingerprint}:{digests[u.index]}"
+            units.append(FeatUnit(u.index, fingerprint, u.blobs, skip_file=str(work / f"p{u.index:06d}.parquet")))
+        else:
+            units.append(FeatUnit(u.index, u.fingerprint, u.blobs))
+    return units
+
+
+@dataclass(frozen=True)
+class _SkipMap:
+    work: str
+    buckets: int
+
+    def __call__(self, item: tuple[int, str]) -> None:
+        import zlib
+
+        index, blobs = item
+        uids = pq.read_table(blobs, columns=["uid"])["uid"].unique().to_pylist()
+        b = np.array([zlib.crc32(u.encode()) % self.buckets for u in uids], np.int64)
+        t = pa.table({"uid": pa.array(uids, pa.string()), "p": np.full(len(uids), index, np.int64), "bucket": b})
+        for bucket in np.unique(b).tolist():
+            _write_atomic(t.filter(pc.equal(t["bucket"], bucket)).drop_columns(["bucket"]),
+                          Path(self.work) / "map" / f"b{bucket:05d}" / f"p{index:06d}.parquet")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _SkipReduce:
+    work: str
+
+    def __call__(self, bucket: int) -> list[int]:
+        """The partitions that hold a uid of this bucket after its first one, with those uids."""
+        d = Path(self.work) / "map" / f"b{bucket:05d}"
+        files = sorted(d.glob("*.parquet")) if d.exists() else []
+        if not files:
+            return []
+        t = pa.concat_tables([pq.read_table(f) for f in files])
+        first = t.group_by("uid").aggregate([("p", "min")])
+        t = t.join(first, "uid")
+        t = t.filter(pc.greater(t["p"], t["p_min"]))
+        out = []
+        for index in np.unique(t["p"].to_numpy()).tolist():
+            rows = t.filter(pc.equal(t["p"], index)).select(["uid"])
+            _write_atomic(rows, Path(self.work) / "late" / f"p{index:06d}" / f"b{bucket:05d}.parquet")
+            out.append(int(index))
+        return out
+
+
+@dataclass(frozen=True)
+class _SkipGather:
+    work: str
+
+    def __call__(self, index: int) -> str:
+        """One partition's skipped uids, sorted, as its skip file; their digest (as `_skip_fingerprint`)."""
+        files = sorted((Path(self.work) / "late" / f"p{index:06d}").glob("*.parquet"))
+        uids = sorted(u for f in files for u in pq.read_table(f)["uid"].to_pylist())
+        _write_atomic(pa.table({"uid": pa.array(uids, pa.string())}), Path(self.work) / f"p{index:06d}.parquet")
+        return runner.config_hash(uids)
+
+
+def _write_atomic(t: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(t, tmp)
+    tmp.replace(path)
 
 
 @dataclass(frozen=True)
@@ -87,7 +193,7 @@ class FeatFn:
 
     def __call__(self, unit: FeatUnit) -> dict[str, pa.Table]:
         set_threads(1)
-        rows, done = [], set(unit.skip)
+        rows, done = [], unit.skipped()
         for batch in pq.ParquetFile(unit.blobs).iter_batches(batch_size=256, columns=["uid", "data"]):
             for uid, data in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
                 if uid not in done:  # each uid once: the first partition, the first row holding it
@@ -103,7 +209,9 @@ def run_copyfeat(
     progress: runner.ProgressFn | None = None,
 ) -> runner.StageReport:
     """Local features etc. of every accepted blob, one Ray task per ingest partition."""
-    return runner.map_partitions(
+    import shutil
+
+    report = runner.map_partitions(
         FeatFn(cfg),
         feature_units(run_dir),
         rundir.stage_dir(run_dir, "copyfeat"),
@@ -111,6 +219,8 @@ def run_copyfeat(
         runner=rcfg,
         progress=progress,
     )
+    shutil.rmtree(rundir.stage_dir(run_dir, "copyfeat") / "skip", ignore_errors=True)  # the markers keep their digests
+    return report
 
 
 @dataclass
