@@ -209,7 +209,7 @@ def partitioned_copydetect(
     if copy_vecs is not None:  # the copy model's vectors to the ranges of their images (`cvec/`)
         _wave(
             _vec_scatter,
-            [(str(copy_vecs), i, c, lookup, S, str(work)) for c, i in enumerate(_vec_parts(copy_vecs))],
+            [(str(copy_vecs), i, c, lookup, S, str(work)) for c, (i, _) in enumerate(shardindex.list_parts(copy_vecs))],
             opts,
         )
     t_read = time.perf_counter()
@@ -625,11 +625,6 @@ def _other_groups(work: str, rows: pd.DataFrame, S: int) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------- deciding, components, splitting
-
-
-def _vec_parts(folder: Path) -> list[int]:
-    """Part indices of a vector folder's complete parts (`vectors.open_vectors`' rule: the uids file)."""
-    return sorted(int(f.name[len("part-") : -len(".uids.parquet")]) for f in Path(folder).glob("part-*.uids.parquet"))
 
 
 def _vec_scatter(folder: str, index: int, c: int, lookup, S: int, work: str) -> None:
