@@ -644,6 +644,8 @@ def _vec_scatter(folder: str, index: int, c: int, lookup, S: int, work: str) -> 
 
 def _copy_vectors(work: str, pos: np.ndarray, S: int) -> np.ndarray:
     """float16 [len(pos), D]: the copy model's vectors of the given positions (sorted)."""
+    if not len(pos):
+        return np.zeros((0, 0), np.float16)
     t = _read_ranges(Path(work), "cvec", pos, S)
     if t is not None and t.num_rows:
         t = t.sort_by([("pos", "ascending"), ("_c", "ascending"), ("_row", "ascending")])
