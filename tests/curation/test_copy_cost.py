@@ -161,6 +161,7 @@ def test_skipped_uids_found_by_buckets_in_ray_tasks_equal_the_driver_set(ray_loc
     stages.run_dedup(run, DedupConfig())
     uid = {k: hashlib.sha256(v).hexdigest() for k, v in img.items()}
     one = stages_copy.feature_units(run, partitioned=False)
+    monkeypatch.setattr(stages_copy, "SKIP_UIDS_PER_BUCKET", 2)  # 6 buckets for 11 records: files cross them
     tasks = stages_copy.feature_units(run, partitioned=True)
     want = [set(), {uid["astronaut"]}, {uid["astronaut"], uid["camera"]}, {uid["coins"], uid["chelsea"]}]
     assert [u.skipped() for u in one] == want == [u.skipped() for u in tasks]

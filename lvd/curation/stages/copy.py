@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lvd import durable
 from lvd.curation import copydetect as cd
 from lvd.curation import fanout, rundir, runner
 from lvd.curation.dedup import DUPLICATES_SCHEMA, EdgeSet, resolve
@@ -106,9 +107,10 @@ def _skip_fingerprint(fingerprint: str, skip) -> str:
 
 def _feature_units_bucketed(run_dir: Path, embed: list) -> list[FeatUnit]:
     """feature_units' rule in three waves of Ray tasks (`fanout.parallel_map`) over files
-    under RUN/copyfeat/skip/: each partition's uids to buckets by crc32; per bucket, each uid's
-    first partition and the later ones that hold it; per partition with skips, its sorted list
-    (the `skip_file`) and its fingerprint. The driver holds a count per partition."""
+    under RUN/copyfeat/skip/ (P + B + P files, as `stages.decontam`'s pool index): each
+    partition's uids, sorted by crc32 bucket; per bucket, each uid's first partition and the
+    later ones holding it; per partition with skips, its sorted list (the `skip_file`) and its
+    fingerprint's digest. The driver holds the (partition, bucket) pairs that have skips."""
     import shutil
 
     work = rundir.stage_dir(run_dir, "copyfeat") / "skip"
@@ -117,8 +119,12 @@ def _feature_units_bucketed(run_dir: Path, embed: list) -> list[FeatUnit]:
     buckets = max(1, -(-records // SKIP_UIDS_PER_BUCKET))
     fanout.parallel_map(_SkipMap(str(work), buckets), [(u.index, u.blobs) for u in embed])
     got = fanout.parallel_map(_SkipReduce(str(work)), list(range(buckets)))
-    has = sorted({p for found in got for p in found})
-    digests = dict(zip(has, fanout.parallel_map(_SkipGather(str(work)), has)))
+    late: dict[int, list[int]] = {}  # partition -> the buckets holding its skipped uids
+    for bucket, parts in enumerate(got):
+        for index in parts:
+            late.setdefault(index, []).append(bucket)
+    has = sorted(late)
+    digests = dict(zip(has, fanout.parallel_map(_SkipGather(str(work)), [(p, late[p]) for p in has])))
     units = []
     for u in embed:
         if u.index in digests:
@@ -129,21 +135,25 @@ def _feature_units_bucketed(run_dir: Path, embed: list) -> list[FeatUnit]:
     return units
 
 
+_SKIP_GROUP_ROWS = 16_384  # row groups of the skip scratch files: a bucket / partition filter reads its own
+
+
 @dataclass(frozen=True)
 class _SkipMap:
     work: str
     buckets: int
 
     def __call__(self, item: tuple[int, str]) -> None:
+        """One partition's distinct uids with its index, sorted by bucket: one file."""
         import zlib
 
         index, blobs = item
         uids = pq.read_table(blobs, columns=["uid"])["uid"].unique().to_pylist()
         b = np.array([zlib.crc32(u.encode()) % self.buckets for u in uids], np.int64)
         t = pa.table({"uid": pa.array(uids, pa.string()), "p": np.full(len(uids), index, np.int64), "bucket": b})
-        for bucket in np.unique(b).tolist():
-            _write_atomic(t.filter(pc.equal(t["bucket"], bucket)).drop_columns(["bucket"]),
-                          Path(self.work) / "map" / f"b{bucket:05d}" / f"p{index:06d}.parquet")  # fmt: skip
+        path = Path(self.work) / "map" / f"p{index:06d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_parquet(path, t.sort_by("bucket"), row_group_size=_SKIP_GROUP_ROWS)
 
 
 @dataclass(frozen=True)
@@ -151,40 +161,37 @@ class _SkipReduce:
     work: str
 
     def __call__(self, bucket: int) -> list[int]:
-        """The partitions that hold a uid of this bucket after its first one, with those uids."""
-        d = Path(self.work) / "map" / f"b{bucket:05d}"
-        files = sorted(d.glob("*.parquet")) if d.exists() else []
-        if not files:
-            return []
-        t = pa.concat_tables([pq.read_table(f) for f in files])
+        """This bucket's uids held by a partition after their first one, sorted by partition
+        (one file, late/bNNNNN); returns those partitions."""
+        mine = pc.field("bucket") == bucket
+        files = sorted((Path(self.work) / "map").glob("p*.parquet"))
+        t = pa.concat_tables([pq.read_table(f, columns=["uid", "p"], filters=mine) for f in files])
         first = t.group_by("uid").aggregate([("p", "min")])
         t = t.join(first, "uid")
-        t = t.filter(pc.greater(t["p"], t["p_min"]))
-        out = []
-        for index in np.unique(t["p"].to_numpy()).tolist():
-            rows = t.filter(pc.equal(t["p"], index)).select(["uid"])
-            _write_atomic(rows, Path(self.work) / "late" / f"p{index:06d}" / f"b{bucket:05d}.parquet")
-            out.append(int(index))
-        return out
+        t = t.filter(pc.greater(t["p"], t["p_min"])).select(["uid", "p"]).sort_by([("p", "ascending")])
+        if not t.num_rows:
+            return []
+        path = Path(self.work) / "late" / f"b{bucket:05d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        durable.write_parquet(path, t, row_group_size=_SKIP_GROUP_ROWS)
+        return np.unique(t["p"].to_numpy()).tolist()
 
 
 @dataclass(frozen=True)
 class _SkipGather:
     work: str
 
-    def __call__(self, index: int) -> str:
-        """One partition's skipped uids, sorted, as its skip file; their digest (as `_skip_fingerprint`)."""
-        files = sorted((Path(self.work) / "late" / f"p{index:06d}").glob("*.parquet"))
-        uids = sorted(u for f in files for u in pq.read_table(f)["uid"].to_pylist())
-        _write_atomic(pa.table({"uid": pa.array(uids, pa.string())}), Path(self.work) / f"p{index:06d}.parquet")
+    def __call__(self, item: tuple[int, list[int]]) -> str:
+        """One partition's skipped uids (from the buckets holding some), sorted, as its skip
+        file; their digest, as `_skip_fingerprint` takes it."""
+        index, buckets = item
+        mine, late = pc.field("p") == index, Path(self.work) / "late"
+        uids = sorted(
+            u for b in buckets for u in pq.read_table(late / f"b{b:05d}.parquet", filters=mine)["uid"].to_pylist()
+        )
+        table = pa.table({"uid": pa.array(uids, pa.string())})
+        durable.write_parquet(Path(self.work) / f"p{index:06d}.parquet", table)
         return runner.config_hash(uids)
-
-
-def _write_atomic(t: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(t, tmp)
-    tmp.replace(path)
 
 
 @dataclass(frozen=True)
