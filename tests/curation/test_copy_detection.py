@@ -12,6 +12,7 @@ import pyarrow as pa
 import pytest
 import torch
 from _images import jpeg, png
+from _models import TinyDescriptor
 from PIL import Image, ImageEnhance
 
 from lvd.curation import copies
@@ -387,21 +388,12 @@ def test_hash_channels_find_strong_brightness_changes(factor):
         assert clipped_only > without, (clipped_only, without)
 
 
-class _TinyDescriptor(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4).flatten(1)
-
-
 def test_torchscript_copy_model_loads_and_embeds(tmp_path, catalog):
     from lvd.curation.embed import EmbedConfig, Embedder, is_torchscript
 
     torch.manual_seed(0)
     path = tmp_path / "sscd_like.torchscript.pt"
-    torch.jit.script(_TinyDescriptor()).save(str(path))
+    torch.jit.script(TinyDescriptor()).save(str(path))
     assert is_torchscript(path) and not is_torchscript(tmp_path)
     emb = Embedder(str(path), EmbedConfig(resize=64, crop=64, batch_size=4, decode_threads=1))
     assert emb.dim == 8 * 16

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 import pytest
 import skimage.data
 import torch
+from _models import TinyDescriptor
 from PIL import Image
 
 from lvd.curation import copies, rundir
@@ -172,17 +173,6 @@ def test_pool_size_picks_the_path(paths):
     assert copyscale.chooses(run, True) and not copyscale.chooses(run, False, min_images=10)
 
 
-class _TinyDescriptor(torch.nn.Module):
-    """A small copy model in the SSCD file format (TorchScript): a strided conv, pooled."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 5, stride=4)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.adaptive_avg_pool2d(torch.relu(self.conv(x)), 4).flatten(1)
-
-
 def copy_model_paths(run: Path, prop: Path, root: Path, scale=SCALE) -> dict:
     """With --copy-model (a TorchScript descriptor embedded into RUN/copyvec by the real
     copy-embed stage): the single task and the partitioned path on copies of `run` give the
@@ -193,7 +183,7 @@ def copy_model_paths(run: Path, prop: Path, root: Path, scale=SCALE) -> dict:
 
     torch.manual_seed(0)
     model = root / "sscd_like.torchscript.pt"
-    torch.jit.script(_TinyDescriptor()).save(str(model))
+    torch.jit.script(TinyDescriptor()).save(str(model))
     ecfg = EmbedConfig(resize=64, crop=64, batch_size=8, decode_threads=1)
     base = root / "model-run"
     shutil.copytree(run, base)
