@@ -13,6 +13,7 @@ import io
 import time
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 
 from PIL import Image
 from prefect.artifacts import (
@@ -53,6 +54,23 @@ def status_reason_rows(statuses: Iterable[str], reasons: Iterable[str | None]) -
     """[{status, reason, count}] sorted by status then reason; reason '(none)' when none
     (the Prefect UI renders cells as markdown: a bare '-' would show as a list bullet)."""
     counts = Counter(zip(statuses, (r or "(none)" for r in reasons)))
+    return [{"status": s, "reason": r, "count": n} for (s, r), n in sorted(counts.items())]
+
+
+def ingest_status_rows(manifests: Iterable[str | Path]) -> list[dict]:
+    """`status_reason_rows` of every record of the ingest manifests, counted one partition at a
+    time (Arrow's group_by): the flow's process never holds a row per input."""
+    import pyarrow.parquet as pq
+
+    counts: Counter = Counter()
+    for path in manifests:
+        g = (
+            pq.read_table(path, columns=["status", "reason"])
+            .group_by(["status", "reason"])
+            .aggregate([([], "count_all")])
+        )
+        for s, r, n in zip(g["status"].to_pylist(), g["reason"].to_pylist(), g["count_all"].to_pylist()):
+            counts[(s, r or "(none)")] += n
     return [{"status": s, "reason": r, "count": n} for (s, r), n in sorted(counts.items())]
 
 

@@ -106,11 +106,10 @@ def ingest_task(
     progress = artifacts.Progress("curate-ingest-progress", "ingest: partitions done")
     rep = stages.run_ingest(partitions, run_dir, cfg, rcfg, progress)
     log.info("ingest: ran %d partitions, %d already done", len(rep.ran), len(rep.skipped))
-    t = rundir.read_ingest(run_dir, ["status", "reason"])
     artifacts.count_table(
         "curate-ingest-counts",
         "ingest: inputs per status and reason",
-        artifacts.status_reason_rows(t["status"].to_pylist(), t["reason"].to_pylist()),
+        artifacts.ingest_status_rows(rundir.ingest_manifests(run_dir)),  # a partition at a time
     )
     return rep
 
