@@ -14,6 +14,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -150,7 +151,7 @@ def copydetect_task(
     progress(1, 1)
     d = rundir.duplicates(run_dir)
     cal, stats = stages_copy.calibration(run_dir), stages_copy.copydetect_stats(run_dir)
-    counts = Counter(d["method"].to_pylist())
+    counts = value_counts(d["method"])
     log.info("copy detection: %s", cal.summary())
     log.info(
         "copy detection: %d candidate pairs, %d linked, %d components split; duplicates %s",
@@ -193,7 +194,7 @@ def decontam_task(
         )
     progress(1, 1)
     t = rundir.decontaminated(run_dir)
-    counts = Counter(t["eval_set"].to_pylist())
+    counts = value_counts(t["eval_set"])
     get_run_logger().info("decontaminate: %d pool images removed as copies of eval images %s", t.num_rows, dict(counts))
     artifacts.count_table(
         "curate-decontam-counts",
@@ -281,12 +282,9 @@ def cluster_task(
         for lvl in range(1, len(h.levels) + 1)
     ]
     artifacts.count_table("curate-cluster-counts", "clusters per level (1 = finest)", rows)
-    members: dict[int, list[str]] = defaultdict(list)
-    for u, c in zip(t["uid"].to_pylist(), t["leaf"].to_pylist()):
-        members[c].append(u)
-    shown = dict(sorted(members.items(), key=lambda kv: (-len(kv[1]), kv[0]))[: pictures.MAX_ROWS])
-    uids = {u for us in shown.values() for u in us[: pictures.PER_ROW]}
-    md = pictures.cluster_montage_markdown(shown, rundir.read_blobs(run_dir, uids, strict=False))
+    shown, sizes = largest_clusters(t, pictures.MAX_ROWS, pictures.PER_ROW)
+    uids = {u for us in shown.values() for u in us}
+    md = pictures.cluster_montage_markdown(shown, rundir.read_blobs(run_dir, uids, strict=False), sizes=sizes)
     artifacts.gallery_artifact("curate-cluster-montage", md)
 
 
@@ -315,16 +313,9 @@ def _retrieval_pictures(run_dir: Path, sel, seed_dirs: dict[str, Path]) -> None:
     t, h = stages_select.read_clusters(run_dir)
     if t.num_rows == 0 or not h.levels:  # nothing left to cluster (e.g. all decontaminated)
         return
-    leaf = dict(zip(t["uid"].to_pylist(), t["leaf"].to_pylist()))
-    k = len(h.levels[0].centroids_KD)
-    before = np.bincount(t["leaf"].to_numpy(), minlength=k)
-    after = np.bincount([leaf[u] for u in sel["uid"].to_pylist()], minlength=k)
+    before, after = cluster_sizes_selected(t, sel, len(h.levels[0].centroids_KD))
     artifacts.gallery_artifact("curate-retrieve-histogram", pictures.histogram_markdown(before, after))
-    pairs: dict[str, list] = defaultdict(list)
-    for r in sel.to_pylist():
-        if r["seed_uid"]:
-            pairs[(r["seed_set"], r["seed_uid"])].append((r["uid"], r["similarity"]))
-    shown = dict(sorted(pairs.items())[: pictures.MAX_ROWS])
+    shown = seed_pairs(sel, pictures.MAX_ROWS, pictures.PER_ROW)
     blobs = rundir.read_blobs(run_dir, {u for got in shown.values() for u, _ in got[: pictures.PER_ROW]}, strict=False)
     for name, seed in shown:
         blobs.update(rundir.read_blobs(seed_dirs[name], {seed}, strict=False))
@@ -425,3 +416,52 @@ def _hygiene_lines(cfg, max_per_domain, counts: Counter, n_capped: int, faces: l
         nsfw.summary(cfg.nsfw if cfg else None) + (f": nsfw {counts.get('nsfw', 0)}" if cfg and cfg.nsfw else ""),
         "face blurring: " + (f"on: {len(faces)} images with faces" if cfg and cfg.faces else "off"),
     ]
+
+
+# ---------------------------------------------------------------- summaries without a Python row per image
+# The flow's process reads these stages' tables to report them; Arrow and numpy columns, never
+# a Python object per image (142M uids as Python strings would be ~15 GB).
+
+
+def value_counts(column) -> Counter:
+    """Counter of a string column's values (Arrow's value_counts)."""
+    vc = pc.value_counts(column)
+    return Counter(dict(zip(vc.field("values").to_pylist(), vc.field("counts").to_pylist())))
+
+
+def largest_clusters(t, top: int, per: int) -> tuple[dict[int, list[str]], dict[int, int]]:
+    """The `top` largest leaf clusters (by size, then id): their first `per` members in table
+    order, and their sizes."""
+    leaf = t["leaf"].to_numpy()
+    if not len(leaf):
+        return {}, {}
+    sizes = np.bincount(leaf)
+    ids = np.flatnonzero(sizes)
+    order = ids[np.lexsort((ids, -sizes[ids]))][:top]
+    shown = {int(c): t["uid"].take(np.flatnonzero(leaf == c)[:per]).to_pylist() for c in order}
+    return shown, {int(c): int(sizes[c]) for c in order}
+
+
+def cluster_sizes_selected(t, sel, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Leaf cluster sizes of the pool, and of the selection (its uids looked up in the pool's table)."""
+    before = np.bincount(t["leaf"].to_numpy(), minlength=k)
+    pos = pc.index_in(sel["uid"], value_set=t["uid"])
+    if pos.null_count:
+        raise KeyError(f"{pos.null_count} selected uids are not in the cluster table")
+    after = np.bincount(t["leaf"].to_numpy()[pos.to_numpy()], minlength=k)
+    return before, after
+
+
+def seed_pairs(sel, top: int, per: int) -> dict[tuple[str, str], list[tuple[str, float]]]:
+    """The first `top` (seed set, seed) keys in sorted order, each with its first `per`
+    retrieved (uid, similarity) in table order."""
+    f = sel.filter(pc.and_(pc.is_valid(sel["seed_uid"]), pc.not_equal(sel["seed_uid"], "")))
+    if not f.num_rows:
+        return {}
+    keys = f.select(["seed_set", "seed_uid"]).group_by(["seed_set", "seed_uid"]).aggregate([])
+    keys = keys.sort_by([("seed_set", "ascending"), ("seed_uid", "ascending")]).slice(0, top)
+    out = {}
+    for name, seed in zip(keys["seed_set"].to_pylist(), keys["seed_uid"].to_pylist()):
+        rows = f.filter(pc.and_(pc.equal(f["seed_set"], name), pc.equal(f["seed_uid"], seed))).slice(0, per)
+        out[(name, seed)] = list(zip(rows["uid"].to_pylist(), rows["similarity"].to_pylist()))
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -46,3 +47,52 @@ def test_ingest_status_rows_count_each_partition_as_all_records(ray_local, tmp_p
     both = pa.concat_tables([t, pq.read_table(extra).cast(t.schema)])
     want = artifacts.status_reason_rows(both["status"].to_pylist(), both["reason"].to_pylist())
     assert artifacts.ingest_status_rows([*manifests, extra]) == want
+
+
+def _old_montage(t, top, per):
+    """The flow's summary before: a Python list of members per cluster."""
+    from collections import defaultdict
+
+    members = defaultdict(list)
+    for u, c in zip(t["uid"].to_pylist(), t["leaf"].to_pylist()):
+        members[c].append(u)
+    shown = dict(sorted(members.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:top])
+    return {c: us[:per] for c, us in shown.items()}, {c: len(us) for c, us in shown.items()}
+
+
+def _old_pairs(sel, top, per):
+    from collections import defaultdict
+
+    pairs = defaultdict(list)
+    for r in sel.to_pylist():
+        if r["seed_uid"]:
+            pairs[(r["seed_set"], r["seed_uid"])].append((r["uid"], r["similarity"]))
+    return {k: v[:per] for k, v in sorted(pairs.items())[:top]}
+
+
+def test_summaries_from_columns_equal_the_python_rows():
+    """The cluster montage, the histogram and the retrieval pairs the flow reports, from Arrow
+    and numpy columns: the same as the Python row-by-row summaries they replace (ties in
+    cluster size broken by id, members in table order, empty and null seeds left out)."""
+    import numpy as np
+
+    from lvd.flows import curate_tasks as ct
+
+    rng = np.random.default_rng(0)
+    n, k = 500, 40
+    uids = [f"{i:064x}" for i in rng.permutation(10 * n)[:n]]
+    leaf = rng.integers(0, k - 3, n)  # clusters k-3.. stay empty; sizes tie
+    t = pa.table({"uid": uids, "leaf": leaf})
+    for top, per in ((6, 4), (50, 100)):
+        assert ct.largest_clusters(t, top, per) == _old_montage(t, top, per)
+    pick = rng.choice(n, 200, replace=False)
+    seeds = rng.choice(["s1", "s2", "s10", "", None], 200).tolist()
+    sel = pa.table({"uid": [uids[i] for i in pick], "seed_set": rng.choice(["b", "a"], 200).tolist(),
+                    "seed_uid": seeds, "similarity": rng.random(200)})  # fmt: skip
+    for top, per in ((3, 2), (50, 500)):
+        assert ct.seed_pairs(sel, top, per) == _old_pairs(sel, top, per)
+    before, after = ct.cluster_sizes_selected(t, sel, k)
+    lookup = dict(zip(uids, leaf.tolist()))
+    assert np.array_equal(before, np.bincount(leaf, minlength=k))
+    assert np.array_equal(after, np.bincount([lookup[u] for u in sel["uid"].to_pylist()], minlength=k))
+    assert ct.value_counts(sel["seed_set"]) == Counter(sel["seed_set"].to_pylist())
