@@ -33,10 +33,10 @@ them and any client can start the flow; they become validated configs inside.
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.compute as pc
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -132,18 +132,16 @@ def dedup_task(
 
 def _report_duplicates(run_dir: Path) -> None:
     """Counts per method, and the largest groups as pictures."""
-    dups = rundir.hash_duplicates(run_dir).to_pydict()
-    groups: dict[str, list] = defaultdict(list)
-    for uid, kept, method, dist in zip(dups["uid"], dups["duplicate_of"], dups["method"], dups["distance"]):
-        groups[kept].append((uid, method, float(dist)))
-    get_run_logger().info("dedup: %d near-duplicate uids in %d groups", len(dups["uid"]), len(groups))
+    dups = rundir.hash_duplicates(run_dir)  # Arrow columns: no Python object per duplicate
+    n_groups = len(pc.value_counts(dups["duplicate_of"]))
+    get_run_logger().info("dedup: %d near-duplicate uids in %d groups", dups.num_rows, n_groups)
     artifacts.count_table(
         "curate-dedup-counts",
         "dedup: near-duplicate uids per method",
-        [{"method": m, "duplicates": n} for m, n in sorted(Counter(dups["method"]).items())]
-        + [{"method": "groups", "duplicates": len(groups)}],
+        [{"method": m, "duplicates": n} for m, n in sorted(tasks.value_counts(dups["method"]).items())]
+        + [{"method": "groups", "duplicates": n_groups}],
     )
-    shown = sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))[: artifacts.MAX_GROUPS]
+    shown = tasks.largest_groups(dups, artifacts.MAX_GROUPS, artifacts.MAX_PER_GROUP)
     uids = {kept for kept, _ in shown} | {u for _, ds in shown for u, _, _ in ds[: artifacts.MAX_PER_GROUP]}
     artifacts.gallery_artifact(
         "curate-dedup-groups",

@@ -327,19 +327,17 @@ def _retrieval_pictures(run_dir: Path, sel, seed_dirs: dict[str, Path]) -> None:
 def shard_task(run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig) -> None:
     progress = artifacts.Progress("curate-shard-progress", "shard: WebDataset tars written")
     rep = stages_select.run_shards(run_dir, cfg, rcfg, progress)
-    m = pq.read_table(rundir.manifest_path(run_dir), columns=["shard", "shard_bytes"]).to_pydict()
-    get_run_logger().info(
-        "shard: %d samples in %d tars (%d written now)", len(m["shard"]), len(set(m["shard"])), len(rep.ran)
-    )
+    samples, tars, size = shard_totals(pq.read_table(rundir.manifest_path(run_dir), columns=["shard", "shard_bytes"]))
+    get_run_logger().info("shard: %d samples in %d tars (%d written now)", samples, tars, len(rep.ran))
     artifacts.count_table(
         "curate-shard-counts",
         "shards",
         [
-            {"what": "samples", "count": len(m["shard"])},
-            {"what": "tars", "count": len(set(m["shard"]))},
+            {"what": "samples", "count": samples},
+            {"what": "tars", "count": tars},
             {"what": "tars written now", "count": len(rep.ran)},
             {"what": "tars already done", "count": len(rep.skipped)},
-            {"what": "bytes", "count": int(sum(dict(zip(m["shard"], m["shard_bytes"])).values()))},
+            {"what": "bytes", "count": size},
         ],
     )
 
@@ -442,6 +440,19 @@ def largest_clusters(t, top: int, per: int) -> tuple[dict[int, list[str]], dict[
     return shown, {int(c): int(sizes[c]) for c in order}
 
 
+def largest_groups(dups, top: int, per: int) -> list[tuple[str, list[tuple[str, str, float]]]]:
+    """The `top` largest duplicate groups (by size, then representative uid): each
+    representative with its first `per` (uid, method, distance) rows in table order."""
+    vc = pc.value_counts(dups["duplicate_of"])
+    reps, sizes = vc.field("values").to_pylist(), vc.field("counts").to_numpy()
+    out = []
+    for i in sorted(range(len(reps)), key=lambda i: (-sizes[i], reps[i]))[:top]:
+        rows = dups.filter(pc.equal(dups["duplicate_of"], reps[i])).slice(0, per)
+        got = zip(rows["uid"].to_pylist(), rows["method"].to_pylist(), rows["distance"].to_pylist())
+        out.append((reps[i], [(u, m, float(d)) for u, m, d in got]))
+    return out
+
+
 def cluster_sizes_selected(t, sel, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Leaf cluster sizes of the pool, and of the selection (its uids looked up in the pool's table)."""
     before = np.bincount(t["leaf"].to_numpy(), minlength=k)
@@ -465,3 +476,10 @@ def seed_pairs(sel, top: int, per: int) -> dict[tuple[str, str], list[tuple[str,
         rows = f.filter(pc.and_(pc.equal(f["seed_set"], name), pc.equal(f["seed_uid"], seed))).slice(0, per)
         out[(name, seed)] = list(zip(rows["uid"].to_pylist(), rows["similarity"].to_pylist()))
     return out
+
+
+def shard_totals(m) -> tuple[int, int, int]:
+    """(samples, tars, bytes) of the manifest's (shard, shard_bytes) columns: a row per sample,
+    each tar's bytes on every one of its rows."""
+    per_tar = m.group_by("shard").aggregate([("shard_bytes", "max")])
+    return m.num_rows, per_tar.num_rows, int(pc.sum(per_tar["shard_bytes_max"]).as_py() or 0)

@@ -96,3 +96,31 @@ def test_summaries_from_columns_equal_the_python_rows():
     assert np.array_equal(before, np.bincount(leaf, minlength=k))
     assert np.array_equal(after, np.bincount([lookup[u] for u in sel["uid"].to_pylist()], minlength=k))
     assert ct.value_counts(sel["seed_set"]) == Counter(sel["seed_set"].to_pylist())
+
+
+def test_dedup_groups_and_shard_totals_from_columns_equal_the_python_rows():
+    """The dedup gallery's groups and the shard counts, from Arrow columns: the same as the
+    Python dicts they replace (group ties broken by representative, rows in table order)."""
+    import numpy as np
+
+    from lvd.flows import curate_tasks as ct
+
+    rng = np.random.default_rng(1)
+    reps = [f"r{i:03d}" for i in range(30)]
+    n = 300
+    dups = pa.table({"uid": [f"u{i:04d}" for i in rng.permutation(n)], "duplicate_of": rng.choice(reps, n).tolist(),
+                     "method": rng.choice(["exact", "phash", "copy"], n).tolist(), "distance": rng.random(n)})  # fmt: skip
+    d = dups.to_pydict()
+    groups: dict[str, list] = {}
+    for uid, kept, method, dist in zip(d["uid"], d["duplicate_of"], d["method"], d["distance"]):
+        groups.setdefault(kept, []).append((uid, method, float(dist)))
+    for top, per in ((4, 3), (100, 1000)):
+        want = [(k, v[:per]) for k, v in sorted(groups.items(), key=lambda g: (-len(g[1]), g[0]))[:top]]
+        assert ct.largest_groups(dups, top, per) == want
+    shard = np.repeat([f"shard-{i:06d}.tar" for i in range(7)], rng.integers(1, 40, 7))
+    size = {s: int(rng.integers(1000, 10**9)) for s in set(shard.tolist())}
+    m = pa.table({"shard": shard.tolist(), "shard_bytes": [size[s] for s in shard.tolist()]})
+    md = m.to_pydict()
+    want = (len(md["shard"]), len(set(md["shard"])), int(sum(dict(zip(md["shard"], md["shard_bytes"])).values())))
+    assert ct.shard_totals(m) == want
+    assert ct.shard_totals(m.slice(0, 0)) == (0, 0, 0)
