@@ -197,16 +197,11 @@ def decode_oriented(data: bytes, side: int) -> Image.Image:
     return to_rgb(upright(img))  # broken EXIF: the stored orientation, as ingest takes it
 
 
-def feature_gray(data: bytes, side: int) -> tuple[np.ndarray, np.ndarray]:
-    """(gray uint8 [h, w], rgb uint8 [h, w, 3]) of encoded image bytes, EXIF-oriented, longer
-    side scaled to `side` (JPEG draft decoding first when the file is larger)."""
-    gray, rgb, _ = feature_images(data, side)
-    return gray, rgb
-
-
 def feature_images(data: bytes, side: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """`feature_gray`'s images and `Features.up`: feature pixels per decoded pixel, at least 1
-    (a JPEG draft-decoded smaller is still larger than `side`: 1)."""
+    """(gray uint8 [h, w], rgb uint8 [h, w, 3], `Features.up`) of encoded image bytes,
+    EXIF-oriented, longer side scaled to `side` (JPEG draft decoding first when the file is
+    larger); up: feature pixels per decoded pixel, at least 1 (a JPEG draft-decoded smaller is
+    still larger than `side`: 1)."""
     rgb = np.asarray(decode_oriented(data, side))
     h, w = rgb.shape[:2]
     scale = side / max(h, w)

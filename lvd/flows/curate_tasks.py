@@ -284,7 +284,7 @@ def cluster_task(
     artifacts.count_table("curate-cluster-counts", "clusters per level (1 = finest)", rows)
     shown, sizes = largest_clusters(t, pictures.MAX_ROWS, pictures.PER_ROW)
     uids = {u for us in shown.values() for u in us}
-    md = pictures.cluster_montage_markdown(shown, rundir.read_blobs(run_dir, uids, strict=False), sizes=sizes)
+    md = pictures.cluster_montage_markdown(shown, sizes, rundir.read_blobs(run_dir, uids, strict=False))
     artifacts.gallery_artifact("curate-cluster-montage", md)
 
 

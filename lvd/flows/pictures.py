@@ -19,16 +19,13 @@ MAX_ROWS = 6
 PER_ROW = 5
 
 
-def cluster_montage_markdown(
-    members: dict[int, list[str]], blobs: dict[str, bytes], sizes: dict[int, int] | None = None
-) -> str:
-    """One row per cluster (largest first): its size and a few member thumbnails; `sizes`
-    when `members` holds only the members shown (default: the lists' lengths)."""
-    size = (lambda c, uids: len(uids)) if sizes is None else (lambda c, uids: sizes[c])  # noqa: E731
+def cluster_montage_markdown(members: dict[int, list[str]], sizes: dict[int, int], blobs: dict[str, bytes]) -> str:
+    """One row per cluster (largest first): its size and a few of its members' thumbnails
+    (`members`: the ones shown, `curate_tasks.largest_clusters`)."""
     lines = ["# Clusters", "", "| cluster (size) | members |", "|---|---|"]
-    shown = sorted(members.items(), key=lambda kv: (-size(*kv), kv[0]))[:MAX_ROWS]
+    shown = sorted(members.items(), key=lambda kv: (-sizes[kv[0]], kv[0]))[:MAX_ROWS]
     for c, uids in shown:
-        lines.append(f"| {c} ({size(c, uids)}) | {' '.join(_img(blobs.get(u), u[:8]) for u in uids[:PER_ROW])} |")
+        lines.append(f"| {c} ({sizes[c]}) | {' '.join(_img(blobs.get(u), u[:8]) for u in uids[:PER_ROW])} |")
     if not shown:
         lines.append("| (no clusters) | |")
     return "\n".join(lines)
