@@ -206,12 +206,10 @@ def partitioned_copydetect(
     _wave(_feat_scatter, [(str(f), c, lookup, S, str(work)) for c, f in enumerate(files)], opts)
     _wave(_feat_gather, [(str(work), r, lo, hi, scale.lsh_buckets) for r, lo, hi in ranges], opts)
     copy_vecs = rundir.vectors_dir(run, "copyembed") if copy_model is not None else None
-    if copy_vecs is not None:  # the copy model's vectors to the ranges of their images (`cvec/`)
-        _wave(
-            _vec_scatter,
-            [(str(copy_vecs), i, c, lookup, S, str(work)) for c, (i, _) in enumerate(shardindex.list_parts(copy_vecs))],
-            opts,
-        )
+    if copy_vecs is not None:  # the copy model's vectors to the ranges of their images, one per image
+        vparts = shardindex.list_parts(copy_vecs)
+        _wave(_vec_scatter, [(str(copy_vecs), i, c, lookup, S, str(work)) for c, (i, _) in enumerate(vparts)], opts)
+        _wave(_vec_gather, [(str(work), r, lo, hi) for r, lo, hi in ranges], opts)
     t_read = time.perf_counter()
     rad = dict(R=max(cfg.hash_radius, mirror_radius), hash=cfg.hash_radius, mirror=mirror_radius, S=S)
     _wave(_hash_pairs, [(str(work), r, rad) for r, _, _ in ranges], opts)
@@ -346,13 +344,37 @@ def _labels_of(work: Path, what: str, pos: np.ndarray, S: int) -> np.ndarray:
 # ---------------------------------------------------------------- features and keys
 
 
-def _feat_scatter(path: str, c: int, lookup, S: int, work: str) -> None:
-    t = pq.read_table(path)
-    pos = _positions(lookup, t["uid"].to_pylist())
+def _scatter_tagged(t: pa.Table, pos: np.ndarray, c: int, S: int, folder: Path) -> None:
+    """Rows of source part c to the ranges of their positions (-1: not a unique accepted
+    image, dropped), tagged with (part, row) so `_first_rows` keeps one row per image."""
     t = t.append_column("pos", pa.array(pos)).append_column("_c", pa.array(np.full(len(pos), c, np.int64)))
     t = t.append_column("_row", pa.array(np.arange(len(pos), dtype=np.int64)))
     keep = np.flatnonzero(pos >= 0)
-    _scatter(t.take(keep), pos[keep] // S, Path(work) / "featscat", f"c{c}")
+    _scatter(t.take(keep), pos[keep] // S, folder, f"c{c}")
+
+
+def _first_rows(t: pa.Table) -> pa.Table:
+    """One row per position, the first by (part, row), sorted by position (tags dropped)."""
+    if t.num_rows:
+        t = t.sort_by([("pos", "ascending"), ("_c", "ascending"), ("_row", "ascending")])
+        pos = t["pos"].to_numpy()
+        t = t.filter(pa.array(np.r_[True, pos[1:] != pos[:-1]]))
+    return t.drop_columns(["_c", "_row"])
+
+
+def _check_range(work: str, r: int, got: pa.Table, lo: int, hi: int, what: str, why: str) -> None:
+    """Every image of range r has its row in `got` (pos column), else name the first missing one."""
+    if got.num_rows == hi - lo:
+        return
+    nodes = pq.read_table(Path(work) / "nodes" / f"r{r}.parquet")
+    have = set(got["pos"].to_pylist())
+    missing = [u for p_, u in zip(nodes["pos"].to_pylist(), nodes["uid"].to_pylist()) if p_ not in have]
+    raise RuntimeError(f"{what} for {len(missing)} accepted images (first {missing[0]}): {why}")
+
+
+def _feat_scatter(path: str, c: int, lookup, S: int, work: str) -> None:
+    t = pq.read_table(path)
+    _scatter_tagged(t, _positions(lookup, t["uid"].to_pylist()), c, S, Path(work) / "featscat")
 
 
 def _feat_gather(work: str, r: int, lo: int, hi: int, L: int) -> None:
@@ -360,17 +382,9 @@ def _feat_gather(work: str, r: int, lo: int, hi: int, L: int) -> None:
     equalised hashes, and its LSH keys to their buckets."""
     set_threads(1)
     t = _read_dir(_range_dir(work, "featscat", r), FEATURE_SCHEMA)
-    if t.num_rows:
-        t = t.sort_by([("pos", "ascending"), ("_c", "ascending"), ("_row", "ascending")])
-        pos = t["pos"].to_numpy()
-        t = t.filter(pa.array(np.r_[True, pos[1:] != pos[:-1]])).drop_columns(["_c", "_row", "pos"])
-    if t.num_rows != hi - lo:
-        nodes = pq.read_table(Path(work) / "nodes" / f"r{r}.parquet")
-        missing = sorted(set(nodes["uid"].to_pylist()) - set(t["uid"].to_pylist()))
-        raise RuntimeError(
-            f"copyfeat has no features for {len(missing)} accepted images (first {missing[0]}): "
-            "the copyfeat stage did not finish"
-        )
+    t = _first_rows(t) if t.num_rows else t.append_column("pos", pa.array(np.zeros(0, np.int64)))
+    _check_range(work, r, t, lo, hi, "copyfeat has no features", "the copyfeat stage did not finish")
+    t = t.drop_columns(["pos"])
     pos = np.arange(lo, hi, dtype=np.int64)
     _write(t.append_column("pos", pa.array(pos)), Path(work) / "feats" / f"r{r}.parquet")
     n = t.num_rows
@@ -633,29 +647,32 @@ def _vec_scatter(folder: str, index: int, c: int, lookup, S: int, work: str) -> 
     from lvd.curation.vectors import part_paths
 
     npy, uid_file = part_paths(folder, index)
-    vecs = np.load(npy, mmap_mode="r", allow_pickle=False)
+    vecs = np.ascontiguousarray(np.load(npy, allow_pickle=False), np.float16)
+    col = pa.FixedSizeBinaryArray.from_buffers(
+        pa.binary(max(1, 2 * vecs.shape[1])), len(vecs), [None, pa.py_buffer(vecs)]
+    )
     pos = _positions(lookup, pq.read_table(uid_file, columns=["uid"])["uid"].to_pylist())
-    keep = np.flatnonzero(pos >= 0)
-    v = np.ascontiguousarray(vecs[keep], np.float16)
-    col = pa.FixedSizeBinaryArray.from_buffers(pa.binary(max(1, 2 * v.shape[1])), len(keep), [None, pa.py_buffer(v)])
-    t = pa.table({"pos": pos[keep], "_c": np.full(len(keep), c, np.int64), "_row": keep.astype(np.int64), "vec": col})
-    _scatter(t, pos[keep] // S, Path(work) / "cvec", f"c{c}")
+    _scatter_tagged(pa.table({"vec": col}), pos, c, S, Path(work) / "cvec")
+
+
+def _vec_gather(work: str, r: int, lo: int, hi: int) -> None:
+    """Range r's copy-model vectors, one per image (`_first_rows`), sorted: `cvecs/r{r}`."""
+    d = _range_dir(work, "cvec", r)
+    files = sorted(d.glob("*.parquet")) if d.exists() else []
+    t = (
+        _first_rows(pa.concat_tables([pq.read_table(f) for f in files]))
+        if files
+        else pa.table({"pos": pa.array([], pa.int64())})
+    )
+    _check_range(work, r, t, lo, hi, "copyvec has no vectors", "the copy-embed stage did not finish")
+    _write(t, Path(work) / "cvecs" / f"r{r}.parquet")
 
 
 def _copy_vectors(work: str, pos: np.ndarray, S: int) -> np.ndarray:
     """float16 [len(pos), D]: the copy model's vectors of the given positions (sorted)."""
     if not len(pos):
         return np.zeros((0, 0), np.float16)
-    t = _read_ranges(Path(work), "cvec", pos, S)
-    if t is not None and t.num_rows:
-        t = t.sort_by([("pos", "ascending"), ("_c", "ascending"), ("_row", "ascending")])
-        p = t["pos"].to_numpy()
-        t = t.filter(pa.array(np.r_[True, p[1:] != p[:-1]]))
-    if t is None or t.num_rows != len(pos):
-        got = 0 if t is None else t.num_rows
-        raise RuntimeError(
-            f"copyvec has no vectors for {len(pos) - got} accepted images: the copy-embed stage did not finish"
-        )
+    t = _read_ranges(Path(work), "cvecs", pos, S).sort_by("pos")
     return np.frombuffer(b"".join(t["vec"].to_pylist()), np.float16).reshape(len(pos), -1)
 
 
