@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 
 from lvd import durable
 from lvd.curation import copydetect as cd
-from lvd.curation import fanout, rundir, runner
+from lvd.curation import fanout, rundir, runner, uidbuckets
 from lvd.curation.dedup import DUPLICATES_SCHEMA, EdgeSet, resolve
 from lvd.curation.guard import check_removal
 from lvd.curation.localfeat import (
@@ -135,9 +135,6 @@ def _feature_units_bucketed(run_dir: Path, embed: list) -> list[FeatUnit]:
     return units
 
 
-_SKIP_GROUP_ROWS = 16_384  # row groups of the skip scratch files: a bucket / partition filter reads its own
-
-
 @dataclass(frozen=True)
 class _SkipMap:
     work: str
@@ -145,15 +142,10 @@ class _SkipMap:
 
     def __call__(self, item: tuple[int, str]) -> None:
         """One partition's distinct uids with its index, sorted by bucket: one file."""
-        import zlib
-
         index, blobs = item
-        uids = pq.read_table(blobs, columns=["uid"])["uid"].unique().to_pylist()
-        b = np.array([zlib.crc32(u.encode()) % self.buckets for u in uids], np.int64)
-        t = pa.table({"uid": pa.array(uids, pa.string()), "p": np.full(len(uids), index, np.int64), "bucket": b})
-        path = Path(self.work) / "map" / f"p{index:06d}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        durable.write_parquet(path, t.sort_by("bucket"), row_group_size=_SKIP_GROUP_ROWS)
+        uids = pq.read_table(blobs, columns=["uid"])["uid"].unique()
+        t = pa.table({"uid": uids, "p": np.full(len(uids), index, np.int64)})
+        uidbuckets.write_sorted(t, Path(self.work) / "map" / f"p{index:06d}.parquet", self.buckets)
 
 
 @dataclass(frozen=True)
@@ -173,7 +165,7 @@ class _SkipReduce:
             return []
         path = Path(self.work) / "late" / f"b{bucket:05d}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        durable.write_parquet(path, t, row_group_size=_SKIP_GROUP_ROWS)
+        durable.write_parquet(path, t, row_group_size=uidbuckets.GROUP_ROWS)
         return np.unique(t["p"].to_numpy()).tolist()
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import zlib
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -42,7 +41,7 @@ import ray
 
 from lvd import durable
 from lvd.curation import copydetect as cd
-from lvd.curation import dedup, rundir, runner
+from lvd.curation import dedup, rundir, runner, uidbuckets
 from lvd.curation.guard import check_removal
 from lvd.curation.knn_index import IndexConfig, build_index, search
 from lvd.curation.localfeat import Features
@@ -362,10 +361,6 @@ def partitions(run_dir: Path, force: bool | None = None) -> bool:
     return sum(m["rows"]["main"] for m in rundir.ingest_markers(run_dir).values()) >= PARTITIONED_MIN_RECORDS
 
 
-def _bucket_of(uids: list[str], buckets: int) -> np.ndarray:
-    return np.array([zlib.crc32(u.encode()) % buckets for u in uids], np.int64)
-
-
 def _index_map(job: PartJob, item: tuple[int, str | None, str | None], buckets: int) -> None:
     """Wave 0 map: one ingest partition's accepted records and one copyfeat part's uids, by bucket."""
     index, manifest, feats = item
@@ -377,19 +372,11 @@ def _index_map(job: PartJob, item: tuple[int, str | None, str | None], buckets: 
             "uid": t["uid"].take(rows), "source": t["source"].take(rows),
             "part": np.full(len(rows), index, np.int64), "row": rows.astype(np.int64),
         })  # fmt: skip
-        _write_buckets(rec, out, f"r{index:06d}", buckets)
+        uidbuckets.write_sorted(rec, out / f"r{index:06d}.parquet", buckets)
     if feats:
         uids = pq.read_table(feats, columns=["uid"])["uid"]
-        _write_buckets(
-            pa.table({"uid": uids, "home": np.full(len(uids), index, np.int64)}), out, f"h{index:06d}", buckets
-        )
-
-
-def _write_buckets(t: pa.Table, out: Path, stem: str, buckets: int) -> None:
-    """One file per map task, sorted by bucket (row groups of one bucket range, so a reduce
-    task's `bucket ==` filter skips the others): P files, not P x buckets."""
-    t = t.append_column("bucket", pa.array(_bucket_of(t["uid"].to_pylist(), buckets))).sort_by("bucket")
-    _write(t, out / f"{stem}.parquet", row_group_size=_GROUP_ROWS)
+        home = pa.table({"uid": uids, "home": np.full(len(uids), index, np.int64)})
+        uidbuckets.write_sorted(home, out / f"h{index:06d}.parquet", buckets)
 
 
 def _write(t: pa.Table, path: Path, **kwargs) -> None:
