@@ -148,7 +148,7 @@ class IngestConfig:
 @dataclass
 class IngestOutput:
     records: pa.Table  # INGEST_SCHEMA, one row per input of the partition
-    blobs: pa.Table  # BLOB_SCHEMA, raw bytes of accepted images, one row per uid
+    blobs: pa.Table  # BLOB_SCHEMA, raw bytes of accepted images, one row per uid, sorted by uid
 
 
 class ImageRejected(Exception):
@@ -169,8 +169,13 @@ def ingest_partition(partition: Partition, cfg: IngestConfig) -> IngestOutput:
         records.append(record)
         if data is not None:
             blobs.setdefault(record["uid"], data)
-    blob_table = pa.table({"uid": list(blobs), "data": list(blobs.values())}, schema=BLOB_SCHEMA)
-    return IngestOutput(records=pa.Table.from_pylist(records, schema=INGEST_SCHEMA), blobs=blob_table)
+    return IngestOutput(records=pa.Table.from_pylist(records, schema=INGEST_SCHEMA), blobs=blob_table(blobs))
+
+
+def blob_table(blobs: dict[str, bytes]) -> pa.Table:
+    """BLOB_SCHEMA rows of uid -> bytes, sorted by uid (`rundir.read_blobs` reads uid ranges)."""
+    uids = sorted(blobs)
+    return pa.table({"uid": uids, "data": [blobs[u] for u in uids]}, schema=BLOB_SCHEMA)
 
 
 def ingest_item(item: RawItem, cfg: IngestConfig) -> tuple[dict, bytes | None]:

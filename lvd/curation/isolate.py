@@ -29,7 +29,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from lvd.curation import runner
-from lvd.curation.ingest import BLOB_SCHEMA, INGEST_SCHEMA, ingest_item
+from lvd.curation.ingest import INGEST_SCHEMA, blob_table, ingest_item
 from lvd.curation.sources import iter_items
 
 REASON = "worker_died"
@@ -99,7 +99,7 @@ def _ingest_one_by_one(fn, partition, stage_dir: str, cfg_hash: str, killed: dic
         log.flush()
     tables = {
         "": pa.Table.from_pylist(records, schema=INGEST_SCHEMA),
-        "blobs": pa.table({"uid": list(blobs), "data": list(blobs.values())}, schema=BLOB_SCHEMA),
+        "blobs": blob_table(blobs),
     }
     died = sorted(records[k]["source"] for k in killed)
     return runner.write_outputs(tables, partition, stage_dir, cfg_hash, worker_died=died)

@@ -10,7 +10,7 @@ done-markers of its upstream folders) and which folders a run with other options
     RUN/
       run.json, .lock            the run's owner record (lvd.runfolder)
       ingest/                    part-N.parquet (one row per input) + part-N.blobs.parquet
-      domaincap/                 capped.parquet (inputs over --max-per-domain; applied on read)
+                                 (sorted by uid, row groups of ~BLOB_GROUP_BYTES)
       domaincap/                 capped.parquet (--max-per-domain; applied by read_ingest)
       dedup/                     duplicates.parquet (hash groups)
       copyfeat/                  part-N.parquet (local features per accepted image)
@@ -28,6 +28,7 @@ done-markers of its upstream folders) and which folders a run with other options
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from dataclasses import dataclass
@@ -38,6 +39,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 MARKER_SUFFIX = ".done.json"  # the runner's done-marker (lvd.curation.runner.MARKER_SUFFIX)
+BLOBS = "blobs"  # ingest's output of image bytes (part-N.blobs.parquet)
+# row groups of a blobs file, in bytes: sorted by uid, a reader of a uid range (a shard: shards
+# are cut in uid order) reads only the groups that hold it, not the whole file (which was one
+# group: every shard task read every image of the pool)
+BLOB_GROUP_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,12 @@ def ingest_manifests(run_dir: Path) -> list[Path]:
 def ingest_blob_files(run_dir: Path) -> dict[int, Path]:
     """Partition index -> its blobs file (the bytes of its accepted images)."""
     d = Path(run_dir) / "ingest"
-    return {i: d / m["outputs"]["blobs"] for i, m in sorted(ingest_markers(run_dir).items())}
+    return {i: d / m["outputs"][BLOBS] for i, m in sorted(ingest_markers(run_dir).items())}
+
+
+def blob_group_rows(table: pa.Table) -> int:
+    """Rows per row group of a blobs table: ~BLOB_GROUP_BYTES each."""
+    return max(1, min(1 << 20, BLOB_GROUP_BYTES * table.num_rows // max(1, table.nbytes)))
 
 
 def read_ingest(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
@@ -180,17 +191,34 @@ def unique_accepted(run_dir: Path) -> pa.Table:
 
 def read_blobs(run_dir: Path, uids, *, strict: bool = True) -> dict[str, bytes]:
     """uid -> image bytes from the run's ingest blob files, only the uids asked for. A uid
-    with no blob raises KeyError, unless `strict=False` (pictures in reports: best effort)."""
+    with no blob raises KeyError, unless `strict=False` (pictures in reports: best effort).
+    Only the row groups whose uid min..max holds a uid asked for are read: the files are
+    sorted by uid, so a uid range (a shard's) reads its own groups of each file."""
     want = set(uids)
     found: dict[str, bytes] = {}
     for path in ingest_blob_files(run_dir).values():
         if not (left := want - found.keys()):
             break
-        t = pq.read_table(path, filters=pc.field("uid").isin(pa.array(sorted(left), pa.string())))
+        ask = sorted(left)
+        pf = pq.ParquetFile(path)
+        t = pf.read_row_groups(_groups_holding(pf.metadata, ask), columns=["uid", "data"])
+        t = t.filter(pc.is_in(t["uid"], pa.array(ask, pa.string())))
         found.update(zip(t["uid"].to_pylist(), t["data"].to_pylist()))
     if strict and (missing := sorted(want - found.keys())):
         raise KeyError(f"{len(missing)} uids have no blob under {Path(run_dir) / 'ingest'}, e.g. {missing[:3]}")
     return found
+
+
+def _groups_holding(md: pq.FileMetaData, ask: list[str]) -> list[int]:
+    """Row groups of a blobs file whose uid min..max holds one of `ask` (sorted); every group
+    when a group has no statistics."""
+    col = md.schema.names.index("uid")
+    out = []
+    for g in range(md.num_row_groups):
+        st = md.row_group(g).column(col).statistics
+        if st is None or not st.has_min_max or bisect.bisect_right(ask, st.max) > bisect.bisect_left(ask, st.min):
+            out.append(g)
+    return out
 
 
 def cap_path(run_dir: Path) -> Path:

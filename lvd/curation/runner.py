@@ -36,7 +36,7 @@ import pyarrow as pa
 import ray
 
 from lvd import durable
-from lvd.curation.rundir import MARKER_SUFFIX  # the layout, marker names included, is rundir's
+from lvd.curation.rundir import BLOBS, MARKER_SUFFIX, blob_group_rows  # the layout, marker names included, is rundir's
 
 # What Ray raises for a task whose worker process died (killed, crashed, out of memory, node
 # lost) once its retries are spent; RayTaskError (an exception in the stage) is not one.
@@ -286,13 +286,14 @@ def write_outputs(
     tables: dict[str, pa.Table], partition: PartitionLike, stage_dir: str | Path, cfg_hash: str, **extra
 ) -> dict:
     """Write a partition's tables durably, then its marker (sizes and sha256 of each output)
-    last; returns the marker. `extra` keys go into the marker as they are."""
+    last; returns the marker. `extra` keys go into the marker as they are. Image bytes
+    (`rundir.BLOBS`) are written in small row groups (`rundir.blob_group_rows`)."""
     out_dir = Path(stage_dir)
     stem = stem_of(partition)
     outputs, rows, files = {}, {}, {}
     for key, table in sorted(tables.items()):
         path = output_path(out_dir, stem, key)
-        durable.write_parquet(path, table)
+        durable.write_parquet(path, table, **({"row_group_size": blob_group_rows(table)} if key == BLOBS else {}))
         outputs[key or "main"] = path.name
         rows[key or "main"] = table.num_rows
         files[path.name] = durable.file_digest(path)

@@ -91,6 +91,38 @@ def test_without_embedder_every_kept_image_is_sharded(plain_run):
     assert lg.verify_run(plain_run).ok
 
 
+def test_a_shards_uid_range_reads_only_its_row_groups_of_the_blob_files(plain_run, tmp_path):
+    """Shards are cut in uid order, so a shard task asks `read_blobs` for a uid range. The blob
+    files are sorted by uid in ~1 MiB row groups, and groups outside the range are not read:
+    here they are overwritten with garbage, and the range still reads. (Before, each blob file
+    was one group and every shard task read every image of the pool.)"""
+    run = tmp_path / "run"
+    shutil.copytree(plain_run, run)
+    files = list(rundir.ingest_blob_files(run).values())
+    path = max(files, key=lambda p: pq.ParquetFile(p).num_row_groups)
+    pf = pq.ParquetFile(path)
+    uids = pf.read(columns=["uid"])["uid"].to_pylist()
+    assert uids == sorted(uids) and pf.num_row_groups >= 3, (len(uids), pf.num_row_groups)
+    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    keep = 1  # the range: the uids of row group 1 (its neighbours' groups are garbled)
+    want = uids[starts[keep] : starts[keep] + sizes[keep]]
+    others = [u for f in files if f != path for u in pq.read_table(f, columns=["uid"])["uid"].to_pylist()]
+    want = [u for u in want if u not in others]  # held by this file only
+    assert want
+    intact = rundir.read_blobs(run, want)
+    raw = bytearray(path.read_bytes())
+    for g in range(pf.num_row_groups):
+        if g != keep:
+            col = pf.metadata.row_group(g).column(1)  # data
+            start = col.dictionary_page_offset or col.data_page_offset
+            raw[start : start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+    path.write_bytes(bytes(raw))
+    with pytest.raises(OSError):  # the garbling works: a whole read fails
+        pq.read_table(path)
+    assert rundir.read_blobs(run, want) == intact
+
+
 @pytest.mark.parametrize("breakage", ["unselect", "extra_tar", "missing_tar"])
 def test_verify_catches_shard_ledger_mismatch(plain_run, tmp_path, breakage):
     run = tmp_path / "run"

@@ -188,8 +188,10 @@ def write_pool(spec: PoolSpec, run_dir: Path, *, vectors_too: bool = True) -> Pa
         unit = _Part(part, f"synthetic-{part}")
         if not runner.is_done(ingest_dir, unit, cfg):
             rec = records(spec, part)
-            blobs = pa.table({"uid": rec["uid"], "data": pa.array([b""] * len(rec), pa.binary())}, schema=BLOB_SCHEMA)
-            runner.write_outputs({"": rec, "blobs": blobs}, unit, ingest_dir, cfg)
+            blobs = pa.table(
+                {"uid": rec["uid"], "data": pa.array([b""] * len(rec), pa.binary())}, schema=BLOB_SCHEMA
+            ).sort_by("uid")
+            runner.write_outputs({"": rec, rundir.BLOBS: blobs}, unit, ingest_dir, cfg)
         if vectors_too and not (vec_dir / f"part-{part:06d}.uids.parquet").exists():
             write_vectors(vec_dir, part, [uid_of(spec, r) for r in spec.rows(part).tolist()], vectors(spec, part))
     return run_dir
