@@ -43,11 +43,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from lvd import durable
-from lvd.curation import rundir
+from lvd.curation import rundir, uidranges
 from lvd.curation.rundir import ingest_manifests, read_ingest  # noqa: F401 -- the ledger's API
 
 STATUSES = ("accepted", "duplicate", "rejected", "decontaminated", "unselected", "sharded")
@@ -174,47 +173,6 @@ def build_ledger(run_dir: Path) -> pa.Table:
 # ---------------------------------------------------------------- Ray plumbing
 
 
-def ray_map(fn, jobs: list[tuple], max_in_flight: int | None = None) -> list:
-    """`[fn(*job) for job in jobs]` as Ray tasks, results in job order (`fanout.starmap`), on
-    the running Ray or a local one started here."""
-    from lvd.curation import fanout, runner
-
-    runner.init_ray()
-    return fanout.starmap(fn, jobs, max_in_flight=max_in_flight)
-
-
-def _ranges(samples: list[str], n_ranges: int) -> list[tuple[str | None, str | None]]:
-    """[lo, hi) uid ranges (None: open end) cut at quantiles of the sampled uids."""
-    s = sorted(set(samples))
-    if n_ranges <= 1 or len(s) < 2:
-        return [(None, None)]
-    cuts = sorted({s[(i * len(s)) // n_ranges] for i in range(1, n_ranges)} - {s[0]})
-    bounds = [None, *cuts, None]
-    return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _in_range(column: str, lo: str | None, hi: str | None) -> pc.Expression:
-    e = pc.field(column).is_valid()
-    if lo is not None:
-        e &= pc.field(column) >= lo
-    if hi is not None:
-        e &= pc.field(column) < hi
-    return e
-
-
-def _sample(sorted_uids: list[str], k: int = 32) -> list[str]:
-    step = max(1, len(sorted_uids) // k)
-    return sorted_uids[::step]
-
-
-def _read_files(paths: list[str], columns: list[str], filt: pc.Expression) -> pa.Table:
-    """Rows of the Parquet files `paths` matching `filt`; row groups whose statistics rule the
-    filter out are skipped."""
-    if not paths:
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
-    return ds.dataset(paths, format="parquet").to_table(columns=columns, filter=filt)
-
-
 # ---------------------------------------------------------------- writing, round by round
 
 
@@ -229,19 +187,19 @@ def _copy_keys(run_dir: str, index: int, main_file: str, out: str) -> dict:
     t = t.filter(pc.equal(t["status"], "accepted")).select(["uid", "source"])
     t = t.sort_by([("uid", "ascending"), ("source", "ascending")])
     t = t.append_column("part", pa.array([index] * len(t), pa.int32()))
-    pq.write_table(t, out, row_group_size=8192)
-    return {"rows": len(t), "sample": _sample(t["uid"].to_pylist())}
+    pq.write_table(t, out, row_group_size=uidranges.GROUP_ROWS)
+    return {"rows": len(t), "sample": uidranges.sample(t["uid"].to_pylist())}
 
 
 def _later_copies(key_files: list[str], lo: str | None, hi: str | None, out: str) -> int:
     """Round 2: sources (with their partition) of every copy of a uid after its first by
     source order, for the uids in [lo, hi)."""
-    t = _read_files(key_files, ["uid", "source", "part"], _in_range("uid", lo, hi))
+    t = uidranges.read_files(key_files, ["uid", "source", "part"], uidranges.in_range("uid", lo, hi))
     t = t.sort_by([("uid", "ascending"), ("source", "ascending")])
     uids = t["uid"].to_pylist()
     later = [i for i in range(1, len(uids)) if uids[i] == uids[i - 1]]
     t = t.take(pa.array(later, pa.int64())).sort_by([("part", "ascending")])
-    pq.write_table(t.select(["part", "source"]), out, row_group_size=8192)
+    pq.write_table(t.select(["part", "source"]), out, row_group_size=uidranges.GROUP_ROWS)
     return len(t)
 
 
@@ -252,7 +210,7 @@ def _write_part(run_dir: str, index: int, main_file: str, later_files: list[str]
     rec = _ingest_records(run_dir, main_file, INGEST_COLUMNS + (["detail"] if detail else []))
     rec = rec.sort_by([("source", "ascending")])
     uids = pc.unique(rec.filter(pc.equal(rec["status"], "accepted"))["uid"]).to_pylist()
-    later = set(_read_files(later_files, ["source"], pc.field("part") == index)["source"].to_pylist())
+    later = set(uidranges.read_files(later_files, ["source"], pc.field("part") == index)["source"].to_pylist())
     table = _resolve(
         rec.to_pydict(),
         later,
@@ -302,14 +260,14 @@ def write_parts(run_dir: Path, *, range_rows: int = RANGE_ROWS) -> LedgerSummary
         raise FileNotFoundError(f"no done ingest partitions under {run_dir}: run ingest first")
     mains = dict(zip(sorted(markers), ingest_manifests(run_dir)))
     keys = {i: str(work / f"keys-{i:06d}.parquet") for i in mains}
-    got = ray_map(_copy_keys, [(str(run_dir), i, str(mains[i]), keys[i]) for i in mains])
+    got = uidranges.ray_map(_copy_keys, [(str(run_dir), i, str(mains[i]), keys[i]) for i in mains])
     accepted = sum(g["rows"] for g in got)
-    ranges = _ranges([u for g in got for u in g["sample"]], math.ceil(accepted / range_rows))
+    ranges = uidranges.ranges([u for g in got for u in g["sample"]], math.ceil(accepted / range_rows))
     later = [str(work / f"later-{r:06d}.parquet") for r in range(len(ranges))]
-    ray_map(_later_copies, [(list(keys.values()), lo, hi, out) for (lo, hi), out in zip(ranges, later)])
+    uidranges.ray_map(_later_copies, [(list(keys.values()), lo, hi, out) for (lo, hi), out in zip(ranges, later)])
     detail = _has_detail(run_dir)
     jobs = [(str(run_dir), i, str(mains[i]), later, str(folder / part_name(i)), detail) for i in mains]
-    parts = dict(zip(mains, ray_map(_write_part, jobs)))
+    parts = dict(zip(mains, uidranges.ray_map(_write_part, jobs)))
     for stray in folder.glob("part-*.parquet"):  # parts of partitions an earlier run had
         if stray.name not in {part_name(i) for i in mains}:
             stray.unlink()
@@ -514,23 +472,23 @@ def _verify_part(run_dir: str, ingest_files: list[str], part_file: str, expected
         "inputs": len(ingest["source"]),
         "by_status": Counter(led["status"]),
         "by_reason": Counter(f"{st}:{r}" for st, r in zip(led["status"], led["reason"]) if r),
-        "sample": _sample(kept),
+        "sample": uidranges.sample(kept),
         "readable": True,
     }
 
 
 def _verify_range(part_files: list[str], seed_files: list[str], manifest: str | None, lo, hi, shipping: bool) -> dict:
     """Cross-part checks (a Ray task) for the uids in [lo, hi): read filtered to the range."""
-    in_range = _in_range("uid", lo, hi)
-    dup_in_range = (pc.field("status") == "duplicate") & _in_range("duplicate_of", lo, hi)
-    t = _read_files(part_files, ["source", "uid", "status", "duplicate_of"], in_range | dup_in_range)
+    in_range = uidranges.in_range("uid", lo, hi)
+    dup_in_range = (pc.field("status") == "duplicate") & uidranges.in_range("duplicate_of", lo, hi)
+    t = uidranges.read_files(part_files, ["source", "uid", "status", "duplicate_of"], in_range | dup_in_range)
     own, dups = t.filter(in_range).to_pydict(), t.filter(dup_in_range).to_pydict()
     findings = check_kept(own, dups)
     if shipping:
-        seeds = _read_files(seed_files, ["uid", "status"], in_range).to_pydict()
+        seeds = uidranges.read_files(seed_files, ["uid", "status"], in_range).to_pydict()
         both = {c: own[c] + seeds[c] for c in ("uid", "status")}
         try:
-            uids = None if manifest is None else _read_files([manifest], ["uid"], in_range)["uid"].to_pylist()
+            uids = None if manifest is None else uidranges.read_files([manifest], ["uid"], in_range)["uid"].to_pylist()
         except (OSError, pa.ArrowException) as e:
             return {"findings": _compact(findings + [("shard manifests cannot be read", [f"{manifest} ({e})"])])}
         findings += check_shipped(both, uids)
@@ -567,16 +525,16 @@ def verify_run(run_dir: Path | str, *, sub_run: bool | None = None, range_rows: 
         return VerifyReport(run_dir=run_dir, problems=[f"cannot read run: {e}"])
     marker = read_marker(run_dir)
     jobs, findings = _part_jobs(run_dir, mains, marker)
-    parts = ray_map(_verify_part, jobs)
+    parts = uidranges.ray_map(_verify_part, jobs)
     rows = sum(sum(p.get("by_status", {}).values()) for p in parts)
-    ranges = _ranges([u for p in parts for u in p.get("sample", [])], math.ceil(rows / range_rows))
+    ranges = uidranges.ranges([u for p in parts for u in p.get("sample", [])], math.ceil(rows / range_rows))
     manifest = rundir.manifest_path(run_dir)
     manifest_file = str(manifest) if manifest.exists() else None
     seed_files = [] if sub_run else [str(f) for s in sub_runs(run_dir, ("seeds",)) for f in ledger_files(s)]
     readable = [job[2] for job, p in zip(jobs, parts) if p["readable"]]  # unreadable ones are reported already
     range_jobs = [(readable, seed_files, manifest_file, lo, hi, not sub_run) for lo, hi in ranges]
     merged = _compact(findings)
-    for result in parts + ray_map(_verify_range, range_jobs):
+    for result in parts + uidranges.ray_map(_verify_range, range_jobs):
         merged = _compact(list(result["findings"].items()), merged)
     problems = [_say(what, n, first) for what, (n, first) in merged.items()]
     inputs = sum(p["inputs"] for p in parts)
