@@ -13,9 +13,11 @@ The partition sizes come from `--worker-memory` through `lvd.curation.scale.budg
 
 Stages (each from the module that implements it; one that has not landed is reported missing):
 hash dedup + connected components (scale.hashdedup / scale.components), sharded kNN
-(scale.shardindex), distributed k-means (scale.dkmeans), the partitioned ledger (ledger).
+(scale.shardindex), distributed k-means (scale.dkmeans), the partitioned ledger (ledger), the
+shard stage's plan (stages.shardplan).
 Baseline, same subprocess: the single-process path of the same work (`dedup.find_near_duplicates`
-on the whole table, `lloyd.lloyd` on the whole pool) for sizes up to `--baseline-max`: its peak
+on the whole table, `lloyd.lloyd` on the whole pool, the row-by-row shard plan it replaced:
+tests/curation/_shard_reference.py) for sizes up to `--baseline-max`: its peak
 is what the driver held before (it grows with N; the partitioned driver's must not).
 
 Sizing (printed last): workers and nodes from the budget formula (budget.cluster_size), CPU
@@ -48,7 +50,7 @@ from lvd.cli.options import add_scale_options
 from lvd.curation.scale import budget as B
 from lvd.curation.scale.synthetic import PoolSpec, write_pool
 
-STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger")
+STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger", "shard plan")
 KMEANS_K, KMEANS_ITERS, KNN_K = 256, 3, 16
 KNN_QUERIES = 20_000  # queries searched against the whole sharded pool at every size
 KNN_NLIST, KNN_NPROBE = 512, 8  # IVF lists fixed in N: the driver trains the quantiser on 64 * nlist rows
@@ -182,6 +184,17 @@ def stage_ledger(ctx: Ctx) -> str:
     return f"{summary.parts} parts, {summary.rows} rows, {summary.by_status}"
 
 
+def stage_shard_plan(ctx: Ctx) -> str:
+    """What ships, planned by uid range (no selection in a synthetic pool: every candidate)."""
+    import shutil
+
+    from lvd.curation.stages import shardplan
+
+    plan = shardplan.plan(ctx.run_dir, range_rows=B.ledger_range_rows(ctx.budget))
+    shutil.rmtree(shardplan.work_dir(ctx.run_dir))
+    return f"{plan.total} rows in {len(plan.files)} uid ranges"
+
+
 def baseline_kmeans(ctx: Ctx) -> str:
     from lvd.curation import lloyd
     from lvd.curation.vectors import open_vectors
@@ -199,14 +212,22 @@ def baseline_dedup(ctx: Ctx) -> str:
     return f"one process, {dups.num_rows} duplicates"
 
 
+def baseline_shard_plan(ctx: Ctx) -> str:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "curation"))
+    from _shard_reference import shard_rows
+
+    return f"one process (the row-by-row plan before), {len(shard_rows(ctx.run_dir))} rows"
+
+
 STAGE_FNS = {
     "hash dedup": stage_hashdedup,
     "components": stage_components,
     "sharded kNN": stage_knn,
     "k-means": stage_kmeans,
     "ledger": stage_ledger,
+    "shard plan": stage_shard_plan,
 }
-BASELINES = {"hash dedup": baseline_dedup, "k-means": baseline_kmeans}
+BASELINES = {"hash dedup": baseline_dedup, "k-means": baseline_kmeans, "shard plan": baseline_shard_plan}
 
 
 # ---------------------------------------------------------------- one (size, workers) run

@@ -49,7 +49,9 @@ def write_pool(root: Path, layout: str, uids: list[str], data: list[bytes], part
         marker = runner.write_outputs({"": records, rundir.BLOBS: blob_table(blobs)}, _Part(p), ingest, "bench")
         if layout == "before":  # input order, one row group: what ingest wrote before
             path = ingest / marker["outputs"][rundir.BLOBS]
-            durable.write_parquet(path, pa.table({"uid": list(blobs), "data": list(blobs.values())}, schema=BLOB_SCHEMA))
+            durable.write_parquet(
+                path, pa.table({"uid": list(blobs), "data": list(blobs.values())}, schema=BLOB_SCHEMA)
+            )
     return run
 
 

@@ -20,7 +20,8 @@ done-markers of its upstream folders) and which folders a run with other options
       decontam/                  decontaminated.parquet
       cluster/                   clusters.parquet, clusters.tree.parquet
       retrieve/                  selection{,.seeds,.counts}.parquet
-      shard_parts/ shards/       per-shard parts; shard-*.tar + manifest.parquet (written last)
+      shard_parts/ shards/       per-shard parts (and _plan/ while the stage runs: stages.shardplan);
+                                 shard-*.tar + manifest.parquet (written last)
       seeds/NAME/ eval/NAME/     sub-runs with the same layout
       ledger/                    part-N.parquet (one row per input) + _done.json last (lvd.curation.ledger);
                                  runs before it: ledger.parquet (still read)
@@ -199,14 +200,20 @@ def read_blobs(run_dir: Path, uids, *, strict: bool = True) -> dict[str, bytes]:
     for path in ingest_blob_files(run_dir).values():
         if not (left := want - found.keys()):
             break
-        ask = sorted(left)
-        pf = pq.ParquetFile(path)
-        t = pf.read_row_groups(_groups_holding(pf.metadata, ask), columns=["uid", "data"])
-        t = t.filter(pc.is_in(t["uid"], pa.array(ask, pa.string())))
-        found.update(zip(t["uid"].to_pylist(), t["data"].to_pylist()))
+        found.update(read_blob_file(path, left))
     if strict and (missing := sorted(want - found.keys())):
         raise KeyError(f"{len(missing)} uids have no blob under {Path(run_dir) / 'ingest'}, e.g. {missing[:3]}")
     return found
+
+
+def read_blob_file(path: Path, uids) -> dict[str, bytes]:
+    """uid -> bytes of the `uids` one blobs file holds, reading only the row groups whose uid
+    min..max holds one of them."""
+    ask = sorted(set(uids))
+    pf = pq.ParquetFile(path)
+    t = pf.read_row_groups(_groups_holding(pf.metadata, ask), columns=["uid", "data"])
+    t = t.filter(pc.is_in(t["uid"], pa.array(ask, pa.string())))
+    return dict(zip(t["uid"].to_pylist(), t["data"].to_pylist()))
 
 
 def _groups_holding(md: pq.FileMetaData, ask: list[str]) -> list[int]:
@@ -255,11 +262,14 @@ def apply_caps(run_dir: Path, records: pa.Table) -> pa.Table:
 # ---------------------------------------------------------------- duplicates, decontamination
 
 
-def _table(path: Path, uids=None) -> pa.Table | None:
-    """The table at `path` (None if absent); with `uids`, only their rows (a bounded read)."""
+def _table(path: Path, uids=None, where: pc.Expression | None = None) -> pa.Table | None:
+    """The table at `path` (None if absent); with `uids`, only their rows, with `where` only
+    the rows it keeps (bounded reads: row groups the statistics rule out are skipped)."""
     if not path.exists():
         return None
     wanted = None if uids is None else pc.field("uid").isin(pa.array(list(uids), pa.string()))
+    if where is not None:
+        wanted = where if wanted is None else wanted & where
     return pq.read_table(path, filters=wanted)
 
 
@@ -268,11 +278,11 @@ def hash_duplicates(run_dir: Path) -> pa.Table | None:
     return _table(Path(run_dir) / "dedup" / "duplicates.parquet")
 
 
-def duplicates(run_dir: Path, uids=None) -> pa.Table | None:
+def duplicates(run_dir: Path, uids=None, where: pc.Expression | None = None) -> pa.Table | None:
     """The run's final duplicate groups: copy detection's when it ran, else hash dedup's
-    (only the rows of `uids` when given)."""
+    (only the rows of `uids`, and those `where` keeps, when given)."""
     for stage in ("copydetect", "dedup"):
-        if (t := _table(Path(run_dir) / stage / "duplicates.parquet", uids)) is not None:
+        if (t := _table(Path(run_dir) / stage / "duplicates.parquet", uids, where)) is not None:
             return t
     return None
 
@@ -292,8 +302,8 @@ def copydetect_output(run_dir: Path, what: str) -> dict | None:
     return json.loads(t["json"][0].as_py()) if t is not None else None
 
 
-def decontaminated(run_dir: Path, uids=None) -> pa.Table | None:
-    return _table(Path(run_dir) / "decontam" / "decontaminated.parquet", uids)
+def decontaminated(run_dir: Path, uids=None, where: pc.Expression | None = None) -> pa.Table | None:
+    return _table(Path(run_dir) / "decontam" / "decontaminated.parquet", uids, where)
 
 
 def candidates(run_dir: Path) -> list[str]:
@@ -316,9 +326,16 @@ def clusters(run_dir: Path) -> tuple[pa.Table, pa.Table] | None:
     return t, pq.read_table(d / "clusters.tree.parquet")
 
 
-def selection(run_dir: Path, what: str = "") -> pa.Table | None:
-    """retrieve's selection ('' ), its seed provenance ('seeds') or per-seed counts ('counts')."""
-    return _table(Path(run_dir) / "retrieve" / (f"selection.{what}.parquet" if what else "selection.parquet"))
+def cluster_rows(run_dir: Path, where: pc.Expression) -> pa.Table | None:
+    """The rows of the cluster stage's table (uid, leaf, score, cluster_ids) `where` keeps."""
+    return _table(Path(run_dir) / "cluster" / "clusters.parquet", where=where)
+
+
+def selection(run_dir: Path, what: str = "", where: pc.Expression | None = None) -> pa.Table | None:
+    """retrieve's selection ('' ), its seed provenance ('seeds') or per-seed counts ('counts');
+    with `where`, only the rows it keeps."""
+    name = f"selection.{what}.parquet" if what else "selection.parquet"
+    return _table(Path(run_dir) / "retrieve" / name, where=where)
 
 
 def shards_dir(run_dir: Path) -> Path:

@@ -46,6 +46,7 @@ WORKER_DEATHS = (
     ray.exceptions.NodeDiedError,
 )
 TMP_TAG = durable.TMP_TAG
+GROUP_ROWS = 65_536  # rows per row group of a stage output (bounded reads by uid range)
 
 
 class PartitionLike(Protocol):
@@ -286,14 +287,15 @@ def write_outputs(
     tables: dict[str, pa.Table], partition: PartitionLike, stage_dir: str | Path, cfg_hash: str, **extra
 ) -> dict:
     """Write a partition's tables durably, then its marker (sizes and sha256 of each output)
-    last; returns the marker. `extra` keys go into the marker as they are. Image bytes
-    (`rundir.BLOBS`) are written in small row groups (`rundir.blob_group_rows`)."""
+    last; returns the marker. `extra` keys go into the marker as they are. Row groups:
+    GROUP_ROWS rows (a uid-sorted output read by uid range skips the others), image bytes
+    (`rundir.BLOBS`) ~1 MiB (`rundir.blob_group_rows`)."""
     out_dir = Path(stage_dir)
     stem = stem_of(partition)
     outputs, rows, files = {}, {}, {}
     for key, table in sorted(tables.items()):
         path = output_path(out_dir, stem, key)
-        durable.write_parquet(path, table, **({"row_group_size": blob_group_rows(table)} if key == BLOBS else {}))
+        durable.write_parquet(path, table, row_group_size=blob_group_rows(table) if key == BLOBS else GROUP_ROWS)
         outputs[key or "main"] = path.name
         rows[key or "main"] = table.num_rows
         files[path.name] = durable.file_digest(path)

@@ -5,7 +5,9 @@ and verify's shard-vs-ledger checks against hand-made breakages."""
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
+import _shard_reference
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -22,6 +24,7 @@ from lvd.curation.stages import copy as stages_copy
 from lvd.curation.stages import embed as stages_embed
 from lvd.curation.stages import ingest_dedup as stages
 from lvd.curation.stages import select as stages_select
+from lvd.curation.stages import shardplan
 from lvd.curation.stages.retrieve import RetrieveConfig, run_retrieve
 
 EMBED_KW = {"resize": 128, "crop": 112, "batch_size": 16, "decode_threads": 1}
@@ -123,6 +126,28 @@ def test_a_shards_uid_range_reads_only_its_row_groups_of_the_blob_files(plain_ru
     assert rundir.read_blobs(run, want) == intact
 
 
+def test_shard_plan_by_uid_ranges_equals_the_row_by_row_plan(ray_local, pool, tmp_path):
+    """The plan Ray tasks write (round 1 per partition, round 2 per uid range) ships the rows
+    the row-by-row plan it replaced shipped (`_shard_reference`), over one range or many: the
+    candidates, each with its first record by source order (exact copies here sort before and
+    after their originals, in other partitions)."""
+    src = tmp_path / "pool"
+    shutil.copytree(pool, src)
+    for p in sorted(src.glob("*.jpg")):  # exact copies of the originals, before and after them
+        (src / f"0-{p.name}").write_bytes(p.read_bytes())
+        (src / f"z-{p.name}").write_bytes(p.read_bytes())
+    run = tmp_path / "run"
+    ingest_dedup([str(src)], run)
+    want = _shard_reference.shard_rows(run)
+    firsts = {r["uid"]: r["source"] for r in want}
+    assert any(Path(s).name.startswith("0-") for s in firsts.values())  # the copy is the first record
+    for range_rows, n_files in ((shardplan.RANGE_ROWS, 1), (5, 8)):
+        plan = shardplan.plan(run, range_rows=range_rows)
+        assert len(plan.files) >= n_files and plan.total == len(want)
+        got = [r for i in range(0, plan.total, 7) for r in shardplan.read_rows(plan.slices(i, i + 7))]
+        assert _shard_reference.plan_rows(got) == want
+
+
 @pytest.mark.parametrize("breakage", ["unselect", "extra_tar", "missing_tar"])
 def test_verify_catches_shard_ledger_mismatch(plain_run, tmp_path, breakage):
     run = tmp_path / "run"
@@ -152,6 +177,9 @@ def test_hierarchical_balanced_retrieval_to_target(ray_local, pool, embedder, tm
     assert len(cands) == 8  # model-free copy detection leaves one image per photo
     stages_select.run_cluster(run, stages_select.ClusterConfig(k=4, hierarchical=True))
     run_retrieve(run, {}, RetrieveConfig(method="hierarchical", target=6))
+    plan = shardplan.plan(run, range_rows=3)  # ships what the row-by-row plan shipped
+    rows = _shard_reference.plan_rows(shardplan.read_rows(plan.slices(0, plan.total)))
+    assert rows == _shard_reference.shard_rows(run) and len({r["cluster_ids"] for r in rows}) > 1
     rep = stages_select.run_shards(run, ShardConfig(shard_size=4))
     led = lg.write_ledger(run).to_pylist()
     statuses = [r["status"] for r in led]
@@ -184,7 +212,7 @@ def test_cluster_based_retrieval_takes_seeded_clusters(ray_local, pool, embedder
         stages_embed.run_embed(r, embedder, EMBED)
     copydetect(run)
     stages_select.run_cluster(run, stages_select.ClusterConfig(k=3))
-    run_retrieve(run, {"s": seed_run}, RetrieveConfig(method="cluster", min_seeds=1))
+    run_retrieve(run, {"s": seed_run}, RetrieveConfig(method="cluster", min_seeds=1, include_seeds=True))
     clusters, tree = stages_select.read_clusters(run)
     (seed_uid,), seed_vec = stages_embed_seed(seed_run)
     from lvd.curation.kmeans import assign_to_centroids
@@ -193,6 +221,15 @@ def test_cluster_based_retrieval_takes_seeded_clusters(ray_local, pool, embedder
     want = sorted(u for u, leaf in zip(clusters["uid"].to_pylist(), clusters["leaf"].to_pylist()) if leaf == c)
     sel = pq.read_table(run / "retrieve" / "selection.parquet").to_pydict()
     assert sel["uid"] == want and set(sel["cluster_id"]) == {c} and set(sel["method"]) == {"cluster"}
+    # the shard plan (uid ranges of 2 records) ships what the row-by-row plan shipped: the
+    # selection with its provenance and cluster ids, and the seed with its own run's record
+    assert pq.read_table(run / "retrieve" / "selection.seeds.parquet")["uid"].to_pylist() == [seed_uid]
+    plan = shardplan.plan(run, range_rows=2)
+    rows = _shard_reference.plan_rows(shardplan.read_rows(plan.slices(0, plan.total)))
+    assert len(plan.files) > 2 and rows == _shard_reference.shard_rows(run)
+    assert {r["retrieval"].get("method") for r in rows} == {"cluster", "seed"}
+    assert all(len(r["cluster_ids"]) == 1 for r in rows if r["retrieval"]["method"] == "cluster")
+    assert {r["blob_run"] for r in rows if r["retrieval"]["method"] == "seed"} == {str(seed_run)}
 
     # a copy model (the random ViT) with a cosine threshold every pair passes: copy detection
     # joins the whole pool into one group, and the images without any pHash edge are marked

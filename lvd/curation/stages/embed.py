@@ -103,7 +103,7 @@ def run_given(
 ) -> runner.StageReport:
     """The embed stage's outputs from precomputed vectors in `folder` (see the module doc);
     raises `vectors.GivenVectorsError` naming what is wrong in every partition at once."""
-    from lvd.curation.ledger import ray_map
+    from lvd.curation.uidranges import ray_map
 
     given = vec.scan_given(folder)
     units = embed_units(run_dir)

@@ -14,7 +14,8 @@
   (or `*` for balanced sampling) with `retrieve.RetrievalCounts`, collisions included.
 - `RUN/shards/shard-NNNNNN.tar` + `manifest.parquet` (`lvd.curation.shards`), one Ray task per
   shard (markers in `RUN/shard_parts/`, so the shards folder holds only the contract files);
-  the manifest is written last, from the per-shard markers' rows.
+  the manifest is written last, from the per-shard markers' rows. What ships is planned by
+  Ray tasks into uid-sorted Parquet files (`shardplan`); a shard task reads its slice of them.
 What is sharded: the retrieval's selection when the retrieve stage ran (seeds, or a target
 size), plus included seed images; otherwise every candidate (all images that are neither rejected, duplicate nor
 decontaminated) — so a run without an embedder still ships everything dedup kept.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +48,7 @@ from lvd.curation.shards import (
     write_manifest,
     write_shard,
 )  # fmt: skip
+from lvd.curation.stages import shardplan
 from lvd.curation.vectors import open_vectors
 
 ENGINES = ("auto", "faiss", "lloyd", "ray")
@@ -198,7 +201,7 @@ def flat_kmeans(h: Hierarchy) -> KMeansResult:
 class ShardUnit:
     index: int
     fingerprint: str
-    rows: tuple[dict, ...]  # uid, source, width, height, cluster_ids, retrieval (no bytes)
+    slices: tuple[tuple[str, int, int], ...]  # (plan file, first row, end row): `shardplan.Plan.slices`
 
 
 @dataclass(frozen=True)
@@ -208,11 +211,20 @@ class ShardFn:
 
     def __call__(self, unit: ShardUnit) -> dict[str, pa.Table]:
         run = Path(self.run_dir)
-        blobs: dict[str, bytes] = {}
-        for blob_run in sorted({r["blob_run"] for r in unit.rows}):
-            blobs.update(rundir.read_blobs(Path(blob_run), {r["uid"] for r in unit.rows if r["blob_run"] == blob_run}))
+        rows = shardplan.read_rows(unit.slices)
+        blobs = shardplan.read_blobs(rows)
         samples = [
-            ShardSample(data=blobs[r["uid"]], **{k: v for k, v in r.items() if k != "blob_run"}) for r in unit.rows
+            ShardSample(
+                uid=r["uid"],
+                source=r["source"],
+                width=r["width"],
+                height=r["height"],
+                data=blobs[r["uid"]],
+                cluster_ids=tuple(r["cluster_ids"] or ()),
+                retrieval=json.loads(r["retrieval"]),
+                faces=face_boxes(r["detail"]),
+            )
+            for r in rows
         ]
         info = write_shard(unit.index, samples, rundir.shards_dir(run), self.cfg)
         n = info.n_samples
@@ -232,65 +244,9 @@ class ShardFn:
         }
 
 
-def shard_rows(run_dir: Path) -> list[dict]:
-    """What ships, in shard order (by uid), with its metadata and `blob_run` (where its bytes are)."""
-    retrieval, seeds = {}, {}
-    if (sel := rundir.selection(run_dir)) is not None:
-        retrieval = {r.pop("uid"): r for r in sel.to_pylist()}
-        uids = list(retrieval)
-        if (seed_sel := rundir.selection(run_dir, "seeds")) is not None:
-            seeds = {r["uid"]: r for r in seed_sel.to_pylist()}
-    else:
-        uids = rundir.candidates(run_dir)
-    clusters = read_clusters(run_dir)
-    cids = dict(zip(clusters[0]["uid"].to_pylist(), clusters[0]["cluster_ids"].to_pylist())) if clusters else {}
-    first = _first_records(run_dir)
-    rows = [
-        dict(
-            uid=u,
-            source=first[u]["source"],
-            width=first[u]["width"],
-            height=first[u]["height"],
-            cluster_ids=tuple(cids.get(u, ())),
-            retrieval=retrieval.get(u, {}),
-            blob_run=str(run_dir),
-            faces=face_boxes(first[u].get("detail")),
-        )
-        for u in uids
-    ]
-    for seed_run in sorted({s["run"] for s in seeds.values()}):
-        rec = _first_records(Path(seed_run))
-        rows += [
-            dict(
-                uid=u,
-                source=rec[u]["source"],
-                width=rec[u]["width"],
-                height=rec[u]["height"],
-                cluster_ids=(),
-                retrieval={"method": "seed", "seed_set": s["seed_set"]},
-                blob_run=seed_run,
-            )
-            for u, s in seeds.items()
-            if s["run"] == seed_run
-        ]
-    return sorted(rows, key=lambda r: r["uid"])
-
-
 def face_boxes(detail: str | None) -> tuple[tuple[int, int, int, int], ...]:
     """The face boxes ingest's face detection recorded in a record's detail (none: ())."""
     return tuple(tuple(b) for b in json.loads(detail).get("faces", ())) if detail else ()
-
-
-def _first_records(run_dir: Path) -> dict[str, dict]:
-    """uid -> its first accepted ingest record by source order (the one the ledger keeps)."""
-    cols = ["source", "status", "uid", "width", "height"]
-    cols += ["detail"] if "detail" in pq.read_schema(rundir.ingest_manifests(run_dir)[0]).names else []
-    rec = rundir.read_ingest(run_dir, cols).sort_by([("source", "ascending")])
-    first: dict[str, dict] = {}
-    for r in rec.to_pylist():
-        if r["status"] == "accepted":
-            first.setdefault(r["uid"], r)
-    return first
 
 
 def run_shards(
@@ -298,15 +254,17 @@ def run_shards(
     cfg: ShardConfig,
     rcfg: runner.RunnerConfig = runner.RunnerConfig(),
     progress: runner.ProgressFn | None = None,
+    *,
+    range_rows: int = shardplan.RANGE_ROWS,
 ) -> runner.StageReport:
-    """Write one tar per Ray task (resumable per shard), then the manifest."""
-    rows = shard_rows(run_dir)
+    """Plan what ships with Ray tasks (`shardplan`), write one tar per Ray task (resumable per
+    shard), then the manifest."""
+    plan = shardplan.plan(run_dir, range_rows=range_rows)
     cfg_hash = runner.config_hash(cfg)
     units = []
-    for i, r in enumerate(plan_shards(len(rows), cfg.shard_size)):
-        part = tuple(rows[r.start : r.stop])
-        fp = runner.config_hash(json.dumps(part, sort_keys=True, default=list))
-        units.append(ShardUnit(index=i, fingerprint=fp, rows=part))
+    for i, r in enumerate(plan_shards(plan.total, cfg.shard_size)):
+        slices = plan.slices(r.start, r.stop)
+        units.append(ShardUnit(index=i, fingerprint=plan.fingerprint(slices), slices=slices))
     shards_dir, parts_dir = rundir.shards_dir(run_dir), rundir.stage_dir(run_dir, "shard_parts")
     shards_dir.mkdir(parents=True, exist_ok=True)
     for old in shards_dir.glob("shard-*.tar"):  # the selection shrank: these are no longer planned
@@ -321,6 +279,7 @@ def run_shards(
     )
     infos = [_info(pq.read_table(parts_dir / rep.markers[u.index]["outputs"]["main"])) for u in units]
     write_manifest(infos, shards_dir, cfg)
+    shutil.rmtree(shardplan.work_dir(run_dir), ignore_errors=True)
     return rep
 
 
