@@ -22,12 +22,14 @@ def parallel_map(
     shared: Any = _NO_SHARED,
     num_cpus: float = 1.0,
     max_in_flight: int | None = None,
+    local_below: int = 2,
 ) -> list[Any]:
     """[fn(x) for x in items] (or [fn(shared, x) ...]), as Ray tasks when Ray is running (at
-    most `max_in_flight` at once, default twice the cluster's CPUs), else in this process.
-    `shared` goes into the object store once (numpy arrays in it are read zero-copy by every
-    task) instead of travelling with each item."""
-    if len(items) < 2 or not ray.is_initialized():
+    most `max_in_flight` at once, default twice the cluster's CPUs), else in this process;
+    fewer than `local_below` items run in this process too (1: a single item is a task, so
+    its memory is a worker's, not the caller's). `shared` goes into the object store once
+    (numpy arrays in it are read zero-copy by every task) instead of travelling with each item."""
+    if len(items) < local_below or not ray.is_initialized():
         return [fn(x) if shared is _NO_SHARED else fn(shared, x) for x in items]
     remote = ray.remote(num_cpus=num_cpus, max_retries=3)(_call)
     limit = max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
@@ -44,9 +46,11 @@ def parallel_map(
     return [results[i] for i in range(len(items))]
 
 
-def starmap(fn: Callable[..., Any], jobs: Sequence[tuple], *, max_in_flight: int | None = None) -> list[Any]:
+def starmap(
+    fn: Callable[..., Any], jobs: Sequence[tuple], *, max_in_flight: int | None = None, local_below: int = 2
+) -> list[Any]:
     """[fn(*job) for job in jobs] through `parallel_map` (Ray tasks when Ray runs)."""
-    return parallel_map(_Star(fn), jobs, max_in_flight=max_in_flight)
+    return parallel_map(_Star(fn), jobs, max_in_flight=max_in_flight, local_below=local_below)
 
 
 class _Star:

@@ -14,11 +14,12 @@ GROUP_ROWS = 8192  # rows per row group of a work file
 
 def ray_map(fn, jobs: list[tuple], max_in_flight: int | None = None) -> list:
     """`[fn(*job) for job in jobs]` as Ray tasks, results in job order (`fanout.starmap`), on
-    the running Ray or a local one started here."""
+    the running Ray or a local one started here; a single job is a task too (its memory is a
+    worker's, within its budget, not the driver's)."""
     from lvd.curation import fanout, runner
 
     runner.init_ray()
-    return fanout.starmap(fn, jobs, max_in_flight=max_in_flight)
+    return fanout.starmap(fn, jobs, max_in_flight=max_in_flight, local_below=1)
 
 
 def ranges(samples: list[str], n_ranges: int) -> list[tuple[str | None, str | None]]:
