@@ -190,7 +190,7 @@ def stage_shard_plan(ctx: Ctx) -> str:
 
     from lvd.curation.stages import shardplan
 
-    plan = shardplan.plan(ctx.run_dir, range_rows=B.ledger_range_rows(ctx.budget))
+    plan = shardplan.plan(ctx.run_dir, range_rows=B.shard_plan_range_rows(ctx.budget))
     shutil.rmtree(shardplan.work_dir(ctx.run_dir))
     return f"{plan.total} rows in {len(plan.files)} uid ranges"
 

@@ -306,7 +306,7 @@ def curate(
         if changed:
             get_run_logger().warning("files changed before the refusal (not restored): %s", changed[:5])
         raise refused from None
-    tasks.shard_task(run_dir, shard_cfg, rcfg)
+    tasks.shard_task(run_dir, shard_cfg, rcfg, budget)
     report = ledger_task(run_dir, budget)
     return CurateSummary(
         run_dir=str(run_dir),

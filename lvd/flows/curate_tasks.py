@@ -324,9 +324,12 @@ def _retrieval_pictures(run_dir: Path, sel, seed_dirs: dict[str, Path]) -> None:
 
 
 @task(name="shard", cache_policy=NO_CACHE)
-def shard_task(run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig) -> None:
+def shard_task(
+    run_dir: Path, cfg: ShardConfig, rcfg: runner.RunnerConfig, budget: B.WorkerBudget | None = None
+) -> None:
     progress = artifacts.Progress("curate-shard-progress", "shard: WebDataset tars written")
-    rep = stages_select.run_shards(run_dir, cfg, rcfg, progress)
+    sizes = {"range_rows": B.shard_plan_range_rows(budget)} if budget else {}  # the plan's files, not its rows
+    rep = stages_select.run_shards(run_dir, cfg, rcfg, progress, **sizes)
     samples, tars, size = shard_totals(pq.read_table(rundir.manifest_path(run_dir), columns=["shard", "shard_bytes"]))
     get_run_logger().info("shard: %d samples in %d tars (%d written now)", samples, tars, len(rep.ran))
     artifacts.count_table(

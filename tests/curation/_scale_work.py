@@ -9,6 +9,8 @@ Stages, in order, each leaving its result under OUT (compared between runs by th
   k-means     scale.dkmeans over the vector parts   -> OUT/centroids.npy, OUT/labels.parquet
   kNN         scale.shardindex exact, 300 queries   -> OUT/knn_ids.npy, OUT/knn_sims.npy
   ledger      ledger.write_parts                    -> OUT/ledger.parquet (read_ledger)
+  shard plan  stages.shardplan, ranges of <= 1,500  -> OUT/shardplan.parquet (the plan files' rows,
+              without blob_run: the run folder's path)
 Partition sizes come from the budget (lvd.curation.scale.budget). OUT/<stage>.started is
 written when a stage starts and OUT/<stage>.done when its outputs are written, so a test knows
 where a run is. With --cluster-removal the script starts a Cluster (head without CPUs, 3 worker
@@ -36,7 +38,7 @@ from lvd.curation import ledger, rundir
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.scale import budget as B
 
-STAGES = ("hash dedup", "k-means", "kNN", "ledger")
+STAGES = ("hash dedup", "k-means", "kNN", "ledger", "shard plan")
 K, NITER, KNN_K, QUERIES = 8, 6, 5, 300
 
 
@@ -95,7 +97,16 @@ def write_ledger(run: Path, out: Path, b: B.WorkerBudget) -> None:
     pq.write_table(ledger.read_ledger(run), out / "ledger.parquet")
 
 
-FNS = {"hash dedup": hash_dedup, "k-means": kmeans, "kNN": knn, "ledger": write_ledger}
+def shard_plan(run: Path, out: Path, b: B.WorkerBudget) -> None:
+    from lvd.curation.stages import shardplan
+
+    plan = shardplan.plan(run, range_rows=min(1_500, B.shard_plan_range_rows(b)))
+    rows = pa.concat_tables([pq.read_table(f) for f in plan.files]).drop_columns(["blob_run"])
+    pq.write_table(rows, out / "shardplan.parquet")
+    shutil.rmtree(shardplan.work_dir(run))
+
+
+FNS = {"hash dedup": hash_dedup, "k-means": kmeans, "kNN": knn, "ledger": write_ledger, "shard plan": shard_plan}
 
 
 def run_stages(
@@ -140,7 +151,9 @@ def with_node_removal(run: Path, out: Path, b: B.WorkerBudget) -> dict:
             failed: list[BaseException] = []
             worker = threading.Thread(target=_stage_in_thread, args=(stage, run, out, b, faulted, failed))
             worker.start()
-            time.sleep(0.4 * (end - start))
+            # at most 0.5 s in: the reference's first stage includes the workers' start-up
+            # (hash dedup: 3.4 s there, 1.2 s here), so 0.4 of its wall could land after the end
+            time.sleep(min(0.4 * (end - start), 0.5))
             if worker.is_alive():
                 cluster.remove_node(nodes.pop(0))  # its tasks and actors die with it
                 removed[stage] = time.time()

@@ -91,7 +91,7 @@ def test_cluster_size_formula():
 @pytest.mark.slow
 def test_vectors_larger_than_a_worker_budget_run_within_it(tmp_path):
     """600,000 x 512 float16 vectors (614 MB, 1.9 GB as the float32 a flat index holds) under a
-    512 MiB budget per worker: sharded kNN, distributed k-means and the ledger run to the end,
+    512 MiB budget per worker: sharded kNN, distributed k-means, the ledger and the shard plan run to the end,
     and no process (driver or any Ray worker) peaks above 512 MiB."""
     budget = B.WorkerBudget(B.parse_bytes("512MiB"))
     spec = PoolSpec(n=600_000, dim=512, part_rows=10_000)
@@ -100,13 +100,14 @@ def test_vectors_larger_than_a_worker_budget_run_within_it(tmp_path):
     assert spec.n * spec.dim * 2 > budget.worker_bytes  # the pool's vectors alone exceed one worker's budget
     argv = [str(ROOT / "benchmarks" / "curate_scale.py"), "--one", str(spec.n), "2", "--pool-root", str(tmp_path)]
     argv += ["--worker-memory", "512MiB", "--dim", "512", "--part-rows", "10000", "--baseline-max", "0"]
-    rows = run_script([*argv, "--stages", "sharded kNN,k-means,ledger"], timeout=1500)
-    assert [r["stage"] for r in rows] == ["sharded kNN", "k-means", "ledger"]
+    rows = run_script([*argv, "--stages", "sharded kNN,k-means,ledger,shard plan"], timeout=1500)
+    assert [r["stage"] for r in rows] == ["sharded kNN", "k-means", "ledger", "shard plan"]
     for r in rows:
         assert r["wall_s"] is not None, r  # ran, not skipped
         assert 0 < r["driver_peak"] < budget.worker_bytes, r
         assert r["worker_peaks"] and max(r["worker_peaks"]) < budget.worker_bytes, r
-    knn, km, led = rows
+    knn, km, led, plan = rows
+    assert f"{spec.n} rows in 3 uid ranges" in plan["note"], plan["note"]  # 291,000 records a range at 512 MiB
     assert len(knn["worker_peaks"]) >= spec.n * spec.dim * 4 // budget.worker_bytes  # really spread over shards
     assert "self found first 0.99" in knn["note"] or "self found first 1.0" in knn["note"], knn["note"]
     labels = pq.ParquetDataset(sorted((pool / "kmeans").glob("labels-*.parquet"))).read(columns=["row"])
@@ -124,11 +125,11 @@ def test_node_removed_during_each_partitioned_stage_changes_no_output(tmp_path):
     write_pool(spec, run)
     out = tmp_path / "out"
     res = run_script([str(WORK), str(run), str(out), "--cluster-removal", "--budget", "600MiB"], timeout=1500)
-    assert set(res["faulted"]) == {"hash dedup", "k-means", "kNN", "ledger"}
+    assert set(res["faulted"]) == {"hash dedup", "k-means", "kNN", "ledger", "shard plan"}
     for stage, (start, end) in res["faulted"].items():
         assert stage in res["removed"] and start < res["removed"][stage] < end, f"{stage}: no node removed mid-stage"
     ref = out / "reference"
-    for name in ("duplicates.parquet", "labels.parquet", "ledger.parquet"):
+    for name in ("duplicates.parquet", "labels.parquet", "ledger.parquet", "shardplan.parquet"):
         assert pq.read_table(out / name).equals(pq.read_table(ref / name)), name
     for name in ("centroids.npy", "knn_ids.npy", "knn_sims.npy"):
         np.testing.assert_array_equal(np.load(out / name), np.load(ref / name), err_msg=name)
@@ -141,3 +142,5 @@ def test_node_removed_during_each_partitioned_stage_changes_no_output(tmp_path):
     assert led["status"].to_pylist().count("duplicate") == len(dups["uid"]) > 0
     assert pq.read_table(out / "labels.parquet").num_rows == spec.n
     assert (np.load(out / "knn_sims.npy")[:, 0] > 0.999).all()  # each query finds itself (or its copy) first
+    planned = pq.read_table(out / "shardplan.parquet")["uid"].to_pylist()  # the candidates, in uid order
+    assert planned == sorted(set(led["uid"].to_pylist()) - set(dups["uid"])) and len(planned) < spec.n

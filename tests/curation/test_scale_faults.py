@@ -28,7 +28,7 @@ import pytest
 from lvd.curation.scale.synthetic import PoolSpec, expected_duplicates, write_pool
 
 WORK = Path(__file__).with_name("_scale_work.py")
-STAGES = ("hash dedup", "k-means", "kNN", "ledger")
+STAGES = ("hash dedup", "k-means", "kNN", "ledger", "shard plan")
 SPEC = PoolSpec(n=4_000, dim=32, part_rows=500, copy_every=20, centres=16)
 
 
@@ -77,12 +77,15 @@ def test_sigkill_in_each_partitioned_stage_then_rerun_gives_identical_outputs(ra
         for done in STAGES[: STAGES.index(stage)]:
             assert (out / f"{done}.done").exists()
     finish(driver(run, out, address, log), log)
-    for name in ("duplicates.parquet", "labels.parquet", "ledger.parquet"):
+    for name in ("duplicates.parquet", "labels.parquet", "ledger.parquet", "shardplan.parquet"):
         assert pq.read_table(out / name).equals(pq.read_table(ref_out / name)), name
     for name in ("centroids.npy", "knn_ids.npy", "knn_sims.npy"):
         np.testing.assert_array_equal(np.load(out / name), np.load(ref_out / name), err_msg=name)
-    # the reference itself is right: every planted copy grouped, every row in the ledger once
+    # the reference itself is right: every planted copy grouped, every row in the ledger once,
+    # every uid that is not a duplicate planned once, in uid order
     dups = pq.read_table(ref_out / "duplicates.parquet").to_pydict()
+    planned = pq.read_table(ref_out / "shardplan.parquet")["uid"].to_pylist()
+    assert planned == sorted(set(pq.read_table(ref_out / "ledger.parquet")["uid"].to_pylist()) - set(dups["uid"]))
     assert set(expected_duplicates(SPEC)) <= set(dups["uid"]) | set(dups["duplicate_of"])
     led = pq.read_table(ref_out / "ledger.parquet")
     assert sorted(led["source"].to_pylist()) == [f"synthetic/{i:09d}.jpg" for i in range(SPEC.n)]

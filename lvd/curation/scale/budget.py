@@ -14,6 +14,7 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
     query_block_rows       = data_bytes / 4 / (4*D + 24*k)            queries searched at once
     ingest_partition_cap   = data_bytes / (2 * mean input bytes)      files per ingest partition at most
     ledger_range_rows      = data_bytes / LEDGER_ROW_BYTES            uids per ledger / verify range task
+    shard_plan_range_rows  = data_bytes / SHARD_PLAN_ROW_BYTES        records per shard-plan range task
     component_partitions(E) = ceil(2 * E * 2 * EDGE_ROW_BYTES * SKEW / data_bytes)   node partitions of the components
     actor_memory(held)     = min(B, WORKER_BASE_BYTES + held / FILL)   Ray `memory=` of an actor holding `held` bytes
 
@@ -86,6 +87,9 @@ EDGE_ROW_BYTES = 150  # one direction of an edge in the components: two node key
 KNN_UID_BYTES = 360
 KNN_EXTRA = 16  # candidates knn_index.search asks Faiss for beyond k (its `_EXTRA`)
 LEDGER_ROW_BYTES = 150  # a (uid, source) pair as Python strings (the ledger's 2M-row range: ~300 MB)
+# a record of a shard-plan range task (stages.shardplan round 2: Arrow records, joins, sorts):
+# 2,398 MiB peak at 5M records (curate_scale.py "shard plan", 10^7, 2 ranges) -> ~450 B
+SHARD_PLAN_ROW_BYTES = 460
 SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)
 # A hash chunk-reduce task peaks at HASH_WORK x its records' bytes over the data share: measured
 # 3.45 GB for 1.0M shuffled records (3.3 KB each, 2.6 x 628 B / FILL; benchmarks/curate_scale.py,
@@ -293,6 +297,11 @@ def component_partitions(n_edges: int, budget: WorkerBudget, *, edge_bytes: int 
 def ledger_range_rows(budget: WorkerBudget) -> int:
     """uids one ledger or verify range task holds (`ledger.write_parts(range_rows=...)`)."""
     return max(1, budget.data_bytes // LEDGER_ROW_BYTES)
+
+
+def shard_plan_range_rows(budget: WorkerBudget) -> int:
+    """Records one shard-plan range task holds (`select.run_shards(range_rows=...)`)."""
+    return max(1, budget.data_bytes // SHARD_PLAN_ROW_BYTES)
 
 
 def ray_options(budget: WorkerBudget) -> dict:
