@@ -206,6 +206,7 @@ def test_worker_memory_reaches_the_stages_and_changes_no_ledger(ray_local, prefe
 
     monkeypatch.setattr(flow.stages, "run_dedup", spy("dedup", flow.stages.run_dedup))
     monkeypatch.setattr(flow.ledger, "write_parts", spy("ledger", flow.ledger.write_parts))
+    monkeypatch.setattr(tasks.stages_select, "run_shards", spy("shard", tasks.stages_select.run_shards))
     # a record costs a worker 30 MB here: the budget's data share holds ~6 of them, so this run
     # (16 records) takes the partitioned shuffle, as a pool of 10^5 records would under 600MiB
     monkeypatch.setattr(B, "HASH_WORK", 30e6 / B.HASH_RECORD_BYTES)
@@ -214,6 +215,7 @@ def test_worker_memory_reaches_the_stages_and_changes_no_ledger(ray_local, prefe
     assert seen["dedup"]["partitioned"] is True
     assert seen["dedup"]["shuffle"].task_options == {"memory": 600 * B.MiB}
     assert seen["ledger"] == {"range_rows": B.ledger_range_rows(BUDGET)}
+    assert seen["shard"] == {"range_rows": B.shard_plan_range_rows(BUDGET)}
     plain, budget = _rows(tmp_path / "plain"), _rows(tmp_path / "budget")
     assert any(r["status"] == "duplicate" for r in plain)
     assert budget == plain
