@@ -180,6 +180,18 @@ def read_ingest(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
     return apply_caps(run_dir, pa.concat_tables([pq.read_table(p, columns=columns) for p in paths]))
 
 
+def ingested(run_dir: Path, uids) -> set[str]:
+    """Those of `uids` that any ingest record of the run has, reading one partition's uid
+    column at a time."""
+    ask = pa.array(sorted(set(uids)), pa.string())
+    found: set[str] = set()
+    if len(ask):
+        for path in ingest_manifests(run_dir):
+            t = pq.read_table(path, columns=["uid"])
+            found.update(t.filter(pc.is_in(t["uid"], value_set=ask))["uid"].to_pylist())
+    return found
+
+
 def unique_accepted(run_dir: Path) -> pa.Table:
     """One row per accepted uid (its first input by source order): what dedup compares."""
     names = pq.read_schema(ingest_manifests(run_dir)[0]).names

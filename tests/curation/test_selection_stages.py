@@ -94,6 +94,15 @@ def test_without_embedder_every_kept_image_is_sharded(plain_run):
     assert lg.verify_run(plain_run).ok
 
 
+def test_ingested_finds_uids_of_every_partition(plain_run):
+    """Retrieval ships a seed only when no ingest record of the pool has its bytes; the check
+    reads a partition's uids at a time (`rundir.ingested`), not a set of the pool's."""
+    parts = rundir.ingest_manifests(plain_run)
+    first, last = (pq.read_table(p, columns=["uid"])["uid"].to_pylist()[0] for p in (parts[0], parts[-1]))
+    assert len(parts) == 3 and rundir.ingested(plain_run, [first, last, "0" * 64]) == {first, last}
+    assert rundir.ingested(plain_run, []) == set()
+
+
 def test_a_shards_uid_range_reads_only_its_row_groups_of_the_blob_files(plain_run, tmp_path):
     """Shards are cut in uid order, so a shard task asks `read_blobs` for a uid range. The blob
     files are sorted by uid in ~1 MiB row groups, and groups outside the range are not read:

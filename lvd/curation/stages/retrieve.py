@@ -108,7 +108,8 @@ class RetrieveFn:
 
     def _seeds(self, run: Path, names, seed_uids, results) -> pa.Table:
         """Seed images to ship: first set (by name) wins; none whose bytes are in the pool."""
-        pool_uids = set(rundir.read_ingest(run, ["uid"])["uid"].to_pylist())
+        included = {uids[i] for uids, r in zip(seed_uids, results) for i in r.seeds_included.tolist()}
+        pool_uids = rundir.ingested(run, included)  # a partition at a time, not a set of the pool
         rows: dict[str, tuple[str, str]] = {}
         for name, uids, r in zip(names, seed_uids, results):
             for i in r.seeds_included.tolist():
