@@ -192,14 +192,30 @@ def ingested(run_dir: Path, uids) -> set[str]:
     return found
 
 
-def unique_accepted(run_dir: Path) -> pa.Table:
-    """One row per accepted uid (its first input by source order): what dedup compares."""
+def unique_accepted(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """One row per accepted uid (its first input by source order), in source order: what dedup
+    compares; with `columns`, only those are read (the copy stages' drivers need three of the
+    ~40 hash columns). No Python object per row: the first of each uid is found by Arrow sorts."""
     names = pq.read_schema(ingest_manifests(run_dir)[0]).names
-    t = read_ingest(run_dir, [c for c in names if c not in NOT_FOR_DEDUP])
+    wanted = [c for c in names if c not in NOT_FOR_DEDUP] if columns is None else list(columns)
+    read = list(dict.fromkeys([*wanted, "uid", "status", "source"]))
+    t = read_ingest(run_dir, read)
     t = t.filter(pc.equal(t["status"], "accepted")).sort_by([("source", "ascending")])
-    seen: set[str] = set()
-    keep = [not (u in seen or seen.add(u)) for u in t["uid"].to_pylist()]
-    return t.filter(pa.array(keep, pa.bool_())).drop_columns(["status", "source"])
+    return t.take(_first_of_each(t["uid"])).select([c for c in wanted if c not in ("status", "source")])
+
+
+def _first_of_each(uids: pa.ChunkedArray) -> pa.Array:
+    """Row numbers of the first row of each distinct uid, ascending."""
+    n = len(uids)
+    if n < 2:
+        return pa.array(range(n), pa.int64())
+    order = pa.table({"uid": uids, "i": pa.array(range(n), pa.int64())}).sort_by(
+        [("uid", "ascending"), ("i", "ascending")]
+    )
+    u = order["uid"].combine_chunks()
+    new = pa.concat_arrays([pa.array([True]), pc.not_equal(u.slice(1), u.slice(0, n - 1))])
+    firsts = order["i"].combine_chunks().filter(new)
+    return firsts.take(pc.array_sort_indices(firsts))
 
 
 def read_blobs(run_dir: Path, uids, *, strict: bool = True) -> dict[str, bytes]:

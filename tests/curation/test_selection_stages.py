@@ -147,6 +147,14 @@ def test_shard_plan_by_uid_ranges_equals_the_row_by_row_plan(ray_local, pool, tm
         (src / f"z-{p.name}").write_bytes(p.read_bytes())
     run = tmp_path / "run"
     ingest_dedup([str(src)], run)
+    # unique_accepted (Arrow sorts) keeps the first record by source, as the seen-set it replaced
+    rec = rundir.read_ingest(run, ["uid", "source", "status", "width"]).sort_by("source")
+    seen: set[str] = set()
+    first = [r for r in rec.to_pylist() if r["status"] == "accepted" and not (r["uid"] in seen or seen.add(r["uid"]))]
+    assert len(first) < sum(s == "accepted" for s in rec["status"].to_pylist())  # the exact copies
+    assert rundir.unique_accepted(run, ["uid", "width"]).to_pylist() == [
+        {"uid": r["uid"], "width": r["width"]} for r in first
+    ]
     want = _shard_reference.shard_rows(run)
     firsts = {r["uid"]: r["source"] for r in want}
     assert any(Path(s).name.startswith("0-") for s in firsts.values())  # the copy is the first record

@@ -192,7 +192,7 @@ def partitioned_copydetect(
     run, work = Path(run_dir), Path(work_dir)
     opts = {"num_cpus": 1, "max_retries": 3, **scale.task_options}
     S = scale.part_rows
-    t = rundir.unique_accepted(run).select(["uid", "width", "height"])
+    t = rundir.unique_accepted(run, ["uid", "width", "height"])
     uids = t["uid"].to_pylist()
     # the calibration (its own Ray tasks, as in the single task) runs in a task of its own
     # while the candidates are found: it decodes images, which the driver should not hold

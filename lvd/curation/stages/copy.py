@@ -236,7 +236,7 @@ class PoolFeatures:
 
 
 def read_features(run_dir: Path) -> PoolFeatures:
-    t = rundir.unique_accepted(run_dir)
+    t = rundir.unique_accepted(run_dir, ["uid", "width", "height"])
     uids = t["uid"].to_pylist()
     w, h = t["width"].to_numpy().astype(np.int64), t["height"].to_numpy().astype(np.int64)
     pixels, aspect = w * h, w / np.maximum(h, 1)
@@ -459,7 +459,7 @@ class CopyDetectFn:
         # the calibration's Ray tasks run while this task reads the features and finds the
         # candidates (it needs neither)
         with ThreadPoolExecutor(1) as pool_:
-            uids = rundir.unique_accepted(run)["uid"].to_pylist()
+            uids = rundir.unique_accepted(run, ["uid"])["uid"].to_pylist()
             cal_job = pool_.submit(_timed, run_calibration, run, uids, cfg, self.copy_model)
             pool = read_features(run)
             n = len(pool.uids)
