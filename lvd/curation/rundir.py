@@ -336,11 +336,11 @@ def decontaminated(run_dir: Path, uids=None, where: pc.Expression | None = None)
 
 def candidates(run_dir: Path) -> list[str]:
     """uids still in the running after dedup, copy detection and decontamination, sorted."""
-    uids = set(unique_accepted(run_dir)["uid"].to_pylist())
+    uids = unique_accepted(run_dir, ["uid"])["uid"]  # Arrow: no Python set of the pool's uids
     for t in (duplicates(run_dir), decontaminated(run_dir)):
         if t is not None:
-            uids -= set(t["uid"].to_pylist())
-    return sorted(uids)
+            uids = uids.filter(pc.invert(pc.is_in(uids, value_set=t["uid"].combine_chunks())))
+    return uids.take(pc.sort_indices(uids)).to_pylist()
 
 
 # ---------------------------------------------------------------- selection, shards, ledger
