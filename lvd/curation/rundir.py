@@ -200,21 +200,26 @@ def unique_accepted(run_dir: Path, columns: list[str] | None = None) -> pa.Table
     wanted = [c for c in names if c not in NOT_FOR_DEDUP] if columns is None else list(columns)
     read = list(dict.fromkeys([*wanted, "uid", "status", "source"]))
     t = read_ingest(run_dir, read)
-    t = t.filter(pc.equal(t["status"], "accepted")).sort_by([("source", "ascending")])
-    return t.take(_first_of_each(t["uid"])).select([c for c in wanted if c not in ("status", "source")])
+    t = t.filter(pc.equal(t["status"], "accepted"))
+    t = t.take(first_by_source(t)).sort_by([("source", "ascending")])
+    return t.select([c for c in wanted if c not in ("status", "source")])
 
 
-def _first_of_each(uids: pa.ChunkedArray) -> pa.Array:
-    """Row numbers of the first row of each distinct uid, ascending."""
-    n = len(uids)
+def first_by_source(t: pa.Table, keys: tuple[str, ...] = ("uid",)) -> pa.Array:
+    """Row numbers of the first row by source order (then row order) of each `keys` group of
+    `t`, ascending; by Arrow sorts, no Python object per row."""
+    n = len(t)
+    rows = pa.array(range(n), pa.int64())
     if n < 2:
-        return pa.array(range(n), pa.int64())
-    order = pa.table({"uid": uids, "i": pa.array(range(n), pa.int64())}).sort_by(
-        [("uid", "ascending"), ("i", "ascending")]
-    )
-    u = order["uid"].combine_chunks()
-    new = pa.concat_arrays([pa.array([True]), pc.not_equal(u.slice(1), u.slice(0, n - 1))])
-    firsts = order["i"].combine_chunks().filter(new)
+        return rows
+    cols = {f"k{j}": t[k] for j, k in enumerate(keys)} | {"source": t["source"], "row": rows}
+    order = pa.table(cols).sort_by([(c, "ascending") for c in cols])
+    new = None
+    for j in range(len(keys)):
+        col = order[f"k{j}"].combine_chunks()
+        diff = pc.not_equal(col.slice(1), col.slice(0, n - 1))
+        new = diff if new is None else pc.or_(new, diff)
+    firsts = order["row"].combine_chunks().filter(pa.concat_arrays([pa.array([True]), new]))
     return firsts.take(pc.array_sort_indices(firsts))
 
 
@@ -239,12 +244,12 @@ def read_blob_file(path: Path, uids) -> dict[str, bytes]:
     min..max holds one of them."""
     ask = sorted(set(uids))
     pf = pq.ParquetFile(path)
-    t = pf.read_row_groups(_groups_holding(pf.metadata, ask), columns=["uid", "data"])
+    t = pf.read_row_groups(groups_holding(pf.metadata, ask), columns=["uid", "data"])
     t = t.filter(pc.is_in(t["uid"], pa.array(ask, pa.string())))
     return dict(zip(t["uid"].to_pylist(), t["data"].to_pylist()))
 
 
-def _groups_holding(md: pq.FileMetaData, ask: list[str]) -> list[int]:
+def groups_holding(md: pq.FileMetaData, ask: list[str]) -> list[int]:
     """Row groups of a blobs file whose uid min..max holds one of `ask` (sorted); every group
     when a group has no statistics."""
     col = md.schema.names.index("uid")

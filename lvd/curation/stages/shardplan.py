@@ -21,8 +21,8 @@ the digests of those files with the slice bounds: equal inputs give equal plan f
 rerun skips the shards already written.
 Memory: a round-1 task holds one partition's records; a round-2 task its range's records and
 rows of the selection, clusters, duplicates and decontamination tables (~range_rows).
-A shard task reads its slices and, per (run, partition) its rows come from, the row groups of
-that blob file that hold them (`rundir.read_blob_file`)."""
+A shard task reads its slices and, per blobs file its rows come from (each row names it), the
+row groups of that file that hold them (`rundir.read_blob_file`)."""
 
 from __future__ import annotations
 
@@ -47,13 +47,13 @@ PLAN_SCHEMA = pa.schema(
         ("cluster_ids", pa.list_(pa.int64())),  # one id per clustering level, coarsest first
         ("retrieval", pa.string()),  # the sample's provenance, JSON ({} when no retrieval ran)
         ("blob_run", pa.string()),  # the run whose ingest blob files hold the bytes
-        ("part", pa.int64()),  # its ingest partition
+        ("blob_file", pa.string()),  # its ingest partition's blobs file
         ("detail", pa.string()),  # ingest's detail (face boxes); null for seeds
     ]
 )
 RANGE_ROWS = 2_000_000  # records per round-2 task
 WORK = "_plan"  # under RUN/shard_parts/
-_RECORD_COLUMNS = ["uid", "source", "width", "height", "detail", "part", "blob_run"]
+_RECORD_COLUMNS = ["uid", "source", "width", "height", "detail", "blob_file", "blob_run"]
 
 
 @dataclass(frozen=True)
@@ -93,15 +93,16 @@ def plan(run_dir: Path, *, range_rows: int = RANGE_ROWS) -> Plan:
     (work / "records").mkdir(parents=True)
     seeds = rundir.selection(run_dir, "seeds")
     seed_runs = sorted(set(seeds["run"].to_pylist())) if seeds is not None else []
-    jobs, kinds = [], []
+    files: dict[str, list[str]] = {"main": [], "seed": []}
+    jobs = []
     for kind, run in [("main", run_dir)] + [("seed", Path(s)) for s in seed_runs]:
-        mains = dict(zip(sorted(rundir.ingest_markers(run)), rundir.ingest_manifests(run)))
-        for i, main in mains.items():
-            jobs.append((str(run), i, str(main), str(work / "records" / f"{len(jobs):06d}.parquet")))
-            kinds.append(kind)
+        blobs = rundir.ingest_blob_files(run)  # the markers, read once here, not per shard
+        for i, main in zip(sorted(blobs), rundir.ingest_manifests(run)):
+            out = str(work / "records" / f"{len(jobs):06d}.parquet")
+            jobs.append((str(run), str(blobs[i]), str(main), out))
+            files[kind].append(out)
     got = uidranges.ray_map(_records, jobs)
-    main_files = [job[3] for job, kind in zip(jobs, kinds) if kind == "main"]
-    seed_files = [job[3] for job, kind in zip(jobs, kinds) if kind == "seed"]
+    main_files, seed_files = files["main"], files["seed"]
     n = sum(g["rows"] for g in got)
     ranges = uidranges.ranges([u for g in got for u in g["sample"]], -(-n // range_rows))
     outs = [str(work / f"r{r:06d}.parquet") for r in range(len(ranges))]
@@ -111,7 +112,7 @@ def plan(run_dir: Path, *, range_rows: int = RANGE_ROWS) -> Plan:
     return Plan(tuple(outs), tuple(d["rows"] for d in done), tuple(d["sha256"] for d in done))
 
 
-def _records(run_dir: str, index: int, main_file: str, out: str) -> dict:
+def _records(run_dir: str, blob_file: str, main_file: str, out: str) -> dict:
     """Round 1: one partition's accepted records sorted by uid (then source), as a work file."""
     names = pq.read_schema(main_file).names
     cols = ["source", "status", "uid", "width", "height"] + (["detail"] if "detail" in names else [])
@@ -120,32 +121,19 @@ def _records(run_dir: str, index: int, main_file: str, out: str) -> dict:
     n = len(t)
     if "detail" not in names:
         t = t.append_column("detail", pa.nulls(n, pa.string()))
-    t = t.append_column("part", pa.array([index] * n, pa.int64()))
+    t = t.append_column("blob_file", pa.array([blob_file] * n, pa.string()))
     t = t.append_column("blob_run", pa.array([run_dir] * n, pa.string()))
     t = t.select(_RECORD_COLUMNS).sort_by([("uid", "ascending"), ("source", "ascending")])
     pq.write_table(t, out, row_group_size=uidranges.GROUP_ROWS)
     return {"rows": n, "sample": uidranges.sample(t["uid"].to_pylist())}
 
 
-def _first(t: pa.Table, keys: list[str]) -> pa.Table:
-    """The first row of each `keys` group of `t` by source order."""
-    t = t.sort_by([(k, "ascending") for k in keys] + [("source", "ascending")])
-    n = len(t)
-    if n < 2:
-        return t
-    new = None
-    for k in keys:
-        col = t[k].combine_chunks()
-        diff = pc.not_equal(col.slice(1), col.slice(0, n - 1))
-        new = diff if new is None else pc.or_(new, diff)
-    return t.filter(pa.concat_arrays([pa.array([True]), new]))
-
-
 def _plan_range(run_dir: str, main_files: list[str], seed_files: list[str], lo, hi, out: str) -> dict:
     """Round 2: the shipped rows of uids in [lo, hi), sorted by uid, as a plan file."""
     run = Path(run_dir)
     where = uidranges.in_range("uid", lo, hi)
-    first = _first(uidranges.read_files(main_files, _RECORD_COLUMNS, where), ["uid"])
+    rec = uidranges.read_files(main_files, _RECORD_COLUMNS, where)
+    first = rec.take(rundir.first_by_source(rec))
     sel = rundir.selection(run, where=where)
     if sel is None:  # no retrieval: every candidate ships, with no provenance
         for gone in (rundir.duplicates(run, where=where), rundir.decontaminated(run, where=where)):
@@ -171,7 +159,8 @@ def _plan_range(run_dir: str, main_files: list[str], seed_files: list[str], lo, 
     parts = [ship]
     seeds = rundir.selection(run, "seeds", where=where)
     if seeds is not None and seeds.num_rows:
-        rec = _first(uidranges.read_files(seed_files, _RECORD_COLUMNS, where), ["blob_run", "uid"])
+        rec = uidranges.read_files(seed_files, _RECORD_COLUMNS, where)
+        rec = rec.take(rundir.first_by_source(rec, ("blob_run", "uid")))
         prov = [json.dumps({"method": "seed", "seed_set": s}) for s in seeds["seed_set"].to_pylist()]
         want = pa.table({"uid": seeds["uid"], "blob_run": seeds["run"], "retrieval": pa.array(prov, pa.string())})
         got = rec.drop_columns(["detail"]).join(want, ["uid", "blob_run"], join_type="inner")
@@ -203,15 +192,13 @@ def read_rows(slices) -> list[dict]:
 
 
 def read_blobs(rows: list[dict]) -> dict[str, bytes]:
-    """uid -> bytes of plan rows, from the blob file of each row's (run, partition) only."""
-    where: dict[tuple[str, int], list[str]] = {}
+    """uid -> bytes of plan rows, from each row's blobs file only."""
+    where: dict[str, list[str]] = {}
     for r in rows:
-        where.setdefault((r["blob_run"], r["part"]), []).append(r["uid"])
+        where.setdefault(r["blob_file"], []).append(r["uid"])
     out: dict[str, bytes] = {}
-    files: dict[str, dict[int, Path]] = {}
-    for (run, part), uids in sorted(where.items()):
-        files.setdefault(run, rundir.ingest_blob_files(Path(run)))
-        out.update(rundir.read_blob_file(files[run][part], uids))
+    for path, uids in sorted(where.items()):
+        out.update(rundir.read_blob_file(Path(path), uids))
     if missing := sorted({r["uid"] for r in rows} - out.keys()):
         raise KeyError(f"{len(missing)} shipped uids have no blob in their ingest partition, e.g. {missing[:3]}")
     return out
