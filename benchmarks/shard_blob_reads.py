@@ -13,7 +13,7 @@ The pool: --images random byte strings of --kb KiB (the read does not decode) un
 uids, in --parts ingest parts written by `runner.write_outputs` as ingest writes them. Ten
 shards spread over the uid order are read with each layout, interleaved; the median is kept.
 Printed: ms per shard, the bytes of the row groups each read (from the files' uid
-statistics), and the ratio.
+statistics: `rundir.groups_holding`), and the ratio.
 """
 
 from __future__ import annotations
@@ -55,15 +55,12 @@ def write_pool(root: Path, layout: str, uids: list[str], data: list[bytes], part
     return run
 
 
-def group_bytes(run: Path, lo: str, hi: str) -> int:
-    """Compressed bytes of the row groups whose uid min/max overlap [lo, hi]."""
+def group_bytes(run: Path, want: list[str]) -> int:
+    """Bytes of the row groups `rundir.read_blobs` reads for `want` (`rundir.groups_holding`)."""
     total = 0
     for path in rundir.ingest_blob_files(run).values():
         md = pq.ParquetFile(path).metadata
-        for g in range(md.num_row_groups):
-            st = md.row_group(g).column(0).statistics
-            if st.max >= lo and st.min <= hi:
-                total += md.row_group(g).total_byte_size
+        total += sum(md.row_group(g).total_byte_size for g in rundir.groups_holding(md, sorted(want)))
     return total
 
 
@@ -93,7 +90,7 @@ def main() -> None:
                 got = rundir.read_blobs(run, want)
                 times[layout].append(time.perf_counter() - t0)
                 assert len(got) == len(want) and all(got[u] == data[uids.index(u)] for u in want[:3])
-                read[layout].append(group_bytes(run, want[0], want[-1]))
+                read[layout].append(group_bytes(run, want))
         groups = pq.ParquetFile(next(iter(rundir.ingest_blob_files(runs["after"]).values()))).num_row_groups
     print(
         f"pool: {args.images} images of {args.kb} KiB in {args.parts} parts ({pool_mb:.0f} MiB), "

@@ -10,7 +10,7 @@ Stages, in order, each leaving its result under OUT (compared between runs by th
   kNN         scale.shardindex exact, 300 queries   -> OUT/knn_ids.npy, OUT/knn_sims.npy
   ledger      ledger.write_parts                    -> OUT/ledger.parquet (read_ledger)
   shard plan  stages.shardplan, ranges of <= 1,500  -> OUT/shardplan.parquet (the plan files' rows,
-              without blob_run: the run folder's path)
+              without blob_run and blob_file: the run folder's paths)
 Partition sizes come from the budget (lvd.curation.scale.budget). OUT/<stage>.started is
 written when a stage starts and OUT/<stage>.done when its outputs are written, so a test knows
 where a run is. With --cluster-removal the script starts a Cluster (head without CPUs, 3 worker
@@ -101,7 +101,7 @@ def shard_plan(run: Path, out: Path, b: B.WorkerBudget) -> None:
     from lvd.curation.stages import shardplan
 
     plan = shardplan.plan(run, range_rows=min(1_500, B.shard_plan_range_rows(b)))
-    rows = pa.concat_tables([pq.read_table(f) for f in plan.files]).drop_columns(["blob_run"])
+    rows = pa.concat_tables([pq.read_table(f) for f in plan.files]).drop_columns(["blob_run", "blob_file"])
     pq.write_table(rows, out / "shardplan.parquet")
     shutil.rmtree(shardplan.work_dir(run))
 
