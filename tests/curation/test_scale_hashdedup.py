@@ -58,8 +58,9 @@ def synthetic_pool(n: int = 300, seed: int = 0) -> tuple[pa.Table, dict[str, tup
     w, h = rng.choice([64, 96], n).astype(np.int32), np.full(n, 64, np.int32)
     cases = {}
 
-    def like(dst, src, *, bits_v=(), bits_e=None, thumb=True):
-        p[dst], d[dst] = p[src] ^ np.uint64(0b101), d[src] ^ np.uint64(0b11)  # 2 bits each
+    def like(dst, src, *, bits_v=(), bits_e=None, thumb=True, bits_p=2):
+        p[dst] = p[src] ^ np.uint64(sum(1 << (7 * k) for k in range(bits_p)))  # bits_p bits apart
+        d[dst] = d[src] ^ np.uint64(0b11)
         v[dst] = _flip(v[src], list(bits_v))
         if bits_e is not None:  # else nphash256 stays random: only the channel under test links them
             e[dst] = _flip(e[src], bits_e)
@@ -88,6 +89,11 @@ def synthetic_pool(n: int = 300, seed: int = 0) -> tuple[pa.Table, dict[str, tup
     cases["clipped code"] = (13, 14)
     like(12, 11, bits_v=range(0, 80, 10), thumb=False)  # close hashes, another thumbnail: no edge
     cases["decoy"] = (11, 12)
+    # at the pHash radius (8 bits), which 'main' and 'clipped' are searched by with 'soft'
+    like(16, 15, bits_v=range(0, 120, 10), bits_p=DedupConfig().phash_radius)
+    cases["main at the pHash radius"] = (15, 16)
+    like(18, 17, bits_v=[b * 8 for b in range(24)], bits_p=DedupConfig().phash_radius)
+    cases["clipped at the pHash radius"] = (17, 18)
     table = pa.table(
         {
             "uid": [f"{x:064x}" for x in rng.integers(0, 2**62, n)],
@@ -119,7 +125,15 @@ def _linked(dups: pa.Table, table: pa.Table, a: int, b: int) -> bool:
 def test_synthetic_pool_equals_single_process_with_every_channel(ray_local, tmp_path):
     table, cases = synthetic_pool()
     want = find_near_duplicates(table, DedupConfig())
-    for name in ("main", "exact", "clipped", "equalised", "clipped code"):
+    for name in (
+        "main",
+        "exact",
+        "clipped",
+        "equalised",
+        "clipped code",
+        "main at the pHash radius",
+        "clipped at the pHash radius",
+    ):
         assert _linked(want, table, *cases[name]), name  # each planted case is a real duplicate
     assert not _linked(want, table, *cases["decoy"])
     write_parts(table, tmp_path / "parts")
@@ -127,15 +141,31 @@ def test_synthetic_pool_equals_single_process_with_every_channel(ray_local, tmp_
     got = pq.read_table(rep.duplicates)
     assert got.equals(want), (got.to_pydict(), want.to_pydict())
     edges = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "work" / "edges").glob("*.parquet"))])
-    assert set(edges["channel"].to_pylist()) == {"exact", "main+clipped", "equalised"}
-    seen: dict = {}  # a pair of pHash-256 codes is answered in one bucket: that of their first common chunk
+    # 'main' and 'clipped' are searched on the 64-bit pHash with 'soft' (dedup.candidate_codes)
+    assert set(edges["channel"].to_pylist()) == {"exact", "main+clipped+soft", "equalised"}
+    seen: dict = {}  # a pair of pHash codes is answered in one block task: that of its later block
     for f in sorted((tmp_path / "work" / "edges").glob("b*.parquet")):
-        t = pq.read_table(f).filter(pc.equal(pq.read_table(f)["channel"], "main+clipped"))
+        t = pq.read_table(f).filter(pc.equal(pq.read_table(f)["channel"], "main+clipped+soft"))
         for pair in set(zip(t["uid_a"].to_pylist(), t["uid_b"].to_pylist())):
             assert seen.setdefault(pair, f.name) == f.name, pair
-    assert len(seen) == 4  # 0-1, 1-2, 0-2 (0 and 2 are within radius too), 7-8
+    assert len(seen) == 6  # 0-1, 1-2, 0-2 (0 and 2 are within radius too), 7-8, 15-16, 17-18
     assert rep.records == table.num_rows and rep.blocks == 4  # 2 exact buckets x ceil(3 / 2) blocks
     assert rep.candidates == _brute_candidates(table.filter(pa.array(~np.isin(np.arange(table.num_rows), [4, 5, 6]))))
+
+
+def test_main_and_clipped_keep_their_own_search_when_soft_searches_the_phash_less_far(ray_local, tmp_path):
+    """`dedup.candidate_codes` moves 'main' and 'clipped' to the 64-bit pHash only when 'soft'
+    searches it at least `phash_radius` far: with soft at 4 bits, the pairs at pHash 8 are
+    still found (on the 256-bit pHash), and the partitioned table equals the single process."""
+    cfg = DedupConfig(soft_phash_radius=4)
+    assert {(c.channel, c.column) for c in candidate_codes(cfg)} >= {("main", "phash256"), ("clipped", "phash256")}
+    table, cases = synthetic_pool(seed=1)
+    want = find_near_duplicates(table, cfg)
+    for name in ("main at the pHash radius", "clipped at the pHash radius"):
+        assert _linked(want, table, *cases[name]), name
+    write_parts(table, tmp_path / "parts")
+    rep = partitioned_duplicates(folder_sources(tmp_path / "parts"), cfg, tmp_path / "work", SMALL)
+    assert pq.read_table(rep.duplicates).equals(want)
 
 
 def _plant(rng, code: np.ndarray, index, k0: int, over: int, outside: bool) -> np.ndarray:

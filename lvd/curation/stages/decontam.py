@@ -182,8 +182,12 @@ def hash_matches(ev: pa.Table, pool: pa.Table, cfg: dedup.DedupConfig) -> tuple[
     cols = [c for c in HASH_COLUMNS if c in ev.column_names and c in pool.column_names]
     rows = dedup.table_rows(pa.concat_tables([ev.select(cols), pool.select(cols).cast(ev.select(cols).schema)]), cfg)
     q, p = [none], [none]
+    found: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}  # channels sharing a search run it once
     for code in dedup.candidate_codes(cfg):
-        cq, cp = _code_pairs(ev, pool, Code(code.column, code.radius, code.channel, code.variants))
+        key = (code.column, code.radius, code.variants)
+        if key not in found:
+            found[key] = _code_pairs(ev, pool, Code(code.column, code.radius, code.channel, code.variants))
+        cq, cp = found[key]
         ok = dedup.verify_pairs(rows, code.channel, cq, cp + e, cfg)
         q.append(cq[ok])
         p.append(cp[ok])
