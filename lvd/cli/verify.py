@@ -14,7 +14,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "verify", help="check a run folder's accounting and shards; exits 1 and says what is broken"
     )
-    p.add_argument("run", metavar="RUN", help="run folder written by `lvd curate`")
+    p.add_argument(
+        "run", metavar="RUN", help="run folder written by `lvd curate` (an `lvd pipeline --out` folder: its run/)"
+    )
     p.add_argument(
         "--ray-address",
         default=None,
@@ -24,11 +26,29 @@ def register(subparsers) -> None:
     p.set_defaults(func=main)
 
 
+def run_folder(path: str) -> str:
+    """The run folder to check: `path`, or its `run/` when `path` is an `lvd pipeline --out`
+    folder (its run.json says kind "pipeline"; the curated run is inside)."""
+    from pathlib import Path
+
+    from lvd.runfolder import RunFolderError, read_record
+
+    try:
+        record = read_record(Path(path))
+    except RunFolderError:
+        return path  # verify_run says what is wrong with the folder
+    if record and record.get("kind") == "pipeline":
+        inner = str(Path(path) / "run")
+        print(f"{path} is an `lvd pipeline` folder: checking its run folder {inner}")
+        return inner
+    return path
+
+
 def main(args: argparse.Namespace) -> int:
     from lvd.curation import runner
     from lvd.curation.ledger import format_report, verify_run
 
     runner.init_ray(getattr(args, "ray_address", None))
-    report = verify_run(args.run)
+    report = verify_run(run_folder(args.run))
     print(format_report(report))
     return 0 if report.ok else 1

@@ -3,6 +3,9 @@ against the session's Prefect harness and local Ray)."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pyarrow.parquet as pq
 import pytest
 
@@ -68,6 +71,13 @@ def test_curate_then_verify_then_tamper(ray_local, prefect_harness, small_dump, 
 
     assert cli.main(["verify", str(run)]) == 0
     assert "OK" in capsys.readouterr().out
+    # an `lvd pipeline --out` folder holds its curated run in run/: verify checks that one
+    outer = tmp_path / "pipeline-out"
+    shutil.copytree(run, outer / "run")
+    (outer / "run.json").write_text(json.dumps({"format": "lvd-run-folder", "version": 1, "kind": "pipeline"}))
+    assert cli.main(["verify", str(outer)]) == 0
+    printed = capsys.readouterr().out
+    assert "`lvd pipeline` folder" in printed and str(outer / "run") in printed and "OK" in printed
 
     part = lg.ledger_files(run)[0]  # drop one row of one ledger part
     table = pq.read_table(part)
