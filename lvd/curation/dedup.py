@@ -369,7 +369,21 @@ def _fixed_words(codes: np.ndarray | None, n: int, name: str) -> np.ndarray:
 
 
 def _aspect_ok(log_aspect: np.ndarray, a: np.ndarray, b: np.ndarray, cfg: DedupConfig) -> np.ndarray:
-    return np.abs(log_aspect[a] - log_aspect[b]) <= math.log(cfg.max_aspect_ratio) + 1e-12
+    return np.abs(log_aspect[a] - log_aspect[b]) <= aspect_reach(cfg)
+
+
+def aspect_reach(cfg: DedupConfig) -> float | None:
+    """The largest |log aspect| difference of a pair any channel links: every channel checks
+    `_aspect_ok` (and rows collapsed as identical share an aspect bucket narrower than it), so
+    a partitioned caller may skip pairs of row sets whose aspects lie further apart. None: no
+    aspect check (`max_aspect_ratio=None`)."""
+    return None if cfg.max_aspect_ratio is None else math.log(cfg.max_aspect_ratio) + 1e-12
+
+
+def log_aspects(width: np.ndarray, height: np.ndarray) -> np.ndarray:
+    """float64 [n]: the log aspect ratios the aspect check compares (`_code_arrays`' width / height)."""
+    width, height = np.asarray(width).astype(np.int64), np.asarray(height).astype(np.int64)
+    return np.log(width / np.maximum(height, 1))
 
 
 def verify_pairs(rows: _Rows, channel: str, a: np.ndarray, b: np.ndarray, cfg: DedupConfig) -> np.ndarray:
@@ -721,7 +735,7 @@ def _code_arrays(table: pa.Table, cfg: DedupConfig) -> dict:
     """near_duplicate_edges' keyword arrays from an ingest table (the columns `cfg` reads)."""
     width = table["width"].to_numpy().astype(np.int64)
     height = table["height"].to_numpy().astype(np.int64)
-    out = dict(aspect=width / np.maximum(height, 1))
+    out = dict(aspect=width / np.maximum(height, 1))  # log_aspects' values, once logged
     if cfg.verify_radius is not None:
         out["verify"] = _fixed_width(table, VERIFY_COLUMN, CODE_BYTES)
     if cfg.max_thumb_residual is not None or cfg.equalised_radius is not None:

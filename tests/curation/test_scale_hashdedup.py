@@ -168,6 +168,38 @@ def test_main_and_clipped_keep_their_own_search_when_soft_searches_the_phash_les
     assert pq.read_table(rep.duplicates).equals(want)
 
 
+def test_blocks_sliced_by_aspect_skip_only_pairs_no_channel_links(ray_local, tmp_path):
+    """Blocks hold slices of the aspects (each exact bucket's records sorted by log aspect), and
+    a block pair whose aspects lie further apart than `max_aspect_ratio` is not searched. Two
+    aspect clusters split exactly at the middle block cut, the gap between them exactly the
+    tolerance, and copies across it (the main pair at aspect ratio 1.1, the limit: the single
+    process links them): the table still equals the single process's (a reach a hair short
+    misses them), and the blocks from opposite ends were not searched against each other."""
+    table, cases = synthetic_pool(400, seed=2)
+    rng = np.random.default_rng(2)
+    w = np.zeros(table.num_rows, np.int32)
+    # planted rows: 0 and 2 at the top of the low cluster, 1 at the bottom of the high one (0-1,
+    # 1-2: ratio 1.1 across the gap); the other planted pairs inside a cluster
+    w[[0, 2]], w[1] = 100, 110
+    w[3:7], w[[7, 8]], w[[15, 16]] = 80, 85, 88
+    w[[9, 10]], w[[11, 12]], w[[13, 14]], w[[17, 18]] = 120, 125, 130, 135
+    # records after the exact pass: 397 (4-6 are 3's copies); 4 blocks cut at 99, 198, 297:
+    # 198 low ones (7 planted, 191 more) fill blocks 0-1, the high ones blocks 2-3
+    rest = np.arange(19, table.num_rows)
+    w[rest] = np.where(np.arange(len(rest)) < 191, rng.integers(78, 100, len(rest)), rng.integers(111, 144, len(rest)))
+    table = table.set_column(table.schema.get_field_index("width"), "width", pa.array(w))
+    table = table.set_column(table.schema.get_field_index("height"), "height", pa.array(np.full(len(w), 64, np.int32)))
+    cfg = DedupConfig()
+    want = find_near_duplicates(table, cfg)
+    assert _linked(want, table, *cases["main"])  # the single process links the pair at the limit
+    write_parts(table, tmp_path / "parts")
+    shuffle = ShuffleConfig(buckets=4, exact_buckets=1, partitions=2)  # one bucket: 4 aspect quartiles
+    rep = partitioned_duplicates(folder_sources(tmp_path / "parts"), cfg, tmp_path / "work", shuffle)
+    assert pq.read_table(rep.duplicates).equals(want)
+    # blocks 0-1 low, 2-3 high: 0-2, 0-3 (and 1-3) lie beyond reach; 1-2 meet at the limit
+    assert rep.blocks == 4 and rep.block_pairs == 10 - 3, rep.block_pairs
+
+
 def _plant(rng, code: np.ndarray, index, k0: int, over: int, outside: bool) -> np.ndarray:
     """`code` with bits flipped so that every chunk but k0 differs in flips + 1 bits (over its
     radius) and k0 in flips + over bits; `outside`: one of k0's bits moved to bits no chunk

@@ -6,13 +6,17 @@ scratch folder:
 1. exact pass. A map task per input part writes each record to bucket hash(record) mod
    `exact_buckets`. A reduce task per bucket keeps one record per uid, links records equal
    in every compared column to the first of them (edges of distance 0, channel `exact`),
-   and passes the first ones on, cut into blocks (`reps/`: `buckets` blocks in all, at least
-   one per bucket): a pool of a thousand blank images sends one.
+   and passes the first ones on, sorted by log aspect and cut into blocks (`reps/`: `buckets`
+   blocks in all, at least one per bucket; each a slice of the bucket's aspects): a pool of a
+   thousand blank images sends one.
 2. block pairs. For every code `dedup.candidate_codes` names (one per column, at the largest
    radius R of its channels) a task per block j indexes block j's codes (`SortedIndex`:
    exact multi-index hashing, chunks with up to f flips each planned per code width, radius
    and block size, on 1/blocks of the pool) and queries it with blocks 0..j, one at a time, so every
-   pair of records is looked at by exactly one task: that of its later block. A column with
+   pair of records is looked at by exactly one task: that of its later block. Blocks whose
+   aspects lie further apart than `max_aspect_ratio` are not paired: every channel checks the
+   aspect (`dedup.aspect_reach`), so no pair between them is linked (on 5 aspect slices of
+   uniform aspects, about half the block pairs go). A column with
    variants (the equalised channel's clipped codes) is searched as dedup does, one record's
    `column` code against any code of the other: block j's versions are indexed and queried
    by block i's `column` codes, and block i's versions indexed and queried by block j's.
@@ -130,6 +134,7 @@ class HashDedupReport:
     candidates: int  # record pairs within a code's radius (each looked at by one task)
     edges: int
     phases: int  # star steps of the components
+    block_pairs: int = 0  # (block i, block j >= i) pairs searched: those whose aspects come within reach
 
 
 def run_sources(run_dir: Path) -> list[Source]:
@@ -175,11 +180,16 @@ def partitioned_duplicates(
     E = shuffle.exact_buckets
     S = math.ceil(shuffle.buckets / E)  # blocks per exact bucket
     _wave(_exact_map, [(s, i, str(work), E) for i, s in enumerate(sources)], opts)
-    records = sum(_wave(_exact_reduce, [(str(work), e, S) for e in range(E)], opts))
+    reach = dedup.aspect_reach(cfg)
+    reduced = _wave(_exact_reduce, [(str(work), e, S, reach is not None) for e in range(E)], opts)
+    records = sum(n for n, _ in reduced)
+    ranges = [r for _, rs in reduced for r in rs]  # per block, in block order
     codes = codes_of(cfg, _code_bits(work))
     blocks = [str(work / "reps" / _block_name(e, s)) for e in range(E) for s in range(S)]
+    others = [[i for i in range(j + 1) if _near(ranges[i], ranges[j], reach)] for j in range(len(blocks))]
     # the last blocks' tasks query the most blocks: started first, so the waves end together
-    done = _wave(_block_pairs, [(str(work), blocks, j, codes, cfg) for j in reversed(range(len(blocks)))], opts)
+    order = sorted(range(len(blocks)), key=lambda j: -len(others[j]))
+    done = _wave(_block_pairs, [(str(work), blocks, j, codes, cfg, others[j]) for j in order], opts)
     candidates, edges = (sum(x) for x in zip(*done))
     files = sorted((work / "edges").glob("*.parquet"))
     comp_cfg = ComponentsConfig(partitions=shuffle.partitions, task_options=shuffle.task_options)
@@ -187,8 +197,17 @@ def partitioned_duplicates(
     out = work / "duplicates.parquet"
     ray.get(ray.remote(_assemble).options(**opts).remote([str(p) for p in comps.outputs], str(out)))
     return HashDedupReport(
-        duplicates=out, records=records, blocks=len(blocks), candidates=candidates, edges=edges, phases=comps.phases
-    )
+        duplicates=out, records=records, blocks=len(blocks), candidates=candidates, edges=edges, phases=comps.phases,
+        block_pairs=sum(len(o) for o in others),
+    )  # fmt: skip
+
+
+def _near(a: tuple[float, float] | None, b: tuple[float, float] | None, reach: float | None) -> bool:
+    """Whether two blocks (log aspect (min, max) each, None: empty) may hold a linked pair:
+    both hold records, and their aspects come within `reach` (None: no aspect check, all pairs)."""
+    if a is None or b is None:
+        return False
+    return reach is None or max(a[0] - b[1], b[0] - a[1]) <= reach
 
 
 def assemble(outputs: list[Path]) -> pa.Table:
@@ -320,9 +339,11 @@ def _exact_map(source: Source, index: int, work: str, E: int) -> int:
     return t.num_rows
 
 
-def _exact_reduce(work: str, e: int, S: int) -> int:
+def _exact_reduce(work: str, e: int, S: int, by_aspect: bool) -> tuple[int, list]:
     """One record per uid; records equal in every compared column chain to the first, the
-    first ones written as S blocks. Returns the bucket's number of uids."""
+    first ones written as S blocks (`by_aspect`: sorted by log aspect first, so each block
+    holds a slice of the aspects). Returns the bucket's number of uids and each block's log
+    aspect (min, max), None for an empty block."""
     files = sorted((Path(work) / "exact" / f"b{e}").glob("*.parquet"))
     t = pa.concat_tables([pq.read_table(f) for f in files]).sort_by(_RID)
     uids = t["uid"].to_numpy(zero_copy_only=False)
@@ -334,10 +355,17 @@ def _exact_reduce(work: str, e: int, S: int) -> int:
     members = np.flatnonzero(~np.isin(np.arange(t.num_rows), first))
     _write(_edges(t, first[group[members]], members, "exact", np.zeros(len(members))), Path(work) / "edges" / f"exact-{e}.parquet")  # fmt: skip
     reps = t.take(np.sort(first))
+    aspect = dedup.log_aspects(reps["width"].to_numpy(), reps["height"].to_numpy())
+    if by_aspect:
+        order = np.lexsort((reps[_RID].to_numpy(), aspect))
+        reps, aspect = reps.take(order), aspect[order]
     cuts = [k * reps.num_rows // S for k in range(S + 1)]
+    ranges = []
     for k in range(S):
         _write(reps.slice(cuts[k], cuts[k + 1] - cuts[k]), Path(work) / "reps" / _block_name(e, k))
-    return t.num_rows
+        part = aspect[cuts[k] : cuts[k + 1]]
+        ranges.append((float(part.min()), float(part.max())) if len(part) else None)
+    return t.num_rows, ranges
 
 
 def _block_name(e: int, s: int) -> str:
@@ -359,15 +387,18 @@ def _edges(t: pa.Table, a: np.ndarray, b: np.ndarray, channel: str, distance: np
 PAIR_SCHEMA = pa.schema([("rid_a", pa.int64()), ("rid_b", pa.int64()), ("channel", pa.string())])
 
 
-def _block_pairs(work: str, blocks: list[str], j: int, codes: list[Code], cfg: dedup.DedupConfig) -> tuple[int, int]:
-    """The candidate pairs between block j and each block i <= j, verified (module doc, steps 2
-    and 3); edges to `edges/b{j}`. Returns (candidate pairs, edges)."""
+def _block_pairs(
+    work: str, blocks: list[str], j: int, codes: list[Code], cfg: dedup.DedupConfig, others: list[int]
+) -> tuple[int, int]:
+    """The candidate pairs between block j and each block i <= j in `others` (those whose
+    aspects come within reach of block j's), verified (module doc, steps 2 and 3); edges to
+    `edges/b{j}`. Returns (candidate pairs, edges)."""
     columns = [_RID, *sorted({c for code in codes for c in (code.column, code.variants) if c})]
     mine = pq.read_table(blocks[j], columns=columns)
     found, hit = [], []
     if mine.num_rows:
         indexes = [_CodeIndex(mine, code) for code in codes]
-        for i in range(j + 1):
+        for i in others:
             other = mine if i == j else pq.read_table(blocks[i], columns=columns)
             for index in indexes:
                 a, b = index.pairs(other, same=i == j)
