@@ -44,27 +44,55 @@ def images() -> dict[str, bytes]:
     }
 
 
-# sha256 (first 16 hex) of every field of features_row, as the code before the keypoint
-# speedups (cv2.KeyPoint_convert instead of per-keypoint Python) computed them: a change here
-# changes every verification. A deliberate feature change (ORB budget, grid) updates these
-# digests: print {k: _digest(lf.features_row("", d)) for k, d in images.items()} once.
-GOLDEN = {  # ORB budget 8x n_features, half the budget per grid cell (was 2x, all of it)
-    "astronaut": "f27df7ba7d301d3b",
-    "chelsea": "7720e0d0055123b9",
-    "camera": "3a4a305d6bed09cb",
-    "coins64": "6c36c799ce8ac1ef",
-}
+def _detect_plain(orb, gray: np.ndarray) -> tuple[tuple, tuple]:
+    """`localfeat._detect` as it was written before the keypoint speedups: each keypoint's
+    place and response read in Python (`k.pt`, `k.response`), not by cv2.KeyPoint_convert."""
+    import cv2
 
-
-def _digest(row: dict) -> str:
-    parts = [row[f] if isinstance(row[f], bytes) else str(row[f]).encode() for f in sorted(row)]
-    return hashlib.sha256(b"".join(parts)).hexdigest()[:16]
+    detector, clahe, n = orb
+    gray = clahe.apply(gray)
+    kps = detector.detect(gray, None)
+    h, w = gray.shape
+    xy = np.array([k.pt for k in kps], np.float32)
+    response = np.array([k.response for k in kps], np.float32)
+    grid = lf._GRID
+    cell = np.minimum(grid - 1, (xy[:, 1] * grid / h).astype(int)) * grid + np.minimum(
+        grid - 1, (xy[:, 0] * grid / w).astype(int)
+    )
+    order = np.lexsort((-response, cell))
+    rank_in_cell = np.arange(len(order)) - np.searchsorted(cell[order], cell[order])
+    per_cell = max(1, n // (2 * grid * grid))
+    first, rest = order[rank_in_cell < per_cell], order[rank_in_cell >= per_cell]
+    pick = np.concatenate(
+        [first[np.argsort(-response[first], kind="stable")], rest[np.argsort(-response[rest], kind="stable")]]
+    )[:n]
+    keep, desc = detector.compute(gray, [kps[i] for i in pick.tolist()])
+    mirrored = [
+        cv2.KeyPoint(w - 1 - k.pt[0], k.pt[1], k.size, (180.0 - k.angle) % 360.0, k.response, k.octave, k.class_id)
+        for k in keep
+    ]
+    keep_m, desc_m = detector.compute(np.ascontiguousarray(gray[:, ::-1]), mirrored)
+    return (np.array([k.pt for k in keep], np.float32), desc), (np.array([k.pt for k in keep_m], np.float32), desc_m)
 
 
 def test_features_are_the_reference_features(images):
-    rows = {k: lf.features_row("", d) for k, d in images.items()}
-    assert {k: _digest({f: v for f, v in r.items() if f != "up"}) for k, r in rows.items()} == GOLDEN
+    """features_row's keypoints and descriptors (both orientations) are those of the plain
+    per-keypoint computation, on this machine (ORB's corners and the descriptors' bits move
+    with the CPU's SIMD paths, so digests pinned on one machine failed on another). The
+    keypoint budget: 300 for the photos (the coins crop finds fewer)."""
+    cfg = lf.FeatureConfig()
+    for name, data in images.items():
+        row = lf.features_row("", data, cfg)
+        gray, _, _ = lf.feature_images(data, cfg.side)
+        (kp, desc), (kp_f, desc_f) = _detect_plain(lf._orb(cfg), gray)
+        got = {f: np.frombuffer(row[f], t) for f, t in (("kp", np.float32), ("desc", np.uint8),
+                                                        ("kp_flip", np.float32), ("desc_flip", np.uint8))}  # fmt: skip
+        for f, want in (("kp", kp), ("desc", desc), ("kp_flip", kp_f), ("desc_flip", desc_f)):
+            assert np.array_equal(got[f], want.ravel()), (name, f)
+        assert (row["fw"], row["fh"]) == (gray.shape[1], gray.shape[0]) and max(gray.shape) == cfg.side
+        assert len(kp) == len(kp_f) and (len(kp) == cfg.n_features or name == "coins64"), (name, len(kp))
     # feature pixels per source pixel: 1 for the photos (scaled down), 4 for the 64 px crop
+    rows = {k: lf.features_row("", d) for k, d in images.items()}
     assert {k: r["up"] for k, r in rows.items()} == {"astronaut": 1.0, "chelsea": 1.0, "camera": 1.0, "coins64": 4.0}
 
 
