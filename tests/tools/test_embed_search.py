@@ -1,6 +1,8 @@
 """lvd embed / index / search on real photos with the tiny test backbone: output layout and
-shapes, unreadable inputs listed, shards = folder, Ray = in process, exact top-1 is the image
-itself, IVF with every list probed = exact, ranks = numpy cosine, montage size and content."""
+shapes, unreadable inputs listed, shards = folder, the real local Ray's embedding actors (and
+`lvd embed --ray`) = the in-process vectors, real Faiss indexes: exact top-1 is the image
+itself, IVF with every list probed = exact, ranks = numpy cosine, montage size and content. No
+mocks."""
 
 from __future__ import annotations
 
