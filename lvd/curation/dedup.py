@@ -380,10 +380,15 @@ def aspect_reach(cfg: DedupConfig) -> float | None:
     return None if cfg.max_aspect_ratio is None else math.log(cfg.max_aspect_ratio) + 1e-12
 
 
-def log_aspects(width: np.ndarray, height: np.ndarray) -> np.ndarray:
-    """float64 [n]: the log aspect ratios the aspect check compares (`_code_arrays`' width / height)."""
+def aspects(width: np.ndarray, height: np.ndarray) -> np.ndarray:
+    """float64 [n]: width / height, the aspect ratios the aspect check compares (logged)."""
     width, height = np.asarray(width).astype(np.int64), np.asarray(height).astype(np.int64)
-    return np.log(width / np.maximum(height, 1))
+    return width / np.maximum(height, 1)
+
+
+def log_aspects(width: np.ndarray, height: np.ndarray) -> np.ndarray:
+    """float64 [n]: `_log_aspect`'s values of a table's widths and heights."""
+    return np.log(aspects(width, height))
 
 
 def verify_pairs(rows: _Rows, channel: str, a: np.ndarray, b: np.ndarray, cfg: DedupConfig) -> np.ndarray:
@@ -733,9 +738,7 @@ def find_near_duplicates(table: pa.Table, cfg: DedupConfig) -> pa.Table:
 
 def _code_arrays(table: pa.Table, cfg: DedupConfig) -> dict:
     """near_duplicate_edges' keyword arrays from an ingest table (the columns `cfg` reads)."""
-    width = table["width"].to_numpy().astype(np.int64)
-    height = table["height"].to_numpy().astype(np.int64)
-    out = dict(aspect=width / np.maximum(height, 1))  # log_aspects' values, once logged
+    out = dict(aspect=aspects(table["width"].to_numpy(), table["height"].to_numpy()))
     if cfg.verify_radius is not None:
         out["verify"] = _fixed_width(table, VERIFY_COLUMN, CODE_BYTES)
     if cfg.max_thumb_residual is not None or cfg.equalised_radius is not None:
