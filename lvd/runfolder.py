@@ -49,7 +49,8 @@ LOCK = ".lock"
 MODES = ("resume", "extend", "overwrite")
 FORMAT = "lvd-run-folder"
 LVD_RUN_MARKS = ("ingest", "ledger", "ledger.parquet", RECORD)
-PIPELINE_OUTPUTS = ("run", "pretrain", "hf", "bootstrap")  # what `lvd pipeline --overwrite` deletes
+PIPELINE_RUN = "run"  # an `lvd pipeline --out` folder's curated run folder (what `lvd verify` checks in it)
+PIPELINE_OUTPUTS = (PIPELINE_RUN, "pretrain", "hf", "bootstrap")  # what `lvd pipeline --overwrite` deletes
 
 
 class RunFolderError(ValueError):

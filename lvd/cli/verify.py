@@ -31,14 +31,14 @@ def run_folder(path: str) -> str:
     folder (its run.json says kind "pipeline"; the curated run is inside)."""
     from pathlib import Path
 
-    from lvd.runfolder import RunFolderError, read_record
+    from lvd.runfolder import PIPELINE_RUN, RunFolderError, read_record
 
     try:
         record = read_record(Path(path))
     except RunFolderError:
         return path  # verify_run says what is wrong with the folder
     if record and record.get("kind") == "pipeline":
-        inner = str(Path(path) / "run")
+        inner = str(Path(path) / PIPELINE_RUN)
         print(f"{path} is an `lvd pipeline` folder: checking its run folder {inner}")
         return inner
     return path

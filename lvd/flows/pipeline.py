@@ -141,7 +141,7 @@ def _bootstrap(root: Path, data: list[str], steps: int, batch_size: int | None, 
         len(data),
     )
     base = {k: v for k, v in curate_kw.items() if k in BASE_CURATE_KEYS}
-    boot = _curated(curate(inputs=data, out=str(root / "run"), copy_detection=False, **base))
+    boot = _curated(curate(inputs=data, out=str(root / runfolder.PIPELINE_RUN), copy_detection=False, **base))
     pretrain(
         shards=_shards(boot.run_dir),
         out=str(root / "pretrain"),
@@ -229,11 +229,18 @@ def pipeline(
     bootstrapped = embedder is None and not curate_kw.get("vectors") and bool(seeds or curate_kw.get("target_size"))
     if bootstrapped:
         embedder = _bootstrap(root / "bootstrap", inputs, bootstrap_steps, batch_size, curate_kw)
-    log.info("pipeline [1/4] curate %d input(s) -> %s", len(inputs), root / "run")
+    log.info("pipeline [1/4] curate %d input(s) -> %s", len(inputs), root / runfolder.PIPELINE_RUN)
     cur = _curated(
-        curate(inputs=inputs, out=str(root / "run"), seeds=seeds, eval_sets=eval_sets, embedder=embedder, **curate_kw)
+        curate(
+            inputs=inputs,
+            out=str(root / runfolder.PIPELINE_RUN),
+            seeds=seeds,
+            eval_sets=eval_sets,
+            embedder=embedder,
+            **curate_kw,
+        )
     )
-    log.info("pipeline [2/4] pretrain %s on %s", recipe, rundir.shards_dir(root / "run"))
+    log.info("pipeline [2/4] pretrain %s on %s", recipe, rundir.shards_dir(root / runfolder.PIPELINE_RUN))
     pre = pretrain(
         shards=_shards(cur.run_dir),
         out=str(root / "pretrain"),
