@@ -51,6 +51,9 @@ from lvd.curation.scale import budget as B
 from lvd.curation.scale.synthetic import PoolSpec, write_pool
 
 STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger", "shard plan")
+# not in the default run: the hash dedup where the whole of it takes longer than a session here
+SAMPLED = ("hash dedup sampled",)
+VECTOR_STAGES = {"sharded kNN", "k-means"}
 KMEANS_K, KMEANS_ITERS, KNN_K = 256, 3, 16
 KNN_QUERIES = 20_000  # queries searched against the whole sharded pool at every size
 KNN_NLIST, KNN_NPROBE = 512, 8  # IVF lists fixed in N: the driver trains the quantiser on 64 * nlist rows
@@ -63,6 +66,8 @@ class Ctx:
     budget: B.WorkerBudget
     workers: int
     hash_max: float = math.inf
+    pair_tasks: int = 4
+    pair_max_blocks: int = 12
 
 
 class Skip(Exception):
@@ -131,6 +136,65 @@ def stage_hashdedup(ctx: Ctx) -> str:
         hashdedup.run_sources(ctx.run_dir), DedupConfig(), work, shuffle_config(ctx, ctx.spec.n)
     )
     return f"incl. components; {rep.records} records, {rep.edges} edges, {rep.phases} star phases"
+
+
+def stage_hash_sampled(ctx: Ctx) -> list[Row]:
+    """The hash dedup where running all of it does not fit (10^7 here: ~3 h of 2 cores), measured
+    in two rows: the exact pass in full (`hashdedup.exact_pass`), then `ctx.pair_tasks` of the
+    pair pass's block tasks, the real ones of this pool and budget (each task holds what it does
+    in the full run: its block's indexes and one other block at a time), chosen with 1 ..
+    `pair_max_blocks` blocks to search, spread over that range. Each task's seconds fit
+    seconds = c0 + c1 x blocks searched (least squares); the pair pass's worker-seconds are that
+    summed over every task of the plan, its wall on W workers worker-seconds / W. The connected
+    components need every task's edges, so they are not run (their cost at 10^6: the
+    "components" stage)."""
+    import shutil
+
+    from lvd.curation.dedup import DedupConfig
+    from lvd.curation.scale import hashdedup
+
+    need = 2 * ctx.spec.n * B.HASH_RECORD_BYTES
+    if need > shutil.disk_usage(ctx.run_dir).free * 0.8:
+        raise Skip(f"skipped: its shuffle writes ~{B.format_bytes(need)}, over this disk's free space")
+    work = ctx.run_dir / f"hashdedup-sampled-{ctx.workers}"
+    shutil.rmtree(work, ignore_errors=True)
+    shuffle, cfg = shuffle_config(ctx, ctx.spec.n), DedupConfig()
+    wall, watch, plan = measure(
+        lambda c: hashdedup.exact_pass(hashdedup.run_sources(c.run_dir), cfg, work, shuffle), ctx
+    )
+    n_others = np.array([len(o) for o in plan.others])
+    rows = [
+        Row(ctx.spec.n, ctx.workers, "hash dedup: exact pass", wall, watch.driver,
+            sorted(p for _, p in watch.workers.values()),
+            f"{plan.records} records; {len(plan.blocks)} blocks, {plan.block_pairs} block pairs to search"),
+    ]  # fmt: skip
+    tasks = sample_tasks(n_others, ctx.pair_tasks, ctx.pair_max_blocks)
+    wall, watch, done = measure(lambda c: hashdedup.pair_pass(plan, cfg, work, shuffle, tasks), ctx)
+    secs = np.array([d[2] for d in done])
+    x = n_others[tasks]
+    c1, c0 = np.polyfit(x, secs, 1) if len(set(x.tolist())) > 1 else (secs.sum() / x.sum(), 0.0)
+    total = float(np.sum(c0 + c1 * n_others))
+    per = ", ".join(f"{k} blocks {s:.1f} s" for k, s in zip(x.tolist(), secs.tolist()))
+    rows.append(Row(
+        ctx.spec.n, ctx.workers, f"hash dedup: {len(tasks)} of {len(plan.blocks)} pair tasks", wall, watch.driver,
+        sorted(p for _, p in watch.workers.values()),
+        f"{per}; fit {c0:.1f} + {c1:.1f} s a block searched; the whole pair pass: ~{total:,.0f} worker-s, "
+        f"~{total / ctx.workers / 3600:.1f} h on {ctx.workers} (projected, not run)",
+    ))  # fmt: skip
+    shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def sample_tasks(n_others: np.ndarray, k: int, most: int) -> list[int]:
+    """k block tasks whose blocks-to-search counts spread evenly over 1..`most` (the nearest
+    unused task to each target), fewest first."""
+    cap = int(min(most, n_others.max()))
+    picked: list[int] = []
+    for target in np.linspace(n_others.min(), cap, k):
+        free = [j for j in np.argsort(np.abs(n_others - target), kind="stable").tolist() if j not in picked]
+        if free and n_others[free[0]] <= cap:
+            picked.append(free[0])
+    return sorted(picked, key=lambda j: (n_others[j], j))
 
 
 def stage_components(ctx: Ctx) -> str:
@@ -221,6 +285,7 @@ def baseline_shard_plan(ctx: Ctx) -> str:
 
 STAGE_FNS = {
     "hash dedup": stage_hashdedup,
+    "hash dedup sampled": stage_hash_sampled,
     "components": stage_components,
     "sharded kNN": stage_knn,
     "k-means": stage_kmeans,
@@ -249,11 +314,13 @@ def run_one(
     baseline: bool,
     stages: list[str],
     hash_max: float = math.inf,
+    pair_tasks: int = 4,
+    pair_max_blocks: int = 12,
 ) -> list[Row]:
     """Every stage on one pool under a fresh local Ray of `workers` CPUs (this is the subprocess)."""
     import ray
 
-    ctx = Ctx(run_dir, spec, B.WorkerBudget(worker_memory), workers, hash_max)
+    ctx = Ctx(run_dir, spec, B.WorkerBudget(worker_memory), workers, hash_max, pair_tasks, pair_max_blocks)
     ray.init(
         address="local",
         num_cpus=workers,
@@ -269,6 +336,9 @@ def run_one(
                 rows.append(Row(spec.n, workers, stage, None, 0, [], "missing: its module has not landed"))
                 continue
             try:
+                if stage in SAMPLED:  # its own rows, each with its own peaks
+                    rows += fn(ctx)
+                    continue
                 wall, w, note = measure(fn, ctx)
             except Skip as e:
                 rows.append(Row(spec.n, workers, stage, None, 0, [], str(e)))
@@ -287,7 +357,8 @@ def spawn(args, n: int, workers: int, baseline: bool) -> list[Row]:
     cmd = [sys.executable, __file__, "--one", str(n), str(workers), "--pool-root", str(args.pool_root)]
     cmd += ["--worker-memory", str(args.worker_memory), "--baseline-max", str(n if baseline else 0)]
     cmd += ["--dim", str(args.dim), "--part-rows", str(args.part_rows), "--stages", args.stages]
-    cmd += ["--hash-max", str(args.hash_max)]
+    cmd += ["--hash-max", str(args.hash_max), "--pair-tasks", str(args.pair_tasks)]
+    cmd += ["--pair-max-blocks", str(args.pair_max_blocks)]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -415,7 +486,13 @@ def main() -> None:
     p.add_argument("--baseline-max", type=float, default=1e6, help="run the one-process baseline up to this size")
     p.add_argument("--dim", type=int, default=128, help="vector dimension of the synthetic pool")
     p.add_argument("--part-rows", type=int, default=25_000, help="rows per ingest / vector part of the pool")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"stages to run, comma-separated ({', '.join(STAGES)})")
+    p.add_argument(
+        "--stages", default=",".join(STAGES), help=f"stages to run, comma-separated ({', '.join(STAGES + SAMPLED)})"
+    )
+    p.add_argument("--pair-tasks", type=int, default=4, help="'hash dedup sampled': block tasks run")
+    p.add_argument(
+        "--pair-max-blocks", type=int, default=12, help="'hash dedup sampled': most blocks a sampled task searches"
+    )
     p.add_argument("--one", nargs=2, type=float, metavar=("N", "WORKERS"), help=argparse.SUPPRESS)
     g = p.add_argument_group("sizing table")
     g.add_argument(
@@ -441,19 +518,21 @@ def main() -> None:
             n <= args.baseline_max,
             stages,
             args.hash_max,
+            args.pair_tasks,
+            args.pair_max_blocks,
         )
         print("RESULT " + json.dumps([asdict(r) for r in rows]))
         return
-    unknown = set(args.stages.split(",")) - set(STAGES)
+    unknown = set(args.stages.split(",")) - set(STAGES + SAMPLED)
     if unknown:
-        p.error(f"--stages: unknown {sorted(unknown)}; use some of {', '.join(STAGES)}")
+        p.error(f"--stages: unknown {sorted(unknown)}; use some of {', '.join(STAGES + SAMPLED)}")
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
     rows: list[Row] = []
     for n in sizes:
         t0 = time.perf_counter()
         spec = pool_spec(args, n)
-        write_pool(spec, pool_dir(args.pool_root, spec))
+        write_pool(spec, pool_dir(args.pool_root, spec), vectors_too=bool(VECTOR_STAGES & set(args.stages.split(","))))
         print(f"pool {n:.0e}: {pool_dir(args.pool_root, spec)} ready in {time.perf_counter() - t0:.0f} s", flush=True)
         for i, w in enumerate(workers):
             rows += spawn(args, n, w, baseline=i == 0 and n <= args.baseline_max)

@@ -29,7 +29,9 @@ from lvd.curation.scale.hashdedup import (
     SortedIndex,
     _CodeIndex,
     _plan,
+    exact_pass,
     folder_sources,
+    pair_pass,
     partitioned_duplicates,
 )
 from lvd.curation.stages import ingest_dedup as stages
@@ -151,6 +153,24 @@ def test_synthetic_pool_equals_single_process_with_every_channel(ray_local, tmp_
     assert len(seen) == 6  # 0-1, 1-2, 0-2 (0 and 2 are within radius too), 7-8, 15-16, 17-18
     assert rep.records == table.num_rows and rep.blocks == 4  # 2 exact buckets x ceil(3 / 2) blocks
     assert rep.candidates == _brute_candidates(table.filter(pa.array(~np.isin(np.arange(table.num_rows), [4, 5, 6]))))
+
+
+def test_pair_pass_runs_the_tasks_asked_for_and_their_edges_are_the_whole_runs(ray_local, tmp_path):
+    """The scale benchmark runs the exact pass, then a sample of the block tasks
+    (`exact_pass`, `pair_pass(tasks=...)`): each task asked for writes its block's edges, those
+    of the whole run, and no other task runs."""
+    table, _ = synthetic_pool()
+    write_parts(table, tmp_path / "parts")
+    rep = partitioned_duplicates(folder_sources(tmp_path / "parts"), DedupConfig(), tmp_path / "whole", SMALL)
+    plan = exact_pass(folder_sources(tmp_path / "parts"), DedupConfig(), tmp_path / "work", SMALL)
+    assert (plan.records, len(plan.blocks), plan.block_pairs) == (rep.records, rep.blocks, rep.block_pairs)
+    busy = max(range(len(plan.blocks)), key=lambda j: len(plan.others[j]))
+    done = pair_pass(plan, DedupConfig(), tmp_path / "work", SMALL, [busy])
+    assert len(done) == 1 and done[0][2] > 0
+    assert [f.name for f in (tmp_path / "work" / "edges").glob("b*.parquet")] == [f"b{busy:05d}.parquet"]
+    mine = pq.read_table(tmp_path / "work" / "edges" / f"b{busy:05d}.parquet")
+    assert mine.num_rows == done[0][1] > 0
+    assert mine.equals(pq.read_table(tmp_path / "whole" / "edges" / f"b{busy:05d}.parquet"))
 
 
 def test_main_and_clipped_keep_their_own_search_when_soft_searches_the_phash_less_far(ray_local, tmp_path):

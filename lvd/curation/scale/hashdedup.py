@@ -57,6 +57,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,29 +178,61 @@ def partitioned_duplicates(
     the table in `work_dir/duplicates.parquet`. Needs a running Ray."""
     work = Path(work_dir)
     opts = {"num_cpus": 1, "max_retries": 3, **shuffle.task_options}
-    E = shuffle.exact_buckets
-    S = math.ceil(shuffle.buckets / E)  # blocks per exact bucket
-    _wave(_exact_map, [(s, i, str(work), E) for i, s in enumerate(sources)], opts)
-    reach = dedup.aspect_reach(cfg)
-    reduced = _wave(_exact_reduce, [(str(work), e, S, reach is not None) for e in range(E)], opts)
-    records = sum(n for n, _ in reduced)
-    ranges = [r for _, rs in reduced for r in rs]  # per block, in block order
-    codes = codes_of(cfg, _code_bits(work))
-    blocks = [str(work / "reps" / _block_name(e, s)) for e in range(E) for s in range(S)]
-    others = [[i for i in range(j + 1) if _near(ranges[i], ranges[j], reach)] for j in range(len(blocks))]
-    # the last blocks' tasks query the most blocks: started first, so the waves end together
-    order = sorted(range(len(blocks)), key=lambda j: -len(others[j]))
-    done = _wave(_block_pairs, [(str(work), blocks, j, codes, cfg, others[j]) for j in order], opts)
-    candidates, edges = (sum(x) for x in zip(*done))
+    plan = exact_pass(sources, cfg, work, shuffle)
+    done = pair_pass(plan, cfg, work, shuffle)
+    candidates, edges, _ = (sum(x) for x in zip(*done))
     files = sorted((work / "edges").glob("*.parquet"))
     comp_cfg = ComponentsConfig(partitions=shuffle.partitions, task_options=shuffle.task_options)
     comps = components(files, work / "components", comp_cfg)
     out = work / "duplicates.parquet"
     ray.get(ray.remote(_assemble).options(**opts).remote([str(p) for p in comps.outputs], str(out)))
     return HashDedupReport(
-        duplicates=out, records=records, blocks=len(blocks), candidates=candidates, edges=edges, phases=comps.phases,
-        block_pairs=sum(len(o) for o in others),
+        duplicates=out, records=plan.records, blocks=len(plan.blocks), candidates=candidates, edges=edges,
+        phases=comps.phases, block_pairs=plan.block_pairs,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PairPlan:
+    """What the exact pass leaves for the pair pass: the blocks and which block pairs to search."""
+
+    records: int  # input records compared (one per uid)
+    blocks: list[str]  # block files, in block order
+    codes: list[Code]
+    others: list[list[int]]  # per block j: the blocks i <= j its task searches (aspects within reach)
+    order: list[int]  # blocks by descending len(others): the order the tasks are started in
+
+    @property
+    def block_pairs(self) -> int:
+        return sum(len(o) for o in self.others)
+
+
+def exact_pass(sources: list[Source], cfg: dedup.DedupConfig, work: Path, shuffle: ShuffleConfig) -> PairPlan:
+    """Step 1 of the module doc: the exact map and reduce waves, then the pair pass's plan."""
+    opts = {"num_cpus": 1, "max_retries": 3, **shuffle.task_options}
+    E = shuffle.exact_buckets
+    S = math.ceil(shuffle.buckets / E)  # blocks per exact bucket
+    _wave(_exact_map, [(s, i, str(work), E) for i, s in enumerate(sources)], opts)
+    reach = dedup.aspect_reach(cfg)
+    reduced = _wave(_exact_reduce, [(str(work), e, S, reach is not None) for e in range(E)], opts)
+    ranges = [r for _, rs in reduced for r in rs]  # per block, in block order
+    blocks = [str(work / "reps" / _block_name(e, s)) for e in range(E) for s in range(S)]
+    others = [[i for i in range(j + 1) if _near(ranges[i], ranges[j], reach)] for j in range(len(blocks))]
+    # the last blocks' tasks query the most blocks: started first, so the waves end together
+    order = sorted(range(len(blocks)), key=lambda j: -len(others[j]))
+    records = sum(n for n, _ in reduced)
+    return PairPlan(records, blocks, codes_of(cfg, _code_bits(work)), others, order)
+
+
+def pair_pass(
+    plan: PairPlan, cfg: dedup.DedupConfig, work: Path, shuffle: ShuffleConfig, tasks: list[int] | None = None
+) -> list[tuple[int, int, float]]:
+    """Steps 2 and 3: a task per block j (all, in `plan.order`; or the blocks `tasks` only, as
+    the scale benchmark samples them), each writing `edges/b{j}`; (candidates, edges, the
+    task's seconds) per task."""
+    opts = {"num_cpus": 1, "max_retries": 3, **shuffle.task_options}
+    todo = plan.order if tasks is None else tasks
+    return _wave(_block_pairs, [(str(work), plan.blocks, j, plan.codes, cfg, plan.others[j]) for j in todo], opts)
 
 
 def _near(a: tuple[float, float] | None, b: tuple[float, float] | None, reach: float | None) -> bool:
@@ -389,10 +422,11 @@ PAIR_SCHEMA = pa.schema([("rid_a", pa.int64()), ("rid_b", pa.int64()), ("channel
 
 def _block_pairs(
     work: str, blocks: list[str], j: int, codes: list[Code], cfg: dedup.DedupConfig, others: list[int]
-) -> tuple[int, int]:
+) -> tuple[int, int, float]:
     """The candidate pairs between block j and each block i <= j in `others` (those whose
     aspects come within reach of block j's), verified (module doc, steps 2 and 3); edges to
-    `edges/b{j}`. Returns (candidate pairs, edges)."""
+    `edges/b{j}`. Returns (candidate pairs, edges, seconds)."""
+    t0 = time.perf_counter()
     columns = [_RID, *sorted({c for code in codes for c in (code.column, code.variants) if c})]
     mine = pq.read_table(blocks[j], columns=columns)
     found, hit = [], []
@@ -412,7 +446,7 @@ def _block_pairs(
     cand = cand.group_by(["rid_a", "rid_b"]).aggregate([("channel", "min")])
     edges = _verify([blocks[i] for i in sorted(set(hit) | ({j} if hit else set()))], cand, cfg)
     _write(edges, Path(work) / "edges" / f"b{j:05d}.parquet")
-    return cand.num_rows, edges.num_rows
+    return cand.num_rows, edges.num_rows, time.perf_counter() - t0
 
 
 class _CodeIndex:
