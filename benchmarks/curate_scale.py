@@ -109,9 +109,9 @@ def shuffle_config(ctx: Ctx, n_edges: int):
     block-pair task's measured peak per record of its block), under the worker budget."""
     from lvd.curation.scale.hashdedup import ShuffleConfig
 
-    exact = max(2 * ctx.workers, B.hash_bucket_count(ctx.spec.n, ctx.budget))
+    exact, blocks = B.hash_shuffle_sizes(ctx.spec.n, ctx.budget, min_buckets=2 * ctx.workers)
     return ShuffleConfig(
-        buckets=max(exact, B.hash_block_count(ctx.spec.n, ctx.budget)),
+        buckets=blocks,
         exact_buckets=exact,
         partitions=max(2 * ctx.workers, B.component_partitions(n_edges, ctx.budget)),
         task_options=B.ray_options(ctx.budget),

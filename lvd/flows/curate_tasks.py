@@ -218,9 +218,9 @@ def dedup_sizes(n_records: int, budget: B.WorkerBudget | None) -> tuple[bool | N
     if budget is None:
         return None, None
     d = ShuffleConfig()
-    exact = max(d.exact_buckets, B.hash_bucket_count(n_records, budget))
+    exact, blocks = B.hash_shuffle_sizes(n_records, budget, min_buckets=d.exact_buckets)
     shuffle = ShuffleConfig(
-        buckets=max(exact, B.hash_block_count(n_records, budget)),  # the fewest that fit: blocks cost work
+        buckets=blocks,  # the fewest that fit: blocks cost work
         exact_buckets=exact,
         partitions=d.partitions,  # the edge count is not known before the shuffle
         task_options=B.ray_options(budget),

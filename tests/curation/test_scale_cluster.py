@@ -53,6 +53,27 @@ def test_parse_bytes_units_and_refusals():
         B.WorkerBudget(B.parse_bytes("300MiB"))
 
 
+def test_hash_record_bytes_count_every_fixed_width_code_column_ingest_writes():
+    """The budget's hash record holds the ingest schema's code columns at their widths (it said
+    4 clipped codes while ingest wrote 7, and the exact pass's buckets overran a 3 GiB worker at 10^7)."""
+    from lvd.curation.ingest import INGEST_SCHEMA
+
+    codes = ("phash256", "nphash256", "cphash256", "sat16", "thumb16")
+    widths = sum(INGEST_SCHEMA.field(c).type.byte_width for c in codes)
+    record = 68 + 4 * 8 + widths + 16  # uid, width, height, phash, dhash; the codes; key and row id
+    assert record == B.HASH_RECORD_BYTES
+
+
+def test_hash_shuffle_sizes_are_the_fewest_buckets_and_blocks_that_fit():
+    b = B.WorkerBudget(3 << 30)
+    assert B.hash_shuffle_sizes(10**7, b) == (32, 56)  # 10^7 under 3 GiB: 32 buckets, 56 blocks
+    assert B.hash_shuffle_sizes(10**5, b, min_buckets=4) == (4, 1)
+    per_bucket = 10**7 / 32 * B.EXACT_RECORD_BYTES
+    per_block = 10**7 / 56 * B.PAIR_RECORD_BYTES
+    assert per_bucket <= b.data_bytes and per_block <= b.data_bytes
+    assert b.data_bytes < 10**7 / 31 * B.EXACT_RECORD_BYTES and b.data_bytes < 10**7 / 55 * B.PAIR_RECORD_BYTES
+
+
 def test_partition_sizes_follow_the_budget():
     b = B.WorkerBudget(1 << 30)  # 1 GiB: (1024 - 256) MiB * 0.5 = 384 MiB of data
     assert b.data_bytes == 384 << 20
@@ -63,8 +84,8 @@ def test_partition_sizes_follow_the_budget():
     assert B.shard_count(10**7, b, 128) == -(-(10**7) // ((384 << 20) // 776))
     # twice the budget holds (about) twice the rows: the partition grows with the budget, not with N
     assert B.vector_shard_rows(B.WorkerBudget(2 << 30), 128) > 2 * B.vector_shard_rows(b, 128)
-    # hash buckets: N records * bytes * the measured working factor 3 over the data share
-    assert B.hash_bucket_count(10**7, b) == -(-(10**7 * B.HASH_RECORD_BYTES * 3) // (384 << 20))
+    # exact-pass buckets: N records * an exact reduce's measured peak bytes per record over the data share
+    assert B.hash_bucket_count(10**7, b) == -(-(10**7 * B.EXACT_RECORD_BYTES) // (384 << 20))
     assert B.hash_bucket_count(10**8, b) >= 10 * (B.hash_bucket_count(10**7, b) - 1)
     # k-means: centroids, sums (20kD) and one block's scratch come off first
     assert B.kmeans_shard_rows(b, 128, 1000) == ((384 << 20) - 20 * 1000 * 128) // (2 * 128 + 8)

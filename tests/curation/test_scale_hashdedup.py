@@ -33,6 +33,8 @@ from lvd.curation.scale.hashdedup import (
     folder_sources,
     pair_pass,
     partitioned_duplicates,
+    slice_bounds,
+    slice_of,
 )
 from lvd.curation.stages import ingest_dedup as stages
 
@@ -151,7 +153,9 @@ def test_synthetic_pool_equals_single_process_with_every_channel(ray_local, tmp_
         for pair in set(zip(t["uid_a"].to_pylist(), t["uid_b"].to_pylist())):
             assert seen.setdefault(pair, f.name) == f.name, pair
     assert len(seen) == 6  # 0-1, 1-2, 0-2 (0 and 2 are within radius too), 7-8, 15-16, 17-18
-    assert rep.records == table.num_rows and rep.blocks == 4  # 2 exact buckets x ceil(3 / 2) blocks
+    assert (
+        rep.records == table.num_rows and rep.blocks == 3
+    )  # slices of the whole pool: ShuffleConfig.buckets, whatever the exact buckets
     assert rep.candidates == _brute_candidates(table.filter(pa.array(~np.isin(np.arange(table.num_rows), [4, 5, 6]))))
 
 
@@ -189,7 +193,8 @@ def test_main_and_clipped_keep_their_own_search_when_soft_searches_the_phash_les
 
 
 def test_blocks_sliced_by_aspect_skip_only_pairs_no_channel_links(ray_local, tmp_path):
-    """Blocks hold slices of the aspects (each exact bucket's records sorted by log aspect), and
+    """Blocks hold slices of the pool's aspects (its (log aspect, id) order cut at sampled
+    quantiles, `hashdedup.slice_bounds`), and
     a block pair whose aspects lie further apart than `max_aspect_ratio` is not searched. Two
     aspect clusters split exactly at the middle block cut, the gap between them exactly the
     tolerance, and copies across it (the main pair at aspect ratio 1.1, the limit: the single
@@ -203,21 +208,42 @@ def test_blocks_sliced_by_aspect_skip_only_pairs_no_channel_links(ray_local, tmp
     w[[0, 2]], w[1] = 100, 110
     w[3:7], w[[7, 8]], w[[15, 16]] = 80, 85, 88
     w[[9, 10]], w[[11, 12]], w[[13, 14]], w[[17, 18]] = 120, 125, 130, 135
-    # records after the exact pass: 397 (4-6 are 3's copies); 4 blocks cut at 99, 198, 297:
-    # 198 low ones (7 planted, 191 more) fill blocks 0-1, the high ones blocks 2-3
+    # the slices' bounds: quantiles of every record's (aspect, id) key, copies included (the map
+    # tasks' sample is complete on a pool this small): keys 100, 200, 300 of 400. 200 low ones
+    # (10 planted, 3 of them 3's exact copies, and 190 more) fill blocks 0-1, the high ones 2-3
     rest = np.arange(19, table.num_rows)
-    w[rest] = np.where(np.arange(len(rest)) < 191, rng.integers(78, 100, len(rest)), rng.integers(111, 144, len(rest)))
+    w[rest] = np.where(np.arange(len(rest)) < 190, rng.integers(78, 100, len(rest)), rng.integers(111, 144, len(rest)))
     table = table.set_column(table.schema.get_field_index("width"), "width", pa.array(w))
     table = table.set_column(table.schema.get_field_index("height"), "height", pa.array(np.full(len(w), 64, np.int32)))
     cfg = DedupConfig()
     want = find_near_duplicates(table, cfg)
     assert _linked(want, table, *cases["main"])  # the single process links the pair at the limit
     write_parts(table, tmp_path / "parts")
-    shuffle = ShuffleConfig(buckets=4, exact_buckets=1, partitions=2)  # one bucket: 4 aspect quartiles
+    shuffle = ShuffleConfig(buckets=4, exact_buckets=2, partitions=2)  # 4 aspect quartiles of 2 buckets
     rep = partitioned_duplicates(folder_sources(tmp_path / "parts"), cfg, tmp_path / "work", shuffle)
     assert pq.read_table(rep.duplicates).equals(want)
     # blocks 0-1 low, 2-3 high: 0-2, 0-3 (and 1-3) lie beyond reach; 1-2 meet at the limit
     assert rep.blocks == 4 and rep.block_pairs == 10 - 3, rep.block_pairs
+
+
+def test_slices_cut_the_pool_evenly_by_weighted_samples_ties_by_id():
+    """Blocks are slices of the pool's (log aspect, id) order: bounds from the map tasks'
+    samples, weighted by the records each sampled key stands for; a pool of one aspect (every
+    image square) is still cut into equal slices, by id; a key equal to a bound opens its slice."""
+    rng = np.random.default_rng(0)
+    # part 0: 100,000 records, 10,000 sampled (weight 10: SAMPLE_PER_BLOCK a slice, as exact_pass
+    # samples); part 1: 1,000 records, all sampled
+    a0, r0 = rng.normal(0.0, 0.1, 100_000), np.arange(100_000)
+    pick = rng.permutation(100_000)[:10_000]
+    a1, r1 = rng.normal(0.3, 0.05, 1000), (1 << 32) + np.arange(1000)
+    bounds = slice_bounds([(a0[pick], r0[pick], 10.0), (a1, r1, 1.0)], 10)
+    sizes = np.bincount(slice_of(np.r_[a0, a1], np.r_[r0, r1], bounds), minlength=10)
+    assert len(sizes) == 10 and sizes.min() > 0.9 * 10_100 and sizes.max() < 1.1 * 10_100, sizes
+    # unweighted, part 1's 1,000 records would take half the mass: its slices would be tiny
+    same = slice_bounds([(np.zeros(1000), np.arange(1000), 1.0)], 4)
+    assert same[1].tolist() == [250, 500, 750]
+    assert np.bincount(slice_of(np.zeros(1000), np.arange(1000), same)).tolist() == [250] * 4
+    assert slice_of(np.zeros(3), np.array([249, 250, 251]), same).tolist() == [0, 1, 1]
 
 
 def _plant(rng, code: np.ndarray, index, k0: int, over: int, outside: bool) -> np.ndarray:

@@ -31,12 +31,14 @@ def test_budget_sizes_follow_it_and_no_budget_keeps_todays():
     assert tasks.dedup_sizes(7, None) == (None, None)
     partitioned, shuffle = tasks.dedup_sizes(7, BUDGET)  # a small run: the one task still fits
     assert partitioned is None and shuffle.task_options == {"memory": BUDGET.worker_bytes}
-    assert (shuffle.buckets, shuffle.exact_buckets) == (8, 8)  # one block per exact bucket: blocks cost work
+    assert (shuffle.buckets, shuffle.exact_buckets) == (1, 8)  # blocks: the fewest that fit (each costs work)
     partitioned, shuffle = tasks.dedup_sizes(200_000, BUDGET)  # 200k records x 1.9 KB > 172 MiB
     assert partitioned is True
     assert shuffle.buckets == B.hash_block_count(200_000, BUDGET) == -(-200_000 * 8200 // BUDGET.data_bytes)
     assert shuffle.buckets == 10 and shuffle.exact_buckets == 8
-    assert tasks.dedup_sizes(10**6, BUDGET)[1].exact_buckets == B.hash_bucket_count(10**6, BUDGET) > 8
+    big = tasks.dedup_sizes(10**6, BUDGET)[1]
+    assert big.exact_buckets == B.hash_bucket_count(10**6, BUDGET) > 8
+    assert big.buckets == B.hash_block_count(10**6, BUDGET)
 
     cfg = ClusterConfig()
     assert tasks.cluster_sizes(cfg, 10_000, 128, BUDGET) is cfg  # one-task k-means: fingerprint kept

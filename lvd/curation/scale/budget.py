@@ -9,8 +9,9 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
     knn_shard_rows         = (data_bytes - knn_shard_fixed_bytes) / vector_row_bytes(D, index)   rows per k-NN shard
     knn_shard_fixed_bytes  = Q * (4*D + 24*(k+16)) + nlist*D*4 [+ 256*D*4 PQ] + uids * KNN_UID_BYTES
     kmeans_shard_rows      = (data_bytes - 20*k*D - block_rows*(4k + 14D)) / (2*D + 8)      rows per k-means actor
-    hash_bucket_count(N)   = ceil(N * HASH_RECORD_BYTES * HASH_WORK / data_bytes)   buckets of the exact pass
-    hash_block_count(N)    = ceil(N * PAIR_RECORD_BYTES / data_bytes)                 blocks of the pair pass
+    hash_bucket_count(N)   = ceil(N * EXACT_RECORD_BYTES / data_bytes)    buckets of the hash dedup's exact pass
+    hash_block_count(N)    = ceil(N * PAIR_RECORD_BYTES / data_bytes)     blocks of its pair pass
+    hash_shuffle_sizes(N)  = (hash_bucket_count(N), hash_block_count(N))   independent: blocks slice the whole pool
     query_block_rows       = data_bytes / 4 / (4*D + 24*k)            queries searched at once
     ingest_partition_cap   = data_bytes / (2 * mean input bytes)      files per ingest partition at most
     ledger_range_rows      = data_bytes / LEDGER_ROW_BYTES            uids per ledger / verify range task
@@ -72,9 +73,16 @@ KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
 WORKER_BASE_BYTES = 256 * MiB  # an idle Ray worker with numpy, pyarrow, faiss: 145 MB measured
 FILL = 0.5  # share of (budget - base) given to partition data; the rest is for temporaries
 # One hash record of the dedup shuffle in memory: uid (64 hex + offset), width, height, phash,
-# dhash (8 each), phash256, nphash256 (32 each), cphash256 (4 x 32), sat16 (64), thumb16 (256),
-# a bucket key and row id (16).
-HASH_RECORD_BYTES = 68 + 4 * 8 + 2 * 32 + 128 + 64 + 256 + 16
+# dhash (8 each), phash256, nphash256 (32 each), cphash256 (7 x 32: ingest's CLIP_FACTORS),
+# sat16 (64), thumb16 (256), a bucket key and row id (16). (It said 4 x 32 until 10^7 was measured.)
+HASH_RECORD_BYTES = 68 + 4 * 8 + 2 * 32 + 7 * 32 + 64 + 256 + 16
+# Bytes per record of an exact-pass reduce task's bucket at its peak, over the idle worker
+# (scale.hashdedup._exact_reduce: the bucket's parts concatenated and sorted, one row per uid,
+# the compared bytes and their sorted unique copy, the representatives reordered by aspect),
+# measured: 10^7 synthetic records in 13 buckets (769,000 each), a worker peaked at 3,626 MiB
+# (benchmarks/curate_scale.py "hash dedup sampled", 3 GiB budget): 4.6 KB a record, 1.18x the
+# budget, where HASH_RECORD_BYTES x HASH_WORK (1.9 KB) had sized the buckets.
+EXACT_RECORD_BYTES = 4600
 # Bytes per record of a scale.hashdedup block-pair task's block at its peak (codes and per-chunk
 # tables of every searched column, the other block's index, candidates of a query batch, the
 # blocks read to verify), measured: 10^6 records in 4 blocks, a worker peaked at 2,201 MiB over
@@ -91,7 +99,9 @@ LEDGER_ROW_BYTES = 150  # a (uid, source) pair as Python strings (the ledger's 2
 # 2,398 MiB peak at 5M records (curate_scale.py "shard plan", 10^7, 2 ranges) -> ~450 B
 SHARD_PLAN_ROW_BYTES = 460
 SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)
-# A hash chunk-reduce task peaks at HASH_WORK x its records' bytes over the data share: measured
+# The one-task hash dedup (`dedup.find_near_duplicates`, every record in one process) peaks at
+# HASH_WORK x its records' bytes (curate_tasks.dedup_sizes forces the shuffle above the data
+# share). First measured on the key shuffle's chunk-reduce task, which this replaced:
 # 3.45 GB for 1.0M shuffled records (3.3 KB each, 2.6 x 628 B / FILL; benchmarks/curate_scale.py,
 # 1e5 pool, 5 buckets), where SKEW = 2 let it pass a 3 GiB budget. Its copies, per-chunk
 # filters and verification hold several copies of a record at once.
@@ -176,11 +186,10 @@ def shard_count(n_rows: int, budget: WorkerBudget, dim: int, index: str = "flat"
     return max(1, math.ceil(n_rows / vector_shard_rows(budget, dim, index, pq_bytes=pq_bytes)))
 
 
-def hash_bucket_count(n_records: int, budget: WorkerBudget, *, record_bytes: int = HASH_RECORD_BYTES) -> int:
-    """Buckets of the hash shuffle so that one bucket's reduce task (HASH_WORK times its
-    records' bytes, measured) fits a worker; `n_records` counts every copy the shuffle sends
-    (scale.hashdedup sends each record once per chunk: ~50 with the default dedup config)."""
-    return max(1, math.ceil(n_records * record_bytes * HASH_WORK / budget.data_bytes))
+def hash_bucket_count(n_records: int, budget: WorkerBudget) -> int:
+    """Buckets of the hash dedup's exact pass so that one bucket's reduce task
+    (EXACT_RECORD_BYTES per record, measured at its peak) fits a worker's data share."""
+    return max(1, math.ceil(n_records * EXACT_RECORD_BYTES / budget.data_bytes))
 
 
 def hash_block_count(n_records: int, budget: WorkerBudget) -> int:
@@ -188,6 +197,16 @@ def hash_block_count(n_records: int, budget: WorkerBudget) -> int:
     record of its block) fits a worker. More blocks mean more work (each record queries
     (blocks + 1) / 2 block indexes), so this is the fewest that fit, not a parallelism knob."""
     return max(1, math.ceil(n_records * PAIR_RECORD_BYTES / budget.data_bytes))
+
+
+def hash_shuffle_sizes(n_records: int, budget: WorkerBudget, *, min_buckets: int = 1) -> tuple[int, int]:
+    """(exact buckets, blocks) of scale.hashdedup under `budget`: each the fewest that fit, the
+    buckets at least `min_buckets`. The two are independent: a block is a slice of the whole
+    pool's aspect order, every bucket writing its share of each (`hashdedup.exact_pass`). When
+    blocks were cut per bucket (ceil(blocks / buckets) each), 13 buckets and 56 blocks ran as
+    13 x 5 = 65 blocks at 10^7 under 3 GiB, and the 32 buckets the measured reduce needs there
+    would have run 64 (each block costs work) with 2 aspect slices a bucket."""
+    return max(min_buckets, hash_bucket_count(n_records, budget)), hash_block_count(n_records, budget)
 
 
 def hash_bucket_rows(budget: WorkerBudget, *, record_bytes: int = HASH_RECORD_BYTES) -> int:

@@ -4,19 +4,24 @@ The same decision as `dedup.find_near_duplicates`, reached over Parquet parts un
 scratch folder:
 
 1. exact pass. A map task per input part writes each record to bucket hash(record) mod
-   `exact_buckets`. A reduce task per bucket keeps one record per uid, links records equal
-   in every compared column to the first of them (edges of distance 0, channel `exact`),
-   and passes the first ones on, sorted by log aspect and cut into blocks (`reps/`: `buckets`
-   blocks in all, at least one per bucket; each a slice of the bucket's aspects): a pool of a
-   thousand blank images sends one.
+   `exact_buckets` and samples its records' (log aspect, record id) keys. The driver cuts that
+   order into `buckets` slices at the samples' weighted quantiles (`slice_bounds`; ties of
+   aspect by id, so a pool of squares is cut too). A reduce task per bucket keeps one record
+   per uid, links records equal in every compared column to the first of them (edges of
+   distance 0, channel `exact`), and passes the first ones on, each to its slice's block
+   (`reps/a{k}/e{bucket}`): a block is one slice of the whole pool's aspects, ~N / buckets
+   records whatever the exact buckets (a pool of a thousand blank images sends one). Before,
+   each bucket cut its own records into ceil(buckets / exact_buckets) slices, so the exact
+   pass's memory (more buckets) and the pair pass's work (fewer, wider slices) pulled apart.
 2. block pairs. For every code `dedup.candidate_codes` names (one per column, at the largest
    radius R of its channels) a task per block j indexes block j's codes (`SortedIndex`:
    exact multi-index hashing, chunks with up to f flips each planned per code width, radius
    and block size, on 1/blocks of the pool) and queries it with blocks 0..j, one at a time, so every
    pair of records is looked at by exactly one task: that of its later block. Blocks whose
    aspects lie further apart than `max_aspect_ratio` are not paired: every channel checks the
-   aspect (`dedup.aspect_reach`), so no pair between them is linked (on 5 aspect slices of
-   uniform aspects, about half the block pairs go). A column with
+   aspect (`dedup.aspect_reach`), so no pair between them is linked (a block pairs with the
+   slices within log 1.1 of its own: on the synthetic pool's uniform aspects, 56 blocks at
+   10^7, about a third of the block pairs). A column with
    variants (the equalised channel's clipped codes) is searched as dedup does, one record's
    `column` code against any code of the other: block j's versions are indexed and queried
    by block i's `column` codes, and block i's versions indexed and queried by block j's.
@@ -37,8 +42,8 @@ rows dedup treats as identical (its collapse: equal hashes and aspect bucket, no
 are matched through the first of them in input order; records are ordered by (part, row),
 which is the single process's order when parts are in source order, as ingest writes them.
 
-Memory: an exact-pass task holds one input part or one bucket (N / exact_buckets records of
-~430 B, `budget.HASH_RECORD_BYTES`); a block-pair task holds block j's codes and indexes
+Memory: an exact-pass task holds one input part or one bucket (N / exact_buckets records,
+~4.6 KB each at the reduce's peak, `budget.EXACT_RECORD_BYTES`); a block-pair task holds block j's codes and indexes
 (~`PAIR_RECORD_BYTES` per record, measured) plus one other block's codes, its candidate pairs
 and the records they touch. Work: each record queries (blocks + 1) / 2 indexes of N / blocks
 codes; the single process queries one of N codes (fewer blocks: less work, more memory). A
@@ -92,9 +97,9 @@ _LOOKUP, _CHECK, _TABLE, _SORT = 1.0, 10.0, 0.7, 5.0
 class ShuffleConfig:
     """Sizes of the shuffle (`budget.hash_block_count` and `hash_bucket_count` give them from a budget)."""
 
-    # blocks of the pair pass (at least one per exact bucket; each bucket's records are cut into
-    # ceil(buckets / exact_buckets)): a task indexes one block (~N / blocks records) and queries
-    # it with the blocks before it; fewer blocks, less work (each record queries (blocks + 1) / 2)
+    # blocks of the pair pass (slices of the pool's aspect order, whatever the exact buckets): a
+    # task indexes one block (~N / blocks records) and queries it with the blocks before it
+    # within aspect reach; fewer blocks, less work (each record queries up to (blocks + 1) / 2)
     buckets: int = 16
     exact_buckets: int = 8  # buckets of the exact pass; a reduce task holds ~N / exact_buckets records
     partitions: int = 8  # node partitions of the connected components
@@ -208,20 +213,66 @@ class PairPlan:
 
 
 def exact_pass(sources: list[Source], cfg: dedup.DedupConfig, work: Path, shuffle: ShuffleConfig) -> PairPlan:
-    """Step 1 of the module doc: the exact map and reduce waves, then the pair pass's plan."""
+    """Step 1 of the module doc: the exact map and reduce waves, then the pair pass's plan.
+
+    Blocks are slices of the whole pool's (log aspect, record id) order, their bounds the
+    weighted quantiles of the keys the map tasks sample (`SAMPLE_PER_BLOCK` a block in all):
+    each bucket's reduce writes its representatives of slice k under `reps/a{k}/`, so a block
+    is every bucket's share of one slice, about N / blocks records whatever the buckets."""
     opts = {"num_cpus": 1, "max_retries": 3, **shuffle.task_options}
-    E = shuffle.exact_buckets
-    S = math.ceil(shuffle.buckets / E)  # blocks per exact bucket
-    _wave(_exact_map, [(s, i, str(work), E) for i, s in enumerate(sources)], opts)
+    E, blocks_wanted = shuffle.exact_buckets, shuffle.buckets
     reach = dedup.aspect_reach(cfg)
-    reduced = _wave(_exact_reduce, [(str(work), e, S, reach is not None) for e in range(E)], opts)
-    ranges = [r for _, rs in reduced for r in rs]  # per block, in block order
-    blocks = [str(work / "reps" / _block_name(e, s)) for e in range(E) for s in range(S)]
+    per_part = max(1, math.ceil(SAMPLE_PER_BLOCK * blocks_wanted / max(1, len(sources))))
+    mapped = _wave(_exact_map, [(s, i, str(work), E, per_part, reach is not None) for i, s in enumerate(sources)], opts)
+    bounds = slice_bounds([m[1] for m in mapped], blocks_wanted)
+    reduced = _wave(_exact_reduce, [(str(work), e, bounds, reach is not None) for e in range(E)], opts)
+    slices: dict[int, list] = {}
+    for _, got in reduced:
+        for k, (count, lo, hi) in got.items():
+            c0, lo0, hi0 = slices.get(k, (0, lo, hi))
+            slices[k] = (c0 + count, min(lo0, lo), max(hi0, hi))
+    kept = sorted(slices)  # slices no bucket holds a record of are no block
+    blocks = [str(work / "reps" / f"a{k:05d}") for k in kept]
+    ranges = [slices[k][1:] for k in kept]
     others = [[i for i in range(j + 1) if _near(ranges[i], ranges[j], reach)] for j in range(len(blocks))]
     # the last blocks' tasks query the most blocks: started first, so the waves end together
     order = sorted(range(len(blocks)), key=lambda j: -len(others[j]))
     records = sum(n for n, _ in reduced)
     return PairPlan(records, blocks, codes_of(cfg, _code_bits(work)), others, order)
+
+
+SAMPLE_PER_BLOCK = 1000  # sampled keys a block: its size within a few % of N / blocks
+
+
+def slice_bounds(samples: list[tuple[np.ndarray, np.ndarray, float]], blocks: int) -> tuple[np.ndarray, np.ndarray]:
+    """(log aspects, record ids) float64 / int64 [<= blocks - 1]: the first key of slices 1..,
+    the weighted quantiles at k / blocks of the sampled keys (each map's (aspects, ids, weight:
+    its records per sampled key)). Ties of aspect are cut by record id, so a pool of one aspect
+    still gets `blocks` slices."""
+    a = np.concatenate([s[0] for s in samples]) if samples else np.zeros(0)
+    r = np.concatenate([s[1] for s in samples]).astype(np.int64) if samples else np.zeros(0, np.int64)
+    w = np.concatenate([np.full(len(s[0]), s[2]) for s in samples]) if samples else np.zeros(0)
+    if blocks < 2 or not len(a):
+        return np.zeros(0), np.zeros(0, np.int64)
+    order = np.lexsort((r, a))
+    cum = np.cumsum(w[order])
+    at = np.searchsorted(cum, cum[-1] * np.arange(1, blocks) / blocks, side="right")
+    at = np.unique(np.minimum(at, len(order) - 1))
+    return a[order][at], r[order][at]
+
+
+def slice_of(aspect: np.ndarray, rid: np.ndarray, bounds: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """int64 [n]: the slice of each (aspect, rid) key: the number of bounds at or before it."""
+    ba, br = bounds
+    n = len(aspect)
+    keys_a = np.concatenate([aspect, ba])
+    keys_r = np.concatenate([np.asarray(rid, np.int64), br])
+    is_rec = np.r_[np.ones(n, np.int8), np.zeros(len(ba), np.int8)]  # a bound before an equal key
+    order = np.lexsort((is_rec, keys_r, keys_a))
+    before = np.cumsum(is_rec[order] == 0)
+    out = np.empty(n + len(ba), np.int64)
+    out[order] = before
+    return out[:n]
 
 
 def pair_pass(
@@ -349,7 +400,7 @@ def code_versions(table: pa.Table, code: Code) -> np.ndarray:
 
 def _code_bits(work: Path) -> dict[str, int]:
     """Bits of every fixed-width column of the records (from one reps part's schema)."""
-    schema = pq.read_schema(next((work / "reps").glob("*.parquet")))
+    schema = pq.read_schema(next((work / "exact").rglob("*.parquet")))  # every map writes every bucket
     out = {}
     for f in schema:
         if pa.types.is_fixed_size_binary(f.type):
@@ -362,47 +413,60 @@ def _code_bits(work: Path) -> dict[str, int]:
 # ---------------------------------------------------------------- exact pass
 
 
-def _exact_map(source: Source, index: int, work: str, E: int) -> int:
+def _exact_map(source: Source, index: int, work: str, E: int, sample: int, by_aspect: bool) -> tuple[int, tuple]:
+    """Each record to its bucket; returns (records, a sample of `sample` of their slice keys:
+    (log aspects, record ids, records per sampled key))."""
     t = read_source(source)
     _check(t, source.path)
-    t = t.append_column(_RID, pa.array((np.int64(index) << 32) + np.arange(t.num_rows, dtype=np.int64)))
+    rid = (np.int64(index) << 32) + np.arange(t.num_rows, dtype=np.int64)
+    t = t.append_column(_RID, pa.array(rid))
     bucket = (_hash_rows(_row_bytes(t, _compared(t))) % np.uint64(E)).astype(np.int64)
     for e in range(E):
         _write(t.take(np.flatnonzero(bucket == e)), Path(work) / "exact" / f"b{e}" / f"s{index}.parquet")
-    return t.num_rows
+    pick = np.sort(np.random.default_rng(index).permutation(t.num_rows)[:sample])
+    aspect = _slice_aspect(t.take(pick), by_aspect)
+    return t.num_rows, (aspect, rid[pick], t.num_rows / max(1, len(pick)))
 
 
-def _exact_reduce(work: str, e: int, S: int, by_aspect: bool) -> tuple[int, list]:
+def _slice_aspect(t: pa.Table, by_aspect: bool) -> np.ndarray:
+    """The aspect part of the slice key (0 when no channel checks the aspect: slices by id)."""
+    if not by_aspect:
+        return np.zeros(t.num_rows)
+    return dedup.log_aspects(t["width"].to_numpy(), t["height"].to_numpy())
+
+
+def _exact_reduce(work: str, e: int, bounds: tuple, by_aspect: bool) -> tuple[int, dict]:
     """One record per uid; records equal in every compared column chain to the first, the
-    first ones written as S blocks (`by_aspect`: sorted by log aspect first, so each block
-    holds a slice of the aspects). Returns the bucket's number of uids and each block's log
-    aspect (min, max), None for an empty block."""
+    first ones written to their slice's block (`reps/a{k}/e{e}`; slices: `bounds`, from
+    `slice_bounds`). Returns the bucket's number of uids and, per slice it holds records of,
+    (records, log aspect min, max)."""
     files = sorted((Path(work) / "exact" / f"b{e}").glob("*.parquet"))
     t = pa.concat_tables([pq.read_table(f) for f in files]).sort_by(_RID)
     uids = t["uid"].to_numpy(zero_copy_only=False)
     _, first_of_uid = np.unique(uids, return_index=True)
+    del uids
     t = t.take(np.sort(first_of_uid))
     data = _row_bytes(t, _compared(t))
     _, first, group = np.unique(data.view(np.dtype((np.void, data.shape[1]))).ravel(), return_index=True, return_inverse=True)  # fmt: skip
     group = group.ravel()
     members = np.flatnonzero(~np.isin(np.arange(t.num_rows), first))
     _write(_edges(t, first[group[members]], members, "exact", np.zeros(len(members))), Path(work) / "edges" / f"exact-{e}.parquet")  # fmt: skip
-    reps = t.take(np.sort(first))
+    del data, group, members
+    reps, n_uids = t.take(np.sort(first)), t.num_rows
+    del t
     aspect = dedup.log_aspects(reps["width"].to_numpy(), reps["height"].to_numpy())
-    if by_aspect:
-        order = np.lexsort((reps[_RID].to_numpy(), aspect))
-        reps, aspect = reps.take(order), aspect[order]
-    cuts = [k * reps.num_rows // S for k in range(S + 1)]
-    ranges = []
-    for k in range(S):
-        _write(reps.slice(cuts[k], cuts[k + 1] - cuts[k]), Path(work) / "reps" / _block_name(e, k))
-        part = aspect[cuts[k] : cuts[k + 1]]
-        ranges.append((float(part.min()), float(part.max())) if len(part) else None)
-    return t.num_rows, ranges
+    where = slice_of(_slice_aspect(reps, by_aspect), reps[_RID].to_numpy(), bounds)
+    out = {}
+    for k in np.unique(where).tolist():
+        rows = np.flatnonzero(where == k)
+        _write(reps.take(rows), Path(work) / "reps" / f"a{k:05d}" / f"e{e:05d}.parquet")
+        out[k] = (len(rows), float(aspect[rows].min()), float(aspect[rows].max()))
+    return n_uids, out
 
 
-def _block_name(e: int, s: int) -> str:
-    return f"e{e:05d}-s{s:05d}.parquet"
+def _read_block(path: str, columns: list[str] | None = None) -> pa.Table:
+    """One block: every bucket's part of its slice (`reps/a{k}/e*.parquet`), in bucket order."""
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in sorted(Path(path).glob("*.parquet"))])
 
 
 def _edges(t: pa.Table, a: np.ndarray, b: np.ndarray, channel: str, distance: np.ndarray) -> pa.Table:
@@ -428,12 +492,12 @@ def _block_pairs(
     `edges/b{j}`. Returns (candidate pairs, edges, seconds)."""
     t0 = time.perf_counter()
     columns = [_RID, *sorted({c for code in codes for c in (code.column, code.variants) if c})]
-    mine = pq.read_table(blocks[j], columns=columns)
+    mine = _read_block(blocks[j], columns)
     found, hit = [], []
     if mine.num_rows:
         indexes = [_CodeIndex(mine, code) for code in codes]
         for i in others:
-            other = mine if i == j else pq.read_table(blocks[i], columns=columns)
+            other = mine if i == j else _read_block(blocks[i], columns)
             for index in indexes:
                 a, b = index.pairs(other, same=i == j)
                 ra, rb = other[_RID].to_numpy()[a], mine[_RID].to_numpy()[b]
@@ -620,7 +684,7 @@ def _verify(blocks: list[str], cand: pa.Table, cfg: dedup.DedupConfig) -> pa.Tab
     touched = pa.array(np.unique(np.concatenate([cand["rid_a"].to_numpy(), cand["rid_b"].to_numpy()])))
     parts = []
     for path in blocks:
-        t = pq.read_table(path)
+        t = _read_block(path)
         parts.append(t.filter(pc.is_in(t[_RID], touched)))
     records = pa.concat_tables(parts).sort_by(_RID)
     found = dedup.table_edges(records, cfg)
