@@ -15,6 +15,10 @@ Stages (each from the module that implements it; one that has not landed is repo
 hash dedup + connected components (scale.hashdedup / scale.components), sharded kNN
 (scale.shardindex), distributed k-means (scale.dkmeans), the partitioned ledger (ledger), the
 shard stage's plan (stages.shardplan).
+"hash dedup sampled" (not in the default run) is for sizes where the whole hash dedup takes
+longer than a session here: the exact pass in full, then a sample of the pair pass's real block
+tasks (`--pair-tasks`, up to `--pair-max-blocks` blocks searched each), timed one by one; the
+pair pass's worker-seconds projected from a fit of their seconds against blocks searched.
 Baseline, same subprocess: the single-process path of the same work (`dedup.find_near_duplicates`
 on the whole table, `lloyd.lloyd` on the whole pool, the row-by-row shard plan it replaced:
 tests/curation/_shard_reference.py) for sizes up to `--baseline-max`: its peak
@@ -29,6 +33,8 @@ Run: .venv/bin/python benchmarks/curate_scale.py           # 3e4 and 1e5 on 1 an
      .venv/bin/python benchmarks/curate_scale.py --sizes 1e5,1e6 --stages "sharded kNN,k-means,ledger"
      .venv/bin/python benchmarks/curate_scale.py --sizes 1e7 --workers 2 --stages "sharded kNN,k-means,ledger"
      .venv/bin/python benchmarks/curate_scale.py --sizes 1e5,1e6 --stages "hash dedup,components" --baseline-max 1e5
+     .venv/bin/python benchmarks/curate_scale.py --sizes 1e7 --workers 2 --stages "hash dedup sampled" --baseline-max 0
+     .venv/bin/python benchmarks/curate_scale.py --sizes 1e7 --workers 2 --stages "hash dedup" --hash-max 1e7 --baseline-max 0
 """
 
 from __future__ import annotations
