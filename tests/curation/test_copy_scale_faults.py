@@ -137,7 +137,7 @@ def test_worker_node_removed_mid_stage_gives_identical_outputs(stage, copy_run, 
     proc = subprocess.Popen(argv, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT)
     res = finish(proc, log)
     assert res["removed"] and res["killed_tasks"], res  # the node went mid-stage, with tasks running on it
-    print(f"{stage}: node removed running {res['killed_tasks']}")
+    print(f"{stage}: node removed running {res['killed_tasks']} (attempt {res['attempts']})")
     want, got = outputs(tmp_path / "out" / "reference", stage), outputs(run, stage)
     assert sorted(got) == sorted(want) and pq.read_metadata(run / W.OUTPUT[stage]).num_rows > 0
     for name in want:
