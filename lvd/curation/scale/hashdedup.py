@@ -226,7 +226,7 @@ def exact_pass(sources: list[Source], cfg: dedup.DedupConfig, work: Path, shuffl
     mapped = _wave(_exact_map, [(s, i, str(work), E, per_part, reach is not None) for i, s in enumerate(sources)], opts)
     bounds = slice_bounds([m[1] for m in mapped], blocks_wanted)
     reduced = _wave(_exact_reduce, [(str(work), e, bounds, reach is not None) for e in range(E)], opts)
-    slices: dict[int, list] = {}
+    slices: dict[int, tuple[int, float, float]] = {}
     for _, got in reduced:
         for k, (count, lo, hi) in got.items():
             c0, lo0, hi0 = slices.get(k, (0, lo, hi))
@@ -455,7 +455,7 @@ def _exact_reduce(work: str, e: int, bounds: tuple, by_aspect: bool) -> tuple[in
     reps, n_uids = t.take(np.sort(first)), t.num_rows
     del t
     aspect = dedup.log_aspects(reps["width"].to_numpy(), reps["height"].to_numpy())
-    where = slice_of(_slice_aspect(reps, by_aspect), reps[_RID].to_numpy(), bounds)
+    where = slice_of(aspect if by_aspect else np.zeros(len(aspect)), reps[_RID].to_numpy(), bounds)
     out = {}
     for k in np.unique(where).tolist():
         rows = np.flatnonzero(where == k)
