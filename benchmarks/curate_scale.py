@@ -56,7 +56,7 @@ from lvd.cli.options import add_scale_options
 from lvd.curation.scale import budget as B
 from lvd.curation.scale.synthetic import PoolSpec, write_pool
 
-STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger", "shard plan")
+STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger", "shard plan", "pool order")
 # not in the default run: the hash dedup where the whole of it takes longer than a session here
 SAMPLED = ("hash dedup sampled",)
 VECTOR_STAGES = {"sharded kNN", "k-means"}
@@ -265,6 +265,48 @@ def stage_shard_plan(ctx: Ctx) -> str:
     return f"{plan.total} rows in {len(plan.files)} uid ranges"
 
 
+def stage_pool_order(ctx: Ctx) -> str:
+    """Copy detection's step 0 (scale.poolorder): the pool numbered in unique_accepted's order,
+    the calibration sample drawn, and every ingest part's uids joined to their positions (as
+    copy detection joins its copyfeat parts, one per ingest partition)."""
+    import shutil
+
+    from lvd.curation import rundir
+    from lvd.curation.copydetect import CopyDetectConfig
+    from lvd.curation.scale import poolorder
+    from lvd.curation.scale.copyscale import CopyScaleConfig
+
+    cfg, work = CopyDetectConfig(), ctx.run_dir / "poolorder"
+    shutil.rmtree(work, ignore_errors=True)
+    opts = {"num_cpus": 1, "max_retries": 3}
+    with B.job_budget(ctx.budget):  # buckets and ranges: budget.order_records a task
+        order = poolorder.number(
+            ctx.run_dir, work, CopyScaleConfig().part_rows, opts, calib=(cfg.calib_images, cfg.seed)
+        )
+    parts = [(str(p), ["uid"], None) for p in rundir.ingest_manifests(ctx.run_dir)]
+    poolorder.join(order, "ingest", parts, opts)
+    last = poolorder.positions(work, "ingest", len(parts) - 1, pq.ParquetFile(parts[-1][0]).metadata.num_rows)[0]
+    shutil.rmtree(work)
+    assert (last >= 0).all()
+    return f"{order.n} positions, {order.buckets} uid buckets, sample of {len(order.sample)}, {len(parts)} parts joined"
+
+
+def baseline_pool_order(ctx: Ctx) -> str:
+    """What copy detection's driver did before: the uid list, the calibration sample from it and
+    the sorted uid -> position lookup that every scatter task was sent."""
+    from lvd.curation import rundir
+    from lvd.curation.copydetect import CopyDetectConfig, calibration_sample
+
+    cfg = CopyDetectConfig()
+    t = rundir.unique_accepted(ctx.run_dir, ["uid", "width", "height"])
+    uids = t["uid"].to_pylist()
+    sample = calibration_sample(uids, cfg.calib_images, cfg.seed)
+    keys = np.array([u.encode() for u in uids], dtype=bytes)
+    order = np.argsort(keys, kind="stable")
+    lookup = (keys[order], order.astype(np.int64))
+    return f"one process (the driver before), {len(uids)} uids, sample of {len(sample)}, lookup {lookup[0].nbytes + lookup[1].nbytes} B"
+
+
 def baseline_kmeans(ctx: Ctx) -> str:
     from lvd.curation import lloyd
     from lvd.curation.vectors import open_vectors
@@ -297,8 +339,14 @@ STAGE_FNS = {
     "k-means": stage_kmeans,
     "ledger": stage_ledger,
     "shard plan": stage_shard_plan,
+    "pool order": stage_pool_order,
 }
-BASELINES = {"hash dedup": baseline_dedup, "k-means": baseline_kmeans, "shard plan": baseline_shard_plan}
+BASELINES = {
+    "hash dedup": baseline_dedup,
+    "k-means": baseline_kmeans,
+    "shard plan": baseline_shard_plan,
+    "pool order": baseline_pool_order,
+}
 
 
 # ---------------------------------------------------------------- one (size, workers) run

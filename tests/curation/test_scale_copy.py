@@ -39,7 +39,7 @@ from lvd.curation.vectors import write_vectors
 
 # calibration on 8 sampled images (2 with known copies) keeps the test short; both paths share it
 CFG = cd.CopyDetectConfig(k=8, max_verify=6, max_remove=0.95, calib_images=8, calib_copy_images=2)
-SCALE = copyscale.CopyScaleConfig(part_rows=5, lsh_buckets=3, groups=3, partitions=3)
+SCALE = copyscale.CopyScaleConfig(part_rows=5, lsh_buckets=3, groups=3, partitions=3, uid_buckets=3, order_ranges=4)
 TIMINGS = ("seconds_", "partitioned")
 COSINE = 0.9  # this random descriptor's cosines: links, and chains that split
 

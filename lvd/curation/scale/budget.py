@@ -16,6 +16,7 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
     ingest_partition_cap   = data_bytes / (2 * mean input bytes)      files per ingest partition at most
     ledger_range_rows      = data_bytes / LEDGER_ROW_BYTES            uids per ledger / verify range task
     shard_plan_range_rows  = data_bytes / SHARD_PLAN_ROW_BYTES        records per shard-plan range task
+    order_records          = data_bytes / ORDER_RECORD_BYTES          records per poolorder bucket / range task
     component_partitions(E) = ceil(2 * E * 2 * EDGE_ROW_BYTES * SKEW / data_bytes)   node partitions of the components
     actor_memory(held)     = min(B, WORKER_BASE_BYTES + held / FILL)   Ray `memory=` of an actor holding `held` bytes
 
@@ -98,6 +99,10 @@ LEDGER_ROW_BYTES = 150  # a (uid, source) pair as Python strings (the ledger's 2
 # a record of a shard-plan range task (stages.shardplan round 2: Arrow records, joins, sorts):
 # 2,398 MiB peak at 5M records (curate_scale.py "shard plan", 10^7, 2 ranges) -> ~450 B
 SHARD_PLAN_ROW_BYTES = 460
+# a record of a poolorder task (uid, source, part, row, width, height in Arrow; sorts, the join):
+# 847 MiB peak at 10^6 records in one uid bucket and one order range (curate_scale.py
+# "pool order", 10^6, 2 workers) -> ~620 B over the idle worker
+ORDER_RECORD_BYTES = 620
 SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)
 # The one-task hash dedup (`dedup.find_near_duplicates`, every record in one process) peaks at
 # HASH_WORK x its records' bytes (curate_tasks.dedup_sizes forces the shuffle above the data
@@ -321,6 +326,11 @@ def ledger_range_rows(budget: WorkerBudget) -> int:
 def shard_plan_range_rows(budget: WorkerBudget) -> int:
     """Records one shard-plan range task holds (`select.run_shards(range_rows=...)`)."""
     return max(1, budget.data_bytes // SHARD_PLAN_ROW_BYTES)
+
+
+def order_records(budget: WorkerBudget) -> int:
+    """Records one `poolorder` uid bucket or order range task holds."""
+    return max(1, budget.data_bytes // ORDER_RECORD_BYTES)
 
 
 def ray_options(budget: WorkerBudget) -> dict:

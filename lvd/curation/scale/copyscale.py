@@ -1,10 +1,14 @@
-"""Copy detection partitioned over Ray: no task holds the pool's features, candidates or edges.
+"""Copy detection partitioned over Ray: no process holds the pool's uids, features, candidates or edges.
 
 The same decisions as `stages.copy.CopyDetectFn` (one Ray task holding everything), reached by
 waves of Ray tasks over Parquet files under a scratch folder. Images are numbered by their
 position in `rundir.unique_accepted` (the single process's row order, so every tie breaks the
 same way) and cut into ranges of `part_rows` positions (`r{r}`):
 
+0. order: `scale.poolorder` numbers the unique accepted images by Ray tasks (node rows per
+   range: uid, pixels, log aspect) and draws the calibration sample; a file's uids become
+   positions by its bucketed joins (the copyfeat parts, the copy model's vector parts, the
+   dedup groups), never by a uid list in the driver or a lookup sent to every task.
 1. features: a task per `copyfeat` part sends its rows to their ranges; a task per range keeps
    the first row per image (as `read_features`), writes `feats/r{r}`, the model-free global
    descriptor as a float32 vector part (`glob/`) and the equalised hashes (`hashes/r{r}`), and
@@ -40,9 +44,10 @@ same way) and cut into ranges of `part_rows` positions (`r{r}`):
 The mass-removal guard gets the same counts and largest groups as the single process.
 
 Memory: a task holds one range's rows (or two ranges' hashes, or one bucket's keys, or one
-pair group's features, or one component group). The driver holds the pool's uid list (`unique_accepted`: uid, width,
-height, ~100 B an image), which the calibration sample and a proposer index for uids need too,
-and one kNN query block at a time.
+pair group's features, or one component group, or `poolorder`'s one uid bucket or order range).
+The driver holds O(ranges) (poolorder's key sample and counts, ranges x calibration images
+keys) and one kNN query block at a time; a proposer's shards read the node files' uids a range
+at a time (`poolorder.NodeUids`).
 """
 
 from __future__ import annotations
@@ -67,10 +72,11 @@ from lvd.curation.dedup import DUPLICATES_SCHEMA, resolve
 from lvd.curation.guard import check_removal
 from lvd.curation.hamming_pairs import candidate_pairs
 from lvd.curation.localfeat import FEATURE_SCHEMA, Features, set_threads
-from lvd.curation.scale import shardindex
+from lvd.curation.scale import poolorder, shardindex
 from lvd.curation.scale.components import ComponentsConfig, _read_dir, _write, components
 from lvd.curation.scale.hashdedup import _mix
 from lvd.curation.unionfind import UnionFind, representative_rank
+from lvd.curation.vectors import UIDS_SCHEMA, part_paths
 
 PARTITIONED_MIN_IMAGES = 1_000_000  # run_copydetect's automatic choice: unique accepted images
 MIRROR_MAX_ASPECT = 1.1  # as CopyDetectFn._candidates
@@ -100,6 +106,8 @@ class CopyScaleConfig:
     lsh_buckets: int = 16  # buckets of the local-descriptor LSH keys
     groups: int = 8  # component groups (split_chains tasks)
     partitions: int = 8  # node partitions of scale.components
+    uid_buckets: int | None = None  # poolorder's uid buckets (None: from the ingest records)
+    order_ranges: int | None = None  # poolorder's order ranges (None: from the ingest records)
     knn: shardindex.ShardConfig = field(default_factory=shardindex.ShardConfig)
     task_options: dict = field(default_factory=dict)  # Ray options of every task
 
@@ -122,7 +130,7 @@ class StageParts:
     """What this path reuses from `stages.copy`, handed over by `run_copydetect` (the stage imports
     this module, not the reverse): pickled by reference, so each Ray task imports the stage's own."""
 
-    calibrate: Callable  # run_calibration(run_dir, uids, cfg, copy_model) -> Calibration
+    calibrate: Callable  # run_calibration(run_dir, sample uids, cfg, copy_model) -> Calibration
     decider: Callable  # Decider(feats, copy_vecs, cal, cfg): scores, links, linked, distance
     edge_sets: Callable  # _edge_sets(split, phash, dist, decider, group) -> [EdgeSet]
     json_table: Callable  # _json_table(dict) -> one-row table
@@ -192,23 +200,23 @@ def partitioned_copydetect(
     run, work = Path(run_dir), Path(work_dir)
     opts = {"num_cpus": 1, "max_retries": 3, **scale.task_options}
     S = scale.part_rows
-    t = rundir.unique_accepted(run, ["uid", "width", "height"])
-    uids = t["uid"].to_pylist()
+    sizes = dict(buckets=scale.uid_buckets, ranges=scale.order_ranges)
+    order = poolorder.number(run, work, S, opts, calib=(cfg.calib_images, cfg.seed), **sizes)
     # the calibration (its own Ray tasks, as in the single task) runs in a task of its own
     # while the candidates are found: it decodes images, which the driver should not hold
-    cal_job = ray.remote(_calibrate).options(**opts).remote(str(run), ray.put(uids), cfg, parts, copy_model)
-    n = len(uids)
+    cal_job = ray.remote(_calibrate).options(**opts).remote(str(run), order.sample, cfg, parts, copy_model)
+    n, uids = order.n, order.uids
     ranges = [(r, r * S, min(n, (r + 1) * S)) for r in range(-(-n // S))]
-    _write_nodes(t, work, ranges)
-    lookup = ray.put(_lookup(uids))
-    del t
     files = sorted(rundir.stage_dir(run, "copyfeat").glob("part-*.parquet"))
-    _wave(_feat_scatter, [(str(f), c, lookup, S, str(work)) for c, f in enumerate(files)], opts)
+    poolorder.join(order, "feat", [(str(f), ["uid"], None) for f in files], opts)
+    _wave(_feat_scatter, [(str(f), c, S, str(work)) for c, f in enumerate(files)], opts)
     _wave(_feat_gather, [(str(work), r, lo, hi, scale.lsh_buckets) for r, lo, hi in ranges], opts)
     copy_vecs = rundir.vectors_dir(run, "copyembed") if copy_model is not None else None
     if copy_vecs is not None:  # the copy model's vectors to the ranges of their images, one per image
         vparts = shardindex.list_parts(copy_vecs)
-        _wave(_vec_scatter, [(str(copy_vecs), i, c, lookup, S, str(work)) for c, (i, _) in enumerate(vparts)], opts)
+        uid_files = [(str(part_paths(copy_vecs, i)[1]), ["uid"], None) for i, _ in vparts]
+        poolorder.join(order, "cvec", uid_files, opts)
+        _wave(_vec_scatter, [(str(copy_vecs), i, c, S, str(work)) for c, (i, _) in enumerate(vparts)], opts)
         _wave(_vec_gather, [(str(work), r, lo, hi) for r, lo, hi in ranges], opts)
     t_read = time.perf_counter()
     rad = dict(R=max(cfg.hash_radius, mirror_radius), hash=cfg.hash_radius, mirror=mirror_radius, S=S)
@@ -216,7 +224,7 @@ def partitioned_copydetect(
     _wave(_lsh_reduce, [(str(work), b, S) for b in range(scale.lsh_buckets)], opts)
     _wave(_lsh_count, [(str(work), r, S) for r, _, _ in ranges], opts)
     mirrors = sum(_wave(_mirror_unique, [(str(work), r) for r, _, _ in ranges], opts))
-    dedup_rows = _dedup_edges(run, work, lookup, opts)
+    dedup_rows = _dedup_edges(run, work, order, opts)
     comp = replace(ComponentsConfig(), partitions=scale.partitions, task_options=scale.task_options)
     _labels(sorted((work / "hedges").glob("*.parquet")), work / "hcomp", work / "hlabel", S, comp, opts)
     _knn(work / "glob", uids, cfg.k, 1, work, S, scale.knn)
@@ -224,7 +232,6 @@ def partitioned_copydetect(
         _knn(Path(d), uids, cfg.k, 2 + li, work, S, scale.knn)
     if copy_vecs is not None:  # the copy model proposes too, after the embedders (as the single task)
         _knn(copy_vecs, uids, cfg.k, 2 + len(proposers), work, S, scale.knn)
-    del uids
     bound = _wave(_bound, [(str(work), r, lo, hi, cfg.k, cfg.max_verify, S) for r, lo, hi in ranges], opts)
     t_cand = time.perf_counter()
     cal, seconds_cal = ray.get(cal_job)
@@ -264,10 +271,10 @@ def partitioned_copydetect(
     return dict(duplicates=str(out), images=n, stats=stats, calibration=cal.as_dict(), largest=[g[2] for g in largest])
 
 
-def _calibrate(run: str, uids: list[str], cfg: cd.CopyDetectConfig, parts: StageParts, copy_model=None) -> tuple:
-    """stages.copy.run_calibration, unchanged, and its seconds."""
+def _calibrate(run: str, sample: list[str], cfg: cd.CopyDetectConfig, parts: StageParts, copy_model=None) -> tuple:
+    """stages.copy.run_calibration on the sample `poolorder.number` drew, and its seconds."""
     t = time.perf_counter()
-    return parts.calibrate(Path(run), uids, cfg, copy_model), time.perf_counter() - t
+    return parts.calibrate(Path(run), sample, cfg, copy_model), time.perf_counter() - t
 
 
 def _wave(fn, args: list[tuple], opts: dict) -> list:
@@ -278,31 +285,6 @@ def _wave(fn, args: list[tuple], opts: dict) -> list:
 def _pid(pos) -> pa.Array:
     """Node ids for scale.components: zero-padded positions (string order = position order)."""
     return pc.utf8_lpad(pc.cast(pa.array(np.asarray(pos, np.int64)), pa.string()), 13, "0")
-
-
-def _write_nodes(t: pa.Table, work: Path, ranges) -> None:
-    w, h = t["width"].to_numpy().astype(np.int64), t["height"].to_numpy().astype(np.int64)
-    pixels, log_aspect = w * h, np.log(w / np.maximum(h, 1))
-    for r, lo, hi in ranges:
-        nodes = pa.table({"pos": np.arange(lo, hi, dtype=np.int64), "uid": t["uid"].slice(lo, hi - lo),
-                          "pixels": pixels[lo:hi], "log_aspect": log_aspect[lo:hi]})  # fmt: skip
-        _write(nodes, work / "nodes" / f"r{r}.parquet")
-
-
-def _lookup(uids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(sorted uid bytes, their positions): uid -> position in a task, by binary search."""
-    keys = np.array([u.encode() for u in uids], dtype=bytes) if uids else np.zeros(0, "S1")
-    order = np.argsort(keys, kind="stable")
-    return keys[order], order.astype(np.int64)
-
-
-def _positions(lookup, uids: list[str]) -> np.ndarray:
-    keys, pos = lookup
-    q = np.array([u.encode() for u in uids], dtype=bytes) if uids else np.zeros(0, "S1")
-    if not len(keys):
-        return np.full(len(q), -1, np.int64)
-    i = np.minimum(np.searchsorted(keys, q), len(keys) - 1)
-    return np.where(keys[i] == q, pos[i], -1)
 
 
 def _range_dir(work: Path, what: str, r: int) -> Path:
@@ -366,15 +348,15 @@ def _check_range(work: str, r: int, got: pa.Table, lo: int, hi: int, what: str, 
     """Every image of range r has its row in `got` (pos column), else name the first missing one."""
     if got.num_rows == hi - lo:
         return
-    nodes = pq.read_table(Path(work) / "nodes" / f"r{r}.parquet")
+    nodes = poolorder.nodes(work, r)
     have = set(got["pos"].to_pylist())
     missing = [u for p_, u in zip(nodes["pos"].to_pylist(), nodes["uid"].to_pylist()) if p_ not in have]
     raise RuntimeError(f"{what} for {len(missing)} accepted images (first {missing[0]}): {why}")
 
 
-def _feat_scatter(path: str, c: int, lookup, S: int, work: str) -> None:
+def _feat_scatter(path: str, c: int, S: int, work: str) -> None:
     t = pq.read_table(path)
-    _scatter_tagged(t, _positions(lookup, t["uid"].to_pylist()), c, S, Path(work) / "featscat")
+    _scatter_tagged(t, poolorder.positions(work, "feat", c, t.num_rows)[0], c, S, Path(work) / "featscat")
 
 
 def _feat_gather(work: str, r: int, lo: int, hi: int, L: int) -> None:
@@ -392,7 +374,7 @@ def _feat_gather(work: str, r: int, lo: int, hi: int, L: int) -> None:
         np.stack([np.frombuffer(g, np.float32) for g in t["glob"].to_pylist()]) if n else np.zeros((0, 144), np.float32)
     )
     _glob_part(Path(work) / "glob", r, t["uid"], glob)
-    la = pq.read_table(Path(work) / "nodes" / f"r{r}.parquet")["log_aspect"]
+    la = poolorder.nodes(work, r)["log_aspect"]
     hashes = t.select(["nhash", "nhash_flip"]).append_column("pos", pa.array(pos)).append_column("log_aspect", la)
     _write(hashes, Path(work) / "hashes" / f"r{r}.parquet")
     _lsh_keys(work, r, pos, _feature_list(t), L)
@@ -406,8 +388,6 @@ def _feature_list(t: pa.Table) -> list[Features]:
 
 def _glob_part(folder: Path, r: int, uids: pa.ChunkedArray, glob: np.ndarray) -> None:
     """One float32 vector part in the `vectors` layout (ids = positions: parts in range order)."""
-    from lvd.curation.vectors import UIDS_SCHEMA, part_paths
-
     npy, uid_file = part_paths(folder, r)
     folder.mkdir(parents=True, exist_ok=True)
     np.save(npy, np.ascontiguousarray(glob, np.float32), allow_pickle=False)
@@ -529,18 +509,19 @@ def _lsh_count(work: str, r: int, S: int) -> None:
     _scatter(out, src // S, Path(work) / "ldir", f"s{r}")
 
 
-def _dedup_edges(run: Path, work: Path, lookup, opts) -> int:
+def _dedup_edges(run: Path, work: Path, order: poolorder.PoolOrder, opts) -> int:
     """The hash dedup stage's groups as hash edges (member, representative), a task per row group."""
     path = rundir.stage_dir(run, "dedup") / "duplicates.parquet"
     if not path.exists():
         return 0
     groups = pq.ParquetFile(path).num_row_groups
-    return sum(_wave(_dedup_part, [(str(path), g, lookup, str(work)) for g in range(groups)], opts))
+    poolorder.join(order, "dedup", [(str(path), ["uid", "duplicate_of"], g) for g in range(groups)], opts)
+    return sum(_wave(_dedup_part, [(str(path), g, str(work)) for g in range(groups)], opts))
 
 
-def _dedup_part(path: str, g: int, lookup, work: str) -> int:
-    t = pq.ParquetFile(path).read_row_group(g, columns=["uid", "duplicate_of"])
-    a, b = _positions(lookup, t["uid"].to_pylist()), _positions(lookup, t["duplicate_of"].to_pylist())
+def _dedup_part(path: str, g: int, work: str) -> int:
+    n = pq.ParquetFile(path).metadata.row_group(g).num_rows
+    a, b = poolorder.positions(work, "dedup", g, n, 2)
     if (a < 0).any() or (b < 0).any():
         raise KeyError(f"{path}: the hash dedup groups name images that are not unique accepted ones")
     _write(_edges(a, b, np.zeros(len(a))), Path(work) / "hedges" / f"dedup-{g}.parquet")
@@ -560,10 +541,13 @@ def _label_part(path: str, out: str, S: int) -> None:
     _scatter(pa.table({"pos": pos, "label": lab}, schema=_LABEL), pos // S, Path(out), Path(path).stem)
 
 
-def _knn(folder: Path, uids: list[str], k: int, li: int, work: Path, S: int, cfg: shardindex.ShardConfig) -> None:
-    """Neighbour lists (ids = positions in `uids`) of a vector folder, written per range: one
-    in-process index below `cfg.sharded_above` images (shardindex.knn_lists), else the sharded
-    index walked one query block at a time."""
+def _knn(folder: Path, uids, k: int, li: int, work: Path, S: int, cfg: shardindex.ShardConfig) -> None:
+    """Neighbour lists (ids = positions in `uids`, a `poolorder.NodeUids`) of a vector folder,
+    written per range: one in-process index below `cfg.sharded_above` images
+    (shardindex.knn_lists; the list read, as small as that), else the sharded index walked one
+    query block at a time. Our own descriptor parts (li 1) hold one row per position in order,
+    so their store rows are the positions; another folder's shards each map their own parts'
+    uids against the node files, a position range at a time."""
     if not len(uids):
         return
     if len(uids) < cfg.sharded_above:
@@ -571,10 +555,10 @@ def _knn(folder: Path, uids: list[str], k: int, li: int, work: Path, S: int, cfg
             parts = sorted(folder.glob("part-*.npy"))
             ids = cd.knn_lists(np.concatenate([np.load(p) for p in parts]), k)
         else:
-            ids = shardindex.knn_lists(folder, uids, k, cfg=cfg)
+            ids = shardindex.knn_lists(folder, list(uids), k, cfg=cfg)
         _knn_rows(np.arange(len(uids)), ids, li, work, S, "all")
         return
-    with shardindex.build(folder, uids, cfg) as index:
+    with shardindex.build(folder, None if li == 1 else uids, cfg) as index:
         for x, (ids, nb) in enumerate(index.self_neighbours(k)):
             _knn_rows(ids, nb, li, work, S, str(x))
 
@@ -641,17 +625,15 @@ def _other_groups(work: str, rows: pd.DataFrame, S: int) -> pd.DataFrame:
 # ---------------------------------------------------------------- deciding, components, splitting
 
 
-def _vec_scatter(folder: str, index: int, c: int, lookup, S: int, work: str) -> None:
+def _vec_scatter(folder: str, index: int, c: int, S: int, work: str) -> None:
     """A copy-model vector part's rows to the ranges of their images (`cvec/`): position, part
     order and row (the store's first row of a uid wins, as `VectorStore.get`), float16 bytes."""
-    from lvd.curation.vectors import part_paths
-
-    npy, uid_file = part_paths(folder, index)
+    npy = part_paths(folder, index)[0]
     vecs = np.ascontiguousarray(np.load(npy, allow_pickle=False), np.float16)
     col = pa.FixedSizeBinaryArray.from_buffers(
         pa.binary(max(1, 2 * vecs.shape[1])), len(vecs), [None, pa.py_buffer(vecs)]
     )
-    pos = _positions(lookup, pq.read_table(uid_file, columns=["uid"])["uid"].to_pylist())
+    pos = poolorder.positions(work, "cvec", c, len(vecs))[0]
     _scatter_tagged(pa.table({"vec": col}), pos, c, S, Path(work) / "cvec")
 
 

@@ -17,7 +17,9 @@ Memory: a shard actor holds 4*D (+8 for IVF) bytes per row (IVF-PQ: pq_m + 8), s
 shards' answers to it (n_shards * query_block * k * 12 bytes) and the k-means sample when
 training. Pool-against-itself searches (`self_neighbours`, `similar_pairs`) walk the pool in
 query blocks, so only their results grow with N. Built for a subset, the caller's uids go to
-the shards in chunks of UID_CHUNK (each shard holds one chunk at a time, not the list).
+the shards in chunks of UID_CHUNK (each shard holds one chunk at a time, not the list); a
+sequence with its own `chunks()` (`poolorder.NodeUids`) gives loaders instead, which each shard
+calls itself, so the caller never reads the list either.
 
 Under a worker budget (`ShardConfig.budget`, else the job's `budget.current()`, set from
 `--worker-memory`), `sized` derives the query block, the rows per shard (`budget.knn_shard_rows`:
@@ -205,12 +207,22 @@ def _sorted_wanted(uids) -> tuple[np.ndarray, np.ndarray]:
 
 def _uid_chunks(uids) -> list[tuple[int, object]]:
     """(offset, chunk) of `uids` by UID_CHUNK; with Ray each chunk is an object-store ref, so a
-    shard fetches one at a time and never holds the caller's whole list."""
+    shard fetches one at a time and never holds the caller's whole list. A sequence with its own
+    `chunks()` (`poolorder.NodeUids`: loaders of position ranges) gives those: the shard loads
+    each one itself, and the caller never reads the list."""
+    if hasattr(uids, "chunks"):
+        return uids.chunks()
     out = []
     for s in range(0, len(uids), UID_CHUNK):
         chunk = uids[s : s + UID_CHUNK]
         out.append((s, ray.put(chunk) if ray.is_initialized() else chunk))
     return out
+
+
+def _load(chunk) -> Sequence[str]:
+    if isinstance(chunk, ray.ObjectRef):
+        return ray.get(chunk)
+    return chunk() if callable(chunk) else chunk
 
 
 def _own_rows(folder: Path, parts: list[PartRows], chunks: list[tuple[int, object]]) -> list[PartRows]:
@@ -220,7 +232,7 @@ def _own_rows(folder: Path, parts: list[PartRows], chunks: list[tuple[int, objec
     mine = [_part_uids(folder, p.part) for p in parts]
     got: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in parts]
     for offset, chunk in chunks:
-        want, order = _sorted_wanted(ray.get(chunk) if isinstance(chunk, ray.ObjectRef) else chunk)
+        want, order = _sorted_wanted(_load(chunk))
         for j, m in enumerate(mine):
             rows, pos = _matches(m, want, order)
             got[j].append((rows, pos + offset))
@@ -411,7 +423,8 @@ class ShardedIndex:
 
     The driver's memory does not grow with the pool: it keeps O(parts) (the full layout) and
     one query block. Built for `uids`, the list goes to the shards in chunks (one object-store
-    copy each), each shard maps its own parts' uids, and query blocks come back from the shards.
+    copy each, or a loader each: `_uid_chunks`), each shard maps its own parts' uids, and query
+    blocks come back from the shards.
     `memory` (per shard, under a budget) is each actor's Ray `memory=` request.
     """
 
@@ -550,7 +563,8 @@ def build(folder: str | Path, uids=None, cfg: ShardConfig | None = None, *, k: i
     def sample(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if uids is None:
             return layout.take(pos)
-        return pos, _sample_vectors(folder, parts, layout.d, [uids[int(i)] for i in pos])
+        at = uids.take(pos) if hasattr(uids, "take") else [uids[int(i)] for i in pos]
+        return pos, _sample_vectors(folder, parts, layout.d, at)
 
     template = None if cfg.exact_for(n) or n == 0 else _trained_template(n, layout.d, sample, cfg)
     plan = _plan(chosen, cfg)

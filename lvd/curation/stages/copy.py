@@ -363,17 +363,17 @@ class Decider:
 
 
 def run_calibration(
-    run_dir: Path, uids: list[str], cfg: cd.CopyDetectConfig, copy_model: tuple[str, dict] | None
+    run_dir: Path, sample: list[str], cfg: cd.CopyDetectConfig, copy_model: tuple[str, dict] | None
 ) -> cd.Calibration:
-    """Known copies of a sample of the pool's own images (`uids`: the unique accepted ones):
-    threshold, recall, false links."""
-    rows = cd.calibration_sample(uids, cfg.calib_images, cfg.seed)
-    blobs = rundir.read_blobs(run_dir, {uids[r] for r in rows})
+    """Known copies of a sample of the pool's own images (`sample`: the uids of
+    `copydetect.calibration_sample`'s rows of the unique accepted ones, in row order; the
+    partitioned path draws the same sample without the list): threshold, recall, false links."""
+    blobs = rundir.read_blobs(run_dir, set(sample))
     copies_of = cfg.calib_copy_images if copy_model is None else None  # see CopyDetectConfig
-    copies, distinct = cd.calibration_pairs([blobs[uids[r]] for r in rows], cfg.seed, copies_of)
+    copies, distinct = cd.calibration_pairs([blobs[u] for u in sample], cfg.seed, copies_of)
     if copy_model is None:
         copy_scores, distinct_scores = _local_scores(copies, distinct, cfg)
-        return cd.calibrate(cd.METHOD_LOCAL, copy_scores, distinct_scores, cfg, images=min(len(rows), copies_of))
+        return cd.calibrate(cd.METHOD_LOCAL, copy_scores, distinct_scores, cfg, images=min(len(sample), copies_of))
     emb = _copy_embedder(copy_model)
 
     def score(pairs):
@@ -384,7 +384,7 @@ def run_calibration(
         return np.einsum("nd,nd->n", va, vb).astype(np.float64).tolist()
 
     copy_scores = {k: score(v) for k, v in copies.items()}
-    return cd.calibrate(cd.METHOD_MODEL, copy_scores, score(distinct), cfg, images=len(rows))
+    return cd.calibrate(cd.METHOD_MODEL, copy_scores, score(distinct), cfg, images=len(sample))
 
 
 CALIB_TASK_PAIRS = 48  # calibration pairs per Ray task (features of their images, then their scores)
@@ -460,7 +460,8 @@ class CopyDetectFn:
         # candidates (it needs neither)
         with ThreadPoolExecutor(1) as pool_:
             uids = rundir.unique_accepted(run, ["uid"])["uid"].to_pylist()
-            cal_job = pool_.submit(_timed, run_calibration, run, uids, cfg, self.copy_model)
+            sample = [uids[r] for r in cd.calibration_sample(uids, cfg.calib_images, cfg.seed)]
+            cal_job = pool_.submit(_timed, run_calibration, run, sample, cfg, self.copy_model)
             pool = read_features(run)
             n = len(pool.uids)
             copy_vecs = open_vectors(rundir.vectors_dir(run, "copyembed")).get(pool.uids) if self.copy_model else None
