@@ -139,3 +139,22 @@ def test_the_worker_budget_sizes_the_buckets_and_ranges(ray_local, run, tmp_path
         order = poolorder.number(run, tmp_path, 4, OPTS)
     assert order.buckets == -(-records // 4) > 4
     assert list(order.uids) == rundir.unique_accepted(run, ["uid"])["uid"].to_pylist()
+
+
+def test_ranges_cut_the_pool_evenly_by_weighted_samples():
+    """Two partitions sampled at different rates (200 keys of 2,000 records, 200 of 8,000), the
+    first's sources all before the second's: the 4 ranges hold 2,500 records each within 10%."""
+    keys = {
+        "a": pa.table({"source": [f"a/{i:06d}" for i in range(2000)], "part": [0] * 2000, "row": list(range(2000))}),
+        "b": pa.table({"source": [f"b/{i:06d}" for i in range(8000)], "part": [1] * 8000, "row": list(range(8000))}),
+    }
+    sample = []
+    for t in keys.values():
+        take = np.linspace(0, t.num_rows - 1, 200).astype(np.int64)
+        s = t.take(pa.array(take))
+        sample.append(s.append_column("weight", pa.array(np.full(200, t.num_rows / 200))).cast(poolorder._SAMPLE))
+    bounds = poolorder.cut(pa.concat_tables(sample), 4)
+    j = poolorder.range_of(pa.concat_tables(list(keys.values())), bounds)
+    counts = np.bincount(j, minlength=4)
+    assert len(counts) == 4 and (np.abs(counts - 2500) <= 250).all(), counts
+    assert (np.diff(j) >= 0).all()  # ranges follow the key order

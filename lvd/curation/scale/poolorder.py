@@ -24,8 +24,8 @@ uid that is not a unique accepted image).
 Memory: a task holds one ingest partition, one uid bucket or one order range, or one joined
 file's uid columns. The bucket and range counts give a task at most `budget.order_records` of
 the worker budget (`budget.current()`: `--worker-memory`; measured ~620 B a record) or, with no
-budget, `RECORDS_PER_TASK`. The driver holds the key sample (`SAMPLE_PER_RANGE` a range), the counts per
-(bucket, range) and ranges x m calibration keys.
+budget, `RECORDS_PER_TASK`. The driver holds the key sample (`SAMPLE_PER_RANGE` a range in
+all, at least a key a partition), the counts per (bucket, range) and ranges x m calibration keys.
 """
 
 from __future__ import annotations
@@ -154,9 +154,8 @@ def number(run_dir: Path, work: Path, S: int, opts: dict, *, calib: tuple[int, i
     per_task = budget_mod.order_records(budget) if budget is not None else RECORDS_PER_TASK
     B = buckets or tasks_for(records, per_task)
     J = ranges or tasks_for(records, per_task)
-    samples = _wave(
-        _map, [(str(run), str(work), c, str(p), B, J * SAMPLE_PER_RANGE) for c, p in enumerate(manifests)], opts
-    )
+    per_part = -(-J * SAMPLE_PER_RANGE // max(1, len(manifests)))  # the sample: ~SAMPLE_PER_RANGE a range in all
+    samples = _wave(_map, [(str(run), str(work), c, str(p), B, per_part) for c, p in enumerate(manifests)], opts)
     bounds = cut(pa.concat_tables(samples) if samples else _SAMPLE.empty_table(), J)
     got = _wave(_first, [(str(work), b, bounds, J) for b in range(B)], opts)
     counts = np.sum(got, axis=0) if got else np.zeros(J, np.int64)
