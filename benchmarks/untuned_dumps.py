@@ -23,6 +23,9 @@ kind, distinct originals merged, eval-family files removed, other images deconta
 
 Run: .venv/bin/python benchmarks/untuned_dumps.py write 2 /tmp/u2 && ... && .venv/bin/python
 benchmarks/untuned_dumps.py read /tmp/u2 /tmp/u2-out
+
+`copy-paths DIR WORK` runs copy detection on DIR/pool twice, the single task and the partitioned
+path (`scale.copyscale`, forced, in small ranges), and checks that they write the same table.
 """
 
 from __future__ import annotations
@@ -224,6 +227,52 @@ def read(root: Path, out: Path) -> None:
     print("other images decontaminated", sum(r["status"] == "decontaminated" for r in others), "of", len(others))
 
 
+def copy_paths(root: Path, work: Path, partition: int) -> None:
+    """Copy detection on DIR/pool, the single task against the partitioned path (forced, in small
+    ranges, uid buckets and order ranges, so every wave has several tasks): the same table,
+    stats and calibration, or an AssertionError naming the first difference."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from lvd.curation import rundir
+    from lvd.curation.copydetect import CopyDetectConfig
+    from lvd.curation.dedup import DedupConfig
+    from lvd.curation.ingest import IngestConfig
+    from lvd.curation.runner import init_ray
+    from lvd.curation.scale.copyscale import CopyScaleConfig
+    from lvd.curation.stages import copy as stages_copy
+    from lvd.curation.stages import ingest_dedup as stages
+
+    init_ray(num_cpus=2)
+    run = work / "run"
+    shutil.rmtree(work, ignore_errors=True)
+    stages.run_ingest(stages.plan([str(root / "pool")], partition), run, IngestConfig())
+    stages.run_dedup(run, DedupConfig())
+    stages_copy.run_copyfeat(run)
+    single, parted = work / "single", work / "parted"
+    for d in (single, parted):
+        shutil.copytree(run, d)
+    scale = CopyScaleConfig(part_rows=64, lsh_buckets=4, groups=4, partitions=4, uid_buckets=3, order_ranges=5)
+    cfg = CopyDetectConfig(max_remove=0.9)  # the pipeline's default (flows.curate.DEDUP_MAX_REMOVE)
+    stages_copy.run_copydetect(single, cfg, partitioned=False)
+    stages_copy.run_copydetect(parted, cfg, partitioned=True, scale=scale)
+    a = pq.read_table(single / "copydetect" / "duplicates.parquet")
+    b = pq.read_table(parted / "copydetect" / "duplicates.parquet")
+    sa, sb = (rundir.copydetect_output(r, "stats") for r in (single, parted))
+    timing = ("seconds_", "partitioned")
+    same_stats = {k: v for k, v in sa.items() if not k.startswith(timing)} == {
+        k: v for k, v in sb.items() if not k.startswith(timing)
+    }
+    same_cal = rundir.copydetect_output(single, "calibration") == rundir.copydetect_output(parted, "calibration")
+    parts = len(rundir.ingest_manifests(run))
+    print(f"{root}/pool: {sa['images']} unique accepted images in {parts} ingest partitions")
+    print(f"single task: {a.num_rows} duplicates, {sa['decided_links']} decided links, {sa['candidates']} candidates")
+    print(f"partitioned: {b.num_rows} duplicates, {sb['decided_links']} decided links, {sb['candidates']} candidates")
+    print(f"identical table: {b.equals(a)}; stats: {same_stats}; calibration: {same_cal}")
+    assert b.equals(a) and same_stats and same_cal
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -233,9 +282,15 @@ def main() -> None:
     r = sub.add_parser("read", help="read a pipeline run's ledger (OUT) against the dump's truth (DIR)")
     r.add_argument("dir", type=Path)
     r.add_argument("out", type=Path)
+    c = sub.add_parser("copy-paths", help="copy detection on DIR/pool: the single task against the partitioned path")
+    c.add_argument("dir", type=Path)
+    c.add_argument("work", type=Path, help="scratch folder (replaced)")
+    c.add_argument("--partition-size", type=int, default=64, help="files per ingest partition")
     args = parser.parse_args()
     if args.cmd == "write":
         write(args.which, args.dir)
+    elif args.cmd == "copy-paths":
+        copy_paths(args.dir, args.work, args.partition_size)
     else:
         read(args.dir, args.out)
 
