@@ -105,9 +105,19 @@ def test_joins_give_each_uid_its_position_and_minus_one_otherwise(ray_local, run
     assert poolorder.positions(tmp_path, "t", 2, 4).tolist() == [[2, 1, -1, n - 1]]
 
 
+class _Unread(poolorder.NodeUids):
+    """NodeUids whose list the caller must not read: only the shards load their ranges."""
+
+    def take(self, pos):
+        raise AssertionError("the caller read the uid list")
+
+    def __iter__(self):
+        raise AssertionError("the caller read the uid list")
+
+
 def test_a_sharded_index_over_node_uids_equals_one_over_the_list(ray_local, run, tmp_path):
-    """A proposer's shards read the pool's uids from the node files (one range at a time):
-    the same neighbour lists as the index built for the uid list."""
+    """A proposer's shards read the pool's uids from the node files (one range at a time; this
+    process never reads the list): the same neighbour lists as the index built for the list."""
     order = poolorder.number(run, tmp_path / "order", 3, OPTS, buckets=2, ranges=3)
     uids = list(order.uids)
     rng = np.random.default_rng(0)
@@ -120,7 +130,7 @@ def test_a_sharded_index_over_node_uids_equals_one_over_the_list(ray_local, run,
     cfg = shardindex.ShardConfig(sharded_above=0, n_shards=2)
     with shardindex.build(folder, uids, cfg) as index:
         want = index.knn_lists(4)
-    with shardindex.build(folder, order.uids, cfg) as index:
+    with shardindex.build(folder, _Unread(order.work, order.n, order.S), cfg) as index:
         got = index.knn_lists(4)
     assert got.shape == (len(uids), 4) and (got >= 0).all()
     np.testing.assert_array_equal(got, want)

@@ -72,7 +72,7 @@ class PoolOrder:
 @dataclass(frozen=True)
 class NodeUids:
     """The pool's uids by position, read from the node files on demand (a sequence: len, an
-    index, a slice, `take`); `chunks` gives one loader per position range, which a shard calls
+    index, a slice, `take`); `uid_chunks` gives one loader per position range, which a shard calls
     itself (`scale.shardindex`), so no process is handed the list."""
 
     work: str
@@ -104,7 +104,7 @@ class NodeUids:
         for r in range(-(-self.n // self.S)):
             yield from self.range_uids(r)
 
-    def chunks(self) -> list[tuple[int, RangeUids]]:
+    def uid_chunks(self) -> list[tuple[int, RangeUids]]:
         return [(r * self.S, RangeUids(self.work, r)) for r in range(-(-self.n // self.S))]
 
 

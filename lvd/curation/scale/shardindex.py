@@ -18,7 +18,7 @@ shards' answers to it (n_shards * query_block * k * 12 bytes) and the k-means sa
 training. Pool-against-itself searches (`self_neighbours`, `similar_pairs`) walk the pool in
 query blocks, so only their results grow with N. Built for a subset, the caller's uids go to
 the shards in chunks of UID_CHUNK (each shard holds one chunk at a time, not the list); a
-sequence with its own `chunks()` (`poolorder.NodeUids`) gives loaders instead, which each shard
+sequence with its own `uid_chunks()` (`poolorder.NodeUids`) gives loaders instead, which each shard
 calls itself, so the caller never reads the list either.
 
 Under a worker budget (`ShardConfig.budget`, else the job's `budget.current()`, set from
@@ -208,10 +208,10 @@ def _sorted_wanted(uids) -> tuple[np.ndarray, np.ndarray]:
 def _uid_chunks(uids) -> list[tuple[int, object]]:
     """(offset, chunk) of `uids` by UID_CHUNK; with Ray each chunk is an object-store ref, so a
     shard fetches one at a time and never holds the caller's whole list. A sequence with its own
-    `chunks()` (`poolorder.NodeUids`: loaders of position ranges) gives those: the shard loads
+    `uid_chunks()` (`poolorder.NodeUids`: loaders of position ranges) gives those: the shard loads
     each one itself, and the caller never reads the list."""
-    if hasattr(uids, "chunks"):
-        return uids.chunks()
+    if hasattr(uids, "uid_chunks"):
+        return uids.uid_chunks()
     out = []
     for s in range(0, len(uids), UID_CHUNK):
         chunk = uids[s : s + UID_CHUNK]
