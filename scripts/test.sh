@@ -19,4 +19,4 @@ fi
 .venv/bin/ruff check lvd tests benchmarks scripts infra
 .venv/bin/ruff format --check lvd tests benchmarks scripts infra
 export RAY_USAGE_STATS_ENABLED=0 PREFECT_SERVER_ANALYTICS_ENABLED=false
-exec .venv/bin/python -m pytest -m "not slow" "$@"
+exec .venv/bin/python -m pytest -m "not slow" --durations=25 "$@"
