@@ -59,7 +59,9 @@ from lvd.curation.scale.synthetic import PoolSpec, write_pool
 STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger", "shard plan", "pool order")
 # not in the default run: the hash dedup where the whole of it takes longer than a session here
 SAMPLED = ("hash dedup sampled",)
-VECTOR_STAGES = {"sharded kNN", "k-means"}
+# also not in the default run: the cluster stage's one task, measured for its per-image memory
+OPT_IN = (*SAMPLED, "cluster task")
+VECTOR_STAGES = {"sharded kNN", "k-means", "cluster task"}
 KMEANS_K, KMEANS_ITERS, KNN_K = 256, 3, 16
 KNN_QUERIES = 20_000  # queries searched against the whole sharded pool at every size
 KNN_NLIST, KNN_NPROBE = 512, 8  # IVF lists fixed in N: the driver trains the quantiser on 64 * nlist rows
@@ -307,6 +309,24 @@ def baseline_pool_order(ctx: Ctx) -> str:
     return f"one process (the driver before), {len(uids)} uids, sample of {len(sample)}, lookup {lookup[0].nbytes + lookup[1].nbytes} B"
 
 
+def stage_cluster_task(ctx: Ctx) -> str:
+    """The product's cluster stage (`select.run_cluster`, engine "ray", a 2-level tree, k-means
+    sized by the budget): its Lloyd runs on actors holding vector shards, while its one Ray task
+    holds the candidates' uids, their assignments and the clusters table (per image)."""
+    import shutil
+
+    from lvd.curation import rundir
+    from lvd.curation.stages import select
+
+    cfg = select.ClusterConfig(k=KMEANS_K, niter=KMEANS_ITERS, engine="ray", hierarchical=True, levels=2)
+    shutil.rmtree(rundir.stage_dir(ctx.run_dir, "cluster"), ignore_errors=True)
+    with B.job_budget(ctx.budget):
+        select.run_cluster(ctx.run_dir, cfg)
+    rows = pq.ParquetFile(rundir.stage_dir(ctx.run_dir, "cluster") / "clusters.parquet").metadata.num_rows
+    shutil.rmtree(rundir.stage_dir(ctx.run_dir, "cluster"))
+    return f"{rows} images clustered, k={KMEANS_K}, 2 levels, {KMEANS_ITERS} iters"
+
+
 def baseline_kmeans(ctx: Ctx) -> str:
     from lvd.curation import lloyd
     from lvd.curation.vectors import open_vectors
@@ -340,6 +360,7 @@ STAGE_FNS = {
     "ledger": stage_ledger,
     "shard plan": stage_shard_plan,
     "pool order": stage_pool_order,
+    "cluster task": stage_cluster_task,
 }
 BASELINES = {
     "hash dedup": baseline_dedup,
@@ -541,7 +562,7 @@ def main() -> None:
     p.add_argument("--dim", type=int, default=128, help="vector dimension of the synthetic pool")
     p.add_argument("--part-rows", type=int, default=25_000, help="rows per ingest / vector part of the pool")
     p.add_argument(
-        "--stages", default=",".join(STAGES), help=f"stages to run, comma-separated ({', '.join(STAGES + SAMPLED)})"
+        "--stages", default=",".join(STAGES), help=f"stages to run, comma-separated ({', '.join(STAGES + OPT_IN)})"
     )
     p.add_argument("--pair-tasks", type=int, default=4, help="'hash dedup sampled': block tasks run")
     p.add_argument(
@@ -577,9 +598,9 @@ def main() -> None:
         )
         print("RESULT " + json.dumps([asdict(r) for r in rows]))
         return
-    unknown = set(args.stages.split(",")) - set(STAGES + SAMPLED)
+    unknown = set(args.stages.split(",")) - set(STAGES + OPT_IN)
     if unknown:
-        p.error(f"--stages: unknown {sorted(unknown)}; use some of {', '.join(STAGES + SAMPLED)}")
+        p.error(f"--stages: unknown {sorted(unknown)}; use some of {', '.join(STAGES + OPT_IN)}")
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     workers = [int(w) for w in args.workers.split(",")]
     rows: list[Row] = []

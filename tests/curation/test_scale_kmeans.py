@@ -258,3 +258,26 @@ def test_three_node_cluster_equals_single_process(folder):
     assert res.returncode == 0 and lines, res.stderr[-4000:]
     got = json.loads(lines[0][len("RESULT ") :])
     assert got == {"centroids_equal": True, "labels_equal": True, "nodes": 3, "rows": [1024, 1024, 952]}
+
+
+def test_cluster_stage_refuses_a_pool_its_task_cannot_hold(run_with_vectors, monkeypatch):
+    """Under --worker-memory the cluster stage's one task (not partitioned yet) refuses a pool
+    over ~460 B a candidate before any work, naming a budget that would hold it."""
+    import re
+
+    from lvd.curation import runner
+
+    run = run_with_vectors
+    n = len(rundir.candidates(run))
+    budget = B.WorkerBudget(B.parse_bytes("512MiB"))
+    assert B.cluster_task_images(budget) == (256 * B.MiB) // 460 > n  # the real constant: fits
+    unit = runner.WholeStage(fingerprint="x", stem="clusters")
+    fn = stages_select.ClusterFn(str(run), stages_select.ClusterConfig(k=3, engine="lloyd"))
+    monkeypatch.setattr(B, "CLUSTER_TASK_IMAGE_BYTES", 256 * B.MiB // (n - 1))  # one candidate too many
+    with B.job_budget(budget), pytest.raises(B.OverBudgetError, match=f"holds its {n:,} candidates") as err:
+        fn(unit)
+    suggested = re.search(r"--worker-memory (\S+) or more", str(err.value)).group(1)
+    assert B.cluster_task_images(B.WorkerBudget(B.parse_bytes(suggested))) >= n
+    monkeypatch.setattr(B, "CLUSTER_TASK_IMAGE_BYTES", 256 * B.MiB // n)  # exactly fits
+    with B.job_budget(budget):
+        assert fn(unit)[""].num_rows == n

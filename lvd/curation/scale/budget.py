@@ -17,6 +17,7 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
     ledger_range_rows      = data_bytes / LEDGER_ROW_BYTES            uids per ledger / verify range task
     shard_plan_range_rows  = data_bytes / SHARD_PLAN_ROW_BYTES        records per shard-plan range task
     order_records          = data_bytes / ORDER_RECORD_BYTES          records per poolorder bucket / range task
+    cluster_task_images    = (B - WORKER_BASE_BYTES) / CLUSTER_TASK_IMAGE_BYTES   most candidates the cluster task holds
     component_partitions(E) = ceil(2 * E * 2 * EDGE_ROW_BYTES * SKEW / data_bytes)   node partitions of the components
     actor_memory(held)     = min(B, WORKER_BASE_BYTES + held / FILL)   Ray `memory=` of an actor holding `held` bytes
 
@@ -103,6 +104,10 @@ SHARD_PLAN_ROW_BYTES = 460
 # 847 MiB peak at 10^6 records in one uid bucket and one order range (curate_scale.py
 # "pool order", 10^6, 2 workers) -> ~620 B over the idle worker
 ORDER_RECORD_BYTES = 620
+# a candidate image in the cluster stage's one Ray task (its uid, store row, assignment, score and
+# clusters-table row; the Lloyd itself runs on actors): the task peaked at 338 MiB at 10^5 and
+# 731 MiB at 10^6 (curate_scale.py "cluster task", 2 workers) -> ~460 B an image
+CLUSTER_TASK_IMAGE_BYTES = 460
 SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)
 # The one-task hash dedup (`dedup.find_near_duplicates`, every record in one process) peaks at
 # HASH_WORK x its records' bytes (curate_tasks.dedup_sizes forces the shuffle above the data
@@ -331,6 +336,16 @@ def shard_plan_range_rows(budget: WorkerBudget) -> int:
 def order_records(budget: WorkerBudget) -> int:
     """Records one `poolorder` uid bucket or order range task holds."""
     return max(1, budget.data_bytes // ORDER_RECORD_BYTES)
+
+
+class OverBudgetError(ValueError):
+    """A stage that is not partitioned yet would hold more than one worker's budget: it refuses
+    before any work, naming the budget that would do."""
+
+
+def cluster_task_images(budget: WorkerBudget) -> int:
+    """Candidates the cluster stage's one task can hold under `budget` (not partitioned yet)."""
+    return max(0, (budget.worker_bytes - budget.base_bytes) // CLUSTER_TASK_IMAGE_BYTES)
 
 
 def ray_options(budget: WorkerBudget) -> dict:

@@ -37,6 +37,7 @@ from lvd.curation import rundir, runner
 from lvd.curation.hierarchical import HierarchicalConfig, Hierarchy, Level, build_upper_levels, hierarchical_kmeans
 from lvd.curation.kmeans import KMeansConfig, KMeansResult, kmeans
 from lvd.curation.lloyd import LloydConfig, lloyd
+from lvd.curation.scale import budget as B
 from lvd.curation.scale.dkmeans import DKMeansConfig, dkmeans
 from lvd.curation.shards import (
     MANIFEST_SCHEMA,
@@ -102,6 +103,7 @@ class ClusterFn:
     def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
         run = Path(self.run_dir)
         uids = rundir.candidates(run)
+        _check_task_budget(len(uids))
         if not uids:
             return {"": _clusters_table([], np.zeros(0, np.int64), np.zeros(0), []), "tree": _tree_table(())}
         h = self.tree(rundir.vectors_dir(run), uids)
@@ -122,6 +124,22 @@ class ClusterFn:
             return Hierarchy(levels=(Level(km.centroids_KD, km.assign_N, 0),), score_N=km.score_N)
         first, score = _lloyd_level1(vectors, uids, ks[0], cfg, engine)
         return build_upper_levels(first, score, hcfg) if cfg.hierarchical else Hierarchy((first,), score)
+
+
+def _check_task_budget(n: int) -> None:
+    """Refuse, before the work, a pool this stage's one task cannot hold under `--worker-memory`
+    (the budget of the job, `budget.current()`): the Lloyd runs on actors sized by the budget,
+    but the task holds ~460 B a candidate (`budget.CLUSTER_TASK_IMAGE_BYTES`, measured)."""
+    budget = B.current()
+    if budget is None or n <= (most := B.cluster_task_images(budget)):
+        return
+    need = B.WORKER_BASE_BYTES + n * B.CLUSTER_TASK_IMAGE_BYTES
+    raise B.OverBudgetError(
+        f"the cluster stage holds its {n:,} candidates in one task (~{B.CLUSTER_TASK_IMAGE_BYTES} B each, "
+        f"{B.format_bytes(need)} in all), more than --worker-memory {B.format_bytes(budget.worker_bytes)} allows "
+        f"({most:,} candidates): run with --worker-memory {math.ceil(need / B.GiB * 10) / 10:g}GiB or more, on "
+        "nodes that have it (this stage's task is not partitioned yet; its k-means actors are)"
+    )
 
 
 def _lloyd_level1(vectors: Path, uids: list[str], k: int, cfg: ClusterConfig, engine: str) -> tuple[Level, np.ndarray]:
