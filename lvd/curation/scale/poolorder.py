@@ -83,7 +83,7 @@ class NodeUids:
         return self.n
 
     def range_uids(self, r: int) -> list[str]:
-        return nodes(self.work, r)["uid"].to_pylist()
+        return RangeUids(self.work, r)()
 
     def take(self, pos) -> list[str]:
         pos = np.asarray(pos, np.int64)
