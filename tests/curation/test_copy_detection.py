@@ -405,3 +405,29 @@ def test_a_model_that_cannot_separate_copies_is_refused():
     # a copy model mapping everything to one direction: copies and distinct pairs all at 1.0
     with pytest.raises(cd.CopyModelUnfit):
         cd.calibrate(cd.METHOD_MODEL, {"resized": [1.0, 1.0]}, [1.0, 1.0, 1.0], cd.CopyDetectConfig(), images=2)
+
+
+def test_copy_model_calibration_scores_are_each_pairs_cosine(tmp_path, catalog):
+    """The copy model's calibration embeds each distinct image once and scores a pair by the
+    cosine of its two images' vectors: equal to embedding the pair's two images on their own."""
+    from lvd.curation.embed import EmbedConfig, Embedder
+    from lvd.curation.stages.copy import model_scores
+
+    torch.manual_seed(0)
+    path = tmp_path / "sscd_like.torchscript.pt"
+    torch.jit.script(TinyDescriptor()).save(str(path))
+    emb = Embedder(str(path), EmbedConfig(resize=64, crop=64, batch_size=4, decode_threads=1))
+    names = sorted(catalog)[:6]
+    copies_, distinct = cd.calibration_pairs([_bytes(catalog[n].image) for n in names], seed=0)
+    copy_scores, distinct_scores = model_scores(emb, copies_, distinct)
+
+    def cosine(x: bytes, y: bytes) -> float:
+        va, vb = emb.embed_images([x]).astype(np.float32), emb.embed_images([y]).astype(np.float32)
+        return float(va[0] @ vb[0])
+
+    assert set(copy_scores) == set(copies_) and len(distinct_scores) == len(distinct) > 0
+    for kind, pairs in copies_.items():
+        assert len(copy_scores[kind]) == len(pairs) == len(names)
+        np.testing.assert_allclose(copy_scores[kind], [cosine(x, y) for x, y in pairs], atol=2e-3, err_msg=kind)
+    np.testing.assert_allclose(distinct_scores, [cosine(x, y) for x, y in distinct], atol=2e-3)
+    assert np.std(distinct_scores) > 1e-3  # the pairs' scores differ: not one constant

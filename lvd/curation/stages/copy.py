@@ -374,17 +374,28 @@ def run_calibration(
     if copy_model is None:
         copy_scores, distinct_scores = _local_scores(copies, distinct, cfg)
         return cd.calibrate(cd.METHOD_LOCAL, copy_scores, distinct_scores, cfg, images=min(len(sample), copies_of))
-    emb = _copy_embedder(copy_model)
+    copy_scores, distinct_scores = model_scores(_copy_embedder(copy_model), copies, distinct)
+    return cd.calibrate(cd.METHOD_MODEL, copy_scores, distinct_scores, cfg, images=len(sample))
+
+
+def model_scores(
+    emb, copies: dict[str, list[tuple[bytes, bytes]]], distinct: list[tuple[bytes, bytes]]
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Cosines of the copy model's vectors of every calibration pair. Each distinct image is
+    embedded once, in one pass (an original has a copy of every kind, and it used to be
+    embedded once per kind: 1,166 images instead of 836 for 53 sampled images)."""
+    uniq = list(dict.fromkeys(d for pairs in [*copies.values(), distinct] for pair in pairs for d in pair))
+    row = {d: i for i, d in enumerate(uniq)}
+    vecs = emb.embed_images(uniq).astype(np.float32) if uniq else np.zeros((0, 0), np.float32)
 
     def score(pairs):
         if not pairs:
             return []
-        va = emb.embed_images([x for x, _ in pairs]).astype(np.float32)
-        vb = emb.embed_images([y for _, y in pairs]).astype(np.float32)
+        va = vecs[[row[x] for x, _ in pairs]]
+        vb = vecs[[row[y] for _, y in pairs]]
         return np.einsum("nd,nd->n", va, vb).astype(np.float64).tolist()
 
-    copy_scores = {k: score(v) for k, v in copies.items()}
-    return cd.calibrate(cd.METHOD_MODEL, copy_scores, score(distinct), cfg, images=len(sample))
+    return {k: score(v) for k, v in copies.items()}, score(distinct)
 
 
 CALIB_TASK_PAIRS = 48  # calibration pairs per Ray task (features of their images, then their scores)
