@@ -2,8 +2,8 @@
 tuned on (the benchmark dump: tiles, bursts, products, faces, and copies of a quarter of them):
 copy detection and decontamination run model-free; the eval images' copies leave the pool and
 almost nothing else does; `lvd verify` passes. Then a deliberately bad setting (a random-init
-copy model forced to cosine 0.1) trips the guard: non-zero exit, one message, and the run folder
-is byte for byte what it was."""
+copy model forced to cosine 0.1, on 40 of the dump's originals) trips the guard: non-zero exit,
+one message, no run folder left, and the good run's folder byte for byte what it was."""
 
 from __future__ import annotations
 
@@ -116,12 +116,18 @@ def test_a_bad_copy_setting_trips_the_guard_and_changes_nothing(run, dump, tmp_p
     from lvd.pretrain.models.hf import export_hf
     from lvd.pretrain.models.vit import vit_tiny
 
-    out, argv = run
+    out, _ = run
+    root, _, _, eval_dir = dump
     torch.manual_seed(0)
     model = export_hf(vit_tiny(img_size=112, depth=2), tmp_path / "random-vit")
+    # a pool of 40 of the dump's originals: the guard's decision does not need the whole dump
+    small = tmp_path / "small"
+    small.mkdir()
+    for src in sorted((root / "dump" / "originals").iterdir())[:40]:
+        (small / src.name).write_bytes(src.read_bytes())
     fresh = tmp_path / "bad-run"
     before = _digests(out)
-    bad = [a if a != str(out) else str(fresh) for a in argv]
+    bad = ["curate", "--out", str(fresh), "--eval-sets", str(eval_dir), "--input", str(small)]
     capsys.readouterr()
     code = cli.main(bad + ["--copy-model", str(model), "--copy-threshold", "0.1"])
     err = capsys.readouterr().err

@@ -255,7 +255,10 @@ def test_copy_model_linking_everything_completes_then_is_refused(ray_local, pref
     from lvd.flows.curate import curate
 
     dump, seeds, evalset, _, _ = data
-    opts = {**OPTS, "copy_model": embedder, "copydetect": {**OPTS["copydetect"], "threshold": -1.0}}
+    # 8 calibration images (not 64): the guard's decision does not depend on them, and the
+    # copy model's calibration is most of this test's time
+    copydetect = {**OPTS["copydetect"], "threshold": -1.0, "calib_images": 8}
+    opts = {**OPTS, "copy_model": embedder, "copydetect": copydetect}
     kw = dict(inputs=dump.inputs, out=str(tmp_path), seeds=[seeds], eval_sets=[evalset], embedder=embedder, **opts)
     summary = curate(**kw, max_remove_fraction=1.0)
     assert summary.ok
