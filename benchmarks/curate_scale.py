@@ -59,9 +59,10 @@ from lvd.curation.scale.synthetic import PoolSpec, write_pool
 STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger", "shard plan", "pool order")
 # not in the default run: the hash dedup where the whole of it takes longer than a session here
 SAMPLED = ("hash dedup sampled",)
-# also not in the default run: the cluster stage's one task, measured for its per-image memory
-OPT_IN = (*SAMPLED, "cluster task")
-VECTOR_STAGES = {"sharded kNN", "k-means", "cluster task"}
+# also not in the default run: the cluster and retrieve stages' one tasks, measured for their
+# per-image memory ("retrieve task" reads the clusters that "cluster task" leaves)
+OPT_IN = (*SAMPLED, "cluster task", "retrieve task")
+VECTOR_STAGES = {"sharded kNN", "k-means", "cluster task", "retrieve task"}
 KMEANS_K, KMEANS_ITERS, KNN_K = 256, 3, 16
 KNN_QUERIES = 20_000  # queries searched against the whole sharded pool at every size
 KNN_NLIST, KNN_NPROBE = 512, 8  # IVF lists fixed in N: the driver trains the quantiser on 64 * nlist rows
@@ -323,8 +324,28 @@ def stage_cluster_task(ctx: Ctx) -> str:
     with B.job_budget(ctx.budget):
         select.run_cluster(ctx.run_dir, cfg)
     rows = pq.ParquetFile(rundir.stage_dir(ctx.run_dir, "cluster") / "clusters.parquet").metadata.num_rows
-    shutil.rmtree(rundir.stage_dir(ctx.run_dir, "cluster"))
-    return f"{rows} images clustered, k={KMEANS_K}, 2 levels, {KMEANS_ITERS} iters"
+    return f"{rows} images clustered, k={KMEANS_K}, 2 levels, {KMEANS_ITERS} iters (kept for 'retrieve task')"
+
+
+def stage_retrieve_task(ctx: Ctx) -> str:
+    """The product's retrieve stage without seeds (`retrieve.run_retrieve`, balanced sampling of
+    the cluster tree to a quarter of the pool, as LVD-142M's path): its one Ray task holds the
+    candidates' uids, the clusters table and the tree, and draws the sample (per image)."""
+    import shutil
+
+    from lvd.curation import rundir
+    from lvd.curation.stages import retrieve
+
+    if not (rundir.stage_dir(ctx.run_dir, "cluster") / "clusters.parquet").is_file():
+        raise Skip("needs the clusters: run 'cluster task' before it in --stages")
+    cfg = retrieve.RetrieveConfig(method="hierarchical", target=ctx.spec.n // 4)
+    shutil.rmtree(rundir.stage_dir(ctx.run_dir, "retrieve"), ignore_errors=True)
+    with B.job_budget(ctx.budget):
+        retrieve.run_retrieve(ctx.run_dir, {}, cfg)
+    rows = pq.ParquetFile(rundir.stage_dir(ctx.run_dir, "retrieve") / "selection.parquet").metadata.num_rows
+    for stage in ("retrieve", "cluster"):
+        shutil.rmtree(rundir.stage_dir(ctx.run_dir, stage))
+    return f"{rows} of {ctx.spec.n} images selected by balanced sampling of a 2-level tree"
 
 
 def baseline_kmeans(ctx: Ctx) -> str:
@@ -361,6 +382,7 @@ STAGE_FNS = {
     "shard plan": stage_shard_plan,
     "pool order": stage_pool_order,
     "cluster task": stage_cluster_task,
+    "retrieve task": stage_retrieve_task,
 }
 BASELINES = {
     "hash dedup": baseline_dedup,
