@@ -281,3 +281,31 @@ def test_cluster_stage_refuses_a_pool_its_task_cannot_hold(run_with_vectors, mon
     monkeypatch.setattr(B, "CLUSTER_TASK_IMAGE_BYTES", 256 * B.MiB // n)  # exactly fits
     with B.job_budget(budget):
         assert fn(unit)[""].num_rows == n
+
+
+def test_retrieve_stage_refuses_a_pool_its_task_cannot_hold(run_with_vectors, monkeypatch):
+    """The same for the retrieve stage's one task (~370 B a candidate, measured): refused before
+    any work past the budget, with a budget that would hold it; run to the end when it fits."""
+    import re
+
+    from lvd.curation import runner
+    from lvd.curation.stages import retrieve
+
+    run = run_with_vectors
+    n = len(rundir.candidates(run))
+    stages_select.run_cluster(run, stages_select.ClusterConfig(k=4, engine="lloyd", hierarchical=True))
+    budget = B.WorkerBudget(B.parse_bytes("512MiB"))
+    assert B.retrieve_task_images(budget) == (256 * B.MiB) // 370 > n  # the real constant: fits
+    unit = runner.WholeStage(fingerprint="x", stem="selection")
+    fn = retrieve.RetrieveFn(str(run), {}, retrieve.RetrieveConfig(method="hierarchical", target=n // 2))
+    monkeypatch.setattr(B, "RETRIEVE_TASK_IMAGE_BYTES", 256 * B.MiB // (n - 1))  # one candidate too many
+    with (
+        B.job_budget(budget),
+        pytest.raises(B.OverBudgetError, match=f"retrieve stage holds its {n:,} candidates") as err,
+    ):
+        fn(unit)
+    suggested = re.search(r"--worker-memory (\S+) or more", str(err.value)).group(1)
+    assert B.retrieve_task_images(B.WorkerBudget(B.parse_bytes(suggested))) >= n
+    monkeypatch.setattr(B, "RETRIEVE_TASK_IMAGE_BYTES", 256 * B.MiB // n)  # exactly fits
+    with B.job_budget(budget):
+        assert fn(unit)[""].num_rows == n // 2

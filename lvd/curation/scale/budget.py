@@ -18,6 +18,7 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
     shard_plan_range_rows  = data_bytes / SHARD_PLAN_ROW_BYTES        records per shard-plan range task
     order_records          = data_bytes / ORDER_RECORD_BYTES          records per poolorder bucket / range task
     cluster_task_images    = (B - WORKER_BASE_BYTES) / CLUSTER_TASK_IMAGE_BYTES   most candidates the cluster task holds
+    retrieve_task_images   = (B - WORKER_BASE_BYTES) / RETRIEVE_TASK_IMAGE_BYTES  most candidates the retrieve task holds
     component_partitions(E) = ceil(2 * E * 2 * EDGE_ROW_BYTES * SKEW / data_bytes)   node partitions of the components
     actor_memory(held)     = min(B, WORKER_BASE_BYTES + held / FILL)   Ray `memory=` of an actor holding `held` bytes
 
@@ -108,6 +109,10 @@ ORDER_RECORD_BYTES = 620
 # clusters-table row; the Lloyd itself runs on actors): the task peaked at 338 MiB at 10^5 and
 # 731 MiB at 10^6 (curate_scale.py "cluster task", 2 workers) -> ~460 B an image
 CLUSTER_TASK_IMAGE_BYTES = 460
+# a candidate image in the retrieve stage's one Ray task (its uid as a Python string, the clusters
+# table and tree, balanced sampling's per-cluster lists): the task peaked at 299 MiB at 10^5 and
+# 617 MiB at 10^6 (curate_scale.py "retrieve task", 1 worker, after "cluster task") -> ~370 B an image
+RETRIEVE_TASK_IMAGE_BYTES = 370
 SKEW = 2.0  # a bucket may hold up to twice its share of records (hash chunks are not uniform)
 # The one-task hash dedup (`dedup.find_near_duplicates`, every record in one process) peaks at
 # HASH_WORK x its records' bytes (curate_tasks.dedup_sizes forces the shuffle above the data
@@ -346,6 +351,30 @@ class OverBudgetError(ValueError):
 def cluster_task_images(budget: WorkerBudget) -> int:
     """Candidates the cluster stage's one task can hold under `budget` (not partitioned yet)."""
     return max(0, (budget.worker_bytes - budget.base_bytes) // CLUSTER_TASK_IMAGE_BYTES)
+
+
+def retrieve_task_images(budget: WorkerBudget) -> int:
+    """Candidates the retrieve stage's one task can hold under `budget` (not partitioned yet)."""
+    return max(0, (budget.worker_bytes - budget.base_bytes) // RETRIEVE_TASK_IMAGE_BYTES)
+
+
+def check_one_task(stage: str, n: int, per_image: int, note: str = "") -> None:
+    """Refuse, before any work, `n` candidates that a stage's one task (not partitioned yet),
+    holding ~`per_image` bytes each, cannot hold under the job's `--worker-memory`
+    (`current()`); the message names a budget that would hold them. No budget: no check."""
+    budget = current()
+    if budget is None:
+        return
+    most = max(0, (budget.worker_bytes - budget.base_bytes) // per_image)
+    if n <= most:
+        return
+    need = budget.base_bytes + n * per_image
+    raise OverBudgetError(
+        f"the {stage} stage holds its {n:,} candidates in one task (~{per_image} B each, "
+        f"{format_bytes(need)} in all), more than --worker-memory {format_bytes(budget.worker_bytes)} allows "
+        f"({most:,} candidates): run with --worker-memory {math.ceil(need / GiB * 10) / 10:g}GiB or more, on "
+        f"nodes that have it (this stage's task is not partitioned yet{note})"
+    )
 
 
 def ray_options(budget: WorkerBudget) -> dict:

@@ -35,6 +35,7 @@ from lvd.curation.retrieve import (
     sample_based,
     union,
 )  # fmt: skip
+from lvd.curation.scale import budget as B
 from lvd.curation.scale import shardindex
 from lvd.curation.stages.select import flat_kmeans, read_clusters
 from lvd.curation.vectors import open_vectors
@@ -73,6 +74,8 @@ class RetrieveFn:
     def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
         run = Path(self.run_dir)
         uids = np.asarray(rundir.candidates(run), dtype=object)
+        # refused before the work when its one task cannot hold the pool under --worker-memory
+        B.check_one_task("retrieve", len(uids), B.RETRIEVE_TASK_IMAGE_BYTES)
         clusters = read_clusters(run)
         if not self.seed_dirs or self.cfg.method == "hierarchical":
             names, seed_uids = ["*"], [[]]

@@ -127,19 +127,10 @@ class ClusterFn:
 
 
 def _check_task_budget(n: int) -> None:
-    """Refuse, before the work, a pool this stage's one task cannot hold under `--worker-memory`
-    (the budget of the job, `budget.current()`): the Lloyd runs on actors sized by the budget,
-    but the task holds ~460 B a candidate (`budget.CLUSTER_TASK_IMAGE_BYTES`, measured)."""
-    budget = B.current()
-    if budget is None or n <= (most := B.cluster_task_images(budget)):
-        return
-    need = B.WORKER_BASE_BYTES + n * B.CLUSTER_TASK_IMAGE_BYTES
-    raise B.OverBudgetError(
-        f"the cluster stage holds its {n:,} candidates in one task (~{B.CLUSTER_TASK_IMAGE_BYTES} B each, "
-        f"{B.format_bytes(need)} in all), more than --worker-memory {B.format_bytes(budget.worker_bytes)} allows "
-        f"({most:,} candidates): run with --worker-memory {math.ceil(need / B.GiB * 10) / 10:g}GiB or more, on "
-        "nodes that have it (this stage's task is not partitioned yet; its k-means actors are)"
-    )
+    """Refuse, before the work, a pool this stage's one task cannot hold under `--worker-memory`:
+    the Lloyd runs on actors sized by the budget, but the task holds ~460 B a candidate
+    (`budget.CLUSTER_TASK_IMAGE_BYTES`, measured)."""
+    B.check_one_task("cluster", n, B.CLUSTER_TASK_IMAGE_BYTES, "; its k-means actors are")
 
 
 def _lloyd_level1(vectors: Path, uids: list[str], k: int, cfg: ClusterConfig, engine: str) -> tuple[Level, np.ndarray]:
