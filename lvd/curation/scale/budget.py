@@ -348,14 +348,19 @@ class OverBudgetError(ValueError):
     before any work, naming the budget that would do."""
 
 
+def one_task_images(budget: WorkerBudget, per_image: int) -> int:
+    """Images a stage's one task (not partitioned yet) holding ~`per_image` bytes each can hold under `budget`."""
+    return max(0, (budget.worker_bytes - budget.base_bytes) // per_image)
+
+
 def cluster_task_images(budget: WorkerBudget) -> int:
     """Candidates the cluster stage's one task can hold under `budget` (not partitioned yet)."""
-    return max(0, (budget.worker_bytes - budget.base_bytes) // CLUSTER_TASK_IMAGE_BYTES)
+    return one_task_images(budget, CLUSTER_TASK_IMAGE_BYTES)
 
 
 def retrieve_task_images(budget: WorkerBudget) -> int:
     """Candidates the retrieve stage's one task can hold under `budget` (not partitioned yet)."""
-    return max(0, (budget.worker_bytes - budget.base_bytes) // RETRIEVE_TASK_IMAGE_BYTES)
+    return one_task_images(budget, RETRIEVE_TASK_IMAGE_BYTES)
 
 
 def check_one_task(stage: str, n: int, per_image: int, note: str = "") -> None:
@@ -365,7 +370,7 @@ def check_one_task(stage: str, n: int, per_image: int, note: str = "") -> None:
     budget = current()
     if budget is None:
         return
-    most = max(0, (budget.worker_bytes - budget.base_bytes) // per_image)
+    most = one_task_images(budget, per_image)
     if n <= most:
         return
     need = budget.base_bytes + n * per_image
