@@ -19,4 +19,6 @@ fi
 .venv/bin/ruff check lvd tests benchmarks scripts infra
 .venv/bin/ruff format --check lvd tests benchmarks scripts infra
 export RAY_USAGE_STATS_ENABLED=0 PREFECT_SERVER_ANALYTICS_ENABLED=false
-exec .venv/bin/python -m pytest -m "not slow" --durations=25 "$@"
+# Two pytest workers (LVD_TEST_WORKERS, 0 for one process): most tests wait on process starts
+# (torch in each rank, Ray workers, Prefect), so two share 2 cores well. A module stays on one worker.
+exec .venv/bin/python -m pytest -m "not slow" -n "${LVD_TEST_WORKERS:-2}" --dist loadscope --durations=25 "$@"
