@@ -111,10 +111,18 @@ def build_upper_levels(first: Level, score_N: np.ndarray, cfg: HierarchicalConfi
     actors by `scale.dkmeans`): level l + 1 clusters level l's centroids, as Vo et al. do."""
     if len(first.centroids_KD) != cfg.ks[0]:
         raise ValueError(f"level 1 has {len(first.centroids_KD)} clusters, the config asks for ks[0]={cfg.ks[0]}")
-    levels = [first]
+    return Hierarchy(levels=(first, *upper_levels(first.centroids_KD, cfg)), score_N=score_N)
+
+
+def upper_levels(centroids_KD: np.ndarray, cfg: HierarchicalConfig) -> tuple[Level, ...]:
+    """Levels 2.. of the tree from level 1's centroids alone (what the partitioned cluster stage
+    has in its driver): level l + 1 clusters level l's centroids."""
+    levels: list[Level] = []
+    items = centroids_KD
     for depth, k in enumerate(cfg.ks[1:], start=1):
-        levels.append(_fit_level(levels[-1].centroids_KD, k, depth, cfg)[0])
-    return Hierarchy(levels=tuple(levels), score_N=score_N)
+        levels.append(_fit_level(items, k, depth, cfg)[0])
+        items = levels[-1].centroids_KD
+    return tuple(levels)
 
 
 def _fit_level(items: np.ndarray, k: int, depth: int, cfg: HierarchicalConfig) -> tuple[Level, np.ndarray]:

@@ -292,13 +292,24 @@ def write_outputs(
     (`rundir.BLOBS`) ~1 MiB (`rundir.blob_group_rows`)."""
     out_dir = Path(stage_dir)
     stem = stem_of(partition)
-    outputs, rows, files = {}, {}, {}
+    written = {}
     for key, table in sorted(tables.items()):
         path = output_path(out_dir, stem, key)
         durable.write_parquet(path, table, row_group_size=blob_group_rows(table) if key == BLOBS else GROUP_ROWS)
-        outputs[key or "main"] = path.name
-        rows[key or "main"] = table.num_rows
-        files[path.name] = durable.file_digest(path)
+        written[key] = (path, table.num_rows)
+    return write_marker(written, partition, out_dir, cfg_hash, **extra)
+
+
+def write_marker(
+    written: dict[str, tuple[Path, int]], partition: PartitionLike, stage_dir: str | Path, cfg_hash: str, **extra
+) -> dict:
+    """The marker of a partition whose outputs (key -> (path, rows)) are written, durably, last;
+    returns it (`write_outputs`, and stages that stream an output to its file)."""
+    outputs, rows, files = {}, {}, {}
+    for key, (path, n) in sorted(written.items()):
+        outputs[key or "main"] = Path(path).name
+        rows[key or "main"] = n
+        files[Path(path).name] = durable.file_digest(path)
     marker = {
         "index": partition.index,
         "fingerprint": partition.fingerprint,
@@ -308,7 +319,7 @@ def write_outputs(
         "files": files,
         **extra,
     }
-    durable.write_bytes(marker_path(out_dir, stem), json.dumps(marker, indent=1).encode())
+    durable.write_bytes(marker_path(Path(stage_dir), stem_of(partition)), json.dumps(marker, indent=1).encode())
     return marker
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.lloyd import LloydConfig, lloyd
 from lvd.curation.scale import budget as B
+from lvd.curation.scale import pcluster
 from lvd.curation.scale.dkmeans import DKMeansConfig, cluster_vector_folder, dkmeans, folder_parts, plan_shards
 from lvd.curation.stages import ingest_dedup
 from lvd.curation.stages import select as stages_select
@@ -184,7 +186,13 @@ def test_cluster_stage_on_ray_equals_the_stage_in_one_task(run_with_vectors):
     got = {}
     for engine, actors, hierarchical in (("lloyd", None, True), ("ray", 2, True), ("auto", 1, False)):
         cfg = stages_select.ClusterConfig(
-            k=6, hierarchical=hierarchical, engine=engine, actors=actors, block_rows=16, distributed_above=30
+            k=6,
+            hierarchical=hierarchical,
+            engine=engine,
+            actors=actors,
+            block_rows=16,
+            distributed_above=30,
+            partitioned=False,  # the one task (the partitioned stage: the next test)
         )
         stages_select.run_cluster(run, cfg)
         got[engine] = rundir.clusters(run)
@@ -199,10 +207,40 @@ def test_cluster_stage_on_ray_equals_the_stage_in_one_task(run_with_vectors):
         .filter(pc.equal(got["lloyd"][1]["level"], 0))
         .set_column(2, "parent", pa.array([-1] * 6, pa.int64()))
     )
-    # the level-1 labels are the single-process Lloyd's on the candidates' vectors, in uid order
-    x = open_vectors(rundir.vectors_dir(run)).get(rundir.candidates(run))
-    want = lloyd(x, stages_select.ClusterConfig(k=6, block_rows=16).lloyd(6))
-    assert got["lloyd"][0]["leaf"].to_pylist() == want.assign_N.tolist()
+    # the level-1 labels are the single-process Lloyd's on the candidates' vectors in store-row
+    # order (the partitioned stage's order), written in uid order
+    store = open_vectors(rundir.vectors_dir(run))
+    rows = np.sort(store.rows(rundir.candidates(run)))
+    want = lloyd(store.take(rows), stages_select.ClusterConfig(k=6, block_rows=16).lloyd(6))
+    by_uid = dict(zip(store.uids[rows].tolist(), want.assign_N.tolist()))
+    assert got["lloyd"][0]["leaf"].to_pylist() == [by_uid[u] for u in rundir.candidates(run)]
+    assert not np.array_equal(rows, store.rows(rundir.candidates(run)))  # the orders differ here
+
+
+def test_partitioned_cluster_stage_equals_the_stage_in_one_task(run_with_vectors, tmp_path, monkeypatch):
+    """No task holds the pool (`scale.pcluster`): candidates by uid buckets (here 4 buckets, 3
+    uid ranges), level 1 on 2 actors that read their own store rows, labels written by the
+    actors. Against the one-task stage: the same table and tree. The run has decontaminated
+    candidates, vectors of non-candidates, and a candidate with a second vector in a later part
+    (its first store row counts)."""
+    run = tmp_path / "run"
+    shutil.copytree(run_with_vectors, run)
+    cands = rundir.candidates(run)
+    (run / "decontam").mkdir()
+    pq.write_table(pa.table({"uid": pa.array(cands[3:9], pa.string())}), run / "decontam" / "decontaminated.parquet")
+    assert rundir.candidates(run) == cands[:3] + cands[9:]
+    write_vectors(rundir.vectors_dir(run), 2, [cands[20]], blobs16(1, 16, 1, seed=9))
+    monkeypatch.setattr(pcluster, "RECORDS_PER_TASK", 12)  # 40 records, 31 candidates: 4 buckets, 3 ranges
+    common = dict(k=6, hierarchical=True, block_rows=16, niter=6)  # ks (6, 2): the tree's upper level too
+    stages_select.run_cluster(run, stages_select.ClusterConfig(engine="lloyd", **common))
+    one = rundir.clusters(run)
+    cfg = stages_select.ClusterConfig(engine="ray", actors=2, partitioned=True, **common)
+    marker = stages_select.run_cluster(run, cfg).markers[0]
+    assert marker["partitioned"] is True and marker["rows"]["main"] == len(cands) - 6
+    got = rundir.clusters(run)
+    assert got[0].equals(one[0]) and got[1].equals(one[1])
+    assert len(set(got[0]["leaf"].to_pylist())) == 6 and set(got[1]["level"].to_pylist()) == {0, 1}
+    assert not (run / "cluster" / pcluster.WORK).exists()
 
 
 def test_auto_engine_distributes_above_the_threshold():

@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import re
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +44,7 @@ import ray
 
 from lvd.curation import lloyd
 from lvd.curation.scale import budget as B
+from lvd.curation.scale.pcluster import CandidateRows, write_ranges
 from lvd.curation.vectors import part_paths
 
 _UIDS = re.compile(r"^part-(\d{6})\.uids\.parquet$")
@@ -72,13 +74,23 @@ class DKMeansConfig:
 class ShardSpec:
     """Pool rows `first .. first + n` (block-aligned), found in the parts `npys` whose first store
     rows are `offsets`; `store_rows` maps them to store rows when the pool is a subset (None: the
-    pool is the whole folder, pool row = store row)."""
+    pool is the whole folder, pool row = store row), or `candidates` does, read by the actor
+    (`scale.pcluster`: the driver holds no row of the pool)."""
 
     first: int
     n: int
     npys: tuple[str, ...]
     offsets: tuple[int, ...]
     store_rows: np.ndarray | None = None
+    candidates: CandidateRows | None = None
+
+    def pool_rows(self) -> np.ndarray:
+        """The store rows of this shard's pool rows."""
+        if self.candidates is not None:
+            return self.candidates.rows(self.first, self.n)
+        if self.store_rows is not None:
+            return self.store_rows
+        return np.arange(self.first, self.first + self.n)
 
 
 @dataclass(frozen=True)
@@ -111,21 +123,27 @@ def folder_parts(folder: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
     return npys, np.array([np.load(p, mmap_mode="r").shape[0] for p in npys], np.int64)
 
 
-def plan_shards(npys, counts, n_shards: int, block_rows: int, store_rows=None) -> list[ShardSpec]:
+def plan_shards(npys, counts, n_shards: int, block_rows: int, store_rows=None, candidates=None) -> list[ShardSpec]:
     """At most `n_shards` consecutive, block-aligned ranges of the pool's rows."""
     offsets = tuple(int(o) for o in np.concatenate([[0], np.cumsum(counts)[:-1]]))
-    n = int(np.sum(counts)) if store_rows is None else len(store_rows)
+    n = _pool_size(counts, store_rows, candidates)
     per = max(1, math.ceil(math.ceil(n / max(1, n_shards)) / block_rows)) * block_rows
     specs = []
     for first in range(0, n, per):
         rows = None if store_rows is None else np.asarray(store_rows[first : first + per], np.int64)
-        specs.append(ShardSpec(first, min(per, n - first), tuple(npys), offsets, rows))
+        specs.append(ShardSpec(first, min(per, n - first), tuple(npys), offsets, rows, candidates))
     return specs
+
+
+def _pool_size(counts, store_rows, candidates) -> int:
+    if candidates is not None:
+        return candidates.n
+    return int(np.sum(counts)) if store_rows is None else len(store_rows)
 
 
 def load_shard(spec: ShardSpec) -> np.ndarray:
     """float16 [n, D] rows of one shard, read part by part from the memory maps."""
-    rows = spec.store_rows if spec.store_rows is not None else np.arange(spec.first, spec.first + spec.n)
+    rows = spec.pool_rows()
     part = np.searchsorted(spec.offsets, rows, side="right") - 1
     out = None
     for p in np.unique(part):
@@ -172,7 +190,7 @@ class ShardActor:
 
     def _uids(self) -> list[str]:
         spec = self.spec
-        rows = spec.store_rows if spec.store_rows is not None else np.arange(spec.first, spec.first + spec.n)
+        rows = spec.pool_rows()
         part = np.searchsorted(spec.offsets, rows, side="right") - 1
         out = np.empty(len(rows), object)
         for p in np.unique(part):
@@ -180,6 +198,11 @@ class ShardActor:
             uids = pq.read_table(uid_file, columns=["uid"])["uid"].to_numpy(zero_copy_only=False)
             out[part == p] = uids[rows[part == p] - spec.offsets[p]]
         return out.tolist()
+
+    def write_ranges(self, work: str, index: int, ups: list[np.ndarray], bounds: tuple[str, ...]) -> int:
+        """The last pass's labels as the cluster stage's rows, by uid range (`pcluster.write_ranges`)."""
+        uids = np.asarray(self._uids(), object)
+        return write_ranges(work, index, uids, self.shard.assign_N, self.shard.score_N, ups, bounds)
 
     def stats(self) -> ActorStats:
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -195,18 +218,22 @@ def dkmeans(
     store_rows: np.ndarray | None = None,
     init_KD: np.ndarray | None = None,
     out_dir: str | Path | None = None,
+    candidates: CandidateRows | None = None,
+    finish: Callable[[np.ndarray], tuple[str, list[np.ndarray], tuple[str, ...]]] | None = None,
 ) -> DKMeansResult:
-    """Cluster the vectors of `folder` (all of them, or the store rows `store_rows`, in that
-    order) over Ray actors. `init_KD` overrides the seeded initial centroids. With `out_dir` the
-    actors write their labels as `labels-NNNNNN.parquet` there and the result holds none."""
+    """Cluster the vectors of `folder` (all of them, the store rows `store_rows` in that order, or
+    the `candidates`' rows) over Ray actors. `init_KD` overrides the seeded initial centroids.
+    With `out_dir` the actors write their labels as `labels-NNNNNN.parquet` there and the result
+    holds none; with `finish(centroids) -> (work, ups, bounds)` they write the cluster stage's
+    rows by uid range (`pcluster.write_ranges`) and the result holds none."""
     npys, counts = folder_parts(folder)
-    n = int(counts.sum()) if store_rows is None else len(store_rows)
+    n = _pool_size(counts, store_rows, candidates)
     d = np.load(npys[0], mmap_mode="r").shape[1] if npys else 0
     if n < cfg.lloyd.k:
         raise ValueError(f"k={cfg.lloyd.k} clusters need at least {cfg.lloyd.k} vectors, got {n}: lower k")
     block_rows = cfg.lloyd.blocks(n, d)
     budget = cfg.budget or B.current()
-    specs = plan_shards(npys, counts, n_actors_for(cfg, n, d, block_rows, budget), block_rows, store_rows)
+    specs = plan_shards(npys, counts, n_actors_for(cfg, n, d, block_rows, budget), block_rows, store_rows, candidates)
     memory = [actor_memory(budget, s.n, d, cfg.lloyd.k, block_rows) for s in specs]
     opts = dict(
         num_cpus=B.resident_cpus(cfg.actor_cpus, memory),  # every actor resident at once
@@ -221,7 +248,12 @@ def dkmeans(
     try:
         init = init_KD if init_KD is not None else lloyd.init_centroids(_taker(actors, specs), n, cfg.lloyd)
         c32, total = lloyd.iterate(_partials(actors), _farthest(actors), init, cfg.lloyd.niter)
-        assign, score = _labels(actors, out_dir)
+        if finish is not None:
+            work, ups, bounds = finish(c32)
+            ray.get([a.write_ranges.remote(work, i, ups, bounds) for i, a in enumerate(actors)])
+            assign = score = None
+        else:
+            assign, score = _labels(actors, out_dir)
         stats = tuple(ray.get([a.stats.remote() for a in actors]))
     finally:
         for a in actors:

@@ -32,12 +32,21 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import ray
 
 from lvd.curation import rundir, runner
-from lvd.curation.hierarchical import HierarchicalConfig, Hierarchy, Level, build_upper_levels, hierarchical_kmeans
+from lvd.curation.hierarchical import (
+    HierarchicalConfig,
+    Hierarchy,
+    Level,
+    build_upper_levels,
+    hierarchical_kmeans,
+    upper_levels,
+)  # fmt: skip
 from lvd.curation.kmeans import KMeansConfig, KMeansResult, kmeans
 from lvd.curation.lloyd import LloydConfig, lloyd
 from lvd.curation.scale import budget as B
+from lvd.curation.scale import pcluster
 from lvd.curation.scale.dkmeans import DKMeansConfig, dkmeans
 from lvd.curation.shards import (
     MANIFEST_SCHEMA,
@@ -69,6 +78,9 @@ class ClusterConfig:
     actors: int | None = None  # "ray": actors; None: rows_per_actor, else one per CPU of the cluster
     rows_per_actor: int | None = None  # "ray": most rows one actor holds
     block_rows: int | None = None  # "lloyd"/"ray": rows scored at once (shards are whole blocks); None: ~32 MiB
+    # no task holds the pool (`scale.pcluster`): True / False force it, None takes it from
+    # `distributed_above` ingest records on (engine "auto" or "ray")
+    partitioned: bool | None = None
 
     def __post_init__(self):
         if self.k is not None and self.k < 1:
@@ -78,6 +90,16 @@ class ClusterConfig:
         if self.engine not in ENGINES:
             raise ValueError(f"engine={self.engine!r}: use one of {ENGINES}")
         DKMeansConfig(lloyd=self.lloyd(1), n_actors=self.actors, rows_per_actor=self.rows_per_actor)
+        if self.partitioned and self.engine not in ("auto", "ray"):
+            raise ValueError(
+                f"partitioned=True runs the Lloyd over Ray actors: use engine 'auto' or 'ray', not {self.engine!r}"
+            )
+
+    def partitions(self, records: int) -> bool:
+        """Whether the stage takes the partitioned path for a run of `records` ingest records."""
+        if self.partitioned is not None:
+            return self.partitioned
+        return self.engine in ("auto", "ray") and records >= self.distributed_above
 
     def lloyd(self, k: int) -> LloydConfig:
         return LloydConfig(k=k, niter=self.niter, seed=self.seed, block_rows=self.block_rows)
@@ -134,14 +156,20 @@ def _check_task_budget(n: int) -> None:
 
 
 def _lloyd_level1(vectors: Path, uids: list[str], k: int, cfg: ClusterConfig, engine: str) -> tuple[Level, np.ndarray]:
-    """Level 1 by the exact Lloyd, in this task or over Ray actors (the same result bit for bit)."""
+    """Level 1 by the exact Lloyd, in this task or over Ray actors (the same result bit for bit).
+    The Lloyd sees the candidates in store-row order, as the partitioned stage does (`scale.pcluster`);
+    the labels come back in `uids`' order."""
     store, lcfg = open_vectors(vectors), cfg.lloyd(k)
+    rows = store.rows(uids)
+    order = np.argsort(rows, kind="stable")
     if engine == "lloyd":
-        res = lloyd(store.get(uids), lcfg)
-        return Level(res.centroids_KD, res.assign_N, 0), res.score_N
-    dcfg = DKMeansConfig(lloyd=lcfg, n_actors=cfg.actors, rows_per_actor=cfg.rows_per_actor)
-    res = dkmeans(vectors, dcfg, store_rows=store.rows(uids))
-    return Level(res.centroids_KD, res.assign_N, 0), res.score_N
+        res = lloyd(store.take(rows[order]), lcfg)
+    else:
+        dcfg = DKMeansConfig(lloyd=lcfg, n_actors=cfg.actors, rows_per_actor=cfg.rows_per_actor)
+        res = dkmeans(vectors, dcfg, store_rows=rows[order])
+    assign, score = np.empty_like(res.assign_N), np.empty_like(res.score_N)
+    assign[order], score[order] = res.assign_N, res.score_N
+    return Level(res.centroids_KD, assign, 0), score
 
 
 def _clusters_table(uids, leaf, score, cluster_ids) -> pa.Table:
@@ -176,6 +204,9 @@ def run_cluster(
     run_dir: Path, cfg: ClusterConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig()
 ) -> runner.StageReport:
     unit = runner.WholeStage(fingerprint=rundir.input_digest(run_dir, "cluster"), stem="clusters")
+    records = sum(m["rows"]["main"] for m in rundir.ingest_markers(run_dir).values())
+    if cfg.partitions(records):
+        return _run_partitioned(Path(run_dir), cfg, rcfg, unit)
     return runner.map_partitions(
         ClusterFn(str(run_dir), cfg),
         [unit],
@@ -183,6 +214,41 @@ def run_cluster(
         cfg_hash=runner.config_hash(cfg),
         runner=rcfg,
     )
+
+
+def _run_partitioned(run_dir: Path, cfg: ClusterConfig, rcfg: runner.RunnerConfig, unit) -> runner.StageReport:
+    """The stage with no task holding the pool (`scale.pcluster`): the same outputs and marker
+    as the one-task stage with engine "lloyd" / "ray"."""
+    stage, cfg_hash = rundir.stage_dir(run_dir, "cluster"), runner.config_hash(cfg)
+    report, todo = runner.plan_stage(stage, [unit], cfg_hash, checksums=rcfg.verify_checksums)
+    if not todo:
+        return report
+    runner.init_ray()
+    work = stage / pcluster.WORK
+    shutil.rmtree(work, ignore_errors=True)
+    opts = {"num_cpus": rcfg.num_cpus, "max_retries": rcfg.max_retries}
+    vectors = rundir.vectors_dir(run_dir)
+    found = pcluster.find_candidates(run_dir, vectors, work, opts)
+    n = found.rows.n
+    if n == 0:
+        empty = {"": _clusters_table([], np.zeros(0, np.int64), np.zeros(0), []), "tree": _tree_table(())}
+        marker = runner.write_outputs(empty, unit, stage, cfg_hash, partitioned=True)
+    else:
+        ks = cfg.ks(n)
+        hcfg = HierarchicalConfig(ks=ks, niter=cfg.niter, seed=cfg.seed)
+        tree: list[pa.Table] = []
+
+        def finish(c32_KD: np.ndarray):
+            ups = upper_levels(c32_KD, hcfg) if cfg.hierarchical else ()
+            tree.append(_tree_table((Level(c32_KD, np.zeros(0, np.int64), 0), *ups)))
+            return str(work), [u.assign for u in ups], found.bounds
+
+        dcfg = DKMeansConfig(lloyd=cfg.lloyd(ks[0]), n_actors=cfg.actors, rows_per_actor=cfg.rows_per_actor)
+        dkmeans(vectors, dcfg, candidates=found.rows, finish=finish)
+        merge = ray.remote(pcluster.merge).options(**opts)
+        marker = ray.get(merge.remote(str(work), len(found.bounds) + 1, unit, str(stage), cfg_hash, tree[0]))
+    shutil.rmtree(work, ignore_errors=True)
+    return runner.collect(report, [marker], 1)
 
 
 def read_clusters(run_dir: Path) -> tuple[pa.Table, Hierarchy] | None:
