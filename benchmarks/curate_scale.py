@@ -59,10 +59,10 @@ from lvd.curation.scale.synthetic import PoolSpec, write_pool
 STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger", "shard plan", "pool order")
 # not in the default run: the hash dedup where the whole of it takes longer than a session here
 SAMPLED = ("hash dedup sampled",)
-# also not in the default run: the cluster and retrieve stages' one tasks, measured for their
-# per-image memory ("retrieve task" reads the clusters that "cluster task" leaves)
-OPT_IN = (*SAMPLED, "cluster task", "retrieve task")
-VECTOR_STAGES = {"sharded kNN", "k-means", "cluster task", "retrieve task"}
+# also not in the default run: the cluster stage in one task and partitioned, and the retrieve
+# stage's one task ("retrieve task" reads the clusters that either cluster stage leaves)
+OPT_IN = (*SAMPLED, "cluster task", "cluster partitioned", "retrieve task")
+VECTOR_STAGES = {"sharded kNN", "k-means", "cluster task", "cluster partitioned", "retrieve task"}
 KMEANS_K, KMEANS_ITERS, KNN_K = 256, 3, 16
 KNN_QUERIES = 20_000  # queries searched against the whole sharded pool at every size
 KNN_NLIST, KNN_NPROBE = 512, 8  # IVF lists fixed in N: the driver trains the quantiser on 64 * nlist rows
@@ -310,21 +310,29 @@ def baseline_pool_order(ctx: Ctx) -> str:
     return f"one process (the driver before), {len(uids)} uids, sample of {len(sample)}, lookup {lookup[0].nbytes + lookup[1].nbytes} B"
 
 
-def stage_cluster_task(ctx: Ctx) -> str:
+def stage_cluster_task(ctx: Ctx, partitioned: bool = False) -> str:
     """The product's cluster stage (`select.run_cluster`, engine "ray", a 2-level tree, k-means
-    sized by the budget): its Lloyd runs on actors holding vector shards, while its one Ray task
-    holds the candidates' uids, their assignments and the clusters table (per image)."""
+    sized by the budget) in one task: its Lloyd runs on actors holding vector shards, while its
+    one Ray task holds the candidates' uids, their assignments and the clusters table (per image)."""
     import shutil
 
     from lvd.curation import rundir
     from lvd.curation.stages import select
 
-    cfg = select.ClusterConfig(k=KMEANS_K, niter=KMEANS_ITERS, engine="ray", hierarchical=True, levels=2)
+    cfg = select.ClusterConfig(
+        k=KMEANS_K, niter=KMEANS_ITERS, engine="ray", hierarchical=True, levels=2, partitioned=partitioned
+    )
     shutil.rmtree(rundir.stage_dir(ctx.run_dir, "cluster"), ignore_errors=True)
     with B.job_budget(ctx.budget):
         select.run_cluster(ctx.run_dir, cfg)
     rows = pq.ParquetFile(rundir.stage_dir(ctx.run_dir, "cluster") / "clusters.parquet").metadata.num_rows
     return f"{rows} images clustered, k={KMEANS_K}, 2 levels, {KMEANS_ITERS} iters (kept for 'retrieve task')"
+
+
+def stage_cluster_partitioned(ctx: Ctx) -> str:
+    """The same stage partitioned (`scale.pcluster`): candidates by uid-bucket tasks, the Lloyd's
+    actors read their own rows and write the labels, one task merges clusters.parquet by uid range."""
+    return stage_cluster_task(ctx, partitioned=True)
 
 
 def stage_retrieve_task(ctx: Ctx) -> str:
@@ -382,6 +390,7 @@ STAGE_FNS = {
     "shard plan": stage_shard_plan,
     "pool order": stage_pool_order,
     "cluster task": stage_cluster_task,
+    "cluster partitioned": stage_cluster_partitioned,
     "retrieve task": stage_retrieve_task,
 }
 BASELINES = {

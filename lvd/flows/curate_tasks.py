@@ -241,9 +241,14 @@ def cluster_sizes(
     cfg: stages_select.ClusterConfig, n_rows: int, dim: int, budget: B.WorkerBudget | None
 ) -> stages_select.ClusterConfig:
     """`cfg` with the distributed k-means' rows per actor from the budget, only where the pool is
-    large enough for the distributed engine (smaller pools keep `cfg`, so their fingerprint).
-    The actors themselves also size by the job's budget (`scale.dkmeans`, `cluster_task`)."""
-    distributed = cfg.engine == "ray" or (cfg.engine == "auto" and n_rows >= cfg.distributed_above)
+    large enough for the distributed engine (smaller pools keep `cfg`, so their fingerprint), and
+    partitioned (`scale.pcluster`) where the stage's one task could not hold the pool under the
+    budget (`budget.cluster_task_images`). The actors themselves also size by the job's budget
+    (`scale.dkmeans`, `cluster_task`)."""
+    one_task_full = budget is not None and n_rows > B.cluster_task_images(budget)
+    if one_task_full and cfg.partitioned is None and cfg.engine in ("auto", "ray"):
+        cfg = dataclasses.replace(cfg, partitioned=True)
+    distributed = cfg.engine == "ray" or cfg.partitioned or (cfg.engine == "auto" and n_rows >= cfg.distributed_above)
     if budget is None or not distributed or cfg.actors is not None or cfg.rows_per_actor is not None:
         return cfg
     k = cfg.k or max(1, round(math.sqrt(n_rows)))

@@ -7,6 +7,9 @@ Stages, in order, each leaving its result under OUT (compared between runs by th
   hash dedup  scale.hashdedup.partitioned_duplicates -> OUT/duplicates.parquet (also RUN/dedup/,
               where the ledger reads it)
   k-means     scale.dkmeans over the vector parts   -> OUT/centroids.npy, OUT/labels.parquet
+  cluster     the cluster stage, partitioned (scale.pcluster), a 2-level tree -> OUT/clusters.parquet,
+              OUT/clusters.tree.parquet; and the single-process Lloyd on the candidates in store-row
+              order -> OUT/clusters.lloyd.parquet (uid, leaf)
   kNN         scale.shardindex exact, 300 queries   -> OUT/knn_ids.npy, OUT/knn_sims.npy
   ledger      ledger.write_parts                    -> OUT/ledger.parquet (read_ledger)
   shard plan  stages.shardplan, ranges of <= 1,500  -> OUT/shardplan.parquet (the plan files' rows,
@@ -38,7 +41,7 @@ from lvd.curation import ledger, rundir
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.scale import budget as B
 
-STAGES = ("hash dedup", "k-means", "kNN", "ledger", "shard plan")
+STAGES = ("hash dedup", "k-means", "cluster", "kNN", "ledger", "shard plan")
 K, NITER, KNN_K, QUERIES = 8, 6, 5, 300
 
 
@@ -71,6 +74,23 @@ def kmeans(run: Path, out: Path, b: B.WorkerBudget) -> None:
     np.save(out / "centroids.npy", res.centroids_KD)
     labels = pa.concat_tables([pq.read_table(p) for p in sorted((run / "kmeans").glob("labels-*.parquet"))])
     pq.write_table(labels, out / "labels.parquet")
+
+
+def cluster(run: Path, out: Path, b: B.WorkerBudget) -> None:
+    from lvd.curation.lloyd import lloyd
+    from lvd.curation.stages import select
+    from lvd.curation.vectors import open_vectors
+
+    cfg = select.ClusterConfig(k=K, niter=NITER, seed=1, hierarchical=True, levels=2, partitioned=True)
+    with B.job_budget(b):
+        select.run_cluster(run, cfg)
+    table, tree = rundir.clusters(run)
+    pq.write_table(table, out / "clusters.parquet")
+    pq.write_table(tree, out / "clusters.tree.parquet")
+    store, uids = open_vectors(run / "vectors"), rundir.candidates(run)
+    rows = np.sort(store.rows(uids))
+    one = lloyd(store.take(rows), cfg.lloyd(K))
+    pq.write_table(pa.table({"uid": store.uids[rows].tolist(), "leaf": one.assign_N}), out / "clusters.lloyd.parquet")
 
 
 def knn(run: Path, out: Path, b: B.WorkerBudget) -> None:
@@ -106,7 +126,14 @@ def shard_plan(run: Path, out: Path, b: B.WorkerBudget) -> None:
     shutil.rmtree(shardplan.work_dir(run))
 
 
-FNS = {"hash dedup": hash_dedup, "k-means": kmeans, "kNN": knn, "ledger": write_ledger, "shard plan": shard_plan}
+FNS = {
+    "hash dedup": hash_dedup,
+    "k-means": kmeans,
+    "cluster": cluster,
+    "kNN": knn,
+    "ledger": write_ledger,
+    "shard plan": shard_plan,
+}
 
 
 def run_stages(

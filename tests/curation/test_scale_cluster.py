@@ -146,11 +146,18 @@ def test_node_removed_during_each_partitioned_stage_changes_no_output(tmp_path):
     write_pool(spec, run)
     out = tmp_path / "out"
     res = run_script([str(WORK), str(run), str(out), "--cluster-removal", "--budget", "600MiB"], timeout=1500)
-    assert set(res["faulted"]) == {"hash dedup", "k-means", "kNN", "ledger", "shard plan"}
+    assert set(res["faulted"]) == {"hash dedup", "k-means", "cluster", "kNN", "ledger", "shard plan"}
     for stage, (start, end) in res["faulted"].items():
         assert stage in res["removed"] and start < res["removed"][stage] < end, f"{stage}: no node removed mid-stage"
     ref = out / "reference"
-    for name in ("duplicates.parquet", "labels.parquet", "ledger.parquet", "shardplan.parquet"):
+    for name in (
+        "duplicates.parquet",
+        "labels.parquet",
+        "clusters.parquet",
+        "clusters.tree.parquet",
+        "ledger.parquet",
+        "shardplan.parquet",
+    ):
         assert pq.read_table(out / name).equals(pq.read_table(ref / name)), name
     for name in ("centroids.npy", "knn_ids.npy", "knn_sims.npy"):
         np.testing.assert_array_equal(np.load(out / name), np.load(ref / name), err_msg=name)
@@ -162,6 +169,11 @@ def test_node_removed_during_each_partitioned_stage_changes_no_output(tmp_path):
     assert led.num_rows == spec.n
     assert led["status"].to_pylist().count("duplicate") == len(dups["uid"]) > 0
     assert pq.read_table(out / "labels.parquet").num_rows == spec.n
+    # the partitioned cluster stage on 3 nodes: the single-process Lloyd's labels, every candidate once
+    clusters = pq.read_table(out / "clusters.parquet")
+    one = pq.read_table(out / "clusters.lloyd.parquet").sort_by("uid")
+    assert clusters.select(["uid", "leaf"]).equals(one.select(["uid", "leaf"]))
+    assert clusters.num_rows == spec.n - len(dups["uid"])
     assert (np.load(out / "knn_sims.npy")[:, 0] > 0.999).all()  # each query finds itself (or its copy) first
     planned = pq.read_table(out / "shardplan.parquet")["uid"].to_pylist()  # the candidates, in uid order
     assert planned == sorted(set(led["uid"].to_pylist()) - set(dups["uid"])) and len(planned) < spec.n

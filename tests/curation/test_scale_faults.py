@@ -28,7 +28,7 @@ import pytest
 from lvd.curation.scale.synthetic import PoolSpec, expected_duplicates, write_pool
 
 WORK = Path(__file__).with_name("_scale_work.py")
-STAGES = ("hash dedup", "k-means", "kNN", "ledger", "shard plan")
+STAGES = ("hash dedup", "k-means", "cluster", "kNN", "ledger", "shard plan")
 SPEC = PoolSpec(n=4_000, dim=32, part_rows=500, copy_every=20, centres=16)
 
 
@@ -77,7 +77,14 @@ def test_sigkill_in_each_partitioned_stage_then_rerun_gives_identical_outputs(ra
         for done in STAGES[: STAGES.index(stage)]:
             assert (out / f"{done}.done").exists()
     finish(driver(run, out, address, log), log)
-    for name in ("duplicates.parquet", "labels.parquet", "ledger.parquet", "shardplan.parquet"):
+    for name in (
+        "duplicates.parquet",
+        "labels.parquet",
+        "clusters.parquet",
+        "clusters.tree.parquet",
+        "ledger.parquet",
+        "shardplan.parquet",
+    ):
         assert pq.read_table(out / name).equals(pq.read_table(ref_out / name)), name
     for name in ("centroids.npy", "knn_ids.npy", "knn_sims.npy"):
         np.testing.assert_array_equal(np.load(out / name), np.load(ref_out / name), err_msg=name)
@@ -87,6 +94,9 @@ def test_sigkill_in_each_partitioned_stage_then_rerun_gives_identical_outputs(ra
     planned = pq.read_table(ref_out / "shardplan.parquet")["uid"].to_pylist()
     assert planned == sorted(set(pq.read_table(ref_out / "ledger.parquet")["uid"].to_pylist()) - set(dups["uid"]))
     assert set(expected_duplicates(SPEC)) <= set(dups["uid"]) | set(dups["duplicate_of"])
+    clusters = pq.read_table(ref_out / "clusters.parquet")  # the partitioned stage = one-process Lloyd
+    one = pq.read_table(ref_out / "clusters.lloyd.parquet").sort_by("uid")
+    assert clusters.select(["uid", "leaf"]).equals(one.select(["uid", "leaf"])) and clusters.num_rows == len(planned)
     led = pq.read_table(ref_out / "ledger.parquet")
     assert sorted(led["source"].to_pylist()) == [f"synthetic/{i:09d}.jpg" for i in range(SPEC.n)]
     assert led["status"].to_pylist().count("duplicate") == len(dups["uid"]) > 0

@@ -44,6 +44,11 @@ def test_budget_sizes_follow_it_and_no_budget_keeps_todays():
     assert tasks.cluster_sizes(cfg, 10_000, 128, BUDGET) is cfg  # one-task k-means: fingerprint kept
     big = tasks.cluster_sizes(cfg, 4_000_000, 128, BUDGET)
     assert big.rows_per_actor == B.kmeans_shard_rows(BUDGET, 128, 2000, block_rows=2048)  # lloyd's block at 4M
+    assert big.partitioned is True  # 4M candidates: more than the one task holds at this budget
+    fits = B.cluster_task_images(BUDGET)
+    assert tasks.cluster_sizes(cfg, fits, 128, BUDGET) is cfg
+    assert tasks.cluster_sizes(cfg, fits + 1, 128, BUDGET).partitioned is True  # partitioned, not refused
+    assert tasks.cluster_sizes(ClusterConfig(engine="lloyd"), 4_000_000, 128, BUDGET).partitioned is None
     rcfg = RetrieveConfig()
     assert tasks.retrieve_sizes(rcfg, 10_000, 128, BUDGET) is rcfg
     knn = tasks.retrieve_sizes(rcfg, 4_000_000, 128, BUDGET).knn
