@@ -18,6 +18,7 @@ centroid). Everything is deterministic for a seed.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -183,18 +184,48 @@ def water_fill(sizes_G: np.ndarray, budget: int, rng: np.random.Generator) -> np
     return alloc
 
 
-def balanced_sample(h: Hierarchy, target: int, *, seed: int = 0, strategy: str = "random") -> np.ndarray:
+def balanced_sample(
+    h: Hierarchy, target: int, *, seed: int = 0, strategy: str = "random", key_N: np.ndarray | None = None
+) -> np.ndarray:
     """`min(target, N)` point indices (ascending) drawn top-down, evenly across the clusters of
-    every level; within a level-1 cluster, random points or those closest to its centroid."""
+    every level; within a level-1 cluster, random points or those closest to its centroid, or
+    those with the smallest `key_N` when given (the stage gives `uid_keys`)."""
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r}: use one of {STRATEGIES}")
     rng = np.random.default_rng(seed)
-    top = len(h.levels)
-    quota = water_fill(h.sizes(top), target, rng)
-    for level in range(top, 1, -1):
-        quota = _split_among_children(h.levels[level - 1].assign, h.sizes(level - 1), quota, rng)
-    key = -h.score_N if strategy == "closest" else rng.random(h.n_points)
-    return take_per_group(h.levels[0].assign, key, quota)
+    quota = leaf_quotas(h.levels, h.sizes(1), target, rng)
+    if key_N is None:
+        key_N = -h.score_N if strategy == "closest" else rng.random(h.n_points)
+    return take_per_group(h.levels[0].assign, key_N, quota)
+
+
+def level_sizes(levels: tuple[Level, ...], leaf_sizes: np.ndarray) -> list[np.ndarray]:
+    """Points per cluster at every level (finest first), from the level-1 sizes and the tree."""
+    sizes = [np.asarray(leaf_sizes, np.int64)]
+    for lvl in levels[1:]:
+        below = np.bincount(lvl.assign, weights=sizes[-1], minlength=len(lvl.centroids_KD))
+        sizes.append(np.rint(below).astype(np.int64))
+    return sizes
+
+
+def leaf_quotas(levels: tuple[Level, ...], leaf_sizes: np.ndarray, target: int, rng: np.random.Generator) -> np.ndarray:
+    """Points to take from every level-1 cluster: `target` split evenly top-down (`water_fill`
+    at the top, then among each cluster's children). It needs the tree and the level-1 sizes
+    only, so a partitioned stage computes it in its driver (`scale.pretrieve`)."""
+    sizes = level_sizes(levels, leaf_sizes)
+    quota = water_fill(sizes[-1], target, rng)
+    for level in range(len(levels), 1, -1):
+        quota = _split_among_children(levels[level - 1].assign, sizes[level - 2], quota, rng)
+    return quota
+
+
+def uid_keys(uids, seed: int) -> np.ndarray:
+    """uint64 [n]: a seeded hash of each uid (the first 8 bytes of sha256 of "seed:uid"), the
+    random order of balanced sampling that does not depend on where a point is stored."""
+    out = np.empty(len(uids), np.uint64)
+    for i, u in enumerate(uids):
+        out[i] = int.from_bytes(hashlib.sha256(f"{seed}:{u}".encode()).digest()[:8], "big")
+    return out
 
 
 def _split_among_children(parent_C: np.ndarray, sizes_C: np.ndarray, quota_P: np.ndarray, rng) -> np.ndarray:

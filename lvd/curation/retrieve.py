@@ -193,9 +193,10 @@ def cluster_based(pool: KMeansResult, seeds_SD: np.ndarray, cfg: ClusterRetrieva
     )
 
 
-def balanced(h: Hierarchy, cfg: BalancedConfig) -> Retrieval:
-    """Hierarchical balanced sample of the pool to `cfg.target` images (Vo et al. 2024)."""
-    rows = balanced_sample(h, cfg.target, seed=cfg.seed, strategy=cfg.strategy)
+def balanced(h: Hierarchy, cfg: BalancedConfig, key_N: np.ndarray | None = None) -> Retrieval:
+    """Hierarchical balanced sample of the pool to `cfg.target` images (Vo et al. 2024); within
+    a level-1 cluster the smallest `key_N` when given (`hierarchical.uid_keys`)."""
+    rows = balanced_sample(h, cfg.target, seed=cfg.seed, strategy=cfg.strategy, key_N=key_N)
     leaf = h.levels[0].assign[rows]
     counts = RetrievalCounts(
         n_seeds=0,

@@ -359,6 +359,14 @@ def clusters(run_dir: Path) -> tuple[pa.Table, pa.Table] | None:
     return t, pq.read_table(d / "clusters.tree.parquet")
 
 
+def clusters_files(run_dir: Path) -> tuple[Path, Path] | None:
+    """The cluster stage's table and tree files (None when it did not run), for readers that
+    take them a chunk at a time (partitioned balanced sampling)."""
+    d = Path(run_dir) / "cluster"
+    table, tree = d / "clusters.parquet", d / "clusters.tree.parquet"
+    return (table, tree) if table.exists() and tree.exists() else None
+
+
 def cluster_rows(run_dir: Path, where: pc.Expression) -> pa.Table | None:
     """The rows of the cluster stage's table (uid, leaf, score, cluster_ids) `where` keeps."""
     return _table(Path(run_dir) / "cluster" / "clusters.parquet", where=where)

@@ -24,9 +24,10 @@ from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.lloyd import LloydConfig, lloyd
 from lvd.curation.scale import budget as B
-from lvd.curation.scale import pcluster
+from lvd.curation.scale import pcluster, pretrieve
 from lvd.curation.scale.dkmeans import DKMeansConfig, cluster_vector_folder, dkmeans, folder_parts, plan_shards
 from lvd.curation.stages import ingest_dedup
+from lvd.curation.stages import retrieve as stages_retrieve
 from lvd.curation.stages import select as stages_select
 from lvd.curation.vectors import open_vectors, write_vectors
 
@@ -347,3 +348,30 @@ def test_retrieve_stage_refuses_a_pool_its_task_cannot_hold(run_with_vectors, mo
     monkeypatch.setattr(B, "RETRIEVE_TASK_IMAGE_BYTES", 256 * B.MiB // n)  # exactly fits
     with B.job_budget(budget):
         assert fn(unit)[""].num_rows == n // 2
+
+
+def test_partitioned_balanced_sampling_equals_the_retrieve_stage_in_one_task(run_with_vectors, tmp_path, monkeypatch):
+    """The retrieve stage without seeds, partitioned (`scale.pretrieve`: chunks of the clusters
+    table, leaf buckets, uid ranges) against its one task: the same selection, counts and seeds
+    tables. The clusters come from the partitioned cluster stage, so the table has a row group
+    per uid range and the map wave has several chunks."""
+    run = tmp_path / "run"
+    shutil.copytree(run_with_vectors, run)
+    monkeypatch.setattr(pcluster, "RECORDS_PER_TASK", 12)
+    monkeypatch.setattr(pretrieve, "RECORDS_PER_TASK", 12)  # 40 candidates: 4 chunks, 4 leaf buckets
+    cfg = stages_select.ClusterConfig(k=6, hierarchical=True, block_rows=16, niter=6, engine="ray", partitioned=True)
+    stages_select.run_cluster(run, cfg)
+    assert pq.ParquetFile(rundir.stage_dir(run, "cluster") / "clusters.parquet").num_row_groups >= 3
+    got = {}
+    for partitioned in (False, True):
+        rcfg = stages_retrieve.RetrieveConfig(method="hierarchical", target=13, seed=5, partitioned=partitioned)
+        marker = stages_retrieve.run_retrieve(run, {}, rcfg).markers[0]
+        assert marker.get("partitioned", False) is partitioned
+        got[partitioned] = [rundir.selection(run, what) for what in ("", "counts", "seeds")]
+    for one, part in zip(got[False], got[True]):
+        assert part.equals(one.cast(part.schema)), (one, part)
+    sel = got[True][0]
+    assert sel.num_rows == 13 and sel["uid"].to_pylist() == sorted(sel["uid"].to_pylist())
+    sizes = np.bincount(rundir.clusters(run)[0]["leaf"].to_numpy(), minlength=6)
+    taken = np.bincount(sel["cluster_id"].to_numpy(), minlength=6)
+    assert (taken <= sizes).all() and (taken > 0).sum() >= 5  # spread over the tree, not one cluster

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from lvd.curation import rundir, runner
+from lvd.curation.hierarchical import uid_keys
 from lvd.curation.knn_index import build_index
 from lvd.curation.retrieve import (
     BalancedConfig,
@@ -36,7 +37,7 @@ from lvd.curation.retrieve import (
     union,
 )  # fmt: skip
 from lvd.curation.scale import budget as B
-from lvd.curation.scale import shardindex
+from lvd.curation.scale import pretrieve, shardindex
 from lvd.curation.stages.select import flat_kmeans, read_clusters
 from lvd.curation.vectors import open_vectors
 
@@ -55,6 +56,10 @@ class RetrieveConfig:
     # the pool's k-NN index (sample): one in-process index below knn.sharded_above candidates, else
     # sharded over Ray actors (exact below knn.index.exact_below rows, IVF above)
     knn: shardindex.ShardConfig = field(default_factory=shardindex.ShardConfig)
+    # balanced sampling (no seeds) with no task holding the pool (`scale.pretrieve`): True / False
+    # force it, None takes it from PARTITIONED_MIN candidates on, or when the one task could not
+    # hold them under the job's --worker-memory (`budget.retrieve_task_images`)
+    partitioned: bool | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -79,7 +84,8 @@ class RetrieveFn:
         clusters = read_clusters(run)
         if not self.seed_dirs or self.cfg.method == "hierarchical":
             names, seed_uids = ["*"], [[]]
-            results = [balanced(clusters[1], BalancedConfig(target=self._target(), seed=self.cfg.seed))]
+            keys = uid_keys(uids.tolist(), self.cfg.seed)  # the partitioned stage's draw (`scale.pretrieve`)
+            results = [balanced(clusters[1], BalancedConfig(target=self._target(), seed=self.cfg.seed), keys)]
         else:
             names = sorted(self.seed_dirs)
             index = self._pool_index(run, uids) if self.cfg.method == "sample" else None
@@ -161,12 +167,43 @@ def seed_vectors(seed_dir: Path) -> tuple[list[str], np.ndarray]:
     return uids, open_vectors(rundir.vectors_dir(seed_dir)).get(uids)
 
 
+PARTITIONED_MIN = 1_000_000  # candidates from which balanced sampling is partitioned by default
+
+
+def partitions(run_dir: Path, seed_dirs: dict, cfg: RetrieveConfig) -> bool:
+    """Whether balanced sampling runs partitioned (`scale.pretrieve`): never with seeds (sample /
+    cluster retrieval), else `cfg.partitioned`, else from the candidates the cluster stage wrote."""
+    if seed_dirs and cfg.method != "hierarchical":
+        if cfg.partitioned:
+            raise ValueError(
+                "partitioned=True is balanced sampling without seeds: use method 'hierarchical' or no seeds"
+            )
+        return False
+    if cfg.partitioned is not None:
+        return cfg.partitioned
+    marker = runner.read_marker(rundir.stage_dir(run_dir, "cluster"), "clusters")
+    n = marker["rows"]["main"] if marker else 0
+    budget = B.current()
+    return n >= PARTITIONED_MIN or (budget is not None and n > B.retrieve_task_images(budget))
+
+
 def run_retrieve(
     run_dir: Path, seed_dirs: dict[str, Path], cfg: RetrieveConfig, rcfg: runner.RunnerConfig = runner.RunnerConfig()
 ) -> runner.StageReport:
     seeds = [rundir.stage_dir(seed_dirs[n], s) for n in sorted(seed_dirs) for s in ("dedup", "embed")]
     unit = runner.WholeStage(fingerprint=rundir.input_digest(run_dir, "retrieve", *seeds), stem="selection")
     fn = RetrieveFn(str(run_dir), {k: str(v) for k, v in seed_dirs.items()}, cfg)
+    if partitions(Path(run_dir), seed_dirs, cfg):
+        stage, cfg_hash = rundir.stage_dir(run_dir, "retrieve"), runner.config_hash(cfg, sorted(seed_dirs))
+        report, todo = runner.plan_stage(stage, [unit], cfg_hash, checksums=rcfg.verify_checksums)
+        if todo:
+            runner.init_ray()
+            opts = {"num_cpus": rcfg.num_cpus, "max_retries": rcfg.max_retries}
+            marker = pretrieve.balanced_partitioned(
+                Path(run_dir), fn._target(), cfg.seed, unit, stage, cfg_hash, opts
+            )  # fmt: skip
+            report = runner.collect(report, [marker], 1)
+        return report
     return runner.map_partitions(
         fn,
         [unit],
