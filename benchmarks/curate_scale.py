@@ -61,8 +61,15 @@ STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger", "shard
 SAMPLED = ("hash dedup sampled",)
 # also not in the default run: the cluster stage in one task and partitioned, and the retrieve
 # stage's one task ("retrieve task" reads the clusters that either cluster stage leaves)
-OPT_IN = (*SAMPLED, "cluster task", "cluster partitioned", "retrieve task")
-VECTOR_STAGES = {"sharded kNN", "k-means", "cluster task", "cluster partitioned", "retrieve task"}
+OPT_IN = (*SAMPLED, "cluster task", "cluster partitioned", "retrieve task", "retrieve partitioned")
+VECTOR_STAGES = {
+    "sharded kNN",
+    "k-means",
+    "cluster task",
+    "cluster partitioned",
+    "retrieve task",
+    "retrieve partitioned",
+}
 KMEANS_K, KMEANS_ITERS, KNN_K = 256, 3, 16
 KNN_QUERIES = 20_000  # queries searched against the whole sharded pool at every size
 KNN_NLIST, KNN_NPROBE = 512, 8  # IVF lists fixed in N: the driver trains the quantiser on 64 * nlist rows
@@ -335,25 +342,31 @@ def stage_cluster_partitioned(ctx: Ctx) -> str:
     return stage_cluster_task(ctx, partitioned=True)
 
 
-def stage_retrieve_task(ctx: Ctx) -> str:
+def stage_retrieve_task(ctx: Ctx, partitioned: bool = False) -> str:
     """The product's retrieve stage without seeds (`retrieve.run_retrieve`, balanced sampling of
-    the cluster tree to a quarter of the pool, as LVD-142M's path): its one Ray task holds the
-    candidates' uids, the clusters table and the tree, and draws the sample (per image)."""
+    the cluster tree to a quarter of the pool, as LVD-142M's path) in one task: it holds the
+    candidates' uids, the clusters table and the tree, and draws the sample (per image). The
+    clusters stay for a later retrieve stage."""
     import shutil
 
     from lvd.curation import rundir
     from lvd.curation.stages import retrieve
 
     if not (rundir.stage_dir(ctx.run_dir, "cluster") / "clusters.parquet").is_file():
-        raise Skip("needs the clusters: run 'cluster task' before it in --stages")
-    cfg = retrieve.RetrieveConfig(method="hierarchical", target=ctx.spec.n // 4)
+        raise Skip("needs the clusters: run 'cluster task' or 'cluster partitioned' before it in --stages")
+    cfg = retrieve.RetrieveConfig(method="hierarchical", target=ctx.spec.n // 4, partitioned=partitioned)
     shutil.rmtree(rundir.stage_dir(ctx.run_dir, "retrieve"), ignore_errors=True)
     with B.job_budget(ctx.budget):
         retrieve.run_retrieve(ctx.run_dir, {}, cfg)
     rows = pq.ParquetFile(rundir.stage_dir(ctx.run_dir, "retrieve") / "selection.parquet").metadata.num_rows
-    for stage in ("retrieve", "cluster"):
-        shutil.rmtree(rundir.stage_dir(ctx.run_dir, stage))
+    shutil.rmtree(rundir.stage_dir(ctx.run_dir, "retrieve"))
     return f"{rows} of {ctx.spec.n} images selected by balanced sampling of a 2-level tree"
+
+
+def stage_retrieve_partitioned(ctx: Ctx) -> str:
+    """The same balanced sampling partitioned (`scale.pretrieve`): chunk tasks, leaf-bucket tasks,
+    one task merging the selection by uid range."""
+    return stage_retrieve_task(ctx, partitioned=True)
 
 
 def baseline_kmeans(ctx: Ctx) -> str:
@@ -391,6 +404,7 @@ STAGE_FNS = {
     "pool order": stage_pool_order,
     "cluster task": stage_cluster_task,
     "cluster partitioned": stage_cluster_partitioned,
+    "retrieve partitioned": stage_retrieve_partitioned,
     "retrieve task": stage_retrieve_task,
 }
 BASELINES = {

@@ -10,6 +10,9 @@ Stages, in order, each leaving its result under OUT (compared between runs by th
   cluster     the cluster stage, partitioned (scale.pcluster), a 2-level tree -> OUT/clusters.parquet,
               OUT/clusters.tree.parquet; and the single-process Lloyd on the candidates in store-row
               order -> OUT/clusters.lloyd.parquet (uid, leaf)
+  retrieve    balanced sampling to a quarter of the pool, partitioned (scale.pretrieve), run last
+              (the ledger and shard plan above ship every candidate) -> OUT/selection.parquet; and
+              the same draw in one process -> OUT/selection.one.parquet (uid)
   kNN         scale.shardindex exact, 300 queries   -> OUT/knn_ids.npy, OUT/knn_sims.npy
   ledger      ledger.write_parts                    -> OUT/ledger.parquet (read_ledger)
   shard plan  stages.shardplan, ranges of <= 1,500  -> OUT/shardplan.parquet (the plan files' rows,
@@ -41,7 +44,7 @@ from lvd.curation import ledger, rundir
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.scale import budget as B
 
-STAGES = ("hash dedup", "k-means", "cluster", "kNN", "ledger", "shard plan")
+STAGES = ("hash dedup", "k-means", "cluster", "kNN", "ledger", "shard plan", "retrieve")
 K, NITER, KNN_K, QUERIES = 8, 6, 5, 300
 
 
@@ -93,6 +96,22 @@ def cluster(run: Path, out: Path, b: B.WorkerBudget) -> None:
     pq.write_table(pa.table({"uid": store.uids[rows].tolist(), "leaf": one.assign_N}), out / "clusters.lloyd.parquet")
 
 
+def retrieve(run: Path, out: Path, b: B.WorkerBudget) -> None:
+    from lvd.curation.hierarchical import uid_keys
+    from lvd.curation.retrieve import BalancedConfig, balanced
+    from lvd.curation.stages import retrieve as stage
+    from lvd.curation.stages.select import read_clusters
+
+    table, tree = read_clusters(run)
+    cfg = stage.RetrieveConfig(method="hierarchical", target=table.num_rows // 4, seed=2, partitioned=True)
+    with B.job_budget(b):
+        stage.run_retrieve(run, {}, cfg)
+    pq.write_table(rundir.selection(run), out / "selection.parquet")
+    uids = table["uid"].to_pylist()
+    one = balanced(tree, BalancedConfig(target=cfg.target, seed=cfg.seed), uid_keys(uids, cfg.seed))
+    pq.write_table(pa.table({"uid": [uids[i] for i in one.pool_idx.tolist()]}), out / "selection.one.parquet")
+
+
 def knn(run: Path, out: Path, b: B.WorkerBudget) -> None:
     from lvd.curation.scale import shardindex
     from lvd.curation.vectors import open_vectors
@@ -133,6 +152,7 @@ FNS = {
     "kNN": knn,
     "ledger": write_ledger,
     "shard plan": shard_plan,
+    "retrieve": retrieve,
 }
 
 

@@ -112,8 +112,9 @@ def test_cluster_size_formula():
 @pytest.mark.slow
 def test_vectors_larger_than_a_worker_budget_run_within_it(tmp_path):
     """600,000 x 512 float16 vectors (614 MB, 1.9 GB as the float32 a flat index holds) under a
-    512 MiB budget per worker: sharded kNN, distributed k-means, the ledger and the shard plan run to the end,
-    and no process (driver or any Ray worker) peaks above 512 MiB."""
+    512 MiB budget per worker: sharded kNN, distributed k-means, the ledger, the shard plan, the
+    partitioned cluster stage and partitioned balanced sampling run to the end, and no process
+    (driver or any Ray worker) peaks above 512 MiB."""
     budget = B.WorkerBudget(B.parse_bytes("512MiB"))
     spec = PoolSpec(n=600_000, dim=512, part_rows=10_000)
     pool = tmp_path / "pool-6e5-d512-p10000"
@@ -121,13 +122,15 @@ def test_vectors_larger_than_a_worker_budget_run_within_it(tmp_path):
     assert spec.n * spec.dim * 2 > budget.worker_bytes  # the pool's vectors alone exceed one worker's budget
     argv = [str(ROOT / "benchmarks" / "curate_scale.py"), "--one", str(spec.n), "2", "--pool-root", str(tmp_path)]
     argv += ["--worker-memory", "512MiB", "--dim", "512", "--part-rows", "10000", "--baseline-max", "0"]
-    rows = run_script([*argv, "--stages", "sharded kNN,k-means,ledger,shard plan"], timeout=1500)
-    assert [r["stage"] for r in rows] == ["sharded kNN", "k-means", "ledger", "shard plan"]
+    stages = ["sharded kNN", "k-means", "ledger", "shard plan", "cluster partitioned", "retrieve partitioned"]
+    rows = run_script([*argv, "--stages", ",".join(stages)], timeout=2400)
+    assert [r["stage"] for r in rows] == stages
     for r in rows:
         assert r["wall_s"] is not None, r  # ran, not skipped
         assert 0 < r["driver_peak"] < budget.worker_bytes, r
         assert r["worker_peaks"] and max(r["worker_peaks"]) < budget.worker_bytes, r
-    knn, km, led, plan = rows
+    knn, km, led, plan, clu, ret = rows
+    assert f"{spec.n} images clustered" in clu["note"] and f"{spec.n // 4} of {spec.n} images selected" in ret["note"]
     assert f"{spec.n} rows in 3 uid ranges" in plan["note"], plan["note"]  # 291,000 records a range at 512 MiB
     assert len(knn["worker_peaks"]) >= spec.n * spec.dim * 4 // budget.worker_bytes  # really spread over shards
     assert "self found first 0.99" in knn["note"] or "self found first 1.0" in knn["note"], knn["note"]
@@ -146,7 +149,7 @@ def test_node_removed_during_each_partitioned_stage_changes_no_output(tmp_path):
     write_pool(spec, run)
     out = tmp_path / "out"
     res = run_script([str(WORK), str(run), str(out), "--cluster-removal", "--budget", "600MiB"], timeout=1500)
-    assert set(res["faulted"]) == {"hash dedup", "k-means", "cluster", "kNN", "ledger", "shard plan"}
+    assert set(res["faulted"]) == {"hash dedup", "k-means", "cluster", "kNN", "ledger", "shard plan", "retrieve"}
     for stage, (start, end) in res["faulted"].items():
         assert stage in res["removed"] and start < res["removed"][stage] < end, f"{stage}: no node removed mid-stage"
     ref = out / "reference"
@@ -155,6 +158,7 @@ def test_node_removed_during_each_partitioned_stage_changes_no_output(tmp_path):
         "labels.parquet",
         "clusters.parquet",
         "clusters.tree.parquet",
+        "selection.parquet",
         "ledger.parquet",
         "shardplan.parquet",
     ):
@@ -174,6 +178,10 @@ def test_node_removed_during_each_partitioned_stage_changes_no_output(tmp_path):
     one = pq.read_table(out / "clusters.lloyd.parquet").sort_by("uid")
     assert clusters.select(["uid", "leaf"]).equals(one.select(["uid", "leaf"]))
     assert clusters.num_rows == spec.n - len(dups["uid"])
+    # balanced sampling, partitioned on 3 nodes: the one-process draw, a quarter of the candidates
+    sel = pq.read_table(out / "selection.parquet")["uid"].to_pylist()
+    assert sel == pq.read_table(out / "selection.one.parquet")["uid"].to_pylist()
+    assert len(sel) == clusters.num_rows // 4
     assert (np.load(out / "knn_sims.npy")[:, 0] > 0.999).all()  # each query finds itself (or its copy) first
     planned = pq.read_table(out / "shardplan.parquet")["uid"].to_pylist()  # the candidates, in uid order
     assert planned == sorted(set(led["uid"].to_pylist()) - set(dups["uid"])) and len(planned) < spec.n

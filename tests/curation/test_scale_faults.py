@@ -28,7 +28,7 @@ import pytest
 from lvd.curation.scale.synthetic import PoolSpec, expected_duplicates, write_pool
 
 WORK = Path(__file__).with_name("_scale_work.py")
-STAGES = ("hash dedup", "k-means", "cluster", "kNN", "ledger", "shard plan")
+STAGES = ("hash dedup", "k-means", "cluster", "kNN", "ledger", "shard plan", "retrieve")
 SPEC = PoolSpec(n=4_000, dim=32, part_rows=500, copy_every=20, centres=16)
 
 
@@ -82,6 +82,7 @@ def test_sigkill_in_each_partitioned_stage_then_rerun_gives_identical_outputs(ra
         "labels.parquet",
         "clusters.parquet",
         "clusters.tree.parquet",
+        "selection.parquet",
         "ledger.parquet",
         "shardplan.parquet",
     ):
@@ -97,6 +98,8 @@ def test_sigkill_in_each_partitioned_stage_then_rerun_gives_identical_outputs(ra
     clusters = pq.read_table(ref_out / "clusters.parquet")  # the partitioned stage = one-process Lloyd
     one = pq.read_table(ref_out / "clusters.lloyd.parquet").sort_by("uid")
     assert clusters.select(["uid", "leaf"]).equals(one.select(["uid", "leaf"])) and clusters.num_rows == len(planned)
+    sel = pq.read_table(ref_out / "selection.parquet")["uid"].to_pylist()  # partitioned = one-process draw
+    assert sel == pq.read_table(ref_out / "selection.one.parquet")["uid"].to_pylist() and len(sel) == len(planned) // 4
     led = pq.read_table(ref_out / "ledger.parquet")
     assert sorted(led["source"].to_pylist()) == [f"synthetic/{i:09d}.jpg" for i in range(SPEC.n)]
     assert led["status"].to_pylist().count("duplicate") == len(dups["uid"]) > 0

@@ -300,7 +300,7 @@ def test_three_node_cluster_equals_single_process(folder):
 
 
 def test_cluster_stage_refuses_a_pool_its_task_cannot_hold(run_with_vectors, monkeypatch):
-    """Under --worker-memory the cluster stage's one task (not partitioned yet) refuses a pool
+    """Under --worker-memory the cluster stage's one task (forced: engine "lloyd") refuses a pool
     over ~460 B a candidate before any work, naming a budget that would hold it."""
     import re
 

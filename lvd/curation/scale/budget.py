@@ -17,8 +17,10 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
     ledger_range_rows      = data_bytes / LEDGER_ROW_BYTES            uids per ledger / verify range task
     shard_plan_range_rows  = data_bytes / SHARD_PLAN_ROW_BYTES        records per shard-plan range task
     order_records          = data_bytes / ORDER_RECORD_BYTES          records per poolorder bucket / range task
-    cluster_task_images    = (B - WORKER_BASE_BYTES) / CLUSTER_TASK_IMAGE_BYTES   most candidates the cluster task holds
-    retrieve_task_images   = (B - WORKER_BASE_BYTES) / RETRIEVE_TASK_IMAGE_BYTES  most candidates the retrieve task holds
+    cluster_task_images    = (B - WORKER_BASE_BYTES) / CLUSTER_TASK_IMAGE_BYTES   most candidates the cluster stage's
+                             one task holds (past it the flow partitions the stage: scale.pcluster, order_records a task)
+    retrieve_task_images   = (B - WORKER_BASE_BYTES) / RETRIEVE_TASK_IMAGE_BYTES  most candidates the retrieve stage's
+                             one task holds (past it balanced sampling is partitioned: scale.pretrieve; with seeds it is refused)
     component_partitions(E) = ceil(2 * E * 2 * EDGE_ROW_BYTES * SKEW / data_bytes)   node partitions of the components
     actor_memory(held)     = min(B, WORKER_BASE_BYTES + held / FILL)   Ray `memory=` of an actor holding `held` bytes
 
@@ -344,29 +346,30 @@ def order_records(budget: WorkerBudget) -> int:
 
 
 class OverBudgetError(ValueError):
-    """A stage that is not partitioned yet would hold more than one worker's budget: it refuses
-    before any work, naming the budget that would do."""
+    """A stage's one task would hold more than one worker's budget: it refuses before any work,
+    naming the budget that would do."""
 
 
 def one_task_images(budget: WorkerBudget, per_image: int) -> int:
-    """Images a stage's one task (not partitioned yet) holding ~`per_image` bytes each can hold under `budget`."""
+    """Images a stage's one task holding ~`per_image` bytes each can hold under `budget`."""
     return max(0, (budget.worker_bytes - budget.base_bytes) // per_image)
 
 
 def cluster_task_images(budget: WorkerBudget) -> int:
-    """Candidates the cluster stage's one task can hold under `budget` (not partitioned yet)."""
+    """Candidates the cluster stage's one task can hold under `budget` (the flow partitions past it)."""
     return one_task_images(budget, CLUSTER_TASK_IMAGE_BYTES)
 
 
 def retrieve_task_images(budget: WorkerBudget) -> int:
-    """Candidates the retrieve stage's one task can hold under `budget` (not partitioned yet)."""
+    """Candidates the retrieve stage's one task can hold under `budget` (balanced sampling is
+    partitioned past it; retrieval with seeds is refused)."""
     return one_task_images(budget, RETRIEVE_TASK_IMAGE_BYTES)
 
 
-def check_one_task(stage: str, n: int, per_image: int, note: str = "") -> None:
-    """Refuse, before any work, `n` candidates that a stage's one task (not partitioned yet),
-    holding ~`per_image` bytes each, cannot hold under the job's `--worker-memory`
-    (`current()`); the message names a budget that would hold them. No budget: no check."""
+def check_one_task(stage: str, n: int, per_image: int, note: str) -> None:
+    """Refuse, before any work, `n` candidates that a stage's one task, holding ~`per_image`
+    bytes each, cannot hold under the job's `--worker-memory` (`current()`); the message names a
+    budget that would hold them, and `note` what else would do. No budget: no check."""
     budget = current()
     if budget is None:
         return
@@ -378,7 +381,7 @@ def check_one_task(stage: str, n: int, per_image: int, note: str = "") -> None:
         f"the {stage} stage holds its {n:,} candidates in one task (~{per_image} B each, "
         f"{format_bytes(need)} in all), more than --worker-memory {format_bytes(budget.worker_bytes)} allows "
         f"({most:,} candidates): run with --worker-memory {math.ceil(need / GiB * 10) / 10:g}GiB or more, on "
-        f"nodes that have it (this stage's task is not partitioned yet{note})"
+        f"nodes that have it ({note})"
     )
 
 

@@ -80,7 +80,8 @@ class RetrieveFn:
         run = Path(self.run_dir)
         uids = np.asarray(rundir.candidates(run), dtype=object)
         # refused before the work when its one task cannot hold the pool under --worker-memory
-        B.check_one_task("retrieve", len(uids), B.RETRIEVE_TASK_IMAGE_BYTES)
+        note = "retrieval with seeds runs in one task; balanced sampling without seeds is partitioned"
+        B.check_one_task("retrieve", len(uids), B.RETRIEVE_TASK_IMAGE_BYTES, note)
         clusters = read_clusters(run)
         if not self.seed_dirs or self.cfg.method == "hierarchical":
             names, seed_uids = ["*"], [[]]

@@ -150,9 +150,14 @@ class ClusterFn:
 
 def _check_task_budget(n: int) -> None:
     """Refuse, before the work, a pool this stage's one task cannot hold under `--worker-memory`:
-    the Lloyd runs on actors sized by the budget, but the task holds ~460 B a candidate
-    (`budget.CLUSTER_TASK_IMAGE_BYTES`, measured)."""
-    B.check_one_task("cluster", n, B.CLUSTER_TASK_IMAGE_BYTES, "; its k-means actors are")
+    the task holds ~460 B a candidate (`budget.CLUSTER_TASK_IMAGE_BYTES`, measured). The flow
+    takes the partitioned path past it (`curate_tasks.cluster_sizes`) unless the config forces one task."""
+    B.check_one_task(
+        "cluster",
+        n,
+        B.CLUSTER_TASK_IMAGE_BYTES,
+        "or drop engine 'faiss'/'lloyd' and partitioned=False: the partitioned stage holds no pool",
+    )
 
 
 def _lloyd_level1(vectors: Path, uids: list[str], k: int, cfg: ClusterConfig, engine: str) -> tuple[Level, np.ndarray]:
