@@ -26,6 +26,12 @@ benchmarks/untuned_dumps.py read /tmp/u2 /tmp/u2-out
 
 `copy-paths DIR WORK` runs copy detection on DIR/pool twice, the single task and the partitioned
 path (`scale.copyscale`, forced, in small ranges), and checks that they write the same table.
+
+`select-paths DIR WORK` runs the curate flow (Prefect, local Ray) on DIR/pool with DIR/eval, a
+small random ViT as the embedder and balanced sampling to a quarter of the pool, twice: the
+cluster and retrieve stages in one task (the Lloyd), then partitioned (`scale.pcluster`,
+`scale.pretrieve`, forced, in small buckets); it checks that the clusters, the selection, the
+ledger and the shards' uids are the same, and that `lvd verify` passes on both.
 """
 
 from __future__ import annotations
@@ -273,6 +279,68 @@ def copy_paths(root: Path, work: Path, partition: int) -> None:
     assert b.equals(a) and same_stats and same_cal
 
 
+def select_paths(root: Path, work: Path) -> None:
+    """The curate flow twice on DIR/pool (module doc): one-task cluster and retrieve stages, then
+    partitioned ones; the same tables and shards, or an AssertionError naming the first difference."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    import torch
+    from prefect.testing.utilities import prefect_test_harness
+
+    from lvd.curation import ledger, rundir
+    from lvd.curation.scale import pcluster, pretrieve
+    from lvd.flows.curate import curate
+    from lvd.pretrain.models.hf import export_hf
+    from lvd.pretrain.models.vit import vit_tiny
+
+    shutil.rmtree(work, ignore_errors=True)
+    torch.manual_seed(0)
+    embedder = str(export_hf(vit_tiny(img_size=112, depth=2), work / "embedder"))
+    n_pool = sum(1 for p in (root / "pool").rglob("*") if p.is_file())
+    common = dict(
+        inputs=[str(root / "pool")], eval_sets=[str(root / "eval")], embedder=embedder, retrieval="hierarchical",
+        target_size=n_pool // 4, partition_size=64, embed={"resize": 128, "crop": 112, "batch_size": 32},
+    )  # fmt: skip
+    pcluster.RECORDS_PER_TASK = pretrieve.RECORDS_PER_TASK = 100  # several buckets, chunks and ranges
+    paths = {
+        "one task": dict(cluster={"engine": "lloyd", "partitioned": False}, retrieve={"partitioned": False}),
+        "partitioned": dict(cluster={"engine": "ray", "partitioned": True}, retrieve={"partitioned": True}),
+    }
+    got = {}
+    with prefect_test_harness():
+        for name, extra in paths.items():
+            out = work / name.replace(" ", "-")
+            curate(out=str(out), **common, **extra)
+            marks = [runner_marker(out, s) for s in ("cluster", "retrieve")]
+            led = ledger.read_ledger(out).select(["source", "uid", "status"]).sort_by("source")
+            manifest = pq.read_table(out / "shards" / "manifest.parquet").select(["uid"]).sort_by("uid")
+            problems = ledger.verify_run(out).problems
+            got[name] = (rundir.clusters(out), rundir.selection(out), led, manifest)
+            counts = dict(zip(*np.unique(led["status"].to_numpy(zero_copy_only=False), return_counts=True)))
+            print(f"{name}: partitioned markers {[m.get('partitioned', False) for m in marks]}; ledger {counts}")
+            print(f"  {rundir.clusters(out)[0].num_rows} clustered, {rundir.selection(out).num_rows} selected, "
+                  f"{manifest.num_rows} shipped; verify problems: {problems}")  # fmt: skip
+            assert not problems, (name, problems)
+    (ca, sa, la, ma), (cb, sb, lb, mb) = got["one task"], got["partitioned"]
+    same = {
+        "clusters": ca[0].equals(cb[0]),
+        "tree": ca[1].equals(cb[1]),
+        "selection": sa.equals(sb),
+        "ledger": la.equals(lb),
+        "shards": ma.equals(mb),
+    }
+    print("identical:", same)
+    assert all(same.values()), same
+
+
+def runner_marker(run: Path, stage: str) -> dict:
+    from lvd.curation import rundir, runner
+
+    stems = {"cluster": "clusters", "retrieve": "selection"}
+    return runner.read_marker(rundir.stage_dir(run, stage), stems[stage]) or {}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -286,8 +354,13 @@ def main() -> None:
     c.add_argument("dir", type=Path)
     c.add_argument("work", type=Path, help="scratch folder (replaced)")
     c.add_argument("--partition-size", type=int, default=64, help="files per ingest partition")
+    sp = sub.add_parser("select-paths", help="the curate flow on DIR: one-task against partitioned cluster/retrieve")
+    sp.add_argument("dir", type=Path)
+    sp.add_argument("work", type=Path, help="scratch folder (replaced)")
     args = parser.parse_args()
-    if args.cmd == "write":
+    if args.cmd == "select-paths":
+        select_paths(args.dir, args.work)
+    elif args.cmd == "write":
         write(args.which, args.dir)
     elif args.cmd == "copy-paths":
         copy_paths(args.dir, args.work, args.partition_size)
