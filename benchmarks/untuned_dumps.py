@@ -317,7 +317,10 @@ def select_paths(root: Path, work: Path) -> None:
             manifest = pq.read_table(out / "shards" / "manifest.parquet").select(["uid"]).sort_by("uid")
             problems = ledger.verify_run(out).problems
             got[name] = (rundir.clusters(out), rundir.selection(out), led, manifest)
-            counts = dict(zip(*np.unique(led["status"].to_numpy(zero_copy_only=False), return_counts=True)))
+            counts = {
+                str(k): int(v)
+                for k, v in zip(*np.unique(led["status"].to_numpy(zero_copy_only=False), return_counts=True))
+            }
             print(f"{name}: partitioned markers {[m.get('partitioned', False) for m in marks]}; ledger {counts}")
             print(f"  {rundir.clusters(out)[0].num_rows} clustered, {rundir.selection(out).num_rows} selected, "
                   f"{manifest.num_rows} shipped; verify problems: {problems}")  # fmt: skip
