@@ -38,7 +38,7 @@ from lvd.curation.retrieve import (
 )  # fmt: skip
 from lvd.curation.scale import budget as B
 from lvd.curation.scale import pretrieve, shardindex
-from lvd.curation.stages.select import flat_kmeans, read_clusters
+from lvd.curation.stages.select import budget_options, flat_kmeans, read_clusters
 from lvd.curation.vectors import open_vectors
 
 METHODS = ("sample", "cluster", "hierarchical")
@@ -199,7 +199,7 @@ def run_retrieve(
         report, todo = runner.plan_stage(stage, [unit], cfg_hash, checksums=rcfg.verify_checksums)
         if todo:
             runner.init_ray()
-            opts = {"num_cpus": rcfg.num_cpus, "max_retries": rcfg.max_retries}
+            opts = {"num_cpus": rcfg.num_cpus, "max_retries": rcfg.max_retries, **budget_options()}
             marker = pretrieve.balanced_partitioned(
                 Path(run_dir), fn._target(), cfg.seed, unit, stage, cfg_hash, opts
             )  # fmt: skip

@@ -231,7 +231,7 @@ def _run_partitioned(run_dir: Path, cfg: ClusterConfig, rcfg: runner.RunnerConfi
     runner.init_ray()
     work = stage / pcluster.WORK
     shutil.rmtree(work, ignore_errors=True)
-    opts = {"num_cpus": rcfg.num_cpus, "max_retries": rcfg.max_retries}
+    opts = {"num_cpus": rcfg.num_cpus, "max_retries": rcfg.max_retries, **budget_options()}
     vectors = rundir.vectors_dir(run_dir)
     found = pcluster.find_candidates(run_dir, vectors, work, opts)
     n = found.rows.n
@@ -254,6 +254,12 @@ def _run_partitioned(run_dir: Path, cfg: ClusterConfig, rcfg: runner.RunnerConfi
         marker = ray.get(merge.remote(str(work), len(found.bounds) + 1, unit, str(stage), cfg_hash, tree[0]))
     shutil.rmtree(work, ignore_errors=True)
     return runner.collect(report, [marker], 1)
+
+
+def budget_options() -> dict:
+    """Ray `memory=` for a partitioned stage's tasks under the job's `--worker-memory` (none without)."""
+    budget = B.current()
+    return B.ray_options(budget) if budget is not None else {}
 
 
 def read_clusters(run_dir: Path) -> tuple[pa.Table, Hierarchy] | None:
