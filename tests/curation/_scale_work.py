@@ -156,6 +156,18 @@ FNS = {
 }
 
 
+TABLES = ("duplicates", "labels", "clusters", "clusters.tree", "selection", "ledger", "shardplan")  # OUT/<name>.parquet
+ARRAYS = ("centroids", "knn_ids", "knn_sims")  # OUT/<name>.npy
+
+
+def assert_same_outputs(out: Path, ref: Path) -> None:
+    """Every stage's outputs under `out` equal those under `ref`, byte for byte as tables / arrays."""
+    for name in TABLES:
+        assert pq.read_table(out / f"{name}.parquet").equals(pq.read_table(ref / f"{name}.parquet")), name
+    for name in ARRAYS:
+        np.testing.assert_array_equal(np.load(out / f"{name}.npy"), np.load(ref / f"{name}.npy"), err_msg=name)
+
+
 def run_stages(
     run: Path, out: Path, b: B.WorkerBudget, before=None, after=None, resume: bool = False
 ) -> dict[str, tuple[float, float]]:

@@ -21,14 +21,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from _scale_work import STAGES, assert_same_outputs
 
 from lvd.curation.scale.synthetic import PoolSpec, expected_duplicates, write_pool
 
 WORK = Path(__file__).with_name("_scale_work.py")
-STAGES = ("hash dedup", "k-means", "cluster", "kNN", "ledger", "shard plan", "retrieve")
 SPEC = PoolSpec(n=4_000, dim=32, part_rows=500, copy_every=20, centres=16)
 
 
@@ -77,18 +76,7 @@ def test_sigkill_in_each_partitioned_stage_then_rerun_gives_identical_outputs(ra
         for done in STAGES[: STAGES.index(stage)]:
             assert (out / f"{done}.done").exists()
     finish(driver(run, out, address, log), log)
-    for name in (
-        "duplicates.parquet",
-        "labels.parquet",
-        "clusters.parquet",
-        "clusters.tree.parquet",
-        "selection.parquet",
-        "ledger.parquet",
-        "shardplan.parquet",
-    ):
-        assert pq.read_table(out / name).equals(pq.read_table(ref_out / name)), name
-    for name in ("centroids.npy", "knn_ids.npy", "knn_sims.npy"):
-        np.testing.assert_array_equal(np.load(out / name), np.load(ref_out / name), err_msg=name)
+    assert_same_outputs(out, ref_out)
     # the reference itself is right: every planted copy grouped, every row in the ledger once,
     # every uid that is not a duplicate planned once, in uid order
     dups = pq.read_table(ref_out / "duplicates.parquet").to_pydict()

@@ -218,7 +218,7 @@ def test_cluster_stage_on_ray_equals_the_stage_in_one_task(run_with_vectors):
     assert not np.array_equal(rows, store.rows(rundir.candidates(run)))  # the orders differ here
 
 
-def test_partitioned_cluster_stage_equals_the_stage_in_one_task(run_with_vectors, tmp_path, monkeypatch):
+def test_partitioned_cluster_and_balanced_sampling_equal_their_one_tasks(run_with_vectors, tmp_path, monkeypatch):
     """No task holds the pool (`scale.pcluster`): candidates by uid buckets (here 4 buckets, 3
     uid ranges), level 1 on 2 actors that read their own store rows, labels written by the
     actors. Against the one-task stage: the same table and tree. The run has decontaminated
@@ -242,6 +242,25 @@ def test_partitioned_cluster_stage_equals_the_stage_in_one_task(run_with_vectors
     assert got[0].equals(one[0]) and got[1].equals(one[1])
     assert len(set(got[0]["leaf"].to_pylist())) == 6 and set(got[1]["level"].to_pylist()) == {0, 1}
     assert not (run / "cluster" / pcluster.WORK).exists()
+
+    # balanced sampling without seeds, partitioned (`scale.pretrieve`: chunks of the clusters table,
+    # leaf buckets, uid ranges) against its one task: the same selection, counts and seeds tables.
+    # The partitioned cluster stage wrote a row group per uid range: the map wave has several chunks.
+    monkeypatch.setattr(pretrieve, "RECORDS_PER_TASK", 12)  # 34 candidates: 2 chunks, 3 leaf buckets
+    assert pq.ParquetFile(rundir.stage_dir(run, "cluster") / "clusters.parquet").num_row_groups >= 3
+    sel = {}
+    for partitioned in (False, True):
+        rcfg = stages_retrieve.RetrieveConfig(method="hierarchical", target=13, seed=5, partitioned=partitioned)
+        marker = stages_retrieve.run_retrieve(run, {}, rcfg).markers[0]
+        assert marker.get("partitioned", False) is partitioned
+        sel[partitioned] = [rundir.selection(run, what) for what in ("", "counts", "seeds")]
+    for one, part in zip(sel[False], sel[True]):
+        assert part.equals(one.cast(part.schema)), (one, part)
+    chosen = sel[True][0]
+    assert chosen.num_rows == 13 and chosen["uid"].to_pylist() == sorted(chosen["uid"].to_pylist())
+    sizes = np.bincount(got[0]["leaf"].to_numpy(), minlength=6)
+    taken = np.bincount(chosen["cluster_id"].to_numpy(), minlength=6)
+    assert (taken <= sizes).all() and (taken > 0).sum() >= 5  # spread over the tree, not one cluster
 
 
 def test_auto_engine_distributes_above_the_threshold():
@@ -348,30 +367,3 @@ def test_retrieve_stage_refuses_a_pool_its_task_cannot_hold(run_with_vectors, mo
     monkeypatch.setattr(B, "RETRIEVE_TASK_IMAGE_BYTES", 256 * B.MiB // n)  # exactly fits
     with B.job_budget(budget):
         assert fn(unit)[""].num_rows == n // 2
-
-
-def test_partitioned_balanced_sampling_equals_the_retrieve_stage_in_one_task(run_with_vectors, tmp_path, monkeypatch):
-    """The retrieve stage without seeds, partitioned (`scale.pretrieve`: chunks of the clusters
-    table, leaf buckets, uid ranges) against its one task: the same selection, counts and seeds
-    tables. The clusters come from the partitioned cluster stage, so the table has a row group
-    per uid range and the map wave has several chunks."""
-    run = tmp_path / "run"
-    shutil.copytree(run_with_vectors, run)
-    monkeypatch.setattr(pcluster, "RECORDS_PER_TASK", 12)
-    monkeypatch.setattr(pretrieve, "RECORDS_PER_TASK", 12)  # 40 candidates: 4 chunks, 4 leaf buckets
-    cfg = stages_select.ClusterConfig(k=6, hierarchical=True, block_rows=16, niter=6, engine="ray", partitioned=True)
-    stages_select.run_cluster(run, cfg)
-    assert pq.ParquetFile(rundir.stage_dir(run, "cluster") / "clusters.parquet").num_row_groups >= 3
-    got = {}
-    for partitioned in (False, True):
-        rcfg = stages_retrieve.RetrieveConfig(method="hierarchical", target=13, seed=5, partitioned=partitioned)
-        marker = stages_retrieve.run_retrieve(run, {}, rcfg).markers[0]
-        assert marker.get("partitioned", False) is partitioned
-        got[partitioned] = [rundir.selection(run, what) for what in ("", "counts", "seeds")]
-    for one, part in zip(got[False], got[True]):
-        assert part.equals(one.cast(part.schema)), (one, part)
-    sel = got[True][0]
-    assert sel.num_rows == 13 and sel["uid"].to_pylist() == sorted(sel["uid"].to_pylist())
-    sizes = np.bincount(rundir.clusters(run)[0]["leaf"].to_numpy(), minlength=6)
-    taken = np.bincount(sel["cluster_id"].to_numpy(), minlength=6)
-    assert (taken <= sizes).all() and (taken > 0).sum() >= 5  # spread over the tree, not one cluster
