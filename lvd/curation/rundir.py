@@ -339,6 +339,12 @@ def decontaminated(run_dir: Path, uids=None, where: pc.Expression | None = None)
     return _table(Path(run_dir) / "decontam" / "decontaminated.parquet", uids, where)
 
 
+def decontaminated_file(run_dir: Path) -> Path | None:
+    """The decontamination's table file (None before it ran), for readers that take it in chunks."""
+    path = Path(run_dir) / "decontam" / "decontaminated.parquet"
+    return path if path.exists() else None
+
+
 def candidates(run_dir: Path) -> list[str]:
     """uids still in the running after dedup, copy detection and decontamination, sorted."""
     uids = unique_accepted(run_dir, ["uid"])["uid"]  # Arrow: no Python set of the pool's uids

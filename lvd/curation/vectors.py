@@ -56,6 +56,17 @@ def part_paths(folder: str | Path, part_index: int) -> tuple[Path, Path]:
     return stem.with_suffix(".npy"), stem.with_suffix(".uids.parquet")
 
 
+def folder_parts(folder: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
+    """(part .npy paths, their row counts) of a vector folder's complete parts, from the .npy
+    headers alone: no uid is read, so planning costs nothing per row."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: no vector folder (run the embed stage first)")
+    indices = sorted(int(m.group(1)) for n in folder.iterdir() if (m := _PART.match(n.name)))
+    npys = tuple(str(part_paths(folder, i)[0]) for i in indices)
+    return npys, np.array([np.load(p, mmap_mode="r").shape[0] for p in npys], np.int64)
+
+
 def write_vectors(folder: str | Path, part_index: int, uids, vecs_ND: np.ndarray) -> None:
     """Write one part atomically: vectors first, then the uids file that marks it complete."""
     uids = [str(u) for u in uids]

@@ -31,7 +31,6 @@ depend on the number of actors.
 from __future__ import annotations
 
 import math
-import re
 import resource
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,9 +44,7 @@ import ray
 from lvd.curation import lloyd
 from lvd.curation.scale import budget as B
 from lvd.curation.scale.pcluster import CandidateRows, write_ranges
-from lvd.curation.vectors import part_paths
-
-_UIDS = re.compile(r"^part-(\d{6})\.uids\.parquet$")
+from lvd.curation.vectors import folder_parts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,17 +107,6 @@ class DKMeansResult:
     assign_N: np.ndarray | None  # int64 cluster per pool row (None when written to out_dir)
     score_N: np.ndarray | None  # float32 cosine to it
     actors: tuple[ActorStats, ...] = field(default=())
-
-
-def folder_parts(folder: str | Path) -> tuple[tuple[str, ...], np.ndarray]:
-    """(part .npy paths, their row counts) of a vector folder's complete parts, from the .npy
-    headers alone: no uid is read, so planning costs nothing per row."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no vector folder (run the embed stage first)")
-    indices = sorted(int(m.group(1)) for n in folder.iterdir() if (m := _UIDS.match(n.name)))
-    npys = tuple(str(part_paths(folder, i)[0]) for i in indices)
-    return npys, np.array([np.load(p, mmap_mode="r").shape[0] for p in npys], np.int64)
 
 
 def plan_shards(npys, counts, n_shards: int, block_rows: int, store_rows=None, candidates=None) -> list[ShardSpec]:

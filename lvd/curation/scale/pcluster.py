@@ -42,6 +42,7 @@ from lvd import durable
 from lvd.curation import rundir, runner, uidbuckets, uidranges
 from lvd.curation.scale import budget as B
 from lvd.curation.scale.poolorder import RECORDS_PER_TASK, tasks_for
+from lvd.curation.vectors import folder_parts
 
 WORK = "_work"
 CLUSTERS_SCHEMA = pa.schema(
@@ -121,16 +122,13 @@ def find_candidates(run_dir: Path, vectors: Path, work: Path, opts: dict, *, buc
 
 def _vector_parts(vectors: Path) -> list[tuple[str, int]]:
     """(uids file, rows) of each complete vector part, in part order (the store's rows)."""
-    from lvd.curation.scale.dkmeans import folder_parts
-
     npys, counts = folder_parts(vectors)
     return [(str(Path(p).with_suffix(".uids.parquet")), int(n)) for p, n in zip(npys, counts)]
 
 
 def _gone_files(run: Path) -> list[Path]:
     """The final duplicates table (copy detection's, else hash dedup's) and the decontamination's."""
-    dec = Path(run) / "decontam" / "decontaminated.parquet"
-    return [p for p in (rundir.duplicates_file(run), dec) if p is not None and p.exists()]
+    return [p for p in (rundir.duplicates_file(run), rundir.decontaminated_file(run)) if p is not None]
 
 
 def _map(run: str, work: str, kind: str, c: int, path: str, extra, nb: int) -> None:
