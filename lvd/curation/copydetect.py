@@ -50,6 +50,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageOps
 from lvd.curation.hamming_pairs import candidate_pairs
 from lvd.curation.knn_index import build_index, search
 from lvd.curation.localfeat import FeatureConfig, Features, VerifyConfig, verify
+from lvd.curation.uidbuckets import uid_hash
 from lvd.curation.unionfind import UnionFind
 
 METHOD_LOCAL = "copy"  # dedup method name of edges decided by local-feature verification
@@ -502,10 +503,7 @@ def calibration_sample(uids: list[str], m: int, seed: int) -> list[int]:
     return sorted(np.argsort(keys, kind="stable")[:m].tolist())
 
 
-def hash_key(uid: str, seed: int) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(f"{seed}:{uid}".encode()).digest()[:8], "big")
+hash_key = uid_hash  # the calibration sample's order (scale.poolorder draws it the same way)
 
 
 def calibration_pairs(

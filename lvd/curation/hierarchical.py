@@ -18,13 +18,13 @@ centroid). Everything is deterministic for a seed.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
 
 from lvd.curation.kmeans import KMeansConfig, assign_to_centroids, kmeans
 from lvd.curation.knn_index import as_unit_float32
+from lvd.curation.uidbuckets import uid_hash
 
 STRATEGIES = ("random", "closest")
 
@@ -222,10 +222,7 @@ def leaf_quotas(levels: tuple[Level, ...], leaf_sizes: np.ndarray, target: int, 
 def uid_keys(uids, seed: int) -> np.ndarray:
     """uint64 [n]: a seeded hash of each uid (the first 8 bytes of sha256 of "seed:uid"), the
     random order of balanced sampling that does not depend on where a point is stored."""
-    out = np.empty(len(uids), np.uint64)
-    for i, u in enumerate(uids):
-        out[i] = int.from_bytes(hashlib.sha256(f"{seed}:{u}".encode()).digest()[:8], "big")
-    return out
+    return np.array([uid_hash(u, seed) for u in uids], np.uint64)
 
 
 def _split_among_children(parent_C: np.ndarray, sizes_C: np.ndarray, quota_P: np.ndarray, rng) -> np.ndarray:

@@ -4,6 +4,7 @@ groups, so a reduce task's `bucket ==` filter reads only its own groups: P files
 
 from __future__ import annotations
 
+import hashlib
 import zlib
 from pathlib import Path
 
@@ -13,6 +14,12 @@ import pyarrow as pa
 from lvd import durable
 
 GROUP_ROWS = 16_384  # rows per row group of a bucketed file
+
+
+def uid_hash(uid: str, seed: int) -> int:
+    """A seeded 64-bit hash of a uid: the first 8 bytes of sha256("seed:uid"), big-endian (the
+    copy calibration's sample order and balanced sampling's draw)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{uid}".encode()).digest()[:8], "big")
 
 
 def bucket_of(uids: list[str], buckets: int) -> np.ndarray:

@@ -36,12 +36,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import ray
 
 from lvd import durable
 from lvd.curation import rundir, runner, uidbuckets, uidranges
 from lvd.curation.scale import budget as B
 from lvd.curation.scale.poolorder import RECORDS_PER_TASK, tasks_for
+from lvd.curation.scale.poolorder import wave as _wave
 from lvd.curation.vectors import folder_parts
 
 WORK = "_work"
@@ -83,11 +83,6 @@ class CandidateRows:
 class Candidates:
     rows: CandidateRows
     bounds: tuple[str, ...]  # uid range cuts: range r is [bounds[r - 1], bounds[r])
-
-
-def _wave(fn, args: list[tuple], opts: dict) -> list:
-    remote = ray.remote(fn).options(**opts)
-    return ray.get([remote.remote(*a) for a in args])
 
 
 def find_candidates(run_dir: Path, vectors: Path, work: Path, opts: dict, *, buckets: int | None = None) -> Candidates:

@@ -132,9 +132,13 @@ def _write(t: pa.Table, path: Path, **kwargs) -> None:
     durable.write_parquet(path, t, **kwargs)
 
 
-def _wave(fn, args: list[tuple], opts: dict) -> list:
+def wave(fn, args: list[tuple], opts: dict) -> list:
+    """`[fn(*a) for a in args]` as Ray tasks with `opts`, results in order."""
     remote = ray.remote(fn).options(**opts)
     return ray.get([remote.remote(*a) for a in args])
+
+
+_wave = wave
 
 
 def tasks_for(records: int, per_task: int = RECORDS_PER_TASK) -> int:

@@ -35,10 +35,12 @@ import ray
 
 from lvd import durable
 from lvd.curation import rundir, runner, uidranges
-from lvd.curation.hierarchical import Level, leaf_quotas, take_per_group, uid_keys
+from lvd.curation.hierarchical import leaf_quotas, take_per_group, uid_keys
 from lvd.curation.retrieve import RetrievalCounts
 from lvd.curation.scale import budget as B
 from lvd.curation.scale.poolorder import RECORDS_PER_TASK, tasks_for
+from lvd.curation.scale.poolorder import wave as _wave
+from lvd.curation.stages.select import tree_levels
 
 WORK = "_work"
 SELECTION_SCHEMA = pa.schema(
@@ -52,23 +54,6 @@ SELECTION_SCHEMA = pa.schema(
     ]
 )
 SEEDS_SCHEMA = pa.schema([("uid", pa.string()), ("seed_set", pa.string()), ("run", pa.string())])
-
-
-def tree_levels(tree: pa.Table) -> tuple[Level, ...]:
-    """The cluster tree's levels from `clusters.tree.parquet` alone: centroids, and each level's
-    assignment of the clusters below (level 1's assignment of points is left empty)."""
-    d = tree.to_pydict()
-    levels = []
-    for depth in sorted(set(d["level"])):
-        cents = np.array([c for c, lv in zip(d["centroid"], d["level"]) if lv == depth], np.float32)
-        below = [p for p, lv in zip(d["parent"], d["level"]) if lv == depth - 1]
-        levels.append(Level(cents, np.asarray(below, np.int64), 0))
-    return tuple(levels)
-
-
-def _wave(fn, args: list[tuple], opts: dict) -> list:
-    remote = ray.remote(fn).options(**opts)
-    return ray.get([remote.remote(*a) for a in args])
 
 
 def balanced_partitioned(run_dir: Path, target: int, seed: int, unit, stage_dir: Path, cfg_hash: str,

@@ -266,15 +266,22 @@ def read_clusters(run_dir: Path) -> tuple[pa.Table, Hierarchy] | None:
     """The cluster stage's table and its tree rebuilt (None when it did not run)."""
     if (found := rundir.clusters(run_dir)) is None:
         return None
-    t, tree = found[0], found[1].to_pydict()
+    t, levels = found[0], tree_levels(found[1])
+    if levels:  # level 1 assigns the points
+        levels = (Level(levels[0].centroids_KD, np.asarray(t["leaf"].to_numpy(), np.int64), 0), *levels[1:])
+    return t, Hierarchy(levels=levels, score_N=t["score"].to_numpy())
+
+
+def tree_levels(tree: pa.Table) -> tuple[Level, ...]:
+    """The cluster tree's levels from `clusters.tree.parquet` alone: centroids, and each level's
+    assignment of the clusters below (level 1's assignment of points is left empty)."""
+    d = tree.to_pydict()
     levels = []
-    for depth in sorted(set(tree["level"])):
-        rows = [i for i, lv in enumerate(tree["level"]) if lv == depth]
-        cents = np.array([tree["centroid"][i] for i in rows], np.float32)
-        below = [tree["parent"][i] for i, lv in enumerate(tree["level"]) if lv == depth - 1]
-        assign = t["leaf"].to_numpy() if depth == 0 else np.array(below)
-        levels.append(Level(cents, np.asarray(assign, np.int64), 0))
-    return t, Hierarchy(levels=tuple(levels), score_N=t["score"].to_numpy())
+    for depth in sorted(set(d["level"])):
+        cents = np.array([c for c, lv in zip(d["centroid"], d["level"]) if lv == depth], np.float32)
+        below = [p for p, lv in zip(d["parent"], d["level"]) if lv == depth - 1]
+        levels.append(Level(cents, np.asarray(below, np.int64), 0))
+    return tuple(levels)
 
 
 def flat_kmeans(h: Hierarchy) -> KMeansResult:
