@@ -61,8 +61,18 @@ STAGES = ("hash dedup", "components", "sharded kNN", "k-means", "ledger", "shard
 SAMPLED = ("hash dedup sampled",)
 # also not in the default run: the cluster stage in one task and partitioned, and the retrieve
 # stage's one task ("retrieve task" reads the clusters that either cluster stage leaves)
-OPT_IN = (*SAMPLED, "cluster task", "cluster partitioned", "retrieve task", "retrieve partitioned")
+OPT_IN = (
+    *SAMPLED,
+    "cluster task",
+    "cluster partitioned",
+    "retrieve task",
+    "retrieve partitioned",
+    "retrieve seeds task",
+    "retrieve seeds partitioned",
+)
 VECTOR_STAGES = {
+    "retrieve seeds task",
+    "retrieve seeds partitioned",
     "sharded kNN",
     "k-means",
     "cluster task",
@@ -369,6 +379,38 @@ def stage_retrieve_partitioned(ctx: Ctx) -> str:
     return stage_retrieve_task(ctx, partitioned=True)
 
 
+SEED_FRACTION = 10  # the seed set: a tenth of the pool's size
+
+
+def stage_retrieve_seeds_task(ctx: Ctx, partitioned: bool = False) -> str:
+    """The retrieve stage with a seed set (sample-based, k=4: the paper's default and the flow's),
+    in one task: it holds the candidates' uids, the seeds' vectors and every hit. The seed set is
+    a synthetic run of N / 10 images drawn like the pool's first rows (written once, kept)."""
+    import shutil
+
+    from lvd.curation import rundir
+    from lvd.curation.stages import retrieve
+
+    if not (rundir.stage_dir(ctx.run_dir, "cluster") / "clusters.parquet").is_file():
+        raise Skip("needs the clusters: run 'cluster task' or 'cluster partitioned' before it in --stages")
+    spec = ctx.spec
+    seeds = ctx.run_dir / "seeds" / "s"
+    write_pool(PoolSpec(n=max(2, spec.n // SEED_FRACTION), dim=spec.dim, part_rows=spec.part_rows), seeds)
+    cfg = retrieve.RetrieveConfig(method="sample", k=4, partitioned=partitioned)
+    shutil.rmtree(rundir.stage_dir(ctx.run_dir, "retrieve"), ignore_errors=True)
+    with B.job_budget(ctx.budget):
+        retrieve.run_retrieve(ctx.run_dir, {"s": seeds}, cfg)
+    rows = pq.ParquetFile(rundir.stage_dir(ctx.run_dir, "retrieve") / "selection.parquet").metadata.num_rows
+    shutil.rmtree(rundir.stage_dir(ctx.run_dir, "retrieve"))
+    return f"{rows} images retrieved by {spec.n // SEED_FRACTION} seeds (k=4)"
+
+
+def stage_retrieve_seeds_partitioned(ctx: Ctx) -> str:
+    """The same retrieval partitioned (`scale.pseeds`): candidates and seeds by uid buckets, a
+    sharded index reading its own rows, seeds queried a chunk at a time, hits deduped by range."""
+    return stage_retrieve_seeds_task(ctx, partitioned=True)
+
+
 def baseline_kmeans(ctx: Ctx) -> str:
     from lvd.curation import lloyd
     from lvd.curation.vectors import open_vectors
@@ -406,6 +448,8 @@ STAGE_FNS = {
     "cluster partitioned": stage_cluster_partitioned,
     "retrieve partitioned": stage_retrieve_partitioned,
     "retrieve task": stage_retrieve_task,
+    "retrieve seeds task": stage_retrieve_seeds_task,
+    "retrieve seeds partitioned": stage_retrieve_seeds_partitioned,
 }
 BASELINES = {
     "hash dedup": baseline_dedup,

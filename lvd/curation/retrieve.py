@@ -159,8 +159,12 @@ def _most_similar(sim: np.ndarray, pool: np.ndarray, cap: int | None) -> np.ndar
     return np.sort(np.lexsort((pool, -sim))[:cap])
 
 
-def cluster_based(pool: KMeansResult, seeds_SD: np.ndarray, cfg: ClusterRetrievalConfig) -> Retrieval:
-    """Up to `per_cluster` pool images from every pool cluster holding >= `min_seeds` seeds."""
+def cluster_based(
+    pool: KMeansResult, seeds_SD: np.ndarray, cfg: ClusterRetrievalConfig, key_N: np.ndarray | None = None
+) -> Retrieval:
+    """Up to `per_cluster` pool images from every pool cluster holding >= `min_seeds` seeds; with
+    `order="random"`, within a cluster the smallest `key_N` when given (`hierarchical.uid_keys`:
+    the partitioned stage's draw), else a seeded random draw in row order."""
     if not pool.spherical:
         raise ValueError("cluster_based needs spherical k-means of the pool (KMeansConfig(spherical=True))")
     seeds = as_unit_float32(seeds_SD, "seeds")
@@ -172,7 +176,10 @@ def cluster_based(pool: KMeansResult, seeds_SD: np.ndarray, cfg: ClusterRetrieva
     wanted = int(quota.sum())
     if cfg.max_images is not None:
         quota = water_fill(quota, cfg.max_images, rng)
-    key = -pool.score_N if cfg.order == "closest" else rng.random(len(pool.assign_N))
+    if cfg.order == "closest":
+        key = -pool.score_N
+    else:
+        key = rng.random(len(pool.assign_N)) if key_N is None else key_N
     rows = take_per_group(pool.assign_N, key, quota)
     counts = RetrievalCounts(
         n_seeds=len(seeds),

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +25,7 @@ from lvd.curation.dedup import DedupConfig
 from lvd.curation.ingest import IngestConfig
 from lvd.curation.lloyd import LloydConfig, lloyd
 from lvd.curation.scale import budget as B
-from lvd.curation.scale import pcluster, pretrieve
+from lvd.curation.scale import pcluster, pretrieve, pseeds
 from lvd.curation.scale.dkmeans import DKMeansConfig, cluster_vector_folder, dkmeans, folder_parts, plan_shards
 from lvd.curation.stages import ingest_dedup
 from lvd.curation.stages import retrieve as stages_retrieve
@@ -261,6 +262,67 @@ def test_partitioned_cluster_and_balanced_sampling_equal_their_one_tasks(run_wit
     sizes = np.bincount(got[0]["leaf"].to_numpy(), minlength=6)
     taken = np.bincount(chosen["cluster_id"].to_numpy(), minlength=6)
     assert (taken <= sizes).all() and (taken > 0).sum() >= 5  # spread over the tree, not one cluster
+
+
+def _seed_run(root, run, n: int, seed: int, near: np.ndarray) -> Path:
+    """A seed run: `n` photos ingested and deduped, their vectors `near` (stored out of uid order,
+    in two parts) rather than embedded."""
+    testdata.write_photo_jpegs(root, n, side=40, seed=seed)
+    ingest_dedup.run_ingest(ingest_dedup.plan([str(root)], 4), run, IngestConfig())
+    ingest_dedup.run_dedup(run, DedupConfig())
+    uids = rundir.candidates(run)[::-1]
+    rng = np.random.default_rng(seed)
+    x = near[: len(uids)].astype(np.float32) + 0.05 * rng.standard_normal((len(uids), near.shape[1]))
+    x16 = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+    write_vectors(rundir.vectors_dir(run), 0, uids[:3], x16[:3])
+    write_vectors(rundir.vectors_dir(run), 1, uids[3:], x16[3:])
+    return run
+
+
+def test_partitioned_retrieval_with_seeds_equals_its_one_task(run_with_vectors, tmp_path, monkeypatch):
+    """Retrieval with two seed sets (`scale.pseeds`): the pool's candidates on a sharded index that
+    reads their store rows, seeds queried 4 at a time, hits deduped by candidate range, each set
+    capped at its cut, then unioned. Against the one task: the same selection, counts and seeds
+    tables, for sample-based retrieval (with and without a cap) and cluster-based retrieval."""
+    run = tmp_path / "run"
+    shutil.copytree(run_with_vectors, run)
+    store = open_vectors(rundir.vectors_dir(run))
+    cands = rundir.candidates(run)
+    x = store.get(cands)
+    # set "a" near candidates 0..8, set "b" near 5..10: the sets overlap, and within a set
+    # several seeds find one candidate (collisions)
+    seeds = {"a": _seed_run(tmp_path / "pa", tmp_path / "sa", 9, 3, x[:9]),
+             "b": _seed_run(tmp_path / "pb", tmp_path / "sb", 6, 4, x[5:11])}  # fmt: skip
+    stages_select.run_cluster(run, stages_select.ClusterConfig(k=5, engine="lloyd", block_rows=16, niter=6))
+    for mod in (pcluster, pretrieve, pseeds):
+        monkeypatch.setattr(mod, "RECORDS_PER_TASK", 12)  # several buckets, candidate and uid ranges
+    monkeypatch.setattr(pseeds, "CHUNK", 4)
+    cases = {
+        "sample": dict(method="sample", k=4, include_seeds=True),
+        "sample capped": dict(method="sample", k=4, target=7),
+        "cluster capped": dict(method="cluster", min_seeds=2, per_cluster=4, target=6, seed=3),
+    }
+    for case, kw in cases.items():
+        sel = {}
+        for partitioned in (False, True):
+            cfg = stages_retrieve.RetrieveConfig(partitioned=partitioned, **kw)
+            marker = stages_retrieve.run_retrieve(run, seeds, cfg).markers[0]
+            assert marker.get("partitioned", False) is partitioned
+            sel[partitioned] = [rundir.selection(run, what) for what in ("", "counts", "seeds")]
+        for one, part in zip(sel[False], sel[True]):
+            assert part.equals(one.cast(part.schema)), (case, one.to_pydict(), part.to_pydict())
+        table, counts = sel[True][0], sel[True][1].to_pylist()
+        assert table["uid"].to_pylist() == sorted(table["uid"].to_pylist()) and table.num_rows > 0, case
+        assert not (run / "retrieve" / pseeds.WORK).exists()
+        if case == "sample":
+            assert {r["seed_set"] for r in counts} == {"a", "b"} and counts[0]["overlaps"] > 0
+            assert sum(r["n_collisions"] for r in counts) > 0
+            assert sel[True][2].num_rows == 15  # every seed shipped (none of them is in the pool)
+        if case == "sample capped":
+            assert [r["n_selected"] for r in counts] == [7, 7] and all(r["n_capped"] > 0 for r in counts)
+        if case == "cluster capped":
+            assert sum(r["n_selected"] for r in counts) >= table.num_rows > 0
+            assert set(table["method"].to_pylist()) == {"cluster"}
 
 
 def test_auto_engine_distributes_above_the_threshold():

@@ -20,7 +20,7 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
     cluster_task_images    = (B - WORKER_BASE_BYTES) / CLUSTER_TASK_IMAGE_BYTES   most candidates the cluster stage's
                              one task holds (past it the flow partitions the stage: scale.pcluster, order_records a task)
     retrieve_task_images   = (B - WORKER_BASE_BYTES) / RETRIEVE_TASK_IMAGE_BYTES  most candidates the retrieve stage's
-                             one task holds (past it balanced sampling is partitioned: scale.pretrieve; with seeds it is refused)
+                             one task holds (past it the stage is partitioned: scale.pretrieve, or scale.pseeds with seeds)
     component_partitions(E) = ceil(2 * E * 2 * EDGE_ROW_BYTES * SKEW / data_bytes)   node partitions of the components
     actor_memory(held)     = min(B, WORKER_BASE_BYTES + held / FILL)   Ray `memory=` of an actor holding `held` bytes
 
@@ -361,8 +361,8 @@ def cluster_task_images(budget: WorkerBudget) -> int:
 
 
 def retrieve_task_images(budget: WorkerBudget) -> int:
-    """Candidates the retrieve stage's one task can hold under `budget` (balanced sampling is
-    partitioned past it; retrieval with seeds is refused)."""
+    """Candidates the retrieve stage's one task can hold under `budget` (past it the stage is
+    partitioned: `scale.pretrieve` without seeds, `scale.pseeds` with them)."""
     return one_task_images(budget, RETRIEVE_TASK_IMAGE_BYTES)
 
 

@@ -63,6 +63,35 @@ class CandidateRows:
     def n(self) -> int:
         return int(sum(self.counts))
 
+    def __len__(self) -> int:
+        return self.n
+
+    def part_rows(self, part):
+        """`shardindex.PartRows` of one vector part (`part.first_id` its first store row, `part.n`
+        its rows) narrowed to its candidates: their rows within the part, ids = candidate numbers.
+        Read by the shard that holds the part (`shardindex.Shard`), so no driver holds them."""
+        j = self._part_at(part.first_id, part.n)
+        first = int(np.sum(self.counts[:j]))
+        rows = self.rows(first, self.counts[j]) - part.first_id
+        return part._replace(n=len(rows), first_id=-1, rows=rows, ids=np.arange(first, first + len(rows)))
+
+    def _part_at(self, offset: int, n: int) -> int:
+        for j in range(len(self.counts)):
+            if self.store_offsets[j] == offset and self.store_offsets[j + 1] - offset == n:
+                return j
+        raise KeyError(f"no vector part starts at store row {offset} with {n} rows (the folder changed)")
+
+    def store_rows_at(self, positions: np.ndarray) -> np.ndarray:
+        """int64: the store rows of candidates `positions` (any order), read a vector part at a time."""
+        positions = np.asarray(positions, np.int64)
+        cum = np.concatenate([[0], np.cumsum(self.counts)])
+        part = np.searchsorted(cum, positions, side="right") - 1
+        out = np.empty(len(positions), np.int64)
+        for j in np.unique(part):
+            sel = part == j
+            out[sel] = self.rows(int(cum[j]), int(self.counts[j]))[positions[sel] - cum[j]]
+        return out
+
     def rows(self, first: int, n: int) -> np.ndarray:
         """int64 [n]: the store rows of candidates first .. first + n, read from the store rows of
         the vector parts that hold them (the files' row groups outside are skipped)."""

@@ -24,7 +24,7 @@ the tree and one size and quota per level-1 cluster.
 from __future__ import annotations
 
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -59,23 +59,46 @@ SEEDS_SCHEMA = pa.schema([("uid", pa.string()), ("seed_set", pa.string()), ("run
 def balanced_partitioned(run_dir: Path, target: int, seed: int, unit, stage_dir: Path, cfg_hash: str,
                          opts: dict) -> dict:  # fmt: skip
     """Steps 1-4 of the module doc; returns the stage's marker."""
-    run, stage = Path(run_dir), Path(stage_dir)
-    work = stage / WORK
+    work = Path(stage_dir) / WORK
+    pool = map_clusters(run_dir, work, seed, opts)
+    quota = leaf_quotas(pool.levels, pool.sizes, target, np.random.default_rng(seed)) if pool.levels else None
+    n = int(quota.sum()) if quota is not None else 0
+    n_leaves = int((quota > 0).sum()) if quota is not None else 0
+    counts = RetrievalCounts(n_seeds=0, n_hits=n, n_collisions=0, n_clusters=n_leaves, n_capped=0, n_selected=n)
+    table = pa.Table.from_pylist([dict(seed_set="*", overlaps=0, **asdict(counts))])
+    sets = [] if quota is None else [("*", "balanced", quota)]
+    return take_and_merge(pool, sets, unit, stage_dir, cfg_hash, opts, table, SEEDS_SCHEMA.empty_table())
+
+
+@dataclass(frozen=True)
+class MappedClusters:
+    """Step 1's result: the tree's levels, level-1 sizes, the uid sample and the leaf buckets."""
+
+    work: str
+    levels: tuple
+    sizes: np.ndarray  # int64 [k0]
+    samples: list[str]  # uid sample of the candidates, sorted (uid range cuts)
+    buckets: int
+    per_task: int
+
+
+def map_clusters(run_dir: Path, work: Path, seed: int, opts: dict) -> MappedClusters:
+    """Step 1 under `work` (emptied first); the tree's levels are empty when there are no
+    candidates."""
+    run, work = Path(run_dir), Path(work)
     shutil.rmtree(work, ignore_errors=True)
     found = rundir.clusters_files(run)
     if found is None:
-        raise FileNotFoundError(f"{run}: balanced sampling needs the cluster stage's table (run the cluster stage)")
+        raise FileNotFoundError(f"{run}: this retrieval needs the cluster stage's table (run the cluster stage)")
     table_path, tree_path = found
     levels = tree_levels(pq.read_table(tree_path))
-    if not levels:  # no candidates: an empty selection
-        merge = ray.remote(_merge).options(**opts)
-        return ray.get(merge.remote(str(work), 0, unit, str(stage), cfg_hash))
-    k0 = len(levels[0].centroids_KD)
     budget = B.current()
     per_task = B.order_records(budget) if budget is not None else RECORDS_PER_TASK
+    if not levels:
+        return MappedClusters(str(work), (), np.zeros(0, np.int64), [], 0, per_task)
+    k0 = len(levels[0].centroids_KD)
     meta = pq.ParquetFile(table_path).metadata
-    n = meta.num_rows
-    nb = tasks_for(n, per_task)
+    nb = tasks_for(meta.num_rows, per_task)
     chunks, groups, rows = [], [], 0
     for g in range(meta.num_row_groups):
         groups.append(g)
@@ -85,13 +108,22 @@ def balanced_partitioned(run_dir: Path, target: int, seed: int, unit, stage_dir:
             groups, rows = [], 0
     got = _wave(_map, [(str(table_path), str(work), c, g, k0, nb, seed) for c, g in enumerate(chunks)], opts)
     sizes = np.sum([g[0] for g in got], axis=0) if got else np.zeros(k0, np.int64)
-    quota = leaf_quotas(levels, sizes, target, np.random.default_rng(seed))
-    bounds = uidranges.ranges(sorted(u for g in got for u in g[1]), tasks_for(int(quota.sum()), per_task))
+    return MappedClusters(str(work), tuple(levels), sizes, sorted(u for g in got for u in g[1]), nb, per_task)
+
+
+def take_and_merge(pool: MappedClusters, sets: list[tuple[str, str, np.ndarray]], unit, stage_dir: Path,
+                   cfg_hash: str, opts: dict, counts: pa.Table, seeds: pa.Table) -> dict:  # fmt: skip
+    """Steps 3-4 for `sets` = (seed set, method, quota per level-1 cluster), unioned in that order
+    (an image taken for several sets is credited to the first); returns the stage's marker and
+    drops the scratch folder."""
+    n = max((int(q.sum()) for _, _, q in sets), default=0) * max(1, len(sets))
+    bounds = uidranges.ranges(pool.samples, tasks_for(n, pool.per_task))
     cuts = tuple(hi for _, hi in bounds[:-1])
-    _wave(_take, [(str(work), b, quota, cuts) for b in range(nb)], opts)
-    merge = ray.remote(_merge).options(**opts)
-    marker = ray.get(merge.remote(str(work), len(cuts) + 1, unit, str(stage), cfg_hash))
-    shutil.rmtree(work, ignore_errors=True)
+    if sets:
+        _wave(_take, [(pool.work, b, sets, cuts) for b in range(pool.buckets)], opts)
+    merge = ray.remote(merge_selection).options(**opts)
+    marker = ray.get(merge.remote(pool.work, len(cuts) + 1, unit, str(stage_dir), cfg_hash, counts, seeds))
+    shutil.rmtree(pool.work, ignore_errors=True)
     return marker
 
 
@@ -108,61 +140,67 @@ def _map(table_path: str, work: str, c: int, groups: tuple[int, ...], k0: int, n
     return np.bincount(leaf, minlength=k0).astype(np.int64), uidranges.sample(sorted(uids))
 
 
-def _take(work: str, b: int, quota: np.ndarray, cuts: tuple[str, ...]) -> int:
-    """Step 3 for leaf bucket b."""
+def _take(work: str, b: int, sets: list[tuple[str, str, np.ndarray]], cuts: tuple[str, ...]) -> int:
+    """Step 3 for leaf bucket b: every set's quota rows, the first set's provenance kept."""
     files = sorted((Path(work) / "map").glob("c*.parquet"))
     where = pc.field("bucket") == b
     t = pa.concat_tables([pq.read_table(f, columns=["uid", "leaf", "score", "key"], filters=where) for f in files])
-    rows = take_per_group(t["leaf"].to_numpy(), t["key"].to_numpy(), quota)
+    leaf, key = t["leaf"].to_numpy(), t["key"].to_numpy()
+    taken = np.full(t.num_rows, -1, np.int64)  # the first set that took each row
+    for i, (_, _, quota) in enumerate(sets):
+        rows = take_per_group(leaf, key, quota)
+        rows = rows[taken[rows] < 0]
+        taken[rows] = i
+    rows = np.flatnonzero(taken >= 0)
     sel = t.take(pa.array(rows))
-    uids = np.asarray(sel["uid"].to_pylist(), object)
+    m = len(rows)
+    out = pa.table(
+        {
+            "uid": sel["uid"],
+            "method": pa.array([sets[i][1] for i in taken[rows]], pa.string()),
+            "seed_set": pa.array([sets[i][0] for i in taken[rows]], pa.string()),
+            "seed_uid": pa.nulls(m, pa.string()),
+            "cluster_id": sel["leaf"],
+            "similarity": pa.array(np.round(sel["score"].to_numpy().astype(np.float32).astype(np.float64), 6)),
+        },
+        schema=SELECTION_SCHEMA,
+    )
+    write_ranges(Path(work), f"b{b:06d}", out, cuts)
+    return m
+
+
+def write_ranges(work: Path, name: str, table: pa.Table, cuts: tuple[str, ...]) -> None:
+    """Selection rows to their uid ranges (`sel/r{r}/{name}.parquet`), for `merge_selection`."""
+    uids = np.asarray(table["uid"].to_pylist(), object)
     r_of = np.searchsorted(np.array(cuts, dtype=object), uids, side="right") if cuts else np.zeros(len(uids), int)
     for r in np.unique(r_of):
-        path = Path(work) / "sel" / f"r{int(r):06d}" / f"b{b:06d}.parquet"
+        path = Path(work) / "sel" / f"r{int(r):06d}" / f"{name}.parquet"
         path.parent.mkdir(parents=True, exist_ok=True)
-        durable.write_parquet(path, sel.filter(pa.array(r_of == r)).select(["uid", "leaf", "score"]))
-    return len(rows)
+        durable.write_parquet(path, table.filter(pa.array(r_of == r)))
 
 
-def _merge(work: str, n_ranges: int, unit, stage_dir: str, cfg_hash: str) -> dict:
+def merge_selection(work: str, n_ranges: int, unit, stage_dir: str, cfg_hash: str, counts: pa.Table,
+                    seeds: pa.Table) -> dict:  # fmt: skip
     """Step 4: selection.parquet by uid range, the counts and seeds tables, then the marker."""
     stage = Path(stage_dir)
     stem = runner.stem_of(unit)
     path = runner.output_path(stage, stem, "")
-    n, leaves = 0, set()
+    n = 0
 
     def write(f):
         nonlocal n
         with pq.ParquetWriter(f, SELECTION_SCHEMA) as w:
             for r in range(n_ranges):
-                files = sorted((Path(work) / "sel" / f"r{r:06d}").glob("b*.parquet"))
+                files = sorted((Path(work) / "sel" / f"r{r:06d}").glob("*.parquet"))
                 if not files:
                     continue
                 t = pa.concat_tables([pq.read_table(p) for p in files]).sort_by([("uid", "ascending")])
-                m = t.num_rows
-                sims = np.round(t["score"].to_numpy().astype(np.float32).astype(np.float64), 6)
-                out = pa.table(
-                    {
-                        "uid": t["uid"],
-                        "method": pa.array(["balanced"] * m, pa.string()),
-                        "seed_set": pa.array(["*"] * m, pa.string()),
-                        "seed_uid": pa.nulls(m, pa.string()),
-                        "cluster_id": t["leaf"],
-                        "similarity": pa.array(sims, pa.float64()),
-                    },
-                    schema=SELECTION_SCHEMA,
-                )
-                w.write_table(out, row_group_size=runner.GROUP_ROWS)
-                n += m
-                leaves.update(np.unique(t["leaf"].to_numpy()).tolist())
+                w.write_table(t.cast(SELECTION_SCHEMA), row_group_size=runner.GROUP_ROWS)
+                n += t.num_rows
 
     durable.write_atomic(path, write)
-    counts = RetrievalCounts(n_seeds=0, n_hits=n, n_collisions=0, n_clusters=len(leaves), n_capped=0, n_selected=n)
     written = {"": (path, n)}
-    for key, table in (
-        ("counts", pa.Table.from_pylist([dict(seed_set="*", overlaps=0, **asdict(counts))])),
-        ("seeds", SEEDS_SCHEMA.empty_table()),
-    ):
+    for key, table in (("counts", counts), ("seeds", seeds)):
         p = runner.output_path(stage, stem, key)
         durable.write_parquet(p, table, row_group_size=runner.GROUP_ROWS)
         written[key] = (p, table.num_rows)

@@ -19,7 +19,9 @@ training. Pool-against-itself searches (`self_neighbours`, `similar_pairs`) walk
 query blocks, so only their results grow with N. Built for a subset, the caller's uids go to
 the shards in chunks of UID_CHUNK (each shard holds one chunk at a time, not the list); a
 sequence with its own `uid_chunks()` (`poolorder.NodeUids`) gives loaders instead, which each shard
-calls itself, so the caller never reads the list either.
+calls itself, so the caller never reads the list either. Built for a `pcluster.CandidateRows`
+(candidates numbered in store-row order, their rows in files), each shard reads its own parts'
+candidate rows, and nothing is sent.
 
 Under a worker budget (`ShardConfig.budget`, else the job's `budget.current()`, set from
 `--worker-memory`), `sized` derives the query block, the rows per shard (`budget.knn_shard_rows`:
@@ -212,6 +214,8 @@ def _uid_chunks(uids) -> list[tuple[int, object]]:
     each one itself, and the caller never reads the list."""
     if hasattr(uids, "uid_chunks"):
         return uids.uid_chunks()
+    if hasattr(uids, "part_rows"):  # `pcluster.CandidateRows`: files, read by each shard itself
+        return uids
     out = []
     for s in range(0, len(uids), UID_CHUNK):
         chunk = uids[s : s + UID_CHUNK]
@@ -351,7 +355,9 @@ class Shard:
     """One shard's Faiss index over its parts' chosen rows; answers top-k with global ids."""
 
     def __init__(self, folder: str, parts: list[PartRows], template: bytes | None, d: int, gpu: bool, uids=None):
-        if uids is not None:  # built for a subset (`_uid_chunks`): this shard finds its own parts' rows of it
+        if hasattr(uids, "part_rows"):  # `pcluster.CandidateRows`: this shard reads its parts' candidates
+            parts = [uids.part_rows(p) for p in parts]
+        elif uids is not None:  # built for a subset (`_uid_chunks`): this shard finds its own parts' rows of it
             parts = _own_rows(Path(folder), parts, uids)
         self._layout = layout = _Layout(Path(folder), parts, d)
         index = faiss.IndexFlatIP(d) if template is None else faiss.deserialize_index(np.frombuffer(template, "u1"))
@@ -551,7 +557,8 @@ def drop_self(ids_QK: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
 
 def build(folder: str | Path, uids=None, cfg: ShardConfig | None = None, *, k: int = DEFAULT_K) -> ShardedIndex:
     """A sharded index over a vector folder (`vectors.open_vectors` layout): all rows (ids =
-    store rows) or those of `uids` (ids = positions in `uids`). Under a budget (`sized`, for
+    store rows), those of `uids` (ids = positions in `uids`), or the candidates of a
+    `pcluster.CandidateRows` (ids = candidate numbers, in store-row order). Under a budget (`sized`, for
     searches of up to `k` neighbours) the shards and their memory requests follow from it."""
     folder = Path(folder)
     parts = list_parts(folder)
@@ -563,6 +570,8 @@ def build(folder: str | Path, uids=None, cfg: ShardConfig | None = None, *, k: i
     def sample(pos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if uids is None:
             return layout.take(pos)
+        if hasattr(uids, "store_rows_at"):  # candidates numbered in store-row order (`pcluster`)
+            return pos, layout.take(uids.store_rows_at(pos))[1]
         at = uids.take(pos) if hasattr(uids, "take") else [uids[int(i)] for i in pos]
         return pos, _sample_vectors(folder, parts, layout.d, at)
 
@@ -583,6 +592,8 @@ def _missing(index: ShardedIndex, n: int, uids) -> None:
     index.close()
     if held.all():
         raise KeyError(f"{n} uids asked for, some stored in more than one part: one part per uid")
+    if hasattr(uids, "part_rows"):
+        raise KeyError(f"candidate {int(np.argmin(held))} of {n} is in no shard (the vector folder changed)")
     raise KeyError(f"uid {uids[int(np.argmin(held))]!r} is not in the vector store")
 
 

@@ -13,6 +13,9 @@ non-duplicate accepted images are the queries. With `include_seeds` (sample / cl
 queries ship too (`selection.seeds.parquet`: `uid`, `seed_set`, `run`), except a seed whose
 bytes are also in the pool: the pool's own decision (duplicate, decontaminated, selected or
 not) stands for it. The seed runs' ledgers then mark shipped seeds `sharded`.
+From PARTITIONED_MIN candidates on (or past what one task holds under --worker-memory) no
+process holds the pool: `scale.pretrieve` (balanced sampling) and `scale.pseeds` (with seeds)
+give the one task's tables row for row (with an exact k-NN index).
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from lvd.curation.retrieve import (
     union,
 )  # fmt: skip
 from lvd.curation.scale import budget as B
-from lvd.curation.scale import pretrieve, shardindex
+from lvd.curation.scale import pretrieve, pseeds, shardindex
+from lvd.curation.scale.pseeds import shipped_seeds
 from lvd.curation.stages.select import budget_options, flat_kmeans, read_clusters
 from lvd.curation.vectors import open_vectors
 
@@ -56,9 +60,9 @@ class RetrieveConfig:
     # the pool's k-NN index (sample): one in-process index below knn.sharded_above candidates, else
     # sharded over Ray actors (exact below knn.index.exact_below rows, IVF above)
     knn: shardindex.ShardConfig = field(default_factory=shardindex.ShardConfig)
-    # balanced sampling (no seeds) with no task holding the pool (`scale.pretrieve`): True / False
-    # force it, None takes it from PARTITIONED_MIN candidates on, or when the one task could not
-    # hold them under the job's --worker-memory (`budget.retrieve_task_images`)
+    # no task holding the pool (balanced sampling: `scale.pretrieve`; with seeds: `scale.pseeds`):
+    # True / False force it, None takes it from PARTITIONED_MIN candidates on, or when the one
+    # task could not hold them under the job's --worker-memory (`budget.retrieve_task_images`)
     partitioned: bool | None = None
 
     def __post_init__(self):
@@ -79,8 +83,8 @@ class RetrieveFn:
     def __call__(self, unit: runner.WholeStage) -> dict[str, pa.Table]:
         run = Path(self.run_dir)
         uids = np.asarray(rundir.candidates(run), dtype=object)
-        # refused before the work when its one task cannot hold the pool under --worker-memory
-        note = "retrieval with seeds runs in one task; balanced sampling without seeds is partitioned"
+        # refused before the work when its one task (partitioned=False) cannot hold the pool
+        note = "or leave partitioned unset: the partitioned stage holds no pool in one process"
         B.check_one_task("retrieve", len(uids), B.RETRIEVE_TASK_IMAGE_BYTES, note)
         clusters = read_clusters(run)
         if not self.seed_dirs or self.cfg.method == "hierarchical":
@@ -95,7 +99,7 @@ class RetrieveFn:
                 for name in names:
                     s_uids, s_vecs = seed_vectors(Path(self.seed_dirs[name]))
                     seed_uids.append(s_uids)
-                    results.append(self._retrieve(index, clusters, s_vecs))
+                    results.append(self._retrieve(index, clusters, s_vecs, uids))
             finally:
                 if isinstance(index, shardindex.ShardedIndex):
                     index.close()
@@ -114,24 +118,12 @@ class RetrieveFn:
             }
         ).sort_by([("uid", "ascending")])
         counts = [dict(seed_set=n, overlaps=sel.n_overlaps, **asdict(r.counts)) for n, r in zip(names, results)]
-        return {"": table, "counts": pa.Table.from_pylist(counts), "seeds": self._seeds(run, names, seed_uids, results)}
+        return {"": table, "counts": pa.Table.from_pylist(counts), "seeds": self._seeds(run, names)}
 
-    def _seeds(self, run: Path, names, seed_uids, results) -> pa.Table:
-        """Seed images to ship: first set (by name) wins; none whose bytes are in the pool."""
-        included = {uids[i] for uids, r in zip(seed_uids, results) for i in r.seeds_included.tolist()}
-        pool_uids = rundir.ingested(run, included)  # a partition at a time, not a set of the pool
-        rows: dict[str, tuple[str, str]] = {}
-        for name, uids, r in zip(names, seed_uids, results):
-            for i in r.seeds_included.tolist():
-                if uids[i] not in pool_uids:
-                    rows.setdefault(uids[i], (name, self.seed_dirs[name]))
-        return pa.table(
-            {
-                "uid": pa.array(sorted(rows), pa.string()),
-                "seed_set": pa.array([rows[u][0] for u in sorted(rows)], pa.string()),
-                "run": pa.array([rows[u][1] for u in sorted(rows)], pa.string()),
-            }
-        )
+    def _seeds(self, run: Path, names: list[str]) -> pa.Table:
+        """Seed images to ship (`include_seeds`): as the partitioned stage ships them."""
+        with_seeds = bool(self.seed_dirs) and self.cfg.method != "hierarchical"
+        return shipped_seeds(run, names, self.seed_dirs, self.cfg.include_seeds and with_seeds)
 
     def _pool_index(self, run: Path, uids: np.ndarray):
         """The candidates' vectors indexed: in this process when few, else sharded over Ray actors."""
@@ -145,7 +137,7 @@ class RetrieveFn:
             raise ValueError("hierarchical retrieval needs a target size (--target-size N)")
         return self.cfg.target
 
-    def _retrieve(self, index, clusters, seeds_SD: np.ndarray) -> Retrieval:
+    def _retrieve(self, index, clusters, seeds_SD: np.ndarray, uids: np.ndarray) -> Retrieval:
         if self.cfg.method == "sample":
             return sample_based(
                 index,
@@ -159,7 +151,8 @@ class RetrieveFn:
             seed=self.cfg.seed,
             include_seeds=self.cfg.include_seeds,
         )
-        return cluster_based(flat_kmeans(clusters[1]), seeds_SD, cfg)
+        keys = uid_keys(uids.tolist(), self.cfg.seed)  # the partitioned stage's draw (`scale.pseeds`)
+        return cluster_based(flat_kmeans(clusters[1]), seeds_SD, cfg, keys)
 
 
 def seed_vectors(seed_dir: Path) -> tuple[list[str], np.ndarray]:
@@ -171,15 +164,9 @@ def seed_vectors(seed_dir: Path) -> tuple[list[str], np.ndarray]:
 PARTITIONED_MIN = 1_000_000  # candidates from which balanced sampling is partitioned by default
 
 
-def partitions(run_dir: Path, seed_dirs: dict, cfg: RetrieveConfig) -> bool:
-    """Whether balanced sampling runs partitioned (`scale.pretrieve`): never with seeds (sample /
-    cluster retrieval), else `cfg.partitioned`, else from the candidates the cluster stage wrote."""
-    if seed_dirs and cfg.method != "hierarchical":
-        if cfg.partitioned:
-            raise ValueError(
-                "partitioned=True is balanced sampling without seeds: use method 'hierarchical' or no seeds"
-            )
-        return False
+def partitions(run_dir: Path, cfg: RetrieveConfig) -> bool:
+    """Whether the stage runs partitioned (`scale.pretrieve`, `scale.pseeds`): `cfg.partitioned`,
+    else from the candidates the cluster stage wrote."""
     if cfg.partitioned is not None:
         return cfg.partitioned
     marker = runner.read_marker(rundir.stage_dir(run_dir, "cluster"), "clusters")
@@ -194,15 +181,21 @@ def run_retrieve(
     seeds = [rundir.stage_dir(seed_dirs[n], s) for n in sorted(seed_dirs) for s in ("dedup", "embed")]
     unit = runner.WholeStage(fingerprint=rundir.input_digest(run_dir, "retrieve", *seeds), stem="selection")
     fn = RetrieveFn(str(run_dir), {k: str(v) for k, v in seed_dirs.items()}, cfg)
-    if partitions(Path(run_dir), seed_dirs, cfg):
+    if partitions(Path(run_dir), cfg):
         stage, cfg_hash = rundir.stage_dir(run_dir, "retrieve"), runner.config_hash(cfg, sorted(seed_dirs))
         report, todo = runner.plan_stage(stage, [unit], cfg_hash, checksums=rcfg.verify_checksums)
         if todo:
             runner.init_ray()
             opts = {"num_cpus": rcfg.num_cpus, "max_retries": rcfg.max_retries, **budget_options()}
-            marker = pretrieve.balanced_partitioned(
-                Path(run_dir), fn._target(), cfg.seed, unit, stage, cfg_hash, opts
-            )  # fmt: skip
+            if not seed_dirs or cfg.method == "hierarchical":
+                marker = pretrieve.balanced_partitioned(
+                    Path(run_dir), fn._target(), cfg.seed, unit, stage, cfg_hash, opts
+                )  # fmt: skip
+            else:
+                p = dict(k=cfg.k, cap=cfg.target, min_seeds=cfg.min_seeds, per_cluster=cfg.per_cluster,
+                         include_seeds=cfg.include_seeds, seed=cfg.seed, knn=cfg.knn)  # fmt: skip
+                dirs = {n: str(d) for n, d in seed_dirs.items()}
+                marker = pseeds.seeds_partitioned(Path(run_dir), dirs, cfg.method, p, unit, stage, cfg_hash, opts)
             report = runner.collect(report, [marker], 1)
         return report
     return runner.map_partitions(
