@@ -53,7 +53,9 @@ def test_budget_sizes_follow_it_and_no_budget_keeps_todays():
     assert tasks.retrieve_sizes(rcfg, 10_000, 128, BUDGET) is rcfg
     knn = tasks.retrieve_sizes(rcfg, 4_000_000, 128, BUDGET).knn
     assert knn.budget == BUDGET and knn.query_block == min(16_384, B.query_block_rows(BUDGET, 128, rcfg.k))
-    nlist = rcfg.knn.index.lists_for(4_000_000)
+    nlist = knn.index.lists_for(4_000_000)  # the training sample cut to the budget: fewer lists
+    assert nlist * knn.index.train_points_per_list <= B.ivf_train_rows(BUDGET, 128)
+    assert nlist < rcfg.knn.index.lists_for(4_000_000)
     fixed = B.knn_shard_fixed_bytes(128, rcfg.k, query_rows=knn.query_block, nlist=nlist, n_uids=si.UID_CHUNK)
     assert knn.rows_per_shard == (BUDGET.data_bytes - fixed) // B.vector_row_bytes(128, "ivf")
     # a pool that one worker cannot hold is sharded whatever the default threshold says

@@ -13,6 +13,9 @@ hand, so a bigger pool means more partitions (more tasks, more actors), never bi
     hash_block_count(N)    = ceil(N * PAIR_RECORD_BYTES / data_bytes)     blocks of its pair pass
     hash_shuffle_sizes(N)  = (hash_bucket_count(N), hash_block_count(N))   independent: blocks slice the whole pool
     query_block_rows       = data_bytes / 4 / (4*D + 24*k)            queries searched at once
+    ivf_train_rows         = data_bytes / (3 * 4*D)                   the IVF quantiser's training sample in the
+                             driver (float32, its unit copy, Faiss's k-means copy); past it `shardindex.sized`
+                             lowers the points per list (not under 39) and then the lists
     ingest_partition_cap   = data_bytes / (2 * mean input bytes)      files per ingest partition at most
     ledger_range_rows      = data_bytes / LEDGER_ROW_BYTES            uids per ledger / verify range task
     shard_plan_range_rows  = data_bytes / SHARD_PLAN_ROW_BYTES        records per shard-plan range task
@@ -237,6 +240,15 @@ def query_block_rows(budget: WorkerBudget, dim: int, k: int) -> int:
     if k < 1:
         raise ValueError(f"k={k}: ask for at least one neighbour")
     return int(min(MAX_QUERY_BLOCK, max(1, budget.data_bytes // 4 // (4 * dim + 24 * k))))
+
+
+IVF_MIN_POINTS_PER_LIST = 39  # Faiss warns below it
+
+
+def ivf_train_rows(budget: WorkerBudget, dim: int) -> int:
+    """Most rows of the IVF quantiser's training sample the driver holds: three float32 copies
+    (the sample read, its unit-norm copy, Faiss's k-means working copy) within the data bytes."""
+    return int(max(IVF_MIN_POINTS_PER_LIST, budget.data_bytes // (3 * 4 * dim)))
 
 
 def actor_memory(budget: WorkerBudget, held_bytes: int) -> int:

@@ -136,10 +136,25 @@ def sized(cfg: ShardConfig, n: int, dim: int, k: int = DEFAULT_K, *, subset: boo
     if b is None or not dim:
         return cfg
     cfg = dataclasses.replace(cfg, budget=b, query_block=min(cfg.query_block, B.query_block_rows(b, dim, k)))
+    cfg = dataclasses.replace(cfg, index=_train_within(cfg, n, B.ivf_train_rows(b, dim)))
     rows = B.knn_shard_rows(b, dim, k, **_fixed(cfg, n, dim, subset))
     return dataclasses.replace(
         cfg, rows_per_shard=min(cfg.rows_per_shard, rows), sharded_above=min(cfg.sharded_above, rows + 1)
     )
+
+
+def _train_within(cfg: ShardConfig, n: int, most: int) -> IndexConfig:
+    """The IVF's lists and training points per list such that its training sample (read into the
+    driver) has at most `most` rows: fewer points per list first (down to Faiss's 39), then fewer
+    lists. An exact index, or a sample that fits, keeps `cfg.index`."""
+    idx = cfg.index
+    if cfg.exact_for(n):
+        return idx
+    nlist = idx.lists_for(n)
+    if nlist * idx.train_points_per_list <= most:
+        return idx
+    per = max(B.IVF_MIN_POINTS_PER_LIST, min(idx.train_points_per_list, most // nlist))
+    return dataclasses.replace(idx, nlist=max(1, min(nlist, most // per)), train_points_per_list=per)
 
 
 # ---------------------------------------------------------------- the folder's parts
