@@ -379,13 +379,13 @@ def stage_retrieve_partitioned(ctx: Ctx) -> str:
     return stage_retrieve_task(ctx, partitioned=True)
 
 
-SEED_FRACTION = 10  # the seed set: a tenth of the pool's size
+SEED_FRACTION = 100  # the seed set: 1% of the pool (LVD-142M: ~14M ImageNet-22k seeds, a 1.2B pool)
 
 
 def stage_retrieve_seeds_task(ctx: Ctx, partitioned: bool = False) -> str:
     """The retrieve stage with a seed set (sample-based, k=4: the paper's default and the flow's),
     in one task: it holds the candidates' uids, the seeds' vectors and every hit. The seed set is
-    a synthetic run of N / 10 images drawn like the pool's first rows (written once, kept)."""
+    a synthetic run of N / 100 images drawn like the pool's first rows (written once, kept)."""
     import shutil
 
     from lvd.curation import rundir
