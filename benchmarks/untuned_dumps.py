@@ -31,7 +31,9 @@ path (`scale.copyscale`, forced, in small ranges), and checks that they write th
 small random ViT as the embedder and balanced sampling to a quarter of the pool, twice: the
 cluster and retrieve stages in one task (the Lloyd), then partitioned (`scale.pcluster`,
 `scale.pretrieve`, forced, in small buckets); it checks that the clusters, the selection, the
-ledger and the shards' uids are the same, and that `lvd verify` passes on both.
+ledger and the shards' uids are the same, and that `lvd verify` passes on both. With `--seeds`
+the retrieval is by DIR/seeds instead (sample-based, k=4, capped at an eighth of the pool per seed
+set: `scale.pseeds` when partitioned).
 """
 
 from __future__ import annotations
@@ -279,9 +281,11 @@ def copy_paths(root: Path, work: Path, partition: int) -> None:
     assert b.equals(a) and same_stats and same_cal
 
 
-def select_paths(root: Path, work: Path) -> None:
+def select_paths(root: Path, work: Path, seeds: bool = False) -> None:
     """The curate flow twice on DIR/pool (module doc): one-task cluster and retrieve stages, then
-    partitioned ones; the same tables and shards, or an AssertionError naming the first difference."""
+    partitioned ones; the same tables and shards, or an AssertionError naming the first difference.
+    With `seeds`: retrieval by DIR/seeds (sample-based, k=4, capped at an eighth of the pool per
+    seed set) instead of balanced sampling."""
     import shutil
 
     import pyarrow.parquet as pq
@@ -289,7 +293,7 @@ def select_paths(root: Path, work: Path) -> None:
     from prefect.testing.utilities import prefect_test_harness
 
     from lvd.curation import ledger, rundir
-    from lvd.curation.scale import pcluster, pretrieve
+    from lvd.curation.scale import pcluster, pretrieve, pseeds
     from lvd.flows.curate import curate
     from lvd.pretrain.models.hf import export_hf
     from lvd.pretrain.models.vit import vit_tiny
@@ -302,7 +306,10 @@ def select_paths(root: Path, work: Path) -> None:
         inputs=[str(root / "pool")], eval_sets=[str(root / "eval")], embedder=embedder, retrieval="hierarchical",
         target_size=n_pool // 4, partition_size=64, embed={"resize": 128, "crop": 112, "batch_size": 32},
     )  # fmt: skip
-    pcluster.RECORDS_PER_TASK = pretrieve.RECORDS_PER_TASK = 100  # several buckets, chunks and ranges
+    if seeds:
+        common.update(seeds=[str(root / "seeds")], retrieval="sample", target_size=n_pool // 8)
+    pcluster.RECORDS_PER_TASK = pretrieve.RECORDS_PER_TASK = pseeds.RECORDS_PER_TASK = 100  # several buckets,
+    pseeds.CHUNK = 8  # chunks and ranges; seeds queried a few at a time
     paths = {
         "one task": dict(cluster={"engine": "lloyd", "partitioned": False}, retrieve={"partitioned": False}),
         "partitioned": dict(cluster={"engine": "ray", "partitioned": True}, retrieve={"partitioned": True}),
@@ -360,9 +367,10 @@ def main() -> None:
     sp = sub.add_parser("select-paths", help="the curate flow on DIR: one-task against partitioned cluster/retrieve")
     sp.add_argument("dir", type=Path)
     sp.add_argument("work", type=Path, help="scratch folder (replaced)")
+    sp.add_argument("--seeds", action="store_true", help="retrieve by DIR/seeds (sample-based, capped) instead")
     args = parser.parse_args()
     if args.cmd == "select-paths":
-        select_paths(args.dir, args.work)
+        select_paths(args.dir, args.work, args.seeds)
     elif args.cmd == "write":
         write(args.which, args.dir)
     elif args.cmd == "copy-paths":

@@ -13,6 +13,10 @@ Stages, in order, each leaving its result under OUT (compared between runs by th
   retrieve    balanced sampling to a quarter of the pool, partitioned (scale.pretrieve), run last
               (the ledger and shard plan above ship every candidate) -> OUT/selection.parquet; and
               the same draw in one process -> OUT/selection.one.parquet (uid)
+  retrieve seeds  retrieval by a seed set (200 synthetic images, RUN/seeds/s), sample based, k=4,
+              capped at a tenth of the pool, partitioned (scale.pseeds, an exact index), run last
+              -> OUT/seedsel.parquet; and the one task's table (stages.retrieve.RetrieveFn, in
+              this process, after) -> OUT/seedsel.one.parquet
   kNN         scale.shardindex exact, 300 queries   -> OUT/knn_ids.npy, OUT/knn_sims.npy
   ledger      ledger.write_parts                    -> OUT/ledger.parquet (read_ledger)
   shard plan  stages.shardplan, ranges of <= 1,500  -> OUT/shardplan.parquet (the plan files' rows,
@@ -44,7 +48,7 @@ from lvd.curation import ledger, rundir
 from lvd.curation.dedup import DedupConfig
 from lvd.curation.scale import budget as B
 
-STAGES = ("hash dedup", "k-means", "cluster", "kNN", "ledger", "shard plan", "retrieve")
+STAGES = ("hash dedup", "k-means", "cluster", "kNN", "ledger", "shard plan", "retrieve", "retrieve seeds")
 K, NITER, KNN_K, QUERIES = 8, 6, 5, 300
 
 
@@ -112,6 +116,26 @@ def retrieve(run: Path, out: Path, b: B.WorkerBudget) -> None:
     pq.write_table(pa.table({"uid": [uids[i] for i in one.pool_idx.tolist()]}), out / "selection.one.parquet")
 
 
+def retrieve_seeds(run: Path, out: Path, b: B.WorkerBudget) -> None:
+    from lvd.curation import runner
+    from lvd.curation.scale import shardindex
+    from lvd.curation.scale.synthetic import PoolSpec, write_pool
+    from lvd.curation.stages import retrieve as stage
+    from lvd.curation.vectors import open_vectors
+
+    dim = open_vectors(run / "vectors").dim
+    seeds = {"s": write_pool(PoolSpec(n=200, dim=dim, part_rows=80, centres=16, seed=5), run / "seeds" / "s")}
+    knn = shardindex.ShardConfig(mode="exact", num_cpus=0.25)
+    n = len(rundir.candidates(run))
+    cfg = stage.RetrieveConfig(method="sample", k=4, target=n // 10, partitioned=True, knn=knn)
+    with B.job_budget(b):
+        stage.run_retrieve(run, seeds, cfg)
+    pq.write_table(rundir.selection(run), out / "seedsel.parquet")
+    unit = runner.WholeStage(fingerprint="one", stem="selection")
+    one = stage.RetrieveFn(str(run), {k: str(v) for k, v in seeds.items()}, cfg)(unit)[""]
+    pq.write_table(one, out / "seedsel.one.parquet")
+
+
 def knn(run: Path, out: Path, b: B.WorkerBudget) -> None:
     from lvd.curation.scale import shardindex
     from lvd.curation.vectors import open_vectors
@@ -153,10 +177,20 @@ FNS = {
     "ledger": write_ledger,
     "shard plan": shard_plan,
     "retrieve": retrieve,
+    "retrieve seeds": retrieve_seeds,
 }
 
 
-TABLES = ("duplicates", "labels", "clusters", "clusters.tree", "selection", "ledger", "shardplan")  # OUT/<name>.parquet
+TABLES = (
+    "duplicates",
+    "labels",
+    "clusters",
+    "clusters.tree",
+    "selection",
+    "ledger",
+    "shardplan",
+    "seedsel",
+)  # OUT/<name>.parquet
 ARRAYS = ("centroids", "knn_ids", "knn_sims")  # OUT/<name>.npy
 
 

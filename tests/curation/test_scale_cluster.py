@@ -171,6 +171,10 @@ def test_node_removed_during_each_partitioned_stage_changes_no_output(tmp_path):
     # balanced sampling, partitioned on 3 nodes: the one-process draw, a quarter of the candidates
     sel = pq.read_table(out / "selection.parquet")["uid"].to_pylist()
     assert sel == pq.read_table(out / "selection.one.parquet")["uid"].to_pylist()
+    seedsel = pq.read_table(out / "seedsel.parquet")  # retrieval with seeds, partitioned = its one task
+    assert seedsel.num_rows == clusters.num_rows // 10 and seedsel.equals(
+        pq.read_table(out / "seedsel.one.parquet").cast(seedsel.schema)
+    )
     assert len(sel) == clusters.num_rows // 4
     assert (np.load(out / "knn_sims.npy")[:, 0] > 0.999).all()  # each query finds itself (or its copy) first
     planned = pq.read_table(out / "shardplan.parquet")["uid"].to_pylist()  # the candidates, in uid order
