@@ -89,7 +89,7 @@ def test_sigkill_in_each_partitioned_stage_then_rerun_gives_identical_outputs(ra
     sel = pq.read_table(ref_out / "selection.parquet")["uid"].to_pylist()  # partitioned = one-process draw
     assert sel == pq.read_table(ref_out / "selection.one.parquet")["uid"].to_pylist() and len(sel) == len(planned) // 4
     seedsel = pq.read_table(ref_out / "seedsel.parquet")  # retrieval with seeds, partitioned = its one task
-    assert seedsel.num_rows == len(planned) // 10  # the cap: more were found
+    assert seedsel.num_rows == len(planned) // 20  # the cap: more were found
     assert seedsel.equals(pq.read_table(ref_out / "seedsel.one.parquet").cast(seedsel.schema))
     led = pq.read_table(ref_out / "ledger.parquet")
     assert sorted(led["source"].to_pylist()) == [f"synthetic/{i:09d}.jpg" for i in range(SPEC.n)]
