@@ -32,7 +32,7 @@ small random ViT as the embedder and balanced sampling to a quarter of the pool,
 cluster and retrieve stages in one task (the Lloyd), then partitioned (`scale.pcluster`,
 `scale.pretrieve`, forced, in small buckets); it checks that the clusters, the selection, the
 ledger and the shards' uids are the same, and that `lvd verify` passes on both. With `--seeds`
-the retrieval is by DIR/seeds instead (sample-based, k=4, capped at an eighth of the pool per seed
+the retrieval is by DIR/seeds instead (sample-based, k=32, capped at an eighth of the pool per seed
 set: `scale.pseeds` when partitioned).
 """
 
@@ -284,7 +284,7 @@ def copy_paths(root: Path, work: Path, partition: int) -> None:
 def select_paths(root: Path, work: Path, seeds: bool = False) -> None:
     """The curate flow twice on DIR/pool (module doc): one-task cluster and retrieve stages, then
     partitioned ones; the same tables and shards, or an AssertionError naming the first difference.
-    With `seeds`: retrieval by DIR/seeds (sample-based, k=4, capped at an eighth of the pool per
+    With `seeds`: retrieval by DIR/seeds (sample-based, k=32, capped at an eighth of the pool per
     seed set) instead of balanced sampling."""
     import shutil
 
@@ -314,6 +314,9 @@ def select_paths(root: Path, work: Path, seeds: bool = False) -> None:
         "one task": dict(cluster={"engine": "lloyd", "partitioned": False}, retrieve={"partitioned": False}),
         "partitioned": dict(cluster={"engine": "ray", "partitioned": True}, retrieve={"partitioned": True}),
     }
+    if seeds:  # ten seeds: k=32, the paper's k for small seed sets
+        for extra in paths.values():
+            extra["retrieve"]["k"] = 32
     got = {}
     with prefect_test_harness():
         for name, extra in paths.items():
