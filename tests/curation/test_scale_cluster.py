@@ -114,8 +114,9 @@ def test_cluster_size_formula():
 def test_vectors_larger_than_a_worker_budget_run_within_it(tmp_path):
     """600,000 x 512 float16 vectors (614 MB, 1.9 GB as the float32 a flat index holds) under a
     512 MiB budget per worker: sharded kNN, distributed k-means, the ledger, the shard plan, the
-    partitioned cluster stage and partitioned balanced sampling run to the end, and no process
-    (driver or any Ray worker) peaks above 512 MiB."""
+    partitioned cluster stage, partitioned balanced sampling and partitioned retrieval by a seed
+    set (6,000 seeds, an IVF index) run to the end, and no process (driver or any Ray worker)
+    peaks above 512 MiB."""
     budget = B.WorkerBudget(B.parse_bytes("512MiB"))
     spec = PoolSpec(n=600_000, dim=512, part_rows=10_000)
     pool = tmp_path / "pool-6e5-d512-p10000"
@@ -124,14 +125,16 @@ def test_vectors_larger_than_a_worker_budget_run_within_it(tmp_path):
     argv = [str(ROOT / "benchmarks" / "curate_scale.py"), "--one", str(spec.n), "2", "--pool-root", str(tmp_path)]
     argv += ["--worker-memory", "512MiB", "--dim", "512", "--part-rows", "10000", "--baseline-max", "0"]
     stages = ["sharded kNN", "k-means", "ledger", "shard plan", "cluster partitioned", "retrieve partitioned"]
+    stages.append("retrieve seeds partitioned")
     rows = run_script([*argv, "--stages", ",".join(stages)], timeout=2400)
     assert [r["stage"] for r in rows] == stages
     for r in rows:
         assert r["wall_s"] is not None, r  # ran, not skipped
         assert 0 < r["driver_peak"] < budget.worker_bytes, r
         assert r["worker_peaks"] and max(r["worker_peaks"]) < budget.worker_bytes, r
-    knn, km, led, plan, clu, ret = rows
+    knn, km, led, plan, clu, ret, seeds = rows
     assert f"{spec.n} images clustered" in clu["note"] and f"{spec.n // 4} of {spec.n} images selected" in ret["note"]
+    assert f"retrieved by {spec.n // 100} seeds" in seeds["note"], seeds["note"]
     assert f"{spec.n} rows in 3 uid ranges" in plan["note"], plan["note"]  # 291,000 records a range at 512 MiB
     assert len(knn["worker_peaks"]) >= spec.n * spec.dim * 4 // budget.worker_bytes  # really spread over shards
     assert "self found first 0.99" in knn["note"] or "self found first 1.0" in knn["note"], knn["note"]
