@@ -76,10 +76,13 @@ class CandidateRows:
         return part._replace(n=len(rows), first_id=-1, rows=rows, ids=np.arange(first, first + len(rows)))
 
     def _part_at(self, offset: int, n: int) -> int:
-        for j in range(len(self.counts)):
-            if self.store_offsets[j] == offset and self.store_offsets[j + 1] - offset == n:
-                return j
-        raise KeyError(f"no vector part starts at store row {offset} with {n} rows (the folder changed)")
+        """The vector part starting at store row `offset` with `n` rows (after any empty parts
+        that start there too): a search, since every shard asks for each of its parts."""
+        offs = self.store_offsets
+        j = int(np.searchsorted(offs[:-1], offset, side="right")) - 1
+        if j < 0 or offs[j] != offset or offs[j + 1] - offset != n:
+            raise KeyError(f"no vector part starts at store row {offset} with {n} rows (the folder changed)")
+        return j
 
     def store_rows_at(self, positions: np.ndarray) -> np.ndarray:
         """int64: the store rows of candidates `positions` (any order), read a vector part at a time."""

@@ -94,12 +94,14 @@ class RetrieveFn:
         else:
             names = sorted(self.seed_dirs)
             index = self._pool_index(run, uids) if self.cfg.method == "sample" else None
+            # cluster based: the partitioned stage's draw (`scale.pseeds`), hashed once for every set
+            keys = uid_keys(uids.tolist(), self.cfg.seed) if self.cfg.method == "cluster" else None
             results, seed_uids = [], []
             try:
                 for name in names:
                     s_uids, s_vecs = seed_vectors(Path(self.seed_dirs[name]))
                     seed_uids.append(s_uids)
-                    results.append(self._retrieve(index, clusters, s_vecs, uids))
+                    results.append(self._retrieve(index, clusters, s_vecs, keys))
             finally:
                 if isinstance(index, shardindex.ShardedIndex):
                     index.close()
@@ -137,7 +139,7 @@ class RetrieveFn:
             raise ValueError("hierarchical retrieval needs a target size (--target-size N)")
         return self.cfg.target
 
-    def _retrieve(self, index, clusters, seeds_SD: np.ndarray, uids: np.ndarray) -> Retrieval:
+    def _retrieve(self, index, clusters, seeds_SD: np.ndarray, keys: np.ndarray | None) -> Retrieval:
         if self.cfg.method == "sample":
             return sample_based(
                 index,
@@ -151,7 +153,6 @@ class RetrieveFn:
             seed=self.cfg.seed,
             include_seeds=self.cfg.include_seeds,
         )
-        keys = uid_keys(uids.tolist(), self.cfg.seed)  # the partitioned stage's draw (`scale.pseeds`)
         return cluster_based(flat_kmeans(clusters[1]), seeds_SD, cfg, keys)
 
 
