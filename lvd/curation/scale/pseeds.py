@@ -52,6 +52,7 @@ from lvd.curation.knn_index import as_unit_float32
 from lvd.curation.retrieve import RetrievalCounts
 from lvd.curation.scale import budget as B
 from lvd.curation.scale import pretrieve, shardindex
+from lvd.curation.scale.dkmeans import ShardSpec, load_shard
 from lvd.curation.scale.pcluster import Candidates, find_candidates
 from lvd.curation.scale.poolorder import RECORDS_PER_TASK, tasks_for
 from lvd.curation.scale.poolorder import wave as _wave
@@ -119,25 +120,22 @@ def _chunks(seed_dir: str, cands: Candidates, chunk: int):
     npys, _ = folder_parts(rundir.vectors_dir(Path(seed_dir)))
     offsets = np.asarray(cands.rows.store_offsets, np.int64)
     for first in range(0, cands.rows.n, chunk):
-        rows = cands.rows.rows(first, min(chunk, cands.rows.n - first))
-        yield _read_rows(npys, offsets, rows, vectors=True)
+        n = min(chunk, cands.rows.n - first)
+        rows = cands.rows.rows(first, n)
+        # the vectors as a k-means actor reads its shard's (part by part, memory-mapped)
+        vecs = load_shard(ShardSpec(first, n, tuple(npys), tuple(int(o) for o in offsets[:-1]), store_rows=rows))
+        yield _uids_at(npys, offsets, rows), vecs
 
 
-def _read_rows(npys, offsets: np.ndarray, rows: np.ndarray, *, vectors: bool):
-    """(uids, float16 vectors or None) at store rows `rows` (ascending), a vector part at a time."""
+def _uids_at(npys, offsets: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """object [n]: the uids at store rows `rows`, a vector part's uid file at a time."""
     part = np.searchsorted(offsets, rows, side="right") - 1
     uids = np.empty(len(rows), object)
-    vecs = None
     for j in np.unique(part):
         sel = part == j
-        local = rows[sel] - offsets[j]
         names = pq.read_table(str(Path(npys[j]).with_suffix(".uids.parquet")), columns=["uid"])["uid"]
-        uids[sel] = np.asarray(names.take(pa.array(local)).to_pylist(), object)
-        if vectors:
-            mm = np.load(npys[j], mmap_mode="r", allow_pickle=False)
-            vecs = np.empty((len(rows), mm.shape[1]), np.float16) if vecs is None else vecs
-            vecs[sel] = mm[local]
-    return uids, vecs
+        uids[sel] = np.asarray(names.take(pa.array(rows[sel] - offsets[j])).to_pylist(), object)
+    return uids
 
 
 # ---------------------------------------------------------------- sample based
@@ -210,7 +208,7 @@ def _dedup(work: str, r: int, files: list[str], span: int, pool: Candidates, npy
     t = pa.concat_tables(tables) if tables else HITS_SCHEMA.empty_table()
     lo = r * span
     rows = pool.rows.rows(lo, max(0, min(span, pool.rows.n - lo)))
-    names, _ = _read_rows(npys, np.asarray(pool.rows.store_offsets), rows, vectors=False)
+    names = _uids_at(npys, np.asarray(pool.rows.store_offsets), rows)
     out, dd = [], []
     for s in range(n_sets):
         h = t.filter(pc.equal(t["set"], s))
